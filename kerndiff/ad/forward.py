@@ -1,0 +1,134 @@
+"""Forward mode: IR -> IR computing primal values and their tangents (duals) side by side.
+
+Every local that depends on an active input gets a tangent local assigned next to it (before it,
+so `v = v * x` reads the old v); every store into a field also stores its tangent into the
+field's dual of this level. A tangent that is structurally zero is `None` and emits nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import KernDiffError
+from ..ir import build as B
+from ..ir import nodes as N
+from ..ir.types import is_float
+from ..ir.walk import iter_stmts
+from .rules import NO_DERIVATIVE, partials
+from .activity import field_activity, varied_vars
+
+
+class Forward:
+    def __init__(self, names, dual_of_field, tangent_names=None):
+        self.names = names                # NameAllocator shared with the IR being transformed
+        self.dual_of_field = dual_of_field  # FieldRef -> FieldRef of its dual, or None (constant)
+        self.tan = dict(tangent_names or {})  # local name -> tangent local name
+
+    # ----------------------------------------------------------- expressions
+    def jvp(self, e: N.Expr, memo=None):
+        """The tangent of e, or None where it is structurally zero."""
+        memo = {} if memo is None else memo
+        key = id(e)
+        if key in memo:
+            return memo[key][1]
+        out = self._jvp(e, memo)
+        memo[key] = (e, out)  # keep e alive so its id stays unique
+        return out
+
+    def _jvp(self, e, memo):
+        if not is_float(e.dtype):
+            return None
+        if isinstance(e, N.Const):
+            return None
+        if isinstance(e, N.Var):
+            t = self.tan.get(e.name)
+            return None if t is None else B.var(t, e.dtype)
+        if isinstance(e, N.Load):
+            d = self.dual_of_field(e.ref)
+            return None if d is None else B.load(d, e.index)
+        if e.op in NO_DERIVATIVE:
+            return None
+        if e.op == "cast":
+            t = self.jvp(e.args[0], memo)
+            return None if t is None else B.cast(t, e.dtype)
+        tangents = [self.jvp(a, memo) for a in e.args]
+        if all(t is None for t in tangents):
+            return None
+        ps = partials(e.op, e.args, e)
+        terms = [B.mul(p, t) for p, t in zip(ps, tangents) if t is not None and p is not None]
+        return B.sum_of(terms, e.dtype)
+
+    # ----------------------------------------------------------- statements
+    def block(self, stmts):
+        out = []
+        for s in stmts:
+            out.extend(self.stmt(s))
+        return tuple(out)
+
+    def stmt(self, s):
+        tag = dict(src=s.src, tag="tangent")
+        if isinstance(s, N.Assign):
+            t = self.tan.get(s.name)
+            if t is None:
+                return [s]
+            dt = self.jvp(s.value)
+            return [N.Assign(t, dt if dt is not None else B.const(0, s.value.dtype), **tag), s]
+        if isinstance(s, N.Store):
+            d = self.dual_of_field(s.ref)
+            if d is None:
+                return [s]
+            dt = self.jvp(s.value)
+            return [N.Store(d, s.index, dt if dt is not None else B.const(0, d.dtype), **tag), s]
+        if isinstance(s, N.Atomic):
+            d = self.dual_of_field(s.ref)
+            if d is None:
+                return [s]
+            if s.op != "add":
+                return self.atomic_minmax(s, d)
+            dt = self.jvp(s.value)
+            return [s] if dt is None else [N.Atomic("add", d, s.index, dt, **tag), s]
+        if isinstance(s, (N.If, N.For, N.While)):
+            from ..ir.walk import blocks_of, rebuild_stmt
+            return [rebuild_stmt(s, [self.block(b) for b in blocks_of(s)])]
+        if isinstance(s, N.Return):
+            ts = []
+            for v in s.values:
+                t = self.jvp(v)
+                ts.append(t if t is not None else B.const(0, v.dtype))
+            return [dataclasses.replace(s, values=tuple(s.values) + tuple(ts))]
+        return [s]
+
+    def atomic_minmax(self, s, d):
+        from .minmax import forward_atomic_minmax
+        return forward_atomic_minmax(self, s, d)
+
+
+def forward_kernel(ir: N.KernelIR, level: int) -> N.KernelIR:
+    """The forward-mode (JVP) kernel of `ir` at derivative level `level`."""
+    from ..ir.walk import assigned_names, used_names
+    from .names import NameAllocator
+
+    dual_of_field = field_activity(ir, "dual", level)
+    names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
+    varied = varied_vars(ir.body, lambda ref: dual_of_field(ref) is not None, seeds=())
+    tangent_names = {v: names.fresh(f"{v}_dual") for v in sorted(varied)}
+    fwd = Forward(names, dual_of_field, tangent_names)
+    body = fwd.block(ir.body)
+    returns = tuple(ir.returns) + tuple(ir.returns)
+    return dataclasses.replace(ir, name=f"{ir.name}_fwd", body=body, returns=returns)
+
+
+def forward_block(stmts, names, seeds: dict):
+    """Differentiate local code (a device function's body) with respect to seeded locals.
+
+    seeds: local name -> tangent expression. Fields are constants here. Returns the new statements
+    and a function mapping an expression of the original code to its tangent (or None).
+    """
+    varied = varied_vars(stmts, lambda ref: False, seeds=tuple(seeds))
+    tangent_names = {v: names.fresh(f"{v}_dual") for v in sorted(varied)}
+    for s in iter_stmts(stmts):
+        if isinstance(s, (N.Store, N.Atomic)):
+            raise KernDiffError("a function that writes fields cannot be differentiated as a function",
+                                s.src, "differentiate the kernel instead, or return the value")
+    fwd = Forward(names, lambda ref: None, tangent_names)
+    pre = [N.Assign(tangent_names[v], e) for v, e in seeds.items()]
+    return tuple(pre) + fwd.block(stmts), fwd.jvp

@@ -1,0 +1,365 @@
+"""Reverse mode: IR -> IR that accumulates adjoints of inputs from adjoints of outputs.
+
+The code is first put in SSA form (ssa.py). A block then reverses as
+    zero the adjoints of the locals it defines
+    recompute its primal statements (no stores, no atomics)
+    sweep backward over its statements, applying the rule table's partials.
+An `if` reverses branch by branch under the same condition. A serial loop reverses by running its
+trip range backward; each backward iteration recomputes its body's primal values. Loop-carried
+values the backward sweep needs are restored by recomputation from the loop's entry (memory-free,
+quadratic in the trip count; loops whose carried values are only accumulated need nothing). A
+parallel (outermost) loop keeps its header and reverses its body per iteration. Adjoints of
+outer locals that parallel iterations contribute to go through a 0-d scratch field atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import KernDiffError
+from ..ir import build as B
+from ..ir import nodes as N
+from ..ir.types import is_float
+from ..ir.walk import assigned_names, blocks_of, iter_stmts, substitute
+from ..opt.dce import live_names, remove_dead
+from .activity import field_activity, varied_vars
+from .rules import NO_DERIVATIVE, partials
+from .ssa import to_ssa
+
+
+class Reverse:
+    def __init__(self, names, adj_of_field, varied, loops, scratch):
+        self.names = names
+        self.adj_of_field = adj_of_field
+        self.varied = varied
+        self.loops = loops          # id(loop) -> LoopInfo from SSA
+        self.scratch = scratch      # (var name, dtype) -> 0-d FieldRef
+        self.adj = {}
+        self.dtypes = {}
+        self.outer_stack = []       # per enclosing parallel loop: {adj name: scratch ref}
+
+    # ------------------------------------------------------------ names
+    def adj_name(self, v):
+        a = self.adj.get(v)
+        if a is None:
+            a = self.names.fresh(f"{v}_adj")
+            self.adj[v] = a
+        return a
+
+    def adj_var(self, v, dtype):
+        self.dtypes[v] = dtype
+        return B.var(self.adj_name(v), dtype)
+
+    # ------------------------------------------------------------ expressions
+    def is_varied(self, e):
+        if not is_float(e.dtype):
+            return False
+        from ..ir.walk import iter_expr
+        for x in iter_expr(e):
+            if isinstance(x, N.Var) and x.name in self.varied:
+                return True
+            if isinstance(x, N.Load) and self.adj_of_field(x.ref) is not None:
+                return True
+        return False
+
+    def vjp(self, e, g, acc):
+        """Add g·∂e/∂leaf to acc[leaf] for every varied leaf of e (acc: key -> [Expr, ...])."""
+        if not self.is_varied(e):
+            return
+        if isinstance(e, N.Var):
+            acc.setdefault(("var", e.name, e.dtype), []).append(g)
+        elif isinstance(e, N.Load):
+            acc.setdefault(("field", e.ref, e.index), []).append(g)
+        elif isinstance(e, N.Call):
+            if e.op in NO_DERIVATIVE:
+                return
+            if e.op == "cast":
+                self.vjp(e.args[0], B.cast(g, e.args[0].dtype), acc)
+                return
+            ps = partials(e.op, e.args, e)
+            for a, p in zip(e.args, ps):
+                if p is not None and self.is_varied(a):
+                    self.vjp(a, B.mul(p, g), acc)
+
+    def accumulate(self, acc, src):
+        out = []
+        for key, terms in acc.items():
+            if key[0] == "var":
+                _, name, dtype = key
+                total = B.sum_of(terms, dtype)
+                scratch = self.outer_scratch(name, dtype)
+                if scratch is not None:
+                    out.append(N.Atomic("add", scratch, (), total, src=src, tag="adjoint"))
+                else:
+                    a = self.adj_var(name, dtype)
+                    out.append(N.Assign(a.name, B.add(a, total), src=src, tag="adjoint"))
+            else:
+                _, ref, index = key
+                aref = self.adj_of_field(ref)
+                out.append(N.Atomic("add", aref, index, B.sum_of(terms, aref.dtype), src=src, tag="adjoint"))
+        return out
+
+    def outer_scratch(self, name, dtype):
+        """Inside a parallel loop, a local defined outside it gets its adjoint via a scratch field."""
+        if not self.outer_stack:
+            return None
+        frame = self.outer_stack[-1]
+        if name in frame["inner"]:
+            return None
+        ref = frame["scratch"].get(name)
+        if ref is None:
+            ref = self.scratch(self.adj_name(name), dtype)
+            frame["scratch"][name] = (ref, dtype)
+            return ref
+        return ref[0]
+
+    # ------------------------------------------------------------ recompute
+    def recompute(self, stmts, with_updates=True):
+        out = []
+        for s in stmts:
+            if isinstance(s, N.Assign):
+                if with_updates or s.tag != "update":
+                    out.append(s)
+            elif isinstance(s, N.If):
+                then, orelse = self.recompute(s.then), self.recompute(s.orelse)
+                if then or orelse:
+                    out.append(dataclasses.replace(s, then=then, orelse=orelse, tag="recompute"))
+            elif isinstance(s, N.For) and not s.parallel:
+                body = self.recompute(s.body)
+                if body:
+                    out.append(dataclasses.replace(s, body=body, tag="recompute"))
+        return tuple(out)
+
+    # ------------------------------------------------------------ backward sweep
+    def zero_inits(self, stmts, exclude=()):
+        """Zero the adjoints of varied locals this block defines (not inside nested loops)."""
+        out, seen = [], set()
+
+        def walk(block):
+            for s in block:
+                if isinstance(s, N.Assign) and s.name in self.varied and s.name not in exclude \
+                        and s.name not in seen:
+                    seen.add(s.name)
+                    out.append(N.Assign(self.adj_name(s.name), B.const(0, s.value.dtype), tag="adjoint"))
+                    self.dtypes[s.name] = s.value.dtype
+                elif isinstance(s, N.If):
+                    walk(s.then)
+                    walk(s.orelse)
+        walk(stmts)
+        return out
+
+    def backward(self, stmts):
+        out = []
+        for s in reversed(stmts):
+            out.extend(self.back(s))
+        return out
+
+    def back(self, s):
+        tag = dict(src=s.src, tag="adjoint")
+        if isinstance(s, N.Assign):
+            if s.name not in self.varied:
+                return []
+            acc = {}
+            self.vjp(s.value, self.adj_var(s.name, s.value.dtype), acc)
+            out = self.accumulate(acc, s.src)
+            if s.tag == "update" or self.is_carried(s.name):
+                out.append(N.Assign(self.adj_name(s.name), B.const(0, s.value.dtype), **tag))
+            return out
+        if isinstance(s, N.Store):
+            aref = self.adj_of_field(s.ref)
+            if aref is None:
+                return []
+            out = []
+            if self.is_varied(s.value):
+                t = self.names.fresh(f"{s.ref.name}_adj_t")
+                out.append(N.Assign(t, B.load(aref, s.index), **tag))
+                acc = {}
+                self.vjp(s.value, B.var(t, aref.dtype), acc)
+                out.append(N.Store(aref, s.index, B.const(0, aref.dtype), **tag))
+                out.extend(self.accumulate(acc, s.src))
+            else:
+                out.append(N.Store(aref, s.index, B.const(0, aref.dtype), **tag))
+            return out
+        if isinstance(s, N.Atomic):
+            aref = self.adj_of_field(s.ref)
+            if aref is None or not self.is_varied(s.value):
+                return []
+            if s.op != "add":
+                from .minmax import reverse_atomic_minmax
+                return reverse_atomic_minmax(self, s, aref)
+            acc = {}
+            self.vjp(s.value, B.load(aref, s.index), acc)
+            return self.accumulate(acc, s.src)
+        if isinstance(s, N.Return):
+            acc = {}
+            for v, ct in zip(s.values, self.cotangents):
+                self.vjp(v, ct, acc)
+            return self.accumulate(acc, s.src)
+        if isinstance(s, N.If):
+            then, orelse = self.backward(s.then), self.backward(s.orelse)
+            if not then and not orelse:
+                return []
+            return [dataclasses.replace(s, then=tuple(then), orelse=tuple(orelse), tag="adjoint")]
+        if isinstance(s, N.For) and s.parallel:
+            return self.back_parallel(s)
+        if isinstance(s, N.For):
+            return self.back_loop(s)
+        raise KernDiffError(f"cannot reverse {type(s).__name__}", s.src, "restructure the code")
+
+    def is_carried(self, name):
+        return name in self.carried_names
+
+    carried_names = frozenset()
+
+    def back_parallel(self, s):
+        inner = assigned_names(s.body) | set(s.vars)
+        frame = {"inner": inner, "scratch": {}}
+        self.outer_stack.append(frame)
+        body = self.zero_inits(s.body) + list(self.recompute(s.body)) + self.backward(s.body)
+        self.outer_stack.pop()
+        out = [dataclasses.replace(s, body=tuple(body), tag="adjoint")]
+        for name, (ref, dtype) in frame["scratch"].items():
+            a = self.adj_var(name, dtype)
+            if self.outer_stack:
+                out.append(N.Atomic("add", self.outer_scratch(name, dtype), (), B.load(ref, ()), tag="adjoint"))
+            else:
+                out.append(N.Assign(a.name, B.add(a, B.load(ref, ())), src=s.src, tag="adjoint"))
+            out.append(N.Store(ref, (), B.const(0, dtype), src=s.src, tag="adjoint"))
+        return out
+
+    def back_loop(self, s):
+        info = self.loops[id(s)]
+        carried = [c for c, _, _ in info.carried]
+        self.carried_names = self.carried_names | set(carried)
+        (lo, hi), = s.bounds
+        var = s.vars[0]
+        k = self.names.fresh(f"{var}_rev")
+        trips = B.sub(hi, lo)
+        index = N.Assign(var, B.sub(B.sub(hi, B.const(1, "i32")), B.var(k, "i32")), src=s.src)
+        recompute = list(self.recompute(s.body, with_updates=False))
+        backward = self.backward(s.body)
+        inits = self.zero_inits(s.body, exclude=set(carried))
+        iteration = inits + recompute + backward
+        internal = (assigned_names(s.body) - set(carried)) | {self.adj[v] for v in assigned_names(s.body)
+                                                             if v in self.adj and v not in carried}
+        _, dead = live_names(iteration, candidates=internal)
+        iteration = list(remove_dead(iteration, dead))
+        from ..ir.walk import used_names
+        used = used_names(iteration)
+        if any(c in used for c in carried):
+            iteration = self.restore(s, info, var) + iteration
+            used.add(var)
+        if var in used:
+            iteration = [index] + iteration
+        return [N.For((k,), ((B.const(0, "i32"), trips),), tuple(iteration), src=s.src, tag="adjoint")]
+
+    def restore(self, s, info, var):
+        """Set the carried locals to their values on entry to iteration `var` by recomputation."""
+        (lo, _), = s.bounds
+        j = self.names.fresh(f"{var}_re")
+        body = substitute_block(self.recompute(s.body), {var: B.var(j, "i32")})
+        carried = {c for c, _, _ in info.carried}
+        internal = assigned_names(s.body) - carried
+        _, dead = live_names(body, candidates=internal)
+        body = remove_dead(body, dead)
+        out = [N.Assign(c, init, src=s.src, tag="recompute") for c, _, init in info.carried]
+        out.append(N.For((j,), ((lo, B.var(var, "i32")),), body, src=s.src, tag="recompute"))
+        return out
+
+
+def substitute_block(stmts, mapping):
+    from ..ir.walk import expr_children_of_stmt
+    out = []
+    for s in stmts:
+        if isinstance(s, N.Assign):
+            s = dataclasses.replace(s, value=substitute(s.value, mapping))
+        elif isinstance(s, (N.Store, N.Atomic)):
+            s = dataclasses.replace(s, index=tuple(substitute(i, mapping) for i in s.index),
+                                    value=substitute(s.value, mapping))
+        elif isinstance(s, (N.If, N.While)):
+            s = dataclasses.replace(s, cond=substitute(s.cond, mapping))
+        elif isinstance(s, N.For):
+            s = dataclasses.replace(s, bounds=tuple((substitute(a, mapping), substitute(b, mapping))
+                                                    for a, b in s.bounds))
+        blocks = blocks_of(s)
+        if blocks:
+            from ..ir.walk import rebuild_stmt
+            s = rebuild_stmt(s, [substitute_block(b, mapping) for b in blocks])
+        out.append(s)
+    del expr_children_of_stmt
+    return tuple(out)
+
+
+def local_dtypes(stmts, params=()):
+    out = {p.name: p.dtype for p in params}
+    from ..ir.walk import expr_children_of_stmt, vars_in
+    for s in iter_stmts(stmts):
+        if isinstance(s, N.Assign):
+            out.setdefault(s.name, s.value.dtype)
+        for e in expr_children_of_stmt(s):
+            for v in vars_in(e):
+                out.setdefault(v.name, v.dtype)
+        if isinstance(s, N.For):
+            for v in s.vars:
+                out.setdefault(v, "i32")
+    return out
+
+
+def reverse_kernel(ir: N.KernelIR, level: int) -> N.KernelIR:
+    """The reverse-mode (VJP) kernel of `ir` at derivative level `level`."""
+    from ..ir.walk import used_names
+    from ..runtime.registry import REGISTRY
+    from .hazards import check_overwrites
+    from .names import NameAllocator
+
+    check_overwrites(ir)
+    adj_of_field = field_activity(ir, "adjoint", level)
+    names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
+    body, ssa, _ = to_ssa(ir.body, names, dtypes=local_dtypes(ir.body, ir.params))
+    varied = varied_vars(body, lambda ref: adj_of_field(ref) is not None)
+
+    def scratch(name, dtype):
+        f = REGISTRY.scratch(("scratch", ir.name, name, dtype, level), dtype)
+        return REGISTRY.ref(f, (), name + "_acc")
+
+    rev = Reverse(names, adj_of_field, varied, ssa.loops, scratch)
+    cot_params = []
+    for d in ir.returns:
+        cot_params.append(N.Param(names.fresh("ret_adj"), d))
+    rev.cotangents = [B.var(p.name, p.dtype) for p in cot_params]
+    out = rev.zero_inits(body) + list(rev.recompute(body)) + rev.backward(body)
+    return dataclasses.replace(ir, name=f"{ir.name}_rev", body=tuple(out),
+                               params=tuple(ir.params) + tuple(cot_params), returns=())
+
+
+def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes):
+    """Reverse local code (a device function's body): adjoints of `wrt` locals.
+
+    out_values: result expressions; cotangents: their adjoint expressions. Returns (statements,
+    {name: adjoint expression}).
+    """
+    for s in iter_stmts(stmts):
+        if isinstance(s, (N.Store, N.Atomic)):
+            raise KernDiffError("a function that writes fields cannot be differentiated as a function",
+                                s.src, "differentiate the kernel instead, or return the value")
+    body, ssa, env = to_ssa(stmts, names, dtypes=dtypes)
+    outs = [_rename(v, env, ssa.dtypes) for v in out_values]
+    varied = varied_vars(body, lambda ref: False, seeds=tuple(wrt))
+    rev = Reverse(names, lambda ref: None, varied, ssa.loops, None)
+    rev.cotangents = list(cotangents)
+    ret = N.Return(tuple(outs))
+    # Adjoint locals of the arguments start at zero; they are read back after the sweep.
+    out = [N.Assign(rev.adj_name(w), B.const(0, dtypes[w]), tag="adjoint") for w in wrt]
+    for w in wrt:
+        rev.dtypes[w] = dtypes[w]
+    out += rev.zero_inits(body) + list(body) + rev.backward(list(body) + [ret])
+    grads = {w: B.var(rev.adj_name(w), dtypes[w]) for w in wrt}
+    return tuple(out), grads
+
+
+def _rename(e, env, dtypes):
+    from ..ir.walk import vars_in
+    mapping = {}
+    for v in vars_in(e):
+        if v.name in env:
+            mapping[v.name] = B.var(env[v.name], v.dtype)
+    return substitute(e, mapping)

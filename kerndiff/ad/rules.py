@@ -1,0 +1,75 @@
+"""The derivative rule table: the ONLY place where derivative math lives.
+
+Each differentiable primitive declares one partial derivative per argument, as IR built with the
+smart constructors, given the arguments and the op's own output. Forward mode forms
+ẏ = Σ ∂ᵢ·ẋᵢ over arguments with a nonzero tangent; reverse mode adds ∂ᵢ·ȳ to each active x̄ᵢ.
+Because the partials are IR, the transforms differentiate them again: higher orders are free.
+"""
+from __future__ import annotations
+
+from ..ir import build as B
+from ..ir.ops import OPS
+
+PARTIALS = {}
+
+# Piecewise-constant ops: derivative zero almost everywhere (and exactly zero in both modes).
+NO_DERIVATIVE = {"floor", "ceil", "round", "floordiv", "lt", "le", "gt", "ge", "eq", "ne", "and",
+                 "or", "not"}
+# Ops whose derivative is handled by the passes' structure rather than by partials.
+STRUCTURAL = {"cast"}
+
+
+def defpartials(op, *partials):
+    assert op in OPS and op not in PARTIALS, op
+    PARTIALS[op] = partials
+
+
+def _c(v, like):
+    return B.const(v, like.dtype)
+
+
+def _sq(x):
+    return B.mul(x, x)
+
+
+def _ties(a, b):
+    """∂ min(a, b)/∂a: 1 where a wins, ½ on a tie (ties split evenly), 0 where b wins."""
+    return B.select(B.call("lt", a, b), _c(1, a), B.select(B.call("eq", a, b), _c(0.5, a), _c(0, a)))
+
+
+defpartials("add", lambda a, b, out: _c(1, out), lambda a, b, out: _c(1, out))
+defpartials("sub", lambda a, b, out: _c(1, out), lambda a, b, out: _c(-1, out))
+defpartials("mul", lambda a, b, out: b, lambda a, b, out: a)
+defpartials("div", lambda a, b, out: B.div(_c(1, out), b), lambda a, b, out: B.neg(B.div(out, b)))
+defpartials("neg", lambda a, out: _c(-1, out))
+defpartials("pow",
+            lambda a, b, out: B.mul(b, B.call("pow", a, B.sub(b, _c(1, b)))),
+            lambda a, b, out: B.mul(B.call("log", a), out))
+defpartials("mod", lambda a, b, out: _c(1, out),
+            lambda a, b, out: B.neg(B.call("floor", B.div(a, b))))
+defpartials("min", lambda a, b, out: _ties(a, b), lambda a, b, out: _ties(b, a))
+defpartials("max", lambda a, b, out: _ties(b, a), lambda a, b, out: _ties(a, b))
+defpartials("abs", lambda x, out: B.select(B.call("gt", x, _c(0, x)), _c(1, x),
+                                           B.select(B.call("lt", x, _c(0, x)), _c(-1, x), _c(0, x))))
+defpartials("sin", lambda x, out: B.call("cos", x))
+defpartials("cos", lambda x, out: B.neg(B.call("sin", x)))
+defpartials("tan", lambda x, out: B.add(_c(1, out), _sq(out)))
+defpartials("asin", lambda x, out: B.call("rsqrt", B.sub(_c(1, x), _sq(x))))
+defpartials("acos", lambda x, out: B.neg(B.call("rsqrt", B.sub(_c(1, x), _sq(x)))))
+defpartials("atan", lambda x, out: B.div(_c(1, x), B.add(_c(1, x), _sq(x))))
+defpartials("atan2",
+            lambda y, x, out: B.div(x, B.add(_sq(x), _sq(y))),
+            lambda y, x, out: B.neg(B.div(y, B.add(_sq(x), _sq(y)))))
+defpartials("exp", lambda x, out: out)
+defpartials("log", lambda x, out: B.div(_c(1, x), x))
+defpartials("sqrt", lambda x, out: B.div(_c(0.5, out), out))
+defpartials("rsqrt", lambda x, out: B.mul(_c(-0.5, out), B.div(out, x)))
+defpartials("tanh", lambda x, out: B.sub(_c(1, out), _sq(out)))
+defpartials("select", None,
+            lambda c, a, b, out: B.select(c, _c(1, out), _c(0, out)),
+            lambda c, a, b, out: B.select(c, _c(0, out), _c(1, out)))
+
+
+def partials(op: str, args, out):
+    """The partials of op at args (None where an argument has no derivative)."""
+    return tuple(None if p is None else p(*args, out) for p in PARTIALS[op])

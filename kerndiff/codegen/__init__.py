@@ -1,0 +1,1 @@
+"""IR -> Taichi source -> compiled Taichi kernel."""

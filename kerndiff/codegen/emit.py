@@ -1,0 +1,178 @@
+"""IR -> Taichi source that reads like code a person wrote.
+
+Locals are declared where Taichi's block scoping needs them (at the start of the innermost block
+holding every use), constants print as plain literals where Taichi types them the same way, and a
+comment names the source line each run of generated statements comes from.
+"""
+from __future__ import annotations
+
+from ..ir import nodes as N
+from ..ir.types import default_fp, is_float
+
+BINARY = {"add": ("+", 11), "sub": ("-", 11), "mul": ("*", 12), "div": ("/", 12), "floordiv": ("//", 12),
+          "mod": ("%", 12), "lt": ("<", 6), "le": ("<=", 6), "gt": (">", 6), "ge": (">=", 6),
+          "eq": ("==", 6), "ne": ("!=", 6), "and": ("and", 4), "or": ("or", 3)}
+FUNCS = {"sin": "ti.sin", "cos": "ti.cos", "tan": "ti.tan", "asin": "ti.asin", "acos": "ti.acos",
+         "atan": "ti.atan2", "exp": "ti.exp", "log": "ti.log", "sqrt": "ti.sqrt", "rsqrt": "ti.rsqrt",
+         "tanh": "ti.tanh", "abs": "ti.abs", "floor": "ti.floor", "ceil": "ti.ceil", "round": "ti.round",
+         "min": "ti.min", "max": "ti.max", "atan2": "ti.atan2", "select": "ti.select"}
+TAG_WORDS = {"tangent": "tangent of", "adjoint": "adjoint of", "recompute": "recompute"}
+
+
+class Emitter:
+    def __init__(self, field_names: dict):
+        self.field_names = field_names  # id(taichi field) -> global name in generated module
+        self.fp = default_fp()
+        self.lines = []
+
+    # ---------------------------------------------------------- expressions
+    def expr(self, e: N.Expr, prec: int = 0) -> str:
+        text, p = self._expr(e)
+        return f"({text})" if p < prec else text
+
+    def _expr(self, e):
+        if isinstance(e, N.Const):
+            return self.const(e)
+        if isinstance(e, N.Var):
+            return e.name, 100
+        if isinstance(e, N.Load):
+            return self.load(e), 100
+        op, args = e.op, e.args
+        if op in BINARY:
+            sym, p = BINARY[op]
+            right_prec = p + 1
+            return f"{self.expr(args[0], p)} {sym} {self.expr(args[1], right_prec)}", p
+        if op == "pow":
+            return f"{self.expr(args[0], 15)} ** {self.expr(args[1], 14)}", 14
+        if op == "neg":
+            return f"-{self.expr(args[0], 13)}", 13
+        if op == "not":
+            return f"not {self.expr(args[0], 5)}", 5
+        if op == "cast":
+            return f"ti.cast({self.expr(args[0])}, ti.{e.dtype})", 100
+        if op == "atan":
+            one = N.Const(args[0].dtype, 1.0)
+            return f"ti.atan2({self.expr(args[0])}, {self.expr(one)})", 100
+        return f"{FUNCS[op]}({', '.join(self.expr(a) for a in args)})", 100
+
+    def const(self, e: N.Const):
+        if is_float(e.dtype):
+            text = repr(float(e.value))
+            if e.dtype != self.fp:
+                return f"ti.{e.dtype}({text})", 100
+        else:
+            text = str(int(e.value))
+            if e.dtype != "i32":
+                return f"ti.{e.dtype}({text})", 100
+        return text, (13 if text.startswith("-") else 100)
+
+    def field(self, ref):
+        return self.field_names[id(ref.field)]
+
+    def load(self, e: N.Load):
+        return self.lvalue(e.ref, e.index)
+
+    def lvalue(self, ref, index):
+        idx = ", ".join(self.expr(i) for i in index) if index else "None"
+        comp = ""
+        if ref.component:
+            comp = "[" + ", ".join(map(str, ref.component)) + "]"
+        return f"{self.field(ref)}[{idx}]{comp}"
+
+    # ---------------------------------------------------------- statements
+    def block(self, stmts, indent, path):
+        pad = "    " * indent
+        decls = self.decls.get(path, ())
+        for name, dtype in decls:
+            zero = "0.0" if is_float(dtype) else "0"
+            self.lines.append(f"{pad}{name} = ti.{dtype}({zero})")
+        last_note = None
+        for i, s in enumerate(stmts):
+            note = self.note(s)
+            if note and note != last_note:
+                self.lines.append(f"{pad}# {note}")
+            last_note = note
+            self.stmt(s, indent, path, i)
+        if not stmts and not decls:
+            self.lines.append(f"{pad}pass")
+
+    def note(self, s):
+        if s.src is None or not s.src.text:
+            return None
+        word = TAG_WORDS.get(s.tag)
+        text = s.src.text.strip()
+        return f"{word}: {text}" if word else text
+
+    def stmt(self, s, indent, path, i):
+        pad = "    " * indent
+        out = self.lines.append
+        if isinstance(s, N.Assign):
+            out(f"{pad}{s.name} = {self.expr(s.value)}")
+        elif isinstance(s, N.Store):
+            out(f"{pad}{self.lvalue(s.ref, s.index)} = {self.expr(s.value)}")
+        elif isinstance(s, N.Atomic):
+            target = self.lvalue(s.ref, s.index)
+            if s.op == "add":
+                if isinstance(s.value, N.Call) and s.value.op == "neg":
+                    out(f"{pad}{target} -= {self.expr(s.value.args[0])}")
+                else:
+                    out(f"{pad}{target} += {self.expr(s.value)}")
+            else:
+                out(f"{pad}ti.atomic_{s.op}({target}, {self.expr(s.value)})")
+        elif isinstance(s, N.If):
+            out(f"{pad}if {self.expr(s.cond)}:")
+            self.block(s.then, indent + 1, path + ((i, 0),))
+            orelse, else_path = s.orelse, path + ((i, 1),)
+            while len(orelse) == 1 and isinstance(orelse[0], N.If) and not self.decls.get(else_path):
+                inner = orelse[0]
+                out(f"{pad}elif {self.expr(inner.cond)}:")
+                self.block(inner.then, indent + 1, else_path + ((0, 0),))
+                orelse, else_path = inner.orelse, else_path + ((0, 1),)
+            if orelse:
+                out(f"{pad}else:")
+                self.block(orelse, indent + 1, else_path)
+        elif isinstance(s, N.For):
+            if s.serialize:
+                out(f"{pad}ti.loop_config(serialize=True)")
+            out(f"{pad}for {', '.join(s.vars)} in {self.iter(s)}:")
+            self.block(s.body, indent + 1, path + ((i, 0),))
+        elif isinstance(s, N.While):
+            out(f"{pad}while {self.expr(s.cond)}:")
+            self.block(s.body, indent + 1, path + ((i, 0),))
+        elif isinstance(s, N.Break):
+            out(f"{pad}break")
+        elif isinstance(s, N.Continue):
+            out(f"{pad}continue")
+        elif isinstance(s, N.Return):
+            out(f"{pad}return {', '.join(self.expr(v) for v in s.values)}")
+        else:
+            raise TypeError(s)
+
+    def iter(self, s: N.For):
+        def rng(lo, hi):
+            if isinstance(lo, N.Const) and lo.value == 0:
+                return self.expr(hi)
+            return f"{self.expr(lo)}, {self.expr(hi)}"
+        if len(s.bounds) == 1:
+            return f"range({rng(*s.bounds[0])})"
+        parts = []
+        for lo, hi in s.bounds:
+            parts.append(self.expr(hi) if isinstance(lo, N.Const) and lo.value == 0 else f"({rng(lo, hi)})")
+        return f"ti.ndrange({', '.join(parts)})"
+
+
+def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str) -> str:
+    from .scopes import declarations
+
+    em = Emitter(field_names)
+    em.decls = declarations(ir)
+    params = ", ".join(f"{p.name}: ti.{p.dtype}" for p in ir.params)
+    ret = ""
+    if len(ir.returns) == 1:
+        ret = f" -> ti.{ir.returns[0]}"
+    elif ir.returns:
+        ret = " -> (" + ", ".join(f"ti.{d}" for d in ir.returns) + ")"
+    em.lines.append("@ti.kernel")
+    em.lines.append(f"def {fn_name}({params}){ret}:")
+    em.block(ir.body, 1, ())
+    return "\n".join(em.lines) + "\n"

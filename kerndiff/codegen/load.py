@@ -1,0 +1,60 @@
+"""Turn generated source into a Taichi kernel: register it in linecache (Taichi and tracebacks
+read kernels' source through inspect), exec it with the fields as globals, decorate with ti.kernel."""
+from __future__ import annotations
+
+import hashlib
+import linecache
+
+import taichi as ti
+
+from ..ir import nodes as N
+from ..ir.walk import expr_children_of_stmt, iter_expr, iter_stmts
+from .emit import emit_kernel
+
+
+def collect_fields(ir: N.KernelIR):
+    seen = {}
+    for s in iter_stmts(ir.body):
+        refs = [s.ref] if isinstance(s, (N.Store, N.Atomic)) else []
+        for e in expr_children_of_stmt(s):
+            refs.extend(x.ref for x in iter_expr(e) if isinstance(x, N.Load))
+        for r in refs:
+            seen.setdefault(id(r.field), r)
+    return list(seen.values())
+
+
+def field_names(ir: N.KernelIR, taken: set) -> dict:
+    """id(field) -> a unique readable global name."""
+    out = {}
+    used = set(taken) | {"ti"}
+    for r in collect_fields(ir):
+        base = r.name or "field"
+        name, k = base, 1
+        while name in used:
+            name = f"{base}_{k}"
+            k += 1
+        used.add(name)
+        out[id(r.field)] = name
+    return out
+
+
+def generate(ir: N.KernelIR, fn_name: str):
+    """(source text, globals dict) for the kernel."""
+    from ..ir.walk import assigned_names, used_names
+
+    locals_ = assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params} | {fn_name}
+    names = field_names(ir, locals_)
+    src = emit_kernel(ir, names, fn_name)
+    g = {"ti": ti}
+    for r in collect_fields(ir):
+        g[names[id(r.field)]] = r.field
+    return src, g
+
+
+def compile_source(src: str, g: dict, fn_name: str):
+    digest = hashlib.sha1(src.encode()).hexdigest()[:10]
+    filename = f"<kerndiff {fn_name} {digest}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    code = compile(src, filename, "exec")
+    exec(code, g)
+    return g[fn_name]

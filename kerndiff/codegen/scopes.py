@@ -1,0 +1,59 @@
+"""Where each local must be declared in the generated source.
+
+Taichi scopes locals by block, like C. A local whose first occurrence is an assignment in the
+innermost block that holds all its occurrences needs nothing; any other local is declared (typed,
+zero) at the start of that block. Blocks are named by paths: (statement index, branch) pairs.
+"""
+from __future__ import annotations
+
+from ..ir import nodes as N
+from ..ir.walk import expr_children_of_stmt, vars_in
+
+
+def child_blocks(s, i, path):
+    if isinstance(s, N.If):
+        return [(s.then, path + ((i, 0),)), (s.orelse, path + ((i, 1),))]
+    if isinstance(s, (N.For, N.While)):
+        return [(s.body, path + ((i, 0),))]
+    return []
+
+
+def declarations(ir: N.KernelIR) -> dict:
+    occ = {}
+    dtypes = {}
+    loop_vars = set()
+    params = {p.name for p in ir.params}
+
+    def note(name, path, kind, dtype):
+        occ.setdefault(name, []).append((path, kind))
+        dtypes.setdefault(name, dtype)
+
+    def walk(stmts, path):
+        for i, s in enumerate(stmts):
+            for e in expr_children_of_stmt(s):
+                for v in vars_in(e):
+                    note(v.name, path, "use", v.dtype)
+            if isinstance(s, N.Assign):
+                note(s.name, path, "def", s.value.dtype)
+            if isinstance(s, N.For):
+                loop_vars.update(s.vars)
+            for block, p in child_blocks(s, i, path):
+                walk(block, p)
+
+    walk(ir.body, ())
+    out = {}
+    for name, occs in occ.items():
+        if name in params or name in loop_vars:
+            continue
+        paths = [p for p, _ in occs]
+        lcb = paths[0]
+        for p in paths[1:]:
+            k = 0
+            while k < len(lcb) and k < len(p) and lcb[k] == p[k]:
+                k += 1
+            lcb = lcb[:k]
+        first_path, first_kind = occs[0]
+        if first_kind == "def" and first_path == lcb:
+            continue
+        out.setdefault(lcb, []).append((name, dtypes[name]))
+    return out

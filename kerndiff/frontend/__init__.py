@@ -1,0 +1,1 @@
+"""Python AST -> kerndiff IR: name resolution, static evaluation, inlining, scalarization."""

@@ -1,0 +1,218 @@
+"""What Taichi (and Python) functions mean inside a kernel: one table from function object to
+the IR it lowers to. Anything not in the table (a numpy call, an unknown library) is refused."""
+from __future__ import annotations
+
+import math
+
+import taichi as ti
+
+from ..ir import build as B
+from . import vec as V
+from .vec import Vec
+
+UNARY_MATH = ["sin", "cos", "tan", "asin", "acos", "atan", "exp", "log", "sqrt", "rsqrt", "tanh", "floor",
+              "ceil", "round", "abs"]
+
+
+def _unary(op):
+    def handler(lw, node, args, kwargs):
+        (x,) = args
+        return lw.elementwise(lambda e: B.call(op, e), x, node)
+    return handler
+
+
+def _minmax(op):
+    def handler(lw, node, args, kwargs):
+        if len(args) == 1 and isinstance(args[0], Vec):
+            args = args[0].items
+        out = args[0]
+        for a in args[1:]:
+            out = lw.binary(op, out, a, node)
+        return out
+    return handler
+
+
+def _select(lw, node, args, kwargs):
+    c, a, b = args
+    return lw.select(c, a, b, node)
+
+
+def _cast(lw, node, args, kwargs):
+    x, dt = args
+    return lw.cast(x, dt, node)
+
+
+def _dot(lw, node, args, kwargs):
+    return V.dot(lw.vec(args[0], node), lw.vec(args[1], node))
+
+
+def _length(lw, node, args, kwargs):
+    return V.norm(lw.vec(args[0], node))
+
+
+def _normalize(lw, node, args, kwargs):
+    return V.normalized(lw.vec(args[0], node))
+
+
+def _cross(lw, node, args, kwargs):
+    return V.cross(lw.vec(args[0], node), lw.vec(args[1], node))
+
+
+def _clamp(lw, node, args, kwargs):
+    x, lo, hi = args
+    return lw.binary("min", lw.binary("max", x, lo, node), hi, node)
+
+
+def _sign(lw, node, args, kwargs):
+    def sgn(e):
+        z = B.const(0, e.dtype)
+        return B.select(B.call("gt", e, z), B.const(1, e.dtype), B.select(B.call("lt", e, z), B.const(-1, e.dtype), z))
+    return lw.elementwise(sgn, args[0], node)
+
+
+def _vector(lw, node, args, kwargs):
+    items = args[0]
+    dt = kwargs.get("dt") or (args[1] if len(args) > 1 else None)
+    if isinstance(items, Vec):
+        v = items
+    else:
+        v = Vec((len(items),), [lw.scalar(e, node) for e in items])
+    return lw.cast(v, dt, node) if dt is not None else v
+
+
+def _matrix(lw, node, args, kwargs):
+    rows = args[0]
+    dt = kwargs.get("dt") or (args[1] if len(args) > 1 else None)
+    if isinstance(rows, Vec):
+        v = rows
+    elif rows and isinstance(rows[0], (list, tuple)):
+        v = Vec((len(rows), len(rows[0])), [lw.scalar(e, node) for r in rows for e in r])
+    elif rows and isinstance(rows[0], Vec):
+        v = Vec((len(rows), len(rows[0].items)), [e for r in rows for e in r.items])
+    else:
+        v = Vec((len(rows),), [lw.scalar(e, node) for e in rows])
+    return lw.cast(v, dt, node) if dt is not None else v
+
+
+def _fill(lw, dt, shape, value):
+    from ..ir.types import from_taichi
+
+    d = from_taichi(dt)
+    n = 1
+    for s in shape:
+        n *= s
+    return Vec(shape, [B.const(value, d)] * n)
+
+
+def _vec_zero(lw, node, args, kwargs):
+    return _fill(lw, args[0], tuple(args[1:]), 0)
+
+
+def _vec_one(lw, node, args, kwargs):
+    return _fill(lw, args[0], tuple(args[1:]), 1)
+
+
+def _identity(lw, node, args, kwargs):
+    from ..ir.types import from_taichi
+
+    dt, n = args
+    d = from_taichi(dt)
+    return Vec((n, n), [B.const(1 if i == j else 0, d) for i in range(n) for j in range(n)])
+
+
+def _py_float(lw, node, args, kwargs):
+    from ..ir.types import default_fp
+    if isinstance(args[0], (int, float)):
+        return float(args[0])
+    return lw.cast(args[0], default_fp(), node)
+
+
+def _py_int(lw, node, args, kwargs):
+    if isinstance(args[0], (int, float)):
+        return int(args[0])
+    return lw.cast(args[0], "i32", node)
+
+
+def _py_abs(lw, node, args, kwargs):
+    return abs(args[0]) if isinstance(args[0], (int, float)) else _unary("abs")(lw, node, args, kwargs)
+
+
+def _py_minmax(op, pyfn):
+    def handler(lw, node, args, kwargs):
+        if all(isinstance(a, (int, float)) for a in args):
+            return pyfn(*args)
+        return _minmax(op)(lw, node, args, kwargs)
+    return handler
+
+
+def _static(lw, node, args, kwargs):
+    return args[0] if len(args) == 1 else tuple(args)
+
+
+def _py_len(lw, node, args, kwargs):
+    a = args[0]
+    if isinstance(a, Vec):
+        return a.shape[0]
+    return len(a)
+
+
+def build_table():
+    table = {}
+    for name in UNARY_MATH:
+        for mod in (ti, ti.math):
+            f = getattr(mod, name, None)
+            if f is not None:
+                table[f] = _unary(name)
+    for mod in (ti, ti.math):
+        table[mod.atan2] = lambda lw, node, args, kwargs: lw.binary("atan2", args[0], args[1], node)
+        table[mod.min] = _minmax("min")
+        table[mod.max] = _minmax("max")
+    table[ti.select] = _select
+    table[ti.cast] = _cast
+    table[ti.math.dot] = _dot
+    table[ti.math.length] = _length
+    table[ti.math.normalize] = _normalize
+    table[ti.math.cross] = _cross
+    table[ti.math.clamp] = _clamp
+    table[ti.math.sign] = _sign
+    table[ti.static] = _static
+    table[ti.Vector] = _vector
+    table[ti.Matrix] = _matrix
+    table[ti.Vector.zero] = _vec_zero
+    table[ti.Matrix.zero] = _vec_zero
+    table[ti.Vector.one] = _vec_one
+    table[ti.Matrix.one] = _vec_one
+    table[ti.Matrix.identity] = _identity
+    table[float] = _py_float
+    table[int] = _py_int
+    table[abs] = _py_abs
+    table[min] = _py_minmax("min", min)
+    table[max] = _py_minmax("max", max)
+    table[len] = _py_len
+    for name in dir(math):  # math.* on compile-time numbers only
+        f = getattr(math, name)
+        if callable(f):
+            table[f] = _compile_time(f)
+    return table
+
+
+def _compile_time(fn):
+    def handler(lw, node, args, kwargs):
+        if all(isinstance(a, (int, float)) for a in args):
+            return fn(*args, **kwargs)
+        raise lw.src.error(node, f"math.{fn.__name__} cannot run on a Taichi value inside a kernel",
+                           f"use ti.{fn.__name__} (or ti.math.{fn.__name__}) instead")
+    return handler
+
+
+TABLE = None
+
+
+def lookup(fn):
+    global TABLE
+    if TABLE is None:
+        TABLE = build_table()
+    try:
+        return TABLE.get(fn)
+    except TypeError:  # unhashable
+        return None

@@ -1,0 +1,213 @@
+"""Calls inside kernels: builtins, vector methods, Taichi types, ti.func and kd.func inlining."""
+from __future__ import annotations
+
+import ast
+
+import taichi as ti
+
+from ..errors import KernDiffError
+from ..ir import nodes as N
+from . import builtins as BI
+from . import vec as V
+from .loops import RangeSpec, field_spec, ndrange_spec, range_spec
+from .source import parse_function
+from .vec import Vec
+
+MAX_INLINE_DEPTH = 32
+
+
+def lower_call(lw, fn, args, kwargs, node):
+    from .lower import Method, is_field
+
+    if isinstance(fn, Method):
+        return vec_method(lw, fn, args, kwargs, node)
+    if fn is range:
+        return range_spec(lw, args, node)
+    if fn is ti.ndrange:
+        return ndrange_spec(lw, args, node)
+    if fn is ti.grouped:
+        (target,) = args
+        spec = field_spec(target) if is_field(target) else target
+        if not isinstance(spec, RangeSpec):
+            raise lw.error(node, "ti.grouped takes a field or ti.ndrange", "pass one of those")
+        return RangeSpec(spec.bounds, spec.step, grouped=True)
+    if fn is ti.static:
+        v = args[0] if len(args) == 1 else tuple(args)
+        if isinstance(v, RangeSpec):
+            if v.grouped or len(v.bounds) != 1 or not all(isinstance(b, int) for b in v.bounds[0]):
+                raise lw.error(node, "ti.static needs compile-time bounds", "use constants")
+            return range(v.bounds[0][0], v.bounds[0][1], v.step)
+        if isinstance(v, N.Expr):
+            raise lw.error(node, "ti.static got a runtime value", "pass compile-time constants to ti.static")
+        return v
+    handler = BI.lookup(fn)
+    if handler is not None:
+        return handler(lw, node, args, kwargs)
+    from ..funcs import DeviceFunction
+    if isinstance(fn, DeviceFunction):
+        return fn.lower_call(lw, args, node)
+    if getattr(fn, "_is_taichi_function", False):
+        return inline_function(lw, unwrap_ti_func(fn), args, kwargs, node)
+    from ..ir.types import from_taichi
+    try:
+        dt = from_taichi(fn)
+    except (KeyError, TypeError):
+        dt = None
+    if dt is not None:
+        (x,) = args
+        return lw.cast(x, fn, node)
+    from taichi.lang.matrix import MatrixType, VectorType
+    if isinstance(fn, VectorType):
+        items = []
+        for a in args:
+            items.extend(a.items if isinstance(a, Vec) else (a if isinstance(a, (list, tuple)) else [a]))
+        if len(items) == 1:
+            items = items * fn.n
+        return lw.cast(Vec((fn.n,), [lw.scalar(e, node) for e in items]), fn.dtype, node)
+    if isinstance(fn, MatrixType):
+        items = []
+        for a in args:
+            items.extend(a.items if isinstance(a, Vec) else (a if isinstance(a, (list, tuple)) else [a]))
+        flat = []
+        for e in items:
+            flat.extend(e if isinstance(e, (list, tuple)) else [e])
+        if len(flat) == 1:
+            flat = flat * (fn.n * fn.m)
+        return lw.cast(Vec((fn.n, fn.m), [lw.scalar(e, node) for e in flat]), fn.dtype, node)
+    if callable(fn):
+        mod = getattr(fn, "__module__", "") or ""
+        what = "a numpy call" if mod.startswith("numpy") else f"a call to {getattr(fn, '__name__', fn)!r}"
+        raise lw.error(node, f"{what} cannot run inside a kerndiff kernel",
+                       "use Taichi math (ti.sin, ti.exp, ...), or make it a ti.func / kd.func")
+    raise lw.error(node, f"{fn!r} is not callable", "check the name")
+
+
+def unwrap_ti_func(fn):
+    """The Python function under a @ti.func wrapper."""
+    import types
+    while not isinstance(fn, types.FunctionType) or getattr(fn, "_is_taichi_function", False):
+        fn = fn.func
+    return fn
+
+
+def vec_method(lw, m, args, kwargs, node):
+    t, name = m.target, m.name
+    if not isinstance(t, Vec):
+        raise lw.error(node, f"scalars have no method '{name}'", "call methods on vectors and matrices")
+    simple = {"norm": V.norm, "norm_sqr": V.norm_sqr, "normalized": V.normalized, "transpose": V.transpose,
+              "trace": V.trace, "determinant": V.determinant, "inverse": V.inverse}
+    if name in simple:
+        return simple[name](t)
+    if name == "dot":
+        return V.dot(t, lw.vec(args[0], node))
+    if name == "cross":
+        return V.cross(t, lw.vec(args[0], node))
+    if name == "outer_product":
+        return V.outer(t, lw.vec(args[0], node))
+    if name == "sum":
+        from ..ir import build as B
+        return B.sum_of(t.items, t.dtype)
+    if name in ("max", "min"):
+        out = t.items[0]
+        for e in t.items[1:]:
+            out = lw.binary(name, out, e, node)
+        return out
+    if name == "cast":
+        return lw.cast(t, args[0], node)
+    raise lw.error(node, f"vector method '{name}' is not supported",
+                   "use dot, norm, norm_sqr, normalized, cross, outer_product, transpose, trace, "
+                   "determinant, inverse, sum, max, min, cast")
+
+
+def _assigned_names(tree):
+    out = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            out.add(n.id)
+    return out
+
+
+def inline_function(lw, pyfn, args, kwargs, node):
+    """Inline a ti.func / kd.func body at the call site; returns its return value."""
+    from .lower import Local, Lowerer
+
+    if len(_chain(lw)) > MAX_INLINE_DEPTH:
+        raise lw.error(node, "functions nest too deeply (recursion?)", "kerndiff inlines functions; avoid recursion")
+    src = parse_function(pyfn)
+    a = src.tree.args
+    names = [p.arg for p in a.args]
+    defaults = a.defaults
+    bound = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names:
+            raise lw.error(node, f"unexpected keyword argument '{k}'", "check the function's parameters")
+        bound[k] = v
+    for p, d in zip(names[len(names) - len(defaults):], defaults):
+        if p not in bound:
+            bound[p] = ast.literal_eval(d)
+    missing = [p for p in names if p not in bound]
+    if missing or len(args) > len(names):
+        raise lw.error(node, f"{pyfn.__name__} takes {len(names)} arguments, got {len(args) + len(kwargs)}",
+                       "pass one value per parameter")
+    child = Lowerer(src, {}, lw.names, parent=lw)
+    child.blocks = lw.blocks
+    reassigned = _assigned_names(src.tree)
+    for p in names:
+        v = bound[p]
+        if isinstance(v, N.Var) and p not in reassigned:
+            child.scope[p] = Local([v.name], None, [v.dtype])
+        elif isinstance(v, Vec) and all(isinstance(e, N.Var) for e in v.items) and p not in reassigned:
+            child.scope[p] = Local([e.name for e in v.items], v.shape, [e.dtype for e in v.items])
+        else:
+            child.bind_local(p, v, node)
+    return lower_body_with_returns(child, list(src.tree.body))
+
+
+def lower_body_with_returns(lw, stmts):
+    for i, s in enumerate(stmts):
+        rest = stmts[i + 1:]
+        if isinstance(s, ast.Return):
+            if rest:
+                raise lw.error(rest[0], "code after return", "remove it")
+            return None if s.value is None else lw.expr(s.value)
+        if isinstance(s, ast.If) and _has_return(s):
+            cond = lw.expr(s.test)
+            orelse = list(s.orelse) + rest if not s.orelse else list(s.orelse)
+            if s.orelse and rest:
+                raise lw.error(rest[0], "code after an if/else that returns in a branch",
+                               "move it into the branches")
+            if not isinstance(cond, (N.Expr, Vec)):
+                return lower_body_with_returns(lw, list(s.body) if cond else orelse)
+            from ..ir import build as B
+            c = lw.truth(cond, s.test)
+            result = lw.names.fresh("ret")
+            outs = []
+            for branch in (list(s.body), orelse):
+                lw.blocks.append([])
+                lw.depth += 1
+                v = lower_body_with_returns(lw, branch)
+                if v is None:
+                    raise lw.error(s, "every branch must return a value", "add a return")
+                lw.bind_local(result, v, s)
+                lw.depth -= 1
+                outs.append(tuple(lw.blocks.pop()))
+            lw.emit(N.If(c, outs[0], outs[1], src=lw.loc(s.test)))
+            del B
+            return lw.scope[result].value()
+        if _has_return(s):
+            raise lw.error(s, "return inside a loop is not supported in kerndiff functions",
+                           "use break and return after the loop")
+        lw.stmt(s)
+    return None
+
+
+def _has_return(node):
+    return any(isinstance(n, ast.Return) for n in ast.walk(node))
+
+
+def _chain(lw):
+    out = []
+    while lw is not None:
+        out.append(lw)
+        lw = lw.parent
+    return out

@@ -1,0 +1,131 @@
+"""`for` loops: range, ndrange, struct-for over fields, ti.grouped, and ti.static unrolling."""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+
+from ..ir import build as B
+from ..ir import nodes as N
+from .vec import Vec
+
+
+@dataclass
+class RangeSpec:
+    """A runtime iteration space: a box of (start, stop) per dimension, maybe grouped."""
+
+    bounds: list
+    step: int = 1
+    grouped: bool = False
+
+
+def range_spec(lw, args, node):
+    if len(args) == 1:
+        start, stop, step = 0, args[0], 1
+    elif len(args) == 2:
+        (start, stop), step = args, 1
+    else:
+        start, stop, step = args
+    if not isinstance(step, int) or step == 0:
+        raise lw.error(node, "range step must be a nonzero compile-time integer", "use a constant step")
+    if all(isinstance(a, int) for a in (start, stop)):
+        pass
+    return RangeSpec([(start, stop)], step)
+
+
+def ndrange_spec(lw, args, node):
+    bounds = []
+    for a in args:
+        if isinstance(a, (tuple, list)):
+            bounds.append((a[0], a[1]))
+        else:
+            bounds.append((0, a))
+    return RangeSpec(bounds)
+
+
+def field_spec(fieldv):
+    return RangeSpec([(0, s) for s in fieldv.shape])
+
+
+def lower_for(lw, node):
+    from .lower import Local, is_field
+
+    if node.orelse:
+        raise lw.error(node, "for/else is not supported", "use a flag")
+    it = lw.expr(node.iter)
+    if isinstance(it, (range, list, tuple)) or (isinstance(it, Vec) and _is_static_iter(node)):
+        return _unroll(lw, node, it)
+    if is_field(it):
+        it = field_spec(it)
+    if not isinstance(it, RangeSpec):
+        raise lw.error(node.iter, f"cannot loop over {it!r}",
+                       "loop over range(...), ti.ndrange(...), a field, ti.grouped(...) or ti.static(...)")
+    dims = len(it.bounds)
+    if it.grouped:
+        if not isinstance(node.target, ast.Name):
+            raise lw.error(node.target, "ti.grouped binds one name", "write `for I in ti.grouped(x)`")
+        targets = [f"{node.target.id}_{k}" for k in range(dims)]
+    elif isinstance(node.target, ast.Name):
+        targets = [node.target.id]
+    elif isinstance(node.target, ast.Tuple) and all(isinstance(t, ast.Name) for t in node.target.elts):
+        targets = [t.id for t in node.target.elts]
+    else:
+        raise lw.error(node.target, "unsupported loop target", "use names")
+    if len(targets) != dims:
+        raise lw.error(node.target, f"{len(targets)} loop variables for a {dims}-d iteration space",
+                       "use one variable per dimension, or ti.grouped")
+    loop_vars = [lw.names.fresh(t) for t in targets]
+    bounds = []
+    for start, stop in it.bounds:
+        s, e = lw.scalar(start, node.iter), lw.scalar(stop, node.iter)
+        bounds.append((B.cast(s, "i32"), B.cast(e, "i32")))
+    parallel = lw.depth == 0
+    serialize = lw.serialize_next
+    lw.serialize_next = False
+    lw.depth += 1
+    lw.loop_depth += 0 if parallel and not serialize else 1
+    lw.blocks.append([])
+    if it.step != 1:
+        (s, e), = bounds
+        counter = lw.names.fresh(targets[0] + "_step")
+        trips = B.call("floordiv", B.add(B.sub(e, s), B.const(it.step - (1 if it.step > 0 else -1), "i32")),
+                       B.const(it.step, "i32"))
+        bounds = [(B.const(0, "i32"), trips)]
+        lw.emit(N.Assign(loop_vars[0], B.add(s, B.mul(B.var(counter, "i32"), B.const(it.step, "i32"))),
+                         src=lw.loc(node)))
+        header_vars = [counter]
+    else:
+        header_vars = loop_vars
+    if it.grouped:
+        lw.scope[node.target.id] = Local(loop_vars, (dims,), ["i32"] * dims)
+    else:
+        for t, v in zip(targets, loop_vars):
+            lw.scope[t] = Local([v], None, ["i32"])
+    for s in node.body:
+        lw.stmt(s)
+    body = tuple(lw.blocks.pop())
+    lw.depth -= 1
+    lw.loop_depth -= 0 if parallel and not serialize else 1
+    lw.emit(N.For(tuple(header_vars), tuple(bounds), body, parallel=parallel, serialize=serialize,
+                  src=lw.loc(node)))
+
+
+def _is_static_iter(node):
+    return True
+
+
+def _unroll(lw, node, it):
+    from .lower import Local
+
+    items = list(it.items) if isinstance(it, Vec) else list(it)
+    for item in items:
+        if isinstance(node.target, ast.Name):
+            lw.scope[node.target.id] = item
+        elif isinstance(node.target, ast.Tuple):
+            for t, v in zip(node.target.elts, item):
+                lw.scope[t.id] = v
+        for s in node.body:
+            if isinstance(s, (ast.Break, ast.Continue)):
+                raise lw.error(s, "break/continue in a ti.static loop is not supported",
+                               "use a runtime loop or restructure with if")
+            lw.stmt(s)
+    del Local

@@ -1,0 +1,668 @@
+"""Lower a kernel's Python AST to kerndiff IR.
+
+One visitor walks the kernel (and, recursively, every ti.func / kd.func it calls, inlined with a
+scope of its own). Values during lowering are of four kinds:
+  * IR expressions (scalars), `Vec` (static grids of scalars), Taichi fields, and
+  * plain Python values (numbers, modules, functions, ti.static results), evaluated right here.
+Statements are appended to the current block; blocks nest for if / for / while.
+"""
+from __future__ import annotations
+
+import ast
+import numbers
+
+import taichi as ti
+from taichi.lang.field import ScalarField
+from taichi.lang.matrix import MatrixField
+
+from ..errors import KernDiffError
+from ..ir import build as B
+from ..ir import nodes as N
+from ..ir.types import default_fp, from_taichi, is_float, is_int
+from ..runtime.registry import REGISTRY
+from ..ad.names import NameAllocator
+from . import builtins as BI
+from . import vec as V
+from .source import Source, parse_function
+from .vec import Vec
+
+BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.FloorDiv: "floordiv",
+          ast.Mod: "mod", ast.Pow: "pow"}
+CMPOPS = {ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge", ast.Eq: "eq", ast.NotEq: "ne"}
+PYOPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+         "div": lambda a, b: a / b, "floordiv": lambda a, b: a // b, "mod": lambda a, b: a % b,
+         "pow": lambda a, b: a ** b, "lt": lambda a, b: a < b, "le": lambda a, b: a <= b,
+         "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b, "eq": lambda a, b: a == b,
+         "ne": lambda a, b: a != b}
+
+
+def is_field(v) -> bool:
+    return isinstance(v, (ScalarField, MatrixField))
+
+
+class Local:
+    """A Python local name bound to IR locals: one scalar, or a Vec of component locals."""
+
+    __slots__ = ("names", "shape", "dtypes")
+
+    def __init__(self, names, shape, dtypes):
+        self.names, self.shape, self.dtypes = names, shape, dtypes
+
+    def value(self):
+        items = [B.var(n, d) for n, d in zip(self.names, self.dtypes)]
+        return items[0] if self.shape is None else Vec(self.shape, items)
+
+
+class Method:
+    """`v.norm` before it is called."""
+
+    def __init__(self, name, target):
+        self.name, self.target = name, target
+
+
+class FuncReturn(Exception):
+    pass
+
+
+class Lowerer:
+    def __init__(self, src: Source, scope: dict, names: NameAllocator, parent=None):
+        self.src = src
+        self.scope = scope
+        self.names = names
+        self.parent = parent
+        self.blocks = [[]]
+        self.depth = 0 if parent is None else parent.depth
+        self.loop_depth = 0 if parent is None else parent.loop_depth
+        self.serialize_next = False
+        fn = src.fn
+        self.globals = dict(getattr(fn, "__globals__", {}))
+        if getattr(fn, "__closure__", None):
+            for name, cell in zip(fn.__code__.co_freevars, fn.__closure__):
+                try:
+                    self.globals[name] = cell.cell_contents
+                except ValueError:
+                    pass
+
+    # ------------------------------------------------------------- plumbing
+    @property
+    def out(self):
+        return self.blocks[-1]
+
+    def emit(self, stmt):
+        self.out.append(stmt)
+
+    def block(self, stmts, new_scope_vars=None):
+        self.blocks.append([])
+        for s in stmts:
+            self.stmt(s)
+        return tuple(self.blocks.pop())
+
+    def error(self, node, reason, remedy=None):
+        return self.src.error(node, reason, remedy)
+
+    def loc(self, node):
+        return self.src.loc(node)
+
+    # ------------------------------------------------------------- values
+    def scalar(self, v, node) -> N.Expr:
+        if isinstance(v, N.Expr):
+            return v
+        if isinstance(v, bool):
+            return B.const(int(v), "i32")
+        if isinstance(v, numbers.Integral):
+            return B.const(int(v), "i32")
+        if isinstance(v, numbers.Real):
+            return B.const(float(v), default_fp())
+        if isinstance(v, Vec):
+            raise self.error(node, "a vector or matrix is used where a scalar is needed",
+                             "index it, or reduce it with .sum() / .norm()")
+        raise self.error(node, f"the value {v!r} cannot be used inside a kernel",
+                         "use numbers, Taichi fields, vectors and ti.func/kd.func functions")
+
+    def value_or_vec(self, v, node):
+        return v if isinstance(v, Vec) else self.scalar(v, node)
+
+    def vec(self, v, node) -> Vec:
+        if isinstance(v, Vec):
+            return v
+        if isinstance(v, (list, tuple)):
+            return Vec((len(v),), [self.scalar(e, node) for e in v])
+        raise self.error(node, "a vector is needed here", "pass a ti.Vector")
+
+    def elementwise(self, fn, x, node):
+        if isinstance(x, Vec):
+            return x.map(fn)
+        if isinstance(x, (int, float)):
+            x = self.scalar(x, node)
+        return fn(self.scalar(x, node))
+
+    def binary(self, op, a, b, node):
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) | isinstance(b, bool):
+            if op in PYOPS:
+                return PYOPS[op](a, b)
+            return {"min": min, "max": max}[op](a, b) if op in ("min", "max") else \
+                self.scalar(B.call(op, self.scalar(a, node), self.scalar(b, node)), node)
+        if isinstance(a, (list, tuple)):
+            a = self.vec(a, node)
+        if isinstance(b, (list, tuple)):
+            b = self.vec(b, node)
+        if isinstance(a, Vec) or isinstance(b, Vec):
+            try:
+                return V.broadcast(op, a if isinstance(a, Vec) else self.scalar(a, node),
+                                   b if isinstance(b, Vec) else self.scalar(b, node),
+                                   lambda x, y: B.call(op, x, y))
+            except ValueError as e:
+                raise self.error(node, str(e), "make the shapes agree")
+        return B.call(op, self.scalar(a, node), self.scalar(b, node))
+
+    def select(self, c, a, b, node):
+        if isinstance(c, (int, float, bool)):
+            return a if c else b
+        c = self.scalar(c, node)
+        if isinstance(a, Vec) or isinstance(b, Vec):
+            return V.broadcast("select", a if isinstance(a, Vec) else self.scalar(a, node),
+                               b if isinstance(b, Vec) else self.scalar(b, node),
+                               lambda x, y: B.select(c, x, y))
+        return B.select(c, self.scalar(a, node), self.scalar(b, node))
+
+    def cast(self, x, dt, node):
+        try:
+            d = dt if isinstance(dt, str) else from_taichi(dt)
+        except (KeyError, TypeError):
+            raise self.error(node, f"unsupported dtype {dt!r}", "use ti.f32, ti.f64, ti.i32 or ti.i64")
+        return self.elementwise(lambda e: B.cast(e, d), x, node)
+
+    def truth(self, v, node) -> N.Expr:
+        e = self.scalar(v, node)
+        if is_float(e.dtype):
+            return B.call("ne", e, B.const(0, e.dtype))
+        return e
+
+    # ------------------------------------------------------------- names
+    def lookup(self, name, node):
+        if name in self.scope:
+            v = self.scope[name]
+            return v.value() if isinstance(v, Local) else v
+        if name in self.globals:
+            return self.globals[name]
+        import builtins
+        if hasattr(builtins, name):
+            return getattr(builtins, name)
+        raise self.error(node, f"name '{name}' is not defined", "define it before the kernel")
+
+    def bind_local(self, name, value, node):
+        """Assign a Python local: creates IR locals on first assignment, casts on later ones."""
+        if isinstance(value, (list, tuple)) and value and all(isinstance(e, (N.Expr, int, float)) for e in value) \
+                and any(isinstance(e, N.Expr) for e in value):
+            value = self.vec(value, node)
+        if not isinstance(value, (N.Expr, Vec)) and not (isinstance(value, numbers.Number) and name in self.scope
+                                                        and isinstance(self.scope[name], Local)):
+            if isinstance(value, numbers.Number):
+                value = self.scalar(value, node)
+            else:
+                self.scope[name] = value  # a compile-time Python value (field, function, tuple...)
+                return
+        old = self.scope.get(name)
+        items = value.items if isinstance(value, Vec) else [self.scalar(value, node)]
+        shape = value.shape if isinstance(value, Vec) else None
+        if isinstance(old, Local) and old.shape == shape:
+            for n, d, e in zip(old.names, old.dtypes, items):
+                self.emit(N.Assign(n, B.cast(e, d), src=self.loc(node)))
+            return
+        if isinstance(old, Local) and old.shape != shape:
+            raise self.error(node, f"'{name}' changes shape from {old.shape} to {shape}",
+                             "use a new variable name")
+        if shape is None:
+            names = [self.names.fresh(name)]
+        else:
+            names = [self.names.fresh(f"{name}_{'_'.join(map(str, idx))}") for idx in value.indices()]
+        dtypes = [e.dtype for e in items]
+        for n, e in zip(names, items):
+            self.emit(N.Assign(n, e, src=self.loc(node)))
+        self.scope[name] = Local(names, shape, dtypes)
+
+    def materialize(self, value, hint, node):
+        """Bind a value to fresh locals (function arguments are passed by value)."""
+        if isinstance(value, N.Expr) and isinstance(value, (N.Const, N.Var)):
+            return value
+        if isinstance(value, (N.Expr, Vec)):
+            tmp = {}
+            saved, self.scope = self.scope, tmp
+            try:
+                self.bind_local(hint, value, node)
+            finally:
+                self.scope = saved
+            return tmp[hint].value()
+        return value
+
+    # ------------------------------------------------------------- statements
+    def stmt(self, node):
+        method = getattr(self, "stmt_" + type(node).__name__, None)
+        if method is None:
+            raise self.error(node, f"'{type(node).__name__}' statements are not supported in kerndiff kernels",
+                             "rewrite it with assignments, if, for and while")
+        method(node)
+
+    def stmt_Pass(self, node):
+        pass
+
+    def stmt_Expr(self, node):
+        if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            return  # docstring
+        if isinstance(node.value, ast.Call):
+            fn = self.expr(node.value.func)
+            if fn is ti.loop_config:
+                kw = {k.arg: self.expr(k.value) for k in node.value.keywords}
+                self.serialize_next = bool(kw.get("serialize", False))
+                return
+            if fn in (ti.atomic_add, ti.atomic_max, ti.atomic_min, ti.atomic_sub):
+                self.atomic_call(fn, node.value)
+                return
+            if fn is print:
+                raise self.error(node, "print inside a kerndiff kernel is not supported",
+                                 "print the fields from Python after the kernel ran")
+        self.expr(node.value)
+
+    def atomic_call(self, fn, call):
+        op = {ti.atomic_add: "add", ti.atomic_max: "max", ti.atomic_min: "min", ti.atomic_sub: "sub"}[fn]
+        target, value = call.args
+        val = self.expr(value)
+        if op == "sub":
+            op, val = "add", self.elementwise(B.neg, val, call)
+        self.store(target, val, call, atomic=op)
+
+    def stmt_Assign(self, node):
+        value = self.expr(node.value)
+        for target in node.targets:
+            self.assign(target, value, node)
+
+    def stmt_AnnAssign(self, node):
+        value = self.expr(node.value)
+        if node.annotation is not None and isinstance(node.target, ast.Name):
+            ann = self.expr(node.annotation)
+            try:
+                value = self.cast(value, ann, node)
+            except KernDiffError:
+                pass
+        self.assign(node.target, value, node)
+
+    def assign(self, target, value, node):
+        if isinstance(target, ast.Name):
+            self.bind_local(target.id, value, node)
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            if isinstance(value, Vec):
+                parts = [value.items[i] for i in range(value.shape[0])] if value.is_vector else \
+                    [value.row(i) for i in range(value.shape[0])]
+            elif isinstance(value, (tuple, list)):
+                parts = list(value)
+            else:
+                raise self.error(node, "cannot unpack a scalar", "assign to one name")
+            if len(parts) != len(target.elts):
+                raise self.error(node, f"unpacking {len(parts)} values into {len(target.elts)} names",
+                                 "make the counts match")
+            # Evaluate all right-hand sides before assigning (p, q = q, p + q).
+            parts = [self.materialize(p, "tmp", node) if isinstance(p, (N.Expr, Vec)) else p for p in parts]
+            for t, p in zip(target.elts, parts):
+                self.assign(t, p, node)
+        elif isinstance(target, ast.Subscript):
+            base = self.expr(target.value)
+            if is_field(base):
+                self.store(target, value, node)
+            elif isinstance(base, Vec) and isinstance(target.value, ast.Name):
+                self.assign_component(target.value.id, self.static_index(target.slice, node), value, node)
+            else:
+                raise self.error(node, "this subscript cannot be assigned to",
+                                 "assign to a field element or to an element of a local vector")
+        elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
+            k = "xyzw".find(target.attr)
+            if k < 0 or len(target.attr) != 1:
+                raise self.error(node, f"cannot assign to .{target.attr}", "assign to .x/.y/.z/.w or an index")
+            self.assign_component(target.value.id, (k,), value, node)
+        else:
+            raise self.error(node, "unsupported assignment target", "assign to a name or a field element")
+
+    def assign_component(self, name, idx, value, node):
+        local = self.scope.get(name)
+        if not isinstance(local, Local) or local.shape is None:
+            raise self.error(node, f"'{name}' is not a local vector", "index vectors and matrices only")
+        cur = local.value()
+        if len(local.shape) == 2 and len(idx) == 1:
+            for j in range(local.shape[1]):
+                self.assign_component(name, (idx[0], j), self.vec(value, node).items[j], node)
+            return
+        flat = idx[0] if len(idx) == 1 else idx[0] * local.shape[1] + idx[1]
+        if not 0 <= flat < len(local.names):
+            raise self.error(node, f"index {idx} is out of range for shape {local.shape}", "check the index")
+        e = self.scalar(value, node)
+        self.emit(N.Assign(local.names[flat], B.cast(e, local.dtypes[flat]), src=self.loc(node)))
+        del cur
+
+    def static_index(self, sl, node):
+        idx = self.expr(sl)
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if not all(isinstance(i, numbers.Integral) for i in idx):
+            raise self.error(node, "vectors and matrices can only be indexed by compile-time constants here",
+                             "use ti.static(range(n)) for the loop that indexes it, or a field")
+        return tuple(int(i) for i in idx)
+
+    def stmt_AugAssign(self, node):
+        op = BINOPS.get(type(node.op))
+        if op is None:
+            raise self.error(node, f"augmented assignment '{type(node.op).__name__}' is not supported",
+                             "write it out: a = a op b")
+        value = self.expr(node.value)
+        t = node.target
+        if isinstance(t, ast.Subscript) and is_field(self.expr(t.value)):
+            if op in ("add", "sub"):
+                if op == "sub":
+                    value = self.elementwise(B.neg, value, node)
+                self.store(t, value, node, atomic="add")
+            else:
+                self.store(t, self.binary(op, self.expr(t), value, node), node)
+            return
+        self.assign(t, self.binary(op, self.expr(t), value, node), node)
+
+    def field_index(self, fieldv, sl, node):
+        idx = self.expr(sl) if sl is not None else None
+        if idx is None:
+            idx = ()
+        elif isinstance(idx, Vec):
+            idx = tuple(idx.items)
+        elif not isinstance(idx, tuple):
+            idx = (idx,)
+        flat = []
+        for i in idx:
+            if isinstance(i, Vec):
+                flat.extend(i.items)
+            else:
+                flat.append(i)
+        out = tuple(self.scalar(i, node) for i in flat)
+        if len(out) != len(fieldv.shape):
+            raise self.error(node, f"a {len(fieldv.shape)}-d field is indexed with {len(out)} indices",
+                             "use x[None] for 0-d fields and one index per dimension otherwise")
+        for i in out:
+            if not is_int(i.dtype):
+                raise self.error(node, "field indices must be integers", "cast with int(...) or ti.cast")
+        return out
+
+    def refs_of(self, fieldv, node, name):
+        REGISTRY.check_runtime()
+        if isinstance(fieldv, MatrixField):
+            if fieldv.ndim == 1:
+                comps = [(c,) for c in range(fieldv.n)]
+                shape = (fieldv.n,)
+            else:
+                comps = [(r, c) for r in range(fieldv.n) for c in range(fieldv.m)]
+                shape = (fieldv.n, fieldv.m)
+            return [REGISTRY.ref(fieldv, c, name) for c in comps], shape
+        return [REGISTRY.ref(fieldv, (), name)], None
+
+    def field_name(self, node):
+        while isinstance(node, ast.Subscript):
+            node = node.value
+        if isinstance(node, ast.Name):
+            return node.id
+        if isinstance(node, ast.Attribute):
+            return node.attr
+        return "field"
+
+    def store(self, target, value, node, atomic=None):
+        """Store into a field element (target is an ast.Subscript, maybe with a component index)."""
+        base_node, comp = target.value, None
+        fieldv = self.expr(base_node)
+        if not is_field(fieldv):  # x[i][0] = ... : a component of a vector field element
+            inner = base_node
+            if isinstance(inner, ast.Subscript) and is_field(self.expr(inner.value)):
+                comp = self.static_index(target.slice, node)
+                fieldv = self.expr(inner.value)
+                target = inner
+            else:
+                raise self.error(node, "unsupported store target", "store into field[index]")
+        refs, shape = self.refs_of(fieldv, node, self.field_name(target))
+        index = self.field_index(fieldv, target.slice, node)
+        if shape is not None and comp is not None:
+            flat = comp[0] if len(comp) == 1 and len(shape) == 1 else comp[0] * shape[1] + comp[1]
+            refs, shape = [refs[flat]], None
+        if shape is None:
+            items = [self.scalar(value, node)]
+        else:
+            if not isinstance(value, Vec):
+                value = Vec(shape, [self.scalar(value, node)] * len(refs))
+            if value.shape != shape and len(value.items) == len(refs):
+                pass
+            elif value.shape != shape:
+                raise self.error(node, f"storing shape {value.shape} into a field of shape {shape}",
+                                 "make the shapes agree")
+            items = value.items
+        for ref, e in zip(refs, items):
+            e = B.cast(e, ref.dtype)
+            if atomic:
+                self.emit(N.Atomic(atomic, ref, index, e, src=self.loc(node)))
+            else:
+                self.emit(N.Store(ref, index, e, src=self.loc(node)))
+
+    def stmt_If(self, node):
+        cond = self.expr(node.test)
+        if not isinstance(cond, (N.Expr, Vec)):
+            for s in (node.body if cond else node.orelse):
+                self.stmt(s)
+            return
+        c = self.truth(cond, node.test)
+        self.depth += 1
+        then = self.block(node.body)
+        orelse = self.block(node.orelse)
+        self.depth -= 1
+        self.emit(N.If(c, then, orelse, src=self.loc(node.test)))
+
+    def stmt_While(self, node):
+        if node.orelse:
+            raise self.error(node, "while/else is not supported", "use a flag")
+        self.blocks.append([])
+        cond = self.truth(self.expr(node.test), node.test)
+        pre = self.blocks.pop()
+        if pre:
+            raise self.error(node.test, "this while condition needs statements to evaluate",
+                             "compute the condition in a local before the loop and at the end of the body")
+        self.depth += 1
+        self.loop_depth += 1
+        body = self.block(node.body)
+        self.depth -= 1
+        self.loop_depth -= 1
+        self.emit(N.While(cond, body, src=self.loc(node)))
+
+    def stmt_Break(self, node):
+        if self.loop_depth == 0:
+            raise self.error(node, "break outside a serial loop", "break only in inner loops")
+        self.emit(N.Break(src=self.loc(node)))
+
+    def stmt_Continue(self, node):
+        if self.loop_depth == 0 and self.depth == 0:
+            raise self.error(node, "continue outside a loop", "use continue inside loops")
+        self.emit(N.Continue(src=self.loc(node)))
+
+    def stmt_Return(self, node):
+        raise FuncReturn(node)
+
+    def stmt_For(self, node):
+        from .loops import lower_for
+        lower_for(self, node)
+
+    # ------------------------------------------------------------- expressions
+    def expr(self, node):
+        method = getattr(self, "expr_" + type(node).__name__, None)
+        if method is None:
+            raise self.error(node, f"'{type(node).__name__}' expressions are not supported in kerndiff kernels",
+                             "use arithmetic, calls of Taichi functions, fields and vectors")
+        return method(node)
+
+    def expr_Constant(self, node):
+        return node.value
+
+    def expr_Name(self, node):
+        return self.lookup(node.id, node)
+
+    def expr_Tuple(self, node):
+        return tuple(self.expr(e) for e in node.elts)
+
+    expr_List = expr_Tuple
+
+    def expr_Attribute(self, node):
+        base = self.expr(node.value)
+        if isinstance(base, Vec):
+            attr = node.attr
+            if len(attr) <= 4 and all(c in "xyzw" for c in attr) and base.is_vector:
+                idx = ["xyzw".index(c) for c in attr]
+                if max(idx) >= base.shape[0]:
+                    raise self.error(node, f".{attr} is out of range for a {base.shape[0]}-vector", "check the size")
+                return base.items[idx[0]] if len(idx) == 1 else Vec((len(idx),), [base.items[i] for i in idx])
+            if attr == "n":
+                return base.shape[0]
+            if attr == "m":
+                return 1 if base.is_vector else base.shape[1]
+            return Method(attr, base)
+        if isinstance(base, N.Expr):
+            return Method(node.attr, base)
+        try:
+            return getattr(base, node.attr)
+        except AttributeError:
+            raise self.error(node, f"{base!r} has no attribute '{node.attr}'", "check the name")
+
+    def expr_Subscript(self, node):
+        base = self.expr(node.value)
+        if is_field(base):
+            refs, shape = self.refs_of(base, node, self.field_name(node))
+            index = self.field_index(base, node.slice, node)
+            loads = [B.load(r, index) for r in refs]
+            return loads[0] if shape is None else Vec(shape, loads)
+        if isinstance(base, Vec):
+            idx = self.static_index(node.slice, node)
+            if base.is_vector:
+                return base.items[idx[0]]
+            if len(idx) == 1:
+                return base.row(idx[0])
+            return base.at(*idx)
+        idx = self.expr(node.slice)
+        if isinstance(idx, N.Expr):
+            raise self.error(node, "this Python value cannot be indexed by a runtime value",
+                             "index with a compile-time constant (ti.static)")
+        try:
+            return base[idx]
+        except Exception as e:
+            raise self.error(node, f"cannot index {base!r}: {e}", "check the index")
+
+    def expr_BinOp(self, node):
+        a, b = self.expr(node.left), self.expr(node.right)
+        if isinstance(node.op, ast.MatMult):
+            return V.matmul(self.vec(a, node), self.vec(b, node))
+        op = BINOPS.get(type(node.op))
+        if op is None:
+            raise self.error(node, f"operator {type(node.op).__name__} is not supported",
+                             "use + - * / // % ** and @")
+        return self.binary(op, a, b, node)
+
+    def expr_UnaryOp(self, node):
+        v = self.expr(node.operand)
+        if isinstance(v, (int, float)):
+            return {ast.USub: lambda x: -x, ast.UAdd: lambda x: x, ast.Not: lambda x: not x,
+                    ast.Invert: lambda x: ~x}[type(node.op)](v)
+        if isinstance(node.op, ast.USub):
+            return self.elementwise(B.neg, v, node)
+        if isinstance(node.op, ast.UAdd):
+            return v
+        if isinstance(node.op, ast.Not):
+            return B.call("not", self.truth(v, node))
+        raise self.error(node, "bitwise not is not supported", "use comparisons")
+
+    def expr_Compare(self, node):
+        left = self.expr(node.left)
+        result = None
+        for op, right_node in zip(node.ops, node.comparators):
+            right = self.expr(right_node)
+            name = CMPOPS.get(type(op))
+            if name is None:
+                if isinstance(op, (ast.Is, ast.IsNot, ast.In, ast.NotIn)) and not isinstance(left, N.Expr) \
+                        and not isinstance(right, N.Expr):
+                    r = {ast.Is: lambda a, b: a is b, ast.IsNot: lambda a, b: a is not b,
+                         ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}[type(op)](left, right)
+                else:
+                    raise self.error(node, f"comparison {type(op).__name__} is not supported", "use < <= > >= == !=")
+            else:
+                r = self.binary(name, left, right, node)
+            result = r if result is None else self.logic("and", result, r, node)
+            left = right
+        return result
+
+    def logic(self, op, a, b, node):
+        if not isinstance(a, N.Expr) and not isinstance(b, N.Expr):
+            return (a and b) if op == "and" else (a or b)
+        return B.call(op, self.truth(a, node), self.truth(b, node))
+
+    def expr_BoolOp(self, node):
+        op = "and" if isinstance(node.op, ast.And) else "or"
+        out = self.expr(node.values[0])
+        for v in node.values[1:]:
+            out = self.logic(op, out, self.expr(v), node)
+        return out
+
+    def expr_IfExp(self, node):
+        c = self.expr(node.test)
+        if not isinstance(c, N.Expr):
+            return self.expr(node.body if c else node.orelse)
+        return self.select(c, self.expr(node.body), self.expr(node.orelse), node)
+
+    def expr_Call(self, node):
+        fn = self.expr(node.func)
+        if fn in (ti.atomic_add, ti.atomic_max, ti.atomic_min, ti.atomic_sub):
+            raise self.error(node, "the value returned by an atomic operation cannot be used",
+                             "call ti.atomic_* as a statement")
+        args = []
+        for a in node.args:
+            if isinstance(a, ast.Starred):
+                args.extend(self.expr(a.value))
+            else:
+                args.append(self.expr(a))
+        kwargs = {k.arg: self.expr(k.value) for k in node.keywords}
+        return self.call(fn, args, kwargs, node)
+
+    def call(self, fn, args, kwargs, node):
+        from . import calls
+        return calls.lower_call(self, fn, args, kwargs, node)
+
+
+def lower_kernel(fn, bound_args: dict, param_dtypes: dict, return_dtype):
+    """Lower a kernel function with template arguments bound, returning KernelIR."""
+    src = parse_function(fn)
+    names = NameAllocator()
+    scope = {}
+    params = []
+    for name, value in bound_args.items():
+        scope[name] = value
+        names.taken.add(name)
+    for name, dtype in param_dtypes.items():
+        names.taken.add(name)
+        scope[name] = Local([name], None, [dtype])
+        params.append(N.Param(name, dtype))
+    lw = Lowerer(src, scope, names)
+    returns = ()
+    body = src.tree.body
+    for i, s in enumerate(body):
+        try:
+            lw.stmt(s)
+        except FuncReturn as r:
+            if i != len(body) - 1:
+                raise lw.error(r.args[0], "return must be the last statement of a kernel",
+                               "store intermediate results in fields")
+            if return_dtype is None:
+                raise lw.error(r.args[0], "the kernel returns a value but has no return annotation",
+                               "annotate it, e.g. `-> ti.f64`")
+            val = lw.expr(r.args[0].value) if r.args[0].value is not None else None
+            vals = val if isinstance(val, tuple) else (val,)
+            dts = return_dtype if isinstance(return_dtype, tuple) else (return_dtype,)
+            exprs = tuple(B.cast(lw.scalar(v, r.args[0]), d) for v, d in zip(vals, dts))
+            lw.emit(N.Return(exprs, src=lw.loc(r.args[0])))
+            returns = dts
+    if return_dtype is not None and not returns:
+        raise KernDiffError(f"kernel {fn.__name__} is annotated to return a value but has no return",
+                            remedy="add a return statement or drop the annotation")
+    return N.KernelIR(fn.__name__, tuple(params), tuple(lw.blocks[0]), tuple(returns),
+                      tuple(src.lines))

@@ -1,0 +1,175 @@
+"""Device functions (`@kd.func`) and their transforms (forward, grad, jvp, vjp).
+
+A device function is inlined where it is called, like `ti.func`. A transformed one is inlined
+too, then differentiated on the spot: its body is lowered into a block of its own, the block is
+run through the same forward / reverse transforms as kernels (with respect to the argument
+locals instead of fields), and the derivative code is emitted in its place. Because the result is
+ordinary IR again, transforms nest to any depth and the kernel around them can itself be
+differentiated.
+"""
+from __future__ import annotations
+
+from .errors import KernDiffError
+from .ir import build as B
+from .ir import nodes as N
+from .ir.types import is_float
+from .frontend.vec import Vec
+
+
+class DeviceFunction:
+    """kind: 'func' (plain), 'forward', 'grad', 'jvp' or 'vjp' of `inner`."""
+
+    def __init__(self, fn=None, kind="func", inner=None, argnum=None):
+        self.fn = fn if fn is not None else inner.fn
+        self.kind = kind
+        self.inner = inner
+        self.argnum = argnum
+        self.__name__ = getattr(self.fn, "__name__", "func")
+        self.__doc__ = getattr(self.fn, "__doc__", None)
+        self.__wrapped__ = self.fn
+
+    def __repr__(self):
+        if self.kind == "func":
+            return f"<kd.func {self.__name__}>"
+        return f"<kd.{self.kind}({self.inner!r}{'' if self.argnum is None else f', argnum={self.argnum}'})>"
+
+    def __call__(self, *args, **kwargs):
+        raise KernDiffError(f"{self!r} is a device function: call it inside a @kd.kernel or another @kd.func",
+                            remedy="wrap the call in a kernel; on the host use kd.forward/kd.backward over a kernel")
+
+    def arity(self):
+        if self.kind in ("func", "forward", "grad"):
+            import inspect
+            return len(inspect.signature(self.fn).parameters)
+        return self.inner.arity()
+
+    # ------------------------------------------------------------------ lowering
+    def lower_call(self, lw, args, node):
+        if self.kind == "func":
+            from .frontend.calls import inline_function
+            return inline_function(lw, self.fn, args, {}, node)
+        n = self.inner.arity()
+        if self.kind == "jvp":
+            if len(args) != 2 * n:
+                raise lw.error(node, f"{self!r} takes {n} primals and {n} tangents, got {len(args)} values",
+                               "pass the primals, then one tangent per primal")
+            return self._jvp(lw, args[:n], args[n:], node)
+        if self.kind == "vjp":
+            if len(args) != n + 1:
+                raise lw.error(node, f"{self!r} takes {n} primals and one cotangent, got {len(args)} values",
+                               "pass the primals, then the output's cotangent")
+            return self._vjp(lw, args[:n], args[n], node)
+        if len(args) != n:
+            raise lw.error(node, f"{self!r} takes {n} arguments, got {len(args)}", "pass one value per parameter")
+        if self.kind == "forward":
+            a = args[self.argnum]
+            if isinstance(a, Vec) or not is_float(lw.scalar(a, node).dtype):
+                raise lw.error(node, f"kd.forward differentiates with respect to a float scalar; argument "
+                                     f"{self.argnum} is {'a vector' if isinstance(a, Vec) else 'an integer'}",
+                               "use kd.jvp with a tangent vector, or pass a float")
+            seeds = [None] * n
+            seeds[self.argnum] = B.const(1, lw.scalar(a, node).dtype)
+            _, tangent = self._jvp(lw, args, seeds, node)
+            return tangent
+        if self.kind == "grad":
+            grads = self._vjp(lw, args, 1.0, node)
+            return grads if self.argnum is None else grads[self.argnum]
+        raise AssertionError(self.kind)
+
+    def _args_as_locals(self, lw, args, node):
+        """Fresh locals holding the (float) arguments, so they can be seeded."""
+        out = []
+        for i, a in enumerate(args):
+            if isinstance(a, (N.Expr, Vec, int, float)):
+                v = a if isinstance(a, Vec) else lw.scalar(a, node)
+                tmp = {}
+                saved, lw.scope = lw.scope, tmp
+                try:
+                    lw.bind_local(f"arg{i}", v, node)
+                finally:
+                    lw.scope = saved
+                out.append(tmp[f"arg{i}"].value())
+            else:
+                out.append(a)
+        return out
+
+    def _inline_inner(self, lw, args, node):
+        lw.blocks.append([])
+        out = self.inner.lower_call(lw, args, node)
+        return tuple(lw.blocks.pop()), out
+
+    def _jvp(self, lw, primals, tangents, node):
+        from .ad.forward import forward_block
+        args = self._args_as_locals(lw, primals, node)
+        seeds = {}
+        for a, t in zip(args, tangents):
+            if t is None:
+                continue
+            items = a.items if isinstance(a, Vec) else [a]
+            titems = t.items if isinstance(t, Vec) else ([t] * len(items) if not isinstance(t, (list, tuple))
+                                                         else list(t))
+            for e, te in zip(items, titems):
+                if isinstance(e, N.Var) and is_float(e.dtype):
+                    seeds[e.name] = B.cast(lw.scalar(te, node), e.dtype)
+        stmts, out = self._inline_inner(lw, args, node)
+        if out is None:
+            raise lw.error(node, f"{self.inner!r} returns nothing", "return the value to differentiate")
+        new, jvp = forward_block(stmts, lw.names, seeds)
+        for s in new:
+            lw.emit(s)
+
+        def tan(e):
+            e = lw.scalar(e, node)
+            t = jvp(e)
+            return t if t is not None else B.const(0, e.dtype if is_float(e.dtype) else "f32")
+        tangent = out.map(tan) if isinstance(out, Vec) else tan(out)
+        return out, tangent
+
+    def _vjp(self, lw, primals, cotangent, node):
+        from .ad.reverse import local_dtypes, reverse_block
+        args = self._args_as_locals(lw, primals, node)
+        stmts, out = self._inline_inner(lw, args, node)
+        if out is None:
+            raise lw.error(node, f"{self.inner!r} returns nothing", "return the value to differentiate")
+        outs = out.items if isinstance(out, Vec) else [lw.scalar(out, node)]
+        cts = cotangent.items if isinstance(cotangent, Vec) else [cotangent] * len(outs) \
+            if not isinstance(cotangent, (list, tuple)) else list(cotangent)
+        if self.kind == "grad" and len(outs) != 1:
+            raise lw.error(node, f"kd.grad needs a scalar-valued function; {self.inner!r} returns shape "
+                                 f"{out.shape}", "use kd.vjp with a cotangent, or reduce the output")
+        cts = [B.cast(lw.scalar(c, node), o.dtype) for c, o in zip(cts, outs)]
+        wrt = []
+        for a in args:
+            for e in (a.items if isinstance(a, Vec) else [a]):
+                if isinstance(e, N.Var) and is_float(e.dtype):
+                    wrt.append(e.name)
+        dtypes = local_dtypes(stmts)
+        for a in args:
+            for e in (a.items if isinstance(a, Vec) else [a]):
+                if isinstance(e, N.Var):
+                    dtypes[e.name] = e.dtype
+        new, grads = reverse_block(stmts, lw.names, outs, cts, wrt, dtypes)
+        for s in new:
+            lw.emit(s)
+
+        def g(e):
+            if isinstance(e, N.Var) and e.name in grads:
+                return grads[e.name]
+            return B.const(0, e.dtype if is_float(e.dtype) else "f32")
+        return tuple(a.map(g) if isinstance(a, Vec) else g(a) for a in args)
+
+
+def func(fn):
+    """Decorator: a device function, callable from kernels and other device functions."""
+    if isinstance(fn, DeviceFunction):
+        return fn
+    return DeviceFunction(fn)
+
+
+def as_device_function(fn):
+    if isinstance(fn, DeviceFunction):
+        return fn
+    if getattr(fn, "_is_taichi_function", False):
+        from .frontend.calls import unwrap_ti_func
+        return DeviceFunction(unwrap_ti_func(fn))
+    return None

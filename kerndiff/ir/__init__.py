@@ -1,0 +1,1 @@
+"""kerndiff's intermediate representation: scalar, typed, structured (see nodes.py)."""

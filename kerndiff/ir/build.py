@@ -1,0 +1,157 @@
+"""Smart constructors: the only way passes build expressions.
+
+They insert Taichi's implicit casts explicitly, fold constants and apply the algebraic identities
+(x+0, x*1, 0*x, --x, x**1, select(c, a, a)) that keep derivative code small. Folding 0*x to 0 is
+deliberate: a structurally zero derivative must stay zero even where x is inf or NaN.
+"""
+from __future__ import annotations
+
+from .nodes import Call, Const, Expr, Load, Var
+from .ops import COMMUTATIVE, OPS, fold, operand_dtype, result_dtype
+from .types import is_float
+
+
+def const(value, dtype: str) -> Const:
+    return Const(dtype, float(value) if is_float(dtype) else int(value))
+
+
+def is_const(e: Expr, value=None) -> bool:
+    return isinstance(e, Const) and (value is None or e.value == value)
+
+
+def cast(x: Expr, dtype: str) -> Expr:
+    if x.dtype == dtype:
+        return x
+    if isinstance(x, Const):
+        return const(x.value, dtype)
+    return Call(dtype, "cast", (x,))
+
+
+def call(op: str, *args: Expr) -> Expr:
+    assert op in OPS, op
+    if op == "cast":
+        raise ValueError("use cast()")
+    if op == "select":
+        return select(*args)
+    od = operand_dtype(op, [a.dtype for a in args])
+    args = tuple(cast(a, od) for a in args)
+    dtype = result_dtype(op, od)
+    if all(isinstance(a, Const) for a in args):
+        v = fold(op, [a.value for a in args], od)
+        if v is not None:
+            return const(v, dtype)
+    simple = _identity(op, args, dtype)
+    if simple is not None:
+        return simple
+    if op in COMMUTATIVE and isinstance(args[0], Const) and not isinstance(args[1], Const):
+        args = (args[1], args[0])  # canonical order: constant last, so CSE sees one form
+    return Call(dtype, op, args)
+
+
+def _identity(op, args, dtype):
+    a = args[0]
+    b = args[1] if len(args) > 1 else None
+    if op == "add":
+        if is_const(a, 0):
+            return b
+        if is_const(b, 0):
+            return a
+        if _is_neg(b):
+            return call("sub", a, b.args[0])
+        if _is_neg(a):
+            return call("sub", b, a.args[0])
+    elif op == "sub":
+        if is_const(b, 0):
+            return a
+        if is_const(a, 0):
+            return call("neg", b)
+        if _is_neg(b):
+            return call("add", a, b.args[0])
+    elif op == "mul":
+        for x, y in ((a, b), (b, a)):
+            if is_const(x, 0):
+                return const(0, dtype)
+            if is_const(x, 1):
+                return y
+            if is_const(x, -1):
+                return call("neg", y)
+            if isinstance(x, Call) and x.op == "select" and is_const(x.args[1]) and is_const(x.args[2]) \
+                    and (is_const(x.args[1], 0) or is_const(x.args[2], 0)):
+                # select(c, k1, k2) * y with one k zero: select(c, k1*y, k2*y); no NaN*0 leaks.
+                return select(x.args[0], call("mul", x.args[1], y), call("mul", x.args[2], y))
+        if _is_neg(a) and _is_neg(b):
+            return call("mul", a.args[0], b.args[0])
+        if _is_neg(a):
+            return call("neg", call("mul", a.args[0], b))
+        if _is_neg(b):
+            return call("neg", call("mul", a, b.args[0]))
+    elif op == "div":
+        if is_const(b, 1):
+            return a
+        if is_const(a, 0) and is_float(dtype):
+            return const(0, dtype)
+        if _is_neg(a):
+            return call("neg", call("div", a.args[0], b))
+    elif op == "neg":
+        if _is_neg(a):
+            return a.args[0]
+        if isinstance(a, Call) and a.op == "sub":
+            return call("sub", a.args[1], a.args[0])
+    elif op == "pow":
+        if is_const(b, 1):
+            return a
+        if is_const(b, 0):
+            return const(1, dtype)
+    return None
+
+
+def _is_neg(e):
+    return isinstance(e, Call) and e.op == "neg"
+
+
+def select(c: Expr, a: Expr, b: Expr) -> Expr:
+    from .types import promote
+
+    dtype = promote(a.dtype, b.dtype)
+    a, b = cast(a, dtype), cast(b, dtype)
+    if a == b:
+        return a
+    if isinstance(c, Const):
+        return a if c.value else b
+    return Call(dtype, "select", (c, a, b))
+
+
+# Readable helpers for the rule table and the passes.
+def add(a, b):
+    return call("add", a, b)
+
+
+def sub(a, b):
+    return call("sub", a, b)
+
+
+def mul(a, b):
+    return call("mul", a, b)
+
+
+def div(a, b):
+    return call("div", a, b)
+
+
+def neg(a):
+    return call("neg", a)
+
+
+def sum_of(terms, dtype: str) -> Expr:
+    out = None
+    for t in terms:
+        out = t if out is None else add(out, t)
+    return const(0, dtype) if out is None else cast(out, dtype)
+
+
+def var(name: str, dtype: str) -> Var:
+    return Var(dtype, name)
+
+
+def load(ref, index) -> Load:
+    return Load(ref.dtype, ref, tuple(index))

@@ -1,0 +1,155 @@
+"""IR nodes: frozen dataclasses, so that expressions hash (CSE) and passes cannot edit in place.
+
+The IR is what the AD passes see, deliberately small: scalar expressions (constants, locals,
+field loads, primitive calls) and structured statements (assign, store, atomic update, if, for,
+while, break, continue, return). Vectors and matrices are gone (the frontend scalarizes them),
+functions are inlined and `ti.static` is evaluated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from typing import Any, Optional, Tuple
+
+from ..errors import SrcLoc
+
+
+class FieldRef:
+    """One scalar component of a Taichi field, as the IR sees it.
+
+    Identity is (the Taichi field object, component); `name` is what generated code calls it.
+    Instances are interned by the runtime registry, so `is` and `==` agree.
+    """
+
+    __slots__ = ("field", "component", "name", "dtype", "shape", "__weakref__")
+
+    def __init__(self, field, component: tuple, name: str, dtype: str, shape: tuple):
+        self.field = field
+        self.component = component
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+
+    def __repr__(self):
+        comp = "".join(f"[{c}]" for c in self.component)
+        return f"{self.name}{comp}"
+
+
+# ---------------------------------------------------------------- expressions
+@dataclass(frozen=True)
+class Expr:
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Const(Expr):
+    value: Any = 0
+
+
+@dataclass(frozen=True)
+class Var(Expr):
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Load(Expr):
+    ref: FieldRef = None
+    index: Tuple[Expr, ...] = ()
+
+
+@dataclass(frozen=True)
+class Call(Expr):
+    """A primitive op (see ops.OPS): arithmetic, math function, comparison, cast, select."""
+
+    op: str = ""
+    args: Tuple[Expr, ...] = ()
+
+
+# ---------------------------------------------------------------- statements
+@dataclass(frozen=True)
+class Stmt:
+    src: Optional[SrcLoc] = dc_field(default=None, compare=False, kw_only=True)
+    # What generated this statement ('', 'tangent', 'adjoint', 'recompute'); codegen comments on it.
+    tag: str = dc_field(default="", compare=False, kw_only=True)
+
+
+@dataclass(frozen=True)
+class Assign(Stmt):
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Store(Stmt):
+    ref: FieldRef
+    index: Tuple[Expr, ...]
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Atomic(Stmt):
+    """`ref[index] op= value` performed atomically; op is 'add', 'max' or 'min'."""
+
+    op: str
+    ref: FieldRef
+    index: Tuple[Expr, ...]
+    value: Expr
+
+
+@dataclass(frozen=True)
+class If(Stmt):
+    cond: Expr
+    then: Tuple[Stmt, ...]
+    orelse: Tuple[Stmt, ...] = ()
+
+
+@dataclass(frozen=True)
+class For(Stmt):
+    """A counted loop over a box: vars[k] runs over range(bounds[k][0], bounds[k][1]).
+
+    `parallel` marks the kernel's outermost loops (Taichi runs them in parallel); inner loops
+    are serial; `serialize` is ti.loop_config(serialize=True) on an outermost loop.
+    """
+
+    vars: Tuple[str, ...]
+    bounds: Tuple[Tuple[Expr, Expr], ...]
+    body: Tuple[Stmt, ...]
+    parallel: bool = False
+    serialize: bool = False
+
+
+@dataclass(frozen=True)
+class While(Stmt):
+    cond: Expr
+    body: Tuple[Stmt, ...]
+
+
+@dataclass(frozen=True)
+class Break(Stmt):
+    pass
+
+
+@dataclass(frozen=True)
+class Continue(Stmt):
+    pass
+
+
+@dataclass(frozen=True)
+class Return(Stmt):
+    values: Tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class KernelIR:
+    """A whole kernel: scalar parameters, a body, and the dtypes of its return values."""
+
+    name: str
+    params: Tuple[Param, ...]
+    body: Tuple[Stmt, ...]
+    returns: Tuple[str, ...] = ()
+    source_lines: Tuple[str, ...] = dc_field(default=(), compare=False)

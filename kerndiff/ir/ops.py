@@ -1,0 +1,77 @@
+"""The primitive ops of the IR: arity, result dtype and how to evaluate them on constants."""
+from __future__ import annotations
+
+import math
+
+from .types import default_fp, is_float, promote
+
+ARITH = {"add", "sub", "mul", "div", "floordiv", "mod", "pow", "min", "max", "atan2"}
+UNARY_FLOAT = {"sin", "cos", "tan", "asin", "acos", "atan", "exp", "log", "sqrt", "rsqrt", "tanh"}
+UNARY_SAME = {"neg", "abs", "floor", "ceil", "round"}
+COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
+LOGIC = {"and", "or", "not"}
+SPECIAL = {"cast", "select"}
+OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | SPECIAL
+
+COMMUTATIVE = {"add", "mul", "min", "max", "eq", "ne", "and", "or"}
+
+
+def operand_dtype(op: str, dtypes: list[str]) -> str:
+    """The dtype all operands are cast to before the op runs."""
+    if op in UNARY_FLOAT:
+        return dtypes[0] if is_float(dtypes[0]) else default_fp()
+    if op in ("div", "atan2"):
+        d = promote(*dtypes)
+        return d if is_float(d) else default_fp()
+    if op in ARITH or op in COMPARE:
+        return promote(*dtypes)
+    return dtypes[0]
+
+
+def result_dtype(op: str, operand: str) -> str:
+    if op in COMPARE or op in LOGIC:
+        return "i32"
+    return operand
+
+
+def _py(op):
+    import numpy as np
+
+    def rsqrt(x):
+        return 1 / np.sqrt(x)
+
+    table = {
+        "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+        "div": lambda a, b: a / b, "floordiv": lambda a, b: a // b, "mod": lambda a, b: a % b,
+        "pow": lambda a, b: a ** b, "min": lambda a, b: min(a, b), "max": lambda a, b: max(a, b),
+        "atan2": np.arctan2, "sin": np.sin, "cos": np.cos, "tan": np.tan, "asin": np.arcsin,
+        "acos": np.arccos, "atan": np.arctan, "exp": np.exp, "log": np.log, "sqrt": np.sqrt,
+        "rsqrt": rsqrt, "tanh": np.tanh, "neg": lambda a: -a, "abs": abs, "floor": np.floor,
+        "ceil": np.ceil, "round": np.round,
+        "lt": lambda a, b: int(a < b), "le": lambda a, b: int(a <= b), "gt": lambda a, b: int(a > b),
+        "ge": lambda a, b: int(a >= b), "eq": lambda a, b: int(a == b), "ne": lambda a, b: int(a != b),
+        "and": lambda a, b: int(bool(a) and bool(b)), "or": lambda a, b: int(bool(a) or bool(b)),
+        "not": lambda a: int(not a),
+    }
+    return table[op]
+
+
+def fold(op: str, values: list, dtype: str):
+    """Evaluate op on constant values in dtype's precision; None when it should not be folded."""
+    import numpy as np
+
+    if op in ("div", "floordiv", "mod") and values[1] == 0:
+        return None
+    if op == "pow" and not is_float(dtype) and values[1] < 0:
+        return None
+    np_t = {"f16": np.float16, "f32": np.float32, "f64": np.float64}.get(dtype)
+    with np.errstate(all="ignore"):
+        try:
+            args = [np_t(v) for v in values] if np_t is not None else [int(v) for v in values]
+            out = _py(op)(*args)
+        except (ArithmeticError, ValueError, OverflowError):
+            return None
+    out = float(out) if is_float(result_dtype(op, dtype)) else int(out)
+    if isinstance(out, float) and not math.isfinite(out):
+        return None
+    return out

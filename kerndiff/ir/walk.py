@@ -1,0 +1,109 @@
+"""Generic traversals of the IR: children, free variables, loads, rewriting."""
+from __future__ import annotations
+
+from . import nodes as N
+
+
+def expr_children(e):
+    if isinstance(e, N.Load):
+        return e.index
+    if isinstance(e, N.Call):
+        return e.args
+    return ()
+
+
+def iter_expr(e):
+    """Every subexpression of e (pre-order, with repeats)."""
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        yield x
+        stack.extend(expr_children(x))
+
+
+def vars_in(e):
+    return [x for x in iter_expr(e) if isinstance(x, N.Var)]
+
+
+def loads_in(e):
+    return [x for x in iter_expr(e) if isinstance(x, N.Load)]
+
+
+def expr_children_of_stmt(s):
+    """The expressions a statement evaluates (not those of nested blocks)."""
+    if isinstance(s, N.Assign):
+        return (s.value,)
+    if isinstance(s, (N.Store, N.Atomic)):
+        return tuple(s.index) + (s.value,)
+    if isinstance(s, (N.If, N.While)):
+        return (s.cond,)
+    if isinstance(s, N.For):
+        return tuple(b for pair in s.bounds for b in pair)
+    if isinstance(s, N.Return):
+        return tuple(s.values)
+    return ()
+
+
+def blocks_of(s):
+    if isinstance(s, N.If):
+        return (s.then, s.orelse)
+    if isinstance(s, (N.For, N.While)):
+        return (s.body,)
+    return ()
+
+
+def iter_stmts(stmts):
+    """Every statement, nested ones included (pre-order)."""
+    for s in stmts:
+        yield s
+        for b in blocks_of(s):
+            yield from iter_stmts(b)
+
+
+def assigned_names(stmts):
+    out = set()
+    for s in iter_stmts(stmts):
+        if isinstance(s, N.Assign):
+            out.add(s.name)
+        elif isinstance(s, N.For):
+            out.update(s.vars)
+    return out
+
+
+def used_names(stmts):
+    out = set()
+    for s in iter_stmts(stmts):
+        for e in expr_children_of_stmt(s):
+            out.update(v.name for v in vars_in(e))
+    return out
+
+
+def map_expr(e, fn):
+    """Rebuild e bottom-up, replacing each node x by fn(x) (fn sees already-rebuilt children)."""
+    from . import build as B
+
+    if isinstance(e, N.Load):
+        e = N.Load(e.dtype, e.ref, tuple(map_expr(i, fn) for i in e.index))
+    elif isinstance(e, N.Call):
+        args = tuple(map_expr(a, fn) for a in e.args)
+        if args != e.args:
+            e = B.cast(args[0], e.dtype) if e.op == "cast" else B.call(e.op, *args)
+    return fn(e)
+
+
+def substitute(e, mapping: dict):
+    """Replace Vars by expressions (mapping: name -> Expr)."""
+    if not mapping:
+        return e
+    return map_expr(e, lambda x: mapping.get(x.name, x) if isinstance(x, N.Var) else x)
+
+
+def rebuild_stmt(s, blocks):
+    """A copy of s with its nested blocks replaced."""
+    import dataclasses
+
+    if isinstance(s, N.If):
+        return dataclasses.replace(s, then=blocks[0], orelse=blocks[1])
+    if isinstance(s, (N.For, N.While)):
+        return dataclasses.replace(s, body=blocks[0])
+    return s

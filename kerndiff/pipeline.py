@@ -1,0 +1,39 @@
+"""The pipeline, in one direction: frontend -> (transform -> optimize)* -> IR for codegen."""
+from __future__ import annotations
+
+import dataclasses
+
+from .runtime.cache import CACHE
+
+
+def base_ir(kernel, templates):
+    from .frontend.lower import lower_kernel
+    from .opt import optimize
+
+    params, rdt = kernel.signature()
+    tkey = tuple((n, id(v)) for n, v in sorted(templates.items()))
+    key = ("base", id(kernel.root), tkey)
+    got = CACHE.get(key)
+    if got is None:
+        scalars = {n: d for n, d in params if d != "template"}
+        got = optimize(lower_kernel(kernel.fn, dict(templates), scalars, rdt))
+        CACHE[key] = (got, templates)
+        return got
+    return got[0]
+
+
+def transform(ir, step, level):
+    from .ad.forward import forward_kernel
+    from .ad.reverse import reverse_kernel
+    from .opt import optimize
+
+    fn = forward_kernel if step == "forward" else reverse_kernel
+    return optimize(fn(ir, level))
+
+
+def kernel_ir(kernel, templates):
+    ir = base_ir(kernel, templates)
+    for i, step in enumerate(kernel.path):
+        ir = transform(ir, step, kernel.level(i))
+    name = "_".join((kernel.__name__,) + kernel.path)
+    return dataclasses.replace(ir, name=name)

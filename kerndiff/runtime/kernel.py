@@ -1,0 +1,185 @@
+"""`@kd.kernel` objects: a Python function plus a transform path ('forward', 'reverse', ...).
+
+`k.forward`, `k.reverse` are Kernel objects again (memoized), so any composition is just a longer
+path. Calling one specializes the function on its template arguments, runs the pipeline
+(frontend -> transforms -> optimize -> codegen), compiles with Taichi and launches. Everything
+generated is cached per runtime; it is regenerated only when the set of derivative fields changed
+(the registry's version), because activity depends on which derivative fields exist.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+
+import taichi as ti
+
+from ..errors import KernDiffError
+from ..ir.types import from_taichi
+from .cache import CACHE
+from .registry import REGISTRY
+
+TIMINGS = {"transform": 0.0, "compile": 0.0}
+
+
+def _is_template(ann):
+    return type(ann).__name__ == "Template" or ann is ti.template
+
+
+class Kernel:
+    def __init__(self, fn, path=(), root=None):
+        self.fn = fn
+        self.path = tuple(path)
+        self.root = root or self
+        self._children = {}
+        self.__name__ = getattr(fn, "__name__", "kernel")
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self._signature = None
+        self._last_key = None
+
+    # ---------------------------------------------------------------- transforms
+    def _child(self, step):
+        k = self._children.get(step)
+        if k is None:
+            k = Kernel(self.fn, self.path + (step,), self.root)
+            self._children[step] = k
+        return k
+
+    @property
+    def forward(self):
+        """The forward-mode (dual/JVP) kernel: primal outputs and their tangents."""
+        return self._child("forward")
+
+    @property
+    def reverse(self):
+        """The reverse-mode (adjoint/VJP) kernel: accumulates adjoints of inputs."""
+        return self._child("reverse")
+
+    grad = reverse
+    backward = reverse
+
+    def level(self, step_index=None):
+        """Derivative level of the transform at path[step_index] (API.md §2)."""
+        path = self.path if step_index is None else self.path[: step_index + 1]
+        return sum(1 for s in path if s == path[-1]) if path else 0
+
+    def __repr__(self):
+        return f"<kerndiff kernel {self.__name__}{''.join('.' + p for p in self.path)}>"
+
+    # ---------------------------------------------------------------- signature
+    def signature(self):
+        if self._signature is None:
+            sig = inspect.signature(self.fn)
+            params = []
+            for p in sig.parameters.values():
+                ann = p.annotation
+                if ann is inspect.Parameter.empty:
+                    raise KernDiffError(f"parameter '{p.name}' of kernel {self.__name__} has no type annotation",
+                                        remedy="annotate it with ti.f32 / ti.f64 / ti.i32 / ti.template()")
+                if _is_template(ann):
+                    params.append((p.name, "template"))
+                else:
+                    try:
+                        params.append((p.name, from_taichi(ann)))
+                    except (KeyError, TypeError):
+                        raise KernDiffError(f"unsupported annotation {ann!r} of parameter '{p.name}'",
+                                            remedy="use ti.f32, ti.f64, ti.i32, float, int or ti.template()")
+            ret = sig.return_annotation
+            if ret is inspect.Signature.empty or ret is None:
+                rdt = None
+            elif isinstance(ret, tuple):
+                rdt = tuple(from_taichi(r) for r in ret)
+            else:
+                rdt = from_taichi(ret)
+            self._signature = (params, rdt)
+        return self._signature
+
+    def _bind(self, args, kwargs):
+        params, rdt = self.signature()
+        names = [p for p, _ in params]
+        if len(args) > len(names):
+            raise KernDiffError(f"{self.__name__} takes {len(names)} arguments, got {len(args)}",
+                                remedy="pass the primal kernel's arguments")
+        values = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names:
+                raise KernDiffError(f"{self.__name__} got an unexpected argument '{k}'",
+                                    remedy=f"its parameters are {names}")
+            values[k] = v
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise KernDiffError(f"{self.__name__} is missing arguments {missing}", remedy="pass every argument")
+        templates = {n: values[n] for n, d in params if d == "template"}
+        scalars = [(n, d, values[n]) for n, d in params if d != "template"]
+        return templates, scalars, rdt
+
+    # ---------------------------------------------------------------- pipeline
+    def ir(self, templates=None):
+        """The (transformed, optimized) IR of this kernel for the given template arguments."""
+        from ..pipeline import kernel_ir
+        templates = templates or {}
+        return kernel_ir(self, templates)
+
+    def _compiled(self, templates):
+        from ..codegen.load import compile_source, generate
+
+        REGISTRY.check_runtime()
+        tkey = tuple((n, id(v)) for n, v in sorted(templates.items()))
+        key = ("kernel", id(self.root), self.path, tkey)
+        entry = CACHE.get(key)
+        if entry is not None and entry["version"] == REGISTRY.version:
+            return entry
+        t0 = time.perf_counter()
+        ir = self.ir(templates)
+        fn_name = ir.name
+        src, g = generate(ir, fn_name)
+        TIMINGS["transform"] += time.perf_counter() - t0
+        skey = ("source", src, tuple(sorted((k, id(v)) for k, v in g.items())))
+        compiled = CACHE.get(skey)
+        if compiled is None:
+            compiled = compile_source(src, g, fn_name)
+            CACHE[skey] = compiled
+        entry = {"version": REGISTRY.version, "kernel": compiled, "source": src, "ir": ir,
+                 "keep": templates}
+        CACHE[key] = entry
+        self._last_key = key
+        return entry
+
+    @property
+    def source(self) -> str:
+        """The generated Taichi source of this kernel (for its last-used template arguments)."""
+        entry = CACHE.get(self._last_key) if self._last_key else None
+        if entry is None:
+            params, _ = self.signature()
+            if any(d == "template" for _, d in params):
+                raise KernDiffError(f"{self!r} has template parameters; call it once to generate its source",
+                                    remedy="call the kernel (or the transform) with its arguments first")
+            entry = self._compiled({})
+        return entry["source"]
+
+    def __call__(self, *args, cotangent=None, **kwargs):
+        templates, scalars, _ = self._bind(args, kwargs)
+        entry = self._compiled(templates)
+        ir = entry["ir"]
+        call_args = [v for _, _, v in scalars]
+        extra = [p for p in ir.params[len(call_args):]]
+        if extra:
+            cts = cotangent if isinstance(cotangent, (tuple, list)) else \
+                [1.0 if cotangent is None else cotangent] * len(extra)
+            if len(cts) != len(extra):
+                raise KernDiffError(f"{self!r} takes {len(extra)} cotangents, got {len(cts)}",
+                                    remedy="pass one cotangent per returned value")
+            call_args.extend(cts)
+        elif cotangent is not None:
+            raise KernDiffError(f"{self!r} returns nothing to seed with a cotangent",
+                                remedy="seed the adjoints of output fields instead")
+        t0 = time.perf_counter()
+        out = entry["kernel"](*call_args)
+        TIMINGS["compile"] += 0.0 * (time.perf_counter() - t0)
+        return out
+
+
+def kernel(fn):
+    """Decorator: a kerndiff kernel (primal, with .forward / .reverse derivative kernels)."""
+    if isinstance(fn, Kernel):
+        return fn
+    return Kernel(fn)

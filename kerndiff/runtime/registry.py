@@ -1,0 +1,160 @@
+"""Derivative fields (duals and adjoints) by level, and interned FieldRefs.
+
+Level 1 uses Taichi's own SNodes when the field was made with needs_dual / needs_grad, so
+`kd.dual(x) is x.dual` and `kd.adjoint(x) is x.grad`. Everything else is allocated lazily,
+zero-filled, with the primal's shape and dtype; several requests are placed in one SNode tree
+(`allocate_many`) so big programs stay far below Taichi's limit of 512 trees.
+
+`ti.init` / `ti.reset` start a new Taichi runtime whose fields and kernels are all new: the
+registry notices (it remembers the runtime object) and forgets everything it held.
+"""
+from __future__ import annotations
+
+import taichi as ti
+from taichi.lang import impl
+
+from ..errors import KernDiffError
+from ..ir.nodes import FieldRef
+from ..ir.types import from_taichi, is_float
+
+KINDS = ("dual", "adjoint")
+
+
+class Registry:
+    def __init__(self):
+        self._runtime = None
+        self._reset()
+
+    def _reset(self):
+        self.derived = {}      # (id(primal), kind, level) -> derivative field
+        self.keep = {}         # id -> field, keeps ids stable while we hold them
+        self.refs = {}         # (id(field), component) -> FieldRef
+        self.names = {}        # id(field) -> name hint
+        self.version = 0       # bumped whenever a derivative field appears
+        self.trees = []
+
+    def check_runtime(self):
+        rt = impl.get_runtime()
+        if rt is not self._runtime:
+            self._runtime = rt
+            self._reset()
+            from .cache import CACHE
+            CACHE.clear()
+
+    # ------------------------------------------------------------------ fields
+    def ref(self, field, component: tuple = (), name: str | None = None) -> FieldRef:
+        self.check_runtime()
+        key = (id(field), component)
+        r = self.refs.get(key)
+        if r is None:
+            if name is not None:
+                self.names.setdefault(id(field), name)
+            self.keep[id(field)] = field
+            r = FieldRef(field, component, self.names.get(id(field), "field"), field_dtype(field),
+                         tuple(field.shape))
+            self.refs[key] = r
+        return r
+
+    def name_of(self, field):
+        return self.names.get(id(field), "field")
+
+    def get(self, field, kind: str, level: int):
+        """The existing derivative field, or None."""
+        self.check_runtime()
+        got = self.derived.get((id(field), kind, level))
+        if got is not None:
+            return got
+        if level == 1:
+            native = getattr(field, "grad" if kind == "adjoint" else "dual", None)
+            if native is not None and _placed(native):
+                self._remember(field, kind, level, native)
+                return native
+        return None
+
+    def get_or_make(self, field, kind: str, level: int):
+        got = self.get(field, kind, level)
+        if got is None:
+            self.allocate_many([(field, kind, level)])
+            got = self.derived[(id(field), kind, level)]
+        return got
+
+    def allocate_many(self, requests):
+        """Allocate the missing derivative fields of `requests` in one SNode tree."""
+        self.check_runtime()
+        todo = []
+        for field, kind, level in requests:
+            if self.get(field, kind, level) is None and (id(field), kind, level) not in \
+                    {(id(f), k, l) for f, k, l in todo}:
+                if not is_float(field_dtype(field)):
+                    raise KernDiffError(f"a {kind} field was requested for a non-float field "
+                                        f"'{self.name_of(field)}'", remedy="only float fields have derivatives")
+                todo.append((field, kind, level))
+        if not todo:
+            return
+        fb = ti.FieldsBuilder()
+        for field, kind, level in todo:
+            new = _like(field)
+            shape = tuple(field.shape)
+            if shape:
+                fb.dense(_axes(len(shape)), shape).place(new)
+            else:
+                fb.place(new)
+            self._remember(field, kind, level, new)
+            base = self.name_of(field)
+            self.names.setdefault(id(new), derived_name(base, kind, level))
+        self.trees.append(fb.finalize())
+        self.version += 1
+
+    def scratch(self, key, dtype: str):
+        """A 0-d helper field owned by generated code (kept zero between launches)."""
+        self.check_runtime()
+        got = self.derived.get(key)
+        if got is None:
+            from ..ir.types import to_taichi
+            fb = ti.FieldsBuilder()
+            got = ti.field(to_taichi(dtype))
+            fb.place(got)
+            self.trees.append(fb.finalize())
+            self.derived[key] = got
+            self.keep[id(got)] = got
+        return got
+
+    def _remember(self, field, kind, level, deriv):
+        self.derived[(id(field), kind, level)] = deriv
+        self.keep[id(field)] = field
+        self.keep[id(deriv)] = deriv
+        self.names.setdefault(id(deriv), derived_name(self.name_of(field), kind, level))
+
+
+def derived_name(base: str, kind: str, level: int) -> str:
+    from ..ad.names import derivative_name
+
+    return derivative_name(base, kind, level)
+
+
+def field_dtype(field) -> str:
+    return from_taichi(field.dtype)
+
+
+def _placed(f) -> bool:
+    try:
+        return f.vars[0].ptr.snode() is not None
+    except Exception:
+        return False
+
+
+def _axes(n):
+    return [ti.i, ti.ij, ti.ijk, ti.ijkl][n - 1]
+
+
+def _like(field):
+    from taichi.lang.matrix import MatrixField
+
+    if isinstance(field, MatrixField):
+        if field.ndim == 1:
+            return ti.Vector.field(field.n, field.dtype)
+        return ti.Matrix.field(field.n, field.m, field.dtype)
+    return ti.field(field.dtype)
+
+
+REGISTRY = Registry()
