@@ -91,7 +91,7 @@ class Emitter:
             note = self.note(s)
             if note and note != last_note:
                 self.lines.append(f"{pad}# {note}")
-            last_note = note
+                last_note = note
             self.stmt(s, indent, path, i)
         if not stmts and not decls:
             self.lines.append(f"{pad}pass")

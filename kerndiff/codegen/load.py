@@ -55,6 +55,6 @@ def compile_source(src: str, g: dict, fn_name: str):
     digest = hashlib.sha1(src.encode()).hexdigest()[:10]
     filename = f"<kerndiff {fn_name} {digest}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
-    code = compile(src, filename, "exec")
+    code = compile(src, filename, "exec", dont_inherit=True)
     exec(code, g)
     return g[fn_name]

@@ -44,6 +44,12 @@ def lower_call(lw, fn, args, kwargs, node):
     if handler is not None:
         return handler(lw, node, args, kwargs)
     from ..funcs import DeviceFunction
+    from .. import api
+    if fn in (api.forward, api.grad, api.jvp, api.vjp, api.reverse, api.backward, api.func):
+        # Transform factories run at compile time: kd.grad(U)(r) inside a kernel.
+        if any(isinstance(a, (N.Expr, Vec)) for a in args):
+            raise lw.error(node, f"kd.{fn.__name__} takes a function, not a value", "write kd.grad(U)(r)")
+        return fn(*args, **kwargs)
     if isinstance(fn, DeviceFunction):
         return fn.lower_call(lw, args, node)
     if getattr(fn, "_is_taichi_function", False):

@@ -34,7 +34,11 @@ def call(op: str, *args: Expr) -> Expr:
     if op == "select":
         return select(*args)
     od = operand_dtype(op, [a.dtype for a in args])
-    args = tuple(cast(a, od) for a in args)
+    if op == "pow" and is_float(od) and not is_float(args[1].dtype):
+        # Keep integer exponents integral: x ** 2 stays exact (and defined for x < 0 on every backend).
+        args = (cast(args[0], od), args[1])
+    else:
+        args = tuple(cast(a, od) for a in args)
     dtype = result_dtype(op, od)
     if all(isinstance(a, Const) for a in args):
         v = fold(op, [a.value for a in args], od)
@@ -60,7 +64,11 @@ def _identity(op, args, dtype):
             return call("sub", a, b.args[0])
         if _is_neg(a):
             return call("sub", b, a.args[0])
+        if a == b and is_float(dtype):
+            return call("mul", a, const(2, dtype))
     elif op == "sub":
+        if a == b and is_float(dtype):
+            return const(0, dtype)
         if is_const(b, 0):
             return a
         if is_const(a, 0):

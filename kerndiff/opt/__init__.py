@@ -1,6 +1,21 @@
-"""Simplification after every transform: folding (in the smart constructors), CSE, DCE."""
+"""Simplification after every transform: folding (in the smart constructors), constant and copy
+propagation, dead-code elimination and CSE, iterated until the IR (not its text) stops changing."""
 from __future__ import annotations
+
+import dataclasses
+
+from .cse import cse
+from .dce import dce
+from .propagate import propagate
+
+MAX_ROUNDS = 6
 
 
 def optimize(ir):
-    return ir
+    for _ in range(MAX_ROUNDS):
+        before = ir
+        ir = propagate(ir)
+        ir = dataclasses.replace(ir, body=dce(ir.body))
+        if ir == before:
+            break
+    return cse(ir)

@@ -119,6 +119,19 @@ class Kernel:
         templates = templates or {}
         return kernel_ir(self, templates)
 
+    def fields(self, *args, **kwargs):
+        """(fields the primal writes, fields it only reads) for these arguments."""
+        from ..ad.activity import read_refs, written_fields
+        from ..pipeline import base_ir
+        templates, _, _ = self._bind(args, kwargs)
+        ir = base_ir(self.root, templates)
+        written = written_fields(ir.body)
+        read_ = []
+        for r in read_refs(ir.body):
+            if not any(r.field is f for f in written + read_):
+                read_.append(r.field)
+        return written, read_
+
     def _compiled(self, templates):
         from ..codegen.load import compile_source, generate
 
@@ -157,6 +170,14 @@ class Kernel:
         return entry["source"]
 
     def __call__(self, *args, cotangent=None, **kwargs):
+        from ..tape import intercept
+        redirected = intercept(self, args, kwargs)
+        if redirected is not None:
+            return redirected()
+        return self.launch(*args, cotangent=cotangent, **kwargs)
+
+    def launch(self, *args, cotangent=None, **kwargs):
+        """Run this kernel now (no Tape / FwdMode interception)."""
         templates, scalars, _ = self._bind(args, kwargs)
         entry = self._compiled(templates)
         ir = entry["ir"]
@@ -172,10 +193,7 @@ class Kernel:
         elif cotangent is not None:
             raise KernDiffError(f"{self!r} returns nothing to seed with a cotangent",
                                 remedy="seed the adjoints of output fields instead")
-        t0 = time.perf_counter()
-        out = entry["kernel"](*call_args)
-        TIMINGS["compile"] += 0.0 * (time.perf_counter() - t0)
-        return out
+        return entry["kernel"](*call_args)
 
 
 def kernel(fn):

@@ -1,0 +1,110 @@
+"""The public surface of API.md: decorators, derivative fields and the transform dispatchers.
+
+`kd.forward` and `kd.reverse`/`kd.backward` dispatch on what they are given: a kernel gives its
+derivative kernel, a kernel with inputs/output gives a host function (factories.py), a device
+function gives a device function (funcs.py).
+"""
+from __future__ import annotations
+
+from .errors import KernDiffError
+from .funcs import DeviceFunction, as_device_function, func
+from .runtime.kernel import Kernel, kernel
+from .runtime.registry import REGISTRY
+
+__all__ = ["kernel", "func", "dual", "adjoint", "forward", "reverse", "backward", "grad", "jvp", "vjp", "hvp"]
+
+
+def _check_field(f, what):
+    from .frontend.lower import is_field
+    if not is_field(f):
+        raise KernDiffError(f"{what} takes a Taichi field, got {type(f).__name__}",
+                            remedy="pass a field made with ti.field / ti.Vector.field / ti.Matrix.field")
+
+
+def dual(f, level: int = 1):
+    """The dual (tangent) field of f at `level` (Taichi's own `f.dual` at level 1 when present)."""
+    _check_field(f, "kd.dual")
+    return REGISTRY.get_or_make(f, "dual", int(level))
+
+
+def adjoint(f, level: int = 1):
+    """The adjoint (cotangent) field of f at `level` (Taichi's own `f.grad` at level 1 when present)."""
+    _check_field(f, "kd.adjoint")
+    return REGISTRY.get_or_make(f, "adjoint", int(level))
+
+
+def _device(fn, what):
+    d = as_device_function(fn)
+    if d is None:
+        raise KernDiffError(f"{what} takes a @kd.kernel, a @kd.func or a @ti.func, got {fn!r}",
+                            remedy="decorate the function with @kd.func (device) or @kd.kernel")
+    return d
+
+
+def _check_argnum(d, argnum, what):
+    if argnum is None:
+        return
+    n = d.arity()
+    if not isinstance(argnum, int) or not -n <= argnum < n:
+        raise KernDiffError(f"{what}: argnum={argnum!r} is out of range for a function of {n} argument(s)",
+                            remedy=f"use an argnum between 0 and {n - 1}")
+
+
+def forward(fn, argnum: int = 0, *, inputs=None, output=None, args=()):
+    """Forward mode: k.forward for a kernel, a JVP host function with inputs/output, or the
+    derivative device function of `fn` with respect to argument `argnum`."""
+    if isinstance(fn, Kernel):
+        if inputs is None and output is None:
+            return fn.forward
+        from .factories import ForwardFn
+        return ForwardFn(fn, inputs, output, args)
+    d = _device(fn, "kd.forward")
+    _check_argnum(d, argnum, "kd.forward")
+    if argnum < 0:
+        argnum += d.arity()
+    return DeviceFunction(kind="forward", inner=d, argnum=argnum)
+
+
+def reverse(fn, inputs=None, output=None, *, argnum=None, args=()):
+    """Reverse mode: k.reverse for a kernel, a gradient host function with inputs/output, or
+    kd.grad(fn) for a device function."""
+    if isinstance(fn, Kernel):
+        if inputs is None and output is None:
+            return fn.reverse
+        from .factories import BackwardFn
+        return BackwardFn(fn, inputs, output, args)
+    return grad(fn, argnum)
+
+
+backward = reverse
+
+
+def grad(fn, argnum=None):
+    """Reverse-mode gradient of a scalar-valued device function: a tuple with one entry per
+    argument (vector arguments get vector gradients), or one entry when argnum is given."""
+    if isinstance(fn, Kernel):
+        return fn.reverse
+    d = _device(fn, "kd.grad")
+    _check_argnum(d, argnum, "kd.grad")
+    if argnum is not None and argnum < 0:
+        argnum += d.arity()
+    return DeviceFunction(kind="grad", inner=d, argnum=argnum)
+
+
+def jvp(fn):
+    """`kd.jvp(fn)(*primals, *tangents) -> (out, out_tangent)` as a device function."""
+    return DeviceFunction(kind="jvp", inner=_device(fn, "kd.jvp"))
+
+
+def vjp(fn):
+    """`kd.vjp(fn)(*primals, cotangent) -> tuple of argument cotangents` as a device function."""
+    return DeviceFunction(kind="vjp", inner=_device(fn, "kd.vjp"))
+
+
+def hvp(fn, inputs, output, *, args=()):
+    """Host function computing Hessian-vector products H·v of output w.r.t. inputs via
+    forward(reverse(fn))."""
+    if not isinstance(fn, Kernel):
+        raise KernDiffError("kd.hvp takes a @kd.kernel", remedy="decorate the kernel with @kd.kernel")
+    from .factories import HvpFn
+    return HvpFn(fn, inputs, output, args)

@@ -1,0 +1,202 @@
+"""Host-side function factories over kernels (API.md §4): backward, forward (JVP) and HVP.
+
+Each call validates everything before any kernel runs, sets the inputs, clears what the kernels
+accumulate into (outputs, and the duals/adjoints involved), runs, and returns fresh numbers:
+Python floats for 0-d fields, numpy arrays otherwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import KernDiffError
+from .ir.types import from_taichi, is_float
+from .runtime.registry import REGISTRY
+
+
+def field_shape(f):
+    from taichi.lang.matrix import MatrixField
+    shape = tuple(f.shape)
+    if isinstance(f, MatrixField):
+        shape += (f.n,) if f.ndim == 1 else (f.n, f.m)
+    return shape
+
+
+def read(f):
+    if not field_shape(f):
+        return float(f[None])
+    return f.to_numpy().astype(np.float64)
+
+
+def write(f, value, what):
+    shape = field_shape(f)
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.shape != shape and not (arr.size == 1 and not shape):
+        raise KernDiffError(f"{what} has shape {arr.shape}, but its field has shape {shape}",
+                            remedy="pass a float for 0-d fields and an array of the field's shape otherwise")
+    if not shape:
+        f[None] = float(arr.reshape(()))
+    else:
+        f.from_numpy(arr.astype(f.to_numpy().dtype))
+
+
+def zero(f):
+    f.fill(0)
+
+
+class _Factory:
+    def __init__(self, kernel, inputs, output, args):
+        from .frontend.lower import is_field
+        if inputs is None or output is None:
+            raise KernDiffError("inputs and output are both needed", remedy="pass inputs=[fields...] and output=field")
+        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        for f in inputs + [output]:
+            if not is_field(f):
+                raise KernDiffError(f"inputs and output must be Taichi fields, got {type(f).__name__}",
+                                    remedy="pass fields made with ti.field / ti.Vector.field")
+        for f in inputs:
+            if not is_float(from_taichi(f.dtype)):
+                raise KernDiffError(f"input field of dtype {f.dtype} is not a float field; it has no derivative",
+                                    remedy="differentiate with respect to float fields only")
+        if not is_float(from_taichi(output.dtype)):
+            raise KernDiffError(f"output field of dtype {output.dtype} is not a float field",
+                                remedy="use a float output field")
+        self.kernel, self.inputs, self.output, self.args = kernel, inputs, output, tuple(args)
+
+    def _set_inputs(self, values):
+        for i, (f, v) in enumerate(zip(self.inputs, values)):
+            write(f, v, f"value {i}")
+
+    def _check_values(self, values, name):
+        if len(self.inputs) == 1 and not isinstance(values, (list, tuple)):
+            values = [values]
+        if not isinstance(values, (list, tuple)) or len(values) != len(self.inputs):
+            n = len(values) if isinstance(values, (list, tuple)) else 1
+            raise KernDiffError(f"{len(self.inputs)} input field(s) but {n} {name} were given",
+                                remedy=f"pass one entry of {name} per input field, in order")
+        for i, (f, v) in enumerate(zip(self.inputs, values)):
+            shape = field_shape(f)
+            arr = np.asarray(v, dtype=np.float64)
+            if arr.shape != shape and not (arr.size == 1 and not shape):
+                raise KernDiffError(f"{name} {i} has shape {arr.shape}, but its field has shape {shape}",
+                                    remedy="pass a float for 0-d fields and an array of the field's shape otherwise")
+        return list(values)
+
+    def _written(self):
+        written, _ = self.kernel.fields(*self.args)
+        return written
+
+    def _referenced(self):
+        written, read_ = self.kernel.fields(*self.args)
+        return [f for f in written + read_ if is_float(from_taichi(f.dtype))]
+
+    def _run_primal(self, values):
+        values = self._check_values(values, "values")
+        written = self._written()
+        for f in written:
+            if not any(f is i for i in self.inputs):
+                zero(f)
+        self._set_inputs(values)
+        self.kernel(*self.args)
+
+    def _cotangent(self, cotangent):
+        shape = field_shape(self.output)
+        if cotangent is None:
+            if shape:
+                raise KernDiffError(f"the output has shape {shape}, so a cotangent is needed",
+                                    remedy="call with cotangent=<array of the output's shape>")
+            return 1.0
+        arr = np.asarray(cotangent, dtype=np.float64)
+        if arr.shape != shape and not (arr.size == 1 and not shape):
+            raise KernDiffError(f"cotangent has shape {arr.shape}, but the output has shape {shape}",
+                                remedy="pass a cotangent of the output's shape")
+        return cotangent
+
+
+class BackwardFn(_Factory):
+    """values -> gradient of the output (seeded with `cotangent`) w.r.t. each input."""
+
+    def __call__(self, values, cotangent=None):
+        ct = self._cotangent(cotangent)
+        self._run_primal(values)
+        adjs = [REGISTRY.get_or_make(f, "adjoint", 1) for f in self.inputs]
+        out_adj = REGISTRY.get_or_make(self.output, "adjoint", 1)
+        for f in self._referenced():
+            a = REGISTRY.get(f, "adjoint", 1)
+            if a is not None:
+                zero(a)
+        for a in adjs:
+            zero(a)
+        write(out_adj, ct, "cotangent")
+        self.kernel.reverse(*self.args)
+        return [read(a) for a in adjs]
+
+
+class ForwardFn(_Factory):
+    """values[, tangents] -> directional derivative of the output (one pass per input without
+    tangents: the derivative along that input's all-ones direction)."""
+
+    def __call__(self, values, tangents=None):
+        values = self._check_values(values, "values")
+        if tangents is not None:
+            tangents = self._check_values(tangents, "tangents")
+            return self._pass(values, tangents)
+        out = []
+        for k, f in enumerate(self.inputs):
+            t = [np.zeros(field_shape(g)) if field_shape(g) else 0.0 for g in self.inputs]
+            t[k] = np.ones(field_shape(f)) if field_shape(f) else 1.0
+            out.append(self._pass(values, t))
+        return out
+
+    def _pass(self, values, tangents):
+        duals = [REGISTRY.get_or_make(f, "dual", 1) for f in self.inputs]
+        out_dual = REGISTRY.get_or_make(self.output, "dual", 1)
+        written = self._written()
+        for f in written:
+            if not any(f is i for i in self.inputs):
+                zero(f)
+            d = REGISTRY.get(f, "dual", 1)
+            if d is not None:
+                zero(d)
+        self._set_inputs(values)
+        for d, t in zip(duals, tangents):
+            write(d, t, "tangent")
+        self.kernel.forward(*self.args)
+        return read(out_dual)
+
+
+class HvpFn(_Factory):
+    """values, tangents -> H·v of the (scalar, or cotangent-weighted) output w.r.t. the inputs,
+    by forward(reverse(kernel))."""
+
+    def __call__(self, values, tangents, cotangent=None):
+        values = self._check_values(values, "values")
+        tangents = self._check_values(tangents, "tangents")
+        ct = self._cotangent(cotangent)
+        # Primal and tangents of every result (the reverse-forward kernel reads both).
+        duals = [REGISTRY.get_or_make(f, "dual", 1) for f in self.inputs]
+        written = self._written()
+        for f in written:
+            if not any(f is i for i in self.inputs):
+                zero(f)
+            d = REGISTRY.get(f, "dual", 1)
+            if d is not None:
+                zero(d)
+        self._set_inputs(values)
+        for d, t in zip(duals, tangents):
+            write(d, t, "tangent")
+        self.kernel.forward(*self.args)
+        adjs = [REGISTRY.get_or_make(f, "adjoint", 1) for f in self.inputs]
+        out_adj = REGISTRY.get_or_make(self.output, "adjoint", 1)
+        for f in self._referenced():
+            a = REGISTRY.get(f, "adjoint", 1)
+            if a is not None:
+                zero(a)
+                da = REGISTRY.get(a, "dual", 1)
+                if da is not None:
+                    zero(da)
+        hv = [REGISTRY.get_or_make(a, "dual", 1) for a in adjs]
+        for h in hv:
+            zero(h)
+        write(out_adj, ct, "cotangent")
+        self.kernel.reverse.forward(*self.args)
+        return [read(h) for h in hv]

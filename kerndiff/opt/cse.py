@@ -1,0 +1,175 @@
+"""Common-subexpression elimination within each block.
+
+Repeated subexpressions (same expression, same versions of the locals and fields it reads) are
+computed once into a temporary `t1 = ...` placed before their first use. Besides speed, this is
+what keeps nested derivatives readable and small: forward(forward(f)) repeats f's partials.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..ir import nodes as N
+from ..ir.walk import assigned_names, blocks_of, expr_children, iter_stmts, rebuild_stmt
+
+CHEAP = {"neg", "cast"}
+
+
+def _size(e, limit=3):
+    n, stack = 0, [e]
+    while stack and n < limit:
+        x = stack.pop()
+        n += 1
+        stack.extend(expr_children(x))
+    return n
+
+
+def _candidate(e):
+    return isinstance(e, N.Call) and (e.op not in CHEAP or _size(e) >= 3) and e.op != "select" or \
+        (isinstance(e, N.Call) and e.op == "select" and _size(e) >= 4)
+
+
+def _deps(e, memo):
+    got = memo.get(id(e))
+    if got is None:
+        vs, fs = set(), set()
+        if isinstance(e, N.Var):
+            vs.add(e.name)
+        elif isinstance(e, N.Load):
+            fs.add(id(e.ref.field))
+        for c in expr_children(e):
+            cv, cf = _deps(c, memo)
+            vs |= cv
+            fs |= cf
+        got = (frozenset(vs), frozenset(fs), e)
+        memo[id(e)] = got
+    return got[0], got[1]
+
+
+def _writes(s):
+    names, fields = set(), set()
+    if isinstance(s, N.Assign):
+        names.add(s.name)
+    if isinstance(s, (N.Store, N.Atomic)):
+        fields.add(id(s.ref.field))
+    for b in blocks_of(s):
+        names |= assigned_names(b)
+        for x in iter_stmts(b):
+            if isinstance(x, (N.Store, N.Atomic)):
+                fields.add(id(x.ref.field))
+    return names, fields
+
+
+def _exprs(s):
+    from ..ir.walk import expr_children_of_stmt
+    return expr_children_of_stmt(s)
+
+
+class CSE:
+    def __init__(self, names):
+        self.names = names
+        self.memo = {}
+        self.counter = 0
+
+    def fresh(self):
+        while True:
+            self.counter += 1
+            name = f"t{self.counter}"
+            if name not in self.names.taken:
+                self.names.taken.add(name)
+                return name
+
+    def block(self, stmts):
+        version = {}
+
+        def key(e):
+            vs, fs = _deps(e, self.memo)
+            return (e, tuple(sorted((v, version.get(v, 0)) for v in vs)),
+                    tuple(sorted((f, version.get(("f", f), 0)) for f in fs)))
+
+        def count(e, counts):
+            if _candidate(e):
+                k = key(e)
+                counts[k] = counts.get(k, 0) + 1
+                if counts[k] > 1:
+                    return  # children already counted with the first occurrence
+            for c in expr_children(e):
+                count(c, counts)
+
+        counts = {}
+        for s in stmts:
+            for e in _exprs(s):
+                count(e, counts)
+            names, fields = _writes(s)
+            for n in names:
+                version[n] = version.get(n, 0) + 1
+            for f in fields:
+                version[("f", f)] = version.get(("f", f), 0) + 1
+
+        version.clear()
+        avail = {}
+        out = []
+        for s in stmts:
+            pre = []
+
+            def rewrite(e):
+                if _candidate(e):
+                    k = key(e)
+                    if k in avail:
+                        return avail[k]
+                    if counts.get(k, 0) > 1:
+                        new = self._rebuild(e, rewrite)
+                        t = self.fresh()
+                        pre.append(N.Assign(t, new, src=s.src, tag=s.tag))
+                        avail[k] = N.Var(e.dtype, t)
+                        return avail[k]
+                return self._rebuild(e, rewrite)
+
+            s2 = self._rewrite_stmt(s, rewrite)
+            names, fields = _writes(s)
+            for n in names:
+                version[n] = version.get(n, 0) + 1
+            for f in fields:
+                version[("f", f)] = version.get(("f", f), 0) + 1
+            if names or fields:
+                avail = {k: v for k, v in avail.items()
+                         if not (set(n for n, _ in k[1]) & names or set(f for f, _ in k[2]) & fields)}
+            blocks = blocks_of(s2)
+            if blocks:
+                s2 = rebuild_stmt(s2, [tuple(self.block(b)) for b in blocks])
+            out.extend(pre)
+            out.append(s2)
+        return out
+
+    @staticmethod
+    def _rebuild(e, rewrite):
+        from ..ir import build as B
+        if isinstance(e, N.Load):
+            return N.Load(e.dtype, e.ref, tuple(rewrite(i) for i in e.index))
+        if isinstance(e, N.Call):
+            args = tuple(rewrite(a) for a in e.args)
+            if e.op == "cast":
+                return B.cast(args[0], e.dtype)
+            return N.Call(e.dtype, e.op, args)
+        return e
+
+    @staticmethod
+    def _rewrite_stmt(s, rewrite):
+        if isinstance(s, N.Assign):
+            return dataclasses.replace(s, value=rewrite(s.value))
+        if isinstance(s, (N.Store, N.Atomic)):
+            return dataclasses.replace(s, index=tuple(rewrite(i) for i in s.index), value=rewrite(s.value))
+        if isinstance(s, N.If):
+            return dataclasses.replace(s, cond=rewrite(s.cond))
+        if isinstance(s, N.For):
+            return dataclasses.replace(s, bounds=tuple((rewrite(a), rewrite(b)) for a, b in s.bounds))
+        if isinstance(s, N.Return):
+            return dataclasses.replace(s, values=tuple(rewrite(v) for v in s.values))
+        return s  # While conditions are re-evaluated each trip: leave them alone
+
+
+def cse(ir: N.KernelIR) -> N.KernelIR:
+    from ..ad.names import NameAllocator
+    from ..ir.walk import used_names
+
+    names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
+    return dataclasses.replace(ir, body=tuple(CSE(names).block(ir.body)))

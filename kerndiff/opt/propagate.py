@@ -1,0 +1,119 @@
+"""Constant and copy propagation.
+
+A local assigned exactly once, with a constant or with another local that is itself never
+reassigned afterwards, is replaced by that value wherever its assignment dominates the use (in
+structured code: later in the same block, or inside a later statement's nested blocks).
+Reverse mode produces many such copies (SSA merges, zero-initialized adjoints that nothing
+accumulates into); folding them lets the smart constructors collapse `0 * x` chains.
+"""
+from __future__ import annotations
+
+from ..ir import nodes as N
+from ..ir.walk import blocks_of, expr_children_of_stmt, rebuild_stmt, substitute, vars_in
+
+
+def _positions(body):
+    """name -> list of ('def'|'use', path) where path is ((index, branch), ..., index)."""
+    occ = {}
+
+    def walk(stmts, prefix):
+        for i, s in enumerate(stmts):
+            here = prefix + (i,)
+            for e in expr_children_of_stmt(s):
+                for v in vars_in(e):
+                    occ.setdefault(v.name, []).append(("use", here))
+            if isinstance(s, N.Assign):
+                occ.setdefault(s.name, []).append(("def", here))
+            if isinstance(s, N.For):
+                for v in s.vars:
+                    occ.setdefault(v, []).append(("loop", here))
+            for b, blk in enumerate(blocks_of(s)):
+                walk(blk, prefix + ((i, b),))
+    walk(body, ())
+    return occ
+
+
+def _dominates(d, u):
+    """Does the statement at path d run before, and on every path to, the one at path u?"""
+    *dpre, di = d
+    if len(u) <= len(dpre) or tuple(u[:len(dpre)]) != tuple(dpre):
+        return False
+    nxt = u[len(dpre)]
+    idx = nxt[0] if isinstance(nxt, tuple) else nxt
+    return idx > di
+
+
+def _find_assign(body, path):
+    stmts = body
+    for step in path[:-1]:
+        i, b = step
+        stmts = blocks_of(stmts[i])[b]
+    return stmts[path[-1]]
+
+
+def propagate(ir: N.KernelIR) -> N.KernelIR:
+    import dataclasses
+
+    occ = _positions(ir.body)
+    params = {p.name for p in ir.params}
+    defs = {n: [p for k, p in o if k == "def"] for n, o in occ.items()}
+    mapping = {}
+    for name, o in occ.items():
+        ds = defs.get(name, [])
+        if len(ds) != 1 or name in params or any(k == "loop" for k, _ in o):
+            continue
+        s = _find_assign(ir.body, ds[0])
+        value = s.value
+        if isinstance(value, N.Var):
+            src = value.name
+            if len(defs.get(src, [])) > 1:
+                continue
+            if defs.get(src) and not _dominates(defs[src][0], ds[0]):
+                continue
+        elif not isinstance(value, N.Const):
+            continue
+        uses = [p for k, p in o if k == "use"]
+        if all(_dominates(ds[0], u) for u in uses):
+            mapping[name] = value
+    if not mapping:
+        return ir
+    # Resolve chains a -> b -> c.
+    changed = True
+    while changed:
+        changed = False
+        for k, v in list(mapping.items()):
+            if isinstance(v, N.Var) and v.name in mapping:
+                mapping[k] = mapping[v.name]
+                changed = True
+    body = _rewrite(ir.body, mapping)
+    return dataclasses.replace(ir, body=body)
+
+
+def _rewrite(stmts, mapping):
+    import dataclasses
+
+    out = []
+    for s in stmts:
+        if isinstance(s, N.Assign):
+            if s.name in mapping:
+                continue
+            s = dataclasses.replace(s, value=substitute(s.value, mapping))
+            if isinstance(s.value, N.Var) and s.value.name == s.name:
+                continue
+        elif isinstance(s, (N.Store, N.Atomic)):
+            s = dataclasses.replace(s, index=tuple(substitute(i, mapping) for i in s.index),
+                                    value=substitute(s.value, mapping))
+        elif isinstance(s, (N.If, N.While)):
+            s = dataclasses.replace(s, cond=substitute(s.cond, mapping))
+        elif isinstance(s, N.For):
+            s = dataclasses.replace(s, bounds=tuple((substitute(a, mapping), substitute(b, mapping))
+                                                    for a, b in s.bounds))
+        elif isinstance(s, N.Return):
+            s = dataclasses.replace(s, values=tuple(substitute(v, mapping) for v in s.values))
+        blocks = blocks_of(s)
+        if blocks:
+            s = rebuild_stmt(s, [_rewrite(b, mapping) for b in blocks])
+        if isinstance(s, N.Atomic) and s.op == "add" and isinstance(s.value, N.Const) and s.value.value == 0:
+            continue
+        out.append(s)
+    return tuple(out)

@@ -1,0 +1,157 @@
+"""Multi-kernel programs: kd.Tape (reverse over a recorded sequence) and kd.FwdMode.
+
+The Tape records the kerndiff kernels launched inside it. Reverse kernels read primal values from
+fields, so a later kernel that overwrites a field an earlier one read would corrupt the earlier
+reverse pass; the Tape therefore snapshots, before each launch, the fields the kernel writes that
+an earlier recorded kernel read or wrote, and restores them while it walks back. Memory cost: one
+copy of each such field per launch that overwrites it (nothing for kernels writing fresh fields).
+After the reverse pass, the fields hold the forward results again, as after a plain run.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import KernDiffError
+from .ir.types import from_taichi, is_float
+from .runtime.registry import REGISTRY
+
+_ACTIVE = []
+
+
+def intercept(kernel, args, kwargs):
+    """Called by every kernel launch: a Tape records it, a FwdMode turns it into its forward."""
+    if not _ACTIVE or kernel.path:
+        return None
+    ctx = _ACTIVE[-1]
+    return ctx.launch(kernel, args, kwargs)
+
+
+def _snapshot(f):
+    return f.to_numpy()
+
+
+def _restore(f, arr):
+    f.from_numpy(arr)
+
+
+def _zero(f):
+    f.fill(0)
+
+
+class Tape:
+    """Like ti.ad.Tape: `with kd.Tape(loss): ...` then read adjoints (kd.adjoint(x) / x.grad)."""
+
+    def __init__(self, loss=None, clear_gradients=True):
+        self.loss = loss
+        self.clear_gradients = clear_gradients
+        self.records = []  # (kernel, args, kwargs, {id(field): (field, snapshot before launch)})
+        self.touched = {}  # id(field) -> field read or written by an earlier recorded kernel
+
+    def __enter__(self):
+        if _ACTIVE:
+            raise KernDiffError("kd.Tape / kd.FwdMode cannot be nested",
+                                remedy="finish the outer context first")
+        if self.clear_gradients:
+            clear_adjoints()
+        if self.loss is not None:
+            _zero(self.loss)
+        _ACTIVE.append(self)
+        return self
+
+    def launch(self, kernel, args, kwargs):
+        def run():
+            written, read_ = kernel.fields(*args, **kwargs)
+            saved = {}
+            for f in written:
+                if id(f) in self.touched:
+                    saved[id(f)] = (f, _snapshot(f))
+            out = kernel.launch(*args, **kwargs)
+            for f in written + read_:
+                self.touched[id(f)] = f
+            self.records.append((kernel, args, kwargs, saved))
+            return out
+        return run
+
+    def __exit__(self, exc_type, exc, tb):
+        _ACTIVE.pop()
+        if exc_type is not None:
+            return False
+        if self.loss is None:
+            return False
+        # Every field a recorded kernel writes carries an adjoint, flags or not.
+        requests = []
+        for kernel, args, kwargs, _ in self.records:
+            written, _ = kernel.fields(*args, **kwargs)
+            requests += [(f, "adjoint", 1) for f in written if is_float(from_taichi(f.dtype))]
+        REGISTRY.allocate_many(requests)
+        loss_adj = REGISTRY.get_or_make(self.loss, "adjoint", 1)
+        if tuple(self.loss.shape):
+            raise KernDiffError("the Tape's loss must be a 0-d field", remedy="reduce the loss into loss[None]")
+        loss_adj[None] = 1.0
+        final = {i: (f, _snapshot(f)) for rec in self.records for i, (f, _) in rec[3].items()}
+        for kernel, args, kwargs, saved in reversed(self.records):
+            kernel.reverse.launch(*args, **kwargs)
+            for f, arr in saved.values():
+                _restore(f, arr)
+        for f, arr in final.values():
+            _restore(f, arr)
+        return False
+
+    def grad(self):
+        raise KernDiffError("use the adjoint fields after the with-block", remedy="read kd.adjoint(x) or x.grad")
+
+
+def clear_adjoints(level=1):
+    """Zero every level-`level` adjoint field known to Taichi (needs_grad) or to kerndiff."""
+    import taichi as ti
+    try:
+        ti.ad.clear_all_gradients()
+    except Exception:
+        pass
+    for key, f in list(REGISTRY.derived.items()):
+        if len(key) == 3 and key[1] == "adjoint" and key[2] == level:
+            _zero(f)
+
+
+class FwdMode:
+    """Like ti.ad.FwdMode: kernels launched inside run their forward (dual) kernel."""
+
+    def __init__(self, loss, param, seed=None, clear_gradients=True):
+        self.loss = loss if isinstance(loss, (list, tuple)) else [loss]
+        self.param = param
+        self.seed = seed
+        self.clear_gradients = clear_gradients
+
+    def __enter__(self):
+        if _ACTIVE:
+            raise KernDiffError("kd.Tape / kd.FwdMode cannot be nested", remedy="finish the outer context first")
+        from .factories import field_shape
+        dual = REGISTRY.get_or_make(self.param, "dual", 1)
+        shape = field_shape(self.param)
+        if self.seed is None:
+            if shape:
+                raise KernDiffError("a seed is needed for a non-scalar param",
+                                    remedy="pass seed=[...] with one entry per element")
+            seed = np.ones(())
+        else:
+            seed = np.asarray(self.seed, dtype=np.float64)
+            if seed.size != int(np.prod(shape)):
+                raise KernDiffError(f"the seed has {seed.size} entries but the param has {int(np.prod(shape))}",
+                                    remedy="pass one seed entry per element of the param")
+            seed = seed.reshape(shape)
+        if shape:
+            dual.from_numpy(seed.astype(dual.to_numpy().dtype))
+        else:
+            dual[None] = float(seed)
+        if self.clear_gradients:
+            for f in self.loss:
+                _zero(REGISTRY.get_or_make(f, "dual", 1))
+        _ACTIVE.append(self)
+        return self
+
+    def launch(self, kernel, args, kwargs):
+        return lambda: kernel.forward.launch(*args, **kwargs)
+
+    def __exit__(self, exc_type, exc, tb):
+        _ACTIVE.pop()
+        return False

@@ -1,0 +1,101 @@
+"""Gradient checking, shipped for users: reverse vs forward vs central finite differences.
+
+Along a few random directions v (seeded) and with a random output cotangent w:
+    finite differences   (⟨w, f(x + εv)⟩ − ⟨w, f(x − εv)⟩) / 2ε        in float64
+    forward mode         ⟨w, J·v⟩                    (k.forward)
+    reverse mode         ⟨Jᵀ·w, v⟩                   (k.reverse)       — the dot-product test
+and with order=2 also H·v from forward(reverse) against finite differences of the gradient.
+Inputs are restored afterwards. A mismatch raises AssertionError with a table of the worst rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .factories import BackwardFn, ForwardFn, HvpFn, field_shape, read, write
+from .ir.types import from_taichi
+
+TOLERANCES = {  # dtype -> (eps, rtol, atol)
+    "f64": (1e-6, 1e-5, 1e-8),
+    "f32": (1e-2, 3e-2, 1e-3),
+    "f16": (1e-1, 1e-1, 1e-1),
+}
+
+
+def _defaults(inputs, output, eps, rtol, atol):
+    dts = [from_taichi(f.dtype) for f in list(inputs) + [output]]
+    worst = "f64" if all(d == "f64" for d in dts) else ("f16" if "f16" in dts else "f32")
+    e, r, a = TOLERANCES[worst]
+    return (e if eps is None else eps), (r if rtol is None else rtol), (a if atol is None else atol)
+
+
+def _shape_like(f, rng):
+    shape = field_shape(f)
+    return rng.standard_normal(shape) if shape else float(rng.standard_normal())
+
+
+def _dot(a, b):
+    return float(np.sum(np.asarray(a, dtype=np.float64) * np.asarray(b, dtype=np.float64)))
+
+
+def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(), directions=3, order=1,
+               seed=0):
+    """Compare reverse mode, forward mode and central finite differences; return the max error."""
+    inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    eps, rtol, atol = _defaults(inputs, output, eps, rtol, atol)
+    rng = np.random.default_rng(seed)
+    x0 = [read(f) for f in inputs]
+    w = _shape_like(output, rng)
+    bwd = BackwardFn(kernel, inputs, output, args)
+    fwd = ForwardFn(kernel, inputs, output, args)
+    rows = []
+    try:
+        grad = bwd(x0, cotangent=w if field_shape(output) else None)
+        wscale = w if field_shape(output) else 1.0
+
+        def objective(xs):
+            bwd._run_primal(xs)
+            return _dot(wscale, read(output))
+
+        for d in range(directions):
+            v = [_shape_like(f, rng) for f in inputs]
+            plus = [x + eps * t for x, t in zip(x0, v)]
+            minus = [x - eps * t for x, t in zip(x0, v)]
+            fd = (objective(plus) - objective(minus)) / (2 * eps)
+            fw = _dot(wscale, fwd(x0, tangents=v))
+            rv = sum(_dot(g, t) for g, t in zip(grad, v))
+            rows.append((f"direction {d}", fd, fw, rv))
+        if order >= 2:
+            hvp = HvpFn(kernel, inputs, output, args)
+            for d in range(directions):
+                v = [_shape_like(f, rng) for f in inputs]
+                u = [_shape_like(f, rng) for f in inputs]
+                hv = hvp(x0, v, cotangent=w if field_shape(output) else None)
+                plus = bwd([x + eps * t for x, t in zip(x0, v)], cotangent=w if field_shape(output) else None)
+                minus = bwd([x - eps * t for x, t in zip(x0, v)], cotangent=w if field_shape(output) else None)
+                fd = sum(_dot((p - m) / (2 * eps), uu) for p, m, uu in zip(plus, minus, u))
+                an = sum(_dot(h, uu) for h, uu in zip(hv, u))
+                rows.append((f"H·v direction {d}", fd, an, an))
+    finally:
+        for f, x in zip(inputs, x0):
+            write(f, x, "restored input")
+    return _report(rows, rtol, atol)
+
+
+def _report(rows, rtol, atol):
+    errs = []
+    for name, fd, fw, rv in rows:
+        scale = max(abs(fd), abs(fw), abs(rv), 1.0)
+        err = max(abs(fw - fd), abs(rv - fd), abs(fw - rv)) / scale
+        bad = not (np.isclose(fw, fd, rtol=rtol, atol=atol) and np.isclose(rv, fd, rtol=rtol, atol=atol)
+                   and np.isclose(fw, rv, rtol=rtol, atol=atol))
+        if not all(np.isfinite([fd, fw, rv])):
+            bad, err = True, float("inf")
+        errs.append((err, bad, name, fd, fw, rv))
+    worst = max(e[0] for e in errs) if errs else 0.0
+    if any(e[1] for e in errs):
+        lines = [f"kd.check_grad: derivatives disagree (rtol={rtol}, atol={atol})",
+                 f"{'check':<18} {'finite diff':>16} {'forward':>16} {'reverse':>16} {'rel err':>10}"]
+        for err, bad, name, fd, fw, rv in sorted(errs, key=lambda e: -e[0])[:10]:
+            lines.append(f"{name:<18} {fd:16.8g} {fw:16.8g} {rv:16.8g} {err:10.2e}{'  <-' if bad else ''}")
+        raise AssertionError("\n".join(lines))
+    return worst
