@@ -100,13 +100,39 @@ def lower_for(lw, node):
     else:
         for t, v in zip(targets, loop_vars):
             lw.scope[t] = Local([v], None, ["i32"])
+    saved_frame = lw.reduction_frame
+    if parallel:
+        lw.reduction_frame = {"outer": {n: v for n, v in lw.scope.items() if isinstance(v, Local)}, "fields": {}}
     for s in node.body:
         lw.stmt(s)
     body = tuple(lw.blocks.pop())
+    frame, lw.reduction_frame = lw.reduction_frame, saved_frame
     lw.depth -= 1
     lw.loop_depth -= 0 if parallel and not serialize else 1
+    reductions = frame["fields"].items() if parallel else ()
+    for (name, dtype), ref in reductions:  # a top-level local reduced in the loop lives in a 0-d field
+        lw.emit(N.Store(ref, (), B.var(name, dtype), src=lw.loc(node)))
     lw.emit(N.For(tuple(header_vars), tuple(bounds), body, parallel=parallel, serialize=serialize,
                   src=lw.loc(node)))
+    for (name, dtype), ref in reductions:
+        lw.emit(N.Assign(name, B.load(ref, ()), src=lw.loc(node)))
+
+
+def reduction_field(lw, name, dtype):
+    """The 0-d field standing in for top-level local `name` reduced (+=) inside a parallel loop.
+
+    Taichi turns such a local into a global temporary and its += into an atomic add; kerndiff makes
+    that explicit so that every transform sees an ordinary field.
+    """
+    from ..runtime.registry import REGISTRY
+    frame = lw.reduction_frame
+    ref = frame["fields"].get((name, dtype))
+    if ref is None:
+        fn = lw.src.fn
+        key = ("reduce", fn.__module__, fn.__qualname__, name, dtype)
+        ref = REGISTRY.ref(REGISTRY.scratch(key, dtype), (), name + "_sum")
+        frame["fields"][(name, dtype)] = ref
+    return ref
 
 
 def _is_static_iter(node):

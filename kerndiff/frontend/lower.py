@@ -74,6 +74,7 @@ class Lowerer:
         self.depth = 0 if parent is None else parent.depth
         self.loop_depth = 0 if parent is None else parent.loop_depth
         self.serialize_next = False
+        self.reduction_frame = None
         fn = src.fn
         self.globals = dict(getattr(fn, "__globals__", {}))
         if getattr(fn, "__closure__", None):
@@ -286,7 +287,19 @@ class Lowerer:
                 pass
         self.assign(node.target, value, node)
 
+    def outer_local(self, name):
+        """The Local bound outside the enclosing parallel loop, if `name` is one."""
+        frame = self.reduction_frame
+        if frame is None:
+            return None
+        local = frame["outer"].get(name)
+        return local if local is not None and self.scope.get(name) is local else None
+
     def assign(self, target, value, node):
+        if isinstance(target, ast.Name) and self.outer_local(target.id) is not None:
+            raise self.error(node, f"'{target.id}' is defined outside this parallel loop and cannot be "
+                                   "assigned inside it (iterations run in parallel)",
+                             "reduce into it with +=, or use a local defined inside the loop")
         if isinstance(target, ast.Name):
             self.bind_local(target.id, value, node)
         elif isinstance(target, (ast.Tuple, ast.List)):
@@ -352,6 +365,18 @@ class Lowerer:
                              "write it out: a = a op b")
         value = self.expr(node.value)
         t = node.target
+        if isinstance(t, ast.Name) and self.outer_local(t.id) is not None:
+            if op not in ("add", "sub"):
+                raise self.error(node, f"'{t.id}' is defined outside this parallel loop; only += and -= "
+                                       "(atomic reductions) may update it here",
+                                 "accumulate with += / -=, or use a field")
+            from .loops import reduction_field
+            local = self.outer_local(t.id)
+            items = value.items if isinstance(value, Vec) else [self.scalar(value, node)] * len(local.names)
+            for n, d, e in zip(local.names, local.dtypes, items):
+                e = B.neg(e) if op == "sub" else e
+                self.emit(N.Atomic("add", reduction_field(self, n, d), (), B.cast(e, d), src=self.loc(node)))
+            return
         if isinstance(t, ast.Subscript) and is_field(self.expr(t.value)):
             if op in ("add", "sub"):
                 if op == "sub":

@@ -193,7 +193,8 @@ class Kernel:
         elif cotangent is not None:
             raise KernDiffError(f"{self!r} returns nothing to seed with a cotangent",
                                 remedy="seed the adjoints of output fields instead")
-        return entry["kernel"](*call_args)
+        out = entry["kernel"](*call_args)
+        return tuple(out) if isinstance(out, list) else out
 
 
 def kernel(fn):

@@ -1,0 +1,230 @@
+"""A corpus of kernels crossed with transform paths, each against central finite differences in f64.
+
+For a path p = (…, last), the kernel K = k.<p without last> is checked in mode `last`: K.forward
+against finite differences of K, K.reverse by the dot-product test. So `reverse.forward` checks
+the Hessian-vector kernel against finite differences of the reverse kernel.
+"""
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+from harness import check
+
+PATHS = ["forward", "reverse", "reverse.forward", "forward.forward", "forward.reverse"]
+N = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runtime():
+    ti.init(arch=ti.cpu, default_fp=ti.f64, random_seed=0)
+    yield
+    ti.reset()
+
+
+def build_corpus():
+    rng = np.random.default_rng(1)
+    corpus = {}
+
+    # --- elementwise math -------------------------------------------------------------------
+    x = ti.field(ti.f64, shape=N)
+    y = ti.field(ti.f64, shape=N)
+    out = ti.field(ti.f64, shape=())
+    x.from_numpy(rng.uniform(0.3, 0.9, N))
+    y.from_numpy(rng.uniform(0.3, 0.9, N))
+
+    @kd.kernel
+    def elementwise():
+        for i in x:
+            a = ti.sin(x[i]) * ti.exp(y[i]) + ti.log(1.0 + x[i] ** 2) / ti.sqrt(y[i])
+            b = ti.tanh(a) + ti.atan2(x[i], y[i]) + ti.cos(x[i] * y[i]) ** 3 + ti.tan(0.5 * x[i])
+            c = ti.asin(0.5 * x[i]) + ti.acos(0.4 * y[i]) + ti.rsqrt(x[i] + 1.0) + ti.abs(x[i] - y[i])
+            d = ti.max(x[i], y[i]) * ti.min(x[i], 0.5) + x[i] ** y[i] + (x[i] % 0.25) + ti.floor(3 * x[i])
+            out[None] += a * b + c * d
+
+    corpus["elementwise"] = (elementwise, ())
+
+    # --- mass-spring energy: gather/scatter on Vector fields --------------------------------
+    P, S = 5, 7
+    pos = ti.Vector.field(2, ti.f64, shape=P)
+    ends = ti.Vector.field(2, ti.i32, shape=S)
+    rest = ti.field(ti.f64, shape=S)
+    energy = ti.field(ti.f64, shape=())
+    pos.from_numpy(rng.standard_normal((P, 2)))
+    ends.from_numpy(np.array([[i % P, (i + 1 + i // P) % P] for i in range(S)], dtype=np.int32))
+    rest.from_numpy(rng.uniform(0.5, 1.0, S))
+
+    @ti.func
+    def spring_energy(d, l0):
+        r = d.norm()
+        return 0.5 * (r - l0) ** 2
+
+    @kd.kernel
+    def springs():
+        for s in range(S):
+            a, b = ends[s][0], ends[s][1]
+            energy[None] += spring_energy(pos[a] - pos[b], rest[s])
+
+    corpus["mass_spring"] = (springs, ())
+
+    # --- pairwise n-body with an inner serial loop ------------------------------------------
+    q = ti.Vector.field(3, ti.f64, shape=4)
+    pot = ti.field(ti.f64, shape=())
+    q.from_numpy(rng.standard_normal((4, 3)) * 2)
+
+    @kd.kernel
+    def nbody():
+        for i in q:
+            e = 0.0
+            for j in range(4):
+                if i != j:
+                    r = (q[i] - q[j]).norm_sqr() + 0.1
+                    e += 1.0 / ti.sqrt(r) - 0.5 / r
+            pot[None] += e
+
+    corpus["nbody"] = (nbody, ())
+
+    # --- 2-D stencil into an output field ----------------------------------------------------
+    g = ti.field(ti.f64, shape=(4, 5))
+    lap = ti.field(ti.f64, shape=(4, 5))
+    g.from_numpy(rng.standard_normal((4, 5)))
+
+    @kd.kernel
+    def stencil():
+        for i, j in ti.ndrange((1, 3), (1, 4)):
+            lap[i, j] = g[i + 1, j] + g[i - 1, j] + g[i, j + 1] + g[i, j - 1] - 4 * g[i, j] + g[i, j] ** 3
+
+    corpus["stencil"] = (stencil, ())
+
+    # --- matrix energy with determinant / inverse ---------------------------------------------
+    F = ti.Matrix.field(2, 2, ti.f64, shape=3)
+    psi = ti.field(ti.f64, shape=())
+    F.from_numpy(np.eye(2)[None] + 0.2 * rng.standard_normal((3, 2, 2)))
+
+    @kd.kernel
+    def neo_hookean():
+        for k in F:
+            M = F[k]
+            J = M.determinant()
+            C = M.transpose() @ M
+            Minv = M.inverse()
+            psi[None] += 0.5 * (C.trace() - 2) - ti.log(J) + 0.5 * ti.log(J) ** 2 + 0.1 * (Minv @ Minv).trace()
+
+    corpus["matrix_energy"] = (neo_hookean, ())
+
+    # --- branches ------------------------------------------------------------------------------
+    z = ti.field(ti.f64, shape=N)
+    zout = ti.field(ti.f64, shape=N)
+    z.from_numpy(np.array([-1.3, -0.4, 0.2, 0.7, 1.6, 2.4]))
+
+    @kd.kernel
+    def branches():
+        for i in z:
+            v = z[i]
+            if v < -1.0:
+                zout[i] = v ** 2
+            elif v < 0.5:
+                w = ti.sin(v)
+                zout[i] = w * v
+            else:
+                zout[i] = ti.exp(-v) if v > 2.0 else ti.select(v > 1.0, v ** 3, 2 * v)
+
+    corpus["branches"] = (branches, ())
+
+    # --- loop-carried recurrence (+ tuple assignment) -----------------------------------------
+    r = ti.field(ti.f64, shape=3)
+    rout = ti.field(ti.f64, shape=3)
+    r.from_numpy(np.array([0.9, 1.05, 0.97]))
+
+    @kd.kernel
+    def recurrence():
+        for i in r:
+            v = 1.0
+            p, s = 0.0, 1.0
+            for k in range(12):
+                v = v * r[i] + 0.01 * ti.sin(v)
+                p, s = s, p + s * r[i]
+            rout[i] = v + 0.1 * s
+
+    corpus["recurrence"] = (recurrence, ())
+
+    # --- intermediate field between two loops, ti.static unrolling -----------------------------
+    a = ti.field(ti.f64, shape=N)
+    mid = ti.field(ti.f64, shape=N)
+    total = ti.field(ti.f64, shape=())
+    a.from_numpy(rng.standard_normal(N))
+
+    @kd.kernel
+    def two_loops():
+        for i in a:
+            mid[i] = ti.sin(a[i]) * a[i]
+        for i in range(1, N - 1):
+            acc = 0.0
+            for k in ti.static(range(-1, 2)):
+                acc += mid[i + k] * (k + 2)
+            total[None] += acc ** 2
+
+    corpus["two_loops"] = (two_loops, ())
+
+    # --- template and scalar args -------------------------------------------------------------
+    src = ti.field(ti.f64, shape=N)
+    dst = ti.field(ti.f64, shape=())
+    src.from_numpy(rng.standard_normal(N))
+
+    @kd.kernel
+    def weighted(f: ti.template(), o: ti.template(), scale: ti.f64, n: ti.i32):
+        for i in range(n):
+            o[None] += scale * f[i] ** 2 + ti.cos(f[i])
+
+    corpus["template_args"] = (weighted, (src, dst, 0.7, N - 1))
+
+    # --- return value ------------------------------------------------------------------------------
+    h = ti.field(ti.f64, shape=3)
+    h.from_numpy(np.array([0.3, -0.2, 0.5]))
+
+    @kd.kernel
+    def returns() -> ti.f64:
+        s = 0.0
+        for k in range(3):
+            s += h[k] ** 3 + ti.sin(h[k])
+        return s * h[0]
+
+    corpus["return_value"] = (returns, ())
+
+    # --- grouped struct-for over a 2-D field ---------------------------------------------------
+    m2 = ti.field(ti.f64, shape=(3, 3))
+    m2o = ti.field(ti.f64, shape=())
+    m2.from_numpy(rng.standard_normal((3, 3)))
+
+    @kd.kernel
+    def grouped():
+        for I in ti.grouped(m2):
+            m2o[None] += m2[I] ** 2 * (I[0] + 1) + ti.exp(0.1 * m2[I])
+
+    corpus["grouped"] = (grouped, ())
+    return corpus
+
+
+CORPUS_NAMES = ["elementwise", "mass_spring", "nbody", "stencil", "matrix_energy", "branches", "recurrence",
+                "two_loops", "template_args", "return_value", "grouped"]
+
+
+@pytest.fixture(scope="module")
+def corpus(runtime):
+    return build_corpus()
+
+
+def kernel_at(k, path):
+    for step in path:
+        k = getattr(k, step)
+    return k
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", CORPUS_NAMES)
+def test_path_against_finite_differences(corpus, name, path):
+    k, args = corpus[name]
+    *prefix, last = path.split(".")
+    K = kernel_at(k, prefix)
+    k(*args)  # the primal results, as a user would have them
+    check(K, last, args, rtol=2e-6, atol=1e-7)
