@@ -22,14 +22,15 @@ def runtime():
     ti.reset()
 
 
-def build_corpus():
+def build_corpus(dt=ti.f64):
+    """The kernels, with fields of float dtype dt (f64 here; f32 for the Vulkan run)."""
     rng = np.random.default_rng(1)
     corpus = {}
 
     # --- elementwise math -------------------------------------------------------------------
-    x = ti.field(ti.f64, shape=N)
-    y = ti.field(ti.f64, shape=N)
-    out = ti.field(ti.f64, shape=())
+    x = ti.field(dt, shape=N)
+    y = ti.field(dt, shape=N)
+    out = ti.field(dt, shape=())
     x.from_numpy(rng.uniform(0.3, 0.9, N))
     y.from_numpy(rng.uniform(0.3, 0.9, N))
 
@@ -46,10 +47,10 @@ def build_corpus():
 
     # --- mass-spring energy: gather/scatter on Vector fields --------------------------------
     P, S = 5, 7
-    pos = ti.Vector.field(2, ti.f64, shape=P)
+    pos = ti.Vector.field(2, dt, shape=P)
     ends = ti.Vector.field(2, ti.i32, shape=S)
-    rest = ti.field(ti.f64, shape=S)
-    energy = ti.field(ti.f64, shape=())
+    rest = ti.field(dt, shape=S)
+    energy = ti.field(dt, shape=())
     pos.from_numpy(rng.standard_normal((P, 2)))
     ends.from_numpy(np.array([[i % P, (i + 1 + i // P) % P] for i in range(S)], dtype=np.int32))
     rest.from_numpy(rng.uniform(0.5, 1.0, S))
@@ -68,8 +69,8 @@ def build_corpus():
     corpus["mass_spring"] = (springs, ())
 
     # --- pairwise n-body with an inner serial loop ------------------------------------------
-    q = ti.Vector.field(3, ti.f64, shape=4)
-    pot = ti.field(ti.f64, shape=())
+    q = ti.Vector.field(3, dt, shape=4)
+    pot = ti.field(dt, shape=())
     q.from_numpy(rng.standard_normal((4, 3)) * 2)
 
     @kd.kernel
@@ -85,8 +86,8 @@ def build_corpus():
     corpus["nbody"] = (nbody, ())
 
     # --- 2-D stencil into an output field ----------------------------------------------------
-    g = ti.field(ti.f64, shape=(4, 5))
-    lap = ti.field(ti.f64, shape=(4, 5))
+    g = ti.field(dt, shape=(4, 5))
+    lap = ti.field(dt, shape=(4, 5))
     g.from_numpy(rng.standard_normal((4, 5)))
 
     @kd.kernel
@@ -97,8 +98,8 @@ def build_corpus():
     corpus["stencil"] = (stencil, ())
 
     # --- matrix energy with determinant / inverse ---------------------------------------------
-    F = ti.Matrix.field(2, 2, ti.f64, shape=3)
-    psi = ti.field(ti.f64, shape=())
+    F = ti.Matrix.field(2, 2, dt, shape=3)
+    psi = ti.field(dt, shape=())
     F.from_numpy(np.eye(2)[None] + 0.2 * rng.standard_normal((3, 2, 2)))
 
     @kd.kernel
@@ -113,8 +114,8 @@ def build_corpus():
     corpus["matrix_energy"] = (neo_hookean, ())
 
     # --- branches ------------------------------------------------------------------------------
-    z = ti.field(ti.f64, shape=N)
-    zout = ti.field(ti.f64, shape=N)
+    z = ti.field(dt, shape=N)
+    zout = ti.field(dt, shape=N)
     z.from_numpy(np.array([-1.3, -0.4, 0.2, 0.7, 1.6, 2.4]))
 
     @kd.kernel
@@ -132,8 +133,8 @@ def build_corpus():
     corpus["branches"] = (branches, ())
 
     # --- loop-carried recurrence (+ tuple assignment) -----------------------------------------
-    r = ti.field(ti.f64, shape=3)
-    rout = ti.field(ti.f64, shape=3)
+    r = ti.field(dt, shape=3)
+    rout = ti.field(dt, shape=3)
     r.from_numpy(np.array([0.9, 1.05, 0.97]))
 
     @kd.kernel
@@ -149,9 +150,9 @@ def build_corpus():
     corpus["recurrence"] = (recurrence, ())
 
     # --- intermediate field between two loops, ti.static unrolling -----------------------------
-    a = ti.field(ti.f64, shape=N)
-    mid = ti.field(ti.f64, shape=N)
-    total = ti.field(ti.f64, shape=())
+    a = ti.field(dt, shape=N)
+    mid = ti.field(dt, shape=N)
+    total = ti.field(dt, shape=())
     a.from_numpy(rng.standard_normal(N))
 
     @kd.kernel
@@ -167,23 +168,23 @@ def build_corpus():
     corpus["two_loops"] = (two_loops, ())
 
     # --- template and scalar args -------------------------------------------------------------
-    src = ti.field(ti.f64, shape=N)
-    dst = ti.field(ti.f64, shape=())
+    src = ti.field(dt, shape=N)
+    dst = ti.field(dt, shape=())
     src.from_numpy(rng.standard_normal(N))
 
     @kd.kernel
-    def weighted(f: ti.template(), o: ti.template(), scale: ti.f64, n: ti.i32):
+    def weighted(f: ti.template(), o: ti.template(), scale: dt, n: ti.i32):
         for i in range(n):
             o[None] += scale * f[i] ** 2 + ti.cos(f[i])
 
     corpus["template_args"] = (weighted, (src, dst, 0.7, N - 1))
 
     # --- return value ------------------------------------------------------------------------------
-    h = ti.field(ti.f64, shape=3)
+    h = ti.field(dt, shape=3)
     h.from_numpy(np.array([0.3, -0.2, 0.5]))
 
     @kd.kernel
-    def returns() -> ti.f64:
+    def returns() -> dt:
         s = 0.0
         for k in range(3):
             s += h[k] ** 3 + ti.sin(h[k])
@@ -192,8 +193,8 @@ def build_corpus():
     corpus["return_value"] = (returns, ())
 
     # --- grouped struct-for over a 2-D field ---------------------------------------------------
-    m2 = ti.field(ti.f64, shape=(3, 3))
-    m2o = ti.field(ti.f64, shape=())
+    m2 = ti.field(dt, shape=(3, 3))
+    m2o = ti.field(dt, shape=())
     m2.from_numpy(rng.standard_normal((3, 3)))
 
     @kd.kernel

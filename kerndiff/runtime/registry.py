@@ -91,6 +91,7 @@ class Registry:
                 todo.append((field, kind, level))
         if not todo:
             return
+        check_tree_budget()
         fb = ti.FieldsBuilder()
         for field, kind, level in todo:
             new = _like(field)
@@ -111,6 +112,7 @@ class Registry:
         got = self.derived.get(key)
         if got is None:
             from ..ir.types import to_taichi
+            check_tree_budget()
             fb = ti.FieldsBuilder()
             got = ti.field(to_taichi(dtype))
             fb.place(got)
@@ -124,6 +126,17 @@ class Registry:
         self.keep[id(field)] = field
         self.keep[id(deriv)] = deriv
         self.names.setdefault(id(deriv), derived_name(self.name_of(field), kind, level))
+
+
+MAX_TREES = 500  # Taichi 1.7 crashes past 512 SNode trees; keep a margin for the user's own fields.
+
+
+def check_tree_budget():
+    used = impl.get_runtime().prog.get_snode_tree_size()
+    if used >= MAX_TREES:
+        raise KernDiffError(f"this Taichi program already has {used} SNode trees; Taichi allows 512",
+                            remedy="create fields (and kd.dual/kd.adjoint fields) before the first kernel "
+                                   "launch so they share one tree, or reuse fields instead of making new ones")
 
 
 def derived_name(base: str, kind: str, level: int) -> str:
