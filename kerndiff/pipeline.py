@@ -12,7 +12,7 @@ def base_ir(kernel, templates):
 
     params, rdt = kernel.signature()
     tkey = tuple((n, id(v)) for n, v in sorted(templates.items()))
-    key = ("base", id(kernel.root), tkey)
+    key = ("base", kernel.root.uid, tkey)
     got = CACHE.get(key)
     if got is None:
         scalars = {n: d for n, d in params if d != "template"}

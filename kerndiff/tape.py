@@ -108,6 +108,7 @@ def clear_adjoints(level=1):
         ti.ad.clear_all_gradients()
     except Exception:
         pass
+    REGISTRY.check_runtime()  # never touch fields of an earlier ti.init
     for key, f in list(REGISTRY.derived.items()):
         if len(key) == 3 and key[1] == "adjoint" and key[2] == level:
             _zero(f)

@@ -314,7 +314,8 @@ def reverse_kernel(ir: N.KernelIR, level: int) -> N.KernelIR:
     check_overwrites(ir)
     adj_of_field = field_activity(ir, "adjoint", level)
     names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
-    body, ssa, _ = to_ssa(ir.body, names, dtypes=local_dtypes(ir.body, ir.params))
+    body, ssa, _ = to_ssa(ir.body, names, dtypes=local_dtypes(ir.body, ir.params),
+                          fixed={p.name for p in ir.params})
     varied = varied_vars(body, lambda ref: adj_of_field(ref) is not None)
 
     def scratch(name, dtype):
@@ -341,7 +342,7 @@ def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes):
         if isinstance(s, (N.Store, N.Atomic)):
             raise KernDiffError("a function that writes fields cannot be differentiated as a function",
                                 s.src, "differentiate the kernel instead, or return the value")
-    body, ssa, env = to_ssa(stmts, names, dtypes=dtypes)
+    body, ssa, env = to_ssa(stmts, names, dtypes=dtypes, fixed=set(wrt))
     outs = [_rename(v, env, ssa.dtypes) for v in out_values]
     varied = varied_vars(body, lambda ref: False, seeds=tuple(wrt))
     rev = Reverse(names, lambda ref: None, varied, ssa.loops, None)

@@ -23,11 +23,13 @@ class LoopInfo:
 
 
 class SSA:
-    def __init__(self, names):
+    def __init__(self, names, fixed=()):
         self.names = names
         self.loops = {}  # id(new loop stmt) -> LoopInfo
         self.keep = []
         self.dtypes = {}
+        self.fixed = set(fixed)  # names that must keep their meaning (parameters, outer locals)
+        self.claimed = set()
 
     def version(self, name, dtype):
         v = self.names.fresh(name)
@@ -52,7 +54,13 @@ class SSA:
     def stmt(self, s, env):
         if isinstance(s, N.Assign):
             value = self._ren(s.value, env)
-            v = self.version(s.name, s.value.dtype)
+            if s.name not in env and s.name not in self.fixed and s.name not in self.claimed:
+                # The first version keeps the user's name: v, then v_1, v_2, ...
+                v = s.name
+                self.claimed.add(v)
+                self.dtypes[v] = s.value.dtype
+            else:
+                v = self.version(s.name, s.value.dtype)
             env[s.name] = v
             return [dataclasses.replace(s, name=v, value=value)]
         if isinstance(s, N.Store) or isinstance(s, N.Atomic):
@@ -123,8 +131,8 @@ class SSA:
         return pre + [loop]
 
 
-def to_ssa(stmts, names, env=None, dtypes=None):
-    ssa = SSA(names)
+def to_ssa(stmts, names, env=None, dtypes=None, fixed=()):
+    ssa = SSA(names, fixed)
     ssa.dtypes.update(dtypes or {})
     env = dict(env or {})
     return tuple(ssa.block(stmts, env)), ssa, env

@@ -9,6 +9,7 @@ generated is cached per runtime; it is regenerated only when the set of derivati
 from __future__ import annotations
 
 import inspect
+import itertools
 import time
 
 import taichi as ti
@@ -25,8 +26,12 @@ def _is_template(ann):
     return type(ann).__name__ == "Template" or ann is ti.template
 
 
+_SERIAL = itertools.count()
+
+
 class Kernel:
     def __init__(self, fn, path=(), root=None):
+        self.uid = next(_SERIAL)  # cache keys use this, never id(): ids of dead kernels are reused
         self.fn = fn
         self.path = tuple(path)
         self.root = root or self
@@ -137,7 +142,7 @@ class Kernel:
 
         REGISTRY.check_runtime()
         tkey = tuple((n, id(v)) for n, v in sorted(templates.items()))
-        key = ("kernel", id(self.root), self.path, tkey)
+        key = ("kernel", self.root.uid, self.path, tkey)
         entry = CACHE.get(key)
         if entry is not None and entry["version"] == REGISTRY.version:
             return entry

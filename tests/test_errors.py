@@ -1,0 +1,229 @@
+"""Every KernDiffError path: the message names the file, the line, the source with a caret, the
+reason and the remedy — raised at transform time, before any kernel runs."""
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+
+N = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runtime():
+    ti.init(arch=ti.cpu, default_fp=ti.f64)
+    yield
+    ti.reset()
+
+
+@pytest.fixture(scope="module")
+def f(runtime):
+    return {
+        "x": ti.field(ti.f64, shape=N),
+        "y": ti.field(ti.f64, shape=N),
+        "s": ti.field(ti.f64, shape=()),
+        "n": ti.field(ti.i32, shape=N),
+        "v": ti.Vector.field(3, ti.f64, shape=N),
+    }
+
+
+def raises(fn, *parts, line_text=None):
+    with pytest.raises(kd.KernDiffError) as info:
+        fn()
+    msg = str(info.value)
+    assert __file__ in msg, msg
+    assert "Reason:" in msg and "Remedy:" in msg, msg
+    assert "^" in msg, msg
+    for p in parts:
+        assert p in msg, msg
+    if line_text:
+        assert line_text in msg, msg
+    return msg
+
+
+def test_unsupported_statement(f):
+    x = f["x"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            with open("a"):
+                pass
+
+    raises(k, "'With' statements are not supported", line_text='with open("a")')
+
+
+def test_numpy_call_inside_kernel(f):
+    x = f["x"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            x[i] = np.sin(x[i])
+
+    raises(k, "a numpy call cannot run inside a kerndiff kernel", "ti.sin", line_text="np.sin(x[i])")
+
+
+def test_python_call_inside_kernel(f):
+    x = f["x"]
+
+    def helper(a):
+        return a * 2
+
+    @kd.kernel
+    def k():
+        for i in x:
+            x[i] = helper(x[i])
+
+    raises(k, "a call to 'helper' cannot run inside", "ti.func", line_text="helper(x[i])")
+
+
+def test_print_inside_kernel(f):
+    x = f["x"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            print(x[i])
+
+    raises(k, "print inside a kerndiff kernel", line_text="print(x[i])")
+
+
+def test_undefined_name(f):
+    x = f["x"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            x[i] = undefined_thing + 1  # noqa: F821
+
+    raises(k, "name 'undefined_thing' is not defined")
+
+
+def test_overwriting_a_field_it_read(f):
+    x = f["x"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            x[i] = x[i] * x[i]
+
+    k()  # the primal runs
+    k.forward()  # forward mode is fine
+    raises(k.reverse, "overwrites a field it read", "kd.Tape", line_text="x[i] = x[i] * x[i]")
+
+
+def test_accumulating_into_a_field_read_in_the_same_loop(f):
+    x, s = f["x"], f["s"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            s[None] += x[i] * s[None]
+
+    raises(k.reverse, "accumulates into a field it read", line_text="s[None] += x[i] * s[None]")
+
+
+def test_dynamic_index_into_local_vector(f):
+    v, n = f["v"], f["n"]
+
+    @kd.kernel
+    def k():
+        for i in v:
+            p = v[i]
+            v[i][0] = p[n[i]]
+
+    raises(k, "indexed by compile-time constants", "ti.static")
+
+
+def test_assigning_outer_local_in_parallel_loop(f):
+    x = f["x"]
+
+    @kd.kernel
+    def k() -> ti.f64:
+        acc = 0.0
+        for i in x:
+            acc = x[i]
+        return acc
+
+    raises(k, "cannot be assigned inside it", "+=")
+
+
+def test_return_not_last(f):
+    x = f["x"]
+
+    @kd.kernel
+    def k() -> ti.f64:
+        return x[0]
+        x[1] = 2.0
+
+    raises(k, "return must be the last statement")
+
+
+def test_missing_annotation(f):
+    @kd.kernel
+    def k(a):
+        pass
+
+    with pytest.raises(kd.KernDiffError, match="has no type annotation"):
+        k(1.0)
+
+
+def test_vector_shape_mismatch(f):
+    v = f["v"]
+
+    @kd.kernel
+    def k():
+        for i in v:
+            v[i] = v[i] + ti.Vector([1.0, 2.0])
+
+    raises(k, "shapes (3,) and (2,) differ")
+
+
+def test_atomic_max_in_reverse_is_refused_until_supported(f):
+    x, s = f["x"], f["s"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            ti.atomic_max(s[None], x[i])
+
+    kd.adjoint(x)
+    k()
+    raises(k.reverse, "ti.atomic_max", line_text="ti.atomic_max(s[None], x[i])")
+
+
+def test_while_in_reverse_is_refused_until_supported(f):
+    x, y = f["x"], f["y"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            v = x[i]
+            while v < 10.0:
+                v = v * 2.0
+            y[i] = v
+
+    x.fill(1.5)
+    k()
+    k.forward()
+    raises(k.reverse, "while loop", line_text="while v < 10.0:")
+
+
+def test_device_function_errors(f):
+    @kd.func
+    def g(a, b):
+        return a * b
+
+    with pytest.raises(kd.KernDiffError, match="argnum=2 is out of range"):
+        kd.forward(g, argnum=2)
+    with pytest.raises(kd.KernDiffError, match="argnum=5 is out of range"):
+        kd.grad(g, argnum=5)
+    with pytest.raises(kd.KernDiffError, match="device function"):
+        g(1.0, 2.0)
+
+    @kd.kernel
+    def k() -> ti.f64:
+        return kd.forward(g, argnum=0)(1, 2.0)
+
+    raises(k, "with respect to a float scalar", "argument 0 is an integer")

@@ -1,0 +1,68 @@
+"""Golden files: the generated source of a few reverse kernels is part of the contract (readable,
+stable names, comments pointing at source lines). Regenerate with KERNDIFF_UPDATE_GOLDEN=1."""
+import os
+
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runtime():
+    ti.init(arch=ti.cpu, default_fp=ti.f64)
+    yield
+    ti.reset()
+
+
+def compare(name, text):
+    path = os.path.join(GOLDEN, name + ".py.txt")
+    if os.environ.get("KERNDIFF_UPDATE_GOLDEN") == "1":
+        with open(path, "w") as f:
+            f.write(text)
+    with open(path) as f:
+        assert text == f.read(), f"generated source of {name} changed; see {path}"
+
+
+def test_golden_energy_reverse():
+    x = ti.field(ti.f64, shape=8, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+
+    @kd.kernel
+    def energy():
+        for i in x:
+            loss[None] += ti.sin(x[i]) ** 2
+
+    compare("energy_reverse", energy.reverse.source)
+
+
+def test_golden_mass_spring_reverse():
+    pos = ti.Vector.field(2, ti.f64, shape=4, needs_grad=True)
+    ends = ti.Vector.field(2, ti.i32, shape=3)
+    rest = ti.field(ti.f64, shape=3)
+    energy = ti.field(ti.f64, shape=(), needs_grad=True)
+
+    @kd.kernel
+    def springs():
+        for s in ends:
+            d = pos[ends[s][0]] - pos[ends[s][1]]
+            energy[None] += 0.5 * (d.norm() - rest[s]) ** 2
+
+    compare("springs_reverse", springs.reverse.source)
+
+
+def test_golden_recurrence_reverse():
+    r = ti.field(ti.f64, shape=4, needs_grad=True)
+    out = ti.field(ti.f64, shape=4, needs_grad=True)
+
+    @kd.kernel
+    def recurrence():
+        for i in r:
+            v = 1.0
+            for k in range(100):
+                v = v * r[i] + 0.5
+            out[i] = v
+
+    compare("recurrence_reverse", recurrence.reverse.source)
