@@ -193,23 +193,6 @@ def test_atomic_max_in_reverse_is_refused_until_supported(f):
     raises(k.reverse, "ti.atomic_max", line_text="ti.atomic_max(s[None], x[i])")
 
 
-def test_while_in_reverse_is_refused_until_supported(f):
-    x, y = f["x"], f["y"]
-
-    @kd.kernel
-    def k():
-        for i in x:
-            v = x[i]
-            while v < 10.0:
-                v = v * 2.0
-            y[i] = v
-
-    x.fill(1.5)
-    k()
-    k.forward()
-    raises(k.reverse, "while loop", line_text="while v < 10.0:")
-
-
 def test_device_function_errors(f):
     @kd.func
     def g(a, b):

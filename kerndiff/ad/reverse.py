@@ -22,6 +22,7 @@ from ..ir.types import is_float
 from ..ir.walk import assigned_names, blocks_of, iter_stmts, substitute
 from ..opt.dce import live_names, remove_dead
 from .activity import field_activity, varied_vars
+from .jumps import eliminate_jumps
 from .rules import NO_DERIVATIVE, partials
 from .ssa import to_ssa
 
@@ -36,6 +37,7 @@ class Reverse:
         self.adj = {}
         self.dtypes = {}
         self.outer_stack = []       # per enclosing parallel loop: {adj name: scratch ref}
+        self.counters = {}          # id(while loop) -> local holding its recorded trip count
 
     # ------------------------------------------------------------ names
     def adj_name(self, v):
@@ -127,7 +129,23 @@ class Reverse:
                 body = self.recompute(s.body)
                 if body:
                     out.append(dataclasses.replace(s, body=body, tag="recompute"))
+            elif isinstance(s, N.While):
+                # Record the trip count: the backward sweep replays exactly that many iterations.
+                cnt = self.trip_counter(s)
+                one = B.const(1, "i32")
+                body = (N.Assign(cnt, B.add(B.var(cnt, "i32"), one), src=s.src),) + self.recompute(s.body)
+                out.append(N.Assign(cnt, B.const(0, "i32"), src=s.src, tag="recompute"))
+                out.append(dataclasses.replace(s, body=body, tag="recompute"))
         return tuple(out)
+
+    def trip_counter(self, s):
+        name = self.counters.get(id(s))
+        if name is None:
+            name = self.names.fresh("trips")
+            self.counters[id(s)] = name
+        return name
+
+    counters = None
 
     # ------------------------------------------------------------ backward sweep
     def zero_inits(self, stmts, exclude=()):
@@ -201,7 +219,7 @@ class Reverse:
             return [dataclasses.replace(s, then=tuple(then), orelse=tuple(orelse), tag="adjoint")]
         if isinstance(s, N.For) and s.parallel:
             return self.back_parallel(s)
-        if isinstance(s, N.For):
+        if isinstance(s, (N.For, N.While)):
             return self.back_loop(s)
         raise KernDiffError(f"cannot reverse {type(s).__name__}", s.src, "restructure the code")
 
@@ -230,8 +248,12 @@ class Reverse:
         info = self.loops[id(s)]
         carried = [c for c, _, _ in info.carried]
         self.carried_names = self.carried_names | set(carried)
-        (lo, hi), = s.bounds
-        var = s.vars[0]
+        if isinstance(s, N.For):
+            (lo, hi), = s.bounds
+            var = s.vars[0]
+        else:  # a while loop: replay the recorded trip count
+            lo, hi = B.const(0, "i32"), B.var(self.trip_counter(s), "i32")
+            var = self.names.fresh("it")
         k = self.names.fresh(f"{var}_rev")
         trips = B.sub(hi, lo)
         index = N.Assign(var, B.sub(B.sub(hi, B.const(1, "i32")), B.var(k, "i32")), src=s.src)
@@ -246,17 +268,18 @@ class Reverse:
         from ..ir.walk import used_names
         used = used_names(iteration)
         if any(c in used for c in carried):
-            iteration = self.restore(s, info, var) + iteration
+            iteration = self.restore(s, info, var, lo) + iteration
             used.add(var)
         if var in used:
             iteration = [index] + iteration
         return [N.For((k,), ((B.const(0, "i32"), trips),), tuple(iteration), src=s.src, tag="adjoint")]
 
-    def restore(self, s, info, var):
+    def restore(self, s, info, var, lo):
         """Set the carried locals to their values on entry to iteration `var` by recomputation."""
-        (lo, _), = s.bounds
         j = self.names.fresh(f"{var}_re")
-        body = substitute_block(self.recompute(s.body), {var: B.var(j, "i32")})
+        body = self.recompute(s.body)
+        if isinstance(s, N.For):
+            body = substitute_block(body, {s.vars[0]: B.var(j, "i32")})
         carried = {c for c, _, _ in info.carried}
         internal = assigned_names(s.body) - carried
         _, dead = live_names(body, candidates=internal)
@@ -314,7 +337,7 @@ def reverse_kernel(ir: N.KernelIR, level: int) -> N.KernelIR:
     check_overwrites(ir)
     adj_of_field = field_activity(ir, "adjoint", level)
     names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
-    body, ssa, _ = to_ssa(ir.body, names, dtypes=local_dtypes(ir.body, ir.params),
+    body, ssa, _ = to_ssa(eliminate_jumps(ir.body, names), names, dtypes=local_dtypes(ir.body, ir.params),
                           fixed={p.name for p in ir.params})
     varied = varied_vars(body, lambda ref: adj_of_field(ref) is not None)
 
@@ -342,7 +365,7 @@ def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes):
         if isinstance(s, (N.Store, N.Atomic)):
             raise KernDiffError("a function that writes fields cannot be differentiated as a function",
                                 s.src, "differentiate the kernel instead, or return the value")
-    body, ssa, env = to_ssa(stmts, names, dtypes=dtypes, fixed=set(wrt))
+    body, ssa, env = to_ssa(eliminate_jumps(stmts, names), names, dtypes=dtypes, fixed=set(wrt))
     outs = [_rename(v, env, ssa.dtypes) for v in out_values]
     varied = varied_vars(body, lambda ref: False, seeds=tuple(wrt))
     rev = Reverse(names, lambda ref: None, varied, ssa.loops, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import KernDiffError
+
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.walk import assigned_names, substitute
@@ -99,15 +100,14 @@ class SSA:
                 return self.stmt(outer, env)
             return self.loop(s, env)
         if isinstance(s, N.While):
-            raise KernDiffError("reverse mode of a while loop is not supported yet", s.src,
-                                "use a for loop with a fixed trip count (range(n)) and an if inside")
+            return self.loop(s, env)
         if isinstance(s, (N.Break, N.Continue)):
-            raise KernDiffError("reverse mode of break/continue is not supported yet", s.src,
-                                "use an if around the rest of the loop body")
+            raise AssertionError("break/continue must be eliminated (jumps.py) before SSA")
         raise TypeError(s)
 
     def loop(self, s, env):
-        bounds = tuple((self._ren(a, env), self._ren(b, env)) for a, b in s.bounds)
+        if isinstance(s, N.For):
+            bounds = tuple((self._ren(a, env), self._ren(b, env)) for a, b in s.bounds)
         written = assigned_names(s.body)
         carried = [n for n in sorted(env) if n in written]
         pre, info = [], LoopInfo([])
@@ -119,11 +119,15 @@ class SSA:
             pre.append(N.Assign(c, init, src=s.src))
             body_env[n] = c
             info.carried.append((c, dt, init))
+        head_env = dict(body_env)
         body = self.block(s.body, body_env)
         for n, (c, dt, _) in zip(carried, info.carried):
             if body_env[n] != c:
                 body.append(N.Assign(c, B.var(body_env[n], dt), src=s.src, tag="update"))
-        loop = dataclasses.replace(s, bounds=bounds, body=tuple(body))
+        if isinstance(s, N.For):
+            loop = dataclasses.replace(s, bounds=bounds, body=tuple(body))
+        else:  # the condition is evaluated at the loop head, on the carried values
+            loop = dataclasses.replace(s, cond=self._ren(s.cond, head_env), body=tuple(body))
         self.loops[id(loop)] = info
         self.keep.append(loop)
         for n, (c, _, _) in zip(carried, info.carried):
