@@ -1,0 +1,145 @@
+"""Fuzzing: hypothesis generates random kernels — expression trees over every differentiable op with
+domain-safe wrappers, branches, inner loops with loop-carried locals, gathers through an integer
+index field — and each is checked three ways: forward mode against f64 finite differences, the
+dot-product test for reverse mode, and Taichi's own kernel.grad() where Taichi supports the kernel.
+
+Profiles: a short one by default (derandomized under CI=true), KERNDIFF_FUZZ=long for >= 10,000.
+"""
+import importlib.util
+import itertools
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import taichi as ti
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kerndiff as kd
+from harness import check
+
+N = 3
+LONG = os.environ.get("KERNDIFF_FUZZ") == "long"
+settings.register_profile("short", max_examples=12, deadline=None, derandomize=os.environ.get("CI") == "true",
+                          suppress_health_check=list(HealthCheck))
+settings.register_profile("long", max_examples=10000, deadline=None, suppress_health_check=list(HealthCheck))
+PROFILE = "long" if LONG else "short"
+
+UNARY = {  # op -> template making the op safe on any real input
+    "sin": "ti.sin({})", "cos": "ti.cos({})", "tanh": "ti.tanh({})", "exp": "ti.exp(ti.tanh({}))",
+    "log": "ti.log(1.0 + ({0}) * ({0}))", "sqrt": "ti.sqrt(0.5 + ({0}) * ({0}))",
+    "rsqrt": "ti.rsqrt(0.5 + ({0}) * ({0}))", "tan": "ti.tan(0.5 * ti.tanh({}))",
+    "asin": "ti.asin(0.9 * ti.tanh({}))", "acos": "ti.acos(0.9 * ti.tanh({}))", "neg": "-({})",
+    "abs": "ti.abs({})", "square": "({}) ** 2", "cube": "({}) ** 3",
+}
+BINARY = {
+    "add": "({}) + ({})", "sub": "({}) - ({})", "mul": "({}) * ({})",
+    "div": "({0}) / (1.5 + ({1}) * ({1}))", "pow": "(1.0 + ({0}) * ({0})) ** ti.tanh({1})",
+    "atan2": "ti.atan2({0}, 1.0 + ({1}) * ({1}))", "min": "ti.min({}, {})", "max": "ti.max({}, {})",
+}
+LEAVES = ["x[i]", "x[idx[i]]", "y[i]", "0.7", "x[(i + 1) % 3]"]
+
+
+def expr(depth, extra=()):
+    leaves = st.sampled_from(LEAVES + list(extra))
+    if depth == 0:
+        return leaves
+    sub = expr(depth - 1, extra)
+    return st.one_of(
+        leaves,
+        st.tuples(st.sampled_from(sorted(UNARY)), sub).map(lambda t: UNARY[t[0]].format(t[1])),
+        st.tuples(st.sampled_from(sorted(BINARY)), sub, sub).map(lambda t: BINARY[t[0]].format(t[1], t[2])),
+    )
+
+
+@st.composite
+def kernels(draw):
+    a = draw(expr(2))
+    cond = draw(expr(1))
+    b1 = draw(expr(2, ["a"]))
+    b2 = draw(expr(2, ["a"]))
+    trips = draw(st.integers(0, 6))
+    step = draw(expr(2, ["a", "acc"]))
+    out = draw(expr(2, ["a", "acc"]))
+    body = [
+        f"a = {a}",
+        f"if {cond} > 0.1:",
+        f"    a = {b1}",
+        "else:",
+        f"    a = {b2}",
+        "acc = 0.5",
+        f"for k in range({trips}):",
+        f"    acc = 0.5 * acc + ti.tanh({step})",
+        f"out[i] = {out}",
+    ]
+    return "\n".join(body)
+
+
+_counter = itertools.count()
+_tmp = tempfile.mkdtemp(prefix="kerndiff_fuzz_")
+
+
+def load(body, fields):
+    """Write the kernel to a real file (kerndiff and Taichi read source) and import it."""
+    name = f"fuzz_kernel_{next(_counter)}"
+    lines = "\n".join("        " + line for line in body.splitlines())
+    src = f"import taichi as ti\n\n\ndef kernel():\n    for i in x:\n{lines}\n"
+    path = os.path.join(_tmp, name + ".py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__dict__.update(fields)
+    spec.loader.exec_module(mod)
+    return mod.kernel, src
+
+
+@pytest.fixture(scope="module")
+def fields():
+    ti.init(arch=ti.cpu, default_fp=ti.f64)
+    rng = np.random.default_rng(0)
+    f = {
+        "x": ti.field(ti.f64, shape=N, needs_grad=True),
+        "y": ti.field(ti.f64, shape=N, needs_grad=True),
+        "idx": ti.field(ti.i32, shape=N),
+        "out": ti.field(ti.f64, shape=N, needs_grad=True),
+    }
+    f["x"].from_numpy(rng.uniform(-1, 1, N))
+    f["y"].from_numpy(rng.uniform(-1, 1, N))
+    f["idx"].from_numpy(np.array([2, 0, 1], dtype=np.int32))
+    yield f
+    ti.reset()
+
+
+def taichi_supports(body):
+    return "ti.tan(" not in body  # Taichi 1.7.4 has no tan derivative
+
+
+def check_random_kernel(fields, body):
+    fn, src = load(body, fields)
+    k = kd.kernel(fn)
+    k()
+    check(k, "forward", rtol=1e-5, atol=1e-7)
+    check(k, "reverse", rtol=1e-5, atol=1e-7)
+    if taichi_supports(body):
+        x, y, out = fields["x"], fields["y"], fields["out"]
+        tk = ti.kernel(fn)
+        rng = np.random.default_rng(1)
+        w = rng.standard_normal(N)
+        grads = []
+        for run, rev in ((tk, tk.grad), (k, k.reverse)):
+            run()
+            for g in (x.grad, y.grad):
+                g.fill(0)
+            out.grad.from_numpy(w)
+            rev()
+            grads.append((x.grad.to_numpy(), y.grad.to_numpy()))
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=src)
+
+
+@settings(settings.get_profile(PROFILE))
+@given(body=kernels())
+def test_random_kernels(fields, body):
+    check_random_kernel(fields, body)
