@@ -19,26 +19,66 @@ def _events(stmts, top=None, out=None):
         for e in expr_children_of_stmt(s):
             for x in iter_expr(e):
                 if isinstance(x, N.Load):
-                    out.append((len(out), "read", x.ref.field, s, t))
+                    out.append((len(out), "read", x.ref.field, s, t, x.index))
         if isinstance(s, N.Store):
-            out.append((len(out), "store", s.ref.field, s, t))
+            out.append((len(out), "store", s.ref.field, s, t, s.index))
         elif isinstance(s, N.Atomic):
-            out.append((len(out), "atomic", s.ref.field, s, t))
+            out.append((len(out), "atomic", s.ref.field, s, t, s.index))
         for b in blocks_of(s):
             _events(b, t, out)
     return out
 
 
+def _affine(e, params):
+    """e as ({param: coeff}, const) if it is an integer affine form of kernel parameters, else None."""
+    if isinstance(e, N.Const):
+        return {}, e.value
+    if isinstance(e, N.Var):
+        return ({e.name: 1}, 0) if e.name in params else None
+    if isinstance(e, N.Call) and e.op in ("add", "sub"):
+        a, b = _affine(e.args[0], params), _affine(e.args[1], params)
+        if a is None or b is None:
+            return None
+        sign = 1 if e.op == "add" else -1
+        coeffs = dict(a[0])
+        for k, v in b[0].items():
+            coeffs[k] = coeffs.get(k, 0) + sign * v
+        return coeffs, a[1] + sign * b[1]
+    if isinstance(e, N.Call) and e.op == "mul" and isinstance(e.args[1], N.Const):
+        a = _affine(e.args[0], params)
+        return None if a is None else ({k: v * e.args[1].value for k, v in a[0].items()}, a[1] * e.args[1].value)
+    if isinstance(e, N.Call) and e.op == "cast":
+        return _affine(e.args[0], params)
+    return None
+
+
+def disjoint(index_a, index_b, params):
+    """Can two accesses never touch the same element? True when, in some dimension, both indices
+    are affine in the kernel's parameters only (fixed for the whole launch) and differ by a
+    nonzero constant — e.g. x[t, i] read and x[t + 1, i] written."""
+    for a, b in zip(index_a, index_b):
+        fa, fb = _affine(a, params), _affine(b, params)
+        if fa is None or fb is None:
+            continue
+        keys = set(fa[0]) | set(fb[0])
+        if all(fa[0].get(k, 0) == fb[0].get(k, 0) for k in keys) and fa[1] != fb[1]:
+            return True
+    return False
+
+
 def check_overwrites(ir: N.KernelIR):
+    params = {p.name for p in ir.params}
     ev = _events(ir.body)
     reads = {}
-    for pos, kind, f, s, top in ev:
+    for pos, kind, f, s, top, index in ev:
         if kind == "read":
-            reads.setdefault(id(f), []).append((pos, s, top))
-    for pos, kind, f, s, top in ev:
+            reads.setdefault(id(f), []).append((pos, s, top, index))
+    for pos, kind, f, s, top, index in ev:
         if kind == "read" or id(f) not in reads:
             continue
-        for rpos, rs, rtop in reads[id(f)]:
+        for rpos, rs, rtop, rindex in reads[id(f)]:
+            if disjoint(index, rindex, params):
+                continue
             same_stmt = rs is s
             if rpos < pos or same_stmt:
                 what = "overwrites" if kind == "store" else "accumulates into"

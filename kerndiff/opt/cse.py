@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..ir import nodes as N
+from ..ir.ops import COMMUTATIVE
+from ..ir.types import is_float
 from ..ir.walk import assigned_names, blocks_of, expr_children, iter_stmts, rebuild_stmt
 
 CHEAP = {"neg", "cast"}
@@ -24,8 +26,12 @@ def _size(e, limit=3):
 
 
 def _candidate(e):
-    return isinstance(e, N.Call) and (e.op not in CHEAP or _size(e) >= 3) and e.op != "select" or \
-        (isinstance(e, N.Call) and e.op == "select" and _size(e) >= 4)
+    """Worth a temporary: float computations (integer index arithmetic stays inline and readable)."""
+    if not isinstance(e, N.Call) or not is_float(e.dtype):
+        return False
+    if e.op == "select":
+        return _size(e) >= 4
+    return e.op not in CHEAP or _size(e) >= 3
 
 
 def _deps(e, memo):
@@ -68,7 +74,24 @@ class CSE:
     def __init__(self, names):
         self.names = names
         self.memo = {}
+        self.canon = {}
         self.counter = 0
+
+    def canonical(self, e):
+        """e with commutative operands in a fixed order, so a*b and b*a share one temporary."""
+        got = self.canon.get(id(e))
+        if got is not None:
+            return got[1]
+        out = e
+        if isinstance(e, N.Call):
+            args = tuple(self.canonical(a) for a in e.args)
+            if e.op in COMMUTATIVE and repr(args[1]) < repr(args[0]):
+                args = (args[1], args[0])
+            out = N.Call(e.dtype, e.op, args)
+        elif isinstance(e, N.Load):
+            out = N.Load(e.dtype, e.ref, tuple(self.canonical(i) for i in e.index))
+        self.canon[id(e)] = (e, out)
+        return out
 
     def fresh(self):
         while True:
@@ -83,7 +106,7 @@ class CSE:
 
         def key(e):
             vs, fs = _deps(e, self.memo)
-            return (e, tuple(sorted((v, version.get(v, 0)) for v in vs)),
+            return (self.canonical(e), tuple(sorted((v, version.get(v, 0)) for v in vs)),
                     tuple(sorted((f, version.get(("f", f), 0)) for f in fs)))
 
         def count(e, counts):

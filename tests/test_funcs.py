@@ -1,0 +1,213 @@
+"""Device functions and their transforms (API.md §3) against analytic derivatives and f64 finite
+differences: scalar and vector functions, orders 1-3, mixed partials of a tanh MLP (PINN-style),
+forces from a potential's gradient inside a kernel."""
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runtime():
+    ti.init(arch=ti.cpu, default_fp=ti.f64)
+    yield
+    ti.reset()
+
+
+@kd.func
+def cubic(x):
+    return x**3 + 2 * x**2 - 3 * x + 1
+
+
+def test_seed_example():
+    dfdx = kd.forward(cubic)
+    d2fdx2 = kd.forward(kd.forward(cubic))
+
+    @kd.kernel
+    def k() -> float:
+        return dfdx(1.0)
+
+    @kd.kernel
+    def k2(x: ti.f64) -> ti.f64:
+        return d2fdx2(x)
+
+    assert k() == 4.0
+    assert k2(1.0) == 10.0
+    assert k2(-2.0) == 6 * -2.0 + 4
+
+
+@kd.func
+def wave(x, y):
+    return ti.sin(x * y) * ti.exp(0.3 * x) + x**2 * y**3
+
+
+def wave_np(x, y):
+    return np.sin(x * y) * np.exp(0.3 * x) + x**2 * y**3
+
+
+def fd2(f, x, y, i, j, h=1e-4):
+    """Second partial ∂²f/∂i∂j by central differences (f64)."""
+    e = [np.array([h, 0.0]), np.array([0.0, h])]
+    p = np.array([x, y])
+    return (f(*(p + e[i] + e[j])) - f(*(p + e[i] - e[j])) - f(*(p - e[i] + e[j])) + f(*(p - e[i] - e[j]))) / (4 * h * h)
+
+
+def test_mixed_partials_and_orders_against_finite_differences():
+    dx = kd.forward(wave, argnum=0)
+    dy = kd.forward(wave, argnum=1)
+    dxy = kd.forward(kd.forward(wave, argnum=0), argnum=1)
+    dxx = kd.forward(kd.forward(wave, argnum=0), argnum=0)
+    dxxy = kd.forward(kd.forward(kd.forward(wave, argnum=0), argnum=0), argnum=1)
+
+    @kd.kernel
+    def k(x: ti.f64, y: ti.f64) -> (ti.f64, ti.f64, ti.f64, ti.f64, ti.f64):
+        return dx(x, y), dy(x, y), dxy(x, y), dxx(x, y), dxxy(x, y)
+
+    x, y = 0.7, -0.4
+    got = k(x, y)
+    h = 1e-6
+    np.testing.assert_allclose(got[0], (wave_np(x + h, y) - wave_np(x - h, y)) / (2 * h), rtol=1e-7)
+    np.testing.assert_allclose(got[1], (wave_np(x, y + h) - wave_np(x, y - h)) / (2 * h), rtol=1e-7)
+    np.testing.assert_allclose(got[2], fd2(wave_np, x, y, 0, 1), rtol=1e-5)
+    np.testing.assert_allclose(got[3], fd2(wave_np, x, y, 0, 0), rtol=1e-5)
+    # third order: differentiate the (checked) second derivative numerically in y
+    ey = 1e-5
+    third = (k(x, y + ey)[3] - k(x, y - ey)[3]) / (2 * ey)
+    np.testing.assert_allclose(got[4], third, rtol=1e-6)
+
+
+def test_grad_jvp_vjp_and_their_compositions():
+    g = kd.grad(wave)
+    gx = kd.grad(wave, argnum=0)
+    hxy = kd.forward(kd.grad(wave, argnum=1), argnum=0)   # ∂/∂x (∂f/∂y)
+    hyy = kd.grad(kd.grad(wave, argnum=1), argnum=1)       # ∂²f/∂y²
+    jvp = kd.jvp(wave)
+    vjp = kd.vjp(wave)
+
+    @kd.kernel
+    def k(x: ti.f64, y: ti.f64) -> (ti.f64, ti.f64, ti.f64, ti.f64, ti.f64, ti.f64, ti.f64, ti.f64, ti.f64):
+        a, b = g(x, y)
+        out, tan = jvp(x, y, 1.0, 2.0)
+        cx, cy = vjp(x, y, 3.0)
+        return a, b, gx(x, y), hxy(x, y), hyy(x, y), out, tan, cx, cy
+
+    x, y = 0.3, 0.9
+    a, b, gxv, hxyv, hyyv, out, tan, cx, cy = k(x, y)
+    dfx = np.cos(x * y) * y * np.exp(0.3 * x) + 0.3 * np.sin(x * y) * np.exp(0.3 * x) + 2 * x * y**3
+    dfy = np.cos(x * y) * x * np.exp(0.3 * x) + 3 * x**2 * y**2
+    np.testing.assert_allclose([a, b, gxv], [dfx, dfy, dfx], rtol=1e-12)
+    np.testing.assert_allclose(hxyv, fd2(wave_np, x, y, 0, 1), rtol=1e-5)
+    np.testing.assert_allclose(hyyv, fd2(wave_np, x, y, 1, 1), rtol=1e-5)
+    np.testing.assert_allclose(out, wave_np(x, y), rtol=1e-12)
+    np.testing.assert_allclose(tan, dfx + 2 * dfy, rtol=1e-12)
+    np.testing.assert_allclose([cx, cy], [3 * dfx, 3 * dfy], rtol=1e-12)
+
+
+@kd.func
+def lennard_jones(r):
+    d2 = r.norm_sqr()
+    inv6 = 1.0 / d2**3
+    return 4.0 * (inv6 * inv6 - inv6)
+
+
+def test_forces_from_potential_gradient_inside_kernel():
+    n = 5
+    pos = ti.Vector.field(2, ti.f64, shape=n)
+    force = ti.Vector.field(2, ti.f64, shape=n)
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 3, (n, 2))
+    pos.from_numpy(p)
+    dU = kd.grad(lennard_jones)
+
+    @kd.kernel
+    def forces():
+        for i in pos:
+            f = ti.Vector([0.0, 0.0])
+            for j in range(n):
+                if i != j:
+                    f -= dU(pos[i] - pos[j])[0]
+            force[i] = f
+
+    forces()
+
+    def U(r):
+        d2 = np.dot(r, r)
+        return 4 * (d2**-6 - d2**-3)
+
+    expected = np.zeros((n, 2))
+    h = 1e-6
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                r = p[i] - p[j]
+                g = [(U(r + h * e) - U(r - h * e)) / (2 * h) for e in np.eye(2)]
+                expected[i] -= g
+    np.testing.assert_allclose(force.to_numpy(), expected, rtol=1e-6, atol=1e-8)
+
+
+@kd.func
+def mlp(x, y):
+    """A small tanh MLP u(x, y) with fixed weights: 2 -> 3 -> 1."""
+    W1 = ti.Matrix([[0.5, -0.3], [0.8, 0.2], [-0.6, 0.9]])
+    b1 = ti.Vector([0.1, -0.2, 0.05])
+    w2 = ti.Vector([0.7, -1.1, 0.4])
+    h = W1 @ ti.Vector([x, y]) + b1
+    a = ti.Vector([ti.tanh(h[0]), ti.tanh(h[1]), ti.tanh(h[2])])
+    return w2.dot(a) + 0.3
+
+
+def mlp_np(x, y):
+    W1 = np.array([[0.5, -0.3], [0.8, 0.2], [-0.6, 0.9]])
+    b1 = np.array([0.1, -0.2, 0.05])
+    w2 = np.array([0.7, -1.1, 0.4])
+    return w2 @ np.tanh(W1 @ np.array([x, y]) + b1) + 0.3
+
+
+def test_pinn_laplacian_and_mixed_partials_of_tanh_mlp():
+    uxx = kd.forward(kd.forward(mlp, argnum=0), argnum=0)
+    uyy = kd.forward(kd.forward(mlp, argnum=1), argnum=1)
+    uxy = kd.forward(kd.forward(mlp, argnum=0), argnum=1)
+
+    @kd.kernel
+    def k(x: ti.f64, y: ti.f64) -> (ti.f64, ti.f64):
+        return uxx(x, y) + uyy(x, y), uxy(x, y)
+
+    x, y = 0.4, -0.7
+    lap, mixed = k(x, y)
+    np.testing.assert_allclose(lap, fd2(mlp_np, x, y, 0, 0) + fd2(mlp_np, x, y, 1, 1), rtol=1e-5)
+    np.testing.assert_allclose(mixed, fd2(mlp_np, x, y, 0, 1), rtol=1e-5)
+
+
+def test_nested_transform_evaluates_shared_subexpressions_once():
+    d2 = kd.forward(kd.forward(kd.func(lambda_free_sin_exp)))
+
+    @kd.kernel
+    def k(x: ti.f64) -> ti.f64:
+        return d2(x)
+
+    x = 0.37
+    expected = (2 * np.cos(x) - np.sin(x)) * np.exp(x) + np.sin(x) * np.exp(x)
+    np.testing.assert_allclose(k(x), expected, rtol=1e-12)
+    src = k.source
+    code = "\n".join(line for line in src.splitlines() if not line.strip().startswith("#"))
+    for call in ("ti.sin(", "ti.cos(", "ti.exp("):
+        assert code.count(call) <= 1, src
+
+
+def lambda_free_sin_exp(x):
+    return ti.sin(x) * ti.exp(x)
+
+
+def test_ti_func_inlined_and_differentiated_by_transforms():
+    @ti.func
+    def sq(a):
+        return a * a
+
+    dsq = kd.forward(sq)
+
+    @kd.kernel
+    def k(x: ti.f64) -> ti.f64:
+        return dsq(x) + sq(x)
+
+    assert k(3.0) == 6.0 + 9.0

@@ -1,0 +1,244 @@
+"""Multi-kernel programs (API.md §4-5): host factories, kd.Tape and kd.FwdMode over time-stepped
+simulations — with state indexed by time step, and with state updated in place by later kernels —
+against f64 finite differences; and every factory error path."""
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+
+N, T = 6, 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runtime():
+    ti.init(arch=ti.cpu, default_fp=ti.f64)
+    yield
+    ti.reset()
+
+
+# ---------------------------------------------------------------- factories
+@pytest.fixture(scope="module")
+def poly(runtime):
+    x1, x2, x3, y = (ti.field(float, shape=()) for _ in range(4))
+
+    @kd.kernel
+    def f():
+        y[None] += x1[None] ** 3 + 2 * x2[None] ** 2 - 3 * x3[None] + 1
+
+    return f, [x1, x2, x3], y
+
+
+def test_factory_seed_examples(poly):
+    f, xs, y = poly
+    dfdx = kd.backward(f, inputs=xs, output=y)
+    assert dfdx([1.0, 2.0, 3.0]) == [3.0, 8.0, -3.0]
+    assert dfdx([1.0, 2.0, 3.0]) == [3.0, 8.0, -3.0]  # fresh numbers on every call
+    jvp = kd.forward(f, inputs=xs, output=y)
+    assert jvp([1.0, 2.0, 3.0]) == [3.0, 8.0, -3.0]
+    assert jvp([1.0, 2.0, 3.0], tangents=[1.0, 1.0, 0.0]) == 11.0
+    hvp = kd.hvp(f, inputs=xs, output=y)
+    assert hvp([1.0, 2.0, 3.0], tangents=[1.0, 0.0, 0.0]) == [6.0, 0.0, 0.0]
+    assert hvp([2.0, 2.0, 3.0], tangents=[1.0, 1.0, 0.0]) == [12.0, 4.0, 0.0]
+    assert kd.reverse(f, inputs=xs, output=y)([1.0, 2.0, 3.0]) == [3.0, 8.0, -3.0]
+    assert kd.forward(f) is f.forward and kd.reverse(f) is f.reverse and kd.backward(f) is f.reverse
+
+
+@pytest.fixture(scope="module")
+def arrays(runtime):
+    a = ti.field(ti.f64, shape=N)
+    b = ti.field(ti.f64, shape=(2, 3))
+    out = ti.field(ti.f64, shape=N)
+    n = ti.field(ti.i32, shape=N)
+
+    @kd.kernel
+    def g():
+        for i in a:
+            out[i] = ti.sin(a[i]) * b[i % 2, i % 3] + a[i] ** 2
+
+    return g, a, b, out, n
+
+
+def test_factories_on_arrays_with_cotangent(arrays):
+    g, a, b, out, _ = arrays
+    rng = np.random.default_rng(0)
+    av, bv, w = rng.standard_normal(N), rng.standard_normal((2, 3)), rng.standard_normal(N)
+    ga, gb = kd.backward(g, inputs=[a, b], output=out)([av, bv], cotangent=w)
+    idx = [(i % 2, i % 3) for i in range(N)]
+    ea = w * (np.cos(av) * np.array([bv[p] for p in idx]) + 2 * av)
+    eb = np.zeros((2, 3))
+    for i, p in enumerate(idx):
+        eb[p] += w[i] * np.sin(av[i])
+    np.testing.assert_allclose(ga, ea, rtol=1e-12)
+    np.testing.assert_allclose(gb, eb, rtol=1e-12)
+    va, vb = rng.standard_normal(N), rng.standard_normal((2, 3))
+    t = kd.forward(g, inputs=[a, b], output=out)([av, bv], tangents=[va, vb])
+    np.testing.assert_allclose(np.dot(w, t), np.dot(ga, va) + np.sum(gb * vb), rtol=1e-12)
+    assert kd.check_grad(g, [a, b], out, order=2) < 1e-5
+
+
+def test_factory_errors(arrays, poly):
+    g, a, b, out, n = arrays
+    f, xs, y = poly
+    bwd = kd.backward(g, inputs=[a, b], output=out)
+    with pytest.raises(kd.KernDiffError, match="2 input field.* but 1 value"):
+        bwd([np.zeros(N)], cotangent=np.ones(N))
+    with pytest.raises(kd.KernDiffError, match=r"value.* 1 has shape \(3,\), but its field has shape \(2, 3\)"):
+        bwd([np.zeros(N), np.zeros(3)], cotangent=np.ones(N))
+    with pytest.raises(kd.KernDiffError, match="a cotangent is needed"):
+        bwd([np.zeros(N), np.zeros((2, 3))])
+    with pytest.raises(kd.KernDiffError, match="cotangent has shape"):
+        bwd([np.zeros(N), np.zeros((2, 3))], cotangent=np.ones(3))
+    with pytest.raises(kd.KernDiffError, match="not a float field"):
+        kd.backward(g, inputs=[n], output=out)
+    with pytest.raises(kd.KernDiffError, match="must be Taichi fields"):
+        kd.backward(f, inputs=[1.0], output=y)
+    with pytest.raises(kd.KernDiffError, match="tangents"):
+        kd.forward(f, inputs=xs, output=y)([1.0, 2.0, 3.0], tangents=[1.0])
+
+
+# ---------------------------------------------------------------- simulations
+@pytest.fixture(scope="module")
+def sim(runtime):
+    """A damped nonlinear oscillator chain, stepped by kernels; state indexed by time step."""
+    x = ti.field(ti.f64, shape=(T + 1, N))
+    v = ti.field(ti.f64, shape=(T + 1, N))
+    k = ti.field(ti.f64, shape=N)
+    loss = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def step(t: ti.i32):
+        for i in range(N):
+            left = x[t, (i + N - 1) % N]
+            right = x[t, (i + 1) % N]
+            f = k[i] * (left + right - 2 * x[t, i]) - 0.1 * v[t, i] - ti.sin(x[t, i])
+            v[t + 1, i] = v[t, i] + 0.1 * f
+            x[t + 1, i] = x[t, i] + 0.1 * v[t + 1, i]
+
+    @kd.kernel
+    def measure():
+        for i in range(N):
+            loss[None] += (x[T, i] - 0.5) ** 2 + 0.1 * v[T, i] ** 2
+
+    def run():
+        for t in range(T):
+            step(t)
+        measure()
+
+    return x, v, k, loss, run
+
+
+def sim_value(sim, x0, kv):
+    x, v, k, loss, run = sim
+    xs = np.zeros((T + 1, N))
+    xs[0] = x0
+    x.from_numpy(xs)
+    v.fill(0)
+    k.from_numpy(kv)
+    loss[None] = 0
+    run()
+    return loss[None]
+
+
+def test_tape_and_fwdmode_through_time_indexed_simulation(sim):
+    x, v, k, loss, run = sim
+    rng = np.random.default_rng(1)
+    x0, kv = rng.standard_normal(N), rng.uniform(0.5, 1.5, N)
+    sim_value(sim, x0, kv)
+    kd.adjoint(k)
+    with kd.Tape(loss):
+        run()
+    gk = kd.adjoint(k).to_numpy()
+    gx0 = kd.adjoint(x).to_numpy()[0]
+    h = 1e-6
+    dk = rng.standard_normal(N)
+    fd = (sim_value(sim, x0, kv + h * dk) - sim_value(sim, x0, kv - h * dk)) / (2 * h)
+    np.testing.assert_allclose(np.dot(gk, dk), fd, rtol=1e-6)
+    dx = rng.standard_normal(N)
+    fd = (sim_value(sim, x0 + h * dx, kv) - sim_value(sim, x0 - h * dx, kv)) / (2 * h)
+    np.testing.assert_allclose(np.dot(gx0, dx), fd, rtol=1e-6)
+    sim_value(sim, x0, kv)
+    with kd.FwdMode(loss=loss, param=k, seed=list(dk)):
+        run()
+    fd = (sim_value(sim, x0, kv + h * dk) - sim_value(sim, x0, kv - h * dk)) / (2 * h)
+    np.testing.assert_allclose(kd.dual(loss)[None], fd, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def inplace(runtime):
+    """The same kind of simulation with state updated in place: `copy` overwrites what `step` read."""
+    x = ti.field(ti.f64, shape=N)
+    nxt = ti.field(ti.f64, shape=N)
+    k = ti.field(ti.f64, shape=N)
+    loss = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def step():
+        for i in range(N):
+            nxt[i] = x[i] + 0.1 * (k[i] * (x[(i + 1) % N] - x[i]) - ti.sin(x[i]) ** 2)
+
+    @kd.kernel
+    def copy():
+        for i in range(N):
+            x[i] = nxt[i]
+
+    @kd.kernel
+    def measure():
+        for i in range(N):
+            loss[None] += (x[i] - 0.3) ** 2
+
+    def run():
+        for _ in range(T):
+            step()
+            copy()
+        measure()
+
+    return x, k, loss, run
+
+
+def inplace_value(prog, x0, kv):
+    x, k, loss, run = prog
+    x.from_numpy(x0)
+    k.from_numpy(kv)
+    loss[None] = 0
+    run()
+    return loss[None]
+
+
+def test_tape_with_state_overwritten_by_later_kernels(inplace):
+    x, k, loss, run = inplace
+    rng = np.random.default_rng(2)
+    x0, kv = rng.standard_normal(N), rng.uniform(0.5, 1.5, N)
+    x.from_numpy(x0)
+    k.from_numpy(kv)
+    kd.adjoint(k)  # k is only read: like any input, it is active once it has an adjoint
+    with kd.Tape(loss):
+        run()
+    final = x.to_numpy()
+    gx, gk = kd.adjoint(x).to_numpy(), kd.adjoint(k).to_numpy()
+    assert np.array_equal(final, x.to_numpy())  # the forward results are back after the reverse pass
+    h = 1e-6
+    for g, which in ((gx, 0), (gk, 1)):
+        d = rng.standard_normal(N)
+        args_p = [x0 + h * d, kv] if which == 0 else [x0, kv + h * d]
+        args_m = [x0 - h * d, kv] if which == 0 else [x0, kv - h * d]
+        fd = (inplace_value(inplace, *args_p) - inplace_value(inplace, *args_m)) / (2 * h)
+        np.testing.assert_allclose(np.dot(g, d), fd, rtol=1e-6)
+
+
+def test_check_grad_catches_a_wrong_rule(arrays, monkeypatch):
+    """The checker can fail: swap sin's derivative for -cos and it must raise with a table."""
+    from kerndiff.ad import rules
+    from kerndiff.ir import build as B
+    g, a, b, out, _ = arrays
+    a.from_numpy(np.linspace(0.1, 1.0, N))
+    b.from_numpy(np.ones((2, 3)))
+    monkeypatch.setitem(rules.PARTIALS, "sin", (lambda x, out: B.neg(B.call("cos", x)),))
+
+    @kd.kernel
+    def h():
+        for i in a:
+            out[i] = ti.sin(a[i]) * b[i % 2, i % 3]
+
+    with pytest.raises(AssertionError, match="derivatives disagree"):
+        kd.check_grad(h, [a, b], out)
