@@ -16,7 +16,8 @@ FUNCS = {"sin": "ti.sin", "cos": "ti.cos", "tan": "ti.tan", "asin": "ti.asin", "
          "atan": "ti.atan2", "exp": "ti.exp", "log": "ti.log", "sqrt": "ti.sqrt", "rsqrt": "ti.rsqrt",
          "tanh": "ti.tanh", "abs": "ti.abs", "floor": "ti.floor", "ceil": "ti.ceil", "round": "ti.round",
          "min": "ti.min", "max": "ti.max", "atan2": "ti.atan2", "select": "ti.select"}
-TAG_WORDS = {"tangent": "tangent of", "adjoint": "adjoint of", "recompute": "recompute"}
+TAG_WORDS = {"tangent": "tangent of", "adjoint": "adjoint of", "recompute": "recompute",
+             "hoist": "read once, before"}
 
 
 class Emitter:

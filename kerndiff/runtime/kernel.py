@@ -147,9 +147,10 @@ class Kernel:
         if entry is not None and entry["version"] == REGISTRY.version:
             return entry
         t0 = time.perf_counter()
+        from ..opt.finalize import finalize
         ir = self.ir(templates)
         fn_name = ir.name
-        src, g = generate(ir, fn_name)
+        src, g = generate(finalize(ir), fn_name)
         TIMINGS["transform"] += time.perf_counter() - t0
         skey = ("source", src, tuple(sorted((k, id(v)) for k, v in g.items())))
         compiled = CACHE.get(skey)

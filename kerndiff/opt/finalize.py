@@ -1,0 +1,166 @@
+"""Last rewrites before codegen, for speed only (never fed back into a transform).
+
+Inside each parallel loop:
+  * privatize: `F[i] += v` at the loop's own index i, repeated (or inside inner loops), becomes a
+    local accumulator written once per iteration — turning N² atomics into N for pair loops;
+  * demote: an atomic add whose index is the loop's own index, on a field that the loop touches at
+    no other index, becomes a plain read-modify-write (each element belongs to one iteration);
+  * hoist: reads of 0-d fields the kernel does not write (seed adjoints such as `loss_adj[None]`)
+    are read once before the loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..ir import build as B
+from ..ir import nodes as N
+from ..ir.walk import blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_expr, rebuild_stmt
+
+
+def _own_index(index, loop):
+    return len(index) == len(loop.vars) and all(isinstance(e, N.Var) and e.name == v
+                                                 for e, v in zip(index, loop.vars))
+
+
+def _accesses(body):
+    """(kind, ref, index) of every field access in body."""
+    out = []
+    for s in iter_stmts(body):
+        for e in expr_children_of_stmt(s):
+            for x in iter_expr(e):
+                if isinstance(x, N.Load):
+                    out.append(("load", x.ref, x.index))
+        if isinstance(s, (N.Store, N.Atomic)):
+            out.append(("store" if isinstance(s, N.Store) else s.op, s.ref, s.index))
+    return out
+
+
+def _has_continue(stmts):
+    for s in stmts:
+        if isinstance(s, N.Continue):
+            return True
+        if isinstance(s, N.If) and (_has_continue(s.then) or _has_continue(s.orelse)):
+            return True
+    return False
+
+
+def _privatize(loop, names):
+    acc = _accesses(loop.body)
+    loaded = {id(r.field) for k, r, _ in acc if k == "load"}
+    targets = {}
+    for k, ref, index in acc:
+        if k == "add" and _own_index(index, loop) and id(ref.field) not in loaded:
+            targets.setdefault(ref, 0)
+            targets[ref] += 1
+    counts = {}
+    for s in iter_stmts(loop.body):
+        if isinstance(s, N.Atomic) and s.op == "add" and s.ref in targets and _own_index(s.index, loop):
+            counts[s.ref] = counts.get(s.ref, 0) + (2 if _in_inner_loop(loop.body, s) else 1)
+    chosen = {r for r, c in counts.items() if c > 1}
+    if not chosen or _has_continue(loop.body):
+        return loop
+    local = {r: names.fresh(f"{r.name}{''.join(f'_{c}' for c in r.component)}_acc") for r in chosen}
+
+    def rewrite(stmts):
+        out = []
+        for s in stmts:
+            if isinstance(s, N.Atomic) and s.op == "add" and s.ref in chosen and _own_index(s.index, loop):
+                v = B.var(local[s.ref], s.ref.dtype)
+                out.append(N.Assign(v.name, B.add(v, s.value), src=s.src, tag=s.tag))
+                continue
+            blocks = blocks_of(s)
+            if blocks:
+                s = rebuild_stmt(s, [tuple(rewrite(b)) for b in blocks])
+            out.append(s)
+        return out
+
+    pre = [N.Assign(local[r], B.const(0, r.dtype)) for r in chosen]
+    post = [N.Atomic("add", r, tuple(B.var(v, "i32") for v in loop.vars), B.var(local[r], r.dtype))
+            for r in chosen]
+    return dataclasses.replace(loop, body=tuple(pre + rewrite(loop.body) + post))
+
+
+def _in_inner_loop(body, target):
+    for s in body:
+        if s is target:
+            return False
+        if isinstance(s, (N.For, N.While)):
+            if any(x is target for x in iter_stmts(s.body)):
+                return True
+        elif isinstance(s, N.If):
+            for b in (s.then, s.orelse):
+                if any(x is target for x in iter_stmts(b)):
+                    return _in_inner_loop(b, target)
+    return False
+
+
+def _demote(loop):
+    acc = _accesses(loop.body)
+    own = {}
+    for k, ref, index in acc:
+        ok = _own_index(index, loop)
+        own[id(ref.field)] = own.get(id(ref.field), True) and ok
+    demotable = {f for f, ok in own.items() if ok}
+
+    def rewrite(stmts):
+        out = []
+        for s in stmts:
+            if isinstance(s, N.Atomic) and s.op == "add" and id(s.ref.field) in demotable:
+                s = N.Store(s.ref, s.index, B.add(B.load(s.ref, s.index), s.value), src=s.src, tag=s.tag)
+            blocks = blocks_of(s)
+            if blocks:
+                s = rebuild_stmt(s, [tuple(rewrite(b)) for b in blocks])
+            out.append(s)
+        return out
+
+    return dataclasses.replace(loop, body=tuple(rewrite(loop.body)))
+
+
+def _hoist(loop, written, names):
+    """Read 0-d fields that nothing in the kernel writes once, before the loop."""
+    hoisted = {}
+
+    def visit(e):
+        if isinstance(e, N.Load) and not e.index and id(e.ref.field) not in written:
+            key = e.ref
+            if key not in hoisted:
+                comp = "".join(f"_{c}" for c in e.ref.component)
+                hoisted[key] = (names.fresh(f"{e.ref.name}{comp}_v"), e)
+            return B.var(hoisted[key][0], e.dtype)
+        return e
+
+    def rewrite(stmts):
+        out = []
+        for s in stmts:
+            if isinstance(s, N.Assign):
+                s = dataclasses.replace(s, value=map_expr(s.value, visit))
+            elif isinstance(s, (N.Store, N.Atomic)):
+                s = dataclasses.replace(s, index=tuple(map_expr(i, visit) for i in s.index),
+                                        value=map_expr(s.value, visit))
+            elif isinstance(s, N.If):
+                s = dataclasses.replace(s, cond=map_expr(s.cond, visit))
+            blocks = blocks_of(s)
+            if blocks:
+                s = rebuild_stmt(s, [tuple(rewrite(b)) for b in blocks])
+            out.append(s)
+        return out
+
+    body = tuple(rewrite(loop.body))
+    pre = [N.Assign(name, load, src=loop.src, tag="hoist") for name, load in hoisted.values()]
+    return pre, dataclasses.replace(loop, body=body)
+
+
+def finalize(ir: N.KernelIR) -> N.KernelIR:
+    from ..ad.names import NameAllocator
+    from ..ir.walk import assigned_names, used_names
+
+    names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
+    written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
+    out = []
+    for s in ir.body:
+        if isinstance(s, N.For) and s.parallel:
+            s = _demote(_privatize(s, names))
+            pre, s = _hoist(s, written, names)
+            out.extend(pre)
+        out.append(s)
+    return dataclasses.replace(ir, body=tuple(out))
