@@ -2,9 +2,10 @@
 
 The Tape records the kerndiff kernels launched inside it. Reverse kernels read primal values from
 fields, so a later kernel that overwrites a field an earlier one read would corrupt the earlier
-reverse pass; the Tape therefore snapshots, before each launch, the fields the kernel writes that
-an earlier recorded kernel read or wrote, and restores them while it walks back. Memory cost: one
-copy of each such field per launch that overwrites it (nothing for kernels writing fresh fields).
+reverse pass; the Tape therefore snapshots, before each launch, each field the kernel may
+overwrite where an earlier recorded launch read or wrote it, and restores it while it walks back.
+Index patterns evaluated with each launch's scalar arguments tell `x[t + 1, i]` (fresh, no copy)
+from `x[i]` (copied). Memory cost: one copy of such a field per launch that overwrites it.
 After the reverse pass, the fields hold the forward results again, as after a plain run.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ _ACTIVE = []
 
 def intercept(kernel, args, kwargs):
     """Called by every kernel launch: a Tape records it, a FwdMode turns it into its forward."""
-    if not _ACTIVE or kernel.path:
+    if not _ACTIVE:
         return None
     ctx = _ACTIVE[-1]
     return ctx.launch(kernel, args, kwargs)
@@ -45,7 +46,7 @@ class Tape:
         self.loss = loss
         self.clear_gradients = clear_gradients
         self.records = []  # (kernel, args, kwargs, {id(field): (field, snapshot before launch)})
-        self.touched = {}  # id(field) -> field read or written by an earlier recorded kernel
+        self.touched = {}  # id(field) -> index patterns earlier recorded launches accessed
 
     def __enter__(self):
         if _ACTIVE:
@@ -59,15 +60,23 @@ class Tape:
         return self
 
     def launch(self, kernel, args, kwargs):
+        from .ad.hazards import overlap
+
         def run():
-            written, read_ = kernel.fields(*args, **kwargs)
+            accesses = kernel.footprint(*args, **kwargs)
             saved = {}
-            for f in written:
-                if id(f) in self.touched:
+            for f, kind, index in accesses:
+                if kind != "write" or id(f) in saved:
+                    continue
+                # Snapshot only if this launch may overwrite an element an earlier one touched
+                # (x[t + 1, i] = ... after reads of x[t, i] needs nothing).
+                if any(overlap(index, old) for old in self.touched.get(id(f), ())):
                     saved[id(f)] = (f, _snapshot(f))
             out = kernel.launch(*args, **kwargs)
-            for f in written + read_:
-                self.touched[id(f)] = f
+            for f, kind, index in accesses:
+                seen = self.touched.setdefault(id(f), [])
+                if index not in seen:
+                    seen.append(index)
             self.records.append((kernel, args, kwargs, saved))
             return out
         return run

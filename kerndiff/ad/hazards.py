@@ -91,3 +91,29 @@ def check_overwrites(ir: N.KernelIR):
                 raise KernDiffError("this loop reads a field it accumulates into; the value read depends on "
                                     "the order of the parallel iterations", rs.src,
                                     "read it in a later loop or a later kernel")
+
+
+def footprints(ir: N.KernelIR):
+    """Per field access: (field, 'read'|'write', index pattern) where each index dimension is an
+    affine form of the kernel's parameters (evaluated per launch by `concrete`) or None (any)."""
+    params = {p.name for p in ir.params}
+    out = []
+    for pos, kind, f, s, top, index in _events(ir.body):
+        out.append((f, "read" if kind == "read" else "write", tuple(_affine(e, params) for e in index)))
+    return out
+
+
+def concrete(pattern, values: dict):
+    """Evaluate an index pattern with the launch's scalar arguments (None stays 'any element')."""
+    out = []
+    for form in pattern:
+        if form is None:
+            out.append(None)
+        else:
+            coeffs, const = form
+            out.append(const + sum(c * values[k] for k, c in coeffs.items()))
+    return tuple(out)
+
+
+def overlap(a, b):
+    return all(x is None or y is None or x == y for x, y in zip(a, b))

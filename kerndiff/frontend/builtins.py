@@ -145,6 +145,14 @@ def _py_minmax(op, pyfn):
     return handler
 
 
+def _py_sum(lw, node, args, kwargs):
+    items = args[0].items if isinstance(args[0], Vec) else list(args[0])
+    out = args[1] if len(args) > 1 else 0
+    for e in items:
+        out = lw.binary("add", out, e, node)
+    return out
+
+
 def _static(lw, node, args, kwargs):
     return args[0] if len(args) == 1 else tuple(args)
 
@@ -189,6 +197,7 @@ def build_table():
     table[min] = _py_minmax("min", min)
     table[max] = _py_minmax("max", max)
     table[len] = _py_len
+    table[sum] = _py_sum
     for name in dir(math):  # math.* on compile-time numbers only
         f = getattr(math, name)
         if callable(f):

@@ -575,6 +575,47 @@ class Lowerer:
         except Exception as e:
             raise self.error(node, f"cannot index {base!r}: {e}", "check the index")
 
+    def expr_ListComp(self, node):
+        """[e for k in ti.static(range(n)) if c]: unrolled at compile time, as Taichi does."""
+        out = []
+
+        def walk(generators):
+            if not generators:
+                out.append(self.expr(node.elt))
+                return
+            gen = generators[0]
+            it = self.expr(gen.iter)
+            from .loops import RangeSpec
+            if isinstance(it, RangeSpec) and len(it.bounds) == 1 and all(isinstance(b, int) for b in it.bounds[0]):
+                it = range(it.bounds[0][0], it.bounds[0][1], it.step)
+            if isinstance(it, Vec):
+                it = list(it.items) if it.is_vector else [it.row(i) for i in range(it.shape[0])]
+            if not isinstance(it, (range, list, tuple)):
+                raise self.error(gen.iter, "a comprehension must iterate over compile-time values",
+                                 "use ti.static(range(n)) or a Python list")
+            for value in it:
+                saved = dict(self.scope)
+                self.assign_static(gen.target, value, node)
+                conds = [self.expr(c) for c in gen.ifs]
+                if any(isinstance(c, N.Expr) for c in conds):
+                    raise self.error(gen, "a comprehension's condition must be a compile-time value",
+                                     "use ti.select or an if statement instead")
+                if all(conds):
+                    walk(generators[1:])
+                self.scope = saved
+
+        walk(node.generators)
+        return out
+
+    def assign_static(self, target, value, node):
+        if isinstance(target, ast.Name):
+            self.scope[target.id] = value
+        elif isinstance(target, ast.Tuple):
+            for t, v in zip(target.elts, value):
+                self.assign_static(t, v, node)
+        else:
+            raise self.error(node, "unsupported comprehension target", "use names")
+
     def expr_BinOp(self, node):
         a, b = self.expr(node.left), self.expr(node.right)
         if isinstance(node.op, ast.MatMult):

@@ -73,7 +73,7 @@ class Kernel:
     # ---------------------------------------------------------------- signature
     def signature(self):
         if self._signature is None:
-            sig = inspect.signature(self.fn)
+            sig = inspect.signature(self.fn, eval_str=True)  # also under `from __future__ import annotations`
             params = []
             for p in sig.parameters.values():
                 ann = p.annotation
@@ -127,15 +127,25 @@ class Kernel:
     def fields(self, *args, **kwargs):
         """(fields the primal writes, fields it only reads) for these arguments."""
         from ..ad.activity import read_refs, written_fields
-        from ..pipeline import base_ir
         templates, _, _ = self._bind(args, kwargs)
-        ir = base_ir(self.root, templates)
+        ir = self._compiled(templates)["ir"]  # this kernel's own (transformed) IR
         written = written_fields(ir.body)
         read_ = []
         for r in read_refs(ir.body):
             if not any(r.field is f for f in written + read_):
                 read_.append(r.field)
         return written, read_
+
+    def footprint(self, *args, **kwargs):
+        """Concrete per-launch field accesses [(field, 'read'|'write', index pattern)], see hazards."""
+        from ..ad.hazards import concrete, footprints
+        templates, scalars, _ = self._bind(args, kwargs)
+        entry = self._compiled(templates)
+        if "footprints" not in entry:
+            entry["footprints"] = footprints(entry["ir"])
+        values = {n: v for n, _, v in scalars}
+        values.update({p.name: 1.0 for p in entry["ir"].params if p.name not in values})
+        return [(f, kind, concrete(p, values)) for f, kind, p in entry["footprints"]]
 
     def _compiled(self, templates):
         from ..codegen.load import compile_source, generate

@@ -1,0 +1,382 @@
+"""Benchmark workloads, one per process: `python -m bench.workloads W2 [--quick] [--arch cpu|gpu]`.
+
+Each workload is written the natural way in every system (kerndiff; Taichi 1.7.4's own AD;
+JAX jit; PyTorch eager), checks that the systems agree on each value, then times each operation
+after warm-up: median of >= 7 runs with min and max. Prints one JSON object per row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+REPS = 7
+
+
+def timeit(fn, sync, reps=REPS):
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), float(np.min(times)), float(np.max(times))
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def run_systems(workload, systems, rtol):
+    """systems: {system: (sync, {op: (fn, value_fn) or None})}; checks agreement, then times."""
+    values = {}
+    for system, (sync, ops) in systems.items():
+        for op, spec in ops.items():
+            if spec is None:
+                emit(workload=workload, op=op, system=system, median=None, min=None, max=None, value=None)
+                continue
+            fn, value = spec
+            fn()
+            sync()
+            v = float(value())
+            values.setdefault(op, {})[system] = v
+            med, lo, hi = timeit(fn, sync)
+            emit(workload=workload, op=op, system=system, median=med, min=lo, max=hi, value=v)
+    for op, vs in values.items():
+        ref = vs.get("kerndiff", next(iter(vs.values())))
+        bad = {s: v for s, v in vs.items() if not np.isclose(v, ref, rtol=rtol, atol=rtol * abs(ref) + 1e-9)}
+        emit(workload=workload, op=op, check="agree" if not bad else f"DISAGREE {vs}")
+
+
+def init_taichi(arch, **kw):
+    import taichi as ti
+    ti.init(arch=ti.gpu if arch == "gpu" else ti.cpu, default_fp=ti.f32, offline_cache=False, **kw)
+    return ti
+
+
+def jax_mod():
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    return jax
+
+
+def torch_mod():
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch
+
+
+def fwdmode_runner(ti, loss, param, seed, kernel, *args):
+    """Taichi's forward mode: FwdMode seeds once; kernels called inside run forward-mode code."""
+    mgr = ti.ad.FwdMode(loss=loss, param=param, seed=list(seed))
+    mgr.__enter__()
+
+    def run():
+        loss.dual[None] = 0
+        kernel(*args)
+
+    return run, mgr
+
+
+# ----------------------------------------------------------------------------- W1
+def w1(args):
+    n = 10**5 if args.quick else 10**7
+    rng = np.random.default_rng(0)
+    xv, yv = rng.random(n, dtype=np.float32), rng.random(n, dtype=np.float32)
+    d = rng.standard_normal(n).astype(np.float32)
+    ti = init_taichi(args.arch)
+    import kerndiff as kd
+    x = ti.field(ti.f32, shape=n, needs_grad=True, needs_dual=True)
+    y = ti.field(ti.f32, shape=n, needs_grad=True, needs_dual=True)
+    loss = ti.field(ti.f32, shape=(), needs_grad=True, needs_dual=True)
+    x.from_numpy(xv)
+    y.from_numpy(yv)
+
+    def energy():
+        for i in x:
+            loss[None] += ti.sin(x[i]) * ti.exp(y[i])
+
+    tk, kk = ti.kernel(energy), kd.kernel(energy)
+
+    def primal(k):
+        def run():
+            loss[None] = 0
+            k()
+        return run, lambda: loss[None]
+
+    def grad(rev):
+        def run():
+            x.grad.fill(0)
+            loss.grad[None] = 1
+            rev()
+        return run, lambda: np.dot(x.grad.to_numpy().astype(np.float64), d)
+
+    def kd_jvp():
+        loss.dual[None] = 0
+        kk.forward()
+
+    x.dual.from_numpy(d)
+    systems = {"kerndiff": (ti.sync, {"primal": primal(kk), "grad": grad(kk.reverse),
+                                      "jvp": (kd_jvp, lambda: loss.dual[None])})}
+    run_systems("W1", systems, 2e-3)
+    ti_fwd, mgr = fwdmode_runner(ti, loss, x, d, tk)
+    systems = {"taichi": (ti.sync, {"jvp": (ti_fwd, lambda: loss.dual[None])})}
+    run_systems("W1", systems, 2e-3)
+    mgr.__exit__(None, None, None)
+    systems = {"taichi": (ti.sync, {"primal": primal(tk), "grad": grad(tk.grad)})}
+
+    jax = jax_mod()
+    jnp = jax.numpy
+    jx, jy, jd = jnp.asarray(xv), jnp.asarray(yv), jnp.asarray(d)
+    f = jax.jit(lambda x, y: jnp.sum(jnp.sin(x) * jnp.exp(y)))
+    g = jax.jit(jax.grad(f))
+    jv = jax.jit(lambda x, y, d: jax.jvp(lambda a: f(a, y), (x,), (d,))[1])
+    systems["jax"] = (lambda: None, {
+        "primal": (lambda: f(jx, jy).block_until_ready(), lambda: f(jx, jy)),
+        "grad": (lambda: g(jx, jy).block_until_ready(), lambda: jnp.dot(g(jx, jy), jd)),
+        "jvp": (lambda: jv(jx, jy, jd).block_until_ready(), lambda: jv(jx, jy, jd))})
+    torch = torch_mod()
+    tx, ty, td = torch.tensor(xv, requires_grad=True), torch.tensor(yv), torch.tensor(d)
+
+    def t_primal():
+        with torch.no_grad():
+            return (torch.sin(tx) * torch.exp(ty)).sum()
+
+    def t_grad():
+        tx.grad = None
+        (torch.sin(tx) * torch.exp(ty)).sum().backward()
+        return tx.grad
+
+    def t_jvp():
+        return torch.func.jvp(lambda a: (torch.sin(a) * torch.exp(ty)).sum(), (tx.detach(),), (td,))[1]
+
+    systems["torch"] = (lambda: None, {"primal": (t_primal, t_primal),
+                                       "grad": (t_grad, lambda: torch.dot(t_grad().double(), td.double())),
+                                       "jvp": (t_jvp, t_jvp)})
+    run_systems("W1", systems, 2e-3)
+
+
+# ----------------------------------------------------------------------------- W2
+def spring_data(quick, rng):
+    P, S = (10**4, 4 * 10**4) if quick else (10**6, 4 * 10**6)
+    pos = rng.random((P, 2), dtype=np.float32)
+    ends = rng.integers(0, P, (S, 2)).astype(np.int32)
+    ends[:, 1] = np.where(ends[:, 1] == ends[:, 0], (ends[:, 0] + 1) % P, ends[:, 1])
+    rest = (rng.random(S, dtype=np.float32) * 0.01).astype(np.float32)
+    return pos, ends, rest
+
+
+def w2(args):
+    rng = np.random.default_rng(0)
+    posv, endsv, restv = spring_data(args.quick, rng)
+    P, S = len(posv), len(endsv)
+    v = rng.standard_normal((P, 2)).astype(np.float32)
+    u = rng.standard_normal((P, 2)).astype(np.float32)
+    ti = init_taichi(args.arch)
+    import kerndiff as kd
+    pos = ti.Vector.field(2, ti.f32, shape=P, needs_grad=True)
+    ends = ti.Vector.field(2, ti.i32, shape=S)
+    rest = ti.field(ti.f32, shape=S)
+    E = ti.field(ti.f32, shape=(), needs_grad=True)
+    pos.from_numpy(posv)
+    ends.from_numpy(endsv)
+    rest.from_numpy(restv)
+
+    def energy():
+        for s in range(S):
+            d = pos[ends[s][0]] - pos[ends[s][1]]
+            E[None] += 0.5 * (d.norm() - rest[s]) ** 2
+
+    tk, kk = ti.kernel(energy), kd.kernel(energy)
+
+    def primal(k):
+        def run():
+            E[None] = 0
+            k()
+        return run, lambda: E[None]
+
+    def grad(rev):
+        def run():
+            pos.grad.fill(0)
+            E.grad[None] = 1
+            rev()
+        return run, lambda: np.sum(pos.grad.to_numpy().astype(np.float64) * u)
+
+    kd.dual(pos).from_numpy(v)
+    kk.forward()
+    hv = kd.dual(pos.grad)
+
+    def kd_hvp():
+        hv.fill(0)
+        pos.grad.fill(0)
+        E.grad[None] = 1
+        kk.reverse.forward()
+
+    systems = {"kerndiff": (ti.sync, {"primal": primal(kk), "grad": grad(kk.reverse),
+                                      "hvp": (kd_hvp, lambda: np.sum(hv.to_numpy().astype(np.float64) * u))}),
+               "taichi": (ti.sync, {"primal": primal(tk), "grad": grad(tk.grad), "hvp": None})}
+
+    jax = jax_mod()
+    jnp = jax.numpy
+    a, b, r = jnp.asarray(endsv[:, 0]), jnp.asarray(endsv[:, 1]), jnp.asarray(restv)
+
+    def jenergy(p):
+        d = p[a] - p[b]
+        return jnp.sum(0.5 * (jnp.sqrt(jnp.sum(d * d, axis=1)) - r) ** 2)
+
+    jp, jv_, ju = jnp.asarray(posv), jnp.asarray(v), jnp.asarray(u)
+    f = jax.jit(jenergy)
+    g = jax.jit(jax.grad(jenergy))
+    h = jax.jit(lambda p, t: jax.jvp(jax.grad(jenergy), (p,), (t,))[1])
+    systems["jax"] = (lambda: None, {
+        "primal": (lambda: f(jp).block_until_ready(), lambda: f(jp)),
+        "grad": (lambda: g(jp).block_until_ready(), lambda: jnp.sum(g(jp) * ju)),
+        "hvp": (lambda: h(jp, jv_).block_until_ready(), lambda: jnp.sum(h(jp, jv_) * ju))})
+    torch = torch_mod()
+    ta, tb = torch.tensor(endsv[:, 0].astype(np.int64)), torch.tensor(endsv[:, 1].astype(np.int64))
+    tr, tp = torch.tensor(restv), torch.tensor(posv, requires_grad=True)
+    tv, tu = torch.tensor(v), torch.tensor(u)
+
+    def tenergy(p):
+        d = p[ta] - p[tb]
+        return (0.5 * (torch.sqrt((d * d).sum(1)) - tr) ** 2).sum()
+
+    def t_primal():
+        with torch.no_grad():
+            return tenergy(tp)
+
+    def t_grad():
+        tp.grad = None
+        tenergy(tp).backward()
+        return tp.grad
+
+    def t_hvp():
+        (gp,) = torch.autograd.grad(tenergy(tp), tp, create_graph=True)
+        (hvp,) = torch.autograd.grad(gp, tp, grad_outputs=tv)
+        return hvp
+
+    systems["torch"] = (lambda: None, {"primal": (t_primal, t_primal),
+                                       "grad": (t_grad, lambda: (t_grad().double() * tu.double()).sum()),
+                                       "hvp": (t_hvp, lambda: (t_hvp().double() * tu.double()).sum())})
+    run_systems("W2", systems, 5e-3)
+
+
+# ----------------------------------------------------------------------------- W3
+def w3(args):
+    n = 512 if args.quick else 4096
+    rng = np.random.default_rng(0)
+    posv = (rng.random((n, 3), dtype=np.float32) * 10).astype(np.float32)
+    v = rng.standard_normal((n, 3)).astype(np.float32)
+    u = rng.standard_normal((n, 3)).astype(np.float32)
+    ti = init_taichi(args.arch, ad_stack_size=n + 8)
+    import kerndiff as kd
+    pos = ti.Vector.field(3, ti.f32, shape=n, needs_grad=True)
+    E = ti.field(ti.f32, shape=(), needs_grad=True)
+    pos.from_numpy(posv)
+
+    def energy():
+        for i in range(n):
+            e = 0.0
+            for j in range(n):
+                if i != j:
+                    r2 = (pos[i] - pos[j]).norm_sqr() + 0.01
+                    e += 1.0 / ti.sqrt(r2) + 0.1 / r2
+            E[None] += 0.5 * e
+
+    tk, kk = ti.kernel(energy), kd.kernel(energy)
+
+    def primal(k):
+        def run():
+            E[None] = 0
+            k()
+        return run, lambda: E[None]
+
+    def grad(rev):
+        def run():
+            pos.grad.fill(0)
+            E.grad[None] = 1
+            rev()
+        return run, lambda: np.sum(pos.grad.to_numpy().astype(np.float64) * u)
+
+    kd.dual(pos).from_numpy(v)
+    kk.forward()
+    hv = kd.dual(pos.grad)
+
+    def kd_hvp():
+        hv.fill(0)
+        pos.grad.fill(0)
+        E.grad[None] = 1
+        kk.reverse.forward()
+
+    systems = {"kerndiff": (ti.sync, {"primal": primal(kk), "grad": grad(kk.reverse),
+                                      "hvp": (kd_hvp, lambda: np.sum(hv.to_numpy().astype(np.float64) * u))}),
+               "taichi": (ti.sync, {"primal": primal(tk), "grad": grad(tk.grad), "hvp": None})}
+    jax = jax_mod()
+    jnp = jax.numpy
+    eye = jnp.eye(n, dtype=bool)
+
+    def jenergy(p):
+        d = p[:, None, :] - p[None, :, :]
+        r2 = jnp.sum(d * d, axis=-1) + 0.01
+        e = jnp.where(eye, 0.0, 1.0 / jnp.sqrt(r2) + 0.1 / r2)
+        return 0.5 * jnp.sum(e)
+
+    jp, jv_, ju = jnp.asarray(posv), jnp.asarray(v), jnp.asarray(u)
+    f, g = jax.jit(jenergy), jax.jit(jax.grad(jenergy))
+    h = jax.jit(lambda p, t: jax.jvp(jax.grad(jenergy), (p,), (t,))[1])
+    systems["jax"] = (lambda: None, {
+        "primal": (lambda: f(jp).block_until_ready(), lambda: f(jp)),
+        "grad": (lambda: g(jp).block_until_ready(), lambda: jnp.sum(g(jp) * ju)),
+        "hvp": (lambda: h(jp, jv_).block_until_ready(), lambda: jnp.sum(h(jp, jv_) * ju))})
+    torch = torch_mod()
+    tp = torch.tensor(posv, requires_grad=True)
+    tv, tu = torch.tensor(v), torch.tensor(u)
+    teye = torch.eye(n, dtype=torch.bool)
+
+    def tenergy(p):
+        d = p[:, None, :] - p[None, :, :]
+        r2 = (d * d).sum(-1) + 0.01
+        return 0.5 * torch.where(teye, 0.0, 1.0 / torch.sqrt(r2) + 0.1 / r2).sum()
+
+    def t_primal():
+        with torch.no_grad():
+            return tenergy(tp)
+
+    def t_grad():
+        tp.grad = None
+        tenergy(tp).backward()
+        return tp.grad
+
+    def t_hvp():
+        (gp,) = torch.autograd.grad(tenergy(tp), tp, create_graph=True)
+        return torch.autograd.grad(gp, tp, grad_outputs=tv)[0]
+
+    systems["torch"] = (lambda: None, {"primal": (t_primal, t_primal),
+                                       "grad": (t_grad, lambda: (t_grad().double() * tu.double()).sum()),
+                                       "hvp": (t_hvp, lambda: (t_hvp().double() * tu.double()).sum())})
+    run_systems("W3", systems, 5e-3)
+
+
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("workload")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--arch", default="cpu")
+    p.add_argument("--cache-dir", default=None, help="compile latency: Taichi offline cache directory")
+    p.add_argument("--cache-label", default="off", help="compile latency: cold / warm / off")
+    args = p.parse_args()
+    from . import more_workloads  # noqa: F401  (registers W4, W5 and compile latency)
+    from . import workloads as registry  # the imported module (this file may be __main__)
+    registry.WORKLOADS[args.workload](args)
+
+
+if __name__ == "__main__":
+    main()
