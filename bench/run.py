@@ -1,0 +1,131 @@
+"""Run the benchmark suite: each workload in its own process, then a table and the ratios.
+
+    python -m bench [--quick] [--arch cpu|gpu] [--json PATH] [--only W1,W2] [--markdown PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+WORKLOADS = ["W1", "W2", "W3", "W4", "W5"]
+TARGETS = [  # (description, numerator, denominator, limit)
+    ("W1 kerndiff reverse / Taichi grad", ("W1", "grad", "kerndiff"), ("W1", "grad", "taichi"), 0.8),
+    ("W2 kerndiff reverse / Taichi grad", ("W2", "grad", "kerndiff"), ("W2", "grad", "taichi"), 0.8),
+    ("W3 kerndiff reverse / Taichi grad", ("W3", "grad", "kerndiff"), ("W3", "grad", "taichi"), 0.8),
+    ("W1 kerndiff reverse / kerndiff primal", ("W1", "grad", "kerndiff"), ("W1", "primal", "kerndiff"), 3),
+    ("W2 kerndiff reverse / kerndiff primal", ("W2", "grad", "kerndiff"), ("W2", "primal", "kerndiff"), 3),
+    ("W3 kerndiff reverse / kerndiff primal", ("W3", "grad", "kerndiff"), ("W3", "primal", "kerndiff"), 25),
+    ("W2 HVP / kerndiff reverse", ("W2", "hvp", "kerndiff"), ("W2", "grad", "kerndiff"), 2),
+    ("W3 HVP / kerndiff reverse", ("W3", "hvp", "kerndiff"), ("W3", "grad", "kerndiff"), 2),
+    ("W2 kerndiff grad / JAX grad", ("W2", "grad", "kerndiff"), ("W2", "grad", "jax"), 1),
+    ("W2 kerndiff HVP / JAX HVP", ("W2", "hvp", "kerndiff"), ("W2", "hvp", "jax"), 1),
+    ("W3 kerndiff grad / JAX grad", ("W3", "grad", "kerndiff"), ("W3", "grad", "jax"), 1),
+    ("W3 kerndiff HVP / JAX HVP", ("W3", "hvp", "kerndiff"), ("W3", "hvp", "jax"), 1),
+    ("W2 kerndiff grad / PyTorch grad", ("W2", "grad", "kerndiff"), ("W2", "grad", "torch"), 1),
+    ("W2 kerndiff HVP / PyTorch HVP", ("W2", "hvp", "kerndiff"), ("W2", "hvp", "torch"), 1),
+    ("W3 kerndiff grad / PyTorch grad", ("W3", "grad", "kerndiff"), ("W3", "grad", "torch"), 1),
+    ("W3 kerndiff HVP / PyTorch HVP", ("W3", "hvp", "kerndiff"), ("W3", "hvp", "torch"), 1),
+    ("W4 Laplacian / kerndiff primal", ("W4", "laplacian", "kerndiff"), ("W4", "primal", "kerndiff"), 3),
+]
+
+
+def run_workload(name, args, extra=()):
+    cmd = [sys.executable, "-m", "bench.workloads", name, "--arch", args.arch] + (["--quick"] if args.quick else [])
+    cmd += list(extra)
+    env = dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        rows.append({"workload": name, "error": " | ".join(tail)})
+    return rows
+
+
+def machine():
+    import multiprocessing
+    return f"{platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} cores, " \
+           f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+
+
+def fmt(t):
+    if t is None:
+        return "n/a"
+    return f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def report(rows, args):
+    lines = [f"machine: {machine()}; arch={args.arch}; {'quick' if args.quick else 'full'} sizes", ""]
+    lines.append("| workload | op | system | median | min–max | value |")
+    lines.append("|---|---|---|---|---|---|")
+    times = {}
+    for r in rows:
+        if "system" in r and "median" in r:
+            times[(r["workload"], r["op"], r["system"])] = r["median"]
+            rng = "n/a" if r["min"] is None else f"{fmt(r['min'])}–{fmt(r['max'])}"
+            val = "n/a" if r["value"] is None else f"{r['value']:.6g}"
+            lines.append(f"| {r['workload']} | {r['op']} | {r['system']} | {fmt(r['median'])} | {rng} | {val} |")
+    lines.append("")
+    lines.append("| compile latency (W2) | cache | total | kerndiff transform | Taichi (compile + 1 run) | transform share |")
+    lines.append("|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("workload") == "compile" and "total" in r:
+            share = r["transform"] / max(r["taichi"], 1e-12)
+            lines.append(f"| {r['op']} | {r['cache']} | {fmt(r['total'])} | {fmt(r['transform'])} | "
+                         f"{fmt(r['taichi'])} | {share:.0%} |")
+    lines.append("")
+    lines.append("| target | ratio | limit | met |")
+    lines.append("|---|---|---|---|")
+    for desc, num, den, limit in TARGETS:
+        a, b = times.get(num), times.get(den)
+        if a is None or b is None:
+            lines.append(f"| {desc} | n/a | ≤ {limit} | – |")
+            continue
+        ratio = a / b
+        lines.append(f"| {desc} | {ratio:.2f} | ≤ {limit} | {'yes' if ratio <= limit else 'no'} |")
+    checks = [r for r in rows if "check" in r]
+    bad = [r for r in checks if r["check"] != "agree"]
+    lines.append("")
+    lines.append(f"value checks: {len(checks) - len(bad)} of {len(checks)} rows agree across systems"
+                 + ("" if not bad else "; DISAGREE: " + "; ".join(f"{r['workload']} {r['op']}" for r in bad)))
+    errors = [r for r in rows if "error" in r]
+    for r in errors:
+        lines.append(f"error in {r['workload']}: {r['error']}")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small sizes: a sub-minute smoke run")
+    p.add_argument("--arch", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--json", help="write all rows as JSON here")
+    p.add_argument("--markdown", help="write the report as Markdown here")
+    p.add_argument("--only", help="comma-separated workloads (W1..W5, compile)")
+    args = p.parse_args()
+    names = args.only.split(",") if args.only else WORKLOADS + ["compile"]
+    rows = []
+    for name in names:
+        if name == "compile":
+            cache = tempfile.mkdtemp(prefix="kerndiff_ticache_")
+            rows += run_workload("compile", args, ["--cache-dir", cache, "--cache-label", "cold"])
+            rows += run_workload("compile", args, ["--cache-dir", cache, "--cache-label", "warm"])
+        else:
+            rows += run_workload(name, args)
+        print(f"[bench] {name} done", file=sys.stderr, flush=True)
+    text = report(rows, args)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "arch": args.arch, "quick": args.quick, "rows": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Every demo, with tiny sizes on the CPU, must meet its own success criterion (so demos cannot rot)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import taichi as ti
+
+DEMOS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demos")
+sys.path.insert(0, DEMOS)
+
+
+@pytest.fixture
+def f64():
+    ti.init(arch=ti.cpu, default_fp=ti.f64)
+    yield
+    ti.reset()
+
+
+@pytest.fixture
+def f32():
+    ti.init(arch=ti.cpu, default_fp=ti.f32)
+    yield
+    ti.reset()
+
+
+def test_quickstart_runs_and_checks_its_results():
+    out = subprocess.run([sys.executable, os.path.join(DEMOS, "quickstart.py")], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "quickstart: all results as expected" in out.stdout
+
+
+def test_newton_converges_quadratically(f64):
+    import newton_mass_spring as demo
+    result = demo.solve(5, tol=1e-8, max_steps=25, verbose=False)
+    r = result["residuals"]
+    assert result["converged"] and r[-1] < 1e-8
+    assert r[-1] < r[-2] ** 1.5  # quadratic-ish at the end
+
+
+def test_billiards_loss_falls_tenfold(f64):
+    import diff_sim_control as demo
+    history, paths, v0 = demo.optimise(steps=60, iters=60, verbose=False)
+    assert history[-1] < history[0] / 10
+
+
+def test_pinn_trains(f32):
+    import pinn_poisson as demo
+    history, rel, u, exact, secs = demo.train(steps=300, width=6, n_pde=120, n_bc=40, verbose=False)
+    assert history[-1] < history[0] / 10
+    assert rel < 0.5, rel
