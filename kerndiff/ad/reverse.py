@@ -270,6 +270,15 @@ class Reverse:
         if any(c in used for c in carried):
             iteration = self.restore(s, info, var, lo) + iteration
             used.add(var)
+        # Kill the body's own primal values at the start of each backward iteration: they are
+        # recomputed under the same conditions they are read, and saying so lets dead-store
+        # elimination drop the forward sweep's copy of a loop whose values only the backward needs.
+        kills = []
+        for a in iter_stmts(s.body):
+            if isinstance(a, N.Assign) and a.name in used and a.name not in carried and a.name != var \
+                    and a.name not in {x.name for x in kills}:
+                kills.append(N.Assign(a.name, B.const(0, a.value.dtype), src=s.src, tag="recompute"))
+        iteration = kills + iteration
         if var in used:
             iteration = [index] + iteration
         return [N.For((k,), ((B.const(0, "i32"), trips),), tuple(iteration), src=s.src, tag="adjoint")]

@@ -1,11 +1,13 @@
 """Simplification after every transform: folding (in the smart constructors), constant and copy
-propagation, dead-code elimination and CSE, iterated until the IR (not its text) stops changing."""
+propagation, dead-code elimination (by marking, then flow-sensitive dead stores) and CSE, iterated
+until the IR (not its text) stops changing."""
 from __future__ import annotations
 
 import dataclasses
 
 from .cse import cse
 from .dce import dce
+from .liveness import remove_dead_stores
 from .propagate import propagate
 
 MAX_ROUNDS = 6
@@ -16,6 +18,7 @@ def optimize(ir):
         before = ir
         ir = propagate(ir)
         ir = dataclasses.replace(ir, body=dce(ir.body))
+        ir = remove_dead_stores(ir)
         if ir == before:
             break
     return cse(ir)

@@ -1,8 +1,10 @@
-"""Dead-code elimination for locals.
+"""Dead-code elimination for locals, by marking.
 
-An assignment to a local is dead when nothing but assignments to that same local reads it (so
-adjoint accumulators `a_adj = a_adj + ...` that nobody consumes die too). Flow-insensitive, which
-suits the SSA-shaped code the transforms produce; iterated to a fixed point.
+Roots are the expressions of statements with effects (stores, atomics, returns) and of control
+flow (conditions, loop bounds); a local is live when a root or the assignment of a live local
+reads it. Everything else is dead — including cycles of copies that only feed each other, as a
+loop-carried primal value does in a reverse sweep that never needs it. Flow-insensitive, which
+suits the SSA-shaped code the transforms produce.
 """
 from __future__ import annotations
 
@@ -10,33 +12,36 @@ from ..ir import nodes as N
 from ..ir.walk import blocks_of, expr_children_of_stmt, iter_stmts, rebuild_stmt, vars_in
 
 
-def readers(stmts):
-    """name -> set of names of the Assigns that read it (None for a non-Assign reader)."""
-    out = {}
+def live_names(stmts, candidates=None, keep=()):
+    """(live, dead) assigned names. candidates: names that may die (None: all); keep: never die."""
+    sources = {}
+    live, work = set(), []
+
+    def mark(name):
+        if name not in live:
+            live.add(name)
+            work.append(name)
+
     for s in iter_stmts(stmts):
-        who = s.name if isinstance(s, N.Assign) else None
+        if isinstance(s, N.Assign):
+            sources.setdefault(s.name, []).append(s.value)
+            continue
         for e in expr_children_of_stmt(s):
             for v in vars_in(e):
-                out.setdefault(v.name, set()).add(who)
-    return out
-
-
-def live_names(stmts, candidates=None, keep=()):
-    """Names some statement really needs. candidates: names that may die (None: all)."""
-    r = readers(stmts)
-    assigned = {s.name for s in iter_stmts(stmts) if isinstance(s, N.Assign)}
-    dead = set()
-    changed = True
-    while changed:
-        changed = False
-        for name in assigned - dead:
-            if name in keep or (candidates is not None and name not in candidates):
-                continue
-            users = r.get(name, set()) - {name} - dead
-            if not users:
-                dead.add(name)
-                changed = True
-    return assigned - dead, dead
+                mark(v.name)
+        if isinstance(s, N.For):
+            for v in s.vars:
+                mark(v)
+    assigned = set(sources)
+    for name in assigned:
+        if name in keep or (candidates is not None and name not in candidates):
+            mark(name)
+    while work:
+        name = work.pop()
+        for value in sources.get(name, ()):
+            for v in vars_in(value):
+                mark(v.name)
+    return assigned & live, assigned - live
 
 
 def remove_dead(stmts, dead):
