@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from .workloads import WORKLOADS, emit, init_taichi, jax_mod, run_systems, spring_data, torch_mod
+from .workloads import WORKLOADS, emit, init_taichi, jax_mod, run_systems, spring_data
 
 
 # ----------------------------------------------------------------------------- W4

@@ -6,7 +6,7 @@ The network is a `kd.func` tanh MLP whose weights live in Taichi fields. Its Lap
 the PDE and boundary residuals; the weights are trained (Adam) with the reverse pass of that
 kernel — reverse over forward over forward.
 
-    python demos/pinn_poisson.py [--steps 1500] [--width 12] [--points 400] [--out pinn.png] [--arch cpu|gpu]
+    python demos/pinn_poisson.py [--steps 2000] [--width 12] [--points 400] [--out pinn.png] [--arch cpu|gpu]
 """
 import argparse
 import math
@@ -98,7 +98,7 @@ def train(steps, width, n_pde, n_bc, lr=0.01, seed=0, verbose=True):
             m[i] = 0.9 * m[i] + 0.1 * g
             v[i] = 0.999 * v[i] + 0.001 * g * g
             mh, vh = m[i] / (1 - 0.9 ** (step + 1)), v[i] / (1 - 0.999 ** (step + 1))
-            rate = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))  # cosine decay
+            rate = lr if step < 0.7 * steps else lr * 0.2  # a step down for the last 30%
             new = (p.to_numpy() if p.shape else np.float64(p[None])) - rate * mh / (np.sqrt(vh) + 1e-8)
             if p.shape:
                 p.from_numpy(new.astype(np.float32))
@@ -115,7 +115,7 @@ def train(steps, width, n_pde, n_bc, lr=0.01, seed=0, verbose=True):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--width", type=int, default=12)
     p.add_argument("--points", type=int, default=400, help="collocation points inside the square")
     p.add_argument("--out", default="pinn_poisson.png")

@@ -98,6 +98,20 @@ class _Factory:
         self._set_inputs(values)
         self.kernel(*self.args)
 
+    def _run_forward(self, values, tangents):
+        """Set inputs and their duals, clear outputs and their duals, run the forward kernel."""
+        duals = [REGISTRY.get_or_make(f, "dual", 1) for f in self.inputs]
+        for f in self._written():
+            if not any(f is i for i in self.inputs):
+                zero(f)
+            d = REGISTRY.get(f, "dual", 1)
+            if d is not None:
+                zero(d)
+        self._set_inputs(values)
+        for d, t in zip(duals, tangents):
+            write(d, t, "tangent")
+        self.kernel.forward(*self.args)
+
     def _cotangent(self, cotangent):
         shape = field_shape(self.output)
         if cotangent is None:
@@ -148,19 +162,8 @@ class ForwardFn(_Factory):
         return out
 
     def _pass(self, values, tangents):
-        duals = [REGISTRY.get_or_make(f, "dual", 1) for f in self.inputs]
         out_dual = REGISTRY.get_or_make(self.output, "dual", 1)
-        written = self._written()
-        for f in written:
-            if not any(f is i for i in self.inputs):
-                zero(f)
-            d = REGISTRY.get(f, "dual", 1)
-            if d is not None:
-                zero(d)
-        self._set_inputs(values)
-        for d, t in zip(duals, tangents):
-            write(d, t, "tangent")
-        self.kernel.forward(*self.args)
+        self._run_forward(values, tangents)
         return read(out_dual)
 
 
@@ -172,19 +175,7 @@ class HvpFn(_Factory):
         values = self._check_values(values, "values")
         tangents = self._check_values(tangents, "tangents")
         ct = self._cotangent(cotangent)
-        # Primal and tangents of every result (the reverse-forward kernel reads both).
-        duals = [REGISTRY.get_or_make(f, "dual", 1) for f in self.inputs]
-        written = self._written()
-        for f in written:
-            if not any(f is i for i in self.inputs):
-                zero(f)
-            d = REGISTRY.get(f, "dual", 1)
-            if d is not None:
-                zero(d)
-        self._set_inputs(values)
-        for d, t in zip(duals, tangents):
-            write(d, t, "tangent")
-        self.kernel.forward(*self.args)
+        self._run_forward(values, tangents)  # primal and tangents of every result: H·v reads both
         adjs = [REGISTRY.get_or_make(f, "adjoint", 1) for f in self.inputs]
         out_adj = REGISTRY.get_or_make(self.output, "adjoint", 1)
         for f in self._referenced():

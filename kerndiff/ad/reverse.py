@@ -19,7 +19,7 @@ from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import assigned_names, blocks_of, iter_stmts, substitute
+from ..ir.walk import assigned_names, iter_stmts, substitute, substitute_block
 from ..opt.dce import live_names, remove_dead
 from .activity import field_activity, varied_vars
 from .jumps import eliminate_jumps
@@ -296,29 +296,6 @@ class Reverse:
         out = [N.Assign(c, init, src=s.src, tag="recompute") for c, _, init in info.carried]
         out.append(N.For((j,), ((lo, B.var(var, "i32")),), body, src=s.src, tag="recompute"))
         return out
-
-
-def substitute_block(stmts, mapping):
-    from ..ir.walk import expr_children_of_stmt
-    out = []
-    for s in stmts:
-        if isinstance(s, N.Assign):
-            s = dataclasses.replace(s, value=substitute(s.value, mapping))
-        elif isinstance(s, (N.Store, N.Atomic)):
-            s = dataclasses.replace(s, index=tuple(substitute(i, mapping) for i in s.index),
-                                    value=substitute(s.value, mapping))
-        elif isinstance(s, (N.If, N.While)):
-            s = dataclasses.replace(s, cond=substitute(s.cond, mapping))
-        elif isinstance(s, N.For):
-            s = dataclasses.replace(s, bounds=tuple((substitute(a, mapping), substitute(b, mapping))
-                                                    for a, b in s.bounds))
-        blocks = blocks_of(s)
-        if blocks:
-            from ..ir.walk import rebuild_stmt
-            s = rebuild_stmt(s, [substitute_block(b, mapping) for b in blocks])
-        out.append(s)
-    del expr_children_of_stmt
-    return tuple(out)
 
 
 def local_dtypes(stmts, params=()):

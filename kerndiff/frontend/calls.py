@@ -5,7 +5,6 @@ import ast
 
 import taichi as ti
 
-from ..errors import KernDiffError
 from ..ir import nodes as N
 from . import builtins as BI
 from . import vec as V
@@ -184,7 +183,6 @@ def lower_body_with_returns(lw, stmts):
                                "move it into the branches")
             if not isinstance(cond, (N.Expr, Vec)):
                 return lower_body_with_returns(lw, list(s.body) if cond else orelse)
-            from ..ir import build as B
             c = lw.truth(cond, s.test)
             result = lw.names.fresh("ret")
             outs = []
@@ -198,7 +196,6 @@ def lower_body_with_returns(lw, stmts):
                 lw.depth -= 1
                 outs.append(tuple(lw.blocks.pop()))
             lw.emit(N.If(c, outs[0], outs[1], src=lw.loc(s.test)))
-            del B
             return lw.scope[result].value()
         if _has_return(s):
             raise lw.error(s, "return inside a loop is not supported in kerndiff functions",

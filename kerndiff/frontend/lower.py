@@ -21,7 +21,6 @@ from ..ir import nodes as N
 from ..ir.types import default_fp, from_taichi, is_float, is_int
 from ..runtime.registry import REGISTRY
 from ..ad.names import NameAllocator
-from . import builtins as BI
 from . import vec as V
 from .source import Source, parse_function
 from .vec import Vec

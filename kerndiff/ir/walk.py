@@ -107,3 +107,32 @@ def rebuild_stmt(s, blocks):
     if isinstance(s, (N.For, N.While)):
         return dataclasses.replace(s, body=blocks[0])
     return s
+
+
+def map_stmt_exprs(s, fn):
+    """A copy of s with each expression it evaluates (not its nested blocks) replaced by fn(e)."""
+    import dataclasses
+
+    if isinstance(s, N.Assign):
+        return dataclasses.replace(s, value=fn(s.value))
+    if isinstance(s, (N.Store, N.Atomic)):
+        return dataclasses.replace(s, index=tuple(fn(i) for i in s.index), value=fn(s.value))
+    if isinstance(s, (N.If, N.While)):
+        return dataclasses.replace(s, cond=fn(s.cond))
+    if isinstance(s, N.For):
+        return dataclasses.replace(s, bounds=tuple((fn(a), fn(b)) for a, b in s.bounds))
+    if isinstance(s, N.Return):
+        return dataclasses.replace(s, values=tuple(fn(v) for v in s.values))
+    return s
+
+
+def substitute_block(stmts, mapping):
+    """Replace Vars by expressions in every statement of a block, nested blocks included."""
+    out = []
+    for s in stmts:
+        s = map_stmt_exprs(s, lambda e: substitute(e, mapping))
+        blocks = blocks_of(s)
+        if blocks:
+            s = rebuild_stmt(s, [substitute_block(b, mapping) for b in blocks])
+        out.append(s)
+    return tuple(out)

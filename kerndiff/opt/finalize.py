@@ -14,7 +14,8 @@ import dataclasses
 
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_expr, rebuild_stmt
+from ..ir.walk import (blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_expr, map_stmt_exprs,
+                       rebuild_stmt)
 
 
 def _own_index(index, loop):
@@ -132,13 +133,8 @@ def _hoist(loop, written, names):
     def rewrite(stmts):
         out = []
         for s in stmts:
-            if isinstance(s, N.Assign):
-                s = dataclasses.replace(s, value=map_expr(s.value, visit))
-            elif isinstance(s, (N.Store, N.Atomic)):
-                s = dataclasses.replace(s, index=tuple(map_expr(i, visit) for i in s.index),
-                                        value=map_expr(s.value, visit))
-            elif isinstance(s, N.If):
-                s = dataclasses.replace(s, cond=map_expr(s.cond, visit))
+            if not isinstance(s, (N.For, N.While)):  # loop bounds and while conditions stay as they are
+                s = map_stmt_exprs(s, lambda e: map_expr(e, visit))
             blocks = blocks_of(s)
             if blocks:
                 s = rebuild_stmt(s, [tuple(rewrite(b)) for b in blocks])

@@ -9,7 +9,7 @@ accumulates into); folding them lets the smart constructors collapse `0 * x` cha
 from __future__ import annotations
 
 from ..ir import nodes as N
-from ..ir.walk import blocks_of, expr_children_of_stmt, rebuild_stmt, substitute, vars_in
+from ..ir.walk import blocks_of, expr_children_of_stmt, map_stmt_exprs, rebuild_stmt, substitute, vars_in
 
 
 def _positions(body):
@@ -90,26 +90,13 @@ def propagate(ir: N.KernelIR) -> N.KernelIR:
 
 
 def _rewrite(stmts, mapping):
-    import dataclasses
-
     out = []
     for s in stmts:
-        if isinstance(s, N.Assign):
-            if s.name in mapping:
-                continue
-            s = dataclasses.replace(s, value=substitute(s.value, mapping))
-            if isinstance(s.value, N.Var) and s.value.name == s.name:
-                continue
-        elif isinstance(s, (N.Store, N.Atomic)):
-            s = dataclasses.replace(s, index=tuple(substitute(i, mapping) for i in s.index),
-                                    value=substitute(s.value, mapping))
-        elif isinstance(s, (N.If, N.While)):
-            s = dataclasses.replace(s, cond=substitute(s.cond, mapping))
-        elif isinstance(s, N.For):
-            s = dataclasses.replace(s, bounds=tuple((substitute(a, mapping), substitute(b, mapping))
-                                                    for a, b in s.bounds))
-        elif isinstance(s, N.Return):
-            s = dataclasses.replace(s, values=tuple(substitute(v, mapping) for v in s.values))
+        if isinstance(s, N.Assign) and s.name in mapping:
+            continue
+        s = map_stmt_exprs(s, lambda e: substitute(e, mapping))
+        if isinstance(s, N.Assign) and isinstance(s.value, N.Var) and s.value.name == s.name:
+            continue
         blocks = blocks_of(s)
         if blocks:
             s = rebuild_stmt(s, [_rewrite(b, mapping) for b in blocks])
