@@ -84,3 +84,17 @@ def test_f32_corpus_on_vulkan_matches_cpu(vulkan_corpus, references, name):
     assert len(got) == len(ref)
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=2e-3, atol=2e-3 * max(1.0, float(np.max(np.abs(r)))))
+
+
+def test_f64_transcendental_on_vulkan_is_a_clear_error(vulkan_corpus):
+    x = ti.field(ti.f64, shape=4)
+    y = ti.field(ti.f64, shape=4)
+
+    @kd.kernel
+    def k():
+        for i in x:
+            y[i] = ti.exp(x[i])
+
+    with pytest.raises(kd.KernDiffError, match="not available on Taichi's SPIR-V backends") as info:
+        k()
+    assert "y[i] = ti.exp(x[i])" in str(info.value)

@@ -158,7 +158,9 @@ class Kernel:
             return entry
         t0 = time.perf_counter()
         from ..opt.finalize import finalize
+        from ..codegen.backend import check_backend
         ir = self.ir(templates)
+        check_backend(ir)
         fn_name = ir.name
         src, g = generate(finalize(ir), fn_name)
         TIMINGS["transform"] += time.perf_counter() - t0
