@@ -22,6 +22,7 @@ class Forward:
         self.names = names                # NameAllocator shared with the IR being transformed
         self.dual_of_field = dual_of_field  # FieldRef -> FieldRef of its dual, or None (constant)
         self.tan = dict(tangent_names or {})  # local name -> tangent local name
+        self.minmax_mode = None  # atomic max/min: None, or 'primal' / 'tangent' pass (minmax.py)
 
     # ----------------------------------------------------------- expressions
     def jvp(self, e: N.Expr, memo=None):
@@ -86,6 +87,11 @@ class Forward:
                 return self.atomic_minmax(s, d)
             dt = self.jvp(s.value)
             return [s] if dt is None else [N.Atomic("add", d, s.index, dt, **tag), s]
+        if isinstance(s, N.For) and s.parallel and getattr(self, "minmax_mode", None) is None:
+            from .minmax import forward_loop, minmax_atomics
+            targets = minmax_atomics(s.body, lambda ref: self.dual_of_field(ref) is not None)
+            if targets:
+                return forward_loop(self, s, targets)
         if isinstance(s, (N.If, N.For, N.While)):
             from ..ir.walk import blocks_of, rebuild_stmt
             return [rebuild_stmt(s, [self.block(b) for b in blocks_of(s)])]

@@ -203,6 +203,9 @@ class Reverse:
                 return []
             if s.op != "add":
                 from .minmax import reverse_atomic_minmax
+                if not self.outer_stack:  # the winner count needs the loop's passes (minmax.py)
+                    raise KernDiffError(f"differentiating ti.atomic_{s.op} outside a parallel (outermost) loop "
+                                        "is not supported", s.src, "put the reduction inside the kernel's loop")
                 return reverse_atomic_minmax(self, s, aref)
             acc = {}
             self.vjp(s.value, B.load(aref, s.index), acc)
@@ -229,6 +232,12 @@ class Reverse:
     carried_names = frozenset()
 
     def back_parallel(self, s):
+        from .minmax import minmax_atomics, reverse_loop
+        targets = minmax_atomics(s.body, lambda ref: self.adj_of_field(ref) is not None)
+        out = self._back_parallel(s)
+        return reverse_loop(self, s, targets, out) if targets else out
+
+    def _back_parallel(self, s):
         inner = assigned_names(s.body) | set(s.vars)
         frame = {"inner": inner, "scratch": {}}
         self.outer_stack.append(frame)

@@ -106,8 +106,8 @@ class Registry:
         self.trees.append(fb.finalize())
         self.version += 1
 
-    def scratch(self, key, dtype: str):
-        """A 0-d helper field owned by generated code (kept zero between launches)."""
+    def scratch(self, key, dtype: str, shape=()):
+        """A helper field owned by generated code (kept zero between launches)."""
         self.check_runtime()
         got = self.derived.get(key)
         if got is None:
@@ -115,7 +115,10 @@ class Registry:
             check_tree_budget()
             fb = ti.FieldsBuilder()
             got = ti.field(to_taichi(dtype))
-            fb.place(got)
+            if shape:
+                fb.dense(_axes(len(shape)), tuple(shape)).place(got)
+            else:
+                fb.place(got)
             self.trees.append(fb.finalize())
             self.derived[key] = got
             self.keep[id(got)] = got
