@@ -209,3 +209,17 @@ def test_device_function_errors(f):
         return kd.forward(g, argnum=0)(1, 2.0)
 
     raises(k, "with respect to a float scalar", "argument 0 is an integer")
+
+
+def test_field_from_an_earlier_ti_init():
+    ti.init(arch=ti.cpu, default_fp=ti.f64)
+    old = ti.field(ti.f64, shape=3)
+
+    @kd.kernel
+    def k():
+        for i in old:
+            old[i] = 1.0
+
+    k()
+    ti.init(arch=ti.cpu, default_fp=ti.f64)  # a new runtime: `old` is gone
+    raises(k, "field of an earlier ti.init", line_text="for i in old:")

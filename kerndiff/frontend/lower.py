@@ -182,9 +182,9 @@ class Lowerer:
     def lookup(self, name, node):
         if name in self.scope:
             v = self.scope[name]
-            return v.value() if isinstance(v, Local) else v
+            return v.value() if isinstance(v, Local) else self.check_field(v, node)
         if name in self.globals:
-            return self.globals[name]
+            return self.check_field(self.globals[name], node)
         import builtins
         if hasattr(builtins, name):
             return getattr(builtins, name)
@@ -409,8 +409,16 @@ class Lowerer:
                 raise self.error(node, "field indices must be integers", "cast with int(...) or ti.cast")
         return out
 
+    def check_field(self, value, node):
+        """Refuse a field of an earlier ti.init before anything touches it (its memory is gone)."""
+        if is_field(value) and REGISTRY.is_stale(value):
+            name = getattr(node, "id", None) or getattr(node, "attr", "field")
+            raise self.error(node, f"'{name}' is a field of an earlier ti.init; ti.init/ti.reset made a new "
+                                   "Taichi runtime in which it no longer exists",
+                             "create the fields again after ti.init (and the kernels that use them)")
+        return value
+
     def refs_of(self, fieldv, node, name):
-        REGISTRY.check_runtime()
         if isinstance(fieldv, MatrixField):
             if fieldv.ndim == 1:
                 comps = [(c,) for c in range(fieldv.n)]
@@ -547,7 +555,7 @@ class Lowerer:
         if isinstance(base, N.Expr):
             return Method(node.attr, base)
         try:
-            return getattr(base, node.attr)
+            return self.check_field(getattr(base, node.attr), node)
         except AttributeError:
             raise self.error(node, f"{base!r} has no attribute '{node.attr}'", "check the name")
 

@@ -23,9 +23,11 @@ KINDS = ("dual", "adjoint")
 class Registry:
     def __init__(self):
         self._runtime = None
+        self.stale = {}        # id -> field seen under an earlier ti.init (kept alive: ids stay unique)
         self._reset()
 
     def _reset(self):
+        self.stale.update(getattr(self, "keep", {}))
         self.derived = {}      # (id(primal), kind, level) -> derivative field
         self.keep = {}         # id -> field, keeps ids stable while we hold them
         self.refs = {}         # (id(field), component) -> FieldRef
@@ -54,6 +56,11 @@ class Registry:
                          tuple(field.shape))
             self.refs[key] = r
         return r
+
+    def is_stale(self, field) -> bool:
+        """Was this field made under an earlier ti.init? (Known for fields kerndiff has seen.)"""
+        self.check_runtime()
+        return self.stale.get(id(field)) is field
 
     def name_of(self, field):
         return self.names.get(id(field), "field")
