@@ -211,6 +211,19 @@ def test_device_function_errors(f):
     raises(k, "with respect to a float scalar", "argument 0 is an integer")
 
 
+def test_sparse_field(f):
+    sp = ti.field(ti.f64)
+    ti.root.pointer(ti.i, 2).dense(ti.i, 2).place(sp)
+    x = f["x"]
+
+    @kd.kernel
+    def k():
+        for i in sp:
+            x[i] = sp[i]
+
+    raises(k, "sparse SNode", "dense", line_text="for i in sp:")
+
+
 def test_field_from_an_earlier_ti_init():
     ti.init(arch=ti.cpu, default_fp=ti.f64)
     old = ti.field(ti.f64, shape=3)

@@ -104,3 +104,23 @@ def test_long_recurrence_is_right_where_taichi_fails(fields):
     np.testing.assert_allclose(g, 1000 * rv ** 999, rtol=1e-10)
     t = kd.forward(power, inputs=[r], output=out)(rv, tangents=[np.ones(3)])
     np.testing.assert_allclose(t, np.sum(1000 * rv ** 999), rtol=1e-10)
+
+
+def test_loop_invariant_local_before_dynamic_inner_loop(fields):
+    """Taichi 1.7.4 gives such a local the adjoint of one iteration only; the true value is n times."""
+    x, pos, loss = fields
+    n = ti.field(ti.i32, shape=())
+    out = ti.field(ti.f64, shape=())
+    n[None] = 5
+
+    @kd.kernel
+    def k():
+        for i in x:
+            w = ti.sin(x[i])
+            s = 0.0
+            for j in range(n[None]):  # trip count known only at run time
+                s += w * (j + 1)
+            out[None] += s
+
+    g = kd.backward(k, inputs=[x], output=out)(x.to_numpy())[0]
+    np.testing.assert_allclose(g, 15 * np.cos(x.to_numpy()), rtol=1e-12)

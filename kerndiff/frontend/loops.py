@@ -55,6 +55,7 @@ def lower_for(lw, node):
     if isinstance(it, (range, list, tuple)) or (isinstance(it, Vec) and _is_static_iter(node)):
         return _unroll(lw, node, it)
     if is_field(it):
+        lw.check_dense(it, node.iter, getattr(node.iter, "id", "field"))
         it = field_spec(it)
     if not isinstance(it, RangeSpec):
         raise lw.error(node.iter, f"cannot loop over {it!r}",

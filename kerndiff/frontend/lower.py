@@ -39,6 +39,21 @@ def is_field(v) -> bool:
     return isinstance(v, (ScalarField, MatrixField))
 
 
+SPARSE = ("pointer", "bitmasked", "dynamic", "hash")
+
+
+def is_sparse(field) -> bool:
+    sn = field.snode
+    while sn is not None and sn.ptr is not None:
+        if str(sn.ptr.type).rsplit(".", 1)[-1] in SPARSE:
+            return True
+        parent = sn.parent()
+        if parent is None or parent.ptr is None or parent.ptr.id == sn.ptr.id:
+            return False
+        sn = parent
+    return False
+
+
 class Local:
     """A Python local name bound to IR locals: one scalar, or a Vec of component locals."""
 
@@ -418,7 +433,17 @@ class Lowerer:
                              "create the fields again after ti.init (and the kernels that use them)")
         return value
 
+    def check_dense(self, fieldv, node, name):
+        """kerndiff lowers fields to dense index spaces; a sparse field would silently change meaning
+        (struct-fors visiting inactive cells, writes activating them)."""
+        if is_sparse(fieldv):
+            raise self.error(node, f"'{name}' lives in a sparse SNode (pointer / bitmasked / dynamic / hash); "
+                                   "kerndiff differentiates dense fields only",
+                             "place the field (and its derivative fields) in dense SNodes, "
+                             "e.g. ti.field(dtype, shape=...)")
+
     def refs_of(self, fieldv, node, name):
+        self.check_dense(fieldv, node, name)
         if isinstance(fieldv, MatrixField):
             if fieldv.ndim == 1:
                 comps = [(c,) for c in range(fieldv.n)]
