@@ -32,6 +32,7 @@ class Registry:
         self.keep = {}         # id -> field, keeps ids stable while we hold them
         self.refs = {}         # (id(field), component) -> FieldRef
         self.names = {}        # id(field) -> name hint
+        self.parents = {}      # id(derivative field) -> (primal field, kind, level)
         self.version = 0       # bumped whenever a derivative field appears
         self.trees = []
 
@@ -52,7 +53,7 @@ class Registry:
             if name is not None:
                 self.names.setdefault(id(field), name)
             self.keep[id(field)] = field
-            r = FieldRef(field, component, self.names.get(id(field), "field"), field_dtype(field),
+            r = FieldRef(field, component, self.name_of(field), field_dtype(field),
                          tuple(field.shape))
             self.refs[key] = r
         return r
@@ -63,6 +64,13 @@ class Registry:
         return self.stale.get(id(field)) is field
 
     def name_of(self, field):
+        """The name generated code uses: the user's for primal fields, derived for derivative
+        fields (x_dual, x_adj_dual2, ...), decided when first needed so a kd.dual(x) made before any
+        kernel mentioned x is still called x_dual."""
+        parent = self.parents.get(id(field))
+        if parent is not None:
+            primal, kind, level = parent
+            return derived_name(self.name_of(primal), kind, level)
         return self.names.get(id(field), "field")
 
     def get(self, field, kind: str, level: int):
@@ -108,8 +116,7 @@ class Registry:
             else:
                 fb.place(new)
             self._remember(field, kind, level, new)
-            base = self.name_of(field)
-            self.names.setdefault(id(new), derived_name(base, kind, level))
+            self.parents[id(new)] = (field, kind, level)
         self.trees.append(fb.finalize())
         self.version += 1
 
@@ -135,7 +142,7 @@ class Registry:
         self.derived[(id(field), kind, level)] = deriv
         self.keep[id(field)] = field
         self.keep[id(deriv)] = deriv
-        self.names.setdefault(id(deriv), derived_name(self.name_of(field), kind, level))
+        self.parents.setdefault(id(deriv), (field, kind, level))
 
 
 MAX_TREES = 500  # Taichi 1.7 crashes past 512 SNode trees; keep a margin for the user's own fields.
