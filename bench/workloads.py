@@ -161,6 +161,37 @@ def w1(args):
     run_systems("W1", systems, 2e-3)
 
 
+def energy_systems(ti, kd, kk, tk, pos, E, v, u):
+    """kerndiff and Taichi rows for a scalar energy E of positions pos: primal, gradient (dotted
+    with u) and, for kerndiff, the Hessian-vector product H·v (dotted with u)."""
+    def primal(k):
+        def run():
+            E[None] = 0
+            k()
+        return run, lambda: E[None]
+
+    def grad(rev):
+        def run():
+            pos.grad.fill(0)
+            E.grad[None] = 1
+            rev()
+        return run, lambda: np.sum(pos.grad.to_numpy().astype(np.float64) * u)
+
+    kd.dual(pos).from_numpy(v)
+    kk.forward()
+    hv = kd.dual(pos.grad)
+
+    def hvp():
+        hv.fill(0)
+        pos.grad.fill(0)
+        E.grad[None] = 1
+        kk.reverse.forward()
+
+    return {"kerndiff": (ti.sync, {"primal": primal(kk), "grad": grad(kk.reverse),
+                                   "hvp": (hvp, lambda: np.sum(hv.to_numpy().astype(np.float64) * u))}),
+            "taichi": (ti.sync, {"primal": primal(tk), "grad": grad(tk.grad), "hvp": None})}
+
+
 # ----------------------------------------------------------------------------- W2
 def spring_data(quick, rng):
     P, S = (10**4, 4 * 10**4) if quick else (10**6, 4 * 10**6)
@@ -194,32 +225,7 @@ def w2(args):
 
     tk, kk = ti.kernel(energy), kd.kernel(energy)
 
-    def primal(k):
-        def run():
-            E[None] = 0
-            k()
-        return run, lambda: E[None]
-
-    def grad(rev):
-        def run():
-            pos.grad.fill(0)
-            E.grad[None] = 1
-            rev()
-        return run, lambda: np.sum(pos.grad.to_numpy().astype(np.float64) * u)
-
-    kd.dual(pos).from_numpy(v)
-    kk.forward()
-    hv = kd.dual(pos.grad)
-
-    def kd_hvp():
-        hv.fill(0)
-        pos.grad.fill(0)
-        E.grad[None] = 1
-        kk.reverse.forward()
-
-    systems = {"kerndiff": (ti.sync, {"primal": primal(kk), "grad": grad(kk.reverse),
-                                      "hvp": (kd_hvp, lambda: np.sum(hv.to_numpy().astype(np.float64) * u))}),
-               "taichi": (ti.sync, {"primal": primal(tk), "grad": grad(tk.grad), "hvp": None})}
+    systems = energy_systems(ti, kd, kk, tk, pos, E, v, u)
 
     jax = jax_mod()
     jnp = jax.numpy
@@ -290,32 +296,7 @@ def w3(args):
 
     tk, kk = ti.kernel(energy), kd.kernel(energy)
 
-    def primal(k):
-        def run():
-            E[None] = 0
-            k()
-        return run, lambda: E[None]
-
-    def grad(rev):
-        def run():
-            pos.grad.fill(0)
-            E.grad[None] = 1
-            rev()
-        return run, lambda: np.sum(pos.grad.to_numpy().astype(np.float64) * u)
-
-    kd.dual(pos).from_numpy(v)
-    kk.forward()
-    hv = kd.dual(pos.grad)
-
-    def kd_hvp():
-        hv.fill(0)
-        pos.grad.fill(0)
-        E.grad[None] = 1
-        kk.reverse.forward()
-
-    systems = {"kerndiff": (ti.sync, {"primal": primal(kk), "grad": grad(kk.reverse),
-                                      "hvp": (kd_hvp, lambda: np.sum(hv.to_numpy().astype(np.float64) * u))}),
-               "taichi": (ti.sync, {"primal": primal(tk), "grad": grad(tk.grad), "hvp": None})}
+    systems = energy_systems(ti, kd, kk, tk, pos, E, v, u)
     jax = jax_mod()
     jnp = jax.numpy
     eye = jnp.eye(n, dtype=bool)

@@ -6,3 +6,15 @@ import sys
 # re-init per module, so they run without it.
 os.environ.setdefault("TI_OFFLINE_CACHE", "0")
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    """One Taichi runtime per test module (f64 on the CPU): Taichi compiles each kernel once."""
+    import taichi as ti
+    ti.init(arch=ti.cpu, default_fp=ti.f64, random_seed=0)
+    yield
+    ti.reset()

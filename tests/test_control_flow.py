@@ -10,11 +10,7 @@ from harness import check
 PATHS = [("", "forward"), ("", "reverse"), ("reverse", "forward"), ("forward", "reverse")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def runtime():
-    ti.init(arch=ti.cpu, default_fp=ti.f64)
-    yield
-    ti.reset()
+pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
 
 @pytest.fixture(scope="module")

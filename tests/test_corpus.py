@@ -15,11 +15,7 @@ PATHS = ["forward", "reverse", "reverse.forward", "forward.forward", "forward.re
 N = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def runtime():
-    ti.init(arch=ti.cpu, default_fp=ti.f64, random_seed=0)
-    yield
-    ti.reset()
+pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
 
 def build_corpus(dt=ti.f64):

@@ -10,11 +10,7 @@ import kerndiff as kd
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def runtime():
-    ti.init(arch=ti.cpu, default_fp=ti.f64)
-    yield
-    ti.reset()
+pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
 
 def compare(name, text):

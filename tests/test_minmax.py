@@ -7,11 +7,7 @@ import taichi as ti
 import kerndiff as kd
 
 
-@pytest.fixture(scope="module", autouse=True)
-def runtime():
-    ti.init(arch=ti.cpu, default_fp=ti.f64)
-    yield
-    ti.reset()
+pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,7 @@ import kerndiff as kd
 N = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def runtime():
-    ti.init(arch=ti.cpu, default_fp=ti.f64, random_seed=0)
-    yield
-    ti.reset()
+pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
 
 @pytest.fixture(scope="module")
