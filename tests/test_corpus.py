@@ -225,3 +225,13 @@ def test_path_against_finite_differences(corpus, name, path):
     K = kernel_at(k, prefix)
     k(*args)  # the primal results, as a user would have them
     check(K, last, args, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["elementwise", "mass_spring", "matrix_energy", "recurrence"])
+def test_third_order_reverse_forward_forward(corpus, name):
+    """k.reverse.forward.forward (levels: adjoint 1, dual 1, dual 2) against finite differences
+    of k.reverse.forward; and k.forward.forward.forward against finite differences of k.forward.forward."""
+    k, args = corpus[name]
+    k(*args)
+    check(k.reverse.forward, "forward", args, rtol=5e-6, atol=1e-7)
+    check(k.forward.forward, "forward", args, rtol=5e-6, atol=1e-7)

@@ -78,12 +78,11 @@ class SSA:
             for name in sorted(set(env) | both):
                 if name in env and env_t[name] == env[name] and env_e[name] == env[name]:
                     continue
-                if True:
-                    m = self.version(name, self.dtypes[env_t[name]])
-                    dt = self.dtypes[m]
-                    then.append(N.Assign(m, B.var(env_t[name], dt), src=s.src))
-                    orelse.append(N.Assign(m, B.var(env_e[name], dt), src=s.src))
-                    env[name] = m
+                m = self.version(name, self.dtypes[env_t[name]])
+                dt = self.dtypes[m]
+                then.append(N.Assign(m, B.var(env_t[name], dt), src=s.src))
+                orelse.append(N.Assign(m, B.var(env_e[name], dt), src=s.src))
+                env[name] = m
             return [dataclasses.replace(s, cond=cond, then=tuple(then), orelse=tuple(orelse))]
         if isinstance(s, N.For) and s.parallel:
             outer = set(env) & assigned_names(s.body)

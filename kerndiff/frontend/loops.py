@@ -27,8 +27,6 @@ def range_spec(lw, args, node):
         start, stop, step = args
     if not isinstance(step, int) or step == 0:
         raise lw.error(node, "range step must be a nonzero compile-time integer", "use a constant step")
-    if all(isinstance(a, int) for a in (start, stop)):
-        pass
     return RangeSpec([(start, stop)], step)
 
 
@@ -52,7 +50,7 @@ def lower_for(lw, node):
     if node.orelse:
         raise lw.error(node, "for/else is not supported", "use a flag")
     it = lw.expr(node.iter)
-    if isinstance(it, (range, list, tuple)) or (isinstance(it, Vec) and _is_static_iter(node)):
+    if isinstance(it, (range, list, tuple)) or isinstance(it, Vec):
         return _unroll(lw, node, it)
     if is_field(it):
         lw.check_dense(it, node.iter, getattr(node.iter, "id", "field"))
@@ -136,13 +134,7 @@ def reduction_field(lw, name, dtype):
     return ref
 
 
-def _is_static_iter(node):
-    return True
-
-
 def _unroll(lw, node, it):
-    from .lower import Local
-
     items = list(it.items) if isinstance(it, Vec) else list(it)
     for item in items:
         if isinstance(node.target, ast.Name):
@@ -155,4 +147,3 @@ def _unroll(lw, node, it):
                 raise lw.error(s, "break/continue in a ti.static loop is not supported",
                                "use a runtime loop or restructure with if")
             lw.stmt(s)
-    del Local

@@ -352,7 +352,6 @@ class Lowerer:
         local = self.scope.get(name)
         if not isinstance(local, Local) or local.shape is None:
             raise self.error(node, f"'{name}' is not a local vector", "index vectors and matrices only")
-        cur = local.value()
         if len(local.shape) == 2 and len(idx) == 1:
             for j in range(local.shape[1]):
                 self.assign_component(name, (idx[0], j), self.vec(value, node).items[j], node)
@@ -362,7 +361,6 @@ class Lowerer:
             raise self.error(node, f"index {idx} is out of range for shape {local.shape}", "check the index")
         e = self.scalar(value, node)
         self.emit(N.Assign(local.names[flat], B.cast(e, local.dtypes[flat]), src=self.loc(node)))
-        del cur
 
     def static_index(self, sl, node):
         idx = self.expr(sl)
@@ -485,9 +483,7 @@ class Lowerer:
         else:
             if not isinstance(value, Vec):
                 value = Vec(shape, [self.scalar(value, node)] * len(refs))
-            if value.shape != shape and len(value.items) == len(refs):
-                pass
-            elif value.shape != shape:
+            if value.shape != shape and len(value.items) != len(refs):
                 raise self.error(node, f"storing shape {value.shape} into a field of shape {shape}",
                                  "make the shapes agree")
             items = value.items
