@@ -8,26 +8,14 @@ import numpy as np
 import taichi as ti
 
 import kerndiff as kd
-
-
-def init(arch):
-    if arch == "gpu":
-        try:
-            ti.init(arch=ti.gpu, default_fp=ti.f64)
-            from taichi.lang import impl
-            if impl.current_cfg().arch in (ti.cuda, ti.vulkan, ti.metal, ti.opengl):
-                return
-        except Exception:
-            pass
-        print("no GPU found: running on the CPU instead")
-    ti.init(arch=ti.cpu, default_fp=ti.f64)
+from common import init
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", choices=["cpu", "gpu"], default="cpu")
     args = parser.parse_args()
-    init(args.arch)
+    init(args.arch, ti.f64, f64_math=True)
 
     # 1. Device functions: derivatives are device functions again.
     @kd.func
