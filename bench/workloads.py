@@ -102,33 +102,21 @@ def w1(args):
             loss[None] += ti.sin(x[i]) * ti.exp(y[i])
 
     tk, kk = ti.kernel(energy), kd.kernel(energy)
-
-    def primal(k):
-        def run():
-            loss[None] = 0
-            k()
-        return run, lambda: loss[None]
-
-    def grad(rev):
-        def run():
-            x.grad.fill(0)
-            loss.grad[None] = 1
-            rev()
-        return run, lambda: np.dot(x.grad.to_numpy().astype(np.float64), d)
+    rows = energy_systems(ti, kd, kk, tk, x, loss, None, d)
 
     def kd_jvp():
         loss.dual[None] = 0
         kk.forward()
 
     x.dual.from_numpy(d)
-    systems = {"kerndiff": (ti.sync, {"primal": primal(kk), "grad": grad(kk.reverse),
+    systems = {"kerndiff": (ti.sync, {"primal": rows["kerndiff"][1]["primal"], "grad": rows["kerndiff"][1]["grad"],
                                       "jvp": (kd_jvp, lambda: loss.dual[None])})}
     run_systems("W1", systems, 2e-3)
     ti_fwd, mgr = fwdmode_runner(ti, loss, x, d, tk)
     systems = {"taichi": (ti.sync, {"jvp": (ti_fwd, lambda: loss.dual[None])})}
     run_systems("W1", systems, 2e-3)
     mgr.__exit__(None, None, None)
-    systems = {"taichi": (ti.sync, {"primal": primal(tk), "grad": grad(tk.grad)})}
+    systems = {"taichi": (ti.sync, {"primal": rows["taichi"][1]["primal"], "grad": rows["taichi"][1]["grad"]})}
 
     jax = jax_mod()
     jnp = jax.numpy
@@ -162,8 +150,8 @@ def w1(args):
 
 
 def energy_systems(ti, kd, kk, tk, pos, E, v, u):
-    """kerndiff and Taichi rows for a scalar energy E of positions pos: primal, gradient (dotted
-    with u) and, for kerndiff, the Hessian-vector product H·v (dotted with u)."""
+    """kerndiff and Taichi rows for a scalar energy E of a field pos: primal, gradient (dotted
+    with u) and, for kerndiff when a direction v is given, the Hessian-vector product H·v."""
     def primal(k):
         def run():
             E[None] = 0
@@ -177,6 +165,10 @@ def energy_systems(ti, kd, kk, tk, pos, E, v, u):
             rev()
         return run, lambda: np.sum(pos.grad.to_numpy().astype(np.float64) * u)
 
+    rows = {"kerndiff": (ti.sync, {"primal": primal(kk), "grad": grad(kk.reverse)}),
+            "taichi": (ti.sync, {"primal": primal(tk), "grad": grad(tk.grad), "hvp": None})}
+    if v is None:
+        return rows
     kd.dual(pos).from_numpy(v)
     kk.forward()
     hv = kd.dual(pos.grad)
@@ -187,9 +179,8 @@ def energy_systems(ti, kd, kk, tk, pos, E, v, u):
         E.grad[None] = 1
         kk.reverse.forward()
 
-    return {"kerndiff": (ti.sync, {"primal": primal(kk), "grad": grad(kk.reverse),
-                                   "hvp": (hvp, lambda: np.sum(hv.to_numpy().astype(np.float64) * u))}),
-            "taichi": (ti.sync, {"primal": primal(tk), "grad": grad(tk.grad), "hvp": None})}
+    rows["kerndiff"][1]["hvp"] = (hvp, lambda: np.sum(hv.to_numpy().astype(np.float64) * u))
+    return rows
 
 
 # ----------------------------------------------------------------------------- W2

@@ -112,6 +112,20 @@ class _Factory:
             write(d, t, "tangent")
         self.kernel.forward(*self.args)
 
+    def _clear_adjoints(self, with_duals):
+        """Zero the level-1 adjoints the reverse kernel accumulates into (and their duals for H·v);
+        returns (input adjoints, output adjoint), allocated if missing."""
+        adjs = [REGISTRY.get_or_make(f, "adjoint", 1) for f in self.inputs]
+        out_adj = REGISTRY.get_or_make(self.output, "adjoint", 1)
+        for f in self._referenced() + list(self.inputs):
+            a = REGISTRY.get(f, "adjoint", 1)
+            if a is not None:
+                zero(a)
+                da = REGISTRY.get(a, "dual", 1) if with_duals else None
+                if da is not None:
+                    zero(da)
+        return adjs, out_adj
+
     def _cotangent(self, cotangent):
         shape = field_shape(self.output)
         if cotangent is None:
@@ -132,14 +146,7 @@ class BackwardFn(_Factory):
     def __call__(self, values, cotangent=None):
         ct = self._cotangent(cotangent)
         self._run_primal(values)
-        adjs = [REGISTRY.get_or_make(f, "adjoint", 1) for f in self.inputs]
-        out_adj = REGISTRY.get_or_make(self.output, "adjoint", 1)
-        for f in self._referenced():
-            a = REGISTRY.get(f, "adjoint", 1)
-            if a is not None:
-                zero(a)
-        for a in adjs:
-            zero(a)
+        adjs, out_adj = self._clear_adjoints(with_duals=False)
         write(out_adj, ct, "cotangent")
         self.kernel.reverse(*self.args)
         return [read(a) for a in adjs]
@@ -176,15 +183,7 @@ class HvpFn(_Factory):
         tangents = self._check_values(tangents, "tangents")
         ct = self._cotangent(cotangent)
         self._run_forward(values, tangents)  # primal and tangents of every result: H·v reads both
-        adjs = [REGISTRY.get_or_make(f, "adjoint", 1) for f in self.inputs]
-        out_adj = REGISTRY.get_or_make(self.output, "adjoint", 1)
-        for f in self._referenced():
-            a = REGISTRY.get(f, "adjoint", 1)
-            if a is not None:
-                zero(a)
-                da = REGISTRY.get(a, "dual", 1)
-                if da is not None:
-                    zero(da)
+        adjs, out_adj = self._clear_adjoints(with_duals=True)
         hv = [REGISTRY.get_or_make(a, "dual", 1) for a in adjs]
         for h in hv:
             zero(h)
