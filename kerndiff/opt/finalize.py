@@ -1,6 +1,8 @@
 """Last rewrites before codegen, for speed only (never fed back into a transform).
 
-On the CPU, derived kernels then give scattered atomic adds per-thread private copies (opt.scatter).
+In derived kernels, repeated divisions by one value in derivative code share its reciprocal
+(opt.reciprocal). On the CPU, derived kernels then give scattered atomic adds per-thread private
+copies (opt.scatter).
 
 Inside each parallel loop:
   * merge: several atomic adds into one element within a block become one add of their sum;
@@ -179,14 +181,19 @@ def _hoist(loop, written, names):
     return pre, dataclasses.replace(loop, body=body)
 
 
-def finalize(ir: N.KernelIR, scatter=None) -> N.KernelIR:
+def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
-    private copies (CPU only; see opt.scatter)."""
+    private copies (CPU only; see opt.scatter). is_derivative: None for primal kernels (their
+    arithmetic is the user's), else a test for derivative fields: repeated divisions in derivative
+    code then share reciprocals (opt.reciprocal)."""
     from ..ad.names import NameAllocator
     from ..ir.walk import assigned_names, used_names
 
     names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
     written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
+    if is_derivative is not None:
+        from .reciprocal import share_reciprocals
+        ir = dataclasses.replace(ir, body=share_reciprocals(ir.body, names, is_derivative))
     out = []
     for s in ir.body:
         if isinstance(s, N.For) and s.parallel:

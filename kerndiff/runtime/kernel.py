@@ -162,7 +162,8 @@ class Kernel:
         ir = self.ir(templates)
         check_backend(ir)
         fn_name = ir.name
-        src, g = generate(finalize(ir, _scatter_config(self)), fn_name)
+        derivative = (lambda f: id(f) in REGISTRY.parents) if self.path else None
+        src, g = generate(finalize(ir, _scatter_config(self), derivative), fn_name)
         fields = REGISTRY.taichi_seconds - fields0
         TIMINGS["transform"] += time.perf_counter() - t0 - fields
         TIMINGS["fields"] += fields

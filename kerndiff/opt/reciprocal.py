@@ -1,0 +1,176 @@
+"""Divisions by one value share its reciprocal, in derivative code (a last rewrite, for speed).
+
+The chain rule through quotients and roots divides by the same value again and again: the adjoint
+of 1/sqrt(r2) + 0.1/r2 is 0.5/r * (1/r/r * g) + 0.1/r2/r2 * g, and its tangent (Hessian-vector
+products) divides by r and r2 nine times. A division costs the CPU several multiplications' time
+and is not pipelined like them; an n-body pair loop is bound by its divider. So where a block
+divides by one value at least twice, it computes `r_inv = 1.0 / r` once and multiplies.
+
+x * (1/y) may differ from x / y in the last bit. That is harmless in a derivative value and not
+harmless elsewhere: a recomputed branch must go the way the primal went, and a primal output must
+be the primal's number. So only values that feed derivatives alone are rewritten: never a value
+that reaches (through any chain of assignments) a condition, a comparison, an index, a rounding
+or integer op, a return value, or a store into a field that is not a derivative field.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..ir import build as B
+from ..ir import nodes as N
+from ..ir.ops import COMPARE, LOGIC
+from ..ir.types import is_float
+from ..ir.walk import (assigned_names, blocks_of, expr_children, expr_children_of_stmt, iter_stmts,
+                       rebuild_stmt, vars_in)
+
+MIN_USES = 2  # divisions by one value (of one version) in a block before it gets a reciprocal
+DISCRETE = COMPARE | LOGIC | {"floor", "ceil", "round", "floordiv", "mod"}
+
+
+def _discrete_vars(e, out):
+    """Vars whose exact value e depends on discretely: operands of comparisons, rounding and
+    integer ops, select conditions, casts to integers, indices."""
+    if isinstance(e, N.Load):
+        for i in e.index:
+            out.update(v.name for v in vars_in(i))
+        return
+    if isinstance(e, N.Call):
+        if e.op in DISCRETE or (e.op == "cast" and not is_float(e.dtype)):
+            for a in e.args:
+                out.update(v.name for v in vars_in(a))
+            return
+        if e.op == "select":
+            out.update(v.name for v in vars_in(e.args[0]))
+    for c in expr_children(e):
+        _discrete_vars(c, out)
+
+
+def exact_names(body, is_derivative) -> set:
+    """Locals whose value must stay bit-exact (see the module docstring); by name, over the whole
+    kernel, so a name assigned in several places is exact if any use of it needs it."""
+    exact, flows = set(), {}
+    for s in iter_stmts(body):
+        for e in expr_children_of_stmt(s):
+            _discrete_vars(e, exact)
+        if isinstance(s, (N.If, N.While)):
+            exact.update(v.name for v in vars_in(s.cond))
+        elif isinstance(s, N.For):
+            exact.update(v.name for e in expr_children_of_stmt(s) for v in vars_in(e))
+        elif isinstance(s, N.Return):
+            exact.update(v.name for e in s.values for v in vars_in(e))
+        elif isinstance(s, (N.Store, N.Atomic)):
+            exact.update(v.name for i in s.index for v in vars_in(i))
+            if not is_derivative(s.ref.field):
+                exact.update(v.name for v in vars_in(s.value))
+        elif isinstance(s, N.Assign):
+            flows.setdefault(s.name, set()).update(v.name for v in vars_in(s.value))
+    todo = list(exact)
+    while todo:
+        for v in flows.get(todo.pop(), ()):
+            if v not in exact:
+                exact.add(v)
+                todo.append(v)
+    return exact
+
+
+def _rewritable(s, exact, is_derivative):
+    if isinstance(s, N.Assign):
+        return s.name not in exact
+    if isinstance(s, (N.Store, N.Atomic)):
+        return is_derivative(s.ref.field)
+    return False
+
+
+def _divides_by_local(e):
+    return e.op == "div" and is_float(e.dtype) and isinstance(e.args[1], N.Var) and e.args[1].dtype == e.dtype
+
+
+def _divisions(e, denominator_key, out):
+    """(key, dtype) of each float division in e by a local, outside comparisons and other
+    discrete ops (whose operands stay exact)."""
+    if isinstance(e, N.Call):
+        if e.op in DISCRETE or e.op == "cast" and not is_float(e.dtype):
+            return
+        if e.op == "select":
+            for a in e.args[1:]:
+                _divisions(a, denominator_key, out)
+            return
+        if _divides_by_local(e):
+            out.append((denominator_key(e.args[1].name), e.dtype))
+    for c in expr_children(e):
+        _divisions(c, denominator_key, out)
+
+
+def _replace(e, inv_of, denominator_key):
+    if isinstance(e, N.Call):
+        if e.op in DISCRETE or e.op == "cast" and not is_float(e.dtype):
+            return e
+        if e.op == "select":
+            return B.select(e.args[0], *(_replace(a, inv_of, denominator_key) for a in e.args[1:]))
+        args = tuple(_replace(a, inv_of, denominator_key) for a in e.args)
+        if _divides_by_local(e):
+            inv = inv_of.get(denominator_key(e.args[1].name))
+            if inv is not None:
+                return B.mul(args[0], inv)
+        if args == e.args:
+            return e
+        return B.cast(args[0], e.dtype) if e.op == "cast" else B.call(e.op, *args)
+    return e
+
+
+class _Block:
+    """Versions of the locals a block assigns, and which local a plain copy `a = b` stands for."""
+
+    def __init__(self):
+        self.version, self.alias = {}, {}
+
+    def key(self, name):
+        """(local, version) a division by `name` divides by here, looking through copies."""
+        while name in self.alias and self.alias[name][1] == self.version.get(name, 0):
+            root, root_version = self.alias[name][0]
+            if self.version.get(root, 0) != root_version:
+                break
+            name = root
+        return name, self.version.get(name, 0)
+
+    def assigned(self, s):
+        names = {s.name} if isinstance(s, N.Assign) else assigned_names((s,))
+        for n in names:
+            self.version[n] = self.version.get(n, 0) + 1
+        if isinstance(s, N.Assign) and isinstance(s.value, N.Var) and s.value.name != s.name:
+            self.alias[s.name] = ((s.value.name, self.version.get(s.value.name, 0)), self.version[s.name])
+
+
+def share_reciprocals(body, names, is_derivative, exact=None):
+    """body with repeated divisions by one local in derivative code turned into multiplications by
+    one reciprocal per block (names: a NameAllocator; is_derivative(taichi_field) -> bool)."""
+    if exact is None:
+        exact = exact_names(body, is_derivative)
+
+    def divisions(s, state):
+        found = []
+        if _rewritable(s, exact, is_derivative):
+            _divisions(s.value, state.key, found)
+        return found
+
+    counts, state = {}, _Block()
+    for s in body:
+        for k, _ in divisions(s, state):
+            counts[k] = counts.get(k, 0) + 1
+        state.assigned(s)
+    out, state, inv_of = [], _Block(), {}
+    for s in body:
+        found = divisions(s, state)
+        for k, dtype in found:
+            if counts[k] >= MIN_USES and k not in inv_of:
+                inv = names.fresh(f"{k[0]}_inv")
+                out.append(N.Assign(inv, B.div(B.const(1, dtype), B.var(k[0], dtype)), src=s.src, tag=s.tag))
+                inv_of[k] = B.var(inv, dtype)
+        if found:
+            s = dataclasses.replace(s, value=_replace(s.value, inv_of, state.key))
+        blocks = blocks_of(s)
+        if blocks:
+            s = rebuild_stmt(s, [share_reciprocals(b, names, is_derivative, exact) for b in blocks])
+        out.append(s)
+        state.assigned(s)
+    return tuple(out)
