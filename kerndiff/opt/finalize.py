@@ -184,16 +184,22 @@ def _hoist(loop, written, names):
 def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
     private copies (CPU only; see opt.scatter). is_derivative: None for primal kernels (their
-    arithmetic is the user's), else a test for derivative fields: repeated divisions in derivative
-    code then share reciprocals (opt.reciprocal)."""
+    arithmetic is the user's), else a test for derivative fields: derivative code then shares
+    reciprocals (opt.reciprocal) and has its like terms collected (opt.algebra)."""
     from ..ad.names import NameAllocator
     from ..ir.walk import assigned_names, used_names
 
-    names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
-    written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
+    def allocator():
+        return NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
+
     if is_derivative is not None:
+        from .algebra import collect_terms
+        from .dce import dce
         from .reciprocal import share_reciprocals
-        ir = dataclasses.replace(ir, body=share_reciprocals(ir.body, names, is_derivative))
+        body = share_reciprocals(ir.body, allocator(), is_derivative)
+        ir = dataclasses.replace(ir, body=dce(collect_terms(body, is_derivative)))  # temporaries looked through
+    names = allocator()
+    written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
     out = []
     for s in ir.body:
         if isinstance(s, N.For) and s.parallel:

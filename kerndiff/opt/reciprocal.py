@@ -73,7 +73,8 @@ def exact_names(body, is_derivative) -> set:
     return exact
 
 
-def _rewritable(s, exact, is_derivative):
+def rewritable(s, exact, is_derivative):
+    """s computes a value that only derivatives use (see exact_names)."""
     if isinstance(s, N.Assign):
         return s.name not in exact
     if isinstance(s, (N.Store, N.Atomic)):
@@ -149,7 +150,7 @@ def share_reciprocals(body, names, is_derivative, exact=None):
 
     def divisions(s, state):
         found = []
-        if _rewritable(s, exact, is_derivative):
+        if rewritable(s, exact, is_derivative):
             _divisions(s.value, state.key, found)
         return found
 

@@ -1,0 +1,238 @@
+"""Like terms collected in derivative expressions (a last rewrite, for speed).
+
+Product rules applied to adjoint expressions (the tangent of a reverse kernel: Hessian-vector
+products) give sums of products of the same few values, spread over temporaries:
+
+    t7 = r_inv * r_inv;  t9 = r_inv * 0.5;  t4_dual = r_inv * 0.5 * r2_dual
+    r2_adj_dual = t8 * (t9 * r_inv * t4_dual) - t9 * (g * (-(r_inv * (t7 * t4_dual)) - ...)) - ...
+
+As a sum of monomials over the same atoms (r_inv, g, r2_dual, ...), looking through the
+temporaries that are single monomials themselves, that is g * (r2_dual * (r_inv**5 * 0.75 +
+r2_inv**3 * 0.2)). The pass writes the collected form, common factors pulled out, where it takes
+fewer operations than the statement had.
+
+Numerics: like terms merge and common factors come out (m*a + m*b -> m*(a + b), which removes
+roundings). A product is never distributed over a sum (m*(x - c) -> m*x - m*c would lose the
+exactness of x - c when x is close to c): a sum inside a product stays one factor, except under a
+power-of-two constant, which scales exactly. As in opt.reciprocal, only statements whose values
+feed derivatives alone are rewritten.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..ir import build as B
+from ..ir import nodes as N
+from ..ir.types import is_float
+from ..ir.walk import assigned_names, blocks_of, iter_expr, iter_stmts, loads_in, rebuild_stmt, vars_in
+from .reciprocal import exact_names, rewritable
+
+MAX_TERMS = 12  # sums with more terms are left as written
+ARITH_OPS = ("add", "sub", "mul", "neg", "pow")
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _exact_scale(c):
+    """Multiplying by c is exact: a power of two (or its negative)."""
+    return c != 0 and math.isfinite(c) and math.frexp(abs(c))[0] == 0.5
+
+
+def _add(a, b, sign=1.0):
+    out = dict(a)
+    for m, c in b.items():
+        v = out.get(m, 0.0) + sign * c
+        if v == 0.0:
+            out.pop(m, None)
+        else:
+            out[m] = v
+    if len(out) > MAX_TERMS:
+        raise _TooBig
+    return out
+
+
+def _mono_mul(a, b):
+    powers = dict(a)
+    for k, p in b:
+        powers[k] = powers.get(k, 0) + p
+    return tuple(sorted(powers.items(), key=lambda kp: repr(kp[0])))
+
+
+def _mono_without(mono, key):
+    return tuple((k, p - 1 if k == key else p) for k, p in mono if k != key or p > 1)
+
+
+class _Terms:
+    """Expressions of one dtype as {monomial: coefficient}; a monomial is ((atom, power), ...), an
+    atom an expression kept whole (a local, a load, a call) or a sum kept as one factor,
+    ('sum', frozenset of its terms). defs: local -> terms of its single-monomial definition."""
+
+    def __init__(self, dtype, defs):
+        self.dtype, self.defs = dtype, defs
+
+    @staticmethod
+    def atom(e):
+        return {((e, 1),): 1.0}
+
+    def of(self, e):
+        if e.dtype != self.dtype:
+            return self.atom(e)
+        if isinstance(e, N.Const):
+            return {(): float(e.value)} if e.value != 0 else {}
+        if isinstance(e, N.Var):
+            got = self.defs.get(e.name)
+            return dict(got[0]) if got is not None else self.atom(e)
+        if not (isinstance(e, N.Call) and e.op in ARITH_OPS):
+            return self.atom(e)
+        if e.op in ("add", "sub"):
+            return _add(self.of(e.args[0]), self.of(e.args[1]), -1.0 if e.op == "sub" else 1.0)
+        if e.op == "neg":
+            return {m: -c for m, c in self.of(e.args[0]).items()}
+        if e.op == "mul":
+            return self.product(self.of(e.args[0]), self.of(e.args[1]))
+        exponent = e.args[1]
+        if isinstance(exponent, N.Const) and exponent.value in (2, 3, 4):
+            base = self.of(e.args[0])
+            out = base
+            for _ in range(int(exponent.value) - 1):
+                out = self.product(out, base)
+            return out
+        return self.atom(e)
+
+    def product(self, a, b):
+        if not a or not b:
+            return {}
+        for x, y in ((a, b), (b, a)):
+            if len(y) == 1 and () in y and _exact_scale(y[()]):
+                return {m: c * y[()] for m, c in x.items()}
+        a, b = self.factor(a), self.factor(b)
+        (ma, ca), = a.items()
+        (mb, cb), = b.items()
+        return {_mono_mul(ma, mb): ca * cb}
+
+    def factor(self, terms):
+        """terms as one factor: a monomial already, or a sum kept whole."""
+        if len(terms) == 1:
+            return terms
+        return self.atom(("sum", frozenset(terms.items())))
+
+
+def _is_sum(key):
+    return isinstance(key, tuple) and key[0] == "sum"
+
+
+def _atom_exprs(terms):
+    """The expressions among the atoms of terms, inside sums too."""
+    for mono in terms:
+        for key, _ in mono:
+            if _is_sum(key):
+                yield from _atom_exprs(dict(key[1]))
+            else:
+                yield key
+
+
+class _Writer:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def atom(self, key):
+        return self.terms(dict(key[1])) if _is_sum(key) else key
+
+    def monomial(self, mono):
+        out = None
+        for key, p in mono:
+            x = self.atom(key)
+            for _ in range(p):
+                out = x if out is None else B.mul(out, x)
+        return out
+
+    def terms(self, terms):
+        """A sum of monomials, with the factor shared by the most terms (two at least) pulled out."""
+        if not terms:
+            return B.const(0, self.dtype)
+        counts = {}
+        for mono in terms:
+            for key, _ in mono:
+                counts[key] = counts.get(key, 0) + 1
+        shared = [k for k, n in counts.items() if n >= 2]
+        if len(terms) > 1 and shared:
+            key = max(shared, key=lambda k: (counts[k], repr(k)))
+            inner = {_mono_without(m, key): c for m, c in terms.items() if any(k == key for k, _ in m)}
+            rest = {m: c for m, c in terms.items() if not any(k == key for k, _ in m)}
+            pulled = B.mul(self.atom(key), self.terms(inner))
+            return pulled if not rest else B.add(self.terms(rest), pulled)
+        out = None
+        for mono, c in sorted(terms.items(), key=lambda mc: (mc[1] < 0, repr(mc[0]))):
+            term = self.monomial(mono)
+            if term is None:
+                term = B.const(abs(c), self.dtype)
+            elif abs(c) != 1.0:
+                term = B.mul(term, B.const(abs(c), self.dtype))
+            if out is None:
+                out = term if c > 0 else B.neg(term)
+            else:
+                out = B.add(out, term) if c > 0 else B.sub(out, term)
+        return out
+
+
+def _ops(e):
+    return sum(1 for x in iter_expr(e) if isinstance(x, N.Call) and x.op in ARITH_OPS)
+
+
+def collect_terms(body, is_derivative, exact=None):
+    """body with derivative statements rewritten as collected sums of monomials where that is
+    cheaper (is_derivative(taichi_field) -> bool)."""
+    if exact is None:
+        exact = exact_names(body, is_derivative)
+    defs = {}  # local -> (terms, names it reads, fields it loads)
+    out = []
+    for s in body:
+        if rewritable(s, exact, is_derivative) and is_float(s.value.dtype) and _ops(s.value) >= 3:
+            try:
+                terms = _Terms(s.value.dtype, defs).of(s.value)
+                new = _Writer(s.value.dtype).terms(terms)
+                if _ops(new) < _ops(s.value):
+                    s = dataclasses.replace(s, value=new)
+            except _TooBig:
+                pass
+        blocks = blocks_of(s)
+        if blocks:
+            s = rebuild_stmt(s, [collect_terms(b, is_derivative, exact) for b in blocks])
+        out.append(s)
+        _forget(defs, s)
+        if isinstance(s, N.Assign) and is_float(s.value.dtype):
+            try:
+                terms = _Terms(s.value.dtype, defs).of(s.value)
+            except _TooBig:
+                terms = None
+            if _looked_through(terms) and s.name not in {v.name for v in vars_in(s.value)}:
+                atoms = list(_atom_exprs(terms))
+                defs[s.name] = (terms, {v.name for a in atoms for v in vars_in(a)},
+                                {id(x.ref.field) for a in atoms for x in loads_in(a)})
+    return tuple(out)
+
+
+def _looked_through(terms):
+    """A definition worth looking through: a product of atoms (or a copy of a local), not an atom
+    itself or a product with a sum in it (a division, root, load or sum would be computed again)."""
+    if terms is None or len(terms) > 1:
+        return False
+    for mono, c in terms.items():
+        if len(mono) == 1 and mono[0][1] == 1 and c == 1.0 and not isinstance(mono[0][0], N.Var):
+            return False
+        if any(_is_sum(key) for key, _ in mono):
+            return False
+    return True
+
+
+def _forget(defs, s):
+    """Drop definitions that s invalidates: it reassigns the local, or a local or field it reads."""
+    names = {s.name} if isinstance(s, N.Assign) else assigned_names((s,))
+    fields = {id(x.ref.field) for x in iter_stmts((s,)) if isinstance(x, (N.Store, N.Atomic))}
+    for name in list(defs):
+        terms, reads, loads = defs[name]
+        if name in names or reads & names or loads & fields:
+            del defs[name]

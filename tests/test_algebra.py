@@ -1,0 +1,72 @@
+"""Like terms collected in derivative expressions (opt.algebra), on IR built by hand: what merges,
+what must not be distributed, and when a temporary may be looked through. (The pass on real
+kernels, against finite differences: tests/test_reciprocal.py.)"""
+import numpy as np
+
+from kerndiff.ir import build as B
+from kerndiff.ir import nodes as N
+from kerndiff.ir.nodes import FieldRef
+from kerndiff.ir.walk import iter_expr, vars_in
+from kerndiff.opt.algebra import _Terms, collect_terms
+
+def _v(name):
+    return B.var(name, "f64")
+
+
+def _terms(e, defs=None):
+    return _Terms("f64", defs or {}).of(e)
+
+
+def test_like_terms_merge_and_products_are_not_distributed_over_sums():
+    a, b, c, x = _v("a"), _v("b"), _v("c"), _v("x")
+    assert _terms(B.add(B.mul(a, b), B.mul(b, a))) == {((a, 1), (b, 1)): 2.0}
+    assert _terms(B.sub(B.mul(a, b), B.mul(b, a))) == {}
+    # m * (x - c) keeps x - c as one factor: m*x - m*c would lose its exactness when x ~ c
+    (mono, coeff), = _terms(B.mul(a, B.sub(x, c))).items()
+    assert coeff == 1.0 and any(isinstance(k, tuple) and k[0] == "sum" for k, _ in mono)
+    # a power-of-two constant scales exactly, so it may go inside
+    assert _terms(B.mul(B.sub(x, c), B.const(2.0, "f64"))) == {((x, 1),): 2.0, ((c, 1),): -2.0}
+    assert len(_terms(B.mul(B.sub(x, c), B.const(3.0, "f64")))) == 1
+
+
+def _store(value):
+    ref = FieldRef(object(), (), "g_adj", "f64", (4,))
+    return N.Store(ref, (B.const(0, "i32"),), value)
+
+
+def test_collected_form_pulls_out_common_factors_and_looks_through_products():
+    a, b, c = _v("a"), _v("b"), _v("c")
+    body = (N.Assign("t", B.mul(a, b)),
+            _store(B.add(B.add(B.mul(_v("t"), c), B.mul(c, B.mul(b, a))), B.mul(B.mul(a, c), a))))
+    out = collect_terms(body, lambda field: True)
+    # t*c + c*(b*a) + a*c*a = 2abc + a²c = a*c*(2b + a): one factor pulled out, t looked through
+    value = out[-1].value
+    assert value != body[-1].value
+    ops = sum(1 for x in iter_expr(value) if isinstance(x, N.Call))
+    assert ops < 7
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        env = dict(zip("abc", rng.standard_normal(3)))
+        assert np.isclose(_eval(value, env), _eval(body[-1].value, {**env, "t": env["a"] * env["b"]}))
+
+
+def test_a_definition_is_not_looked_through_after_what_it_reads_changes():
+    a, b = _v("a"), _v("b")
+    body = (N.Assign("t", B.mul(a, b)),
+            N.Assign("a", B.add(a, B.const(1.0, "f64"))),
+            _store(B.add(B.mul(_v("t"), b), B.mul(b, _v("t")))))
+    out = collect_terms(body, lambda field: True)
+    names = {v.name for v in vars_in(out[-1].value)}
+    assert "t" in names  # still reads t (the old a*b), not a*b with the new a
+
+
+def _eval(e, env):
+    if isinstance(e, N.Const):
+        return e.value
+    if isinstance(e, N.Var):
+        return env[e.name]
+    args = [_eval(x, env) for x in e.args]
+    return {"add": lambda p, q: p + q, "sub": lambda p, q: p - q, "mul": lambda p, q: p * q,
+            "neg": lambda p: -p}[e.op](*args)
+
+
