@@ -119,6 +119,21 @@ def _replace(e, inv_of, denominator_key):
     return e
 
 
+def _assigned_once(body):
+    """Locals a block assigns exactly once (and its nested blocks never)."""
+    counts = {}
+    for x in body:
+        if isinstance(x, N.Assign):
+            counts[x.name] = counts.get(x.name, 0) + 1
+    nested = set().union(*(assigned_names(b) for x in body for b in blocks_of(x)))
+    return {n for n, c in counts.items() if c == 1} - nested
+
+
+def _plain_reciprocal(s, once):
+    return (isinstance(s, N.Assign) and s.name in once and isinstance(s.value, N.Call) and s.value.op == "div"
+            and B.is_const(s.value.args[0], 1))
+
+
 class _Block:
     """Versions of the locals a block assigns, and which local a plain copy `a = b` stands for."""
 
@@ -159,9 +174,14 @@ def share_reciprocals(body, names, is_derivative, exact=None):
         for k, _ in divisions(s, state):
             counts[k] = counts.get(k, 0) + 1
         state.assigned(s)
+    once = _assigned_once(body)
     out, state, inv_of = [], _Block(), {}
     for s in body:
         found = divisions(s, state)
+        if len(found) == 1 and _plain_reciprocal(s, once) and counts[found[0][0]] >= MIN_USES \
+                and found[0][0] not in inv_of:
+            inv_of[found[0][0]] = B.var(s.name, found[0][1])  # `t = 1.0 / d` is the reciprocal already
+            found = []
         for k, dtype in found:
             if counts[k] >= MIN_USES and k not in inv_of:
                 inv = names.fresh(f"{k[0]}_inv")
