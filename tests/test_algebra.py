@@ -70,3 +70,13 @@ def _eval(e, env):
             "neg": lambda p: -p}[e.op](*args)
 
 
+
+
+def test_constants_are_not_merged_past_the_dtype_range():
+    """(x * 1e30) * 1e30 * y is finite in f32 for x = 1e-30; one merged constant 1e60 is not."""
+    x, y = B.var("x", "f32"), B.var("y", "f32")
+    big = B.const(1e30, "f32")
+    ref = FieldRef(object(), (), "g_adj", "f32", (4,))
+    value = B.mul(B.mul(B.mul(x, big), big), B.mul(y, y))
+    out = collect_terms((N.Store(ref, (B.const(0, "i32"),), value),), lambda field: True)
+    assert out[0].value == value

@@ -32,8 +32,8 @@ MAX_TERMS = 12  # sums with more terms are left as written
 ARITH_OPS = ("add", "sub", "mul", "neg", "pow")
 
 
-class _TooBig(Exception):
-    pass
+class _GiveUp(Exception):
+    """The statement stays as written: too many terms, or constants out of the dtype's range."""
 
 
 def _exact_scale(c):
@@ -50,7 +50,7 @@ def _add(a, b, sign=1.0):
         else:
             out[m] = v
     if len(out) > MAX_TERMS:
-        raise _TooBig
+        raise _GiveUp
     return out
 
 
@@ -166,6 +166,8 @@ class _Writer:
             return pulled if not rest else B.add(self.terms(rest), pulled)
         out = None
         for mono, c in sorted(terms.items(), key=lambda mc: (mc[1] < 0, repr(mc[0]))):
+            if not _representable(abs(c), self.dtype):
+                raise _GiveUp  # merged constants would overflow (or underflow) where the original did not
             term = self.monomial(mono)
             if term is None:
                 term = B.const(abs(c), self.dtype)
@@ -176,6 +178,12 @@ class _Writer:
             else:
                 out = B.add(out, term) if c > 0 else B.sub(out, term)
         return out
+
+
+def _representable(c, dtype):
+    import numpy as np
+    info = np.finfo({"f16": np.float16, "f32": np.float32}.get(dtype, np.float64))
+    return float(info.tiny) <= c <= float(info.max)
 
 
 def _ops(e):
@@ -196,7 +204,7 @@ def collect_terms(body, is_derivative, exact=None):
                 new = _Writer(s.value.dtype).terms(terms)
                 if _ops(new) < _ops(s.value):
                     s = dataclasses.replace(s, value=new)
-            except _TooBig:
+            except _GiveUp:
                 pass
         blocks = blocks_of(s)
         if blocks:
@@ -206,7 +214,7 @@ def collect_terms(body, is_derivative, exact=None):
         if isinstance(s, N.Assign) and is_float(s.value.dtype):
             try:
                 terms = _Terms(s.value.dtype, defs).of(s.value)
-            except _TooBig:
+            except _GiveUp:
                 terms = None
             if _looked_through(terms) and s.name not in {v.name for v in vars_in(s.value)}:
                 atoms = list(_atom_exprs(terms))
