@@ -6,11 +6,13 @@ products) divides by r and r2 nine times. A division costs the CPU several multi
 and is not pipelined like them; an n-body pair loop is bound by its divider. So where a block
 divides by one value at least twice, it computes `r_inv = 1.0 / r` once and multiplies.
 
-x * (1/y) may differ from x / y in the last bit. That is harmless in a derivative value and not
-harmless elsewhere: a recomputed branch must go the way the primal went, and a primal output must
-be the primal's number. So only values that feed derivatives alone are rewritten: never a value
-that reaches (through any chain of assignments) a condition, a comparison, an index, a rounding
-or integer op, a return value, or a store into a field that is not a derivative field.
+x * (1/y) may differ from x / y in the last bit (and where 1/y itself over- or underflows: |y|
+below ~1e-38 or above ~1e38 in f32, which compilers' reciprocal fast-math flag accepts too).
+That is harmless in a derivative value and not harmless elsewhere: a recomputed branch must go
+the way the primal went, and a primal output must be the primal's number. So only values that
+feed derivatives alone are rewritten: never a value that reaches (through any chain of
+assignments) a condition, a comparison, an index, a rounding or integer op, a return value, or a
+store into a field that is not a derivative field.
 """
 from __future__ import annotations
 
