@@ -165,7 +165,7 @@ class _Writer:
             pulled = B.mul(self.atom(key), self.terms(inner))
             return pulled if not rest else B.add(self.terms(rest), pulled)
         out = None
-        for mono, c in sorted(terms.items(), key=lambda mc: (mc[1] < 0, repr(mc[0]))):
+        for mono, c in terms.items():  # in the order the terms came (the original's summation order)
             if not _representable(abs(c), self.dtype):
                 raise _GiveUp  # merged constants would overflow (or underflow) where the original did not
             term = self.monomial(mono)
