@@ -68,7 +68,7 @@ def _mono_without(mono, key):
 class _Terms:
     """Expressions of one dtype as {monomial: coefficient}; a monomial is ((atom, power), ...), an
     atom an expression kept whole (a local, a load, a call) or a sum kept as one factor,
-    ('sum', frozenset of its terms). defs: local -> terms of its single-monomial definition."""
+    ('sum', its terms in order). defs: local -> terms of its single-monomial definition."""
 
     def __init__(self, dtype, defs):
         self.dtype, self.defs = dtype, defs
@@ -117,7 +117,7 @@ class _Terms:
         """terms as one factor: a monomial already, or a sum kept whole."""
         if len(terms) == 1:
             return terms
-        return self.atom(("sum", frozenset(terms.items())))
+        return self.atom(("sum", tuple(terms.items())))  # a tuple: generated code must not vary by hash seed
 
 
 def _is_sum(key):
