@@ -62,3 +62,44 @@ def test_golden_recurrence_reverse():
             out[i] = v
 
     compare("recurrence_reverse", recurrence.reverse.source)
+
+
+PAIRS_SOURCE = """
+import taichi as ti
+ti.init(arch=ti.cpu, default_fp=ti.f64, log_level=ti.ERROR)
+import kerndiff as kd
+pos = ti.Vector.field(3, ti.f64, shape=8, needs_grad=True)
+E = ti.field(ti.f64, shape=(), needs_grad=True)
+
+@kd.kernel
+def energy():
+    for i in range(8):
+        e = 0.0
+        for j in range(8):
+            if i != j:
+                r2 = (pos[i] - pos[j]).norm_sqr() + 0.01
+                e += 1.0 / ti.sqrt(r2) + 0.1 / r2
+        E[None] += 0.5 * e
+
+kd.dual(pos)
+print(energy.reverse.forward.source)
+"""
+
+
+def test_generated_source_does_not_depend_on_the_hash_seed():
+    """Taichi's offline cache is keyed by the kernel's source: generated code that varied from run
+    to run (set iteration order) would be recompiled in every new process."""
+    import subprocess
+    import sys
+    import tempfile
+    out = []
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(PAIRS_SOURCE)  # kerndiff reads kernels' source: a file, not `python -c`
+    for seed in ("1", "2", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        got = subprocess.run([sys.executable, f.name], env=env, capture_output=True, text=True)
+        assert got.returncode == 0, got.stderr
+        out.append(got.stdout)
+    os.unlink(f.name)
+    assert "pos_adj_0_acc" in out[0] and "pos_adj_dual_2_acc" in out[0]
+    assert out[0] == out[1] == out[2]

@@ -63,7 +63,7 @@ def _privatize(loop, names):
     for s in iter_stmts(loop.body):
         if isinstance(s, N.Atomic) and s.op == "add" and s.ref in targets and _own_index(s.index, loop):
             counts[s.ref] = counts.get(s.ref, 0) + (2 if _in_inner_loop(loop.body, s) else 1)
-    chosen = {r for r, c in counts.items() if c > 1}
+    chosen = [r for r, c in counts.items() if c > 1]  # in order of appearance: the source must not vary by run
     if not chosen or _has_continue(loop.body):
         return loop
     local = {r: names.fresh(f"{r.name}{''.join(f'_{c}' for c in r.component)}_acc") for r in chosen}
