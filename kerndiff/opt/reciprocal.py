@@ -48,7 +48,8 @@ def _discrete_vars(e, out):
 
 
 def exact_names(body, is_derivative) -> set:
-    """Locals whose value must stay bit-exact (see the module docstring); by name, over the whole
+    """Locals whose value must stay bit-exact (see the module docstring; an atomic max or min
+    compares what it stores, so its value counts as a condition); by name, over the whole
     kernel, so a name assigned in several places is exact if any use of it needs it."""
     exact, flows = set(), {}
     for s in iter_stmts(body):
@@ -62,7 +63,7 @@ def exact_names(body, is_derivative) -> set:
             exact.update(v.name for e in s.values for v in vars_in(e))
         elif isinstance(s, (N.Store, N.Atomic)):
             exact.update(v.name for i in s.index for v in vars_in(i))
-            if not is_derivative(s.ref.field):
+            if not is_derivative(s.ref.field) or isinstance(s, N.Atomic) and s.op != "add":
                 exact.update(v.name for v in vars_in(s.value))
         elif isinstance(s, N.Assign):
             flows.setdefault(s.name, set()).update(v.name for v in vars_in(s.value))
@@ -79,9 +80,9 @@ def rewritable(s, exact, is_derivative):
     """s computes a value that only derivatives use (see exact_names)."""
     if isinstance(s, N.Assign):
         return s.name not in exact
-    if isinstance(s, (N.Store, N.Atomic)):
+    if isinstance(s, N.Store) or isinstance(s, N.Atomic) and s.op == "add":
         return is_derivative(s.ref.field)
-    return False
+    return False  # an atomic max / min compares what it stores
 
 
 def _divides_by_local(e):
