@@ -80,3 +80,17 @@ def test_constants_are_not_merged_past_the_dtype_range():
     value = B.mul(B.mul(B.mul(x, big), big), B.mul(y, y))
     out = collect_terms((N.Store(ref, (B.const(0, "i32"),), value),), lambda field: True)
     assert out[0].value == value
+
+
+def test_shared_constants_come_out_and_meet_the_other_constants():
+    a, b, c = _v("a"), _v("b"), _v("c")
+    half, two = B.const(0.5, "f64"), B.const(2.0, "f64")
+    # a*0.5 + b*0.5 + c: no atom is shared, the constant 0.5 is
+    out = collect_terms((_store(B.add(B.add(B.mul(a, half), B.mul(b, half)), B.mul(c, c))),), lambda f: True)
+    assert out[0].value == B.add(B.mul(c, c), B.mul(B.add(a, b), half))
+    # c * 0.5 * (a*2 + b*2): the sum's 2 meets the 0.5 (exactly), one multiplication fewer
+    value = B.mul(B.mul(c, half), B.add(B.mul(a, two), B.mul(b, two)))
+    got = _terms(value)
+    assert list(got.values()) == [1.0]
+    out = collect_terms((_store(value),), lambda f: True)
+    assert sum(1 for x in iter_expr(out[0].value) if isinstance(x, N.Call)) == 2  # c * (a + b)

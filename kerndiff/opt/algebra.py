@@ -114,10 +114,14 @@ class _Terms:
         return {_mono_mul(ma, mb): ca * cb}
 
     def factor(self, terms):
-        """terms as one factor: a monomial already, or a sum kept whole."""
+        """terms as one factor: a monomial already, or a sum kept whole (a constant that all its
+        terms share comes out, to meet the other constants of the product)."""
         if len(terms) == 1:
             return terms
-        return self.atom(("sum", tuple(terms.items())))  # a tuple: generated code must not vary by hash seed
+        scale = {abs(c) for c in terms.values()}
+        k = scale.pop() if len(scale) == 1 else 1.0
+        key = ("sum", tuple((m, c / k) for m, c in terms.items()))  # a tuple: no hash-seed order
+        return {((key, 1),): k}
 
 
 def _is_sum(key):
@@ -150,7 +154,8 @@ class _Writer:
         return out
 
     def terms(self, terms):
-        """A sum of monomials, with the factor shared by the most terms (two at least) pulled out."""
+        """A sum of monomials, with the factor shared by the most terms (two at least) pulled out:
+        an atom (x * (a + b)), else a constant ((a + b) * 0.5)."""
         if not terms:
             return B.const(0, self.dtype)
         counts = {}
@@ -162,10 +167,25 @@ class _Writer:
             key = max(shared, key=lambda k: (counts[k], repr(k)))
             inner = {_mono_without(m, key): c for m, c in terms.items() if any(k == key for k, _ in m)}
             rest = {m: c for m, c in terms.items() if not any(k == key for k, _ in m)}
-            pulled = B.mul(self.atom(key), self.terms(inner))
-            return pulled if not rest else B.add(self.terms(rest), pulled)
+            return self._plus(rest, B.mul(self.atom(key), self.terms(inner)))
+        scales = {}
+        for c in terms.values():
+            if abs(c) != 1.0:
+                scales[abs(c)] = scales.get(abs(c), 0) + 1
+        k = max((k for k, n in scales.items() if n >= 2), key=lambda k: (scales[k], k), default=None)
+        if k is not None:
+            inner = {m: c / k for m, c in terms.items() if abs(c) == k}
+            rest = {m: c for m, c in terms.items() if abs(c) != k}
+            return self._plus(rest, B.mul(self.terms(inner), B.const(k, self.dtype)))
+        return self._sum(terms)
+
+    def _plus(self, rest, pulled):
+        return pulled if not rest else B.add(self.terms(rest), pulled)
+
+    def _sum(self, terms):
         out = None
-        for mono, c in terms.items():  # in the order the terms came (the original's summation order)
+        # in the order the terms came (the original's summation order), a constant last (x - 1.0)
+        for mono, c in sorted(terms.items(), key=lambda mc: mc[0] == ()):
             if not _representable(abs(c), self.dtype):
                 raise _GiveUp  # merged constants would overflow (or underflow) where the original did not
             term = self.monomial(mono)
