@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
@@ -201,7 +203,6 @@ class _Writer:
 
 
 def _representable(c, dtype):
-    import numpy as np
     info = np.finfo({"f16": np.float16, "f32": np.float32}.get(dtype, np.float64))
     return float(info.tiny) <= c <= float(info.max)
 
