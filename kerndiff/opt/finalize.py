@@ -195,11 +195,14 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
     if is_derivative is not None:
         from .algebra import collect_terms
         from .dce import dce
+        from .propagate import propagate
         from .reciprocal import exact_names, share_reciprocals
         exact = exact_names(ir.body, is_derivative)  # the reciprocals it adds feed derivatives only
         body = share_reciprocals(ir.body, allocator(), is_derivative, exact)
         body = collect_terms(body, is_derivative, exact)
-        ir = dataclasses.replace(ir, body=dce(body))  # temporaries that were looked through
+        # copies left by the rewrites (t6 = r_inv) and temporaries that were looked through
+        ir = propagate(dataclasses.replace(ir, body=body))
+        ir = dataclasses.replace(ir, body=dce(ir.body))
     names = allocator()
     written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
     out = []
