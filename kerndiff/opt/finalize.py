@@ -185,7 +185,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
     private copies (CPU only; see opt.scatter). is_derivative: None for primal kernels (their
     arithmetic is the user's), else a test for derivative fields: derivative code then shares
-    reciprocals (opt.reciprocal) and has its like terms collected (opt.algebra)."""
+    reciprocals (opt.reciprocal) and has its like terms collected (opt.algebra), and the copies
+    left behind are propagated away."""
     from ..ad.names import NameAllocator
     from ..ir.walk import assigned_names, used_names
 
