@@ -89,37 +89,38 @@ def _divides_by_local(e):
     return e.op == "div" and is_float(e.dtype) and isinstance(e.args[1], N.Var) and e.args[1].dtype == e.dtype
 
 
+def _free_args(e):
+    """Positions of e's arguments whose value may change in the last bit: none under comparisons,
+    rounding and integer ops, not a select's condition (those operands stay exact)."""
+    if e.op in DISCRETE or e.op == "cast" and not is_float(e.dtype):
+        return ()
+    return range(1, 3) if e.op == "select" else range(len(e.args))
+
+
 def _divisions(e, denominator_key, out):
-    """(key, dtype) of each float division in e by a local, outside comparisons and other
-    discrete ops (whose operands stay exact)."""
-    if isinstance(e, N.Call):
-        if e.op in DISCRETE or e.op == "cast" and not is_float(e.dtype):
-            return
-        if e.op == "select":
-            for a in e.args[1:]:
-                _divisions(a, denominator_key, out)
-            return
-        if _divides_by_local(e):
-            out.append((denominator_key(e.args[1].name), e.dtype))
-    for c in expr_children(e):
-        _divisions(c, denominator_key, out)
+    """(key, dtype) of each float division by a local in e, where it may be rewritten."""
+    if not isinstance(e, N.Call):
+        return
+    if _free_args(e) and _divides_by_local(e):
+        out.append((denominator_key(e.args[1].name), e.dtype))
+    for i in _free_args(e):
+        _divisions(e.args[i], denominator_key, out)
 
 
 def _replace(e, inv_of, denominator_key):
-    if isinstance(e, N.Call):
-        if e.op in DISCRETE or e.op == "cast" and not is_float(e.dtype):
-            return e
-        if e.op == "select":
-            return B.select(e.args[0], *(_replace(a, inv_of, denominator_key) for a in e.args[1:]))
-        args = tuple(_replace(a, inv_of, denominator_key) for a in e.args)
-        if _divides_by_local(e):
-            inv = inv_of.get(denominator_key(e.args[1].name))
-            if inv is not None:
-                return B.mul(args[0], inv)
-        if args == e.args:
-            return e
-        return B.cast(args[0], e.dtype) if e.op == "cast" else B.call(e.op, *args)
-    return e
+    if not isinstance(e, N.Call) or not _free_args(e):
+        return e
+    args = list(e.args)
+    for i in _free_args(e):
+        args[i] = _replace(e.args[i], inv_of, denominator_key)
+    args = tuple(args)
+    if _divides_by_local(e):
+        inv = inv_of.get(denominator_key(e.args[1].name))
+        if inv is not None:
+            return B.mul(args[0], inv)
+    if args == e.args:
+        return e
+    return B.cast(args[0], e.dtype) if e.op == "cast" else B.call(e.op, *args)
 
 
 def _assigned_once(body):
