@@ -60,3 +60,31 @@ def test_control_flow_against_finite_differences(kernels, name, prefix, mode):
     k()
     K = getattr(k, prefix) if prefix else k
     check(K, mode, rtol=1e-6)
+
+
+def test_tuple_unpacking_keeps_names_and_reads_old_values(runtime):
+    """`a, b = ...` binds the user's names directly (they are what the generated kernels call
+    them); a swap `p, q = q, p * a + q` reads the old values (through temporaries)."""
+    x = ti.field(ti.f64, shape=4, needs_grad=True, needs_dual=True)
+    y = ti.field(ti.f64, shape=4, needs_grad=True, needs_dual=True)
+    xs = np.array([0.3, -0.8, 1.1, 0.5])
+    x.from_numpy(xs)
+
+    @kd.kernel
+    def recurrence():
+        for i in x:
+            a, b = x[i], ti.sin(x[i])
+            p, q = a, b
+            for j in range(3):
+                p, q = q, p * a + q
+            y[i] = p + 2.0 * q
+
+    recurrence()
+    p, q = xs, np.sin(xs)
+    for _ in range(3):
+        p, q = q, p * xs + q
+    np.testing.assert_allclose(y.to_numpy(), p + 2.0 * q, rtol=1e-12)
+    src = recurrence.reverse.source
+    assert "a = x[i]" in src and "b = ti.sin(x[i])" in src and "tmp = p_1 * a + q_1" in src, src
+    for prefix, mode in PATHS:
+        check(getattr(recurrence, prefix) if prefix else recurrence, mode, rtol=1e-6, atol=1e-8)

@@ -19,6 +19,7 @@ from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import default_fp, from_taichi, is_float, is_int
+from ..ir.walk import vars_in
 from ..runtime.registry import REGISTRY
 from ..ad.names import NameAllocator
 from . import vec as V
@@ -71,6 +72,15 @@ class Local:
     def value(self):
         items = [B.var(n, d) for n, d in zip(self.names, self.dtypes)]
         return items[0] if self.shape is None else Vec(self.shape, items)
+
+
+def _vars_of(value):
+    """The IR locals an expression or a (nested) Vec of them reads."""
+    if isinstance(value, N.Expr):
+        return vars_in(value)
+    if isinstance(value, Vec):
+        return [v for item in value.items for v in _vars_of(item)]
+    return []
 
 
 class Method:
@@ -349,8 +359,10 @@ class Lowerer:
             if len(parts) != len(target.elts):
                 raise self.error(node, f"unpacking {len(parts)} values into {len(target.elts)} names",
                                  "make the counts match")
-            # Evaluate all right-hand sides before assigning (p, q = q, p + q).
-            parts = [self.materialize(p, "tmp", node) if isinstance(p, (N.Expr, Vec)) else p for p in parts]
+            # Evaluate all right-hand sides before assigning (p, q = q, p + q): into temporaries
+            # where a right-hand side reads a name being assigned, else straight into the names.
+            if self.unpacking_reads_targets(target.elts, parts):
+                parts = [self.materialize(p, "tmp", node) if isinstance(p, (N.Expr, Vec)) else p for p in parts]
             for t, p in zip(target.elts, parts):
                 self.assign(t, p, node)
         elif isinstance(target, ast.Subscript):
@@ -369,6 +381,18 @@ class Lowerer:
             self.assign_component(target.value.id, (k,), value, node)
         else:
             raise self.error(node, "unsupported assignment target", "assign to a name or a field element")
+
+    def unpacking_reads_targets(self, targets, parts):
+        """Whether `a, b = ...` must go through temporaries: a target that is not a plain name, or
+        a right-hand side reading the current value of a name on the left."""
+        if not all(isinstance(t, ast.Name) for t in targets):
+            return True
+        bound = set()
+        for t in targets:
+            local = self.scope.get(t.id)
+            if isinstance(local, Local):
+                bound.update(local.names)
+        return any(v.name in bound for p in parts for v in _vars_of(p))
 
     def assign_component(self, name, idx, value, node):
         local = self.scope.get(name)
