@@ -40,7 +40,7 @@ BINARY = {
     "div": "({0}) / (1.5 + ({1}) * ({1}))", "pow": "(1.0 + ({0}) * ({0})) ** ti.tanh({1})",
     "atan2": "ti.atan2({0}, 1.0 + ({1}) * ({1}))", "min": "ti.min({}, {})", "max": "ti.max({}, {})",
 }
-LEAVES = ["x[i]", "x[idx[i]]", "y[i]", "0.7", "x[(i + 1) % 3]"]
+LEAVES = ["x[i]", "x[idx[i]]", "y[1, i]", "y[1, idx[i]]", "0.7", "x[(i + 1) % 3]"]
 
 
 def expr(depth, extra=()):
@@ -103,12 +103,12 @@ def fields():
     rng = np.random.default_rng(0)
     f = {
         "x": ti.field(ti.f64, shape=N, needs_grad=True),
-        "y": ti.field(ti.f64, shape=N, needs_grad=True),
+        "y": ti.field(ti.f64, shape=(2, N), needs_grad=True),  # one row used: scattered slices
         "idx": ti.field(ti.i32, shape=N),
         "out": ti.field(ti.f64, shape=N, needs_grad=True),
     }
     f["x"].from_numpy(rng.uniform(-1, 1, N))
-    f["y"].from_numpy(rng.uniform(-1, 1, N))
+    f["y"].from_numpy(rng.uniform(-1, 1, (2, N)))
     f["idx"].from_numpy(np.array([2, 0, 1], dtype=np.int32))
     yield f
     ti.reset()
@@ -186,7 +186,8 @@ COUNT = []
 @given(body=kernels())
 def test_random_kernels_with_private_copies(fields, body, monkeypatch):
     """The same kernels with opt.scatter forced on for these 3-iteration loops, so every scattered
-    adjoint (x[idx[i]], x[(i + 1) % 3]) goes through per-thread private copies."""
+    adjoint (x[idx[i]], x[(i + 1) % 3], and y[1, idx[i]] through copies of the row) goes through
+    per-thread private copies."""
     from kerndiff.opt import scatter
     monkeypatch.setattr(scatter, "MIN_TRIPS", 2)
     monkeypatch.setattr(scatter, "MIN_ADDS_PER_ELEMENT", 0)
@@ -194,13 +195,17 @@ def test_random_kernels_with_private_copies(fields, body, monkeypatch):
     COUNT.append(1)
     if "claim_slot(" in k.reverse.source:
         PRIVATIZED.append(1)
+    if "y_adj[1, i0] = y_adj[1, i0] +" in k.reverse.source:
+        SLICED.append(1)
 
 
 PRIVATIZED = []
+SLICED = []
 
 
 def test_private_copies_were_exercised():
     assert PRIVATIZED, "no random kernel scattered through private copies"
+    assert SLICED, "no random kernel scattered into a slice (y[1, idx[i]]) through copies of the slice"
 
 
 def teardown_module():

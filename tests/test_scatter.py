@@ -72,7 +72,7 @@ def test_every_copy_is_summed_and_zeroed(springs):
     from kerndiff.runtime.registry import REGISTRY
     pos, E, tk, kk = springs
     once = _grad(pos, E, kk.reverse)
-    (copies, busy), = [v for k, v in REGISTRY.derived.items() if k[0] == "private" and k[1] == (id(pos.grad),)]
+    (copies, busy), = [v for k, v in REGISTRY.derived.items() if k[0] == "private" and k[1] == ((id(pos.grad), (P,)),)]
     private = copies[id(pos.grad)]
     threads = private.shape[0]
     planted = np.random.default_rng(1).standard_normal((threads, P, 2))
@@ -172,6 +172,61 @@ def test_loop_invariant_and_two_dimensional_targets(runtime):
     np.testing.assert_allclose(kw, tw, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(kg, tg, rtol=1e-10, atol=1e-12)
     assert np.abs(kw).max() > 1 and np.count_nonzero(kg) > g * g // 2
+
+
+def test_time_step_slices_get_private_copies_of_one_step(runtime):
+    """A time-stepped simulation's `x[t, a]` (t a kernel argument): the reverse adds into one step's
+    slice of x's adjoint, so the copies are that slice (`x_adj_private[slot, a]`, not one per step)
+    and the sum adds them into `x_adj[t, i]`, leaving the other steps' adjoints as they were.
+    A slice chosen by the loop (`x[s % 3, a]`) or differing between adds keeps whole copies."""
+    rng = np.random.default_rng(8)
+    steps, n = 3, 40
+    x = ti.Vector.field(2, ti.f64, shape=(steps, n), needs_grad=True)
+    f = ti.Vector.field(2, ti.f64, shape=(steps, n), needs_grad=True)
+    ends = ti.Vector.field(2, ti.i32, shape=S)
+    x.from_numpy(rng.standard_normal((steps, n, 2)))
+    e = rng.integers(0, n, (S, 2))
+    e[:, 1] = np.where(e[:, 1] == e[:, 0], (e[:, 0] + 1) % n, e[:, 1])
+    ends.from_numpy(e.astype(np.int32))
+
+    def forces(t: ti.i32):
+        for s in range(S):
+            a, b = ends[s][0], ends[s][1]
+            d = x[t, a] - x[t, b]
+            g = d * ti.sin(d.norm())
+            f[t, a] += g
+            f[t, b] -= g
+
+    def mixed(t: ti.i32):
+        for s in range(S):
+            a, b = ends[s][0], ends[s][1]
+            f[t, a] += ti.sin(x[s % steps, a] - x[t, b])
+
+    def slices(src):
+        return [line.strip() for line in src.splitlines() if "x_adj" in line and "=" in line]
+
+    for fn, sliced in ((forces, True), (mixed, False)):
+        tk, kk = ti.kernel(fn), kd.kernel(fn)
+        src = kk.reverse.source
+        assert "claim_slot(" in src
+        if sliced:
+            assert any(line.startswith("x_adj_private[slot, a][0] =") for line in slices(src)), src
+            assert any(line.startswith("x_adj[t, i0][0] = x_adj[t, i0][0] +") for line in slices(src)), src
+        else:
+            assert not any(line.startswith("x_adj_private[slot, a]") for line in slices(src)), src
+            assert any(line.startswith("x_adj_private[slot, s % 3, a][0] =") for line in slices(src)), src
+        planted = rng.standard_normal((steps, n, 2))
+        f.grad.from_numpy(rng.standard_normal((steps, n, 2)))
+        results = []
+        for run in (tk.grad, kk.reverse):
+            x.grad.from_numpy(planted)
+            run(1)
+            results.append(x.grad.to_numpy())
+        expected, got = results
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+        if sliced:  # only step 1's adjoints changed
+            np.testing.assert_array_equal(got[[0, 2]], planted[[0, 2]])
+        assert np.abs(got[1] - planted[1]).max() > 1.0
 
 
 def test_rows_owned_by_the_loop_index_need_no_atomics(runtime):

@@ -25,11 +25,17 @@ Correct under any schedule: a copy belongs to one chunk at a time (the claim is 
 chunk runs on one thread, and the sum happens after the loop. Only the order of the float
 additions changes, as it does between runs with atomics.
 
+Slices: where every add into a field in the loop has the same loop-invariant index in some
+dimensions (a time-stepped simulation's `x_adj[t, a] += g`, t a kernel argument), only the slice
+those fix is copied: the copies are `x_adj_private[slot, a]`, and the sum adds them into
+`x_adj[t, i]`. The copies then cost what one step's slice costs, not the whole history.
+
 When: a field is privatized in a loop if every access to it there is an atomic add, the loop has
 constant bounds, one index and at least 1024 iterations (Taichi runs shorter loops on one
-thread), and the loop adds into it at least T/2 times as often as it has elements (so the extra
-pass over the T copies costs less than the atomics it saves), within a memory cap; otherwise the
-atomics stay. 0-d fields are left to Taichi, which already reduces those per thread.
+thread), and the loop adds into it at least T/2 times as often as its slice has elements (so the
+extra pass over the T copies costs less than the atomics it saves), within a memory cap;
+otherwise the atomics stay. Adds into a single element (0-d fields, or every index fixed) are
+left to Taichi, which already reduces those per thread.
 """
 from __future__ import annotations
 
@@ -40,7 +46,8 @@ from ..errors import SrcLoc
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_stmts
+from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
+                       map_stmts, vars_in)
 
 CHUNKS_PER_THREAD = 512   # Taichi's CPU backend gives each worker one block of >= 512 iterations
 MIN_TRIPS = 2 * CHUNKS_PER_THREAD  # shorter loops run on one thread anyway: no contention to avoid
@@ -84,22 +91,56 @@ def _candidates(loop, threads):
         if isinstance(s, (N.Return, N.Break)):
             return []
     n = _trip_count(loop)
-    adds, fields = {}, {}
+    adds, fields, indices = {}, {}, {}
     for s, w in _atomic_weights(loop.body):
         f = s.ref.field
         if s.op == "add" and touched.get(id(f), True) and 1 <= len(s.ref.shape) <= 3 and is_float(s.ref.dtype):
             adds[id(f)] = adds.get(id(f), 0) + n * w
             fields[id(f)] = s.ref
+            indices.setdefault(id(f), []).append(s.index)
+    varying = assigned_names(loop.body) | set(loop.vars)
     chosen, memory = [], 0
     for fid, ref in fields.items():
-        numel = math.prod(ref.shape) * _components(ref.field)
+        fixed = _fixed_dims(indices[fid], varying)
+        kept = tuple(d for k, d in enumerate(ref.shape) if k not in fixed)
+        if not kept:
+            continue
+        numel = math.prod(kept) * _components(ref.field)
         size = threads * numel * (8 if ref.dtype in ("f64", "i64", "u64") else 4)
         # the pass over the copies reads threads * numel values; the atomics it replaces run on
         # all threads too: worth it from about one add per element per pair of threads
         if adds[fid] >= MIN_ADDS_PER_ELEMENT * numel * max(1, threads // 2) and memory + size <= MEMORY_CAP:
-            chosen.append(ref.field)
+            chosen.append(Privatized(ref.field, fixed, kept))
             memory += size
     return chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class Privatized:
+    """A field the loop adds into through private copies: `fixed` maps the dimensions every add
+    indexes with one loop-invariant expression to that expression; the copies have the shape of
+    the other dimensions (`kept`), after the slot."""
+    field: object
+    fixed: dict
+    kept: tuple
+
+    def private_index(self, slot, index):
+        return (slot,) + tuple(e for k, e in enumerate(index) if k not in self.fixed)
+
+    def real_index(self, kept_index):
+        rest = iter(kept_index)
+        return tuple(self.fixed[k] if k in self.fixed else next(rest) for k in range(len(self.fixed) + len(self.kept)))
+
+
+def _fixed_dims(indices, varying):
+    """Dimensions in which every index is the same expression, one that reads no field and no name
+    the loop assigns (so it has the same value in every iteration, and after the loop)."""
+    fixed = {}
+    for k, e in enumerate(indices[0]):
+        if all(ix[k] == e for ix in indices) and not loads_in(e) \
+                and not {v.name for v in vars_in(e)} & varying:
+            fixed[k] = e
+    return fixed
 
 
 def _components(field):
@@ -111,7 +152,7 @@ def _components(field):
 def privatize_scatters(ir: N.KernelIR, names, threads: int, copies_for, ref_of) -> N.KernelIR:
     """Rewrite each outermost parallel loop that qualifies (see the module docstring).
 
-    copies_for(fields, threads) -> ({id(field): private field}, busy flags field);
+    copies_for([(field, shape of its copies)], threads) -> ({id(field): private field}, busy flags);
     ref_of(field, component) -> the interned FieldRef.
     """
     out = []
@@ -127,7 +168,8 @@ def privatize_scatters(ir: N.KernelIR, names, threads: int, copies_for, ref_of) 
 
 
 def _rewrite(loop, fields, names, threads, copies_for, ref_of):
-    private, busy = copies_for(fields, threads)
+    private, busy = copies_for([(p.field, p.kept) for p in fields], threads)
+    plan = {id(p.field): p for p in fields}
     busy_ref = ref_of(busy, ())
     slot = B.var(names.fresh("slot"), "i32")
     chunk = B.var(names.fresh("chunk"), "i32")
@@ -137,7 +179,7 @@ def _rewrite(loop, fields, names, threads, copies_for, ref_of):
         if isinstance(s, N.Atomic) and id(s.ref.field) in private:
             p = ref_of(private[id(s.ref.field)], s.ref.component)
             comps.setdefault(id(s.ref.field), {})[s.ref.component] = s.ref
-            index = (slot,) + tuple(s.index)
+            index = plan[id(s.ref.field)].private_index(slot, s.index)
             return N.Store(p, index, B.add(B.load(p, index), s.value), src=s.src, tag=s.tag)
         return s
 
@@ -158,15 +200,15 @@ def _rewrite(loop, fields, names, threads, copies_for, ref_of):
                   (N.Store(busy_ref, (k,), B.const(0, "i32")),), parallel=True)
     chunked = N.For((chunk.name,), ((B.const(0, "i32"), B.const(chunks, "i32")),), (claim, inner, release),
                     parallel=True, src=loop.src, tag=loop.tag)
-    return [reset, chunked] + _sums(comps, private, names, threads, ref_of, loop)
+    return [reset, chunked] + _sums(comps, private, plan, names, threads, ref_of, loop)
 
 
-def _sums(comps, private, names, threads, ref_of, loop):
-    """One parallel loop per shape: real[i] += sum of the copies; copies[k, i] = 0."""
+def _sums(comps, private, plan, names, threads, ref_of, loop):
+    """One parallel loop per shape of copies: real[i] += sum of the copies; copies[k, i] = 0."""
     by_shape = {}
     for fid, refs in comps.items():
         for ref in refs.values():
-            by_shape.setdefault(ref.shape, []).append(ref)
+            by_shape.setdefault(plan[fid].kept, []).append(ref)
     loops = []
     for shape, refs in by_shape.items():
         idx = [B.var(names.fresh(f"i{d}"), "i32") for d in range(len(shape))]
@@ -174,7 +216,8 @@ def _sums(comps, private, names, threads, ref_of, loop):
         for ref in refs:
             p = ref_of(private[id(ref.field)], ref.component)
             total = B.sum_of([B.load(p, (B.const(t, "i32"),) + tuple(idx)) for t in range(threads)], ref.dtype)
-            body.append(N.Store(ref, tuple(idx), B.add(B.load(ref, tuple(idx)), total)))
+            real = plan[id(ref.field)].real_index(idx)
+            body.append(N.Store(ref, real, B.add(B.load(ref, real), total)))
             body.extend(N.Store(p, (B.const(t, "i32"),) + tuple(idx), B.const(0, ref.dtype))
                         for t in range(threads))
         what = ", ".join(sorted({r.name for r in refs}))

@@ -141,25 +141,27 @@ class Registry:
             self.keep[id(got)] = got
         return got
 
-    def private_copies(self, fields, threads: int):
-        """T private copies of each field (shape (T,) + its shape, interleaved per shape so one
-        element's copies of related fields share cache lines) and T busy flags, for opt.scatter.
-        Kept zero between launches by the generated code."""
+    def private_copies(self, specs, threads: int):
+        """T private copies of each (field, shape) in specs (shape (T,) + that shape: the field's
+        own, or the slice of it a loop adds into; interleaved per shape so one element's copies of
+        related fields share cache lines) and T busy flags, for opt.scatter. Kept zero between
+        launches by the generated code."""
         self.check_runtime()
-        key = ("private", tuple(id(f) for f in fields), threads)
+        specs = [(f, tuple(shape)) for f, shape in specs]
+        key = ("private", tuple((id(f), shape) for f, shape in specs), threads)
         got = self.derived.get(key)
         if got is None:
             check_tree_budget()
             fb = ti.FieldsBuilder()
             copies, by_shape = {}, {}
-            for f in fields:
+            for f, shape in specs:
                 copies[id(f)] = _like(f)
                 self.names[id(copies[id(f)])] = f"{self.name_of(f)}_private"
-                by_shape.setdefault(tuple(f.shape), []).append(copies[id(f)])
+                by_shape.setdefault(shape, []).append(copies[id(f)])
             for shape, news in by_shape.items():
                 fb.dense(_axes(len(shape) + 1), (threads,) + shape).place(*news)
             busy = ti.field(ti.i32)
-            self.names[id(busy)] = f"{self.name_of(fields[0])}_busy"
+            self.names[id(busy)] = f"{self.name_of(specs[0][0])}_busy"
             fb.dense(ti.i, threads).place(busy)
             self.trees.append(self._finalize(fb))
             for new in list(copies.values()) + [busy]:
