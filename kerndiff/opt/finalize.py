@@ -185,8 +185,9 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
     private copies (CPU only; see opt.scatter). is_derivative: None for primal kernels (their
     arithmetic is the user's), else a test for derivative fields: derivative code then shares
-    reciprocals (opt.reciprocal) and has its like terms collected (opt.algebra), and the copies
-    left behind are propagated away."""
+    reciprocals (opt.reciprocal), has its like terms collected (opt.algebra) and its zeroed
+    accumulators started at their first contribution (opt.zero_start), and the copies left
+    behind are propagated away."""
     from ..ad.names import NameAllocator
     from ..ir.walk import assigned_names, used_names
 
@@ -198,9 +199,11 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         from .dce import dce
         from .propagate import propagate
         from .reciprocal import exact_names, share_reciprocals
+        from .zero_start import fold_zero_starts
         exact = exact_names(ir.body, is_derivative)  # the reciprocals it adds feed derivatives only
         body = share_reciprocals(ir.body, allocator(), is_derivative, exact)
         body = collect_terms(body, is_derivative, exact)
+        body = fold_zero_starts(body)
         # copies left by the rewrites (t6 = r_inv) and temporaries that were looked through
         ir = propagate(dataclasses.replace(ir, body=body))
         ir = dataclasses.replace(ir, body=dce(ir.body))

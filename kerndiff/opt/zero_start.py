@@ -1,0 +1,83 @@
+"""Accumulators that start at zero start at their first contribution instead.
+
+Reverse mode zeroes each adjoint where its primal is defined and then accumulates into it:
+
+    d_0_adj = 0.0
+    ...                                    # nothing reads or writes d_0_adj here
+    d_0_adj = d_0_adj - t1 * t6
+
+Where, in one block, the next statement that mentions the local is such an accumulation (or a
+plain overwrite), the zero is folded in: `d_0_adj = -(t1 * t6)`, and the `= 0.0` goes. This is for
+the reader (Taichi's compiler removes dead stores anyway), so the rule is deliberately narrow:
+the same block, an accumulation written `x = x + e`, `x = e + x` or `x = x - e` with `e` not
+reading x and of x's dtype (x keeps the type Taichi gave it at its first assignment). 0 + e is e
+exactly, except that -0.0 becomes +0.0, which no derivative can tell apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..ir import build as B
+from ..ir import nodes as N
+from ..ir.types import is_float
+from ..ir.walk import blocks_of, expr_children_of_stmt, iter_stmts, rebuild_stmt, vars_in
+
+
+def fold_zero_starts(body):
+    return tuple(_block(body))
+
+
+def _block(stmts):
+    stmts = [rebuild_stmt(s, [tuple(_block(b)) for b in blocks_of(s)]) if blocks_of(s) else s for s in stmts]
+    dropped = set()
+    for i, s in enumerate(stmts):
+        if not _is_zero_start(s):
+            continue
+        for j in range(i + 1, len(stmts)):
+            if _mentions(stmts[j], s.name):
+                first = _started(stmts[j], s.name, s.value.dtype)
+                if first is not None:
+                    stmts[j] = first
+                    dropped.add(i)
+                break
+    return [s for k, s in enumerate(stmts) if k not in dropped]
+
+
+def _is_zero_start(s):
+    return isinstance(s, N.Assign) and isinstance(s.value, N.Const) and is_float(s.value.dtype) \
+        and s.value.value == 0
+
+
+def _reads(e, name):
+    return any(v.name == name for v in vars_in(e))
+
+
+def _mentions(s, name):
+    """s, or a statement nested in it, reads or assigns the local `name`."""
+    for t in iter_stmts((s,)):
+        if isinstance(t, N.Assign) and t.name == name or isinstance(t, N.For) and name in t.vars:
+            return True
+        if any(_reads(e, name) for e in expr_children_of_stmt(t)):
+            return True
+    return False
+
+
+def _started(s, name, dtype):
+    """s with the zero folded in, if s is an accumulation into (or overwrite of) `name`, else None."""
+    if not (isinstance(s, N.Assign) and s.name == name):
+        return None
+    value = s.value
+    if not _reads(value, name):
+        return s if value.dtype == dtype else None
+    if not (isinstance(value, N.Call) and value.op in ("add", "sub") and len(value.args) == 2):
+        return None
+    a, b = value.args
+    if isinstance(a, N.Var) and a.name == name:
+        rest, start = b, (lambda e: e) if value.op == "add" else B.neg
+    elif value.op == "add" and isinstance(b, N.Var) and b.name == name:
+        rest, start = a, (lambda e: e)
+    else:
+        return None
+    if _reads(rest, name) or rest.dtype != dtype:
+        return None
+    return dataclasses.replace(s, value=start(rest))
