@@ -186,8 +186,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
     private copies (CPU only; see opt.scatter). is_derivative: None for primal kernels (their
     arithmetic is the user's), else a test for derivative fields: derivative code then shares
     reciprocals (opt.reciprocal), has its like terms collected (opt.algebra) and its zeroed
-    accumulators started at their first contribution (opt.zero_start), and the copies left
-    behind are propagated away."""
+    accumulators started at their first contribution (opt.zero_start), and copies are forwarded
+    (opt.copies, opt.propagate) and the dead ones removed."""
     from ..ad.names import NameAllocator
     from ..ir.walk import assigned_names, used_names
 
@@ -200,10 +200,11 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         from .propagate import propagate
         from .reciprocal import exact_names, share_reciprocals
         from .zero_start import fold_zero_starts
+        from .copies import forward_copies
         exact = exact_names(ir.body, is_derivative)  # the reciprocals it adds feed derivatives only
         body = share_reciprocals(ir.body, allocator(), is_derivative, exact)
         body = collect_terms(body, is_derivative, exact)
-        body = fold_zero_starts(body)
+        body = forward_copies(fold_zero_starts(body))
         # copies left by the rewrites (t6 = r_inv) and temporaries that were looked through
         ir = propagate(dataclasses.replace(ir, body=body))
         ir = dataclasses.replace(ir, body=dce(ir.body))

@@ -1,0 +1,72 @@
+"""The passes that tidy derived kernels for the reader, on IR built by hand: zeroed accumulators
+started at their first contribution (opt.zero_start: what folds, and what must stay) and copies
+forwarded within a block (opt.copies: how far, and where they stop). On real kernels the golden
+sources and every derivative test cover them."""
+from kerndiff.ir import build as B
+from kerndiff.ir import nodes as N
+from kerndiff.opt.copies import forward_copies
+from kerndiff.opt.zero_start import fold_zero_starts
+
+
+def _v(name, dtype="f64"):
+    return B.var(name, dtype)
+
+
+ZERO = N.Assign("x", B.const(0.0, "f64"))
+E = B.mul(_v("a"), _v("b"))
+
+
+def test_accumulations_after_a_zero_become_assignments():
+    other = N.Assign("y", _v("a"))
+    assert fold_zero_starts((ZERO, other, N.Assign("x", B.add(_v("x"), E)))) == \
+        (other, N.Assign("x", E))
+    assert fold_zero_starts((ZERO, N.Assign("x", B.add(E, _v("x"))))) == (N.Assign("x", E),)
+    assert fold_zero_starts((ZERO, N.Assign("x", B.sub(_v("x"), E)))) == (N.Assign("x", B.neg(E)),)
+    # a plain overwrite makes the zero dead; only the first accumulation changes
+    later = N.Assign("x", B.add(_v("x"), _v("c")))
+    assert fold_zero_starts((ZERO, N.Assign("x", E), later)) == (N.Assign("x", E), later)
+    # inside nested blocks too
+    loop = N.For(("k",), ((B.const(0, "i32"), B.const(3, "i32")),), (ZERO, N.Assign("x", B.add(_v("x"), E))))
+    (folded,) = fold_zero_starts((loop,))
+    assert folded.body == (N.Assign("x", E),)
+
+
+def test_zeros_that_are_read_or_written_elsewhere_first_stay():
+    cases = [
+        (ZERO, N.Assign("t", B.mul(_v("x"), E)), N.Assign("x", B.add(_v("x"), E))),  # read first
+        (ZERO, N.If(_v("c", "i32"), (N.Assign("x", B.add(_v("x"), E)),), ()),),    # written in a branch
+        (ZERO, N.Assign("x", B.add(_v("x"), B.mul(_v("x"), E)))),                  # reads itself again
+        (ZERO, N.Assign("x", N.Call(dtype="f64", op="add", args=(_v("x"), _v("h", "f32"))))),  # another dtype
+        (ZERO, N.Assign("x", B.sub(E, _v("x")))),                                   # e - x is not e
+    ]
+    for body in cases:
+        assert fold_zero_starts(body) == body, body
+
+
+def _loop(*body):
+    return N.For(("k",), ((B.const(0, "i32"), B.const(3, "i32")),), tuple(body))
+
+
+def test_circular_copies_in_a_loop_vanish():
+    """The reversed loop head `a = b; b = a; use(a)`: the copy-back goes and `a` is read as `b`."""
+    use = N.Assign("t", B.mul(_v("a"), _v("w")))
+    (loop,) = forward_copies((_loop(N.Assign("a", _v("b")), N.Assign("b", _v("a")), use),))
+    assert loop.body == (N.Assign("a", _v("b")), N.Assign("t", B.mul(_v("b"), _v("w"))))
+    # chains resolve: c = a after a = b reads b
+    out = forward_copies((N.Assign("a", _v("b")), N.Assign("c", _v("a")), N.Assign("t", _v("c"))))
+    assert out[1:] == (N.Assign("c", _v("b")), N.Assign("t", _v("b")))
+
+
+def test_copies_stop_where_either_side_changes():
+    a_is_b = N.Assign("a", _v("b"))
+    b_changes = N.Assign("b", B.mul(_v("b"), _v("w")))
+    read_a = N.Assign("t", _v("a"))
+    # the source changes: later reads of a keep a
+    assert forward_copies((a_is_b, b_changes, read_a)) == (a_is_b, b_changes, read_a)
+    # a nested block that assigns the source anywhere inside is left alone, and ends the copy
+    nested = _loop(b_changes, N.Assign("u", B.mul(_v("a"), _v("w"))))
+    assert forward_copies((a_is_b, nested, read_a)) == (a_is_b, nested, read_a)
+    # one that does not is rewritten
+    reads = _loop(N.Assign("u", B.mul(_v("a"), _v("w"))))
+    out = forward_copies((a_is_b, reads, read_a))
+    assert out[1].body == (N.Assign("u", B.mul(_v("b"), _v("w"))),) and out[2] == N.Assign("t", _v("b"))
