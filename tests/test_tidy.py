@@ -31,6 +31,14 @@ def test_accumulations_after_a_zero_become_assignments():
     assert folded.body == (N.Assign("x", E),)
 
 
+def test_values_overwritten_before_any_read_go():
+    first, again = N.Assign("t", _v("a")), N.Assign("t", B.add(_v("a"), E))
+    between = N.Assign("u", B.mul(_v("a"), E))
+    assert fold_zero_starts((first, between, again)) == (between, again)
+    read = N.Assign("u", B.mul(_v("t"), E))
+    assert fold_zero_starts((first, read, again)) == (first, read, again)
+
+
 def test_zeros_that_are_read_or_written_elsewhere_first_stay():
     cases = [
         (ZERO, N.Assign("t", B.mul(_v("x"), E)), N.Assign("x", B.add(_v("x"), E))),  # read first

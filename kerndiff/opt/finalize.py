@@ -204,7 +204,9 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         exact = exact_names(ir.body, is_derivative)  # the reciprocals it adds feed derivatives only
         body = share_reciprocals(ir.body, allocator(), is_derivative, exact)
         body = collect_terms(body, is_derivative, exact)
-        body = forward_copies(fold_zero_starts(body))
+        # zero starts make copies (d_adj = 0.0; d_adj = d_adj + g -> d_adj = g); forwarding
+        # copies leaves values overwritten before any read (t8_adj = t3_adj; t8_adj = t3_adj + ...)
+        body = fold_zero_starts(forward_copies(fold_zero_starts(body)))
         # copies left by the rewrites (t6 = r_inv) and temporaries that were looked through
         ir = propagate(dataclasses.replace(ir, body=body))
         ir = dataclasses.replace(ir, body=dce(ir.body))

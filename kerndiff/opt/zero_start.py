@@ -7,7 +7,8 @@ Reverse mode zeroes each adjoint where its primal is defined and then accumulate
     d_0_adj = d_0_adj - t1 * t6
 
 Where, in one block, the next statement that mentions the local is such an accumulation (or a
-plain overwrite), the zero is folded in: `d_0_adj = -(t1 * t6)`, and the `= 0.0` goes. This is for
+plain overwrite), the zero is folded in: `d_0_adj = -(t1 * t6)`, and the `= 0.0` goes. Any other
+value overwritten, in the same block, before anything reads it goes too. This is for
 the reader (Taichi's compiler removes dead stores anyway), so the rule is deliberately narrow:
 the same block, an accumulation written `x = x + e`, `x = e + x` or `x = x - e` with `e` not
 reading x and of x's dtype (x keeps the type Taichi gave it at its first assignment). 0 + e is e
@@ -31,11 +32,14 @@ def _block(stmts):
     stmts = [rebuild_stmt(s, [tuple(_block(b)) for b in blocks_of(s)]) if blocks_of(s) else s for s in stmts]
     dropped = set()
     for i, s in enumerate(stmts):
-        if not _is_zero_start(s):
+        if not isinstance(s, N.Assign):
             continue
         for j in range(i + 1, len(stmts)):
             if _mentions(stmts[j], s.name):
-                first = _started(stmts[j], s.name, s.value.dtype)
+                if _is_zero_start(s):
+                    first = _started(stmts[j], s.name, s.value.dtype)
+                else:  # a value overwritten before anything reads it
+                    first = stmts[j] if _overwrites(stmts[j], s.name, s.value.dtype) else None
                 if first is not None:
                     stmts[j] = first
                     dropped.add(i)
@@ -62,13 +66,17 @@ def _mentions(s, name):
     return False
 
 
+def _overwrites(s, name, dtype):
+    return isinstance(s, N.Assign) and s.name == name and not _reads(s.value, name) and s.value.dtype == dtype
+
+
 def _started(s, name, dtype):
     """s with the zero folded in, if s is an accumulation into (or overwrite of) `name`, else None."""
+    if _overwrites(s, name, dtype):
+        return s
     if not (isinstance(s, N.Assign) and s.name == name):
         return None
     value = s.value
-    if not _reads(value, name):
-        return s if value.dtype == dtype else None
     if not (isinstance(value, N.Call) and value.op in ("add", "sub") and len(value.args) == 2):
         return None
     a, b = value.args
