@@ -4,7 +4,7 @@ forwarded within a block (opt.copies: how far, and where they stop). On real ker
 sources and every derivative test cover them."""
 from kerndiff.ir import build as B
 from kerndiff.ir import nodes as N
-from kerndiff.opt.copies import forward_copies
+from kerndiff.opt.copies import coalesce_copies, forward_copies
 from kerndiff.opt.zero_start import fold_zero_starts
 
 
@@ -78,3 +78,17 @@ def test_copies_stop_where_either_side_changes():
     reads = _loop(N.Assign("u", B.mul(_v("a"), _v("w"))))
     out = forward_copies((a_is_b, reads, read_a))
     assert out[1].body == (N.Assign("u", B.mul(_v("b"), _v("w"))),) and out[2] == N.Assign("t", _v("b"))
+
+
+def test_loop_carried_sums_are_written_in_place():
+    """`s_2 = s_1 + w * h; s_1 = s_2` -> `s_1 = s_1 + w * h`, unless s_1 is read in between or
+    s_2 is read anywhere else."""
+    step = N.Assign("s2", B.add(_v("s1"), E))
+    back = N.Assign("s1", _v("s2"))
+    other = N.Assign("u", B.mul(_v("a"), _v("w")))
+    (loop,) = coalesce_copies((_loop(step, other, back),))
+    assert loop.body == (N.Assign("s1", B.add(_v("s1"), E)), other)
+    reads_s1 = N.Assign("u", B.mul(_v("s1"), _v("w")))
+    assert coalesce_copies((_loop(step, reads_s1, back),)) == (_loop(step, reads_s1, back),)
+    later = N.Assign("v", _v("s2"))
+    assert coalesce_copies((_loop(step, back, later),)) == (_loop(step, back, later),)

@@ -15,12 +15,57 @@ copy-back `b = a` becomes `b = b` and goes, and opt.dce removes `a = b` once not
 """
 from __future__ import annotations
 
+import dataclasses
+
 from ..ir import nodes as N
-from ..ir.walk import assigned_names, blocks_of, map_stmt_exprs, rebuild_stmt, substitute
+from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_stmts, map_stmt_exprs,
+                       rebuild_stmt, substitute, vars_in)
 
 
 def forward_copies(body):
     return _block(body, {})
+
+
+def coalesce_copies(body):
+    """`b = e; ...; a = b` in one block, where that copy is the only read of b anywhere, b is
+    assigned nowhere else and nothing in between mentions a, becomes `a = e; ...` (a recomputed
+    loop-carried sum: `s_2 = s_1 + w * h; s_1 = s_2` -> `s_1 = s_1 + w * h`)."""
+    reads, writes = {}, {}
+    for s in iter_stmts(body):
+        for e in expr_children_of_stmt(s):
+            for v in vars_in(e):
+                reads[v.name] = reads.get(v.name, 0) + 1
+        for name in (s.name,) if isinstance(s, N.Assign) else s.vars if isinstance(s, N.For) else ():
+            writes[name] = writes.get(name, 0) + 1
+    return _coalesce(body, reads, writes)
+
+
+def _coalesce(stmts, reads, writes):
+    stmts = [rebuild_stmt(s, [_coalesce(b, reads, writes) for b in blocks_of(s)]) if blocks_of(s) else s
+             for s in stmts]
+    for j, copy in enumerate(stmts):
+        if not (isinstance(copy, N.Assign) and isinstance(copy.value, N.Var)):
+            continue
+        a, b = copy.name, copy.value.name
+        if a == b or reads.get(b) != 1 or writes.get(b) != 1:
+            continue
+        for i in range(j - 1, -1, -1):
+            s = stmts[i]
+            if isinstance(s, N.Assign) and s.name == b:
+                stmts[i] = dataclasses.replace(s, name=a)
+                stmts[j] = None
+                break
+            if a in _assigns(s) or _reads_name(s, a) or _mentions_inside(s, b):
+                break
+    return tuple(s for s in stmts if s is not None)
+
+
+def _reads_name(s, name):
+    return any(v.name == name for t in iter_stmts((s,)) for e in expr_children_of_stmt(t) for v in vars_in(e))
+
+
+def _mentions_inside(s, name):
+    return name in _assigns(s) or _reads_name(s, name)
 
 
 def _block(stmts, outer):

@@ -200,7 +200,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         from .propagate import propagate
         from .reciprocal import exact_names, share_reciprocals
         from .zero_start import fold_zero_starts
-        from .copies import forward_copies
+        from .copies import coalesce_copies, forward_copies
         exact = exact_names(ir.body, is_derivative)  # the reciprocals it adds feed derivatives only
         body = share_reciprocals(ir.body, allocator(), is_derivative, exact)
         body = collect_terms(body, is_derivative, exact)
@@ -209,7 +209,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         body = fold_zero_starts(forward_copies(fold_zero_starts(body)))
         # copies left by the rewrites (t6 = r_inv) and temporaries that were looked through
         ir = propagate(dataclasses.replace(ir, body=body))
-        ir = dataclasses.replace(ir, body=dce(ir.body))
+        # what copies remain are loop-carried: s_2 = s_1 + w * h; s_1 = s_2 -> s_1 = s_1 + w * h
+        ir = dataclasses.replace(ir, body=coalesce_copies(dce(ir.body)))
     names = allocator()
     written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
     out = []
