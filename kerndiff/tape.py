@@ -46,7 +46,7 @@ class Tape:
         self.loss = loss
         self.clear_gradients = clear_gradients
         self.records = []  # (kernel, args, kwargs, {id(field): (field, snapshot before launch)})
-        self.touched = {}  # id(field) -> index patterns earlier recorded launches accessed
+        self.touched = _Touched()  # index patterns earlier recorded launches accessed
 
     def __enter__(self):
         if _ACTIVE:
@@ -60,8 +60,6 @@ class Tape:
         return self
 
     def launch(self, kernel, args, kwargs):
-        from .ad.hazards import overlap
-
         def run():
             accesses = kernel.footprint(*args, **kwargs)
             saved = {}
@@ -70,13 +68,11 @@ class Tape:
                     continue
                 # Snapshot only if this launch may overwrite an element an earlier one touched
                 # (x[t + 1, i] = ... after reads of x[t, i] needs nothing).
-                if any(overlap(index, old) for old in self.touched.get(id(f), ())):
+                if self.touched.overlaps(f, index):
                     saved[id(f)] = (f, _snapshot(f))
             out = kernel.launch(*args, **kwargs)
             for f, kind, index in accesses:
-                seen = self.touched.setdefault(id(f), [])
-                if index not in seen:
-                    seen.append(index)
+                self.touched.add(f, index)
             self.records.append((kernel, args, kwargs, saved))
             return out
         return run
@@ -108,6 +104,27 @@ class Tape:
 
     def grad(self):
         raise KernDiffError("use the adjoint fields after the with-block", remedy="read kd.adjoint(x) or x.grad")
+
+
+class _Touched:
+    """Index patterns (see ad.hazards.footprints) that recorded launches accessed, per field and
+    grouped by their first index, so that a launch compares its writes with the few patterns that
+    can overlap them: a simulation's x[t, i] touches one group per step, and comparing with every
+    earlier step would cost the Tape time quadratic in the number of steps."""
+
+    def __init__(self):
+        self.groups = {}  # id(field) -> {first index or None: set of patterns}
+
+    def add(self, f, pattern):
+        self.groups.setdefault(id(f), {}).setdefault(pattern[0] if pattern else None, set()).add(pattern)
+
+    def overlaps(self, f, pattern):
+        from .ad.hazards import overlap
+
+        groups = self.groups.get(id(f), {})
+        first = pattern[0] if pattern else None
+        candidates = groups.values() if first is None else (groups.get(first, ()), groups.get(None, ()))
+        return any(overlap(pattern, old) for group in candidates for old in group)
 
 
 def clear_adjoints(level=1):

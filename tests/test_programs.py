@@ -238,3 +238,21 @@ def test_check_grad_catches_a_wrong_rule(arrays, monkeypatch):
 
     with pytest.raises(AssertionError, match="derivatives disagree"):
         kd.check_grad(h, [a, b], out)
+
+
+def test_tape_compares_writes_only_with_patterns_that_can_overlap():
+    """The Tape groups the index patterns it saw by their first index; grouping must not lose an
+    overlap (a None, 'any element', in either pattern overlaps everything in that dimension)."""
+    from kerndiff.tape import _Touched
+    f, g = object(), object()
+    seen = _Touched()
+    for t in range(100):
+        seen.add(f, (t, None))
+    seen.add(g, (None, 5))
+    assert not seen.overlaps(f, (100, None))          # x[t + 1, i] after x[t, i]: fresh
+    assert seen.overlaps(f, (99, 3))                  # the same step
+    assert seen.overlaps(f, (None, 3))                # any step
+    assert seen.overlaps(g, (7, 5)) and not seen.overlaps(g, (7, 4))
+    assert not seen.overlaps(object(), (0, 0))        # a field no launch touched
+    seen.add(f, ())
+    assert seen.overlaps(f, ())                       # 0-d fields: one element
