@@ -88,6 +88,9 @@ def test_hessian_vector_product_with_private_copies(springs):
     hvp = kk.reverse.forward
     kd.dual(pos)  # the direction v lives here; without it H·v is structurally zero
     assert "pos_adj_dual_private[slot" in hvp.source
+    # one comment per source line, not one per alternation of value, tangent and adjoint
+    assert "# adjoint of: E[None] += 0.5 * (d.norm() - rest[s]) ** 2, and its tangent" in hvp.source
+    assert sum("# adjoint of: d = pos" in line for line in hvp.source.splitlines()) == 1
     # <u, H v> == <v, H u> (the tangents of the other inputs, rest and the seed E_adj, are zero)
     rng = np.random.default_rng(0)
     u, v = rng.standard_normal((P, 2)), rng.standard_normal((P, 2))

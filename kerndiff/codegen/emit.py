@@ -20,6 +20,40 @@ TAG_WORDS = {"tangent": "tangent of", "adjoint": "adjoint of", "recompute": "rec
              "hoist": "read once, before"}
 
 
+# A run of statements from one source line that mixes its value, tangent and adjoint (forward
+# over reverse interleaves them statement by statement) gets one comment, not one per change.
+MIXED_RUNS = {frozenset({"", "tangent"}): "{}, and its tangent",
+              frozenset({"adjoint", "tangent"}): "adjoint of: {}, and its tangent",
+              frozenset({"", "adjoint"}): "{}, and its adjoint",
+              frozenset({"", "tangent", "adjoint"}): "{}, its tangent and adjoint"}
+
+
+def _text(s):
+    return s.src.text.strip() if s.src is not None and s.src.text else None
+
+
+def _note(s):
+    text = _text(s)
+    word = TAG_WORDS.get(s.tag)
+    return f"{word}: {text}" if word and text else text
+
+
+def _run_notes(stmts):
+    """The comment each statement falls under: its source line and what of it the statement
+    computes; consecutive statements from one line with value/tangent/adjoint tags share one."""
+    notes = [_note(s) for s in stmts]
+    i = 0
+    while i < len(stmts):
+        text, j, tags = _text(stmts[i]), i, set()
+        while j < len(stmts) and text and _text(stmts[j]) == text and stmts[j].tag in ("", "tangent", "adjoint"):
+            tags.add(stmts[j].tag)
+            j += 1
+        if j - i > 1 and frozenset(tags) in MIXED_RUNS:
+            notes[i:j] = [MIXED_RUNS[frozenset(tags)].format(text)] * (j - i)
+        i = max(j, i + 1)
+    return notes
+
+
 class Emitter:
     def __init__(self, field_names: dict):
         self.field_names = field_names  # id(taichi field) -> global name in generated module
@@ -89,22 +123,16 @@ class Emitter:
         for name, dtype in decls:
             zero = "0.0" if is_float(dtype) else "0"
             self.lines.append(f"{pad}{name} = ti.{dtype}({zero})")
+        notes = _run_notes(stmts)
         last_note = None
         for i, s in enumerate(stmts):
-            note = self.note(s)
+            note = notes[i]
             if note and note != last_note:
                 self.lines.append(f"{pad}# {note}")
                 last_note = note
             self.stmt(s, indent, path, i)
         if not stmts and not decls:
             self.lines.append(f"{pad}pass")
-
-    def note(self, s):
-        if s.src is None or not s.src.text:
-            return None
-        word = TAG_WORDS.get(s.tag)
-        text = s.src.text.strip()
-        return f"{word}: {text}" if word else text
 
     def stmt(self, s, indent, path, i):
         pad = "    " * indent
