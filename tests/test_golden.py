@@ -49,6 +49,41 @@ def test_golden_mass_spring_reverse():
     compare("springs_reverse", springs.reverse.source)
 
 
+def test_fields_are_called_what_each_kernel_calls_them():
+    """A field seen first through a template parameter (`out`) is still `uxx` in a kernel whose
+    source says uxx, and so are its adjoint and tangent fields."""
+    uxx = ti.field(ti.f64, shape=4, needs_grad=True)
+    uyy = ti.field(ti.f64, shape=4, needs_grad=True)
+    lap = ti.field(ti.f64, shape=4, needs_grad=True)
+
+    @kd.kernel
+    def fill(out: ti.template(), v: ti.f64):
+        for p in out:
+            out[p] = ti.sin(v * p)
+
+    @kd.kernel
+    def laplacian():
+        for p in lap:
+            lap[p] = uxx[p] * uyy[p]
+
+    fill(uxx, 1.0)
+    fill(uyy, 2.0)
+    src = laplacian.reverse.source
+    assert "uxx_adj[p] = uxx_adj[p] + uyy[p] * lap_adj_t" in src and "out" not in src, src
+    assert "uyy_adj[p]" in src
+
+
+def test_f32_constants_print_as_f32_does():
+    from kerndiff.codegen.emit import _float_literal
+    import numpy as np
+    assert _float_literal(float(np.float32(1 / 250)), "f32") == "0.004"
+    assert _float_literal(float(np.float32(1 / 3)), "f32") == "0.33333334"
+    assert _float_literal(1 / 3, "f64") == repr(1 / 3)
+    rng = np.random.default_rng(0)
+    for v in (rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)).astype(np.float32):
+        assert np.float32(float(_float_literal(float(v), "f32"))) == v
+
+
 def test_golden_recurrence_reverse():
     r = ti.field(ti.f64, shape=4, needs_grad=True)
     out = ti.field(ti.f64, shape=4, needs_grad=True)

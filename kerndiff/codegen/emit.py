@@ -6,6 +6,10 @@ comment names the source line each run of generated statements comes from.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from ..ir import nodes as N
 from ..ir.types import default_fp, is_float
 
@@ -26,6 +30,20 @@ MIXED_RUNS = {frozenset({"", "tangent"}): "{}, and its tangent",
               frozenset({"adjoint", "tangent"}): "adjoint of: {}, and its tangent",
               frozenset({"", "adjoint"}): "{}, and its adjoint",
               frozenset({"", "tangent", "adjoint"}): "{}, its tangent and adjoint"}
+
+
+def _float_literal(value, dtype):
+    """The shortest literal that Taichi turns back into this value: an f32 constant is written as
+    f32 prints it (`0.004`, not `0.004000000189989805`), where the literal, read as a Python float
+    and rounded to f32 as Taichi does, gives the same f32 back."""
+    text = repr(value)
+    if dtype == "f32" and math.isfinite(value):
+        v = np.float32(value)
+        short = np.format_float_positional(v, unique=True, trim="0") if value == 0 or 1e-4 <= abs(value) < 1e16 \
+            else np.format_float_scientific(v, unique=True, trim="-")
+        if np.float32(float(short)) == np.float32(value):
+            return short
+    return text
 
 
 def _text(s):
@@ -94,7 +112,7 @@ class Emitter:
 
     def const(self, e: N.Const):
         if is_float(e.dtype):
-            text = repr(float(e.value))
+            text = _float_literal(float(e.value), e.dtype)
             if e.dtype != self.fp:
                 return f"ti.{e.dtype}({text})", 100
         else:

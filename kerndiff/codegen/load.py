@@ -24,11 +24,15 @@ def collect_fields(ir: N.KernelIR):
 
 
 def field_names(ir: N.KernelIR, taken: set) -> dict:
-    """id(field) -> a unique readable global name."""
+    """id(field) -> a unique readable global name: what this kernel's source calls the field (or
+    its primal), else the name kerndiff first saw it under."""
+    from ..runtime.registry import REGISTRY
+
+    aliases = dict(ir.field_aliases)
     out = {}
     used = set(taken) | {"ti", "claim_slot"}
     for r in collect_fields(ir):
-        base = r.name or "field"
+        base = (REGISTRY.display_name(r.field, aliases) if aliases else r.name) or "field"
         name, k = base, 1
         while name in used:
             name = f"{base}_{k}"

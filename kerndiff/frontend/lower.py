@@ -100,6 +100,9 @@ class Lowerer:
         self.scope = scope
         self.names = names
         self.parent = parent
+        # id(field) -> the name this kernel's source gives it; functions it calls fill in only
+        # fields the kernel itself never names
+        self.field_aliases = {} if parent is None else parent.field_aliases
         self.blocks = [[]]
         self.depth = 0 if parent is None else parent.depth
         self.loop_depth = 0 if parent is None else parent.loop_depth
@@ -494,6 +497,9 @@ class Lowerer:
 
     def refs_of(self, fieldv, node, name):
         self.check_dense(fieldv, node, name)
+        seen, in_function = self.field_aliases.get(id(fieldv)), self.parent is not None
+        if name and name != "field" and (seen is None or (seen[0] and not in_function)):
+            self.field_aliases[id(fieldv)] = (in_function, name)
         if isinstance(fieldv, MatrixField):
             if fieldv.ndim == 1:
                 comps = [(c,) for c in range(fieldv.n)]
@@ -822,5 +828,6 @@ def lower_kernel(fn, bound_args: dict, param_dtypes: dict, return_dtype):
     if return_dtype is not None and not returns:
         raise KernDiffError(f"kernel {fn.__name__} is annotated to return a value but has no return",
                             remedy="add a return statement or drop the annotation")
+    aliases = tuple((fid, name) for fid, (_, name) in lw.field_aliases.items())
     return N.KernelIR(fn.__name__, tuple(params), tuple(lw.blocks[0]), tuple(returns),
-                      tuple(src.lines))
+                      tuple(src.lines), aliases)

@@ -154,3 +154,6 @@ class KernelIR:
     body: Tuple[Stmt, ...]
     returns: Tuple[str, ...] = ()
     source_lines: Tuple[str, ...] = dc_field(default=(), compare=False)
+    # (id(field), name) for the fields this kernel's own source names (a field passed to a
+    # template parameter `out` elsewhere is still `uxx` here): what generated code calls them
+    field_aliases: Tuple[Tuple[int, str], ...] = dc_field(default=(), compare=False)

@@ -35,6 +35,7 @@ class Registry:
         self.refs = {}         # (id(field), component) -> FieldRef
         self.names = {}        # id(field) -> name hint
         self.parents = {}      # id(derivative field) -> (primal field, kind, level)
+        self.suffixed = {}     # id(helper field) -> (field it serves, name suffix): x_adj_private
         self.version = 0       # bumped whenever a derivative field appears
         self.taichi_seconds = 0.0  # spent in Taichi materializing the trees below
         self.trees = []
@@ -75,6 +76,20 @@ class Registry:
             primal, kind, level = parent
             return derived_name(self.name_of(primal), kind, level)
         return self.names.get(id(field), "field")
+
+    def display_name(self, field, aliases: dict):
+        """name_of, but with the names one kernel's source gives its primal fields (aliases:
+        id(field) -> name), carried to their derivative fields and private copies."""
+        parent = self.parents.get(id(field))
+        if parent is not None:
+            primal, kind, level = parent
+            return derived_name(self.display_name(primal, aliases), kind, level)
+        if id(field) in aliases:
+            return aliases[id(field)]
+        base = self.suffixed.get(id(field))
+        if base is not None:
+            return self.display_name(base[0], aliases) + base[1]
+        return self.name_of(field)
 
     def get(self, field, kind: str, level: int):
         """The existing derivative field, or None."""
@@ -157,11 +172,13 @@ class Registry:
             for f, shape in specs:
                 copies[id(f)] = _like(f)
                 self.names[id(copies[id(f)])] = f"{self.name_of(f)}_private"
+                self.suffixed[id(copies[id(f)])] = (f, "_private")
                 by_shape.setdefault(shape, []).append(copies[id(f)])
             for shape, news in by_shape.items():
                 fb.dense(_axes(len(shape) + 1), (threads,) + shape).place(*news)
             busy = ti.field(ti.i32)
             self.names[id(busy)] = f"{self.name_of(specs[0][0])}_busy"
+            self.suffixed[id(busy)] = (specs[0][0], "_busy")
             fb.dense(ti.i, threads).place(busy)
             self.trees.append(self._finalize(fb))
             for new in list(copies.values()) + [busy]:
