@@ -187,6 +187,8 @@ def test_time_step_slices_get_private_copies_of_one_step(runtime):
     x = ti.Vector.field(2, ti.f64, shape=(steps, n), needs_grad=True)
     f = ti.Vector.field(2, ti.f64, shape=(steps, n), needs_grad=True)
     ends = ti.Vector.field(2, ti.i32, shape=S)
+    k = ti.field(ti.f64, shape=(), needs_grad=True)  # a shared parameter: one element, every spring
+    k[None] = 0.7
     x.from_numpy(rng.standard_normal((steps, n, 2)))
     e = rng.integers(0, n, (S, 2))
     e[:, 1] = np.where(e[:, 1] == e[:, 0], (e[:, 0] + 1) % n, e[:, 1])
@@ -196,7 +198,7 @@ def test_time_step_slices_get_private_copies_of_one_step(runtime):
         for s in range(S):
             a, b = ends[s][0], ends[s][1]
             d = x[t, a] - x[t, b]
-            g = d * ti.sin(d.norm())
+            g = d * ti.sin(k[None] * d.norm())
             f[t, a] += g
             f[t, b] -= g
 
@@ -223,10 +225,17 @@ def test_time_step_slices_get_private_copies_of_one_step(runtime):
         results = []
         for run in (tk.grad, kk.reverse):
             x.grad.from_numpy(planted)
+            k.grad[None] = 0.5
             run(1)
             results.append(x.grad.to_numpy())
-        expected, got = results
+            results.append(k.grad[None])
+        expected, k_expected, got, k_got = results
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(k_got, k_expected, rtol=1e-12)
+        if sliced:
+            # the shared parameter's adjoint adds up in a local per chunk, one atomic per chunk
+            assert "k_adj_chunk = k_adj_chunk +" in src and "k_adj[None] += k_adj_chunk" in src, src
+            assert abs(k_got - 0.5) > 1e-3
         if sliced:  # only step 1's adjoints changed
             np.testing.assert_array_equal(got[[0, 2]], planted[[0, 2]])
         assert np.abs(got[1] - planted[1]).max() > 1.0

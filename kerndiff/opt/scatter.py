@@ -30,6 +30,10 @@ dimensions (a time-stepped simulation's `x_adj[t, a] += g`, t a kernel argument)
 those fix is copied: the copies are `x_adj_private[slot, a]`, and the sum adds them into
 `x_adj[t, i]`. The copies then cost what one step's slice costs, not the whole history.
 
+Inside the chunks, adds into a single element (a shared parameter's adjoint, `k_adj[None] += g`)
+accumulate in a local per chunk and are added once at its end: Taichi reduces such adds per
+thread in a plain parallel loop, but not inside a chunk's serial loop.
+
 When: a field is privatized in a loop if every access to it there is an atomic add, the loop has
 constant bounds, one index and at least 1024 iterations (Taichi runs shorter loops on one
 thread), and the loop adds into it at least T/2 times as often as its slice has elements (so the
@@ -184,6 +188,7 @@ def _rewrite(loop, fields, names, threads, copies_for, ref_of):
         return s
 
     body = map_stmts(loop.body, to_private)
+    body, sums_before, sums_after = _chunk_sums(body, _single_element_adds(loop), names)
     (lo, hi), = loop.bounds
     n = int(hi.value) - int(lo.value)
     per = -(-n // min(n, CHUNKS_PER_THREAD * threads))
@@ -198,9 +203,49 @@ def _rewrite(loop, fields, names, threads, copies_for, ref_of):
     k = B.var(names.fresh("k"), "i32")
     reset = N.For((k.name,), ((B.const(0, "i32"), B.const(threads, "i32")),),
                   (N.Store(busy_ref, (k,), B.const(0, "i32")),), parallel=True)
-    chunked = N.For((chunk.name,), ((B.const(0, "i32"), B.const(chunks, "i32")),), (claim, inner, release),
-                    parallel=True, src=loop.src, tag=loop.tag)
+    chunked = N.For((chunk.name,), ((B.const(0, "i32"), B.const(chunks, "i32")),),
+                    (claim, *sums_before, inner, *sums_after, release), parallel=True, src=loop.src, tag=loop.tag)
     return [reset, chunked] + _sums(comps, private, plan, names, threads, ref_of, loop)
+
+
+def _single_element_adds(loop):
+    """Keys (field, component, index) of the loop's atomic adds into one element (a 0-d field such
+    as a shared parameter's adjoint, or an index every iteration shares) of a float field it
+    neither reads nor stores: Taichi reduces those per thread in a plain parallel loop, but not
+    inside the chunks, where each would stay an atomic on one contended address."""
+    varying = assigned_names(loop.body) | set(loop.vars)
+    other = set()
+    for s in iter_stmts(loop.body):
+        for e in expr_children_of_stmt(s):
+            other.update(id(x.ref.field) for x in iter_expr(e) if isinstance(x, N.Load))
+        if isinstance(s, N.Store) or (isinstance(s, N.Atomic) and s.op != "add"):
+            other.add(id(s.ref.field))
+    keys = set()
+    for s in iter_stmts(loop.body):
+        if isinstance(s, N.Atomic) and s.op == "add" and is_float(s.ref.dtype) and id(s.ref.field) not in other \
+                and _fixed_dims([s.index], varying).keys() == set(range(len(s.index))):
+            keys.add((id(s.ref.field), s.ref.component, s.index))
+    return keys
+
+
+def _chunk_sums(body, keys, names):
+    """Adds into one element (keys) accumulate in a local per chunk, added once at its end:
+    (body, statements before the chunk's iterations, statements after)."""
+    sums = {}  # key -> (local, ref)
+
+    def to_local(s):
+        key = (id(s.ref.field), s.ref.component, s.index) if isinstance(s, N.Atomic) else None
+        if key in keys:
+            if key not in sums:
+                sums[key] = (B.var(names.fresh(f"{s.ref.name}_chunk"), s.ref.dtype), s.ref)
+            local = sums[key][0]
+            return N.Assign(local.name, B.add(local, s.value), src=s.src, tag=s.tag)
+        return s
+
+    body = map_stmts(body, to_local)
+    before = [N.Assign(v.name, B.const(0, v.dtype)) for v, _ in sums.values()]
+    after = [N.Atomic("add", ref, key[2], v) for key, (v, ref) in sums.items()]
+    return body, before, after
 
 
 def _sums(comps, private, plan, names, threads, ref_of, loop):
