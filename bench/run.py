@@ -96,7 +96,7 @@ def report(rows, args):
     bad = [r for r in checks if r["check"] != "agree"]
     lines.append("")
     lines.append(f"value checks: {len(checks) - len(bad)} of {len(checks)} rows agree across systems"
-                 + ("" if not bad else "; DISAGREE: " + "; ".join(f"{r['workload']} {r['op']}" for r in bad)))
+                 + ("" if not bad else "; " + "; ".join(f"{r['workload']} {r['op']}: {r['check']}" for r in bad)))
     errors = [r for r in rows if "error" in r]
     for r in errors:
         lines.append(f"error in {r['workload']}: {r['error']}")

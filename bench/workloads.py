@@ -22,12 +22,13 @@ def emit(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def run_systems(workload, systems, rtol, reference=None):
+def run_systems(workload, systems, rtol, reference=None, truth=None):
     """systems: {system: (sync, {op: (fn, value_fn) or None})}. Checks that the systems agree on
     each value, then times every (system, op) in interleaved rounds (one run of each per round,
     REPS rounds after a warm-up run), so that all of them see the same machine conditions: the
     ratios between systems are what the benchmark is for. reference: {op: kerndiff's value} measured
-    in another group, to check against."""
+    in another group, to check against; truth: {op: the value computed in f64}, which every
+    system is then checked against instead of kerndiff's."""
     values, timed = {}, []
     for system, (sync, ops) in systems.items():
         for op, spec in ops.items():
@@ -54,9 +55,10 @@ def run_systems(workload, systems, rtol, reference=None):
     for op, v in (reference or {}).items():
         values.setdefault(op, {})["kerndiff"] = v
     for op, vs in values.items():
-        ref = vs.get("kerndiff", next(iter(vs.values())))
+        ref = (truth or {}).get(op, vs.get("kerndiff", next(iter(vs.values()))))
         bad = {s: v for s, v in vs.items() if not np.isclose(v, ref, rtol=rtol, atol=rtol * abs(ref) + 1e-9)}
-        emit(workload=workload, op=op, check="agree" if not bad else f"DISAGREE {vs}")
+        against = f" (f64 value {ref:.7g})" if op in (truth or {}) else ""
+        emit(workload=workload, op=op, check="agree" if not bad else f"DISAGREE{against} {vs}")
 
 
 def init_taichi(arch, **kw):
