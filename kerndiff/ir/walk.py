@@ -70,6 +70,16 @@ def assigned_names(stmts):
     return out
 
 
+def mentions(s, name):
+    """Whether s, or a statement nested in it, reads or assigns the local `name`."""
+    for t in iter_stmts((s,)):
+        if isinstance(t, N.Assign) and t.name == name or isinstance(t, N.For) and name in t.vars:
+            return True
+        if any(v.name == name for e in expr_children_of_stmt(t) for v in vars_in(e)):
+            return True
+    return False
+
+
 def used_names(stmts):
     out = set()
     for s in iter_stmts(stmts):

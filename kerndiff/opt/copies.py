@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..ir import nodes as N
-from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_stmts, map_stmt_exprs,
+from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_stmts, map_stmt_exprs, mentions,
                        rebuild_stmt, substitute, vars_in)
 
 
@@ -55,17 +55,9 @@ def _coalesce(stmts, reads, writes):
                 stmts[i] = dataclasses.replace(s, name=a)
                 stmts[j] = None
                 break
-            if a in _assigns(s) or _reads_name(s, a) or _mentions_inside(s, b):
+            if mentions(s, a) or mentions(s, b):
                 break
     return tuple(s for s in stmts if s is not None)
-
-
-def _reads_name(s, name):
-    return any(v.name == name for t in iter_stmts((s,)) for e in expr_children_of_stmt(t) for v in vars_in(e))
-
-
-def _mentions_inside(s, name):
-    return name in _assigns(s) or _reads_name(s, name)
 
 
 def _block(stmts, outer):

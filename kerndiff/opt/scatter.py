@@ -82,23 +82,27 @@ def _atomic_weights(body, weight=1):
             yield from _atomic_weights(b, inner)
 
 
-def _candidates(loop, threads):
-    """Fields this loop only atomically adds into, often enough to be worth private copies."""
-    touched = {}
+def _not_only_added(loop):
+    """ids of the fields the loop reads, stores or combines other than by atomic add."""
+    out = set()
     for s in iter_stmts(loop.body):
         for e in expr_children_of_stmt(s):
-            for x in iter_expr(e):
-                if isinstance(x, N.Load):
-                    touched[id(x.ref.field)] = False
+            out.update(id(x.ref.field) for x in iter_expr(e) if isinstance(x, N.Load))
         if isinstance(s, N.Store) or (isinstance(s, N.Atomic) and s.op != "add"):
-            touched[id(s.ref.field)] = False
-        if isinstance(s, (N.Return, N.Break)):
-            return []
+            out.add(id(s.ref.field))
+    return out
+
+
+def _candidates(loop, threads):
+    """Fields this loop only atomically adds into, often enough to be worth private copies."""
+    if any(isinstance(s, (N.Return, N.Break)) for s in iter_stmts(loop.body)):
+        return []
+    other = _not_only_added(loop)
     n = _trip_count(loop)
     adds, fields, indices = {}, {}, {}
     for s, w in _atomic_weights(loop.body):
         f = s.ref.field
-        if s.op == "add" and touched.get(id(f), True) and 1 <= len(s.ref.shape) <= 3 and is_float(s.ref.dtype):
+        if s.op == "add" and id(f) not in other and 1 <= len(s.ref.shape) <= 3 and is_float(s.ref.dtype):
             adds[id(f)] = adds.get(id(f), 0) + n * w
             fields[id(f)] = s.ref
             indices.setdefault(id(f), []).append(s.index)
@@ -214,12 +218,7 @@ def _single_element_adds(loop):
     neither reads nor stores: Taichi reduces those per thread in a plain parallel loop, but not
     inside the chunks, where each would stay an atomic on one contended address."""
     varying = assigned_names(loop.body) | set(loop.vars)
-    other = set()
-    for s in iter_stmts(loop.body):
-        for e in expr_children_of_stmt(s):
-            other.update(id(x.ref.field) for x in iter_expr(e) if isinstance(x, N.Load))
-        if isinstance(s, N.Store) or (isinstance(s, N.Atomic) and s.op != "add"):
-            other.add(id(s.ref.field))
+    other = _not_only_added(loop)
     keys = set()
     for s in iter_stmts(loop.body):
         if isinstance(s, N.Atomic) and s.op == "add" and is_float(s.ref.dtype) and id(s.ref.field) not in other \

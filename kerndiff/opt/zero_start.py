@@ -21,7 +21,7 @@ import dataclasses
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import blocks_of, expr_children_of_stmt, iter_stmts, rebuild_stmt, vars_in
+from ..ir.walk import blocks_of, mentions, rebuild_stmt, vars_in
 
 
 def fold_zero_starts(body):
@@ -35,7 +35,7 @@ def _block(stmts):
         if not isinstance(s, N.Assign):
             continue
         for j in range(i + 1, len(stmts)):
-            if _mentions(stmts[j], s.name):
+            if mentions(stmts[j], s.name):
                 if _is_zero_start(s):
                     first = _started(stmts[j], s.name, s.value.dtype)
                 else:  # a value overwritten before anything reads it
@@ -54,16 +54,6 @@ def _is_zero_start(s):
 
 def _reads(e, name):
     return any(v.name == name for v in vars_in(e))
-
-
-def _mentions(s, name):
-    """s, or a statement nested in it, reads or assigns the local `name`."""
-    for t in iter_stmts((s,)):
-        if isinstance(t, N.Assign) and t.name == name or isinstance(t, N.For) and name in t.vars:
-            return True
-        if any(_reads(e, name) for e in expr_children_of_stmt(t)):
-            return True
-    return False
 
 
 def _overwrites(s, name, dtype):
