@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 import pytest
 import taichi as ti
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kerndiff as kd
@@ -182,8 +182,15 @@ def test_random_kernels(fields, body):
 COUNT = []
 
 
+# one kernel that surely scatters into a slice (y[1, idx[i]] only), whatever the draws
+SLICE_EXAMPLE = "\n".join(["a = ti.sin(y[1, idx[i]]) * x[i]", "if a > 0.1:", "    a = a * a", "else:",
+                           "    a = -a", "acc = 0.5", "for k in range(3):", "    acc = 0.5 * acc + ti.tanh(a)",
+                           "out[i] = acc * x[idx[i]]"])
+
+
 @settings(settings.get_profile(PROFILE))
 @given(body=kernels())
+@example(body=SLICE_EXAMPLE)
 def test_random_kernels_with_private_copies(fields, body, monkeypatch):
     """The same kernels with opt.scatter forced on for these 3-iteration loops, so every scattered
     adjoint (x[idx[i]], x[(i + 1) % 3], and y[1, idx[i]] through copies of the row) goes through
