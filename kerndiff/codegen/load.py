@@ -32,7 +32,7 @@ def field_names(ir: N.KernelIR, taken: set) -> dict:
     out = {}
     used = set(taken) | {"ti", "claim_slot"}
     for r in collect_fields(ir):
-        base = (REGISTRY.display_name(r.field, aliases) if aliases else r.name) or "field"
+        base = REGISTRY.display_name(r.field, aliases) or "field"
         name, k = base, 1
         while name in used:
             name = f"{base}_{k}"

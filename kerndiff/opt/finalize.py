@@ -1,8 +1,9 @@
-"""Last rewrites before codegen, for speed only (never fed back into a transform).
+"""Last rewrites before codegen, for speed and for the reader (never fed back into a transform).
 
 In derived kernels, repeated divisions by one value in derivative code share its reciprocal
-(opt.reciprocal). On the CPU, derived kernels then give scattered atomic adds per-thread private
-copies (opt.scatter).
+(opt.reciprocal) and like terms are collected (opt.algebra); zeroed accumulators start at their
+first contribution (opt.zero_start) and copies are forwarded (opt.copies). On the CPU, derived
+kernels then give scattered atomic adds per-thread private copies (opt.scatter).
 
 Inside each parallel loop:
   * merge: several atomic adds into one element within a block become one add of their sum;

@@ -106,7 +106,7 @@ def _candidates(loop, threads):
             adds[id(f)] = adds.get(id(f), 0) + n * w
             fields[id(f)] = s.ref
             indices.setdefault(id(f), []).append(s.index)
-    varying = assigned_names(loop.body) | set(loop.vars)
+    varying = _varying(loop)
     chosen, memory = [], 0
     for fid, ref in fields.items():
         fixed = _fixed_dims(indices[fid], varying)
@@ -137,7 +137,13 @@ class Privatized:
 
     def real_index(self, kept_index):
         rest = iter(kept_index)
-        return tuple(self.fixed[k] if k in self.fixed else next(rest) for k in range(len(self.fixed) + len(self.kept)))
+        ndim = len(self.fixed) + len(self.kept)
+        return tuple(self.fixed[k] if k in self.fixed else next(rest) for k in range(ndim))
+
+
+def _varying(loop):
+    """Names whose value can differ between the loop's iterations: its variables and what it assigns."""
+    return assigned_names(loop.body) | set(loop.vars)
 
 
 def _fixed_dims(indices, varying):
@@ -217,7 +223,7 @@ def _single_element_adds(loop):
     as a shared parameter's adjoint, or an index every iteration shares) of a float field it
     neither reads nor stores: Taichi reduces those per thread in a plain parallel loop, but not
     inside the chunks, where each would stay an atomic on one contended address."""
-    varying = assigned_names(loop.body) | set(loop.vars)
+    varying = _varying(loop)
     other = _not_only_added(loop)
     keys = set()
     for s in iter_stmts(loop.body):
