@@ -199,11 +199,28 @@ def build_corpus(dt=ti.f64):
             m2o[None] += m2[I] ** 2 * (I[0] + 1) + ti.exp(0.1 * m2[I])
 
     corpus["grouped"] = (grouped, ())
+
+    # --- a dense layer built in place: its element is read after being accumulated into -------
+    Wd = ti.field(dt, shape=(N, N))
+    bias, layer_in, layer_out = (ti.field(dt, shape=N) for _ in range(3))
+    Wd.from_numpy(rng.uniform(-0.5, 0.5, (N, N)))
+    bias.from_numpy(rng.uniform(-0.2, 0.2, N))
+    layer_in.from_numpy(rng.standard_normal(N))
+
+    @kd.kernel
+    def dense_layer():
+        for i in layer_out:
+            layer_out[i] = bias[i]
+            for j in range(N):
+                layer_out[i] += Wd[i, j] * layer_in[j]
+            layer_out[i] = ti.tanh(layer_out[i])
+
+    corpus["dense_layer"] = (dense_layer, ())
     return corpus
 
 
 CORPUS_NAMES = ["elementwise", "mass_spring", "nbody", "stencil", "matrix_energy", "branches", "recurrence",
-                "two_loops", "template_args", "return_value", "grouped"]
+                "two_loops", "template_args", "return_value", "grouped", "dense_layer"]
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +244,7 @@ def test_path_against_finite_differences(corpus, name, path):
     check(K, last, args, rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["elementwise", "mass_spring", "matrix_energy", "recurrence"])
+@pytest.mark.parametrize("name", ["elementwise", "mass_spring", "matrix_energy", "recurrence", "dense_layer"])
 def test_third_order_reverse_forward_forward(corpus, name):
     """k.reverse.forward.forward (levels: adjoint 1, dual 1, dual 2) against finite differences
     of k.reverse.forward; and k.forward.forward.forward against finite differences of k.forward.forward."""

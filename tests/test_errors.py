@@ -121,6 +121,64 @@ def test_accumulating_into_a_field_read_in_the_same_loop(f):
     raises(k.reverse, "accumulates into a field it read", line_text="s[None] += x[i] * s[None]")
 
 
+# An element built in place by its own iteration is a local (tests/test_owned.py); these are not.
+def test_element_other_iterations_touch_is_refused(runtime):
+    x = ti.field(ti.f64, shape=N)
+    acc = ti.field(ti.f64, shape=2)
+    y = ti.field(ti.f64, shape=N)
+
+    @kd.kernel
+    def shared():
+        for i in x:
+            acc[i % 2] += x[i]
+            y[i] = acc[i % 2] * 2.0
+
+    raises(shared.reverse, "reads a field it accumulates into", line_text="y[i] = acc[i % 2] * 2.0")
+
+
+def test_row_shared_by_an_ndrange_is_refused(runtime):
+    x = ti.field(ti.f64, shape=(N, N))
+    r = ti.field(ti.f64, shape=N)
+
+    @kd.kernel
+    def rows():
+        for i, j in ti.ndrange(N, N):
+            r[i] += x[i, j]
+            r[i] = r[i] * 2.0
+
+    raises(rows.reverse, line_text="r[i] = r[i] * 2.0")
+
+
+def test_old_value_destroyed_is_still_refused(runtime):
+    """`y[i] += x[i]; y[i] = y[i] ** 2` needs y's value from before the kernel, which it overwrote."""
+    x = ti.field(ti.f64, shape=N)
+    y = ti.field(ti.f64, shape=N)
+
+    @kd.kernel
+    def update():
+        for i in x:
+            y[i] += x[i]
+            y[i] = y[i] ** 2
+
+    raises(update.reverse, "overwrites a field it read", "kd.Tape")
+
+
+def test_iteration_that_can_end_early_is_refused(runtime):
+    """A `continue` would skip the store that ends the iteration, so nothing is promoted."""
+    x = ti.field(ti.f64, shape=N)
+    y = ti.field(ti.f64, shape=N)
+
+    @kd.kernel
+    def early():
+        for i in x:
+            y[i] = x[i]
+            if x[i] > 0.5:
+                continue
+            y[i] = ti.sin(y[i])
+
+    raises(early.reverse, "overwrites a field it read", line_text="y[i] = ti.sin(y[i])")
+
+
 def test_dynamic_index_into_local_vector(f):
     v, n = f["v"], f["n"]
 

@@ -326,10 +326,10 @@ def reverse_kernel(ir: N.KernelIR, level: int) -> N.KernelIR:
     """The reverse-mode (VJP) kernel of `ir` at derivative level `level`."""
     from ..ir.walk import used_names
     from ..runtime.registry import REGISTRY
-    from .hazards import check_overwrites
     from .names import NameAllocator
+    from .owned import checked_for_reverse
 
-    check_overwrites(ir)
+    ir = checked_for_reverse(ir)
     adj_of_field = field_activity(ir, "adjoint", level)
     names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
     body, ssa, _ = to_ssa(eliminate_jumps(ir.body, names), names, dtypes=local_dtypes(ir.body, ir.params),

@@ -1,0 +1,154 @@
+"""Field elements that belong to one parallel iteration become locals before reverse mode.
+
+Neural-network and simulation code in Taichi often builds a result in place:
+
+    for i in y:
+        y[i] = b[i]
+        for j in range(n):
+            y[i] += W[i, j] * x[j]
+        y[i] = ti.tanh(y[i])
+
+Read as field traffic this breaks the global data access rule twice (a field read after it was
+accumulated into, then overwritten after being read), so the reverse pass would have lost the
+values it needs. But every access is `y[i]` with `i` the parallel loop's own index: no other
+iteration touches that element, so within the iteration it is just a variable. Rewriting it as
+one (`y_i = b[i]; ... y_i = y_i + ...; y_i = ti.tanh(y_i); y[i] = y_i`) keeps the semantics and
+leaves the reverse pass ordinary local code to differentiate. The hazard check then runs on the
+rewritten kernel, so what still needs a value the kernel destroyed is still refused.
+
+Kernels the rule already accepts are left exactly as written: the rewrite is a second chance for
+refused ones, not a change to the code of the others. (It could even turn an accepted kernel
+into a refused one: a store inside an `if` followed by a read would need the old value loaded at
+the start, which the final store then overwrites.)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import KernDiffError
+from ..ir import build as B
+from ..ir import nodes as N
+from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_expr, \
+    map_stmt_exprs, map_stmts, used_names
+from .hazards import check_overwrites
+from .names import NameAllocator
+
+
+def checked_for_reverse(ir: N.KernelIR) -> N.KernelIR:
+    """`ir` if reverse mode can read every value it needs from the fields; else `ir` with owned
+    elements promoted to locals, if that version can. Otherwise the refusal names what is still
+    wrong once owned elements are locals (`y[i] += x[i]; y[i] = y[i] ** 2` overwrites the old
+    value of y[i], rather than racing other iterations as its field traffic suggests)."""
+    try:
+        check_overwrites(ir)
+        return ir
+    except KernDiffError:
+        promoted = promote_owned_elements(ir)
+        if promoted is ir:
+            raise
+    check_overwrites(promoted)
+    return promoted
+
+
+def promote_owned_elements(ir: N.KernelIR) -> N.KernelIR:
+    """`ir` with each element a parallel iteration both reads and writes, and that no other
+    iteration can touch, held in a local for the iteration (read once at the start where its old
+    value may be needed, stored once at the end)."""
+    names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
+    params = {p.name for p in ir.params}
+    body = tuple(_promote_loop(s, params, names) if isinstance(s, N.For) and s.parallel else s
+                 for s in ir.body)
+    return ir if body == ir.body else dataclasses.replace(ir, body=body)
+
+
+def _accesses(stmts):
+    """{ref: [(kind, index, stmt)]} for every field access in stmts, nested blocks included."""
+    out = {}
+    for s in iter_stmts(stmts):
+        for e in expr_children_of_stmt(s):
+            for x in iter_expr(e):
+                if isinstance(x, N.Load):
+                    out.setdefault(x.ref, []).append(("read", x.index, s))
+        if isinstance(s, N.Store):
+            out.setdefault(s.ref, []).append(("store", s.index, s))
+        elif isinstance(s, N.Atomic):
+            out.setdefault(s.ref, []).append((s.op, s.index, s))
+    return out
+
+
+def _owned(index, loop_vars, fixed):
+    """Whether index names one element per iteration: every loop variable is a whole index
+    dimension, and the other dimensions are built from kernel parameters and constants only."""
+    bare = {e.name for e in index if isinstance(e, N.Var) and e.name in loop_vars}
+    if bare != set(loop_vars):
+        return False
+    for e in index:
+        if isinstance(e, N.Var) and e.name in loop_vars:
+            continue
+        if any(isinstance(x, N.Load) or isinstance(x, N.Var) and x.name not in fixed for x in iter_expr(e)):
+            return False
+    return True
+
+
+def _leaves_iteration(stmts):
+    """Whether a statement may end the iteration early (continue or return outside nested loops,
+    return anywhere): the store at the end of the body would then be skipped."""
+    for s in stmts:
+        if isinstance(s, (N.Continue, N.Return)):
+            return True
+        if isinstance(s, N.If) and (_leaves_iteration(s.then) or _leaves_iteration(s.orelse)):
+            return True
+        if isinstance(s, (N.For, N.While)) and any(isinstance(t, N.Return) for t in iter_stmts(s.body)):
+            return True
+    return False
+
+
+def _promote_loop(loop: N.For, params, names):
+    if _leaves_iteration(loop.body) or assigned_names(loop.body) & (set(loop.vars) | params):
+        return loop
+    candidates = []
+    for ref, uses in _accesses(loop.body).items():
+        kinds = {k for k, _, _ in uses}
+        index = uses[0][1]
+        if ("read" in kinds and kinds & {"store", "add"} and kinds <= {"read", "store", "add"}
+                and all(u[1] == index for u in uses) and _owned(index, loop.vars, params)):
+            candidates.append((ref, index))
+    body = loop.body
+    for ref, index in candidates:  # each rewrite rebuilds statements: find the uses again
+        body = _promote(body, ref, index, _accesses(body)[ref], names)
+    return loop if body is loop.body else dataclasses.replace(loop, body=body)
+
+
+def _local_name(ref, index, names):
+    comp = "".join(f"_{c}" for c in ref.component)
+    dims = "_".join(e.name for e in index if isinstance(e, N.Var))
+    return names.fresh(f"{ref.name}{comp}_{dims}" if dims else f"{ref.name}{comp}_v")
+
+
+def _promote(body, ref, index, uses, names):
+    local = B.var(_local_name(ref, index, names), ref.dtype)
+
+    def as_local(e):
+        return local if isinstance(e, N.Load) and e.ref is ref else e
+
+    def rewrite(s):
+        s = map_stmt_exprs(s, lambda e: map_expr(e, as_local))
+        if isinstance(s, N.Store) and s.ref is ref:
+            return N.Assign(local.name, s.value, src=s.src, tag=s.tag)
+        if isinstance(s, N.Atomic) and s.ref is ref:
+            return N.Assign(local.name, B.add(local, s.value), src=s.src, tag=s.tag)
+        return s
+
+    first = next(s for s in body if any(u[2] is s for u in uses) or _contains_use(s, uses))
+    starts_with_store = (isinstance(first, N.Store) and first.ref is ref
+                         and not any(isinstance(x, N.Load) and x.ref is ref for x in iter_expr(first.value)))
+    out = [] if starts_with_store else [N.Assign(local.name, B.load(ref, index), src=uses[0][2].src)]
+    out += map_stmts(body, rewrite)
+    last_write = [s for kind, _, s in uses if kind != "read"][-1]
+    out.append(N.Store(ref, index, local, src=last_write.src, tag=last_write.tag))
+    return tuple(out)
+
+
+def _contains_use(s, uses):
+    nested = {id(t) for b in blocks_of(s) for t in iter_stmts(b)}
+    return any(id(u[2]) in nested for u in uses)

@@ -1,0 +1,104 @@
+"""Field elements built in place by their own parallel iteration (`y[i] = b; y[i] += ...;
+y[i] = tanh(y[i])`) are differentiated as locals (kerndiff/ad/owned.py); elements other
+iterations can touch, and values a kernel really destroys, are still refused (test_errors.py)."""
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+from harness import check
+
+N = 4
+PATHS = [("", "forward"), ("", "reverse"), ("reverse", "forward"), ("forward", "reverse")]
+
+
+pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
+
+
+@pytest.fixture(scope="module")
+def kernels(runtime):
+    rng = np.random.default_rng(3)
+    x = ti.field(ti.f64, shape=N)
+    x.from_numpy(rng.uniform(0.2, 1.0, N))
+    v = ti.Vector.field(3, ti.f64, shape=N)
+    g = ti.field(ti.f64, shape=(N, N))
+
+    @kd.kernel
+    def vector_built_in_place():
+        for i in v:
+            v[i] = ti.Vector([x[i], 1.0, x[(i + 1) % N]])
+            for k in range(3):
+                v[i] += ti.Vector([ti.sin(v[i][1]), x[i] * k, v[i][0] ** 2]) * 0.3
+            v[i] = v[i].normalized() * x[i]
+
+    @kd.kernel
+    def grid_element_built_in_place():
+        for i, j in ti.ndrange(N, N):
+            g[i, j] = x[i] * x[j]
+            g[i, j] += ti.exp(-g[i, j])
+            g[i, j] = ti.sqrt(g[i, j] + 1.0)
+
+    y, z = ti.field(ti.f64, shape=N), ti.field(ti.f64, shape=N)
+    y.from_numpy(rng.uniform(0.2, 1.0, N))
+
+    @kd.kernel
+    def conditional_store_then_read():
+        # accepted as written (the read sees this iteration's store or the old value), so it is
+        # left as written: promoting y[i] would load the old value and then overwrite it
+        for i in x:
+            if x[i] > 0.5:
+                y[i] = x[i] ** 2
+            z[i] = y[i] * 3.0
+
+    return {k.__name__: k for k in (vector_built_in_place, grid_element_built_in_place,
+                                    conditional_store_then_read)}
+
+
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=["forward", "reverse", "reverse.forward", "forward.reverse"])
+@pytest.mark.parametrize("name", ["vector_built_in_place", "grid_element_built_in_place",
+                                  "conditional_store_then_read"])
+def test_built_in_place_against_finite_differences(kernels, name, prefix, mode):
+    k = kernels[name]
+    k()
+    K = getattr(k, prefix) if prefix else k
+    check(K, mode, rtol=1e-6)
+
+
+def test_reverse_recomputes_the_element_as_a_local(runtime):
+    """The reverse kernel rebuilds the iteration's value in a local instead of reading the field
+    it overwrote; the result matches Taichi's own reverse of the same layer written with a local."""
+    W = ti.field(ti.f64, shape=(N, N), needs_grad=True)
+    inp = ti.field(ti.f64, shape=N, needs_grad=True)
+    out = ti.field(ti.f64, shape=N, needs_grad=True)
+    rng = np.random.default_rng(4)
+    W.from_numpy(rng.uniform(-1, 1, (N, N)))
+    inp.from_numpy(rng.standard_normal(N))
+
+    def in_place():
+        for i in out:
+            out[i] = 0.5
+            for j in range(N):
+                out[i] += W[i, j] * inp[j]
+            out[i] = ti.tanh(out[i])
+
+    def with_local():
+        for i in out:
+            s = 0.5
+            for j in range(N):
+                s += W[i, j] * inp[j]
+            out[i] = ti.tanh(s)
+
+    k, ref = kd.kernel(in_place), ti.kernel(with_local)
+    seed = rng.standard_normal(N)
+    grads = []
+    for run, rev in ((k, k.reverse), (ref, ref.grad)):
+        W.grad.fill(0)
+        inp.grad.fill(0)
+        run()
+        out.grad.from_numpy(seed)
+        rev()
+        grads.append((W.grad.to_numpy(), inp.grad.to_numpy()))
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    code = [line.split("#")[0] for line in k.reverse.source.splitlines()]
+    assert not any("out[i]" in line for line in code), k.reverse.source
