@@ -121,6 +121,20 @@ def test_accumulating_into_a_field_read_in_the_same_loop(f):
     raises(k.reverse, "accumulates into a field it read", line_text="s[None] += x[i] * s[None]")
 
 
+def test_construct_the_frontend_fails_on_is_named_not_a_traceback(f):
+    """A Python error inside the frontend (here a runtime value where Taichi needs a compile-time
+    size) still comes out as a KernDiffError at the user's line."""
+    x, s = f["x"], f["s"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            s[None] += (ti.Matrix.identity(ti.f64, i) * x[i]).sum()
+
+    raises(k, "cannot lower this statement", "TypeError",
+           line_text="s[None] += (ti.Matrix.identity(ti.f64, i) * x[i]).sum()")
+
+
 # An element built in place by its own iteration is a local (tests/test_owned.py); these are not.
 def test_element_other_iterations_touch_is_refused(runtime):
     x = ti.field(ti.f64, shape=N)

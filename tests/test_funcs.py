@@ -207,3 +207,38 @@ def test_ti_func_inlined_and_differentiated_by_transforms():
         return dsq(x) + sq(x)
 
     assert k(3.0) == 6.0 + 9.0
+
+
+def test_ti_math_library_functions_inline(runtime):
+    """ti.math's own ti.funcs are inlined like the user's: ones that need ti.static on a folded
+    constant (log2), template parameters (eye), ti.zero (refract) or ti.pow. Values against
+    ti.kernel, derivatives against finite differences (forward and reverse)."""
+    from harness import check
+
+    x = ti.field(ti.f64, shape=4)
+    out = ti.field(ti.f64, shape=())
+    x.from_numpy(np.array([0.3, 0.55, 0.8, 1.1]))
+    tm = ti.math
+
+    def body():
+        for i in x:
+            a = x[i]
+            d = tm.refract(tm.vec2(a, -1.0).normalized(), tm.vec2(0.0, 1.0), 0.9)
+            out[None] += tm.log2(a) + ti.pow(a, 2.5) + (tm.eye(2) * a).sum() + d.dot(tm.vec2(1.0, 2.0))
+
+    k, ref = kd.kernel(body), ti.kernel(body)
+    values = []
+    for run in (k, ref):
+        out[None] = 0
+        run()
+        values.append(out[None])
+    xs = x.to_numpy()
+    assert abs(values[0] - values[1]) <= 1e-12 * abs(values[1])
+    incident = np.stack([xs, -np.ones_like(xs)], 1) / np.hypot(xs, 1.0)[:, None]
+    dxn = incident[:, 1]  # against the normal (0, 1)
+    kk = 1 - 0.81 * (1 - dxn ** 2)
+    refracted = 0.9 * incident - (0.9 * dxn + np.sqrt(kk))[:, None] * np.array([0.0, 1.0])
+    expected = np.sum(np.log2(xs) + xs ** 2.5 + 2 * xs + refracted @ np.array([1.0, 2.0]))
+    assert np.all(kk >= 0) and abs(values[0] - expected) <= 1e-12 * abs(expected)
+    for mode in ("forward", "reverse"):
+        check(k, mode, rtol=1e-6)

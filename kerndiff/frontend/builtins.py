@@ -157,6 +157,10 @@ def _static(lw, node, args, kwargs):
     return args[0] if len(args) == 1 else tuple(args)
 
 
+def _zero_like(lw, node, args, kwargs):
+    return lw.elementwise(lambda e: B.const(0, e.dtype), args[0], node)
+
+
 def _py_len(lw, node, args, kwargs):
     a = args[0]
     if isinstance(a, Vec):
@@ -175,6 +179,8 @@ def build_table():
         table[mod.atan2] = lambda lw, node, args, kwargs: lw.binary("atan2", args[0], args[1], node)
         table[mod.min] = _minmax("min")
         table[mod.max] = _minmax("max")
+        if hasattr(mod, "pow"):
+            table[mod.pow] = lambda lw, node, args, kwargs: lw.binary("pow", args[0], args[1], node)
     table[ti.select] = _select
     table[ti.cast] = _cast
     table[ti.math.dot] = _dot
@@ -184,6 +190,7 @@ def build_table():
     table[ti.math.clamp] = _clamp
     table[ti.math.sign] = _sign
     table[ti.static] = _static
+    table[ti.zero] = _zero_like  # ti.math.refract starts from zero(x)
     table[ti.Vector] = _vector
     table[ti.Matrix] = _matrix
     table[ti.Vector.zero] = _vec_zero

@@ -36,6 +36,8 @@ def lower_call(lw, fn, args, kwargs, node):
             if v.grouped or len(v.bounds) != 1 or not all(isinstance(b, int) for b in v.bounds[0]):
                 raise lw.error(node, "ti.static needs compile-time bounds", "use constants")
             return range(v.bounds[0][0], v.bounds[0][1], v.step)
+        if isinstance(v, N.Const):  # Taichi math on constants, folded: ti.static(ti.log(2.0)) in ti.math.log2
+            return v.value
         if isinstance(v, N.Expr):
             raise lw.error(node, "ti.static got a runtime value", "pass compile-time constants to ti.static")
         return v
@@ -157,15 +159,26 @@ def inline_function(lw, pyfn, args, kwargs, node):
     child = Lowerer(src, {}, lw.names, parent=lw)
     child.blocks = lw.blocks
     reassigned = _assigned_names(src.tree)
+    templates = {p.arg for p in a.args if _is_template(p.annotation)}
     for p in names:
         v = bound[p]
-        if isinstance(v, N.Var) and p not in reassigned:
+        if p in templates and not isinstance(v, (N.Expr, Vec)):
+            child.scope[p] = v  # compile-time, as in Taichi: ti.math.eye(n: template()) unrolls over n
+        elif isinstance(v, N.Var) and p not in reassigned:
             child.scope[p] = Local([v.name], None, [v.dtype])
         elif isinstance(v, Vec) and all(isinstance(e, N.Var) for e in v.items) and p not in reassigned:
             child.scope[p] = Local([e.name for e in v.items], v.shape, [e.dtype for e in v.items])
         else:
             child.bind_local(p, v, node)
     return lower_body_with_returns(child, list(src.tree.body))
+
+
+def _is_template(annotation):
+    """Whether a parameter annotation is `template()` / `ti.template()`."""
+    if not isinstance(annotation, ast.Call):
+        return False
+    f = annotation.func
+    return (f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)) == "template"
 
 
 def lower_body_with_returns(lw, stmts):

@@ -291,7 +291,12 @@ class Lowerer:
         if method is None:
             raise self.error(node, f"'{type(node).__name__}' statements are not supported in kerndiff kernels",
                              "rewrite it with assignments, if, for and while")
-        method(node)
+        try:
+            method(node)
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
+            # A construct the frontend does not model failed in Python: say where, not a traceback.
+            raise self.error(node, f"kerndiff cannot lower this statement ({type(e).__name__}: {e})",
+                             "rewrite it with simpler Taichi constructs; if it is valid Taichi, report it") from e
 
     def stmt_Pass(self, node):
         pass
