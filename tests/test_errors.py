@@ -135,6 +135,24 @@ def test_construct_the_frontend_fails_on_is_named_not_a_traceback(f):
            line_text="s[None] += (ti.Matrix.identity(ti.f64, i) * x[i]).sum()")
 
 
+def test_bitwise_operators_need_integers(f):
+    x, s, n = f["x"], f["s"], f["n"]
+
+    @kd.kernel
+    def on_float():
+        for i in x:
+            s[None] += x[i] & 1
+
+    raises(on_float, "bitwise operator on a floating-point value", line_text="s[None] += x[i] & 1")
+
+    @kd.kernel
+    def or_into_field():
+        for i in x:
+            n[i % 2] |= i
+
+    raises(or_into_field, "'|=' on a field is an atomic or", line_text="n[i % 2] |= i")
+
+
 # An element built in place by its own iteration is a local (tests/test_owned.py); these are not.
 def test_element_other_iterations_touch_is_refused(runtime):
     x = ti.field(ti.f64, shape=N)

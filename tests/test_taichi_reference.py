@@ -120,3 +120,4 @@ def test_loop_invariant_local_before_dynamic_inner_loop(fields):
 
     g = kd.backward(k, inputs=[x], output=out)(x.to_numpy())[0]
     np.testing.assert_allclose(g, 15 * np.cos(x.to_numpy()), rtol=1e-12)
+

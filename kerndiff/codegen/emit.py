@@ -11,11 +11,13 @@ import math
 import numpy as np
 
 from ..ir import nodes as N
+from ..ir.ops import BITWISE
 from ..ir.types import default_fp, is_float
 
 BINARY = {"add": ("+", 11), "sub": ("-", 11), "mul": ("*", 12), "div": ("/", 12), "floordiv": ("//", 12),
           "mod": ("%", 12), "lt": ("<", 6), "le": ("<=", 6), "gt": (">", 6), "ge": (">=", 6),
-          "eq": ("==", 6), "ne": ("!=", 6), "and": ("and", 4), "or": ("or", 3)}
+          "eq": ("==", 6), "ne": ("!=", 6), "and": ("and", 4), "or": ("or", 3),
+          "bit_or": ("|", 7), "bit_xor": ("^", 8), "bit_and": ("&", 9), "shl": ("<<", 10), "shr": (">>", 10)}
 FUNCS = {"sin": "ti.sin", "cos": "ti.cos", "tan": "ti.tan", "asin": "ti.asin", "acos": "ti.acos",
          "atan": "ti.atan2", "exp": "ti.exp", "log": "ti.log", "sqrt": "ti.sqrt", "rsqrt": "ti.rsqrt",
          "tanh": "ti.tanh", "abs": "ti.abs", "floor": "ti.floor", "ceil": "ti.ceil", "round": "ti.round",
@@ -93,12 +95,16 @@ class Emitter:
         op, args = e.op, e.args
         if op in BINARY:
             sym, p = BINARY[op]
+            if op in BITWISE:  # few readers know these precedences: parenthesize any compound operand
+                return f"{self.expr(args[0], 13)} {sym} {self.expr(args[1], 13)}", p
             right_prec = p + 1
             return f"{self.expr(args[0], p)} {sym} {self.expr(args[1], right_prec)}", p
         if op == "pow":
             return f"{self.expr(args[0], 15)} ** {self.expr(args[1], 14)}", 14
         if op == "neg":
             return f"-{self.expr(args[0], 13)}", 13
+        if op == "bit_not":
+            return f"~{self.expr(args[0], 13)}", 13
         if op == "not":
             return f"not {self.expr(args[0], 5)}", 5
         if op == "cast":

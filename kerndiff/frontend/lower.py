@@ -18,6 +18,7 @@ from taichi.lang.matrix import MatrixField
 from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
+from ..ir.ops import BITWISE
 from ..ir.types import default_fp, from_taichi, is_float, is_int
 from ..ir.walk import vars_in
 from ..runtime.registry import REGISTRY
@@ -27,13 +28,16 @@ from .source import Source, parse_function
 from .vec import Vec
 
 BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.FloorDiv: "floordiv",
-          ast.Mod: "mod", ast.Pow: "pow"}
+          ast.Mod: "mod", ast.Pow: "pow", ast.BitAnd: "bit_and", ast.BitOr: "bit_or", ast.BitXor: "bit_xor",
+          ast.LShift: "shl", ast.RShift: "shr"}
 CMPOPS = {ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge", ast.Eq: "eq", ast.NotEq: "ne"}
+SYMBOLS = {"bit_and": "&", "bit_or": "|", "bit_xor": "^"}
 PYOPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
          "div": lambda a, b: a / b, "floordiv": lambda a, b: a // b, "mod": lambda a, b: a % b,
          "pow": lambda a, b: a ** b, "lt": lambda a, b: a < b, "le": lambda a, b: a <= b,
          "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b, "eq": lambda a, b: a == b,
-         "ne": lambda a, b: a != b}
+         "ne": lambda a, b: a != b, "bit_and": lambda a, b: a & b, "bit_or": lambda a, b: a | b,
+         "bit_xor": lambda a, b: a ^ b, "shl": lambda a, b: a << b, "shr": lambda a, b: a >> b}
 
 
 def is_field(v) -> bool:
@@ -172,6 +176,13 @@ class Lowerer:
             x = self.scalar(x, node)
         return fn(self.scalar(x, node))
 
+    def integer_op(self, op, *args_and_node):
+        """A bitwise op: integers only, as in Taichi (floats have no bits to operate on here)."""
+        *args, node = args_and_node
+        if any(is_float(a.dtype) for a in args):
+            raise self.error(node, "bitwise operator on a floating-point value", "cast to an integer type first")
+        return B.call(op, *args)
+
     def binary(self, op, a, b, node):
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) | isinstance(b, bool):
             if op in PYOPS:
@@ -186,10 +197,13 @@ class Lowerer:
             try:
                 return V.broadcast(op, a if isinstance(a, Vec) else self.scalar(a, node),
                                    b if isinstance(b, Vec) else self.scalar(b, node),
-                                   lambda x, y: B.call(op, x, y))
+                                   lambda x, y: self.call_op(op, x, y, node))
             except ValueError as e:
                 raise self.error(node, str(e), "make the shapes agree")
-        return B.call(op, self.scalar(a, node), self.scalar(b, node))
+        return self.call_op(op, self.scalar(a, node), self.scalar(b, node), node)
+
+    def call_op(self, op, a, b, node):
+        return self.integer_op(op, a, b, node) if op in BITWISE else B.call(op, a, b)
 
     def select(self, c, a, b, node):
         if isinstance(c, (int, float, bool)):
@@ -444,6 +458,9 @@ class Lowerer:
                 self.emit(N.Atomic("add", reduction_field(self, n, d), (), B.cast(e, d), src=self.loc(node)))
             return
         if isinstance(t, ast.Subscript) and is_field(self.expr(t.value)):
+            if op in ("bit_and", "bit_or", "bit_xor"):
+                raise self.error(node, f"'{SYMBOLS[op]}=' on a field is an atomic {op[4:]} in Taichi, "
+                                       "which kerndiff does not generate", "compute the bits in a local and store them")
             if op in ("add", "sub"):
                 if op == "sub":
                     value = self.elementwise(B.neg, value, node)
@@ -740,7 +757,7 @@ class Lowerer:
             return v
         if isinstance(node.op, ast.Not):
             return B.call("not", self.truth(v, node))
-        raise self.error(node, "bitwise not is not supported", "use comparisons")
+        return self.elementwise(lambda e: self.integer_op("bit_not", e, node), v, node)
 
     def expr_Compare(self, node):
         left = self.expr(node.left)

@@ -10,10 +10,11 @@ UNARY_FLOAT = {"sin", "cos", "tan", "asin", "acos", "atan", "exp", "log", "sqrt"
 UNARY_SAME = {"neg", "abs", "floor", "ceil", "round"}
 COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
 LOGIC = {"and", "or", "not"}
+BITWISE = {"bit_and", "bit_or", "bit_xor", "shl", "shr", "bit_not"}  # integers only (the frontend checks)
 SPECIAL = {"cast", "select"}
-OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | SPECIAL
+OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | SPECIAL
 
-COMMUTATIVE = {"add", "mul", "min", "max", "eq", "ne", "and", "or"}
+COMMUTATIVE = {"add", "mul", "min", "max", "eq", "ne", "and", "or", "bit_and", "bit_or", "bit_xor"}
 
 
 def operand_dtype(op: str, dtypes: list[str]) -> str:
@@ -23,7 +24,7 @@ def operand_dtype(op: str, dtypes: list[str]) -> str:
     if op in ("div", "atan2"):
         d = promote(*dtypes)
         return d if is_float(d) else default_fp()
-    if op in ARITH or op in COMPARE:
+    if op in ARITH or op in COMPARE or op in BITWISE and len(dtypes) == 2:
         return promote(*dtypes)
     return dtypes[0]
 
@@ -52,6 +53,8 @@ def _py(op):
         "ge": lambda a, b: int(a >= b), "eq": lambda a, b: int(a == b), "ne": lambda a, b: int(a != b),
         "and": lambda a, b: int(bool(a) and bool(b)), "or": lambda a, b: int(bool(a) or bool(b)),
         "not": lambda a: int(not a),
+        "bit_and": lambda a, b: a & b, "bit_or": lambda a, b: a | b, "bit_xor": lambda a, b: a ^ b,
+        "shl": lambda a, b: a << b, "shr": lambda a, b: a >> b, "bit_not": lambda a: ~a,
     }
     return table[op]
 
