@@ -153,6 +153,17 @@ def test_bitwise_operators_need_integers(f):
     raises(or_into_field, "'|=' on a field is an atomic or", line_text="n[i % 2] |= i")
 
 
+def test_random_numbers_inside_a_kernel(f):
+    x, s = f["x"], f["s"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            s[None] += ti.random() * x[i] ** 2
+
+    raises(k, "ti.random draws different numbers", "from_numpy", line_text="s[None] += ti.random() * x[i] ** 2")
+
+
 # An element built in place by its own iteration is a local (tests/test_owned.py); these are not.
 def test_element_other_iterations_touch_is_refused(runtime):
     x = ti.field(ti.f64, shape=N)

@@ -81,6 +81,11 @@ def lower_call(lw, fn, args, kwargs, node):
         if len(flat) == 1:
             flat = flat * (fn.n * fn.m)
         return lw.cast(Vec((fn.n, fn.m), [lw.scalar(e, node) for e in flat]), fn.dtype, node)
+    if fn is ti.random:
+        raise lw.error(node, "ti.random draws different numbers in the primal and in each derivative kernel, "
+                             "so the derivatives would not belong to the values computed",
+                       "draw the numbers into a field first (noise.from_numpy(rng.random(n)) or a ti.kernel) "
+                       "and read the field")
     if callable(fn):
         mod = getattr(fn, "__module__", "") or ""
         what = "a numpy call" if mod.startswith("numpy") else f"a call to {getattr(fn, '__name__', fn)!r}"
