@@ -6,8 +6,10 @@ The code is first put in SSA form (ssa.py). A block then reverses as
     sweep backward over its statements, applying the rule table's partials.
 An `if` reverses branch by branch under the same condition. A serial loop reverses by running its
 trip range backward; each backward iteration recomputes its body's primal values. Loop-carried
-values the backward sweep needs are restored by recomputation from the loop's entry (memory-free,
-quadratic in the trip count; loops whose carried values are only accumulated need nothing). A
+values the backward sweep needs are restored by recomputation, memory-free: a short loop from its
+entry; a long one from the nearest of 16 checkpoints that a prologue keeps in locals, so at most
+one segment is recomputed (trips²/32 body steps instead of trips²/2; loops whose carried values
+are only accumulated need nothing). A
 parallel (outermost) loop keeps its header and reverses its body per iteration. Adjoints of
 outer locals that parallel iterations contribute to go through a 0-d scratch field atomically.
 """
@@ -19,12 +21,17 @@ from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import assigned_names, iter_stmts, substitute, substitute_block
+from ..ir.walk import assigned_names, iter_stmts, map_expr, map_stmt_exprs, map_stmts, substitute, \
+    substitute_block
 from ..opt.dce import live_names, remove_dead
 from .activity import field_activity, varied_vars
 from .jumps import eliminate_jumps
 from .rules import NO_DERIVATIVE, partials
 from .ssa import to_ssa
+
+
+# Checkpoints kept per long serial loop whose carried values the backward sweep needs.
+CHECKPOINTS = 16
 
 
 class Reverse:
@@ -276,8 +283,13 @@ class Reverse:
         iteration = list(remove_dead(iteration, dead))
         from ..ir.walk import used_names
         used = used_names(iteration)
+        prologue = []
         if any(c in used for c in carried):
-            iteration = self.restore(s, info, var, lo) + iteration
+            if self.worth_checkpoints(trips):
+                prologue, restore = self.checkpoints(s, info, var, lo, hi)
+            else:
+                restore = self.restore(s, info, var, lo)
+            iteration = restore + iteration
             used.add(var)
         # Kill the body's own primal values at the start of each backward iteration: they are
         # recomputed under the same conditions they are read, and saying so lets dead-store
@@ -290,21 +302,93 @@ class Reverse:
         iteration = kills + iteration
         if var in used:
             iteration = [index] + iteration
-        return [N.For((k,), ((B.const(0, "i32"), trips),), tuple(iteration), src=s.src, tag="adjoint")]
+        return prologue + [N.For((k,), ((B.const(0, "i32"), trips),), tuple(iteration), src=s.src, tag="adjoint")]
 
-    def restore(self, s, info, var, lo):
-        """Set the carried locals to their values on entry to iteration `var` by recomputation."""
-        j = self.names.fresh(f"{var}_re")
+    def carried_step(self, s, info, j):
+        """The loop body recomputed for iteration `j`, reduced to what updates the carried locals."""
         body = self.recompute(s.body)
         if isinstance(s, N.For):
             body = substitute_block(body, {s.vars[0]: B.var(j, "i32")})
         carried = {c for c, _, _ in info.carried}
         internal = assigned_names(s.body) - carried
         _, dead = live_names(body, candidates=internal)
-        body = remove_dead(body, dead)
+        return remove_dead(body, dead)
+
+    def restore(self, s, info, var, lo):
+        """Set the carried locals to their values on entry to iteration `var` by recomputation
+        from the loop's entry (quadratic in the trip count: for short loops)."""
+        j = self.names.fresh(f"{var}_re")
         out = [N.Assign(c, init, src=s.src, tag="recompute") for c, _, init in info.carried]
-        out.append(N.For((j,), ((lo, B.var(var, "i32")),), body, src=s.src, tag="recompute"))
+        out.append(N.For((j,), ((lo, B.var(var, "i32")),), self.carried_step(s, info, j), src=s.src, tag="recompute"))
         return out
+
+    def own_names(self, body, info):
+        """body with the values it computes (not the carried ones) under fresh names: a second
+        copy of a loop body keeps each name assigned once, so the tidy passes can coalesce
+        `s_2 = s_1 + e; s_1 = s_2` in each copy."""
+        carried = {c for c, _, _ in info.carried}
+        fresh = {n: self.names.fresh(n) for n in sorted(assigned_names(body)) if n not in carried}
+
+        def read(e):
+            return map_expr(e, lambda x: B.var(fresh[x.name], x.dtype) if isinstance(x, N.Var) and x.name in fresh
+                            else x)
+
+        def rename(t):
+            t = map_stmt_exprs(t, read)
+            if isinstance(t, N.Assign) and t.name in fresh:
+                return dataclasses.replace(t, name=fresh[t.name])
+            if isinstance(t, N.For):
+                return dataclasses.replace(t, vars=tuple(fresh.get(v, v) for v in t.vars))
+            return t
+        return map_stmts(body, rename)
+
+    @staticmethod
+    def worth_checkpoints(trips):
+        """Checkpoints pay off unless the loop is known to be short."""
+        return not isinstance(trips, N.Const) or trips.value > 2 * CHECKPOINTS
+
+    def checkpoints(self, s, info, var, lo, hi):
+        """(prologue, restore) for a long loop. The prologue runs the loop once and pushes the
+        carried values at the start of each of (at most) CHECKPOINTS equal segments onto a stack
+        of locals; the backward sweep pops a segment's values when it moves below it, restores
+        the carried locals from the top and recomputes at most one segment to reach `var`.
+        Cost: about trips²/(2·CHECKPOINTS) body steps instead of trips²/2, and no memory."""
+        i32 = "i32"
+        one, zero = B.const(1, i32), B.const(0, i32)
+        tag = dict(src=s.src, tag="checkpoint")
+        seg_len = self.names.fresh(f"{var}_segment")
+        slots = B.const(CHECKPOINTS, i32)
+        prologue = [N.Assign(seg_len, B.call("max", B.call("floordiv", B.add(B.sub(hi, lo), B.sub(slots, one)), slots),
+                                              one), **tag)]
+        stack = {}
+        for c, dt, init in info.carried:
+            prologue.append(N.Assign(c, init, **tag))
+            stack[c] = [self.names.fresh(f"{c}_ck{k}") for k in range(CHECKPOINTS)]
+            prologue += [N.Assign(n, B.var(c, dt), **tag) for n in stack[c]]
+
+        def shift(pairs):
+            return tuple(N.Assign(dst, B.var(src, dt), tag="checkpoint") for dt, dst, src in pairs)
+
+        push = shift([(dt, st[k], st[k - 1]) for c, dt, _ in info.carried
+                      for st in [stack[c] + [c]] for k in range(CHECKPOINTS - 1, 0, -1)]
+                     + [(dt, stack[c][0], c) for c, dt, _ in info.carried])
+        j = self.names.fresh(f"{var}_ck")
+        starts = B.call("eq", B.call("mod", B.sub(B.var(j, i32), lo), B.var(seg_len, i32)), zero)
+        body = (N.If(starts, push, (), **tag),) + self.own_names(self.carried_step(s, info, j), info)
+        prologue.append(N.For((j,), ((lo, hi),), body, **tag))
+        # Backward: below a segment's first step, pop it; restore from the top, step forward to var.
+        after = B.add(B.var(var, i32), one)
+        leaving = B.call("and", B.call("eq", B.call("mod", B.sub(after, lo), B.var(seg_len, i32)), zero),
+                         B.call("lt", after, hi))
+        pop = shift([(dt, stack[c][k], stack[c][k + 1]) for c, dt, _ in info.carried for k in range(CHECKPOINTS - 1)])
+        restore = [N.If(leaving, pop, (), **tag)]
+        restore += [N.Assign(c, B.var(stack[c][0], dt), **tag) for c, dt, _ in info.carried]
+        r = self.names.fresh(f"{var}_re")
+        seg_len_v = B.var(seg_len, i32)
+        start = B.add(lo, B.mul(B.call("floordiv", B.sub(B.var(var, i32), lo), seg_len_v), seg_len_v))
+        restore.append(N.For((r,), ((start, B.var(var, i32)),), self.carried_step(s, info, r), src=s.src,
+                             tag="recompute"))
+        return prologue, restore
 
 
 def local_dtypes(stmts, params=()):

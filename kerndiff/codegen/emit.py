@@ -23,7 +23,7 @@ FUNCS = {"sin": "ti.sin", "cos": "ti.cos", "tan": "ti.tan", "asin": "ti.asin", "
          "tanh": "ti.tanh", "abs": "ti.abs", "floor": "ti.floor", "ceil": "ti.ceil", "round": "ti.round",
          "min": "ti.min", "max": "ti.max", "atan2": "ti.atan2", "select": "ti.select"}
 TAG_WORDS = {"tangent": "tangent of", "adjoint": "adjoint of", "recompute": "recompute",
-             "hoist": "read once, before"}
+             "hoist": "read once, before", "checkpoint": "checkpoints of"}
 
 
 # A run of statements from one source line that mixes its value, tangent and adjoint (forward

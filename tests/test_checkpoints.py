@@ -1,0 +1,96 @@
+"""Long serial loops whose carried values the backward sweep needs restore them from checkpoints
+(kerndiff/ad/reverse.py): a stack of 16 per carried value, one per segment. Checked against f64
+finite differences at the trip counts where the segment arithmetic could go wrong (no trips,
+fewer trips than checkpoints, exact multiples, one past them), for while loops and nested loops,
+on every derivative path."""
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+from harness import check
+
+PATHS = [("", "forward"), ("", "reverse"), ("reverse", "forward"), ("forward", "reverse")]
+IDS = ["forward", "reverse", "reverse.forward", "forward.reverse"]
+
+
+pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
+
+
+@pytest.fixture(scope="module")
+def kernels(runtime):
+    x = ti.field(ti.f64, shape=3)
+    y = ti.field(ti.f64, shape=3)
+    x.from_numpy(np.array([0.15, 0.5, 0.85]))
+
+    @kd.kernel
+    def two_carried(steps: ti.i32):
+        for i in x:
+            s, t = x[i], 0.3
+            for j in range(steps):
+                s, t = ti.sin(s) * 0.9 + 0.1 * x[i] * t, t * 0.99 + s * 0.01 * ti.cos(0.1 * j)
+            y[i] = s * t + s
+
+    @kd.kernel
+    def long_while():
+        for i in x:
+            v = x[i]
+            n = 0
+            while v < 30.0:  # 40-odd trips, recorded in the forward sweep
+                v = v * 1.05 + ti.sin(v) * 0.1 + 0.2
+                n += 1
+            y[i] = v * ti.sqrt(v) + n
+
+    @kd.kernel
+    def nested():
+        for i in x:
+            s = x[i]
+            for a in range(37):
+                u = s
+                for b in range(35):
+                    u = ti.tanh(u) * 0.8 + 0.3 * s
+                s = s * 0.7 + u * 0.2
+            y[i] = s
+
+    return {k.__name__: k for k in (two_carried, long_while, nested)}
+
+
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=IDS)
+@pytest.mark.parametrize("steps", [0, 1, 15, 16, 17, 32, 33, 48, 100])
+def test_trip_counts_against_finite_differences(kernels, steps, prefix, mode):
+    k = kernels["two_carried"]
+    k(steps)
+    check(getattr(k, prefix) if prefix else k, mode, args=(steps,), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=IDS)
+@pytest.mark.parametrize("name", ["long_while", "nested"])
+def test_while_and_nested_loops_against_finite_differences(kernels, name, prefix, mode):
+    k = kernels[name]
+    k()
+    check(getattr(k, prefix) if prefix else k, mode, rtol=1e-6, atol=1e-8)
+
+
+def test_short_constant_loops_keep_plain_recomputation(runtime):
+    """A loop known to run at most 2 x 16 times restores by recomputing from its entry: no stack."""
+    x = ti.field(ti.f64, shape=2, needs_grad=True)
+    y = ti.field(ti.f64, shape=2, needs_grad=True)
+
+    @kd.kernel
+    def short():
+        for i in x:
+            s = x[i]
+            for j in range(32):
+                s = ti.sin(s) + 0.1
+            y[i] = s
+
+    @kd.kernel
+    def long():
+        for i in x:
+            s = x[i]
+            for j in range(33):
+                s = ti.sin(s) + 0.1
+            y[i] = s
+
+    assert "_ck" not in short.reverse.source
+    assert "checkpoints of: for j in range(33):" in long.reverse.source
