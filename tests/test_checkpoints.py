@@ -1,8 +1,8 @@
-"""Long serial loops whose carried values the backward sweep needs restore them from checkpoints
-(kerndiff/ad/reverse.py): a stack of 16 per carried value, one per segment. Checked against f64
-finite differences at the trip counts where the segment arithmetic could go wrong (no trips,
-fewer trips than checkpoints, exact multiples, one past them), for while loops and nested loops,
-on every derivative path."""
+"""Long serial loops whose carried values the backward sweep needs restore them from two levels of
+checkpoints (kerndiff/ad/reverse.py): 16 per segment stack, 16 per sub-segment stack. Checked
+against f64 finite differences at the trip counts where the segment arithmetic could go wrong (no
+trips, fewer trips than checkpoints, exact multiples, one past them, and past 16 x 16, where
+sub-segments get longer than one step), for while loops and nested loops, on every path."""
 import numpy as np
 import pytest
 import taichi as ti
@@ -56,7 +56,7 @@ def kernels(runtime):
 
 
 @pytest.mark.parametrize("prefix,mode", PATHS, ids=IDS)
-@pytest.mark.parametrize("steps", [0, 1, 15, 16, 17, 32, 33, 48, 100])
+@pytest.mark.parametrize("steps", [0, 1, 15, 16, 17, 32, 33, 48, 100, 256, 257, 530])
 def test_trip_counts_against_finite_differences(kernels, steps, prefix, mode):
     k = kernels["two_carried"]
     k(steps)

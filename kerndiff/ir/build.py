@@ -100,6 +100,8 @@ def _identity(op, args, dtype):
             return const(0, dtype)
         if _is_neg(a):
             return call("neg", call("div", a.args[0], b))
+    elif op in ("floordiv", "mod") and not is_float(dtype) and is_const(b, 1):
+        return a if op == "floordiv" else const(0, dtype)
     elif op == "neg":
         if _is_neg(a):
             return a.args[0]
