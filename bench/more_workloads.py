@@ -1,10 +1,11 @@
-"""Workloads W4 (PINN Laplacian and weight gradient), W5 (100-step simulation under a Tape) and
-compile latency; registered into workloads.WORKLOADS."""
+"""Workloads W4 (PINN Laplacian and weight gradient), W5 (100-step simulation under a Tape), W6
+(time integration inside a kernel) and compile latency; registered into workloads.WORKLOADS."""
 import time
 
 import numpy as np
 
-from .workloads import WORKLOADS, emit, init_taichi, jax_mod, run_systems, spring_data
+from .workloads import WORKLOADS, emit, energy_systems, init_taichi, jax_energy_system, jax_mod, run_systems, \
+    spring_data
 
 
 # ----------------------------------------------------------------------------- W4
@@ -261,4 +262,46 @@ def compile_latency(args):
              total=total, transform=transform, taichi=total - transform)
 
 
-WORKLOADS.update({"W4": w4, "W5": w5, "compile": compile_latency})
+# ----------------------------------------------------------------------------- W6
+def w6(args):
+    """Pendulums integrated for `steps` time steps inside the kernel (a serial loop with two
+    carried values per parallel iteration): reverse mode has to restore them backward. Taichi's
+    AD keeps them on a per-thread stack (ad_stack_size >= steps); kerndiff recomputes them from
+    two levels of checkpoints kept in locals; JAX's scan stores the whole trajectory."""
+    n, steps, dt = (512, 100, 0.01) if args.quick else (8192, 1000, 0.01)
+    rng = np.random.default_rng(0)
+    qv = rng.uniform(-1.0, 1.0, n).astype(np.float32)
+    v = rng.standard_normal(n).astype(np.float32)
+    u = rng.standard_normal(n).astype(np.float32)
+    ti = init_taichi(args.arch, ad_stack_size=steps + 8)
+    import kerndiff as kd
+    q = ti.field(ti.f32, shape=n, needs_grad=True)
+    E = ti.field(ti.f32, shape=(), needs_grad=True)
+    q.from_numpy(qv)
+
+    def energy():
+        for i in q:
+            a, w = q[i], 0.0
+            for t in range(steps):
+                w = w - dt * (ti.sin(a) + 0.1 * w)
+                a = a + dt * w
+            E[None] += 0.5 * w * w + 1.0 - ti.cos(a)
+
+    tk, kk = ti.kernel(energy), kd.kernel(energy)
+    systems = energy_systems(ti, kd, kk, tk, q, E, v, u)
+    jax = jax_mod()
+    jnp = jax.numpy
+
+    def jenergy(a0):
+        def step(state, _):
+            a, w = state
+            w = w - dt * (jnp.sin(a) + 0.1 * w)
+            return (a + dt * w, w), None
+        (a, w), _ = jax.lax.scan(step, (a0, jnp.zeros_like(a0)), None, length=steps)
+        return jnp.sum(0.5 * w * w + 1.0 - jnp.cos(a))
+
+    systems["jax"] = jax_energy_system(jax, jenergy, qv, v, u)
+    run_systems("W6", systems, 5e-3)
+
+
+WORKLOADS.update({"W4": w4, "W5": w5, "W6": w6, "compile": compile_latency})

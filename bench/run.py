@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 
-WORKLOADS = ["W1", "W2", "W3", "W4", "W5"]
+WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6"]
 TARGETS = [  # (description, numerator, denominator, limit)
     ("W1 kerndiff reverse / Taichi grad", ("W1", "grad", "kerndiff"), ("W1", "grad", "taichi"), 0.8),
     ("W2 kerndiff reverse / Taichi grad", ("W2", "grad", "kerndiff"), ("W2", "grad", "taichi"), 0.8),
@@ -109,7 +109,7 @@ def main():
     p.add_argument("--arch", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--json", help="write all rows as JSON here")
     p.add_argument("--markdown", help="write the report as Markdown here")
-    p.add_argument("--only", help="comma-separated workloads (W1..W5, compile)")
+    p.add_argument("--only", help="comma-separated workloads (W1..W6, compile)")
     args = p.parse_args()
     names = args.only.split(",") if args.only else WORKLOADS + ["compile"]
     rows = []
