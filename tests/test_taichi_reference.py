@@ -121,3 +121,41 @@ def test_loop_invariant_local_before_dynamic_inner_loop(fields):
     g = kd.backward(k, inputs=[x], output=out)(x.to_numpy())[0]
     np.testing.assert_allclose(g, 15 * np.cos(x.to_numpy()), rtol=1e-12)
 
+
+
+def test_component_stores_into_vector_and_matrix_fields_match_taichi(runtime):
+    """`v[i].y += ...`, `v[j].x += ...` (a scatter: atomic), `v[i][2] *= ...` and `m[i][0, 1] = ...`
+    store one component of a field element; values and gradients as Taichi's kernel.grad()."""
+    n = 8
+    x = ti.field(ti.f64, shape=n, needs_grad=True)
+    v = ti.Vector.field(3, ti.f64, shape=n, needs_grad=True)
+    m = ti.Matrix.field(2, 2, ti.f64, shape=n, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    x.from_numpy(np.linspace(0.3, 1.1, n))
+
+    def components():
+        for i in x:
+            v[i].y += x[i] * 3.0
+            v[(i * 3 + 1) % n].x += x[i] ** 2  # several iterations add into one element
+            m[i][0, 1] = ti.sin(x[i])
+            m[i][1, 0] = x[i] * x[(i + 1) % n]
+
+    def reduce():
+        for i in x:
+            loss[None] += v[i].dot(ti.Vector([1.0, 2.0, 3.0])) + (m[i] @ m[i]).sum() + v[i].x * v[i].y
+
+    results = []
+    for run in ((ti.kernel(components), ti.kernel(reduce), ti.ad.Tape),
+                (kd.kernel(components), kd.kernel(reduce), kd.Tape)):
+        comp, red, tape = run
+        v.fill(0.5)
+        m.fill(0.25)
+        with tape(loss):
+            comp()
+            red()
+        results.append((loss[None], x.grad.to_numpy(), v.to_numpy()))
+    (l0, g0, v0), (l1, g1, v1) = results
+    np.testing.assert_allclose(v1, v0, rtol=1e-14)
+    assert l1 == pytest.approx(l0, rel=1e-13)
+    np.testing.assert_allclose(g1, g0, rtol=1e-12)
+    assert np.all(g1 != 0)

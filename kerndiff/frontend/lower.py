@@ -387,6 +387,8 @@ class Lowerer:
                 parts = [self.materialize(p, "tmp", node) if isinstance(p, (N.Expr, Vec)) else p for p in parts]
             for t, p in zip(target.elts, parts):
                 self.assign(t, p, node)
+        elif self.field_target(target) is not None:
+            self.store(self.field_target(target), value, node)
         elif isinstance(target, ast.Subscript):
             base = self.expr(target.value)
             if is_field(base):
@@ -403,6 +405,19 @@ class Lowerer:
             self.assign_component(target.value.id, (k,), value, node)
         else:
             raise self.error(node, "unsupported assignment target", "assign to a name or a field element")
+
+    def field_target(self, target):
+        """A store target naming a field element or one of its components, as a Subscript store()
+        takes: x[i], x[i][k], m[i][r, c], and x[i].y (as x[i][1]); else None."""
+        if isinstance(target, ast.Attribute) and len(target.attr) == 1 and target.attr in "xyzw" \
+                and isinstance(target.value, ast.Subscript) and is_field(self.expr(target.value.value)):
+            return ast.copy_location(ast.Subscript(value=target.value, slice=ast.Constant("xyzw".index(target.attr)),
+                                                   ctx=ast.Store()), target)
+        if isinstance(target, ast.Subscript) and (
+                is_field(self.expr(target.value)) or isinstance(target.value, ast.Subscript)
+                and is_field(self.expr(target.value.value))):
+            return target
+        return None
 
     def unpacking_reads_targets(self, targets, parts):
         """Whether `a, b = ...` must go through temporaries: a target that is not a plain name, or
@@ -457,7 +472,8 @@ class Lowerer:
                 e = B.neg(e) if op == "sub" else e
                 self.emit(N.Atomic("add", reduction_field(self, n, d), (), B.cast(e, d), src=self.loc(node)))
             return
-        if isinstance(t, ast.Subscript) and is_field(self.expr(t.value)):
+        if self.field_target(t) is not None:
+            t = self.field_target(t)
             if op in ("bit_and", "bit_or", "bit_xor"):
                 raise self.error(node, f"'{SYMBOLS[op]}=' on a field is an atomic {op[4:]} in Taichi, "
                                        "which kerndiff does not generate", "compute the bits in a local and store them")
