@@ -209,10 +209,35 @@ def test_random_kernels_with_private_copies(fields, body, monkeypatch):
 PRIVATIZED = []
 SLICED = []
 
+# one kernel whose loop surely carries a value the backward sweep needs
+CARRIED_EXAMPLE = "\n".join(["a = x[i] * 0.7", "if a > 0.1:", "    a = a * a", "else:", "    a = -a", "acc = 0.5",
+                             "for k in range(6):", "    acc = 0.5 * acc + ti.tanh(a * acc + y[1, i])",
+                             "out[i] = acc * x[idx[i]]"])
+
+
+@settings(settings.get_profile(PROFILE))
+@given(body=kernels())
+@example(body=CARRIED_EXAMPLE)
+def test_random_kernels_with_checkpoints(fields, body, monkeypatch):
+    """The same kernels with the checkpointed loop reversal forced on their 0-6 trip loops, with 2
+    checkpoints per level, so that segments, sub-segments longer than one step and the partial
+    last ones all occur."""
+    from kerndiff.ad import reverse
+    monkeypatch.setattr(reverse, "CHECKPOINTS", 2)
+    monkeypatch.setattr(reverse.Reverse, "worth_checkpoints", staticmethod(lambda trips: True))
+    k = check_random_kernel(fields, body)
+    COUNT.append(1)
+    if "_ck0" in k.reverse.source:
+        CHECKPOINTED.append(1)
+
+
+CHECKPOINTED = []
+
 
 def test_private_copies_were_exercised():
     assert PRIVATIZED, "no random kernel scattered through private copies"
     assert SLICED, "no random kernel scattered into a slice (y[1, idx[i]]) through copies of the slice"
+    assert CHECKPOINTED, "no random kernel reversed its loop from checkpoints"
 
 
 def teardown_module():
