@@ -147,3 +147,14 @@ def check(K, mode, args=(), x0=None, eps=1e-6, rtol=1e-6, atol=1e-8, seed=0, cot
     scale = max(1.0, abs(lhs))
     assert abs(lhs - rhs) <= rtol * scale + atol * scale, f"dot-product test: <w, Jv>={lhs} vs <J^T w, v>={rhs}"
     return rhs, lhs
+
+
+# The derivative paths the control-flow style tests walk: (prefix, mode) -> check(k.prefix, mode).
+PATHS = [("", "forward"), ("", "reverse"), ("reverse", "forward"), ("forward", "reverse")]
+PATH_IDS = ["forward", "reverse", "reverse.forward", "forward.reverse"]
+
+
+def check_path(k, prefix, mode, args=(), **kw):
+    """Run k (its reverse reads the primal's results), then check k.<prefix> in `mode`."""
+    k(*args)
+    return check(getattr(k, prefix) if prefix else k, mode, args=args, **kw)

@@ -8,10 +8,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import check
-
-PATHS = [("", "forward"), ("", "reverse"), ("reverse", "forward"), ("forward", "reverse")]
-IDS = ["forward", "reverse", "reverse.forward", "forward.reverse"]
+from harness import PATH_IDS, PATHS, check_path
 
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
@@ -55,20 +52,16 @@ def kernels(runtime):
     return {k.__name__: k for k in (two_carried, long_while, nested)}
 
 
-@pytest.mark.parametrize("prefix,mode", PATHS, ids=IDS)
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("steps", [0, 1, 15, 16, 17, 32, 33, 48, 100, 256, 257, 530])
 def test_trip_counts_against_finite_differences(kernels, steps, prefix, mode):
-    k = kernels["two_carried"]
-    k(steps)
-    check(getattr(k, prefix) if prefix else k, mode, args=(steps,), rtol=1e-6, atol=1e-8)
+    check_path(kernels["two_carried"], prefix, mode, args=(steps,), rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("prefix,mode", PATHS, ids=IDS)
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("name", ["long_while", "nested"])
 def test_while_and_nested_loops_against_finite_differences(kernels, name, prefix, mode):
-    k = kernels[name]
-    k()
-    check(getattr(k, prefix) if prefix else k, mode, rtol=1e-6, atol=1e-8)
+    check_path(kernels[name], prefix, mode, rtol=1e-6, atol=1e-8)
 
 
 def test_short_constant_loops_keep_plain_recomputation(runtime):
@@ -76,21 +69,16 @@ def test_short_constant_loops_keep_plain_recomputation(runtime):
     x = ti.field(ti.f64, shape=2, needs_grad=True)
     y = ti.field(ti.f64, shape=2, needs_grad=True)
 
-    @kd.kernel
-    def short():
-        for i in x:
-            s = x[i]
-            for j in range(32):
-                s = ti.sin(s) + 0.1
-            y[i] = s
+    def loop_of(trips):
+        @kd.kernel
+        def loop():
+            for i in x:
+                s = x[i]
+                for j in range(trips):
+                    s = ti.sin(s) + 0.1
+                y[i] = s
+        return loop
 
-    @kd.kernel
-    def long():
-        for i in x:
-            s = x[i]
-            for j in range(33):
-                s = ti.sin(s) + 0.1
-            y[i] = s
-
+    short, long = loop_of(32), loop_of(33)
     assert "_ck" not in short.reverse.source
-    assert "checkpoints of: for j in range(33):" in long.reverse.source
+    assert "checkpoints of: for j in range(trips):" in long.reverse.source

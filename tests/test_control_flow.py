@@ -5,9 +5,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import check
-
-PATHS = [("", "forward"), ("", "reverse"), ("reverse", "forward"), ("forward", "reverse")]
+from harness import PATH_IDS, PATHS, check_path
 
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
@@ -53,13 +51,10 @@ def kernels(runtime):
     return {k.__name__: k for k in (data_dependent_while, break_and_continue, continue_in_parallel_loop)}
 
 
-@pytest.mark.parametrize("prefix,mode", PATHS, ids=["forward", "reverse", "reverse.forward", "forward.reverse"])
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("name", ["data_dependent_while", "break_and_continue", "continue_in_parallel_loop"])
 def test_control_flow_against_finite_differences(kernels, name, prefix, mode):
-    k = kernels[name]
-    k()
-    K = getattr(k, prefix) if prefix else k
-    check(K, mode, rtol=1e-6)
+    check_path(kernels[name], prefix, mode, rtol=1e-6)
 
 
 def test_tuple_unpacking_keeps_names_and_reads_old_values(runtime):
@@ -87,7 +82,7 @@ def test_tuple_unpacking_keeps_names_and_reads_old_values(runtime):
     src = recurrence.reverse.source
     assert "a = x[i]" in src and "b = ti.sin(x[i])" in src and "tmp = p_1 * a + q_1" in src, src
     for prefix, mode in PATHS:
-        check(getattr(recurrence, prefix) if prefix else recurrence, mode, rtol=1e-6, atol=1e-8)
+        check_path(recurrence, prefix, mode, rtol=1e-6, atol=1e-8)
 
 
 def test_bitwise_index_arithmetic(runtime):
@@ -116,4 +111,4 @@ def test_bitwise_index_arithmetic(runtime):
     assert values[0] == pytest.approx(values[1], rel=1e-14)
     assert "k = (((i * 7 + 3) >> 1) ^ (i & 3)) | ((i << 2) & 12)" in kk.source, kk.source
     for prefix, mode in PATHS:
-        check(getattr(kk, prefix) if prefix else kk, mode, rtol=1e-6, atol=1e-8)
+        check_path(kk, prefix, mode, rtol=1e-6, atol=1e-8)

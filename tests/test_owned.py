@@ -6,10 +6,9 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import check
+from harness import PATH_IDS, PATHS, check_path
 
 N = 4
-PATHS = [("", "forward"), ("", "reverse"), ("reverse", "forward"), ("forward", "reverse")]
 
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
@@ -54,14 +53,11 @@ def kernels(runtime):
                                     conditional_store_then_read)}
 
 
-@pytest.mark.parametrize("prefix,mode", PATHS, ids=["forward", "reverse", "reverse.forward", "forward.reverse"])
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("name", ["vector_built_in_place", "grid_element_built_in_place",
                                   "conditional_store_then_read"])
 def test_built_in_place_against_finite_differences(kernels, name, prefix, mode):
-    k = kernels[name]
-    k()
-    K = getattr(k, prefix) if prefix else k
-    check(K, mode, rtol=1e-6)
+    check_path(kernels[name], prefix, mode, rtol=1e-6)
 
 
 def test_reverse_recomputes_the_element_as_a_local(runtime):
