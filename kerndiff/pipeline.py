@@ -27,8 +27,10 @@ def transform(ir, step, level):
     from .ad.reverse import reverse_kernel
     from .opt import optimize
 
-    fn = forward_kernel if step == "forward" else reverse_kernel
-    return optimize(fn(ir, level))
+    if step == "forward":
+        return optimize(forward_kernel(ir, level))
+    # "reverse_from_inputs": kd.Tape's variant for kernels that update fields in place
+    return optimize(reverse_kernel(ir, level, inputs_restored=step == "reverse_from_inputs"))
 
 
 def kernel_ir(kernel, templates):

@@ -5,7 +5,10 @@ fields, so a later kernel that overwrites a field an earlier one read would corr
 reverse pass; the Tape therefore snapshots, before each launch, each field the kernel may
 overwrite where an earlier recorded launch read or wrote it, and restores it while it walks back.
 Index patterns evaluated with each launch's scalar arguments tell `x[t + 1, i]` (fresh, no copy)
-from `x[i]` (copied). Memory cost: one copy of such a field per launch that overwrites it.
+from `x[i]` (copied). A kernel that updates its state in place (`x[i] += dt * v[i]`: each element
+read and then overwritten by its own iteration) destroys values its own reverse needs; the Tape
+snapshots those fields before the launch too and puts them back before running that kernel's
+reverse (its `reverse_from_inputs` variant). Memory cost: one copy of such a field per launch.
 After the reverse pass, the fields hold the forward results again, as after a plain run.
 """
 from __future__ import annotations
@@ -45,7 +48,9 @@ class Tape:
     def __init__(self, loss=None, clear_gradients=True):
         self.loss = loss
         self.clear_gradients = clear_gradients
-        self.records = []  # (kernel, args, kwargs, {id(field): (field, snapshot before launch)})
+        # (kernel, args, kwargs, {id(field): (field, snapshot before launch)}, the same for the
+        # fields the kernel updates in place, which its own reverse needs back)
+        self.records = []
         self.touched = _Touched()  # index patterns earlier recorded launches accessed
 
     def __enter__(self):
@@ -70,10 +75,12 @@ class Tape:
                 # (x[t + 1, i] = ... after reads of x[t, i] needs nothing).
                 if self.touched.overlaps(f, index):
                     saved[id(f)] = (f, _snapshot(f))
+            # x[i] += dt * v[i]: the kernel's own reverse needs x as it was before the launch.
+            before = {id(f): saved.get(id(f)) or (f, _snapshot(f)) for f in kernel.restorable_fields(*args, **kwargs)}
             out = kernel.launch(*args, **kwargs)
             for f, kind, index in accesses:
                 self.touched.add(f, index)
-            self.records.append((kernel, args, kwargs, saved))
+            self.records.append((kernel, args, kwargs, saved, before))
             return out
         return run
 
@@ -85,7 +92,7 @@ class Tape:
             return False
         # Every field a recorded kernel writes carries an adjoint, flags or not.
         requests = []
-        for kernel, args, kwargs, _ in self.records:
+        for kernel, args, kwargs, _, _ in self.records:
             written, _ = kernel.fields(*args, **kwargs)
             requests += [(f, "adjoint", 1) for f in written if is_float(from_taichi(f.dtype))]
         REGISTRY.allocate_many(requests)
@@ -93,9 +100,11 @@ class Tape:
         if tuple(self.loss.shape):
             raise KernDiffError("the Tape's loss must be a 0-d field", remedy="reduce the loss into loss[None]")
         loss_adj[None] = 1.0
-        final = {i: (f, _snapshot(f)) for rec in self.records for i, (f, _) in rec[3].items()}
-        for kernel, args, kwargs, saved in reversed(self.records):
-            kernel.reverse.launch(*args, **kwargs)
+        final = {i: (f, _snapshot(f)) for rec in self.records for snaps in rec[3:] for i, (f, _) in snaps.items()}
+        for kernel, args, kwargs, saved, before in reversed(self.records):
+            for f, arr in before.values():
+                _restore(f, arr)
+            (kernel.reverse_from_inputs if before else kernel.reverse).launch(*args, **kwargs)
             for f, arr in saved.values():
                 _restore(f, arr)
         for f, arr in final.values():

@@ -66,9 +66,11 @@ def disjoint(index_a, index_b, params):
     return False
 
 
-def check_overwrites(ir: N.KernelIR):
+def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
+    """Refuse a kernel whose reverse pass would need a value the kernel destroyed. `exempt`: ids of
+    fields the caller restores to their values from before the launch (kd.Tape, ad/owned.py)."""
     params = {p.name for p in ir.params}
-    ev = _events(ir.body)
+    ev = [e for e in _events(ir.body) if id(e[2]) not in exempt]
     reads = {}
     for pos, kind, f, s, top, index in ev:
         if kind == "read":

@@ -34,11 +34,14 @@ from .hazards import check_overwrites
 from .names import NameAllocator
 
 
-def checked_for_reverse(ir: N.KernelIR) -> N.KernelIR:
+def checked_for_reverse(ir: N.KernelIR, inputs_restored=False) -> N.KernelIR:
     """`ir` if reverse mode can read every value it needs from the fields; else `ir` with owned
     elements promoted to locals, if that version can. Otherwise the refusal names what is still
     wrong once owned elements are locals (`y[i] += x[i]; y[i] = y[i] ** 2` overwrites the old
-    value of y[i], rather than racing other iterations as its field traffic suggests)."""
+    value of y[i], rather than racing other iterations as its field traffic suggests).
+
+    inputs_restored: the caller (kd.Tape) puts the fields `restorable_fields` names back to their
+    values from before the launch when it runs this reverse, so their old values are not lost."""
     try:
         check_overwrites(ir)
         return ir
@@ -46,8 +49,60 @@ def checked_for_reverse(ir: N.KernelIR) -> N.KernelIR:
         promoted = promote_owned_elements(ir)
         if promoted is ir:
             raise
-    check_overwrites(promoted)
+    restorable = restorable_fields(ir)
+    if inputs_restored:
+        check_overwrites(promoted, frozenset(id(f) for f in restorable))
+        return promoted
+    try:
+        check_overwrites(promoted)
+    except KernDiffError as e:
+        if not restorable or _loses_more_than(promoted, restorable):
+            raise
+        raise KernDiffError(e.reason, e.loc, "launch it inside kd.Tape, which snapshots the fields it updates in "
+                                             "place and restores them before its reverse pass") from None
     return promoted
+
+
+def _loses_more_than(ir, restorable):
+    """Whether the kernel destroys values other than the old values of the `restorable` fields."""
+    try:
+        check_overwrites(ir, frozenset(id(f) for f in restorable))
+        return False
+    except KernDiffError:
+        return True
+
+
+def restorable_fields(ir: N.KernelIR):
+    """The fields whose values from before the launch would let a refused kernel be reversed: each
+    one read and written only in one parallel loop, always at the same element that only the
+    iteration touches (`x[i] += dt * v[i]` in `for i in x`). A time step updating its state in
+    place is the typical case; kd.Tape snapshots them before the launch and restores them before
+    the reverse. [] when the kernel needs no such help."""
+    try:
+        check_overwrites(ir)
+        return []
+    except KernDiffError:
+        pass
+    params = {p.name for p in ir.params}
+    where = {}  # id(field) -> (field, {top-level positions}, {index tuples}, {kinds})
+    for pos, s in enumerate(ir.body):
+        for ref, uses in _accesses((s,)).items():
+            f, tops, indices, kinds = where.setdefault(id(ref.field), (ref.field, set(), set(), set()))
+            tops.add(pos)
+            indices.update(index for _, index, _ in uses)
+            kinds.update(kind for kind, _, _ in uses)
+    out = []
+    for f, tops, indices, kinds in where.values():
+        if len(tops) != 1 or len(indices) != 1 or "read" not in kinds or not kinds & {"store", "add"} \
+                or not kinds <= {"read", "store", "add"}:
+            continue
+        loop = ir.body[next(iter(tops))]
+        if not (isinstance(loop, N.For) and loop.parallel) or _leaves_iteration(loop.body) \
+                or assigned_names(loop.body) & (set(loop.vars) | params):
+            continue
+        if _owned(next(iter(indices)), loop.vars, params):
+            out.append(f)
+    return out
 
 
 def promote_owned_elements(ir: N.KernelIR) -> N.KernelIR:

@@ -454,14 +454,16 @@ def local_dtypes(stmts, params=()):
     return out
 
 
-def reverse_kernel(ir: N.KernelIR, level: int) -> N.KernelIR:
-    """The reverse-mode (VJP) kernel of `ir` at derivative level `level`."""
+def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False) -> N.KernelIR:
+    """The reverse-mode (VJP) kernel of `ir` at derivative level `level`. inputs_restored: the
+    caller restores the fields of owned.restorable_fields(ir) to their values from before the
+    launch (kd.Tape does), so the kernel may have overwritten them."""
     from ..ir.walk import used_names
     from ..runtime.registry import REGISTRY
     from .names import NameAllocator
     from .owned import checked_for_reverse
 
-    ir = checked_for_reverse(ir)
+    ir = checked_for_reverse(ir, inputs_restored)
     adj_of_field = field_activity(ir, "adjoint", level)
     names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
     body, ssa, _ = to_ssa(eliminate_jumps(ir.body, names), names, dtypes=local_dtypes(ir.body, ir.params),

@@ -62,10 +62,27 @@ class Kernel:
     grad = reverse
     backward = reverse
 
+    @property
+    def reverse_from_inputs(self):
+        """The reverse kernel for a caller that restores `restorable_fields` to their values from
+        before the launch first (kd.Tape): kernels that update their state in place."""
+        return self._child("reverse_from_inputs")
+
+    def restorable_fields(self, *args, **kwargs):
+        """Fields this kernel overwrites after reading them, whose old values its reverse needs
+        and a caller can restore (ad/owned.py); [] for kernels whose reverse needs no help."""
+        from ..ad.owned import restorable_fields
+        templates, _, _ = self._bind(args, kwargs)
+        entry = self._compiled(templates)
+        if "restorable" not in entry:
+            entry["restorable"] = restorable_fields(entry["ir"])
+        return entry["restorable"]
+
     def level(self, step_index=None):
         """Derivative level of the transform at path[step_index] (API.md §2)."""
         path = self.path if step_index is None else self.path[: step_index + 1]
-        return sum(1 for s in path if s == path[-1]) if path else 0
+        kind = [s.split("_")[0] for s in path]  # reverse_from_inputs is a reverse
+        return sum(1 for s in kind if s == kind[-1]) if path else 0
 
     def __repr__(self):
         return f"<kerndiff kernel {self.__name__}{''.join('.' + p for p in self.path)}>"
