@@ -5,13 +5,15 @@ Along a few random directions v (seeded) and with a random output cotangent w:
     forward mode         ⟨w, J·v⟩                    (k.forward)
     reverse mode         ⟨Jᵀ·w, v⟩                   (k.reverse)       — the dot-product test
 and with order=2 also H·v from forward(reverse) against finite differences of the gradient.
-Inputs are restored afterwards. A mismatch raises AssertionError with a table of the worst rows.
+Afterwards every field the check touched holds what it held before: the inputs, the fields the
+kernel writes, and the existing adjoint and dual fields of all of them. A mismatch raises
+AssertionError with a table of the worst rows.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .factories import BackwardFn, ForwardFn, HvpFn, field_shape, read, write
+from .factories import BackwardFn, ForwardFn, HvpFn, field_shape, read
 from .ir.types import from_taichi
 
 TOLERANCES = {  # dtype -> (eps, rtol, atol)
@@ -43,6 +45,7 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
     inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     eps, rtol, atol = _defaults(inputs, output, eps, rtol, atol)
     rng = np.random.default_rng(seed)
+    kept = [(f, f.to_numpy()) for f in _touched_fields(kernel, inputs, output, args)]
     x0 = [read(f) for f in inputs]
     w = _shape_like(output, rng)
     bwd = BackwardFn(kernel, inputs, output, args)
@@ -76,9 +79,25 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
                 an = sum(_dot(h, uu) for h, uu in zip(hv, u))
                 rows.append((f"H·v direction {d}", fd, an, an))
     finally:
-        for f, x in zip(inputs, x0):
-            write(f, x, "restored input")
+        for f, arr in kept:
+            f.from_numpy(arr)
     return _report(rows, rtol, atol)
+
+
+def _touched_fields(kernel, inputs, output, args):
+    """The fields a check changes: inputs, output, what the kernel writes, and the adjoint and dual
+    fields those already have (the factories clear and fill them)."""
+    from .runtime.registry import REGISTRY
+
+    written, _ = kernel.fields(*args)
+    out = {}
+    for f in list(inputs) + [output] + list(written):
+        out[id(f)] = f
+        for kind in ("adjoint", "dual"):
+            d = REGISTRY.get(f, kind, 1)
+            if d is not None:
+                out[id(d)] = d
+    return list(out.values())
 
 
 def _report(rows, rtol, atol):

@@ -314,3 +314,26 @@ def test_tape_through_kernels_that_update_state_in_place(runtime):
     np.testing.assert_allclose(gs, fd_s, rtol=1e-6)
     with pytest.raises(kd.KernDiffError, match="kd.Tape"):
         step.reverse()
+
+
+def test_check_grad_leaves_every_field_as_it_found_it(runtime):
+    """Inputs, the output, an intermediate field the kernel writes and an existing adjoint hold
+    their values after kd.check_grad (which fills and clears them all while it runs)."""
+    x = ti.field(ti.f64, shape=4, needs_grad=True)
+    mid = ti.field(ti.f64, shape=4)
+    out = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def k():
+        for i in x:
+            mid[i] = ti.sin(x[i])
+            out[None] += mid[i] * x[i]
+
+    x.from_numpy(np.array([0.1, 0.5, 0.9, 1.3]))
+    mid.fill(7.0)
+    out[None] = 5.0
+    x.grad.from_numpy(np.array([1.0, 2.0, 3.0, 4.0]))
+    before = [f.to_numpy() for f in (x, mid, out, x.grad)]
+    assert kd.check_grad(k, [x], out) < 1e-6
+    for f, b in zip((x, mid, out, x.grad), before):
+        np.testing.assert_array_equal(f.to_numpy(), b)
