@@ -93,14 +93,10 @@ def restorable_fields(ir: N.KernelIR):
             kinds.update(kind for kind, _, _ in uses)
     out = []
     for f, tops, indices, kinds in where.values():
-        if len(tops) != 1 or len(indices) != 1 or "read" not in kinds or not kinds & {"store", "add"} \
-                or not kinds <= {"read", "store", "add"}:
+        if len(tops) != 1 or len(indices) != 1 or not _read_and_written(kinds):
             continue
         loop = ir.body[next(iter(tops))]
-        if not (isinstance(loop, N.For) and loop.parallel) or _leaves_iteration(loop.body) \
-                or assigned_names(loop.body) & (set(loop.vars) | params):
-            continue
-        if _owned(next(iter(indices)), loop.vars, params):
+        if _promotable_loop(loop, params) and _owned(next(iter(indices)), loop.vars, params):
             out.append(f)
     return out
 
@@ -111,8 +107,7 @@ def promote_owned_elements(ir: N.KernelIR) -> N.KernelIR:
     value may be needed, stored once at the end)."""
     names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
     params = {p.name for p in ir.params}
-    body = tuple(_promote_loop(s, params, names) if isinstance(s, N.For) and s.parallel else s
-                 for s in ir.body)
+    body = tuple(_promote_loop(s, params, names) for s in ir.body)
     return ir if body == ir.body else dataclasses.replace(ir, body=body)
 
 
@@ -158,15 +153,25 @@ def _leaves_iteration(stmts):
     return False
 
 
-def _promote_loop(loop: N.For, params, names):
-    if _leaves_iteration(loop.body) or assigned_names(loop.body) & (set(loop.vars) | params):
+def _promotable_loop(s, params):
+    """A parallel loop whose iteration always reaches its end and keeps its index variables."""
+    return (isinstance(s, N.For) and s.parallel and not _leaves_iteration(s.body)
+            and not assigned_names(s.body) & (set(s.vars) | params))
+
+
+def _read_and_written(kinds):
+    """Access kinds of an element worth promoting: read, and stored or added to (nothing else)."""
+    return "read" in kinds and bool(kinds & {"store", "add"}) and kinds <= {"read", "store", "add"}
+
+
+def _promote_loop(loop: N.Stmt, params, names):
+    if not _promotable_loop(loop, params):
         return loop
     candidates = []
     for ref, uses in _accesses(loop.body).items():
-        kinds = {k for k, _, _ in uses}
         index = uses[0][1]
-        if ("read" in kinds and kinds & {"store", "add"} and kinds <= {"read", "store", "add"}
-                and all(u[1] == index for u in uses) and _owned(index, loop.vars, params)):
+        if _read_and_written({k for k, _, _ in uses}) and all(u[1] == index for u in uses) \
+                and _owned(index, loop.vars, params):
             candidates.append((ref, index))
     body = loop.body
     for ref, index in candidates:  # each rewrite rebuilds statements: find the uses again
