@@ -286,10 +286,18 @@ class Reverse:
         used = used_names(iteration)
         prologue = []
         if any(c in used for c in carried):
-            if self.worth_checkpoints(trips):
-                prologue, restore = self.checkpoints(s, info, var, lo, hi)
-            else:
-                restore = self.restore(s, info, var, lo)
+            if isinstance(trips, N.Const):
+                if self.worth_checkpoints(trips):
+                    prologue, restore = self.checkpoints(s, info, var, lo, hi)
+                else:
+                    restore = self.restore(s, info, var, lo)
+            else:  # decided at run time: a short loop is cheaper to recompute from its entry
+                prologue, long_restore = self.checkpoints(s, info, var, lo, hi)
+                is_long = B.call("gt", trips, B.const(2 * CHECKPOINTS, "i32"))
+                tag = dict(src=s.src, tag="checkpoint")
+                prologue = [N.If(is_long, tuple(prologue), (), **tag)]
+                short_restore = self.own_names(self.restore(s, info, var, lo), info)
+                restore = [N.If(is_long, tuple(long_restore), short_restore, **tag)]
             iteration = restore + iteration
             used.add(var)
         # Kill the body's own primal values at the start of each backward iteration: they are
@@ -328,7 +336,8 @@ class Reverse:
         copy of a loop body keeps each name assigned once, so the tidy passes can coalesce
         `s_2 = s_1 + e; s_1 = s_2` in each copy."""
         carried = {c for c, _, _ in info.carried}
-        fresh = {n: self.names.fresh(n) for n in sorted(assigned_names(body)) if n not in carried}
+        values = {t.name for t in iter_stmts(body) if isinstance(t, N.Assign)}
+        fresh = {n: self.names.fresh(n) for n in sorted(values - carried)}
 
         def read(e):
             return map_expr(e, lambda x: B.var(fresh[x.name], x.dtype) if isinstance(x, N.Var) and x.name in fresh
@@ -338,8 +347,6 @@ class Reverse:
             t = map_stmt_exprs(t, read)
             if isinstance(t, N.Assign) and t.name in fresh:
                 return dataclasses.replace(t, name=fresh[t.name])
-            if isinstance(t, N.For):
-                return dataclasses.replace(t, vars=tuple(fresh.get(v, v) for v in t.vars))
             return t
         return map_stmts(body, rename)
 
@@ -350,8 +357,9 @@ class Reverse:
 
     @staticmethod
     def worth_checkpoints(trips):
-        """Checkpoints pay off unless the loop is known to be short."""
-        return not isinstance(trips, N.Const) or trips.value > 2 * CHECKPOINTS
+        """Checkpoints pay off for a loop of more than 2 x CHECKPOINTS trips (a constant here;
+        back_loop decides at run time where the trip count is not)."""
+        return trips.value > 2 * CHECKPOINTS
 
     def checkpoints(self, s, info, var, lo, hi):
         """(prologue, restore) for a long loop, with two levels of checkpoints held in locals.
