@@ -176,9 +176,8 @@ class Lowerer:
             x = self.scalar(x, node)
         return fn(self.scalar(x, node))
 
-    def integer_op(self, op, *args_and_node):
+    def integer_op(self, op, args, node):
         """A bitwise op: integers only, as in Taichi (floats have no bits to operate on here)."""
-        *args, node = args_and_node
         if any(is_float(a.dtype) for a in args):
             raise self.error(node, "bitwise operator on a floating-point value", "cast to an integer type first")
         return B.call(op, *args)
@@ -203,7 +202,7 @@ class Lowerer:
         return self.call_op(op, self.scalar(a, node), self.scalar(b, node), node)
 
     def call_op(self, op, a, b, node):
-        return self.integer_op(op, a, b, node) if op in BITWISE else B.call(op, a, b)
+        return self.integer_op(op, (a, b), node) if op in BITWISE else B.call(op, a, b)
 
     def select(self, c, a, b, node):
         if isinstance(c, (int, float, bool)):
@@ -387,8 +386,8 @@ class Lowerer:
                 parts = [self.materialize(p, "tmp", node) if isinstance(p, (N.Expr, Vec)) else p for p in parts]
             for t, p in zip(target.elts, parts):
                 self.assign(t, p, node)
-        elif self.field_target(target) is not None:
-            self.store(self.field_target(target), value, node)
+        elif (element := self.field_target(target)) is not None:
+            self.store(element, value, node)
         elif isinstance(target, ast.Subscript):
             base = self.expr(target.value)
             if is_field(base):
@@ -472,8 +471,8 @@ class Lowerer:
                 e = B.neg(e) if op == "sub" else e
                 self.emit(N.Atomic("add", reduction_field(self, n, d), (), B.cast(e, d), src=self.loc(node)))
             return
-        if self.field_target(t) is not None:
-            t = self.field_target(t)
+        if (element := self.field_target(t)) is not None:
+            t = element
             if op in ("bit_and", "bit_or", "bit_xor"):
                 raise self.error(node, f"'{SYMBOLS[op]}=' on a field is an atomic {op[4:]} in Taichi, "
                                        "which kerndiff does not generate", "compute the bits in a local and store them")
@@ -773,7 +772,7 @@ class Lowerer:
             return v
         if isinstance(node.op, ast.Not):
             return B.call("not", self.truth(v, node))
-        return self.elementwise(lambda e: self.integer_op("bit_not", e, node), v, node)
+        return self.elementwise(lambda e: self.integer_op("bit_not", (e,), node), v, node)
 
     def expr_Compare(self, node):
         left = self.expr(node.left)
