@@ -141,14 +141,16 @@ class Emitter:
         return f"{self.field(ref)}[{idx}]{comp}"
 
     # ---------------------------------------------------------- statements
-    def block(self, stmts, indent, path):
+    def block(self, stmts, indent, path, enclosing=None):
+        """stmts at `indent`; `enclosing`: the comment already written for the statement that
+        holds this block, which its first statements need not repeat."""
         pad = "    " * indent
         decls = self.decls.get(path, ())
         for name, dtype in decls:
             zero = "0.0" if is_float(dtype) else "0"
             self.lines.append(f"{pad}{name} = ti.{dtype}({zero})")
         notes = _run_notes(stmts)
-        last_note = None
+        last_note = enclosing
         for i, s in enumerate(stmts):
             note = notes[i]
             if note and note != last_note:
@@ -176,7 +178,7 @@ class Emitter:
                 out(f"{pad}ti.atomic_{s.op}({target}, {self.expr(s.value)})")
         elif isinstance(s, N.If):
             out(f"{pad}if {self.expr(s.cond)}:")
-            self.block(s.then, indent + 1, path + ((i, 0),))
+            self.block(s.then, indent + 1, path + ((i, 0),), _note(s))
             orelse, else_path = s.orelse, path + ((i, 1),)
             while len(orelse) == 1 and isinstance(orelse[0], N.If) and not self.decls.get(else_path):
                 inner = orelse[0]
@@ -185,15 +187,15 @@ class Emitter:
                 orelse, else_path = inner.orelse, else_path + ((0, 1),)
             if orelse:
                 out(f"{pad}else:")
-                self.block(orelse, indent + 1, else_path)
+                self.block(orelse, indent + 1, else_path, _note(s))
         elif isinstance(s, N.For):
             if s.serialize:
                 out(f"{pad}ti.loop_config(serialize=True)")
             out(f"{pad}for {', '.join(s.vars)} in {self.iter(s)}:")
-            self.block(s.body, indent + 1, path + ((i, 0),))
+            self.block(s.body, indent + 1, path + ((i, 0),), _note(s))
         elif isinstance(s, N.While):
             out(f"{pad}while {self.expr(s.cond)}:")
-            self.block(s.body, indent + 1, path + ((i, 0),))
+            self.block(s.body, indent + 1, path + ((i, 0),), _note(s))
         elif isinstance(s, N.Break):
             out(f"{pad}break")
         elif isinstance(s, N.Continue):
