@@ -49,7 +49,19 @@ def kernels(runtime):
                 s = s * 0.7 + u * 0.2
             y[i] = s
 
-    return {k.__name__: k for k in (two_carried, long_while, nested)}
+    @kd.kernel
+    def with_jumps(steps: ti.i32):
+        for i in x:
+            v = x[i]
+            for j in range(steps):
+                if j % 5 == 2:
+                    continue
+                v = ti.cos(v) * 0.5 + x[i] * 0.6
+                if v > 0.99:  # leaves early for some elements
+                    break
+            y[i] = v
+
+    return {k.__name__: k for k in (two_carried, long_while, nested, with_jumps)}
 
 
 @pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
@@ -82,3 +94,9 @@ def test_short_constant_loops_keep_plain_recomputation(runtime):
     short, long = loop_of(32), loop_of(33)
     assert "_ck" not in short.reverse.source
     assert "checkpoints of: for j in range(trips):" in long.reverse.source
+
+
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("steps", [20, 200])
+def test_break_and_continue_in_long_loops(kernels, steps, prefix, mode):
+    check_path(kernels["with_jumps"], prefix, mode, args=(steps,), rtol=1e-6, atol=1e-8)
