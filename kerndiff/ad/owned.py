@@ -49,7 +49,7 @@ def checked_for_reverse(ir: N.KernelIR, inputs_restored=False) -> N.KernelIR:
         promoted = promote_owned_elements(ir)
         if promoted is ir:
             raise
-    restorable = restorable_fields(ir)
+    restorable = _restorable(ir)  # the kernel is refused as written: no need to check again
     if inputs_restored:
         check_overwrites(promoted, frozenset(id(f) for f in restorable))
         return promoted
@@ -82,7 +82,11 @@ def restorable_fields(ir: N.KernelIR):
         check_overwrites(ir)
         return []
     except KernDiffError:
-        pass
+        return _restorable(ir)
+
+
+def _restorable(ir: N.KernelIR):
+    """restorable_fields of a kernel already known to be refused as written."""
     params = {p.name for p in ir.params}
     where = {}  # id(field) -> (field, {top-level positions}, {index tuples}, {kinds})
     for pos, s in enumerate(ir.body):
