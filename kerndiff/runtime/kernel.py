@@ -95,16 +95,21 @@ class Kernel:
             for p in sig.parameters.values():
                 ann = p.annotation
                 if ann is inspect.Parameter.empty:
-                    raise KernDiffError(f"parameter '{p.name}' of kernel {self.__name__} has no type annotation",
-                                        remedy="annotate it with ti.f32 / ti.f64 / ti.i32 / ti.template()")
+                    raise self._parameter_error(p.name, f"parameter '{p.name}' of kernel {self.__name__} has no "
+                                                        "type annotation",
+                                                "annotate it with ti.f32 / ti.f64 / ti.i32 / ti.template()")
                 if _is_template(ann):
                     params.append((p.name, "template"))
                 else:
                     try:
                         params.append((p.name, from_taichi(ann)))
                     except (KeyError, TypeError):
-                        raise KernDiffError(f"unsupported annotation {ann!r} of parameter '{p.name}'",
-                                            remedy="use ti.f32, ti.f64, ti.i32, float, int or ti.template()")
+                        ndarray = type(ann).__name__ == "NdarrayType"
+                        raise self._parameter_error(
+                            p.name, f"unsupported annotation {ann!r} of parameter '{p.name}'"
+                                    + (": kerndiff differentiates fields, not ndarrays" if ndarray else ""),
+                            "use ti.f32, ti.f64, ti.i32, float, int or ti.template()"
+                            + (" and pass a field (fill it with f.from_numpy(array))" if ndarray else ""))
             ret = sig.return_annotation
             if ret is inspect.Signature.empty or ret is None:
                 rdt = None
@@ -114,6 +119,16 @@ class Kernel:
                 rdt = from_taichi(ret)
             self._signature = (params, rdt)
         return self._signature
+
+    def _parameter_error(self, name, reason, remedy):
+        """A KernDiffError pointing at the parameter in the kernel's `def` line."""
+        from ..frontend.source import parse_function
+        try:
+            src = parse_function(self.fn)
+        except KernDiffError:
+            return KernDiffError(reason, remedy=remedy)
+        arg = next((a for a in src.tree.args.args if a.arg == name), src.tree)
+        return src.error(arg, reason, remedy)
 
     def _bind(self, args, kwargs):
         params, rdt = self.signature()
