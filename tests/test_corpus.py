@@ -216,11 +216,28 @@ def build_corpus(dt=ti.f64):
             layer_out[i] = ti.tanh(layer_out[i])
 
     corpus["dense_layer"] = (dense_layer, ())
+
+    # --- Taichi's library: ti.math, complex helpers, inline types, a matrix decomposition ----
+    lib_out = ti.field(dt, shape=())
+    vec3 = ti.types.vector(3, dt)
+
+    @kd.kernel
+    def taichi_library():
+        for i in x:
+            z = ti.math.vec2(x[i], y[i])
+            w = ti.math.cmul(z, ti.math.cexp(z)) + ti.math.csqrt(z) + ti.math.clog(z)
+            r = ti.math.rotation2d(x[i]) @ ti.math.reflect(z, ti.math.normalize(ti.math.vec2(1.0, y[i])))
+            u, p = ti.polar_decompose(ti.types.matrix(2, 2, dt)([[x[i] + 1.0, y[i]], [0.2, 1.0 + y[i]]]))
+            v = vec3(ti.math.smoothstep(0.0, 1.2, x[i]), ti.math.mix(x[i], y[i], 0.3), ti.math.distance(z, r))
+            guard = ti.select(ti.math.isnan(v.z) or ti.math.isinf(v.z), 0.0, v.z)
+            lib_out[None] += w.x * v.x + w.y * v.y + guard + u[0, 1] * p[1, 1] + ti.math.log2(1.0 + v.x)
+
+    corpus["taichi_library"] = (taichi_library, ())
     return corpus
 
 
 CORPUS_NAMES = ["elementwise", "mass_spring", "nbody", "stencil", "matrix_energy", "branches", "recurrence",
-                "two_loops", "template_args", "return_value", "grouped", "dense_layer"]
+                "two_loops", "template_args", "return_value", "grouped", "dense_layer", "taichi_library"]
 
 
 @pytest.fixture(scope="module")

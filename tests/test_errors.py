@@ -263,8 +263,13 @@ def test_missing_annotation(f):
     def k(a):
         pass
 
-    with pytest.raises(kd.KernDiffError, match="has no type annotation"):
-        k(1.0)
+    raises(lambda: k(1.0), "has no type annotation", line_text="def k(a):")
+
+    @kd.kernel
+    def takes_ndarray(a: ti.types.ndarray()):
+        pass
+
+    raises(lambda: takes_ndarray(np.zeros(2)), "not ndarrays", "pass a field", line_text="a: ti.types.ndarray()")
 
 
 def test_vector_shape_mismatch(f):
@@ -411,6 +416,30 @@ def test_field_with_index_offset(f):
             x[i] = shifted[i - 2] ** 2
 
     raises(reads_it.reverse, "index offset", "shift the indices", line_text="x[i] = shifted[i - 2] ** 2")
+
+
+def test_asserts_checked_at_compile_time_or_dropped_like_taichi(f):
+    x, y = f["x"], f["y"]
+    n = 3
+
+    @kd.kernel
+    def wrong_size():
+        for i in x:
+            assert n == 4, "expects 4 components"
+            y[i] = x[i]
+
+    raises(wrong_size, "this assertion fails at compile time: expects 4 components", line_text="assert n == 4")
+
+    @kd.kernel
+    def runtime_assert():
+        for i in x:
+            assert x[i] > -100.0  # dropped, as Taichi does outside debug mode
+            y[i] = x[i] ** 2
+
+    x.from_numpy(np.arange(N, dtype=float))
+    runtime_assert()
+    np.testing.assert_array_equal(y.to_numpy(), np.arange(N) ** 2)
+    check(runtime_assert, "reverse", x0={x: np.linspace(0.5, 1.5, N)})
 
 
 def test_field_from_an_earlier_ti_init():

@@ -21,7 +21,8 @@ BINARY = {"add": ("+", 11), "sub": ("-", 11), "mul": ("*", 12), "div": ("/", 12)
 FUNCS = {"sin": "ti.sin", "cos": "ti.cos", "tan": "ti.tan", "asin": "ti.asin", "acos": "ti.acos",
          "atan": "ti.atan2", "exp": "ti.exp", "log": "ti.log", "sqrt": "ti.sqrt", "rsqrt": "ti.rsqrt",
          "tanh": "ti.tanh", "abs": "ti.abs", "floor": "ti.floor", "ceil": "ti.ceil", "round": "ti.round",
-         "min": "ti.min", "max": "ti.max", "atan2": "ti.atan2", "select": "ti.select"}
+         "min": "ti.min", "max": "ti.max", "atan2": "ti.atan2", "select": "ti.select",
+         "isnan": "ti.math.isnan", "isinf": "ti.math.isinf"}
 TAG_WORDS = {"tangent": "tangent of", "adjoint": "adjoint of", "recompute": "recompute",
              "hoist": "read once, before", "checkpoint": "checkpoints of"}
 

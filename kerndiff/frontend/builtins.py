@@ -94,6 +94,17 @@ def _matrix(lw, node, args, kwargs):
     return lw.cast(v, dt, node) if dt is not None else v
 
 
+def _rows_cols(by_columns):
+    """ti.Matrix.rows([v1, v2]) / ti.Matrix.cols([v1, v2]): a matrix from vectors."""
+    def handler(lw, node, args, kwargs):
+        vs = [lw.vec(v, node) for v in args[0]]
+        if any(not v.is_vector or len(v.items) != len(vs[0].items) for v in vs):
+            raise lw.error(node, "ti.Matrix.rows/cols take vectors of one length", "pass a list of such vectors")
+        m = Vec((len(vs), len(vs[0].items)), [e for v in vs for e in v.items])
+        return V.transpose(m) if by_columns else m
+    return handler
+
+
 def _fill(lw, dt, shape, value):
     from ..ir.types import from_taichi
 
@@ -153,6 +164,17 @@ def _py_sum(lw, node, args, kwargs):
     return out
 
 
+def _py_all_any(op):
+    """all(A == B) / any(v > 0) on a vector of conditions, as in Taichi: one logical chain."""
+    def handler(lw, node, args, kwargs):
+        items = args[0].items if isinstance(args[0], Vec) else list(args[0])
+        out = op == "and"
+        for e in items:
+            out = lw.logic(op, out, e, node)
+        return out
+    return handler
+
+
 def _static(lw, node, args, kwargs):
     return args[0] if len(args) == 1 else tuple(args)
 
@@ -188,6 +210,10 @@ def build_table():
     table[ti.math.normalize] = _normalize
     table[ti.math.cross] = _cross
     table[ti.math.clamp] = _clamp
+    table[ti.types.vector] = _type_constructor(ti.types.vector)  # ti.types.matrix(2, 2, ti.f32)(...) inline
+    table[ti.types.matrix] = _type_constructor(ti.types.matrix)
+    table[ti.math.isnan] = _unary("isnan")  # emitted as Taichi's own (bit tests, immune to fast math)
+    table[ti.math.isinf] = _unary("isinf")
     table[ti.math.sign] = _sign
     table[ti.static] = _static
     table[ti.zero] = _zero_like  # ti.math.refract starts from zero(x)
@@ -198,18 +224,30 @@ def build_table():
     table[ti.Vector.one] = _vec_one
     table[ti.Matrix.one] = _vec_one
     table[ti.Matrix.identity] = _identity
+    table[ti.Matrix.rows] = _rows_cols(False)
+    table[ti.Matrix.cols] = _rows_cols(True)
     table[float] = _py_float
     table[int] = _py_int
     table[abs] = _py_abs
     table[min] = _py_minmax("min", min)
     table[max] = _py_minmax("max", max)
     table[len] = _py_len
+    table[all] = _py_all_any("and")
+    table[any] = _py_all_any("or")
     table[sum] = _py_sum
     for name in dir(math):  # math.* on compile-time numbers only
         f = getattr(math, name)
         if callable(f):
             table[f] = _compile_time(f)
     return table
+
+
+def _type_constructor(fn):
+    def handler(lw, node, args, kwargs):
+        if any(isinstance(a, (B.Expr, Vec)) for a in list(args) + list(kwargs.values())):
+            raise lw.error(node, f"ti.types.{fn.__name__} takes compile-time sizes and a dtype", "pass constants")
+        return fn(*args, **kwargs)
+    return handler
 
 
 def _compile_time(fn):

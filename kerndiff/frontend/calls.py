@@ -20,6 +20,12 @@ def lower_call(lw, fn, args, kwargs, node):
 
     if isinstance(fn, Method):
         return vec_method(lw, fn, args, kwargs, node)
+    from .lower import StructMethod
+    if isinstance(fn, StructMethod):
+        return inline_function(lw, unwrap_ti_func(fn.fn), [fn.target] + list(args), kwargs, node)
+    from taichi.lang.struct import StructType
+    if isinstance(fn, StructType):
+        return struct_value(lw, fn, args, kwargs, node)
     if fn is range:
         return range_spec(lw, args, node)
     if fn is ti.ndrange:
@@ -33,9 +39,7 @@ def lower_call(lw, fn, args, kwargs, node):
     if fn is ti.static:
         v = args[0] if len(args) == 1 else tuple(args)
         if isinstance(v, RangeSpec):
-            if v.grouped or len(v.bounds) != 1 or not all(isinstance(b, int) for b in v.bounds[0]):
-                raise lw.error(node, "ti.static needs compile-time bounds", "use constants")
-            return range(v.bounds[0][0], v.bounds[0][1], v.step)
+            return static_range(lw, v, node)
         if isinstance(v, N.Const):  # Taichi math on constants, folded: ti.static(ti.log(2.0)) in ti.math.log2
             return v.value
         if isinstance(v, N.Expr):
@@ -81,6 +85,9 @@ def lower_call(lw, fn, args, kwargs, node):
         if len(flat) == 1:
             flat = flat * (fn.n * fn.m)
         return lw.cast(Vec((fn.n, fn.m), [lw.scalar(e, node) for e in flat]), fn.dtype, node)
+    decomposition = taichi_decomposition(fn)
+    if decomposition is not None:
+        return decomposition(lw, args, kwargs, node)
     if fn is ti.random:
         raise lw.error(node, "ti.random draws different numbers in the primal and in each derivative kernel, "
                              "so the derivatives would not belong to the values computed",
@@ -92,6 +99,90 @@ def lower_call(lw, fn, args, kwargs, node):
         raise lw.error(node, f"{what} cannot run inside a kerndiff kernel",
                        "use Taichi math (ti.sin, ti.exp, ...), or make it a ti.func / kd.func")
     raise lw.error(node, f"{fn!r} is not callable", "check the name")
+
+
+def struct_value(lw, stype, args, kwargs, node):
+    """Sphere(r=2.0) or Body(pos, mass) inside a kernel: a struct value, members cast to their types
+    (missing ones zero, as in Taichi)."""
+    from taichi.lang.matrix import MatrixType
+    from taichi.lang.struct import StructType
+
+    from ..ir import build as B
+    from ..ir.types import from_taichi
+    from .lower import StructValue
+
+    members = {}
+    for k, (name, dtype) in enumerate(stype.members.items()):
+        value = args[k] if k < len(args) else kwargs.get(name, 0)
+        if isinstance(dtype, StructType):
+            raise lw.error(node, "nested struct types are not supported in kerndiff kernels", "flatten the struct")
+        if isinstance(dtype, MatrixType):
+            if not isinstance(value, (Vec, list, tuple)):
+                value = [value] * (dtype.n * (dtype.m if dtype.ndim == 2 else 1))
+            shape = (dtype.n, dtype.m) if dtype.ndim == 2 else (dtype.n,)
+            items = lw.vec(value, node).items if not isinstance(value, Vec) else value.items
+            members[name] = Vec(shape, [B.cast(lw.scalar(e, node), from_taichi(dtype.dtype)) for e in items])
+        else:
+            members[name] = B.cast(lw.scalar(value, node), from_taichi(dtype))
+    return StructValue(members, stype.methods)
+
+
+def static_range(lw, spec, node):
+    """ti.static(range(...)), ti.static(ti.ndrange(3, 3)) and ti.static(ti.grouped(ti.ndrange(...))):
+    what the unrolled loop runs over (ints, tuples of ints, or constant vectors)."""
+    import itertools
+
+    from ..ir import build as B
+
+    if not all(isinstance(b, int) for bound in spec.bounds for b in bound):
+        raise lw.error(node, "ti.static needs compile-time bounds", "use constants")
+    if len(spec.bounds) == 1 and not spec.grouped:
+        return range(spec.bounds[0][0], spec.bounds[0][1], spec.step)
+    points = itertools.product(*(range(lo, hi) for lo, hi in spec.bounds))
+    if spec.grouped:
+        return [Vec((len(p),), [B.const(c, "i32") for c in p]) for p in points]
+    return list(points)
+
+
+def taichi_decomposition(fn):
+    """Taichi's matrix decompositions (ti.polar_decompose, ti.svd, ti.sym_eig, ti.eig) are Python
+    functions that pick a ti.func by the matrix's size at compile time; do the same, and inline
+    that ti.func. The 3x3 SVD (and the polar decomposition built on it) is a Taichi builtin
+    statement, not Taichi code, so it cannot be differentiated here."""
+    from taichi import _funcs as TF
+
+    by_size = {TF.polar_decompose: {2: TF._polar_decompose2d}, TF.svd: {2: TF._svd2d},
+               TF.sym_eig: {2: TF._sym_eig2x2}, TF.eig: {2: TF._eig2x2}}
+    why_not = {TF.polar_decompose: "Taichi computes the 3x3 one with its builtin SVD statement, which has no "
+                                   "Taichi source to differentiate",
+               TF.svd: "Taichi computes the 3x3 one with a builtin statement, which has no Taichi source to "
+                       "differentiate",
+               TF.sym_eig: "Taichi's 3x3 solver indexes its vectors with runtime indices, which kerndiff's "
+                           "scalarized kernels do not have",
+               TF.eig: "Taichi itself supports only 2x2 matrices here"}
+    try:
+        table = by_size.get(fn)
+    except TypeError:  # unhashable
+        return None
+    if table is None:
+        return None
+
+    def lower(lw, args, kwargs, node):
+        if not args or not isinstance(args[0], Vec) or len(args[0].shape) != 2:
+            raise lw.error(node, f"ti.{fn.__name__} takes a square matrix", "pass a ti.Matrix")
+        A = args[0]
+        impl = table.get(A.shape[0]) if A.shape[0] == A.shape[1] else None
+        if impl is None:
+            raise lw.error(node, f"kerndiff differentiates ti.{fn.__name__} of 2x2 matrices only (this one is "
+                                 f"{A.shape[0]}x{A.shape[1]}): {why_not[fn]}",
+                           "write the decomposition as a ti.func, or keep it out of the differentiated kernel")
+        dt = args[1] if len(args) > 1 else kwargs.get("dt")
+        if dt is None:
+            from ..ir.types import to_taichi
+            dt = to_taichi(A.dtype)
+        return inline_function(lw, unwrap_ti_func(impl), [A, dt], {}, node)
+
+    return lower
 
 
 def unwrap_ti_func(fn):
@@ -141,7 +232,7 @@ def _assigned_names(tree):
 
 def inline_function(lw, pyfn, args, kwargs, node):
     """Inline a ti.func / kd.func body at the call site; returns its return value."""
-    from .lower import Local, Lowerer
+    from .lower import Local, Lowerer, StructValue
 
     if len(_chain(lw)) > MAX_INLINE_DEPTH:
         raise lw.error(node, "functions nest too deeply (recursion?)", "kerndiff inlines functions; avoid recursion")
@@ -167,8 +258,12 @@ def inline_function(lw, pyfn, args, kwargs, node):
     templates = {p.arg for p in a.args if _is_template(p.annotation)}
     for p in names:
         v = bound[p]
-        if p in templates and not isinstance(v, (N.Expr, Vec)):
-            child.scope[p] = v  # compile-time, as in Taichi: ti.math.eye(n: template()) unrolls over n
+        if isinstance(v, StructValue):
+            child.bind_local(p, v, node)  # a copy, as Taichi passes structs by value
+        elif not isinstance(v, (N.Expr, Vec)) and (p in templates or not isinstance(v, (bool, int, float))):
+            # compile-time, as in Taichi: ti.math.eye(n: template()) unrolls over n, and a dtype
+            # passed on (Taichi's _polar_decompose2d(A, dt)) stays a dtype
+            child.scope[p] = v
         elif isinstance(v, N.Var) and p not in reassigned:
             child.scope[p] = Local([v.name], None, [v.dtype])
         elif isinstance(v, Vec) and all(isinstance(e, N.Var) for e in v.items) and p not in reassigned:

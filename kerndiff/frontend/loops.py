@@ -52,6 +52,9 @@ def lower_for(lw, node):
     it = lw.expr(node.iter)
     if isinstance(it, (range, list, tuple)) or isinstance(it, Vec):
         return _unroll(lw, node, it)
+    from taichi.lang.struct import StructField
+    while isinstance(it, StructField):  # a struct-for over a struct field: its members share its shape
+        it = it._members[0]
     if is_field(it):
         lw.check_dense(it, node.iter, getattr(node.iter, "id", "field"))
         it = field_spec(it)

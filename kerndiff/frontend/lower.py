@@ -14,6 +14,7 @@ import numbers
 import taichi as ti
 from taichi.lang.field import ScalarField
 from taichi.lang.matrix import MatrixField
+from taichi.lang.struct import StructField
 
 from ..errors import KernDiffError
 from ..ir import build as B
@@ -63,6 +64,46 @@ def index_offset(field):
     """The field's index offset (ti.field(..., offset=...)), or None when it is indexed from 0."""
     off = getattr(field.snode.ptr, "offset", None)
     return tuple(off) if off and any(off) else None
+
+
+class StructValue:
+    """One element of a struct field (ti.Struct.field, ti.dataclass), read whole: `p = P[i]`.
+    Its members are IR values; bound to a name, they are copied into locals (Taichi's value
+    semantics: a later store into P[i] does not change p)."""
+
+    __slots__ = ("members", "methods")
+
+    def __init__(self, members: dict, methods: dict):
+        self.members, self.methods = members, methods
+
+
+class StructMethod:
+    """`p.area` for a ti.dataclass method: called, it is inlined with `self` bound to p."""
+
+    __slots__ = ("fn", "target")
+
+    def __init__(self, fn, target: StructValue):
+        self.fn, self.target = fn, target
+
+
+def struct_member_access(target, evaluate):
+    """`P[i].pos` as `P.pos[i]`, recursively (`P[i].pos.x`, nested structs), for a struct field P:
+    member fields are ordinary fields, so loads, stores and derivative fields follow from them.
+    evaluate: the lowerer's expression evaluator, to tell struct fields apart. Returns the
+    rewritten ast node, or the node itself."""
+    if isinstance(target, ast.Attribute):
+        inner = struct_member_access(target.value, evaluate)
+        if isinstance(inner, ast.Subscript) and isinstance(evaluate(inner.value), StructField) \
+                and target.attr in evaluate(inner.value).keys:
+            member = ast.copy_location(ast.Attribute(value=inner.value, attr=target.attr, ctx=ast.Load()), target)
+            return ast.copy_location(ast.Subscript(value=member, slice=inner.slice, ctx=target.ctx), target)
+        return target if inner is target.value else ast.copy_location(
+            ast.Attribute(value=inner, attr=target.attr, ctx=target.ctx), target)
+    if isinstance(target, ast.Subscript):
+        inner = struct_member_access(target.value, evaluate)
+        return target if inner is target.value else ast.copy_location(
+            ast.Subscript(value=inner, slice=target.slice, ctx=target.ctx), target)
+    return target
 
 
 class Local:
@@ -258,6 +299,10 @@ class Lowerer:
         if isinstance(value, (list, tuple)) and value and all(isinstance(e, (N.Expr, int, float)) for e in value) \
                 and any(isinstance(e, N.Expr) for e in value):
             value = self.vec(value, node)
+        if isinstance(value, StructValue):
+            self.scope[name] = StructValue({k: self.materialize(v, f"{name}_{k}", node, copy=True)
+                                            for k, v in value.members.items()}, value.methods)
+            return
         if not isinstance(value, (N.Expr, Vec)) and not (isinstance(value, numbers.Number) and name in self.scope
                                                         and isinstance(self.scope[name], Local)):
             if isinstance(value, numbers.Number):
@@ -284,9 +329,10 @@ class Lowerer:
             self.emit(N.Assign(n, e, src=self.loc(node)))
         self.scope[name] = Local(names, shape, dtypes)
 
-    def materialize(self, value, hint, node):
-        """Bind a value to fresh locals (function arguments are passed by value)."""
-        if isinstance(value, N.Expr) and isinstance(value, (N.Const, N.Var)):
+    def materialize(self, value, hint, node, copy=False):
+        """Bind a value to fresh locals (function arguments are passed by value); copy: also a
+        constant or a local (a struct's members, which may be assigned to later)."""
+        if isinstance(value, N.Expr) and isinstance(value, (N.Const, N.Var)) and not copy:
             return value
         if isinstance(value, (N.Expr, Vec)):
             tmp = {}
@@ -313,6 +359,14 @@ class Lowerer:
 
     def stmt_Pass(self, node):
         pass
+
+    def stmt_Assert(self, node):
+        """A compile-time assert is checked now; a runtime one is dropped, as Taichi does outside
+        debug mode (it changes no value, so no derivative either)."""
+        cond = self.expr(node.test)
+        if not isinstance(cond, (N.Expr, Vec)) and not cond:
+            msg = f": {self.expr(node.msg)}" if node.msg is not None else ""
+            raise self.error(node, f"this assertion fails at compile time{msg}", "fix the condition or the values")
 
     def stmt_Expr(self, node):
         if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
@@ -397,6 +451,9 @@ class Lowerer:
             else:
                 raise self.error(node, "this subscript cannot be assigned to",
                                  "assign to a field element or to an element of a local vector")
+        elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
+                and isinstance(self.scope.get(target.value.id), StructValue):
+            self.assign_member(self.scope[target.value.id], target.attr, value, node)
         elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
             k = "xyzw".find(target.attr)
             if k < 0 or len(target.attr) != 1:
@@ -408,6 +465,7 @@ class Lowerer:
     def field_target(self, target):
         """A store target naming a field element or one of its components, as a Subscript store()
         takes: x[i], x[i][k], m[i][r, c], and x[i].y (as x[i][1]); else None."""
+        target = struct_member_access(target, self.expr)
         if isinstance(target, ast.Attribute) and len(target.attr) == 1 and target.attr in "xyzw" \
                 and isinstance(target.value, ast.Subscript) and is_field(self.expr(target.value.value)):
             return ast.copy_location(ast.Subscript(value=target.value, slice=ast.Constant("xyzw".index(target.attr)),
@@ -430,6 +488,21 @@ class Lowerer:
                 bound.update(local.names)
         return any(v.name in bound for p in parts for v in _vars_of(p))
 
+    def assign_member(self, struct, attr, value, node):
+        """`p.r = v` for a struct bound to a local: its members are locals of their own."""
+        old = struct.members.get(attr)
+        if old is None:
+            raise self.error(node, f"the struct has no member '{attr}'", f"use one of {list(struct.members)}")
+        if isinstance(old, Vec):
+            new = self.vec(value, node) if isinstance(value, (Vec, list, tuple)) else Vec(old.shape, [value] * len(old.items))
+            if new.shape != old.shape:
+                raise self.error(node, f"member '{attr}' has shape {old.shape}, not {new.shape}", "match the shapes")
+            pairs = zip(old.items, new.items)
+        else:
+            pairs = [(old, self.scalar(value, node))]
+        for var, e in pairs:
+            self.emit(N.Assign(var.name, B.cast(self.scalar(e, node), var.dtype), src=self.loc(node)))
+
     def assign_component(self, name, idx, value, node):
         local = self.scope.get(name)
         if not isinstance(local, Local) or local.shape is None:
@@ -446,7 +519,7 @@ class Lowerer:
 
     def static_index(self, sl, node):
         idx = self.expr(sl)
-        idx = idx if isinstance(idx, tuple) else (idx,)
+        idx = tuple(_known_int(i) for i in idx) if isinstance(idx, tuple) else (_known_int(idx),)
         if not all(isinstance(i, numbers.Integral) for i in idx):
             raise self.error(node, "vectors and matrices can only be indexed by compile-time constants here",
                              "use ti.static(range(n)) for the loop that indexes it, or a field")
@@ -667,7 +740,16 @@ class Lowerer:
     expr_List = expr_Tuple
 
     def expr_Attribute(self, node):
+        member = struct_member_access(node, self.expr)
+        if member is not node:
+            return self.expr(member)
         base = self.expr(node.value)
+        if isinstance(base, StructValue):
+            if node.attr in base.methods:
+                return StructMethod(base.methods[node.attr], base)
+            if node.attr not in base.members:
+                raise self.error(node, f"the struct has no member '{node.attr}'", f"use one of {list(base.members)}")
+            return base.members[node.attr]
         if isinstance(base, Vec):
             attr = node.attr
             if len(attr) <= 4 and all(c in "xyzw" for c in attr) and base.is_vector:
@@ -689,6 +771,11 @@ class Lowerer:
 
     def expr_Subscript(self, node):
         base = self.expr(node.value)
+        if isinstance(base, StructField):
+            def member(key):
+                attr = ast.copy_location(ast.Attribute(value=node.value, attr=key, ctx=ast.Load()), node)
+                return self.expr(ast.copy_location(ast.Subscript(value=attr, slice=node.slice, ctx=ast.Load()), node))
+            return StructValue({k: member(k) for k in base.keys}, base.struct_methods or {})
         if is_field(base):
             refs, shape = self.refs_of(base, node, self.field_name(node))
             index = self.field_index(base, node.slice, node)
@@ -701,7 +788,7 @@ class Lowerer:
             if len(idx) == 1:
                 return base.row(idx[0])
             return base.at(*idx)
-        idx = self.expr(node.slice)
+        idx = _known_int(self.expr(node.slice))
         if isinstance(idx, N.Expr):
             raise self.error(node, "this Python value cannot be indexed by a runtime value",
                              "index with a compile-time constant (ti.static)")
@@ -868,3 +955,11 @@ def lower_kernel(fn, bound_args: dict, param_dtypes: dict, return_dtype):
     aliases = tuple((fid, name) for fid, (_, name) in lw.field_aliases.items())
     return N.KernelIR(fn.__name__, tuple(params), tuple(lw.blocks[0]), tuple(returns),
                       tuple(src.lines), aliases)
+
+
+def _known_int(v):
+    """An integer constant of the IR as the Python int it is (the components of
+    ti.static(ti.grouped(...)) index Python lists and vectors, as in Taichi); anything else as is."""
+    if isinstance(v, N.Const) and isinstance(v.value, numbers.Integral):
+        return int(v.value)
+    return v

@@ -11,15 +11,16 @@ UNARY_SAME = {"neg", "abs", "floor", "ceil", "round"}
 COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
 LOGIC = {"and", "or", "not"}
 BITWISE = {"bit_and", "bit_or", "bit_xor", "shl", "shr", "bit_not"}  # integers only (the frontend checks)
+CLASSIFY = {"isnan", "isinf"}  # float -> i32 (0 or 1)
 SPECIAL = {"cast", "select"}
-OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | SPECIAL
+OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | CLASSIFY | SPECIAL
 
 COMMUTATIVE = {"add", "mul", "min", "max", "eq", "ne", "and", "or", "bit_and", "bit_or", "bit_xor"}
 
 
 def operand_dtype(op: str, dtypes: list[str]) -> str:
     """The dtype all operands are cast to before the op runs."""
-    if op in UNARY_FLOAT:
+    if op in UNARY_FLOAT or op in CLASSIFY:
         return dtypes[0] if is_float(dtypes[0]) else default_fp()
     if op in ("div", "atan2"):
         d = promote(*dtypes)
@@ -30,7 +31,7 @@ def operand_dtype(op: str, dtypes: list[str]) -> str:
 
 
 def result_dtype(op: str, operand: str) -> str:
-    if op in COMPARE or op in LOGIC:
+    if op in COMPARE or op in LOGIC or op in CLASSIFY:
         return "i32"
     return operand
 
@@ -52,7 +53,7 @@ def _py(op):
         "lt": lambda a, b: int(a < b), "le": lambda a, b: int(a <= b), "gt": lambda a, b: int(a > b),
         "ge": lambda a, b: int(a >= b), "eq": lambda a, b: int(a == b), "ne": lambda a, b: int(a != b),
         "and": lambda a, b: int(bool(a) and bool(b)), "or": lambda a, b: int(bool(a) or bool(b)),
-        "not": lambda a: int(not a),
+        "not": lambda a: int(not a), "isnan": lambda a: int(np.isnan(a)), "isinf": lambda a: int(np.isinf(a)),
         "bit_and": lambda a, b: a & b, "bit_or": lambda a, b: a | b, "bit_xor": lambda a, b: a ^ b,
         "shl": lambda a, b: a << b, "shr": lambda a, b: a >> b, "bit_not": lambda a: ~a,
     }

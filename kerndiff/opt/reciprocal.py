@@ -20,13 +20,13 @@ import dataclasses
 
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.ops import BITWISE, COMPARE, LOGIC
+from ..ir.ops import BITWISE, CLASSIFY, COMPARE, LOGIC
 from ..ir.types import is_float
 from ..ir.walk import (assigned_names, blocks_of, expr_children, expr_children_of_stmt, iter_stmts,
                        rebuild_stmt, vars_in)
 
 MIN_USES = 2  # divisions by one value (of one version) in a block before it gets a reciprocal
-DISCRETE = COMPARE | LOGIC | BITWISE | {"floor", "ceil", "round", "floordiv", "mod"}
+DISCRETE = COMPARE | LOGIC | BITWISE | CLASSIFY | {"floor", "ceil", "round", "floordiv", "mod"}
 
 
 def _discrete_vars(e, out):
