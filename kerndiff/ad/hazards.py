@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..errors import KernDiffError
 from ..ir import nodes as N
-from ..ir.walk import blocks_of, expr_children_of_stmt, iter_expr
+from ..ir.walk import blocks_of, expr_children_of_stmt, iter_expr, iter_stmts
 
 
 def _events(stmts, top=None, out=None):
@@ -29,14 +29,30 @@ def _events(stmts, top=None, out=None):
     return out
 
 
-def _affine(e, params):
-    """e as ({param: coeff}, const) if it is an integer affine form of kernel parameters, else None."""
+def launch_constants(ir: N.KernelIR):
+    """{local: value} for the locals assigned exactly once in the kernel: as index parts they
+    stand for their value (a ti.func argument `t - 1` becomes a local of the inlined body)."""
+    count, value = {}, {}
+    for s in iter_stmts(ir.body):
+        if isinstance(s, N.Assign):
+            count[s.name] = count.get(s.name, 0) + 1
+            value[s.name] = s.value
+    return {name: value[name] for name, c in count.items() if c == 1}
+
+
+def _affine(e, params, defs=None, depth=0):
+    """e as ({param: coeff}, const) if it is an integer affine form of kernel parameters (directly,
+    or through locals in `defs` assigned once from such forms), else None."""
     if isinstance(e, N.Const):
         return {}, e.value
     if isinstance(e, N.Var):
-        return ({e.name: 1}, 0) if e.name in params else None
+        if e.name in params:
+            return {e.name: 1}, 0
+        if defs and e.name in defs and depth < 16:
+            return _affine(defs[e.name], params, defs, depth + 1)
+        return None
     if isinstance(e, N.Call) and e.op in ("add", "sub"):
-        a, b = _affine(e.args[0], params), _affine(e.args[1], params)
+        a, b = _affine(e.args[0], params, defs, depth), _affine(e.args[1], params, defs, depth)
         if a is None or b is None:
             return None
         sign = 1 if e.op == "add" else -1
@@ -45,19 +61,19 @@ def _affine(e, params):
             coeffs[k] = coeffs.get(k, 0) + sign * v
         return coeffs, a[1] + sign * b[1]
     if isinstance(e, N.Call) and e.op == "mul" and isinstance(e.args[1], N.Const):
-        a = _affine(e.args[0], params)
+        a = _affine(e.args[0], params, defs, depth)
         return None if a is None else ({k: v * e.args[1].value for k, v in a[0].items()}, a[1] * e.args[1].value)
     if isinstance(e, N.Call) and e.op == "cast":
-        return _affine(e.args[0], params)
+        return _affine(e.args[0], params, defs, depth)
     return None
 
 
-def disjoint(index_a, index_b, params):
+def disjoint(index_a, index_b, params, defs=None):
     """Can two accesses never touch the same element? True when, in some dimension, both indices
     are affine in the kernel's parameters only (fixed for the whole launch) and differ by a
     nonzero constant — e.g. x[t, i] read and x[t + 1, i] written."""
     for a, b in zip(index_a, index_b):
-        fa, fb = _affine(a, params), _affine(b, params)
+        fa, fb = _affine(a, params, defs), _affine(b, params, defs)
         if fa is None or fb is None:
             continue
         keys = set(fa[0]) | set(fb[0])
@@ -69,7 +85,7 @@ def disjoint(index_a, index_b, params):
 def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
     """Refuse a kernel whose reverse pass would need a value the kernel destroyed. `exempt`: ids of
     fields the caller restores to their values from before the launch (kd.Tape, ad/owned.py)."""
-    params = {p.name for p in ir.params}
+    params, defs = {p.name for p in ir.params}, launch_constants(ir)
     ev = [e for e in _events(ir.body) if id(e[2]) not in exempt]
     reads = {}
     for pos, kind, f, s, top, index in ev:
@@ -79,7 +95,7 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
         if kind == "read" or id(f) not in reads:
             continue
         for rpos, rs, rtop, rindex in reads[id(f)]:
-            if disjoint(index, rindex, params):
+            if disjoint(index, rindex, params, defs):
                 continue
             same_stmt = rs is s
             if rpos < pos or same_stmt:
@@ -98,10 +114,10 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
 def footprints(ir: N.KernelIR):
     """Per field access: (field, 'read'|'write', index pattern) where each index dimension is an
     affine form of the kernel's parameters (evaluated per launch by `concrete`) or None (any)."""
-    params = {p.name for p in ir.params}
+    params, defs = {p.name for p in ir.params}, launch_constants(ir)
     out = []
     for pos, kind, f, s, top, index in _events(ir.body):
-        out.append((f, "read" if kind == "read" else "write", tuple(_affine(e, params) for e in index)))
+        out.append((f, "read" if kind == "read" else "write", tuple(_affine(e, params, defs) for e in index)))
     return out
 
 
