@@ -30,6 +30,53 @@ def intercept(kernel, args, kwargs):
     return ctx.launch(kernel, args, kwargs)
 
 
+class _TaichiLaunchGuard:
+    """Installed as Taichi's `runtime.target_tape` while a kd.Tape or kd.FwdMode is open: Taichi
+    reports every primal ti.kernel launch to it (that is how ti.ad.Tape records). kerndiff's own
+    generated kernels and Taichi's internal ones (fill, from_numpy) pass; a user's plain
+    ti.kernel is refused, because the context cannot see its derivative, and leaving it out would
+    make a silently wrong gradient."""
+
+    grad_checker = None  # what Taichi's field setters look for on a ti.ad.Tape
+
+    def __init__(self, context: str):
+        self.context = context
+
+    def insert(self, kernel, args):
+        fn = getattr(kernel, "func", None)
+        code = getattr(fn, "__code__", None)
+        if code is None or code.co_filename.startswith("<kerndiff"):
+            return
+        if (getattr(fn, "__module__", "") or "").startswith(("taichi", "kerndiff")):
+            return
+        from .frontend.source import parse_function
+        reason = (f"the Taichi kernel '{fn.__name__}' ran inside {self.context}, which differentiates only "
+                  "kerndiff kernels: its part of the derivative would be missing")
+        remedy = ("decorate it with @kd.kernel (kernels that compute nothing differentiable are fine), or "
+                  "launch it outside the with-block")
+        try:
+            src = parse_function(fn)
+        except KernDiffError:
+            raise KernDiffError(reason, remedy=remedy) from None
+        raise src.error(src.tree, reason, remedy)
+
+    @staticmethod
+    def install(context):
+        from taichi.lang import impl
+        runtime = impl.get_runtime()
+        if runtime.target_tape is not None:  # inside Taichi's own ti.ad.Tape: leave it be
+            return None
+        runtime.target_tape = _TaichiLaunchGuard(context)
+        return runtime.target_tape
+
+    @staticmethod
+    def remove(guard):
+        from taichi.lang import impl
+        runtime = impl.get_runtime()
+        if guard is not None and runtime.target_tape is guard:
+            runtime.target_tape = None
+
+
 def _snapshot(f):
     return f.to_numpy()
 
@@ -61,6 +108,7 @@ class Tape:
             clear_adjoints()
         if self.loss is not None:
             _zero(self.loss)
+        self.guard = _TaichiLaunchGuard.install("kd.Tape")
         _ACTIVE.append(self)
         return self
 
@@ -86,6 +134,7 @@ class Tape:
 
     def __exit__(self, exc_type, exc, tb):
         _ACTIVE.pop()
+        _TaichiLaunchGuard.remove(self.guard)
         if exc_type is not None:
             return False
         if self.loss is None:
@@ -179,6 +228,7 @@ class FwdMode:
         if self.clear_gradients:
             for f in self.loss:
                 _zero(REGISTRY.get_or_make(f, "dual", 1))
+        self.guard = _TaichiLaunchGuard.install("kd.FwdMode")
         _ACTIVE.append(self)
         return self
 
@@ -187,4 +237,5 @@ class FwdMode:
 
     def __exit__(self, exc_type, exc, tb):
         _ACTIVE.pop()
+        _TaichiLaunchGuard.remove(self.guard)
         return False

@@ -488,3 +488,36 @@ def test_time_indexed_advection_through_a_function(runtime):
         values.append(run(kernels))
     fd = (values[0] - values[1]) / (2 * eps)
     np.testing.assert_allclose(np.sum(grads[kd.kernel] * d), fd, rtol=1e-6)
+
+
+def test_plain_taichi_kernel_inside_a_tape_is_refused(runtime):
+    """kd.Tape and kd.FwdMode differentiate kerndiff kernels only; a plain ti.kernel launched inside
+    would drop its part of the derivative (x.grad stayed 0 here), so it is refused by name. Taichi's
+    own kernels behind fill/from_numpy are fine, and the guard is gone after the block."""
+    x = ti.field(ti.f64, shape=3, needs_grad=True)
+    y = ti.field(ti.f64, shape=3, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+
+    @ti.kernel
+    def square():
+        for i in x:
+            y[i] = x[i] ** 2
+
+    @kd.kernel
+    def total():
+        for i in y:
+            loss[None] += y[i]
+
+    x.from_numpy(np.array([1.0, 2.0, 3.0]))
+    for context in (lambda: kd.Tape(loss), lambda: kd.FwdMode(loss=loss, param=x, seed=[1.0, 0.0, 0.0])):
+        with pytest.raises(kd.KernDiffError, match="the Taichi kernel 'square' ran inside kd.(Tape|FwdMode)"):
+            with context():
+                square()
+                total()
+    square()  # outside: runs as usual
+    with kd.Tape(loss):
+        y.fill(0.5)
+        x.from_numpy(np.array([1.0, 2.0, 3.0]))
+        total()
+    np.testing.assert_array_equal(y.grad.to_numpy(), 1.0)
+    assert loss[None] == 1.5
