@@ -447,7 +447,7 @@ class Lowerer:
             if is_field(base):
                 self.store(target, value, node)
             elif isinstance(base, Vec) and isinstance(target.value, ast.Name):
-                self.assign_component(target.value.id, self.static_index(target.slice, node), value, node)
+                self.assign_component(target.value.id, self.index_parts(target.slice, node), value, node)
             else:
                 raise self.error(node, "this subscript cannot be assigned to",
                                  "assign to a field element or to an element of a local vector")
@@ -511,15 +511,63 @@ class Lowerer:
             for j in range(local.shape[1]):
                 self.assign_component(name, (idx[0], j), self.vec(value, node).items[j], node)
             return
+        e = self.scalar(value, node)
+        if not all(isinstance(i, numbers.Integral) for i in idx):  # v[d] = e: each component keeps or takes e
+            if len(_vars_of(e)) and set(v.name for v in _vars_of(e)) & set(local.names):
+                e = self.materialize(e, f"{name}_new", node)
+            for flat, cond in self.component_choices(idx, local.shape, node):
+                old = B.var(local.names[flat], local.dtypes[flat])
+                self.emit(N.Assign(local.names[flat], B.select(cond, B.cast(e, local.dtypes[flat]), old),
+                                   src=self.loc(node)))
+            return
         flat = idx[0] if len(idx) == 1 else idx[0] * local.shape[1] + idx[1]
         if not 0 <= flat < len(local.names):
             raise self.error(node, f"index {idx} is out of range for shape {local.shape}", "check the index")
-        e = self.scalar(value, node)
         self.emit(N.Assign(local.names[flat], B.cast(e, local.dtypes[flat]), src=self.loc(node)))
 
-    def static_index(self, sl, node):
+    def index_parts(self, sl, node):
+        """A vector/matrix subscript as a tuple of Python ints and, where only known at run time,
+        integer IR expressions."""
         idx = self.expr(sl)
         idx = tuple(_known_int(i) for i in idx) if isinstance(idx, tuple) else (_known_int(idx),)
+        for i in idx:
+            if not isinstance(i, numbers.Integral) and not (isinstance(i, N.Expr) and is_int(i.dtype)):
+                raise self.error(node, "vector and matrix indices must be integers", "index with ints")
+        return idx
+
+    def component_choices(self, idx, shape, node):
+        """[(flat position, condition)] for an index with runtime parts into a vector or matrix of
+        `shape`: Taichi indexes local vectors and field components dynamically (`for d in
+        range(3): v[d]`); kerndiff's IR is scalar, so a read selects among the components and a
+        write updates the one whose condition holds. An index out of range names no component."""
+        if len(idx) != len(shape):
+            raise self.error(node, f"{len(idx)} indices for shape {shape}", "use one index per dimension")
+        choices = []
+        for pos in (range(shape[0]) if len(shape) == 1 else
+                    [(r, c) for r in range(shape[0]) for c in range(shape[1])]):
+            pos = pos if isinstance(pos, tuple) else (pos,)
+            cond, possible = None, True
+            for want, got in zip(pos, idx):
+                if isinstance(got, numbers.Integral):
+                    possible = possible and got == want
+                else:
+                    eq = B.call("eq", got, B.const(want, got.dtype))
+                    cond = eq if cond is None else B.call("and", cond, eq)
+            if possible:
+                choices.append((pos[0] if len(pos) == 1 else pos[0] * shape[1] + pos[1], cond))
+        return choices
+
+    def dynamic_read(self, base, idx, node):
+        if len(base.shape) == 2 and len(idx) == 1:  # a row: each column selects among the rows
+            return Vec((base.shape[1],), [self.dynamic_read(base, (idx[0], j), node) for j in range(base.shape[1])])
+        choices = self.component_choices(idx, base.shape, node)
+        out = base.items[choices[-1][0]]
+        for flat, cond in reversed(choices[:-1]):
+            out = B.select(cond, base.items[flat], out)
+        return out
+
+    def static_index(self, sl, node):
+        idx = self.index_parts(sl, node)
         if not all(isinstance(i, numbers.Integral) for i in idx):
             raise self.error(node, "vectors and matrices can only be indexed by compile-time constants here",
                              "use ti.static(range(n)) for the loop that indexes it, or a field")
@@ -636,13 +684,24 @@ class Lowerer:
         if not is_field(fieldv):  # x[i][0] = ... : a component of a vector field element
             inner = base_node
             if isinstance(inner, ast.Subscript) and is_field(self.expr(inner.value)):
-                comp = self.static_index(target.slice, node)
+                comp = self.index_parts(target.slice, node)
                 fieldv = self.expr(inner.value)
                 target = inner
             else:
                 raise self.error(node, "unsupported store target", "store into field[index]")
         refs, shape = self.refs_of(fieldv, node, self.field_name(target))
         index = self.field_index(fieldv, target.slice, node)
+        if shape is not None and comp is not None and not all(isinstance(c, numbers.Integral) for c in comp):
+            # x[i][d] = e, x[i][d] += e: the store (or atomic add) into the component d names
+            e = self.scalar(value, node) if not (len(shape) == 2 and len(comp) == 1) else value
+            if len(shape) == 2 and len(comp) == 1:  # m[i][r] = row
+                row = self.vec(value, node) if isinstance(value, (Vec, list, tuple)) else None
+                for j in range(shape[1]):
+                    item = row.items[j] if row is not None else value
+                    self.store_component(refs, index, (comp[0], j), shape, item, node, atomic)
+                return
+            self.store_component(refs, index, comp, shape, e, node, atomic)
+            return
         if shape is not None and comp is not None:
             flat = comp[0] if len(comp) == 1 and len(shape) == 1 else comp[0] * shape[1] + comp[1]
             refs, shape = [refs[flat]], None
@@ -661,6 +720,14 @@ class Lowerer:
                 self.emit(N.Atomic(atomic, ref, index, e, src=self.loc(node)))
             else:
                 self.emit(N.Store(ref, index, e, src=self.loc(node)))
+
+    def store_component(self, refs, index, comp, shape, value, node, atomic):
+        e = self.materialize(self.scalar(value, node), "stored", node)
+        for flat, cond in self.component_choices(comp, shape, node):
+            ref = refs[flat]
+            stmt = (N.Atomic(atomic, ref, index, B.cast(e, ref.dtype), src=self.loc(node)) if atomic
+                    else N.Store(ref, index, B.cast(e, ref.dtype), src=self.loc(node)))
+            self.emit(N.If(cond, (stmt,), src=self.loc(node)) if cond is not None else stmt)
 
     def stmt_If(self, node):
         cond = self.expr(node.test)
@@ -782,7 +849,9 @@ class Lowerer:
             loads = [B.load(r, index) for r in refs]
             return loads[0] if shape is None else Vec(shape, loads)
         if isinstance(base, Vec):
-            idx = self.static_index(node.slice, node)
+            idx = self.index_parts(node.slice, node)
+            if not all(isinstance(i, numbers.Integral) for i in idx):
+                return self.dynamic_read(base, idx, node)
             if base.is_vector:
                 return base.items[idx[0]]
             if len(idx) == 1:
