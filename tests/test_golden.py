@@ -138,3 +138,25 @@ def test_generated_source_does_not_depend_on_the_hash_seed():
     os.unlink(f.name)
     assert "pos_adj_0_acc" in out[0] and "pos_adj_dual_2_acc" in out[0]
     assert out[0] == out[1] == out[2]
+
+
+def test_runs_of_copies_are_written_as_one_assignment_only_when_that_means_the_same():
+    """Checkpoint shift registers (a3 = a2; a2 = a1; a1 = a0; a0 = v) become one assignment; a
+    chain in the other order (a1 = a0; a2 = a1; ...) reads what the run just set and stays as is."""
+    from kerndiff.codegen.emit import Emitter
+    from kerndiff.ir import nodes as N
+
+    def var(n):
+        return N.Var("f64", n)
+
+    def emitted(pairs):
+        em = Emitter({})
+        em.lines, em.decls = [], {}
+        em.block([N.Assign(a, var(b)) for a, b in pairs], 0, ())
+        return em.lines
+
+    assert emitted([("a3", "a2"), ("a2", "a1"), ("a1", "a0"), ("a0", "v")]) == ["a3, a2, a1, a0 = a2, a1, a0, v"]
+    assert emitted([("a0", "v"), ("a1", "v"), ("a2", "v"), ("a3", "v")]) == ["a0 = a1 = a2 = a3 = v"]
+    chain = [("a1", "a0"), ("a2", "a1"), ("a3", "a2"), ("a4", "a3")]
+    assert emitted(chain) == [f"{a} = {b}" for a, b in chain]
+    assert emitted(chain[:3]) == [f"{a} = {b}" for a, b in chain[:3]]  # short runs stay as they are

@@ -75,6 +75,41 @@ def _run_notes(stmts):
     return notes
 
 
+def _copy_runs(stmts, notes, shortest=4):
+    """{start: end} for runs of `shortest` or more consecutive plain copies (`a = b`) under one
+    comment that mean the same done at once: no copy reads a name an earlier one in the run set.
+    Loop reversal keeps checkpoints in shift registers of locals; one line per shift step would
+    bury the kernel, so such a run is written as one assignment."""
+    runs, i = {}, 0
+    while i < len(stmts):
+        j, assigned = i, set()
+        while (j < len(stmts) and isinstance(stmts[j], N.Assign) and isinstance(stmts[j].value, N.Var)
+               and notes[j] == notes[i] and stmts[j].name not in assigned and stmts[j].value.name not in assigned):
+            assigned.add(stmts[j].name)
+            j += 1
+        if j - i >= shortest:
+            runs[i] = j
+        i = max(j, i + 1)
+    return runs
+
+
+def _wrapped(pad, items, sep, width=100, cont=None):
+    """items joined by sep, in lines of about `width` characters continued with backslashes (the
+    continuation lines at `cont`, by default indented once more than `pad`)."""
+    cont = pad + "    " if cont is None else cont
+    lines, cur = [], ""
+    for k, item in enumerate(items):
+        piece = item + (sep if k < len(items) - 1 else "")
+        if cur and len(pad) + len(cur) + len(piece.rstrip()) > width:
+            lines.append(cur.rstrip())
+            cur = ""
+        cur += piece
+    lines.append(cur.rstrip())
+    more = " \\"
+    return [(pad if k == 0 else cont) + line + (more if k < len(lines) - 1 else "")
+            for k, line in enumerate(lines)]
+
+
 class Emitter:
     def __init__(self, field_names: dict):
         self.field_names = field_names  # id(taichi field) -> global name in generated module
@@ -147,19 +182,47 @@ class Emitter:
         holds this block, which its first statements need not repeat."""
         pad = "    " * indent
         decls = self.decls.get(path, ())
+        by_dtype = {}
         for name, dtype in decls:
-            zero = "0.0" if is_float(dtype) else "0"
-            self.lines.append(f"{pad}{name} = ti.{dtype}({zero})")
+            by_dtype.setdefault(dtype, []).append(name)
+        for dtype, names in by_dtype.items():  # locals a branch assigns and code after it reads
+            zero = f"ti.{dtype}({'0.0' if is_float(dtype) else '0'})"
+            if len(names) < 4:
+                self.lines.extend(f"{pad}{name} = {zero}" for name in names)
+            else:
+                self.lines.extend(_wrapped(pad, names + [zero], " = "))
         notes = _run_notes(stmts)
-        last_note = enclosing
+        runs = _copy_runs(stmts, notes)
+        last_note, skip_to = enclosing, 0
         for i, s in enumerate(stmts):
+            if i < skip_to:
+                continue
             note = notes[i]
             if note and note != last_note:
                 self.lines.append(f"{pad}# {note}")
                 last_note = note
+            if i in runs:
+                self.copies(stmts[i:runs[i]], pad)
+                skip_to = runs[i]
+                continue
             self.stmt(s, indent, path, i)
         if not stmts and not decls:
             self.lines.append(f"{pad}pass")
+
+    def copies(self, run, pad):
+        """A run of copies done at once: `a = b = c = v` when all copy one value, else
+        `a, b, c = b, c, v` (Taichi evaluates the right side first, as Python does)."""
+        sources = {s.value.name for s in run}
+        if len(sources) == 1:
+            self.lines.extend(_wrapped(pad, [s.name for s in run] + [run[0].value.name], " = "))
+            return
+        line = f"{pad}{', '.join(s.name for s in run)} = {', '.join(s.value.name for s in run)}"
+        if len(line) <= 100:
+            self.lines.append(line)
+            return
+        targets = _wrapped(pad, [s.name for s in run], ", ")
+        values = _wrapped(pad + "    ", [s.value.name for s in run], ", ", cont=pad + "    ")
+        self.lines.extend(targets[:-1] + [targets[-1] + " = \\"] + values)
 
     def stmt(self, s, indent, path, i):
         pad = "    " * indent
