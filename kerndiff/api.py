@@ -17,8 +17,15 @@ __all__ = ["kernel", "func", "dual", "adjoint", "forward", "reverse", "backward"
 def _check_field(f, what):
     from .frontend.lower import is_field
     if not is_field(f):
-        raise KernDiffError(f"{what} takes a Taichi field, got {type(f).__name__}",
-                            remedy="pass a field made with ti.field / ti.Vector.field / ti.Matrix.field")
+        raise not_a_field(f, f"{what} takes a Taichi field")
+
+
+def not_a_field(f, reason):
+    """The error for a value where a field is needed; a struct field's members are the fields."""
+    members = getattr(f, "keys", None) if type(f).__name__ == "StructField" else None
+    remedy = (f"pass its members, which are fields: {', '.join('.' + k for k in members)}" if members
+              else "pass a field made with ti.field / ti.Vector.field / ti.Matrix.field")
+    return KernDiffError(f"{reason}, got {type(f).__name__}", remedy=remedy)
 
 
 def dual(f, level: int = 1):

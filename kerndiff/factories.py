@@ -51,8 +51,8 @@ class _Factory:
         inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         for f in inputs + [output]:
             if not is_field(f):
-                raise KernDiffError(f"inputs and output must be Taichi fields, got {type(f).__name__}",
-                                    remedy="pass fields made with ti.field / ti.Vector.field")
+                from .api import not_a_field
+                raise not_a_field(f, "inputs and output must be Taichi fields")
         for f in inputs:
             if not is_float(from_taichi(f.dtype)):
                 raise KernDiffError(f"input field of dtype {f.dtype} is not a float field; it has no derivative",

@@ -207,7 +207,9 @@ class FwdMode:
     def __enter__(self):
         if _ACTIVE:
             raise KernDiffError("kd.Tape / kd.FwdMode cannot be nested", remedy="finish the outer context first")
+        from .api import _check_field
         from .factories import field_shape
+        _check_field(self.param, "kd.FwdMode's param")
         dual = REGISTRY.get_or_make(self.param, "dual", 1)
         shape = field_shape(self.param)
         if self.seed is None:

@@ -43,6 +43,9 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
                seed=0):
     """Compare reverse mode, forward mode and central finite differences; return the max error."""
     inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    from .api import _check_field
+    for f in inputs + [output]:
+        _check_field(f, "kd.check_grad")
     eps, rtol, atol = _defaults(inputs, output, eps, rtol, atol)
     rng = np.random.default_rng(seed)
     kept = [(f, f.to_numpy()) for f in _touched_fields(kernel, inputs, output, args)]

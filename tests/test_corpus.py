@@ -228,7 +228,8 @@ def build_corpus(dt=ti.f64):
             w = ti.math.cmul(z, ti.math.cexp(z)) + ti.math.csqrt(z) + ti.math.clog(z)
             r = ti.math.rotation2d(x[i]) @ ti.math.reflect(z, ti.math.normalize(ti.math.vec2(1.0, y[i])))
             u, p = ti.polar_decompose(ti.types.matrix(2, 2, dt)([[x[i] + 1.0, y[i]], [0.2, 1.0 + y[i]]]))
-            v = vec3(ti.math.smoothstep(0.0, 1.2, x[i]), ti.math.mix(x[i], y[i], 0.3), ti.math.distance(z, r))
+            v = vec3(ti.math.smoothstep(0.0, 1.2, x[i]), ti.math.mix(x[i], y[i], 0.3), ti.math.distance(z, r)) \
+                + ti.Vector.unit(3, 1, dt) * x[i] ** 2
             guard = ti.select(ti.math.isnan(v.z) or ti.math.isinf(v.z), 0.0, v.z)
             lib_out[None] += w.x * v.x + w.y * v.y + guard + u[0, 1] * p[1, 1] + ti.math.log2(1.0 + v.x)
 

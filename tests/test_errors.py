@@ -222,16 +222,16 @@ def test_iteration_that_can_end_early_is_refused(runtime):
     raises(early.reverse, "overwrites a field it read", line_text="y[i] = ti.sin(y[i])")
 
 
-def test_dynamic_index_into_local_vector(f):
-    v, n = f["v"], f["n"]
+def test_float_index_into_local_vector(f):
+    v, x = f["v"], f["x"]
 
     @kd.kernel
     def k():
         for i in v:
             p = v[i]
-            v[i][0] = p[n[i]]
+            v[i][0] = p[x[i]]
 
-    raises(k, "indexed by compile-time constants", "ti.static")
+    raises(k, "vector and matrix indices must be integers", line_text="v[i][0] = p[x[i]]")
 
 
 def test_assigning_outer_local_in_parallel_loop(f):
@@ -440,6 +440,22 @@ def test_asserts_checked_at_compile_time_or_dropped_like_taichi(f):
     runtime_assert()
     np.testing.assert_array_equal(y.to_numpy(), np.arange(N) ** 2)
     check(runtime_assert, "reverse", x0={x: np.linspace(0.5, 1.5, N)})
+
+
+def test_struct_field_passed_where_a_field_is_needed_names_its_members(f):
+    P = ti.Struct.field({"a": ti.f64, "b": ti.math.vec2}, shape=2, needs_grad=True)
+    out = f["s"]
+
+    @kd.kernel
+    def k():
+        for i in P:
+            out[None] += P[i].a * P[i].b.norm()
+
+    for call in (lambda: kd.check_grad(k, [P], out), lambda: kd.adjoint(P),
+                 lambda: kd.backward(k, inputs=[P], output=out), lambda: kd.FwdMode(loss=out, param=P).__enter__()):
+        with pytest.raises(kd.KernDiffError, match="got StructField") as info:
+            call()
+        assert "pass its members, which are fields: .a, .b" in str(info.value)
 
 
 def test_field_from_an_earlier_ti_init():

@@ -123,6 +123,18 @@ def _vec_one(lw, node, args, kwargs):
     return _fill(lw, args[0], tuple(args[1:]), 1)
 
 
+def _vec_unit(lw, node, args, kwargs):
+    """ti.Vector.unit(n, i, dt=None): the i-th unit vector (n and i compile-time, as in Taichi)."""
+    from ..ir.types import default_fp, from_taichi
+
+    n, i = args[0], args[1]
+    dt = args[2] if len(args) > 2 else kwargs.get("dt")
+    if not isinstance(n, int) or not isinstance(i, int):
+        raise lw.error(node, "ti.Vector.unit takes compile-time n and i", "pass constants (ti.static loop indices)")
+    d = from_taichi(dt) if dt is not None else default_fp()
+    return Vec((n,), [B.const(1 if k == i else 0, d) for k in range(n)])
+
+
 def _identity(lw, node, args, kwargs):
     from ..ir.types import from_taichi
 
@@ -224,6 +236,7 @@ def build_table():
     table[ti.Vector.one] = _vec_one
     table[ti.Matrix.one] = _vec_one
     table[ti.Matrix.identity] = _identity
+    table[ti.Vector.unit] = _vec_unit
     table[ti.Matrix.rows] = _rows_cols(False)
     table[ti.Matrix.cols] = _rows_cols(True)
     table[float] = _py_float
