@@ -25,8 +25,10 @@ def base_ir(kernel, templates):
 def transform(ir, step, level):
     from .ad.forward import forward_kernel
     from .ad.reverse import reverse_kernel
+    from .ir.nodes import without_prints
     from .opt import optimize
 
+    ir = dataclasses.replace(ir, body=without_prints(ir.body))
     if step == "forward":
         return optimize(forward_kernel(ir, level))
     # "reverse_from_inputs": kd.Tape's variant for kernels that update fields in place

@@ -264,6 +264,16 @@ class Emitter:
             out(f"{pad}break")
         elif isinstance(s, N.Continue):
             out(f"{pad}continue")
+        elif isinstance(s, N.Print):
+            parts = []
+            for a in s.args:
+                if isinstance(a, str):
+                    parts.append(repr(a))
+                elif isinstance(a, tuple):
+                    parts.append('f"[' + ", ".join("{" + self.expr(e) + "}" for e in a) + ']"')
+                else:
+                    parts.append(self.expr(a))
+            out(f"{pad}print({', '.join(parts)})")
         elif isinstance(s, N.Return):
             out(f"{pad}return {', '.join(self.expr(v) for v in s.values)}")
         else:

@@ -360,6 +360,25 @@ class Lowerer:
     def stmt_Pass(self, node):
         pass
 
+    def print_call(self, call):
+        """print(...) in the primal kernel; derivative kernels leave it out (see N.Print)."""
+        if call.keywords:
+            raise self.error(call, "print's keyword arguments are not supported", "print the values only")
+        args = []
+        for a in call.args:
+            if isinstance(a, ast.JoinedStr):
+                raise self.error(a, "f-strings in print are not supported", "pass the values as arguments")
+            v = self.expr(a)
+            if isinstance(v, str):
+                args.append(v)
+            elif isinstance(v, Vec):
+                args.append(tuple(self.scalar(e, call) for e in v.items))
+            elif isinstance(v, (N.Expr, numbers.Number)):
+                args.append(self.scalar(v, call))
+            else:
+                raise self.error(a, f"cannot print {v!r}", "print strings, numbers, vectors and matrices")
+        self.emit(N.Print(tuple(args), src=self.loc(call)))
+
     def stmt_Assert(self, node):
         """A compile-time assert is checked now; a runtime one is dropped, as Taichi does outside
         debug mode (it changes no value, so no derivative either)."""
@@ -381,8 +400,8 @@ class Lowerer:
                 self.atomic_call(fn, node.value)
                 return
             if fn is print:
-                raise self.error(node, "print inside a kerndiff kernel is not supported",
-                                 "print the fields from Python after the kernel ran")
+                self.print_call(node.value)
+                return
         self.expr(node.value)
 
     def atomic_call(self, fn, call):

@@ -140,6 +140,34 @@ class Return(Stmt):
 
 
 @dataclass(frozen=True)
+class Print(Stmt):
+    """Taichi's print, in primal kernels only (the transforms drop it: a derivative kernel would
+    print the same values again, or values of another computation). Each argument is a string,
+    an expression, or a tuple of expressions (a vector or matrix, printed as a list)."""
+
+    args: Tuple[Any, ...]
+
+    def exprs(self):
+        for a in self.args:
+            if isinstance(a, Expr):
+                yield a
+            elif isinstance(a, tuple):
+                yield from a
+
+
+def without_prints(stmts):
+    """stmts with every Print removed, nested blocks included."""
+    from .walk import blocks_of, rebuild_stmt
+    out = []
+    for s in stmts:
+        if isinstance(s, Print):
+            continue
+        blocks = blocks_of(s)
+        out.append(rebuild_stmt(s, [without_prints(b) for b in blocks]) if blocks else s)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class Param:
     name: str
     dtype: str

@@ -41,6 +41,8 @@ def expr_children_of_stmt(s):
         return tuple(b for pair in s.bounds for b in pair)
     if isinstance(s, N.Return):
         return tuple(s.values)
+    if isinstance(s, N.Print):
+        return tuple(s.exprs())
     return ()
 
 
@@ -146,6 +148,10 @@ def map_stmt_exprs(s, fn):
         return dataclasses.replace(s, bounds=tuple((fn(a), fn(b)) for a, b in s.bounds))
     if isinstance(s, N.Return):
         return dataclasses.replace(s, values=tuple(fn(v) for v in s.values))
+    if isinstance(s, N.Print):
+        return dataclasses.replace(s, args=tuple(fn(a) if isinstance(a, N.Expr) else
+                                                 tuple(fn(e) for e in a) if isinstance(a, tuple) else a
+                                                 for a in s.args))
     return s
 
 

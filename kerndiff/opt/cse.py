@@ -187,6 +187,9 @@ class CSE:
             return dataclasses.replace(s, bounds=tuple((rewrite(a), rewrite(b)) for a, b in s.bounds))
         if isinstance(s, N.Return):
             return dataclasses.replace(s, values=tuple(rewrite(v) for v in s.values))
+        if isinstance(s, N.Print):
+            from ..ir.walk import map_stmt_exprs
+            return map_stmt_exprs(s, rewrite)
         return s  # While conditions are re-evaluated each trip: leave them alone
 
 

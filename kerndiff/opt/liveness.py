@@ -41,7 +41,7 @@ class Sweep:
                 return None, live
             live = (live - {s.name}) | _uses(s)
             return s, live
-        if isinstance(s, (N.Store, N.Atomic, N.Return)):
+        if isinstance(s, (N.Store, N.Atomic, N.Return, N.Print)):
             return s, live | _uses(s)
         if isinstance(s, N.Break):
             return s, live | self.loops[-1][0] if self.loops else live

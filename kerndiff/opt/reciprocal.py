@@ -59,8 +59,8 @@ def exact_names(body, is_derivative) -> set:
             exact.update(v.name for v in vars_in(s.cond))
         elif isinstance(s, N.For):
             exact.update(v.name for e in expr_children_of_stmt(s) for v in vars_in(e))
-        elif isinstance(s, N.Return):
-            exact.update(v.name for e in s.values for v in vars_in(e))
+        elif isinstance(s, (N.Return, N.Print)):
+            exact.update(v.name for e in expr_children_of_stmt(s) for v in vars_in(e))
         elif isinstance(s, (N.Store, N.Atomic)):
             exact.update(v.name for i in s.index for v in vars_in(i))
             if not is_derivative(s.ref.field) or isinstance(s, N.Atomic) and s.op != "add":
