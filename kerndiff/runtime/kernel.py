@@ -30,11 +30,13 @@ _SERIAL = itertools.count()
 
 
 class Kernel:
-    def __init__(self, fn, path=(), root=None):
+    def __init__(self, fn, path=(), root=None, bound=None):
         self.uid = next(_SERIAL)  # cache keys use this, never id(): ids of dead kernels are reused
         self.fn = fn
         self.path = tuple(path)
         self.root = root or self
+        self.bound = bound  # the instance, for a method of a @ti.data_oriented class
+        self._bound_copies = {}
         self._children = {}
         self.__name__ = getattr(fn, "__name__", "kernel")
         self.__doc__ = getattr(fn, "__doc__", None)
@@ -45,8 +47,23 @@ class Kernel:
     def _child(self, step):
         k = self._children.get(step)
         if k is None:
-            k = Kernel(self.fn, self.path + (step,), self.root)
+            k = Kernel(self.fn, self.path + (step,), self.root, self.bound)
             self._children[step] = k
+        return k
+
+    def __get__(self, instance, owner=None):
+        """`sim.step` for a kernel defined in a (@ti.data_oriented) class: a kernel bound to sim,
+        which is passed as its `self` (a compile-time argument, like a ti.template())."""
+        if instance is None or self.bound is not None or self.path:
+            return self
+        # kept on the instance (its compiled kernels live as long as it does), else here
+        store = getattr(instance, "__dict__", None)
+        store = store if store is not None else self._bound_copies
+        key = f"_kerndiff_{self.uid}" if store is not self._bound_copies else id(instance)
+        k = store.get(key)
+        if k is None or k.bound is not instance:
+            k = Kernel(self.fn, bound=instance)
+            store[key] = k
         return k
 
     @property
@@ -92,8 +109,11 @@ class Kernel:
         if self._signature is None:
             sig = inspect.signature(self.fn, eval_str=True)  # also under `from __future__ import annotations`
             params = []
-            for p in sig.parameters.values():
+            for k, p in enumerate(sig.parameters.values()):
                 ann = p.annotation
+                if k == 0 and p.name == "self" and ann is inspect.Parameter.empty:
+                    params.append((p.name, "template"))  # a method: the instance, at compile time
+                    continue
                 if ann is inspect.Parameter.empty:
                     raise self._parameter_error(p.name, f"parameter '{p.name}' of kernel {self.__name__} has no "
                                                         "type annotation",
@@ -131,6 +151,8 @@ class Kernel:
         return src.error(arg, reason, remedy)
 
     def _bind(self, args, kwargs):
+        if self.bound is not None:
+            args = (self.bound,) + tuple(args)
         params, rdt = self.signature()
         names = [p for p, _ in params]
         if len(args) > len(names):
