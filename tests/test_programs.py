@@ -341,7 +341,7 @@ def test_check_grad_leaves_every_field_as_it_found_it(runtime):
 
 def test_tape_through_an_mpm_step(runtime):
     """A DiffTaichi-style MLS-MPM step: particle-to-grid scatter with quadratic B-spline weights (a
-    Python list of vectors, ti.static(ti.ndrange(3, 3))), a fixed-corotated stress through
+    Python list of vectors returned by a ti.func, ti.static(ti.ndrange(3, 3))), a fixed-corotated stress through
     ti.polar_decompose, grid momentum normalized in place, grid-to-particle gather. The Tape's
     gradient of a loss on the moved particles, with respect to their positions and affine
     velocities, against f64 finite differences."""
@@ -356,12 +356,16 @@ def test_tape_through_an_mpm_step(runtime):
     x_new = ti.Vector.field(2, ti.f64, shape=n_p, needs_grad=True)
     loss = ti.field(ti.f64, shape=(), needs_grad=True)
 
+    @ti.func
+    def stencil(xp):  # the 3x3 grid nodes around a particle and their B-spline weights
+        base = ti.cast(xp / dx - 0.5, ti.i32)
+        fx = xp / dx - ti.cast(base, ti.f64)
+        return base, fx, [0.5 * (1.5 - fx) ** 2, 0.75 - (fx - 1) ** 2, 0.5 * (fx - 0.5) ** 2]
+
     @kd.kernel
     def p2g():
         for p in range(n_p):
-            base = ti.cast(x[p] / dx - 0.5, ti.i32)
-            fx = x[p] / dx - ti.cast(base, ti.f64)
-            w = [0.5 * (1.5 - fx) ** 2, 0.75 - (fx - 1) ** 2, 0.5 * (fx - 0.5) ** 2]
+            base, fx, w = stencil(x[p])
             new_F = (ti.Matrix.identity(ti.f64, 2) + dt * C[p]) @ F[p]
             J = new_F.determinant()
             r, _ = ti.polar_decompose(new_F)
@@ -382,9 +386,7 @@ def test_tape_through_an_mpm_step(runtime):
     @kd.kernel
     def g2p():
         for p in range(n_p):
-            base = ti.cast(x[p] / dx - 0.5, ti.i32)
-            fx = x[p] / dx - ti.cast(base, ti.f64)
-            w = [0.5 * (1.5 - fx) ** 2, 0.75 - (fx - 1.0) ** 2, 0.5 * (fx - 0.5) ** 2]
+            base, _, w = stencil(x[p])
             new_v = ti.Vector([0.0, 0.0])
             for I in ti.static(ti.grouped(ti.ndrange(3, 3))):
                 new_v += w[I[0]][0] * w[I[1]][1] * grid_v[base + I]

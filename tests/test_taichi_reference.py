@@ -253,17 +253,20 @@ def test_struct_fields_match_taichi_grad(runtime):
         state.work.fill(0)
         loss[None] = 0
 
-    tk, kk = both(step)
-    grads = []
-    for k in (tk, kk):
-        reset()
-        with (ti.ad.Tape if k is tk else kd.Tape)(loss):
-            k()
-        grads.append((bodies.pos.grad.to_numpy(), bodies.mass.grad.to_numpy(), state.vel.grad.to_numpy(),
-                      state.work.to_numpy(), loss[None]))
-    for expected, got in zip(*grads):
-        np.testing.assert_allclose(got, expected, rtol=1e-12)
-    assert all(np.abs(g).min() > 0 for g in grads[1][:3])
+    def taichi_and_kerndiff_agree(fn):
+        """fn decorated both ways, each run under its system's Tape: the same results and gradients."""
+        results = []
+        for tape, k in zip((ti.ad.Tape, kd.Tape), both(fn)):
+            reset()
+            with tape(loss):
+                k()
+            results.append((bodies.pos.grad.to_numpy(), bodies.mass.grad.to_numpy(), state.vel.grad.to_numpy(),
+                            state.work.to_numpy(), loss[None]))
+        for expected, got in zip(*results):
+            np.testing.assert_allclose(got, expected, rtol=1e-12)
+        return results[1]
+
+    assert all(np.abs(g).min() > 0 for g in taichi_and_kerndiff_agree(step)[:3])
 
     def methods():  # a struct built in the kernel, a member assigned, methods called on both
         for i in bodies:
@@ -271,15 +274,7 @@ def test_struct_fields_match_taichi_grad(runtime):
             b.mass += 1.0
             loss[None] += b.kinetic(state[i].vel) + bodies[i].kinetic(b.pos)
 
-    tk, kk = both(methods)
-    grads = []
-    for k in (tk, kk):
-        reset()
-        with (ti.ad.Tape if k is tk else kd.Tape)(loss):
-            k()
-        grads.append((bodies.pos.grad.to_numpy(), bodies.mass.grad.to_numpy(), state.vel.grad.to_numpy(), loss[None]))
-    for expected, got in zip(*grads):
-        np.testing.assert_allclose(got, expected, rtol=1e-12)
+    taichi_and_kerndiff_agree(methods)
 
     @kd.kernel
     def flatten():
