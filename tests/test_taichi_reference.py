@@ -361,3 +361,37 @@ def test_components_indexed_at_run_time(runtime):
     np.testing.assert_allclose(y.to_numpy()[:, ::-1], w * xv + A[:, 1, :], rtol=1e-12)
     check(writes, "reverse")
     check(writes, "forward")
+
+
+def test_elementwise_vector_operations_match_taichi_grad(runtime):
+    """ti.select with a vector condition, ti.max/ti.min of vectors, v @ M, the 2-d cross product,
+    elementwise powers and matrix powers, against Taichi's grad."""
+    n = 4
+    rng = np.random.default_rng(8)
+    v = ti.Vector.field(3, ti.f64, shape=n, needs_grad=True)
+    M = ti.Matrix.field(3, 3, ti.f64, shape=n, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    v.from_numpy(rng.standard_normal((n, 3)))
+    M.from_numpy(rng.standard_normal((n, 3, 3)))
+
+    def vector_ops():
+        for i in v:
+            a = v[i]
+            b = ti.max(a, 0.1 * a) + ti.min(a, ti.Vector([0.2, 0.3, 0.4]))
+            c = a @ M[i]
+            d = ti.select(a > 0, a, -0.5 * a)
+            e = ti.math.cross(ti.Vector([a.x, a.y]), ti.Vector([c.x, c.y]))
+            f = ti.abs(a) ** 1.5 + a.dot(M[i] @ a)
+            loss[None] += b.sum() + c.norm() + d.dot(a) + e + f.sum() + (M[i] ** 2).sum()
+
+    results = []
+    for k in both(vector_ops):
+        v.grad.fill(0)
+        M.grad.fill(0)
+        loss[None] = 0
+        k()
+        loss.grad[None] = 1
+        k.grad()
+        results.append((loss[None], v.grad.to_numpy(), M.grad.to_numpy()))
+    for expected, got in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)

@@ -248,6 +248,13 @@ class Lowerer:
     def select(self, c, a, b, node):
         if isinstance(c, (int, float, bool)):
             return a if c else b
+        if isinstance(c, Vec):  # elementwise, as in Taichi: ti.select(v > 0, v, 0.1 * v)
+            parts = [x if isinstance(x, Vec) else Vec(c.shape, [self.scalar(x, node)] * len(c.items)) for x in (a, b)]
+            if any(p.shape != c.shape for p in parts):
+                raise self.error(node, f"ti.select of shapes {c.shape}, {parts[0].shape}, {parts[1].shape}",
+                                 "make the condition and both values the same shape (or scalars)")
+            return Vec(c.shape, [B.select(self.truth(ci, node), ai, bi)
+                                 for ci, ai, bi in zip(c.items, parts[0].items, parts[1].items)])
         c = self.scalar(c, node)
         if isinstance(a, Vec) or isinstance(b, Vec):
             return V.broadcast("select", a if isinstance(a, Vec) else self.scalar(a, node),
