@@ -112,3 +112,53 @@ def test_bitwise_index_arithmetic(runtime):
     assert "k = (((i * 7 + 3) >> 1) ^ (i & 3)) | ((i << 2) & 12)" in kk.source, kk.source
     for prefix, mode in PATHS:
         check_path(kk, prefix, mode, rtol=1e-6, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def recurrences(runtime):
+    """Trips that read what an earlier trip stored: y[i] = f(y[i - 1]) in an outermost loop run
+    with ti.loop_config(serialize=True), and z[i, t] = g(z[i, t - 1]) in an inner serial loop."""
+    n, T = 6, 5
+    x = ti.field(ti.f64, shape=n)
+    y = ti.field(ti.f64, shape=n)
+    z = ti.field(ti.f64, shape=(n, T))
+    out = ti.field(ti.f64, shape=())
+    x.from_numpy(np.linspace(0.1, 0.6, n))
+
+    @kd.kernel
+    def serialized_prefix():
+        y[0] = x[0]
+        ti.loop_config(serialize=True)
+        for i in range(1, n):
+            y[i] = ti.sin(y[i - 1]) * x[i] + x[i]
+        for i in y:
+            out[None] += y[i] ** 2
+
+    @kd.kernel
+    def inner_history():
+        for i in x:
+            z[i, 0] = x[i]
+            for t in range(1, T):
+                z[i, t] = z[i, t - 1] * (1.0 - 0.3 * x[i]) + 0.1 * ti.cos(z[i, t - 1])
+            out[None] += z[i, T - 1] * z[i, 1]
+
+    return {"serialized_prefix": serialized_prefix, "inner_history": inner_history}
+
+
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("name", ["serialized_prefix", "inner_history"])
+def test_trips_reading_what_earlier_trips_stored(recurrences, name, prefix, mode):
+    check_path(recurrences[name], prefix, mode)
+
+
+def test_a_trip_overwriting_what_an_earlier_trip_read_is_still_refused(runtime):
+    y = ti.field(ti.f64, shape=5)
+
+    @kd.kernel
+    def shifts_down():
+        ti.loop_config(serialize=True)
+        for i in range(1, 5):
+            y[i - 1] = y[i] * 2.0  # trip i overwrites y[i - 1], which trip i - 1 read
+
+    with pytest.raises(kd.KernDiffError, match="overwrites a field it read before"):
+        shifts_down.reverse()

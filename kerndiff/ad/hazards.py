@@ -8,25 +8,64 @@ from __future__ import annotations
 
 from ..errors import KernDiffError
 from ..ir import nodes as N
-from ..ir.walk import blocks_of, expr_children_of_stmt, iter_expr, iter_stmts
+from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts
 
 
-def _events(stmts, top=None, out=None):
-    """(position, kind, field, stmt, top-level loop index) in program order."""
+def _events(stmts, top=None, out=None, loops=()):
+    """(position, kind, field, stmt, top-level loop index, index, enclosing loops) in program order."""
     out = [] if out is None else out
     for i, s in enumerate(stmts):
         t = i if top is None else top
         for e in expr_children_of_stmt(s):
             for x in iter_expr(e):
                 if isinstance(x, N.Load):
-                    out.append((len(out), "read", x.ref.field, s, t, x.index))
+                    out.append((len(out), "read", x.ref.field, s, t, x.index, loops))
         if isinstance(s, N.Store):
-            out.append((len(out), "store", s.ref.field, s, t, s.index))
+            out.append((len(out), "store", s.ref.field, s, t, s.index, loops))
         elif isinstance(s, N.Atomic):
-            out.append((len(out), "atomic", s.ref.field, s, t, s.index))
+            out.append((len(out), "atomic", s.ref.field, s, t, s.index, loops))
         for b in blocks_of(s):
-            _events(b, t, out)
+            _events(b, t, out, loops + ((s,) if isinstance(s, (N.For, N.While)) else ()))
     return out
+
+
+def _shift(e, var):
+    """c when e is `var + c` for an integer constant c, else None."""
+    if isinstance(e, N.Var):
+        return 0 if e.name == var else None
+    if isinstance(e, N.Call) and e.op == "cast":
+        return _shift(e.args[0], var)
+    if isinstance(e, N.Call) and e.op in ("add", "sub"):
+        a, b = e.args
+        sign = 1 if e.op == "add" else -1
+        if isinstance(b, N.Const) and isinstance(b.value, int):
+            inner = _shift(a, var)
+            return None if inner is None else inner + sign * b.value
+        if e.op == "add" and isinstance(a, N.Const) and isinstance(a.value, int):
+            inner = _shift(b, var)
+            return None if inner is None else inner + a.value
+    return None
+
+
+def written_in_an_earlier_trip(write_index, read_index, write_loops, read_loops):
+    """In a serial loop (an inner loop, or an outermost one with serialize=True), a read of
+    y[k - 1] after the write y[k] = ...: every element the read reaches was written in an earlier
+    trip, and by this write never again (it writes each element in one trip only), so the value
+    read is the one the field keeps, and the reverse pass reads it back. True when the innermost
+    serial loop around both has a dimension where the write is at k + a and the read at k + b
+    with a > b."""
+    common = [lp for lp, other in zip(write_loops, read_loops) if lp is other]
+    for loop in reversed(common):
+        if not isinstance(loop, N.For) or (loop.parallel and not loop.serialize):
+            continue
+        if len(loop.vars) != 1 or loop.vars[0] in assigned_names(loop.body):
+            return False
+        for w, r in zip(write_index, read_index):
+            a, b = _shift(w, loop.vars[0]), _shift(r, loop.vars[0])
+            if a is not None and b is not None and a > b:
+                return True
+        return False
+    return False
 
 
 def launch_constants(ir: N.KernelIR):
@@ -88,14 +127,16 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
     params, defs = {p.name for p in ir.params}, launch_constants(ir)
     ev = [e for e in _events(ir.body) if id(e[2]) not in exempt]
     reads = {}
-    for pos, kind, f, s, top, index in ev:
+    for pos, kind, f, s, top, index, loops in ev:
         if kind == "read":
-            reads.setdefault(id(f), []).append((pos, s, top, index))
-    for pos, kind, f, s, top, index in ev:
+            reads.setdefault(id(f), []).append((pos, s, top, index, loops))
+    for pos, kind, f, s, top, index, loops in ev:
         if kind == "read" or id(f) not in reads:
             continue
-        for rpos, rs, rtop, rindex in reads[id(f)]:
+        for rpos, rs, rtop, rindex, rloops in reads[id(f)]:
             if disjoint(index, rindex, params, defs):
+                continue
+            if kind == "store" and written_in_an_earlier_trip(index, rindex, loops, rloops):
                 continue
             same_stmt = rs is s
             if rpos < pos or same_stmt:
@@ -116,7 +157,7 @@ def footprints(ir: N.KernelIR):
     affine form of the kernel's parameters (evaluated per launch by `concrete`) or None (any)."""
     params, defs = {p.name for p in ir.params}, launch_constants(ir)
     out = []
-    for pos, kind, f, s, top, index in _events(ir.body):
+    for pos, kind, f, s, top, index, _ in _events(ir.body):
         out.append((f, "read" if kind == "read" else "write", tuple(_affine(e, params, defs) for e in index)))
     return out
 

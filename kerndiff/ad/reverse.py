@@ -251,6 +251,14 @@ class Reverse:
         self.outer_stack.append(frame)
         body = self.zero_inits(s.body) + list(self.recompute(s.body)) + self.backward(s.body)
         self.outer_stack.pop()
+        if s.serialize:
+            # ti.loop_config(serialize=True): trips may depend on earlier ones (y[i] = f(y[i - 1])),
+            # so their adjoints run last trip first
+            rev = [self.names.fresh(f"{v}_rev") for v in s.vars]
+            index = [N.Assign(v, B.sub(B.add(B.sub(hi, B.const(1, "i32")), lo), B.var(r, "i32")), src=s.src)
+                     for v, r, (lo, hi) in zip(s.vars, rev, s.bounds)]
+            s = dataclasses.replace(s, vars=tuple(rev))
+            body = index + body
         out = [dataclasses.replace(s, body=tuple(body), tag="adjoint")]
         for name, (ref, dtype) in frame["scratch"].items():
             a = self.adj_var(name, dtype)
