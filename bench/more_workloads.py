@@ -251,7 +251,12 @@ def compile_latency(args):
 
     energy.forward()  # duals of results, as an HVP needs (its compile is not counted below)
     ti.sync()
+    import gc
     for name, k in (("primal", energy), ("reverse", energy.reverse), ("reverse.forward", energy.reverse.forward)):
+        # A full collection of Python's cyclic garbage can take tens of ms here (Taichi's compile
+        # leaves much of it); collect first, so that the pause does not land on whichever part
+        # of the call happens to cross the allocation threshold.
+        gc.collect()
         before = TIMINGS["transform"]
         t0 = time.perf_counter()
         k()

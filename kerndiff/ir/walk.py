@@ -72,6 +72,19 @@ def assigned_names(stmts):
     return out
 
 
+def mentioned_names(s):
+    """The locals s, or a statement nested in it, reads or assigns."""
+    out = set()
+    for t in iter_stmts((s,)):
+        if isinstance(t, N.Assign):
+            out.add(t.name)
+        elif isinstance(t, N.For):
+            out.update(t.vars)
+        for e in expr_children_of_stmt(t):
+            out.update(v.name for v in vars_in(e))
+    return out
+
+
 def mentions(s, name):
     """Whether s, or a statement nested in it, reads or assigns the local `name`."""
     for t in iter_stmts((s,)):

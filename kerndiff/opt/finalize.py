@@ -95,10 +95,11 @@ def _in_inner_loop(body, target):
     return False
 
 
-def _partition_dims(index, loop):
+def _partition_dims(index, loop, shadowed):
     """Index positions holding the loop's (single) index itself: an access at x[.., i, ..] touches
-    only elements that no other iteration of the loop touches through that position."""
-    if len(loop.vars) != 1 or loop.vars[0] in assigned_names(loop.body):  # shadowed: proves nothing
+    only elements that no other iteration of the loop touches through that position.
+    shadowed: whether the body assigns the index (then this proves nothing)."""
+    if len(loop.vars) != 1 or shadowed:
         return None
     return {d for d, e in enumerate(index) if isinstance(e, N.Var) and e.name == loop.vars[0]}
 
@@ -109,10 +110,11 @@ def _demote(loop):
     position, like h_adj[p, k] in a loop over points p."""
     acc = _accesses(loop.body)
     own, dims = {}, {}
+    shadowed = len(loop.vars) == 1 and loop.vars[0] in assigned_names(loop.body)
     for k, ref, index in acc:
         f = id(ref.field)
         own[f] = own.get(f, True) and _own_index(index, loop)
-        d = _partition_dims(index, loop)
+        d = _partition_dims(index, loop, shadowed)
         dims[f] = d if f not in dims else (None if d is None or dims[f] is None else dims[f] & d)
     demotable = {f for f, ok in own.items() if ok or dims.get(f)}
 

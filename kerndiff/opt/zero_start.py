@@ -21,7 +21,7 @@ import dataclasses
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import blocks_of, mentions, rebuild_stmt, vars_in
+from ..ir.walk import blocks_of, mentioned_names, rebuild_stmt, vars_in
 
 
 def fold_zero_starts(body):
@@ -31,11 +31,12 @@ def fold_zero_starts(body):
 def _block(stmts):
     stmts = [rebuild_stmt(s, [tuple(_block(b)) for b in blocks_of(s)]) if blocks_of(s) else s for s in stmts]
     dropped = set()
+    named = [mentioned_names(s) for s in stmts]  # a rewrite below keeps each statement's names
     for i, s in enumerate(stmts):
         if not isinstance(s, N.Assign):
             continue
         for j in range(i + 1, len(stmts)):
-            if mentions(stmts[j], s.name):
+            if s.name in named[j]:
                 if _is_zero_start(s):
                     first = _started(stmts[j], s.name, s.value.dtype)
                 else:  # a value overwritten before anything reads it
