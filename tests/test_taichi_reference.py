@@ -27,6 +27,21 @@ def both(fn):
     return ti.kernel(fn), kd.kernel(fn)
 
 
+def grads_of_both(fn, inputs, loss):
+    """fn as Taichi's kernel and as kerndiff's, each run and then its grad seeded with loss's
+    adjoint 1: [(loss value, input gradients...)] for Taichi, then kerndiff."""
+    results = []
+    for k in both(fn):
+        for f in inputs:
+            f.grad.fill(0)
+        loss[None] = 0
+        k()
+        loss.grad[None] = 1
+        k.grad()
+        results.append((loss[None],) + tuple(f.grad.to_numpy() for f in inputs))
+    return results
+
+
 def test_elementwise_grad_and_fwd_mode_match_taichi(fields):
     x, pos, loss = fields
 
@@ -187,20 +202,11 @@ def test_taichi_matrix_decompositions_match_taichi_grad(runtime):
                            + sig[0, 0] * 2.0 + sig[1, 1] + lam[0] * 1.5 + lam[1] + vecs[0, 0] ** 2
                            + ev[0, 0] * ev[1, 0])
 
-    tk, kk = both(decompositions)
-    for k in (tk, kk):
-        M.grad.fill(0)
-        S.grad.fill(0)
-        loss[None] = 0
-        k()
-        loss.grad[None] = 1
-        k.grad()
-        if k is tk:
-            expected = M.grad.to_numpy(), S.grad.to_numpy()
-    np.testing.assert_allclose(M.grad.to_numpy(), expected[0], rtol=1e-10)
-    np.testing.assert_allclose(S.grad.to_numpy(), expected[1], rtol=1e-10)
-    assert np.abs(expected[0]).max() > 0.1 and np.abs(expected[1]).max() > 0.1
-    check(kk.reverse.forward, "forward", eps=1e-5, rtol=1e-5)
+    expected, got = grads_of_both(decompositions, [M, S], loss)
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, rtol=1e-10)
+    assert np.abs(expected[1]).max() > 0.1 and np.abs(expected[2]).max() > 0.1
+    check(kd.kernel(decompositions).reverse.forward, "forward", eps=1e-5, rtol=1e-5)
 
 
 def test_decomposition_of_a_size_taichi_cannot_give_source_for_is_refused(runtime):
@@ -384,14 +390,5 @@ def test_elementwise_vector_operations_match_taichi_grad(runtime):
             f = ti.abs(a) ** 1.5 + a.dot(M[i] @ a)
             loss[None] += b.sum() + c.norm() + d.dot(a) + e + f.sum() + (M[i] ** 2).sum()
 
-    results = []
-    for k in both(vector_ops):
-        v.grad.fill(0)
-        M.grad.fill(0)
-        loss[None] = 0
-        k()
-        loss.grad[None] = 1
-        k.grad()
-        results.append((loss[None], v.grad.to_numpy(), M.grad.to_numpy()))
-    for expected, got in zip(*results):
+    for expected, got in zip(*grads_of_both(vector_ops, [v, M], loss)):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
