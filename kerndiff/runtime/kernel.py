@@ -37,6 +37,7 @@ class Kernel:
         self.root = root or self
         self.bound = bound  # the instance, for a method of a @ti.data_oriented class
         self._bound_copies = {}
+        self._method = None
         self._children = {}
         self.__name__ = getattr(fn, "__name__", "kernel")
         self.__doc__ = getattr(fn, "__doc__", None)
@@ -54,7 +55,7 @@ class Kernel:
     def __get__(self, instance, owner=None):
         """`sim.step` for a kernel defined in a (@ti.data_oriented) class: a kernel bound to sim,
         which is passed as its `self` (a compile-time argument, like a ti.template())."""
-        if instance is None or self.bound is not None or self.path:
+        if instance is None or self.bound is not None or self.path or not self._takes_self():
             return self
         # kept on the instance (its compiled kernels live as long as it does), else here
         store = getattr(instance, "__dict__", None)
@@ -149,6 +150,13 @@ class Kernel:
             return KernDiffError(reason, remedy=remedy)
         arg = next((a for a in src.tree.args.args if a.arg == name), src.tree)
         return src.error(arg, reason, remedy)
+
+    def _takes_self(self):
+        """Whether the function's first parameter is `self` (a method); looked up once."""
+        if self._method is None:
+            params = list(inspect.signature(self.fn).parameters)
+            self._method = bool(params) and params[0] == "self"
+        return self._method
 
     def _bind(self, args, kwargs):
         if self.bound is not None:
