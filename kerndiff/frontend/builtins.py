@@ -105,6 +105,40 @@ def _rows_cols(by_columns):
     return handler
 
 
+def _decomposition(name, by_size, why_not):
+    """ti.polar_decompose, ti.svd, ti.sym_eig, ti.eig are Python functions that pick a ti.func by
+    the matrix's size at compile time; do the same, and inline that ti.func. `why_not`: why the
+    other sizes cannot be differentiated here."""
+    def handler(lw, node, args, kwargs):
+        from ..ir.types import to_taichi
+        from .calls import inline_function, unwrap_ti_func
+
+        A = args[0] if args else None
+        if not isinstance(A, Vec) or len(A.shape) != 2:
+            raise lw.error(node, f"ti.{name} takes a square matrix", "pass a ti.Matrix")
+        impl = by_size.get(A.shape[0]) if A.shape[0] == A.shape[1] else None
+        if impl is None:
+            raise lw.error(node, f"kerndiff differentiates ti.{name} of 2x2 matrices only (this one is "
+                                 f"{A.shape[0]}x{A.shape[1]}): {why_not}",
+                           "write the decomposition as a ti.func, or keep it out of the differentiated kernel")
+        dt = args[1] if len(args) > 1 else kwargs.get("dt")
+        return inline_function(lw, unwrap_ti_func(impl), [A, dt if dt is not None else to_taichi(A.dtype)], {}, node)
+    return handler
+
+
+def _decompositions(table):
+    from taichi import _funcs as TF
+
+    builtin = "Taichi computes the 3x3 one with a builtin statement, which has no Taichi source to differentiate"
+    table[TF.polar_decompose] = _decomposition("polar_decompose", {2: TF._polar_decompose2d},
+                                               builtin.replace("a builtin statement", "its builtin SVD statement"))
+    table[TF.svd] = _decomposition("svd", {2: TF._svd2d}, builtin)
+    table[TF.sym_eig] = _decomposition("sym_eig", {2: TF._sym_eig2x2},
+                                       "Taichi's 3x3 solver indexes its vectors with runtime indices, which "
+                                       "kerndiff's scalarized kernels do not have")
+    table[TF.eig] = _decomposition("eig", {2: TF._eig2x2}, "Taichi itself supports only 2x2 matrices here")
+
+
 def _fill(lw, dt, shape, value):
     from ..ir.types import from_taichi
 
@@ -239,6 +273,7 @@ def build_table():
     table[ti.Vector.unit] = _vec_unit
     table[ti.Matrix.rows] = _rows_cols(False)
     table[ti.Matrix.cols] = _rows_cols(True)
+    _decompositions(table)
     table[float] = _py_float
     table[int] = _py_int
     table[abs] = _py_abs

@@ -85,9 +85,6 @@ def lower_call(lw, fn, args, kwargs, node):
         if len(flat) == 1:
             flat = flat * (fn.n * fn.m)
         return lw.cast(Vec((fn.n, fn.m), [lw.scalar(e, node) for e in flat]), fn.dtype, node)
-    decomposition = taichi_decomposition(fn)
-    if decomposition is not None:
-        return decomposition(lw, args, kwargs, node)
     if fn is ti.random:
         raise lw.error(node, "ti.random draws different numbers in the primal and in each derivative kernel, "
                              "so the derivatives would not belong to the values computed",
@@ -142,47 +139,6 @@ def static_range(lw, spec, node):
     if spec.grouped:
         return [Vec((len(p),), [B.const(c, "i32") for c in p]) for p in points]
     return list(points)
-
-
-def taichi_decomposition(fn):
-    """Taichi's matrix decompositions (ti.polar_decompose, ti.svd, ti.sym_eig, ti.eig) are Python
-    functions that pick a ti.func by the matrix's size at compile time; do the same, and inline
-    that ti.func. The 3x3 SVD (and the polar decomposition built on it) is a Taichi builtin
-    statement, not Taichi code, so it cannot be differentiated here."""
-    from taichi import _funcs as TF
-
-    by_size = {TF.polar_decompose: {2: TF._polar_decompose2d}, TF.svd: {2: TF._svd2d},
-               TF.sym_eig: {2: TF._sym_eig2x2}, TF.eig: {2: TF._eig2x2}}
-    why_not = {TF.polar_decompose: "Taichi computes the 3x3 one with its builtin SVD statement, which has no "
-                                   "Taichi source to differentiate",
-               TF.svd: "Taichi computes the 3x3 one with a builtin statement, which has no Taichi source to "
-                       "differentiate",
-               TF.sym_eig: "Taichi's 3x3 solver indexes its vectors with runtime indices, which kerndiff's "
-                           "scalarized kernels do not have",
-               TF.eig: "Taichi itself supports only 2x2 matrices here"}
-    try:
-        table = by_size.get(fn)
-    except TypeError:  # unhashable
-        return None
-    if table is None:
-        return None
-
-    def lower(lw, args, kwargs, node):
-        if not args or not isinstance(args[0], Vec) or len(args[0].shape) != 2:
-            raise lw.error(node, f"ti.{fn.__name__} takes a square matrix", "pass a ti.Matrix")
-        A = args[0]
-        impl = table.get(A.shape[0]) if A.shape[0] == A.shape[1] else None
-        if impl is None:
-            raise lw.error(node, f"kerndiff differentiates ti.{fn.__name__} of 2x2 matrices only (this one is "
-                                 f"{A.shape[0]}x{A.shape[1]}): {why_not[fn]}",
-                           "write the decomposition as a ti.func, or keep it out of the differentiated kernel")
-        dt = args[1] if len(args) > 1 else kwargs.get("dt")
-        if dt is None:
-            from ..ir.types import to_taichi
-            dt = to_taichi(A.dtype)
-        return inline_function(lw, unwrap_ti_func(impl), [A, dt], {}, node)
-
-    return lower
 
 
 def unwrap_ti_func(fn):
