@@ -25,7 +25,7 @@ def base_ir(kernel, templates):
 def transform(ir, step, level):
     from .ad.forward import forward_kernel
     from .ad.reverse import reverse_kernel
-    from .ir.nodes import without_prints
+    from .ir.walk import without_prints
     from .opt import optimize
 
     ir = dataclasses.replace(ir, body=without_prints(ir.body))

@@ -78,7 +78,8 @@ def restorable_fields(ir: N.KernelIR):
     iteration touches (`x[i] += dt * v[i]` in `for i in x`). A time step updating its state in
     place is the typical case; kd.Tape snapshots them before the launch and restores them before
     the reverse. [] when the kernel needs no such help."""
-    ir = dataclasses.replace(ir, body=N.without_prints(ir.body))
+    from ..ir.walk import without_prints
+    ir = dataclasses.replace(ir, body=without_prints(ir.body))
     try:
         check_overwrites(ir)
         return []

@@ -155,18 +155,6 @@ class Print(Stmt):
                 yield from a
 
 
-def without_prints(stmts):
-    """stmts with every Print removed, nested blocks included."""
-    from .walk import blocks_of, rebuild_stmt
-    out = []
-    for s in stmts:
-        if isinstance(s, Print):
-            continue
-        blocks = blocks_of(s)
-        out.append(rebuild_stmt(s, [without_prints(b) for b in blocks]) if blocks else s)
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class Param:
     name: str

@@ -178,3 +178,14 @@ def substitute_block(stmts, mapping):
             s = rebuild_stmt(s, [substitute_block(b, mapping) for b in blocks])
         out.append(s)
     return tuple(out)
+
+
+def without_prints(stmts):
+    """stmts with every Print removed, nested blocks included (what the transforms see)."""
+    out = []
+    for s in stmts:
+        if isinstance(s, N.Print):
+            continue
+        blocks = blocks_of(s)
+        out.append(rebuild_stmt(s, [without_prints(b) for b in blocks]) if blocks else s)
+    return tuple(out)
