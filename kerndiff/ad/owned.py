@@ -29,7 +29,7 @@ from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_expr, \
-    map_stmt_exprs, map_stmts, used_names
+    map_stmt_exprs, map_stmts, used_names, without_prints
 from .hazards import check_overwrites
 from .names import NameAllocator
 
@@ -78,7 +78,6 @@ def restorable_fields(ir: N.KernelIR):
     iteration touches (`x[i] += dt * v[i]` in `for i in x`). A time step updating its state in
     place is the typical case; kd.Tape snapshots them before the launch and restores them before
     the reverse. [] when the kernel needs no such help."""
-    from ..ir.walk import without_prints
     ir = dataclasses.replace(ir, body=without_prints(ir.body))
     try:
         check_overwrites(ir)
