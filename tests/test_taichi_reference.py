@@ -392,3 +392,26 @@ def test_elementwise_vector_operations_match_taichi_grad(runtime):
 
     for expected, got in zip(*grads_of_both(vector_ops, [v, M], loss)):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_a_runtime_index_is_read_before_the_components_it_chooses_change(runtime):
+    """v[int(v[0])] = 1.0 with v[0] == 0 writes v[0] only: the index is taken once, before the
+    write, as in Taichi (choosing again after writing v[0] would write v[1] too)."""
+    x = ti.Vector.field(2, ti.f64, shape=2)
+    y = ti.Vector.field(2, ti.f64, shape=2)
+
+    def k():
+        for i in x:
+            v = x[i]
+            v[int(v[0])] = 1.0
+            y[i] = v
+            x[i][int(x[i][0])] = 1.0
+
+    results = []
+    for kernel in both(k):
+        x.from_numpy(np.array([[0.0, 5.0], [1.0, 7.0]]))
+        kernel()
+        results.append((y.to_numpy(), x.to_numpy()))
+    for expected, got in zip(*results):
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(results[1][0], [[1.0, 5.0], [1.0, 1.0]])

@@ -539,8 +539,9 @@ class Lowerer:
             return
         e = self.scalar(value, node)
         if not all(isinstance(i, numbers.Integral) for i in idx):  # v[d] = e: each component keeps or takes e
-            if len(_vars_of(e)) and set(v.name for v in _vars_of(e)) & set(local.names):
-                e = self.materialize(e, f"{name}_new", node)
+            # evaluated once, before any component changes (v[int(v[0])] = 1.0 must not move twice)
+            idx = self.fixed_index(idx, node)
+            e = self.materialize(e, f"{name}_new", node)
             for flat, cond in self.component_choices(idx, local.shape, node):
                 old = B.var(local.names[flat], local.dtypes[flat])
                 self.emit(N.Assign(local.names[flat], B.select(cond, B.cast(e, local.dtypes[flat]), old),
@@ -747,7 +748,13 @@ class Lowerer:
             else:
                 self.emit(N.Store(ref, index, e, src=self.loc(node)))
 
+    def fixed_index(self, idx, node):
+        """Runtime index parts bound to locals: the choices they make must not change while the
+        components they choose among are written."""
+        return tuple(i if isinstance(i, numbers.Integral) else self.materialize(i, "component", node) for i in idx)
+
     def store_component(self, refs, index, comp, shape, value, node, atomic):
+        comp = self.fixed_index(comp, node)
         e = self.materialize(self.scalar(value, node), "stored", node)
         for flat, cond in self.component_choices(comp, shape, node):
             ref = refs[flat]
