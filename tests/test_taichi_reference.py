@@ -282,6 +282,28 @@ def test_struct_fields_match_taichi_grad(runtime):
 
     taichi_and_kerndiff_agree(methods)
 
+    def member_components():  # components of a copied element's vector member, assigned
+        for i in bodies:
+            b = bodies[i]
+            for d in ti.static(range(2)):
+                b.pos[d] = b.pos[d] * b.mass
+            b.pos.y += 1.0
+            loss[None] += b.pos.norm_sqr() + state[i].vel.dot(b.pos)
+
+    taichi_and_kerndiff_agree(member_components)
+
+    @kd.kernel
+    def member_components_at_run_time():  # the same with a runtime index (Taichi's grad aborts)
+        for i in bodies:
+            b = bodies[i]
+            for d in range(2):
+                b.pos[d] = b.pos[d] * b.mass
+            b.pos.y += 1.0
+            loss[None] += b.pos.norm_sqr() + state[i].vel.dot(b.pos)
+
+    reset()
+    assert kd.check_grad(member_components_at_run_time, [bodies.pos, bodies.mass, state.vel], loss) < 1e-6
+
     @kd.kernel
     def flatten():
         for i in bodies:

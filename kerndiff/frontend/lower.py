@@ -472,19 +472,20 @@ class Lowerer:
             base = self.expr(target.value)
             if is_field(base):
                 self.store(target, value, node)
-            elif isinstance(base, Vec) and isinstance(target.value, ast.Name):
-                self.assign_component(target.value.id, self.index_parts(target.slice, node), value, node)
+            elif isinstance(base, Vec) and self.local_vector(target.value) is not None:
+                self.assign_component(target.value, self.index_parts(target.slice, node), value, node)
             else:
                 raise self.error(node, "this subscript cannot be assigned to",
                                  "assign to a field element or to an element of a local vector")
         elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
                 and isinstance(self.scope.get(target.value.id), StructValue):
             self.assign_member(self.scope[target.value.id], target.attr, value, node)
-        elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
+        elif isinstance(target, ast.Attribute) and (isinstance(target.value, ast.Name)
+                                                    or self.local_vector(target.value) is not None):
             k = "xyzw".find(target.attr)
             if k < 0 or len(target.attr) != 1:
                 raise self.error(node, f"cannot assign to .{target.attr}", "assign to .x/.y/.z/.w or an index")
-            self.assign_component(target.value.id, (k,), value, node)
+            self.assign_component(target.value, (k,), value, node)
         else:
             raise self.error(node, "unsupported assignment target", "assign to a name or a field element")
 
@@ -529,13 +530,28 @@ class Lowerer:
         for var, e in pairs:
             self.emit(N.Assign(var.name, B.cast(self.scalar(e, node), var.dtype), src=self.loc(node)))
 
-    def assign_component(self, name, idx, value, node):
-        local = self.scope.get(name)
-        if not isinstance(local, Local) or local.shape is None:
+    def local_vector(self, target):
+        """The Local a store target names when it is a local vector or matrix: a name (`v`) or a
+        vector member of a struct bound to a local (`p.vel`); else None."""
+        if isinstance(target, ast.Name):
+            local = self.scope.get(target.id)
+            return local if isinstance(local, Local) and local.shape is not None else None
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
+                and isinstance(self.scope.get(target.value.id), StructValue):
+            member = self.scope[target.value.id].members.get(target.attr)
+            if isinstance(member, Vec) and all(isinstance(e, N.Var) for e in member.items):
+                return Local([e.name for e in member.items], member.shape, [e.dtype for e in member.items])
+        return None
+
+    def assign_component(self, target, idx, value, node):
+        """target[idx] = value for a local vector or matrix (see local_vector)."""
+        local = self.local_vector(target)
+        name = getattr(target, "id", getattr(target, "attr", "v"))
+        if local is None:
             raise self.error(node, f"'{name}' is not a local vector", "index vectors and matrices only")
         if len(local.shape) == 2 and len(idx) == 1:
             for j in range(local.shape[1]):
-                self.assign_component(name, (idx[0], j), self.vec(value, node).items[j], node)
+                self.assign_component(target, (idx[0], j), self.vec(value, node).items[j], node)
             return
         e = self.scalar(value, node)
         if not all(isinstance(i, numbers.Integral) for i in idx):  # v[d] = e: each component keeps or takes e
