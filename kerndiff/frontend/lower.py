@@ -93,8 +93,8 @@ def struct_member_access(target, evaluate):
     rewritten ast node, or the node itself."""
     if isinstance(target, ast.Attribute):
         inner = struct_member_access(target.value, evaluate)
-        if isinstance(inner, ast.Subscript) and isinstance(evaluate(inner.value), StructField) \
-                and target.attr in evaluate(inner.value).keys:
+        base = evaluate(inner.value) if isinstance(inner, ast.Subscript) else None
+        if isinstance(base, StructField) and target.attr in base.keys:
             member = ast.copy_location(ast.Attribute(value=inner.value, attr=target.attr, ctx=ast.Load()), target)
             return ast.copy_location(ast.Subscript(value=member, slice=inner.slice, ctx=target.ctx), target)
         return target if inner is target.value else ast.copy_location(
