@@ -305,6 +305,18 @@ def test_vector_shape_mismatch(f):
     raises(k, "shapes (3,) and (2,) differ")
 
 
+def test_arithmetic_on_a_python_list(f):
+    """A list in a kernel is a Python list, as in Taichi, which refuses `[...] * 2.0` too."""
+    x = f["x"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            x[i] = ti.Vector([x[i], 1.0] * 2.0).sum()
+
+    raises(k, "arithmetic on a Python list or tuple", "ti.Vector([...])", line_text="[x[i], 1.0] * 2.0")
+
+
 def test_atomic_max_outside_parallel_loop(f):
     x, s = f["x"], f["s"]
 

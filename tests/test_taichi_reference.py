@@ -416,6 +416,41 @@ def test_elementwise_vector_operations_match_taichi_grad(runtime):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
+def test_python_lists_repeat_and_join_as_in_taichi(fields):
+    """In a Taichi kernel `[0.0] * 4` is a Python list of four zeros and `[a] + [b]` joins two lists
+    (kerndiff once multiplied the one-element list elementwise: a 1-vector, silently). Values and
+    gradients against Taichi's; with components chosen at run time, values against Taichi's and
+    gradients against finite differences."""
+    x, _, loss = fields
+
+    def lists():
+        for i in x:
+            w = ti.Vector([x[i]] * 3 + [1.0, x[(i + 1) % N]])
+            p = ti.Vector((x[i], 2.0) * 2)
+            loss[None] += w.dot(ti.Vector([1.0, 2.0, 3.0, 4.0, 5.0])) * w.norm() + p.norm_sqr() * w[4]
+
+    for expected, got in zip(*grads_of_both(lists, [x], loss)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+    def runtime_chosen():
+        for i in x:
+            arr = ti.Vector([0.0] * 4)
+            for k in range(4):
+                arr[k] = x[(i + k) % N] * (k + 1)
+            s = 0.0
+            for k in range(4):
+                s += arr[k] * arr[3 - k]
+            loss[None] += s
+
+    values = []
+    for k in both(runtime_chosen):  # Taichi's grad of this aborts in its scalarize pass: values only
+        loss[None] = 0
+        k()
+        values.append(loss[None])
+    np.testing.assert_allclose(values[1], values[0], rtol=1e-12)
+    assert kd.check_grad(kd.kernel(runtime_chosen), [x], loss) < 1e-6
+
+
 def test_a_runtime_index_is_read_before_the_components_it_chooses_change(runtime):
     """v[int(v[0])] = 1.0 with v[0] == 0 writes v[0] only: the index is taken once, before the
     write, as in Taichi (choosing again after writing v[0] would write v[1] too)."""

@@ -958,6 +958,8 @@ class Lowerer:
 
     def expr_BinOp(self, node):
         a, b = self.expr(node.left), self.expr(node.right)
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            return self.sequence_op(a, b, node)
         if isinstance(node.op, ast.MatMult):
             return V.matmul(self.vec(a, node), self.vec(b, node))
         op = BINOPS.get(type(node.op))
@@ -965,6 +967,22 @@ class Lowerer:
             raise self.error(node, f"operator {type(node.op).__name__} is not supported",
                              "use + - * / // % ** and @")
         return self.binary(op, a, b, node)
+
+    def sequence_op(self, a, b, node):
+        """A list or tuple literal in a kernel is a Python sequence, as in Taichi: `[0.0] * 4`
+        repeats it and `[a] + [b]` joins, so treating them as vectors would silently change the
+        length; arithmetic with a number is refused, as Python (and so Taichi) refuses it."""
+        a, b = _known_int(a), _known_int(b)
+        if isinstance(node.op, ast.Add) and type(a) is type(b):
+            return a + b
+        if isinstance(node.op, ast.Mult):
+            seq, times = (a, b) if isinstance(a, (list, tuple)) else (b, a)
+            if isinstance(times, numbers.Integral) and not isinstance(times, bool):
+                return seq * times
+        raise self.error(node, "arithmetic on a Python list or tuple: in a Taichi kernel it is a Python "
+                         "sequence, not a vector; only `seq * n` (n a compile-time int) repeats it and "
+                         "`seq + seq` joins two",
+                         "wrap it in ti.Vector([...]) for elementwise arithmetic")
 
     def expr_UnaryOp(self, node):
         v = self.expr(node.operand)
