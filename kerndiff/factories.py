@@ -6,6 +6,8 @@ Python floats for 0-d fields, numpy arrays otherwise.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .errors import KernDiffError
@@ -112,6 +114,22 @@ class _Factory:
             write(d, t, "tangent")
         self.kernel.forward(*self.args)
 
+    @contextlib.contextmanager
+    def _constants_held(self):
+        """Fields the kernel only reads and that are not inputs are constants of this derivative, so
+        their tangents read as zero during the call: a tangent left there by the user or by an
+        earlier call would otherwise join J·v silently. They get their contents back afterwards."""
+        varying = {id(f) for f in self.inputs + self._written()}
+        duals = {id(f): REGISTRY.get(f, "dual", 1) for f in self._referenced() if id(f) not in varying}
+        held = [(d, d.to_numpy()) for d in duals.values() if d is not None]
+        for d, _ in held:
+            zero(d)
+        try:
+            yield
+        finally:
+            for d, contents in held:
+                d.from_numpy(contents)
+
     def _clear_adjoints(self, with_duals):
         """Zero the level-1 adjoints the reverse kernel accumulates into (and their duals for H·v);
         returns (input adjoints, output adjoint), allocated if missing."""
@@ -170,8 +188,9 @@ class ForwardFn(_Factory):
 
     def _pass(self, values, tangents):
         out_dual = REGISTRY.get_or_make(self.output, "dual", 1)
-        self._run_forward(values, tangents)
-        return read(out_dual)
+        with self._constants_held():
+            self._run_forward(values, tangents)
+            return read(out_dual)
 
 
 class HvpFn(_Factory):
@@ -182,11 +201,12 @@ class HvpFn(_Factory):
         values = self._check_values(values, "values")
         tangents = self._check_values(tangents, "tangents")
         ct = self._cotangent(cotangent)
-        self._run_forward(values, tangents)  # primal and tangents of every result: H·v reads both
-        adjs, out_adj = self._clear_adjoints(with_duals=True)
-        hv = [REGISTRY.get_or_make(a, "dual", 1) for a in adjs]
-        for h in hv:
-            zero(h)
-        write(out_adj, ct, "cotangent")
-        self.kernel.reverse.forward(*self.args)
-        return [read(h) for h in hv]
+        with self._constants_held():
+            self._run_forward(values, tangents)  # primal and tangents of every result: H·v reads both
+            adjs, out_adj = self._clear_adjoints(with_duals=True)
+            hv = [REGISTRY.get_or_make(a, "dual", 1) for a in adjs]
+            for h in hv:
+                zero(h)
+            write(out_adj, ct, "cotangent")
+            self.kernel.reverse.forward(*self.args)
+            return [read(h) for h in hv]

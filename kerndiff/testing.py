@@ -6,7 +6,8 @@ Along a few random directions v (seeded) and with a random output cotangent w:
     reverse mode         ⟨Jᵀ·w, v⟩                   (k.reverse)       — the dot-product test
 and with order=2 also H·v from forward(reverse) against finite differences of the gradient.
 Afterwards every field the check touched holds what it held before: the inputs, the fields the
-kernel writes, and the existing adjoint and dual fields of all of them. A mismatch raises
+kernel writes, and the existing adjoint and dual fields of all of them; the adjoint and dual
+fields the check itself made are left zero-filled. A mismatch raises
 AssertionError with a table of the worst rows.
 """
 from __future__ import annotations
@@ -84,6 +85,10 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
     finally:
         for f, arr in kept:
             f.from_numpy(arr)
+        had = {id(f) for f, _ in kept}
+        for f in _touched_fields(kernel, inputs, output, args):
+            if id(f) not in had:  # made by the check: left zero-filled, as kd.dual/kd.adjoint make them
+                f.fill(0)
     return _report(rows, rtol, atol)
 
 

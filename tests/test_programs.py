@@ -339,6 +339,34 @@ def test_check_grad_leaves_every_field_as_it_found_it(runtime):
         np.testing.assert_array_equal(f.to_numpy(), b)
 
 
+def test_factories_hold_fields_outside_the_inputs_constant(runtime):
+    """A tangent sitting in the dual of a field the kernel only reads (set by the user, or left by
+    a check over other inputs) must not join J·v or H·v: the derivative is w.r.t. the inputs. The
+    factories read that dual as zero and give it back afterwards; duals a check makes are left
+    zero-filled."""
+    a = ti.field(ti.f64, shape=3)
+    c = ti.field(ti.f64, shape=3)
+    out = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def k():
+        for i in a:
+            out[None] += a[i] ** 2 * c[i]
+
+    av, cv = np.array([0.5, -1.0, 2.0]), np.array([1.5, 0.25, -0.75])
+    c.from_numpy(cv)
+    assert kd.check_grad(k, [c], out, order=2) < 1e-6  # makes kd.dual(c) and fills it while it runs
+    np.testing.assert_array_equal(kd.dual(c).to_numpy(), 0.0)
+    stale = np.array([3.0, -2.0, 1.0])
+    kd.dual(c).from_numpy(stale)
+    va = np.array([1.0, 2.0, -1.0])
+    jv = kd.forward(k, inputs=[a], output=out)(av, tangents=va)
+    np.testing.assert_allclose(jv, np.dot(2 * av * cv, va), rtol=1e-12)
+    hv = kd.hvp(k, inputs=[a], output=out)(av, va)[0]
+    np.testing.assert_allclose(hv, 2 * cv * va, rtol=1e-12)
+    np.testing.assert_array_equal(kd.dual(c).to_numpy(), stale)
+
+
 def test_tape_through_an_mpm_step(runtime):
     """A DiffTaichi-style MLS-MPM step: particle-to-grid scatter with quadratic B-spline weights (a
     Python list of vectors returned by a ti.func, ti.static(ti.ndrange(3, 3))), a fixed-corotated stress through
