@@ -177,6 +177,16 @@ def _identity(lw, node, args, kwargs):
     return Vec((n, n), [B.const(1 if i == j else 0, d) for i in range(n) for j in range(n)])
 
 
+def _diag(lw, node, args, kwargs):
+    """ti.Matrix.diag(dim, val): val on the diagonal, zeros of its type elsewhere."""
+    dim, val = args
+    if not isinstance(dim, int):
+        raise lw.error(node, "ti.Matrix.diag takes a compile-time dim", "pass a constant")
+    val = lw.scalar(val, node)
+    zero = B.const(0, val.dtype)
+    return Vec((dim, dim), [val if i == j else zero for i in range(dim) for j in range(dim)])
+
+
 def _py_float(lw, node, args, kwargs):
     from ..ir.types import default_fp
     if isinstance(args[0], (int, float)):
@@ -270,6 +280,7 @@ def build_table():
     table[ti.Vector.one] = _vec_one
     table[ti.Matrix.one] = _vec_one
     table[ti.Matrix.identity] = _identity
+    table[ti.Matrix.diag] = _diag
     table[ti.Vector.unit] = _vec_unit
     table[ti.Matrix.rows] = _rows_cols(False)
     table[ti.Matrix.cols] = _rows_cols(True)

@@ -153,9 +153,15 @@ def vec_method(lw, m, args, kwargs, node):
     t, name = m.target, m.name
     if not isinstance(t, Vec):
         raise lw.error(node, f"scalars have no method '{name}'", "call methods on vectors and matrices")
-    simple = {"norm": V.norm, "norm_sqr": V.norm_sqr, "normalized": V.normalized, "transpose": V.transpose,
-              "trace": V.trace, "determinant": V.determinant, "inverse": V.inverse}
+    with_eps = {"norm": V.norm, "norm_inv": V.norm_inv, "normalized": V.normalized}
+    if name in with_eps:  # v.norm(eps), v.normalized(eps=1e-8): Taichi's safeguard at v = 0
+        eps = args[0] if args else kwargs.get("eps", 0)
+        return with_eps[name](t, eps if isinstance(eps, (int, float)) else lw.scalar(eps, node))
+    simple = {"norm_sqr": V.norm_sqr, "transpose": V.transpose, "trace": V.trace,
+              "determinant": V.determinant, "inverse": V.inverse}
     if name in simple:
+        if args or kwargs:
+            raise lw.error(node, f"'{name}' takes no arguments", f"call v.{name}()")
         return simple[name](t)
     if name == "dot":
         return V.dot(t, lw.vec(args[0], node))
@@ -174,7 +180,7 @@ def vec_method(lw, m, args, kwargs, node):
     if name == "cast":
         return lw.cast(t, args[0], node)
     raise lw.error(node, f"vector method '{name}' is not supported",
-                   "use dot, norm, norm_sqr, normalized, cross, outer_product, transpose, trace, "
+                   "use dot, norm, norm_sqr, norm_inv, normalized, cross, outer_product, transpose, trace, "
                    "determinant, inverse, sum, max, min, cast")
 
 

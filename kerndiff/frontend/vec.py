@@ -101,12 +101,25 @@ def norm_sqr(a: Vec) -> Expr:
     return dot(a, a)
 
 
-def norm(a: Vec) -> Expr:
-    return B.call("sqrt", norm_sqr(a))
+def _plus_eps(x: Expr, eps) -> Expr:
+    """x + eps, where eps is Taichi's safeguard argument (a constant 0 adds nothing)."""
+    if isinstance(eps, (int, float)):
+        return x if eps == 0 else B.add(x, B.const(eps, x.dtype))
+    return B.add(x, eps)
 
 
-def normalized(a: Vec) -> Vec:
-    inv = B.div(B.const(1, a.dtype if a.dtype.startswith("f") else "f32"), norm(a))
+def norm(a: Vec, eps=0) -> Expr:
+    """sqrt(|a|² + eps), as Taichi's v.norm(eps): eps keeps the derivative finite at a = 0."""
+    return B.call("sqrt", _plus_eps(norm_sqr(a), eps))
+
+
+def norm_inv(a: Vec, eps=0) -> Expr:
+    return B.call("rsqrt", _plus_eps(norm_sqr(a), eps))
+
+
+def normalized(a: Vec, eps=0) -> Vec:
+    """a / (|a| + eps), as Taichi's v.normalized(eps): eps outside the root, so a = 0 gives 0."""
+    inv = B.div(B.const(1, a.dtype if a.dtype.startswith("f") else "f32"), _plus_eps(norm(a), eps))
     return a.map(lambda e: B.mul(e, inv))
 
 
