@@ -105,7 +105,7 @@ class Tape:
             raise KernDiffError("kd.Tape / kd.FwdMode cannot be nested",
                                 remedy="finish the outer context first")
         if self.clear_gradients:
-            clear_adjoints()
+            clear_derivatives("adjoint")
         if self.loss is not None:
             _zero(self.loss)
         self.guard = _TaichiLaunchGuard.install("kd.Tape")
@@ -185,18 +185,23 @@ class _Touched:
         return any(overlap(pattern, old) for group in candidates for old in group)
 
 
-def clear_adjoints(level=1):
-    """Zero every level-`level` adjoint field known to Taichi (needs_grad) or to kerndiff."""
+def clear_derivatives(kind, level=1):
+    """Zero every level-`level` adjoint or dual field known to Taichi (needs_grad, needs_dual) or to
+    kerndiff, as ti.ad.Tape and ti.ad.FwdMode clear theirs on entry: a value left from an earlier
+    run would otherwise join this one's derivative."""
     import taichi as ti
-    ti.ad.clear_all_gradients()  # Taichi's own needs_grad SNodes
+    from taichi.lang.enums import SNodeGradType
+    ti.ad.clear_all_gradients(SNodeGradType.ADJOINT if kind == "adjoint" else SNodeGradType.DUAL)
     REGISTRY.check_runtime()  # never touch fields of an earlier ti.init
     for key, f in list(REGISTRY.derived.items()):
-        if len(key) == 3 and key[1] == "adjoint" and key[2] == level:
+        if len(key) == 3 and key[1] == kind and key[2] == level:
             _zero(f)
 
 
 class FwdMode:
-    """Like ti.ad.FwdMode: kernels launched inside run their forward (dual) kernel."""
+    """Like ti.ad.FwdMode: kernels launched inside run their forward (dual) kernel. On entry every
+    dual is cleared (clear_gradients=True) and the param's set to the seed; on exit the seed is
+    cleared again, so the tangents it produced stay readable and nothing else carries it."""
 
     def __init__(self, loss, param, seed=None, clear_gradients=True):
         self.loss = loss if isinstance(loss, (list, tuple)) else [loss]
@@ -223,13 +228,15 @@ class FwdMode:
                 raise KernDiffError(f"the seed has {seed.size} entries but the param has {int(np.prod(shape))}",
                                     remedy="pass one seed entry per element of the param")
             seed = seed.reshape(shape)
+        for f in self.loss:
+            REGISTRY.get_or_make(f, "dual", 1)
+        if self.clear_gradients:
+            clear_derivatives("dual")
         if shape:
             dual.from_numpy(seed.astype(dual.to_numpy().dtype))
         else:
             dual[None] = float(seed)
-        if self.clear_gradients:
-            for f in self.loss:
-                _zero(REGISTRY.get_or_make(f, "dual", 1))
+        self.seeded = dual
         self.guard = _TaichiLaunchGuard.install("kd.FwdMode")
         _ACTIVE.append(self)
         return self
@@ -240,4 +247,5 @@ class FwdMode:
     def __exit__(self, exc_type, exc, tb):
         _ACTIVE.pop()
         _TaichiLaunchGuard.remove(self.guard)
+        _zero(self.seeded)  # as Taichi does: a later forward kernel must not find the seed there
         return False

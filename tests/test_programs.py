@@ -367,6 +367,43 @@ def test_factories_hold_fields_outside_the_inputs_constant(runtime):
     np.testing.assert_array_equal(kd.dual(c).to_numpy(), stale)
 
 
+def test_fwd_mode_clears_duals_on_entry_and_the_seed_on_exit_like_taichi(runtime):
+    """Two kernels under kd.FwdMode, the first accumulating into an intermediate field, the second
+    also reading a field that is not the param. Run twice, and after a stale tangent was put in
+    that field's dual, the result is the same and agrees with Taichi's FwdMode (which clears all
+    duals on entry); after the block the seed is gone from the param's dual, as in Taichi."""
+    x = ti.field(ti.f64, shape=3, needs_dual=True)
+    c = ti.field(ti.f64, shape=3, needs_dual=True)
+    y = ti.field(ti.f64, shape=3, needs_dual=True)
+    loss = ti.field(ti.f64, shape=(), needs_dual=True)
+    x.from_numpy(np.array([0.3, -0.6, 1.1]))
+    c.from_numpy(np.array([2.0, 0.5, -1.0]))
+
+    def spread():
+        for i in x:
+            y[i] += ti.sin(x[i]) * c[i]
+
+    def measure():
+        for i in y:
+            loss[None] += y[i] ** 2 * c[i]
+
+    seed = [1.0, -2.0, 0.5]
+    duals = []
+    for context, kernels in ((ti.ad.FwdMode, (ti.kernel(spread), ti.kernel(measure))),
+                             (kd.FwdMode, (kd.kernel(spread), kd.kernel(measure))),
+                             (kd.FwdMode, (kd.kernel(spread), kd.kernel(measure)))):
+        y.fill(0)
+        c.dual.fill(7.0)  # stale: c is not the param
+        with context(loss=loss, param=x, seed=seed):
+            for k in kernels:
+                k()
+        duals.append(loss.dual[None])
+        np.testing.assert_array_equal(x.dual.to_numpy(), 0.0)
+    xv, cv = x.to_numpy(), c.to_numpy()
+    expected = np.dot(2 * np.sin(xv) * cv * cv * np.cos(xv) * cv, seed)
+    np.testing.assert_allclose(duals, expected, rtol=1e-12)
+
+
 def test_tape_through_an_mpm_step(runtime):
     """A DiffTaichi-style MLS-MPM step: particle-to-grid scatter with quadratic B-spline weights (a
     Python list of vectors returned by a ti.func, ti.static(ti.ndrange(3, 3))), a fixed-corotated stress through
