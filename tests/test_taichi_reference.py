@@ -437,6 +437,40 @@ def test_norm_safeguards_match_taichi(runtime):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
+def test_rounding_to_an_integer_type_and_keyword_arguments(runtime):
+    """ti.floor/ceil/round(x, dtype) give integers (usable as indices and with bit operators),
+    positional or by keyword, and ti.cast(x, dtype=...), as in Taichi (kerndiff once refused the
+    positional dtype and dropped the keyword one). Values and gradients against Taichi's."""
+    a = ti.field(ti.f64, shape=4, needs_grad=True)
+    v = ti.Vector.field(2, ti.f64, shape=4, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    a.from_numpy(np.array([1.7, -2.3, 0.4, 3.9]))
+    v.from_numpy(np.array([[1.7, -2.3], [0.4, 3.9], [2.5, -0.5], [1.2, 7.7]]))
+
+    def rounding():
+        for i in a:
+            k = ti.floor(a[i], ti.i32) & 3
+            m = ti.ceil(a[i], dtype=ti.i32) % 4
+            r = ti.floor(v[i] + 0.5, ti.i32)
+            c = ti.cast(a[i] * 2.0, dtype=ti.i32)
+            loss[None] += a[k] * a[i] + v[m].dot(v[i]) * (r.x ^ 1) + a[i] * (c // 3) + ti.sqrt(x=a[i] ** 2)
+
+    for expected, got in zip(*grads_of_both(rounding, [a, v], loss)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+    def round_values():  # Taichi's grad has no rule for round: values only
+        for i in v:
+            loss[None] += a[i] * (ti.round(v[i], dtype=ti.i32) ^ 1).sum()
+
+    values = []
+    for k in both(round_values):
+        loss[None] = 0
+        k()
+        values.append(loss[None])
+    np.testing.assert_allclose(values[1], values[0], rtol=1e-12)
+    assert values[0] != 0
+
+
 def test_python_lists_repeat_and_join_as_in_taichi(fields):
     """In a Taichi kernel `[0.0] * 4` is a Python list of four zeros and `[a] + [b]` joins two lists
     (kerndiff once multiplied the one-element list elementwise: a 1-vector, silently). Values and

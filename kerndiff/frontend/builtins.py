@@ -16,8 +16,9 @@ UNARY_MATH = ["sin", "cos", "tan", "asin", "acos", "atan", "exp", "log", "sqrt",
 
 def _unary(op):
     def handler(lw, node, args, kwargs):
-        (x,) = args
-        return lw.elementwise(lambda e: B.call(op, e), x, node)
+        x, *dtype = args  # ti.floor/ceil/round(x, dtype): the result cast, as in Taichi
+        out = lw.elementwise(lambda e: B.call(op, e), x, node)
+        return lw.cast(out, dtype[0], node) if dtype and dtype[0] is not None else out
     return handler
 
 
@@ -319,6 +320,23 @@ def _compile_time(fn):
 
 
 TABLE = None
+_SIGNATURES = {}
+
+
+def positional(fn, args, kwargs):
+    """The call's arguments bound to fn's own signature, keywords turned positional where the
+    parameter allows it (ti.floor(x, dtype=ti.i32) reaches its handler as (x, ti.i32)), so no
+    handler drops an argument given by keyword. Raises TypeError as Python would for arguments
+    fn does not take; functions without a signature pass through as they are."""
+    import inspect
+    try:
+        sig = _SIGNATURES.get(fn)
+        if sig is None:
+            sig = _SIGNATURES[fn] = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins such as float and abs
+        return args, kwargs
+    bound = sig.bind(*args, **kwargs)
+    return bound.args, bound.kwargs
 
 
 def lookup(fn):

@@ -47,6 +47,10 @@ def lower_call(lw, fn, args, kwargs, node):
         return v
     handler = BI.lookup(fn)
     if handler is not None:
+        try:
+            args, kwargs = BI.positional(fn, args, kwargs)
+        except TypeError as e:
+            raise lw.error(node, f"{getattr(fn, '__name__', fn)}: {e}", "pass the arguments Taichi's function takes")
         return handler(lw, node, args, kwargs)
     from ..funcs import DeviceFunction
     from .. import api
