@@ -348,6 +348,34 @@ def test_device_function_errors(f):
     raises(k, "with respect to a float scalar", "argument 0 is an integer")
 
 
+def test_differentiated_function_whose_loop_would_run_in_parallel(f):
+    """Called outside any loop, a device function's loop is the kernel's outermost, parallel loop;
+    the error says so (it once called the loop's reduction a field write). Inside a loop the same
+    call works and matches finite differences."""
+    x = f["x"]
+
+    @kd.func
+    def series(a):
+        s = 0.0
+        for k in range(3):
+            s += ti.sin((k + 1) * a)
+        return s
+
+    @kd.kernel
+    def at_top():
+        x[0] = kd.forward(series)(0.7)
+
+    raises(at_top, "the kernel's outermost loop here", "for i in range(1):", line_text="for k in range(3):")
+
+    @kd.kernel
+    def in_loop():
+        for i in range(1):
+            x[0] = kd.forward(series)(0.7)
+
+    in_loop()
+    assert x[0] == pytest.approx(sum((k + 1) * np.cos((k + 1) * 0.7) for k in range(3)), rel=1e-12)
+
+
 def test_sparse_field(f):
     sp = ti.field(ti.f64)
     ti.root.pointer(ti.i, 2).dense(ti.i, 2).place(sp)

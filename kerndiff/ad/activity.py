@@ -8,6 +8,7 @@ flow-insensitive, so loops and branches need no special care).
 """
 from __future__ import annotations
 
+from ..errors import KernDiffError
 from ..ir import nodes as N
 from ..ir.types import is_float
 from ..ir.walk import expr_children_of_stmt, iter_expr, iter_stmts
@@ -75,3 +76,19 @@ def varied_vars(stmts, field_is_active, seeds=()):
                 varied.add(s.name)
                 changed = True
     return varied
+
+
+def check_function_body(stmts):
+    """A device function is differentiated as local code: it may not write fields, and its loops
+    must be serial. Called outside any loop of the kernel, its loop is the kernel's outermost one,
+    which Taichi runs in parallel (its `s += ...` become reductions), so say that instead of
+    reporting the reduction as a field write."""
+    for s in iter_stmts(stmts):
+        if isinstance(s, N.For) and s.parallel:
+            raise KernDiffError("this loop of a differentiated function is the kernel's outermost loop here (the "
+                                "call is outside any loop), which Taichi runs in parallel",
+                                s.src, "call the function inside a loop of the kernel, e.g. `for i in range(1):`")
+    for s in iter_stmts(stmts):
+        if isinstance(s, (N.Store, N.Atomic)):
+            raise KernDiffError("a function that writes fields cannot be differentiated as a function",
+                                s.src, "differentiate the kernel instead, or return the value")

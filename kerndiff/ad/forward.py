@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import iter_stmts
 from .rules import NO_DERIVATIVE, partials
-from .activity import field_activity, varied_vars
+from .activity import check_function_body, field_activity, varied_vars
 
 
 class Forward:
@@ -129,12 +127,9 @@ def forward_block(stmts, names, seeds: dict):
     seeds: local name -> tangent expression. Fields are constants here. Returns the new statements
     and a function mapping an expression of the original code to its tangent (or None).
     """
+    check_function_body(stmts)
     varied = varied_vars(stmts, lambda ref: False, seeds=tuple(seeds))
     tangent_names = {v: names.fresh(f"{v}_dual") for v in sorted(varied)}
-    for s in iter_stmts(stmts):
-        if isinstance(s, (N.Store, N.Atomic)):
-            raise KernDiffError("a function that writes fields cannot be differentiated as a function",
-                                s.src, "differentiate the kernel instead, or return the value")
     fwd = Forward(names, lambda ref: None, tangent_names)
     pre = [N.Assign(tangent_names[v], e) for v, e in seeds.items()]
     return tuple(pre) + fwd.block(stmts), fwd.jvp

@@ -25,7 +25,7 @@ from ..ir.types import is_float
 from ..ir.walk import assigned_names, iter_stmts, map_expr, map_stmt_exprs, map_stmts, substitute, \
     substitute_block
 from ..opt.dce import live_names, remove_dead
-from .activity import field_activity, varied_vars
+from .activity import check_function_body, field_activity, varied_vars
 from .jumps import eliminate_jumps
 from .rules import NO_DERIVATIVE, partials
 from .ssa import to_ssa
@@ -506,10 +506,7 @@ def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes):
     out_values: result expressions; cotangents: their adjoint expressions. Returns (statements,
     {name: adjoint expression}).
     """
-    for s in iter_stmts(stmts):
-        if isinstance(s, (N.Store, N.Atomic)):
-            raise KernDiffError("a function that writes fields cannot be differentiated as a function",
-                                s.src, "differentiate the kernel instead, or return the value")
+    check_function_body(stmts)
     body, ssa, env = to_ssa(eliminate_jumps(stmts, names), names, dtypes=dtypes, fixed=set(wrt))
     outs = [_rename(v, env, ssa.dtypes) for v in out_values]
     varied = varied_vars(body, lambda ref: False, seeds=tuple(wrt))
