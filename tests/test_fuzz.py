@@ -1,7 +1,8 @@
 """Fuzzing: hypothesis generates random kernels — expression trees over every differentiable op with
-domain-safe wrappers, branches, inner loops with loop-carried locals, gathers through an integer
-index field — and each is checked three ways: forward mode against f64 finite differences, the
-dot-product test for reverse mode, and Taichi's own kernel.grad() where Taichi supports the kernel.
+domain-safe wrappers, branches, inner loops with loop-carried locals (one, or two assigned
+together from each other's old values), gathers through an integer index field — and each is
+checked: its values against Taichi's, forward mode against f64 finite differences, the dot-product
+test for reverse mode, and Taichi's own kernel.grad() where Taichi supports the kernel.
 
 Profiles: a short one by default (derandomized under CI=true), KERNDIFF_FUZZ=long for 10,000 per test
 (KERNDIFF_FUZZ_N to change that).
@@ -64,6 +65,10 @@ def kernels(draw):
     trips = draw(st.integers(0, 6))
     step = draw(expr(2, ["a", "acc"]))
     out = draw(expr(2, ["a", "acc"]))
+    # Either acc alone is carried, or acc and a are updated together, each from both old values.
+    update = draw(st.sampled_from([f"acc = 0.5 * acc + ti.tanh({step})",
+                                   f"acc, a = 0.5 * acc + ti.tanh({step}), 0.8 * acc - 0.3 * a",
+                                   f"acc, a = 0.5 * a + ti.tanh({step}), acc"]))
     body = [
         f"a = {a}",
         f"if {cond} > 0.1:",
@@ -72,7 +77,7 @@ def kernels(draw):
         f"    a = {b2}",
         "acc = 0.5",
         f"for k in range({trips}):",
-        f"    acc = 0.5 * acc + ti.tanh({step})",
+        f"    {update}",
         f"out[i] = {out}",
     ]
     return "\n".join(body)
@@ -120,8 +125,12 @@ def taichi_supports(body):
 
 def check_random_kernel(fields, body):
     fn, src = load(body, fields)
+    out = fields["out"]
+    ti.kernel(fn)()
+    expected = out.to_numpy()
     k = kd.kernel(fn)
     k()
+    np.testing.assert_allclose(out.to_numpy(), expected, rtol=1e-12, atol=1e-14, err_msg=src)  # the primal too
     check(k, "forward", rtol=1e-5, atol=1e-7)
     check(k, "reverse", rtol=1e-5, atol=1e-7)
     if taichi_supports(body):

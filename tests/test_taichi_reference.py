@@ -416,6 +416,69 @@ def test_elementwise_vector_operations_match_taichi_grad(runtime):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
+def test_a_local_reassigned_from_itself_reads_its_old_value(runtime):
+    """`v = M @ v`, `v = v.normalized()`, `v = ti.Vector([v.y, -v.x, v.z])`, `p, q = q, p`,
+    `s.x, s.y = s.y, s.x`, a struct member rotated in place and ti.math.rot_by_axis (which does
+    `axis = normalize(axis)`): every right side is evaluated before any component changes, as in
+    Taichi. kerndiff once assigned the components one after another, so later ones read the new
+    values: wrong results without a word. Values and gradients against Taichi's."""
+    n = 3
+    rng = np.random.default_rng(12)
+    v = ti.Vector.field(3, ti.f64, shape=n, needs_grad=True)
+    M = ti.Matrix.field(3, 3, ti.f64, shape=n, needs_grad=True)
+    a = ti.field(ti.f64, shape=n, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    v.from_numpy(rng.standard_normal((n, 3)))
+    M.from_numpy(rng.standard_normal((n, 3, 3)))
+    a.from_numpy(rng.standard_normal(n))
+    Body = ti.types.struct(vel=ti.math.vec2, m=ti.f64)
+
+    def self_reassigned():
+        for i in v:
+            w = v[i]
+            w = M[i] @ w
+            u = v[i]
+            u = u.normalized()
+            r = v[i]
+            r = ti.Vector([r.y, -r.x, r.z]) * a[i] + r
+            p, q = a[i], w.x
+            p, q = q, p
+            s = v[i]
+            s.x, s.y = s.y * 2.0, s.x
+            b = Body(vel=ti.Vector([v[i].x, a[i]]), m=1.0)
+            b.vel = ti.Vector([b.vel.y, -b.vel.x]) * b.vel.norm()
+            R = ti.math.rot_by_axis(v[i], a[i])
+            loss[None] += w.dot(ti.Vector([1.0, 2.0, 3.0])) + u.x * 3.0 + r.norm_sqr() + p * 5.0 + q \
+                + s.dot(ti.Vector([1.0, -1.0, 0.5])) + b.vel.x * 2.0 + b.vel.y + (R @ ti.Vector([1.0, 0.0, 0.0, 1.0])).y
+
+    for expected, got in zip(*grads_of_both(self_reassigned, [v, M, a], loss)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_ti_func_arguments_are_passed_by_value(runtime):
+    """A ti.func that assigns components of its vector parameter (`v[0] = v[1]`, `v.y *= s`)
+    changes its own copy, as in Taichi; kerndiff once wrote through to the caller's local."""
+    n = 3
+    v = ti.Vector.field(2, ti.f64, shape=n, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    v.from_numpy(np.random.default_rng(13).standard_normal((n, 2)))
+
+    @ti.func
+    def shuffle(p, s):
+        p[0] = p[1] * s
+        p.y *= s
+        return p.sum()
+
+    def by_value():
+        for i in v:
+            w = v[i]
+            r = shuffle(w, 3.0)
+            loss[None] += w.x * 5.0 + w.y * w.y + r * w.x
+
+    for expected, got in zip(*grads_of_both(by_value, [v], loss)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
 def test_norm_safeguards_match_taichi(runtime):
     """v.norm(eps), v.norm_inv(eps) and v.normalized(eps) with Taichi's placement of eps (under the
     root for norm, outside it for normalized), at a zero vector too, where the eps keeps norm's

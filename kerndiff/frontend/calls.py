@@ -189,10 +189,18 @@ def vec_method(lw, m, args, kwargs, node):
 
 
 def _assigned_names(tree):
+    """Names the body assigns, whole (`v = ...`, `v += ...`) or in part (`v[0] = ...`, `v.x += ...`):
+    a parameter among them gets a copy of its argument, as Taichi passes arguments by value."""
     out = set()
     for n in ast.walk(tree):
         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
             out.add(n.id)
+        elif isinstance(n, (ast.Subscript, ast.Attribute)) and isinstance(n.ctx, ast.Store):
+            base = n.value
+            while isinstance(base, (ast.Subscript, ast.Attribute)):
+                base = base.value
+            if isinstance(base, ast.Name):
+                out.add(base.id)
     return out
 
 

@@ -321,8 +321,7 @@ class Lowerer:
         items = value.items if isinstance(value, Vec) else [self.scalar(value, node)]
         shape = value.shape if isinstance(value, Vec) else None
         if isinstance(old, Local) and old.shape == shape:
-            for n, d, e in zip(old.names, old.dtypes, items):
-                self.emit(N.Assign(n, B.cast(e, d), src=self.loc(node)))
+            self.assign_at_once([(n, B.cast(e, d)) for n, d, e in zip(old.names, old.dtypes, items)], node)
             return
         if isinstance(old, Local) and old.shape != shape:
             raise self.error(node, f"'{name}' changes shape from {old.shape} to {shape}",
@@ -335,6 +334,22 @@ class Lowerer:
         for n, e in zip(names, items):
             self.emit(N.Assign(n, e, src=self.loc(node)))
         self.scope[name] = Local(names, shape, dtypes)
+
+    def assign_at_once(self, pairs, node):
+        """Assign the components of one value together: `v = M @ v`, `v = v.normalized()` and
+        `p.vel = ti.Vector([p.vel.y, -p.vel.x])` mean every right side is evaluated before any
+        component changes. A right side that reads a component assigned before it in the group
+        is computed into a temporary first; the others are assigned directly."""
+        assigned, early = set(), []
+        for name, e in pairs:
+            if any(v.name in assigned for v in vars_in(e)):
+                early.append(name)
+            assigned.add(name)
+        if early:
+            pairs = [(name, self.materialize(e, f"{name}_new", node, copy=True) if name in early else e)
+                     for name, e in pairs]
+        for name, e in pairs:
+            self.emit(N.Assign(name, e, src=self.loc(node)))
 
     def materialize(self, value, hint, node, copy=False):
         """Bind a value to fresh locals (function arguments are passed by value); copy: also a
@@ -461,9 +476,10 @@ class Lowerer:
                 raise self.error(node, f"unpacking {len(parts)} values into {len(target.elts)} names",
                                  "make the counts match")
             # Evaluate all right-hand sides before assigning (p, q = q, p + q): into temporaries
-            # where a right-hand side reads a name being assigned, else straight into the names.
-            if self.unpacking_reads_targets(target.elts, parts):
-                parts = [self.materialize(p, "tmp", node) if isinstance(p, (N.Expr, Vec)) else p for p in parts]
+            # where a right-hand side reads a name assigned before it, else straight into the names.
+            early = self.unpacking_reads_targets(target.elts, parts)
+            parts = [self.materialize(p, "tmp", node, copy=True) if first and isinstance(p, (N.Expr, Vec)) else p
+                     for p, first in zip(parts, early)]
             for t, p in zip(target.elts, parts):
                 self.assign(t, p, node)
         elif (element := self.field_target(target)) is not None:
@@ -504,16 +520,18 @@ class Lowerer:
         return None
 
     def unpacking_reads_targets(self, targets, parts):
-        """Whether `a, b = ...` must go through temporaries: a target that is not a plain name, or
-        a right-hand side reading the current value of a name on the left."""
+        """Which right sides of `a, b = ...` must be evaluated into temporaries before the
+        assignments: those reading a name assigned before them (`q` in `p, q = q, p`); all of
+        them where a target is not a plain name (`v[0], v[1] = v[1], v[0]`)."""
         if not all(isinstance(t, ast.Name) for t in targets):
-            return True
-        bound = set()
-        for t in targets:
+            return [True] * len(parts)
+        early, bound = [], set()
+        for t, p in zip(targets, parts):
+            early.append(any(v.name in bound for v in _vars_of(p)))
             local = self.scope.get(t.id)
             if isinstance(local, Local):
                 bound.update(local.names)
-        return any(v.name in bound for p in parts for v in _vars_of(p))
+        return early
 
     def assign_member(self, struct, attr, value, node):
         """`p.r = v` for a struct bound to a local: its members are locals of their own."""
@@ -527,8 +545,7 @@ class Lowerer:
             pairs = zip(old.items, new.items)
         else:
             pairs = [(old, self.scalar(value, node))]
-        for var, e in pairs:
-            self.emit(N.Assign(var.name, B.cast(self.scalar(e, node), var.dtype), src=self.loc(node)))
+        self.assign_at_once([(var.name, B.cast(self.scalar(e, node), var.dtype)) for var, e in pairs], node)
 
     def local_vector(self, target):
         """The Local a store target names when it is a local vector or matrix: a name (`v`) or a
