@@ -21,7 +21,7 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.ops import BITWISE
 from ..ir.types import default_fp, from_taichi, is_float, is_int
-from ..ir.walk import vars_in
+from ..ir.walk import loads_in, vars_in
 from ..runtime.registry import REGISTRY
 from ..ad.names import NameAllocator
 from . import vec as V
@@ -117,6 +117,17 @@ class Local:
     def value(self):
         items = [B.var(n, d) for n, d in zip(self.names, self.dtypes)]
         return items[0] if self.shape is None else Vec(self.shape, items)
+
+
+def _exprs_of(value):
+    """The IR expressions of a value: itself, the items of a Vec, the entries of a list/tuple."""
+    if isinstance(value, N.Expr):
+        return [value]
+    if isinstance(value, Vec):
+        return list(value.items)
+    if isinstance(value, (list, tuple)):
+        return [e for v in value for e in _exprs_of(v)]
+    return []
 
 
 def _vars_of(value):
@@ -751,6 +762,8 @@ class Lowerer:
                 raise self.error(node, "unsupported store target", "store into field[index]")
         refs, shape = self.refs_of(fieldv, node, self.field_name(target))
         index = self.field_index(fieldv, target.slice, node)
+        if shape is not None:
+            value, index = self.read_before_storing(refs, value, index, self.field_name(target), node)
         if shape is not None and comp is not None and not all(isinstance(c, numbers.Integral) for c in comp):
             # x[i][d] = e, x[i][d] += e: the store (or atomic add) into the component d names
             e = self.scalar(value, node) if not (len(shape) == 2 and len(comp) == 1) else value
@@ -780,6 +793,21 @@ class Lowerer:
                 self.emit(N.Atomic(atomic, ref, index, e, src=self.loc(node)))
             else:
                 self.emit(N.Store(ref, index, e, src=self.loc(node)))
+
+    def read_before_storing(self, refs, value, index, name, node):
+        """`x[i] = M @ x[i]`, `x[i] = x[i].normalized()`, `x[i] += ti.Vector([x[i].y, x[i].x])`:
+        a vector is stored one component at a time, so a value (or the index) reading the field's
+        components is evaluated into locals first, as Taichi evaluates the right side before storing."""
+        stored = {ref.field for ref in refs}
+
+        def reads_target(v):
+            return any(load.ref.field in stored for e in _exprs_of(v) for load in loads_in(e))
+
+        if reads_target(value):
+            value = self.materialize(value, f"{name}_new", node, copy=True)
+        if any(reads_target(i) for i in index):
+            index = tuple(self.materialize(i, f"{name}_at", node) for i in index)
+        return value, index
 
     def fixed_index(self, idx, node):
         """Runtime index parts bound to locals: the choices they make must not change while the
