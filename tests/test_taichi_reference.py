@@ -641,3 +641,19 @@ def test_a_field_vector_updated_in_place_reads_its_old_components(runtime):
     d, e = rng.standard_normal((n, 2)), rng.standard_normal((n, 2))
     fd = (run(kd.kernel, x0 + h * d, q0 + h * e) - run(kd.kernel, x0 - h * d, q0 - h * e)) / (2 * h)
     assert np.sum(gx * d) + np.sum(gq * e) == pytest.approx(fd, rel=1e-6)
+
+    history = ti.Vector.field(2, ti.f64, shape=(3, n))
+
+    @kd.kernel
+    def advance():  # another time slice of the field cannot be the stored element: no copies
+        for i in range(n):
+            history[1, i] = history[0, i].yx * 0.5
+            history[2, i] = history[2, i].yx + history[1, i]
+
+    start = np.arange(6 * n, dtype=np.float64).reshape(3, n, 2)
+    history.from_numpy(start)
+    advance()
+    np.testing.assert_allclose(history.to_numpy()[1], start[0, :, ::-1] * 0.5)
+    np.testing.assert_allclose(history.to_numpy()[2], start[2, :, ::-1] + start[0, :, ::-1] * 0.5)
+    src = advance.source
+    assert "history[1, i][0] = history[0, i][1] * 0.5" in src and src.count("history_new") == 4, src

@@ -119,6 +119,26 @@ class Local:
         return items[0] if self.shape is None else Vec(self.shape, items)
 
 
+def _offset_form(e):
+    """An index expression as (base, constant offset): t + 1 -> (t, 1), t -> (t, 0)."""
+    if isinstance(e, N.Call) and e.op in ("add", "sub") and isinstance(e.args[1], N.Const) \
+            and isinstance(e.args[1].value, numbers.Integral):
+        return e.args[0], e.args[1].value if e.op == "add" else -e.args[1].value
+    if isinstance(e, N.Const) and isinstance(e.value, numbers.Integral):
+        return None, e.value
+    return e, 0
+
+
+def _disjoint(a, b):
+    """Whether two indices of one field surely name different elements: some axis holds the same
+    base at different constant offsets (x[t, i] and x[t + 1, i]), or different constants."""
+    for ea, eb in zip(a, b):
+        (ba, ca), (bb, cb) = _offset_form(ea), _offset_form(eb)
+        if ba == bb and ca != cb:
+            return True
+    return False
+
+
 def _exprs_of(value):
     """The IR expressions of a value: itself, the items of a Vec, the entries of a list/tuple."""
     if isinstance(value, N.Expr):
@@ -801,7 +821,8 @@ class Lowerer:
         stored = {ref.field for ref in refs}
 
         def reads_target(v):
-            return any(load.ref.field in stored for e in _exprs_of(v) for load in loads_in(e))
+            return any(load.ref.field in stored and not _disjoint(load.index, index)
+                       for e in _exprs_of(v) for load in loads_in(e))
 
         if reads_target(value):
             value = self.materialize(value, f"{name}_new", node, copy=True)
