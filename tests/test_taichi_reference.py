@@ -239,6 +239,12 @@ def test_struct_fields_match_taichi_grad(runtime):
         def kinetic(self, v):
             return 0.5 * self.mass * v.norm_sqr()
 
+        @ti.func
+        def spin(self, s):  # Taichi passes self by reference: the caller's struct changes
+            self.pos = ti.Vector([-self.pos.y, self.pos.x]) * s
+            self.mass *= s
+            return self.mass
+
     bodies = Body.field(shape=n, needs_grad=True)
     state = ti.Struct.field({"vel": vec2, "work": ti.f64}, shape=n, needs_grad=True)
     loss = ti.field(ti.f64, shape=(), needs_grad=True)
@@ -281,6 +287,22 @@ def test_struct_fields_match_taichi_grad(runtime):
             loss[None] += b.kinetic(state[i].vel) + bodies[i].kinetic(b.pos)
 
     taichi_and_kerndiff_agree(methods)
+
+    def method_assigning_self():
+        for i in bodies:
+            b = bodies[i]
+            m = b.spin(1.5)
+            loss[None] += b.pos.dot(state[i].vel) * m + b.mass
+
+    taichi_and_kerndiff_agree(method_assigning_self)
+
+    @kd.kernel
+    def method_assigning_a_field_element():
+        for i in bodies:
+            loss[None] += bodies[i].spin(1.5)
+
+    with pytest.raises(kd.KernDiffError, match="called on a field element"):
+        method_assigning_a_field_element()
 
     def member_components():  # components of a copied element's vector member, assigned
         for i in bodies:

@@ -22,7 +22,8 @@ def lower_call(lw, fn, args, kwargs, node):
         return vec_method(lw, fn, args, kwargs, node)
     from .lower import StructMethod
     if isinstance(fn, StructMethod):
-        return inline_function(lw, unwrap_ti_func(fn.fn), [fn.target] + list(args), kwargs, node)
+        return inline_function(lw, unwrap_ti_func(fn.fn), [fn.target] + list(args), kwargs, node,
+                               self_by_reference=True)
     from taichi.lang.struct import StructType
     if isinstance(fn, StructType):
         return struct_value(lw, fn, args, kwargs, node)
@@ -204,8 +205,11 @@ def _assigned_names(tree):
     return out
 
 
-def inline_function(lw, pyfn, args, kwargs, node):
-    """Inline a ti.func / kd.func body at the call site; returns its return value."""
+def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
+    """Inline a ti.func / kd.func body at the call site; returns its return value.
+
+    self_by_reference: the first argument is a dataclass method's `self`, which Taichi passes by
+    reference (the method's `self.m = ...` changes the caller's struct)."""
     from .lower import Local, Lowerer, StructValue
 
     if len(_chain(lw)) > MAX_INLINE_DEPTH:
@@ -232,7 +236,13 @@ def inline_function(lw, pyfn, args, kwargs, node):
     templates = {p.arg for p in a.args if _is_template(p.annotation)}
     for p in names:
         v = bound[p]
-        if isinstance(v, StructValue):
+        if self_by_reference and p == names[0] and isinstance(v, StructValue):
+            if p in reassigned and not _held_in_locals(v):
+                raise lw.error(node, "this method assigns to `self`, and it is called on a field element: Taichi "
+                                     "writes those assignments back into the field, which kerndiff does not",
+                               "copy the element to a local, call the method on it, and store the local back")
+            child.scope[p] = v
+        elif isinstance(v, StructValue):
             child.bind_local(p, v, node)  # a copy, as Taichi passes structs by value
         elif not isinstance(v, (N.Expr, Vec)) and (p in templates or not isinstance(v, (bool, int, float))):
             # compile-time, as in Taichi: ti.math.eye(n: template()) unrolls over n, and a dtype
@@ -245,6 +255,12 @@ def inline_function(lw, pyfn, args, kwargs, node):
         else:
             child.bind_local(p, v, node)
     return lower_body_with_returns(child, list(src.tree.body))
+
+
+def _held_in_locals(struct):
+    """Whether every member of a struct value is a local (not a field element's loads)."""
+    items = [e for v in struct.members.values() for e in (v.items if isinstance(v, Vec) else [v])]
+    return all(isinstance(e, N.Var) for e in items)
 
 
 def _is_template(annotation):
