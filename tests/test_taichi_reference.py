@@ -440,10 +440,11 @@ def test_elementwise_vector_operations_match_taichi_grad(runtime):
 
 def test_a_local_reassigned_from_itself_reads_its_old_value(runtime):
     """`v = M @ v`, `v = v.normalized()`, `v = ti.Vector([v.y, -v.x, v.z])`, `p, q = q, p`,
-    `s.x, s.y = s.y, s.x`, a struct member rotated in place and ti.math.rot_by_axis (which does
-    `axis = normalize(axis)`): every right side is evaluated before any component changes, as in
-    Taichi. kerndiff once assigned the components one after another, so later ones read the new
-    values: wrong results without a word. Values and gradients against Taichi's."""
+    `s.x, s.y = s.y, s.x`, `c = d = c.yzx * a`, a struct member rotated in place and
+    ti.math.rot_by_axis (which does `axis = normalize(axis)`): every right side is evaluated before
+    any component changes, as in Taichi. kerndiff once assigned the components one after another,
+    so later ones read the new values: wrong results without a word. Values and gradients against
+    Taichi's."""
     n = 3
     rng = np.random.default_rng(12)
     v = ti.Vector.field(3, ti.f64, shape=n, needs_grad=True)
@@ -470,8 +471,11 @@ def test_a_local_reassigned_from_itself_reads_its_old_value(runtime):
             b = Body(vel=ti.Vector([v[i].x, a[i]]), m=1.0)
             b.vel = ti.Vector([b.vel.y, -b.vel.x]) * b.vel.norm()
             R = ti.math.rot_by_axis(v[i], a[i])
+            c = v[i]
+            c = d = c.yzx * a[i]  # chained: one value, computed before c changes
             loss[None] += w.dot(ti.Vector([1.0, 2.0, 3.0])) + u.x * 3.0 + r.norm_sqr() + p * 5.0 + q \
-                + s.dot(ti.Vector([1.0, -1.0, 0.5])) + b.vel.x * 2.0 + b.vel.y + (R @ ti.Vector([1.0, 0.0, 0.0, 1.0])).y
+                + s.dot(ti.Vector([1.0, -1.0, 0.5])) + b.vel.x * 2.0 + b.vel.y \
+                + (R @ ti.Vector([1.0, 0.0, 0.0, 1.0])).y + c.x * d.y
 
     for expected, got in zip(*grads_of_both(self_reassigned, [v, M, a], loss)):
         np.testing.assert_allclose(got, expected, rtol=1e-12)

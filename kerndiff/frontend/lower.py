@@ -467,6 +467,9 @@ class Lowerer:
 
     def stmt_Assign(self, node):
         value = self.expr(node.value)
+        if len(node.targets) > 1 and any(vars_in(e) or loads_in(e) for e in _exprs_of(value)):
+            # v = w = v * 2.0: the value is computed once, before the first target changes
+            value = self.materialize(value, "value", node, copy=True)
         for target in node.targets:
             self.assign(target, value, node)
 
