@@ -27,12 +27,14 @@ def transform(ir, step, level):
     from .ad.reverse import reverse_kernel
     from .ir.walk import without_prints
     from .opt import optimize
+    from .opt.guards import guard_zero_adds
 
     ir = dataclasses.replace(ir, body=without_prints(ir.body))
     if step == "forward":
         return optimize(forward_kernel(ir, level))
     # "reverse_from_inputs": kd.Tape's variant for kernels that update fields in place
-    return optimize(reverse_kernel(ir, level, inputs_restored=step == "reverse_from_inputs"))
+    rev = reverse_kernel(ir, level, inputs_restored=step == "reverse_from_inputs")
+    return optimize(dataclasses.replace(rev, body=guard_zero_adds(rev.body)))
 
 
 def kernel_ir(kernel, templates):

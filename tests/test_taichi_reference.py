@@ -683,3 +683,27 @@ def test_a_field_vector_updated_in_place_reads_its_old_components(runtime):
     np.testing.assert_allclose(history.to_numpy()[2], start[2, :, ::-1] + start[0, :, ::-1] * 0.5)
     src = advance.source
     assert "history[1, i][0] = history[0, i][1] * 0.5" in src and src.count("history_new") == 4, src
+
+
+def test_boundary_ternaries_add_their_adjoints_only_inside(runtime):
+    """`u[i - 1] if i > 0 else 0.0` reads outside the field at i = 0, as in Taichi, where the value
+    is then discarded; its adjoint is added under the condition (`if i > 0: u_adj[i - 1] += ...`),
+    not as an atomic add of zero that writes outside the field. Gradients against Taichi's and the
+    HVP against finite differences."""
+    n = 6
+    u = ti.field(ti.f64, shape=n, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    u.from_numpy(np.random.default_rng(15).standard_normal(n))
+
+    def diffusion():
+        for i in u:
+            left = u[i - 1] if i > 0 else 0.0
+            right = ti.select(i < n - 1, u[i + 1], 0.0)
+            loss[None] += (left + right - 2.0 * u[i]) ** 2 * ti.exp(0.1 * u[i])
+
+    for expected, got in zip(*grads_of_both(diffusion, [u], loss)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+    k = kd.kernel(diffusion)
+    src = k.reverse.source
+    assert "if i > 0:" in src and "if i < 5:" in src and "+= ti.select" not in src, src
+    assert kd.check_grad(k, [u], loss, order=2) < 1e-6

@@ -1,0 +1,60 @@
+"""Adjoint contributions that are zero unless a condition holds are added under that condition.
+
+The reverse of `x[i - 1] if i > 0 else 0.0` (a ti.select in Taichi) adds `select(i > 0, g, 0.0)`
+into x_adj[i - 1]. As an atomic add that runs on every trip, it costs an atomic where nothing is
+added, and at i = 0 it writes (a zero) outside the field: into whatever memory lies before it,
+where even adding 0.0 can change bits (-0.0 becomes 0.0, a denormal is flushed under fast math),
+and on a GPU it may fault. So `x_adj[i - 1] += select(c, e, 0.0) * k` becomes
+`if c: x_adj[i - 1] += e * k`. Where the condition fails the sum was zero, so nothing changes but
+that the add (and its out-of-range index) is skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..ir import build as B
+from ..ir import nodes as N
+from ..ir.walk import map_stmts
+
+
+def guard_zero_adds(stmts):
+    """stmts with every atomic add of a zero-unless-condition value put under its condition."""
+    return map_stmts(stmts, _guarded)
+
+
+def _guarded(s):
+    if not (isinstance(s, N.Atomic) and s.op == "add"):
+        return s
+    split = _conditional(s.value)
+    if split is None:
+        return s
+    cond, value = split
+    return N.If(cond, (dataclasses.replace(s, value=value),), src=s.src, tag=s.tag)
+
+
+def _is_zero(e):
+    return isinstance(e, N.Const) and e.value == 0
+
+
+def _conditional(e):
+    """(c, v) when e is v where c holds and zero where it does not: a select with a zero branch,
+    scaled by factors (products, negation, a quotient's numerator); None otherwise."""
+    if isinstance(e, N.Call) and e.op == "select":
+        c, a, b = e.args
+        if _is_zero(b) and not _is_zero(a):
+            return c, a
+        if _is_zero(a) and not _is_zero(b):
+            return B.call("not", c), b
+        return None
+    if isinstance(e, N.Call) and e.op == "neg":
+        inner = _conditional(e.args[0])
+        return None if inner is None else (inner[0], B.call("neg", inner[1]))
+    if isinstance(e, N.Call) and e.op in ("mul", "div"):
+        a, b = e.args
+        inner = _conditional(a)
+        if inner is not None:
+            return inner[0], B.call(e.op, inner[1], b)
+        inner = _conditional(b) if e.op == "mul" else None
+        if inner is not None:
+            return inner[0], B.call("mul", a, inner[1])
+    return None
