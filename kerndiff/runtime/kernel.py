@@ -127,22 +127,29 @@ class Kernel:
                     except (KeyError, TypeError):
                         ndarray = type(ann).__name__ == "NdarrayType"
                         raise self._parameter_error(
-                            p.name, f"unsupported annotation {ann!r} of parameter '{p.name}'"
+                            p.name, f"unsupported annotation {_type_name(ann)} of parameter '{p.name}'"
                                     + (": kerndiff differentiates fields, not ndarrays" if ndarray else ""),
                             "use ti.f32, ti.f64, ti.i32, float, int or ti.template()"
                             + (" and pass a field (fill it with f.from_numpy(array))" if ndarray else ""))
             ret = sig.return_annotation
-            if ret is inspect.Signature.empty or ret is None:
-                rdt = None
-            elif isinstance(ret, tuple):
-                rdt = tuple(from_taichi(r) for r in ret)
-            else:
-                rdt = from_taichi(ret)
+            try:
+                if ret is inspect.Signature.empty or ret is None:
+                    rdt = None
+                elif isinstance(ret, tuple):
+                    rdt = tuple(from_taichi(r) for r in ret)
+                else:
+                    rdt = from_taichi(ret)
+            except (KeyError, TypeError):
+                raise self._parameter_error(None, f"unsupported return type {_type_name(ret)} of kernel "
+                                                  f"{self.__name__}",
+                                            "return a scalar (ti.f32, ti.f64, ti.i32, float, int), or write "
+                                            "vectors into a field") from None
             self._signature = (params, rdt)
         return self._signature
 
     def _parameter_error(self, name, reason, remedy):
-        """A KernDiffError pointing at the parameter in the kernel's `def` line."""
+        """A KernDiffError pointing at the parameter in the kernel's `def` line (name None: the
+        line itself)."""
         from ..frontend.source import parse_function
         try:
             src = parse_function(self.fn)
@@ -294,3 +301,13 @@ def kernel(fn):
     if isinstance(fn, Kernel):
         return fn
     return Kernel(fn)
+
+
+def _type_name(ann):
+    """A Taichi type annotation as written (its repr is an object address for vectors)."""
+    kind = type(ann).__name__
+    if kind == "VectorType":
+        return f"ti.types.vector({ann.n}, {ann.dtype})"
+    if kind == "MatrixType":
+        return f"ti.types.matrix({ann.n}, {ann.m}, {ann.dtype})"
+    return repr(ann)
