@@ -294,13 +294,6 @@ def test_missing_annotation(f):
     raises(lambda: takes_ndarray(np.zeros(2)), "not ndarrays", "pass a field", line_text="a: ti.types.ndarray()")
 
     @kd.kernel
-    def takes_vector(v: ti.math.vec2):
-        pass
-
-    raises(lambda: takes_vector(ti.math.vec2(1.0, 2.0)), "annotation ti.types.vector(2, ",
-           line_text="v: ti.math.vec2")
-
-    @kd.kernel
     def returns_vector() -> ti.math.vec2:  # crashed with a KeyError before
         return ti.Vector([1.0, 2.0])
 

@@ -707,3 +707,35 @@ def test_boundary_ternaries_add_their_adjoints_only_inside(runtime):
     src = k.reverse.source
     assert "if i > 0:" in src and "if i < 5:" in src and "+= ti.select" not in src, src
     assert kd.check_grad(k, [u], loss, order=2) < 1e-6
+
+
+def test_vector_and_matrix_kernel_parameters(runtime):
+    """`g: ti.math.vec2, A: ti.math.mat2` parameters, passed as Taichi vectors, lists or arrays:
+    values and gradients against Taichi's, the HVP against finite differences; a wrong shape is
+    refused."""
+    x = ti.Vector.field(2, ti.f64, shape=3, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    x.from_numpy(np.array([[1.0, 2.0], [3.0, 4.0], [0.5, -1.0]]))
+
+    def pushed(g: ti.math.vec2, A: ti.math.mat2, s: ti.f64):
+        for i in x:
+            loss[None] += (A @ x[i] + g * s).norm_sqr() * ti.exp(0.1 * x[i].x)
+
+    g, A = ti.math.vec2(0.1, -9.8), ti.math.mat2([[1.0, 0.5], [0.2, 2.0]])
+    results = []
+    for k in both(pushed):
+        x.grad.fill(0)
+        loss[None] = 0
+        k(g, A, 0.5)
+        loss.grad[None] = 1
+        k.grad(g, A, 0.5)
+        results.append((loss[None], x.grad.to_numpy()))
+    for expected, got in zip(*results):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+    k = kd.kernel(pushed)
+    loss[None] = 0
+    k([0.1, -9.8], np.array([[1.0, 0.5], [0.2, 2.0]]), 0.5)
+    assert loss[None] == pytest.approx(results[0][0], rel=1e-12)
+    assert kd.check_grad(k, [x], loss, args=(g, A, 0.5), order=2) < 1e-6
+    with pytest.raises(kd.KernDiffError, match=r"argument 'g' of pushed must have shape \(2,\)"):
+        k([0.1], A, 0.5)

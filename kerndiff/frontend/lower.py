@@ -1133,6 +1133,12 @@ def lower_kernel(fn, bound_args: dict, param_dtypes: dict, return_dtype):
         names.taken.add(name)
     for name, dtype in param_dtypes.items():
         names.taken.add(name)
+        if hasattr(dtype, "names"):  # a vector parameter: its components are scalar parameters
+            parts = dtype.names(name)
+            names.taken.update(parts)
+            scope[name] = Local(parts, dtype.shape, [dtype.dtype] * len(parts))
+            params += [N.Param(p, dtype.dtype) for p in parts]
+            continue
         scope[name] = Local([name], None, [dtype])
         params.append(N.Param(name, dtype))
     lw = Lowerer(src, scope, names)

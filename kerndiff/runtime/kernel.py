@@ -121,6 +121,8 @@ class Kernel:
                                                 "annotate it with ti.f32 / ti.f64 / ti.i32 / ti.template()")
                 if _is_template(ann):
                     params.append((p.name, "template"))
+                elif type(ann).__name__ in ("VectorType", "MatrixType"):
+                    params.append((p.name, VectorParam.of(ann)))
                 else:
                     try:
                         params.append((p.name, from_taichi(ann)))
@@ -129,7 +131,7 @@ class Kernel:
                         raise self._parameter_error(
                             p.name, f"unsupported annotation {_type_name(ann)} of parameter '{p.name}'"
                                     + (": kerndiff differentiates fields, not ndarrays" if ndarray else ""),
-                            "use ti.f32, ti.f64, ti.i32, float, int or ti.template()"
+                            "use ti.f32, ti.f64, ti.i32, float, int, a vector or matrix type, or ti.template()"
                             + (" and pass a field (fill it with f.from_numpy(array))" if ndarray else ""))
             ret = sig.return_annotation
             try:
@@ -183,7 +185,12 @@ class Kernel:
         if missing:
             raise KernDiffError(f"{self.__name__} is missing arguments {missing}", remedy="pass every argument")
         templates = {n: values[n] for n, d in params if d == "template"}
-        scalars = [(n, d, values[n]) for n, d in params if d != "template"]
+        scalars = []
+        for n, d in params:
+            if isinstance(d, VectorParam):
+                scalars += d.flatten(n, values[n], self.__name__)
+            elif d != "template":
+                scalars.append((n, d, values[n]))
         return templates, scalars, rdt
 
     # ---------------------------------------------------------------- pipeline
@@ -301,6 +308,46 @@ def kernel(fn):
     if isinstance(fn, Kernel):
         return fn
     return Kernel(fn)
+
+
+class VectorParam:
+    """A vector or matrix kernel parameter (`g: ti.math.vec2`). Generated kernels take its
+    components as scalar parameters `g_0, g_1` (the frontend binds `g` to them), and a launch
+    passes the user's vector, list or array as those scalars. Like a scalar parameter it is a
+    constant of the derivatives."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, dtype
+
+    @classmethod
+    def of(cls, ann):
+        shape = (ann.n,) if type(ann).__name__ == "VectorType" else (ann.n, ann.m)
+        return cls(shape, from_taichi(ann.dtype))
+
+    def names(self, name):
+        import itertools
+        return [f"{name}_{'_'.join(map(str, idx))}" for idx in itertools.product(*map(range, self.shape))]
+
+    def flatten(self, name, value, kernel_name):
+        import numpy as np
+        try:
+            arr = np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float64)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is None or arr.shape != self.shape:
+            raise KernDiffError(f"argument '{name}' of {kernel_name} must have shape {self.shape}, got "
+                                f"{None if arr is None else arr.shape}",
+                                remedy="pass a Taichi vector/matrix, a list or a numpy array of that shape")
+        cast = int if not self.dtype.startswith("f") else float
+        return [(n, self.dtype, cast(x)) for n, x in zip(self.names(name), arr.reshape(-1))]
+
+    def __eq__(self, other):
+        return isinstance(other, VectorParam) and (self.shape, self.dtype) == (other.shape, other.dtype)
+
+    def __hash__(self):
+        return hash((self.shape, self.dtype))
 
 
 def _type_name(ann):
