@@ -406,6 +406,69 @@ def test_fwd_mode_clears_duals_on_entry_and_the_seed_on_exit_like_taichi(runtime
     np.testing.assert_allclose(duals, expected, rtol=1e-12)
 
 
+def test_tape_through_billiard_collisions(runtime):
+    """DiffTaichi's billiards: impulses from pairwise collisions (nested data-dependent ifs,
+    `ti.Vector.normalized(d, 1e-6)` called through the class), accumulated into the next step and
+    integrated. The Tape's gradient of the last ball's final position with respect to the cue
+    ball's initial velocity against f64 finite differences (the cue ball hits the second ball)."""
+    steps, n, r, dt = 30, 4, 0.1, 0.01
+    x = ti.Vector.field(2, ti.f64, shape=(steps, n))
+    v = ti.Vector.field(2, ti.f64, shape=(steps, n))
+    imp = ti.Vector.field(2, ti.f64, shape=(steps, n))
+    cue = ti.Vector.field(2, ti.f64, shape=(), needs_grad=True)
+    loss = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def collide(t: ti.i32):
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    d = x[t, i] - x[t, j]
+                    rel = v[t, i] - v[t, j]
+                    if d.norm() < 2 * r:
+                        direction = ti.Vector.normalized(d, 1e-6)
+                        proj = direction.dot(rel)
+                        if proj < 0:
+                            imp[t + 1, i] += -proj * direction
+
+    @kd.kernel
+    def advance(t: ti.i32):
+        for i in range(n):
+            v[t, i] = v[t - 1, i] + imp[t, i]
+            x[t, i] = x[t - 1, i] + dt * v[t, i]
+
+    @kd.kernel
+    def place():
+        for i in range(n):
+            x[0, i] = ti.Vector([0.25 * i, 0.02 * i])
+            v[0, i] = cue[None] if i == 0 else ti.Vector([0.0, 0.0])
+
+    @kd.kernel
+    def measure():
+        loss[None] = x[steps - 1, n - 1].norm_sqr() + x[steps - 1, 1].y
+
+    def run(c):
+        cue[None] = c
+        imp.fill(0)
+        with kd.Tape(loss):
+            place()
+            for t in range(1, steps):
+                collide(t - 1)
+                advance(t)
+            measure()
+        return loss[None], cue.grad.to_numpy()
+
+    c0 = np.array([20.0, 0.3])
+    _, grad = run(c0)
+    assert np.abs(imp.to_numpy()).max() > 0  # the balls did collide
+    h = 1e-6
+    for d in range(2):
+        e = np.zeros(2)
+        e[d] = h
+        fd = (run(c0 + e)[0] - run(c0 - e)[0]) / (2 * h)
+        assert grad[d] == pytest.approx(fd, rel=1e-6)
+
+
 def test_tape_through_softened_gravity_on_snode_placed_fields(runtime):
     """DiffTaichi's layout: fields placed on ti.root.dense(...) together (x and v share a
     (steps, n) block), adjoints from ti.root.lazy_grad(), a time-indexed state, an inner serial loop

@@ -519,7 +519,8 @@ def test_norm_safeguards_match_taichi(runtime):
         for i in v:
             w = ti.Matrix.diag(3, v[i].x) @ v[i] + v[i]
             loss[None] += v[i].norm(1e-6) + w.norm_inv(0.01) + (v[i] + 1.0).normalized(eps=eps[None]).dot(
-                ti.Vector([1.0, 2.0, 3.0])) + (v[i] - 1.0).normalized(1e-3).y
+                ti.Vector([1.0, 2.0, 3.0])) + (v[i] - 1.0).normalized(1e-3).y \
+                + ti.Vector.normalized(v[i] + 2.0, 1e-3).x + ti.Vector.norm(v[i], eps=1e-6)  # through the class
 
     for expected, got in zip(*grads_of_both(safeguards, [v], loss)):
         assert np.all(np.isfinite(expected))

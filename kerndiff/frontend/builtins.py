@@ -188,6 +188,18 @@ def _diag(lw, node, args, kwargs):
     return Vec((dim, dim), [val if i == j else zero for i in range(dim) for j in range(dim)])
 
 
+VECTOR_METHODS = ("norm", "norm_sqr", "norm_inv", "normalized", "dot", "cross", "outer_product", "transpose",
+                  "trace", "determinant", "inverse", "sum", "max", "min", "cast")
+
+
+def _unbound_method(name):
+    def handler(lw, node, args, kwargs):
+        from .calls import vec_method
+        from .lower import Method
+        return vec_method(lw, Method(name, lw.vec(args[0], node)), args[1:], kwargs, node)
+    return handler
+
+
 def _py_float(lw, node, args, kwargs):
     from ..ir.types import default_fp
     if isinstance(args[0], (int, float)):
@@ -282,6 +294,8 @@ def build_table():
     table[ti.Matrix.one] = _vec_one
     table[ti.Matrix.identity] = _identity
     table[ti.Matrix.diag] = _diag
+    for name in VECTOR_METHODS:  # ti.Vector.normalized(d, 1e-6): a method called through the class
+        table[getattr(ti.Matrix, name)] = _unbound_method(name)
     table[ti.Vector.unit] = _vec_unit
     table[ti.Matrix.rows] = _rows_cols(False)
     table[ti.Matrix.cols] = _rows_cols(True)
