@@ -483,7 +483,8 @@ def test_a_local_reassigned_from_itself_reads_its_old_value(runtime):
 
 def test_ti_func_arguments_are_passed_by_value(runtime):
     """A ti.func that assigns components of its vector parameter (`v[0] = v[1]`, `v.y *= s`)
-    changes its own copy, as in Taichi; kerndiff once wrote through to the caller's local."""
+    changes its own copy, as in Taichi; kerndiff once wrote through to the caller's local. A
+    ti.template() parameter is the caller's local itself, as in Taichi (kerndiff once copied it)."""
     n = 3
     v = ti.Vector.field(2, ti.f64, shape=n, needs_grad=True)
     loss = ti.field(ti.f64, shape=(), needs_grad=True)
@@ -495,11 +496,19 @@ def test_ti_func_arguments_are_passed_by_value(runtime):
         p.y *= s
         return p.sum()
 
+    @ti.func
+    def shuffle_in_place(p: ti.template(), s: ti.template()):  # template arguments: by reference
+        p[0] = p[1] * s
+        s += p.x
+
     def by_value():
         for i in v:
             w = v[i]
             r = shuffle(w, 3.0)
-            loss[None] += w.x * 5.0 + w.y * w.y + r * w.x
+            u = v[i] * 2.0
+            c = v[i].y
+            shuffle_in_place(u, c)
+            loss[None] += w.x * 5.0 + w.y * w.y + r * w.x + u.x * u.y + c * c
 
     for expected, got in zip(*grads_of_both(by_value, [v], loss)):
         np.testing.assert_allclose(got, expected, rtol=1e-12)

@@ -248,9 +248,11 @@ def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
             # compile-time, as in Taichi: ti.math.eye(n: template()) unrolls over n, and a dtype
             # passed on (Taichi's _polar_decompose2d(A, dt)) stays a dtype
             child.scope[p] = v
-        elif isinstance(v, N.Var) and p not in reassigned:
+        elif isinstance(v, N.Var) and (p not in reassigned or p in templates):
+            # a local read-only here, or a ti.template() parameter, which Taichi passes by reference
             child.scope[p] = Local([v.name], None, [v.dtype])
-        elif isinstance(v, Vec) and all(isinstance(e, N.Var) for e in v.items) and p not in reassigned:
+        elif isinstance(v, Vec) and all(isinstance(e, N.Var) for e in v.items) and \
+                (p not in reassigned or p in templates):
             child.scope[p] = Local([e.name for e in v.items], v.shape, [e.dtype for e in v.items])
         else:
             child.bind_local(p, v, node)
