@@ -294,6 +294,14 @@ def test_missing_annotation(f):
     raises(lambda: takes_ndarray(np.zeros(2)), "not ndarrays", "pass a field", line_text="a: ti.types.ndarray()")
 
     @kd.kernel
+    def scaled(s: ti.f64):
+        for i in f["x"]:
+            f["s"][None] += f["x"][i] * s
+
+    with pytest.raises(kd.KernDiffError, match="argument 's' of scaled is a f64 parameter, but got ScalarField"):
+        scaled(f["x"])  # Taichi's own launch error before
+
+    @kd.kernel
     def returns_vector() -> ti.math.vec2:  # crashed with a KeyError before
         return ti.Vector([1.0, 2.0])
 
@@ -381,6 +389,21 @@ def test_differentiated_function_whose_loop_would_run_in_parallel(f):
 
     in_loop()
     assert x[0] == pytest.approx(sum((k + 1) * np.cos((k + 1) * 0.7) for k in range(3)), rel=1e-12)
+
+
+def test_field_not_placed_yet(f):
+    """`ti.field(dtype)` without a shape has no storage until placed; a kernel naming it says so
+    (it failed with an AttributeError inside the frontend before)."""
+    x = f["x"]
+    later = ti.field(ti.f64)
+
+    @kd.kernel
+    def k():
+        for i in x:
+            x[i] = later[i]
+
+    raises(k, "'later' is not placed", "ti.root.dense(ti.i, n).place(f)", line_text="x[i] = later[i]")
+    ti.root.dense(ti.i, N).place(later)  # placed now, so the module's later kernels can materialize
 
 
 def test_sparse_field(f):

@@ -736,6 +736,11 @@ class Lowerer:
         """kerndiff lowers fields to dense index spaces from 0; a sparse field would silently change
         meaning (struct-fors visiting inactive cells, writes activating them), and so would an
         index offset (struct-fors and derivative fields start at 0)."""
+        from ..runtime.registry import placed
+        if not placed(fieldv):
+            raise self.error(node, f"'{name}' is not placed: it has no shape and no SNode yet",
+                             "give it a shape (ti.field(dtype, shape=...)) or place it, e.g. "
+                             "ti.root.dense(ti.i, n).place(f), before the kernel runs")
         offset = index_offset(fieldv)
         if offset is not None:
             raise self.error(node, f"'{name}' has an index offset (offset={offset[0] if len(offset) == 1 else offset}); "

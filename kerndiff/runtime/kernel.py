@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import numbers
 import time
 
 import taichi as ti
@@ -190,6 +191,11 @@ class Kernel:
             if isinstance(d, VectorParam):
                 scalars += d.flatten(n, values[n], self.__name__)
             elif d != "template":
+                if not isinstance(values[n], numbers.Number) and not _numpy_scalar(values[n]):
+                    raise KernDiffError(f"argument '{n}' of {self.__name__} is a {d} parameter, but got "
+                                        f"{type(values[n]).__name__}",
+                                        remedy="pass a number; annotate the parameter ti.template() to pass a "
+                                               "field, or with a vector type to pass a vector")
                 scalars.append((n, d, values[n]))
         return templates, scalars, rdt
 
@@ -348,6 +354,11 @@ class VectorParam:
 
     def __hash__(self):
         return hash((self.shape, self.dtype))
+
+
+def _numpy_scalar(v):
+    import numpy as np
+    return isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.shape == ())
 
 
 def _type_name(ann):

@@ -99,7 +99,7 @@ class Registry:
             return got
         if level == 1:
             native = getattr(field, "grad" if kind == "adjoint" else "dual", None)
-            if native is not None and _placed(native):
+            if native is not None and placed(native):
                 self._remember(field, kind, level, native)
                 return native
         return None
@@ -223,7 +223,8 @@ def field_dtype(field) -> str:
     return from_taichi(field.dtype)
 
 
-def _placed(f) -> bool:
+def placed(f) -> bool:
+    """Whether a field has storage (is placed in an SNode tree); `ti.field(dtype)` alone is not."""
     try:
         return f.vars[0].ptr.snode() is not None
     except Exception:
