@@ -749,3 +749,23 @@ def test_vector_and_matrix_kernel_parameters(runtime):
     assert kd.check_grad(k, [x], loss, args=(g, A, 0.5), order=2) < 1e-6
     with pytest.raises(kd.KernDiffError, match=r"argument 'g' of pushed must have shape \(2,\)"):
         k([0.1], A, 0.5)
+
+
+def test_slices_of_vectors_and_matrices(runtime):
+    """`A[1, :]`, `A[:, 2]`, `A[0:2, 1:3]`, `v[1:3]` with compile-time bounds, as Taichi allows
+    (refused before). Values and gradients against Taichi's."""
+    M = ti.Matrix.field(3, 3, ti.f64, shape=2, needs_grad=True)
+    v = ti.Vector.field(4, ti.f64, shape=2, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    rng = np.random.default_rng(17)
+    M.from_numpy(rng.standard_normal((2, 3, 3)))
+    v.from_numpy(rng.standard_normal((2, 4)))
+
+    def slices():
+        for i in M:
+            A = M[i]
+            row, col, block = A[1, :], A[:, 2], A[0:2, 1:3]
+            loss[None] += row.dot(col) + block.determinant() * v[i][1:3].norm() + v[i][::2].dot(row[:2])
+
+    for expected, got in zip(*grads_of_both(slices, [M, v], loss)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)

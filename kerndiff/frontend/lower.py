@@ -625,9 +625,16 @@ class Lowerer:
         idx = self.expr(sl)
         idx = tuple(_known_int(i) for i in idx) if isinstance(idx, tuple) else (_known_int(idx),)
         for i in idx:
-            if not isinstance(i, numbers.Integral) and not (isinstance(i, N.Expr) and is_int(i.dtype)):
+            if not isinstance(i, (numbers.Integral, slice)) and not (isinstance(i, N.Expr) and is_int(i.dtype)):
                 raise self.error(node, "vector and matrix indices must be integers", "index with ints")
         return idx
+
+    def expr_Slice(self, node):
+        """`v[1:3]`, `A[1, :]`: a slice of compile-time ints, as Taichi requires."""
+        parts = [None if e is None else _known_int(self.expr(e)) for e in (node.lower, node.upper, node.step)]
+        if not all(p is None or isinstance(p, numbers.Integral) for p in parts):
+            raise self.error(node, "slice bounds must be known at compile time", "use constants or ti.static values")
+        return slice(*parts)
 
     def component_choices(self, idx, shape, node):
         """[(flat position, condition)] for an index with runtime parts into a vector or matrix of
@@ -973,6 +980,8 @@ class Lowerer:
             return loads[0] if shape is None else Vec(shape, loads)
         if isinstance(base, Vec):
             idx = self.index_parts(node.slice, node)
+            if any(isinstance(i, slice) for i in idx):
+                return self.sliced(base, idx, node)
             if not all(isinstance(i, numbers.Integral) for i in idx):
                 return self.dynamic_read(base, idx, node)
             if base.is_vector:
@@ -988,6 +997,18 @@ class Lowerer:
             return base[idx]
         except Exception as e:
             raise self.error(node, f"cannot index {base!r}: {e}", "check the index")
+
+    def sliced(self, base, idx, node):
+        """The components a slice picks: `v[1:3]` a vector, `A[1, :]` a row, `A[0:2, 1:3]` a matrix."""
+        if len(idx) != len(base.shape) or not all(isinstance(i, (numbers.Integral, slice)) for i in idx):
+            raise self.error(node, f"slicing shape {base.shape} needs {len(base.shape)} compile-time indices",
+                             "use one int or slice per dimension")
+        picks = [list(range(n))[i] if isinstance(i, slice) else [i] for i, n in zip(idx, base.shape)]
+        if base.is_vector:
+            return Vec((len(picks[0]),), [base.items[k] for k in picks[0]])
+        items = [base.at(r, c) for r in picks[0] for c in picks[1]]
+        kept = [len(p) for p, i in zip(picks, idx) if isinstance(i, slice)]
+        return Vec(tuple(kept), items)
 
     def expr_ListComp(self, node):
         """[e for k in ti.static(range(n)) if c]: unrolled at compile time, as Taichi does."""
