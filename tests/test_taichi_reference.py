@@ -769,3 +769,35 @@ def test_slices_of_vectors_and_matrices(runtime):
 
     for expected, got in zip(*grads_of_both(slices, [M, v], loss)):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_atomic_add_on_a_local(fields):
+    """`ti.atomic_add(s, v)` / `ti.atomic_sub` on a local: `s += v`, in a serial inner loop
+    (gradients against Taichi's) and as a top-level reduction over the parallel loop (Taichi's grad
+    refuses that kernel: its value against Taichi's, its gradients against finite differences).
+    It failed inside the frontend before."""
+    x, _, loss = fields
+
+    def inner_atomics():
+        for i in x:
+            s = 0.0
+            for j in range(3):
+                ti.atomic_add(s, x[(i + j) % N] ** 2)
+            ti.atomic_sub(s, 0.5 * x[i])
+            loss[None] += ti.sqrt(s * s + 1.0)
+
+    for expected, got in zip(*grads_of_both(inner_atomics, [x], loss)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+    def reduced():
+        total = 0.0
+        for i in x:
+            ti.atomic_add(total, ti.sin(x[i]) * x[i])
+        loss[None] = total
+
+    values = []
+    for k in both(reduced):
+        k()
+        values.append(loss[None])
+    np.testing.assert_allclose(values[1], values[0], rtol=1e-12)
+    assert kd.check_grad(kd.kernel(reduced), [x], loss, order=2) < 1e-6

@@ -460,6 +460,15 @@ class Lowerer:
     def atomic_call(self, fn, call):
         op = {ti.atomic_add: "add", ti.atomic_max: "max", ti.atomic_min: "min", ti.atomic_sub: "sub"}[fn]
         target, value = call.args
+        if isinstance(target, ast.Name):  # ti.atomic_add(s, v) on a local is s += v (a reduction where Taichi's is)
+            if op not in ("add", "sub"):
+                raise self.error(call, f"ti.atomic_{op} of a local variable is not supported",
+                                 f"write `{target.id} = ti.{op}({target.id}, ...)` in a serial loop, or reduce "
+                                 "into a 0-d field")
+            aug = ast.AugAssign(target=ast.Name(id=target.id, ctx=ast.Store()),
+                                op=ast.Add() if op == "add" else ast.Sub(), value=value)
+            self.stmt_AugAssign(ast.copy_location(aug, call))
+            return
         val = self.expr(value)
         if op == "sub":
             op, val = "add", self.elementwise(B.neg, val, call)
