@@ -2,6 +2,7 @@
 the IR it lowers to. Anything not in the table (a numpy call, an unknown library) is refused."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import taichi as ti
@@ -342,7 +343,6 @@ def positional(fn, args, kwargs):
     parameter allows it (ti.floor(x, dtype=ti.i32) reaches its handler as (x, ti.i32)), so no
     handler drops an argument given by keyword. Raises TypeError as Python would for arguments
     fn does not take; functions without a signature pass through as they are."""
-    import inspect
     try:
         sig = _SIGNATURES.get(fn)
         if sig is None:

@@ -184,9 +184,7 @@ def vec_method(lw, m, args, kwargs, node):
         return out
     if name == "cast":
         return lw.cast(t, args[0], node)
-    raise lw.error(node, f"vector method '{name}' is not supported",
-                   "use dot, norm, norm_sqr, norm_inv, normalized, cross, outer_product, transpose, trace, "
-                   "determinant, inverse, sum, max, min, cast")
+    raise lw.error(node, f"vector method '{name}' is not supported", "use " + ", ".join(BI.VECTOR_METHODS))
 
 
 def _assigned_names(tree):

@@ -150,15 +150,6 @@ def _exprs_of(value):
     return []
 
 
-def _vars_of(value):
-    """The IR locals an expression or a (nested) Vec of them reads."""
-    if isinstance(value, N.Expr):
-        return vars_in(value)
-    if isinstance(value, Vec):
-        return [v for item in value.items for v in _vars_of(item)]
-    return []
-
-
 class Method:
     """`v.norm` before it is called."""
 
@@ -570,7 +561,7 @@ class Lowerer:
             return [True] * len(parts)
         early, bound = [], set()
         for t, p in zip(targets, parts):
-            early.append(any(v.name in bound for v in _vars_of(p)))
+            early.append(any(v.name in bound for e in _exprs_of(p) for v in vars_in(e)))
             local = self.scope.get(t.id)
             if isinstance(local, Local):
                 bound.update(local.names)

@@ -122,7 +122,7 @@ class Kernel:
                                                 "annotate it with ti.f32 / ti.f64 / ti.i32 / ti.template()")
                 if _is_template(ann):
                     params.append((p.name, "template"))
-                elif type(ann).__name__ in ("VectorType", "MatrixType"):
+                elif _is_vector_type(ann):
                     params.append((p.name, VectorParam.of(ann)))
                 else:
                     try:
@@ -329,11 +329,9 @@ class VectorParam:
 
     @classmethod
     def of(cls, ann):
-        shape = (ann.n,) if type(ann).__name__ == "VectorType" else (ann.n, ann.m)
-        return cls(shape, from_taichi(ann.dtype))
+        return cls(_type_shape(ann), from_taichi(ann.dtype))
 
     def names(self, name):
-        import itertools
         return [f"{name}_{'_'.join(map(str, idx))}" for idx in itertools.product(*map(range, self.shape))]
 
     def flatten(self, name, value, kernel_name):
@@ -349,23 +347,23 @@ class VectorParam:
         cast = int if not self.dtype.startswith("f") else float
         return [(n, self.dtype, cast(x)) for n, x in zip(self.names(name), arr.reshape(-1))]
 
-    def __eq__(self, other):
-        return isinstance(other, VectorParam) and (self.shape, self.dtype) == (other.shape, other.dtype)
-
-    def __hash__(self):
-        return hash((self.shape, self.dtype))
-
 
 def _numpy_scalar(v):
     import numpy as np
     return isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.shape == ())
 
 
+def _is_vector_type(ann):
+    return type(ann).__name__ in ("VectorType", "MatrixType")
+
+
+def _type_shape(ann):
+    return (ann.n,) if type(ann).__name__ == "VectorType" else (ann.n, ann.m)
+
+
 def _type_name(ann):
     """A Taichi type annotation as written (its repr is an object address for vectors)."""
-    kind = type(ann).__name__
-    if kind == "VectorType":
-        return f"ti.types.vector({ann.n}, {ann.dtype})"
-    if kind == "MatrixType":
-        return f"ti.types.matrix({ann.n}, {ann.m}, {ann.dtype})"
-    return repr(ann)
+    if not _is_vector_type(ann):
+        return repr(ann)
+    kind = "vector" if len(_type_shape(ann)) == 1 else "matrix"
+    return f"ti.types.{kind}({', '.join(map(str, _type_shape(ann)))}, {ann.dtype})"
