@@ -156,6 +156,10 @@ class Emitter:
         if is_float(e.dtype):
             text = _float_literal(float(e.value), e.dtype)
             if e.dtype != self.fp:
+                as_f32 = _float_literal(float(e.value), "f32")
+                if e.dtype == "f64" and as_f32 != text and float(np.float32(float(as_f32))) == e.value:
+                    # An f32 literal widened (`d * 0.3` in an f32 kernel): say so, not 0.30000001192092896.
+                    return f"ti.f64(ti.f32({as_f32}))", 100
                 return f"ti.{e.dtype}({text})", 100
         else:
             text = str(int(e.value))

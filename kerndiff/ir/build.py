@@ -6,13 +6,26 @@ deliberate: a structurally zero derivative must stay zero even where x is inf or
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from .nodes import Call, Const, Expr, Load, Var
 from .ops import COMMUTATIVE, OPS, fold, operand_dtype, result_dtype
 from .types import is_float
 
+NARROW_FLOATS = {"f32": np.float32, "f16": np.float16}
+
 
 def const(value, dtype: str) -> Const:
-    return Const(dtype, float(value) if is_float(dtype) else int(value))
+    """A constant holds a value of its own type, as Taichi's do: a literal of an f32 kernel is
+    rounded to f32 before it meets an f64 operand (`d * 0.1` multiplies by 0.1f), and `ti.f32(0.2)`
+    rounds even where the result is cast back to f64."""
+    if not is_float(dtype):
+        return Const(dtype, int(value))
+    value = float(value)
+    narrow = NARROW_FLOATS.get(dtype)
+    return Const(dtype, float(narrow(value)) if narrow and math.isfinite(value) else value)
 
 
 def is_const(e: Expr, value=None) -> bool:
