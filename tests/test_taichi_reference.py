@@ -801,3 +801,67 @@ def test_atomic_add_on_a_local(fields):
         values.append(loss[None])
     np.testing.assert_allclose(values[1], values[0], rtol=1e-12)
     assert kd.check_grad(kd.kernel(reduced), [x], loss, order=2) < 1e-6
+
+
+def test_comparisons_of_comparisons_keep_their_grouping(fields):
+    """`(x > 0) == (i > 5)` is one comparison of two truth values; generated as `x > 0 == i > 5`
+    Python would chain it into `x > 0 and 0 == i and i > 5` (kerndiff once did, silently).
+    Values and gradients against Taichi's."""
+    x, _, loss = fields
+
+    def agreement():
+        for i in x:
+            same = (x[i] > 0.6) == (i > 5)
+            loss[None] += x[i] ** 2 * same + x[i] * ((x[i] < 0.5) != (i % 2 == 0)) + x[i] * (0.3 < x[i] < 0.7)
+
+    (t_loss, t_grad), (k_loss, k_grad) = grads_of_both(agreement, [x], loss)
+    np.testing.assert_allclose(k_loss, t_loss, rtol=1e-12)
+    np.testing.assert_allclose(k_grad, t_grad, rtol=1e-12)
+    xv, i = x.to_numpy(), np.arange(N)
+    expected = (2 * xv * ((xv > 0.6) == (i > 5)) + ((xv < 0.5) != (i % 2 == 0)) + ((0.3 < xv) & (xv < 0.7)))
+    np.testing.assert_allclose(k_grad, expected, rtol=1e-12)
+
+
+def test_c_division_and_remainder_and_builtin_pow(runtime):
+    """ti.raw_div / ti.raw_mod truncate toward zero (C), where // and % floor; on floats raw_div is
+    true division and raw_mod is C's fmod (Taichi's CPU backend fails to compile that: checked
+    against numpy). Python's pow(a, b) is a ** b. Integer results against Taichi's kernel."""
+    m = ti.field(ti.i32, shape=12)
+    r = ti.field(ti.i32, shape=(12, 5))
+    m.from_numpy(np.arange(12, dtype=np.int32) - 6)
+
+    def c_style():
+        for i in m:
+            a = m[i]
+            r[i, 0] = ti.raw_div(a, 4)
+            r[i, 1] = ti.raw_mod(a, 4)
+            r[i, 2] = ti.raw_div(a, -3)
+            r[i, 3] = ti.raw_mod(a, -5)
+            r[i, 4] = ti.raw_mod(-7, 3) * 10 + pow(a, 2)
+
+    got = []
+    for k in both(c_style):
+        r.fill(0)
+        k()
+        got.append(r.to_numpy())
+    np.testing.assert_array_equal(got[1], got[0])
+    a = np.arange(12) - 6
+    np.testing.assert_array_equal(got[1][:, 0], np.trunc(a / 4))
+    np.testing.assert_array_equal(got[1][:, 3], np.fmod(a, -5))
+
+    x = ti.field(ti.f64, shape=12, needs_grad=True, needs_dual=True)
+    y = ti.field(ti.f64, shape=12, needs_grad=True, needs_dual=True)
+    x.from_numpy(np.linspace(-3.3, 3.1, 12) + 0.013)
+
+    @kd.kernel
+    def fmod():
+        for i in x:
+            y[i] = (ti.raw_mod(x[i], 1.3) + ti.raw_mod(x[i] * 2, -0.7) * x[i] + ti.raw_div(x[i], 3)
+                    + ti.raw_mod(ti.Vector([x[i], -x[i]]), 0.9).y + pow(ti.abs(x[i]) + 1, 1.5))
+
+    fmod()
+    xv = x.to_numpy()
+    expected = (np.fmod(xv, 1.3) + np.fmod(2 * xv, -0.7) * xv + xv / 3 + np.fmod(-xv, 0.9)
+                + (np.abs(xv) + 1) ** 1.5)
+    np.testing.assert_allclose(y.to_numpy(), expected, rtol=1e-13)
+    kd.check_grad(fmod, [x], y, order=2)

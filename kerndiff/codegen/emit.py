@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ..ir import nodes as N
-from ..ir.ops import BITWISE
+from ..ir.ops import BITWISE, COMPARE
 from ..ir.types import default_fp, is_float
 
 BINARY = {"add": ("+", 11), "sub": ("-", 11), "mul": ("*", 12), "div": ("/", 12), "floordiv": ("//", 12),
@@ -133,8 +133,9 @@ class Emitter:
             sym, p = BINARY[op]
             if op in BITWISE:  # few readers know these precedences: parenthesize any compound operand
                 return f"{self.expr(args[0], 13)} {sym} {self.expr(args[1], 13)}", p
-            right_prec = p + 1
-            return f"{self.expr(args[0], p)} {sym} {self.expr(args[1], right_prec)}", p
+            if op in COMPARE:  # Python chains comparisons: (a < b) != c must keep its parentheses
+                return f"{self.expr(args[0], p + 1)} {sym} {self.expr(args[1], p + 1)}", p
+            return f"{self.expr(args[0], p)} {sym} {self.expr(args[1], p + 1)}", p
         if op == "pow":
             return f"{self.expr(args[0], 15)} ** {self.expr(args[1], 14)}", 14
         if op == "neg":

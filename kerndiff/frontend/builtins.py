@@ -8,6 +8,7 @@ import math
 import taichi as ti
 
 from ..ir import build as B
+from ..ir.types import is_float
 from . import vec as V
 from .vec import Vec
 
@@ -245,6 +246,45 @@ def _py_all_any(op):
     return handler
 
 
+def _raw_div_mod(op):
+    """ti.raw_div / ti.raw_mod: C's division and remainder, which truncate toward zero where
+    Python's // and % (Taichi's too) floor. Floor's remainder has the divisor's sign, C's the
+    dividend's: where they differ and the remainder is not 0, C's quotient is one more and its
+    remainder one divisor less. raw_div of floats is true division, raw_mod of floats C's fmod."""
+    def python(a, b):
+        q, r = a // b, a % b
+        flip = r != 0 and (a < 0) != (b < 0)
+        if op == "raw_mod":
+            return r - b if flip else r
+        return (q + 1 if flip else q) if isinstance(a, int) and isinstance(b, int) else a / b
+
+    def scalar(a, b):
+        r = B.call("mod", a, b)
+        below = [B.call("lt", e, B.const(0, e.dtype)) for e in (a, b)]
+        flip = B.call("and", B.call("ne", r, B.const(0, r.dtype)), B.call("ne", *below))
+        if op == "raw_mod":
+            return B.select(flip, B.call("sub", r, b), r)
+        if is_float(r.dtype):
+            return B.call("div", a, b)
+        return B.call("add", B.call("floordiv", a, b), B.select(flip, B.const(1, r.dtype), B.const(0, r.dtype)))
+
+    def handler(lw, node, args, kwargs):
+        a, b = args
+        if all(isinstance(v, (int, float)) for v in (a, b)):
+            return python(a, b)
+        if isinstance(a, Vec) or isinstance(b, Vec):
+            return V.broadcast(op, a if isinstance(a, Vec) else lw.scalar(a, node),
+                               b if isinstance(b, Vec) else lw.scalar(b, node), scalar)
+        return scalar(lw.scalar(a, node), lw.scalar(b, node))
+    return handler
+
+
+def _py_pow(lw, node, args, kwargs):
+    if len(args) != 2:
+        raise lw.error(node, "pow with a modulus cannot run inside a kernel", "use pow(a, b) or a ** b")
+    return lw.binary("pow", args[0], args[1], node)
+
+
 def _static(lw, node, args, kwargs):
     return args[0] if len(args) == 1 else tuple(args)
 
@@ -274,6 +314,8 @@ def build_table():
         if hasattr(mod, "pow"):
             table[mod.pow] = lambda lw, node, args, kwargs: lw.binary("pow", args[0], args[1], node)
     table[ti.select] = _select
+    table[ti.raw_div] = _raw_div_mod("raw_div")
+    table[ti.raw_mod] = _raw_div_mod("raw_mod")
     table[ti.cast] = _cast
     table[ti.math.dot] = _dot
     table[ti.math.length] = _length
@@ -304,6 +346,7 @@ def build_table():
     table[float] = _py_float
     table[int] = _py_int
     table[abs] = _py_abs
+    table[pow] = _py_pow
     table[min] = _py_minmax("min", min)
     table[max] = _py_minmax("max", max)
     table[len] = _py_len
