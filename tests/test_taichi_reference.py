@@ -865,3 +865,31 @@ def test_c_division_and_remainder_and_builtin_pow(runtime):
                 + (np.abs(xv) + 1) ** 1.5)
     np.testing.assert_allclose(y.to_numpy(), expected, rtol=1e-13)
     kd.check_grad(fmod, [x], y, order=2)
+
+
+def test_infinite_constants_start_a_running_maximum(runtime):
+    """`m = -ti.math.inf` before a max loop (a stable log-sum-exp): the generated kernels once wrote
+    `-inf`, a name Taichi does not know. Values and gradient (the softmax) against numpy."""
+    x = ti.field(ti.f64, shape=(3, 5), needs_grad=True, needs_dual=True)
+    y = ti.field(ti.f64, shape=3, needs_grad=True, needs_dual=True)
+    xv = np.random.default_rng(4).standard_normal((3, 5)) * 3
+    x.from_numpy(xv)
+
+    @kd.kernel
+    def logsumexp():
+        for i in y:
+            m = -ti.math.inf
+            for j in range(5):
+                m = ti.max(m, x[i, j])
+            s = 0.0
+            for j in range(5):
+                s += ti.exp(x[i, j] - m)
+            y[i] = m + ti.log(s) + (0.0 if m < ti.math.inf else ti.math.nan)
+
+    logsumexp()
+    np.testing.assert_allclose(y.to_numpy(), np.log(np.exp(xv).sum(1)), rtol=1e-13)
+    y.grad.fill(1)
+    x.grad.fill(0)
+    logsumexp.reverse()
+    np.testing.assert_allclose(x.grad.to_numpy(), np.exp(xv) / np.exp(xv).sum(1, keepdims=True), rtol=1e-12)
+    kd.check_grad(logsumexp, [x], y, order=2)

@@ -39,8 +39,10 @@ def _float_literal(value, dtype):
     """The shortest literal that Taichi turns back into this value: an f32 constant is written as
     f32 prints it (`0.004`, not `0.004000000189989805`), where the literal, read as a Python float
     and rounded to f32 as Taichi does, gives the same f32 back."""
+    if not math.isfinite(value):  # `-ti.math.inf` starts a running maximum
+        return "ti.math.nan" if math.isnan(value) else ("-" if value < 0 else "") + "ti.math.inf"
     text = repr(value)
-    if dtype == "f32" and math.isfinite(value):
+    if dtype == "f32":
         v = np.float32(value)
         short = np.format_float_positional(v, unique=True, trim="0") if value == 0 or 1e-4 <= abs(value) < 1e16 \
             else np.format_float_scientific(v, unique=True, trim="-")
