@@ -15,6 +15,7 @@ from .ops import COMMUTATIVE, OPS, fold, operand_dtype, result_dtype
 from .types import is_float
 
 NARROW_FLOATS = {"f32": np.float32, "f16": np.float16}
+LARGEST = {name: float(np.finfo(t).max) for name, t in NARROW_FLOATS.items()}
 
 
 def const(value, dtype: str) -> Const:
@@ -25,7 +26,13 @@ def const(value, dtype: str) -> Const:
         return Const(dtype, int(value))
     value = float(value)
     narrow = NARROW_FLOATS.get(dtype)
-    return Const(dtype, float(narrow(value)) if narrow and math.isfinite(value) else value)
+    if narrow and math.isfinite(value):
+        if abs(value) <= LARGEST[dtype]:
+            value = float(narrow(value))
+        else:
+            with np.errstate(over="ignore"):  # 1e40 in f32 is inf (or the largest f32), as in Taichi
+                value = float(narrow(value))
+    return Const(dtype, value)
 
 
 def is_const(e: Expr, value=None) -> bool:
