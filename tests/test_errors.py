@@ -100,12 +100,32 @@ def test_print_prints_in_the_primal_only(f, capfd):
     ti.sync()
     assert "x " not in capfd.readouterr().out  # derivative kernels leave print out
 
-    @kd.kernel
-    def formatted():
-        for i in x:
-            print(f"x = {x[i]}")
 
-    raises(formatted, "f-strings in print are not supported", line_text='print(f"x = {x[i]}")')
+
+def test_f_strings_print_as_in_taichi(f, capfd):
+    """print(f"...") with format specs, vectors and compile-time values gives Taichi's text."""
+    x, v = f["x"], f["v"]
+    x.from_numpy(np.arange(N) + 0.25)
+    v.from_numpy(np.ones((N, 3)) * 0.5)
+    width = 4
+
+    def formatted():
+        for i in range(2):
+            print(f"x[{i:2d}] = {x[i] * 2:.3f} 'q' v={v[i]} {v[i] * x[i]:.2f} w={width:4d}", 1.5, True)
+
+    printed = []
+    for k in (ti.kernel(formatted), kd.kernel(formatted)):
+        k()
+        ti.sync()
+        printed.append(sorted(capfd.readouterr().out.splitlines()))
+    assert printed[1] == printed[0] and "x[ 1] = 2.500 'q' v=[0.500000" in printed[0][1], printed
+
+    @kd.kernel
+    def braces():
+        for i in x:
+            print(f"{{x}} = {x[i]}")
+
+    raises(braces, "cannot show braces in an f-string", line_text='print(f"{{x}} = {x[i]}")')
 
 
 def test_undefined_name(f):

@@ -170,6 +170,20 @@ class Emitter:
                 return f"ti.{e.dtype}({text})", 100
         return text, (13 if text.startswith("-") else 100)
 
+    def printed(self, e: N.Expr):
+        """A value to print, a folded constant typed (Taichi prints a Python 1.5 as `1.5` and a
+        kernel's f32 1.5 as `1.500000`)."""
+        if isinstance(e, N.Const):
+            return f"ti.{e.dtype}({self.const(e)[0]})"
+        return self.expr(e)
+
+    def fstring(self, f: N.FString):
+        """The user's f-string again; its texts hold no braces (Taichi's print cannot show them)."""
+        text = f.texts[0]
+        for value, spec, after in zip(f.values, f.specs, f.texts[1:]):
+            text += "{" + self.printed(value) + (":" + spec if spec else "") + "}" + after
+        return "f" + repr(text)
+
     def field(self, ref):
         return self.field_names[id(ref.field)]
 
@@ -277,9 +291,11 @@ class Emitter:
                 if isinstance(a, str):
                     parts.append(repr(a))
                 elif isinstance(a, tuple):
-                    parts.append('f"[' + ", ".join("{" + self.expr(e) + "}" for e in a) + ']"')
+                    parts.append('f"[' + ", ".join("{" + self.printed(e) + "}" for e in a) + ']"')
+                elif isinstance(a, N.FString):
+                    parts.append(self.fstring(a))
                 else:
-                    parts.append(self.expr(a))
+                    parts.append(self.printed(a))
             out(f"{pad}print({', '.join(parts)})")
         elif isinstance(s, N.Return):
             out(f"{pad}return {', '.join(self.expr(v) for v in s.values)}")

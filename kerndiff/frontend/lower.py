@@ -411,7 +411,8 @@ class Lowerer:
         args = []
         for a in call.args:
             if isinstance(a, ast.JoinedStr):
-                raise self.error(a, "f-strings in print are not supported", "pass the values as arguments")
+                args.append(self.fstring(a))
+                continue
             v = self.expr(a)
             if isinstance(v, str):
                 args.append(v)
@@ -422,6 +423,40 @@ class Lowerer:
             else:
                 raise self.error(a, f"cannot print {v!r}", "print strings, numbers, vectors and matrices")
         self.emit(N.Print(tuple(args), src=self.loc(call)))
+
+    def fstring(self, node):
+        """print(f"x = {x[i]:.3f}"): compile-time parts (strings, numbers) are formatted now, as
+        Python would; values of the kernel stay values, a vector's components one by one."""
+        texts, values, specs = [""], [], []
+
+        def text(t):
+            if "{" in t or "}" in t:
+                raise self.error(node, "Taichi's print cannot show braces in an f-string",
+                                 "print them as a separate string argument")
+            texts[-1] += t
+
+        for part in node.values:
+            if isinstance(part, ast.Constant):
+                text(part.value)
+                continue
+            spec = part.format_spec
+            if part.conversion != -1 or (spec and not all(isinstance(p, ast.Constant) for p in spec.values)):
+                raise self.error(part, "f-string conversions (!r) and computed format specs cannot be printed "
+                                       "by a kernel", "use a constant format spec such as {x:.3f}")
+            spec = "".join(p.value for p in spec.values) if spec else ""
+            v = self.expr(part.value)
+            if isinstance(v, (str, numbers.Number)):
+                text(format(v, spec))
+                continue
+            items = [self.scalar(e, node) for e in v.items] if isinstance(v, Vec) else [self.scalar(v, node)]
+            for k, e in enumerate(items):
+                text(("[" if k == 0 else ", ") if isinstance(v, Vec) else "")
+                values.append(e)
+                specs.append(spec)
+                texts.append("")
+            if isinstance(v, Vec):
+                text("]")
+        return N.FString(tuple(texts), tuple(values), tuple(specs))
 
     def stmt_Assert(self, node):
         """A compile-time assert is checked now; a runtime one is dropped, as Taichi does outside

@@ -140,10 +140,20 @@ class Return(Stmt):
 
 
 @dataclass(frozen=True)
+class FString:
+    """An f-string argument of print: texts[0], values[0] formatted by specs[0], texts[1], ...
+    (a vector's components are values of their own, with the brackets in the texts)."""
+
+    texts: Tuple[str, ...]
+    values: Tuple[Expr, ...]
+    specs: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Print(Stmt):
     """Taichi's print, in primal kernels only (the transforms drop it: a derivative kernel would
     print the same values again, or values of another computation). Each argument is a string,
-    an expression, or a tuple of expressions (a vector or matrix, printed as a list)."""
+    an expression, a tuple of expressions (a vector or matrix, printed as a list) or an FString."""
 
     args: Tuple[Any, ...]
 
@@ -153,6 +163,8 @@ class Print(Stmt):
                 yield a
             elif isinstance(a, tuple):
                 yield from a
+            elif isinstance(a, FString):
+                yield from a.values
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Generic traversals of the IR: children, free variables, loads, rewriting."""
 from __future__ import annotations
 
+import dataclasses
+
 from . import nodes as N
 
 
@@ -125,7 +127,6 @@ def substitute(e, mapping: dict):
 
 def rebuild_stmt(s, blocks):
     """A copy of s with its nested blocks replaced."""
-    import dataclasses
 
     if isinstance(s, N.If):
         return dataclasses.replace(s, then=blocks[0], orelse=blocks[1])
@@ -149,7 +150,6 @@ def map_stmts(stmts, fn):
 
 def map_stmt_exprs(s, fn):
     """A copy of s with each expression it evaluates (not its nested blocks) replaced by fn(e)."""
-    import dataclasses
 
     if isinstance(s, N.Assign):
         return dataclasses.replace(s, value=fn(s.value))
@@ -162,10 +162,18 @@ def map_stmt_exprs(s, fn):
     if isinstance(s, N.Return):
         return dataclasses.replace(s, values=tuple(fn(v) for v in s.values))
     if isinstance(s, N.Print):
-        return dataclasses.replace(s, args=tuple(fn(a) if isinstance(a, N.Expr) else
-                                                 tuple(fn(e) for e in a) if isinstance(a, tuple) else a
-                                                 for a in s.args))
+        return dataclasses.replace(s, args=tuple(_map_print_arg(a, fn) for a in s.args))
     return s
+
+
+def _map_print_arg(a, fn):
+    if isinstance(a, N.Expr):
+        return fn(a)
+    if isinstance(a, tuple):
+        return tuple(fn(e) for e in a)
+    if isinstance(a, N.FString):
+        return dataclasses.replace(a, values=tuple(fn(e) for e in a.values))
+    return a
 
 
 def substitute_block(stmts, mapping):
