@@ -658,6 +658,8 @@ class Lowerer:
         """A vector/matrix subscript as a tuple of Python ints and, where only known at run time,
         integer IR expressions."""
         idx = self.expr(sl)
+        if isinstance(idx, Vec) and idx.is_vector:  # M[I] with I from ti.grouped: M[I[0], I[1]]
+            idx = tuple(idx.items)
         idx = tuple(_known_int(i) for i in idx) if isinstance(idx, tuple) else (_known_int(idx),)
         for i in idx:
             if not isinstance(i, (numbers.Integral, slice)) and not (isinstance(i, N.Expr) and is_int(i.dtype)):
