@@ -917,3 +917,30 @@ def test_a_matrix_indexed_by_a_grouped_index(runtime):
     expected = 2 * m * np.array([[1, 2], [3, 4]])
     expected[:, :, 1] += np.cos(m[:, :, 1]) * np.arange(3)[:, None]
     np.testing.assert_allclose(k_grad, expected, rtol=1e-12)
+
+
+def test_swizzle_stores_and_letter_sets(runtime):
+    """`v.xy = v.yx` (a swap: every component read first), `v.yz += ...`, `W[i].zx = ...`,
+    `W[i].yz -= ...` (atomic per component) and the rgba / stpq letters, as Taichi has them; kerndiff
+    once refused all but single letters. Values and gradients against Taichi's."""
+    V = ti.Vector.field(3, ti.f64, shape=4, needs_grad=True)
+    W = ti.Vector.field(3, ti.f64, shape=4, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    V.from_numpy(np.random.default_rng(10).standard_normal((4, 3)))
+
+    def swizzled():
+        for i in V:
+            v = V[i]
+            v.xy = v.yx * 2.0
+            v.yz += ti.Vector([1.0, v.x ** 2])
+            v.gb *= v.r
+            W[i] = v
+            W[i].zx = ti.Vector([v.z, v.y * v.s])
+            W[i].yz -= v.pt
+        for i in W:
+            loss[None] += W[i].dot(ti.Vector([1.0, 2.0, 3.0])) * W[i].x
+
+    W.grad.fill(0)
+    (t_loss, t_grad), (k_loss, k_grad) = grads_of_both(swizzled, [V], loss)
+    np.testing.assert_allclose(k_loss, t_loss, rtol=1e-12)
+    np.testing.assert_allclose(k_grad, t_grad, rtol=1e-12)

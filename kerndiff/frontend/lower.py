@@ -66,6 +66,18 @@ def index_offset(field):
     return tuple(off) if off and any(off) else None
 
 
+SWIZZLE_SETS = ("xyzw", "rgba", "stpq")
+
+
+def swizzle_index(attr):
+    """The components `.xy`, `.zyx`, `.rg`, `.stp` name (Taichi's three letter sets, never mixed),
+    or None when attr is not a swizzle."""
+    for letters in SWIZZLE_SETS:
+        if 1 <= len(attr) <= 4 and all(c in letters for c in attr):
+            return [letters.index(c) for c in attr]
+    return None
+
+
 class StructValue:
     """One element of a struct field (ti.Struct.field, ti.dataclass), read whole: `p = P[i]`.
     Its members are IR values; bound to a name, they are copied into locals (Taichi's value
@@ -527,6 +539,10 @@ class Lowerer:
         return local if local is not None and self.scope.get(name) is local else None
 
     def assign(self, target, value, node):
+        if (parts := self.swizzle_targets(target, value, node)) is not None:
+            for part, item in parts:
+                self.assign(part, item, node)
+            return
         if isinstance(target, ast.Name) and self.outer_local(target.id) is not None:
             raise self.error(node, f"'{target.id}' is defined outside this parallel loop and cannot be "
                                    "assigned inside it (iterations run in parallel)",
@@ -567,20 +583,33 @@ class Lowerer:
             self.assign_member(self.scope[target.value.id], target.attr, value, node)
         elif isinstance(target, ast.Attribute) and (isinstance(target.value, ast.Name)
                                                     or self.local_vector(target.value) is not None):
-            k = "xyzw".find(target.attr)
-            if k < 0 or len(target.attr) != 1:
+            k = swizzle_index(target.attr)
+            if k is None or len(k) != 1:
                 raise self.error(node, f"cannot assign to .{target.attr}", "assign to .x/.y/.z/.w or an index")
-            self.assign_component(target.value, (k,), value, node)
+            self.assign_component(target.value, (k[0],), value, node)
         else:
             raise self.error(node, "unsupported assignment target", "assign to a name or a field element")
+
+    def swizzle_targets(self, target, value, node):
+        """`v.xy = w` / `x[i].zx += w`: one single-component target per letter, paired with the
+        components of w, all read before any is assigned (`v.xy = v.yx` swaps, as in Taichi).
+        None when target is not a multi-letter swizzle."""
+        if not (isinstance(target, ast.Attribute) and len(target.attr) > 1 and swizzle_index(target.attr)):
+            return None
+        items = self.vec(value, node).items if isinstance(value, (Vec, list, tuple)) else None
+        if items is None or len(items) != len(target.attr):
+            raise self.error(node, f".{target.attr} takes a {len(target.attr)}-vector", "assign a vector of that size")
+        parts = [ast.copy_location(ast.Attribute(value=target.value, attr=c, ctx=ast.Store()), target)
+                 for c in target.attr]
+        return list(zip(parts, (self.materialize(e, "tmp", node, copy=True) for e in items)))
 
     def field_target(self, target):
         """A store target naming a field element or one of its components, as a Subscript store()
         takes: x[i], x[i][k], m[i][r, c], and x[i].y (as x[i][1]); else None."""
         target = struct_member_access(target, self.expr)
-        if isinstance(target, ast.Attribute) and len(target.attr) == 1 and target.attr in "xyzw" \
+        if isinstance(target, ast.Attribute) and len(target.attr) == 1 and swizzle_index(target.attr) \
                 and isinstance(target.value, ast.Subscript) and is_field(self.expr(target.value.value)):
-            return ast.copy_location(ast.Subscript(value=target.value, slice=ast.Constant("xyzw".index(target.attr)),
+            return ast.copy_location(ast.Subscript(value=target.value, slice=ast.Constant(swizzle_index(target.attr)[0]),
                                                    ctx=ast.Store()), target)
         if isinstance(target, ast.Subscript) and (
                 is_field(self.expr(target.value)) or isinstance(target.value, ast.Subscript)
@@ -717,7 +746,19 @@ class Lowerer:
             raise self.error(node, f"augmented assignment '{type(node.op).__name__}' is not supported",
                              "write it out: a = a op b")
         value = self.expr(node.value)
-        t = node.target
+        if isinstance(node.target, ast.Attribute) and len(node.target.attr) > 1 and swizzle_index(node.target.attr):
+            value = self.binary(op, self.expr(node.target), value, node) if op not in ("add", "sub") else value
+            parts = self.swizzle_targets(node.target, value, node)
+            for part, item in parts:  # field components add atomically, one by one, as in Taichi
+                self.aug_assign(part, op if op in ("add", "sub") else None, item, node)
+            return
+        self.aug_assign(node.target, op, value, node)
+
+    def aug_assign(self, t, op, value, node):
+        """t op= value (op None: t = value, the operation already applied)."""
+        if op is None:
+            self.assign(t, value, node)
+            return
         if isinstance(t, ast.Name) and self.outer_local(t.id) is not None:
             if op not in ("add", "sub"):
                 raise self.error(node, f"'{t.id}' is defined outside this parallel loop; only += and -= "
@@ -986,8 +1027,8 @@ class Lowerer:
             return base.members[node.attr]
         if isinstance(base, Vec):
             attr = node.attr
-            if len(attr) <= 4 and all(c in "xyzw" for c in attr) and base.is_vector:
-                idx = ["xyzw".index(c) for c in attr]
+            idx = swizzle_index(attr) if base.is_vector else None
+            if idx is not None:
                 if max(idx) >= base.shape[0]:
                     raise self.error(node, f".{attr} is out of range for a {base.shape[0]}-vector", "check the size")
                 return base.items[idx[0]] if len(idx) == 1 else Vec((len(idx),), [base.items[i] for i in idx])
