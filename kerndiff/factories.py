@@ -118,17 +118,28 @@ class _Factory:
     def _constants_held(self):
         """Fields the kernel only reads and that are not inputs are constants of this derivative, so
         their tangents read as zero during the call: a tangent left there by the user or by an
-        earlier call would otherwise join J·v silently. They get their contents back afterwards."""
+        earlier call would otherwise join J·v silently. They get their contents back afterwards,
+        and so do the inputs' duals, which the call fills with its direction (zeros where the call
+        made them): a later forward kernel must not find it there, as ti.ad.FwdMode clears its
+        seed on exit."""
         varying = {id(f) for f in self.inputs + self._written()}
         duals = {id(f): REGISTRY.get(f, "dual", 1) for f in self._referenced() if id(f) not in varying}
         held = [(d, d.to_numpy()) for d in duals.values() if d is not None]
         for d, _ in held:
             zero(d)
+        seeds = [(f, REGISTRY.get(f, "dual", 1)) for f in self.inputs]
+        seeds = [(f, d.to_numpy() if d is not None else None) for f, d in seeds]
         try:
             yield
         finally:
             for d, contents in held:
                 d.from_numpy(contents)
+            for f, contents in seeds:
+                d = REGISTRY.get(f, "dual", 1)
+                if contents is None:
+                    zero(d)
+                else:
+                    d.from_numpy(contents)
 
     def _clear_adjoints(self, with_duals):
         """Zero the level-1 adjoints the reverse kernel accumulates into (and their duals for H·v);

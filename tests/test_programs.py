@@ -367,6 +367,16 @@ def test_factories_hold_fields_outside_the_inputs_constant(runtime):
     hv = kd.hvp(k, inputs=[a], output=out)(av, va)[0]
     np.testing.assert_allclose(hv, 2 * cv * va, rtol=1e-12)
     np.testing.assert_array_equal(kd.dual(c).to_numpy(), stale)
+    # The direction the calls wrote into the inputs' duals is theirs: a later forward kernel reads
+    # zeros there again (ti.ad.FwdMode clears its seed on exit likewise).
+    np.testing.assert_array_equal(kd.dual(a).to_numpy(), 0.0)
+    kd.dual(c).fill(0)
+    out[None], kd.dual(out)[None] = 0.0, 0.0
+    k.forward()
+    assert kd.dual(out)[None] == 0.0
+    kd.dual(a).from_numpy(va)
+    kd.forward(k, inputs=[a], output=out)(av, tangents=-va)
+    np.testing.assert_array_equal(kd.dual(a).to_numpy(), va)  # a user's own contents come back
 
 
 def test_fwd_mode_clears_duals_on_entry_and_the_seed_on_exit_like_taichi(runtime):
