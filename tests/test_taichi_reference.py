@@ -944,3 +944,27 @@ def test_swizzle_stores_and_letter_sets(runtime):
     (t_loss, t_grad), (k_loss, k_grad) = grads_of_both(swizzled, [V], loss)
     np.testing.assert_allclose(k_loss, t_loss, rtol=1e-12)
     np.testing.assert_allclose(k_grad, t_grad, rtol=1e-12)
+
+
+def test_static_loops_over_python_iterators(runtime):
+    """ti.static(enumerate(fields)) and ti.static(zip(names, fields)) unroll over Python data, as in Taichi (kerndiff once refused enumerate and zip).
+    Values and gradients against Taichi's."""
+    a = ti.field(ti.f64, shape=5, needs_grad=True)
+    b = ti.field(ti.f64, shape=5, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    a.from_numpy(np.linspace(0.1, 1.0, 5))
+    b.from_numpy(np.linspace(-1.0, 0.5, 5))
+    fields = [a, b]
+    weight = {"a": 2.0, "b": -1.0}
+
+    def over_python_data():
+        for i in a:
+            for j, f in ti.static(enumerate(fields)):
+                loss[None] += f[i] ** 2 * (j + 1)
+            for name, f in ti.static(zip(["a", "b"], fields)):
+                loss[None] += ti.static(weight[name]) * ti.sin(f[i])
+
+    (t_loss, *t_grads), (k_loss, *k_grads) = grads_of_both(over_python_data, [a, b], loss)
+    np.testing.assert_allclose(k_loss, t_loss, rtol=1e-12)
+    for got, expected in zip(k_grads, t_grads):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)

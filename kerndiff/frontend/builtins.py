@@ -353,6 +353,8 @@ def build_table():
     table[all] = _py_all_any("and")
     table[any] = _py_all_any("or")
     table[sum] = _py_sum
+    for fn in (enumerate, zip, reversed, list, tuple, dict, sorted, isinstance, hasattr, getattr, str):
+        table[fn] = _python_data(fn)  # ti.static(enumerate(fields)), ti.static(zip(names, fields))
     for name in dir(math):  # math.* on compile-time numbers only
         f = getattr(math, name)
         if callable(f):
@@ -364,6 +366,17 @@ def _type_constructor(fn):
     def handler(lw, node, args, kwargs):
         if any(isinstance(a, (B.Expr, Vec)) for a in list(args) + list(kwargs.values())):
             raise lw.error(node, f"ti.types.{fn.__name__} takes compile-time sizes and a dtype", "pass constants")
+        return fn(*args, **kwargs)
+    return handler
+
+
+def _python_data(fn):
+    """A Python builtin over compile-time values (lists of fields, names, numbers), which Taichi
+    runs in Python too; over values of the kernel it means nothing Taichi would compile."""
+    def handler(lw, node, args, kwargs):
+        if any(isinstance(a, (B.Expr, Vec)) for a in list(args) + list(kwargs.values())):
+            raise lw.error(node, f"{fn.__name__}() runs in Python, on compile-time values, not on values of the "
+                                 "kernel", "apply it to Python data (wrapped in ti.static in a loop)")
         return fn(*args, **kwargs)
     return handler
 

@@ -40,6 +40,11 @@ def ndrange_spec(lw, args, node):
     return RangeSpec(bounds)
 
 
+# What a ti.static loop unrolls: Python's own sequences and iterators over compile-time values.
+PYTHON_ITERABLES = (range, list, tuple, enumerate, zip, reversed, map, filter, dict,
+                    type({}.keys()), type({}.values()), type({}.items()))
+
+
 def field_spec(fieldv):
     return RangeSpec([(0, s) for s in fieldv.shape])
 
@@ -50,7 +55,7 @@ def lower_for(lw, node):
     if node.orelse:
         raise lw.error(node, "for/else is not supported", "use a flag")
     it = lw.expr(node.iter)
-    if isinstance(it, (range, list, tuple)) or isinstance(it, Vec):
+    if isinstance(it, PYTHON_ITERABLES) or isinstance(it, Vec):
         return _unroll(lw, node, it)
     from taichi.lang.struct import StructField
     while isinstance(it, StructField):  # a struct-for over a struct field: its members share its shape
