@@ -510,26 +510,6 @@ def test_names_end_with_the_block_that_bound_them(f):
     check(both_branches, "reverse")
 
 
-def test_field_with_index_offset(f):
-    """An offset field would be silently wrong (struct-fors and derivative fields start at 0)."""
-    shifted = ti.field(ti.f64, shape=4, offset=-2)
-    x = f["x"]
-
-    @kd.kernel
-    def over_it():
-        for i in shifted:
-            shifted[i] = x[0] * 2.0
-
-    raises(over_it, "index offset (offset=-2)", "without offset=", line_text="for i in shifted:")
-
-    @kd.kernel
-    def reads_it():
-        for i in range(2):
-            x[i] = shifted[i - 2] ** 2
-
-    raises(reads_it.reverse, "index offset", "shift the indices", line_text="x[i] = shifted[i - 2] ** 2")
-
-
 def test_asserts_checked_at_compile_time_or_dropped_like_taichi(f):
     x, y = f["x"], f["y"]
     n = 3

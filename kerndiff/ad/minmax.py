@@ -29,7 +29,7 @@ def minmax_atomics(stmts, active):
 
 
 def count_field(ref):
-    f = REGISTRY.scratch(("minmax", id(ref.field), ref.component), ref.dtype, ref.shape)
+    f = REGISTRY.scratch(("minmax", id(ref.field), ref.component), ref.dtype, ref.shape, ref.offset)
     return REGISTRY.ref(f, (), f"{ref.name}_winners")
 
 
@@ -73,7 +73,7 @@ def element_pass(ref, body_fn, names, src):
         return N.If(B.const(1, "i32"), tuple(body_fn(())), src=src)
     vars_ = tuple(names.fresh(f"e{k}") for k in range(len(ref.shape)))
     index = tuple(B.var(v, "i32") for v in vars_)
-    bounds = tuple((B.const(0, "i32"), B.const(n, "i32")) for n in ref.shape)
+    bounds = tuple((B.const(a, "i32"), B.const(b, "i32")) for a, b in ref.bounds())
     return N.For(vars_, bounds, tuple(body_fn(index)), parallel=True, src=src, tag="adjoint")
 
 

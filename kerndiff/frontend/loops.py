@@ -46,7 +46,8 @@ PYTHON_ITERABLES = (range, list, tuple, enumerate, zip, reversed, map, filter, d
 
 
 def field_spec(fieldv):
-    return RangeSpec([(0, s) for s in fieldv.shape])
+    from ..runtime.registry import index_offset
+    return RangeSpec([(o, o + s) for o, s in zip(index_offset(fieldv), fieldv.shape)])
 
 
 def lower_for(lw, node):

@@ -60,12 +60,6 @@ def is_sparse(field) -> bool:
     return False
 
 
-def index_offset(field):
-    """The field's index offset (ti.field(..., offset=...)), or None when it is indexed from 0."""
-    off = getattr(field.snode.ptr, "offset", None)
-    return tuple(off) if off and any(off) else None
-
-
 SWIZZLE_SETS = ("xyzw", "rgba", "stpq")
 
 
@@ -818,19 +812,13 @@ class Lowerer:
         return value
 
     def check_dense(self, fieldv, node, name):
-        """kerndiff lowers fields to dense index spaces from 0; a sparse field would silently change
-        meaning (struct-fors visiting inactive cells, writes activating them), and so would an
-        index offset (struct-fors and derivative fields start at 0)."""
+        """kerndiff lowers fields to dense index spaces (from their offset); a sparse field would
+        silently change meaning (struct-fors visiting inactive cells, writes activating them)."""
         from ..runtime.registry import placed
         if not placed(fieldv):
             raise self.error(node, f"'{name}' is not placed: it has no shape and no SNode yet",
                              "give it a shape (ti.field(dtype, shape=...)) or place it, e.g. "
                              "ti.root.dense(ti.i, n).place(f), before the kernel runs")
-        offset = index_offset(fieldv)
-        if offset is not None:
-            raise self.error(node, f"'{name}' has an index offset (offset={offset[0] if len(offset) == 1 else offset}); "
-                                   "kerndiff differentiates fields indexed from 0",
-                             "make the field without offset= and shift the indices in the kernel")
         if is_sparse(fieldv):
             raise self.error(node, f"'{name}' lives in a sparse SNode (pointer / bitmasked / dynamic / hash); "
                                    "kerndiff differentiates dense fields only",

@@ -20,14 +20,19 @@ class FieldRef:
     Instances are interned by the runtime registry, so `is` and `==` agree.
     """
 
-    __slots__ = ("field", "component", "name", "dtype", "shape", "__weakref__")
+    __slots__ = ("field", "component", "name", "dtype", "shape", "offset", "__weakref__")
 
-    def __init__(self, field, component: tuple, name: str, dtype: str, shape: tuple):
+    def __init__(self, field, component: tuple, name: str, dtype: str, shape: tuple, offset: tuple = None):
         self.field = field
         self.component = component
         self.name = name
         self.dtype = dtype
         self.shape = shape
+        self.offset = offset or (0,) * len(shape)  # the field's first index (ti.field(..., offset=))
+
+    def bounds(self):
+        """(first, end) per dimension: the index space a loop over the whole field runs through."""
+        return tuple((o, o + n) for o, n in zip(self.offset, self.shape))
 
     def __repr__(self):
         comp = "".join(f"[{c}]" for c in self.component)

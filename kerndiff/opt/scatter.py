@@ -111,6 +111,7 @@ def _candidates(loop, threads):
     for fid, ref in fields.items():
         fixed = _fixed_dims(indices[fid], varying)
         kept = tuple(d for k, d in enumerate(ref.shape) if k not in fixed)
+        kept_offset = tuple(o for k, o in enumerate(ref.offset) if k not in fixed)
         if not kept:
             continue
         numel = math.prod(kept) * _components(ref.field)
@@ -118,7 +119,7 @@ def _candidates(loop, threads):
         # the pass over the copies reads threads * numel values; the atomics it replaces run on
         # all threads too: worth it from about one add per element per pair of threads
         if adds[fid] >= MIN_ADDS_PER_ELEMENT * numel * max(1, threads // 2) and memory + size <= MEMORY_CAP:
-            chosen.append(Privatized(ref.field, fixed, kept))
+            chosen.append(Privatized(ref.field, fixed, kept, kept_offset))
             memory += size
     return chosen
 
@@ -127,10 +128,11 @@ def _candidates(loop, threads):
 class Privatized:
     """A field the loop adds into through private copies: `fixed` maps the dimensions every add
     indexes with one loop-invariant expression to that expression; the copies have the shape of
-    the other dimensions (`kept`), after the slot."""
+    the other dimensions (`kept`, indexed from `kept_offset` like the field), after the slot."""
     field: object
     fixed: dict
     kept: tuple
+    kept_offset: tuple
 
     def private_index(self, slot, index):
         return (slot,) + tuple(e for k, e in enumerate(index) if k not in self.fixed)
@@ -166,7 +168,8 @@ def _components(field):
 def privatize_scatters(ir: N.KernelIR, names, threads: int, copies_for, ref_of) -> N.KernelIR:
     """Rewrite each outermost parallel loop that qualifies (see the module docstring).
 
-    copies_for([(field, shape of its copies)], threads) -> ({id(field): private field}, busy flags);
+    copies_for([(field, shape of its copies, their offset)], threads) -> ({id(field): private field},
+    busy flags);
     ref_of(field, component) -> the interned FieldRef.
     """
     out = []
@@ -182,7 +185,7 @@ def privatize_scatters(ir: N.KernelIR, names, threads: int, copies_for, ref_of) 
 
 
 def _rewrite(loop, fields, names, threads, copies_for, ref_of):
-    private, busy = copies_for([(p.field, p.kept) for p in fields], threads)
+    private, busy = copies_for([(p.field, p.kept, p.kept_offset) for p in fields], threads)
     plan = {id(p.field): p for p in fields}
     busy_ref = ref_of(busy, ())
     slot = B.var(names.fresh("slot"), "i32")
@@ -258,7 +261,7 @@ def _sums(comps, private, plan, names, threads, ref_of, loop):
     by_shape = {}
     for fid, refs in comps.items():
         for ref in refs.values():
-            by_shape.setdefault(plan[fid].kept, []).append(ref)
+            by_shape.setdefault(tuple(zip(plan[fid].kept_offset, plan[fid].kept)), []).append(ref)
     loops = []
     for shape, refs in by_shape.items():
         idx = [B.var(names.fresh(f"i{d}"), "i32") for d in range(len(shape))]
@@ -272,7 +275,7 @@ def _sums(comps, private, plan, names, threads, ref_of, loop):
                         for t in range(threads))
         what = ", ".join(sorted({r.name for r in refs}))
         loops.append(N.For(tuple(v.name for v in idx),
-                           tuple((B.const(0, "i32"), B.const(d, "i32")) for d in shape), tuple(body),
+                           tuple((B.const(o, "i32"), B.const(o + d, "i32")) for o, d in shape), tuple(body),
                            parallel=True, src=_note(loop, f"add the private copies into {what}, "
                                                            "and zero them"), tag="note"))
     return loops

@@ -58,7 +58,7 @@ class Registry:
                 self.names.setdefault(id(field), name)
             self.keep[id(field)] = field
             r = FieldRef(field, component, self.name_of(field), field_dtype(field),
-                         tuple(field.shape))
+                         tuple(field.shape), index_offset(field))
             self.refs[key] = r
         return r
 
@@ -130,7 +130,7 @@ class Registry:
             new = _like(field)
             shape = tuple(field.shape)
             if shape:
-                fb.dense(_axes(len(shape)), shape).place(new)
+                fb.dense(_axes(len(shape)), shape).place(new, offset=_nonzero(index_offset(field)))
             else:
                 fb.place(new)
             self._remember(field, kind, level, new)
@@ -138,8 +138,9 @@ class Registry:
         self.trees.append(self._finalize(fb))
         self.version += 1
 
-    def scratch(self, key, dtype: str, shape=()):
-        """A helper field owned by generated code (kept zero between launches)."""
+    def scratch(self, key, dtype: str, shape=(), offset=None):
+        """A helper field owned by generated code (kept zero between launches), indexed from
+        `offset` like the field it serves."""
         self.check_runtime()
         got = self.derived.get(key)
         if got is None:
@@ -148,7 +149,7 @@ class Registry:
             fb = ti.FieldsBuilder()
             got = ti.field(to_taichi(dtype))
             if shape:
-                fb.dense(_axes(len(shape)), tuple(shape)).place(got)
+                fb.dense(_axes(len(shape)), tuple(shape)).place(got, offset=_nonzero(offset))
             else:
                 fb.place(got)
             self.trees.append(self._finalize(fb))
@@ -157,12 +158,13 @@ class Registry:
         return got
 
     def private_copies(self, specs, threads: int):
-        """T private copies of each (field, shape) in specs (shape (T,) + that shape: the field's
-        own, or the slice of it a loop adds into; interleaved per shape so one element's copies of
-        related fields share cache lines) and T busy flags, for opt.scatter. Kept zero between
-        launches by the generated code."""
+        """T private copies of each (field, shape, offset) in specs (shape (T,) + that shape: the
+        field's own, or the slice of it a loop adds into, indexed from 0 for the slot and from
+        offset after it; interleaved per shape so one element's copies of related fields share
+        cache lines) and T busy flags, for opt.scatter. Kept zero between launches by the generated
+        code."""
         self.check_runtime()
-        specs = [(f, tuple(shape)) for f, shape in specs]
+        specs = [(f, (tuple(shape), tuple(offset))) for f, shape, offset in specs]
         key = ("private", tuple((id(f), shape) for f, shape in specs), threads)
         got = self.derived.get(key)
         if got is None:
@@ -174,8 +176,8 @@ class Registry:
                 self.names[id(copies[id(f)])] = f"{self.name_of(f)}_private"
                 self.suffixed[id(copies[id(f)])] = (f, "_private")
                 by_shape.setdefault(shape, []).append(copies[id(f)])
-            for shape, news in by_shape.items():
-                fb.dense(_axes(len(shape) + 1), (threads,) + shape).place(*news)
+            for (shape, offset), news in by_shape.items():
+                fb.dense(_axes(len(shape) + 1), (threads,) + shape).place(*news, offset=_nonzero((0,) + offset))
             busy = ti.field(ti.i32)
             self.names[id(busy)] = f"{self.name_of(specs[0][0])}_busy"
             self.suffixed[id(busy)] = (specs[0][0], "_busy")
@@ -246,3 +248,15 @@ def _like(field):
 
 
 REGISTRY = Registry()
+
+
+def index_offset(field):
+    """The field's first index per dimension (ti.field(..., offset=...)); zeros for most fields."""
+    off = getattr(field.snode.ptr, "offset", None) if hasattr(field, "snode") else None
+    shape = tuple(getattr(field, "shape", ()))
+    return tuple(off) if off and len(off) == len(shape) else (0,) * len(shape)
+
+
+def _nonzero(offset):
+    """Taichi's place() takes offset=None for fields indexed from 0."""
+    return tuple(offset) if offset and any(offset) else None
