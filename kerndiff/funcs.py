@@ -44,11 +44,18 @@ class DeviceFunction:
         return self.inner.arity()
 
     # ------------------------------------------------------------------ lowering
-    def lower_call(self, lw, args, node):
+    def lower_call(self, lw, args, node, kwargs=None):
+        from .frontend.calls import bind_arguments, inline_function
+        kwargs = kwargs or {}
         if self.kind == "func":
-            from .frontend.calls import inline_function
-            return inline_function(lw, self.fn, args, {}, node)
+            return inline_function(lw, self.fn, args, kwargs, node)
         n = self.inner.arity()
+        if self.kind in ("forward", "grad"):
+            # keywords and defaults of the function, bound here: the transforms pass values by position
+            args = list(bind_arguments(lw, self.fn, args, kwargs, node).values())
+        elif kwargs:
+            raise lw.error(node, f"{self!r} takes its primals and tangents (or cotangent) by position",
+                           "pass every value positionally")
         if self.kind == "jvp":
             if len(args) != 2 * n:
                 raise lw.error(node, f"{self!r} takes {n} primals and {n} tangents, got {len(args)} values",
@@ -94,8 +101,12 @@ class DeviceFunction:
         return out
 
     def _inline_inner(self, lw, args, node):
+        import inspect
+        params = list(inspect.signature(self.fn).parameters.values())
+        positional = [a for p, a in zip(params, args) if p.kind != p.KEYWORD_ONLY]
+        keywords = {p.name: a for p, a in zip(params, args) if p.kind == p.KEYWORD_ONLY}
         lw.blocks.append([])
-        out = self.inner.lower_call(lw, args, node)
+        out = self.inner.lower_call(lw, positional, node, keywords)
         return tuple(lw.blocks.pop()), out
 
     def _jvp(self, lw, primals, tangents, node):

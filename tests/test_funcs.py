@@ -242,3 +242,43 @@ def test_ti_math_library_functions_inline(runtime):
     assert np.all(kk >= 0) and abs(values[0] - expected) <= 1e-12 * abs(expected)
     for mode in ("forward", "reverse"):
         check(k, mode, rtol=1e-6)
+
+
+SCALE = 1.5
+
+
+@kd.func
+def scaled(a, b=2.0, *, c=SCALE):
+    return a ** b * c + ti.sin(a * b)
+
+
+def test_keyword_arguments_and_defaults_follow_python():
+    """Keywords, keyword-only parameters and defaults (any Python value, evaluated where the
+    function was defined) bind as in Python, for a kd.func, a ti.func and their transforms:
+    kerndiff once dropped a kd.func's keyword arguments (f(1.0, b=5.0) used b=2.0) and read
+    defaults only when they were literals. Against the closed form and central differences."""
+    dfda = kd.forward(scaled)
+    dfdb = kd.forward(scaled, argnum=1)
+    grad = kd.grad(scaled)
+
+    @ti.func
+    def twice(a, times=2):
+        return scaled(a, c=0.5) * times
+
+    @kd.kernel
+    def k(a: ti.f64) -> ti.f64:
+        ga, gb, gc = grad(a, 1.5, c=0.25)
+        return (scaled(a, b=3.0) + twice(a) + twice(a, times=3) * 10 + dfda(a, c=2.0) * 100
+                + dfdb(a, 2.5) * 1e3 + ga * 1e4 + gb * 1e5 + gc * 1e6)
+
+    def f(a, b=2.0, c=SCALE):
+        return a ** b * c + np.sin(a * b)
+
+    def d(fn, x, h=1e-6):
+        return (fn(x + h) - fn(x - h)) / (2 * h)
+
+    a = 0.7
+    expected = (f(a, 3.0) + f(a, c=0.5) * 2 + f(a, c=0.5) * 3 * 10 + d(lambda t: f(t, c=2.0), a) * 100
+                + d(lambda t: f(a, t), 2.5) * 1e3 + d(lambda t: f(t, 1.5, 0.25), a) * 1e4
+                + d(lambda t: f(a, t, 0.25), 1.5) * 1e5 + a ** 1.5 * 1e6)
+    assert k(a) == pytest.approx(expected, rel=1e-8)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 
 import taichi as ti
 
@@ -61,7 +62,7 @@ def lower_call(lw, fn, args, kwargs, node):
             raise lw.error(node, f"kd.{fn.__name__} takes a function, not a value", "write kd.grad(U)(r)")
         return fn(*args, **kwargs)
     if isinstance(fn, DeviceFunction):
-        return fn.lower_call(lw, args, node)
+        return fn.lower_call(lw, args, node, kwargs)
     if getattr(fn, "_is_taichi_function", False):
         return inline_function(lw, unwrap_ti_func(fn), args, kwargs, node)
     from ..ir.types import from_taichi
@@ -214,24 +215,12 @@ def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
         raise lw.error(node, "functions nest too deeply (recursion?)", "kerndiff inlines functions; avoid recursion")
     src = parse_function(pyfn)
     a = src.tree.args
-    names = [p.arg for p in a.args]
-    defaults = a.defaults
-    bound = dict(zip(names, args))
-    for k, v in kwargs.items():
-        if k not in names:
-            raise lw.error(node, f"unexpected keyword argument '{k}'", "check the function's parameters")
-        bound[k] = v
-    for p, d in zip(names[len(names) - len(defaults):], defaults):
-        if p not in bound:
-            bound[p] = ast.literal_eval(d)
-    missing = [p for p in names if p not in bound]
-    if missing or len(args) > len(names):
-        raise lw.error(node, f"{pyfn.__name__} takes {len(names)} arguments, got {len(args) + len(kwargs)}",
-                       "pass one value per parameter")
+    bound = bind_arguments(lw, pyfn, args, kwargs, node)
+    names = list(bound)
     child = Lowerer(src, {}, lw.names, parent=lw)
     child.blocks = lw.blocks
     reassigned = _assigned_names(src.tree)
-    templates = {p.arg for p in a.args if _is_template(p.annotation)}
+    templates = {p.arg for p in a.args + a.kwonlyargs if _is_template(p.annotation)}
     for p in names:
         v = bound[p]
         if self_by_reference and p == names[0] and isinstance(v, StructValue):
@@ -255,6 +244,21 @@ def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
         else:
             child.bind_local(p, v, node)
     return lower_body_with_returns(child, list(src.tree.body))
+
+
+def bind_arguments(lw, pyfn, args, kwargs, node):
+    """{parameter: value} by Python's own rules: keywords, keyword-only parameters and defaults
+    (evaluated where the function was defined, as Python does)."""
+    sig = inspect.signature(pyfn)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        raise lw.error(node, f"{pyfn.__name__} takes *args or **kwargs, which a kernel cannot pass",
+                       "name each parameter")
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise lw.error(node, f"{pyfn.__name__}: {e}", "pass one value per parameter")
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def _held_in_locals(struct):
