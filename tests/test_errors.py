@@ -562,3 +562,13 @@ def test_field_from_an_earlier_ti_init():
     k()
     ti.init(arch=ti.cpu, default_fp=ti.f64)  # a new runtime: `old` is gone
     raises(k, "field of an earlier ti.init", line_text="for i in old:")
+
+
+def test_keywords_to_a_type_constructor_are_refused(f):
+    """ti.math.vec2(1.0, y=3.0) would drop the keyword: refused with the line."""
+    @kd.kernel
+    def k() -> ti.f64:
+        v = ti.math.vec2(1.0, y=3.0)
+        return v.y
+
+    raises(k, "takes its values by position", "positionally", line_text="ti.math.vec2(1.0, y=3.0)")

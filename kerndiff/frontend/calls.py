@@ -70,10 +70,13 @@ def lower_call(lw, fn, args, kwargs, node):
         dt = from_taichi(fn)
     except (KeyError, TypeError):
         dt = None
+    from taichi.lang.matrix import MatrixType, VectorType
+    if kwargs and (dt is not None or isinstance(fn, (VectorType, MatrixType))):
+        raise lw.error(node, "a type called as a constructor or cast takes its values by position; keywords would "
+                             "be dropped", "pass the values positionally")
     if dt is not None:
         (x,) = args
         return lw.cast(x, fn, node)
-    from taichi.lang.matrix import MatrixType, VectorType
     if isinstance(fn, VectorType):
         items = []
         for a in args:
