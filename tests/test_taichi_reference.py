@@ -968,3 +968,27 @@ def test_static_loops_over_python_iterators(runtime):
     np.testing.assert_allclose(k_loss, t_loss, rtol=1e-12)
     for got, expected in zip(k_grads, t_grads):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+OPTIONS = {"c": 4.0}
+
+
+def test_star_arguments_unpack_vectors_tuples_and_dicts(fields):
+    """f(*t) with a tuple, f(*v) with a vector's components, f(a, b, **OPTIONS) with a dict of
+    Python values, as Taichi binds them (kerndiff once failed on the vector). Values and
+    gradients against Taichi's."""
+    x, _, loss = fields
+
+    @ti.func
+    def f(a, b, c=10.0):
+        return a * b + 3 * c * ti.sin(a)
+
+    def unpacked():
+        for i in x:
+            t = (x[i], 1.5)
+            v = ti.Vector([x[i] ** 2, 2.0, 0.5])
+            loss[None] += f(*t) + f(*v) * 10 + f(x[i], 1.0, **OPTIONS) * 100
+
+    (t_loss, t_grad), (k_loss, k_grad) = grads_of_both(unpacked, [x], loss)
+    np.testing.assert_allclose(k_loss, t_loss, rtol=1e-12)
+    np.testing.assert_allclose(k_grad, t_grad, rtol=1e-12)

@@ -1202,11 +1202,20 @@ class Lowerer:
                              "call ti.atomic_* as a statement")
         args = []
         for a in node.args:
-            if isinstance(a, ast.Starred):
-                args.extend(self.expr(a.value))
+            if isinstance(a, ast.Starred):  # f(*v): a vector's components or a Python sequence
+                v = self.expr(a.value)
+                args.extend(v.items if isinstance(v, Vec) and v.is_vector else v)
             else:
                 args.append(self.expr(a))
-        kwargs = {k.arg: self.expr(k.value) for k in node.keywords}
+        kwargs = {}
+        for k in node.keywords:
+            v = self.expr(k.value)
+            if k.arg is not None:
+                kwargs[k.arg] = v
+            elif isinstance(v, dict):  # f(**options) with a dict of Python values
+                kwargs.update(v)
+            else:
+                raise self.error(k.value, "** needs a dict of compile-time values", "pass the keywords one by one")
         return self.call(fn, args, kwargs, node)
 
     def call(self, fn, args, kwargs, node):
