@@ -992,3 +992,26 @@ def test_star_arguments_unpack_vectors_tuples_and_dicts(fields):
     (t_loss, t_grad), (k_loss, k_grad) = grads_of_both(unpacked, [x], loss)
     np.testing.assert_allclose(k_loss, t_loss, rtol=1e-12)
     np.testing.assert_allclose(k_grad, t_grad, rtol=1e-12)
+
+
+MODE = None
+
+
+def test_compile_time_comparisons_of_python_values(fields):
+    """ti.static(MODE == None), ti.static(x.dtype == ti.f64) and string comparisons run in Python,
+    as in Taichi (kerndiff once tried to make None a kernel value). Values and gradients against
+    Taichi's."""
+    x, _, loss = fields
+
+    def configured():
+        for i in x:
+            if ti.static(MODE == None and x.dtype == ti.f64):  # noqa: E711 (Taichi has no `is`)
+                loss[None] += x[i] ** 3
+            for name in ti.static(["sin", "cos"]):
+                if ti.static(name != "cos"):
+                    loss[None] += ti.sin(x[i])
+
+    (t_loss, t_grad), (k_loss, k_grad) = grads_of_both(configured, [x], loss)
+    np.testing.assert_allclose(k_loss, t_loss, rtol=1e-12)
+    np.testing.assert_allclose(k_grad, t_grad, rtol=1e-12)
+    np.testing.assert_allclose(k_grad, 3 * x.to_numpy() ** 2 + np.cos(x.to_numpy()), rtol=1e-12)

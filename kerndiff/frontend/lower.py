@@ -1171,6 +1171,9 @@ class Lowerer:
                          ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}[type(op)](left, right)
                 else:
                     raise self.error(node, f"comparison {type(op).__name__} is not supported", "use < <= > >= == !=")
+            elif not isinstance(left, (N.Expr, Vec)) and not isinstance(right, (N.Expr, Vec)) \
+                    and not (isinstance(left, numbers.Number) and isinstance(right, numbers.Number)):
+                r = PYOPS[name](left, right)  # compile-time Python: MODE == None, dtype == ti.f32, name == "a"
             else:
                 r = self.binary(name, left, right, node)
             result = r if result is None else self.logic("and", result, r, node)
