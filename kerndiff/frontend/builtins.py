@@ -271,6 +271,8 @@ def _raw_div_mod(op):
     def handler(lw, node, args, kwargs):
         a, b = args
         if all(isinstance(v, (int, float)) for v in (a, b)):
+            if b == 0:
+                raise lw.error(node, f"ti.{op} by a constant zero", "check the divisor")
             return python(a, b)
         if isinstance(a, Vec) or isinstance(b, Vec):
             return V.broadcast(op, a if isinstance(a, Vec) else lw.scalar(a, node),
