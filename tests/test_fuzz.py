@@ -40,6 +40,8 @@ BINARY = {
     "add": "({}) + ({})", "sub": "({}) - ({})", "mul": "({}) * ({})",
     "div": "({0}) / (1.5 + ({1}) * ({1}))", "pow": "(1.0 + ({0}) * ({0})) ** ti.tanh({1})",
     "atan2": "ti.atan2({0}, 1.0 + ({1}) * ({1}))", "min": "ti.min({}, {})", "max": "ti.max({}, {})",
+    # a comparison of comparisons: generated code must keep the grouping (Python chains a < b == c)
+    "gate": "({0}) * ((({0}) > 0.3) == (({1}) < 0.2))",
 }
 LEAVES = ["x[i]", "x[idx[i]]", "y[1, i]", "y[1, idx[i]]", "0.7", "x[(i + 1) % 3]"]
 
