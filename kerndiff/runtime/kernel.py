@@ -184,7 +184,11 @@ class Kernel:
             values[k] = v
         missing = [n for n in names if n not in values]
         if missing:
-            raise KernDiffError(f"{self.__name__} is missing arguments {missing}", remedy="pass every argument")
+            given = [n for n in missing if inspect.signature(self.fn).parameters[n].default
+                     is not inspect.Parameter.empty]
+            raise KernDiffError(f"{self.__name__} is missing arguments {missing}"
+                                + (f" ({given} have default values, which kernels do not take, as in Taichi)"
+                                   if given else ""), remedy="pass every argument")
         templates = {n: values[n] for n, d in params if d == "template"}
         scalars = []
         for n, d in params:
