@@ -14,7 +14,8 @@ PARTIALS = {}
 
 # Piecewise-constant ops: derivative zero almost everywhere (and exactly zero in both modes).
 NO_DERIVATIVE = {"floor", "ceil", "round", "floordiv", "lt", "le", "gt", "ge", "eq", "ne", "and",
-                 "or", "not", "bit_and", "bit_or", "bit_xor", "shl", "shr", "bit_not", "isnan", "isinf"}
+                 "or", "not", "bit_and", "bit_or", "bit_xor", "shl", "shr", "bit_not", "isnan", "isinf",
+                 "popcnt", "clz"}
 # Ops whose derivative is handled by the passes' structure rather than by partials.
 STRUCTURAL = {"cast"}
 

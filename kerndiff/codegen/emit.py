@@ -22,7 +22,7 @@ FUNCS = {"sin": "ti.sin", "cos": "ti.cos", "tan": "ti.tan", "asin": "ti.asin", "
          "atan": "ti.atan2", "exp": "ti.exp", "log": "ti.log", "sqrt": "ti.sqrt", "rsqrt": "ti.rsqrt",
          "tanh": "ti.tanh", "abs": "ti.abs", "floor": "ti.floor", "ceil": "ti.ceil", "round": "ti.round",
          "min": "ti.min", "max": "ti.max", "atan2": "ti.atan2", "select": "ti.select",
-         "isnan": "ti.math.isnan", "isinf": "ti.math.isinf"}
+         "isnan": "ti.math.isnan", "isinf": "ti.math.isinf", "popcnt": "ti.math.popcnt", "clz": "ti.math.clz"}
 TAG_WORDS = {"tangent": "tangent of", "adjoint": "adjoint of", "recompute": "recompute",
              "hoist": "read once, before", "checkpoint": "checkpoints of"}
 

@@ -24,6 +24,17 @@ def _unary(op):
     return handler
 
 
+def _bit_count(op):
+    """ti.math.popcnt / clz: bits of an integer (Taichi's builtin ops, which kernels call directly)."""
+    def handler(lw, node, args, kwargs):
+        def count(e):
+            if is_float(e.dtype):
+                raise lw.error(node, f"ti.math.{op} counts the bits of an integer", "cast the value with ti.cast")
+            return B.call(op, e)
+        return lw.elementwise(count, args[0], node)
+    return handler
+
+
 def _minmax(op):
     def handler(lw, node, args, kwargs):
         if len(args) == 1 and isinstance(args[0], Vec):
@@ -326,6 +337,8 @@ def build_table():
     table[ti.math.clamp] = _clamp
     table[ti.types.vector] = _type_constructor(ti.types.vector)  # ti.types.matrix(2, 2, ti.f32)(...) inline
     table[ti.types.matrix] = _type_constructor(ti.types.matrix)
+    table[ti.math.popcnt] = _bit_count("popcnt")
+    table[ti.math.clz] = _bit_count("clz")
     table[ti.math.isnan] = _unary("isnan")  # emitted as Taichi's own (bit tests, immune to fast math)
     table[ti.math.isinf] = _unary("isinf")
     table[ti.math.sign] = _sign

@@ -12,8 +12,9 @@ COMPARE = {"lt", "le", "gt", "ge", "eq", "ne"}
 LOGIC = {"and", "or", "not"}
 BITWISE = {"bit_and", "bit_or", "bit_xor", "shl", "shr", "bit_not"}  # integers only (the frontend checks)
 CLASSIFY = {"isnan", "isinf"}  # float -> i32 (0 or 1)
+BIT_COUNT = {"popcnt", "clz"}  # integer -> the same integer type
 SPECIAL = {"cast", "select"}
-OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | CLASSIFY | SPECIAL
+OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | CLASSIFY | BIT_COUNT | SPECIAL
 
 COMMUTATIVE = {"add", "mul", "min", "max", "eq", "ne", "and", "or", "bit_and", "bit_or", "bit_xor"}
 
@@ -56,6 +57,7 @@ def _py(op):
         "not": lambda a: int(not a), "isnan": lambda a: int(np.isnan(a)), "isinf": lambda a: int(np.isinf(a)),
         "bit_and": lambda a, b: a & b, "bit_or": lambda a, b: a | b, "bit_xor": lambda a, b: a ^ b,
         "shl": lambda a, b: a << b, "shr": lambda a, b: a >> b, "bit_not": lambda a: ~a,
+        "popcnt": lambda a: bin(a & 0xFFFFFFFF).count("1"), "clz": lambda a: 32 - (a & 0xFFFFFFFF).bit_length(),
     }
     return table[op]
 
@@ -67,6 +69,8 @@ def fold(op: str, values: list, dtype: str):
     if op in ("div", "floordiv", "mod") and values[1] == 0:
         return None
     if op == "pow" and not is_float(dtype) and values[1] < 0:
+        return None
+    if op in BIT_COUNT and dtype not in ("i32", "u32"):  # the folding above counts 32 bits
         return None
     np_t = {"f16": np.float16, "f32": np.float32, "f64": np.float64}.get(dtype)
     with np.errstate(all="ignore"):
