@@ -281,3 +281,32 @@ def test_minmax_ties_split_evenly():
     grad = kd.backward(k, inputs=[x, y], output=out)
     assert grad([1.0, 1.0]) == [1.5, 1.5]
     assert grad([2.0, 1.0]) == [1.0, 2.0]
+
+
+def test_pow_is_differentiable_where_its_base_or_exponent_is_zero():
+    """a**0 is 1 for every a, and 0**b is 0 for every b > 0: their partials are 0 there, where the
+    textbook rules give 0·0**-1 and log(0)·0, both NaN (Taichi's grad returns those NaNs; JAX's
+    rules return 0, and so do kerndiff's). Against the closed form in both modes; second order
+    finite there."""
+    a, b, k, out = (ti.field(ti.f64, shape=3) for _ in range(4))
+    n = ti.field(ti.i32, shape=3)
+
+    @kd.kernel
+    def powers():
+        for i in a:
+            out[i] = a[i] ** b[i] + a[i] ** n[i] + k[i] * a[i] ** 2
+
+    av, bv, nv = np.array([0.0, 0.5, 0.0]), np.array([2.0, 1.5, 3.0]), np.array([0, 1, 2], dtype=np.int32)
+    n.from_numpy(nv)
+    k.from_numpy(np.ones(3))
+    grads = kd.backward(powers, inputs=[a, b], output=out)([av, bv], cotangent=np.ones(3))
+    da = bv * np.where(av > 0, av, 1) ** (bv - 1) * (av > 0) + nv * np.where(nv > 0, av ** np.maximum(nv - 1, 0), 0) \
+        + 2 * av
+    db = np.where(av > 0, np.log(np.where(av > 0, av, 1)) * av ** bv, 0)
+    np.testing.assert_allclose(grads[0], da, rtol=1e-13)
+    np.testing.assert_allclose(grads[1], db, rtol=1e-13)
+    ta, tb = np.array([0.3, -0.7, 1.1]), np.array([-0.4, 0.9, 0.6])
+    jv = kd.forward(powers, inputs=[a, b], output=out)([av, bv], tangents=[ta, tb])
+    np.testing.assert_allclose(jv, da * ta + db * tb, rtol=1e-13)
+    hv = kd.hvp(powers, inputs=[a, b], output=out)([av, bv], [ta, tb], cotangent=np.ones(3))
+    assert all(np.isfinite(h).all() for h in hv), hv  # (finite differences step to a < 0: NaN there)

@@ -43,9 +43,19 @@ defpartials("sub", lambda a, b, out: _c(1, out), lambda a, b, out: _c(-1, out))
 defpartials("mul", lambda a, b, out: b, lambda a, b, out: a)
 defpartials("div", lambda a, b, out: B.div(_c(1, out), b), lambda a, b, out: B.neg(B.div(out, b)))
 defpartials("neg", lambda a, out: _c(-1, out))
-defpartials("pow",
-            lambda a, b, out: B.mul(b, B.call("pow", a, B.sub(b, _c(1, b)))),
-            lambda a, b, out: B.mul(B.call("log", a), out))
+def _pow_base(a, b, out):
+    """∂ a**b/∂a = b·a**(b-1), and 0 where b = 0: a**0 is 1 everywhere, where 0·0**-1 would give
+    NaN at a = 0 (JAX's rule too)."""
+    return B.select(B.call("eq", b, _c(0, b)), _c(0, out), B.mul(b, B.call("pow", a, B.sub(b, _c(1, b)))))
+
+
+def _pow_exponent(a, b, out):
+    """∂ a**b/∂b = log(a)·a**b, and 0 where a = 0: 0**b is constant in b, where log(0)·0 would
+    give NaN (JAX's rule too)."""
+    return B.mul(B.call("log", B.select(B.call("eq", a, _c(0, a)), _c(1, a), a)), out)
+
+
+defpartials("pow", _pow_base, _pow_exponent)
 defpartials("mod", lambda a, b, out: _c(1, out),
             lambda a, b, out: B.neg(B.call("floor", B.div(a, b))))
 defpartials("min", lambda a, b, out: _ties(a, b), lambda a, b, out: _ties(b, a))
