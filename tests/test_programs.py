@@ -928,3 +928,34 @@ def test_kernels_as_methods_of_a_data_oriented_class(runtime):
     a.x.from_numpy(x0)
     grad_x = kd.backward(a.measure, inputs=[a.x], output=a.loss, args=(0.5,))([x0])[0]
     np.testing.assert_allclose(grad_x, x0, rtol=1e-12)
+
+
+def test_kernels_that_return_values_inside_tape_and_fwd_mode(runtime):
+    """A kernel that returns a value inside kd.Tape: the value is not the loss, so its cotangent is
+    0 (kerndiff once seeded it with 1, adding d(value)/dx to the gradient). Inside kd.FwdMode it
+    returns its value, as under ti.ad.FwdMode (kerndiff once returned (value, tangent))."""
+    n = 4
+    x = ti.field(ti.f64, shape=n, needs_grad=True, needs_dual=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True, needs_dual=True)
+    xv = np.linspace(0.1, 1.0, n)
+    x.from_numpy(xv)
+
+    def both() -> ti.f64:
+        s = 0.0
+        for i in x:
+            s += x[i] ** 2
+            loss[None] += ti.sin(x[i])
+        return s
+
+    k = kd.kernel(both)
+    with kd.Tape(loss):
+        value = k()
+    assert value == pytest.approx(np.sum(xv ** 2), rel=1e-12)
+    np.testing.assert_allclose(x.grad.to_numpy(), np.cos(xv), rtol=1e-12)
+    got = []
+    for kernel, mode in ((ti.kernel(both), ti.ad.FwdMode), (k, kd.FwdMode)):
+        with mode(loss=loss, param=x, seed=[1.0] * n):
+            got.append((kernel(), ))
+        got[-1] += (loss.dual[None],)
+    assert got[1] == pytest.approx(got[0], rel=1e-12)
+    assert got[1][1] == pytest.approx(np.sum(np.cos(xv)), rel=1e-12)
