@@ -114,6 +114,11 @@ class _Factory:
             write(d, t, "tangent")
         self.kernel.forward(*self.args)
 
+    def _returned_value_constant(self):
+        """The output is a field: a value the kernel also returns is not part of it, so its
+        cotangent is 0 (a reverse kernel launched alone seeds it with 1)."""
+        return {"cotangent": 0.0} if self.kernel.returned_values() else {}
+
     @contextlib.contextmanager
     def _constants_held(self):
         """Fields the kernel only reads and that are not inputs are constants of this derivative, so
@@ -177,7 +182,7 @@ class BackwardFn(_Factory):
         self._run_primal(values)
         adjs, out_adj = self._clear_adjoints(with_duals=False)
         write(out_adj, ct, "cotangent")
-        self.kernel.reverse(*self.args)
+        self.kernel.reverse(*self.args, **self._returned_value_constant())
         return [read(a) for a in adjs]
 
 
@@ -219,5 +224,5 @@ class HvpFn(_Factory):
             for h in hv:
                 zero(h)
             write(out_adj, ct, "cotangent")
-            self.kernel.reverse.forward(*self.args)
+            self.kernel.reverse.forward(*self.args, **self._returned_value_constant())
             return [read(h) for h in hv]

@@ -156,7 +156,7 @@ class Tape:
             # A value the kernel returned is not the loss: its cotangent is 0 (a reverse kernel
             # launched alone seeds it with 1).
             (kernel.reverse_from_inputs if before else kernel.reverse).launch(
-                *args, cotangent=0.0 if _returned_values(kernel) else None, **kwargs)
+                *args, cotangent=0.0 if kernel.returned_values() else None, **kwargs)
             for f, arr in saved.values():
                 _restore(f, arr)
         for f, arr in final.values():
@@ -186,12 +186,6 @@ class _Touched:
         first = pattern[0] if pattern else None
         candidates = groups.values() if first is None else (groups.get(first, ()), groups.get(None, ()))
         return any(overlap(pattern, old) for group in candidates for old in group)
-
-
-def _returned_values(kernel):
-    """How many values the kernel returns (`-> float`: 1, `-> (ti.f64, ti.f64)`: 2)."""
-    rdt = kernel.signature()[1]
-    return 0 if rdt is None else len(rdt) if isinstance(rdt, tuple) else 1
 
 
 def clear_derivatives(kind, level=1):
@@ -251,7 +245,7 @@ class FwdMode:
         return self
 
     def launch(self, kernel, args, kwargs):
-        returns = _returned_values(kernel)
+        returns = kernel.returned_values()
 
         def run():
             out = kernel.forward.launch(*args, **kwargs)

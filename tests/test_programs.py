@@ -959,3 +959,25 @@ def test_kernels_that_return_values_inside_tape_and_fwd_mode(runtime):
         got[-1] += (loss.dual[None],)
     assert got[1] == pytest.approx(got[0], rel=1e-12)
     assert got[1][1] == pytest.approx(np.sum(np.cos(xv)), rel=1e-12)
+
+
+def test_factories_over_a_kernel_that_also_returns_a_value(runtime):
+    """kd.backward / kd.hvp / kd.check_grad with a field output, over a kernel that also returns a
+    value: the value is not the output, so its cotangent is 0 (kerndiff once seeded it with 1)."""
+    n = 4
+    x = ti.field(ti.f64, shape=n)
+    loss = ti.field(ti.f64, shape=())
+    xv = np.linspace(0.1, 1.0, n)
+
+    @kd.kernel
+    def k() -> ti.f64:
+        s = 0.0
+        for i in x:
+            s += x[i] ** 2
+            loss[None] += ti.sin(x[i])
+        return s
+
+    np.testing.assert_allclose(kd.backward(k, inputs=[x], output=loss)([xv])[0], np.cos(xv), rtol=1e-12)
+    np.testing.assert_allclose(kd.hvp(k, inputs=[x], output=loss)([xv], [np.ones(n)])[0], -np.sin(xv), rtol=1e-12)
+    x.from_numpy(xv)
+    kd.check_grad(k, [x], loss, order=2)

@@ -161,6 +161,11 @@ class Kernel:
         arg = next((a for a in src.tree.args.args if a.arg == name), src.tree)
         return src.error(arg, reason, remedy)
 
+    def returned_values(self):
+        """How many values the kernel returns (`-> float`: 1, `-> (ti.f64, ti.f64)`: 2)."""
+        rdt = self.signature()[1]
+        return 0 if rdt is None else len(rdt) if isinstance(rdt, tuple) else 1
+
     def _takes_self(self):
         """Whether the function's first parameter is `self` (a method); looked up once."""
         if self._method is None:
