@@ -981,3 +981,26 @@ def test_factories_over_a_kernel_that_also_returns_a_value(runtime):
     np.testing.assert_allclose(kd.hvp(k, inputs=[x], output=loss)([xv], [np.ones(n)])[0], -np.sin(xv), rtol=1e-12)
     x.from_numpy(xv)
     kd.check_grad(k, [x], loss, order=2)
+
+
+def test_a_kernel_returning_an_integer_has_a_reverse(runtime):
+    """`-> ti.i32`: the reverse kernel's cotangent parameter is an integer (nothing reads it);
+    launching it, alone or from a Tape, once failed on a float cotangent."""
+    x = ti.field(ti.f64, shape=4, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    x.from_numpy(np.linspace(0.1, 1.0, 4))
+
+    @kd.kernel
+    def count() -> ti.i32:
+        c = 0
+        for i in x:
+            if x[i] > 0.5:
+                c += 1
+            loss[None] += x[i] ** 2
+        return c
+
+    with kd.Tape(loss):
+        assert count() == 2
+    np.testing.assert_allclose(x.grad.to_numpy(), 2 * x.to_numpy(), rtol=1e-13)
+    count.reverse()
+    assert count.forward() == (2, 0)

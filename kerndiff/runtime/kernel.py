@@ -16,7 +16,7 @@ import time
 import taichi as ti
 
 from ..errors import KernDiffError
-from ..ir.types import from_taichi
+from ..ir.types import from_taichi, is_float
 from .cache import CACHE
 from .registry import REGISTRY
 
@@ -301,7 +301,8 @@ class Kernel:
             if len(cts) != len(extra):
                 raise KernDiffError(f"{self!r} takes {len(extra)} cotangents, got {len(cts)}",
                                     remedy="pass one cotangent per returned value")
-            call_args.extend(cts)
+            # an integer result has an integer cotangent parameter (which nothing reads)
+            call_args.extend(float(c) if is_float(p.dtype) else int(c) for p, c in zip(extra, cts))
         elif cotangent is not None:
             raise KernDiffError(f"{self!r} returns nothing to seed with a cotangent",
                                 remedy="seed the adjoints of output fields instead")
