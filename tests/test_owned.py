@@ -98,3 +98,44 @@ def test_reverse_recomputes_the_element_as_a_local(runtime):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     code = [line.split("#")[0] for line in k.reverse.source.splitlines()]
     assert not any("out[i]" in line for line in code), k.reverse.source
+
+
+def test_a_result_finished_outside_the_loops_under_tape(runtime):
+    """`loss[None] = ti.sqrt(loss[None] / n)` in a kernel of its own (a root-mean-square loss
+    finished after the reduction): statements outside loops run once, so the element is theirs.
+    Its reverse alone needs the value it overwrote and is refused; inside kd.Tape, which restores
+    it, the gradient matches f64 finite differences (kerndiff once refused it there too)."""
+    n = 4
+    x = ti.field(ti.f64, shape=n, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    aux = ti.field(ti.f64, shape=(), needs_grad=True)
+    xv = np.linspace(0.1, 1.0, n)
+
+    @kd.kernel
+    def squares():
+        for i in x:
+            loss[None] += x[i] ** 2
+
+    @kd.kernel
+    def root_mean():
+        loss[None] = ti.sqrt(loss[None] / n)
+        aux[None] = loss[None] * 2
+        if loss[None] > 0.5:
+            loss[None] += aux[None] * 0.1
+
+    def run(values):
+        x.from_numpy(values)
+        loss[None], aux[None] = 0.0, 0.0
+        squares()
+        root_mean()
+        return loss[None]
+
+    x.from_numpy(xv)
+    with kd.Tape(loss):
+        squares()
+        root_mean()
+    h = 1e-6
+    fd = [(run(xv + h * e) - run(xv - h * e)) / (2 * h) for e in np.eye(n)]
+    np.testing.assert_allclose(x.grad.to_numpy(), fd, rtol=1e-7)
+    with pytest.raises(kd.KernDiffError, match="launch it inside kd.Tape"):
+        root_mean.reverse()

@@ -89,9 +89,10 @@ def restorable_fields(ir: N.KernelIR):
 def _restorable(ir: N.KernelIR):
     """restorable_fields of a kernel already known to be refused as written."""
     params = {p.name for p in ir.params}
-    where = {}  # id(field) -> (field, {top-level positions}, {index tuples}, {kinds})
-    for pos, s in enumerate(ir.body):
-        for ref, uses in _accesses((s,)).items():
+    where = {}  # id(field) -> (field, {top-level groups}, {index tuples}, {kinds})
+    groups = _top_level_groups(ir.body)
+    for pos, group in enumerate(groups):
+        for ref, uses in _accesses(group).items():
             f, tops, indices, kinds = where.setdefault(id(ref.field), (ref.field, set(), set(), set()))
             tops.add(pos)
             indices.update(index for _, index, _ in uses)
@@ -100,10 +101,29 @@ def _restorable(ir: N.KernelIR):
     for f, tops, indices, kinds in where.values():
         if len(tops) != 1 or len(indices) != 1 or not _read_and_written(kinds):
             continue
-        loop = ir.body[next(iter(tops))]
-        if _promotable_loop(loop, params) and _owned(next(iter(indices)), loop.vars, params):
+        group, index = groups[next(iter(tops))], next(iter(indices))
+        if isinstance(group[0], N.For):
+            if _promotable_loop(group[0], params) and _owned(index, group[0].vars, params):
+                out.append(f)
+        elif _promotable_run(group, params) and _owned(index, (), params):
             out.append(f)
     return out
+
+
+def _top_level_groups(body):
+    """The kernel's top level as groups: each loop alone, each run of other statements together."""
+    groups = []
+    for s in body:
+        if isinstance(s, N.For) or not groups or isinstance(groups[-1][0], N.For):
+            groups.append((s,))
+        else:
+            groups[-1] += (s,)
+    return groups
+
+
+def _promotable_run(stmts, params):
+    """Statements outside loops that always run to their end and keep the parameters."""
+    return not _leaves_iteration(stmts) and not assigned_names(stmts) & params
 
 
 def promote_owned_elements(ir: N.KernelIR) -> N.KernelIR:
@@ -112,8 +132,29 @@ def promote_owned_elements(ir: N.KernelIR) -> N.KernelIR:
     value may be needed, stored once at the end)."""
     names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
     params = {p.name for p in ir.params}
-    body = tuple(_promote_loop(s, params, names) for s in ir.body)
+    body = []
+    for group in _top_level_groups(ir.body):
+        if isinstance(group[0], N.For):
+            body.append(_promote_loop(group[0], params, names))
+        else:
+            body.extend(_promote_run(group, params, names))
+    body = tuple(body)
     return ir if body == ir.body else dataclasses.replace(ir, body=body)
+
+
+def _promote_run(stmts, params, names):
+    """Statements outside the kernel's loops run once, in order: an element they read and write
+    at one index made of parameters and constants (`loss[None] = ti.sqrt(loss[None])`) is theirs
+    alone while they run, a local like an iteration's own element."""
+    if not _promotable_run(stmts, params):
+        return stmts
+    body = stmts
+    for ref, uses in _accesses(stmts).items():
+        index = uses[0][1]
+        if _read_and_written({k for k, _, _ in uses}) and all(u[1] == index for u in uses) \
+                and _owned(index, (), params):
+            body = _promote(body, ref, index, _accesses(body)[ref], names)
+    return body
 
 
 def _accesses(stmts):
