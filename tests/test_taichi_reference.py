@@ -27,6 +27,16 @@ def both(fn):
     return ti.kernel(fn), kd.kernel(fn)
 
 
+def values_of_both(fn, out):
+    """fn as Taichi's kernel and as kerndiff's, each run on a zeroed `out`: [Taichi's, kerndiff's]."""
+    got = []
+    for k in both(fn):
+        out.fill(0)
+        k()
+        got.append(out.to_numpy())
+    return got
+
+
 def grads_of_both(fn, inputs, loss):
     """fn as Taichi's kernel and as kerndiff's, each run and then its grad seeded with loss's
     adjoint 1: [(loss value, input gradients...)] for Taichi, then kerndiff."""
@@ -839,11 +849,7 @@ def test_c_division_and_remainder_and_builtin_pow(runtime):
             r[i, 3] = ti.raw_mod(a, -5)
             r[i, 4] = ti.raw_mod(-7, 3) * 10 + pow(a, 2)
 
-    got = []
-    for k in both(c_style):
-        r.fill(0)
-        k()
-        got.append(r.to_numpy())
+    got = values_of_both(c_style, r)
     np.testing.assert_array_equal(got[1], got[0])
     a = np.arange(12) - 6
     np.testing.assert_array_equal(got[1][:, 0], np.trunc(a / 4))
@@ -1029,15 +1035,12 @@ def test_bit_counts(fields):
             m = ti.cast(x[i] * 100, ti.i32)
             r[i] = ti.math.popcnt(m) * 100 + ti.math.clz(m) + ti.math.popcnt(-7) * 10000
 
-    counts = []
-    for k in both(bits):
-        r.fill(0)
-        k()
-        counts.append(r.to_numpy())
+    counts = values_of_both(bits, r)
     np.testing.assert_array_equal(counts[1], counts[0])
     m = (x.to_numpy() * 100).astype(np.int64)
     popcnt = np.array([bin(v).count("1") for v in m])
-    np.testing.assert_array_equal(counts[1], popcnt * 100 + 32 - np.array([int(v).bit_length() for v in m]) + 300000)  # popcnt(-7) = 30
+    clz = 32 - np.array([int(v).bit_length() for v in m])
+    np.testing.assert_array_equal(counts[1], popcnt * 100 + clz + 30 * 10000)  # popcnt(-7) is 30
 
     @kd.kernel
     def weighted():
@@ -1047,5 +1050,5 @@ def test_bit_counts(fields):
     x.grad.fill(0)
     loss.grad[None] = 1
     weighted.reverse()
-    clz = 32 - np.array([int(i + 1).bit_length() for i in range(N)])
-    np.testing.assert_allclose(x.grad.to_numpy(), 2 * x.to_numpy() * popcnt + clz, rtol=1e-13)
+    clz_of_index = 32 - np.array([int(i + 1).bit_length() for i in range(N)])
+    np.testing.assert_allclose(x.grad.to_numpy(), 2 * x.to_numpy() * popcnt + clz_of_index, rtol=1e-13)
