@@ -72,7 +72,8 @@ def test_every_copy_is_summed_and_zeroed(springs):
     from kerndiff.runtime.registry import REGISTRY
     pos, E, tk, kk = springs
     once = _grad(pos, E, kk.reverse)
-    (copies, busy), = [v for k, v in REGISTRY.derived.items() if k[0] == "private" and k[1] == ((id(pos.grad), ((P,), (0,))),)]
+    key = ((id(pos.grad), ((P,), (0,))),)  # (field, (shape of its copies, their offset))
+    (copies, busy), = [v for k, v in REGISTRY.derived.items() if k[0] == "private" and k[1] == key]
     private = copies[id(pos.grad)]
     threads = private.shape[0]
     planted = np.random.default_rng(1).standard_normal((threads, P, 2))

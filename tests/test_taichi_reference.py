@@ -953,7 +953,8 @@ def test_swizzle_stores_and_letter_sets(runtime):
 
 
 def test_static_loops_over_python_iterators(runtime):
-    """ti.static(enumerate(fields)) and ti.static(zip(names, fields)) unroll over Python data, as in Taichi (kerndiff once refused enumerate and zip).
+    """ti.static(enumerate(fields)) and ti.static(zip(names, fields)) unroll over Python data, as in
+    Taichi (kerndiff once refused enumerate and zip).
     Values and gradients against Taichi's."""
     a = ti.field(ti.f64, shape=5, needs_grad=True)
     b = ti.field(ti.f64, shape=5, needs_grad=True)

@@ -603,8 +603,8 @@ class Lowerer:
         target = struct_member_access(target, self.expr)
         if isinstance(target, ast.Attribute) and len(target.attr) == 1 and swizzle_index(target.attr) \
                 and isinstance(target.value, ast.Subscript) and is_field(self.expr(target.value.value)):
-            return ast.copy_location(ast.Subscript(value=target.value, slice=ast.Constant(swizzle_index(target.attr)[0]),
-                                                   ctx=ast.Store()), target)
+            component = ast.Constant(swizzle_index(target.attr)[0])
+            return ast.copy_location(ast.Subscript(value=target.value, slice=component, ctx=ast.Store()), target)
         if isinstance(target, ast.Subscript) and (
                 is_field(self.expr(target.value)) or isinstance(target.value, ast.Subscript)
                 and is_field(self.expr(target.value.value))):
