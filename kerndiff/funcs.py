@@ -9,6 +9,8 @@ differentiated.
 """
 from __future__ import annotations
 
+import inspect
+
 from .errors import KernDiffError
 from .ir import build as B
 from .ir import nodes as N
@@ -39,7 +41,6 @@ class DeviceFunction:
 
     def arity(self):
         if self.kind in ("func", "forward", "grad"):
-            import inspect
             return len(inspect.signature(self.fn).parameters)
         return self.inner.arity()
 
@@ -101,7 +102,6 @@ class DeviceFunction:
         return out
 
     def _inline_inner(self, lw, args, node):
-        import inspect
         params = list(inspect.signature(self.fn).parameters.values())
         positional = [a for p, a in zip(params, args) if p.kind != p.KEYWORD_ONLY]
         keywords = {p.name: a for p, a in zip(params, args) if p.kind == p.KEYWORD_ONLY}
