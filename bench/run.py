@@ -51,10 +51,21 @@ def run_workload(name, args, extra=()):
     return rows
 
 
-def machine():
+def machine(arch="cpu"):
     import multiprocessing
-    return f"{platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} cores, " \
+    text = f"{platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} cores, " \
            f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    return text + (f", GPU: {gpu_name()}" if arch == "gpu" else "")
+
+
+def gpu_name():
+    """The GPU's name and driver as nvidia-smi reports them ("unknown" without an NVIDIA GPU)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out.replace(", ", " driver ") or "unknown"
 
 
 def fmt(t):
@@ -64,7 +75,7 @@ def fmt(t):
 
 
 def report(rows, args):
-    lines = [f"machine: {machine()}; arch={args.arch}; {'quick' if args.quick else 'full'} sizes", ""]
+    lines = [f"machine: {machine(args.arch)}; arch={args.arch}; {'quick' if args.quick else 'full'} sizes", ""]
     lines.append("| workload | op | system | median | min–max | value |")
     lines.append("|---|---|---|---|---|---|")
     times = {}
@@ -125,7 +136,7 @@ def main():
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "arch": args.arch, "quick": args.quick, "rows": rows}, f, indent=1)
+            json.dump({"machine": machine(args.arch), "arch": args.arch, "quick": args.quick, "rows": rows}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 REPS = 7
+ARCH = "cpu"  # set by main(): "gpu" puts JAX and PyTorch on the GPU too, beside Taichi
 
 
 def emit(**kw):
@@ -68,15 +69,27 @@ def init_taichi(arch, **kw):
 
 
 def jax_mod():
+    """JAX on the same processor as Taichi. On the GPU it must not take 75% of the GPU's memory up
+    front (its default), which Taichi's and PyTorch's allocators need too."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
-    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_platforms", "cuda" if ARCH == "gpu" else "cpu")
     return jax
 
 
 def torch_mod():
+    """PyTorch on the same processor as Taichi: on the GPU every tensor the workload makes is a
+    CUDA tensor (torch.set_default_device)."""
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
+    if ARCH == "gpu":
+        torch.set_default_device("cuda")
     return torch
+
+
+def torch_sync(torch):
+    """What a timed PyTorch call waits for: its GPU work (kernels launch asynchronously there)."""
+    return torch.cuda.synchronize if ARCH == "gpu" else (lambda: None)
 
 
 def jax_energy_system(jax, energy, p, v, u):
@@ -124,7 +137,7 @@ def torch_systems(torch, energy, p, u, second, quick):
         (g,) = torch.autograd.grad(energy(q), q, create_graph=True)
         return torch.autograd.grad(g, q, grad_outputs=v)[0]
 
-    out = {"torch": (lambda: None, ops(energy, double_backward))}
+    out = {"torch": (torch_sync(torch), ops(energy, double_backward))}
     if not quick:
         compiled = {}
         hvp_c = torch.compile(lambda q, v: torch.func.jvp(torch.func.grad(energy), (q,), (v,))[1])
@@ -135,7 +148,7 @@ def torch_systems(torch, energy, p, u, second, quick):
             except Exception as e:  # noqa: BLE001 (report any compiler failure as n/a)
                 print(f"torch.compile {name}: {type(e).__name__}: {str(e)[:160]}", file=sys.stderr)
                 compiled[name] = None
-        out["torch.compile"] = (lambda: None, compiled)
+        out["torch.compile"] = (torch_sync(torch), compiled)
     return out
 
 
@@ -359,6 +372,7 @@ def main():
     args = p.parse_args()
     from . import more_workloads  # noqa: F401  (registers W4, W5 and compile latency)
     from . import workloads as registry  # the imported module (this file may be __main__)
+    registry.ARCH = args.arch
     registry.WORKLOADS[args.workload](args)
 
 

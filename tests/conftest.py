@@ -13,8 +13,10 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="module")
 def runtime():
-    """One Taichi runtime per test module (f64 on the CPU): Taichi compiles each kernel once."""
+    """One Taichi runtime per test module (f64 on the CPU): Taichi compiles each kernel once.
+    KERNDIFF_TEST_ARCH=cuda (or vulkan, ...) runs these modules on another Taichi backend."""
     import taichi as ti
-    ti.init(arch=ti.cpu, default_fp=ti.f64, random_seed=0)
+    arch = getattr(ti, os.environ.get("KERNDIFF_TEST_ARCH", "cpu"))
+    ti.init(arch=arch, default_fp=ti.f64, random_seed=0)
     yield
     ti.reset()

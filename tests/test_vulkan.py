@@ -13,7 +13,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import get, put, signature
+from harness import derivatives
 from test_corpus import CORPUS_NAMES, build_corpus
 
 SKIP_ON_VULKAN = {"template_args"}  # scalar f32 args work; kept off to bound the suite's compile time
@@ -22,37 +22,6 @@ NAMES = [n for n in CORPUS_NAMES if n not in SKIP_ON_VULKAN]
 
 def vulkan_driver_present():
     return bool(glob.glob("/usr/share/vulkan/icd.d/*.json"))
-
-
-def derivatives(k, args):
-    """Primal outputs, J·v (forward), Jᵀ·w (reverse) and H·v (reverse.forward) as float64 arrays."""
-    rng = np.random.default_rng(5)
-    k(*args)
-    ins, outs, _ = signature(k, args)
-    ins = [f for f in ins if not any(f is o for o in outs)]
-    x0 = [get(f) for f in ins]
-    v = [rng.standard_normal(np.shape(x)) for x in x0]
-    w = [rng.standard_normal(np.shape(get(f))) for f in outs]
-    for f in outs:
-        f.fill(0)
-    for f, x in zip(ins, x0):
-        put(f, x)
-    for f, t in zip(ins, v):
-        put(kd.dual(f), t)
-    for f in outs:
-        kd.dual(f).fill(0)
-    ret = k.forward(*args)
-    results = [get(f) for f in outs] + [get(kd.dual(f)) for f in outs]
-    if ret is not None:
-        results += [np.float64(r) for r in ret]
-    for f in ins + outs:
-        kd.adjoint(f).fill(0)
-        kd.dual(kd.adjoint(f)).fill(0)
-    for f, ww in zip(outs, w):
-        put(kd.adjoint(f), ww)
-    k.reverse.forward(*args)
-    results += [get(kd.adjoint(f)) for f in ins] + [get(kd.dual(kd.adjoint(f))) for f in ins]
-    return results
 
 
 @pytest.fixture(scope="module")
