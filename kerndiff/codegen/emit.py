@@ -13,6 +13,7 @@ import numpy as np
 from ..ir import nodes as N
 from ..ir.ops import BITWISE, COMPARE
 from ..ir.types import default_fp, is_float
+from .components import component_refs, scalar_sums
 
 BINARY = {"add": ("+", 11), "sub": ("-", 11), "mul": ("*", 12), "div": ("/", 12), "floordiv": ("//", 12),
           "mod": ("%", 12), "lt": ("<", 6), "le": ("<=", 6), "gt": (">", 6), "ge": (">=", 6),
@@ -113,10 +114,14 @@ def _wrapped(pad, items, sep, width=100, cont=None):
 
 
 class Emitter:
-    def __init__(self, field_names: dict):
+    def __init__(self, field_names: dict, taken=()):
         self.field_names = field_names  # id(taichi field) -> global name in generated module
         self.fp = default_fp()
         self.lines = []
+        self.taken = set(taken) | set(field_names.values())  # names a new global must not shadow
+        self.component_fields = {}  # (id(field), component) -> global name of its scalar field
+        self.component_globals = {}  # that name -> (field, component), for the generated module
+        self.split_components = False  # inside a loop that sums into a 0-D field (components.py)
 
     # ---------------------------------------------------------- expressions
     def expr(self, e: N.Expr, prec: int = 0) -> str:
@@ -192,10 +197,40 @@ class Emitter:
 
     def lvalue(self, ref, index):
         idx = ", ".join(self.expr(i) for i in index) if index else "None"
+        if ref.component and self.split_components:
+            return f"{self.component_field(ref)}[{idx}]"
         comp = ""
         if ref.component:
             comp = "[" + ", ".join(map(str, ref.component)) + "]"
         return f"{self.field(ref)}[{idx}]{comp}"
+
+    def component_field(self, ref):
+        """The global name of ref's component as a scalar field: `pos_0` for pos[...][0]."""
+        key = (id(ref.field), ref.component)
+        if key not in self.component_fields:
+            base = self.field(ref) + "_" + "".join(map(str, ref.component))
+            name, k = base, 1
+            while name in self.taken:
+                name, k = f"{base}_{k}", k + 1
+            self.taken.add(name)
+            self.component_fields[key] = name
+            self.component_globals[name] = (ref.field, ref.component)
+        return self.component_fields[key]
+
+    def summing_loop(self, s, indent, path, i):
+        """A parallel loop that sums into a 0-D field, its components read through scalar fields
+        (see components.py), with a comment that says why."""
+        refs = component_refs(s)
+        first = self.component_field(refs[0])
+        comp = "][".join(map(str, refs[0].component))
+        sums = ", ".join(f"{self.field(r)}{''.join(f'[{c}]' for c in r.component)}" for r in scalar_sums(s))
+        self.lines.append(f"{'    ' * indent}# {first} is {self.field(refs[0])}[...][{comp}], etc.: "
+                          f"scalar fields let Taichi sum {sums} per thread")
+        self.split_components = True
+        try:
+            self.stmt(s, indent, path, i)
+        finally:
+            self.split_components = False
 
     # ---------------------------------------------------------- statements
     def block(self, stmts, indent, path, enclosing=None):
@@ -226,9 +261,18 @@ class Emitter:
                 self.copies(stmts[i:runs[i]], pad)
                 skip_to = runs[i]
                 continue
+            if not path and isinstance(s, N.For) and self._sums_with_components(s):
+                self.summing_loop(s, indent, path, i)
+                continue
             self.stmt(s, indent, path, i)
         if not stmts and not decls:
             self.lines.append(f"{pad}pass")
+
+    @staticmethod
+    def _sums_with_components(loop):
+        """A top-level (parallel) loop that sums into a 0-D field and touches a vector or matrix
+        field's component."""
+        return bool(scalar_sums(loop)) and bool(component_refs(loop))
 
     def copies(self, run, pad):
         """A run of copies done at once: `a = b = c = v` when all copy one value, else
@@ -315,10 +359,11 @@ class Emitter:
         return f"ti.ndrange({', '.join(parts)})"
 
 
-def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str) -> str:
+def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=()):
+    """(source text, {global name: (field, component)} of the scalar component fields it reads)."""
     from .scopes import declarations
 
-    em = Emitter(field_names)
+    em = Emitter(field_names, taken)
     em.decls = declarations(ir)
     params = ", ".join(f"{p.name}: ti.{p.dtype}" for p in ir.params)
     ret = ""
@@ -329,4 +374,4 @@ def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str) -> str:
     em.lines.append("@ti.kernel")
     em.lines.append(f"def {fn_name}({params}){ret}:")
     em.block(ir.body, 1, ())
-    return "\n".join(em.lines) + "\n"
+    return "\n".join(em.lines) + "\n", em.component_globals

@@ -48,13 +48,15 @@ def generate(ir: N.KernelIR, fn_name: str):
 
     locals_ = assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params} | {fn_name}
     names = field_names(ir, locals_)
-    src = emit_kernel(ir, names, fn_name)
+    src, components = emit_kernel(ir, names, fn_name, taken=locals_ | {fn_name, "ti", "claim_slot"})
     g = {"ti": ti}
     if "claim_slot(" in src:
         from .slots import claim_slot
         g["claim_slot"] = claim_slot
     for r in collect_fields(ir):
         g[names[id(r.field)]] = r.field
+    for name, (field, component) in components.items():
+        g[name] = field.get_scalar_field(*component)
     return src, g
 
 
