@@ -1053,3 +1053,53 @@ def test_bit_counts(fields):
     weighted.reverse()
     clz_of_index = 32 - np.array([int(i + 1).bit_length() for i in range(N)])
     np.testing.assert_allclose(x.grad.to_numpy(), 2 * x.to_numpy() * popcnt + clz_of_index, rtol=1e-13)
+
+
+def test_conditional_expressions_run_only_the_chosen_branch(runtime, tmp_path):
+    """`a if c else b` in Taichi runs one branch (short-circuit), ti.select both. A branch that
+    reads outside a field where the condition guards the index, or divides integers where it
+    guards the divisor, must not run: the latter crashed the process (SIGFPE) when kerndiff
+    emitted ti.select. Run in a child process, so that a regression fails this test only."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent('''
+        import numpy as np, taichi as ti, kerndiff as kd
+        ti.init(arch=ti.cpu, default_fp=ti.f64, log_level=ti.ERROR)
+        a, n = ti.field(ti.i32, 4), ti.field(ti.i32, 4)
+        x, out = ti.field(ti.f64, 4, needs_grad=True), ti.field(ti.f64, 4, needs_grad=True)
+        a.from_numpy(np.array([7, 8, 9, 10], np.int32))
+        n.from_numpy(np.array([2, 0, 3, 0], np.int32))
+        x.from_numpy(np.array([1.0, 2.0, 3.0, 4.0]))
+
+        @kd.kernel
+        def quotient():
+            for i in a:
+                q = a[i] // n[i] if n[i] != 0 else -1
+                out[i] = x[i] * q
+
+        quotient()
+        print(out.to_numpy().tolist())
+        print(quotient.source)
+    ''')
+    path = tmp_path / "quotient.py"  # a file: kerndiff reads a kernel's source through inspect
+    path.write_text(script)
+    run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    values = next(line for line in run.stdout.splitlines() if line.startswith("[") and "Taichi" not in line)
+    assert eval(values) == [3.0, -2.0, 9.0, -4.0]
+    assert "q = a[i] // n[i] if n[i] != 0 else -1" in run.stdout
+
+    o = ti.field(ti.f64, 8, offset=-2, needs_grad=True)
+    p = ti.field(ti.f64, 8, offset=-2, needs_grad=True)
+    o.from_numpy(np.linspace(0.5, 1.2, 8))
+
+    def shifted():
+        for i in o:
+            p[i] = o[i] * i + (o[i - 1] if i > -2 else 0.0)
+
+    got = values_of_both(shifted, p)
+    np.testing.assert_allclose(got[1], got[0], rtol=1e-15)
+    k = kd.kernel(shifted)
+    assert "(o[i - 1] if i > -2 else 0.0)" in k.source
+    kd.check_grad(k, [o], p, order=2)
