@@ -16,7 +16,8 @@ def runtime():
     """One Taichi runtime per test module (f64 on the CPU): Taichi compiles each kernel once.
     KERNDIFF_TEST_ARCH=cuda (or vulkan, ...) runs these modules on another Taichi backend."""
     import taichi as ti
-    arch = getattr(ti, os.environ.get("KERNDIFF_TEST_ARCH", "cpu"))
+    from harness import TEST_ARCH
+    arch = getattr(ti, TEST_ARCH)
     ti.init(arch=arch, default_fp=ti.f64, random_seed=0)
     yield
     ti.reset()

@@ -6,12 +6,25 @@ every transform path against an independent reference.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 import kerndiff as kd
 from kerndiff.ad.activity import read_refs, written_fields
 from kerndiff.factories import field_shape
 from kerndiff.ir.types import from_taichi, is_float
 from kerndiff.runtime.registry import REGISTRY
+
+
+# The Taichi backend of the module-level runtime (conftest.py): `KERNDIFF_TEST_ARCH=cuda pytest`
+# runs the suite on a GPU. Tests of what kerndiff does on the CPU backends alone, or that compare
+# with a Taichi result that Taichi's GPU backend gets wrong, say so with `cpu_only`.
+TEST_ARCH = os.environ.get("KERNDIFF_TEST_ARCH", "cpu")
+
+
+def cpu_only(reason):
+    return pytest.mark.skipif(TEST_ARCH not in ("cpu", "x64", "arm64"), reason=reason)
 
 
 def _is_float_field(f):

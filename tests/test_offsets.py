@@ -7,6 +7,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
+from harness import cpu_only
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
@@ -80,6 +81,7 @@ def test_grouped_loop_over_a_2d_offset_field(fields):
     kd.check_grad(k, [g], h, order=2)
 
 
+@cpu_only("private copies are made on Taichi's CPU backends only")
 def test_private_copies_of_offset_fields(fields):
     """Scattered adds into an offset field and into one time slice of an offset history: the
     reverse kernel adds through private copies indexed like the field."""

@@ -10,7 +10,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import check
+from harness import check, cpu_only
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
@@ -45,6 +45,7 @@ def _grad(pos, E, run):
     return pos.grad.to_numpy()
 
 
+@cpu_only("private copies are made on Taichi's CPU backends only")
 def test_reverse_uses_private_copies_and_matches_taichi_grad(springs):
     pos, E, tk, kk = springs
     src = kk.reverse.source
@@ -66,6 +67,7 @@ def test_private_copies_are_zero_after_each_launch(springs):
     np.testing.assert_allclose(pos.grad.to_numpy(), 2 * once, rtol=1e-12, atol=1e-12)
 
 
+@cpu_only("private copies are made on Taichi's CPU backends only")
 def test_every_copy_is_summed_and_zeroed(springs):
     """Which copies a launch uses depends on the schedule, so plant a value in each copy by hand:
     the launch must add all of them into pos_adj and leave them zero."""
@@ -84,6 +86,7 @@ def test_every_copy_is_summed_and_zeroed(springs):
     assert not private.to_numpy().any() and not busy.to_numpy().any()
 
 
+@cpu_only("private copies are made on Taichi's CPU backends only")
 def test_hessian_vector_product_with_private_copies(springs):
     pos, E, tk, kk = springs
     hvp = kk.reverse.forward
@@ -108,6 +111,7 @@ def test_hessian_vector_product_with_private_copies(springs):
     check(kk.reverse, "forward", rtol=1e-5, atol=1e-7)  # H·v against finite differences of the gradient
 
 
+@cpu_only("private copies are made on Taichi's CPU backends only")
 def test_forward_of_a_user_scatter(runtime):
     """The user's own scatter `y[idx[i]] += ...` stays atomic in the primal; its forward kernel
     (primal result and tangent both scattered) gets private copies."""
@@ -140,6 +144,7 @@ def test_forward_of_a_user_scatter(runtime):
     np.testing.assert_allclose(expected, np.bincount(idx.to_numpy(), x.to_numpy() ** 3, m), rtol=1e-12)
 
 
+@cpu_only("private copies are made on Taichi's CPU backends only")
 def test_loop_invariant_and_two_dimensional_targets(runtime):
     """Weights indexed by an inner loop (every point adds into all of them) and a 2-D grid gathered
     at data-dependent cells: both adjoints are scattered; checked against Taichi's kernel.grad()."""
@@ -178,6 +183,7 @@ def test_loop_invariant_and_two_dimensional_targets(runtime):
     assert np.abs(kw).max() > 1 and np.count_nonzero(kg) > g * g // 2
 
 
+@cpu_only("private copies are made on Taichi's CPU backends only")
 def test_time_step_slices_get_private_copies_of_one_step(runtime):
     """A time-stepped simulation's `x[t, a]` (t a kernel argument): the reverse adds into one step's
     slice of x's adjoint, so the copies are that slice (`x_adj_private[slot, a]`, not one per step)

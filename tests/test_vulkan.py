@@ -41,7 +41,10 @@ def vulkan_corpus(references):
         pytest.skip("no Vulkan driver (apt-get install mesa-vulkan-drivers libvulkan1)")
     ti.init(arch=ti.vulkan, default_fp=ti.f32)
     from taichi.lang import impl
-    assert impl.current_cfg().arch == ti.vulkan, "Taichi fell back from Vulkan"
+    if impl.current_cfg().arch != ti.vulkan:  # a driver's manifest, but no working loader or device
+        ti.reset()
+        assert os.environ.get("CI") != "true", "Taichi fell back from Vulkan"
+        pytest.skip("Taichi found no working Vulkan device (it fell back to the CPU)")
     yield build_corpus(ti.f32)
     ti.reset()
 
