@@ -1105,3 +1105,43 @@ def test_conditional_expressions_run_only_the_chosen_branch(runtime, tmp_path):
     k = kd.kernel(shifted)
     assert "(o[i - 1] if i > -2 else 0.0)" in k.source
     kd.check_grad(k, [o], p, order=2)
+
+
+def _unguarded_lines(source, access, guard):
+    """Lines of generated code that make `access` outside both `if <guard>:` blocks and
+    `... if <guard> else ...` expressions."""
+    bad, guards = [], []  # indentation of the enclosing `if <guard>:` lines
+    for line in source.splitlines():
+        code = line.split("#")[0].rstrip()
+        if not code.strip():
+            continue
+        indent = len(code) - len(code.lstrip())
+        guards = [g for g in guards if g < indent]
+        if code.strip() == f"if {guard}:":
+            guards.append(indent)
+        elif access in code and not guards and f"if {guard} else" not in code:
+            bad.append(code.strip())
+    return bad
+
+
+def test_guarded_reads_stay_guarded_in_derivative_kernels(runtime):
+    """The reverse of `ti.sqrt(o[i - 1]) * o[i - 1] if i > 0 else 1.0` once computed
+    ti.sqrt(o[i - 1]) ahead of its conditional (shared with the adjoint) and added into
+    o_adj[i - 1] on every trip, zero at i = 0 but into o_adj[-1]: a read and a write out of range
+    (an illegal address on a GPU; on the CPU, whatever lies before the field). No derivative
+    kernel touches o[i - 1] outside `i > 0` now."""
+    o = ti.field(ti.f64, N, needs_grad=True, needs_dual=True)
+    p = ti.field(ti.f64, N, needs_grad=True, needs_dual=True)
+    o.from_numpy(np.linspace(0.5, 2.0, N))
+
+    def shifted():
+        for i in o:
+            p[i] = (ti.sqrt(o[i - 1]) * o[i - 1] if i > 0 else 1.0) * o[i]
+
+    got = values_of_both(shifted, p)
+    np.testing.assert_allclose(got[1], got[0], rtol=1e-15)
+    k = kd.kernel(shifted)
+    k()
+    for kernel in (k, k.forward, k.reverse, k.reverse.forward):
+        assert _unguarded_lines(kernel.source, "[i - 1]", "i > 0") == [], kernel.source
+    kd.check_grad(k, [o], p, order=2)

@@ -13,7 +13,7 @@ import numpy as np
 from ..ir import nodes as N
 from ..ir.ops import BITWISE, COMPARE
 from ..ir.types import default_fp, is_float
-from ..ir.walk import iter_expr
+from ..ir.walk import guarded_select
 from .components import component_refs, scalar_sums
 
 BINARY = {"add": ("+", 11), "sub": ("-", 11), "mul": ("*", 12), "div": ("/", 12), "floordiv": ("//", 12),
@@ -51,15 +51,6 @@ def _float_literal(value, dtype):
         if np.float32(float(short)) == np.float32(value):
             return short
     return text
-
-
-def _must_not_run_unchosen(e):
-    """e reads a field or divides integers: it must run only where its select chooses it."""
-    for x in iter_expr(e):
-        if isinstance(x, N.Load) or (isinstance(x, N.Call) and x.op in ("div", "floordiv", "mod")
-                                     and not is_float(x.dtype)):
-            return True
-    return False
 
 
 def _text(s):
@@ -165,7 +156,7 @@ class Emitter:
             return f"ti.cast({self.expr(args[0])}, ti.{e.dtype})", 100
         if op == "claim_slot":  # opt.scatter: args[0] loads the busy flags, which the helper takes whole
             return f"claim_slot({self.field(args[0].ref)})", 100
-        if op == "select" and any(map(_must_not_run_unchosen, args[1:])):
+        if guarded_select(e):
             # Taichi's `a if c else b` runs only the chosen branch; ti.select runs both, and a
             # branch that reads a field where c guards the index (`o[i - 1] if i > 0 else 0.0`)
             # or divides integers where c guards the divisor would read out of range (an illegal

@@ -31,6 +31,24 @@ def loads_in(e):
     return [x for x in iter_expr(e) if isinstance(x, N.Load)]
 
 
+def unsafe_to_speculate(e):
+    """e reads a field or divides integers: evaluated where the select holding it does not choose
+    it, it may read out of range (an illegal address on a GPU) or trap (SIGFPE), as Taichi's
+    short-circuit `a if c else b` never does. Such branches are emitted as conditionals and kept
+    whole by the optimizer (nothing is computed from them ahead of their select)."""
+    from .types import is_float
+    for x in iter_expr(e):
+        if isinstance(x, N.Load) or (isinstance(x, N.Call) and x.op in ("div", "floordiv", "mod")
+                                     and not is_float(x.dtype)):
+            return True
+    return False
+
+
+def guarded_select(e):
+    """e is a select with a branch that is unsafe to speculate."""
+    return isinstance(e, N.Call) and e.op == "select" and any(map(unsafe_to_speculate, e.args[1:]))
+
+
 def expr_children_of_stmt(s):
     """The expressions a statement evaluates (not those of nested blocks)."""
     if isinstance(s, N.Assign):

@@ -11,7 +11,7 @@ import dataclasses
 from ..ir import nodes as N
 from ..ir.ops import COMMUTATIVE
 from ..ir.types import is_float
-from ..ir.walk import assigned_names, blocks_of, expr_children, iter_stmts, rebuild_stmt
+from ..ir.walk import assigned_names, blocks_of, expr_children, guarded_select, iter_stmts, rebuild_stmt
 
 CHEAP = {"neg", "cast"}
 
@@ -115,6 +115,9 @@ class CSE:
                 counts[k] = counts.get(k, 0) + 1
                 if counts[k] > 1:
                     return  # children already counted with the first occurrence
+            if guarded_select(e):  # its branches run only when chosen: nothing is taken out of them
+                count(e.args[0], counts)
+                return
             for c in expr_children(e):
                 count(c, counts)
 
@@ -145,6 +148,8 @@ class CSE:
                         pre.append(N.Assign(t, new, src=s.src, tag=s.tag))
                         avail[k] = N.Var(e.dtype, t)
                         return avail[k]
+                if guarded_select(e):
+                    return N.Call(e.dtype, e.op, (rewrite(e.args[0]),) + e.args[1:])
                 return self._rebuild(e, rewrite)
 
             s2 = self._rewrite_stmt(s, rewrite)

@@ -38,13 +38,20 @@ def _is_zero(e):
 
 def _conditional(e):
     """(c, v) when e is v where c holds and zero where it does not: a select with a zero branch,
-    scaled by factors (products, negation, a quotient's numerator); None otherwise."""
+    scaled by factors (products, negation, a quotient's numerator), or a sum of such terms under
+    one condition (the partials of `ti.sqrt(o[i - 1]) * o[i - 1] if i > 0 else 1.0`); None
+    otherwise."""
     if isinstance(e, N.Call) and e.op == "select":
         c, a, b = e.args
         if _is_zero(b) and not _is_zero(a):
             return c, a
         if _is_zero(a) and not _is_zero(b):
             return B.call("not", c), b
+        return None
+    if isinstance(e, N.Call) and e.op in ("add", "sub"):  # terms that are all zero unless one c
+        left, right = _conditional(e.args[0]), _conditional(e.args[1])
+        if left is not None and right is not None and left[0] == right[0]:
+            return left[0], B.call(e.op, left[1], right[1])
         return None
     if isinstance(e, N.Call) and e.op == "neg":
         inner = _conditional(e.args[0])
