@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+import taichi as ti
 import kerndiff as kd
 from kerndiff.ad.activity import read_refs, written_fields
 from kerndiff.factories import field_shape
@@ -203,3 +204,27 @@ def derivatives(k, args):
     k.reverse.forward(*args)
     results += [get(kd.adjoint(f)) for f in ins] + [get(kd.dual(kd.adjoint(f))) for f in ins]
     return results
+
+
+def grads_of_both(fn, outs, inputs):
+    """fn as Taichi's kernel and as kerndiff's: [(outputs, input gradients)] for each, the outputs'
+    adjoints seeded with ones."""
+    results = []
+    for k in (ti.kernel(fn), kd.kernel(fn)):
+        for f in outs + inputs:
+            f.grad.fill(0)
+        for f in outs:
+            f.fill(0)
+        k()
+        for f in outs:
+            f.grad.fill(1)
+        k.grad()
+        results.append(([f.to_numpy() for f in outs], [f.grad.to_numpy() for f in inputs]))
+    return results, kd.kernel(fn)
+
+
+def assert_same(results):
+    """grads_of_both's results agree: kerndiff's outputs and gradients are Taichi's, to rounding."""
+    (t_out, t_grad), (k_out, k_grad) = results
+    for got, expected in zip(k_out + k_grad, t_out + t_grad):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)

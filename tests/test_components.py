@@ -7,6 +7,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
+from harness import assert_same, grads_of_both
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
@@ -34,23 +35,9 @@ def fields(runtime):
     return f
 
 
-def values_and_grads(k, outs, inputs):
-    for f in outs + inputs:
-        f.grad.fill(0)
-    for f in outs:
-        f.fill(0)
-    k()
-    for f in outs:
-        f.grad.fill(1)
-    k.grad()
-    return [f.to_numpy() for f in outs] + [f.grad.to_numpy() for f in inputs]
-
-
 def assert_as_taichi(fn, outs, inputs):
-    expected = values_and_grads(ti.kernel(fn), outs, inputs)
-    k = kd.kernel(fn)
-    for got, want in zip(values_and_grads(k, outs, inputs), expected):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+    results, k = grads_of_both(fn, outs, inputs)
+    assert_same(results)
     return k
 
 

@@ -9,7 +9,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import check
+from harness import check, derivatives
 
 PATHS = ["forward", "reverse", "reverse.forward", "forward.forward", "forward.reverse"]
 N = 6
@@ -270,3 +270,30 @@ def test_third_order_reverse_forward_forward(corpus, name):
     k(*args)
     check(k.reverse.forward, "forward", args, rtol=5e-6, atol=1e-7)
     check(k.forward.forward, "forward", args, rtol=5e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- other backends
+def cpu_derivatives(names):
+    """harness.derivatives of each named corpus kernel, in f64 on the CPU: what the other backends'
+    runs (test_cuda, test_vulkan) are compared with."""
+    ti.init(arch=ti.cpu, default_fp=ti.f64)
+    corpus = build_corpus(ti.f64)
+    refs = {name: derivatives(*corpus[name]) for name in names}
+    ti.reset()
+    return refs
+
+
+def start_backend(arch, default_fp):
+    """ti.init on `arch`; False (after ti.reset) where Taichi fell back to another backend."""
+    ti.init(arch=arch, default_fp=default_fp)
+    from taichi.lang import impl
+    if impl.current_cfg().arch != arch:
+        ti.reset()
+        return False
+    return True
+
+
+def assert_same_derivatives(got, ref, tol):
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=tol, atol=tol * max(1.0, float(np.max(np.abs(r)))))

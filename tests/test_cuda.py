@@ -5,29 +5,21 @@ their atomic adds in another order than the CPU's, so values agree to rounding, 
 Skipped where Taichi finds no CUDA device (CI has none). To run the rest of the suite's
 module-level runtime on CUDA too: `KERNDIFF_TEST_ARCH=cuda pytest` (see conftest.py).
 """
-import numpy as np
 import pytest
 import taichi as ti
 
 from harness import derivatives
-from test_corpus import CORPUS_NAMES, build_corpus
+from test_corpus import CORPUS_NAMES, assert_same_derivatives, build_corpus, cpu_derivatives, start_backend
 
 
 @pytest.fixture(scope="module")
 def references():
-    ti.init(arch=ti.cpu, default_fp=ti.f64)
-    corpus = build_corpus(ti.f64)
-    refs = {name: derivatives(*corpus[name]) for name in CORPUS_NAMES}
-    ti.reset()
-    return refs
+    return cpu_derivatives(CORPUS_NAMES)
 
 
 @pytest.fixture(scope="module")
 def cuda_corpus(references):
-    ti.init(arch=ti.cuda, default_fp=ti.f64)
-    from taichi.lang import impl
-    if impl.current_cfg().arch != ti.cuda:  # Taichi fell back to the CPU: no CUDA device here
-        ti.reset()
+    if not start_backend(ti.cuda, ti.f64):  # Taichi fell back to the CPU: no CUDA device here
         pytest.skip("no CUDA device")
     yield build_corpus(ti.f64)
     ti.reset()
@@ -35,8 +27,4 @@ def cuda_corpus(references):
 
 @pytest.mark.parametrize("name", CORPUS_NAMES)
 def test_f64_corpus_on_cuda_matches_cpu(cuda_corpus, references, name):
-    got = derivatives(*cuda_corpus[name])
-    ref = references[name]
-    assert len(got) == len(ref)
-    for g, r in zip(got, ref):
-        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-9 * max(1.0, float(np.max(np.abs(r)))))
+    assert_same_derivatives(derivatives(*cuda_corpus[name]), references[name], 1e-9)

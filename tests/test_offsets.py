@@ -7,7 +7,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import cpu_only
+from harness import assert_same, cpu_only, grads_of_both
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
@@ -32,29 +32,6 @@ def fields(runtime):
     f["V"].from_numpy(rng.standard_normal((N, 2)))
     f["idx"].from_numpy(rng.integers(-2, N - 2, SCATTERS).astype(np.int32))
     return f
-
-
-def grads_of_both(fn, outs, inputs):
-    """fn as Taichi's kernel and as kerndiff's: [(outputs, input gradients)] for each, the outputs'
-    adjoints seeded with ones."""
-    results = []
-    for k in (ti.kernel(fn), kd.kernel(fn)):
-        for f in outs + inputs:
-            f.grad.fill(0)
-        for f in outs:
-            f.fill(0)
-        k()
-        for f in outs:
-            f.grad.fill(1)
-        k.grad()
-        results.append(([f.to_numpy() for f in outs], [f.grad.to_numpy() for f in inputs]))
-    return results, kd.kernel(fn)
-
-
-def assert_same(results):
-    (t_out, t_grad), (k_out, k_grad) = results
-    for got, expected in zip(k_out + k_grad, t_out + t_grad):
-        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
 
 
 def test_struct_for_and_boundary_ternary_over_an_offset_field(fields):

@@ -8,13 +8,12 @@ them the tests are skipped with that reason; under CI=true a missing driver is a
 import os
 import glob
 
-import numpy as np
 import pytest
 import taichi as ti
 
 import kerndiff as kd
 from harness import derivatives
-from test_corpus import CORPUS_NAMES, build_corpus
+from test_corpus import CORPUS_NAMES, assert_same_derivatives, build_corpus, cpu_derivatives, start_backend
 
 SKIP_ON_VULKAN = {"template_args"}  # scalar f32 args work; kept off to bound the suite's compile time
 NAMES = [n for n in CORPUS_NAMES if n not in SKIP_ON_VULKAN]
@@ -26,11 +25,7 @@ def vulkan_driver_present():
 
 @pytest.fixture(scope="module")
 def references():
-    ti.init(arch=ti.cpu, default_fp=ti.f64)
-    corpus = build_corpus(ti.f64)
-    refs = {name: derivatives(*corpus[name]) for name in NAMES}
-    ti.reset()
-    return refs
+    return cpu_derivatives(NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +34,7 @@ def vulkan_corpus(references):
         if os.environ.get("CI") == "true":
             pytest.fail("no Vulkan driver: CI must install mesa-vulkan-drivers and libvulkan1")
         pytest.skip("no Vulkan driver (apt-get install mesa-vulkan-drivers libvulkan1)")
-    ti.init(arch=ti.vulkan, default_fp=ti.f32)
-    from taichi.lang import impl
-    if impl.current_cfg().arch != ti.vulkan:  # a driver's manifest, but no working loader or device
-        ti.reset()
+    if not start_backend(ti.vulkan, ti.f32):  # a driver's manifest, but no working loader or device
         assert os.environ.get("CI") != "true", "Taichi fell back from Vulkan"
         pytest.skip("Taichi found no working Vulkan device (it fell back to the CPU)")
     yield build_corpus(ti.f32)
@@ -51,11 +43,7 @@ def vulkan_corpus(references):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_f32_corpus_on_vulkan_matches_cpu(vulkan_corpus, references, name):
-    got = derivatives(*vulkan_corpus[name])
-    ref = references[name]
-    assert len(got) == len(ref)
-    for g, r in zip(got, ref):
-        np.testing.assert_allclose(g, r, rtol=2e-3, atol=2e-3 * max(1.0, float(np.max(np.abs(r)))))
+    assert_same_derivatives(derivatives(*vulkan_corpus[name]), references[name], 2e-3)
 
 
 def test_f64_transcendental_on_vulkan_is_a_clear_error(vulkan_corpus):
