@@ -14,7 +14,7 @@ from ..ir import nodes as N
 from ..ir.ops import BITWISE, COMPARE
 from ..ir.types import default_fp, is_float
 from ..ir.walk import guarded_select
-from .components import component_refs, scalar_sums
+from .components import component_refs, scalar_sums, sums_with_components
 
 BINARY = {"add": ("+", 11), "sub": ("-", 11), "mul": ("*", 12), "div": ("/", 12), "floordiv": ("//", 12),
           "mod": ("%", 12), "lt": ("<", 6), "le": ("<=", 6), "gt": (">", 6), "ge": (">=", 6),
@@ -268,18 +268,12 @@ class Emitter:
                 self.copies(stmts[i:runs[i]], pad)
                 skip_to = runs[i]
                 continue
-            if not path and isinstance(s, N.For) and self._sums_with_components(s):
+            if not path and isinstance(s, N.For) and sums_with_components(s):  # a parallel loop
                 self.summing_loop(s, indent, path, i)
                 continue
             self.stmt(s, indent, path, i)
         if not stmts and not decls:
             self.lines.append(f"{pad}pass")
-
-    @staticmethod
-    def _sums_with_components(loop):
-        """A top-level (parallel) loop that sums into a 0-D field and touches a vector or matrix
-        field's component."""
-        return bool(scalar_sums(loop)) and bool(component_refs(loop))
 
     def copies(self, run, pad):
         """A run of copies done at once: `a = b = c = v` when all copy one value, else

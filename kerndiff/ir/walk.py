@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import nodes as N
+from .types import is_float
 
 
 def expr_children(e):
@@ -36,7 +37,6 @@ def unsafe_to_speculate(e):
     it, it may read out of range (an illegal address on a GPU) or trap (SIGFPE), as Taichi's
     short-circuit `a if c else b` never does. Such branches are emitted as conditionals and kept
     whole by the optimizer (nothing is computed from them ahead of their select)."""
-    from .types import is_float
     for x in iter_expr(e):
         if isinstance(x, N.Load) or (isinstance(x, N.Call) and x.op in ("div", "floordiv", "mod")
                                      and not is_float(x.dtype)):
