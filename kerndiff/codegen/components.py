@@ -25,11 +25,6 @@ def scalar_sums(loop: N.For) -> list:
     return out
 
 
-def sums_with_components(loop: N.For) -> bool:
-    """`loop` sums into a 0-D field and touches a vector or matrix field's component."""
-    return bool(scalar_sums(loop)) and bool(component_refs(loop))
-
-
 def component_refs(loop: N.For) -> list:
     """Field references with a component (vector and matrix fields) in `loop`, in order of first use."""
     out = []

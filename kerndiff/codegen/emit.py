@@ -14,7 +14,7 @@ from ..ir import nodes as N
 from ..ir.ops import BITWISE, COMPARE
 from ..ir.types import default_fp, is_float
 from ..ir.walk import guarded_select
-from .components import component_refs, scalar_sums, sums_with_components
+from .components import component_refs, scalar_sums
 
 BINARY = {"add": ("+", 11), "sub": ("-", 11), "mul": ("*", 12), "div": ("/", 12), "floordiv": ("//", 12),
           "mod": ("%", 12), "lt": ("<", 6), "le": ("<=", 6), "gt": (">", 6), "ge": (">=", 6),
@@ -224,15 +224,14 @@ class Emitter:
             self.component_globals[name] = (ref.field, ref.component)
         return self.component_fields[key]
 
-    def summing_loop(self, s, indent, path, i):
-        """A parallel loop that sums into a 0-D field, its components read through scalar fields
-        (see components.py), with a comment that says why."""
-        refs = component_refs(s)
+    def summing_loop(self, s, refs, sums, indent, path, i):
+        """A parallel loop that sums into the 0-D fields `sums`, the components `refs` read through
+        scalar fields (see components.py), with a comment that says why."""
         first = self.component_field(refs[0])
         comp = "][".join(map(str, refs[0].component))
-        sums = ", ".join(f"{self.field(r)}{''.join(f'[{c}]' for c in r.component)}" for r in scalar_sums(s))
+        summed = ", ".join(f"{self.field(r)}{''.join(f'[{c}]' for c in r.component)}" for r in sums)
         self.lines.append(f"{'    ' * indent}# {first} is {self.field(refs[0])}[...][{comp}], etc.: "
-                          f"scalar fields let Taichi sum {sums} per thread")
+                          f"scalar fields let Taichi sum {summed} per thread")
         self.split_components = True
         try:
             self.stmt(s, indent, path, i)
@@ -268,9 +267,11 @@ class Emitter:
                 self.copies(stmts[i:runs[i]], pad)
                 skip_to = runs[i]
                 continue
-            if not path and isinstance(s, N.For) and sums_with_components(s):  # a parallel loop
-                self.summing_loop(s, indent, path, i)
-                continue
+            if not path and isinstance(s, N.For):  # a parallel loop
+                refs, sums = component_refs(s), scalar_sums(s)
+                if refs and sums:
+                    self.summing_loop(s, refs, sums, indent, path, i)
+                    continue
             self.stmt(s, indent, path, i)
         if not stmts and not decls:
             self.lines.append(f"{pad}pass")

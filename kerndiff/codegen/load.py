@@ -48,7 +48,7 @@ def generate(ir: N.KernelIR, fn_name: str):
 
     locals_ = assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params} | {fn_name}
     names = field_names(ir, locals_)
-    src, components = emit_kernel(ir, names, fn_name, taken=locals_ | {fn_name, "ti", "claim_slot"})
+    src, components = emit_kernel(ir, names, fn_name, taken=locals_ | {"ti", "claim_slot"})
     g = {"ti": ti}
     if "claim_slot(" in src:
         from .slots import claim_slot
