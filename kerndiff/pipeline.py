@@ -38,8 +38,11 @@ def transform(ir, step, level):
 
 
 def kernel_ir(kernel, templates):
-    ir = base_ir(kernel, templates)
+    from .ad.hazards import refuse_reading_results
+    primal = ir = base_ir(kernel, templates)
     for i, step in enumerate(kernel.path):
+        if i > 0 and step != "forward":
+            refuse_reading_results(ir, primal, ".".join((kernel.__name__,) + kernel.path[: i + 1]))
         ir = transform(ir, step, kernel.level(i))
     name = "_".join((kernel.__name__,) + kernel.path)
     return dataclasses.replace(ir, name=name)

@@ -54,3 +54,33 @@ def test_ties_split_evenly_and_the_initial_value_can_win(fields):
     assert kd.forward(tie, inputs=[y], output=r)([np.array([1.0, 1.0])], tangents=[np.array([1.0, 3.0])]) == 4.0
     # all contributions below the initial value 0 (the factory clears outputs): nothing flows back
     np.testing.assert_allclose(grad([np.array([-1.0, -2.0])])[0], [0.0, 0.0])
+
+
+def test_second_derivatives_in_forward_mode_and_a_clear_refusal_in_reverse(fields):
+    x, _, s, _, _ = fields
+
+    @kd.kernel
+    def peak():
+        for i in x:
+            ti.atomic_max(s[None], ti.sin(x[i]) * x[i])
+
+    xv = x.to_numpy()
+    w = int(np.argmax(np.sin(xv) * xv))
+    # forward over forward: the winner's g''(x) = 2 cos x - x sin x, in the direction e_w twice
+    kd.dual(x).from_numpy(np.eye(8)[w])
+    kd.dual(x, 2).from_numpy(np.eye(8)[w])
+    kd.dual(kd.dual(x), 2).fill(0)
+    for f in (s, kd.dual(s), kd.dual(s, 2), kd.dual(kd.dual(s), 2)):
+        f[None] = 0.0
+    peak.forward.forward()
+    assert kd.dual(kd.dual(s), 2)[None] == pytest.approx(2 * np.cos(xv[w]) - xv[w] * np.sin(xv[w]), rel=1e-12)
+    # its derivative kernels count the winners in a helper field, then clear it; the reverse
+    # kernel also reads the result s, which the kernel writes
+    for path, why in (("forward", "helper field"), ("reverse", "reads 's'")):
+        with pytest.raises(kd.KernDiffError) as err:
+            getattr(peak, path).reverse()
+        message = str(err.value)
+        assert "ti.atomic_max(s[None], ti.sin(x[i]) * x[i])" in message  # the user's line, not a '?'
+        assert "k.reverse.forward" in message and why in message
+    for f in (kd.dual(x), kd.dual(x, 2)):
+        f.fill(0)

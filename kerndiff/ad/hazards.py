@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..errors import KernDiffError
 from ..ir import nodes as N
+from ..runtime.registry import REGISTRY
 from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts
 
 
@@ -140,9 +141,14 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
                 continue
             same_stmt = rs is s
             if rpos < pos or same_stmt:
+                if counts_minmax_winners(ir):
+                    raise _minmax_count_lost(ir)
+                if kind == "store" and _clears_an_adjoint(s):
+                    raise ConsumedCotangent(f, s)
                 what = "overwrites" if kind == "store" else "accumulates into"
+                read = f"('{rs.src.text.strip()}')" if rs.src else f"({REGISTRY.name_of(f)})"
                 raise KernDiffError(
-                    f"this kernel {what} a field it read before ('{rs.src.text.strip() if rs.src else '?'}'); "
+                    f"this kernel {what} a field it read before {read}; "
                     "the reverse pass needs the value that was read",
                     s.src, "write the result to a new field (out[i] = f(x[i])), or split the kernel in two "
                            "and use kd.Tape, which keeps overwritten values")
@@ -150,6 +156,97 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
                 raise KernDiffError("this loop reads a field it accumulates into; the value read depends on "
                                     "the order of the parallel iterations", rs.src,
                                     "read it in a later loop or a later kernel")
+
+
+def refuse_reading_results(ir: N.KernelIR, primal: N.KernelIR, path: str):
+    """Refuse to reverse a derivative kernel that reads the primal kernel's results.
+
+    k.reverse reads what the primal wrote (`out[i] = x[i] ** 2` in one loop, read by the next;
+    the sum of a kernel-scope `s +=`), as Taichi's grad does; k.reverse.forward reads their
+    tangents, which k.forward wrote. A reverse pass over k.reverse would treat those values as
+    inputs of their own and return the partial derivative with them held fixed, missing every
+    path through them: a wrong H·v with no sign of it. Nothing at this level could add the
+    missing paths (that would be the primal's own reverse pass at the next level), so this
+    refuses instead. Fields the derivative kernel writes itself, and adjoints (its seeds), are
+    inputs in their own right."""
+    written = {id(s.ref.field) for s in iter_stmts(primal.body) if isinstance(s, (N.Store, N.Atomic))}
+    own = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
+    for s in iter_stmts(ir.body):
+        for e in expr_children_of_stmt(s):
+            for x in iter_expr(e):
+                if isinstance(x, N.Load) and id(x.ref.field) not in own and id(_dual_base(x.ref.field)) in written:
+                    base = _dual_base(x.ref.field)
+                    name = f"'{REGISTRY.name_of(base)}'"
+                    if REGISTRY.scratch_kind(base) == "reduce":  # frontend/loops.py: `s += ...` in a loop
+                        name = f"the sum {name[1:-len('_sum') - 1]}"
+                    raise KernDiffError(
+                        f"{path} would reverse a derivative kernel that reads {name}, which the kernel itself "
+                        f"writes: it would hold {name} fixed and miss how it depends on the inputs",
+                        s.src, "take second derivatives in forward mode over reverse: k.reverse.forward (H·v, "
+                               "what kd.hvp runs) or k.forward.reverse")
+
+
+def _dual_base(field):
+    """The field whose (possibly nested) dual `field` is; field itself if it is none."""
+    parent = REGISTRY.parents.get(id(field))
+    while parent is not None and parent[1] == "dual":
+        field = parent[0]
+        parent = REGISTRY.parents.get(id(field))
+    return field
+
+
+class ConsumedCotangent(KernDiffError):
+    """The refusal for reversing a reverse kernel (k.reverse.reverse) of a kernel that overwrites
+    an output (`b[i] = f(a[i])`). As the API specifies, that reverse kernel reads b's adjoint and
+    then clears it (the overwritten value influenced nothing), so the cotangent it consumed is gone
+    when its own reverse pass would need it. Nothing can restore it: kd.Tape's snapshots are for
+    fields a user's kernel updates in place, and owned.checked_for_reverse passes this on as is."""
+
+    def __init__(self, adjoint_field, store):
+        parent = REGISTRY.parents.get(id(adjoint_field))
+        output = REGISTRY.name_of(parent[0]) if parent else REGISTRY.name_of(adjoint_field)
+        super().__init__(
+            f"this kernel overwrites '{output}', so its reverse kernel reads {output}'s adjoint and then "
+            f"clears it (the overwritten value influenced nothing); a reverse pass over that reverse kernel "
+            f"(k.reverse.reverse) would need the adjoint it cleared",
+            store.src,
+            f"take second derivatives in forward mode over reverse: k.reverse.forward (H·v, what kd.hvp "
+            f"runs) or k.forward.reverse; or accumulate into a cleared field ({output}[...] += ...), whose "
+            f"reverse kernel leaves {output}'s adjoint as it found it")
+
+
+def _clears_an_adjoint(store):
+    """Is this the `y_adj[e] = 0` a reverse kernel writes after reading the adjoint of an
+    overwritten y (ad/reverse.py)?"""
+    parent = REGISTRY.parents.get(id(store.ref.field))
+    return parent is not None and parent[1] == "adjoint" and isinstance(store.value, N.Const) \
+        and store.value.value == 0
+
+
+def counts_minmax_winners(ir: N.KernelIR):
+    """Is this a derivative kernel of an atomic max/min? They count the winners in a helper field
+    (ad/minmax.py); the user's kernel passed this check before they were made, so what they
+    destroy is their own bookkeeping: the count, and the result the winners are compared with."""
+    return any(isinstance(s, (N.Atomic, N.Store)) and REGISTRY.scratch_kind(s.ref.field) == "minmax"
+               for s in iter_stmts(ir.body))
+
+
+def _minmax_count_lost(ir: N.KernelIR):
+    """The refusal for reversing a derivative kernel of an atomic max/min (k.forward.reverse,
+    k.reverse.reverse): it counts the winners in a helper field and clears the count before it
+    returns (ad/minmax.py), so its own reverse pass would divide by a count that is gone."""
+    def is_count_pass(s):  # where a reverse kernel recomputes which contributions won
+        return isinstance(s, N.If) and any(isinstance(t, N.Atomic) and REGISTRY.scratch_kind(t.ref.field) == "minmax"
+                                           for t in s.then)
+    atomic = next((s for s in iter_stmts(ir.body) if s.src is not None and (
+        isinstance(s, N.Atomic) and s.op in ("max", "min") or is_count_pass(s))), None)
+    return KernDiffError(
+        "the derivative kernels of an atomic max/min count the winning contributions in a helper field "
+        "and clear it before they return, so they cannot be differentiated again in reverse mode "
+        "(k.forward.reverse, k.reverse.reverse)",
+        atomic.src if atomic is not None else None,
+        "take second derivatives of this kernel in forward mode: k.reverse.forward (H·v, what kd.hvp runs) "
+        "or k.forward.forward")
 
 
 def footprints(ir: N.KernelIR):

@@ -30,7 +30,7 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_expr, \
     map_stmt_exprs, map_stmts, used_names, without_prints
-from .hazards import check_overwrites
+from .hazards import ConsumedCotangent, check_overwrites
 from .names import NameAllocator
 
 
@@ -45,6 +45,8 @@ def checked_for_reverse(ir: N.KernelIR, inputs_restored=False) -> N.KernelIR:
     try:
         check_overwrites(ir)
         return ir
+    except ConsumedCotangent:
+        raise
     except KernDiffError:
         promoted = promote_owned_elements(ir)
         if promoted is ir:

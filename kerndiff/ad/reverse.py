@@ -259,15 +259,18 @@ class Reverse:
                      for v, r, (lo, hi) in zip(s.vars, rev, s.bounds)]
             s = dataclasses.replace(s, vars=tuple(rev))
             body = index + body
-        out = [dataclasses.replace(s, body=tuple(body), tag="adjoint")]
+        before, out = [], [dataclasses.replace(s, body=tuple(body), tag="adjoint")]
         for name, (ref, dtype) in frame["scratch"].items():
             a = self.adj_var(name, dtype)
             if self.outer_stack:
                 out.append(N.Atomic("add", self.outer_scratch(name, dtype), (), B.load(ref, ()), tag="adjoint"))
+                out.append(N.Store(ref, (), B.const(0, dtype), src=s.src, tag="adjoint"))
             else:
+                # cleared before the loop, not after the read: this kernel then destroys no value
+                # it read, and a reverse pass over it (k.reverse.reverse) can read the sum back
+                before.append(N.Store(ref, (), B.const(0, dtype), src=s.src, tag="adjoint"))
                 out.append(N.Assign(a.name, B.add(a, B.load(ref, ())), src=s.src, tag="adjoint"))
-            out.append(N.Store(ref, (), B.const(0, dtype), src=s.src, tag="adjoint"))
-        return out
+        return before + out
 
     def back_loop(self, s):
         info = self.loops[id(s)]

@@ -36,6 +36,7 @@ class Registry:
         self.names = {}        # id(field) -> name hint
         self.parents = {}      # id(derivative field) -> (primal field, kind, level)
         self.suffixed = {}     # id(helper field) -> (field it serves, name suffix): x_adj_private
+        self.scratch_kinds = {}  # id(scratch field) -> the first part of its key ("minmax", ...)
         self.version = 0       # bumped whenever a derivative field appears
         self.taichi_seconds = 0.0  # spent in Taichi materializing the trees below
         self.trees = []
@@ -155,7 +156,13 @@ class Registry:
             self.trees.append(self._finalize(fb))
             self.derived[key] = got
             self.keep[id(got)] = got
+            self.scratch_kinds[id(got)] = key[0]
         return got
+
+    def scratch_kind(self, field):
+        """What a scratch field made by `scratch` is for (the first part of its key), or None for
+        any other field: error messages explain kerndiff's own helper fields differently."""
+        return self.scratch_kinds.get(id(field))
 
     def private_copies(self, specs, threads: int):
         """T private copies of each (field, shape, offset) in specs (shape (T,) + that shape: the
