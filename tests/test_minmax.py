@@ -84,3 +84,22 @@ def test_second_derivatives_in_forward_mode_and_a_clear_refusal_in_reverse(field
         assert "k.reverse.forward" in message and why in message
     for f in (kd.dual(x), kd.dual(x, 2)):
         f.fill(0)
+
+
+def test_the_generated_passes_read_like_code_a_person_wrote(fields):
+    x, m, s, _, _ = fields
+    kd.dual(x)
+    y = ti.field(ti.f64, shape=8)  # no dual: its contributions are constants, their tangent pass is empty
+
+    @kd.kernel
+    def both():
+        for i in x:
+            ti.atomic_max(s[None], x[i] ** 2)
+            ti.atomic_min(m[i % 3], y[i])
+
+    source = both.forward.source
+    assert "if 1:" not in source  # a 0-d field's passes are plain statements, not a loop or an `if 1:`
+    assert "pass" not in source  # and a pass with nothing to do is not emitted
+    assert "if s_winners[None] > 0.0:\n        s_dual[None] = 0.0" in source
+    assert "m_dual[e0] = 0.0" in source and "s_winners[None] = 0.0" in source
+    kd.dual(x).fill(0)

@@ -68,20 +68,21 @@ def count_pass(loop, targets):
 
 
 def element_pass(ref, body_fn, names, src):
-    """A parallel loop over the elements of ref's field: body_fn(index exprs) -> statements."""
+    """Statements for each element of ref's field: body_fn(index exprs) -> statements, once for a
+    0-d field, else in a parallel loop over its elements."""
     if not ref.shape:
-        return N.If(B.const(1, "i32"), tuple(body_fn(())), src=src)
+        return list(body_fn(()))
     vars_ = tuple(names.fresh(f"e{k}") for k in range(len(ref.shape)))
     index = tuple(B.var(v, "i32") for v in vars_)
     bounds = tuple((B.const(a, "i32"), B.const(b, "i32")) for a, b in ref.bounds())
-    return N.For(vars_, bounds, tuple(body_fn(index)), parallel=True, src=src, tag="adjoint")
+    return [N.For(vars_, bounds, tuple(body_fn(index)), parallel=True, src=src, tag="adjoint")]
 
 
 def cleanup(refs, names, src):
     out = []
     for ref in refs:
         c = count_field(ref)
-        out.append(element_pass(ref, lambda idx, c=c: [N.Store(c, idx, B.const(0, c.dtype), src=src)], names, src))
+        out.extend(element_pass(ref, lambda idx, c=c: [N.Store(c, idx, B.const(0, c.dtype), src=src)], names, src))
     return out
 
 
@@ -119,7 +120,7 @@ def forward_loop(fwd, loop, targets):
     out = [main, count_pass(loop, targets)]
     for ref in refs:
         c, d = count_field(ref), fwd.dual_of_field(ref)
-        out.append(element_pass(ref, lambda idx, c=c, d=d: [N.If(B.call("gt", B.load(c, idx), B.const(0, c.dtype)),
+        out.extend(element_pass(ref, lambda idx, c=c, d=d: [N.If(B.call("gt", B.load(c, idx), B.const(0, c.dtype)),
                                                                  (N.Store(d, idx, B.const(0, d.dtype)),))],
                                 fwd.names, loop.src))
     out.append(dataclasses.replace(loop, body=tangent_body, tag="tangent"))
@@ -141,7 +142,7 @@ def reverse_loop(rev, loop, targets, reversed_loop):
     out = [count_pass(loop, targets)] + reversed_loop
     for ref in refs:
         c, a = count_field(ref), rev.adj_of_field(ref)
-        out.append(element_pass(ref, lambda idx, c=c, a=a: [N.If(B.call("gt", B.load(c, idx), B.const(0, c.dtype)),
+        out.extend(element_pass(ref, lambda idx, c=c, a=a: [N.If(B.call("gt", B.load(c, idx), B.const(0, c.dtype)),
                                                                  (N.Store(a, idx, B.const(0, a.dtype)),))],
                                 rev.names, loop.src))
     return out + cleanup(refs, rev.names, loop.src)

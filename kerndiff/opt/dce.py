@@ -54,7 +54,7 @@ def remove_dead(stmts, dead):
             new = [remove_dead(b, dead) for b in blocks]
             if isinstance(s, N.If) and not new[0] and not new[1]:
                 continue
-            if isinstance(s, N.For) and not s.parallel and not new[0]:
+            if isinstance(s, N.For) and not new[0]:  # parallel or not: an empty loop does nothing
                 continue
             s = rebuild_stmt(s, new)
         out.append(s)
@@ -63,4 +63,4 @@ def remove_dead(stmts, dead):
 
 def dce(stmts, candidates=None, keep=()):
     _, dead = live_names(stmts, candidates, keep)
-    return remove_dead(stmts, dead) if dead else tuple(stmts)
+    return remove_dead(stmts, dead)
