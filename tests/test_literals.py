@@ -2,6 +2,8 @@
 gives it (an f32 kernel multiplies an f64 field by 0.1f, not by 0.1, and ti.cast(0.3, ti.f64)
 widens 0.3f), `ti.f64(0.1)` is an f64 literal, and `ti.f32(0.2)` rounds even where the result
 meets f64. Checked bit for bit against Taichi's own kernel and grad."""
+import re
+
 import numpy as np
 import pytest
 import taichi as ti
@@ -63,3 +65,24 @@ def test_literals_and_constant_casts_round_as_in_taichi(fields):
                 + np.where(x.to_numpy() > 0, lit(2.2), lit(0.7)) + 2 * dv * float(np.float32(1.3))
                 + lit(np.pi) * x.to_numpy().astype(np.float64))
     np.testing.assert_allclose(kd_, expected, rtol=1e-6 if f32 else 1e-14)
+
+
+def test_negative_constants_are_written_as_subtractions(fields):
+    x, d, y = fields
+
+    def shifted():
+        for i in range(1, N):
+            acc = 0.0
+            for k in ti.static(range(-1, 1)):
+                acc += d[i + k] * (k + 2)
+            y[i] = acc + d[i] * -0.5 - (-1.5) * x[i] + (i - -2) * d[i - 1]
+
+    (ty, tx, td), (ky, kx, kd_) = values_and_grads(shifted, y, [x, d])
+    for got, want in ((ky, ty), (kx, tx), (kd_, td)):
+        np.testing.assert_allclose(got, want, rtol=1e-14)
+    k = kd.kernel(shifted)
+    code = "\n".join(line for src in (k.source, k.reverse.source) for line in src.splitlines()
+                     if not line.strip().startswith("#"))  # comments quote the user's source
+    assert "+ -" not in code and "- -" not in code and "-(" not in code
+    assert "d[i - 1]" in code
+    assert not re.search(r"ti\.cast\(ti\.cast\(\w+, ti\.f64\), ti\.f32\)", code)  # f32 -> f64 -> f32: the value

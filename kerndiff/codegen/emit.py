@@ -137,6 +137,10 @@ class Emitter:
         if isinstance(e, N.Load):
             return self.load(e), 100
         op, args = e.op, e.args
+        if op in ("add", "sub") and isinstance(args[1], N.Const) and args[1].value < 0 \
+                and args[1].value != -2 ** 31:  # `i + -1` reads as `i - 1`, and is the same value
+            flipped = N.Const(args[1].dtype, -args[1].value)
+            op, args = ("sub" if op == "add" else "add"), (args[0], flipped)
         if op in BINARY:
             sym, p = BINARY[op]
             if op in BITWISE:  # few readers know these precedences: parenthesize any compound operand

@@ -44,7 +44,15 @@ def cast(x: Expr, dtype: str) -> Expr:
         return x
     if isinstance(x, Const):
         return const(x.value, dtype)
+    if isinstance(x, Call) and x.op == "cast" and x.args[0].dtype == dtype and _widens(dtype, x.dtype):
+        return x.args[0]  # f32 -> f64 -> f32 gives back the same value
     return Call(dtype, "cast", (x,))
+
+
+def _widens(narrow: str, wide: str) -> bool:
+    """Does every `narrow` float have an exact `wide` value?"""
+    order = ("f16", "f32", "f64")
+    return narrow in order and wide in order and order.index(narrow) < order.index(wide)
 
 
 def call(op: str, *args: Expr) -> Expr:
@@ -127,6 +135,8 @@ def _identity(op, args, dtype):
             return a.args[0]
         if isinstance(a, Call) and a.op == "sub":
             return call("sub", a.args[1], a.args[0])
+        if isinstance(a, Call) and a.op == "mul" and isinstance(a.args[1], Const) and is_float(dtype):
+            return call("mul", a.args[0], const(-a.args[1].value, dtype))  # -(y * -1.5) is y * 1.5, exactly
     elif op == "pow":
         if is_const(b, 1):
             return a
