@@ -1145,3 +1145,43 @@ def test_guarded_reads_stay_guarded_in_derivative_kernels(runtime):
     for kernel in (k, k.forward, k.reverse, k.reverse.forward):
         assert _unguarded_lines(kernel.source, "[i - 1]", "i > 0") == [], kernel.source
     kd.check_grad(k, [o], p, order=2)
+
+
+def test_a_name_bound_in_both_branches_with_different_types_is_two_locals(fields):
+    """`t = 1` in one branch and `t = 0.25` in the other are two locals in Taichi, an i32 and an
+    f64. kerndiff, which lets a name bound in both branches live on after the if, once made them
+    one i32 local and truncated 0.25 to 0: values and derivatives wrong without a word. Where the
+    types agree the name still lives on; where they differ, reading it after the if is refused."""
+    x, _, loss = fields
+
+    def typed_per_branch():
+        for i in x:
+            if x[i] > 0.5:
+                t = 1
+                loss[None] += t * x[i] ** 2
+            else:
+                t = 0.25
+                v = ti.Vector([x[i], 2])  # an f64 vector here, an integer one there
+                loss[None] += t * x[i] ** 3 + v.sum()
+            if x[i] > 0.7:
+                v = ti.Vector([1, 2])
+                loss[None] += v.sum() * x[i]
+
+    xv = x.to_numpy()
+    analytic = np.where(xv > 0.5, 2 * xv, 0.75 * xv ** 2 + 1.0) + np.where(xv > 0.7, 3.0, 0.0)
+    assert (xv > 0.5).any() and (xv <= 0.5).any()
+    for expected, got in zip(*grads_of_both(typed_per_branch, [x], loss)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+    np.testing.assert_allclose(got, analytic, rtol=1e-12)
+
+    @kd.kernel
+    def read_after():
+        for i in x:
+            if x[i] > 0.5:
+                t = 1
+            else:
+                t = 0.25
+            loss[None] += t * x[i]
+
+    with pytest.raises(kd.KernDiffError, match="bind it as an i32 and an f64"):
+        read_after()

@@ -167,6 +167,15 @@ class FuncReturn(Exception):
     pass
 
 
+def _kind(value):
+    """'an i32', 'a 2-vector of f64' ...: how a local's type reads in a message."""
+    if isinstance(value, Local):
+        if value.shape is None:
+            return f"a {value.dtypes[0]}" if value.dtypes[0].startswith("u") else f"an {value.dtypes[0]}"
+        return f"a {'x'.join(map(str, value.shape))} of {', '.join(sorted(set(value.dtypes)))}"
+    return "a Python value"
+
+
 class Lowerer:
     def __init__(self, src: Source, scope: dict, names: NameAllocator, parent=None):
         self.src = src
@@ -329,11 +338,12 @@ class Lowerer:
     def bind_local(self, name, value, node):
         """Assign a Python local: creates IR locals on first assignment, casts on later ones."""
         self.ended.pop(name, None)
-        if name not in self.scope and self.pending and name in self.pending[-1]:
-            self.scope[name] = self.pending[-1][name]  # the else-branch binds what the then-branch did
         if isinstance(value, (list, tuple)) and value and all(isinstance(e, (N.Expr, int, float)) for e in value) \
                 and any(isinstance(e, N.Expr) for e in value):
             value = self.vec(value, node)
+        if name not in self.scope and self.pending and name in self.pending[-1] \
+                and self.same_kind(self.pending[-1][name], value, node):
+            self.scope[name] = self.pending[-1][name]  # the else-branch binds what the then-branch did
         if isinstance(value, StructValue):
             self.scope[name] = StructValue({k: self.materialize(v, f"{name}_{k}", node, copy=True)
                                             for k, v in value.members.items()}, value.methods)
@@ -362,6 +372,20 @@ class Lowerer:
         for n, e in zip(names, items):
             self.emit(N.Assign(n, e, src=self.loc(node)))
         self.scope[name] = Local(names, shape, dtypes)
+
+    def same_kind(self, bound, value, node):
+        """Can the else-branch's `name = value` bind the local the then-branch bound? In Taichi
+        the two are separate locals, each with the type of its own first value (`t = 1` and
+        `t = 0.25` are an i32 and an f64); kerndiff lets one bound in both branches live on after
+        the if, which is only one local where both have the same shape and types. Otherwise
+        they stay two, as in Taichi, and the name ends with the if."""
+        if not isinstance(bound, Local):
+            return True
+        if isinstance(value, Vec):
+            return bound.shape == value.shape and list(bound.dtypes) == [e.dtype for e in value.items]
+        if isinstance(value, (N.Expr, numbers.Number)):
+            return bound.shape is None and bound.dtypes[0] == self.scalar(value, node).dtype
+        return False
 
     def assign_at_once(self, pairs, node):
         """Assign the components of one value together: `v = M @ v`, `v = v.normalized()` and
@@ -943,6 +967,13 @@ class Lowerer:
         orelse = self.block(node.orelse)
         self.pending.pop()
         # bound in both branches: defined after the if; in one only: ends with it
+        split = {n: self.scope[n] for n in bound_in_then if n in self.scope and n not in before
+                 and self.scope[n] is not bound_in_then[n]}  # both, with different types: two locals
+        for n, other in split.items():
+            kinds = " and ".join(_kind(v) for v in (bound_in_then[n], other))
+            self.end_names({k: v for k, v in self.scope.items() if k != n},
+                           f"the if at line {self.loc(node.test).line}, whose branches bind it as {kinds}",
+                           "assign '{name}' before the if, with the type it should have (e.g. {name} = 0.0)")
         self.end_names(before, where, remedy, keep={n for n in bound_in_then if self.scope.get(n) is bound_in_then[n]})
         self.depth -= 1
         self.emit(N.If(c, then, orelse, src=self.loc(node.test)))
