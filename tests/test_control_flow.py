@@ -162,3 +162,35 @@ def test_a_trip_overwriting_what_an_earlier_trip_read_is_still_refused(runtime):
 
     with pytest.raises(kd.KernDiffError, match="overwrites a field it read before"):
         shifts_down.reverse()
+
+
+def test_branches_with_nothing_to_recompute_and_constant_conditions_read_plainly(runtime):
+    """The reverse kernel recomputes only what the adjoint needs: an if whose first branch needs
+    nothing is written `if not (c):`, not `if c: pass else:`; a condition that folds to a
+    constant (`... and c == 0.0` with c a constant 0.2) is folded, not written `and 0`. The
+    derivatives are checked against finite differences."""
+    z = ti.field(ti.f64, shape=6)
+    out = ti.field(ti.f64, shape=6)
+    z.from_numpy(np.array([-1.3, -0.4, 0.2, 0.7, 1.6, 2.4]))
+
+    @kd.kernel
+    def piecewise():
+        for i in z:
+            v = z[i]
+            c = 0.2
+            if v < -1.0:
+                out[i] = v ** 2
+            elif v < 0.5:
+                w = ti.sin(v)
+                out[i] = w * v
+            elif v > 2.0 and c == 0.0:
+                out[i] = 0.0
+            else:
+                out[i] = v * c + ti.exp(-v)
+
+    for mode in ("forward", "reverse"):
+        check_path(piecewise, "", mode)
+    check_path(piecewise, "reverse", "forward")
+    code = [line.strip() for line in piecewise.reverse.source.splitlines() if not line.strip().startswith("#")]
+    assert "if not (v < -1.0):" in code and "pass" not in code
+    assert not any(" and 0" in line or "and c" in line for line in code)

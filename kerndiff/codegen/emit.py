@@ -312,6 +312,11 @@ class Emitter:
             else:
                 out(f"{pad}ti.atomic_{s.op}({target}, {self.expr(s.value)})")
         elif isinstance(s, N.If):
+            if not s.then and s.orelse and not self.decls.get(path + ((i, 0),)):
+                # nothing to do when cond holds (a recompute pass that needs one branch only)
+                out(f"{pad}if not ({self.expr(s.cond)}):")
+                self.block(s.orelse, indent + 1, path + ((i, 1),), _note(s))
+                return
             out(f"{pad}if {self.expr(s.cond)}:")
             self.block(s.then, indent + 1, path + ((i, 0),), _note(s))
             orelse, else_path = s.orelse, path + ((i, 1),)

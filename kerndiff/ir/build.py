@@ -128,6 +128,10 @@ def _identity(op, args, dtype):
             return const(0, dtype)
         if _is_neg(a):
             return call("neg", call("div", a.args[0], b))
+    elif op == "and" and (is_const(a, 0) or is_const(b, 0)):  # both sides are pure: nothing to run
+        return const(0, dtype)
+    elif op == "or" and any(isinstance(x, Const) and x.value != 0 for x in (a, b)):
+        return const(1, dtype)
     elif op in ("floordiv", "mod") and not is_float(dtype) and is_const(b, 1):
         return a if op == "floordiv" else const(0, dtype)
     elif op == "neg":
