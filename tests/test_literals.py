@@ -86,3 +86,30 @@ def test_negative_constants_are_written_as_subtractions(fields):
     assert "+ -" not in code and "- -" not in code and "-(" not in code
     assert "d[i - 1]" in code
     assert not re.search(r"ti\.cast\(ti\.cast\(\w+, ti\.f64\), ti\.f32\)", code)  # f32 -> f64 -> f32: the value
+
+
+def test_augmented_updates_of_locals_cast_the_operand_first_as_taichi_does(fields):
+    """Taichi runs `t += v` on a local as an atomic add, which casts v to t's type first: an i32
+    counter adds int(v), an f32 accumulator adds v rounded to f32 and rounds the sum in f32.
+    kerndiff once added in the wider type and cast the sum: 1 + (-0.85) gave 0 instead of 1.
+    Values bit for bit against Taichi's; gradients to f32 rounding (through the f32 accumulator
+    the two add the same terms in a different order)."""
+    x, d, y = fields
+    x.from_numpy(np.array([-1.7, 0.7, 2.4, -0.2, 0.3, -3.3, 1.1], dtype=np.float32))
+
+    def updated():
+        for i in d:
+            t = 1
+            t += 0.5 * x[i]
+            t -= d[i]
+            v = ti.Vector([1, 2])
+            v += x[i] * 3.0
+            acc = ti.f32(0.0)
+            for k in range(5):
+                acc += d[i] * 0.1 * k
+            y[i] = (t + v.sum()) * d[i] + acc * d[i]
+
+    (ty, tx, td), (ky, kx, kd_) = values_and_grads(updated, y, [x, d])
+    np.testing.assert_array_equal(ky, ty)
+    np.testing.assert_allclose(kd_, td, rtol=1e-6)
+    np.testing.assert_allclose(kx, tx, rtol=1e-6)

@@ -801,7 +801,23 @@ class Lowerer:
             else:
                 self.store(t, self.binary(op, self.expr(t), value, node), node)
             return
-        self.assign(t, self.binary(op, self.expr(t), value, node), node)
+        current = self.expr(t)
+        if op in ("add", "sub", "bit_and", "bit_or", "bit_xor"):
+            value = self.in_type_of(current, value, node)
+        self.assign(t, self.binary(op, current, value, node), node)
+
+    def in_type_of(self, current, value, node):
+        """value cast to the type of the local it updates. Taichi runs `t += v` (and -=, &=, |=,
+        ^=) on a local as an atomic operation, which casts v to t's type first: with t an i32,
+        `t += 0.5 * x` adds int(0.5 * x), and with t an f32, the sum is rounded once, in f32."""
+        if isinstance(current, Vec):
+            items = value.items if isinstance(value, Vec) else [value] * len(current.items)
+            if len(items) != len(current.items):
+                return value  # a shape mismatch: binary() says so
+            return Vec(current.shape, [B.cast(self.scalar(v, node), c.dtype) for v, c in zip(items, current.items)])
+        if isinstance(value, Vec):
+            return value
+        return B.cast(self.scalar(value, node), current.dtype)
 
     def field_index(self, fieldv, sl, node):
         idx = self.expr(sl) if sl is not None else None
