@@ -1185,3 +1185,36 @@ def test_a_name_bound_in_both_branches_with_different_types_is_two_locals(fields
 
     with pytest.raises(kd.KernDiffError, match="bind it as an i32 and an f64"):
         read_after()
+
+
+def test_scalar_annotations_of_ti_func_parameters_and_results_cast_as_in_taichi(fields):
+    """Taichi 1.7 casts a ti.func's scalar arguments to their annotated types (`a: ti.i32` passed
+    1.4 is 1, `b: ti.f32` rounds) and its result to a scalar return type (`-> ti.i32`), but
+    leaves vector and matrix annotations alone. kerndiff ignored the annotations: 1.6 returned
+    from a `-> ti.i32` function stayed 1.6. Values and gradients against Taichi's."""
+    x, _, loss = fields
+
+    @ti.func
+    def scaled(a: ti.i32, b: ti.f32) -> ti.i32:
+        return a * b + 0.9
+
+    @ti.func
+    def as_f32(a) -> ti.f32:
+        return a * 1.1
+
+    @ti.func
+    def untouched(v: ti.math.ivec2) -> ti.math.ivec2:
+        return v * 1.5
+
+    def annotated():
+        for i in x:
+            loss[None] += scaled(x[i] * 3, x[i]) * x[i] + as_f32(x[i]) * x[i] \
+                + untouched(ti.Vector([x[i], 0.5])).sum() * x[i]
+
+    (t_loss, t_grad), (k_loss, k_grad) = grads_of_both(annotated, [x], loss)
+    assert k_loss == t_loss
+    np.testing.assert_allclose(k_grad, t_grad, rtol=1e-12)
+    xv = x.to_numpy()
+    f32 = (xv * 1.1).astype(np.float32).astype(np.float64)
+    integer = np.trunc(np.trunc(xv * 3) * xv.astype(np.float32).astype(np.float64) + 0.9)
+    assert abs(k_loss - np.sum(integer * xv + f32 * xv + (xv + 0.5) * 1.5 * xv)) < 1e-6

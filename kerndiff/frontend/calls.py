@@ -224,8 +224,9 @@ def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
     child.blocks = lw.blocks
     reassigned = _assigned_names(src.tree)
     templates = {p.arg for p in a.args + a.kwonlyargs if _is_template(p.annotation)}
+    annotations = _annotations(pyfn)
     for p in names:
-        v = bound[p]
+        v = bound[p] if p in templates else converted(bound[p], annotations.get(p))
         if self_by_reference and p == names[0] and isinstance(v, StructValue):
             if p in reassigned and not _held_in_locals(v):
                 raise lw.error(node, "this method assigns to `self`, and it is called on a field element: Taichi "
@@ -246,7 +247,49 @@ def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
             child.scope[p] = Local([e.name for e in v.items], v.shape, [e.dtype for e in v.items])
         else:
             child.bind_local(p, v, node)
-    return lower_body_with_returns(child, list(src.tree.body))
+    return converted(lower_body_with_returns(child, list(src.tree.body)), _return_type(pyfn))
+
+
+def _annotations(pyfn):
+    """{parameter: annotation} of pyfn, evaluated ({} where they cannot be)."""
+    try:
+        sig = inspect.signature(pyfn, eval_str=True)
+    except Exception:  # an annotation naming something the function's module lacks: Taichi's
+        return {}      # own parser would fail on it too; kerndiff goes on without it
+    return {n: p.annotation for n, p in sig.parameters.items() if p.annotation is not inspect.Parameter.empty}
+
+
+def _return_type(pyfn):
+    try:
+        ret = inspect.signature(pyfn, eval_str=True).return_annotation
+    except Exception:
+        return None
+    return None if ret is inspect.Signature.empty else ret
+
+
+def converted(value, annotation):
+    """value as the scalar type a ti.func annotation names. Taichi 1.7 casts a ti.func's scalar
+    arguments to the types of their parameters (`a: ti.i32` passed 2.7 is 2) and its scalar
+    result to the return type (`-> ti.i32`); vector and matrix annotations (`v: ti.math.ivec2`)
+    cast nothing there, and so pass here as is, like anything else."""
+    from ..ir.types import from_taichi
+
+    if annotation is None or value is None or _is_template_type(annotation) \
+            or type(annotation).__name__ in ("VectorType", "MatrixType"):
+        return value
+    try:
+        dtype = from_taichi(annotation)
+    except (KeyError, TypeError):
+        return value
+    if isinstance(value, N.Expr):
+        return B.cast(value, dtype)
+    if isinstance(value, (bool, int, float)) and not isinstance(value, bool):
+        return B.const(value, dtype)
+    return value
+
+
+def _is_template_type(annotation):
+    return type(annotation).__name__ == "Template" or getattr(annotation, "__name__", None) == "template"
 
 
 def bind_arguments(lw, pyfn, args, kwargs, node):
