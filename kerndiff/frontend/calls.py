@@ -224,7 +224,7 @@ def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
     child.blocks = lw.blocks
     reassigned = _assigned_names(src.tree)
     templates = {p.arg for p in a.args + a.kwonlyargs if _is_template(p.annotation)}
-    annotations = _annotations(pyfn)
+    annotations, returns = _annotations(pyfn)
     for p in names:
         v = bound[p] if p in templates else converted(bound[p], annotations.get(p))
         if self_by_reference and p == names[0] and isinstance(v, StructValue):
@@ -247,24 +247,19 @@ def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
             child.scope[p] = Local([e.name for e in v.items], v.shape, [e.dtype for e in v.items])
         else:
             child.bind_local(p, v, node)
-    return converted(lower_body_with_returns(child, list(src.tree.body)), _return_type(pyfn))
+    return converted(lower_body_with_returns(child, list(src.tree.body)), returns)
 
 
 def _annotations(pyfn):
-    """{parameter: annotation} of pyfn, evaluated ({} where they cannot be)."""
+    """({parameter: annotation}, return annotation or None) of pyfn, evaluated (({}, None) where
+    they cannot be: an annotation naming something the function's module lacks fails Taichi's
+    own parser too, and kerndiff goes on without it)."""
     try:
         sig = inspect.signature(pyfn, eval_str=True)
-    except Exception:  # an annotation naming something the function's module lacks: Taichi's
-        return {}      # own parser would fail on it too; kerndiff goes on without it
-    return {n: p.annotation for n, p in sig.parameters.items() if p.annotation is not inspect.Parameter.empty}
-
-
-def _return_type(pyfn):
-    try:
-        ret = inspect.signature(pyfn, eval_str=True).return_annotation
     except Exception:
-        return None
-    return None if ret is inspect.Signature.empty else ret
+        return {}, None
+    params = {n: p.annotation for n, p in sig.parameters.items() if p.annotation is not inspect.Parameter.empty}
+    return params, (None if sig.return_annotation is inspect.Signature.empty else sig.return_annotation)
 
 
 def converted(value, annotation):
@@ -274,22 +269,17 @@ def converted(value, annotation):
     cast nothing there, and so pass here as is, like anything else."""
     from ..ir.types import from_taichi
 
-    if annotation is None or value is None or _is_template_type(annotation) \
-            or type(annotation).__name__ in ("VectorType", "MatrixType"):
+    if annotation is None or value is None or type(annotation).__name__ in ("VectorType", "MatrixType"):
         return value
     try:
         dtype = from_taichi(annotation)
-    except (KeyError, TypeError):
+    except (KeyError, TypeError):  # ti.template() and anything else that names no scalar type
         return value
     if isinstance(value, N.Expr):
         return B.cast(value, dtype)
-    if isinstance(value, (bool, int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return B.const(value, dtype)
     return value
-
-
-def _is_template_type(annotation):
-    return type(annotation).__name__ == "Template" or getattr(annotation, "__name__", None) == "template"
 
 
 def bind_arguments(lw, pyfn, args, kwargs, node):
