@@ -63,6 +63,19 @@ class _Factory:
             raise KernDiffError(f"output field of dtype {output.dtype} is not a float field",
                                 remedy="use a float output field")
         self.kernel, self.inputs, self.output, self.args = kernel, inputs, output, tuple(args)
+        self._check_args()
+
+    def _check_args(self):
+        """A kernel with parameters gets its arguments through args=(...): say so at construction,
+        not at the first call with a message about the kernel alone."""
+        params, _ = self.kernel.signature()
+        names = [n for n, _ in params][1 if self.kernel.bound is not None else 0:]
+        if len(self.args) != len(names):
+            factory = {"BackwardFn": "kd.backward", "ForwardFn": "kd.forward", "HvpFn": "kd.hvp"}[type(self).__name__]
+            raise KernDiffError(f"{self.kernel.__name__} takes {len(names)} argument(s) {names}, but {factory} was "
+                                f"given {len(self.args)}",
+                                remedy=f"pass the kernel's arguments as args=(...): "
+                                       f"{factory}({self.kernel.__name__}, inputs, output, args=({', '.join(names)},))")
 
     def _set_inputs(self, values):
         for i, (f, v) in enumerate(zip(self.inputs, values)):

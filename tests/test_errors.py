@@ -572,3 +572,22 @@ def test_keywords_to_a_type_constructor_are_refused(f):
         return v.y
 
     raises(k, "takes its values by position", "positionally", line_text="ti.math.vec2(1.0, y=3.0)")
+
+
+def test_factories_name_args_for_a_kernel_with_parameters():
+    x, out = ti.field(ti.f64, shape=N), ti.field(ti.f64, shape=())  # fresh: an earlier test re-inits Taichi
+
+    @kd.kernel
+    def k(a: ti.template(), c: ti.f64):
+        for i in a:
+            out[None] += c * a[i] ** 3
+
+    for make, name in ((kd.backward, "kd.backward"), (kd.hvp, "kd.hvp")):
+        with pytest.raises(kd.KernDiffError, match=rf"k takes 2 argument\(s\) \['a', 'c'\], but {name} was given 0") as info:
+            make(k, [x], out)
+        assert "args=(a, c,)" in str(info.value)
+    xv = np.linspace(0.5, 1.0, N)
+    grad = kd.backward(k, inputs=[x], output=out, args=(x, 0.5))([xv])
+    np.testing.assert_allclose(grad[0], 1.5 * xv ** 2, rtol=1e-12)
+    hv = kd.hvp(k, [x], out, args=(x, 0.5))([xv], tangents=[np.ones(N)])
+    np.testing.assert_allclose(hv[0], 3.0 * xv, rtol=1e-12)
