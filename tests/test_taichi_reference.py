@@ -234,6 +234,91 @@ def test_decomposition_of_a_size_taichi_cannot_give_source_for_is_refused(runtim
         polar3.reverse()
 
 
+def test_whole_struct_elements_and_nested_structs_match_taichi(runtime):
+    """`Q[i] = p` stores every member, nested structs too; `Outer(s=Inner(...))` builds a nested
+    struct; `p.s.a = ...` and `p.s = Inner(...)` assign into a local's nested struct; and a local
+    copy of an element is a copy all the way down (a later store into Q[i].s.a leaves p.s.a as it
+    was: it used to read the new value). Values and gradients as Taichi's, under each one's Tape."""
+    n = 5
+
+    @ti.dataclass
+    class Inner:
+        a: ti.f64
+        v: ti.math.vec2
+
+    @ti.dataclass
+    class Outer:
+        s: Inner
+        w: ti.f64
+
+    src = Outer.field(shape=n, needs_grad=True)
+    dst = Outer.field(shape=n, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    rng = np.random.default_rng(11)
+    a0, v0, w0 = rng.uniform(0.5, 1.5, n), rng.uniform(0.5, 1.5, (n, 2)), rng.uniform(0.5, 1.5, n)
+
+    def score(i):
+        return dst.s.a[i] * dst.w[i] + dst.s.v[i].dot(ti.Vector([1.0, 2.0])) * dst.s.a[i]
+
+    def agree(fn):
+        results = []
+        for tape, k in zip((ti.ad.Tape, kd.Tape), both(fn)):
+            src.s.a.from_numpy(a0)
+            src.s.v.from_numpy(v0)
+            src.w.from_numpy(w0)
+            for f in (dst.s.a, dst.s.v, dst.w):
+                f.fill(0)
+            with tape(loss):
+                k()
+            results.append([loss[None], dst.s.a.to_numpy(), dst.s.v.to_numpy(), dst.w.to_numpy(),
+                            src.s.a.grad.to_numpy(), src.s.v.grad.to_numpy(), src.w.grad.to_numpy()])
+        for expected, got in zip(*results):
+            np.testing.assert_allclose(got, expected, rtol=1e-12)
+        assert all(np.abs(g).max() > 0 for g in results[1][4:])
+
+    def shifted_copy():
+        for i in range(n):
+            dst[i] = src[(i + 1) % n]
+            loss[None] += dst.s.a[i] * dst.w[i] + dst.s.v[i].dot(ti.Vector([1.0, 2.0])) * dst.s.a[i] \
+                + ti.sin(src[i].w)
+
+    def built():
+        for i in range(n):
+            dst[i] = Outer(s=Inner(a=src[i].w * 2, v=src[i].s.v * src[i].s.a), w=ti.sin(src[i].s.a))
+            loss[None] += dst.s.a[i] * dst.w[i] + dst.s.v[i].dot(ti.Vector([1.0, 2.0])) * dst.s.a[i]
+
+    def local_nested_members():
+        for i in range(n):
+            p = src[i]
+            p.s.a = p.s.a ** 2 + p.w
+            p.s.v *= p.w
+            p.s.v.x = p.s.v.y * 3
+            p.s = Inner(a=p.s.v.x, v=p.s.v * p.s.a)
+            dst[i] = p
+            dst[i].w = p.w * p.s.a
+            loss[None] += dst.s.a[i] * dst.w[i] + dst.s.v[i].dot(ti.Vector([1.0, 2.0])) * dst.s.a[i]
+
+    for fn in (shifted_copy, built, local_nested_members):
+        agree(fn)
+
+    out = ti.field(ti.f64, shape=n)
+
+    def copy_is_deep():
+        for i in range(n):
+            p = dst[i]
+            dst[i].s.a = 7.0
+            out[i] = p.s.a + p.w
+
+    got = []
+    for k in both(copy_is_deep):
+        dst.s.a.from_numpy(a0)
+        dst.w.from_numpy(w0)
+        k()
+        got.append(out.to_numpy())
+    np.testing.assert_array_equal(got[1], got[0])
+    np.testing.assert_array_equal(got[1], a0 + w0)
+
+
 def test_struct_fields_match_taichi_grad(runtime):
     """ti.Struct.field and ti.dataclass: a struct-for, member loads and stores through P[i].member,
     a whole element read into a local, against Taichi's own grad; and that local is a copy, as in

@@ -121,9 +121,14 @@ def struct_value(lw, stype, args, kwargs, node):
 
     members = {}
     for k, (name, dtype) in enumerate(stype.members.items()):
+        given = k < len(args) or name in kwargs
         value = args[k] if k < len(args) else kwargs.get(name, 0)
-        if isinstance(dtype, StructType):
-            raise lw.error(node, "nested struct types are not supported in kerndiff kernels", "flatten the struct")
+        if isinstance(dtype, StructType):  # a nested struct: another struct value, or zero
+            if given and not (isinstance(value, StructValue) and set(value.members) == set(dtype.members)):
+                raise lw.error(node, f"member '{name}' is a struct with members {list(dtype.members)}",
+                               "pass a struct value of that type")
+            members[name] = struct_value(lw, dtype, [], value.members if given else {}, node)
+            continue
         if isinstance(dtype, MatrixType):
             if not isinstance(value, (Vec, list, tuple)):
                 value = [value] * (dtype.n * (dtype.m if dtype.ndim == 2 else 1))

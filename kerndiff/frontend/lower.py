@@ -345,8 +345,7 @@ class Lowerer:
                 and self.same_kind(self.pending[-1][name], value, node):
             self.scope[name] = self.pending[-1][name]  # the else-branch binds what the then-branch did
         if isinstance(value, StructValue):
-            self.scope[name] = StructValue({k: self.materialize(v, f"{name}_{k}", node, copy=True)
-                                            for k, v in value.members.items()}, value.methods)
+            self.scope[name] = self.struct_copy(value, name, node)
             return
         if not isinstance(value, (N.Expr, Vec)) and not (isinstance(value, numbers.Number) and name in self.scope
                                                         and isinstance(self.scope[name], Local)):
@@ -402,6 +401,13 @@ class Lowerer:
                      for name, e in pairs]
         for name, e in pairs:
             self.emit(N.Assign(name, e, src=self.loc(node)))
+
+    def struct_copy(self, value, name, node):
+        """A struct bound to a name: every member, nested structs' too, copied into locals of its
+        own (Taichi's value semantics: a later store into P[i] does not change p)."""
+        return StructValue({k: self.struct_copy(v, f"{name}_{k}", node) if isinstance(v, StructValue)
+                            else self.materialize(v, f"{name}_{k}", node, copy=True)
+                            for k, v in value.members.items()}, value.methods)
 
     def materialize(self, value, hint, node, copy=False):
         """Bind a value to fresh locals (function arguments are passed by value); copy: also a
@@ -585,6 +591,8 @@ class Lowerer:
                      for p, first in zip(parts, early)]
             for t, p in zip(target.elts, parts):
                 self.assign(t, p, node)
+        elif (element := self.struct_target(target)) is not None:
+            self.store_struct(element, value, node)
         elif (element := self.field_target(target)) is not None:
             self.store(element, value, node)
         elif isinstance(target, ast.Subscript):
@@ -596,9 +604,8 @@ class Lowerer:
             else:
                 raise self.error(node, "this subscript cannot be assigned to",
                                  "assign to a field element or to an element of a local vector")
-        elif isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
-                and isinstance(self.scope.get(target.value.id), StructValue):
-            self.assign_member(self.scope[target.value.id], target.attr, value, node)
+        elif isinstance(target, ast.Attribute) and (struct := self.local_struct(target.value)) is not None:
+            self.assign_member(struct, target.attr, value, node)
         elif isinstance(target, ast.Attribute) and (isinstance(target.value, ast.Name)
                                                     or self.local_vector(target.value) is not None):
             k = swizzle_index(target.attr)
@@ -607,6 +614,40 @@ class Lowerer:
             self.assign_component(target.value, (k[0],), value, node)
         else:
             raise self.error(node, "unsupported assignment target", "assign to a name or a field element")
+
+    def struct_target(self, target):
+        """A store target naming a whole element of a struct field, as `P.member[i]` for a struct
+        member: P[i], P[i].inner; else None."""
+        target = struct_member_access(target, self.expr)
+        if isinstance(target, ast.Subscript) and isinstance(self.expr(target.value), StructField):
+            return target
+        return None
+
+    def store_struct(self, target, value, node):
+        """`P[i] = p` for a struct field P: one store per member (`P.pos[i] = p.pos`, nested
+        structs member by member), every member of p read before any is stored, as Taichi
+        evaluates the right side first (`P[i] = P[j]` where i may equal j)."""
+        stores = []
+
+        def flatten(target, value, struct):
+            if not isinstance(value, StructValue) or set(value.members) != set(struct.keys):
+                raise self.error(node, f"a struct element takes a struct with members {list(struct.keys)}",
+                                 "assign an element of the same struct type, or assign the members one by one")
+            for key in struct.keys:
+                member = ast.copy_location(ast.Subscript(
+                    value=ast.copy_location(ast.Attribute(value=target.value, attr=key, ctx=ast.Load()), target),
+                    slice=target.slice, ctx=ast.Store()), target)
+                item = value.members[key]
+                if isinstance(getattr(struct, key), StructField):
+                    flatten(member, item, getattr(struct, key))
+                elif isinstance(item, Vec):
+                    stores.append((member, Vec(item.shape, [self.materialize(e, f"{key}_new", node) for e in item.items])))
+                else:
+                    stores.append((member, self.materialize(item, f"{key}_new", node)))
+
+        flatten(target, value, self.expr(target.value))
+        for member, item in stores:
+            self.assign(member, item, node)
 
     def swizzle_targets(self, target, value, node):
         """`v.xy = w` / `x[i].zx += w`: one single-component target per letter, paired with the
@@ -651,17 +692,35 @@ class Lowerer:
 
     def assign_member(self, struct, attr, value, node):
         """`p.r = v` for a struct bound to a local: its members are locals of their own."""
-        old = struct.members.get(attr)
-        if old is None:
-            raise self.error(node, f"the struct has no member '{attr}'", f"use one of {list(struct.members)}")
-        if isinstance(old, Vec):
-            new = self.vec(value, node) if isinstance(value, (Vec, list, tuple)) else Vec(old.shape, [value] * len(old.items))
-            if new.shape != old.shape:
-                raise self.error(node, f"member '{attr}' has shape {old.shape}, not {new.shape}", "match the shapes")
-            pairs = zip(old.items, new.items)
+        def pairs(struct, attr, value):
+            old = struct.members.get(attr)
+            if old is None:
+                raise self.error(node, f"the struct has no member '{attr}'", f"use one of {list(struct.members)}")
+            if isinstance(old, StructValue):  # p.inner = Inner(...): member by member
+                if not (isinstance(value, StructValue) and set(value.members) == set(old.members)):
+                    raise self.error(node, f"member '{attr}' is a struct with members {list(old.members)}",
+                                     "assign a struct value of that type")
+                return [p for k in old.members for p in pairs(old, k, value.members[k])]
+            if isinstance(old, Vec):
+                new = self.vec(value, node) if isinstance(value, (Vec, list, tuple)) else Vec(old.shape, [value] * len(old.items))
+                if new.shape != old.shape:
+                    raise self.error(node, f"member '{attr}' has shape {old.shape}, not {new.shape}", "match the shapes")
+                return list(zip(old.items, new.items))
+            return [(old, self.scalar(value, node))]
+
+        self.assign_at_once([(var.name, B.cast(self.scalar(e, node), var.dtype))
+                             for var, e in pairs(struct, attr, value)], node)
+
+    def local_struct(self, target):
+        """The struct bound to a local that target names: `p`, or a nested member `p.inner`;
+        else None."""
+        if isinstance(target, ast.Name):
+            struct = self.scope.get(target.id)
+        elif isinstance(target, ast.Attribute) and (outer := self.local_struct(target.value)) is not None:
+            struct = outer.members.get(target.attr)
         else:
-            pairs = [(old, self.scalar(value, node))]
-        self.assign_at_once([(var.name, B.cast(self.scalar(e, node), var.dtype)) for var, e in pairs], node)
+            return None
+        return struct if isinstance(struct, StructValue) else None
 
     def local_vector(self, target):
         """The Local a store target names when it is a local vector or matrix: a name (`v`) or a
@@ -669,9 +728,8 @@ class Lowerer:
         if isinstance(target, ast.Name):
             local = self.scope.get(target.id)
             return local if isinstance(local, Local) and local.shape is not None else None
-        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
-                and isinstance(self.scope.get(target.value.id), StructValue):
-            member = self.scope[target.value.id].members.get(target.attr)
+        if isinstance(target, ast.Attribute) and (struct := self.local_struct(target.value)) is not None:
+            member = struct.members.get(target.attr)
             if isinstance(member, Vec) and all(isinstance(e, N.Var) for e in member.items):
                 return Local([e.name for e in member.items], member.shape, [e.dtype for e in member.items])
         return None
