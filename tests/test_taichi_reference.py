@@ -238,7 +238,8 @@ def test_whole_struct_elements_and_nested_structs_match_taichi(runtime):
     """`Q[i] = p` stores every member, nested structs too; `Outer(s=Inner(...))` builds a nested
     struct; `p.s.a = ...` and `p.s = Inner(...)` assign into a local's nested struct; and a local
     copy of an element is a copy all the way down (a later store into Q[i].s.a leaves p.s.a as it
-    was: it used to read the new value). Values and gradients as Taichi's, under each one's Tape."""
+    was: it used to read the new value). Values and gradients as Taichi's, under each one's Tape.
+    The generated source names member fields by their path (`src_s_v`), not by the last name."""
     n = 5
 
     @ti.dataclass
@@ -300,6 +301,9 @@ def test_whole_struct_elements_and_nested_structs_match_taichi(runtime):
 
     for fn in (shifted_copy, built, local_nested_members):
         agree(fn)
+    # Generated code names a member field by its path: src.s.v and src.w are `src_s_v`, `src_w`.
+    source = kd.kernel(built).reverse.source
+    assert "src_s_v[" in source and "dst_s_a_adj" in source and " v[" not in source
 
     out = ti.field(ti.f64, shape=n)
 

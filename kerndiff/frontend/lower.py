@@ -939,11 +939,15 @@ class Lowerer:
         return [REGISTRY.ref(fieldv, (), name)], None
 
     def field_name(self, node):
+        """The name generated code gives a field: its Python name, a struct member's prefixed by
+        its struct's, so that R.v and O.s.v do not both read `v` in `k.reverse.source`."""
         while isinstance(node, ast.Subscript):
             node = node.value
         if isinstance(node, ast.Name):
             return node.id
         if isinstance(node, ast.Attribute):
+            if isinstance(self.expr(node.value), StructField):  # P.pos -> P_pos, O.s.v -> O_s_v
+                return f"{self.field_name(node.value)}_{node.attr}"
             return node.attr
         return "field"
 
