@@ -264,6 +264,45 @@ def test_iteration_that_can_end_early_is_refused(runtime):
     raises(early.reverse, "overwrites a field it read", line_text="y[i] = ti.sin(y[i])")
 
 
+def test_iterations_racing_on_an_element_are_refused(runtime):
+    """`z[i + 1] = ...` beside `z[i] += ...` in a parallel loop: which iteration reaches z[i] first
+    decides the primal's result, so no gradient can match it (the reverse used to return one that
+    matched no order). Serialized, the order is fixed and the gradient is checked; two atomic adds
+    commute and stay accepted."""
+    x, y = ti.field(ti.f64, shape=N), ti.field(ti.f64, shape=N)
+    z = ti.field(ti.f64, shape=N)
+    x.from_numpy(np.linspace(0.2, 0.8, N))
+    y.from_numpy(np.linspace(-0.5, 0.5, N))
+
+    @kd.kernel
+    def racing():
+        for i in range(N - 1):
+            z[i + 1] = x[i] * 2.0
+            z[i] += y[i] * x[i]
+
+    racing()  # the primal is Taichi's, order and all
+    raises(racing.reverse, "iterations of this parallel loop", "other iterations write ('z[i] += y[i] * x[i]')",
+           "serialize=True", line_text="z[i + 1] = x[i] * 2.0")
+
+    @kd.kernel
+    def serialized():
+        ti.loop_config(serialize=True)
+        for i in range(N - 1):
+            z[i + 1] = x[i] * 2.0
+            z[i] += y[i] * x[i]
+
+    @kd.kernel
+    def commuting():
+        for i in range(N - 1):
+            z[i + 1] += x[i] * 2.0
+            z[i] += y[i] * x[i]
+
+    for k in (serialized, commuting):
+        z.fill(0)
+        k()
+        check(k, "reverse")
+
+
 def test_float_index_into_local_vector(f):
     v, x = f["v"], f["x"]
 

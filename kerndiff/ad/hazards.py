@@ -69,6 +69,49 @@ def written_in_an_earlier_trip(write_index, read_index, write_loops, read_loops)
     return False
 
 
+def _racing_dimension(index_a, index_b, loop_vars):
+    """A dimension where one access is at `v + a` and the other at `v + b`, a != b, for a
+    parallel loop variable v: iteration v touches the element that iteration v + a - b touches
+    at the other access. None if there is none."""
+    for d, (a, b) in enumerate(zip(index_a, index_b)):
+        for v in loop_vars:
+            sa, sb = _shift(a, v), _shift(b, v)
+            if sa is not None and sb is not None and sa != sb:
+                return d
+    return None
+
+
+def check_iteration_races(ir: N.KernelIR):
+    """Refuse a parallel loop whose iterations store into an element another iteration reads or
+    writes (`z[i + 1] = ...` beside `z[i] += ...`): the primal's result depends on the order in
+    which Taichi runs the iterations, so no derivative matches it, and the reverse pass would race
+    the same way on the adjoints. Only the certain case is refused: both indices shifts of the
+    loop's own variable by different constants. Two atomic adds commute and are not a race."""
+    params, defs = {p.name for p in ir.params}, launch_constants(ir)
+    for top, loop in enumerate(ir.body):
+        if not (isinstance(loop, N.For) and loop.parallel and not loop.serialize):
+            continue
+        if any(v in assigned_names(loop.body) for v in loop.vars):
+            continue
+        accesses = _events(loop.body)
+        for _, kind, f, s, _, index, _ in accesses:
+            if kind != "store":
+                continue
+            for _, other_kind, g, other, _, other_index, _ in accesses:
+                if g is not f or other_index is index or disjoint(index, other_index, params, defs):
+                    continue
+                if _racing_dimension(index, other_index, loop.vars) is None:
+                    continue
+                name = REGISTRY.name_of(f)
+                other_text = f"'{other.src.text.strip()}'" if other.src else f"another access to {name}"
+                raise KernDiffError(
+                    f"iterations of this parallel loop store into elements of {name} that other "
+                    f"iterations {'read' if other_kind == 'read' else 'write'} ({other_text}): the result "
+                    "depends on the order Taichi runs them in, and so would its derivative",
+                    s.src, "put ti.loop_config(serialize=True) before the loop if the order is meant, or "
+                           "write the result to a new field (out[i + 1] = ...)")
+
+
 def launch_constants(ir: N.KernelIR):
     """{local: value} for the locals assigned exactly once in the kernel: as index parts they
     stand for their value (a ti.func argument `t - 1` becomes a local of the inlined body)."""

@@ -30,7 +30,7 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_expr, \
     map_stmt_exprs, map_stmts, used_names, without_prints
-from .hazards import ConsumedCotangent, check_overwrites
+from .hazards import ConsumedCotangent, check_iteration_races, check_overwrites
 from .names import NameAllocator
 
 
@@ -42,6 +42,7 @@ def checked_for_reverse(ir: N.KernelIR, inputs_restored=False) -> N.KernelIR:
 
     inputs_restored: the caller (kd.Tape) puts the fields `restorable_fields` names back to their
     values from before the launch when it runs this reverse, so their old values are not lost."""
+    check_iteration_races(ir)
     try:
         check_overwrites(ir)
         return ir
