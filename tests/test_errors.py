@@ -379,6 +379,22 @@ def test_vector_shape_mismatch(f):
     raises(k, "shapes (3,) and (2,) differ")
 
 
+def test_indexing_a_gradient_tuple_past_its_end_names_what_it_holds(f):
+    """kd.grad of a one-argument function returns a 1-tuple; indexing it like the vector inside
+    says what the tuple holds rather than showing an object address."""
+    s = f["s"]
+
+    @kd.func
+    def norm(v):
+        return v.norm()
+
+    @kd.kernel
+    def k():
+        s[None] = kd.grad(norm)(ti.Vector([3.0, 4.0]))[1]
+
+    raises(k, "(a 2-vector,)", line_text="kd.grad(norm)(ti.Vector([3.0, 4.0]))[1]")
+
+
 def test_arithmetic_on_a_python_list(f):
     """A list in a kernel is a Python list, as in Taichi, which refuses `[...] * 2.0` too."""
     x = f["x"]

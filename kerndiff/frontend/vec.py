@@ -19,6 +19,9 @@ class Vec:
         self.items = list(items)  # row-major scalar IR expressions
         assert len(self.items) == _size(self.shape), (shape, len(items))
 
+    def __repr__(self):  # what error messages show: "cannot index (a 2-vector,)"
+        return f"a {self.shape[0]}-vector" if self.is_vector else f"a {self.shape[0]}x{self.shape[1]} matrix"
+
     # --- construction
     @staticmethod
     def from_nested(rows) -> "Vec":
