@@ -25,11 +25,29 @@ def iter_expr(e):
 
 
 def vars_in(e):
-    return [x for x in iter_expr(e) if isinstance(x, N.Var)]
+    """The locals e reads, in pre-order with repeats (a hot path of every pass: no generator)."""
+    out, stack = [], [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, N.Call):
+            stack.extend(x.args)
+        elif isinstance(x, N.Var):
+            out.append(x)
+        elif isinstance(x, N.Load):
+            stack.extend(x.index)
+    return out
 
 
 def loads_in(e):
-    return [x for x in iter_expr(e) if isinstance(x, N.Load)]
+    out, stack = [], [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, N.Call):
+            stack.extend(x.args)
+        elif isinstance(x, N.Load):
+            out.append(x)
+            stack.extend(x.index)
+    return out
 
 
 def unsafe_to_speculate(e):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.ops import COMMUTATIVE
 from ..ir.types import is_float
@@ -35,6 +36,7 @@ def _candidate(e):
 
 
 def _deps(e, memo):
+    """(locals, fields) e reads, each sorted: the parts of its key that versions qualify."""
     got = memo.get(id(e))
     if got is None:
         vs, fs = set(), set()
@@ -44,9 +46,9 @@ def _deps(e, memo):
             fs.add(id(e.ref.field))
         for c in expr_children(e):
             cv, cf = _deps(c, memo)
-            vs |= cv
-            fs |= cf
-        got = (frozenset(vs), frozenset(fs), e)
+            vs.update(cv)
+            fs.update(cf)
+        got = (tuple(sorted(vs)), tuple(sorted(fs)), e)
         memo[id(e)] = got
     return got[0], got[1]
 
@@ -75,23 +77,28 @@ class CSE:
         self.names = names
         self.memo = {}
         self.canon = {}
+        self.numbers = {}
         self.counter = 0
 
     def canonical(self, e):
-        """e with commutative operands in a fixed order, so a*b and b*a share one temporary."""
+        """A number for e's value up to the order of commutative operands, so a*b and b*a share
+        one temporary. Numbered bottom-up (hash-consing): each node hashes its children's
+        numbers, not their trees, so keying every subexpression stays linear in the IR's size."""
         got = self.canon.get(id(e))
         if got is not None:
-            return got[1]
-        out = e
+            return got[0]
         if isinstance(e, N.Call):
             args = tuple(self.canonical(a) for a in e.args)
-            if e.op in COMMUTATIVE and repr(args[1]) < repr(args[0]):
+            if e.op in COMMUTATIVE and args[1] < args[0]:
                 args = (args[1], args[0])
-            out = N.Call(e.dtype, e.op, args)
+            shape = ("call", e.dtype, e.op, args)
         elif isinstance(e, N.Load):
-            out = N.Load(e.dtype, e.ref, tuple(self.canonical(i) for i in e.index))
-        self.canon[id(e)] = (e, out)
-        return out
+            shape = ("load", e.dtype, e.ref, tuple(self.canonical(i) for i in e.index))
+        else:
+            shape = ("leaf", e)
+        number = self.numbers.setdefault(shape, len(self.numbers))
+        self.canon[id(e)] = (number, e)  # e kept alive, so its id is not reused
+        return number
 
     def fresh(self):
         while True:
@@ -106,8 +113,8 @@ class CSE:
 
         def key(e):
             vs, fs = _deps(e, self.memo)
-            return (self.canonical(e), tuple(sorted((v, version.get(v, 0)) for v in vs)),
-                    tuple(sorted((f, version.get(("f", f), 0)) for f in fs)))
+            return (self.canonical(e), tuple((v, version.get(v, 0)) for v in vs),
+                    tuple((f, version.get(("f", f), 0)) for f in fs))
 
         def count(e, counts):
             if _candidate(e):
@@ -170,13 +177,14 @@ class CSE:
 
     @staticmethod
     def _rebuild(e, rewrite):
-        from ..ir import build as B
         if isinstance(e, N.Load):
             return N.Load(e.dtype, e.ref, tuple(rewrite(i) for i in e.index))
         if isinstance(e, N.Call):
             args = tuple(rewrite(a) for a in e.args)
             if e.op == "cast":
                 return B.cast(args[0], e.dtype)
+            if all(a is b for a, b in zip(args, e.args)):
+                return e  # nothing below it changed
             return N.Call(e.dtype, e.op, args)
         return e
 
