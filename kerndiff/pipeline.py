@@ -37,12 +37,44 @@ def transform(ir, step, level):
     return optimize(dataclasses.replace(rev, body=guard_zero_adds(rev.body)))
 
 
+def _derivative_state(ir, step, level):
+    """What a transform of `ir` reads of the registry: which of the fields it names have a
+    derivative field of the step's kind and level (the transform reads no other global state,
+    and allocates what is missing for the fields it writes, so the state after it is what a
+    repeat would see)."""
+    from .codegen.load import collect_fields
+    from .ir.types import is_float
+    from .runtime.registry import REGISTRY
+
+    kind = "dual" if step == "forward" else "adjoint"
+    out = []
+    for r in collect_fields(ir):
+        if is_float(r.dtype):
+            d = REGISTRY.get(r.field, kind, level)
+            out.append((id(r.field), None if d is None else id(d)))
+    return tuple(out)
+
+
 def kernel_ir(kernel, templates):
+    """The IR after each step of kernel.path, in turn. Each step's result is cached by the step
+    chain before it and the derivative fields it saw, so k.reverse.forward reuses the reverse
+    that k.reverse built (fields appearing elsewhere, such as the duals of k.reverse's adjoint
+    fields, do not invalidate it)."""
     from .ad.hazards import refuse_reading_results
     primal = ir = base_ir(kernel, templates)
+    key = ("base", kernel.root.uid, tuple((n, id(v)) for n, v in sorted(templates.items())))
     for i, step in enumerate(kernel.path):
         if i > 0 and step != "forward":
             refuse_reading_results(ir, primal, ".".join((kernel.__name__,) + kernel.path[: i + 1]))
-        ir = transform(ir, step, kernel.level(i))
+        level = kernel.level(i)
+        before = (key, step, level, _derivative_state(ir, step, level))
+        got = CACHE.get(before)
+        if got is not None:
+            ir, key = got[0], before
+            continue
+        out = transform(ir, step, level)
+        key = (key, step, level, _derivative_state(ir, step, level))
+        CACHE[key] = (out, ir)  # the input is kept alive: the key holds ids of its fields
+        ir = out
     name = "_".join((kernel.__name__,) + kernel.path)
     return dataclasses.replace(ir, name=name)

@@ -1006,3 +1006,44 @@ def test_a_kernel_returning_an_integer_has_a_reverse(runtime):
     np.testing.assert_allclose(x.grad.to_numpy(), 2 * x.to_numpy(), rtol=1e-13)
     count.reverse()
     assert count.forward() == (2, 0)
+
+
+def test_transforms_are_reused_until_a_derivative_field_appears(runtime, monkeypatch):
+    """Each transform step is cached by the derivative fields it saw: k.reverse.forward reuses the
+    reverse that k.reverse built, and a read-only field that gets an adjoint after k.reverse ran
+    gets its gradient from the next call (a reverse reused blindly would leave it zero)."""
+    import kerndiff.ad.reverse as reverse_module
+    n = 4
+    xv, wv, v = np.linspace(0.1, 1.0, n), np.linspace(2.0, 3.0, n), np.linspace(-1.0, 1.0, n)
+    x, w = ti.field(ti.f64, shape=n), ti.field(ti.f64, shape=n)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    x.from_numpy(xv)
+    w.from_numpy(wv)
+
+    @kd.kernel
+    def k():
+        for i in x:
+            loss[None] += w[i] * ti.sin(x[i])
+
+    reverses = []
+    real = reverse_module.reverse_kernel
+    monkeypatch.setattr(reverse_module, "reverse_kernel", lambda *a, **kw: reverses.append(1) or real(*a, **kw))
+    kd.adjoint(x).fill(0)
+    loss.grad[None] = 1
+    k.reverse()
+    assert len(reverses) == 1
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), wv * np.cos(xv), rtol=1e-13)
+
+    kd.dual(x).from_numpy(v)
+    kd.adjoint(x).fill(0)
+    kd.dual(kd.adjoint(x)).fill(0)
+    k.reverse.forward()
+    assert len(reverses) == 1  # the reverse of k.reverse, reused
+    np.testing.assert_allclose(kd.dual(kd.adjoint(x)).to_numpy(), -wv * np.sin(xv) * v, rtol=1e-13)
+
+    kd.adjoint(w).fill(0)  # w is active from now on
+    kd.adjoint(x).fill(0)
+    k.reverse()
+    assert len(reverses) == 2
+    np.testing.assert_allclose(kd.adjoint(w).to_numpy(), np.sin(xv), rtol=1e-13)
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), wv * np.cos(xv), rtol=1e-13)
