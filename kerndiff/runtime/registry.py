@@ -10,6 +10,7 @@ registry notices (it remembers the runtime object) and forgets everything it hel
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import taichi as ti
@@ -38,7 +39,7 @@ class Registry:
         self.suffixed = {}     # id(helper field) -> (field it serves, name suffix): x_adj_private
         self.scratch_kinds = {}  # id(scratch field) -> the first part of its key ("minmax", ...)
         self.version = 0       # bumped whenever a derivative field appears
-        self.taichi_seconds = 0.0  # spent in Taichi materializing the trees below
+        self.taichi_seconds = 0.0  # spent in Taichi building and materializing the trees below
         self.trees = []
 
     def check_runtime(self):
@@ -126,17 +127,18 @@ class Registry:
         if not todo:
             return
         check_tree_budget()
-        fb = ti.FieldsBuilder()
-        for field, kind, level in todo:
-            new = _like(field)
-            shape = tuple(field.shape)
-            if shape:
-                fb.dense(_axes(len(shape)), shape).place(new, offset=_nonzero(index_offset(field)))
-            else:
-                fb.place(new)
-            self._remember(field, kind, level, new)
-            self.parents[id(new)] = (field, kind, level)
-        self.trees.append(self._finalize(fb))
+        with self._in_taichi():
+            fb = ti.FieldsBuilder()
+            for field, kind, level in todo:
+                new = _like(field)
+                shape = tuple(field.shape)
+                if shape:
+                    fb.dense(_axes(len(shape)), shape).place(new, offset=_nonzero(index_offset(field)))
+                else:
+                    fb.place(new)
+                self._remember(field, kind, level, new)
+                self.parents[id(new)] = (field, kind, level)
+            self.trees.append(fb.finalize())
         self.version += 1
 
     def scratch(self, key, dtype: str, shape=(), offset=None):
@@ -147,13 +149,14 @@ class Registry:
         if got is None:
             from ..ir.types import to_taichi
             check_tree_budget()
-            fb = ti.FieldsBuilder()
-            got = ti.field(to_taichi(dtype))
-            if shape:
-                fb.dense(_axes(len(shape)), tuple(shape)).place(got, offset=_nonzero(offset))
-            else:
-                fb.place(got)
-            self.trees.append(self._finalize(fb))
+            with self._in_taichi():
+                fb = ti.FieldsBuilder()
+                got = ti.field(to_taichi(dtype))
+                if shape:
+                    fb.dense(_axes(len(shape)), tuple(shape)).place(got, offset=_nonzero(offset))
+                else:
+                    fb.place(got)
+                self.trees.append(fb.finalize())
             self.derived[key] = got
             self.keep[id(got)] = got
             self.scratch_kinds[id(got)] = key[0]
@@ -176,33 +179,36 @@ class Registry:
         got = self.derived.get(key)
         if got is None:
             check_tree_budget()
-            fb = ti.FieldsBuilder()
-            copies, by_shape = {}, {}
-            for f, shape in specs:
-                copies[id(f)] = _like(f)
-                self.names[id(copies[id(f)])] = f"{self.name_of(f)}_private"
-                self.suffixed[id(copies[id(f)])] = (f, "_private")
-                by_shape.setdefault(shape, []).append(copies[id(f)])
-            for (shape, offset), news in by_shape.items():
-                fb.dense(_axes(len(shape) + 1), (threads,) + shape).place(*news, offset=_nonzero((0,) + offset))
-            busy = ti.field(ti.i32)
-            self.names[id(busy)] = f"{self.name_of(specs[0][0])}_busy"
-            self.suffixed[id(busy)] = (specs[0][0], "_busy")
-            fb.dense(ti.i, threads).place(busy)
-            self.trees.append(self._finalize(fb))
+            with self._in_taichi():
+                fb = ti.FieldsBuilder()
+                copies, by_shape = {}, {}
+                for f, shape in specs:
+                    copies[id(f)] = _like(f)
+                    self.names[id(copies[id(f)])] = f"{self.name_of(f)}_private"
+                    self.suffixed[id(copies[id(f)])] = (f, "_private")
+                    by_shape.setdefault(shape, []).append(copies[id(f)])
+                for (shape, offset), news in by_shape.items():
+                    fb.dense(_axes(len(shape) + 1), (threads,) + shape).place(*news, offset=_nonzero((0,) + offset))
+                busy = ti.field(ti.i32)
+                self.names[id(busy)] = f"{self.name_of(specs[0][0])}_busy"
+                self.suffixed[id(busy)] = (specs[0][0], "_busy")
+                fb.dense(ti.i, threads).place(busy)
+                self.trees.append(fb.finalize())
             for new in list(copies.values()) + [busy]:
                 self.keep[id(new)] = new
             got = (copies, busy)
             self.derived[key] = got
         return got
 
-    def _finalize(self, fb):
-        """Taichi materializes a new SNode tree; the time is Taichi's, kept apart from kerndiff's
-        transform time (runtime.kernel.TIMINGS)."""
+    @contextlib.contextmanager
+    def _in_taichi(self):
+        """Time spent in Taichi's API building fields and materializing their SNode tree: Taichi's
+        time, kept apart from kerndiff's transform time (runtime.kernel.TIMINGS)."""
         t0 = time.perf_counter()
-        tree = fb.finalize()
-        self.taichi_seconds += time.perf_counter() - t0
-        return tree
+        try:
+            yield
+        finally:
+            self.taichi_seconds += time.perf_counter() - t0
 
     def _remember(self, field, kind, level, deriv):
         self.derived[(id(field), kind, level)] = deriv
