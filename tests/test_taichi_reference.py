@@ -1,5 +1,7 @@
 """kerndiff against Taichi's own AD (kernel.grad(), ti.ad.Tape, ti.ad.FwdMode) where Taichi supports
 the kernel: the same Python function decorated both ways must give the same derivatives."""
+import re
+
 import numpy as np
 import pytest
 import taichi as ti
@@ -448,7 +450,7 @@ def test_components_indexed_at_run_time(runtime):
     kerndiff selects among the (few) components on reads and updates the matching one on writes.
     Reads against Taichi's grad; writes (locals, field components, matrix rows) against numpy and
     finite differences."""
-    from harness import check
+    from harness import check, check_path
 
     n = 4
     rng = np.random.default_rng(7)
@@ -486,6 +488,12 @@ def test_components_indexed_at_run_time(runtime):
     m_grad[:, d % 2, 2 - d] = 2 * xv
     np.testing.assert_allclose(m.grad.to_numpy(), m_grad, rtol=1e-12)
     check(kk, "reverse")
+    check_path(kk, "reverse", "forward")
+    # m[i][d % 2, 2 - d] reaches (0, 2), (1, 1) and (0, 0) only; each adjoint is added under the
+    # one condition of its branch, reading what that branch fixes (not the whole select chain)
+    src = kk.reverse.source
+    assert "m[i][1, 0]" not in src and "m_adj[i][0, 1]" not in src and "if not" not in src, src
+    assert re.search(r"if d == 0:\n +v_0_adj = v_0_adj \+ m\[i\]\[0, 2\] \* loss_adj_v\n", src), src
 
     @kd.kernel
     def writes():

@@ -19,6 +19,7 @@ from taichi.lang.struct import StructField
 from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
+from ..ir.conditions import all_of
 from ..ir.ops import BITWISE
 from ..ir.types import default_fp, from_taichi, is_float, is_int
 from ..ir.walk import loads_in, vars_in
@@ -789,14 +790,12 @@ class Lowerer:
         for pos in (range(shape[0]) if len(shape) == 1 else
                     [(r, c) for r in range(shape[0]) for c in range(shape[1])]):
             pos = pos if isinstance(pos, tuple) else (pos,)
-            cond, possible = None, True
-            for want, got in zip(pos, idx):
-                if isinstance(got, numbers.Integral):
-                    possible = possible and got == want
-                else:
-                    eq = B.call("eq", got, B.const(want, got.dtype))
-                    cond = eq if cond is None else B.call("and", cond, eq)
-            if possible:
+            if any(isinstance(got, numbers.Integral) and got != want for want, got in zip(pos, idx)):
+                continue
+            # `A[j, (j + 1) % 3]`: (0, 1) where j == 0; (0, 0) is not possible (ir.conditions)
+            cond = all_of(B.call("eq", got, B.const(want, got.dtype))
+                          for want, got in zip(pos, idx) if not isinstance(got, numbers.Integral))
+            if not isinstance(cond, N.Const):
                 choices.append((pos[0] if len(pos) == 1 else pos[0] * shape[1] + pos[1], cond))
         return choices
 

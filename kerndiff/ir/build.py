@@ -134,6 +134,11 @@ def _identity(op, args, dtype):
         return const(1, dtype)
     elif op in ("floordiv", "mod") and not is_float(dtype) and is_const(b, 1):
         return a if op == "floordiv" else const(0, dtype)
+    elif op in ("eq", "ne") and a.dtype in INT_RANGE and (isinstance(a, Const) != isinstance(b, Const)):
+        return _solved(op, *((a, b) if isinstance(b, Const) else (b, a)))
+    elif op == "not" and isinstance(a, Call) and (a.op in ("eq", "ne") or a.op in INVERSE and not is_float(a.args[0].dtype)):
+        # not (j == 0) is j != 0 (also for NaN); not (i < n) is i >= n for integers only
+        return call(INVERSE.get(a.op) or {"eq": "ne", "ne": "eq"}[a.op], *a.args)
     elif op == "neg":
         if _is_neg(a):
             return a.args[0]
@@ -147,6 +152,30 @@ def _identity(op, args, dtype):
         if is_const(b, 0):
             return const(1, dtype)
     return None
+
+
+INVERSE = {"lt": "ge", "ge": "lt", "gt": "le", "le": "gt"}
+INT_RANGE = {"i32": (-2 ** 31, 2 ** 31 - 1), "i64": (-2 ** 63, 2 ** 63 - 1)}
+
+
+def _solved(op, x, k):
+    """`2 - d == 0` as `d == 2`: an integer compared with a constant, with the constant terms of
+    x moved across (exact in wrapping integer arithmetic while the new constant is in range), so
+    that `d == 2` reads as it would be written and ir.conditions sees d fixed. None if x is not
+    such a sum."""
+    if not (isinstance(x, Call) and x.op in ("add", "sub")):
+        return None
+    u, w = x.args
+    if isinstance(w, Const):
+        target, value = u, k.value - w.value if x.op == "add" else k.value + w.value
+    elif isinstance(u, Const):
+        target, value = w, k.value - u.value if x.op == "add" else u.value - k.value
+    else:
+        return None
+    low, high = INT_RANGE[x.dtype]
+    if not low <= value <= high:
+        return None
+    return call(op, target, const(value, x.dtype))
 
 
 def _is_neg(e):

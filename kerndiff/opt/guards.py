@@ -14,7 +14,9 @@ import dataclasses
 
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import map_stmts
+from ..ir.conditions import all_of
+from ..ir.types import is_float
+from ..ir.walk import iter_expr, map_stmts
 
 
 def guard_zero_adds(stmts):
@@ -23,13 +25,50 @@ def guard_zero_adds(stmts):
 
 
 def _guarded(s):
-    if not (isinstance(s, N.Atomic) and s.op == "add"):
+    """One `if` for all the conditions a value is zero without (a product of several selects, as
+    in the adjoint of one branch of `v[j]`), simplified (ir.conditions): `if j == 1:`, not
+    `if j == 1: if not j == 0:`. An add that no condition allows is dropped. A local's
+    accumulation `a = a + select(j == 1, e, 0.0)` is guarded too when the condition is an index
+    test (integers only, nothing loaded), which a branch predicts as well as a select; a data-
+    dependent one stays a select."""
+    if isinstance(s, N.Atomic) and s.op == "add":
+        value = s.value
+    elif _accumulation(s) is not None:
+        value = _accumulation(s)
+    else:
         return s
-    split = _conditional(s.value)
-    if split is None:
+    conds = []
+    split = _conditional(value)
+    while split is not None and (isinstance(s, N.Atomic) or _index_test(split[0])):
+        conds.append(split[0])
+        value = split[1]
+        split = _conditional(value)
+    if not conds:
         return s
-    cond, value = split
-    return N.If(cond, (dataclasses.replace(s, value=value),), src=s.src, tag=s.tag)
+    add = dataclasses.replace(s, value=value) if isinstance(s, N.Atomic) else \
+        dataclasses.replace(s, value=B.add(B.var(s.name, s.value.dtype), value))
+    cond = all_of(conds)
+    if cond is None:
+        return add
+    if isinstance(cond, N.Const):  # never: nothing is added
+        return N.If(cond, (), src=s.src, tag=s.tag)
+    return N.If(cond, (add,), src=s.src, tag=s.tag)
+
+
+def _accumulation(s):
+    """e for `a = a + e` (a float local), else None."""
+    if isinstance(s, N.Assign) and is_float(s.value.dtype) and isinstance(s.value, N.Call) \
+            and s.value.op == "add":
+        a, e = s.value.args
+        if isinstance(a, N.Var) and a.name == s.name:
+            return e
+        if isinstance(e, N.Var) and e.name == s.name:
+            return a
+    return None
+
+
+def _index_test(c):
+    return all(not is_float(x.dtype) and not isinstance(x, N.Load) for x in iter_expr(c))
 
 
 def _is_zero(e):
