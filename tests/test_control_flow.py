@@ -160,7 +160,7 @@ def test_a_trip_overwriting_what_an_earlier_trip_read_is_still_refused(runtime):
         for i in range(1, 5):
             y[i - 1] = y[i] * 2.0  # trip i overwrites y[i - 1], which trip i - 1 read
 
-    with pytest.raises(kd.KernDiffError, match="overwrites a field it read before"):
+    with pytest.raises(kd.KernDiffError, match="overwrites 'y' after reading it"):
         shifts_down.reverse()
 
 

@@ -149,7 +149,7 @@ def test_overwriting_a_field_it_read(f):
 
     k()  # the primal runs
     k.forward()  # forward mode is fine
-    raises(k.reverse, "overwrites a field it read", "kd.Tape", line_text="x[i] = x[i] * x[i]")
+    raises(k.reverse, "overwrites 'x' after reading it", "kd.Tape", line_text="x[i] = x[i] * x[i]")
 
 
 def test_accumulating_into_a_field_read_in_the_same_loop(f):
@@ -160,7 +160,22 @@ def test_accumulating_into_a_field_read_in_the_same_loop(f):
         for i in x:
             s[None] += x[i] * s[None]
 
-    raises(k.reverse, "accumulates into a field it read", line_text="s[None] += x[i] * s[None]")
+    raises(k.reverse, "adds into 's' after reading it", line_text="s[None] += x[i] * s[None]")
+
+
+def test_an_update_after_an_earlier_read_names_the_field_and_the_read(f):
+    x, s = f["x"], f["s"]
+    z = ti.field(ti.f64, shape=N)
+
+    @kd.kernel
+    def k():
+        for i in range(N - 1):
+            s[None] += z[i] * x[i + 1]
+            ti.atomic_min(z[i + 1], z[i])
+
+    line = k.fn.__code__.co_firstlineno + 3
+    raises(k.reverse, f"updates 'z' by ti.atomic_min after reading it, at line {line} "
+                      "('s[None] += z[i] * x[i + 1]')", line_text="ti.atomic_min(z[i + 1], z[i])")
 
 
 def test_construct_the_frontend_fails_on_is_named_not_a_traceback(f):
@@ -245,7 +260,7 @@ def test_old_value_destroyed_is_still_refused(runtime):
             y[i] += x[i]
             y[i] = y[i] ** 2
 
-    raises(update.reverse, "overwrites a field it read", "kd.Tape")
+    raises(update.reverse, "overwrites 'y' after reading it", "kd.Tape")
 
 
 def test_iteration_that_can_end_early_is_refused(runtime):
@@ -261,7 +276,7 @@ def test_iteration_that_can_end_early_is_refused(runtime):
                 continue
             y[i] = ti.sin(y[i])
 
-    raises(early.reverse, "overwrites a field it read", line_text="y[i] = ti.sin(y[i])")
+    raises(early.reverse, "overwrites 'y' after reading it", line_text="y[i] = ti.sin(y[i])")
 
 
 def test_iterations_racing_on_an_element_are_refused(runtime):

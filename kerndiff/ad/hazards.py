@@ -188,10 +188,13 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
                     raise _minmax_count_lost(ir)
                 if kind == "store" and _clears_an_adjoint(s):
                     raise ConsumedCotangent(f, s)
-                what = "overwrites" if kind == "store" else "accumulates into"
-                read = f"('{rs.src.text.strip()}')" if rs.src else f"({REGISTRY.name_of(f)})"
+                name = REGISTRY.name_of(f)
+                what = f"overwrites '{name}'" if kind == "store" else f"adds into '{name}'" if s.op == "add" \
+                    else f"updates '{name}' by ti.atomic_{s.op}"
+                where = "" if not rs.src or same_stmt else \
+                    f", at line {rs.src.line} ('{rs.src.text.strip()}')"
                 raise KernDiffError(
-                    f"this kernel {what} a field it read before {read}; "
+                    f"this kernel {what} after reading it{where}; "
                     "the reverse pass needs the value that was read",
                     s.src, "write the result to a new field (out[i] = f(x[i])), or split the kernel in two "
                            "and use kd.Tape, which keeps overwritten values")
