@@ -113,3 +113,50 @@ def test_augmented_updates_of_locals_cast_the_operand_first_as_taichi_does(field
     np.testing.assert_array_equal(ky, ty)
     np.testing.assert_allclose(kd_, td, rtol=1e-6)
     np.testing.assert_allclose(kx, tx, rtol=1e-6)
+
+
+M = ti.Matrix([[1.0, 2.0], [3.0, 4.0]])
+C = ti.Vector([0.5, -1.0])
+J = ti.Vector([1, 0])
+
+
+def test_vectors_and_matrices_made_in_python_scope_are_constants(fields):
+    """A ti.Matrix / ti.Vector made outside the kernel and captured (a global, or an attribute of
+    a data-oriented object) is a constant of default_fp, as in Taichi; it once stopped the
+    frontend with 'a vector is needed here'."""
+    x, d, y = fields
+
+    def captured():
+        for i in d:
+            v = ti.Vector([d[i], x[i]])
+            w = M @ v + C * J[0]
+            y[i] = w.norm_sqr() + v[1] * C[0] + M[1, 0] * v[J[1]]
+
+    (ty, tx, td), (ky, kx, kd_) = values_and_grads(captured, y, [x, d])
+    np.testing.assert_allclose(ky, ty, rtol=1e-14)
+    np.testing.assert_allclose(kx, tx, rtol=1e-6)  # x is an f32 field: its gradient is f32 (order of sums)
+    np.testing.assert_allclose(kd_, td, rtol=1e-14)
+    # d/dv |M v + C|² = 2 Mᵀ (M v + C); v[1] * C[0]; and 3 * v[0]
+    v = np.stack([d.to_numpy(), x.to_numpy().astype(np.float64)], 1)
+    m, c = M.to_numpy().astype(np.float64), C.to_numpy().astype(np.float64)
+    grad = 2 * (v @ m.T + c) @ m + np.array([3.0, 0.5])
+    f32 = ti.lang.impl.get_runtime().default_fp == ti.f32
+    np.testing.assert_allclose(kd_, grad[:, 0], rtol=1e-5 if f32 else 1e-13)
+
+    @ti.data_oriented
+    class Rotated:
+        def __init__(self):
+            self.R = ti.Matrix([[0.0, -1.0], [1.0, 0.0]])
+
+        @kd.kernel
+        def energy(self):
+            for i in d:
+                y[i] = (self.R @ ti.Vector([d[i], 2.0 * d[i]])).dot(C)
+
+    y.fill(0)
+    d.grad.fill(0)
+    Rotated().energy()
+    y.grad.fill(1)
+    Rotated().energy.reverse()  # R (d, 2d) = (-2d, d): y = -2d * 0.5 + d * -1 = -2d
+    np.testing.assert_allclose(y.to_numpy(), -2 * d.to_numpy(), rtol=1e-6 if f32 else 1e-14)
+    np.testing.assert_allclose(d.grad.to_numpy(), -2.0, rtol=1e-14)

@@ -13,7 +13,7 @@ import numbers
 
 import taichi as ti
 from taichi.lang.field import ScalarField
-from taichi.lang.matrix import MatrixField
+from taichi.lang.matrix import Matrix, MatrixField
 from taichi.lang.struct import StructField
 
 from ..errors import KernDiffError
@@ -323,7 +323,7 @@ class Lowerer:
             raise self.error(node, f"'{name}' is bound only inside {where}, and ends with it (as in Taichi)",
                              remedy.format(name=name))
         if name in self.globals:
-            return self.check_field(self.globals[name], node)
+            return self.constant_matrix(self.check_field(self.globals[name], node), node)
         import builtins
         if hasattr(builtins, name):
             return getattr(builtins, name)
@@ -899,6 +899,15 @@ class Lowerer:
                 raise self.error(node, "field indices must be integers", "cast with int(...) or ti.cast")
         return out
 
+    def constant_matrix(self, value, node):
+        """A ti.Vector / ti.Matrix made in Python scope and captured by the kernel is a constant,
+        as in Taichi (its entries are read when the kernel compiles)."""
+        if not isinstance(value, Matrix):
+            return value
+        entries = value.to_numpy()
+        items = [self.scalar(int(e) if entries.dtype.kind in "iu" else float(e), node) for e in entries.ravel()]
+        return Vec(tuple(entries.shape), items)
+
     def check_field(self, value, node):
         """Refuse a field of an earlier ti.init before anything touches it (its memory is gone)."""
         if is_field(value) and REGISTRY.is_stale(value):
@@ -1136,7 +1145,7 @@ class Lowerer:
         if isinstance(base, N.Expr):
             return Method(node.attr, base)
         try:
-            return self.check_field(getattr(base, node.attr), node)
+            return self.constant_matrix(self.check_field(getattr(base, node.attr), node), node)
         except AttributeError:
             raise self.error(node, f"{base!r} has no attribute '{node.attr}'", "check the name")
 
