@@ -94,3 +94,27 @@ def test_shared_constants_come_out_and_meet_the_other_constants():
     assert list(got.values()) == [1.0]
     out = collect_terms((_store(value),), lambda f: True)
     assert sum(1 for x in iter_expr(out[0].value) if isinstance(x, N.Call)) == 2  # c * (a + b)
+
+
+def test_powers_are_written_by_squaring_and_read_what_a_local_holds():
+    """x⁵ is (x·x)·(x·x)·x, and after `t = x * x` the squares read t (opt.reuse): t·t·x."""
+    from kerndiff.opt.algebra import _power
+    from kerndiff.opt.reuse import reuse_held_values
+    x, y = _v("x"), _v("y")
+    square = B.mul(x, x)
+    assert _power(x, 5) == B.mul(B.mul(square, square), x)
+    assert _power(x, 4) == B.mul(square, square)
+    t = B.var("t", "f64")
+    body = (N.Assign("t", square), _store(B.mul(_power(x, 5), y)))
+    assert reuse_held_values(body)[1].value == B.mul(B.mul(B.mul(t, t), x), y)
+    # not once x (what t was computed from) or t itself is assigned again
+    for moved in ("x", "t"):
+        changed = (body[0], N.Assign(moved, y), body[1])
+        assert reuse_held_values(changed) == changed
+    # inside a nested block that assigns neither, the held value is read too
+    loop = N.For(("k",), ((B.const(0, "i32"), B.const(3, "i32")),), (body[1],))
+    assert reuse_held_values((body[0], loop))[1].body[0].value == B.mul(B.mul(B.mul(t, t), x), y)
+    # a value read from a field is never held (the field may change)
+    load = N.Load("f64", FieldRef(object(), (), "g", "f64", (4,)), (B.const(0, "i32"),))
+    loaded = (N.Assign("u", B.mul(load, load)), _store(B.mul(B.mul(load, load), y)))
+    assert reuse_held_values(loaded) == loaded

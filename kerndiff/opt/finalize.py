@@ -188,7 +188,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
     private copies (CPU only; see opt.scatter). is_derivative: None for primal kernels (their
     arithmetic is the user's), else a test for derivative fields: derivative code then shares
-    reciprocals (opt.reciprocal), has its like terms collected (opt.algebra) and its zeroed
+    reciprocals (opt.reciprocal), has its like terms collected (opt.algebra), values that locals
+    already hold read from them (opt.reuse), and its zeroed
     accumulators started at their first contribution (opt.zero_start), and copies are forwarded
     (opt.copies, opt.propagate) and the dead ones removed."""
     from ..ad.names import NameAllocator
@@ -204,6 +205,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         from .reciprocal import exact_names, share_reciprocals
         from .zero_start import fold_zero_starts
         from .copies import coalesce_copies, forward_copies
+        from .reuse import reuse_held_values
         exact = exact_names(ir.body, is_derivative)  # the reciprocals it adds feed derivatives only
         body = share_reciprocals(ir.body, allocator(), is_derivative, exact)
         body = collect_terms(body, is_derivative, exact)
@@ -213,7 +215,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         # copies left by the rewrites (t6 = r_inv) and temporaries that were looked through
         ir = propagate(dataclasses.replace(ir, body=body))
         # what copies remain are loop-carried: s_2 = s_1 + w * h; s_1 = s_2 -> s_1 = s_1 + w * h
-        ir = dataclasses.replace(ir, body=coalesce_copies(dce(ir.body)))
+        ir = dataclasses.replace(ir, body=coalesce_copies(dce(reuse_held_values(ir.body))))
     names = allocator()
     written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
     out = []
