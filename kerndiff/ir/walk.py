@@ -24,30 +24,27 @@ def iter_expr(e):
         stack.extend(expr_children(x))
 
 
-def vars_in(e):
-    """The locals e reads, in pre-order with repeats (a hot path of every pass: no generator)."""
+def nodes_in(e, kind):
+    """The subexpressions of e of one node class, in pre-order with repeats (a hot path of every
+    pass: no generator)."""
     out, stack = [], [e]
     while stack:
         x = stack.pop()
+        if isinstance(x, kind):
+            out.append(x)
         if isinstance(x, N.Call):
             stack.extend(x.args)
-        elif isinstance(x, N.Var):
-            out.append(x)
         elif isinstance(x, N.Load):
             stack.extend(x.index)
     return out
+
+
+def vars_in(e):
+    return nodes_in(e, N.Var)
 
 
 def loads_in(e):
-    out, stack = [], [e]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, N.Call):
-            stack.extend(x.args)
-        elif isinstance(x, N.Load):
-            out.append(x)
-            stack.extend(x.index)
-    return out
+    return nodes_in(e, N.Load)
 
 
 def unsafe_to_speculate(e):
