@@ -65,6 +65,9 @@ def test_pair_potential_hvp_against_finite_differences(pairs):
     kd.dual(pos)
     code = [line for line in kk.reverse.forward.source.splitlines() if not line.strip().startswith("#")]
     assert sum(line.count(" / ") for line in code) == 2  # nine divisions before the rewrite
+    # pos[i] and its tangent are read once per i, before the loop over j (opt.invariant_loads)
+    text = "\n".join(code)
+    assert text.count("pos[i][0]") == 1 and text.count("pos_dual[i][0]") == 1, text
     check(kk.reverse, "forward", eps=1e-6, rtol=1e-5, atol=1e-7)
 
 

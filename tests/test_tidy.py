@@ -92,3 +92,43 @@ def test_loop_carried_sums_are_written_in_place():
     assert coalesce_copies((_loop(step, reads_s1, back),)) == (_loop(step, reads_s1, back),)
     later = N.Assign("v", _v("s2"))
     assert coalesce_copies((_loop(step, back, later),)) == (_loop(step, back, later),)
+
+
+def test_loads_an_inner_loop_repeats_are_read_before_it_where_always_in_range():
+    """opt.invariant_loads: `f[i]` in a loop over j is read once before it, when nothing writes f
+    and i's loop keeps it inside f's range (the read now runs even where the loop body would
+    not have); anything else stays where it is."""
+    from kerndiff.ad.names import NameAllocator
+    from kerndiff.ir.nodes import FieldRef
+    from kerndiff.ir.walk import iter_stmts, loads_in
+    from kerndiff.opt.invariant_loads import hoist_invariant_loads
+
+    f = FieldRef(object(), (), "f", "f64", (8,))
+    i, j = B.var("i", "i32"), B.var("j", "i32")
+
+    def load(index):
+        return N.Load("f64", f, (index,))
+
+    def kernel(index, n=B.const(8, "i32"), extra=()):
+        inner = N.For(("j",), ((B.const(0, "i32"), B.const(4, "i32")),),
+                      extra + (N.Assign("x", B.add(_v("x"), B.mul(load(index), _v("w")))),))
+        return N.For(("i",), ((B.const(0, "i32"), n),), (inner,), parallel=True)
+
+    def hoisted(loop, written=frozenset()):
+        out = hoist_invariant_loads(loop, set(written), NameAllocator({"i", "j", "x", "w"}))
+        inner = next(s for s in out.body if isinstance(s, N.For))
+        in_loop = [x for s in iter_stmts(inner.body) if isinstance(s, N.Assign) for x in loads_in(s.value)]
+        return [s for s in out.body if isinstance(s, N.Assign)], in_loop
+
+    before, in_loop = hoisted(kernel(i))
+    assert before == [N.Assign("f_i", load(i))] and not in_loop
+    assert hoisted(kernel(B.const(7, "i32")))[0] == [N.Assign("f_7", load(B.const(7, "i32")))]
+    for index, n in ((B.const(8, "i32"), B.const(8, "i32")),  # past the end
+                     (B.sub(i, B.const(1, "i32")), B.const(8, "i32")),  # f[-1] at i = 0
+                     (i, B.const(9, "i32")),  # i runs past f
+                     (i, B.var("n", "i32")),  # a range known only at run time
+                     (j, B.const(8, "i32"))):  # changes every trip
+        assert hoisted(kernel(index, n)) == ([], [load(index)])
+    assert hoisted(kernel(i), written={id(f.field)}) == ([], [load(i)])  # the kernel writes f
+    moved = (N.Assign("i", B.add(i, B.const(1, "i32"))),)  # i is not its loop's i any more
+    assert hoisted(kernel(i, extra=moved))[0] == []

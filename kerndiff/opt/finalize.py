@@ -13,13 +13,15 @@ Inside each parallel loop:
     the loop's own index, or at x[.., i, ..] with i in the same position) becomes a plain
     read-modify-write;
   * hoist: reads of 0-d fields the kernel does not write (seed adjoints such as `loss_adj[None]`)
-    are read once before the loop.
+    are read once before the loop, and in derived kernels, elements an inner loop reads at a fixed
+    index (`pos[i][0]` in a pair loop) once before that loop (opt.invariant_loads).
 """
 from __future__ import annotations
 
 import dataclasses
 
 from ..ir import build as B
+from .invariant_loads import hoist_invariant_loads
 from ..ir import nodes as N
 from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
                        map_expr, map_stmt_exprs, map_stmts, rebuild_stmt, vars_in)
@@ -223,6 +225,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         if isinstance(s, N.For) and s.parallel:
             s = dataclasses.replace(s, body=_merge_adds(s.body))
             s = _demote(_privatize(s, names))
+            if is_derivative is not None:
+                s = hoist_invariant_loads(s, written, names)
             pre, s = _hoist(s, written, names)
             out.extend(pre)
         out.append(s)
