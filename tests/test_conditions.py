@@ -70,3 +70,28 @@ def test_a_branch_reads_the_value_its_condition_fixes():
     # the else branch is not where j == 1
     (s,) = use_branch_facts((N.If(_eq(J, 1), (), (add,)),))
     assert s.orelse == (add,)
+
+
+def test_adds_are_guarded_by_one_simplified_condition():
+    from kerndiff.ir.nodes import FieldRef
+    from kerndiff.opt.guards import guard_zero_adds
+    ref = FieldRef(object(), (), "v_adj", "f64", (3,))
+    g = B.var("g", "f64")
+
+    def atomic(value):
+        return N.Atomic("add", ref, (J,), value)
+
+    def sel(c, a, b):
+        return B.select(c, B.const(a, "f64"), B.const(b, "f64"))
+
+    # the adjoint of v[1] in v[0] if j == 0 else v[1] if j == 1 else v[2]: one `if j == 1:`
+    (s,) = guard_zero_adds((atomic(B.mul(B.mul(g, sel(_eq(J, 0), 0.0, 1.0)), sel(_eq(J, 1), 1.0, 0.0))),))
+    assert s == N.If(_eq(J, 1), (atomic(g),))
+    # a product no j can make nonzero adds nothing
+    assert guard_zero_adds((atomic(B.mul(B.mul(g, sel(_eq(J, 0), 1.0, 0.0)), sel(_eq(J, 1), 1.0, 0.0))),)) == ()
+    # a local's accumulation is guarded where the condition is an index test ...
+    acc = N.Assign("a", B.add(B.var("a", "f64"), B.mul(g, sel(_eq(J, 2), 1.0, 0.0))))
+    assert guard_zero_adds((acc,)) == (N.If(_eq(J, 2), (N.Assign("a", B.add(B.var("a", "f64"), g)),)),)
+    # ... and stays a select where it depends on data (a branch would mispredict)
+    data = N.Assign("a", B.add(B.var("a", "f64"), B.mul(g, sel(B.call("gt", X, B.const(0.0, "f64")), 1.0, 0.0))))
+    assert guard_zero_adds((data,)) == (data,)

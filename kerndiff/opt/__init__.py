@@ -1,6 +1,7 @@
 """Simplification after every transform: folding (in the smart constructors), constant and copy
-propagation (also of the values an `if j == 0:` fixes), dead-code elimination (by marking, then flow-sensitive dead stores) and CSE, iterated
-until the IR (not its text) stops changing."""
+propagation (also of the values an `if j == 0:` fixes, opt.branch_facts), dead-code elimination
+(by marking, then flow-sensitive dead stores) and CSE, iterated until the IR (not its text) stops
+changing."""
 from __future__ import annotations
 
 import dataclasses

@@ -21,10 +21,10 @@ from __future__ import annotations
 import dataclasses
 
 from ..ir import build as B
-from .invariant_loads import hoist_invariant_loads
 from ..ir import nodes as N
 from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
                        map_expr, map_stmt_exprs, map_stmts, rebuild_stmt, vars_in)
+from .invariant_loads import hoist_invariant_loads
 
 
 def _own_index(index, loop):
@@ -190,10 +190,11 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
     private copies (CPU only; see opt.scatter). is_derivative: None for primal kernels (their
     arithmetic is the user's), else a test for derivative fields: derivative code then shares
-    reciprocals (opt.reciprocal), has its like terms collected (opt.algebra), values that locals
-    already hold read from them (opt.reuse), and its zeroed
-    accumulators started at their first contribution (opt.zero_start), and copies are forwarded
-    (opt.copies, opt.propagate) and the dead ones removed."""
+    reciprocals (opt.reciprocal), has its like terms collected (opt.algebra), its zeroed
+    accumulators started at their first contribution (opt.zero_start), copies forwarded
+    (opt.copies, opt.propagate) and the dead ones removed, values that locals already hold read
+    from them (opt.reuse), and the field elements an inner loop repeats read before it
+    (opt.invariant_loads)."""
     from ..ad.names import NameAllocator
     from ..ir.walk import assigned_names, used_names
 

@@ -16,12 +16,24 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.conditions import all_of
 from ..ir.types import is_float
-from ..ir.walk import iter_expr, map_stmts
+from ..ir.walk import blocks_of, iter_expr, map_stmts, rebuild_stmt
 
 
 def guard_zero_adds(stmts):
     """stmts with every atomic add of a zero-unless-condition value put under its condition."""
-    return map_stmts(stmts, _guarded)
+    return _without_nothing(map_stmts(stmts, _guarded))
+
+
+def _without_nothing(stmts):
+    """stmts without the adds that no condition allows (left as `if <false>:` with no body)."""
+    out = []
+    for s in stmts:
+        if isinstance(s, N.If) and isinstance(s.cond, N.Const) and not s.cond.value and not s.then \
+                and not s.orelse:
+            continue
+        blocks = blocks_of(s)
+        out.append(rebuild_stmt(s, [_without_nothing(b) for b in blocks]) if blocks else s)
+    return tuple(out)
 
 
 def _guarded(s):
@@ -31,11 +43,8 @@ def _guarded(s):
     accumulation `a = a + select(j == 1, e, 0.0)` is guarded too when the condition is an index
     test (integers only, nothing loaded), which a branch predicts as well as a select; a data-
     dependent one stays a select."""
-    if isinstance(s, N.Atomic) and s.op == "add":
-        value = s.value
-    elif _accumulation(s) is not None:
-        value = _accumulation(s)
-    else:
+    value = s.value if isinstance(s, N.Atomic) and s.op == "add" else _accumulation(s)
+    if value is None:
         return s
     conds = []
     split = _conditional(value)
@@ -50,7 +59,7 @@ def _guarded(s):
     cond = all_of(conds)
     if cond is None:
         return add
-    if isinstance(cond, N.Const):  # never: nothing is added
+    if isinstance(cond, N.Const):  # never: nothing is added (_without_nothing drops it)
         return N.If(cond, (), src=s.src, tag=s.tag)
     return N.If(cond, (add,), src=s.src, tag=s.tag)
 
