@@ -63,8 +63,8 @@ def _mono_mul(a, b):
     return tuple(sorted(powers.items(), key=lambda kp: repr(kp[0])))
 
 
-def _mono_without(mono, key):
-    return tuple((k, p - 1 if k == key else p) for k, p in mono if k != key or p > 1)
+def _mono_without(mono, key, power=1):
+    return tuple((k, p - power if k == key else p) for k, p in mono if k != key or p > power)
 
 
 class _Terms:
@@ -166,9 +166,12 @@ class _Writer:
         shared = [k for k, n in counts.items() if n >= 2]
         if len(terms) > 1 and shared:
             key = max(shared, key=lambda k: (counts[k], repr(k)))
-            inner = {_mono_without(m, key): c for m, c in terms.items() if any(k == key for k, _ in m)}
+            # the lowest power of it those terms share comes out whole: t⁴ * (t * a + b), squared
+            # (t * t) * (t * t), not t * (t * (t * (t * (t * a + b)))), a chain of 4 products
+            power = min(p for m in terms for k, p in m if k == key)
+            inner = {_mono_without(m, key, power): c for m, c in terms.items() if any(k == key for k, _ in m)}
             rest = {m: c for m, c in terms.items() if not any(k == key for k, _ in m)}
-            return self._plus(rest, B.mul(self.atom(key), self.terms(inner)))
+            return self._plus(rest, B.mul(_power(self.atom(key), power), self.terms(inner)))
         scales = {}
         for c in terms.values():
             if abs(c) != 1.0:
