@@ -46,6 +46,24 @@ def test_struct_for_and_boundary_ternary_over_an_offset_field(fields):
     kd.check_grad(k, [o], p, order=2)
 
 
+def test_inner_loop_reads_at_negative_indices_of_an_offset_field(fields):
+    """o[-2] and o[i] repeat in every trip of the inner loop: read once before it (as `o_m2`,
+    `o_i`: the first version of that pass named the local `o_-2`, which did not compile)."""
+    o, p = fields["o"], fields["p"]
+
+    def inner():
+        for i in o:
+            s = 0.0
+            for j in range(-2, 6):
+                s += ti.sin(o[i] * o[j]) + o[-2] * o[j]
+            p[i] = s
+
+    results, k = grads_of_both(inner, [p], [o])
+    assert_same(results)
+    kd.check_grad(k, [o], p, order=2)
+    assert "o_m2 = o[-2]" in k.reverse.source
+
+
 def test_grouped_loop_over_a_2d_offset_field(fields):
     g, h = fields["g"], fields["h"]
 

@@ -132,3 +132,11 @@ def test_loads_an_inner_loop_repeats_are_read_before_it_where_always_in_range():
     assert hoisted(kernel(i), written={id(f.field)}) == ([], [load(i)])  # the kernel writes f
     moved = (N.Assign("i", B.add(i, B.const(1, "i32"))),)  # i is not its loop's i any more
     assert hoisted(kernel(i, extra=moved))[0] == []
+    # a field indexed from -2 (ti.field(..., offset=(-2,))): x[-2] is in range, and its local is
+    # a name Python accepts
+    g = FieldRef(object(), (), "g", "f64", (8,), offset=(-2,))
+    at = N.Load("f64", g, (B.const(-2, "i32"),))
+    inner = N.For(("j",), ((B.const(0, "i32"), B.const(4, "i32")),), (N.Assign("x", B.mul(at, _v("w"))),))
+    out = hoist_invariant_loads(N.For(("i",), ((B.const(-2, "i32"), B.const(6, "i32")),), (inner,), parallel=True),
+                                set(), NameAllocator({"i", "j", "x", "w"}))
+    assert out.body[0] == N.Assign("g_m2", at)

@@ -92,5 +92,7 @@ def _fixed(load, changing, env, written):
 
 
 def _name(load):
-    parts = [load.ref.name] + [e.name if isinstance(e, N.Var) else str(e.value) for e in load.index]
+    """`pos_i_0` for pos[i][0], `x_m2` for x[-2]."""
+    parts = [load.ref.name] + [e.name if isinstance(e, N.Var) else str(e.value).replace("-", "m")
+                               for e in load.index]
     return "_".join(parts + [str(c) for c in load.ref.component])
