@@ -217,8 +217,10 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         body = fold_zero_starts(forward_copies(fold_zero_starts(body)))
         # copies left by the rewrites (t6 = r_inv) and temporaries that were looked through
         ir = propagate(dataclasses.replace(ir, body=body))
+        # reading held values can leave copies of its own (r2_inv = t7, where t7 = t5_inv * t5_inv)
+        ir = propagate(dataclasses.replace(ir, body=reuse_held_values(ir.body)))
         # what copies remain are loop-carried: s_2 = s_1 + w * h; s_1 = s_2 -> s_1 = s_1 + w * h
-        ir = dataclasses.replace(ir, body=coalesce_copies(dce(reuse_held_values(ir.body))))
+        ir = dataclasses.replace(ir, body=coalesce_copies(dce(ir.body)))
     names = allocator()
     written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
     out = []
