@@ -139,3 +139,22 @@ def test_a_result_finished_outside_the_loops_under_tape(runtime):
     np.testing.assert_allclose(x.grad.to_numpy(), fd, rtol=1e-7)
     with pytest.raises(kd.KernDiffError, match="launch it inside kd.Tape"):
         root_mean.reverse()
+
+
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
+def test_own_element_finished_under_a_test_of_the_loop_index(runtime, prefix, mode):
+    """`if i == 0: y[i] = y[i] * 3.0` still writes the iteration's own element: the branch knows
+    i is 0 but leaves field indices alone (as `y[0]` the element was no longer recognized as the
+    iteration's own, and the kernel was refused)."""
+    x = ti.field(ti.f64, shape=N)
+    y = ti.field(ti.f64, shape=N)
+    x.from_numpy(np.linspace(0.1, 0.9, N))
+
+    @kd.kernel
+    def scaled_first():
+        for i in x:
+            y[i] = x[i] * x[i]
+            if i == 0:
+                y[i] = y[i] * 3.0
+
+    check_path(scaled_first, prefix, mode, rtol=1e-6, atol=1e-8)

@@ -4,11 +4,12 @@ its condition fixes, so what the branch computes from it folds. The adjoint of `
 under `if j != 1 and j != 0:` the chain is down to its last choice."""
 from __future__ import annotations
 
+import dataclasses
+
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.conditions import conjuncts, fixed_value
-from ..ir.walk import (assigned_names, blocks_of, map_expr, map_stmt_exprs, map_stmts, rebuild_stmt,
-                       substitute)
+from ..ir.walk import assigned_names, blocks_of, map_stmt_exprs, map_stmts, rebuild_stmt
 
 
 def use_branch_facts(stmts):
@@ -25,7 +26,9 @@ def use_branch_facts(stmts):
 
 def _with_facts(block, cond):
     """block with what cond's conjuncts say of locals it does not assign: `j == 0` makes j 0,
-    `j != 1` makes `j == 1` false (and `j != 1` true)."""
+    `j != 1` makes `j == 1` false (and `j != 1` true). Field indices keep their locals: `y[i]`
+    stays the loop's own element under `if i == 0:` (as `y[0]` it would not be, and the analyses
+    that let an iteration overwrite its own elements would refuse the kernel)."""
     values, known = {}, {}
     for c in conjuncts(cond):
         fact = fixed_value(c)
@@ -42,5 +45,20 @@ def _with_facts(block, cond):
         return block
 
     def rewrite(e):
-        return map_expr(substitute(e, values), lambda x: known.get(x, x)) if known else substitute(e, values)
-    return map_stmts(block, lambda s: map_stmt_exprs(s, rewrite))
+        if isinstance(e, N.Var):
+            return values.get(e.name, e)
+        if not isinstance(e, N.Call):
+            return e  # a load keeps its index
+        if e in known:
+            return known[e]
+        args = tuple(rewrite(a) for a in e.args)
+        if all(a is b for a, b in zip(args, e.args)):
+            return e
+        new = B.cast(args[0], e.dtype) if e.op == "cast" else B.call(e.op, *args)
+        return known.get(new, new)
+
+    def statement(s):
+        if isinstance(s, (N.Store, N.Atomic)):
+            return dataclasses.replace(s, value=rewrite(s.value))
+        return map_stmt_exprs(s, rewrite)
+    return map_stmts(block, statement)
