@@ -138,14 +138,16 @@ def used_names(stmts):
     return out
 
 
-def map_expr(e, fn):
-    """Rebuild e bottom-up, replacing each node x by fn(x) (fn sees already-rebuilt children)."""
+def map_expr(e, fn, indices=True):
+    """Rebuild e bottom-up, replacing each node x by fn(x) (fn sees already-rebuilt children);
+    indices=False leaves the index expressions of loads as they are."""
     from . import build as B
 
     if isinstance(e, N.Load):
-        e = N.Load(e.dtype, e.ref, tuple(map_expr(i, fn) for i in e.index))
+        if indices:
+            e = N.Load(e.dtype, e.ref, tuple(map_expr(i, fn) for i in e.index))
     elif isinstance(e, N.Call):
-        args = tuple(map_expr(a, fn) for a in e.args)
+        args = tuple(map_expr(a, fn, indices) for a in e.args)
         if args != e.args:
             e = B.cast(args[0], e.dtype) if e.op == "cast" else B.call(e.op, *args)
     return fn(e)

@@ -9,7 +9,7 @@ import dataclasses
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.conditions import conjuncts, fixed_value
-from ..ir.walk import assigned_names, blocks_of, map_stmt_exprs, map_stmts, rebuild_stmt
+from ..ir.walk import assigned_names, blocks_of, map_expr, map_stmt_exprs, map_stmts, rebuild_stmt
 
 
 def use_branch_facts(stmts):
@@ -44,18 +44,11 @@ def _with_facts(block, cond):
     if not values and not known:
         return block
 
+    def node(x):
+        return values.get(x.name, x) if isinstance(x, N.Var) else known.get(x, x)
+
     def rewrite(e):
-        if isinstance(e, N.Var):
-            return values.get(e.name, e)
-        if not isinstance(e, N.Call):
-            return e  # a load keeps its index
-        if e in known:
-            return known[e]
-        args = tuple(rewrite(a) for a in e.args)
-        if all(a is b for a, b in zip(args, e.args)):
-            return e
-        new = B.cast(args[0], e.dtype) if e.op == "cast" else B.call(e.op, *args)
-        return known.get(new, new)
+        return map_expr(e, node, indices=False)
 
     def statement(s):
         if isinstance(s, (N.Store, N.Atomic)):
