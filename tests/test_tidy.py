@@ -1,6 +1,7 @@
 """The passes that tidy derived kernels for the reader, on IR built by hand: zeroed accumulators
-started at their first contribution (opt.zero_start: what folds, and what must stay) and copies
-forwarded within a block (opt.copies: how far, and where they stop). On real kernels the golden
+started at their first contribution (opt.zero_start: what folds, and what must stay), copies
+forwarded within a block (opt.copies: how far, and where they stop) and ifs on one condition
+fused (opt.fuse_ifs). On real kernels the golden
 sources and every derivative test cover them."""
 from kerndiff.ir import build as B
 from kerndiff.ir import nodes as N
@@ -40,9 +41,25 @@ def test_values_overwritten_before_any_read_go():
 
 
 def test_zeros_that_are_read_or_written_elsewhere_first_stay():
+    """The zero start stays where another path may read it; an accumulation that still sees the
+    zero starts at its contribution all the same."""
+    read = N.Assign("t", B.mul(_v("x"), E))
+    assert fold_zero_starts((ZERO, read, N.Assign("x", B.add(_v("x"), E)))) == (ZERO, read, N.Assign("x", E))
+    c = _v("c", "i32")
+    in_branch = fold_zero_starts((ZERO, N.If(c, (N.Assign("x", B.add(_v("x"), E)),), ())))
+    assert in_branch == (ZERO, N.If(c, (N.Assign("x", E),), ()))
+    # in a loop, a later iteration sees what the body added: the zero is not known inside
+    loop = _loop(N.Assign("x", B.add(_v("x"), E)))
+    assert fold_zero_starts((ZERO, loop)) == (ZERO, loop)
+    # nor after a branch that assigns it
+    bump = N.If(c, (N.Assign("x", _v("a")),), ())
+    after = N.Assign("x", B.add(_v("x"), E))
+    assert fold_zero_starts((ZERO, bump, after)) == (ZERO, bump, after)
+    # a zero start inside the loop body is known below it, in that iteration
+    inner = _loop(ZERO, N.If(c, (N.Assign("x", B.add(_v("x"), E)),), ()))
+    (out,) = fold_zero_starts((inner,))
+    assert out.body == (ZERO, N.If(c, (N.Assign("x", E),), ()))
     cases = [
-        (ZERO, N.Assign("t", B.mul(_v("x"), E)), N.Assign("x", B.add(_v("x"), E))),  # read first
-        (ZERO, N.If(_v("c", "i32"), (N.Assign("x", B.add(_v("x"), E)),), ()),),    # written in a branch
         (ZERO, N.Assign("x", B.add(_v("x"), B.mul(_v("x"), E)))),                  # reads itself again
         (ZERO, N.Assign("x", N.Call(dtype="f64", op="add", args=(_v("x"), _v("h", "f32"))))),  # another dtype
         (ZERO, N.Assign("x", B.sub(E, _v("x")))),                                   # e - x is not e
@@ -78,6 +95,53 @@ def test_copies_stop_where_either_side_changes():
     reads = _loop(N.Assign("u", B.mul(_v("a"), _v("w"))))
     out = forward_copies((a_is_b, reads, read_a))
     assert out[1].body == (N.Assign("u", B.mul(_v("b"), _v("w"))),) and out[2] == N.Assign("t", _v("b"))
+
+
+def test_copies_reach_into_branches_and_copy_backs_there_go():
+    """The reverse of `if c: e += v` inside a loop: `e3 = e1`, then `e1 = e3` in both branches. The
+    copy-backs go and the branches read e1; a branch that really changes e1 ends the copy after
+    the if, not before it."""
+    c = _v("c", "i32")
+    save = N.Assign("e3", _v("e1"))
+    use = N.Assign("u", B.mul(_v("e3"), _v("w")))
+    branchy = N.If(c, (N.Assign("e1", _v("e3")), use), (N.Assign("e1", _v("e3")),))
+    assert forward_copies((save, branchy)) == (save, N.If(c, (N.Assign("u", B.mul(_v("e1"), _v("w"))),), ()))
+    changes = N.If(c, (N.Assign("e1", B.mul(_v("e3"), _v("w"))),), ())
+    later = N.Assign("t", _v("e3"))
+    assert forward_copies((save, changes, later)) == \
+        (save, N.If(c, (N.Assign("e1", B.mul(_v("e1"), _v("w"))),), ()), later)
+    # a branch reads the copy's source before changing it: the read is rewritten, the change stays
+    first_read = N.If(c, (N.Assign("u", _v("e3")), N.Assign("e1", _v("w"))), ())
+    out = forward_copies((save, first_read, later))
+    assert out == (save, N.If(c, (N.Assign("u", _v("e1")), N.Assign("e1", _v("w"))), ()), later)
+
+
+def test_ifs_on_one_condition_fuse():
+    """opt.fuse_ifs: a recomputation's if and its adjoint's if on the same condition become one,
+    with plain assignments between them moved above; anything that could change what the
+    second if sees keeps them apart."""
+    from kerndiff.opt.fuse_ifs import fuse_ifs
+    c = B.call("ne", _v("i", "i32"), _v("j", "i32"))
+    first = N.If(c, (N.Assign("r", B.mul(_v("a"), _v("a"))),), (N.Assign("r", _v("a")),))
+    between = N.Assign("e3", _v("e1"))
+    second = N.If(c, (N.Assign("g", B.mul(_v("r"), _v("e3"))),), (N.Assign("e1", _v("e3")),))
+    fused = N.If(c, first.then + second.then, first.orelse + second.orelse)
+    assert fuse_ifs((first, between, second)) == (between, fused)
+    # inside a loop, and three in a row
+    assert fuse_ifs((_loop(first, second, first),)) == (_loop(N.If(c, fused.then + first.then,
+                                                                   fused.orelse + first.orelse)),)
+    # a statement between that reads what the first if assigns stays between them
+    reads_r = N.Assign("s", B.mul(_v("r"), _v("w")))
+    assert fuse_ifs((first, reads_r, second)) == (first, reads_r, second)
+    # one that the first if reads, or that assigns a name of the condition
+    assert fuse_ifs((first, N.Assign("a", _v("w")), second)) == (first, N.Assign("a", _v("w")), second)
+    moves_j = N.Assign("j", B.const(3, "i32"))
+    assert fuse_ifs((first, moves_j, second)) == (first, moves_j, second)
+    # a first if that assigns a name of the condition, or ifs on different conditions
+    sets_i = N.If(c, (N.Assign("i", B.const(0, "i32")),), ())
+    assert fuse_ifs((sets_i, second)) == (sets_i, second)
+    other = N.If(B.call("eq", _v("i", "i32"), _v("j", "i32")), second.then, second.orelse)
+    assert fuse_ifs((first, other)) == (first, other)
 
 
 def test_loop_carried_sums_are_written_in_place():

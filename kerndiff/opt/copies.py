@@ -10,8 +10,11 @@ Reverse sweeps of loops with loop-carried locals are full of copies that go roun
 opt.propagate only forwards locals assigned once in the whole kernel, and both of these are
 assigned in every iteration. Here, after `a = b` in a block, later reads of `a` in that block (and
 in statements nested in it) read `b` instead, until either is assigned again; a statement with
-nested blocks that assigns either one anywhere inside is left alone, and ends the copy. The
-copy-back `b = a` becomes `b = b` and goes, and opt.dce removes `a = b` once nothing reads `a`.
+loop that assigns either one anywhere inside is left alone, and ends the copy; the branches of an
+if start with the copies in force before it, and a copy survives the if where neither branch
+assigns either name. The copy-back `b = a` becomes `b = b` and goes (in a branch too: the
+reverse of `if c: e += ...` reads `e_3_adj = e_1_adj`, then `e_1_adj = e_3_adj` in both branches),
+and opt.dce removes `a = b` once nothing reads `a`.
 """
 from __future__ import annotations
 
@@ -65,8 +68,10 @@ def _block(stmts, outer):
     copies = dict(outer)
     out = []
     for s in stmts:
-        written = _assigns(s)
-        if blocks_of(s):
+        if isinstance(s, N.If):  # its branches start with the copies in force; each ends its own
+            s = rebuild_stmt(_substituted(s, copies), [_block(b, copies) for b in blocks_of(s)])
+        elif blocks_of(s):  # a loop: later iterations start with what the body assigned
+            written = _assigns(s)
             inner = {a: b for a, b in copies.items() if a not in written and b.name not in written}
             s = _substituted(s, inner)
             s = rebuild_stmt(s, [_block(b, inner) for b in blocks_of(s)])
@@ -74,6 +79,7 @@ def _block(stmts, outer):
             s = _substituted(s, copies)
         if isinstance(s, N.Assign) and isinstance(s.value, N.Var) and s.value.name == s.name:
             continue  # b = b, what the copy-back became
+        written = _assigns(s)
         copies = {a: b for a, b in copies.items() if a not in written and b.name not in written}
         if isinstance(s, N.Assign) and isinstance(s.value, N.Var):
             copies[s.name] = s.value

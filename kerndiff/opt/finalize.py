@@ -206,6 +206,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         from .dce import dce
         from .propagate import propagate
         from .reciprocal import exact_names, share_reciprocals
+        from .fuse_ifs import fuse_ifs
+        from .liveness import remove_dead_stores
         from .zero_start import fold_zero_starts
         from .copies import coalesce_copies, forward_copies
         from .reuse import reuse_held_values
@@ -214,13 +216,18 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         body = collect_terms(body, is_derivative, exact)
         # zero starts make copies (d_adj = 0.0; d_adj = d_adj + g -> d_adj = g); forwarding
         # copies leaves values overwritten before any read (t8_adj = t3_adj; t8_adj = t3_adj + ...)
-        body = fold_zero_starts(forward_copies(fold_zero_starts(body)))
+        # the zero starts that branches and loops overwrite before any read go before copies are
+        # forwarded (e_1_adj = 0.0 would end the copy e_3_adj = e_1_adj)
+        body = remove_dead_stores(dataclasses.replace(ir, body=fold_zero_starts(fuse_ifs(body)))).body
+        body = fold_zero_starts(forward_copies(body))
         # copies left by the rewrites (t6 = r_inv) and temporaries that were looked through
         ir = propagate(dataclasses.replace(ir, body=body))
         # reading held values can leave copies of its own (r2_inv = t7, where t7 = t5_inv * t5_inv)
         ir = propagate(dataclasses.replace(ir, body=reuse_held_values(ir.body)))
         # what copies remain are loop-carried: s_2 = s_1 + w * h; s_1 = s_2 -> s_1 = s_1 + w * h
         ir = dataclasses.replace(ir, body=coalesce_copies(dce(ir.body)))
+        # zero starts that only paths which overwrite them reached (t1_adj = 0.0 before an if)
+        ir = remove_dead_stores(ir)
     names = allocator()
     written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
     out = []

@@ -4,7 +4,8 @@ A local assigned exactly once, with a constant or with another local that is its
 reassigned afterwards, is replaced by that value wherever its assignment dominates the use (in
 structured code: later in the same block, or inside a later statement's nested blocks).
 Reverse mode produces many such copies (SSA merges, zero-initialized adjoints that nothing
-accumulates into); folding them lets the smart constructors collapse `0 * x` chains.
+accumulates into); folding them lets the smart constructors collapse `0 * x` chains. An if whose
+condition folds to a constant is replaced by the branch it takes.
 """
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ def _rewrite(stmts, mapping):
         blocks = blocks_of(s)
         if blocks:
             s = rebuild_stmt(s, [_rewrite(b, mapping) for b in blocks])
+        if isinstance(s, N.If) and isinstance(s.cond, N.Const):  # `elif v > 2.0 and c == 0.0`, c = 0.2
+            out.extend(s.then if s.cond.value else s.orelse)
+            continue
         if isinstance(s, N.Atomic) and s.op == "add" and isinstance(s.value, N.Const) and s.value.value == 0:
             continue
         out.append(s)

@@ -8,11 +8,14 @@ Reverse mode zeroes each adjoint where its primal is defined and then accumulate
 
 Where, in one block, the next statement that mentions the local is such an accumulation (or a
 plain overwrite), the zero is folded in: `d_0_adj = -(t1 * t6)`, and the `= 0.0` goes. Any other
-value overwritten, in the same block, before anything reads it goes too. This is for
-the reader (Taichi's compiler removes dead stores anyway), so the rule is deliberately narrow:
-the same block, an accumulation written `x = x + e`, `x = e + x` or `x = x - e` with `e` not
-reading x and of x's dtype (x keeps the type Taichi gave it at its first assignment). 0 + e is e
-exactly, except that -0.0 becomes +0.0, which no derivative can tell apart.
+value overwritten, in the same block, before anything reads it goes too. An accumulation in a
+branch or loop after the zero start, with nothing assigning the local in between (nor, for a loop,
+anywhere in its body), starts at its contribution as well; the zero start then stays for the
+other paths, and goes where dead-store elimination finds none reads it. This is for the reader
+(Taichi's compiler removes dead stores anyway), so the rule is deliberately narrow: an
+accumulation written `x = x + e`, `x = e + x` or `x = x - e` with `e` not reading x and of x's
+dtype (x keeps the type Taichi gave it at its first assignment). 0 + e is e exactly, except that
+-0.0 becomes +0.0, which no derivative can tell apart.
 """
 from __future__ import annotations
 
@@ -21,15 +24,16 @@ import dataclasses
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import blocks_of, mentioned_names, rebuild_stmt, vars_in
+from ..ir.walk import assigned_names, blocks_of, mentioned_names, rebuild_stmt, vars_in
 
 
 def fold_zero_starts(body):
     return tuple(_block(body))
 
 
-def _block(stmts):
-    stmts = [rebuild_stmt(s, [tuple(_block(b)) for b in blocks_of(s)]) if blocks_of(s) else s for s in stmts]
+def _block(stmts, zero=None):
+    """zero: {local: dtype} of the locals known to hold a zero start where the block begins."""
+    stmts = _start_known_zeros(stmts, dict(zero or {}))
     dropped = set()
     named = [mentioned_names(s) for s in stmts]  # a rewrite below keeps each statement's names
     for i, s in enumerate(stmts):
@@ -46,6 +50,27 @@ def _block(stmts):
                     dropped.add(i)
                 break
     return [s for k, s in enumerate(stmts) if k not in dropped]
+
+
+def _start_known_zeros(stmts, zero):
+    """Accumulations into a local that still holds its zero start, in this block or in the
+    branches and loops after it, start at their contribution; the zero start itself stays (other
+    paths may read it) unless the rule of the block drops it, or dead-store elimination does."""
+    out = []
+    for s in stmts:
+        if isinstance(s, N.If):
+            s = rebuild_stmt(s, [tuple(_block(b, zero)) for b in blocks_of(s)])
+        elif isinstance(s, (N.For, N.While)):  # a later iteration sees what the body assigned
+            inside = assigned_names(s.body) | set(getattr(s, "vars", ()))
+            s = rebuild_stmt(s, [tuple(_block(s.body, {k: t for k, t in zero.items() if k not in inside}))])
+        elif isinstance(s, N.Assign) and s.name in zero:
+            s = _started(s, s.name, zero[s.name]) or s
+        for name in assigned_names((s,)):
+            zero.pop(name, None)
+        if _is_zero_start(s):
+            zero[s.name] = s.value.dtype
+        out.append(s)
+    return out
 
 
 def _is_zero_start(s):
