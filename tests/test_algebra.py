@@ -7,14 +7,14 @@ from kerndiff.ir import build as B
 from kerndiff.ir import nodes as N
 from kerndiff.ir.nodes import FieldRef
 from kerndiff.ir.walk import iter_expr, vars_in
-from kerndiff.opt.algebra import _Terms, collect_terms
+from kerndiff.opt.algebra import Terms, collect_terms
 
 def _v(name):
     return B.var(name, "f64")
 
 
 def _terms(e, defs=None):
-    return _Terms("f64", defs or {}).of(e)
+    return Terms("f64", defs or {}).of(e)
 
 
 def test_like_terms_merge_and_products_are_not_distributed_over_sums():
@@ -118,3 +118,57 @@ def test_powers_are_written_by_squaring_and_read_what_a_local_holds():
     load = N.Load("f64", FieldRef(object(), (), "g", "f64", (4,)), (B.const(0, "i32"),))
     loaded = (N.Assign("u", B.mul(load, load)), _store(B.mul(B.mul(load, load), y)))
     assert reuse_held_values(loaded) == loaded
+
+
+def _run(stmts, env):
+    """Evaluate straight-line assignments of add/sub/mul/neg/div on floats (a reference for the
+    rewrites below)."""
+    ops = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}
+
+    def ev(e):
+        if isinstance(e, N.Const):
+            return float(e.value)
+        if isinstance(e, N.Var):
+            return env[e.name]
+        args = [ev(a) for a in e.args]
+        return -args[0] if e.op == "neg" else ops[e.op](*args)
+
+    env = dict(env)
+    for s in stmts:
+        env[s.name] = ev(s.value)
+    return env
+
+
+def test_powers_of_two_move_between_a_local_and_its_uses():
+    """opt.scales: the factor 2 of a square's adjoint, in every use of r, goes into r's definition
+    (`p = t * r * 2.0` -> `p = r * t`); the 2 in d's definition goes into the constants of its
+    one use (0.2, 0.75 -> 0.4, 1.5). What the uses compute is unchanged (products by powers of
+    two are exact), with fewer operations; a factor 3, or a local something else reads, stays."""
+    from kerndiff.opt.algebra import arith_ops
+    from kerndiff.opt.scales import rescale_locals
+    two, a, b, t, s, w, v, x, y = B.const(2.0, "f64"), *map(_v, "abtswvxy")
+    body = (N.Assign("r", B.mul(a, b)),
+            N.Assign("p", B.mul(B.mul(t, _v("r")), two)),
+            N.Assign("q", B.mul(B.mul(s, _v("r")), two)),
+            N.Assign("d", B.mul(B.add(B.mul(a, x), B.mul(b, y)), two)),
+            N.Assign("g", B.mul(_v("d"), B.mul(w, B.add(B.mul(v, B.const(0.2, "f64")), B.const(0.75, "f64"))))),
+            *(_store(_v(name)) for name in "pqg"))  # what the kernel keeps
+    out = rescale_locals(body, lambda f: True)
+    assert out[-3:] == body[-3:]
+    body, out = body[:-3], out[:-3]
+    assert sum(arith_ops(s.value) for s in out) <= sum(arith_ops(s.value) for s in body) - 2
+    text = {s.name: s.value for s in out}
+    assert not any(isinstance(x, N.Const) and x.value == 2.0 for name in "pqd" for x in iter_expr(text[name]))
+    consts = {x.value for x in iter_expr(text["g"]) if isinstance(x, N.Const)}
+    assert consts == {0.4, 1.5}, text["g"]
+    env = dict(zip("abtswvxy", np.random.default_rng(1).standard_normal(8)))
+    want, got = _run(body, env), _run(out, env)
+    assert got["p"] == want["p"] and got["q"] == want["q"]  # bit for bit: only exact scalings moved
+    assert abs(got["g"] - want["g"]) <= 4e-16 * abs(want["g"])  # its product is written in another order
+    # a factor that is not a power of two stays where it is
+    three = (N.Assign("r", B.mul(a, b)), N.Assign("p", B.mul(B.mul(t, _v("r")), B.const(3.0, "f64"))),
+             _store(_v("p")))
+    assert rescale_locals(three, lambda f: True) == three
+    # so does a local that a store (or a condition, an index) reads
+    stored = body[:3] + (_store(_v("r")), _store(_v("p")), _store(_v("q")))
+    assert rescale_locals(stored, lambda f: True)[:3] == body[:3]

@@ -158,7 +158,11 @@ def test_pair_potential_hvp_tangent_is_collected(runtime):
     kd.dual(pos)
     src = kk.reverse.forward.source
     line = next(x for x in src.splitlines() if x.strip().startswith("r2_adj_dual = "))
-    assert "0.75" in line and line.count(" * ") < 12  # 0.75 * g * r**-5 * r2_dual + ...
+    # 0.75 * g * r**-5 * r2_dual + ..., with the factors 2 of the square's tangent and adjoint
+    # merged into its constants (opt.scales): 4 * 0.75
+    assert "3.0" in line and line.count(" * ") < 12, line
+    code = [x.split("#")[0] for x in src.splitlines()]
+    assert not any("2.0" in x for x in code), src  # no product by 2 left anywhere
     # r**-5 by squaring, from the square a local already holds (t * t * r_inv), not r_inv five times
     assert not re.search(r"(\b\w+) \* \1 \* \1 \* \1\b", line), line
     # and a power shared by terms comes out whole, not as a chain x * (x * (x * ...))

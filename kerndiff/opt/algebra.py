@@ -34,11 +34,11 @@ MAX_TERMS = 12  # sums with more terms are left as written
 ARITH_OPS = ("add", "sub", "mul", "neg", "pow")
 
 
-class _GiveUp(Exception):
+class GiveUp(Exception):
     """The statement stays as written: too many terms, or constants out of the dtype's range."""
 
 
-def _exact_scale(c):
+def exact_scale(c):
     """Multiplying by c is exact: a power of two (or its negative)."""
     return c != 0 and math.isfinite(c) and math.frexp(abs(c))[0] == 0.5
 
@@ -52,7 +52,7 @@ def _add(a, b, sign=1.0):
         else:
             out[m] = v
     if len(out) > MAX_TERMS:
-        raise _GiveUp
+        raise GiveUp
     return out
 
 
@@ -67,7 +67,7 @@ def _mono_without(mono, key, power=1):
     return tuple((k, p - power if k == key else p) for k, p in mono if k != key or p > power)
 
 
-class _Terms:
+class Terms:
     """Expressions of one dtype as {monomial: coefficient}; a monomial is ((atom, power), ...), an
     atom an expression kept whole (a local, a load, a call) or a sum kept as one factor,
     ('sum', its terms in order). defs: local -> terms of its single-monomial definition."""
@@ -108,7 +108,7 @@ class _Terms:
         if not a or not b:
             return {}
         for x, y in ((a, b), (b, a)):
-            if len(y) == 1 and () in y and _exact_scale(y[()]):
+            if len(y) == 1 and () in y and exact_scale(y[()]):
                 return {m: c * y[()] for m, c in x.items()}
         a, b = self.factor(a), self.factor(b)
         (ma, ca), = a.items()
@@ -140,7 +140,7 @@ def _atom_exprs(terms):
                 yield key
 
 
-class _Writer:
+class Writer:
     def __init__(self, dtype):
         self.dtype = dtype
 
@@ -191,17 +191,36 @@ class _Writer:
         # in the order the terms came (the original's summation order), a constant last (x - 1.0)
         for mono, c in sorted(terms.items(), key=lambda mc: mc[0] == ()):
             if not _representable(abs(c), self.dtype):
-                raise _GiveUp  # merged constants would overflow (or underflow) where the original did not
+                raise GiveUp  # merged constants would overflow (or underflow) where the original did not
+            scale = abs(c)
+            if scale != 1.0 and exact_scale(scale):
+                mono, scale = _scaled_sum(mono, scale, self.dtype)
             term = self.monomial(mono)
             if term is None:
-                term = B.const(abs(c), self.dtype)
-            elif abs(c) != 1.0:
-                term = B.mul(term, B.const(abs(c), self.dtype))
+                term = B.const(scale, self.dtype)
+            elif scale != 1.0:
+                term = B.mul(term, B.const(scale, self.dtype))
             if out is None:
                 out = term if c > 0 else B.neg(term)
             else:
                 out = B.add(out, term) if c > 0 else B.sub(out, term)
         return out
+
+
+def _scaled_sum(mono, scale, dtype):
+    """(monomial, remaining scale): a power-of-two scale taken into the monomial's first sum factor
+    whose constants all stay representable (t7 * (r2_dual * (t5_inv * 0.2 + 0.75)) * 4.0 is
+    t7 * (r2_dual * (t5_inv * 0.8 + 3.0)), one product fewer and exactly the same value)."""
+    def products(terms, k=1.0):  # the terms that need a product by their constant
+        return sum(1 for m, c in terms if m != () and abs(c * k) != 1.0)
+
+    for n, (key, p) in enumerate(mono):
+        if (_is_sum(key) and p == 1 and products(key[1], scale) <= products(key[1])
+                and all(_representable(abs(c * scale), dtype) for _, c in key[1])):
+            inner = ("sum", tuple((m, c * scale) for m, c in key[1]))
+            rest = mono[:n] + mono[n + 1:]
+            return tuple(sorted(rest + ((inner, 1),), key=lambda kp: repr(kp[0]))), 1.0
+    return mono, scale
 
 
 def _power(x, p):
@@ -219,7 +238,7 @@ def _representable(c, dtype):
     return float(info.tiny) <= c <= float(info.max)
 
 
-def _ops(e):
+def arith_ops(e):
     return sum(1 for x in iter_expr(e) if isinstance(x, N.Call) and x.op in ARITH_OPS)
 
 
@@ -231,13 +250,13 @@ def collect_terms(body, is_derivative, exact=None):
     defs = {}  # local -> (terms, names it reads, fields it loads)
     out = []
     for s in body:
-        if rewritable(s, exact, is_derivative) and is_float(s.value.dtype) and _ops(s.value) >= 3:
+        if rewritable(s, exact, is_derivative) and is_float(s.value.dtype) and arith_ops(s.value) >= 3:
             try:
-                terms = _Terms(s.value.dtype, defs).of(s.value)
-                new = _Writer(s.value.dtype).terms(terms)
-                if _ops(new) < _ops(s.value):
+                terms = Terms(s.value.dtype, defs).of(s.value)
+                new = Writer(s.value.dtype).terms(terms)
+                if arith_ops(new) < arith_ops(s.value):
                     s = dataclasses.replace(s, value=new)
-            except _GiveUp:
+            except GiveUp:
                 pass
         blocks = blocks_of(s)
         if blocks:
@@ -246,8 +265,8 @@ def collect_terms(body, is_derivative, exact=None):
         _forget(defs, s)
         if isinstance(s, N.Assign) and is_float(s.value.dtype):
             try:
-                terms = _Terms(s.value.dtype, defs).of(s.value)
-            except _GiveUp:
+                terms = Terms(s.value.dtype, defs).of(s.value)
+            except GiveUp:
                 terms = None
             if _looked_through(terms) and s.name not in {v.name for v in vars_in(s.value)}:
                 atoms = list(_atom_exprs(terms))

@@ -211,6 +211,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         from .zero_start import fold_zero_starts
         from .copies import coalesce_copies, forward_copies
         from .reuse import reuse_held_values
+        from .scales import rescale_locals
         exact = exact_names(ir.body, is_derivative)  # the reciprocals it adds feed derivatives only
         body = share_reciprocals(ir.body, allocator(), is_derivative, exact)
         body = collect_terms(body, is_derivative, exact)
@@ -220,6 +221,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None) -> N.KernelIR:
         # forwarded (e_1_adj = 0.0 would end the copy e_3_adj = e_1_adj)
         body = remove_dead_stores(dataclasses.replace(ir, body=fold_zero_starts(fuse_ifs(body)))).body
         body = fold_zero_starts(forward_copies(body))
+        # now that accumulators are assigned once: powers of two between definitions and uses
+        body = rescale_locals(body, is_derivative)
         # copies left by the rewrites (t6 = r_inv) and temporaries that were looked through
         ir = propagate(dataclasses.replace(ir, body=body))
         # reading held values can leave copies of its own (r2_inv = t7, where t7 = t5_inv * t5_inv)
