@@ -36,15 +36,51 @@ MAX_ROUNDS = 4
 def rescale_locals(body, is_derivative, exact=None):
     if exact is None:
         exact = exact_names(body, is_derivative)
+    tried = {}  # local -> the statements it was last tried with (kept, so their ids stay theirs)
     for _ in range(MAX_ROUNDS):
         changed = False
+        mentions = _mentions(body)
         for name in _candidates(body, exact):
-            rescaled = _rescaled(body, name)
+            targets = mentions.get(name, [])
+            if [id(s) for s in tried.get(name, ())] == [id(s) for s in targets]:
+                continue  # nothing it is in has changed since: the same answer
+            tried[name] = targets
+            rescaled = _rescaled(body, targets, name)
             if rescaled is not None:
                 body, changed = rescaled, True
+                mentions = _mentions(body)
         if not changed:
             break
     return body
+
+
+def _mentions(body):
+    """local -> the assignments that assign or read it."""
+    out = {}
+    for s in iter_stmts(body):
+        if isinstance(s, N.Assign):
+            for name in {s.name} | {v.name for v in vars_in(s.value)}:
+                out.setdefault(name, []).append(s)
+    return out
+
+
+def _proposals(targets, name):
+    """The k worth trying, from the powers of two attached to `name`: one that every term of its
+    definition carries (1/k of it moves out: `r2_dual = (...) * 2.0`), and one that a term of a
+    use multiplies it by (k moves in: `t1 * r2_adj * 2.0`). Anything else has nothing to move."""
+    ks = set()
+    for s in targets:
+        terms = _terms(s)
+        if not terms:
+            continue
+        if s.name == name:
+            carried = {abs(c) for m, c in terms.items() if m != ()}
+            if len(carried) == 1 and 1.0 / min(carried) in SCALES:
+                ks.add(1.0 / min(carried))
+        for m, c in terms.items():
+            if abs(c) in SCALES and any(isinstance(key, N.Var) and key.name == name for key, _ in m):
+                ks.add(abs(c))
+    return [k for k in SCALES if k in ks]
 
 
 def _candidates(body, exact):
@@ -65,14 +101,14 @@ def _candidates(body, exact):
             if count == 1 and n not in exact and n not in barred and is_float(dtypes[n])]
 
 
-def _rescaled(body, name):
-    """body with `name` holding k times its value, for the k that saves the most operations, or
-    None where none saves any."""
-    targets = [s for s in iter_stmts(body) if isinstance(s, N.Assign)
-               and (s.name == name or any(v.name == name for v in vars_in(s.value)))]
+def _rescaled(body, targets, name):
+    """body with `name` holding k times its value, for the k that saves the most operations over
+    the assignments that mention it (targets), or None where none saves any."""
     before = sum(arith_ops(s.value) for s in targets)
     best, best_ops = None, before
-    for k in SCALES:
+    for k in _proposals(targets, name):
+        if _estimate(targets, name, k) >= 0:
+            continue
         try:
             rewritten = {id(s): _rewrite(s, name, k) for s in targets}
         except GiveUp:
@@ -83,6 +119,37 @@ def _rescaled(body, name):
     if best is None:
         return None
     return map_stmts(body, lambda s: best.get(id(s), s))
+
+
+_TERMS = {}  # id(statement) -> (statement, its terms or None): statements are immutable
+
+
+def _terms(s):
+    got = _TERMS.get(id(s))
+    if got is None or got[0] is not s:
+        try:
+            got = (s, Terms(s.value.dtype, {}).of(s.value))
+        except GiveUp:
+            got = (s, None)
+        _TERMS[id(s)] = got
+    return got[1]
+
+
+def _estimate(targets, name, k):
+    """How many more terms would need a product by their constant (negative: fewer) if `name`
+    held k times its value: a quick count on the terms, before anything is written, to skip the
+    k that cannot pay. A term with a sum factor takes a power of two for free; one where `name`
+    is inside another factor (a sum, a root) counts as unchanged."""
+    def cost(m, c):
+        return m != () and abs(c) != 1.0 and not any(isinstance(key, tuple) for key, _ in m)
+
+    change = 0
+    for s in targets:
+        for m, c in (_terms(s) or {}).items():
+            power = sum(p for key, p in m if isinstance(key, N.Var) and key.name == name)
+            scaled = c * (k if s.name == name else 1.0) * k ** -power
+            change += cost(m, scaled) - cost(m, c)
+    return change
 
 
 def _rewrite(s, name, k):
