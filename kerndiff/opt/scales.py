@@ -14,9 +14,11 @@ definition is multiplied by k, each use by 1 / k, and opt.algebra's writer write
 constants merged (`r2_dual = t1 * t1_dual + ...`, `t1_adj = t1 * r2_adj`, `(t5_inv * 0.8 + 3.0)`).
 A product by a power of two is exact (the writer refuses constants that would leave the dtype's
 range), so values change only where the writer orders a sum's terms differently, as in
-opt.algebra. Locals are taken one by one, in the order they are first assigned, with the k of
-{2, 1/2, 4, 1/4} that saves the most operations over the statements that mention them, until a
-round changes nothing: the W3 HVP's inner loop loses seven products.
+opt.algebra. Locals are taken one by one, in the order they are first assigned, until a round
+changes nothing. The k tried are the powers of two attached to the local (one that every term of
+its definition carries, one that a use multiplies it by), each only where a count on the
+statements' terms says a product goes (writing is what costs transform time); the k that saves
+the most operations is kept. The W3 HVP's inner loop loses seven products.
 """
 from __future__ import annotations
 
