@@ -137,6 +137,9 @@ def test_ifs_on_one_condition_fuse():
     assert fuse_ifs((first, N.Assign("a", _v("w")), second)) == (first, N.Assign("a", _v("w")), second)
     moves_j = N.Assign("j", B.const(3, "i32"))
     assert fuse_ifs((first, moves_j, second)) == (first, moves_j, second)
+    # a first if that can leave the iteration: the statement between would run where it did not
+    leaves = N.If(c, (N.Continue(),), ())
+    assert fuse_ifs((_loop(leaves, between, second),)) == (_loop(leaves, between, second),)
     # a first if that assigns a name of the condition, or ifs on different conditions
     sets_i = N.If(c, (N.Assign("i", B.const(0, "i32")),), ())
     assert fuse_ifs((sets_i, second)) == (sets_i, second)

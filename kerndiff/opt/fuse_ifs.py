@@ -13,16 +13,16 @@ One `if` is what a person would write. It also lets later passes see that the ad
 before the first if are still zero inside the second one (opt.zero_start). Statements between the
 two ifs move above the first if when that cannot change anything: they are plain assignments
 that read no field, assign nothing the first if or the condition reads or assigns, and read
-nothing the first if assigns. The first if must not assign what the condition reads. A `break`,
-`continue` or `return` in the first if's branch ends that branch before the second if's part,
-in the fused if as in the original.
+nothing the first if assigns. The first if must not assign what the condition reads, nor hold a
+`break`, `continue` or `return`: on the path that leaves, a statement moved above it would run
+where it did not before.
 """
 from __future__ import annotations
 
 import dataclasses
 
 from ..ir import nodes as N
-from ..ir.walk import assigned_names, blocks_of, loads_in, rebuild_stmt, used_names, vars_in
+from ..ir.walk import assigned_names, blocks_of, iter_stmts, loads_in, rebuild_stmt, used_names, vars_in
 
 
 def fuse_ifs(stmts):
@@ -42,7 +42,7 @@ def _fuse_at(stmts, i):
     first = stmts[i]
     cond_names = {v.name for v in vars_in(first.cond)}
     written = assigned_names((first,))
-    if cond_names & written or loads_in(first.cond):
+    if cond_names & written or loads_in(first.cond) or _leaves(first):
         return None
     read = used_names((first,)) | cond_names
     moved = []
@@ -57,3 +57,7 @@ def _fuse_at(stmts, i):
             return None
         moved.append(s)
     return None
+
+
+def _leaves(s):
+    return any(isinstance(x, (N.Break, N.Continue, N.Return)) for x in iter_stmts((s,)))
