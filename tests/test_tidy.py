@@ -161,6 +161,22 @@ def test_loop_carried_sums_are_written_in_place():
     assert coalesce_copies((_loop(step, back, later),)) == (_loop(step, back, later),)
 
 
+def test_merges_of_an_if_are_written_in_place():
+    """`if c: s3 = s1 + e  else: s3 = s1`, then `s1 = s3` (a conditional sum recomputed in a
+    reverse kernel) is `if c: s1 = s1 + e`; not where a branch reads s1 after its merge value is
+    set, or where one branch leaves s3 alone."""
+    c = _v("c", "i32")
+    step = N.Assign("s3", B.add(_v("s1"), E))
+    keep = N.Assign("s3", _v("s1"))
+    back = N.Assign("s1", _v("s3"))
+    (loop,) = coalesce_copies((_loop(N.If(c, (step,), (keep,)), back),))
+    assert loop.body == (N.If(c, (N.Assign("s1", B.add(_v("s1"), E)),), ()),)
+    late_read = N.If(c, (step, N.Assign("u", B.mul(_v("s1"), _v("w")))), (keep,))
+    assert coalesce_copies((_loop(late_read, back),)) == (_loop(late_read, back),)
+    one_sided = N.If(c, (step,), ())
+    assert coalesce_copies((_loop(one_sided, back),)) == (_loop(one_sided, back),)
+
+
 def test_loads_an_inner_loop_repeats_are_read_before_it_where_always_in_range():
     """opt.invariant_loads: `f[i]` in a loop over j is read once before it, when nothing writes f
     and i's loop keeps it inside f's range (the read now runs even where the loop body would

@@ -32,7 +32,9 @@ def forward_copies(body):
 def coalesce_copies(body):
     """`b = e; ...; a = b` in one block, where that copy is the only read of b anywhere, b is
     assigned nowhere else and nothing in between mentions a, becomes `a = e; ...` (a recomputed
-    loop-carried sum: `s_2 = s_1 + w * h; s_1 = s_2` -> `s_1 = s_1 + w * h`)."""
+    loop-carried sum: `s_2 = s_1 + w * h; s_1 = s_2` -> `s_1 = s_1 + w * h`). Likewise where b is
+    the merge of an if's two branches (`if c: s_3 = s_1 + v  else: s_3 = s_1`, then `s_1 = s_3`
+    is `if c: s_1 = s_1 + v`)."""
     reads, writes = {}, {}
     for s in iter_stmts(body):
         for e in expr_children_of_stmt(s):
@@ -50,17 +52,37 @@ def _coalesce(stmts, reads, writes):
         if not (isinstance(copy, N.Assign) and isinstance(copy.value, N.Var)):
             continue
         a, b = copy.name, copy.value.name
-        if a == b or reads.get(b) != 1 or writes.get(b) != 1:
+        if a == b or reads.get(b) != 1 or writes.get(b) not in (1, 2):
             continue
         for i in range(j - 1, -1, -1):
             s = stmts[i]
-            if isinstance(s, N.Assign) and s.name == b:
+            if isinstance(s, N.Assign) and s.name == b and writes[b] == 1:
                 stmts[i] = dataclasses.replace(s, name=a)
                 stmts[j] = None
+                break
+            if isinstance(s, N.If) and writes[b] == 2:
+                merged = _merged_in_branches(s, a, b)
+                if merged is not None:
+                    stmts[i], stmts[j] = merged, None
                 break
             if mentions(s, a) or mentions(s, b):
                 break
     return tuple(s for s in stmts if s is not None)
+
+
+def _merged_in_branches(s, a, b):
+    """The merge of an if, `if c: ...; b = x  else: ...; b = y` then `a = b`, as `a = x` and `a = y`
+    in the branches (`a = a` goes): or None where either branch lacks its one top-level `b = `,
+    or mentions a after it (it would see the new value)."""
+    branches = []
+    for block in (s.then, s.orelse):
+        at = [k for k, t in enumerate(block) if isinstance(t, N.Assign) and t.name == b]
+        if len(at) != 1 or any(mentions(t, a) for t in block[at[0] + 1:]):
+            return None
+        moved = dataclasses.replace(block[at[0]], name=a)
+        keep = () if isinstance(moved.value, N.Var) and moved.value.name == a else (moved,)
+        branches.append(block[:at[0]] + keep + block[at[0] + 1:])
+    return dataclasses.replace(s, then=branches[0], orelse=branches[1])
 
 
 def _block(stmts, outer):
