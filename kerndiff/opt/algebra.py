@@ -60,7 +60,12 @@ def _mono_mul(a, b):
     powers = dict(a)
     for k, p in b:
         powers[k] = powers.get(k, 0) + p
-    return tuple(sorted(powers.items(), key=lambda kp: repr(kp[0])))
+    return _ordered(powers.items())
+
+
+def _ordered(powers):
+    """A monomial's (atom, power) pairs in one order, whatever the order they came in."""
+    return tuple(sorted(powers, key=lambda kp: repr(kp[0])))
 
 
 def _mono_without(mono, key, power=1):
@@ -126,7 +131,7 @@ class Terms:
         return {((key, 1),): k}
 
 
-def _is_sum(key):
+def is_sum(key):
     return isinstance(key, tuple) and key[0] == "sum"
 
 
@@ -134,7 +139,7 @@ def _atom_exprs(terms):
     """The expressions among the atoms of terms, inside sums too."""
     for mono in terms:
         for key, _ in mono:
-            if _is_sum(key):
+            if is_sum(key):
                 yield from _atom_exprs(dict(key[1]))
             else:
                 yield key
@@ -145,7 +150,7 @@ class Writer:
         self.dtype = dtype
 
     def atom(self, key):
-        return self.terms(dict(key[1])) if _is_sum(key) else key
+        return self.terms(dict(key[1])) if is_sum(key) else key
 
     def monomial(self, mono):
         out = None
@@ -215,11 +220,11 @@ def _scaled_sum(mono, scale, dtype):
         return sum(1 for m, c in terms if m != () and abs(c * k) != 1.0)
 
     for n, (key, p) in enumerate(mono):
-        if (_is_sum(key) and p == 1 and products(key[1], scale) <= products(key[1])
+        if (is_sum(key) and p == 1 and products(key[1], scale) <= products(key[1])
                 and all(_representable(abs(c * scale), dtype) for _, c in key[1])):
             inner = ("sum", tuple((m, c * scale) for m, c in key[1]))
             rest = mono[:n] + mono[n + 1:]
-            return tuple(sorted(rest + ((inner, 1),), key=lambda kp: repr(kp[0]))), 1.0
+            return _ordered(rest + ((inner, 1),)), 1.0
     return mono, scale
 
 
@@ -283,7 +288,7 @@ def _looked_through(terms):
     for mono, c in terms.items():
         if len(mono) == 1 and mono[0][1] == 1 and c == 1.0 and not isinstance(mono[0][0], N.Var):
             return False
-        if any(_is_sum(key) for key, _ in mono):
+        if any(is_sum(key) for key, _ in mono):
             return False
     return True
 

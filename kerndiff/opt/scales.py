@@ -28,7 +28,7 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
 from ..ir.walk import expr_children_of_stmt, iter_stmts, map_stmts, substitute, vars_in
-from .algebra import GiveUp, Terms, Writer, arith_ops
+from .algebra import GiveUp, Terms, Writer, arith_ops, is_sum
 from .reciprocal import exact_names
 
 SCALES = (2.0, 0.5, 4.0, 0.25)
@@ -39,6 +39,7 @@ def rescale_locals(body, is_derivative, exact=None):
     if exact is None:
         exact = exact_names(body, is_derivative)
     tried = {}  # local -> the statements it was last tried with (kept, so their ids stay theirs)
+    terms_of = _TermsOf()
     for _ in range(MAX_ROUNDS):
         changed = False
         mentions = _mentions(body)
@@ -47,7 +48,7 @@ def rescale_locals(body, is_derivative, exact=None):
             if [id(s) for s in tried.get(name, ())] == [id(s) for s in targets]:
                 continue  # nothing it is in has changed since: the same answer
             tried[name] = targets
-            rescaled = _rescaled(body, targets, name)
+            rescaled = _rescaled(body, targets, name, terms_of)
             if rescaled is not None:
                 body, changed = rescaled, True
                 mentions = _mentions(body)
@@ -66,13 +67,13 @@ def _mentions(body):
     return out
 
 
-def _proposals(targets, name):
+def _proposals(targets, name, terms_of):
     """The k worth trying, from the powers of two attached to `name`: one that every term of its
     definition carries (1/k of it moves out: `r2_dual = (...) * 2.0`), and one that a term of a
     use multiplies it by (k moves in: `t1 * r2_adj * 2.0`). Anything else has nothing to move."""
     ks = set()
     for s in targets:
-        terms = _terms(s)
+        terms = terms_of(s)
         if not terms:
             continue
         if s.name == name:
@@ -103,13 +104,13 @@ def _candidates(body, exact):
             if count == 1 and n not in exact and n not in barred and is_float(dtypes[n])]
 
 
-def _rescaled(body, targets, name):
+def _rescaled(body, targets, name, terms_of):
     """body with `name` holding k times its value, for the k that saves the most operations over
     the assignments that mention it (targets), or None where none saves any."""
     before = sum(arith_ops(s.value) for s in targets)
     best, best_ops = None, before
-    for k in _proposals(targets, name):
-        if _estimate(targets, name, k) >= 0:
+    for k in _proposals(targets, name, terms_of):
+        if _estimate(targets, name, k, terms_of) >= 0:
             continue
         try:
             rewritten = {id(s): _rewrite(s, name, k) for s in targets}
@@ -123,31 +124,35 @@ def _rescaled(body, targets, name):
     return map_stmts(body, lambda s: best.get(id(s), s))
 
 
-_TERMS = {}  # id(statement) -> (statement, its terms or None): statements are immutable
+class _TermsOf:
+    """Each statement's terms, computed once per pass (statements are immutable; the statement is
+    kept with its terms, so an id is not reused while the entry lives)."""
+
+    def __init__(self):
+        self.got = {}
+
+    def __call__(self, s):
+        got = self.got.get(id(s))
+        if got is None or got[0] is not s:
+            try:
+                got = (s, Terms(s.value.dtype, {}).of(s.value))
+            except GiveUp:
+                got = (s, None)
+            self.got[id(s)] = got
+        return got[1]
 
 
-def _terms(s):
-    got = _TERMS.get(id(s))
-    if got is None or got[0] is not s:
-        try:
-            got = (s, Terms(s.value.dtype, {}).of(s.value))
-        except GiveUp:
-            got = (s, None)
-        _TERMS[id(s)] = got
-    return got[1]
-
-
-def _estimate(targets, name, k):
+def _estimate(targets, name, k, terms_of):
     """How many more terms would need a product by their constant (negative: fewer) if `name`
     held k times its value: a quick count on the terms, before anything is written, to skip the
     k that cannot pay. A term with a sum factor takes a power of two for free; one where `name`
     is inside another factor (a sum, a root) counts as unchanged."""
     def cost(m, c):
-        return m != () and abs(c) != 1.0 and not any(isinstance(key, tuple) for key, _ in m)
+        return m != () and abs(c) != 1.0 and not any(is_sum(key) for key, _ in m)
 
     change = 0
     for s in targets:
-        for m, c in (_terms(s) or {}).items():
+        for m, c in (terms_of(s) or {}).items():
             power = sum(p for key, p in m if isinstance(key, N.Var) and key.name == name)
             scaled = c * (k if s.name == name else 1.0) * k ** -power
             change += cost(m, scaled) - cost(m, c)
