@@ -1,6 +1,7 @@
 """Fuzzing: hypothesis generates random kernels — expression trees over every differentiable op with
 domain-safe wrappers, branches, inner loops with loop-carried locals (one, or two assigned
-together from each other's old values), gathers through an integer index field — and each is
+together from each other's old values; the step guarded by a branch, or followed by a conditional
+break), gathers through an integer index field — and each is
 checked: its values against Taichi's, forward mode against f64 finite differences, the dot-product
 test for reverse mode, and Taichi's own kernel.grad() where Taichi supports the kernel.
 
@@ -71,6 +72,14 @@ def kernels(draw):
     update = draw(st.sampled_from([f"acc = 0.5 * acc + ti.tanh({step})",
                                    f"acc, a = 0.5 * acc + ti.tanh({step}), 0.8 * acc - 0.3 * a",
                                    f"acc, a = 0.5 * a + ti.tanh({step}), acc"]))
+    # The step may be guarded by a branch on what the loop carries (with an else, or without), or
+    # followed by a conditional break: the reverse recomputes such a loop and runs the adjoint
+    # under the same branches (one `if` per branch after opt.fuse_ifs, conditional sums merged in
+    # place by opt.copies, breaks as flags).
+    gate = draw(expr(1, ["a", "acc"]))
+    inner = draw(st.sampled_from([[update], [f"if {gate} > 0.0:", f"    {update}"],
+                                  [f"if {gate} > 0.0:", f"    {update}", "else:", "    acc = 0.9 * acc"],
+                                  [update, f"if {gate} > 0.5:", "    break"]]))
     body = [
         f"a = {a}",
         f"if {cond} > 0.1:",
@@ -79,7 +88,7 @@ def kernels(draw):
         f"    a = {b2}",
         "acc = 0.5",
         f"for k in range({trips}):",
-        f"    {update}",
+        *(f"    {line}" for line in inner),
         f"out[i] = {out}",
     ]
     return "\n".join(body)
@@ -122,7 +131,8 @@ def fields():
 
 
 def taichi_supports(body):
-    return "ti.tan(" not in body  # Taichi 1.7.4 has no tan derivative
+    # Taichi 1.7.4 has no tan derivative, and its reverse mode refuses a break in a loop
+    return "ti.tan(" not in body and "break" not in body
 
 
 def check_random_kernel(fields, body):
