@@ -81,7 +81,7 @@ def _proposals(targets, name, terms_of):
             if len(carried) == 1 and 1.0 / min(carried) in SCALES:
                 ks.add(1.0 / min(carried))
         for m, c in terms.items():
-            if abs(c) in SCALES and any(isinstance(key, N.Var) and key.name == name for key, _ in m):
+            if abs(c) in SCALES and _power(m, name):
                 ks.add(abs(c))
     return [k for k in SCALES if k in ks]
 
@@ -153,10 +153,14 @@ def _estimate(targets, name, k, terms_of):
     change = 0
     for s in targets:
         for m, c in (terms_of(s) or {}).items():
-            power = sum(p for key, p in m if isinstance(key, N.Var) and key.name == name)
-            scaled = c * (k if s.name == name else 1.0) * k ** -power
+            scaled = c * (k if s.name == name else 1.0) * k ** -_power(m, name)
             change += cost(m, scaled) - cost(m, c)
     return change
+
+
+def _power(mono, name):
+    """The power of the local `name` in a monomial (0: it is not a factor of it)."""
+    return sum(p for key, p in mono if isinstance(key, N.Var) and key.name == name)
 
 
 def _rewrite(s, name, k):
