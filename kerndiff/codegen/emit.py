@@ -271,6 +271,10 @@ class Emitter:
                 self.copies(stmts[i:runs[i]], pad)
                 skip_to = runs[i]
                 continue
+            if isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op == "sincos_sin":
+                self.sincos(s, stmts[i + 1], pad)  # opt.sincos puts the cosine right after
+                skip_to = i + 2
+                continue
             if not path and isinstance(s, N.For):  # a parallel loop
                 refs, sums = component_refs(s), scalar_sums(s)
                 if refs and sums:
@@ -294,6 +298,11 @@ class Emitter:
         targets = _wrapped(pad, [s.name for s in run], ", ")
         values = _wrapped(pad + "    ", [s.value.name for s in run], ", ", cont=pad + "    ")
         self.lines.extend(targets[:-1] + [targets[-1] + " = \\"] + values)
+
+    def sincos(self, sin_stmt, cos_stmt, pad):
+        """`s, c = sincos(e)`: the sine and cosine of e from one call (opt.sincos)."""
+        assert cos_stmt.value.op == "sincos_cos" and cos_stmt.value.args == sin_stmt.value.args
+        self.lines.append(f"{pad}{sin_stmt.name}, {cos_stmt.name} = sincos({self.expr(sin_stmt.value.args[0])})")
 
     def stmt(self, s, indent, path, i):
         pad = "    " * indent

@@ -3,6 +3,7 @@ read kernels' source through inspect), exec it with the fields as globals, decor
 from __future__ import annotations
 
 import hashlib
+import importlib
 import linecache
 
 import taichi as ti
@@ -10,6 +11,8 @@ import taichi as ti
 from ..ir import nodes as N
 from ..ir.walk import expr_children_of_stmt, iter_expr, iter_stmts
 from .emit import emit_kernel
+
+HELPERS = {"claim_slot": ".slots", "sincos": ".sincos"}  # functions generated kernels may call: module
 
 
 def collect_fields(ir: N.KernelIR):
@@ -30,7 +33,7 @@ def field_names(ir: N.KernelIR, taken: set) -> dict:
 
     aliases = dict(ir.field_aliases)
     out = {}
-    used = set(taken) | {"ti", "claim_slot"}
+    used = set(taken) | {"ti"} | set(HELPERS)
     for r in collect_fields(ir):
         base = REGISTRY.display_name(r.field, aliases) or "field"
         name, k = base, 1
@@ -48,11 +51,11 @@ def generate(ir: N.KernelIR, fn_name: str):
 
     locals_ = assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params} | {fn_name}
     names = field_names(ir, locals_)
-    src, components = emit_kernel(ir, names, fn_name, taken=locals_ | {"ti", "claim_slot"})
+    src, components = emit_kernel(ir, names, fn_name, taken=locals_ | {"ti"} | set(HELPERS))
     g = {"ti": ti}
-    if "claim_slot(" in src:
-        from .slots import claim_slot
-        g["claim_slot"] = claim_slot
+    for name, module in HELPERS.items():
+        if f"{name}(" in src:
+            g[name] = getattr(importlib.import_module(module, __package__), name)
     for r in collect_fields(ir):
         g[names[id(r.field)]] = r.field
     for name, (field, component) in components.items():

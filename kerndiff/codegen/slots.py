@@ -1,4 +1,4 @@
-"""The one helper function generated kernels call: claiming a private copy (see opt.scatter).
+"""The helper function generated kernels call to claim a private copy (see opt.scatter).
 
 (No `from __future__ import annotations` here: Taichi reads ti.template() annotations as objects.)
 """

@@ -89,7 +89,7 @@ def _divides_by_local(e):
     return e.op == "div" and is_float(e.dtype) and isinstance(e.args[1], N.Var) and e.args[1].dtype == e.dtype
 
 
-def _free_args(e):
+def free_args(e):
     """Positions of e's arguments whose value may change in the last bit: none under comparisons,
     rounding and integer ops, not a select's condition (those operands stay exact)."""
     if e.op in DISCRETE or e.op == "cast" and not is_float(e.dtype):
@@ -101,17 +101,17 @@ def _divisions(e, denominator_key, out):
     """(key, dtype) of each float division by a local in e, where it may be rewritten."""
     if not isinstance(e, N.Call):
         return
-    if _free_args(e) and _divides_by_local(e):
+    if free_args(e) and _divides_by_local(e):
         out.append((denominator_key(e.args[1].name), e.dtype))
-    for i in _free_args(e):
+    for i in free_args(e):
         _divisions(e.args[i], denominator_key, out)
 
 
 def _replace(e, inv_of, denominator_key):
-    if not isinstance(e, N.Call) or not _free_args(e):
+    if not isinstance(e, N.Call) or not free_args(e):
         return e
     args = list(e.args)
-    for i in _free_args(e):
+    for i in free_args(e):
         args[i] = _replace(e.args[i], inv_of, denominator_key)
     args = tuple(args)
     if _divides_by_local(e):

@@ -14,6 +14,7 @@ import numbers
 import time
 
 import taichi as ti
+from taichi.lang import impl
 
 from ..errors import KernDiffError
 from ..ir.types import from_taichi, is_float
@@ -254,7 +255,9 @@ class Kernel:
         check_backend(ir)
         fn_name = ir.name
         derivative = (lambda f: id(f) in REGISTRY.parents) if self.path else None
-        src, g = generate(finalize(ir, _scatter_config(self), derivative), fn_name)
+        on_cpu = impl.current_cfg().arch in (ti.x64, ti.arm64)
+        src, g = generate(finalize(ir, _scatter_config(self), derivative, sincos=on_cpu and derivative is not None),
+                          fn_name)
         fields = REGISTRY.taichi_seconds - fields0
         TIMINGS["transform"] += time.perf_counter() - t0 - fields
         TIMINGS["fields"] += fields
@@ -312,7 +315,6 @@ class Kernel:
 
 def _scatter_config(k):
     """Per-thread private copies for scattered adds: derived kernels on Taichi's CPU backends."""
-    from taichi.lang import impl
     cfg = impl.current_cfg()
     if not k.path or cfg.arch not in (ti.x64, ti.arm64):
         return None

@@ -1,0 +1,157 @@
+"""The sine and cosine of one f32 value computed together, on the CPU (for speed only).
+
+Why: the derivative of sin is cos of the same argument (and of cos, -sin), so the reverse
+kernels of code that calls ti.sin or ti.cos need both. Taichi's CPU backend calls libm's sinf and
+cosf for them: two range reductions, two polynomials, and a branch on |x| < pi/4 in each that the
+CPU mispredicts when the values straddle it. One call of codegen.sincos gives both from one
+reduction for about the cost of sinf alone (W1's reverse, `sum(sin(x) * exp(y))`, measured in one
+process: 1.0-1.1x Taichi's grad before, 0.73-0.79x after).
+
+What: in a block of a derived kernel, when the block's own statements take sin(e) and cos(e) of
+one f32 expression e, with no statement between them writing a local or field e reads, both are
+computed once before the first, as two locals (`sin_x, cos_x = sincos(x[i])`), and read from
+there. A local that holds just one of them and is assigned once becomes that local.
+
+Only where the value may change in the last bit: codegen.sincos is within 0.78 ulp, not libm's
+bits, so, as for shared reciprocals (opt.reciprocal), only sines and cosines whose values feed
+derivatives alone are paired or replaced; one that reaches a condition, an index, a rounding,
+or a primal output (the value a forward kernel also returns) keeps libm's call. Nor does one in a
+branch of a guarded select (`a if c else b`, whose unchosen branch must not be evaluated) start a
+pair.
+
+When: derived kernels on Taichi's CPU backends, f32 only (f64 keeps libm's functions: a double
+reduction is not enough for them). Primal kernels keep the user's calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+from ..ir import build as B
+from ..ir import nodes as N
+from ..ir.walk import (assigned_names, blocks_of, guarded_select, iter_stmts, loads_in, mentions, rebuild_stmt,
+                       vars_in)
+from .reciprocal import exact_names, free_args, rewritable
+
+PAIR_OPS = {"sin": "sincos_sin", "cos": "sincos_cos"}
+
+
+def pair_sines(ir: N.KernelIR, names, is_derivative) -> N.KernelIR:
+    """ir with sin(e) and cos(e) of each f32 e that a block takes both of computed together
+    (names: the allocator for the new locals; is_derivative: the test for derivative fields)."""
+    once = Counter(s.name for s in iter_stmts(ir.body) if isinstance(s, N.Assign))
+    context = _Context(names, {name for name, count in once.items() if count == 1},
+                       exact_names(ir.body, is_derivative), is_derivative)
+    return dataclasses.replace(ir, body=_pair_block(ir.body, context))
+
+
+@dataclasses.dataclass
+class _Context:
+    names: object  # NameAllocator
+    once: set      # locals assigned once in the kernel
+    exact: set     # locals whose values must keep their bits (opt.reciprocal.exact_names)
+    is_derivative: object
+
+    def free(self, s):
+        """s computes a value that feeds derivatives alone (opt.reciprocal.rewritable)."""
+        return rewritable(s, self.exact, self.is_derivative)
+
+
+def _pair_block(stmts, context):
+    stmts = [rebuild_stmt(s, [_pair_block(b, context) for b in blocks_of(s)]) if blocks_of(s) else s
+             for s in stmts]
+    i = 0
+    while i < len(stmts):
+        paired = _first_pair(stmts, i, context)
+        if paired is None:
+            i += 1
+            continue
+        arg, end = paired
+        stmts[i:end] = _paired(stmts[i:end], arg, context)
+        i += 2  # past the pair's assignments: the statements that read them may start pairs of their own
+    return tuple(stmts)
+
+
+def _first_pair(stmts, i, context):
+    """(e, end) for the first e that stmts[i] takes the sine or cosine of and that stmts[i:end]
+    (which does not change e before its last statement is evaluated) takes both of; else None."""
+    for op, arg in _calls(stmts[i], context):
+        wanted, end = {"sin", "cos"} - {op}, i + 1
+        reads = {v.name for v in vars_in(arg)}, {id(x.ref.field) for x in loads_in(arg)}
+        while True:
+            wanted -= {o for o, a in _calls(stmts[end - 1], context) if a == arg}
+            if not wanted or end == len(stmts) or _writes(stmts[end - 1], *reads):
+                break
+            end += 1
+        if not wanted:
+            return arg, end
+    return None
+
+
+def _value(s, context):
+    """The expression of s whose sines and cosines may be paired: the value of an assignment,
+    store or add that feeds derivatives alone."""
+    if isinstance(s, (N.Assign, N.Store, N.Atomic)) and context.free(s):
+        return s.value
+    return None
+
+
+def _calls(s, context):
+    """(op, argument) of each f32 sin and cos in s's value that may be paired, where it runs."""
+    out, stack = [], [_value(s, context)] if _value(s, context) is not None else []
+    while stack:
+        x = stack.pop()
+        if not isinstance(x, N.Call):
+            continue
+        if x.op in PAIR_OPS and x.dtype == "f32" and x.args[0].dtype == "f32":
+            out.append((x.op, x.args[0]))
+        positions = free_args(x)
+        if guarded_select(x):
+            positions = ()
+        stack.extend(x.args[k] for k in positions)
+    return out
+
+
+def _writes(s, var_names, fields):
+    if assigned_names((s,)) & var_names:
+        return True
+    return any(isinstance(t, (N.Store, N.Atomic)) and id(t.ref.field) in fields for t in iter_stmts((s,)))
+
+
+def _replaced(e, arg, local):
+    """e with sin(arg) and cos(arg) read from the locals, where the value may change in the last
+    bit (the positions _calls looks at, and the branches of guarded selects: evaluated there
+    or not, the value is the same one)."""
+    if not isinstance(e, N.Call):
+        return e
+    if e.op in PAIR_OPS and e.args == (arg,):
+        return local[e.op]
+    args = list(e.args)
+    for k in free_args(e):
+        args[k] = _replaced(e.args[k], arg, local)
+    if tuple(args) == e.args:
+        return e
+    return B.cast(args[0], e.dtype) if e.op == "cast" else B.call(e.op, *args)
+
+
+def _paired(stmts, arg, context):
+    """stmts with the pair computed before them and read in their place. A local assigned once,
+    that holds just the sine or the cosine (`t2 = ti.sin(x[i])`) and is not read before that,
+    becomes the pair's own local, not a copy of it."""
+    base = arg.name if isinstance(arg, N.Var) else arg.ref.name if isinstance(arg, N.Load) else "t"
+    local, holders, reads = {}, set(), {v.name for v in vars_in(arg)}
+    for op in ("sin", "cos"):
+        for k, s in enumerate(stmts):
+            if isinstance(s, N.Assign) and context.free(s) and s.value == N.Call("f32", op, (arg,)) \
+                    and s.name in context.once - reads and not any(mentions(t, s.name) for t in stmts[:k]):
+                local[op] = B.var(s.name, "f32")
+                holders.add(k)
+                break
+        else:
+            local[op] = B.var(context.names.fresh(f"{op}_{base}"), "f32")
+    first = stmts[0]
+    pair = [N.Assign(local[op].name, N.Call("f32", PAIR_OPS[op], (arg,)), src=first.src, tag=first.tag)
+            for op in ("sin", "cos")]
+    rest = [dataclasses.replace(s, value=_replaced(s.value, arg, local)) if _value(s, context) is not None else s
+            for k, s in enumerate(stmts) if k not in holders]
+    return pair + rest

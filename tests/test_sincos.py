@@ -1,0 +1,241 @@
+"""The sine and cosine of one f32 value computed together in derived CPU kernels (opt.sincos,
+codegen.sincos): the helper's accuracy against the f64 functions, derivatives against analytic
+ones and Taichi's own grad, what keeps libm's bits (primal outputs, conditions), and on
+hand-built IR what may be paired."""
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+from harness import cpu_only
+from kerndiff.ad.names import NameAllocator
+from kerndiff.ir import build as B
+from kerndiff.ir import nodes as N
+from kerndiff.ir.nodes import FieldRef
+from kerndiff.ir.walk import iter_expr, iter_stmts
+from kerndiff.opt.sincos import pair_sines
+
+pytestmark = cpu_only("the pairing is for Taichi's CPU backends")
+
+N_ELEM = 512
+
+
+@pytest.fixture(scope="module", autouse=True)
+def f32_runtime():
+    ti.init(arch=ti.cpu, default_fp=ti.f32, random_seed=0)
+    yield
+    ti.reset()
+
+
+def _ulps(value, reference):
+    """|value - reference| in units of the f32 spacing at the reference (in f64 arithmetic:
+    Taichi's runtime leaves the CPU flushing subnormals, which np.spacing near 0 would give)."""
+    _, exponent = np.frexp(np.abs(reference))
+    spacing = np.ldexp(1.0, np.maximum(exponent, -125) - 24)
+    return np.abs(value.astype(np.float64) - reference) / spacing
+
+
+def test_helper_is_within_one_ulp_and_matches_libm_outside_its_range():
+    from kerndiff.codegen.sincos import sincos
+
+    @ti.kernel
+    def both(a: ti.types.ndarray(), s: ti.types.ndarray(), c: ti.types.ndarray(),
+             s_libm: ti.types.ndarray(), c_libm: ti.types.ndarray()):
+        for i in range(a.shape[0]):
+            s[i], c[i] = sincos(a[i])
+            s_libm[i], c_libm[i] = ti.sin(a[i]), ti.cos(a[i])
+
+    rng = np.random.default_rng(3)
+    near_axes = np.arange(-76, 77)[:, None] * (np.pi / 2) + np.linspace(-1e-4, 1e-4, 41)[None, :]
+    a = np.concatenate([rng.uniform(-120, 120, 400000), rng.uniform(-1, 1, 100000), near_axes.ravel(),
+                        [64.40264892578125, 119.99999, 0.0, 1e-30, -1e-30, 5e-8]]).astype(np.float32)
+    a = a[np.abs(a) < 120]
+    wide = np.array([120.0, -120.0, 250.5, -1e4, 3e38, np.inf, -np.inf, np.nan], np.float32)
+    a_all = np.concatenate([a, wide])
+    outs = [np.zeros_like(a_all) for _ in range(4)]
+    both(a_all, *outs)
+    s, c, s_libm, c_libm = outs
+    exact = a.astype(np.float64)
+    assert _ulps(s[:len(a)], np.sin(exact)).max() <= 0.78
+    assert _ulps(c[:len(a)], np.cos(exact)).max() <= 0.78
+    # where they differ from libm's, by one ulp; rarely
+    for mine, libm in ((s, s_libm), (c, c_libm)):
+        differ = mine[:len(a)] != libm[:len(a)]
+        assert differ.mean() < 0.05
+        assert (_ulps(mine[:len(a)][differ], libm[:len(a)][differ].astype(np.float64)) <= 1.0).all()
+    # from 120 on, and for infinities and NaN, libm's own results
+    np.testing.assert_array_equal(s[len(a):], s_libm[len(a):])
+    np.testing.assert_array_equal(c[len(a):], c_libm[len(a):])
+    assert np.isnan(s[-3:]).all() and np.isnan(c[-3:]).all()
+
+
+def _elementwise():
+    rng = np.random.default_rng(0)
+    x = ti.field(ti.f32, shape=N_ELEM, needs_grad=True)
+    y = ti.field(ti.f32, shape=N_ELEM, needs_grad=True)
+    loss = ti.field(ti.f32, shape=(), needs_grad=True)
+    x.from_numpy(rng.uniform(-3, 3, N_ELEM).astype(np.float32))
+    y.from_numpy(rng.uniform(-1, 1, N_ELEM).astype(np.float32))
+
+    def energy():
+        for i in x:
+            loss[None] += ti.sin(x[i]) * ti.exp(y[i])
+    return x, y, loss, energy
+
+
+def test_reverse_takes_both_from_one_call_and_matches_analytic_and_taichi():
+    x, y, loss, energy = _elementwise()
+    k, tk = kd.kernel(energy), ti.kernel(energy)
+    loss.grad[None] = 1.0
+    k.reverse()
+    src = k.reverse.source
+    code = [line for line in src.splitlines() if not line.lstrip().startswith("#")]
+    assert "        sin_x, cos_x = sincos(x[i])" in code
+    assert not any("ti.sin" in line or "ti.cos" in line for line in code)
+    xv, yv = x.to_numpy().astype(np.float64), y.to_numpy().astype(np.float64)
+    ours = x.grad.to_numpy(), y.grad.to_numpy()
+    np.testing.assert_allclose(ours[0], np.cos(xv) * np.exp(yv), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(ours[1], np.sin(xv) * np.exp(yv), rtol=2e-6, atol=1e-6)
+    x.grad.fill(0)
+    y.grad.fill(0)
+    tk.grad()
+    np.testing.assert_allclose(ours[0], x.grad.to_numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ours[1], y.grad.to_numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_forward_keeps_libm_for_the_primal_value_it_returns():
+    x, y, loss, energy = _elementwise()
+    k = kd.kernel(energy)
+    kd.dual(x).fill(1.0)
+    loss[None] = 0
+    k()
+    primal = loss[None]
+    loss[None] = 0
+    k.forward()
+    assert loss[None] == primal  # bit for bit: the forward kernel's sin is libm's, as the primal's
+    assert "ti.sin(x[i])" in k.forward.source
+
+
+def test_hessian_vector_product_of_a_sine_sum():
+    x = ti.field(ti.f32, shape=N_ELEM, needs_grad=True)
+    E = ti.field(ti.f32, shape=(), needs_grad=True)
+    rng = np.random.default_rng(1)
+    xv = rng.uniform(-10, 10, N_ELEM).astype(np.float32)
+    v = rng.standard_normal(N_ELEM).astype(np.float32)
+    x.from_numpy(xv)
+
+    @kd.kernel
+    def energy():
+        for i in x:
+            E[None] += 2.0 * ti.sin(x[i])
+
+    kd.dual(x).from_numpy(v)
+    E.grad[None] = 1.0
+    energy.reverse.forward()
+    src = energy.reverse.forward.source
+    assert "= sincos(x[i])" in src
+    x64 = xv.astype(np.float64)
+    np.testing.assert_allclose(x.grad.to_numpy(), 2 * np.cos(x64), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(kd.dual(x.grad).to_numpy(), -2 * np.sin(x64) * v, rtol=2e-6, atol=1e-5)
+
+
+def test_a_sine_that_a_branch_reads_keeps_libm():
+    x = ti.field(ti.f32, shape=N_ELEM, needs_grad=True)
+    y = ti.field(ti.f32, shape=N_ELEM, needs_grad=True)
+    x.from_numpy(np.linspace(-3, 3, N_ELEM).astype(np.float32))
+
+    @kd.kernel
+    def clipped():
+        for i in x:
+            s = ti.sin(x[i])
+            if s > 0.25:
+                y[i] = s * s
+            else:
+                y[i] = 0.0625
+
+    y.grad.fill(1.0)
+    clipped.reverse()
+    src = clipped.reverse.source
+    assert "sincos" not in src  # s decides the branch: its bits are libm's, and cos alone needs no pair
+    x64 = x.to_numpy().astype(np.float64)
+    expect = np.where(np.sin(x64) > 0.25, 2 * np.sin(x64) * np.cos(x64), 0.0)
+    np.testing.assert_allclose(x.grad.to_numpy(), expect, rtol=2e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ hand-built IR
+
+def _ref(name, dtype="f32"):
+    return FieldRef(object(), (), name, dtype, (8,))
+
+
+def _pairs(body, derivative=lambda f: True):
+    ir = N.KernelIR("k", (), tuple(body))
+    out = pair_sines(ir, NameAllocator({"i", "g"}), derivative).body
+    return out, [s for s in iter_stmts(out) if isinstance(s, N.Assign) and s.value.op == "sincos_sin"]
+
+
+def _index():
+    return (B.var("i", "i32"),)
+
+
+def test_pairs_only_while_the_argument_is_unchanged():
+    x, out, other = _ref("x"), _ref("out_adj"), _ref("other_adj")
+    arg = B.load(x, _index())
+    g = B.var("g", "f32")
+    body = [N.Store(out, _index(), B.mul(B.call("sin", arg), g)),
+            N.Store(other, _index(), B.mul(B.call("cos", arg), g))]
+    out_body, pairs = _pairs(body)
+    assert len(pairs) == 1 and out_body[1].value == N.Call("f32", "sincos_cos", (arg,))
+    assert not any(isinstance(e, N.Call) and e.op in ("sin", "cos")
+                   for s in out_body for e in iter_expr(s.value))
+    # a store into x between them: cos reads the new x[i], so no pair
+    between = [body[0], N.Store(x, _index(), g), body[1]]
+    assert _pairs(between)[1] == []
+    # nor when the store goes to a field that is not a derivative (it must keep libm's bits)
+    assert _pairs(body, derivative=lambda f: False)[1] == []
+
+
+def test_f64_and_guarded_branches_do_not_start_a_pair():
+    x64, out = _ref("x", "f64"), _ref("out_adj", "f64")
+    arg = B.load(x64, _index())
+    body = [N.Store(out, _index(), B.add(B.call("sin", arg), B.call("cos", arg)))]
+    assert _pairs(body)[1] == []
+    x, out32 = _ref("x"), _ref("out_adj")
+    shifted = B.load(x, (B.sub(B.var("i", "i32"), B.const(1, "i32")),))
+    guarded = B.call("select", B.call("gt", B.var("i", "i32"), B.const(0, "i32")),
+                     B.call("sin", shifted), B.const(0.0, "f32"))
+    body = [N.Store(out32, _index(), B.add(guarded, B.call("cos", shifted)))]
+    assert _pairs(body)[1] == []  # sin(x[i - 1]) is evaluated only where i > 0
+
+
+def test_a_local_holding_the_sine_becomes_the_pairs_own():
+    x, out = _ref("x"), _ref("out_adj")
+    arg = B.load(x, _index())
+    body = [N.Assign("t2", B.call("sin", arg)),
+            N.Store(out, _index(), B.add(B.var("t2", "f32"), B.call("cos", arg)))]
+    out_body, pairs = _pairs(body)
+    assert [s.name for s in out_body[:2]] == ["t2", "cos_x"] and len(out_body) == 3
+    assert out_body[2].value == B.add(B.var("t2", "f32"), B.var("cos_x", "f32"))
+
+
+# ------------------------------------------------------------------ the corpus in f32 (runs last: it re-inits)
+
+SINE_CORPUS = ["elementwise", "branches", "recurrence", "two_loops", "template_args", "return_value"]
+
+
+def test_f32_corpus_kernels_with_sines_match_the_f64_derivatives():
+    """The corpus kernels that take sines and cosines, in f32 on the CPU (so paired where their
+    values feed derivatives), against their f64 derivatives (which test_corpus checks against
+    finite differences): forward, reverse.forward and the primal outputs."""
+    from harness import derivatives
+    from test_corpus import assert_same_derivatives, build_corpus, cpu_derivatives
+
+    references = cpu_derivatives(SINE_CORPUS)
+    ti.init(arch=ti.cpu, default_fp=ti.f32, random_seed=0)
+    corpus = build_corpus(ti.f32)
+    paired = 0
+    for name in SINE_CORPUS:
+        k, args = corpus[name]
+        assert_same_derivatives(derivatives(k, args), references[name], 2e-3)
+        paired += "= sincos(" in k.reverse.forward.source
+    assert paired >= 3  # the pairing did run on most of them
