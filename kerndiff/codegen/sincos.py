@@ -40,14 +40,15 @@ def sincos(x):
         q = ti.cast(nearest, ti.i32)
         r = ti.f64(x) - nearest * ti.f64(HALF_PI)  # |r| <= pi/4
         r2 = r * r
-        sin_r = r + r * r2 * _poly(r2, SIN_COEFFS)
-        cos_r = ti.f64(1.0) + r2 * _poly(r2, COS_COEFFS)
+        # rounded to f32 before the quadrant's swaps and signs, which are exact (and cheaper so)
+        sin_r = ti.f32(r + r * r2 * _poly(r2, SIN_COEFFS))
+        cos_r = ti.f32(ti.f64(1.0) + r2 * _poly(r2, COS_COEFFS))
         odd = (q & 1) != 0  # quadrants 1 and 3: sin x = +-cos r, cos x = -+sin r
         s_abs = ti.select(odd, cos_r, sin_r)
         c_abs = ti.select(odd, -sin_r, cos_r)
-        flip = (q & 2) != 0  # quadrants 2 and 3: both change sign
-        s = ti.f32(ti.select(flip, -s_abs, s_abs))
-        c = ti.f32(ti.select(flip, -c_abs, c_abs))
+        sign = ti.cast(q & 2, ti.u32) << 30  # quadrants 2 and 3: both change sign (the f32 sign bit)
+        s = ti.bit_cast(ti.bit_cast(s_abs, ti.u32) ^ sign, ti.f32)
+        c = ti.bit_cast(ti.bit_cast(c_abs, ti.u32) ^ sign, ti.f32)
     else:
         s, c = ti.sin(x), ti.cos(x)
     return s, c
