@@ -24,7 +24,8 @@ FUNCS = {"sin": "ti.sin", "cos": "ti.cos", "tan": "ti.tan", "asin": "ti.asin", "
          "atan": "ti.atan2", "exp": "ti.exp", "log": "ti.log", "sqrt": "ti.sqrt", "rsqrt": "ti.rsqrt",
          "tanh": "ti.tanh", "abs": "ti.abs", "floor": "ti.floor", "ceil": "ti.ceil", "round": "ti.round",
          "min": "ti.min", "max": "ti.max", "atan2": "ti.atan2", "select": "ti.select",
-         "isnan": "ti.math.isnan", "isinf": "ti.math.isinf", "popcnt": "ti.math.popcnt", "clz": "ti.math.clz"}
+         "isnan": "ti.math.isnan", "isinf": "ti.math.isinf", "popcnt": "ti.math.popcnt", "clz": "ti.math.clz",
+         "tanh_via_exp": "tanh_via_exp"}  # the last: codegen.cpu_math's (opt.cpu_math)
 TAG_WORDS = {"tangent": "tangent of", "adjoint": "adjoint of", "recompute": "recompute",
              "hoist": "read once, before", "checkpoint": "checkpoints of"}
 
@@ -272,7 +273,7 @@ class Emitter:
                 skip_to = runs[i]
                 continue
             if isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op == "sincos_sin":
-                self.sincos(s, stmts[i + 1], pad)  # opt.sincos puts the cosine right after
+                self.sincos(s, stmts[i + 1], pad)  # opt.cpu_math puts the cosine right after
                 skip_to = i + 2
                 continue
             if not path and isinstance(s, N.For):  # a parallel loop
@@ -300,7 +301,7 @@ class Emitter:
         self.lines.extend(targets[:-1] + [targets[-1] + " = \\"] + values)
 
     def sincos(self, sin_stmt, cos_stmt, pad):
-        """`s, c = sincos(e)`: the sine and cosine of e from one call (opt.sincos)."""
+        """`s, c = sincos(e)`: the sine and cosine of e from one call (opt.cpu_math)."""
         assert cos_stmt.value.op == "sincos_cos" and cos_stmt.value.args == sin_stmt.value.args
         self.lines.append(f"{pad}{sin_stmt.name}, {cos_stmt.name} = sincos({self.expr(sin_stmt.value.args[0])})")
 

@@ -12,7 +12,7 @@ from ..ir import nodes as N
 from ..ir.walk import expr_children_of_stmt, iter_expr, iter_stmts
 from .emit import emit_kernel
 
-HELPERS = {"claim_slot": ".slots", "sincos": ".sincos"}  # functions generated kernels may call: module
+HELPERS = {"claim_slot": ".slots", "sincos": ".cpu_math", "tanh_via_exp": ".cpu_math"}  # functions generated kernels may call: module
 
 
 def collect_fields(ir: N.KernelIR):

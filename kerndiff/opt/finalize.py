@@ -186,10 +186,10 @@ def _hoist(loop, written, names):
     return pre, dataclasses.replace(loop, body=body)
 
 
-def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, sincos=False) -> N.KernelIR:
+def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
-    private copies (CPU only; see opt.scatter). sincos: compute the sine and cosine of one f32
-    value together (derived kernels on the CPU; see opt.sincos). is_derivative: None for primal kernels (their
+    private copies (CPU only; see opt.scatter). cpu_math: kerndiff's own f32 sin/cos pairs and tanh
+    where derivatives alone read them (derived kernels on the CPU; see opt.cpu_math). is_derivative: None for primal kernels (their
     arithmetic is the user's), else a test for derivative fields: derivative code then shares
     reciprocals (opt.reciprocal), has its like terms collected (opt.algebra), its zeroed
     accumulators started at their first contribution (opt.zero_start), copies forwarded
@@ -245,9 +245,9 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, sincos=False) -> 
             out.extend(pre)
         out.append(s)
     ir = dataclasses.replace(ir, body=tuple(out))
-    if sincos and is_derivative is not None:
-        from .sincos import pair_sines
-        ir = pair_sines(ir, names, is_derivative)
+    if cpu_math and is_derivative is not None:
+        from .cpu_math import use_cpu_math
+        ir = use_cpu_math(ir, names, is_derivative)
     if scatter is not None:
         from .scatter import privatize_scatters
         ir = privatize_scatters(ir, names, *scatter)

@@ -256,7 +256,7 @@ class Kernel:
         fn_name = ir.name
         derivative = (lambda f: id(f) in REGISTRY.parents) if self.path else None
         on_cpu = impl.current_cfg().arch in (ti.x64, ti.arm64)
-        src, g = generate(finalize(ir, _scatter_config(self), derivative, sincos=on_cpu and derivative is not None),
+        src, g = generate(finalize(ir, _scatter_config(self), derivative, cpu_math=on_cpu and derivative is not None),
                           fn_name)
         fields = REGISTRY.taichi_seconds - fields0
         TIMINGS["transform"] += time.perf_counter() - t0 - fields

@@ -1,26 +1,29 @@
-"""The sine and cosine of one f32 value computed together, on the CPU (for speed only).
+"""kerndiff's own f32 math in derived kernels on the CPU (for speed only; codegen.cpu_math).
 
-Why: the derivative of sin is cos of the same argument (and of cos, -sin), so the reverse
-kernels of code that calls ti.sin or ti.cos need both. Taichi's CPU backend calls libm's sinf and
-cosf for them: two range reductions, two polynomials, and a branch on |x| < pi/4 in each that the
-CPU mispredicts when the values straddle it. One call of codegen.sincos gives both from one
-reduction for about the cost of sinf alone (W1's reverse, `sum(sin(x) * exp(y))`, measured in one
-process: 1.0-1.1x Taichi's grad before, 0.73-0.79x after).
+Sine and cosine together. The derivative of sin is cos of the same argument (and of cos, -sin),
+so the reverse kernels of code that calls ti.sin or ti.cos need both. Taichi's CPU backend calls
+libm's sinf and cosf for them: two range reductions, two polynomials, and a branch on |x| < pi/4
+in each that the CPU mispredicts when the values straddle it. One call of codegen.cpu_math.sincos
+gives both for about the cost of sinf alone (W1's reverse, `sum(sin(x) * exp(y))`, in one
+process: 1.0-1.1x Taichi's grad before, 0.74-0.76x after). In a block, when the block's own
+statements take sin(e) and cos(e) of one f32 expression e, with no statement between them writing
+a local or field e reads, both are computed once before the first, as two locals (`sin_x, cos_x =
+sincos(x[i])`), and read from there; a local that holds just one of them and is assigned once
+becomes that local.
 
-What: in a block of a derived kernel, when the block's own statements take sin(e) and cos(e) of
-one f32 expression e, with no statement between them writing a local or field e reads, both are
-computed once before the first, as two locals (`sin_x, cos_x = sincos(x[i])`), and read from
-there. A local that holds just one of them and is assigned once becomes that local.
+tanh. Taichi's ti.tanh on the CPU is glibc's tanhf, 6-9 times the cost of ti.exp; reverse kernels
+recompute tanh for its derivative 1 - tanh^2 (a tanh network's every layer), and
+codegen.cpu_math.tanh_via_exp gives it from one exp, 3.3x faster and closer to the exact value.
 
-Only where the value may change in the last bit: codegen.sincos is within 0.78 ulp, not libm's
-bits, so, as for shared reciprocals (opt.reciprocal), only sines and cosines whose values feed
-derivatives alone are paired or replaced; one that reaches a condition, an index, a rounding,
-or a primal output (the value a forward kernel also returns) keeps libm's call. Nor does one in a
-branch of a guarded select (`a if c else b`, whose unchosen branch must not be evaluated) start a
-pair.
+Only where the value may change in the last bit: these are within 0.82 ulp, not libm's bits, so,
+as for shared reciprocals (opt.reciprocal), only values that feed derivatives alone are computed
+so; one that reaches a condition, an index, a rounding, or a primal output (the value a forward
+kernel also returns) keeps libm's call. Nor does a sine or cosine in a branch of a guarded select
+(`a if c else b`, whose unchosen branch must not be evaluated) start a pair.
 
-When: derived kernels on Taichi's CPU backends, f32 only (f64 keeps libm's functions: a double
-reduction is not enough for them). Primal kernels keep the user's calls.
+When: derived kernels on Taichi's CPU backends, f32 only (f64 keeps libm's functions, which these
+double-precision steps could not match). Primal kernels keep the user's calls. GPU backends have
+fast sin, cos and tanh of their own.
 """
 from __future__ import annotations
 
@@ -29,20 +32,35 @@ from collections import Counter
 
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import (assigned_names, blocks_of, guarded_select, iter_stmts, loads_in, mentions, rebuild_stmt,
-                       vars_in)
+from ..ir.walk import (assigned_names, blocks_of, guarded_select, iter_stmts, loads_in, map_stmts, mentions,
+                       rebuild_stmt, vars_in)
 from .reciprocal import exact_names, free_args, rewritable
 
 PAIR_OPS = {"sin": "sincos_sin", "cos": "sincos_cos"}
+REPLACED = {"tanh": "tanh_via_exp"}
 
 
-def pair_sines(ir: N.KernelIR, names, is_derivative) -> N.KernelIR:
-    """ir with sin(e) and cos(e) of each f32 e that a block takes both of computed together
-    (names: the allocator for the new locals; is_derivative: the test for derivative fields)."""
+def use_cpu_math(ir: N.KernelIR, names, is_derivative) -> N.KernelIR:
+    """ir with sin(e) and cos(e) of each f32 e that a block takes both of computed together, and
+    f32 tanh from codegen.cpu_math, where the values feed derivatives alone (names: the
+    allocator for the new locals; is_derivative: the test for derivative fields)."""
     once = Counter(s.name for s in iter_stmts(ir.body) if isinstance(s, N.Assign))
     context = _Context(names, {name for name, count in once.items() if count == 1},
                        exact_names(ir.body, is_derivative), is_derivative)
-    return dataclasses.replace(ir, body=_pair_block(ir.body, context))
+    body = _pair_block(ir.body, context)
+    return dataclasses.replace(ir, body=map_stmts(body, lambda s: _with_replacements(s, context)))
+
+
+def _with_replacements(s, context):
+    if _value(s, context) is None:
+        return s
+    return dataclasses.replace(s, value=_rewrite_free(s.value, _replacement))
+
+
+def _replacement(call):
+    if call.op in REPLACED and call.dtype == "f32" and call.args[0].dtype == "f32":
+        return N.Call("f32", REPLACED[call.op], call.args)
+    return None
 
 
 @dataclasses.dataclass
@@ -118,17 +136,18 @@ def _writes(s, var_names, fields):
     return any(isinstance(t, (N.Store, N.Atomic)) and id(t.ref.field) in fields for t in iter_stmts((s,)))
 
 
-def _replaced(e, arg, local):
-    """e with sin(arg) and cos(arg) read from the locals, where the value may change in the last
-    bit (the positions _calls looks at, and the branches of guarded selects: evaluated there
-    or not, the value is the same one)."""
+def _rewrite_free(e, replacement):
+    """e with each call that replacement(call) gives a replacement for replaced, where the value
+    may change in the last bit (the positions _calls looks at, and the branches of guarded
+    selects: evaluated there or not, the value is the same one)."""
     if not isinstance(e, N.Call):
         return e
-    if e.op in PAIR_OPS and e.args == (arg,):
-        return local[e.op]
+    new = replacement(e)
+    if new is not None:
+        return new
     args = list(e.args)
     for k in free_args(e):
-        args[k] = _replaced(e.args[k], arg, local)
+        args[k] = _rewrite_free(e.args[k], replacement)
     if tuple(args) == e.args:
         return e
     return B.cast(args[0], e.dtype) if e.op == "cast" else B.call(e.op, *args)
@@ -152,6 +171,9 @@ def _paired(stmts, arg, context):
     first = stmts[0]
     pair = [N.Assign(local[op].name, N.Call("f32", PAIR_OPS[op], (arg,)), src=first.src, tag=first.tag)
             for op in ("sin", "cos")]
-    rest = [dataclasses.replace(s, value=_replaced(s.value, arg, local)) if _value(s, context) is not None else s
+    def read_pair(call):
+        return local[call.op] if call.op in PAIR_OPS and call.args == (arg,) else None
+
+    rest = [dataclasses.replace(s, value=_rewrite_free(s.value, read_pair)) if _value(s, context) is not None else s
             for k, s in enumerate(stmts) if k not in holders]
     return pair + rest

@@ -1,7 +1,7 @@
-"""The sine and cosine of one f32 value computed together in derived CPU kernels (opt.sincos,
-codegen.sincos): the helper's accuracy against the f64 functions, derivatives against analytic
-ones and Taichi's own grad, what keeps libm's bits (primal outputs, conditions), and on
-hand-built IR what may be paired."""
+"""kerndiff's own f32 math in derived CPU kernels (opt.cpu_math, codegen.cpu_math): sine and
+cosine of one value from one call, tanh from one exp. The helpers' accuracy against the f64
+functions, derivatives against analytic ones and Taichi's own grad, what keeps libm's bits
+(primal outputs, conditions), and on hand-built IR what may be paired."""
 import numpy as np
 import pytest
 import taichi as ti
@@ -13,7 +13,7 @@ from kerndiff.ir import build as B
 from kerndiff.ir import nodes as N
 from kerndiff.ir.nodes import FieldRef
 from kerndiff.ir.walk import iter_expr, iter_stmts
-from kerndiff.opt.sincos import pair_sines
+from kerndiff.opt.cpu_math import use_cpu_math
 
 pytestmark = cpu_only("the pairing is for Taichi's CPU backends")
 
@@ -36,7 +36,7 @@ def _ulps(value, reference):
 
 
 def test_helper_is_within_one_ulp_and_matches_libm_outside_its_range():
-    from kerndiff.codegen.sincos import sincos
+    from kerndiff.codegen.cpu_math import sincos
 
     @ti.kernel
     def both(a: ti.types.ndarray(), s: ti.types.ndarray(), c: ti.types.ndarray(),
@@ -67,6 +67,65 @@ def test_helper_is_within_one_ulp_and_matches_libm_outside_its_range():
     np.testing.assert_array_equal(s[len(a):], s_libm[len(a):])
     np.testing.assert_array_equal(c[len(a):], c_libm[len(a):])
     assert np.isnan(s[-3:]).all() and np.isnan(c[-3:]).all()
+
+
+def test_tanh_is_within_one_ulp_and_saturates():
+    from kerndiff.codegen.cpu_math import tanh_via_exp
+
+    @ti.kernel
+    def both(a: ti.types.ndarray(), mine: ti.types.ndarray(), libm: ti.types.ndarray()):
+        for i in range(a.shape[0]):
+            mine[i], libm[i] = tanh_via_exp(a[i]), ti.tanh(a[i])
+
+    rng = np.random.default_rng(4)
+    edge = np.float32(0.55)
+    a = np.concatenate([rng.uniform(-6, 6, 300000), rng.uniform(-0.6, 0.6, 200000), 10.0 ** rng.uniform(-30, 1, 50000),
+                        [edge, np.nextafter(edge, np.float32(0)), -edge, 0.0, 19.9, 44.5, -90.0]]).astype(np.float32)
+    mine, libm = np.zeros_like(a), np.zeros_like(a)
+    both(a, mine, libm)
+    exact = np.tanh(a.astype(np.float64))
+    assert _ulps(mine, exact).max() <= 0.82
+    assert _ulps(libm, exact).max() > 1.0  # Taichi's own is further off, which is why this test allows a difference
+    special = np.array([np.inf, -np.inf, np.nan], np.float32)
+    m2, l2 = np.zeros_like(special), np.zeros_like(special)
+    both(special, m2, l2)
+    assert m2[0] == 1.0 and m2[1] == -1.0 and np.isnan(m2[2])
+
+
+def test_reverse_of_a_tanh_layer_uses_it_and_matches_analytic_and_taichi():
+    rng = np.random.default_rng(2)
+    x = ti.field(ti.f32, shape=N_ELEM, needs_grad=True)
+    w = ti.field(ti.f32, shape=(), needs_grad=True)
+    loss = ti.field(ti.f32, shape=(), needs_grad=True)
+    x.from_numpy(rng.uniform(-3, 3, N_ELEM).astype(np.float32))
+    w[None] = 0.7
+
+    def layer():
+        for i in x:
+            loss[None] += ti.tanh(w[None] * x[i]) ** 2
+
+    k, tk = kd.kernel(layer), ti.kernel(layer)
+    loss.grad[None] = 1.0
+    k.reverse()
+    assert "tanh_via_exp(" in k.reverse.source
+    xv = x.to_numpy().astype(np.float64)
+    t = np.tanh(0.7 * xv)
+    dt = 2 * t * (1 - t * t)
+    ours = x.grad.to_numpy(), w.grad[None]
+    np.testing.assert_allclose(ours[0], dt * 0.7, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours[1], np.sum(dt * xv), rtol=1e-5)
+    x.grad.fill(0)
+    w.grad[None] = 0
+    tk.grad()
+    np.testing.assert_allclose(ours[0], x.grad.to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours[1], w.grad[None], rtol=1e-5)
+    # the forward kernel returns the primal value too: that tanh stays Taichi's
+    loss[None] = 0
+    k()
+    primal = loss[None]
+    loss[None] = 0
+    k.forward()
+    assert loss[None] == primal and "ti.tanh(" in k.forward.source
 
 
 def _elementwise():
@@ -170,7 +229,7 @@ def _ref(name, dtype="f32"):
 
 def _pairs(body, derivative=lambda f: True):
     ir = N.KernelIR("k", (), tuple(body))
-    out = pair_sines(ir, NameAllocator({"i", "g"}), derivative).body
+    out = use_cpu_math(ir, NameAllocator({"i", "g"}), derivative).body
     return out, [s for s in iter_stmts(out) if isinstance(s, N.Assign) and s.value.op == "sincos_sin"]
 
 
