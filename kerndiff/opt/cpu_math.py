@@ -32,8 +32,8 @@ from collections import Counter
 
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import (assigned_names, blocks_of, guarded_select, iter_stmts, loads_in, map_stmts, mentions,
-                       rebuild_stmt, vars_in)
+from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, guarded_select, iter_expr, iter_stmts, loads_in,
+                       map_stmts, mentions, rebuild_stmt, vars_in)
 from .reciprocal import exact_names, free_args, rewritable
 
 PAIR_OPS = {"sin": "sincos_sin", "cos": "sincos_cos"}
@@ -44,6 +44,9 @@ def use_cpu_math(ir: N.KernelIR, names, is_derivative) -> N.KernelIR:
     """ir with sin(e) and cos(e) of each f32 e that a block takes both of computed together, and
     f32 tanh from codegen.cpu_math, where the values feed derivatives alone (names: the
     allocator for the new locals; is_derivative: the test for derivative fields)."""
+    if not any(isinstance(x, N.Call) and (x.op in PAIR_OPS or x.op in REPLACED)
+               for s in iter_stmts(ir.body) for e in expr_children_of_stmt(s) for x in iter_expr(e)):
+        return ir  # most kernels: nothing to look at (and exact_names costs a pass over the kernel)
     once = Counter(s.name for s in iter_stmts(ir.body) if isinstance(s, N.Assign))
     context = _Context(names, {name for name, count in once.items() if count == 1},
                        exact_names(ir.body, is_derivative), is_derivative)
@@ -123,10 +126,7 @@ def _calls(s, context):
             continue
         if x.op in PAIR_OPS and x.dtype == "f32" and x.args[0].dtype == "f32":
             out.append((x.op, x.args[0]))
-        positions = free_args(x)
-        if guarded_select(x):
-            positions = ()
-        stack.extend(x.args[k] for k in positions)
+        stack.extend(x.args[k] for k in (() if guarded_select(x) else free_args(x)))
     return out
 
 
@@ -171,6 +171,7 @@ def _paired(stmts, arg, context):
     first = stmts[0]
     pair = [N.Assign(local[op].name, N.Call("f32", PAIR_OPS[op], (arg,)), src=first.src, tag=first.tag)
             for op in ("sin", "cos")]
+
     def read_pair(call):
         return local[call.op] if call.op in PAIR_OPS and call.args == (arg,) else None
 
