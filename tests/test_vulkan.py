@@ -58,3 +58,12 @@ def test_f64_transcendental_on_vulkan_is_a_clear_error(vulkan_corpus):
     with pytest.raises(kd.KernDiffError, match="not available on Taichi's SPIR-V backends") as info:
         k()
     assert "y[i] = ti.exp(x[i])" in str(info.value)
+
+
+def test_gpu_backends_keep_taichis_sin_cos_and_tanh(vulkan_corpus):
+    """kerndiff's own f32 math (opt.cpu_math) is for the CPU: here the derived kernels call
+    Taichi's functions, which the device has fast versions of."""
+    k, args = vulkan_corpus["elementwise"]
+    src = k.reverse.forward.source
+    assert "sincos(" not in src and "tanh_via_exp(" not in src
+    assert "ti.sin(" in src and "ti.tanh(" in src
