@@ -12,7 +12,8 @@ from ..ir import nodes as N
 from ..ir.walk import expr_children_of_stmt, iter_expr, iter_stmts
 from .emit import emit_kernel
 
-HELPERS = {"claim_slot": ".slots", "sincos": ".cpu_math", "tanh_via_exp": ".cpu_math"}  # functions generated kernels may call: module
+# the functions generated kernels may call, and the module of this package that defines each
+HELPERS = {"claim_slot": ".slots", "sincos": ".cpu_math", "tanh_via_exp": ".cpu_math"}
 
 
 def collect_fields(ir: N.KernelIR):

@@ -3,7 +3,8 @@
 In derived kernels, repeated divisions by one value in derivative code share its reciprocal
 (opt.reciprocal) and like terms are collected (opt.algebra); zeroed accumulators start at their
 first contribution (opt.zero_start) and copies are forwarded (opt.copies). On the CPU, derived
-kernels then give scattered atomic adds per-thread private copies (opt.scatter).
+kernels then take f32 sines, cosines and tanh that only derivatives read from kerndiff's own
+functions (opt.cpu_math) and give scattered atomic adds per-thread private copies (opt.scatter).
 
 Inside each parallel loop:
   * merge: several atomic adds into one element within a block become one add of their sum;
@@ -188,14 +189,14 @@ def _hoist(loop, written, names):
 
 def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
-    private copies (CPU only; see opt.scatter). cpu_math: kerndiff's own f32 sin/cos pairs and tanh
-    where derivatives alone read them (derived kernels on the CPU; see opt.cpu_math). is_derivative: None for primal kernels (their
-    arithmetic is the user's), else a test for derivative fields: derivative code then shares
-    reciprocals (opt.reciprocal), has its like terms collected (opt.algebra), its zeroed
-    accumulators started at their first contribution (opt.zero_start), copies forwarded
-    (opt.copies, opt.propagate) and the dead ones removed, values that locals already hold read
-    from them (opt.reuse), and the field elements an inner loop repeats read before it
-    (opt.invariant_loads)."""
+    private copies (CPU only; see opt.scatter). cpu_math: kerndiff's own f32 sin/cos pairs and
+    tanh where derivatives alone read them (derived kernels on the CPU; see opt.cpu_math).
+    is_derivative: None for primal kernels (their arithmetic is the user's), else a test for
+    derivative fields: derivative code then shares reciprocals (opt.reciprocal), has its like
+    terms collected (opt.algebra), its zeroed accumulators started at their first contribution
+    (opt.zero_start), copies forwarded (opt.copies, opt.propagate) and the dead ones removed,
+    values that locals already hold read from them (opt.reuse), and the field elements an inner
+    loop repeats read before it (opt.invariant_loads)."""
     from ..ad.names import NameAllocator
     from ..ir.walk import assigned_names, used_names
 
