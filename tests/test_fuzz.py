@@ -255,7 +255,46 @@ def test_random_kernels_with_checkpoints(fields, body, monkeypatch):
 CHECKPOINTED = []
 
 
+@ti.func
+def _sincos_stand_in(a):
+    return ti.sin(a), ti.cos(a)
+
+
+@ti.func
+def _tanh_stand_in(a):
+    return ti.tanh(a)
+
+
+# sin and cos of one value, several times, with a tanh: surely paired and replaced
+PAIRED_EXAMPLE = "\n".join(["a = ti.sin(x[i]) * ti.cos(x[i]) + ti.sin(y[1, idx[i]])", "acc = 0.5",
+                            "for k in range(3):", "    acc = 0.5 * acc + ti.tanh(a * ti.cos(acc))",
+                            "out[i] = acc * ti.cos(y[1, idx[i]])"])
+
+
+@settings(settings.get_profile(PROFILE))
+@given(body=kernels())
+@example(body=PAIRED_EXAMPLE)
+def test_random_kernels_with_cpu_math(fields, body, monkeypatch):
+    """The same kernels with opt.cpu_math's rewriting on for f64 (it is for f32 only), calling
+    stand-ins that compute Taichi's own values: what it pairs and replaces, and where it puts the
+    pair, must leave every derivative as it was (windows that end where the argument changes,
+    branches, loops, guarded selects, breaks)."""
+    from kerndiff.codegen import cpu_math as helpers
+    from kerndiff.opt import cpu_math
+    monkeypatch.setattr(cpu_math, "DTYPES", {"f32", "f64"})
+    monkeypatch.setattr(helpers, "sincos", _sincos_stand_in)
+    monkeypatch.setattr(helpers, "tanh_via_exp", _tanh_stand_in)
+    k = check_random_kernel(fields, body)
+    COUNT.append(1)
+    if "= sincos(" in k.reverse.source:
+        PAIRED.append(1)
+
+
+PAIRED = []
+
+
 def test_private_copies_were_exercised():
+    assert PAIRED, "no random kernel's reverse took a sine and a cosine from one call"
     assert PRIVATIZED, "no random kernel scattered through private copies"
     assert SLICED, "no random kernel scattered into a slice (y[1, idx[i]]) through copies of the slice"
     assert CHECKPOINTED, "no random kernel reversed its loop from checkpoints"

@@ -38,6 +38,12 @@ from .reciprocal import exact_names, free_args, rewritable
 
 PAIR_OPS = {"sin": "sincos_sin", "cos": "sincos_cos"}
 REPLACED = {"tanh": "tanh_via_exp"}
+DTYPES = {"f32"}  # what codegen.cpu_math's functions take (tests/test_fuzz.py widens it, with stand-ins)
+
+
+def _ours(call):
+    """call is a function codegen.cpu_math has a version of, on its dtype."""
+    return call.dtype in DTYPES and call.args[0].dtype == call.dtype
 
 
 def use_cpu_math(ir: N.KernelIR, names, is_derivative) -> N.KernelIR:
@@ -61,8 +67,8 @@ def _with_replacements(s, context):
 
 
 def _replacement(call):
-    if call.op in REPLACED and call.dtype == "f32" and call.args[0].dtype == "f32":
-        return N.Call("f32", REPLACED[call.op], call.args)
+    if call.op in REPLACED and _ours(call):
+        return N.Call(call.dtype, REPLACED[call.op], call.args)
     return None
 
 
@@ -124,7 +130,7 @@ def _calls(s, context):
         x = stack.pop()
         if not isinstance(x, N.Call):
             continue
-        if x.op in PAIR_OPS and x.dtype == "f32" and x.args[0].dtype == "f32":
+        if x.op in PAIR_OPS and _ours(x):
             out.append((x.op, x.args[0]))
         stack.extend(x.args[k] for k in (() if guarded_select(x) else free_args(x)))
     return out
@@ -161,15 +167,15 @@ def _paired(stmts, arg, context):
     local, holders, reads = {}, set(), {v.name for v in vars_in(arg)}
     for op in ("sin", "cos"):
         for k, s in enumerate(stmts):
-            if isinstance(s, N.Assign) and context.free(s) and s.value == N.Call("f32", op, (arg,)) \
+            if isinstance(s, N.Assign) and context.free(s) and s.value == N.Call(arg.dtype, op, (arg,)) \
                     and s.name in context.once - reads and not any(mentions(t, s.name) for t in stmts[:k]):
-                local[op] = B.var(s.name, "f32")
+                local[op] = B.var(s.name, arg.dtype)
                 holders.add(k)
                 break
         else:
-            local[op] = B.var(context.names.fresh(f"{op}_{base}"), "f32")
+            local[op] = B.var(context.names.fresh(f"{op}_{base}"), arg.dtype)
     first = stmts[0]
-    pair = [N.Assign(local[op].name, N.Call("f32", PAIR_OPS[op], (arg,)), src=first.src, tag=first.tag)
+    pair = [N.Assign(local[op].name, N.Call(arg.dtype, PAIR_OPS[op], (arg,)), src=first.src, tag=first.tag)
             for op in ("sin", "cos")]
 
     def read_pair(call):
