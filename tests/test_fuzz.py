@@ -3,7 +3,8 @@ domain-safe wrappers, branches, inner loops with loop-carried locals (one, or tw
 together from each other's old values; the step guarded by a branch, or followed by a conditional
 break), gathers through an integer index field — and each is
 checked: its values against Taichi's, forward mode against f64 finite differences, the dot-product
-test for reverse mode, and Taichi's own kernel.grad() where Taichi supports the kernel.
+test for reverse mode, and Taichi's own kernel.grad() where Taichi supports the kernel. Again with
+private copies, checkpoints, and kerndiff's own sin/cos pairs and tanh (opt.cpu_math) forced on.
 
 Profiles: a short one by default (derandomized under CI=true), KERNDIFF_FUZZ=long for 10,000 per test
 (KERNDIFF_FUZZ_N to change that).
