@@ -2,9 +2,10 @@
 
 Taichi's CPU backend calls libm for ti.sin, ti.cos and ti.tanh. Two of its costs are avoidable
 in derivative code: the reverse of sin needs cos of the same argument, and libm reduces the
-argument once for each; and ti.tanh (glibc's tanhf) takes 6-9 times as long as ti.exp (it is also
-2.2 ulp off at worst). Both are computed here in double precision from one cheap step, as accurately as
-libm's or more so.
+argument once for each; and ti.tanh (glibc's tanhf) takes 6-9 times as long as ti.exp (it is
+also 2.2 ulp off at worst). Both are computed here in double precision from one cheap step, as
+accurately as libm's or more so. Subnormal arguments count as zero and zeros may lose their sign,
+as everywhere in Taichi's CPU kernels (which flush subnormals and compile with fast math).
 
 sincos(x): the sine and cosine of x from one range reduction, as glibc's own sinf does for
 |x| < 120: q = the nearest integer to x * 2/pi, r = x - q * pi/2 (pi/2 as a double is good to 55
