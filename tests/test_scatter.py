@@ -374,3 +374,48 @@ def test_adds_into_one_element_are_merged_only_where_that_is_safe(runtime):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
     src = kd.kernel(program).source
     assert "y[i] += x[i] + x[i] ** 2" in src, src
+
+
+@cpu_only("private copies are made on Taichi's CPU backends only")
+def test_a_loop_over_two_indices_is_chunked_by_its_first(runtime):
+    """`for p, j in ti.ndrange(B, H)` (a dense layer): every (p, j) adds into the weights' and the
+    inputs' adjoints, which the chunks (rows p, each with all its j) add into private copies;
+    checked against Taichi's kernel.grad(), finite differences (through the harness), and twice
+    in a row (the copies are zero again after a launch)."""
+    rng = np.random.default_rng(8)
+    b, h = 1030, 4  # more than 1024 rows: the loop is chunked; a last, shorter chunk
+    W = ti.field(ti.f64, shape=(h, h), needs_grad=True)
+    X = ti.field(ti.f64, shape=(b, h), needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    W.from_numpy(rng.standard_normal((h, h)) / 2)
+    X.from_numpy(rng.standard_normal((b, h)))
+
+    def layer():
+        for p, j in ti.ndrange(b, h):
+            s = 0.0
+            for k in range(h):
+                s += W[j, k] * X[p, k]
+            loss[None] += ti.tanh(s) ** 2
+
+    tk, kk = ti.kernel(layer), kd.kernel(layer)
+    src = kk.reverse.source
+    assert "for p, j in ti.ndrange((chunk * 2, ti.min(chunk * 2 + 2, 1030)), 4):" in src
+    assert "W_adj_private[slot, j, k]" in src and "X_adj_private[slot, p, k]" in src
+
+    def gradients(run, zero_first=True):
+        if zero_first:
+            W.grad.fill(0)
+            X.grad.fill(0)
+        loss.grad[None] = 1.0
+        run()
+        return W.grad.to_numpy(), X.grad.to_numpy()
+
+    tw, tx = gradients(tk.grad)
+    kw, kx = gradients(kk.reverse)
+    kw2, kx2 = gradients(kk.reverse, zero_first=False)  # adds the same again
+    np.testing.assert_allclose(kw, tw, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(kx, tx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(kw2, 2 * kw, rtol=1e-12)
+    np.testing.assert_allclose(kx2, 2 * kx, rtol=1e-12)
+    assert np.abs(kw).max() > 1
+    check(kk, "reverse", rtol=1e-6, atol=1e-8)

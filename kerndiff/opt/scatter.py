@@ -35,8 +35,9 @@ accumulate in a local per chunk and are added once at its end: Taichi reduces su
 thread in a plain parallel loop, but not inside a chunk's serial loop.
 
 When: a field is privatized in a loop if every access to it there is an atomic add, the loop has
-constant bounds, one index and at least 1024 iterations (Taichi runs shorter loops on one
-thread), and the loop adds into it at least T/2 times as often as its slice has elements (so the
+constant bounds and its first index at least 1024 values (Taichi runs shorter loops on one
+thread; a loop over several indices, `ti.ndrange(B, H)`, is cut into chunks of its first index,
+each running its rows whole), and the loop adds into it at least T/2 times as often as its slice has elements (so the
 extra pass over the T copies costs less than the atomics it saves), within a memory cap;
 otherwise the atomics stay. Adds into a single element (0-d fields, or every index fixed) are
 left to Taichi, which already reduces those per thread.
@@ -67,6 +68,13 @@ def _trip_count(loop):
             return None
         n *= max(0, int(hi.value) - int(lo.value))
     return n
+
+
+def _first_trips(loop):
+    """How many values the loop's first index takes (the chunks split that one; a loop over
+    `ti.ndrange(B, H)` runs each chunk's rows whole)."""
+    lo, hi = loop.bounds[0]
+    return int(hi.value) - int(lo.value)
 
 
 def _atomic_weights(body, weight=1):
@@ -174,8 +182,8 @@ def privatize_scatters(ir: N.KernelIR, names, threads: int, copies_for, ref_of) 
     """
     out = []
     for s in ir.body:
-        if isinstance(s, N.For) and s.parallel and not s.serialize and len(s.vars) == 1 \
-                and (_trip_count(s) or 0) >= MIN_TRIPS:
+        if isinstance(s, N.For) and s.parallel and not s.serialize and _trip_count(s) \
+                and _first_trips(s) >= MIN_TRIPS:
             fields = _candidates(s, threads)
             if fields:
                 out.extend(_rewrite(s, fields, names, threads, copies_for, ref_of))
@@ -202,16 +210,17 @@ def _rewrite(loop, fields, names, threads, copies_for, ref_of):
 
     body = map_stmts(loop.body, to_private)
     body, sums_before, sums_after = _chunk_sums(body, _single_element_adds(loop), names)
-    (lo, hi), = loop.bounds
-    n = int(hi.value) - int(lo.value)
+    (lo, hi), *other_bounds = loop.bounds
+    n = _first_trips(loop)
     per = -(-n // min(n, CHUNKS_PER_THREAD * threads))
     chunks = -(-n // per)
     start = B.add(lo, B.mul(chunk, B.const(per, "i32")))
-    inner = N.For(loop.vars, ((start, B.call("min", B.add(start, B.const(per, "i32")), hi)),), body)
+    first = (start, B.call("min", B.add(start, B.const(per, "i32")), hi))
+    inner = N.For(loop.vars, (first, *other_bounds), body)
     what = ", ".join(sorted({r.name for c in comps.values() for r in c.values()}))
     claim = N.Assign(slot.name, N.Call("i32", "claim_slot", (B.load(busy_ref, (B.const(0, "i32"),)),)),
-                     src=_note(loop, f"chunks of {per} iterations, each adding into one thread's "
-                                     f"private copy of {what}"))
+                     src=_note(loop, f"chunks of {per} {'iterations' if not other_bounds else 'rows'}, "
+                                     f"each adding into one thread's private copy of {what}"))
     release = N.Atomic("and", busy_ref, (slot,), B.const(0, "i32"))
     k = B.var(names.fresh("k"), "i32")
     reset = N.For((k.name,), ((B.const(0, "i32"), B.const(threads, "i32")),),
