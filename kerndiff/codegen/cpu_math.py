@@ -39,8 +39,12 @@ REDUCED_BELOW = 120.0
 
 
 @ti.func
-def _poly(r2, c: ti.template()):
-    return ti.f64(c[0]) + r2 * (ti.f64(c[1]) + r2 * (ti.f64(c[2]) + r2 * ti.f64(c[3])))
+def _poly(z, c: ti.template()):
+    """c[0] + c[1] z + c[2] z^2 + ... in double (Horner; unrolled at compile time)."""
+    total = ti.f64(c[ti.static(len(c) - 1)])
+    for k in ti.static(range(len(c) - 2, -1, -1)):
+        total = ti.f64(c[k]) + z * total
+    return total
 
 
 @ti.func
@@ -66,7 +70,7 @@ def sincos(x):
     return s, c
 
 
-TANH_COEFFS = tuple(float.fromhex(h) for h in (  # tanh x = x + x^3 (t1 + t2 x^2 + ... + t6 x^10), |x| < 0.55
+TANH_COEFFS = tuple(float.fromhex(h) for h in (  # tanh x = x + x^3 (t1 + t2 x^2 + ... + t6 x^10)
     "-0x1.555554ce026bep-2", "0x1.1110d0280cccep-3", "-0x1.ba06a0b032dfap-5", "0x1.64ba08140381cp-6",
     "-0x1.12aae3e7cb8c2p-7", "0x1.351a021cfd760p-9"))
 TANH_BY_POLYNOMIAL_BELOW = 0.55
@@ -80,7 +84,5 @@ def tanh_via_exp(x):
     far = 1.0 - 2.0 / (e + 1.0)
     x64 = ti.f64(x)
     x2 = x64 * x64
-    near = x64 + x64 * x2 * (ti.f64(TANH_COEFFS[0]) + x2 * (ti.f64(TANH_COEFFS[1]) + x2 * (
-        ti.f64(TANH_COEFFS[2]) + x2 * (ti.f64(TANH_COEFFS[3]) + x2 * (ti.f64(TANH_COEFFS[4]) + x2 * ti.f64(
-            TANH_COEFFS[5]))))))
+    near = x64 + x64 * x2 * _poly(x2, TANH_COEFFS)
     return ti.f32(ti.select(size < TANH_BY_POLYNOMIAL_BELOW, near, ti.select(x < 0.0, -far, far)))

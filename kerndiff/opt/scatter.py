@@ -37,9 +37,9 @@ thread in a plain parallel loop, but not inside a chunk's serial loop.
 When: a field is privatized in a loop if every access to it there is an atomic add, the loop has
 constant bounds and its first index at least 1024 values (Taichi runs shorter loops on one
 thread; a loop over several indices, `ti.ndrange(B, H)`, is cut into chunks of its first index,
-each running its rows whole), and the loop adds into it at least T/2 times as often as its slice has elements (so the
-extra pass over the T copies costs less than the atomics it saves), within a memory cap;
-otherwise the atomics stay. Adds into a single element (0-d fields, or every index fixed) are
+each running its rows whole), and the loop adds into it at least T/2 times as often as its slice
+has elements (so the extra pass over the T copies costs less than the atomics it saves), within
+a memory cap; otherwise the atomics stay. Adds into a single element (0-d fields, or every index fixed) are
 left to Taichi, which already reduces those per thread.
 """
 from __future__ import annotations
