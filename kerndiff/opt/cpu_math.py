@@ -34,7 +34,7 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, guarded_select, iter_expr, iter_stmts, loads_in,
                        map_stmts, mentions, rebuild_stmt, vars_in)
-from .reciprocal import exact_names, free_args, rewritable
+from .reciprocal import exact_names, free_args, rewritable, rewrite_free
 
 PAIR_OPS = {"sin": "sincos_sin", "cos": "sincos_cos"}
 REPLACED = {"tanh": "tanh_via_exp"}
@@ -63,7 +63,7 @@ def use_cpu_math(ir: N.KernelIR, names, is_derivative) -> N.KernelIR:
 def _with_replacements(s, context):
     if _value(s, context) is None:
         return s
-    return dataclasses.replace(s, value=_rewrite_free(s.value, _replacement))
+    return dataclasses.replace(s, value=rewrite_free(s.value, _replacement))
 
 
 def _replacement(call):
@@ -142,23 +142,6 @@ def _writes(s, var_names, fields):
     return any(isinstance(t, (N.Store, N.Atomic)) and id(t.ref.field) in fields for t in iter_stmts((s,)))
 
 
-def _rewrite_free(e, replacement):
-    """e with each call that replacement(call) gives a replacement for replaced, where the value
-    may change in the last bit (the positions _calls looks at, and the branches of guarded
-    selects: evaluated there or not, the value is the same one)."""
-    if not isinstance(e, N.Call):
-        return e
-    new = replacement(e)
-    if new is not None:
-        return new
-    args = list(e.args)
-    for k in free_args(e):
-        args[k] = _rewrite_free(e.args[k], replacement)
-    if tuple(args) == e.args:
-        return e
-    return B.cast(args[0], e.dtype) if e.op == "cast" else B.call(e.op, *args)
-
-
 def _paired(stmts, arg, context):
     """stmts with the pair computed before them and read in their place. A local assigned once,
     that holds just the sine or the cosine (`t2 = ti.sin(x[i])`) and is not read before that,
@@ -181,6 +164,6 @@ def _paired(stmts, arg, context):
     def read_pair(call):
         return local[call.op] if call.op in PAIR_OPS and call.args == (arg,) else None
 
-    rest = [dataclasses.replace(s, value=_rewrite_free(s.value, read_pair)) if _value(s, context) is not None else s
+    rest = [dataclasses.replace(s, value=rewrite_free(s.value, read_pair)) if _value(s, context) is not None else s
             for k, s in enumerate(stmts) if k not in holders]
     return pair + rest

@@ -97,6 +97,24 @@ def free_args(e):
     return range(1, 3) if e.op == "select" else range(len(e.args))
 
 
+def rewrite_free(e, replacement):
+    """e with each call that replacement(call) gives a replacement for (top-down: a replaced call's
+    arguments are not looked into) replaced, at the positions where the value may change in the
+    last bit (free_args; a guarded select's branches included: evaluated there or not, a value is
+    the same one)."""
+    if not isinstance(e, N.Call):
+        return e
+    new = replacement(e)
+    if new is not None:
+        return new
+    args = list(e.args)
+    for k in free_args(e):
+        args[k] = rewrite_free(e.args[k], replacement)
+    if tuple(args) == e.args:
+        return e
+    return B.cast(args[0], e.dtype) if e.op == "cast" else B.call(e.op, *args)
+
+
 def _divisions(e, denominator_key, out):
     """(key, dtype) of each float division by a local in e, where it may be rewritten."""
     if not isinstance(e, N.Call):
