@@ -107,6 +107,12 @@ def assigned_names(stmts):
     return out
 
 
+def writes_of(s):
+    """(locals, ids of fields) that s, or a statement nested in it, assigns or stores into."""
+    fields = {id(t.ref.field) for t in iter_stmts((s,)) if isinstance(t, (N.Store, N.Atomic))}
+    return assigned_names((s,)), fields
+
+
 def mentioned_names(s):
     """The locals s, or a statement nested in it, reads or assigns."""
     out = set()

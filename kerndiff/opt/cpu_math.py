@@ -32,8 +32,8 @@ from collections import Counter
 
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, guarded_select, iter_expr, iter_stmts, loads_in,
-                       map_stmts, mentions, rebuild_stmt, vars_in)
+from ..ir.walk import (blocks_of, expr_children_of_stmt, guarded_select, iter_expr, iter_stmts, loads_in, map_stmts,
+                       mentions, rebuild_stmt, vars_in, writes_of)
 from .reciprocal import exact_names, free_args, rewritable, rewrite_free
 
 PAIR_OPS = {"sin": "sincos_sin", "cos": "sincos_cos"}
@@ -104,10 +104,11 @@ def _first_pair(stmts, i, context):
     (which does not change e before its last statement is evaluated) takes both of; else None."""
     for op, arg in _calls(stmts[i], context):
         wanted, end = {"sin", "cos"} - {op}, i + 1
-        reads = {v.name for v in vars_in(arg)}, {id(x.ref.field) for x in loads_in(arg)}
+        read_names, read_fields = {v.name for v in vars_in(arg)}, {id(x.ref.field) for x in loads_in(arg)}
         while True:
             wanted -= {o for o, a in _calls(stmts[end - 1], context) if a == arg}
-            if not wanted or end == len(stmts) or _writes(stmts[end - 1], *reads):
+            names, fields = writes_of(stmts[end - 1])
+            if not wanted or end == len(stmts) or names & read_names or fields & read_fields:
                 break
             end += 1
         if not wanted:
@@ -134,12 +135,6 @@ def _calls(s, context):
             out.append((x.op, x.args[0]))
         stack.extend(x.args[k] for k in (() if guarded_select(x) else free_args(x)))
     return out
-
-
-def _writes(s, var_names, fields):
-    if assigned_names((s,)) & var_names:
-        return True
-    return any(isinstance(t, (N.Store, N.Atomic)) and id(t.ref.field) in fields for t in iter_stmts((s,)))
 
 
 def _paired(stmts, arg, context):

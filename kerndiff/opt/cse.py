@@ -12,7 +12,7 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.ops import COMMUTATIVE
 from ..ir.types import is_float
-from ..ir.walk import assigned_names, blocks_of, expr_children, guarded_select, iter_stmts, rebuild_stmt
+from ..ir.walk import assigned_names, blocks_of, expr_children, guarded_select, rebuild_stmt, writes_of
 
 CHEAP = {"neg", "cast"}
 
@@ -51,20 +51,6 @@ def _deps(e, memo):
         got = (tuple(sorted(vs)), tuple(sorted(fs)), e)
         memo[id(e)] = got
     return got[0], got[1]
-
-
-def _writes(s):
-    names, fields = set(), set()
-    if isinstance(s, N.Assign):
-        names.add(s.name)
-    if isinstance(s, (N.Store, N.Atomic)):
-        fields.add(id(s.ref.field))
-    for b in blocks_of(s):
-        names |= assigned_names(b)
-        for x in iter_stmts(b):
-            if isinstance(x, (N.Store, N.Atomic)):
-                fields.add(id(x.ref.field))
-    return names, fields
 
 
 def _exprs(s):
@@ -132,7 +118,7 @@ class CSE:
         for s in stmts:
             for e in _exprs(s):
                 count(e, counts)
-            names, fields = _writes(s)
+            names, fields = writes_of(s)
             for n in names:
                 version[n] = version.get(n, 0) + 1
             for f in fields:
@@ -160,7 +146,7 @@ class CSE:
                 return self._rebuild(e, rewrite)
 
             s2 = self._rewrite_stmt(s, rewrite)
-            names, fields = _writes(s)
+            names, fields = writes_of(s)
             for n in names:
                 version[n] = version.get(n, 0) + 1
             for f in fields:
