@@ -79,7 +79,12 @@ def jax_mod():
 
 def torch_mod():
     """PyTorch on the same processor as Taichi: on the GPU every tensor the workload makes is a
-    CUDA tensor (torch.set_default_device)."""
+    CUDA tensor (torch.set_default_device). Its OpenMP threads sleep when idle
+    (OMP_WAIT_POLICY=PASSIVE, read when torch loads): by default they spin for a while after each
+    operation, and on a 2-core machine the kernel timed next (the interleaved rounds run a
+    kerndiff or Taichi kernel right after a PyTorch call) shared the cores with them: W2's primal
+    measured 12-17 ms so against 6-7 ms alone, which flattered every ratio over a primal."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
     if ARCH == "gpu":
