@@ -419,3 +419,51 @@ def test_a_loop_over_two_indices_is_chunked_by_its_first(runtime):
     np.testing.assert_allclose(kx2, 2 * kx, rtol=1e-12)
     assert np.abs(kw).max() > 1
     check(kk, "reverse", rtol=1e-6, atol=1e-8)
+
+
+@cpu_only("private copies are made on Taichi's CPU backends only")
+def test_a_short_first_index_is_chunked_by_its_second(runtime):
+    """`for b, j in ti.ndrange(3, N)`: too few values of b for the chunks, so a chunk is one b
+    and a run of j (b assigned from the chunk number, no division per iteration), each adding into
+    a private copy; every (b, j) runs exactly once: checked against Taichi's kernel.grad() (random
+    gather indices, so different chunks add into the same elements), twice in a row (the copies
+    are zero again), and against finite differences (harness)."""
+    rng = np.random.default_rng(9)
+    nb, n = 3, 1100  # 3 * 1100 iterations; 1100 is not a multiple of the run length
+    x = ti.field(ti.f64, shape=n, needs_grad=True)
+    w = ti.field(ti.f64, shape=(nb, n), needs_grad=True)
+    idx = ti.field(ti.i32, shape=(nb, n))
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    x.from_numpy(rng.standard_normal(n))
+    w.from_numpy(rng.standard_normal((nb, n)))
+    idx.from_numpy(rng.integers(0, n, (nb, n)).astype(np.int32))
+
+    def gathered():
+        for b, j in ti.ndrange(nb, n):
+            loss[None] += w[b, j] * ti.sin(x[idx[b, j]]) * (b + 1)
+
+    tk, kk = ti.kernel(gathered), kd.kernel(gathered)
+    src = kk.reverse.source
+    threads = ti.lang.impl.current_cfg().cpu_max_num_threads
+    per = -(-n // -(-512 * threads // nb))  # 4 with 2 threads: 275 runs of j per b
+    runs = -(-n // per)
+    assert f"b = chunk // {runs}" in src, src
+    assert f"for j in range(chunk % {runs} * {per}, ti.min(chunk % {runs} * {per} + {per}, {n})):" in src, src
+    assert "x_adj_private[slot, idx[b, j]]" in src and "ti.atomic_add(x_adj" not in src
+
+    def gradients(run, zero_first=True):
+        if zero_first:
+            x.grad.fill(0)
+            w.grad.fill(0)
+        loss.grad[None] = 1.0
+        run()
+        return x.grad.to_numpy(), w.grad.to_numpy()
+
+    tx, tw = gradients(tk.grad)
+    kx, kw = gradients(kk.reverse)
+    kx2, _ = gradients(kk.reverse, zero_first=False)
+    np.testing.assert_allclose(kx, tx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(kw, tw, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(kx2, 2 * kx, rtol=1e-12)
+    assert np.abs(kx).max() > 1
+    check(kk, "reverse", rtol=1e-6, atol=1e-8)

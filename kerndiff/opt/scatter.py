@@ -35,9 +35,10 @@ accumulate in a local per chunk and are added once at its end: Taichi reduces su
 thread in a plain parallel loop, but not inside a chunk's serial loop.
 
 When: a field is privatized in a loop if every access to it there is an atomic add, the loop has
-constant bounds and its first index at least 1024 values (Taichi runs shorter loops on one
-thread; a loop over several indices, `ti.ndrange(B, H)`, is cut into chunks of its first index,
-each running its rows whole), and the loop adds into it at least T/2 times as often as its slice
+constant bounds and at least 1024 iterations (Taichi runs shorter loops on one thread; a loop
+over several indices, `ti.ndrange(B, H)`, is cut into chunks of its first index, each running its
+rows whole, or where the first index has fewer than 1024 values, into chunks of one value of it
+and a run of the second index), and the loop adds into it at least T/2 times as often as its slice
 has elements (so the extra pass over the T copies costs less than the atomics it saves), within
 a memory cap; otherwise the atomics stay. Adds into a single element (0-d fields, or every index fixed) are
 left to Taichi, which already reduces those per thread.
@@ -71,10 +72,38 @@ def _trip_count(loop):
 
 
 def _first_trips(loop):
-    """How many values the loop's first index takes (the chunks split that one; a loop over
-    `ti.ndrange(B, H)` runs each chunk's rows whole)."""
+    """How many values the loop's first index takes."""
     lo, hi = loop.bounds[0]
     return int(hi.value) - int(lo.value)
+
+
+def _chunkable(loop):
+    """Enough iterations for Taichi to spread the loop over its threads, and an index to cut into
+    chunks: the first, or with a short first index (`ti.ndrange(16, 100000)`) the second."""
+    n = _trip_count(loop)
+    return bool(n) and n >= MIN_TRIPS and (_first_trips(loop) >= MIN_TRIPS or len(loop.bounds) > 1)
+
+
+def _chunks(loop, chunk, body, threads):
+    """(number of chunks, the statements that run chunk `chunk`'s iterations of `body`, a note on
+    what a chunk is). A chunk is a run of the first index's values, each with its rows whole; when
+    the first index has too few values to give every thread many chunks, a chunk is one value of
+    it (assigned, not looped over) and a run of the second index's values instead."""
+    (lo, hi), *rest = loop.bounds
+    n, target = _first_trips(loop), CHUNKS_PER_THREAD * threads
+    if n >= MIN_TRIPS or not rest:
+        per = -(-n // min(n, target))
+        start = B.add(lo, B.mul(chunk, B.const(per, "i32")))
+        run = N.For(loop.vars, ((start, B.call("min", B.add(start, B.const(per, "i32")), hi)), *rest), body)
+        return -(-n // per), [run], f"chunks of {per} {'iterations' if not rest else 'rows'}"
+    (lo2, hi2), *more = rest
+    n2 = int(hi2.value) - int(lo2.value)
+    per = -(-n2 // min(n2, -(-target // n)))
+    blocks = -(-n2 // per)
+    row = N.Assign(loop.vars[0], B.add(lo, B.call("floordiv", chunk, B.const(blocks, "i32"))))
+    start = B.add(lo2, B.mul(B.call("mod", chunk, B.const(blocks, "i32")), B.const(per, "i32")))
+    run = N.For(loop.vars[1:], ((start, B.call("min", B.add(start, B.const(per, "i32")), hi2)), *more), body)
+    return n * blocks, [row, run], f"chunks of {per} values of {loop.vars[1]} for one {loop.vars[0]}"
 
 
 def _atomic_weights(body, weight=1):
@@ -182,8 +211,7 @@ def privatize_scatters(ir: N.KernelIR, names, threads: int, copies_for, ref_of) 
     """
     out = []
     for s in ir.body:
-        if isinstance(s, N.For) and s.parallel and not s.serialize and _trip_count(s) \
-                and _first_trips(s) >= MIN_TRIPS:
+        if isinstance(s, N.For) and s.parallel and not s.serialize and _chunkable(s):
             fields = _candidates(s, threads)
             if fields:
                 out.extend(_rewrite(s, fields, names, threads, copies_for, ref_of))
@@ -210,23 +238,16 @@ def _rewrite(loop, fields, names, threads, copies_for, ref_of):
 
     body = map_stmts(loop.body, to_private)
     body, sums_before, sums_after = _chunk_sums(body, _single_element_adds(loop), names)
-    (lo, hi), *other_bounds = loop.bounds
-    n = _first_trips(loop)
-    per = -(-n // min(n, CHUNKS_PER_THREAD * threads))
-    chunks = -(-n // per)
-    start = B.add(lo, B.mul(chunk, B.const(per, "i32")))
-    first = (start, B.call("min", B.add(start, B.const(per, "i32")), hi))
-    inner = N.For(loop.vars, (first, *other_bounds), body)
+    chunks, inner, kind = _chunks(loop, chunk, body, threads)
     what = ", ".join(sorted({r.name for c in comps.values() for r in c.values()}))
     claim = N.Assign(slot.name, N.Call("i32", "claim_slot", (B.load(busy_ref, (B.const(0, "i32"),)),)),
-                     src=_note(loop, f"chunks of {per} {'iterations' if not other_bounds else 'rows'}, "
-                                     f"each adding into one thread's private copy of {what}"))
+                     src=_note(loop, f"{kind}, each adding into one thread's private copy of {what}"))
     release = N.Atomic("and", busy_ref, (slot,), B.const(0, "i32"))
     k = B.var(names.fresh("k"), "i32")
     reset = N.For((k.name,), ((B.const(0, "i32"), B.const(threads, "i32")),),
                   (N.Store(busy_ref, (k,), B.const(0, "i32")),), parallel=True)
     chunked = N.For((chunk.name,), ((B.const(0, "i32"), B.const(chunks, "i32")),),
-                    (claim, *sums_before, inner, *sums_after, release), parallel=True, src=loop.src, tag=loop.tag)
+                    (claim, *sums_before, *inner, *sums_after, release), parallel=True, src=loop.src, tag=loop.tag)
     return [reset, chunked] + _sums(comps, private, plan, names, threads, ref_of, loop)
 
 
