@@ -103,7 +103,8 @@ def _chunks(loop, chunk, body, threads):
     row = N.Assign(loop.vars[0], B.add(lo, B.call("floordiv", chunk, B.const(blocks, "i32"))))
     start = B.add(lo2, B.mul(B.call("mod", chunk, B.const(blocks, "i32")), B.const(per, "i32")))
     run = N.For(loop.vars[1:], ((start, B.call("min", B.add(start, B.const(per, "i32")), hi2)), *more), body)
-    return n * blocks, [row, run], f"chunks of {per} values of {loop.vars[1]} for one {loop.vars[0]}"
+    values = "one value" if per == 1 else f"{per} values"
+    return n * blocks, [row, run], f"chunks of {values} of {loop.vars[1]} for one {loop.vars[0]}"
 
 
 def _atomic_weights(body, weight=1):
