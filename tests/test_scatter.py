@@ -376,6 +376,17 @@ def test_adds_into_one_element_are_merged_only_where_that_is_safe(runtime):
     assert "y[i] += x[i] + x[i] ** 2" in src, src
 
 
+def _gradients(fields, loss, run, zero_first=True):
+    """The gradients of `fields` after `run` with loss's adjoint seeded to 1; zero_first=False
+    adds into what they hold (a second launch must add exactly the same again)."""
+    if zero_first:
+        for f in fields:
+            f.grad.fill(0)
+    loss.grad[None] = 1.0
+    run()
+    return tuple(f.grad.to_numpy() for f in fields)
+
+
 @cpu_only("private copies are made on Taichi's CPU backends only")
 def test_a_loop_over_two_indices_is_chunked_by_its_first(runtime):
     """`for p, j in ti.ndrange(B, H)` (a dense layer): every (p, j) adds into the weights' and the
@@ -402,17 +413,9 @@ def test_a_loop_over_two_indices_is_chunked_by_its_first(runtime):
     assert "for p, j in ti.ndrange((chunk * 2, ti.min(chunk * 2 + 2, 1030)), 4):" in src
     assert "W_adj_private[slot, j, k]" in src and "X_adj_private[slot, p, k]" in src
 
-    def gradients(run, zero_first=True):
-        if zero_first:
-            W.grad.fill(0)
-            X.grad.fill(0)
-        loss.grad[None] = 1.0
-        run()
-        return W.grad.to_numpy(), X.grad.to_numpy()
-
-    tw, tx = gradients(tk.grad)
-    kw, kx = gradients(kk.reverse)
-    kw2, kx2 = gradients(kk.reverse, zero_first=False)  # adds the same again
+    tw, tx = _gradients((W, X), loss, tk.grad)
+    kw, kx = _gradients((W, X), loss, kk.reverse)
+    kw2, kx2 = _gradients((W, X), loss, kk.reverse, zero_first=False)  # adds the same again
     np.testing.assert_allclose(kw, tw, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(kx, tx, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(kw2, 2 * kw, rtol=1e-12)
@@ -451,17 +454,9 @@ def test_a_short_first_index_is_chunked_by_its_second(runtime):
     assert f"for j in range(chunk % {runs} * {per}, ti.min(chunk % {runs} * {per} + {per}, {n})):" in src, src
     assert "x_adj_private[slot, idx[b, j]]" in src and "ti.atomic_add(x_adj" not in src
 
-    def gradients(run, zero_first=True):
-        if zero_first:
-            x.grad.fill(0)
-            w.grad.fill(0)
-        loss.grad[None] = 1.0
-        run()
-        return x.grad.to_numpy(), w.grad.to_numpy()
-
-    tx, tw = gradients(tk.grad)
-    kx, kw = gradients(kk.reverse)
-    kx2, _ = gradients(kk.reverse, zero_first=False)
+    tx, tw = _gradients((x, w), loss, tk.grad)
+    kx, kw = _gradients((x, w), loss, kk.reverse)
+    kx2, _ = _gradients((x, w), loss, kk.reverse, zero_first=False)
     np.testing.assert_allclose(kx, tx, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(kw, tw, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(kx2, 2 * kx, rtol=1e-12)
