@@ -5,7 +5,7 @@ import time
 import numpy as np
 
 from .workloads import WORKLOADS, emit, energy_systems, init_taichi, jax_energy_system, jax_mod, run_systems, \
-    spring_data
+    spring_data, wants
 
 
 # ----------------------------------------------------------------------------- W4
@@ -110,30 +110,31 @@ def w4(args):
         "laplacian": (laplacian, lambda: float(np.sum(uxx.to_numpy() + uyy.to_numpy()))),
         "weight_grad": (weight_grad, lambda: float(np.sum(kd.adjoint(W2).to_numpy() * probe)))})}
 
-    jax = jax_mod()
-    jnp = jax.numpy
-    jw = {k: jnp.asarray(v) for k, v in wv.items()}
+    if wants("jax"):
+        jax = jax_mod()
+        jnp = jax.numpy
+        jw = {k: jnp.asarray(v) for k, v in wv.items()}
 
-    def u_point(w, px, py):
-        a = jnp.tanh(w["W1"] @ jnp.stack([px, py]) + w["b1"])
-        a = jnp.tanh(w["W2"] @ a + w["b2"])
-        a = jnp.tanh(w["W3"] @ a + w["b3"])
-        return w["W4"] @ a + w["b4"]
+        def u_point(w, px, py):
+            a = jnp.tanh(w["W1"] @ jnp.stack([px, py]) + w["b1"])
+            a = jnp.tanh(w["W2"] @ a + w["b2"])
+            a = jnp.tanh(w["W3"] @ a + w["b3"])
+            return w["W4"] @ a + w["b4"]
 
-    def lap_point(w, px, py):
-        uxx = jax.grad(jax.grad(u_point, argnums=1), argnums=1)(w, px, py)
-        uyy = jax.grad(jax.grad(u_point, argnums=2), argnums=2)(w, px, py)
-        return uxx + uyy
+        def lap_point(w, px, py):
+            uxx = jax.grad(jax.grad(u_point, argnums=1), argnums=1)(w, px, py)
+            uyy = jax.grad(jax.grad(u_point, argnums=2), argnums=2)(w, px, py)
+            return uxx + uyy
 
-    jX, jY, jf = jnp.asarray(X), jnp.asarray(Y), jnp.asarray(f)
-    u_all = jax.jit(jax.vmap(u_point, in_axes=(None, 0, 0)))
-    lap_all = jax.jit(jax.vmap(lap_point, in_axes=(None, 0, 0)))
-    res = jax.jit(jax.grad(lambda w: jnp.mean((jax.vmap(lap_point, in_axes=(None, 0, 0))(w, jX, jY) + jf) ** 2)))
-    jprobe = jnp.asarray(probe, dtype=jnp.float32)
-    systems["jax"] = (lambda: None, {
-        "primal": (lambda: u_all(jw, jX, jY).block_until_ready(), lambda: jnp.sum(u_all(jw, jX, jY))),
-        "laplacian": (lambda: lap_all(jw, jX, jY).block_until_ready(), lambda: jnp.sum(lap_all(jw, jX, jY))),
-        "weight_grad": (lambda: res(jw)["W2"].block_until_ready(), lambda: jnp.sum(res(jw)["W2"] * jprobe))})
+        jX, jY, jf = jnp.asarray(X), jnp.asarray(Y), jnp.asarray(f)
+        u_all = jax.jit(jax.vmap(u_point, in_axes=(None, 0, 0)))
+        lap_all = jax.jit(jax.vmap(lap_point, in_axes=(None, 0, 0)))
+        res = jax.jit(jax.grad(lambda w: jnp.mean((jax.vmap(lap_point, in_axes=(None, 0, 0))(w, jX, jY) + jf) ** 2)))
+        jprobe = jnp.asarray(probe, dtype=jnp.float32)
+        systems["jax"] = (lambda: None, {
+            "primal": (lambda: u_all(jw, jX, jY).block_until_ready(), lambda: jnp.sum(u_all(jw, jX, jY))),
+            "laplacian": (lambda: lap_all(jw, jX, jY).block_until_ready(), lambda: jnp.sum(lap_all(jw, jX, jY))),
+            "weight_grad": (lambda: res(jw)["W2"].block_until_ready(), lambda: jnp.sum(res(jw)["W2"] * jprobe))})
     systems["taichi"] = (ti.sync, {"primal": None, "laplacian": None, "weight_grad": None})
     run_systems("W4", systems, 2e-2)
 
@@ -294,18 +295,19 @@ def w6(args):
 
     tk, kk = ti.kernel(energy), kd.kernel(energy)
     systems = energy_systems(ti, kd, kk, tk, q, E, v, u)
-    jax = jax_mod()
-    jnp = jax.numpy
+    if wants("jax"):
+        jax = jax_mod()
+        jnp = jax.numpy
 
-    def jenergy(a0):
-        def step(state, _):
-            a, w = state
-            w = w - dt * (jnp.sin(a) + 0.1 * w)
-            return (a + dt * w, w), None
-        (a, w), _ = jax.lax.scan(step, (a0, jnp.zeros_like(a0)), None, length=steps)
-        return jnp.sum(0.5 * w * w + 1.0 - jnp.cos(a))
+        def jenergy(a0):
+            def step(state, _):
+                a, w = state
+                w = w - dt * (jnp.sin(a) + 0.1 * w)
+                return (a + dt * w, w), None
+            (a, w), _ = jax.lax.scan(step, (a0, jnp.zeros_like(a0)), None, length=steps)
+            return jnp.sum(0.5 * w * w + 1.0 - jnp.cos(a))
 
-    systems["jax"] = jax_energy_system(jax, jenergy, qv, v, u)
+        systems["jax"] = jax_energy_system(jax, jenergy, qv, v, u)
     run_systems("W6", systems, 5e-3)
 
 

@@ -1,6 +1,7 @@
 """Run the benchmark suite: each workload in its own process, then a table and the ratios.
 
-    python -m bench [--quick] [--arch cpu|gpu] [--json PATH] [--only W1,W2] [--markdown PATH]
+    python -m bench [--quick] [--arch cpu|gpu] [--json PATH] [--only W1,W2] [--systems kerndiff,taichi]
+                    [--reps N] [--markdown PATH]
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ TARGETS = [  # (description, numerator, denominator, limit)
 
 def run_workload(name, args, extra=()):
     cmd = [sys.executable, "-m", "bench.workloads", name, "--arch", args.arch] + (["--quick"] if args.quick else [])
-    cmd += list(extra)
+    cmd += list(extra) + (["--systems", args.systems] if args.systems else []) + ["--reps", str(args.reps)]
     env = dict(os.environ)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -121,6 +122,11 @@ def main():
     p.add_argument("--json", help="write all rows as JSON here")
     p.add_argument("--markdown", help="write the report as Markdown here")
     p.add_argument("--only", help="comma-separated workloads (W1..W6, compile)")
+    p.add_argument("--systems", help="comma-separated systems (kerndiff, taichi, jax, torch, torch.compile; "
+                                     "default all): kerndiff,taichi times the kernels alone, as the "
+                                     "targets are checked, without importing JAX or PyTorch")
+    p.add_argument("--reps", type=int, default=7, help="timed rounds per workload (at least 7; this shared "
+                                                       "machine's noise moves 7-round medians by 10-30%%)")
     args = p.parse_args()
     names = args.only.split(",") if args.only else WORKLOADS + ["compile"]
     rows = []

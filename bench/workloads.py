@@ -17,6 +17,13 @@ import numpy as np
 
 REPS = 7
 ARCH = "cpu"  # set by main(): "gpu" puts JAX and PyTorch on the GPU too, beside Taichi
+SYSTEMS = None  # set by main() from --systems: the systems to run (None: all)
+
+
+def wants(*systems):
+    """Whether any of these systems runs (`--systems kerndiff,taichi` leaves JAX and PyTorch
+    unimported: the targets' kernel-against-kernel ratios, measured as they are checked)."""
+    return SYSTEMS is None or any(s in SYSTEMS for s in systems)
 
 
 def emit(**kw):
@@ -31,6 +38,7 @@ def run_systems(workload, systems, rtol, reference=None, truth=None):
     in another group, to check against; truth: {op: the value computed in f64}, which every
     system is then checked against instead of kerndiff's."""
     values, timed = {}, []
+    systems = {name: spec for name, spec in systems.items() if wants(name)}
     for system, (sync, ops) in systems.items():
         for op, spec in ops.items():
             if spec is None:
@@ -208,20 +216,22 @@ def w1(args):
     systems = {"kerndiff": (ti.sync, kd_ops),
                "taichi": (ti.sync, {"primal": rows["taichi"][1]["primal"], "grad": rows["taichi"][1]["grad"]})}
 
-    jax = jax_mod()
-    jnp = jax.numpy
-    jx, jy, jd = jnp.asarray(xv), jnp.asarray(yv), jnp.asarray(d)
-    f = jax.jit(lambda x, y: jnp.sum(jnp.sin(x) * jnp.exp(y)))
-    g = jax.jit(jax.grad(f))
-    jv = jax.jit(lambda x, y, d: jax.jvp(lambda a: f(a, y), (x,), (d,))[1])
-    systems["jax"] = (lambda: None, {
-        "primal": (lambda: f(jx, jy).block_until_ready(), lambda: f(jx, jy)),
-        "grad": (lambda: g(jx, jy).block_until_ready(), lambda: jnp.dot(g(jx, jy), jd)),
-        "jvp": (lambda: jv(jx, jy, jd).block_until_ready(), lambda: jv(jx, jy, jd))})
-    torch = torch_mod()
-    tx, ty, td = torch.tensor(xv, requires_grad=True), torch.tensor(yv), torch.tensor(d)
-    systems.update(torch_systems(torch, lambda a: (torch.sin(a) * torch.exp(ty)).sum(), tx, td, ("jvp", td),
-                                 args.quick))
+    if wants("jax"):
+        jax = jax_mod()
+        jnp = jax.numpy
+        jx, jy, jd = jnp.asarray(xv), jnp.asarray(yv), jnp.asarray(d)
+        f = jax.jit(lambda x, y: jnp.sum(jnp.sin(x) * jnp.exp(y)))
+        g = jax.jit(jax.grad(f))
+        jv = jax.jit(lambda x, y, d: jax.jvp(lambda a: f(a, y), (x,), (d,))[1])
+        systems["jax"] = (lambda: None, {
+            "primal": (lambda: f(jx, jy).block_until_ready(), lambda: f(jx, jy)),
+            "grad": (lambda: g(jx, jy).block_until_ready(), lambda: jnp.dot(g(jx, jy), jd)),
+            "jvp": (lambda: jv(jx, jy, jd).block_until_ready(), lambda: jv(jx, jy, jd))})
+    if wants("torch", "torch.compile"):
+        torch = torch_mod()
+        tx, ty, td = torch.tensor(xv, requires_grad=True), torch.tensor(yv), torch.tensor(d)
+        systems.update(torch_systems(torch, lambda a: (torch.sin(a) * torch.exp(ty)).sum(), tx, td, ("jvp", td),
+                                     args.quick))
     run_systems("W1", systems, 2e-3)
 
 
@@ -305,24 +315,26 @@ def w2(args):
 
     systems = energy_systems(ti, kd, kk, tk, pos, E, v, u)
 
-    jax = jax_mod()
-    jnp = jax.numpy
-    a, b, r = jnp.asarray(endsv[:, 0]), jnp.asarray(endsv[:, 1]), jnp.asarray(restv)
+    if wants("jax"):
+        jax = jax_mod()
+        jnp = jax.numpy
+        a, b, r = jnp.asarray(endsv[:, 0]), jnp.asarray(endsv[:, 1]), jnp.asarray(restv)
 
-    def jenergy(p):
-        d = p[a] - p[b]
-        return jnp.sum(0.5 * (jnp.sqrt(jnp.sum(d * d, axis=1)) - r) ** 2)
+        def jenergy(p):
+            d = p[a] - p[b]
+            return jnp.sum(0.5 * (jnp.sqrt(jnp.sum(d * d, axis=1)) - r) ** 2)
 
-    systems["jax"] = jax_energy_system(jax, jenergy, posv, v, u)
-    torch = torch_mod()
-    ta, tb = torch.tensor(endsv[:, 0].astype(np.int64)), torch.tensor(endsv[:, 1].astype(np.int64))
-    tr, tp = torch.tensor(restv), torch.tensor(posv, requires_grad=True)
+        systems["jax"] = jax_energy_system(jax, jenergy, posv, v, u)
+    if wants("torch", "torch.compile"):
+        torch = torch_mod()
+        ta, tb = torch.tensor(endsv[:, 0].astype(np.int64)), torch.tensor(endsv[:, 1].astype(np.int64))
+        tr, tp = torch.tensor(restv), torch.tensor(posv, requires_grad=True)
 
-    def tenergy(p):
-        d = p[ta] - p[tb]
-        return (0.5 * (torch.sqrt((d * d).sum(1)) - tr) ** 2).sum()
+        def tenergy(p):
+            d = p[ta] - p[tb]
+            return (0.5 * (torch.sqrt((d * d).sum(1)) - tr) ** 2).sum()
 
-    systems.update(torch_systems(torch, tenergy, tp, torch.tensor(u), ("hvp", torch.tensor(v)), args.quick))
+        systems.update(torch_systems(torch, tenergy, tp, torch.tensor(u), ("hvp", torch.tensor(v)), args.quick))
     run_systems("W2", systems, 5e-3)
 
 
@@ -351,27 +363,29 @@ def w3(args):
     tk, kk = ti.kernel(energy), kd.kernel(energy)
 
     systems = energy_systems(ti, kd, kk, tk, pos, E, v, u)
-    jax = jax_mod()
-    jnp = jax.numpy
-    eye = jnp.eye(n, dtype=bool)
+    if wants("jax"):
+        jax = jax_mod()
+        jnp = jax.numpy
+        eye = jnp.eye(n, dtype=bool)
 
-    def jenergy(p):
-        d = p[:, None, :] - p[None, :, :]
-        r2 = jnp.sum(d * d, axis=-1) + 0.01
-        e = jnp.where(eye, 0.0, 1.0 / jnp.sqrt(r2) + 0.1 / r2)
-        return 0.5 * jnp.sum(e)
+        def jenergy(p):
+            d = p[:, None, :] - p[None, :, :]
+            r2 = jnp.sum(d * d, axis=-1) + 0.01
+            e = jnp.where(eye, 0.0, 1.0 / jnp.sqrt(r2) + 0.1 / r2)
+            return 0.5 * jnp.sum(e)
 
-    systems["jax"] = jax_energy_system(jax, jenergy, posv, v, u)
-    torch = torch_mod()
-    tp = torch.tensor(posv, requires_grad=True)
-    teye = torch.eye(n, dtype=torch.bool)
+        systems["jax"] = jax_energy_system(jax, jenergy, posv, v, u)
+    if wants("torch", "torch.compile"):
+        torch = torch_mod()
+        tp = torch.tensor(posv, requires_grad=True)
+        teye = torch.eye(n, dtype=torch.bool)
 
-    def tenergy(p):
-        d = p[:, None, :] - p[None, :, :]
-        r2 = (d * d).sum(-1) + 0.01
-        return 0.5 * torch.where(teye, 0.0, 1.0 / torch.sqrt(r2) + 0.1 / r2).sum()
+        def tenergy(p):
+            d = p[:, None, :] - p[None, :, :]
+            r2 = (d * d).sum(-1) + 0.01
+            return 0.5 * torch.where(teye, 0.0, 1.0 / torch.sqrt(r2) + 0.1 / r2).sum()
 
-    systems.update(torch_systems(torch, tenergy, tp, torch.tensor(u), ("hvp", torch.tensor(v)), args.quick))
+        systems.update(torch_systems(torch, tenergy, tp, torch.tensor(u), ("hvp", torch.tensor(v)), args.quick))
     run_systems("W3", systems, 5e-3)
 
 
@@ -385,10 +399,14 @@ def main():
     p.add_argument("--arch", default="cpu")
     p.add_argument("--cache-dir", default=None, help="compile latency: Taichi offline cache directory")
     p.add_argument("--cache-label", default="off", help="compile latency: cold / warm / off")
+    p.add_argument("--systems", default=None, help="comma-separated systems to run (default: all)")
+    p.add_argument("--reps", type=int, default=REPS, help="timed rounds (at least 7)")
     args = p.parse_args()
     from . import more_workloads  # noqa: F401  (registers W4, W5 and compile latency)
     from . import workloads as registry  # the imported module (this file may be __main__)
     registry.ARCH = args.arch
+    registry.SYSTEMS = set(args.systems.split(",")) if args.systems else None
+    registry.REPS = max(7, args.reps)
     registry.WORKLOADS[args.workload](args)
 
 
