@@ -22,7 +22,9 @@ def base_ir(kernel, templates):
     return got[0]
 
 
-def transform(ir, step, level):
+def transform(ir, step, level, last_reverse=False):
+    """ir after one transform step. last_reverse: no reverse step follows this one (its long
+    loops may then keep checkpoints in helper fields, on the CPU; see Reverse.checkpoint_rows)."""
     from .ad.forward import forward_kernel
     from .ad.reverse import reverse_kernel
     from .ir.walk import without_prints
@@ -33,8 +35,15 @@ def transform(ir, step, level):
     if step == "forward":
         return optimize(forward_kernel(ir, level))
     # "reverse_from_inputs": kd.Tape's variant for kernels that update fields in place
-    rev = reverse_kernel(ir, level, inputs_restored=step == "reverse_from_inputs")
+    rev = reverse_kernel(ir, level, inputs_restored=step == "reverse_from_inputs",
+                         checkpoint_fields=last_reverse and _on_cpu())
     return optimize(dataclasses.replace(rev, body=guard_zero_adds(rev.body)))
+
+
+def _on_cpu():
+    import taichi as ti
+    from taichi.lang import impl
+    return impl.current_cfg().arch in (ti.x64, ti.arm64)
 
 
 def _derivative_state(ir, step, level):
@@ -67,13 +76,14 @@ def kernel_ir(kernel, templates):
         if i > 0 and step != "forward":
             refuse_reading_results(ir, primal, ".".join((kernel.__name__,) + kernel.path[: i + 1]))
         level = kernel.level(i)
-        before = (key, step, level, _derivative_state(ir, step, level))
+        last_reverse = step != "forward" and all(later == "forward" for later in kernel.path[i + 1:])
+        before = (key, step, level, last_reverse, _derivative_state(ir, step, level))
         got = CACHE.get(before)
         if got is not None:
             ir, key = got[0], before
             continue
-        out = transform(ir, step, level)
-        key = (key, step, level, _derivative_state(ir, step, level))
+        out = transform(ir, step, level, last_reverse)
+        key = (key, step, level, last_reverse, _derivative_state(ir, step, level))
         CACHE[key] = (out, ir)  # the input is kept alive: the key holds ids of its fields
         ir = out
     name = "_".join((kernel.__name__,) + kernel.path)

@@ -33,7 +33,9 @@ def _is_float_field(f):
 
 
 def _is_scratch(f):
-    return any(f is v for k, v in REGISTRY.derived.items() if k[0] == "scratch")
+    """kerndiff's helper fields: adjoint accumulators (kept zero between launches) and long loops'
+    checkpoints (written and read back within a launch); neither is an input or an output."""
+    return any(f is v for k, v in REGISTRY.derived.items() if k[0] in ("scratch", "checkpoints"))
 
 
 def signature(K, args=()):

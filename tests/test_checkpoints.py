@@ -1,8 +1,11 @@
-"""Long serial loops whose carried values the backward sweep needs restore them from two levels of
-checkpoints (kerndiff/ad/reverse.py): 16 per segment stack, 16 per sub-segment stack. Checked
-against f64 finite differences at the trip counts where the segment arithmetic could go wrong (no
-trips, fewer trips than checkpoints, exact multiples, one past them, and past 16 x 16, where
-sub-segments get longer than one step), for while loops and nested loops, on every path."""
+"""Long serial loops whose carried values the backward sweep needs restore them from checkpoints
+(kerndiff/ad/reverse.py): for a loop of run-time trips, or in a kernel that a reverse transform
+takes as its input, two levels in locals, 16 per segment stack, 16 per sub-segment stack; for a
+loop of constant trips in a derived kernel on the CPU that nothing reverses again, helper fields
+with one row per parallel iteration. Checked against f64 finite differences at the trip counts
+where the segment arithmetic could go wrong (no trips, fewer trips than checkpoints, exact
+multiples, one past them, and past 16 x 16, where sub-segments get longer than one step), for
+while loops and nested loops, on every path."""
 import re
 
 import numpy as np
@@ -128,3 +131,46 @@ def test_a_long_loop_read_after_it_runs_forward_once(runtime, prefix, mode):
         loops = re.findall(r"^ *for (\w+) in range\(40\):", src, re.MULTILINE)
         assert loops == ["t_ck", "t_rev"], src  # the checkpointing run and the backward sweep
         assert src.index("for t_ck in range(40):") < src.index("# adjoint of: E[None] +="), src
+
+
+def test_checkpoints_in_fields_or_in_locals(runtime, monkeypatch):
+    """A derived kernel that no reverse transform takes as input (k.reverse, k.reverse.forward,
+    k.forward.reverse) keeps a long constant loop's checkpoints in helper fields with one row per
+    parallel iteration, on the CPU: about sqrt(trips) segment starts, and the values at each step
+    of the segment being reversed. k.reverse.reverse's inner reverse keeps them in locals (a
+    reverse pass over it could not read back values that later segments overwrote), and so does a
+    kernel whose fields would exceed their memory budget. Each checked against finite
+    differences."""
+    from kerndiff.ad import reverse
+    q = ti.field(ti.f64, shape=3, needs_grad=True)
+    E = ti.field(ti.f64, shape=(), needs_grad=True)
+    q.from_numpy(np.array([-0.7, 0.2, 0.9]))
+
+    def make():
+        @kd.kernel
+        def pendulum():
+            for i in q:
+                a, w = q[i], 0.0
+                for t in range(100):
+                    w = w - 0.05 * (ti.sin(a) + 0.1 * w)
+                    a = a + 0.05 * w
+                E[None] += 0.5 * w * w + 1.0 - ti.cos(a)
+        return pendulum
+
+    k = make()
+    src = k.reverse.source
+    assert re.search(r"\w+_ck\[i, t_ck // 10\] = \w+", src) and re.search(r"= \w+_seg\[i, t - t_start\]", src), src
+    assert "_ck0" not in src
+    for prefix, mode in PATHS:
+        check_path(k, prefix, mode, rtol=1e-6, atol=1e-8)
+    assert "_ck[i, " in k.reverse.forward.source and "_ck[i, " in k.forward.reverse.source
+    check_path(k, "reverse", "reverse", rtol=1e-5, atol=1e-7)
+    # the inner reverse's checkpoints are locals (their adjoints appear); the outer reverse, which
+    # nothing reverses again, keeps its own long loops' checkpoints in fields
+    outer = k.reverse.reverse.source
+    assert "_ck0_" in outer and "_ck[i, " in outer, outer
+
+    monkeypatch.setattr(reverse, "CHECKPOINT_FIELD_BYTES", 64)  # 3 rows x 20 values x 8 bytes do not fit
+    small = make()
+    assert "_ck0" in small.reverse.source and "_ck[" not in small.reverse.source
+    check_path(small, "", "reverse", rtol=1e-6, atol=1e-8)

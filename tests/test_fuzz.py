@@ -238,22 +238,29 @@ CARRIED_EXAMPLE = "\n".join(["a = x[i] * 0.7", "if a > 0.1:", "    a = a * a", "
 
 
 @settings(settings.get_profile(PROFILE))
-@given(body=kernels())
-@example(body=CARRIED_EXAMPLE)
-def test_random_kernels_with_checkpoints(fields, body, monkeypatch):
-    """The same kernels with the checkpointed loop reversal forced on their 0-6 trip loops, with 2
-    checkpoints per level, so that segments, sub-segments longer than one step and the partial
-    last ones all occur."""
+@given(body=kernels(), in_fields=st.booleans())
+@example(body=CARRIED_EXAMPLE, in_fields=True)
+@example(body=CARRIED_EXAMPLE, in_fields=False)
+def test_random_kernels_with_checkpoints(fields, body, in_fields, monkeypatch):
+    """The same kernels with the checkpointed loop reversal forced on their 0-6 trip loops: with
+    2 checkpoints per level in locals, so that segments, sub-segments longer than one step and the
+    partial last ones all occur, or (in_fields) in helper fields with a row per parallel
+    iteration, segments of ceil(sqrt(trips)) steps (as derived kernels that no reverse transform
+    takes as input get them on the CPU; the others, k.reverse.reverse's inner reverse, keep
+    locals either way)."""
+    from kerndiff import pipeline
     from kerndiff.ad import reverse
     monkeypatch.setattr(reverse, "CHECKPOINTS", 2)
     monkeypatch.setattr(reverse.Reverse, "worth_checkpoints", staticmethod(lambda trips: True))
+    if not in_fields:
+        monkeypatch.setattr(pipeline, "_on_cpu", lambda: False)
     k = check_random_kernel(fields, body)
     COUNT.append(1)
-    if "_ck0" in k.reverse.source:
-        CHECKPOINTED.append(1)
+    CHECKPOINTED.append("_ck[" in k.reverse.source)
+    CHECKPOINTED_IN_LOCALS.append("_ck0" in k.reverse.source)
 
 
-CHECKPOINTED = []
+CHECKPOINTED, CHECKPOINTED_IN_LOCALS = [], []
 
 
 @ti.func
@@ -298,7 +305,8 @@ def test_private_copies_were_exercised():
     assert PAIRED, "no random kernel's reverse took a sine and a cosine from one call"
     assert PRIVATIZED, "no random kernel scattered through private copies"
     assert SLICED, "no random kernel scattered into a slice (y[1, idx[i]]) through copies of the slice"
-    assert CHECKPOINTED, "no random kernel reversed its loop from checkpoints"
+    assert any(CHECKPOINTED), "no random kernel reversed its loop from checkpoints in fields"
+    assert any(CHECKPOINTED_IN_LOCALS), "no random kernel reversed its loop from checkpoints in locals"
 
 
 def teardown_module():

@@ -18,6 +18,7 @@ outer locals that parallel iterations contribute to go through a 0-d scratch fie
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ..errors import KernDiffError
 from ..ir import build as B
@@ -34,15 +35,19 @@ from .ssa import to_ssa
 
 # Checkpoints kept per long serial loop whose carried values the backward sweep needs.
 CHECKPOINTS = 16
+# Memory for checkpoints in helper fields (Reverse.checkpoint_rows), per kernel.
+CHECKPOINT_FIELD_BYTES = 64 << 20
 
 
 class Reverse:
-    def __init__(self, names, adj_of_field, varied, loops, scratch):
+    def __init__(self, names, adj_of_field, varied, loops, scratch, rows=None):
         self.names = names
         self.adj_of_field = adj_of_field
         self.varied = varied
         self.loops = loops          # id(loop) -> LoopInfo from SSA
         self.scratch = scratch      # (var name, dtype) -> 0-d FieldRef
+        self.rows = rows            # (name, dtype, shape) -> FieldRef of a checkpoint field, or None
+        self.parallel = []          # the enclosing parallel loops (one: Taichi's outermost)
         self.adj = {}
         self.dtypes = {}
         self.outer_stack = []       # per enclosing parallel loop: {adj name: scratch ref}
@@ -253,10 +258,12 @@ class Reverse:
         inner = assigned_names(s.body) | set(s.vars)
         frame = {"inner": inner, "scratch": {}}
         self.outer_stack.append(frame)
+        self.parallel.append(s)
         recomputed = list(self.recompute(s.body))
         backward = self.backward(s.body)
         recomputed, backward = self.fuse_checkpoint_runs(s.body, recomputed, backward)
         body = self.zero_inits(s.body) + recomputed + backward
+        self.parallel.pop()
         self.outer_stack.pop()
         if s.serialize:
             # ti.loop_config(serialize=True): trips may depend on earlier ones (y[i] = f(y[i - 1])),
@@ -333,7 +340,11 @@ class Reverse:
         prologue, fusable = [], False
         if any(c in used for c in carried):
             if isinstance(trips, N.Const):
-                if self.worth_checkpoints(trips):
+                rows = self.checkpoint_rows(s, info, var, lo, hi) if self.worth_checkpoints(trips) else None
+                if rows is not None:
+                    prologue, restore = rows
+                    fusable = True
+                elif self.worth_checkpoints(trips):
                     prologue, restore = self.checkpoints(s, info, var, lo, hi)
                     fusable = True
                 else:
@@ -410,6 +421,82 @@ class Reverse:
         """Checkpoints pay off for a loop of more than 2 x CHECKPOINTS trips (a constant here;
         back_loop decides at run time where the trip count is not)."""
         return trips.value > 2 * CHECKPOINTS
+
+    def row(self):
+        """(this parallel iteration's row, the number of rows): its loop indices flattened, for
+        helper fields with one row per iteration; None where the loop's bounds are not constants
+        or the body reassigns an index. Outside any parallel loop, the one row 0."""
+        if not self.parallel:
+            return B.const(0, "i32"), 1
+        loop = self.parallel[-1]
+        if any(not (isinstance(a, N.Const) and isinstance(b, N.Const)) for a, b in loop.bounds) \
+                or set(loop.vars) & assigned_names(loop.body):
+            return None
+        row, rows = B.const(0, "i32"), 1
+        for v, (a, b) in zip(loop.vars, loop.bounds):
+            n = int(b.value) - int(a.value)
+            row = B.add(B.mul(row, B.const(n, "i32")), B.sub(B.var(v, "i32"), a))
+            rows *= n
+        return row, rows
+
+    def checkpoint_rows(self, s, info, var, lo, hi):
+        """(prologue, restore) for a long loop of constant trips with its carried values kept in
+        helper fields with one row per parallel iteration (self.rows; None where there are none:
+        the locals of `checkpoints` then hold them). The prologue runs the loop once and stores
+        the values at the start of each of about sqrt(trips) segments; the backward sweep, on
+        reaching a segment's last step, runs through the segment once storing the values at the
+        start of each of its steps, and every backward iteration reads its step's values back.
+        Two forward steps per step and no recomputation beyond (the locals' two levels of 16
+        checkpoints, shifted like a stack, cost about 3.5 at a thousand steps), for
+        rows x 2 sqrt(trips) values per carried local."""
+        where = self.row() if self.rows is not None else None
+        if where is None:
+            return None
+        row, rows = where
+        i32 = "i32"
+        trips = int(hi.value) - int(lo.value)
+        seg = max(1, math.isqrt(trips - 1) + 1)
+        count = -(-trips // seg)
+        fields = {}
+        for c, dt, _ in info.carried:
+            # fresh names: nested loops may carry the same local, and each loop needs fields of its own
+            starts = self.rows(self.names.fresh(f"{c}_ck"), dt, (rows, count))
+            steps = self.rows(self.names.fresh(f"{c}_seg"), dt, (rows, seg))
+            if starts is None or steps is None:
+                return None
+            fields[c] = (dt, starts, steps)
+        tag = dict(src=s.src, tag="checkpoint")
+        seg_c = B.const(seg, i32)
+
+        def store(ref, at, c, dt):
+            return N.Store(ref, (row, at), B.var(c, dt), **tag)
+
+        j = self.names.fresh(f"{var}_ck")
+        off = B.sub(B.var(j, i32), lo)
+        keep = tuple(store(starts, B.call("floordiv", off, seg_c), c, dt) for c, (dt, starts, _) in fields.items())
+        body = (N.If(B.call("eq", B.call("mod", off, seg_c), B.const(0, i32)), keep, (), **tag),) + \
+            tuple(self.own_names(self.carried_step(s, info, j), info))
+        prologue = [N.Assign(c, init, **tag) for c, _, init in info.carried]
+        prologue.append(N.For((j,), ((lo, hi),), body, **tag))
+        # Backward, at var: entering a segment from above -> run through it from its checkpoint,
+        # storing the values at each step's start; then read var's.
+        v = B.var(var, i32)
+        seg_start = self.names.fresh(f"{var}_start")
+        start_v = B.var(seg_start, i32)
+        last = B.call("or", B.call("eq", B.call("mod", B.add(B.sub(v, lo), B.const(1, i32)), seg_c),
+                                   B.const(0, i32)), B.call("eq", B.add(v, B.const(1, i32)), hi))
+        u = self.names.fresh(f"{var}_seg")
+        run = tuple(store(steps, B.sub(B.var(u, i32), start_v), c, dt) for c, (dt, _, steps) in fields.items()) + \
+            tuple(self.own_names(self.carried_step(s, info, u), info))
+        rebuild = tuple(N.Assign(c, B.load(starts, (row, B.call("floordiv", B.sub(v, lo), seg_c))), **tag)
+                        for c, (dt, starts, _) in fields.items()) + \
+            (N.For((u,), ((start_v, v),), run, **tag),) + \
+            tuple(store(steps, B.sub(v, start_v), c, dt) for c, (dt, _, steps) in fields.items())
+        restore = [N.Assign(seg_start, B.add(lo, B.mul(B.call("floordiv", B.sub(v, lo), seg_c), seg_c)), **tag),
+                   N.If(last, rebuild, (), **tag)]
+        restore += [N.Assign(c, B.load(steps, (row, B.sub(v, start_v))), **tag)
+                    for c, (dt, _, steps) in fields.items()]
+        return prologue, restore
 
     def checkpoints(self, s, info, var, lo, hi):
         """(prologue, restore) for a long loop, with two levels of checkpoints held in locals.
@@ -512,10 +599,13 @@ def local_dtypes(stmts, params=()):
     return out
 
 
-def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False) -> N.KernelIR:
+def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False, checkpoint_fields=False) -> N.KernelIR:
     """The reverse-mode (VJP) kernel of `ir` at derivative level `level`. inputs_restored: the
     caller restores the fields of owned.restorable_fields(ir) to their values from before the
-    launch (kd.Tape does), so the kernel may have overwritten them."""
+    launch (kd.Tape does), so the kernel may have overwritten them. checkpoint_fields: long loops
+    may keep their checkpoints in helper fields (Reverse.checkpoint_rows), which a reverse pass
+    over this kernel could not read back (each segment's values overwrite the last's): only for
+    a kernel no reverse transform will take as its input."""
     from ..ir.walk import used_names
     from ..runtime.registry import REGISTRY
     from .names import NameAllocator
@@ -532,7 +622,17 @@ def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False) -> N.Kerne
         f = REGISTRY.scratch(("scratch", ir.name, name, dtype, level), dtype)
         return REGISTRY.ref(f, (), name + "_acc")
 
-    rev = Reverse(names, adj_of_field, varied, ssa.loops, scratch)
+    budget = [CHECKPOINT_FIELD_BYTES]
+
+    def rows(name, dtype, shape):
+        size = math.prod(shape) * (8 if dtype in ("f64", "i64", "u64") else 4)
+        if size > budget[0]:
+            return None
+        budget[0] -= size
+        f = REGISTRY.scratch(("checkpoints", ir.name, name, dtype, shape, level), dtype, shape)
+        return REGISTRY.ref(f, (), name)
+
+    rev = Reverse(names, adj_of_field, varied, ssa.loops, scratch, rows if checkpoint_fields else None)
     cot_params = []
     for d in ir.returns:
         cot_params.append(N.Param(names.fresh("ret_adj"), d))

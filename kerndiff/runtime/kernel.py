@@ -95,7 +95,7 @@ class Kernel:
         templates, _, _ = self._bind(args, kwargs)
         entry = self._compiled(templates)
         if "restorable" not in entry:
-            entry["restorable"] = restorable_fields(entry["ir"])
+            entry["restorable"] = [f for f in restorable_fields(entry["ir"]) if not REGISTRY.internal(f)]
         return entry["restorable"]
 
     def level(self, step_index=None):
@@ -221,10 +221,10 @@ class Kernel:
         from ..ad.activity import read_refs, written_fields
         templates, _, _ = self._bind(args, kwargs)
         ir = self._compiled(templates)["ir"]  # this kernel's own (transformed) IR
-        written = written_fields(ir.body)
+        written = [f for f in written_fields(ir.body) if not REGISTRY.internal(f)]
         read_ = []
         for r in read_refs(ir.body):
-            if not any(r.field is f for f in written + read_):
+            if not REGISTRY.internal(r.field) and not any(r.field is f for f in written + read_):
                 read_.append(r.field)
         return written, read_
 
@@ -237,7 +237,7 @@ class Kernel:
             entry["footprints"] = footprints(entry["ir"])
         values = {n: v for n, _, v in scalars}
         values.update({p.name: 1.0 for p in entry["ir"].params if p.name not in values})
-        return [(f, kind, concrete(p, values)) for f, kind, p in entry["footprints"]]
+        return [(f, kind, concrete(p, values)) for f, kind, p in entry["footprints"] if not REGISTRY.internal(f)]
 
     def _compiled(self, templates):
         from ..codegen.load import compile_source, generate

@@ -167,6 +167,13 @@ class Registry:
         any other field: error messages explain kerndiff's own helper fields differently."""
         return self.scratch_kinds.get(id(field))
 
+    def internal(self, field):
+        """A helper field whose values live within one launch (a long loop's checkpoints, see
+        ad.reverse.Reverse.checkpoint_rows): not an input or output of the kernel that uses it, so
+        Kernel.fields, footprint and restorable_fields leave it out (kd.Tape neither snapshots it
+        nor gives it an adjoint; the reverse of such a kernel is built without it)."""
+        return self.scratch_kinds.get(id(field)) == "checkpoints"
+
     def private_copies(self, specs, threads: int):
         """T private copies of each (field, shape, offset) in specs (shape (T,) + that shape: the
         field's own, or the slice of it a loop adds into, indexed from 0 for the slot and from
