@@ -6,12 +6,14 @@ The code is first put in SSA form (ssa.py). A block then reverses as
     sweep backward over its statements, applying the rule table's partials.
 An `if` reverses branch by branch under the same condition. A serial loop reverses by running its
 trip range backward; each backward iteration recomputes its body's primal values. Loop-carried
-values the backward sweep needs are restored by recomputation, memory-free: a short loop from its
-entry; a long one from two levels of 16 checkpoints kept in locals (segments, then the
-sub-segments of the segment being reversed), so the whole sweep costs a few forward passes plus
-trips²/512 body steps instead of trips²/2 (the run that stores the checkpoints also stands in for
-the loop's plain forward run where the statements after it need its values); loops whose carried
-values are only accumulated need nothing. A
+values the backward sweep needs are restored by recomputation: a short loop from its entry; a
+long one from two levels of 16 checkpoints kept in locals (segments, then the sub-segments of the
+segment being reversed), so the whole sweep costs a few forward passes plus trips²/512 body steps
+instead of trips²/2, or, in a kernel that no reverse transform takes as input, on the CPU, from
+checkpoints in helper fields with a row per parallel iteration (checkpoint_rows: two forward
+passes). The run that stores the checkpoints also stands in for the loop's plain forward run
+where the statements after it need its values; loops whose carried values are only accumulated
+need nothing. A
 parallel (outermost) loop keeps its header and reverses its body per iteration. Adjoints of
 outer locals that parallel iterations contribute to go through a 0-d scratch field atomically.
 """
