@@ -35,7 +35,7 @@ def _is_float_field(f):
 def _is_scratch(f):
     """kerndiff's helper fields: adjoint accumulators (kept zero between launches) and long loops'
     checkpoints (written and read back within a launch); neither is an input or an output."""
-    return any(f is v for k, v in REGISTRY.derived.items() if k[0] in ("scratch", "checkpoints"))
+    return any(f is v for k, v in REGISTRY.derived.items() if k[0] == "scratch") or REGISTRY.internal(f)
 
 
 def signature(K, args=()):

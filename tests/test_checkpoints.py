@@ -136,11 +136,11 @@ def test_a_long_loop_read_after_it_runs_forward_once(runtime, prefix, mode):
 def test_checkpoints_in_fields_or_in_locals(runtime, monkeypatch):
     """A derived kernel that no reverse transform takes as input (k.reverse, k.reverse.forward,
     k.forward.reverse) keeps a long constant loop's checkpoints in helper fields with one row per
-    parallel iteration, on the CPU: about sqrt(trips) segment starts, and the values at each step
-    of the segment being reversed. k.reverse.reverse's inner reverse keeps them in locals (a
-    reverse pass over it could not read back values that later segments overwrote), and so does a
-    kernel whose fields would exceed their memory budget. Each checked against finite
-    differences."""
+    parallel iteration, on the CPU: every step's values where they fit the memory budget, else
+    about sqrt(trips) segment starts and the values at each step of the segment being reversed.
+    k.reverse.reverse's inner reverse keeps them in locals (a reverse pass over it could not read
+    back values that later segments overwrote), and so does a kernel whose fields would not fit at
+    all. Each checked against finite differences on every path."""
     from kerndiff.ad import reverse
     q = ti.field(ti.f64, shape=3, needs_grad=True)
     E = ti.field(ti.f64, shape=(), needs_grad=True)
@@ -157,10 +157,11 @@ def test_checkpoints_in_fields_or_in_locals(runtime, monkeypatch):
                 E[None] += 0.5 * w * w + 1.0 - ti.cos(a)
         return pendulum
 
+    # every step: 3 rows x 100 steps x the angle (the backward sweep reads no velocity): 2400 bytes
     k = make()
     src = k.reverse.source
-    assert re.search(r"\w+_ck\[i, t_ck // 10\] = \w+", src) and re.search(r"= \w+_seg\[i, t - t_start\]", src), src
-    assert "_ck0" not in src
+    assert re.search(r"\w+_ck\[i, t_ck\] = \w+", src) and re.search(r"= \w+_ck\[i, t\]", src), src
+    assert "_seg[" not in src and "_ck0" not in src, src
     for prefix, mode in PATHS:
         check_path(k, prefix, mode, rtol=1e-6, atol=1e-8)
     assert "_ck[i, " in k.reverse.forward.source and "_ck[i, " in k.forward.reverse.source
@@ -170,7 +171,15 @@ def test_checkpoints_in_fields_or_in_locals(runtime, monkeypatch):
     outer = k.reverse.reverse.source
     assert "_ck0_" in outer and "_ck[i, " in outer, outer
 
-    monkeypatch.setattr(reverse, "CHECKPOINT_FIELD_BYTES", 64)  # 3 rows x 20 values x 8 bytes do not fit
+    # segments: 3 rows x (10 starts + 10 steps) x angle and velocity: 960 bytes
+    monkeypatch.setattr(reverse, "CHECKPOINT_FIELD_BYTES", 1000)
+    segmented = make()
+    src = segmented.reverse.source
+    assert re.search(r"\w+_ck\[i, t_ck // 10\] = \w+", src) and re.search(r"= \w+_seg\[i, t - t_start\]", src), src
+    for prefix, mode in PATHS:
+        check_path(segmented, prefix, mode, rtol=1e-6, atol=1e-8)
+
+    monkeypatch.setattr(reverse, "CHECKPOINT_FIELD_BYTES", 64)
     small = make()
     assert "_ck0" in small.reverse.source and "_ck[" not in small.reverse.source
     check_path(small, "", "reverse", rtol=1e-6, atol=1e-8)

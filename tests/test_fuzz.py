@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import kerndiff as kd
 from harness import check
+from kerndiff.pipeline import _on_cpu as pipeline_on_cpu
 
 N = 3
 LONG = os.environ.get("KERNDIFF_FUZZ") == "long"
@@ -238,29 +239,33 @@ CARRIED_EXAMPLE = "\n".join(["a = x[i] * 0.7", "if a > 0.1:", "    a = a * a", "
 
 
 @settings(settings.get_profile(PROFILE))
-@given(body=kernels(), in_fields=st.booleans())
-@example(body=CARRIED_EXAMPLE, in_fields=True)
-@example(body=CARRIED_EXAMPLE, in_fields=False)
-def test_random_kernels_with_checkpoints(fields, body, in_fields, monkeypatch):
+@given(body=kernels(), where=st.sampled_from(["locals", "every step", "segments"]))
+@example(body=CARRIED_EXAMPLE, where="locals")
+@example(body=CARRIED_EXAMPLE, where="every step")
+@example(body=CARRIED_EXAMPLE, where="segments")
+def test_random_kernels_with_checkpoints(fields, body, where, monkeypatch):
     """The same kernels with the checkpointed loop reversal forced on their 0-6 trip loops: with
     2 checkpoints per level in locals, so that segments, sub-segments longer than one step and the
-    partial last ones all occur, or (in_fields) in helper fields with a row per parallel
-    iteration, segments of ceil(sqrt(trips)) steps (as derived kernels that no reverse transform
-    takes as input get them on the CPU; the others, k.reverse.reverse's inner reverse, keep
-    locals either way)."""
+    partial last ones all occur, or in helper fields with a row per parallel iteration (as derived
+    kernels that no reverse transform takes as input get them on the CPU; the others,
+    k.reverse.reverse's inner reverse, keep locals either way): every step's values, or segments
+    of ceil(sqrt(trips)) steps."""
     from kerndiff import pipeline
     from kerndiff.ad import reverse
     monkeypatch.setattr(reverse, "CHECKPOINTS", 2)
     monkeypatch.setattr(reverse.Reverse, "worth_checkpoints", staticmethod(lambda trips: True))
-    if not in_fields:
-        monkeypatch.setattr(pipeline, "_on_cpu", lambda: False)
+    # (one monkeypatch serves all of hypothesis's examples: set both every time)
+    monkeypatch.setattr(pipeline, "_on_cpu", (lambda: False) if where == "locals" else _ON_CPU)
+    monkeypatch.setattr(reverse.Reverse, "every_step", where == "every step")
     k = check_random_kernel(fields, body)
     COUNT.append(1)
-    CHECKPOINTED.append("_ck[" in k.reverse.source)
-    CHECKPOINTED_IN_LOCALS.append("_ck0" in k.reverse.source)
+    src = k.reverse.source
+    CHECKPOINTED[where] = CHECKPOINTED.get(where, False) or ("_ck0" if where == "locals" else
+                                                             "_seg[" if where == "segments" else "_ck[") in src
 
 
-CHECKPOINTED, CHECKPOINTED_IN_LOCALS = [], []
+CHECKPOINTED = {}
+_ON_CPU = pipeline_on_cpu  # the real test, restored between examples
 
 
 @ti.func
@@ -305,8 +310,8 @@ def test_private_copies_were_exercised():
     assert PAIRED, "no random kernel's reverse took a sine and a cosine from one call"
     assert PRIVATIZED, "no random kernel scattered through private copies"
     assert SLICED, "no random kernel scattered into a slice (y[1, idx[i]]) through copies of the slice"
-    assert any(CHECKPOINTED), "no random kernel reversed its loop from checkpoints in fields"
-    assert any(CHECKPOINTED_IN_LOCALS), "no random kernel reversed its loop from checkpoints in locals"
+    for where in ("locals", "every step", "segments"):
+        assert CHECKPOINTED.get(where), f"no random kernel reversed its loop from checkpoints ({where})"
 
 
 def teardown_module():

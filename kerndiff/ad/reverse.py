@@ -37,8 +37,9 @@ from .ssa import to_ssa
 
 # Checkpoints kept per long serial loop whose carried values the backward sweep needs.
 CHECKPOINTS = 16
-# Memory for checkpoints in helper fields (Reverse.checkpoint_rows), per kernel.
-CHECKPOINT_FIELD_BYTES = 64 << 20
+# Memory for checkpoints in helper fields (Reverse.checkpoint_rows), per kernel: every step's
+# values where they fit (W6: 8192 pendulums x 1000 steps x 2 values, 66 MB), else sqrt(trips).
+CHECKPOINT_FIELD_BYTES = 128 << 20
 
 
 class Reverse:
@@ -249,6 +250,7 @@ class Reverse:
         return name in self.carried_names
 
     carried_names = frozenset()
+    every_step = True  # checkpoint_rows may keep every step's values (tests turn it off)
 
     def back_parallel(self, s):
         from .minmax import minmax_atomics, reverse_loop
@@ -342,7 +344,7 @@ class Reverse:
         prologue, fusable = [], False
         if any(c in used for c in carried):
             if isinstance(trips, N.Const):
-                rows = self.checkpoint_rows(s, info, var, lo, hi) if self.worth_checkpoints(trips) else None
+                rows = self.checkpoint_rows(s, info, var, lo, hi, used) if self.worth_checkpoints(trips) else None
                 if rows is not None:
                     prologue, restore = rows
                     fusable = True
@@ -441,31 +443,39 @@ class Reverse:
             rows *= n
         return row, rows
 
-    def checkpoint_rows(self, s, info, var, lo, hi):
+    def checkpoint_rows(self, s, info, var, lo, hi, used):
         """(prologue, restore) for a long loop of constant trips with its carried values kept in
-        helper fields with one row per parallel iteration (self.rows; None where there are none:
-        the locals of `checkpoints` then hold them). The prologue runs the loop once and stores
-        the values at the start of each of about sqrt(trips) segments; the backward sweep, on
-        reaching a segment's last step, runs through the segment once storing the values at the
-        start of each of its steps, and every backward iteration reads its step's values back.
-        Two forward steps per step and no recomputation beyond (the locals' two levels of 16
-        checkpoints, shifted like a stack, cost about 3.5 at a thousand steps), for
-        rows x 2 sqrt(trips) values per carried local."""
+        helper fields with one row per parallel iteration (self.rows; None where there are none or
+        they would not fit: the locals of `checkpoints` then hold them). Where every step fits,
+        the prologue stores the values the backward sweep reads (`used`) at each step and every
+        backward iteration reads its step's back: one forward pass (W6: 8192 x 1000 x 2 values,
+        66 MB). Otherwise the prologue stores all carried values at the start of each of about
+        sqrt(trips) segments, and the backward sweep, on reaching a segment's last step, runs
+        through the segment once storing the values at the start of each of its steps: two
+        forward passes, for rows x 2 sqrt(trips) values per carried local. (The locals' two levels
+        of 16 checkpoints, shifted like a stack, cost about 3.5 at a thousand steps.)"""
         where = self.row() if self.rows is not None else None
         if where is None:
             return None
         row, rows = where
         i32 = "i32"
         trips = int(hi.value) - int(lo.value)
-        seg = max(1, math.isqrt(trips - 1) + 1)
+        # every step's values of the carried locals the backward sweep reads, where they fit:
+        # nothing to run through again
+        kept = [(c, dt) for c, dt, _ in info.carried if c in used]
+        if self.every_step and self.rows.fits(rows * sum(_itemsize(dt) for _, dt in kept) * trips):
+            seg = 1
+        else:  # the segments are run through again: all carried locals are needed
+            seg = max(1, math.isqrt(trips - 1) + 1)
+            kept = [(c, dt) for c, dt, _ in info.carried]
         count = -(-trips // seg)
+        if not self.rows.fits(rows * sum(_itemsize(dt) for _, dt in kept) * (count + (seg if seg > 1 else 0))):
+            return None
         fields = {}
-        for c, dt, _ in info.carried:
+        for c, dt in kept:
             # fresh names: nested loops may carry the same local, and each loop needs fields of its own
-            starts = self.rows(self.names.fresh(f"{c}_ck"), dt, (rows, count))
-            steps = self.rows(self.names.fresh(f"{c}_seg"), dt, (rows, seg))
-            if starts is None or steps is None:
-                return None
+            starts = self.rows.make(self.names.fresh(f"{c}_ck"), dt, (rows, count))
+            steps = self.rows.make(self.names.fresh(f"{c}_seg"), dt, (rows, seg)) if seg > 1 else None
             fields[c] = (dt, starts, steps)
         tag = dict(src=s.src, tag="checkpoint")
         seg_c = B.const(seg, i32)
@@ -480,6 +490,9 @@ class Reverse:
             tuple(self.own_names(self.carried_step(s, info, j), info))
         prologue = [N.Assign(c, init, **tag) for c, _, init in info.carried]
         prologue.append(N.For((j,), ((lo, hi),), body, **tag))
+        if seg == 1:
+            return prologue, [N.Assign(c, B.load(starts, (row, B.sub(B.var(var, i32), lo))), **tag)
+                              for c, (dt, starts, _) in fields.items()]
         # Backward, at var: entering a segment from above -> run through it from its checkpoint,
         # storing the values at each step's start; then read var's.
         v = B.var(var, i32)
@@ -624,17 +637,8 @@ def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False, checkpoint
         f = REGISTRY.scratch(("scratch", ir.name, name, dtype, level), dtype)
         return REGISTRY.ref(f, (), name + "_acc")
 
-    budget = [CHECKPOINT_FIELD_BYTES]
-
-    def rows(name, dtype, shape):
-        size = math.prod(shape) * (8 if dtype in ("f64", "i64", "u64") else 4)
-        if size > budget[0]:
-            return None
-        budget[0] -= size
-        f = REGISTRY.scratch(("checkpoints", ir.name, name, dtype, shape, level), dtype, shape)
-        return REGISTRY.ref(f, (), name)
-
-    rev = Reverse(names, adj_of_field, varied, ssa.loops, scratch, rows if checkpoint_fields else None)
+    rows = CheckpointFields(ir.name, level) if checkpoint_fields else None
+    rev = Reverse(names, adj_of_field, varied, ssa.loops, scratch, rows)
     cot_params = []
     for d in ir.returns:
         cot_params.append(N.Param(names.fresh("ret_adj"), d))
@@ -642,6 +646,29 @@ def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False, checkpoint
     out = rev.zero_inits(body) + list(rev.recompute(body)) + rev.backward(body)
     return dataclasses.replace(ir, name=f"{ir.name}_rev", body=tuple(out),
                                params=tuple(ir.params) + tuple(cot_params), returns=())
+
+
+class CheckpointFields:
+    """Helper fields for one kernel's checkpoints (Reverse.checkpoint_rows), within a memory budget
+    of CHECKPOINT_FIELD_BYTES."""
+
+    def __init__(self, kernel_name, level):
+        self.kernel_name, self.level = kernel_name, level
+        self.left = CHECKPOINT_FIELD_BYTES
+
+    def fits(self, nbytes):
+        return nbytes <= self.left
+
+    def make(self, name, dtype, shape):
+        from ..runtime.registry import REGISTRY
+        self.left -= math.prod(shape) * _itemsize(dtype)
+        f = REGISTRY.scratch(("checkpoints", self.kernel_name, name, dtype, shape, self.level), dtype, shape)
+        return REGISTRY.ref(f, (), name)
+
+
+def _itemsize(dtype):
+    return 8 if dtype in ("f64", "i64", "u64") else 2 if dtype in ("f16", "i16", "u16") else \
+        1 if dtype in ("i8", "u8") else 4
 
 
 def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes):

@@ -171,7 +171,10 @@ class Registry:
         """A helper field whose values live within one launch (a long loop's checkpoints, see
         ad.reverse.Reverse.checkpoint_rows): not an input or output of the kernel that uses it, so
         Kernel.fields, footprint and restorable_fields leave it out (kd.Tape neither snapshots it
-        nor gives it an adjoint; the reverse of such a kernel is built without it)."""
+        nor gives it an adjoint; the reverse of such a kernel is built without it). So are the
+        derivative fields of one (the duals forward(reverse) keeps beside the checkpoints)."""
+        while id(field) in self.parents:
+            field = self.parents[id(field)][0]
         return self.scratch_kinds.get(id(field)) == "checkpoints"
 
     def private_copies(self, specs, threads: int):
