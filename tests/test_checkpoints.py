@@ -183,3 +183,34 @@ def test_checkpoints_in_fields_or_in_locals(runtime, monkeypatch):
     small = make()
     assert "_ck0" in small.reverse.source and "_ck[" not in small.reverse.source
     check_path(small, "", "reverse", rtol=1e-6, atol=1e-8)
+
+
+def test_checkpoint_rows_of_a_loop_over_two_indices(runtime):
+    """One row per (i, j) of `ti.ndrange(3, 2)`: `i * 2 + j`; and a parallel loop of no
+    iterations, which gets no fields (Taichi refuses a field dimension of 0)."""
+    x = ti.field(ti.f64, shape=3, needs_grad=True)
+    y = ti.field(ti.f64, shape=3, needs_grad=True)
+    x.from_numpy(np.array([-0.4, 0.3, 0.8]))
+
+    @kd.kernel
+    def pairs():
+        for i, j in ti.ndrange(3, 2):
+            s = x[i] * (j + 1)
+            for t in range(50):
+                s = ti.sin(s) + 0.1 * j
+            y[i] += s
+
+    @kd.kernel
+    def nothing():
+        for i in range(0):
+            s = x[i]
+            for t in range(50):
+                s = ti.sin(s)
+            y[i] = s
+
+    assert "_ck[i * 2 + j, t_ck] = " in pairs.reverse.source
+    for prefix, mode in PATHS:
+        check_path(pairs, prefix, mode, rtol=1e-6, atol=1e-8)
+    nothing()
+    nothing.reverse()
+    assert "_ck[" not in nothing.reverse.source

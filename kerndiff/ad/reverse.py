@@ -441,7 +441,7 @@ class Reverse:
             n = int(b.value) - int(a.value)
             row = B.add(B.mul(row, B.const(n, "i32")), B.sub(B.var(v, "i32"), a))
             rows *= n
-        return row, rows
+        return (row, rows) if rows > 0 else None
 
     def checkpoint_rows(self, s, info, var, lo, hi, used):
         """(prologue, restore) for a long loop of constant trips with its carried values kept in
@@ -454,12 +454,12 @@ class Reverse:
         through the segment once storing the values at the start of each of its steps: two
         forward passes, for rows x 2 sqrt(trips) values per carried local. (The locals' two levels
         of 16 checkpoints, shifted like a stack, cost about 3.5 at a thousand steps.)"""
-        where = self.row() if self.rows is not None else None
+        trips = int(hi.value) - int(lo.value)
+        where = self.row() if self.rows is not None and trips > 0 else None
         if where is None:
             return None
         row, rows = where
         i32 = "i32"
-        trips = int(hi.value) - int(lo.value)
         # every step's values of the carried locals the backward sweep reads, where they fit:
         # nothing to run through again
         kept = [(c, dt) for c, dt, _ in info.carried if c in used]
