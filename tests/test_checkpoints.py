@@ -107,24 +107,33 @@ def test_break_and_continue_in_long_loops(kernels, steps, prefix, mode):
     check_path(kernels["with_jumps"], prefix, mode, args=(steps,), rtol=1e-6, atol=1e-8)
 
 
+def _pendulum_fields(needs_grad):
+    q = ti.field(ti.f64, shape=3, needs_grad=needs_grad)
+    E = ti.field(ti.f64, shape=(), needs_grad=needs_grad)
+    q.from_numpy(np.array([-0.7, 0.2, 0.9]))
+    return q, E
+
+
+def _pendulums(steps, q, E):
+    """Three pendulums integrated for `steps` steps inside the kernel (W6's loop), their energies
+    summed into E."""
+    @kd.kernel
+    def pendulum():
+        for i in q:
+            a, w = q[i], 0.0
+            for t in range(steps):
+                w = w - 0.05 * (ti.sin(a) + 0.1 * w)
+                a = a + 0.05 * w
+            E[None] += 0.5 * w * w + 1.0 - ti.cos(a)
+    return pendulum
+
+
 @pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
 def test_a_long_loop_read_after_it_runs_forward_once(runtime, prefix, mode):
     """The loop's values are needed after it (w, a) and its backward sweep needs checkpoints: the
     checkpointing run serves both, instead of a plain forward run followed by a second one that
     stores checkpoints (W6's reverse: 202 -> 146 ms)."""
-    q = ti.field(ti.f64, shape=3)
-    E = ti.field(ti.f64, shape=())
-    q.from_numpy(np.array([-0.7, 0.2, 0.9]))
-
-    @kd.kernel
-    def pendulum():
-        for i in q:
-            a, w = q[i], 0.0
-            for t in range(40):
-                w = w - 0.05 * (ti.sin(a) + 0.1 * w)
-                a = a + 0.05 * w
-            E[None] += 0.5 * w * w + 1.0 - ti.cos(a)
-
+    pendulum = _pendulums(40, *_pendulum_fields(needs_grad=False))
     check_path(pendulum, prefix, mode, rtol=1e-6, atol=1e-8)
     if (prefix, mode) == ("", "reverse"):
         src = pendulum.reverse.source
@@ -142,20 +151,10 @@ def test_checkpoints_in_fields_or_in_locals(runtime, monkeypatch):
     back values that later segments overwrote), and so does a kernel whose fields would not fit at
     all. Each checked against finite differences on every path."""
     from kerndiff.ad import reverse
-    q = ti.field(ti.f64, shape=3, needs_grad=True)
-    E = ti.field(ti.f64, shape=(), needs_grad=True)
-    q.from_numpy(np.array([-0.7, 0.2, 0.9]))
+    q, E = _pendulum_fields(needs_grad=True)
 
     def make():
-        @kd.kernel
-        def pendulum():
-            for i in q:
-                a, w = q[i], 0.0
-                for t in range(100):
-                    w = w - 0.05 * (ti.sin(a) + 0.1 * w)
-                    a = a + 0.05 * w
-                E[None] += 0.5 * w * w + 1.0 - ti.cos(a)
-        return pendulum
+        return _pendulums(100, q, E)
 
     # every step: 3 rows x 100 steps x the angle (the backward sweep reads no velocity): 2400 bytes
     k = make()

@@ -10,8 +10,8 @@ values the backward sweep needs are restored by recomputation: a short loop from
 long one from two levels of 16 checkpoints kept in locals (segments, then the sub-segments of the
 segment being reversed), so the whole sweep costs a few forward passes plus trips²/512 body steps
 instead of trips²/2, or, in a kernel that no reverse transform takes as input, on the CPU, from
-checkpoints in helper fields with a row per parallel iteration (checkpoint_rows: two forward
-passes). The run that stores the checkpoints also stands in for the loop's plain forward run
+helper fields with a row per parallel iteration (checkpoint_rows: every step's values where they
+fit, one forward pass; else segments, two). The run that stores the checkpoints also stands in for the loop's plain forward run
 where the statements after it need its values; loops whose carried values are only accumulated
 need nothing. A
 parallel (outermost) loop keeps its header and reverses its body per iteration. Adjoints of
@@ -25,7 +25,7 @@ import math
 from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.types import is_float
+from ..ir.types import bits, is_float
 from ..ir.walk import assigned_names, iter_stmts, map_expr, map_stmt_exprs, map_stmts, substitute, \
     substitute_block
 from ..opt.dce import live_names, remove_dead
@@ -37,8 +37,9 @@ from .ssa import to_ssa
 
 # Checkpoints kept per long serial loop whose carried values the backward sweep needs.
 CHECKPOINTS = 16
-# Memory for checkpoints in helper fields (Reverse.checkpoint_rows), per kernel: every step's
-# values where they fit (W6: 8192 pendulums x 1000 steps x 2 values, 66 MB), else sqrt(trips).
+# Memory for checkpoints in helper fields (Reverse.checkpoint_rows), per reverse kernel (a
+# forward transform of it adds their duals): every step's values where they fit (W6: 8192
+# pendulums x 1000 steps x the angle, 33 MB), else sqrt(trips) segments.
 CHECKPOINT_FIELD_BYTES = 128 << 20
 
 
@@ -49,7 +50,7 @@ class Reverse:
         self.varied = varied
         self.loops = loops          # id(loop) -> LoopInfo from SSA
         self.scratch = scratch      # (var name, dtype) -> 0-d FieldRef
-        self.rows = rows            # (name, dtype, shape) -> FieldRef of a checkpoint field, or None
+        self.rows = rows            # CheckpointFields for checkpoint_rows, or None (locals only)
         self.parallel = []          # the enclosing parallel loops (one: Taichi's outermost)
         self.adj = {}
         self.dtypes = {}
@@ -448,8 +449,8 @@ class Reverse:
         helper fields with one row per parallel iteration (self.rows; None where there are none or
         they would not fit: the locals of `checkpoints` then hold them). Where every step fits,
         the prologue stores the values the backward sweep reads (`used`) at each step and every
-        backward iteration reads its step's back: one forward pass (W6: 8192 x 1000 x 2 values,
-        66 MB). Otherwise the prologue stores all carried values at the start of each of about
+        backward iteration reads its step's back: one forward pass (W6: 8192 x 1000 angles,
+        33 MB). Otherwise the prologue stores all carried values at the start of each of about
         sqrt(trips) segments, and the backward sweep, on reaching a segment's last step, runs
         through the segment once storing the values at the start of each of its steps: two
         forward passes, for rows x 2 sqrt(trips) values per carried local. (The locals' two levels
@@ -463,13 +464,13 @@ class Reverse:
         # every step's values of the carried locals the backward sweep reads, where they fit:
         # nothing to run through again
         kept = [(c, dt) for c, dt, _ in info.carried if c in used]
-        if self.every_step and self.rows.fits(rows * sum(_itemsize(dt) for _, dt in kept) * trips):
+        if self.every_step and self.rows.fits(rows * sum(bits(dt) // 8 for _, dt in kept) * trips):
             seg = 1
         else:  # the segments are run through again: all carried locals are needed
             seg = max(1, math.isqrt(trips - 1) + 1)
             kept = [(c, dt) for c, dt, _ in info.carried]
         count = -(-trips // seg)
-        if not self.rows.fits(rows * sum(_itemsize(dt) for _, dt in kept) * (count + (seg if seg > 1 else 0))):
+        if not self.rows.fits(rows * sum(bits(dt) // 8 for _, dt in kept) * (count + (seg if seg > 1 else 0))):
             return None
         fields = {}
         for c, dt in kept:
@@ -661,14 +662,9 @@ class CheckpointFields:
 
     def make(self, name, dtype, shape):
         from ..runtime.registry import REGISTRY
-        self.left -= math.prod(shape) * _itemsize(dtype)
+        self.left -= math.prod(shape) * bits(dtype) // 8
         f = REGISTRY.scratch(("checkpoints", self.kernel_name, name, dtype, shape, self.level), dtype, shape)
         return REGISTRY.ref(f, (), name)
-
-
-def _itemsize(dtype):
-    return 8 if dtype in ("f64", "i64", "u64") else 2 if dtype in ("f16", "i16", "u16") else \
-        1 if dtype in ("i8", "u8") else 4
 
 
 def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes):

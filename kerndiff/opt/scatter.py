@@ -51,7 +51,7 @@ import math
 from ..errors import SrcLoc
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.types import is_float
+from ..ir.types import bits, is_float
 from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
                        map_stmts, vars_in)
 
@@ -153,7 +153,7 @@ def _candidates(loop, threads):
         if not kept:
             continue
         numel = math.prod(kept) * _components(ref.field)
-        size = threads * numel * (8 if ref.dtype in ("f64", "i64", "u64") else 4)
+        size = threads * numel * bits(ref.dtype) // 8
         # the pass over the copies reads threads * numel values; the atomics it replaces run on
         # all threads too: worth it from about one add per element per pair of threads
         if adds[fid] >= MIN_ADDS_PER_ELEMENT * numel * max(1, threads // 2) and memory + size <= MEMORY_CAP:
