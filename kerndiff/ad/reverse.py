@@ -40,7 +40,7 @@ CHECKPOINTS = 16
 # Memory for checkpoints in helper fields (Reverse.checkpoint_rows), per reverse kernel (a
 # forward transform of it adds their duals): every step's values where they fit (W6: 8192
 # pendulums x 1000 steps x the angle, 33 MB), else sqrt(trips) segments.
-CHECKPOINT_FIELD_BYTES = 128 << 20
+CHECKPOINT_FIELD_BYTES = 64 << 20
 
 
 class Reverse:
