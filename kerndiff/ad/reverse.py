@@ -51,10 +51,9 @@ class Reverse:
         self.loops = loops          # id(loop) -> LoopInfo from SSA
         self.scratch = scratch      # (var name, dtype) -> 0-d FieldRef
         self.rows = rows            # CheckpointFields for checkpoint_rows, or None (locals only)
-        self.parallel = []          # the enclosing parallel loops (one: Taichi's outermost)
         self.adj = {}
         self.dtypes = {}
-        self.outer_stack = []       # per enclosing parallel loop: {adj name: scratch ref}
+        self.outer_stack = []       # per enclosing parallel loop: the loop, {adj name: scratch ref}
         self.counters = {}          # id(while loop) -> local holding its recorded trip count
         self.recomputed = {}        # id(serial for loop) -> its latest copy made by recompute()
         self.checkpoint_runs = {}   # id(serial for loop) -> (its checkpoint run, its backward loop)
@@ -261,14 +260,12 @@ class Reverse:
 
     def _back_parallel(self, s):
         inner = assigned_names(s.body) | set(s.vars)
-        frame = {"inner": inner, "scratch": {}}
+        frame = {"inner": inner, "scratch": {}, "loop": s}
         self.outer_stack.append(frame)
-        self.parallel.append(s)
         recomputed = list(self.recompute(s.body))
         backward = self.backward(s.body)
         recomputed, backward = self.fuse_checkpoint_runs(s.body, recomputed, backward)
         body = self.zero_inits(s.body) + recomputed + backward
-        self.parallel.pop()
         self.outer_stack.pop()
         if s.serialize:
             # ti.loop_config(serialize=True): trips may depend on earlier ones (y[i] = f(y[i - 1])),
@@ -431,9 +428,9 @@ class Reverse:
         """(this parallel iteration's row, the number of rows): its loop indices flattened, for
         helper fields with one row per iteration; None where the loop's bounds are not constants
         or the body reassigns an index. Outside any parallel loop, the one row 0."""
-        if not self.parallel:
+        if not self.outer_stack:
             return B.const(0, "i32"), 1
-        loop = self.parallel[-1]
+        loop = self.outer_stack[-1]["loop"]
         if any(not (isinstance(a, N.Const) and isinstance(b, N.Const)) for a, b in loop.bounds) \
                 or set(loop.vars) & assigned_names(loop.body):
             return None
