@@ -9,7 +9,7 @@ import linecache
 import taichi as ti
 
 from ..ir import nodes as N
-from ..ir.walk import expr_children_of_stmt, iter_expr, iter_stmts
+from ..ir.walk import expr_children_of_stmt, iter_stmts, loads_in
 from .emit import emit_kernel
 
 # the functions generated kernels may call, and the module of this package that defines each
@@ -21,7 +21,7 @@ def collect_fields(ir: N.KernelIR):
     for s in iter_stmts(ir.body):
         refs = [s.ref] if isinstance(s, (N.Store, N.Atomic)) else []
         for e in expr_children_of_stmt(s):
-            refs.extend(x.ref for x in iter_expr(e) if isinstance(x, N.Load))
+            refs.extend(x.ref for x in loads_in(e))
         for r in refs:
             seen.setdefault(id(r.field), r)
     return list(seen.values())

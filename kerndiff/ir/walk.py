@@ -16,12 +16,17 @@ def expr_children(e):
 
 
 def iter_expr(e):
-    """Every subexpression of e (pre-order, with repeats)."""
-    stack = [e]
+    """Every subexpression of e (pre-order, with repeats), as a list (see iter_stmts)."""
+    out, stack = [], [e]
     while stack:
         x = stack.pop()
-        yield x
-        stack.extend(expr_children(x))
+        out.append(x)
+        kind = type(x)
+        if kind is N.Call:
+            stack.extend(x.args)
+        elif kind is N.Load:
+            stack.extend(x.index)
+    return out
 
 
 def nodes_in(e, kind):
@@ -30,11 +35,12 @@ def nodes_in(e, kind):
     out, stack = [], [e]
     while stack:
         x = stack.pop()
-        if isinstance(x, kind):
+        t = type(x)
+        if t is kind:
             out.append(x)
-        if isinstance(x, N.Call):
+        if t is N.Call:
             stack.extend(x.args)
-        elif isinstance(x, N.Load):
+        elif t is N.Load:
             stack.extend(x.index)
     return out
 
@@ -93,19 +99,31 @@ def expr_children_of_stmt(s):
 
 
 def blocks_of(s):
-    if isinstance(s, N.If):
+    kind = type(s)
+    if kind is N.If:
         return (s.then, s.orelse)
-    if isinstance(s, (N.For, N.While)):
+    if kind is N.For or kind is N.While:
         return (s.body,)
     return ()
 
 
 def iter_stmts(stmts):
-    """Every statement, nested ones included (pre-order)."""
+    """Every statement, nested ones included (pre-order), as a list: the passes walk statements
+    more than anything else, and a list built in one call costs a fraction of nested generators."""
+    out = []
+    _append_stmts(stmts, out)
+    return out
+
+
+def _append_stmts(stmts, out):
     for s in stmts:
-        yield s
-        for b in blocks_of(s):
-            yield from iter_stmts(b)
+        out.append(s)
+        kind = type(s)
+        if kind is N.If:
+            _append_stmts(s.then, out)
+            _append_stmts(s.orelse, out)
+        elif kind is N.For or kind is N.While:
+            _append_stmts(s.body, out)
 
 
 def assigned_names(stmts):

@@ -27,7 +27,7 @@ import numpy as np
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import assigned_names, blocks_of, iter_expr, iter_stmts, loads_in, rebuild_stmt, vars_in
+from ..ir.walk import assigned_names, blocks_of, iter_stmts, loads_in, rebuild_stmt, vars_in
 from .reciprocal import exact_names, rewritable
 
 MAX_TERMS = 12  # sums with more terms are left as written
@@ -244,7 +244,26 @@ def _representable(c, dtype):
 
 
 def arith_ops(e):
-    return sum(1 for x in iter_expr(e) if isinstance(x, N.Call) and x.op in ARITH_OPS)
+    """How many arithmetic operations e evaluates (with repeats). Kept on the immutable node, as
+    vars_in keeps its locals: collect_terms and rescale_locals ask for the same statements'
+    counts again and again."""
+    if not isinstance(e, (N.Call, N.Load)):
+        return 0
+    got = e.__dict__.get("_arith_ops")
+    if got is None:
+        got, stack = 0, [e]
+        while stack:  # no recursion: a long sum is a deep tree
+            x = stack.pop()
+            known = x.__dict__.get("_arith_ops") if x is not e else None
+            if known is not None:
+                got += known
+            elif isinstance(x, N.Call):
+                got += x.op in ARITH_OPS
+                stack.extend(x.args)
+            elif isinstance(x, N.Load):
+                stack.extend(x.index)
+        object.__setattr__(e, "_arith_ops", got)
+    return got
 
 
 def collect_terms(body, is_derivative, exact=None):

@@ -107,11 +107,11 @@ def _candidates(body, exact):
 def _rescaled(body, targets, name, terms_of):
     """body with `name` holding k times its value, for the k that saves the most operations over
     the assignments that mention it (targets), or None where none saves any."""
-    before = sum(arith_ops(s.value) for s in targets)
-    best, best_ops = None, before
-    for k in _proposals(targets, name, terms_of):
-        if _estimate(targets, name, k, terms_of) >= 0:
-            continue
+    worth = [k for k in _proposals(targets, name, terms_of) if _estimate(targets, name, k, terms_of) < 0]
+    if not worth:
+        return None
+    best, best_ops = None, sum(arith_ops(s.value) for s in targets)
+    for k in worth:
         try:
             rewritten = {id(s): _rewrite(s, name, k) for s in targets}
         except GiveUp:
