@@ -172,3 +172,22 @@ def test_powers_of_two_move_between_a_local_and_its_uses():
     # so does a local that a store (or a condition, an index) reads
     stored = body[:3] + (_store(_v("r")), _store(_v("p")), _store(_v("q")))
     assert rescale_locals(stored, lambda f: True)[:3] == body[:3]
+
+
+def test_operation_counts_include_indices_and_repeats_and_deep_sums():
+    """arith_ops (kept on each node once counted) counts what the expression evaluates: the
+    arithmetic in a load's index, a shared subexpression once per use, and a sum of thousands of
+    terms without recursion."""
+    from kerndiff.opt.algebra import arith_ops
+    a, b = _v("a"), _v("b")
+    ref = FieldRef(object(), (), "g", "f64", (4,))
+    i = B.var("i", "i32")
+    load = B.load(ref, (B.add(i, B.const(1, "i32")),))
+    ab = B.mul(a, b)
+    e = B.mul(B.add(ab, load), ab)
+    assert arith_ops(load) == 1 and arith_ops(e) == 5 and arith_ops(e) == 5  # the kept count
+    assert arith_ops(B.sub(e, a)) == 6  # a parent reuses its child's count
+    deep = a
+    for k in range(5000):
+        deep = N.Call("f64", "add", (deep, _v(f"x{k}")))
+    assert arith_ops(deep) == 5000
