@@ -118,12 +118,8 @@ def iter_stmts(stmts):
 def _append_stmts(stmts, out):
     for s in stmts:
         out.append(s)
-        kind = type(s)
-        if kind is N.If:
-            _append_stmts(s.then, out)
-            _append_stmts(s.orelse, out)
-        elif kind is N.For or kind is N.While:
-            _append_stmts(s.body, out)
+        for b in blocks_of(s):
+            _append_stmts(b, out)
 
 
 def assigned_names(stmts):
