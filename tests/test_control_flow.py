@@ -48,11 +48,22 @@ def kernels(runtime):
                 continue
             y[i] = ti.exp(0.3 * x[i]) * x[i]
 
-    return {k.__name__: k for k in (data_dependent_while, break_and_continue, continue_in_parallel_loop)}
+    @kd.kernel
+    def while_condition_computed_before():
+        for i in x:
+            v = x[i]
+            y[i] = v * v  # the condition's value, held in a local before the loop: the condition
+            while v * v < 10.0:  # must still be computed again after every trip (it once read
+                v = v * 1.5 + 0.1 * ti.sin(v)  # the local, and the derived kernels never ended)
+            y[i] += v
+
+    return {k.__name__: k for k in (data_dependent_while, break_and_continue, continue_in_parallel_loop,
+                                    while_condition_computed_before)}
 
 
 @pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
-@pytest.mark.parametrize("name", ["data_dependent_while", "break_and_continue", "continue_in_parallel_loop"])
+@pytest.mark.parametrize("name", ["data_dependent_while", "break_and_continue", "continue_in_parallel_loop",
+                                  "while_condition_computed_before"])
 def test_control_flow_against_finite_differences(kernels, name, prefix, mode):
     check_path(kernels[name], prefix, mode, rtol=1e-6)
 
