@@ -13,6 +13,7 @@ from ..ir import nodes as N
 from ..ir.ops import COMMUTATIVE
 from ..ir.types import is_float
 from ..ir.walk import assigned_names, blocks_of, expr_children, guarded_select, rebuild_stmt, writes_of
+from .algebra import exact_scale
 
 CHEAP = {"neg", "cast"}
 
@@ -27,11 +28,16 @@ def _size(e, limit=3):
 
 
 def _candidate(e):
-    """Worth a temporary: float computations (integer index arithmetic stays inline and readable)."""
+    """Worth a temporary: float computations (integer index arithmetic stays inline and readable),
+    except a product by a power of two: written out at each use, opt.algebra merges its constant
+    with the others there, and opt.scales can move it into a local the uses share (a temporary
+    `t14 = d * 2.0` would hold it apart: `t2 = t14 * r2_adj` could not become `t2 = d * r2_adj`)."""
     if not isinstance(e, N.Call) or not is_float(e.dtype):
         return False
     if e.op == "select":
         return _size(e) >= 4
+    if e.op == "mul" and any(isinstance(a, N.Const) and exact_scale(a.value) for a in e.args):
+        return False
     return e.op not in CHEAP or _size(e) >= 3
 
 

@@ -214,6 +214,11 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         from .copies import coalesce_copies, forward_copies
         from .reuse import reuse_held_values
         from .scales import rescale_locals
+        from .cse import cse
+        # a reversed loop body is its recomputation and then its adjoint, each with its own copy
+        # of the body's branches: one `if` per condition first, then what both halves compute
+        # (`x[i] - x[j]`) once, which CSE, working per block, could not see before
+        ir = cse(dataclasses.replace(ir, body=fuse_ifs(ir.body)))
         exact = exact_names(ir.body, is_derivative)  # the reciprocals it adds feed derivatives only
         body = share_reciprocals(ir.body, allocator(), is_derivative, exact)
         body = collect_terms(body, is_derivative, exact)
@@ -221,7 +226,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         # copies leaves values overwritten before any read (t8_adj = t3_adj; t8_adj = t3_adj + ...)
         # the zero starts that branches and loops overwrite before any read go before copies are
         # forwarded (e_1_adj = 0.0 would end the copy e_3_adj = e_1_adj)
-        body = remove_dead_stores(dataclasses.replace(ir, body=fold_zero_starts(fuse_ifs(body)))).body
+        body = remove_dead_stores(dataclasses.replace(ir, body=fold_zero_starts(body))).body
         body = fold_zero_starts(forward_copies(body))
         # now that accumulators are assigned once: powers of two between definitions and uses
         body = rescale_locals(body, is_derivative)
