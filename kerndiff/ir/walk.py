@@ -134,13 +134,8 @@ def assigned_names(stmts):
 
 def writes_of(s):
     """(locals, ids of fields) that s, or a statement nested in it, assigns or stores into."""
-    return writes_in((s,))
-
-
-def writes_in(stmts):
-    """(locals, ids of fields) that the statements, nested ones included, assign or store into."""
-    fields = {id(t.ref.field) for t in iter_stmts(stmts) if isinstance(t, (N.Store, N.Atomic))}
-    return assigned_names(stmts), fields
+    fields = {id(t.ref.field) for t in iter_stmts((s,)) if isinstance(t, (N.Store, N.Atomic))}
+    return assigned_names((s,)), fields
 
 
 def mentioned_names(s):
