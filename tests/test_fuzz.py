@@ -1,7 +1,7 @@
 """Fuzzing: hypothesis generates random kernels — expression trees over every differentiable op with
 domain-safe wrappers, branches, inner loops with loop-carried locals (one, or two assigned
 together from each other's old values; the step guarded by a branch, or followed by a conditional
-break), gathers through an integer index field — and each is
+break; or a while loop whose condition reads them), gathers through an integer index field — and each is
 checked: its values against Taichi's, forward mode against f64 finite differences, the dot-product
 test for reverse mode, and Taichi's own kernel.grad() where Taichi supports the kernel. Again with
 private copies, checkpoints, and kerndiff's own sin/cos pairs and tanh (opt.cpu_math) forced on.
@@ -81,7 +81,13 @@ def kernels(draw):
     gate = draw(expr(1, ["a", "acc"]))
     inner = draw(st.sampled_from([[update], [f"if {gate} > 0.0:", f"    {update}"],
                                   [f"if {gate} > 0.0:", f"    {update}", "else:", "    acc = 0.9 * acc"],
-                                  [update, f"if {gate} > 0.5:", "    break"]]))
+                                  [update, f"if {gate} > 0.5:", "    break"], "while"]))
+    if inner == "while":
+        # or a while loop whose condition reads what it carries (recomputed after every trip,
+        # trip count recorded for the reverse), with a counter to end it
+        loop = ["k = 0", f"while k < {trips} and {gate} < 1.5:", f"    {update}", "    k += 1"]
+    else:
+        loop = [f"for k in range({trips}):", *(f"    {line}" for line in inner)]
     body = [
         f"a = {a}",
         f"if {cond} > 0.1:",
@@ -89,8 +95,7 @@ def kernels(draw):
         "else:",
         f"    a = {b2}",
         "acc = 0.5",
-        f"for k in range({trips}):",
-        *(f"    {line}" for line in inner),
+        *loop,
         f"out[i] = {out}",
     ]
     return "\n".join(body)
@@ -133,8 +138,8 @@ def fields():
 
 
 def taichi_supports(body):
-    # Taichi 1.7.4 has no tan derivative, and its reverse mode refuses a break in a loop
-    return "ti.tan(" not in body and "break" not in body
+    # Taichi 1.7.4 has no tan derivative, and its reverse mode refuses a break or a while loop
+    return "ti.tan(" not in body and "break" not in body and "while" not in body
 
 
 def check_random_kernel(fields, body):
