@@ -187,6 +187,10 @@ def _hoist(loop, written, names):
     return pre, dataclasses.replace(loop, body=body)
 
 
+def _count_ifs(body):
+    return sum(isinstance(s, N.If) for s in iter_stmts(body))
+
+
 def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
     private copies (CPU only; see opt.scatter). cpu_math: kerndiff's own f32 sin/cos pairs and
@@ -218,7 +222,9 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         # a reversed loop body is its recomputation and then its adjoint, each with its own copy
         # of the body's branches: one `if` per condition first, then what both halves compute
         # (`x[i] - x[j]`) once, which CSE, working per block, could not see before
-        ir = cse(dataclasses.replace(ir, body=fuse_ifs(ir.body)))
+        fused = fuse_ifs(ir.body)
+        if _count_ifs(fused) < _count_ifs(ir.body):  # (nothing new to share where no ifs met)
+            ir = cse(dataclasses.replace(ir, body=fused))
         exact = exact_names(ir.body, is_derivative)  # the reciprocals it adds feed derivatives only
         body = share_reciprocals(ir.body, allocator(), is_derivative, exact)
         body = collect_terms(body, is_derivative, exact)
