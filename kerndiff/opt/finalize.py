@@ -196,8 +196,9 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
     private copies (CPU only; see opt.scatter). cpu_math: kerndiff's own f32 sin/cos pairs and
     tanh where derivatives alone read them (derived kernels on the CPU; see opt.cpu_math).
     is_derivative: None for primal kernels (their arithmetic is the user's), else a test for
-    derivative fields: derivative code then shares reciprocals (opt.reciprocal), has its like
-    terms collected (opt.algebra), its zeroed accumulators started at their first contribution
+    derivative fields: derivative code then has the ifs of a reversed body fused and CSE run
+    across them (opt.fuse_ifs, opt.cse), shares reciprocals (opt.reciprocal), has its like terms
+    collected (opt.algebra), its zeroed accumulators started at their first contribution
     (opt.zero_start), copies forwarded (opt.copies, opt.propagate) and the dead ones removed,
     values that locals already hold read from them (opt.reuse), and the field elements an inner
     loop repeats read before it (opt.invariant_loads)."""
