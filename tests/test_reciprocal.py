@@ -205,3 +205,43 @@ def test_pair_potential_over_component_fields_computes_what_the_vector_one_does(
     assert _operators(energy.reverse.forward.source) == _operators(vector.reverse.forward.source)
     energy()
     check(energy.reverse, "forward", eps=1e-6, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("square", ["product", "power"])
+def test_a_squared_denominator_is_the_square_of_the_reciprocal(runtime, square):
+    """`1.0 / r + 0.1 / (r * r)` (r from `.norm()`): the reverse divided by r and by r * r, two
+    divisions per pair; 1 / (r * r) is now the square of 1 / r, which the block needs anyway.
+    The same for `r ** 2`."""
+    rng = np.random.default_rng(7)
+    pos = ti.Vector.field(3, ti.f64, shape=N, needs_grad=True)
+    E = ti.field(ti.f64, shape=(), needs_grad=True)
+    pos.from_numpy(rng.uniform(0, 3, (N, 3)))
+
+    @kd.kernel
+    def product():
+        for i in range(N):
+            e = 0.0
+            for j in range(N):
+                if i != j:
+                    r = (pos[i] - pos[j]).norm(0.1)
+                    e += 1.0 / r + 0.1 / (r * r)
+            E[None] += 0.5 * e
+
+    @kd.kernel
+    def power():
+        for i in range(N):
+            e = 0.0
+            for j in range(N):
+                if i != j:
+                    r = (pos[i] - pos[j]).norm(0.1)
+                    e += 1.0 / r + 0.1 / r ** 2
+            E[None] += 0.5 * e
+
+    energy = product if square == "product" else power
+    kd.dual(pos)
+    for k in (energy.reverse, energy.reverse.forward):
+        code = [line.split("#")[0] for line in k.source.splitlines()]
+        assert sum(line.count(" / ") for line in code) == 1, k.source
+    energy()
+    check(energy, "reverse", rtol=1e-6, atol=1e-8)
+    check(energy.reverse, "forward", eps=1e-6, rtol=1e-5, atol=1e-7)

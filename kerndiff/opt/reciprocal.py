@@ -197,7 +197,16 @@ def share_reciprocals(body, names, is_derivative, exact=None):
             counts[k] = counts.get(k, 0) + 1
         state.assigned(s)
     once = _assigned_once(body)
-    out, state, inv_of, root_of = [], _Block(), {}, {}
+    out, state, inv_of, root_of, square_of = [], _Block(), {}, {}, {}
+
+    def reciprocal(k, dtype, s):
+        a = square_of.get(k)
+        if a is not None and a not in inv_of and counts.get(a, 0) >= 1:
+            reciprocal(a, dtype, s)  # 1 / a, which the block needs too, first: 1 / (a * a) is its square
+        inv = names.fresh(f"{k[0]}_inv")
+        out.append(N.Assign(inv, _reciprocal(k, dtype, inv_of, root_of, square_of), src=s.src, tag=s.tag))
+        inv_of[k] = B.var(inv, dtype)
+
     for s in body:
         found = divisions(s, state)
         if len(found) == 1 and _plain_reciprocal(s, once) and counts[found[0][0]] >= MIN_USES \
@@ -206,9 +215,7 @@ def share_reciprocals(body, names, is_derivative, exact=None):
             found = []
         for k, dtype in found:
             if counts[k] >= MIN_USES and k not in inv_of:
-                inv = names.fresh(f"{k[0]}_inv")
-                out.append(N.Assign(inv, _reciprocal(k, dtype, inv_of, root_of), src=s.src, tag=s.tag))
-                inv_of[k] = B.var(inv, dtype)
+                reciprocal(k, dtype, s)
         if found:
             s = dataclasses.replace(s, value=_replace(s.value, inv_of, state.key))
         blocks = blocks_of(s)
@@ -216,18 +223,29 @@ def share_reciprocals(body, names, is_derivative, exact=None):
             s = rebuild_stmt(s, [share_reciprocals(b, names, is_derivative, exact) for b in blocks])
         out.append(s)
         state.assigned(s)
-        if isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op == "sqrt" \
-                and isinstance(s.value.args[0], N.Var) and s.name in once:
-            root_of[state.key(s.value.args[0].name)] = state.key(s.name)
+        if isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.name in once:
+            if s.value.op == "sqrt" and isinstance(s.value.args[0], N.Var):
+                root_of[state.key(s.value.args[0].name)] = state.key(s.name)
+            elif _square_of_local(s.value):
+                square_of[state.key(s.name)] = state.key(s.value.args[0].name)
     return tuple(out)
 
 
-def _reciprocal(k, dtype, inv_of, root_of):
+def _square_of_local(e):
+    """e is `a * a` or `a ** 2` for a local a."""
+    a, b = e.args[0], e.args[-1]
+    if not isinstance(a, N.Var):
+        return False
+    return (e.op == "mul" and b == a) or (e.op == "pow" and isinstance(b, N.Const) and b.value == 2)
+
+
+def _reciprocal(k, dtype, inv_of, root_of, square_of):
     """1 / k, as the square of 1 / sqrt(k) where the block has that already (`r2_inv = t4_inv *
-    t4_inv` beside `t4 = ti.sqrt(r2)`, `t4_inv = 1.0 / t4`): one division fewer, and the divider
-    is what a pair loop's derivatives wait on (W3's HVP 6%, its reverse 2%). Within about 2 ulp
-    of the division, which derivative values allow (the module docstring)."""
-    root = inv_of.get(root_of.get(k))
+    t4_inv` beside `t4 = ti.sqrt(r2)`, `t4_inv = 1.0 / t4`), or of 1 / a where k is `a * a`
+    (`r2 = r * r` or `r ** 2` beside `r_inv`, as in `1.0 / r + 0.1 / (r * r)`): one division fewer, and the
+    divider is what a pair loop's derivatives wait on (W3's HVP 6%, its reverse 2%). Within
+    about 2 ulp of the division, which derivative values allow (the module docstring)."""
+    root = inv_of.get(root_of.get(k)) or inv_of.get(square_of.get(k))
     if root is not None and root.dtype == dtype:
         return B.mul(root, root)
     return B.div(B.const(1, dtype), B.var(k[0], dtype))
