@@ -236,7 +236,9 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         body = remove_dead_stores(dataclasses.replace(ir, body=fold_zero_starts(body))).body
         body = fold_zero_starts(forward_copies(body))
         # now that accumulators are assigned once: powers of two between definitions and uses
-        body = rescale_locals(body, is_derivative)
+        # (then zero starts once more: the rewrites can leave an accumulation in the `x = x + e`
+        # form only now, as the norm-spelled pair potential's HVP does with r_adj_dual)
+        body = fold_zero_starts(rescale_locals(body, is_derivative))
         # copies left by the rewrites (t6 = r_inv) and temporaries that were looked through
         ir = propagate(dataclasses.replace(ir, body=body))
         # reading held values can leave copies of its own (r2_inv = t7, where t7 = t5_inv * t5_inv)
