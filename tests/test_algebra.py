@@ -191,3 +191,25 @@ def test_operation_counts_include_indices_and_repeats_and_deep_sums():
     for k in range(5000):
         deep = N.Call("f64", "add", (deep, _v(f"x{k}")))
     assert arith_ops(deep) == 5000
+
+
+def test_a_reciprocal_local_is_a_power_minus_one_and_cancels():
+    """After `r_inv = 1.0 / r`, opt.algebra reads r_inv as r**-1: `r * r_inv * r_inv * a + r_inv * b`
+    is r**-1 * (a + b), written through r_inv (r * r_inv is 1 to within an ulp, which derivative
+    code allows). Where no local holds the reciprocal any more (r assigned again), nothing cancels."""
+    r, r_inv, a, b = _v("r"), _v("r_inv"), _v("a"), _v("b")
+    recip = N.Assign("r_inv", B.div(B.const(1.0, "f64"), r))
+    value = B.add(B.mul(B.mul(B.mul(r, r_inv), r_inv), a), B.mul(r_inv, b))
+    out = collect_terms((recip, _store(value)), lambda f: True)
+    assert out[1].value == B.mul(r_inv, B.add(a, b)), out[1].value
+    env = dict(r=1.7, a=0.3, b=-2.1)
+    env["r_inv"] = 1.0 / env["r"]
+    got, want = _run([N.Assign("x", out[1].value)], env)["x"], _run([N.Assign("x", value)], env)["x"]
+    assert abs(got - want) <= 4e-16 * abs(want)
+    # once r is assigned again, r_inv no longer holds its reciprocal: nothing cancels (the value
+    # is the same for any r_inv, not only for 1 / r)
+    moved = (recip, N.Assign("r", a), _store(value))
+    rewritten = collect_terms(moved, lambda f: True)[2].value
+    env = dict(r_inv=0.4, a=0.3, b=-2.1, r=0.3)
+    got, want = _run([N.Assign("x", rewritten)], env)["x"], _run([N.Assign("x", value)], env)["x"]
+    assert abs(got - want) <= 4e-16 * abs(want), rewritten

@@ -60,7 +60,7 @@ def _mono_mul(a, b):
     powers = dict(a)
     for k, p in b:
         powers[k] = powers.get(k, 0) + p
-    return _ordered(powers.items())
+    return _ordered((k, p) for k, p in powers.items() if p != 0)  # r * r_inv: r's powers cancel
 
 
 def _ordered(powers):
@@ -69,7 +69,7 @@ def _ordered(powers):
 
 
 def _mono_without(mono, key, power=1):
-    return tuple((k, p - power if k == key else p) for k, p in mono if k != key or p > power)
+    return tuple((k, p - power if k == key else p) for k, p in mono if k != key or p != power)
 
 
 class Terms:
@@ -146,16 +146,26 @@ def _atom_exprs(terms):
 
 
 class Writer:
-    def __init__(self, dtype):
-        self.dtype = dtype
+    """inverses: atom -> the local holding its reciprocal, for negative powers (opt.collect_terms
+    reads `r_inv = 1.0 / r` as r to the power -1, so that r * r_inv cancels)."""
+
+    def __init__(self, dtype, inverses=None):
+        self.dtype, self.inverses = dtype, inverses or {}
 
     def atom(self, key):
         return self.terms(dict(key[1])) if is_sum(key) else key
 
+    def power(self, key, p):
+        if p > 0:
+            return _power(self.atom(key), p)
+        if key not in self.inverses:
+            raise GiveUp  # no local holds 1 / key here: the statement stays as written
+        return _power(self.inverses[key], -p)
+
     def monomial(self, mono):
         out = None
         for key, p in mono:
-            x = _power(self.atom(key), p)
+            x = self.power(key, p)
             out = x if out is None else B.mul(out, x)
         return out
 
@@ -173,10 +183,13 @@ class Writer:
             key = max(shared, key=lambda k: (counts[k], repr(k)))
             # the lowest power of it those terms share comes out whole: t⁴ * (t * a + b), squared
             # (t * t) * (t * t), not t * (t * (t * (t * (t * a + b)))), a chain of 4 products
-            power = min(p for m in terms for k, p in m if k == key)
+            # (of a reciprocal, r**-3 * (a + r**-1 * b): the power nearest zero, so what stays
+            # inside is further powers of the reciprocal, not of r)
+            powers = [p for m in terms for k, p in m if k == key]
+            power = max(powers) if max(powers) < 0 else min(powers)
             inner = {_mono_without(m, key, power): c for m, c in terms.items() if any(k == key for k, _ in m)}
             rest = {m: c for m, c in terms.items() if not any(k == key for k, _ in m)}
-            return self._plus(rest, B.mul(_power(self.atom(key), power), self.terms(inner)))
+            return self._plus(rest, B.mul(self.power(key, power), self.terms(inner)))
         scales = {}
         for c in terms.values():
             if abs(c) != 1.0:
@@ -277,7 +290,7 @@ def collect_terms(body, is_derivative, exact=None):
         if rewritable(s, exact, is_derivative) and is_float(s.value.dtype) and arith_ops(s.value) >= 3:
             try:
                 terms = Terms(s.value.dtype, defs).of(s.value)
-                new = Writer(s.value.dtype).terms(terms)
+                new = Writer(s.value.dtype, _inverses(defs)).terms(terms)
                 if arith_ops(new) < arith_ops(s.value):
                     s = dataclasses.replace(s, value=new)
             except GiveUp:
@@ -287,7 +300,10 @@ def collect_terms(body, is_derivative, exact=None):
             s = rebuild_stmt(s, [collect_terms(b, is_derivative, exact) for b in blocks])
         out.append(s)
         _forget(defs, s)
-        if isinstance(s, N.Assign) and is_float(s.value.dtype):
+        if isinstance(s, N.Assign) and _reciprocal_of_local(s.value) and s.name != s.value.args[1].name:
+            x = s.value.args[1]  # r_inv = 1.0 / r: r to the power -1
+            defs[s.name] = ({((x, -1),): 1.0}, {x.name}, set())
+        elif isinstance(s, N.Assign) and is_float(s.value.dtype):
             try:
                 terms = Terms(s.value.dtype, defs).of(s.value)
             except GiveUp:
@@ -297,6 +313,23 @@ def collect_terms(body, is_derivative, exact=None):
                 defs[s.name] = (terms, {v.name for a in atoms for v in vars_in(a)},
                                 {id(x.ref.field) for a in atoms for x in loads_in(a)})
     return tuple(out)
+
+
+def _reciprocal_of_local(e):
+    """e is `1.0 / r` for a float local r."""
+    return isinstance(e, N.Call) and e.op == "div" and is_float(e.dtype) and isinstance(e.args[1], N.Var) \
+        and isinstance(e.args[0], N.Const) and e.args[0].value == 1
+
+
+def _inverses(defs):
+    """atom -> the local that holds its reciprocal, among the definitions in force."""
+    out = {}
+    for name, (terms, _, _) in defs.items():
+        if len(terms) == 1:
+            (mono, c), = terms.items()
+            if c == 1.0 and len(mono) == 1 and mono[0][1] == -1:
+                out.setdefault(mono[0][0], N.Var(mono[0][0].dtype, name))
+    return out
 
 
 def _looked_through(terms):
