@@ -16,6 +16,12 @@ roundings). A product is never distributed over a sum (m*(x - c) -> m*x - m*c wo
 exactness of x - c when x is close to c): a sum inside a product stays one factor, except under a
 power-of-two constant, which scales exactly. As in opt.reciprocal, only statements whose values
 feed derivatives alone are rewritten.
+
+Reciprocals: a local assigned `1.0 / r` (opt.reciprocal's `r_inv`) is read as r to the power -1,
+so `r * r_inv` cancels (`r_dual = t15 * r_inv; t4_dual = r_dual * r * 4.0` is `t15 * 4.0`), and a
+negative power is written back through that local (nothing is written where no local holds it).
+r * (1/r) is 1 to within an ulp, the same allowance as opt.reciprocal's; at r = 0 a product that
+was 0 * inf (NaN) becomes what the other factors give, where the terms around it are infinite.
 """
 from __future__ import annotations
 
