@@ -34,7 +34,7 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
 from ..ir.walk import assigned_names, blocks_of, iter_stmts, loads_in, rebuild_stmt, vars_in
-from .reciprocal import exact_names, rewritable
+from .reciprocal import exact_names, is_reciprocal, rewritable
 
 MAX_TERMS = 12  # sums with more terms are left as written
 ARITH_OPS = ("add", "sub", "mul", "neg", "pow")
@@ -323,8 +323,7 @@ def collect_terms(body, is_derivative, exact=None):
 
 def _reciprocal_of_local(e):
     """e is `1.0 / r` for a float local r."""
-    return isinstance(e, N.Call) and e.op == "div" and is_float(e.dtype) and isinstance(e.args[1], N.Var) \
-        and isinstance(e.args[0], N.Const) and e.args[0].value == 1
+    return is_reciprocal(e) and is_float(e.dtype) and isinstance(e.args[1], N.Var)
 
 
 def _inverses(defs):

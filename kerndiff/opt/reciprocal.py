@@ -151,9 +151,13 @@ def _assigned_once(body):
     return {n for n, c in counts.items() if c == 1} - nested
 
 
+def is_reciprocal(e):
+    """e is `1.0 / x` (what opt.algebra then reads as x to the power -1, where x is a local)."""
+    return isinstance(e, N.Call) and e.op == "div" and B.is_const(e.args[0], 1)
+
+
 def _plain_reciprocal(s, once):
-    return (isinstance(s, N.Assign) and s.name in once and isinstance(s.value, N.Call) and s.value.op == "div"
-            and B.is_const(s.value.args[0], 1))
+    return isinstance(s, N.Assign) and s.name in once and is_reciprocal(s.value)
 
 
 class _Block:
