@@ -213,3 +213,32 @@ def test_a_reciprocal_local_is_a_power_minus_one_and_cancels():
     env = dict(r_inv=0.4, a=0.3, b=-2.1, r=0.3)
     got, want = _run([N.Assign("x", rewritten)], env)["x"], _run([N.Assign("x", value)], env)["x"]
     assert abs(got - want) <= 4e-16 * abs(want), rewritten
+
+
+def test_a_sum_of_products_is_distributed_where_its_terms_then_merge():
+    """m * (a*b*3 + c*d) + m*a*b is m*a*b*4 + m*c*d once m goes inside (the HVP of a
+    Lennard-Jones potential: the product rule's terms meet terms of the same monomial outside the
+    sum); collected both ways, the cheaper is kept. A sum with an exact term (x - c) is not
+    distributed over, even where the terms would then merge."""
+    m, a, b, c, d, x = (_v(n) for n in "mabcdx")
+    three = B.const(3.0, "f64")
+    inner = B.add(B.mul(B.mul(a, b), three), B.mul(c, d))
+    value = B.add(B.mul(m, inner), B.mul(m, B.mul(a, b)))
+    spread = Terms("f64", {}, distribute=True).of(value)
+    assert spread == {((a, 1), (b, 1), (m, 1)): 4.0, ((c, 1), (d, 1), (m, 1)): 1.0}, spread
+    assert ((m, 1), (a, 1), (b, 1)) not in _terms(value)  # kept whole, nothing met
+    out = collect_terms((_store(value),), lambda f: True)[0].value
+    assert _ops(out) == 5, out  # m * (a * b * 4.0 + c * d), against 8 as written (7 kept whole)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        env = dict(zip("mabcdx", rng.standard_normal(6)))
+        assert np.isclose(_eval(out, env), _eval(value, env))
+    # m * (x - c) + m * x: distributing would give 2*m*x - m*c (x - c loses its exactness)
+    exact = B.add(B.mul(m, B.sub(x, c)), B.mul(m, x))
+    assert len(Terms("f64", {}, distribute=True).of(exact)) == 2
+    assert any(k[0] == "sum" for mono in Terms("f64", {}, distribute=True).of(exact)
+               for k, _ in mono if isinstance(k, tuple))
+
+
+def _ops(e):
+    return sum(1 for y in iter_expr(e) if isinstance(y, N.Call))

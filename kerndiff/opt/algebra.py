@@ -12,10 +12,14 @@ r2_inv**3 * 0.2)). The pass writes the collected form, common factors pulled out
 fewer operations than the statement had.
 
 Numerics: like terms merge and common factors come out (m*a + m*b -> m*(a + b), which removes
-roundings). A product is never distributed over a sum (m*(x - c) -> m*x - m*c would lose the
-exactness of x - c when x is close to c): a sum inside a product stays one factor, except under a
-power-of-two constant, which scales exactly. As in opt.reciprocal, only statements whose values
-feed derivatives alone are rewritten.
+roundings). A product is not distributed over a sum that may be exact (m*(x - c) -> m*x - m*c
+would lose the exactness of x - c when x is close to c): such a sum inside a product stays one
+factor, except under a power-of-two constant, which scales exactly. A sum of rounded terms,
+products such as `s_adj * r2_dual * r_inv**3 * 6.0 + s_adj_dual * t7`, may be distributed over
+(each term's own rounding already bounds the error of the sum's cancellation; the products of
+m with the terms add roundings of the same size): the statement is collected both ways and the
+cheaper kept, which lets the terms of an HVP's product rules meet their like terms. As in
+opt.reciprocal, only statements whose values feed derivatives alone are rewritten.
 
 Reciprocals: a local assigned `1.0 / r` (opt.reciprocal's `r_inv`) is read as r to the power -1,
 so `r * r_inv` cancels (`r_dual = t15 * r_inv; t4_dual = r_dual * r * 4.0` is `t15 * 4.0`), and a
@@ -83,8 +87,8 @@ class Terms:
     atom an expression kept whole (a local, a load, a call) or a sum kept as one factor,
     ('sum', its terms in order). defs: local -> terms of its single-monomial definition."""
 
-    def __init__(self, dtype, defs):
-        self.dtype, self.defs = dtype, defs
+    def __init__(self, dtype, defs, distribute=False):
+        self.dtype, self.defs, self.distribute = dtype, defs, distribute
 
     @staticmethod
     def atom(e):
@@ -121,6 +125,12 @@ class Terms:
         for x, y in ((a, b), (b, a)):
             if len(y) == 1 and () in y and exact_scale(y[()]):
                 return {m: c * y[()] for m, c in x.items()}
+        if self.distribute and _rounded(a) and _rounded(b) and len(a) * len(b) <= MAX_TERMS:
+            out = {}
+            for ma, ca in a.items():
+                for mb, cb in b.items():
+                    out = _add(out, {_mono_mul(ma, mb): ca * cb})
+            return out
         a, b = self.factor(a), self.factor(b)
         (ma, ca), = a.items()
         (mb, cb), = b.items()
@@ -135,6 +145,13 @@ class Terms:
         k = scale.pop() if len(scale) == 1 else 1.0
         key = ("sum", tuple((m, c / k) for m, c in terms.items()))  # a tuple: no hash-seed order
         return {((key, 1),): k}
+
+
+def _rounded(terms):
+    """terms may be distributed over: one monomial, or a sum none of whose terms is exact by
+    itself (a constant, or one atom times a power of two: x - c, whose difference may be exact)."""
+    return len(terms) == 1 or not any(
+        exact_scale(c) and (mono == () or (len(mono) == 1 and mono[0][1] == 1)) for mono, c in terms.items())
 
 
 def is_sum(key):
@@ -294,13 +311,9 @@ def collect_terms(body, is_derivative, exact=None):
     out = []
     for s in body:
         if rewritable(s, exact, is_derivative) and is_float(s.value.dtype) and arith_ops(s.value) >= 3:
-            try:
-                terms = Terms(s.value.dtype, defs).of(s.value)
-                new = Writer(s.value.dtype, _inverses(defs)).terms(terms)
-                if arith_ops(new) < arith_ops(s.value):
-                    s = dataclasses.replace(s, value=new)
-            except GiveUp:
-                pass
+            new = _collected(s.value, defs)
+            if new is not None and arith_ops(new) < arith_ops(s.value):
+                s = dataclasses.replace(s, value=new)
         blocks = blocks_of(s)
         if blocks:
             s = rebuild_stmt(s, [collect_terms(b, is_derivative, exact) for b in blocks])
@@ -319,6 +332,24 @@ def collect_terms(body, is_derivative, exact=None):
                 defs[s.name] = (terms, {v.name for a in atoms for v in vars_in(a)},
                                 {id(x.ref.field) for a in atoms for x in loads_in(a)})
     return tuple(out)
+
+
+def _collected(value, defs):
+    """value collected, the cheaper of its sums kept as factors and (where it has such sums) of
+    them distributed over; None where the collection gives up."""
+    def written(distribute):
+        try:
+            terms = Terms(value.dtype, defs, distribute).of(value)
+            return terms, Writer(value.dtype, _inverses(defs)).terms(terms)
+        except GiveUp:
+            return None, None
+
+    terms, new = written(False)
+    if terms is not None and any(is_sum(key) for mono in terms for key, _ in mono):
+        _, spread = written(True)
+        if spread is not None and (new is None or arith_ops(spread) < arith_ops(new)):
+            return spread
+    return new
 
 
 def _reciprocal_of_local(e):
