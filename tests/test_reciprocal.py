@@ -23,11 +23,16 @@ def pairs(runtime):
     return make_pairs()
 
 
-def make_pairs():
-    rng = np.random.default_rng(5)
+def positions(seed):
+    """N random points in a 3 x 3 x 3 box, and a scalar energy field: a pair potential's fields."""
     pos = ti.Vector.field(3, ti.f64, shape=N, needs_grad=True)
     E = ti.field(ti.f64, shape=(), needs_grad=True)
-    pos.from_numpy(rng.uniform(0, 3, (N, 3)))
+    pos.from_numpy(np.random.default_rng(seed).uniform(0, 3, (N, 3)))
+    return pos, E
+
+
+def make_pairs():
+    pos, E = positions(5)
 
     def energy():
         for i in range(N):
@@ -213,10 +218,7 @@ def test_a_squared_denominator_is_the_square_of_the_reciprocal(runtime, square):
     """`1.0 / r + 0.1 / (r * r)` (r from `.norm()`): the reverse divided by r and by r * r, two
     divisions per pair; 1 / (r * r) is now the square of 1 / r, which the block needs anyway.
     The same for `r ** 2`."""
-    rng = np.random.default_rng(7)
-    pos = ti.Vector.field(3, ti.f64, shape=N, needs_grad=True)
-    E = ti.field(ti.f64, shape=(), needs_grad=True)
-    pos.from_numpy(rng.uniform(0, 3, (N, 3)))
+    pos, E = positions(7)
 
     power = square == "power"
 
@@ -250,10 +252,7 @@ def test_lennard_jones_hvp_tangent_meets_its_like_terms(runtime):
     adjoint, t8 * (t6 * t4_dual - t9 * t10 * r2_dual) + t9 * (s6_adj * (...) + t7 * s6_adj_dual),
     has a sum of products whose terms meet the terms outside it once the product is distributed
     (opt.algebra): 14 operators before, 6 now."""
-    rng = np.random.default_rng(8)
-    pos = ti.Vector.field(3, ti.f64, shape=N, needs_grad=True)
-    E = ti.field(ti.f64, shape=(), needs_grad=True)
-    pos.from_numpy(rng.uniform(0, 3, (N, 3)))
+    pos, E = positions(8)
 
     @kd.kernel
     def energy():
