@@ -242,3 +242,32 @@ def test_a_sum_of_products_is_distributed_where_its_terms_then_merge():
 
 def _ops(e):
     return sum(1 for y in iter_expr(e) if isinstance(y, N.Call))
+
+
+def test_substitution_replaces_only_the_vars_an_expression_has():
+    """opt.scales maps x to x * -1.0 (a sign moving into x's definition): in `-x` that is
+    `-(-x)`, which the rebuild simplifies to the Var x; replacing that x again gave `-x` back,
+    and a wrong HVP (the corpus's ti.math kernel, found by its finite-difference check)."""
+    from kerndiff.ir.walk import substitute
+    from kerndiff.opt.scales import rescale_locals
+    x, y = _v("x"), _v("y")
+    assert substitute(B.neg(x), {"x": B.neg(x)}) == x
+    # t1 = y * 3.0; t2 = -t1; t3 = -t1; g = t2 * t3 + t2: the sign may move into t1 (t2 and t3
+    # then read it as it is; temporaries and derivative locals only, a user's local keeps its
+    # sign), but what is stored must not change
+    t1, t2, t3 = _v("t1"), _v("t2"), _v("t3")
+    body = (N.Assign("t1", B.mul(y, B.const(3.0, "f64"))), N.Assign("t2", B.neg(t1)), N.Assign("t3", B.neg(t1)),
+            _store(B.add(B.mul(t2, t3), t2)))
+
+    def stored(stmts):
+        env = {"y": 0.7}
+        for s in stmts[:-1]:
+            env[s.name] = _eval(s.value, env)
+        return _eval(stmts[-1].value, env)
+
+    out = rescale_locals(body, lambda f: True)
+    assert out != body and np.isclose(stored(out), stored(body)), out
+    z, w = _v("z"), _v("w")
+    named = (N.Assign("x", B.mul(y, B.const(3.0, "f64"))), N.Assign("z", B.neg(x)), N.Assign("w", B.neg(x)),
+             _store(B.add(B.mul(z, w), z)))
+    assert rescale_locals(named, lambda f: True) == named  # x = y * 3.0 stays as written

@@ -185,10 +185,26 @@ def map_expr(e, fn, indices=True):
 
 
 def substitute(e, mapping: dict):
-    """Replace Vars by expressions (mapping: name -> Expr)."""
+    """Replace Vars by expressions (mapping: name -> Expr). Only the Vars e has are replaced: a
+    node that the rebuild simplifies into a Var (`-(-x)` after x -> -x) is not replaced again,
+    which map_expr's fn, seeing every rebuilt node, would do (opt.scales maps x to x * -1.0)."""
     if not mapping:
         return e
-    return map_expr(e, lambda x: mapping.get(x.name, x) if isinstance(x, N.Var) else x)
+    from . import build as B
+
+    def walk(x):
+        if isinstance(x, N.Var):
+            return mapping.get(x.name, x)
+        if isinstance(x, N.Load):
+            index = tuple(walk(i) for i in x.index)
+            return x if index == x.index else N.Load(x.dtype, x.ref, index)
+        if isinstance(x, N.Call):
+            args = tuple(walk(a) for a in x.args)
+            if args != x.args:
+                return B.cast(args[0], x.dtype) if x.op == "cast" else B.call(x.op, *args)
+        return x
+
+    return walk(e)
 
 
 def rebuild_stmt(s, blocks):

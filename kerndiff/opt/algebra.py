@@ -219,8 +219,10 @@ class Writer:
                 scales[abs(c)] = scales.get(abs(c), 0) + 1
         k = max((k for k, n in scales.items() if n >= 2), key=lambda k: (scales[k], k), default=None)
         if k is not None:
-            inner = {m: c / k for m, c in terms.items() if abs(c) == k}
-            rest = {m: c for m, c in terms.items() if abs(c) != k}
+            if all(c < 0 for c in terms.values() if abs(c) == k):
+                k = -k  # (a + b) * -2.0, not (-a - b) * 2.0
+            inner = {m: c / k for m, c in terms.items() if abs(c) == abs(k)}
+            rest = {m: c for m, c in terms.items() if abs(c) != abs(k)}
             return self._plus(rest, B.mul(self.terms(inner), B.const(k, self.dtype)))
         return self._sum(terms)
 
@@ -240,6 +242,8 @@ class Writer:
             if term is None:
                 term = B.const(scale, self.dtype)
             elif scale != 1.0:
+                if out is None and c < 0:  # x * -2.0, not -(x * 2.0)
+                    scale, c = -scale, -c
                 term = B.mul(term, B.const(scale, self.dtype))
             if out is None:
                 out = term if c > 0 else B.neg(term)
