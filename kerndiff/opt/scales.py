@@ -88,11 +88,12 @@ def _settle(body, exact, terms_of):
 def _neutral_moves(body, exact, terms_of):
     """body with every power of two that a use carries moved into its local's definition where
     that costs nothing more, or None where none is."""
-    moved = None
+    moved, mentions = None, _mentions(body)
     for name in _candidates(body, exact):
-        rescaled = _rescaled(body, _mentions(body).get(name, []), name, terms_of, neutral=True)
+        rescaled = _rescaled(body, mentions.get(name, []), name, terms_of, neutral=True)
         if rescaled is not None:
             body = moved = rescaled
+            mentions = _mentions(body)  # (only after a move: the statements changed)
     return moved
 
 
