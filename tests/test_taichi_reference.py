@@ -1315,3 +1315,33 @@ def test_scalar_annotations_of_ti_func_parameters_and_results_cast_as_in_taichi(
     f32 = (xv * 1.1).astype(np.float32).astype(np.float64)
     integer = np.trunc(np.trunc(xv * 3) * xv.astype(np.float32).astype(np.float64) + 0.9)
     assert abs(k_loss - np.sum(integer * xv + f32 * xv + (xv + 0.5) * 1.5 * xv)) < 1e-6
+
+
+def test_sum_of_exponentials_in_a_local_is_right_where_taichi_is_not(fields):
+    """A Gaussian pair energy summed in a local, `e += ti.exp(-r2)` over an inner loop: Taichi
+    1.7.4's grad of it is off by several times its size (with 1.0 / r2 in place of the exponential
+    it is right); kerndiff's gradient and HVP match the analytic ones."""
+    x, pos, loss = fields
+
+    def gaussians():
+        for i in range(N):
+            e = 0.0
+            for j in range(N):
+                e += ti.exp(-(pos[i] - pos[j]).norm_sqr())
+            loss[None] += e
+
+    p = pos.to_numpy()
+    d = p[:, None, :] - p[None, :, :]
+    w = np.exp(-(d * d).sum(-1))
+    grad = -4.0 * (w[:, :, None] * d).sum(1)
+    v = np.random.default_rng(1).standard_normal(p.shape)
+    # H v for E = sum_ij w_ij: d/dt of grad along p + t v
+    dv = v[:, None, :] - v[None, :, :]
+    wdot = -2.0 * w * (d * dv).sum(-1)
+    hv = -4.0 * (wdot[:, :, None] * d + w[:, :, None] * dv).sum(1)
+
+    kk = kd.kernel(gaussians)
+    got = kd.backward(kk, inputs=[pos], output=loss)(p)[0]
+    np.testing.assert_allclose(got, grad, rtol=1e-10, atol=1e-12)
+    got_hv = kd.hvp(kk, inputs=[pos], output=loss)(p, tangents=[v])[0]
+    np.testing.assert_allclose(got_hv, hv, rtol=1e-10, atol=1e-12)
