@@ -462,3 +462,38 @@ def test_a_short_first_index_is_chunked_by_its_second(runtime):
     np.testing.assert_allclose(kx2, 2 * kx, rtol=1e-12)
     assert np.abs(kx).max() > 1
     check(kk, "reverse", rtol=1e-6, atol=1e-8)
+
+
+@cpu_only("private copies are made on Taichi's CPU backends only")
+def test_fields_keep_their_names_beside_the_locals_kerndiff_adds(runtime):
+    """Fields named like the locals the private copies bring (`k`, `slot`, `chunk`): the generated
+    source calls the user's fields by their names and gives its own locals others."""
+    rng = np.random.default_rng(5)
+    pos = ti.field(ti.f64, shape=P, needs_grad=True)
+    k = ti.field(ti.f64, shape=S, needs_grad=True)
+    slot = ti.field(ti.i32, shape=S)
+    chunk = ti.field(ti.i32, shape=S)
+    E = ti.field(ti.f64, shape=(), needs_grad=True)
+    pos.from_numpy(rng.standard_normal(P))
+    k.from_numpy(rng.uniform(0.5, 1.5, S))
+    slot.from_numpy(rng.integers(0, P, S).astype(np.int32))
+    chunk.from_numpy(rng.integers(0, P, S).astype(np.int32))
+
+    @kd.kernel
+    def springs_1d():
+        for s in range(S):
+            E[None] += 0.5 * k[s] * (pos[slot[s]] - pos[chunk[s]]) ** 2
+
+    src = springs_1d.reverse.source
+    assert "claim_slot(" in src
+    for name in ("k[s]", "k_adj[s]", "pos[slot[s]]", "pos[chunk[s]]"):
+        assert name in src, name
+    assert "k_1[" not in src and "slot_1[" not in src and "chunk_1[" not in src
+    pv, kv, a, b = pos.to_numpy(), k.to_numpy(), slot.to_numpy(), chunk.to_numpy()
+    d = pv[a] - pv[b]
+    g_pos = np.zeros(P)
+    np.add.at(g_pos, a, kv * d)
+    np.add.at(g_pos, b, -kv * d)
+    g_pos_got, g_k_got = kd.backward(springs_1d, inputs=[pos, k], output=E)([pv, kv])
+    np.testing.assert_allclose(g_pos_got, g_pos, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g_k_got, 0.5 * d * d, rtol=1e-12, atol=1e-12)

@@ -108,11 +108,10 @@ class Forward:
 
 def forward_kernel(ir: N.KernelIR, level: int) -> N.KernelIR:
     """The forward-mode (JVP) kernel of `ir` at derivative level `level`."""
-    from ..ir.walk import assigned_names, used_names
     from .names import NameAllocator
 
     dual_of_field = field_activity(ir, "dual", level)
-    names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
+    names = NameAllocator.for_kernel(ir)
     varied = varied_vars(ir.body, lambda ref: dual_of_field(ref) is not None, seeds=())
     tangent_names = {v: names.fresh(f"{v}_dual") for v in sorted(varied)}
     fwd = Forward(names, dual_of_field, tangent_names)

@@ -20,6 +20,17 @@ def adjoint_var(name: str, level: int) -> str:
 class NameAllocator:
     """Hands out fresh local names: the base itself if free, else base_1, base_2, ..."""
 
+    @classmethod
+    def for_kernel(cls, ir):
+        """An allocator for new locals of kernel `ir`, clear of its locals and parameters and of
+        the names its fields have in generated source: a user's field `k` keeps its name beside
+        a loop of kerndiff's over `k_1` (codegen renames a field that a local shadows)."""
+        from ..codegen.load import field_names
+        from ..ir.walk import assigned_names, used_names
+
+        taken = assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params}
+        return cls(taken | set(field_names(ir, set()).values()))
+
     def __init__(self, taken=()):
         self.taken = set(taken)
 

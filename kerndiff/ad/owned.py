@@ -29,7 +29,7 @@ from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_expr, \
-    map_stmt_exprs, map_stmts, used_names, without_prints
+    map_stmt_exprs, map_stmts, without_prints
 from .hazards import ConsumedCotangent, check_iteration_races, check_overwrites
 from .names import NameAllocator
 
@@ -133,7 +133,7 @@ def promote_owned_elements(ir: N.KernelIR) -> N.KernelIR:
     """`ir` with each element a parallel iteration both reads and writes, and that no other
     iteration can touch, held in a local for the iteration (read once at the start where its old
     value may be needed, stored once at the end)."""
-    names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
+    names = NameAllocator.for_kernel(ir)
     params = {p.name for p in ir.params}
     body = []
     for group in _top_level_groups(ir.body):

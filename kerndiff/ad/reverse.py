@@ -619,14 +619,13 @@ def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False, checkpoint
     may keep their checkpoints in helper fields (Reverse.checkpoint_rows), which a reverse pass
     over this kernel could not read back (each segment's values overwrite the last's): only for
     a kernel no reverse transform will take as its input."""
-    from ..ir.walk import used_names
     from ..runtime.registry import REGISTRY
     from .names import NameAllocator
     from .owned import checked_for_reverse
 
     ir = checked_for_reverse(ir, inputs_restored)
     adj_of_field = field_activity(ir, "adjoint", level)
-    names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
+    names = NameAllocator.for_kernel(ir)
     body, ssa, _ = to_ssa(eliminate_jumps(ir.body, names), names, dtypes=local_dtypes(ir.body, ir.params),
                           fixed={p.name for p in ir.params})
     varied = varied_vars(body, lambda ref: adj_of_field(ref) is not None)

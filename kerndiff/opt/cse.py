@@ -12,7 +12,7 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.ops import COMMUTATIVE
 from ..ir.types import is_float
-from ..ir.walk import assigned_names, blocks_of, expr_children, guarded_select, rebuild_stmt, writes_of
+from ..ir.walk import blocks_of, expr_children, guarded_select, rebuild_stmt, writes_of
 from .algebra import exact_scale
 
 CHEAP = {"neg", "cast"}
@@ -200,7 +200,6 @@ class CSE:
 
 def cse(ir: N.KernelIR) -> N.KernelIR:
     from ..ad.names import NameAllocator
-    from ..ir.walk import used_names
 
-    names = NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
+    names = NameAllocator.for_kernel(ir)
     return dataclasses.replace(ir, body=tuple(CSE(names).block(ir.body)))

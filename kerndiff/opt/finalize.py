@@ -203,10 +203,9 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
     values that locals already hold read from them (opt.reuse), and the field elements an inner
     loop repeats read before it (opt.invariant_loads)."""
     from ..ad.names import NameAllocator
-    from ..ir.walk import assigned_names, used_names
 
     def allocator():
-        return NameAllocator(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params})
+        return NameAllocator.for_kernel(ir)
 
     if is_derivative is not None:
         from .algebra import collect_terms
