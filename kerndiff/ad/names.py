@@ -21,15 +21,15 @@ class NameAllocator:
     """Hands out fresh local names: the base itself if free, else base_1, base_2, ..."""
 
     @classmethod
-    def for_kernel(cls, ir):
-        """An allocator for new locals of kernel `ir`, clear of its locals and parameters and of
-        the names its fields have in generated source: a user's field `k` keeps its name beside
-        a loop of kerndiff's over `k_1` (codegen renames a field that a local shadows)."""
-        from ..codegen.load import field_names
+    def for_kernel(cls, ir, reserved=()):
+        """An allocator for new locals of kernel `ir`, clear of its locals, its parameters and
+        the reserved names. opt.finalize, which adds kerndiff's own helper locals, reserves the
+        names the kernel's fields will have in generated source: a user's field `k` then keeps
+        its name beside the private copies' loop over `k_1` (codegen renames a field that a local
+        shadows)."""
         from ..ir.walk import assigned_names, used_names
 
-        taken = assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params}
-        return cls(taken | set(field_names(ir, set()).values()))
+        return cls(assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params} | set(reserved))
 
     def __init__(self, taken=()):
         self.taken = set(taken)

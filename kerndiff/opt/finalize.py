@@ -204,8 +204,11 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
     loop repeats read before it (opt.invariant_loads)."""
     from ..ad.names import NameAllocator
 
+    from ..codegen.load import field_names
+    fields = set(field_names(ir, set()).values())  # what generated source will call them
+
     def allocator():
-        return NameAllocator.for_kernel(ir)
+        return NameAllocator.for_kernel(ir, reserved=fields)
 
     if is_derivative is not None:
         from .algebra import collect_terms
