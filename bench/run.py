@@ -75,6 +75,28 @@ def fmt(t):
     return f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
 
 
+def variant_ratios(times):
+    """Table rows for bench.variants' workloads ("W2 3-D, ..."): the targets' ratios for the
+    workload each is a spelling of, with the limit beside each."""
+    limits = {"W1": (0.8, 3, None), "W2": (0.8, 3, 2), "W3": (0.8, 25, 2)}
+    out = []
+    for name in dict.fromkeys(w for w, _, _ in times):
+        family = name.split(" ")[0]
+        if family not in limits or name == family:
+            continue
+
+        def ratio(num, den, limit):
+            a, b = times.get((name,) + num), times.get((name,) + den)
+            if limit is None or a is None or b is None:
+                return "–"
+            return f"{a / b:.2f} (≤ {limit}{'' if a / b <= limit else ', not met'})"
+        vs_taichi, vs_primal, hvp = limits[family]
+        out.append(f"| {name} | {ratio(('grad', 'kerndiff'), ('grad', 'taichi'), vs_taichi)} | "
+                   f"{ratio(('grad', 'kerndiff'), ('primal', 'kerndiff'), vs_primal)} | "
+                   f"{ratio(('hvp', 'kerndiff'), ('grad', 'kerndiff'), hvp)} |")
+    return out
+
+
 def report(rows, args):
     lines = [f"machine: {machine(args.arch)}; arch={args.arch}; {'quick' if args.quick else 'full'} sizes", ""]
     lines.append("| workload | op | system | median | min–max | value |")
@@ -104,6 +126,12 @@ def report(rows, args):
             continue
         ratio = a / b
         lines.append(f"| {desc} | {ratio:.2f} | ≤ {limit} | {'yes' if ratio <= limit else 'no'} |")
+    variant_rows = variant_ratios(times)
+    if variant_rows:
+        lines.append("")
+        lines.append("| other spellings (`--only variants`) | reverse / Taichi grad | reverse / primal | HVP / reverse |")
+        lines.append("|---|---|---|---|")
+        lines.extend(variant_rows)
     checks = [r for r in rows if "check" in r]
     bad = [r for r in checks if r["check"] != "agree"]
     lines.append("")
@@ -121,14 +149,14 @@ def main():
     p.add_argument("--arch", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--json", help="write all rows as JSON here")
     p.add_argument("--markdown", help="write the report as Markdown here")
-    p.add_argument("--only", help="comma-separated workloads (W1..W6, compile)")
+    p.add_argument("--only", help="comma-separated workloads (W1..W6, compile, variants)")
     p.add_argument("--systems", help="comma-separated systems (kerndiff, taichi, jax, torch, torch.compile; "
                                      "default all): kerndiff,taichi times the kernels alone, as the "
                                      "targets are checked, without importing JAX or PyTorch")
     p.add_argument("--reps", type=int, default=7, help="timed rounds per workload (at least 7; this shared "
                                                        "machine's noise moves 7-round medians by 10-30%%)")
     args = p.parse_args()
-    names = args.only.split(",") if args.only else WORKLOADS + ["compile"]
+    names = args.only.split(",") if args.only else WORKLOADS + ["compile", "variants"]
     rows = []
     for name in names:
         if name == "compile":

@@ -67,7 +67,7 @@ def run_systems(workload, systems, rtol, reference=None, truth=None):
         ref = (truth or {}).get(op, vs.get("kerndiff", next(iter(vs.values()))))
         bad = {s: v for s, v in vs.items() if not np.isclose(v, ref, rtol=rtol, atol=rtol * abs(ref) + 1e-9)}
         against = f" (f64 value {ref:.7g})" if op in (truth or {}) else ""
-        emit(workload=workload, op=op, check="agree" if not bad else f"DISAGREE{against} {vs}")
+        emit(workload=workload, op=op, check="agree" if not bad else f"DISAGREE{against} {vs}", disagree=sorted(bad))
 
 
 def init_taichi(arch, **kw):
@@ -402,7 +402,7 @@ def main():
     p.add_argument("--systems", default=None, help="comma-separated systems to run (default: all)")
     p.add_argument("--reps", type=int, default=REPS, help="timed rounds (at least 7)")
     args = p.parse_args()
-    from . import more_workloads  # noqa: F401  (registers W4, W5 and compile latency)
+    from . import more_workloads, variants  # noqa: F401  (register W4-W6, compile latency, variants)
     from . import workloads as registry  # the imported module (this file may be __main__)
     registry.ARCH = args.arch
     registry.SYSTEMS = set(args.systems.split(",")) if args.systems else None
