@@ -149,7 +149,9 @@ def test_reverse_takes_both_from_one_call_and_matches_analytic_and_taichi():
     k.reverse()
     src = k.reverse.source
     code = [line for line in src.splitlines() if not line.lstrip().startswith("#")]
-    assert "        sin_x, cos_x = sincos(x[i])" in code
+    # four elements per pass (opt.element_groups), their sines and cosines from one call
+    assert "        sin_x, cos_x, sin_x_1, cos_x_1, sin_x_2, cos_x_2, sin_x_3, cos_x_3 = " \
+           "sincos4(x[i], x[i_1], x[i_2], x[i_3])" in code
     assert not any("ti.sin" in line or "ti.cos" in line for line in code)
     xv, yv = x.to_numpy().astype(np.float64), y.to_numpy().astype(np.float64)
     ours = x.grad.to_numpy(), y.grad.to_numpy()
@@ -160,6 +162,69 @@ def test_reverse_takes_both_from_one_call_and_matches_analytic_and_taichi():
     tk.grad()
     np.testing.assert_allclose(ours[0], x.grad.to_numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ours[1], y.grad.to_numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_four_elements_per_pass_with_a_tail_and_libm_beyond_the_range(monkeypatch):
+    """515 elements: 128 passes of four and a loop over the last three; a group with one element
+    outside sincos's range takes libm's sines and cosines for all four. Against the analytic
+    derivative, and bit for bit against the same kernel without groups (one sincos per element)
+    wherever a whole group is in range."""
+    import kerndiff.opt.element_groups as groups
+    n = 515
+    rng = np.random.default_rng(7)
+    xv = rng.uniform(-3, 3, n).astype(np.float32)
+    xv[[5, 300, 514]] = [130.5, -1e4, 250.0]  # groups 1 and 75, and the tail
+    yv = rng.uniform(-1, 1, n).astype(np.float32)
+    x, y = ti.field(ti.f32, shape=n, needs_grad=True), ti.field(ti.f32, shape=n, needs_grad=True)
+    loss = ti.field(ti.f32, shape=(), needs_grad=True)
+    x.from_numpy(xv)
+    y.from_numpy(yv)
+
+    def energy():
+        for i in x:
+            loss[None] += ti.sin(x[i]) * ti.exp(y[i])
+
+    def gradients(k):
+        x.grad.fill(0)
+        y.grad.fill(0)
+        loss.grad[None] = 1.0
+        k.reverse()
+        return x.grad.to_numpy(), y.grad.to_numpy()
+
+    grouped = kd.kernel(energy)
+    got = gradients(grouped)
+    src = grouped.reverse.source
+    assert "for i_group in range(128):" in src and "for i in range(512, 515):" in src
+    assert "= sincos4(x[i], x[i_1], x[i_2], x[i_3])" in src and "sin_x, cos_x = sincos(x[i])" in src
+    x64, y64 = xv.astype(np.float64), yv.astype(np.float64)
+    np.testing.assert_allclose(got[0], np.cos(x64) * np.exp(y64), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(got[1], np.sin(x64) * np.exp(y64), rtol=2e-6, atol=2e-6)
+    monkeypatch.setattr(groups, "group_elements", lambda ir, names: ir)
+    single = kd.kernel(energy)
+    expected = gradients(single)
+    assert "sincos4" not in single.reverse.source
+    in_range = np.repeat(np.abs(xv[:512]).reshape(-1, 4).max(axis=1) < 120, 4)
+    in_range = np.concatenate([in_range, np.ones(3, bool)])
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a[in_range], b[in_range])
+
+
+def test_loops_with_branches_keep_one_element_per_pass():
+    x, y, loss, _ = _elementwise()
+
+    @kd.kernel
+    def branchy():
+        for i in x:
+            if y[i] > 0.0:
+                loss[None] += ti.sin(x[i]) * y[i]
+
+    loss.grad[None] = 1.0
+    x.grad.fill(0)
+    branchy.reverse()
+    src = branchy.reverse.source
+    assert "sincos4" not in src and "sincos(x[i])" in src
+    xv, yv = x.to_numpy().astype(np.float64), y.to_numpy().astype(np.float64)
+    np.testing.assert_allclose(x.grad.to_numpy(), np.where(yv > 0, np.cos(xv) * yv, 0.0), rtol=2e-6, atol=1e-6)
 
 
 def test_forward_keeps_libm_for_the_primal_value_it_returns():
@@ -192,7 +257,7 @@ def test_hessian_vector_product_of_a_sine_sum():
     E.grad[None] = 1.0
     energy.reverse.forward()
     src = energy.reverse.forward.source
-    assert "= sincos(x[i])" in src
+    assert "= sincos4(x[i], x[i_1], x[i_2], x[i_3])" in src
     x64 = xv.astype(np.float64)
     np.testing.assert_allclose(x.grad.to_numpy(), 2 * np.cos(x64), rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(kd.dual(x.grad).to_numpy(), -2 * np.sin(x64) * v, rtol=2e-6, atol=1e-5)

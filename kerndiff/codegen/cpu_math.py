@@ -48,26 +48,49 @@ def _poly(z, c: ti.template()):
 
 
 @ti.func
+def _reduced_sincos(x):
+    """(sin x, cos x) of an f32 x with |x| < REDUCED_BELOW, as f32."""
+    nearest = ti.floor(ti.f64(x) * ti.f64(TWO_OVER_PI) + 0.5)
+    q = ti.cast(nearest, ti.i32)
+    r = ti.f64(x) - nearest * ti.f64(HALF_PI)  # |r| <= pi/4
+    r2 = r * r
+    # rounded to f32 before the quadrant's swaps and signs, which are exact (and cheaper so)
+    sin_r = ti.f32(r + r * r2 * _poly(r2, SIN_COEFFS))
+    cos_r = ti.f32(ti.f64(1.0) + r2 * _poly(r2, COS_COEFFS))
+    odd = (q & 1) != 0  # quadrants 1 and 3: sin x = +-cos r, cos x = -+sin r
+    s_abs = ti.select(odd, cos_r, sin_r)
+    c_abs = ti.select(odd, -sin_r, cos_r)
+    sign = ti.cast(q & 2, ti.u32) << 30  # quadrants 2 and 3: both change sign (the f32 sign bit)
+    return ti.bit_cast(ti.bit_cast(s_abs, ti.u32) ^ sign, ti.f32), ti.bit_cast(ti.bit_cast(c_abs, ti.u32) ^ sign, ti.f32)
+
+
+@ti.func
 def sincos(x):
     """(sin x, cos x) of an f32 x, as f32."""
     s, c = ti.f32(0.0), ti.f32(0.0)
     if ti.abs(x) < REDUCED_BELOW:
-        nearest = ti.floor(ti.f64(x) * ti.f64(TWO_OVER_PI) + 0.5)
-        q = ti.cast(nearest, ti.i32)
-        r = ti.f64(x) - nearest * ti.f64(HALF_PI)  # |r| <= pi/4
-        r2 = r * r
-        # rounded to f32 before the quadrant's swaps and signs, which are exact (and cheaper so)
-        sin_r = ti.f32(r + r * r2 * _poly(r2, SIN_COEFFS))
-        cos_r = ti.f32(ti.f64(1.0) + r2 * _poly(r2, COS_COEFFS))
-        odd = (q & 1) != 0  # quadrants 1 and 3: sin x = +-cos r, cos x = -+sin r
-        s_abs = ti.select(odd, cos_r, sin_r)
-        c_abs = ti.select(odd, -sin_r, cos_r)
-        sign = ti.cast(q & 2, ti.u32) << 30  # quadrants 2 and 3: both change sign (the f32 sign bit)
-        s = ti.bit_cast(ti.bit_cast(s_abs, ti.u32) ^ sign, ti.f32)
-        c = ti.bit_cast(ti.bit_cast(c_abs, ti.u32) ^ sign, ti.f32)
+        s, c = _reduced_sincos(x)
     else:
         s, c = ti.sin(x), ti.cos(x)
     return s, c
+
+
+@ti.func
+def sincos4(a, b, c, d):
+    """The sines and cosines of four f32 values, as f32: (sin a, cos a, sin b, cos b, ...), each
+    as sincos gives it where all four are within its range, else libm's for all four (one branch
+    for the four, so that LLVM packs their steps: opt.element_groups)."""
+    s0, c0, s1, c1 = ti.f32(0.0), ti.f32(0.0), ti.f32(0.0), ti.f32(0.0)
+    s2, c2, s3, c3 = ti.f32(0.0), ti.f32(0.0), ti.f32(0.0), ti.f32(0.0)
+    if ti.max(ti.max(ti.abs(a), ti.abs(b)), ti.max(ti.abs(c), ti.abs(d))) < REDUCED_BELOW:
+        s0, c0 = _reduced_sincos(a)
+        s1, c1 = _reduced_sincos(b)
+        s2, c2 = _reduced_sincos(c)
+        s3, c3 = _reduced_sincos(d)
+    else:
+        s0, c0, s1, c1 = ti.sin(a), ti.cos(a), ti.sin(b), ti.cos(b)
+        s2, c2, s3, c3 = ti.sin(c), ti.cos(c), ti.sin(d), ti.cos(d)
+    return s0, c0, s1, c1, s2, c2, s3, c3
 
 
 TANH_COEFFS = tuple(float.fromhex(h) for h in (  # tanh x = x + x^3 (t1 + t2 x^2 + ... + t6 x^10)

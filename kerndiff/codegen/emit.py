@@ -276,6 +276,9 @@ class Emitter:
                 self.sincos(s, stmts[i + 1], pad)  # opt.cpu_math puts the cosine right after
                 skip_to = i + 2
                 continue
+            if isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op == "sincos4_sin":
+                skip_to = i + self.sincos4(stmts[i:], pad)  # opt.element_groups: eight in a row
+                continue
             if not path and isinstance(s, N.For):  # a parallel loop
                 refs, sums = component_refs(s), scalar_sums(s)
                 if refs and sums:
@@ -304,6 +307,17 @@ class Emitter:
         """`s, c = sincos(e)`: the sine and cosine of e from one call (opt.cpu_math)."""
         assert cos_stmt.value.op == "sincos_cos" and cos_stmt.value.args == sin_stmt.value.args
         self.lines.append(f"{pad}{sin_stmt.name}, {cos_stmt.name} = sincos({self.expr(sin_stmt.value.args[0])})")
+
+    def sincos4(self, stmts, pad):
+        """`s, c, s_1, c_1, ... = sincos4(e, e_1, ...)`: the sines and cosines of four elements
+        from one call (opt.element_groups); returns how many statements that took."""
+        count = 2 * (len(stmts[0].value.args) - 1)
+        group = stmts[:count]
+        assert all(t.value.op == ("sincos4_sin", "sincos4_cos")[k % 2] and t.value.args[:-1] == group[0].value.args[:-1]
+                   and t.value.args[-1].value == k // 2 for k, t in enumerate(group))
+        args = ", ".join(self.expr(a) for a in group[0].value.args[:-1])
+        self.lines.extend(_wrapped(pad, [", ".join(t.name for t in group) + f" = sincos4({args})"], ""))
+        return count
 
     def stmt(self, s, indent, path, i):
         pad = "    " * indent

@@ -4,7 +4,8 @@ In derived kernels, repeated divisions by one value in derivative code share its
 (opt.reciprocal) and like terms are collected (opt.algebra); zeroed accumulators start at their
 first contribution (opt.zero_start) and copies are forwarded (opt.copies). On the CPU, derived
 kernels then take f32 sines, cosines and tanh that only derivatives read from kerndiff's own
-functions (opt.cpu_math) and give scattered atomic adds per-thread private copies (opt.scatter).
+functions (opt.cpu_math), give scattered atomic adds per-thread private copies (opt.scatter) and
+run elementwise loops that take sines and cosines four elements per pass (opt.element_groups).
 
 Inside each parallel loop:
   * merge: several atomic adds into one element within a block become one add of their sum;
@@ -268,4 +269,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
     if scatter is not None:
         from .scatter import privatize_scatters
         ir = privatize_scatters(ir, names, *scatter)
+    if cpu_math and is_derivative is not None:
+        from .element_groups import group_elements
+        ir = group_elements(ir, names)
     return ir
