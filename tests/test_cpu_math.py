@@ -1,7 +1,11 @@
 """kerndiff's own f32 math in derived CPU kernels (opt.cpu_math, codegen.cpu_math): sine and
 cosine of one value from one call, tanh from one exp. The helpers' accuracy against the f64
 functions, derivatives against analytic ones and Taichi's own grad, what keeps libm's bits
-(primal outputs, conditions), and on hand-built IR what may be paired."""
+(primal outputs, conditions), on hand-built IR what may be paired, and elementwise loops run four
+elements per pass (opt.element_groups) against the same kernels one element per pass."""
+import importlib.util
+import itertools
+
 import numpy as np
 import pytest
 import taichi as ti
@@ -363,3 +367,105 @@ def test_f32_corpus_kernels_with_sines_match_the_f64_derivatives():
         assert_same_derivatives(derivatives(k, args), references[name], 2e-3)
         paired += "= sincos(" in k.reverse.forward.source
     assert paired >= 3  # the pairing did run on most of them
+
+
+GROUP_LEAVES = ["x[i]", "y[i]", "x[idx[i]]", "0.7"]
+GROUP_OPS = ["ti.sin({0})", "ti.cos({0})", "ti.exp(0.5 * ti.sin({0}))", "({0}) * ({1})", "({0}) + ({1})",
+             "({0}) / (1.5 + ({1}) * ({1}))", "ti.sqrt(0.5 + ({0}) * ({0}))"]
+
+
+def _group_expr(depth, extra=()):
+    from hypothesis import strategies as st
+    leaves = st.sampled_from(GROUP_LEAVES + list(extra))
+    if depth == 0:
+        return leaves
+    sub = _group_expr(depth - 1, extra)
+    return st.one_of(leaves, st.tuples(st.sampled_from(GROUP_OPS), sub, sub).map(lambda t: t[0].format(t[1], t[2])))
+
+
+def _group_bodies():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def bodies(draw):
+        a = draw(_group_expr(2))
+        b = draw(_group_expr(2, ["a"]))
+        out = draw(_group_expr(2, ["a", "b"]))
+        total = draw(_group_expr(1, ["a", "b"]))
+        # a * a: the reverse needs the sine and the cosine of one value, so there is a pair to group
+        return "\n".join([f"a = ti.sin(x[i] + {a})", f"b = {b}", f"out[i] = a * a * ({out})",
+                          f"loss[None] += {total}"])
+    return bodies()
+
+
+def _load_elementwise(body, fields, tmp):
+    """An elementwise kernel over x with `body`, written to a real file (kerndiff reads source)."""
+    name = f"grouped_{next(_LOADED)}"
+    src = "import taichi as ti\n\n\ndef kernel():\n    for i in x:\n" + \
+          "\n".join("        " + line for line in body.splitlines()) + "\n"
+    path = tmp / f"{name}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__dict__.update(fields)
+    spec.loader.exec_module(mod)
+    return mod.kernel, src
+
+
+_LOADED = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def group_fields():
+    n = 11  # two groups of four and a tail of three
+    rng = np.random.default_rng(8)
+    f = {"x": ti.field(ti.f32, shape=n, needs_grad=True), "y": ti.field(ti.f32, shape=n, needs_grad=True),
+         "idx": ti.field(ti.i32, shape=n), "out": ti.field(ti.f32, shape=n, needs_grad=True),
+         "loss": ti.field(ti.f32, shape=(), needs_grad=True)}
+    f["x"].from_numpy(rng.uniform(-2, 2, n).astype(np.float32))
+    f["y"].from_numpy(rng.uniform(-2, 2, n).astype(np.float32))
+    f["idx"].from_numpy(rng.permutation(n).astype(np.int32))
+    return f
+
+
+def test_random_elementwise_bodies_give_the_same_derivatives_four_per_pass(group_fields, tmp_path_factory):
+    """Random straight-line bodies (gathers, a local read by the next, a store and a sum): their
+    reverse four elements per pass against the same kernel one element per pass and Taichi's grad."""
+    from hypothesis import HealthCheck, given, settings
+
+    import kerndiff.opt.element_groups as groups
+    tmp = tmp_path_factory.mktemp("grouped")
+    f = group_fields
+    w = np.random.default_rng(9).standard_normal(11).astype(np.float32)
+
+    def gradients(run, rev):
+        f["loss"][None] = 0
+        run()
+        for g in (f["x"].grad, f["y"].grad):
+            g.fill(0)
+        f["out"].grad.from_numpy(w)
+        f["loss"].grad[None] = 1.0
+        rev()
+        return f["x"].grad.to_numpy(), f["y"].grad.to_numpy()
+
+    @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(body=_group_bodies())
+    def check(body):
+        fn, src = _load_elementwise(body, f, tmp)
+        grouped = kd.kernel(fn)
+        got = gradients(grouped, grouped.reverse)
+        assert "sincos4(" in grouped.reverse.source, src
+        original = groups.group_elements
+        groups.group_elements = lambda ir, names: ir
+        try:
+            single = kd.kernel(fn)
+            expected = gradients(single, single.reverse)
+        finally:
+            groups.group_elements = original
+        tk = ti.kernel(fn)
+        taichi = gradients(tk, tk.grad)
+        for a, b, c in zip(got, expected, taichi):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=src)
+            np.testing.assert_allclose(a, c, rtol=2e-5, atol=2e-5, err_msg=src)
+
+    check()
