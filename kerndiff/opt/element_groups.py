@@ -57,10 +57,9 @@ def _qualifies(s):
     if any(isinstance(t, N.Assign) and t.name == s.vars[0] for t in s.body):
         return False
     # every local the body assigns is assigned before the body reads it (its own, per element)
-    assigned = set()
+    own, assigned = {t.name for t in s.body if isinstance(t, N.Assign)}, set()
     for t in s.body:
-        reads = {v.name for e in _exprs(t) for v in vars_in(e)}
-        if reads & {t2.name for t2 in s.body if isinstance(t2, N.Assign)} - assigned:
+        if {v.name for e in _exprs(t) for v in vars_in(e)} & (own - assigned):
             return False
         if isinstance(t, N.Assign):
             assigned.add(t.name)
