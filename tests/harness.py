@@ -6,6 +6,8 @@ every transform path against an independent reference.
 """
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import os
 
 import numpy as np
@@ -26,6 +28,26 @@ TEST_ARCH = os.environ.get("KERNDIFF_TEST_ARCH", "cpu")
 
 def cpu_only(reason):
     return pytest.mark.skipif(TEST_ARCH not in ("cpu", "x64", "arm64"), reason=reason)
+
+
+_LOADED = itertools.count()
+
+
+def load_elementwise(body, fields, directory):
+    """`def kernel(): for i in x: <body>` with the given fields as its globals, written to a real
+    file in `directory` (kerndiff and Taichi read a kernel's source) and imported: (the function,
+    its source)."""
+    name = f"generated_kernel_{next(_LOADED)}"
+    src = "import taichi as ti\n\n\ndef kernel():\n    for i in x:\n" + \
+          "\n".join("        " + line for line in body.splitlines()) + "\n"
+    path = os.path.join(str(directory), name + ".py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__dict__.update(fields)
+    spec.loader.exec_module(mod)
+    return mod.kernel, src
 
 
 def _is_float_field(f):

@@ -3,15 +3,12 @@ cosine of one value from one call, tanh from one exp. The helpers' accuracy agai
 functions, derivatives against analytic ones and Taichi's own grad, what keeps libm's bits
 (primal outputs, conditions), on hand-built IR what may be paired, and elementwise loops run four
 elements per pass (opt.element_groups) against the same kernels one element per pass."""
-import importlib.util
-import itertools
-
 import numpy as np
 import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import cpu_only
+from harness import cpu_only, load_elementwise
 from kerndiff.ad.names import NameAllocator
 from kerndiff.ir import build as B
 from kerndiff.ir import nodes as N
@@ -398,23 +395,6 @@ def _group_bodies():
     return bodies()
 
 
-def _load_elementwise(body, fields, tmp):
-    """An elementwise kernel over x with `body`, written to a real file (kerndiff reads source)."""
-    name = f"grouped_{next(_LOADED)}"
-    src = "import taichi as ti\n\n\ndef kernel():\n    for i in x:\n" + \
-          "\n".join("        " + line for line in body.splitlines()) + "\n"
-    path = tmp / f"{name}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__dict__.update(fields)
-    spec.loader.exec_module(mod)
-    return mod.kernel, src
-
-
-_LOADED = itertools.count()
-
-
 @pytest.fixture(scope="module")
 def group_fields():
     n = 11  # two groups of four and a tail of three
@@ -451,7 +431,7 @@ def test_random_elementwise_bodies_give_the_same_derivatives_four_per_pass(group
     @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(body=_group_bodies())
     def check(body):
-        fn, src = _load_elementwise(body, f, tmp)
+        fn, src = load_elementwise(body, f, tmp)
         grouped = kd.kernel(fn)
         got = gradients(grouped, grouped.reverse)
         assert "sincos4(" in grouped.reverse.source, src

@@ -9,8 +9,6 @@ private copies, checkpoints, and kerndiff's own sin/cos pairs and tanh (opt.cpu_
 Profiles: a short one by default (derandomized under CI=true), KERNDIFF_FUZZ=long for 10,000 per test
 (KERNDIFF_FUZZ_N to change that).
 """
-import importlib.util
-import itertools
 import os
 import tempfile
 
@@ -21,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kerndiff as kd
-from harness import check
+from harness import check, load_elementwise
 from kerndiff.pipeline import _on_cpu as pipeline_on_cpu
 
 N = 3
@@ -101,23 +99,11 @@ def kernels(draw):
     return "\n".join(body)
 
 
-_counter = itertools.count()
 _tmp = tempfile.mkdtemp(prefix="kerndiff_fuzz_")
 
 
 def load(body, fields):
-    """Write the kernel to a real file (kerndiff and Taichi read source) and import it."""
-    name = f"fuzz_kernel_{next(_counter)}"
-    lines = "\n".join("        " + line for line in body.splitlines())
-    src = f"import taichi as ti\n\n\ndef kernel():\n    for i in x:\n{lines}\n"
-    path = os.path.join(_tmp, name + ".py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__dict__.update(fields)
-    spec.loader.exec_module(mod)
-    return mod.kernel, src
+    return load_elementwise(body, fields, _tmp)
 
 
 @pytest.fixture(scope="module")
