@@ -204,8 +204,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
     values that locals already hold read from them (opt.reuse), and the field elements an inner
     loop repeats read before it (opt.invariant_loads)."""
     from ..ad.names import NameAllocator
-
     from ..codegen.load import field_names
+
     fields = set(field_names(ir, set()).values())  # what generated source will call them
 
     def allocator():
