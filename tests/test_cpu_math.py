@@ -449,3 +449,25 @@ def test_random_elementwise_bodies_give_the_same_derivatives_four_per_pass(group
             np.testing.assert_allclose(a, c, rtol=2e-5, atol=2e-5, err_msg=src)
 
     check()
+
+
+def test_four_elements_per_pass_from_a_nonzero_start():
+    """A field with an offset: its loop runs from -3, so the groups start there (i = i_group * 4 -
+    3) and the tail covers the last two of 14."""
+    x = ti.field(ti.f32, shape=14, offset=(-3,), needs_grad=True)
+    loss = ti.field(ti.f32, shape=(), needs_grad=True)
+    xv = np.random.default_rng(11).uniform(-2, 2, 14).astype(np.float32)
+    x.from_numpy(xv)
+
+    @kd.kernel
+    def energy():
+        for i in x:
+            loss[None] += ti.sin(x[i]) ** 2 * (i + 4)
+
+    loss.grad[None] = 1.0
+    energy.reverse()
+    src = energy.reverse.source
+    assert "for i_group in range(3):" in src and "i = i_group * 4 - 3" in src and "for i in range(9, 11):" in src
+    weights = np.arange(-3, 11) + 4.0
+    x64 = xv.astype(np.float64)
+    np.testing.assert_allclose(x.grad.to_numpy(), 2 * np.sin(x64) * np.cos(x64) * weights, rtol=2e-6, atol=1e-5)
