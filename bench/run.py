@@ -75,6 +75,20 @@ def fmt(t):
     return f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
 
 
+HAND = [("W1", "grad"), ("W1", "jvp"), ("W2", "grad"), ("W2", "hvp"), ("W3", "grad"), ("W3", "hvp")]
+
+
+def hand_ratios(times):
+    """Table rows: kerndiff's kernel against the same derivative written by hand in Taichi
+    (bench.by_hand), where both were timed."""
+    out = []
+    for workload, op in HAND:
+        a, b = times.get((workload, op, "kerndiff")), times.get((workload, op, "hand"))
+        if a is not None and b is not None:
+            out.append(f"| {workload} | {op} | {fmt(a)} | {fmt(b)} | {a / b:.2f} |")
+    return out
+
+
 def variant_ratios(times):
     """Table rows for bench.variants' workloads ("W2 3-D, ..."): the targets' ratios for the
     workload each is a spelling of, with the limit beside each."""
@@ -126,6 +140,12 @@ def report(rows, args):
             continue
         ratio = a / b
         lines.append(f"| {desc} | {ratio:.2f} | ≤ {limit} | {'yes' if ratio <= limit else 'no'} |")
+    hand_rows = hand_ratios(times)
+    if hand_rows:
+        lines.append("")
+        lines.append("| by hand (not a target) | op | kerndiff | written by hand in Taichi | kerndiff / by hand |")
+        lines.append("|---|---|---|---|---|")
+        lines.extend(hand_rows)
     variant_rows = variant_ratios(times)
     if variant_rows:
         lines.append("")
@@ -150,7 +170,7 @@ def main():
     p.add_argument("--json", help="write all rows as JSON here")
     p.add_argument("--markdown", help="write the report as Markdown here")
     p.add_argument("--only", help="comma-separated workloads (W1..W6, compile, variants)")
-    p.add_argument("--systems", help="comma-separated systems (kerndiff, taichi, jax, torch, torch.compile; "
+    p.add_argument("--systems", help="comma-separated systems (kerndiff, taichi, hand, jax, torch, torch.compile; "
                                      "default all): kerndiff,taichi times the kernels alone, as the "
                                      "targets are checked, without importing JAX or PyTorch")
     p.add_argument("--reps", type=int, default=7, help="timed rounds per workload (at least 7; this shared "

@@ -1,7 +1,8 @@
 """Benchmark workloads, one per process: `python -m bench.workloads W2 [--quick] [--arch cpu|gpu]`.
 
 Each workload is written the natural way in every system (kerndiff; Taichi 1.7.4's own AD;
-JAX jit; PyTorch eager), checks that the systems agree on each value, then times each operation
+JAX jit; PyTorch eager; and for W1-W3 derivative kernels written by hand in Taichi, bench.by_hand),
+checks that the systems agree on each value, then times each operation
 after warm-up: median of >= 7 runs with min and max, the systems' runs interleaved round by round
 so that their ratios are measured under the same conditions. Prints one JSON object per row.
 """
@@ -14,6 +15,8 @@ import sys
 import time
 
 import numpy as np
+
+from . import by_hand
 
 REPS = 7
 ARCH = "cpu"  # set by main(): "gpu" puts JAX and PyTorch on the GPU too, beside Taichi
@@ -196,7 +199,8 @@ def w1(args):
             loss[None] += ti.sin(x[i]) * ti.exp(y[i])
 
     tk, kk = ti.kernel(energy), kd.kernel(energy)
-    rows = energy_systems(ti, kd, kk, tk, x, loss, None, d)
+    hand_grad, hand_jvp = by_hand.w1(ti, x, y, loss)
+    rows = energy_systems(ti, kd, kk, tk, x, loss, None, d, hand=(hand_grad, None))
 
     def kd_jvp():
         loss.dual[None] = 0
@@ -213,8 +217,13 @@ def w1(args):
                 reference={"jvp": kd_jvp_value})
     mgr.__exit__(None, None, None)
     x.dual.from_numpy(d)  # leaving FwdMode cleared Taichi's seed, which is kerndiff's dual of x too
+    def hand_jvp_run():
+        loss.dual[None] = 0
+        hand_jvp()
+
     systems = {"kerndiff": (ti.sync, kd_ops),
-               "taichi": (ti.sync, {"primal": rows["taichi"][1]["primal"], "grad": rows["taichi"][1]["grad"]})}
+               "taichi": (ti.sync, {"primal": rows["taichi"][1]["primal"], "grad": rows["taichi"][1]["grad"]}),
+               "hand": (ti.sync, dict(rows["hand"][1], jvp=(hand_jvp_run, lambda: loss.dual[None])))}
 
     if wants("jax"):
         jax = jax_mod()
@@ -235,9 +244,11 @@ def w1(args):
     run_systems("W1", systems, 2e-3)
 
 
-def energy_systems(ti, kd, kk, tk, pos, E, v, u):
+def energy_systems(ti, kd, kk, tk, pos, E, v, u, hand=None):
     """kerndiff and Taichi rows for a scalar energy E of a field pos: primal, gradient (dotted
-    with u) and, for kerndiff when a direction v is given, the Hessian-vector product H·v."""
+    with u) and, for kerndiff when a direction v is given, the Hessian-vector product H·v.
+    hand: (gradient kernel, factory (v field, hv field) -> HVP kernel) written by hand
+    (bench.by_hand), timed as the "hand" system."""
     def primal(k):
         def run():
             E[None] = 0
@@ -260,23 +271,29 @@ def energy_systems(ti, kd, kk, tk, pos, E, v, u):
 
     rows = {"kerndiff": (ti.sync, {"primal": primal(kk), "grad": grad(kk.reverse)}),
             "taichi": (ti.sync, {"primal": primal(tk), "grad": grad(tk.grad), "hvp": None})}
+    if hand is not None:
+        rows["hand"] = (ti.sync, {"grad": grad(hand[0])})
     if v is None:
         return rows
     kd.dual(pos).from_numpy(v)
     kk.forward()
     hv = kd.dual(pos.grad)
 
-    def hvp():
-        E.grad[None] = 1
-        kk.reverse.forward()
+    def hvp(kernel):
+        def run():
+            E.grad[None] = 1
+            kernel()
 
-    def hvp_value():
-        hv.fill(0)
-        pos.grad.fill(0)
-        hvp()
-        return np.sum(hv.to_numpy().astype(np.float64) * u)
+        def value():
+            hv.fill(0)
+            pos.grad.fill(0)
+            run()
+            return np.sum(hv.to_numpy().astype(np.float64) * u)
+        return run, value
 
-    rows["kerndiff"][1]["hvp"] = (hvp, hvp_value)
+    rows["kerndiff"][1]["hvp"] = hvp(kk.reverse.forward)
+    if hand is not None:
+        rows["hand"][1]["hvp"] = hvp(hand[1](kd.dual(pos), hv))
     return rows
 
 
@@ -313,7 +330,7 @@ def w2(args):
 
     tk, kk = ti.kernel(energy), kd.kernel(energy)
 
-    systems = energy_systems(ti, kd, kk, tk, pos, E, v, u)
+    systems = energy_systems(ti, kd, kk, tk, pos, E, v, u, hand=by_hand.w2(ti, pos, ends, rest, E))
 
     if wants("jax"):
         jax = jax_mod()
@@ -362,7 +379,7 @@ def w3(args):
 
     tk, kk = ti.kernel(energy), kd.kernel(energy)
 
-    systems = energy_systems(ti, kd, kk, tk, pos, E, v, u)
+    systems = energy_systems(ti, kd, kk, tk, pos, E, v, u, hand=by_hand.w3(ti, pos, E))
     if wants("jax"):
         jax = jax_mod()
         jnp = jax.numpy
