@@ -211,6 +211,7 @@ def test_random_kernels_with_private_copies(fields, body, monkeypatch):
     per-thread private copies."""
     from kerndiff.opt import scatter
     monkeypatch.setattr(scatter, "MIN_TRIPS", 2)
+    monkeypatch.setattr(scatter, "MIN_WORK", 2)
     monkeypatch.setattr(scatter, "MIN_ADDS_PER_ELEMENT", 0)
     k = check_random_kernel(fields, body)
     COUNT.append(1)

@@ -35,12 +35,17 @@ accumulate in a local per chunk and are added once at its end: Taichi reduces su
 thread in a plain parallel loop, but not inside a chunk's serial loop.
 
 When: a field is privatized in a loop if every access to it there is an atomic add, the loop has
-constant bounds and at least 1024 iterations (Taichi runs shorter loops on one thread; a loop
-over several indices, `ti.ndrange(B, H)`, is cut into chunks of its first index, each running its
-rows whole, or where the first index has fewer than 1024 values, into chunks of one value of it
-and a run of the second index), and the loop adds into it at least T/2 times as often as its slice
-has elements (so the extra pass over the T copies costs less than the atomics it saves), within
-a memory cap; otherwise the atomics stay. Adds into a single element (0-d fields, or every index fixed) are
+constant bounds and runs at least 1024 iterations counting those of its inner loops (a pair loop
+over 256 particles qualifies: Taichi spreads even short loops over its threads, in blocks of
+n / (32 T) iterations, and an atomic add costs several plain ones even where no other thread
+contends for its element; a few tiny loops of a small kernel keep their atomics, and their
+source stays short), and the loop adds into it at least T/2 times as often as its slice has
+elements (so the extra pass over the T copies costs less than the atomics it saves), within a
+memory cap; otherwise the atomics stay. A loop over several indices, `ti.ndrange(B, H)`, is cut
+into chunks of its first index, each running its rows whole, or where the first index has fewer
+than 1024 values, into chunks of one value of it and a run of the second index. An inner loop
+whose bounds are not constants counts the difference of their midpoints over the outer loops'
+ranges (`range(i + 1, n)`: half the pairs), or once where they read other values. Adds into a single element (0-d fields, or every index fixed) are
 left to Taichi, which already reduces those per thread.
 """
 from __future__ import annotations
@@ -55,8 +60,9 @@ from ..ir.types import bits, is_float
 from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
                        map_stmts, vars_in)
 
-CHUNKS_PER_THREAD = 512   # Taichi's CPU backend gives each worker one block of >= 512 iterations
-MIN_TRIPS = 2 * CHUNKS_PER_THREAD  # shorter loops run on one thread anyway: no contention to avoid
+CHUNKS_PER_THREAD = 512   # enough chunks per worker for Taichi to balance the threads' loads
+MIN_TRIPS = 2 * CHUNKS_PER_THREAD  # the first index's values that make chunks of runs of it
+MIN_WORK = MIN_TRIPS      # iterations, inner loops' included: fewer keep their atomics
 MIN_ADDS_PER_ELEMENT = 1  # below this the pass over the copies costs more than the atomics
 MEMORY_CAP = 256 << 20    # bytes of private copies per loop
 
@@ -77,11 +83,72 @@ def _first_trips(loop):
     return int(hi.value) - int(lo.value)
 
 
+def _interval(e, ranges):
+    """(least, greatest) value of an integer expression, from the ranges of the loop variables it
+    reads (ranges: name -> (least, greatest)); None where it reads anything else."""
+    if isinstance(e, N.Const):
+        return (int(e.value), int(e.value)) if isinstance(e.value, (int, float)) else None
+    if isinstance(e, N.Var):
+        return ranges.get(e.name)
+    if not (isinstance(e, N.Call) and e.op in ("add", "sub", "mul", "neg")):
+        return None
+    args = [_interval(a, ranges) for a in e.args]
+    if None in args:
+        return None
+    if e.op == "neg":
+        (lo, hi), = args
+        return -hi, -lo
+    (a, b), (c, d) = args
+    if e.op == "add":
+        return a + c, b + d
+    if e.op == "sub":
+        return a - d, b - c
+    products = (a * c, a * d, b * c, b * d)
+    return min(products), max(products)
+
+
+def _estimated_trips(loop, ranges):
+    """A loop's iterations: its trip count where its bounds are constants, else the difference of
+    its bounds' midpoints over the ranges of the loop variables they read (`range(i + 1, n)` and
+    its reverse `range(n - (i + 1))`: half the pairs, n / 2); 1 where a bound reads anything else."""
+    n = 1
+    for lo, hi in loop.bounds:
+        a, b = _interval(lo, ranges), _interval(hi, ranges)
+        if a is None or b is None:
+            continue
+        n *= max(0, round((b[0] + b[1]) / 2 - (a[0] + a[1]) / 2))
+    return n
+
+
+def _with_ranges(loop, ranges):
+    """ranges with the loop's variables added (least and greatest value each takes)."""
+    out = dict(ranges)
+    for v, (lo, hi) in zip(loop.vars, loop.bounds):
+        a, b = _interval(lo, ranges), _interval(hi, ranges)
+        if a is not None and b is not None:
+            out[v] = (a[0], b[1] - 1)
+        else:
+            out.pop(v, None)
+    return out
+
+
+def _inner_trips(body, ranges):
+    """Iterations of the deepest nest of loops in body, per run of body."""
+    most = 1
+    for s in body:
+        inner, inside = 1, ranges
+        if isinstance(s, N.For):
+            inner, inside = _estimated_trips(s, ranges), _with_ranges(s, ranges)
+        for b in blocks_of(s):
+            most = max(most, inner * _inner_trips(b, inside))
+    return most
+
+
 def _chunkable(loop):
-    """Enough iterations for Taichi to spread the loop over its threads, and an index to cut into
-    chunks: the first, or with a short first index (`ti.ndrange(16, 100000)`) the second."""
+    """Enough work to be worth chunks (MIN_WORK iterations, inner loops' included) in at least
+    two iterations of the loop itself, which must have constant bounds."""
     n = _trip_count(loop)
-    return bool(n) and n >= MIN_TRIPS and (_first_trips(loop) >= MIN_TRIPS or len(loop.bounds) > 1)
+    return bool(n) and n >= 2 and n * _inner_trips(loop.body, _with_ranges(loop, {})) >= MIN_WORK
 
 
 def _chunks(loop, chunk, body, threads):
@@ -94,8 +161,10 @@ def _chunks(loop, chunk, body, threads):
     if n >= MIN_TRIPS or not rest:
         per = -(-n // min(n, target))
         start = B.add(lo, B.mul(chunk, B.const(per, "i32")))
-        run = N.For(loop.vars, ((start, B.call("min", B.add(start, B.const(per, "i32")), hi)), *rest), body)
-        return -(-n // per), [run], f"chunks of {per} {'iterations' if not rest else 'rows'}"
+        end = B.add(start, B.const(per, "i32"))  # the last chunk is cut at hi where per does not divide n
+        run = N.For(loop.vars, ((start, end if n % per == 0 else B.call("min", end, hi)), *rest), body)
+        what = ("iteration" if not rest else "row") + ("s" if per > 1 else "")
+        return -(-n // per), [run], f"chunks of {'one' if per == 1 else per} {what}"
     (lo2, hi2), *more = rest
     n2 = int(hi2.value) - int(lo2.value)
     per = -(-n2 // min(n2, -(-target // n)))
@@ -107,17 +176,17 @@ def _chunks(loop, chunk, body, threads):
     return n * blocks, [row, run], f"chunks of {values} of {loop.vars[1]} for one {loop.vars[0]}"
 
 
-def _atomic_weights(body, weight=1):
-    """(Atomic stmt, times it runs per iteration of the enclosing loop), through inner loops whose
-    trip counts are known (others count once)."""
+def _atomic_weights(body, ranges, weight=1):
+    """(Atomic stmt, times it runs per iteration of the enclosing loop), through inner loops (their
+    iterations estimated by _estimated_trips; ranges: the enclosing loops' variables)."""
     for s in body:
         if isinstance(s, N.Atomic):
             yield s, weight
-        inner = weight
+        inner, inside = weight, ranges
         if isinstance(s, N.For):
-            inner = weight * (_trip_count(s) or 1)
+            inner, inside = weight * _estimated_trips(s, ranges), _with_ranges(s, ranges)
         for b in blocks_of(s):
-            yield from _atomic_weights(b, inner)
+            yield from _atomic_weights(b, inside, inner)
 
 
 def _not_only_added(loop):
@@ -138,7 +207,7 @@ def _candidates(loop, threads):
     other = _not_only_added(loop)
     n = _trip_count(loop)
     adds, fields, indices = {}, {}, {}
-    for s, w in _atomic_weights(loop.body):
+    for s, w in _atomic_weights(loop.body, _with_ranges(loop, {})):
         f = s.ref.field
         if s.op == "add" and id(f) not in other and 1 <= len(s.ref.shape) <= 3 and is_float(s.ref.dtype):
             adds[id(f)] = adds.get(id(f), 0) + n * w
