@@ -527,7 +527,7 @@ def test_a_pair_loop_over_few_particles_is_chunked(runtime, pairs):
 
     src = energy.reverse.source
     assert "# chunks of one iteration, each adding into one thread's private copy of pos_adj" in src, src
-    assert f"for i in range(chunk, chunk + 1):" in src and "pos_adj_private[slot, j][0]" in src
+    assert "for i in range(chunk, chunk + 1):" in src and "pos_adj_private[slot, j][0]" in src
     assert "atomic_add" not in src and "pos_adj[j]" not in src
     d = pv[:, None, :] - pv[None, :, :]
     r2 = (d * d).sum(-1) + 0.01
