@@ -12,8 +12,8 @@ transform of the kernel as written can do. The derivatives are worked out on pap
     W2: E_s = (|d| - r)² / 2, d = pos[a] - pos[b]; ∇_d E_s = k d with k = 1 - r / |d|;
         its Hessian is k I + (r / |d|³) d dᵀ.
     W3: E = ½ Σ_i Σ_{j≠i} e(r2_ij), e(r2) = r2^-½ + 0.1 r2^-1, r2 = |p_i - p_j|² + 0.01;
-        ∇_i E = Σ_j 2 e'(r2) d_ij, (H·v)_i = Σ_j 2 e'(r2) (v_i - v_j) + 4 e''(r2) (d_ij · (v_i - v_j)) d_ij,
-        e' = -½ r2^-3/2 - 0.1 r2^-2, e'' = ¾ r2^-5/2 + 0.2 r2^-3.
+        ∇_i E = Σ_j 2 e'(r2) d_ij, e' = -½ r2^-3/2 - 0.1 r2^-2;
+        (H·v)_i = Σ_j 2 e'(r2) (v_i - v_j) + 4 e''(r2) (d_ij · (v_i - v_j)) d_ij, e'' = ¾ r2^-5/2 + 0.2 r2^-3.
 """
 from __future__ import annotations
 

@@ -38,15 +38,16 @@ When: a field is privatized in a loop if every access to it there is an atomic a
 constant bounds and runs at least 1024 iterations counting those of its inner loops (a pair loop
 over 256 particles qualifies: Taichi spreads even short loops over its threads, in blocks of
 n / (32 T) iterations, and an atomic add costs several plain ones even where no other thread
-contends for its element; a few tiny loops of a small kernel keep their atomics, and their
+contends for its element; the few short loops of a small kernel keep their atomics, and their
 source stays short), and the loop adds into it at least T/2 times as often as its slice has
 elements (so the extra pass over the T copies costs less than the atomics it saves), within a
-memory cap; otherwise the atomics stay. A loop over several indices, `ti.ndrange(B, H)`, is cut
+memory cap; otherwise the atomics stay. An inner loop whose bounds are not constants counts the
+difference of their midpoints over the outer loops' ranges (`range(i + 1, n)`: half the pairs),
+or once where they read other values. A loop over several indices, `ti.ndrange(B, H)`, is cut
 into chunks of its first index, each running its rows whole, or where the first index has fewer
-than 1024 values, into chunks of one value of it and a run of the second index. An inner loop
-whose bounds are not constants counts the difference of their midpoints over the outer loops'
-ranges (`range(i + 1, n)`: half the pairs), or once where they read other values. Adds into a single element (0-d fields, or every index fixed) are
-left to Taichi, which already reduces those per thread.
+than 1024 values, into chunks of one value of it and a run of the second index. Adds into a
+single element (0-d fields, or every index fixed) are left to Taichi, which already reduces
+those per thread.
 """
 from __future__ import annotations
 
