@@ -111,6 +111,13 @@ def variant_ratios(times):
     return out
 
 
+def optional_table(header, rows):
+    """A Markdown table after a blank line, or nothing where there are no rows (workloads not run)."""
+    if not rows:
+        return []
+    return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows
+
+
 def report(rows, args):
     lines = [f"machine: {machine(args.arch)}; arch={args.arch}; {'quick' if args.quick else 'full'} sizes", ""]
     lines.append("| workload | op | system | median | min–max | value |")
@@ -140,18 +147,10 @@ def report(rows, args):
             continue
         ratio = a / b
         lines.append(f"| {desc} | {ratio:.2f} | ≤ {limit} | {'yes' if ratio <= limit else 'no'} |")
-    hand_rows = hand_ratios(times)
-    if hand_rows:
-        lines.append("")
-        lines.append("| by hand (not a target) | op | kerndiff | written by hand in Taichi | kerndiff / by hand |")
-        lines.append("|---|---|---|---|---|")
-        lines.extend(hand_rows)
-    variant_rows = variant_ratios(times)
-    if variant_rows:
-        lines.append("")
-        lines.append("| other spellings (`--only variants`) | reverse / Taichi grad | reverse / primal | HVP / reverse |")
-        lines.append("|---|---|---|---|")
-        lines.extend(variant_rows)
+    lines += optional_table(["by hand (not a target)", "op", "kerndiff", "written by hand in Taichi",
+                             "kerndiff / by hand"], hand_ratios(times))
+    lines += optional_table(["other spellings (`--only variants`)", "reverse / Taichi grad", "reverse / primal",
+                             "HVP / reverse"], variant_ratios(times))
     checks = [r for r in rows if "check" in r]
     bad = [r for r in checks if r["check"] != "agree"]
     lines.append("")
