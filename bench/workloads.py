@@ -2,9 +2,9 @@
 
 Each workload is written the natural way in every system (kerndiff; Taichi 1.7.4's own AD;
 JAX jit; PyTorch eager; and for W1-W3 derivative kernels written by hand in Taichi, bench.by_hand),
-checks that the systems agree on each value, then times each operation
-after warm-up: median of >= 7 runs with min and max, the systems' runs interleaved round by round
-so that their ratios are measured under the same conditions. Prints one JSON object per row.
+checks that the systems agree on each value, then times each operation after warm-up: median of
+>= 7 runs with min and max, the systems' runs interleaved round by round so that their ratios are
+measured under the same conditions. Prints one JSON object per row.
 """
 from __future__ import annotations
 
@@ -217,6 +217,7 @@ def w1(args):
                 reference={"jvp": kd_jvp_value})
     mgr.__exit__(None, None, None)
     x.dual.from_numpy(d)  # leaving FwdMode cleared Taichi's seed, which is kerndiff's dual of x too
+
     def hand_jvp_run():
         loss.dual[None] = 0
         hand_jvp()
