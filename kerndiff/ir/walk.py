@@ -270,6 +270,31 @@ def substitute_block(stmts, mapping):
     return tuple(out)
 
 
+def renamed(e, names):
+    """e with Vars renamed (names: old -> new), nodes rebuilt as they are (substitute's smart
+    constructors know only Taichi's ops, not codegen.cpu_math's sincos or tanh_via_exp)."""
+    if isinstance(e, N.Var):
+        return dataclasses.replace(e, name=names[e.name]) if e.name in names else e
+    if isinstance(e, N.Load):
+        return dataclasses.replace(e, index=tuple(renamed(i, names) for i in e.index))
+    if isinstance(e, N.Call):
+        return dataclasses.replace(e, args=tuple(renamed(a, names) for a in e.args))
+    return e
+
+
+def renamed_block(stmts, names):
+    """stmts with the locals in names (old -> new) renamed wherever they are read or assigned,
+    loop variables included."""
+    def rename(s):
+        s = map_stmt_exprs(s, lambda e: renamed(e, names))
+        if isinstance(s, N.Assign):
+            return dataclasses.replace(s, name=names.get(s.name, s.name))
+        if isinstance(s, N.For):
+            return dataclasses.replace(s, vars=tuple(names.get(v, v) for v in s.vars))
+        return s
+    return map_stmts(stmts, rename)
+
+
 def without_prints(stmts):
     """stmts with every Print removed, nested blocks included (what the transforms see)."""
     out = []

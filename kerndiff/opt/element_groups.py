@@ -30,7 +30,7 @@ import dataclasses
 from ..errors import SrcLoc
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import vars_in
+from ..ir.walk import renamed, vars_in
 
 GROUP = 4
 PAIR = ("sincos_sin", "sincos_cos")
@@ -123,17 +123,5 @@ def _grouped(loop, names):
 def _renamed_stmt(t, names):
     """t with the locals in `names` (old -> new) renamed, the one it assigns too."""
     if isinstance(t, N.Assign):
-        return dataclasses.replace(t, name=names.get(t.name, t.name), value=_renamed(t.value, names))
-    return dataclasses.replace(t, index=tuple(_renamed(e, names) for e in t.index), value=_renamed(t.value, names))
-
-
-def _renamed(e, names):
-    """e with Vars renamed: nodes rebuilt as they are (ir.walk.substitute's smart constructors
-    know only Taichi's ops, not codegen.cpu_math's sincos or tanh_via_exp)."""
-    if isinstance(e, N.Var):
-        return dataclasses.replace(e, name=names[e.name]) if e.name in names else e
-    if isinstance(e, N.Load):
-        return dataclasses.replace(e, index=tuple(_renamed(i, names) for i in e.index))
-    if isinstance(e, N.Call):
-        return dataclasses.replace(e, args=tuple(_renamed(a, names) for a in e.args))
-    return e
+        return dataclasses.replace(t, name=names.get(t.name, t.name), value=renamed(t.value, names))
+    return dataclasses.replace(t, index=tuple(renamed(e, names) for e in t.index), value=renamed(t.value, names))
