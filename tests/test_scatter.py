@@ -541,3 +541,44 @@ def test_a_pair_loop_over_few_particles_is_chunked(runtime, pairs):
     kd.dual(pos)
     assert "pos_adj_dual_private[slot, j]" in energy.reverse.forward.source
     check(energy.reverse, "forward", rtol=1e-5, atol=1e-6)
+
+
+@cpu_only("private copies are made on Taichi's CPU backends only")
+def test_a_loop_bounded_by_a_kernel_argument_chooses_at_launch(runtime):
+    """A pair loop over the first m of 200 particles, m a kernel argument: whether private copies
+    pay is known only at launch, so the reverse holds the chunks and the loop with atomic adds,
+    and a condition on m * m leaves one of them empty. m = 200 (40,000 pair iterations) takes the
+    copies, m = 12 (144) the atomics; both against the analytic gradient, twice in a row (the
+    copies are zero again after a launch), and the HVP against finite differences."""
+    n = 200
+    rng = np.random.default_rng(12)
+    pos = ti.Vector.field(2, ti.f64, shape=n, needs_grad=True)
+    E = ti.field(ti.f64, shape=(), needs_grad=True)
+    pv = rng.uniform(0, 4, (n, 2))
+    pos.from_numpy(pv)
+
+    @kd.kernel
+    def energy(m: ti.i32):
+        for i in range(m):
+            for j in range(m):
+                if i != j:
+                    E[None] += 1.0 / ti.sqrt((pos[i] - pos[j]).norm_sqr() + 0.01)
+
+    src = energy.reverse.source
+    assert "use_copies = iterations >= 2.0 and iterations * ti.cast(m, ti.f64) >= 1024.0" in src, src
+    assert "for chunk in range(ti.select(use_copies, 1024, 0)):" in src
+    assert "for i_1 in range(ti.select(use_copies, m, 0), m):" in src and "pos_adj[j_1][0] -= " in src
+    assert "for i0 in range(ti.select(use_copies, 200, 0)):" in src
+    for m in (200, 12, 200):
+        d = pv[:m, None, :] - pv[None, :m, :]
+        r2 = (d * d).sum(-1) + 0.01
+        np.fill_diagonal(r2, np.inf)
+        expected = np.zeros((n, 2))
+        expected[:m] = -2 * np.einsum("ij,ijk->ik", r2 ** -1.5, d)
+        got = _grad(pos, E, lambda: energy.reverse(m))
+        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+        energy.reverse(m)
+        np.testing.assert_allclose(pos.grad.to_numpy(), 2 * expected, rtol=1e-10, atol=1e-10)
+    kd.dual(pos)
+    for m in (200, 12):
+        check(energy.reverse, "forward", args=(m,), rtol=1e-5, atol=1e-6)

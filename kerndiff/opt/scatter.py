@@ -34,12 +34,12 @@ Inside the chunks, adds into a single element (a shared parameter's adjoint, `k_
 accumulate in a local per chunk and are added once at its end: Taichi reduces such adds per
 thread in a plain parallel loop, but not inside a chunk's serial loop.
 
-When: a field is privatized in a loop if every access to it there is an atomic add, the loop has
-constant bounds and runs at least 1024 iterations counting those of its inner loops (a pair loop
-over 256 particles qualifies: Taichi spreads even short loops over its threads, in blocks of
-n / (32 T) iterations, and an atomic add costs several plain ones even where no other thread
-contends for its element; the few short loops of a small kernel keep their atomics, and their
-source stays short), and the loop adds into it at least T/2 times as often as its slice has
+When: a field is privatized in a loop if every access to it there is an atomic add, the loop runs
+at least 1024 iterations counting those of its inner loops (a pair loop over 256 particles
+qualifies: Taichi spreads even short loops over its threads, in blocks of n / (32 T)
+iterations, and an atomic add costs several plain ones even where no other thread contends for
+its element; the few short loops of a small kernel keep their atomics, and their source stays
+short), and the loop adds into it at least T/2 times as often as its slice has
 elements (so the extra pass over the T copies costs less than the atomics it saves), within a
 memory cap; otherwise the atomics stay. An inner loop whose bounds are not constants counts the
 difference of their midpoints over the outer loops' ranges (`range(i + 1, n)`: half the pairs),
@@ -48,6 +48,24 @@ into chunks of its first index, each running its rows whole, or where the first 
 than 1024 values, into chunks of one value of it and a run of the second index. Adds into a
 single element (0-d fields, or every index fixed) are left to Taichi, which already reduces
 those per thread.
+
+Bounds known at launch: where the loop's bounds are kernel arguments (or a field's value), so is
+its work. The kernel then holds both versions, chunks over private copies and the loop as written
+with its atomic adds, and a condition computed before them, on the same estimates with the
+arguments' values, empties the ranges of the one that does not run:
+
+    iterations = ti.cast(n, ti.f32)
+    use_copies = iterations >= 2.0 and iterations * ti.cast(n, ti.f32) >= 1024.0 and ...
+    per_chunk = ti.max((n - 1) // 1024 + 1, 1)
+    for chunk in range(ti.select(use_copies, 1024, 0)):
+        ...
+    for i0 in range(ti.select(use_copies, 2048, 0)):
+        ...  # the copies' sum
+    for i_1 in range(ti.select(use_copies, n, 0), n):
+        ...  # the loop as it was, its locals renamed
+
+(An `if` around each would stop Taichi running the loops in parallel: only a kernel's outermost
+loops are.) Such a kernel has its loop body twice, and Taichi compiles both.
 """
 from __future__ import annotations
 
@@ -57,9 +75,9 @@ import math
 from ..errors import SrcLoc
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.types import bits, is_float
+from ..ir.types import bits, default_fp, is_float
 from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
-                       map_stmts, vars_in)
+                       map_stmts, renamed_block, vars_in)
 
 CHUNKS_PER_THREAD = 512   # enough chunks per worker for Taichi to balance the threads' loads
 MIN_TRIPS = 2 * CHUNKS_PER_THREAD  # the first index's values that make chunks of runs of it
@@ -84,72 +102,108 @@ def _first_trips(loop):
     return int(hi.value) - int(lo.value)
 
 
-def _interval(e, ranges):
-    """(least, greatest) value of an integer expression, from the ranges of the loop variables it
-    reads (ranges: name -> (least, greatest)); None where it reads anything else."""
+def _interval(e, ranges, launch=frozenset()):
+    """(least, greatest) value of an integer expression, as expressions: from ranges (loop variable
+    -> its interval) and launch (names whose values are known before the loop runs: the kernel's
+    scalar arguments and what it assigns before the loop). Constants where e reads constants and
+    loop variables of constant ranges alone; None where it reads anything else."""
     if isinstance(e, N.Const):
-        return (int(e.value), int(e.value)) if isinstance(e.value, (int, float)) else None
+        return (e, e) if isinstance(e.value, (int, float)) else None
     if isinstance(e, N.Var):
-        return ranges.get(e.name)
+        return ranges.get(e.name, (e, e) if e.name in launch else None)
     if not (isinstance(e, N.Call) and e.op in ("add", "sub", "mul", "neg")):
         return None
-    args = [_interval(a, ranges) for a in e.args]
+    args = [_interval(a, ranges, launch) for a in e.args]
     if None in args:
         return None
     if e.op == "neg":
         (lo, hi), = args
-        return -hi, -lo
+        return B.neg(hi), B.neg(lo)
     (a, b), (c, d) = args
     if e.op == "add":
-        return a + c, b + d
+        return B.add(a, c), B.add(b, d)
     if e.op == "sub":
-        return a - d, b - c
-    products = (a * c, a * d, b * c, b * d)
-    return min(products), max(products)
+        return B.sub(a, d), B.sub(b, c)
+    products = [B.mul(x, y) for x, y in ((a, c), (a, d), (b, c), (b, d))]
+    return _fold("min", products), _fold("max", products)
 
 
-def _estimated_trips(loop, ranges):
-    """A loop's iterations: its trip count where its bounds are constants, else the difference of
-    its bounds' midpoints over the ranges of the loop variables they read (`range(i + 1, n)` and
-    its reverse `range(n - (i + 1))`: half the pairs, n / 2); 1 where a bound reads anything else."""
-    n = 1
+def _fold(op, exprs):
+    out = exprs[0]
+    for e in exprs[1:]:
+        out = B.call(op, out, e)
+    return out
+
+
+def _count(value):
+    """A constant of the estimates, in the kernel's default float (no integer overflows at launch,
+    where they multiply argument values)."""
+    return B.const(value, default_fp())
+
+
+def _midpoint(interval):
+    lo, hi = interval
+    if lo == hi:
+        return B.cast(lo, default_fp())
+    return B.mul(B.cast(B.add(lo, hi), default_fp()), _count(0.5))
+
+
+def _estimated_trips(loop, ranges, launch=frozenset()):
+    """A loop's iterations (a float expression, a constant where its bounds are): its trip count
+    where its bounds are fixed, else the difference of its bounds' midpoints over the ranges of the
+    loop variables they read (`range(i + 1, n)` and its reverse `range(n - (i + 1))`: half the
+    pairs, n / 2); 1 where a bound reads anything else."""
+    n = _count(1)
     for lo, hi in loop.bounds:
-        a, b = _interval(lo, ranges), _interval(hi, ranges)
+        a, b = _interval(lo, ranges, launch), _interval(hi, ranges, launch)
         if a is None or b is None:
             continue
-        n *= max(0, round((b[0] + b[1]) / 2 - (a[0] + a[1]) / 2))
+        d = B.sub(_midpoint(b), _midpoint(a))
+        if isinstance(d, N.Const):
+            d = _count(max(0, round(d.value)))
+        elif a[0] != a[1] or b[0] != b[1]:
+            d = B.call("max", d, _count(0))
+        n = B.mul(n, d)
     return n
 
 
-def _with_ranges(loop, ranges):
+def _with_ranges(loop, ranges, launch=frozenset()):
     """ranges with the loop's variables added (least and greatest value each takes)."""
     out = dict(ranges)
     for v, (lo, hi) in zip(loop.vars, loop.bounds):
-        a, b = _interval(lo, ranges), _interval(hi, ranges)
+        a, b = _interval(lo, ranges, launch), _interval(hi, ranges, launch)
         if a is not None and b is not None:
-            out[v] = (a[0], b[1] - 1)
+            out[v] = (a[0], B.sub(b[1], B.const(1, b[1].dtype)))
         else:
             out.pop(v, None)
     return out
 
 
-def _inner_trips(body, ranges):
-    """Iterations of the deepest nest of loops in body, per run of body."""
-    most = 1
+def _inner_trips(body, ranges, launch=frozenset()):
+    """Iterations of the deepest nest of loops in body, per run of body (a float expression)."""
+    most = None
     for s in body:
-        inner, inside = 1, ranges
+        inner, inside = _count(1), ranges
         if isinstance(s, N.For):
-            inner, inside = _estimated_trips(s, ranges), _with_ranges(s, ranges)
+            inner, inside = _estimated_trips(s, ranges, launch), _with_ranges(s, ranges, launch)
         for b in blocks_of(s):
-            most = max(most, inner * _inner_trips(b, inside))
-    return most
+            here = B.mul(inner, _inner_trips(b, inside, launch))
+            most = here if most is None else B.call("max", most, here)
+    return _count(1) if most is None else most
+
+
+def _work(loop, launch=frozenset(), trips=None):
+    """The loop's iterations with those of its inner loops, a float expression (trips: its own,
+    where the caller holds them in a local)."""
+    trips = _estimated_trips(loop, {}, launch) if trips is None else trips
+    return B.mul(trips, _inner_trips(loop.body, _with_ranges(loop, {}, launch), launch))
 
 
 def _chunkable(loop):
     """Enough work to be worth chunks (MIN_WORK iterations, inner loops' included) in at least
     two iterations of the loop itself, which must have constant bounds."""
     n = _trip_count(loop)
-    return bool(n) and n >= 2 and n * _inner_trips(loop.body, _with_ranges(loop, {})) >= MIN_WORK
+    return n is not None and n >= 2 and _work(loop).value >= MIN_WORK
 
 
 def _chunks(loop, chunk, body, threads):
@@ -177,17 +231,19 @@ def _chunks(loop, chunk, body, threads):
     return n * blocks, [row, run], f"chunks of {values} of {loop.vars[1]} for one {loop.vars[0]}"
 
 
-def _atomic_weights(body, ranges, weight=1):
-    """(Atomic stmt, times it runs per iteration of the enclosing loop), through inner loops (their
-    iterations estimated by _estimated_trips; ranges: the enclosing loops' variables)."""
+def _atomic_weights(body, ranges, launch=frozenset(), weight=None):
+    """(Atomic stmt, times it runs per iteration of the enclosing loop: a float expression), through
+    inner loops (their iterations estimated by _estimated_trips; ranges: the enclosing loops'
+    variables)."""
+    weight = _count(1) if weight is None else weight
     for s in body:
         if isinstance(s, N.Atomic):
             yield s, weight
         inner, inside = weight, ranges
         if isinstance(s, N.For):
-            inner, inside = weight * _estimated_trips(s, ranges), _with_ranges(s, ranges)
+            inner, inside = B.mul(weight, _estimated_trips(s, ranges, launch)), _with_ranges(s, ranges, launch)
         for b in blocks_of(s):
-            yield from _atomic_weights(b, inside, inner)
+            yield from _atomic_weights(b, inside, launch, inner)
 
 
 def _not_only_added(loop):
@@ -201,17 +257,19 @@ def _not_only_added(loop):
     return out
 
 
-def _candidates(loop, threads):
-    """Fields this loop only atomically adds into, often enough to be worth private copies."""
+def _candidates(loop, threads, launch=frozenset(), trips=None):
+    """Fields this loop only atomically adds into, each with the condition (a constant where the
+    loop's bounds are) that it adds into them often enough for private copies to pay. trips: as
+    for _work."""
     if any(isinstance(s, (N.Return, N.Break)) for s in iter_stmts(loop.body)):
         return []
     other = _not_only_added(loop)
-    n = _trip_count(loop)
+    n = _estimated_trips(loop, {}, launch) if trips is None else trips
     adds, fields, indices = {}, {}, {}
-    for s, w in _atomic_weights(loop.body, _with_ranges(loop, {})):
+    for s, w in _atomic_weights(loop.body, _with_ranges(loop, {}, launch), launch):
         f = s.ref.field
         if s.op == "add" and id(f) not in other and 1 <= len(s.ref.shape) <= 3 and is_float(s.ref.dtype):
-            adds[id(f)] = adds.get(id(f), 0) + n * w
+            adds[id(f)] = B.add(adds.get(id(f), _count(0)), B.mul(n, w))
             fields[id(f)] = s.ref
             indices.setdefault(id(f), []).append(s.index)
     varying = _varying(loop)
@@ -226,8 +284,9 @@ def _candidates(loop, threads):
         size = threads * numel * bits(ref.dtype) // 8
         # the pass over the copies reads threads * numel values; the atomics it replaces run on
         # all threads too: worth it from about one add per element per pair of threads
-        if adds[fid] >= MIN_ADDS_PER_ELEMENT * numel * max(1, threads // 2) and memory + size <= MEMORY_CAP:
-            chosen.append(Privatized(ref.field, fixed, kept, kept_offset))
+        pays = B.call("ge", adds[fid], _count(MIN_ADDS_PER_ELEMENT * numel * max(1, threads // 2)))
+        if not B.is_const(pays, 0) and memory + size <= MEMORY_CAP:
+            chosen.append((Privatized(ref.field, fixed, kept, kept_offset), pays))
             memory += size
     return chosen
 
@@ -281,17 +340,74 @@ def privatize_scatters(ir: N.KernelIR, names, threads: int, copies_for, ref_of) 
     ref_of(field, component) -> the interned FieldRef.
     """
     out = []
+    known = {p.name for p in ir.params}  # names whose values the kernel has before the next loop
     for s in ir.body:
-        if isinstance(s, N.For) and s.parallel and not s.serialize and _chunkable(s):
-            fields = _candidates(s, threads)
-            if fields:
-                out.extend(_rewrite(s, fields, names, threads, copies_for, ref_of))
+        if isinstance(s, N.For) and s.parallel and not s.serialize:
+            if _trip_count(s) is None:
+                rewritten = _rewrite_at_launch(s, known, names, threads, copies_for, ref_of)
+            else:
+                fields = [p for p, _ in _candidates(s, threads)] if _chunkable(s) else []
+                rewritten = fields and _rewrite(s, fields, names, threads, copies_for, ref_of)
+            if rewritten:
+                out.extend(rewritten)
                 continue
         out.append(s)
+        if isinstance(s, N.Assign):
+            known.add(s.name)
     return dataclasses.replace(ir, body=tuple(out))
 
 
-def _rewrite(loop, fields, names, threads, copies_for, ref_of):
+def _rewrite_at_launch(loop, known, names, threads, copies_for, ref_of):
+    """A loop whose bounds are known only at launch (kernel arguments, a field's value): the
+    chunks over private copies and the loop as it was, both, each with ranges that a condition on
+    the loop's work, computed before them, leaves empty when the other is the one to run. None
+    where no field could pay for copies."""
+    pre, bounds = [], []
+    for pair in loop.bounds:
+        fixed = []
+        for e, what in zip(pair, ("start", "end")):
+            if not isinstance(e, (N.Const, N.Var)):  # read once, before the loops that use it
+                v = B.var(names.fresh(what), e.dtype)
+                pre.append(N.Assign(v.name, e))
+                e = v
+            fixed.append(e)
+        bounds.append(tuple(fixed))
+    loop = dataclasses.replace(loop, bounds=tuple(bounds))
+    bound_names = {e.name for pair in loop.bounds for e in pair if isinstance(e, N.Var)}
+    launch = (known | bound_names) - assigned_names(loop.body) - set(loop.vars)
+    trips = B.var(names.fresh("iterations"), default_fp())
+    work = _work(loop, launch, trips)
+    fields = _candidates(loop, threads, launch, trips)
+    if not fields:
+        return None
+    tests = [B.call("ge", work, _count(MIN_WORK))]
+    if work != trips:  # (a loop without inner loops: its work is its iterations, >= 2 already)
+        tests.insert(0, B.call("ge", trips, _count(2)))
+    tests += [pays for _, pays in fields if not isinstance(pays, N.Const)]
+    use = B.var(names.fresh("use_copies"), "i32")
+    lo, hi = loop.bounds[0]
+    target = CHUNKS_PER_THREAD * threads
+    per = B.var(names.fresh("per_chunk"), "i32")
+    n = B.sub(hi, lo)
+    note = _note(loop, "at launch: private copies where the loop's work pays for them, else its atomic adds")
+    pre += [N.Assign(trips.name, _estimated_trips(loop, {}, launch), src=note),
+            N.Assign(use.name, _fold("and", tests), src=note),
+            N.Assign(per.name, B.call("max", B.add(B.call("floordiv", B.sub(n, B.const(1, n.dtype)),  # no overflow
+                                                           B.const(target, n.dtype)), B.const(1, n.dtype)),
+                                      B.const(1, n.dtype)))]
+    chunked = _rewrite(loop, [p for p, _ in fields], names, threads, copies_for, ref_of, at_launch=(use, per))
+    # its locals under names of their own: locals both loops share would be declared before them,
+    # one variable for every thread
+    own = {v: names.fresh(v) for v in sorted(assigned_names(loop.body) | set(loop.vars))}
+    atomics, = renamed_block((loop,), own)
+    atomics = dataclasses.replace(atomics, bounds=((B.select(use, hi, lo), hi),) + atomics.bounds[1:],
+                                  src=_note(loop, "where copies would not pay: the loop with atomic adds"), tag="note")
+    return pre + chunked + [atomics]
+
+
+def _rewrite(loop, fields, names, threads, copies_for, ref_of, at_launch=None):
+    """at_launch: None, or (the flag that copies are used, iterations per chunk) for a loop whose
+    bounds are known only at launch; the chunks and sums then run only where the flag is set."""
     private, busy = copies_for([(p.field, p.kept, p.kept_offset) for p in fields], threads)
     plan = {id(p.field): p for p in fields}
     busy_ref = ref_of(busy, ())
@@ -309,7 +425,13 @@ def _rewrite(loop, fields, names, threads, copies_for, ref_of):
 
     body = map_stmts(loop.body, to_private)
     body, sums_before, sums_after = _chunk_sums(body, _single_element_adds(loop), names)
-    chunks, inner, kind = _chunks(loop, chunk, body, threads)
+    if at_launch is None:
+        chunks, inner, kind = _chunks(loop, chunk, body, threads)
+        chunks = B.const(chunks, "i32")
+    else:
+        use, per = at_launch
+        inner, kind = _chunks_at_launch(loop, chunk, body, per)
+        chunks = B.select(use, B.const(CHUNKS_PER_THREAD * threads, "i32"), B.const(0, "i32"))
     what = ", ".join(sorted({r.name for c in comps.values() for r in c.values()}))
     claim = N.Assign(slot.name, N.Call("i32", "claim_slot", (B.load(busy_ref, (B.const(0, "i32"),)),)),
                      src=_note(loop, f"{kind}, each adding into one thread's private copy of {what}"))
@@ -317,9 +439,20 @@ def _rewrite(loop, fields, names, threads, copies_for, ref_of):
     k = B.var(names.fresh("k"), "i32")
     reset = N.For((k.name,), ((B.const(0, "i32"), B.const(threads, "i32")),),
                   (N.Store(busy_ref, (k,), B.const(0, "i32")),), parallel=True)
-    chunked = N.For((chunk.name,), ((B.const(0, "i32"), B.const(chunks, "i32")),),
+    chunked = N.For((chunk.name,), ((B.const(0, "i32"), chunks),),
                     (claim, *sums_before, *inner, *sums_after, release), parallel=True, src=loop.src, tag=loop.tag)
-    return [reset, chunked] + _sums(comps, private, plan, names, threads, ref_of, loop)
+    return [reset, chunked] + _sums(comps, private, plan, names, threads, ref_of, loop,
+                                    None if at_launch is None else at_launch[0])
+
+
+def _chunks_at_launch(loop, chunk, body, per):
+    """(the statements that run chunk `chunk`'s iterations of body, a note): runs of `per` values
+    of the first index (a local set at launch), each with its rows whole; chunks past the end
+    are empty."""
+    (lo, hi), *rest = loop.bounds
+    start = B.add(lo, B.mul(chunk, per))
+    run = N.For(loop.vars, ((start, B.call("min", B.add(start, per), hi)), *rest), body)
+    return [run], f"chunks of {per.name} {'iterations' if not rest else 'rows'}"
 
 
 def _single_element_adds(loop):
@@ -357,8 +490,9 @@ def _chunk_sums(body, keys, names):
     return body, before, after
 
 
-def _sums(comps, private, plan, names, threads, ref_of, loop):
-    """One parallel loop per shape of copies: real[i] += sum of the copies; copies[k, i] = 0."""
+def _sums(comps, private, plan, names, threads, ref_of, loop, use=None):
+    """One parallel loop per shape of copies: real[i] += sum of the copies; copies[k, i] = 0.
+    use: None, or the flag without which the copies were not used (the loops are then empty)."""
     by_shape = {}
     for fid, refs in comps.items():
         for ref in refs.values():
@@ -375,8 +509,10 @@ def _sums(comps, private, plan, names, threads, ref_of, loop):
             body.extend(N.Store(p, (B.const(t, "i32"),) + tuple(idx), B.const(0, ref.dtype))
                         for t in range(threads))
         what = ", ".join(sorted({r.name for r in refs}))
-        loops.append(N.For(tuple(v.name for v in idx),
-                           tuple((B.const(o, "i32"), B.const(o + d, "i32")) for o, d in shape), tuple(body),
+        ranges = [(B.const(o, "i32"), B.const(o + d, "i32")) for o, d in shape]
+        if use is not None:
+            ranges[0] = (ranges[0][0], B.select(use, ranges[0][1], ranges[0][0]))
+        loops.append(N.For(tuple(v.name for v in idx), tuple(ranges), tuple(body),
                            parallel=True, src=_note(loop, f"add the private copies into {what}, "
                                                            "and zero them"), tag="note"))
     return loops
