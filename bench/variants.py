@@ -16,11 +16,11 @@ def variants(args):
     import kerndiff as kd
     E = ti.field(ti.f32, shape=(), needs_grad=True)
 
-    def rows(name, energy, pos, v, rtol=5e-3, truth=None):
+    def rows(name, energy, pos, v, rtol=5e-3, truth=None, args=()):
         """kerndiff's and Taichi's primal and gradient of `energy`, and kerndiff's HVP where a
         direction v is given (checked by the gradient and HVP dotted with a random u)."""
         u = rng.standard_normal(pos.grad.to_numpy().shape).astype(np.float32)
-        systems = energy_systems(ti, kd, kd.kernel(energy), ti.kernel(energy), pos, E, v, u)
+        systems = energy_systems(ti, kd, kd.kernel(energy), ti.kernel(energy), pos, E, v, u, args=args)
         if v is None:
             del systems["taichi"][1]["hvp"]
         run_systems(name, systems, rtol, truth=truth(u) if truth else None)
@@ -74,8 +74,15 @@ def variants(args):
             stretch = ti.sqrt(dx * dx + dy * dy) - rest[s]
             E[None] += 0.5 * stretch * stretch
 
+    def springs_counted(m: ti.i32):
+        for s in range(m):
+            d = pos3[a[s]] - pos3[b[s]]
+            E[None] += 0.5 * (d.norm() - rest[s]) ** 2
+
     rows("W2 3-D, stiffness field", springs_3d, pos3, rng.standard_normal((P, 3)).astype(np.float32))
     rows("W2 component fields", springs_scalar, px, rng.standard_normal(P).astype(np.float32))
+    rows("W2 spring count an argument", springs_counted, pos3, rng.standard_normal((P, 3)).astype(np.float32),
+         args=(S,))
 
     # ---------------------------------------------------------------- W3: pair loops
     q = ti.Vector.field(3, ti.f32, shape=n3, needs_grad=True)
@@ -105,6 +112,13 @@ def variants(args):
                     e += 4.0 * (s6 * s6 - s6)
             E[None] += 0.5 * e
 
+    def pairs_counted(m: ti.i32):
+        for i in range(m):
+            for j in range(m):
+                if i != j:
+                    r2 = (q[i] - q[j]).norm_sqr() + 0.01
+                    E[None] += 0.5 * (1.0 / ti.sqrt(r2) + 0.1 / r2)
+
     def gaussians():
         for i in range(n3):
             e = 0.0
@@ -128,6 +142,7 @@ def variants(args):
     rows("W3 struct-for, adds in the inner loop", pairs_inner_add, q, v3)
     rows("W3 half the pairs", half_pairs, q, v3)
     rows("W3 Lennard-Jones", lennard_jones, q, v3)
+    rows("W3 particle count an argument", pairs_counted, q, v3, args=(n3,))
     rows("W3 Gaussians", gaussians, q, v3, truth=gaussian_truth)
 
 

@@ -245,15 +245,15 @@ def w1(args):
     run_systems("W1", systems, 2e-3)
 
 
-def energy_systems(ti, kd, kk, tk, pos, E, v, u, hand=None):
+def energy_systems(ti, kd, kk, tk, pos, E, v, u, hand=None, args=()):
     """kerndiff and Taichi rows for a scalar energy E of a field pos: primal, gradient (dotted
     with u) and, for kerndiff when a direction v is given, the Hessian-vector product H·v.
     hand: (gradient kernel, factory (v field, hv field) -> HVP kernel) written by hand
-    (bench.by_hand), timed as the "hand" system."""
+    (bench.by_hand), timed as the "hand" system. args: the kernels' arguments."""
     def primal(k):
         def run():
             E[None] = 0
-            k()
+            k(*args)
         return run, lambda: E[None]
 
     # Timed: the derivative kernel alone, as the targets compare kernels (the gradient it adds
@@ -262,7 +262,7 @@ def energy_systems(ti, kd, kk, tk, pos, E, v, u, hand=None):
     def grad(rev):
         def run():
             E.grad[None] = 1
-            rev()
+            rev(*args)
 
         def value():
             pos.grad.fill(0)
@@ -277,13 +277,13 @@ def energy_systems(ti, kd, kk, tk, pos, E, v, u, hand=None):
     if v is None:
         return rows
     kd.dual(pos).from_numpy(v)
-    kk.forward()
+    kk.forward(*args)
     hv = kd.dual(pos.grad)
 
     def hvp(kernel):
         def run():
             E.grad[None] = 1
-            kernel()
+            kernel(*args)
 
         def value():
             hv.fill(0)
