@@ -33,12 +33,12 @@ def cpu_only(reason):
 _LOADED = itertools.count()
 
 
-def load_elementwise(body, fields, directory):
-    """`def kernel(): for i in x: <body>` with the given fields as its globals, written to a real
-    file in `directory` (kerndiff and Taichi read a kernel's source) and imported: (the function,
-    its source)."""
+def load_elementwise(body, fields, directory, head="def kernel():\n    for i in x:"):
+    """`def kernel(): for i in x: <body>` (or another head) with the given fields as its globals,
+    written to a real file in `directory` (kerndiff and Taichi read a kernel's source) and
+    imported: (the function, its source)."""
     name = f"generated_kernel_{next(_LOADED)}"
-    src = "import taichi as ti\n\n\ndef kernel():\n    for i in x:\n" + \
+    src = "import taichi as ti\n\n\n" + head + "\n" + \
           "\n".join("        " + line for line in body.splitlines()) + "\n"
     path = os.path.join(str(directory), name + ".py")
     with open(path, "w") as f:

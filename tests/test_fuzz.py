@@ -102,8 +102,8 @@ def kernels(draw):
 _tmp = tempfile.mkdtemp(prefix="kerndiff_fuzz_")
 
 
-def load(body, fields):
-    return load_elementwise(body, fields, _tmp)
+def load(body, fields, head=None):
+    return load_elementwise(body, fields, _tmp, **({"head": head} if head else {}))
 
 
 @pytest.fixture(scope="module")
@@ -128,16 +128,18 @@ def taichi_supports(body):
     return "ti.tan(" not in body and "break" not in body and "while" not in body
 
 
-def check_random_kernel(fields, body):
-    fn, src = load(body, fields)
+def check_random_kernel(fields, body, head=None, args=()):
+    """head, args: another first line and loop for the kernel (`def kernel(n: ti.i32)`), and the
+    arguments it takes."""
+    fn, src = load(body, fields, head)
     out = fields["out"]
-    ti.kernel(fn)()
+    ti.kernel(fn)(*args)
     expected = out.to_numpy()
     k = kd.kernel(fn)
-    k()
+    k(*args)
     np.testing.assert_allclose(out.to_numpy(), expected, rtol=1e-12, atol=1e-14, err_msg=src)  # the primal too
-    check(k, "forward", rtol=1e-5, atol=1e-7)
-    check(k, "reverse", rtol=1e-5, atol=1e-7)
+    check(k, "forward", args=args, rtol=1e-5, atol=1e-7)
+    check(k, "reverse", args=args, rtol=1e-5, atol=1e-7)
     if taichi_supports(body):
         x, y, out = fields["x"], fields["y"], fields["out"]
         tk = ti.kernel(fn)
@@ -145,18 +147,18 @@ def check_random_kernel(fields, body):
         w = rng.standard_normal(N)
         grads = []
         for run, rev in ((tk, tk.grad), (k, k.reverse)):
-            run()
+            run(*args)
             for g in (x.grad, y.grad):
                 g.fill(0)
             out.grad.from_numpy(w)
-            rev()
+            rev(*args)
             grads.append((x.grad.to_numpy(), y.grad.to_numpy()))
         agree = all(np.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(*grads))
         if not agree:
             # Taichi disagrees: kerndiff must then match exact finite differences of Jᵀw, and the
             # case is recorded as a Taichi defect (the fuzzer found e.g. zero gradients after an
             # if/else reassignment followed by an inner loop).
-            fd = fd_vjp(k, [x, y], out, w)
+            fd = fd_vjp(lambda: k(*args), [x, y], out, w)
             for got, ref in zip(grads[1], fd):
                 np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-8, err_msg=src)
             TAICHI_WRONG.append(src)
@@ -223,6 +225,27 @@ def test_random_kernels_with_private_copies(fields, body, monkeypatch):
 
 PRIVATIZED = []
 SLICED = []
+
+
+@settings(settings.get_profile(PROFILE))
+@given(body=kernels(), n=st.sampled_from([N, 2]))
+@example(body=SLICE_EXAMPLE, n=N)
+def test_random_kernels_with_private_copies_chosen_at_launch(fields, body, n, monkeypatch):
+    """The same kernels over `range(n)`, n a kernel argument, with opt.scatter forced on: the
+    reverse holds the chunks and the loop with atomic adds, and chooses at launch: with work of 3
+    iterations enough here, the chunks for n = 3, the atomics for n = 2 unless an inner loop
+    adds iterations."""
+    from kerndiff.opt import scatter
+    monkeypatch.setattr(scatter, "MIN_WORK", 3)
+    monkeypatch.setattr(scatter, "MIN_ADDS_PER_ELEMENT", 0)
+    k = check_random_kernel(fields, body, head="def kernel(n: ti.i32):\n    for i in range(n):", args=(n,))
+    if "claim_slot(" in k.reverse.source:
+        assert "use_copies = " in k.reverse.source
+        AT_LAUNCH.append(1)
+    COUNT.append(1)
+
+
+AT_LAUNCH = []
 
 # one kernel whose loop surely carries a value the backward sweep needs
 CARRIED_EXAMPLE = "\n".join(["a = x[i] * 0.7", "if a > 0.1:", "    a = a * a", "else:", "    a = -a", "acc = 0.5",
@@ -302,6 +325,7 @@ def test_private_copies_were_exercised():
     assert PAIRED, "no random kernel's reverse took a sine and a cosine from one call"
     assert PRIVATIZED, "no random kernel scattered through private copies"
     assert SLICED, "no random kernel scattered into a slice (y[1, idx[i]]) through copies of the slice"
+    assert AT_LAUNCH, "no random kernel bounded by an argument chose its private copies at launch"
     for where in ("locals", "every step", "segments"):
         assert CHECKPOINTED.get(where), f"no random kernel reversed its loop from checkpoints ({where})"
 
