@@ -103,12 +103,13 @@ def _first_trips(loop):
 
 
 def _interval(e, ranges, launch=frozenset()):
-    """(least, greatest) value of an integer expression, as expressions: from ranges (loop variable
-    -> its interval) and launch (names whose values are known before the loop runs: the kernel's
-    scalar arguments and what it assigns before the loop). Constants where e reads constants and
-    loop variables of constant ranges alone; None where it reads anything else."""
+    """(least, greatest) value of an integer expression: from ranges (loop variable -> its
+    interval) and launch (names whose values are known before the loop runs: the kernel's scalar
+    arguments and what it assigns before the loop). Numbers where e reads constants and loop
+    variables of constant ranges alone, else expressions of the launch names; None where e reads
+    anything else."""
     if isinstance(e, N.Const):
-        return (e, e) if isinstance(e.value, (int, float)) else None
+        return (int(e.value), int(e.value)) if isinstance(e.value, (int, float)) else None
     if isinstance(e, N.Var):
         return ranges.get(e.name, (e, e) if e.name in launch else None)
     if not (isinstance(e, N.Call) and e.op in ("add", "sub", "mul", "neg")):
@@ -118,52 +119,75 @@ def _interval(e, ranges, launch=frozenset()):
         return None
     if e.op == "neg":
         (lo, hi), = args
-        return B.neg(hi), B.neg(lo)
+        return _op("neg", hi), _op("neg", lo)
     (a, b), (c, d) = args
     if e.op == "add":
-        return B.add(a, c), B.add(b, d)
+        return _op("add", a, c), _op("add", b, d)
     if e.op == "sub":
-        return B.sub(a, d), B.sub(b, c)
-    products = [B.mul(x, y) for x, y in ((a, c), (a, d), (b, c), (b, d))]
+        return _op("sub", a, d), _op("sub", b, c)
+    products = [_op("mul", x, y) for x, y in ((a, c), (a, d), (b, c), (b, d))]
     return _fold("min", products), _fold("max", products)
 
 
-def _fold(op, exprs):
-    out = exprs[0]
-    for e in exprs[1:]:
-        out = B.call(op, out, e)
+# The estimates are numbers where a loop's bounds are constants, and expressions (to be computed at
+# launch) where they read kernel arguments: each step below does either.
+ARITH = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+         "neg": lambda a: -a, "min": min, "max": max}
+
+
+def _op(op, *args):
+    """op on numbers, or the expression of it where an argument is one."""
+    if all(isinstance(a, (int, float)) for a in args):
+        return ARITH[op](*args)
+    return B.call(op, *(_as_expr(a) for a in args))
+
+
+def _as_expr(x):
+    """A number of the estimates as a constant: integers as i32 (the index arithmetic of
+    intervals), the rest in the kernel's default float (as counts are computed at launch, where
+    products of arguments would overflow integers)."""
+    if isinstance(x, N.Expr):
+        return x
+    return B.const(x, "i32" if isinstance(x, int) else default_fp())
+
+
+def _fold(op, values):
+    out = values[0]
+    for v in values[1:]:
+        out = _op(op, out, v)
     return out
 
 
-def _count(value):
-    """A constant of the estimates, in the kernel's default float (no integer overflows at launch,
-    where they multiply argument values)."""
-    return B.const(value, default_fp())
+def _as_count(x):
+    """x as a count: numbers as they are, an (integer) expression cast to the default float."""
+    return x if isinstance(x, (int, float)) else B.cast(x, default_fp())
 
 
 def _midpoint(interval):
     lo, hi = interval
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+        return (lo + hi) / 2
     if lo == hi:
-        return B.cast(lo, default_fp())
-    return B.mul(B.cast(B.add(lo, hi), default_fp()), _count(0.5))
+        return _as_count(lo)
+    return _op("mul", _as_count(_op("add", lo, hi)), 0.5)
 
 
 def _estimated_trips(loop, ranges, launch=frozenset()):
-    """A loop's iterations (a float expression, a constant where its bounds are): its trip count
-    where its bounds are fixed, else the difference of its bounds' midpoints over the ranges of the
-    loop variables they read (`range(i + 1, n)` and its reverse `range(n - (i + 1))`: half the
-    pairs, n / 2); 1 where a bound reads anything else."""
-    n = _count(1)
+    """A loop's iterations (a number where its bounds are constants, else a float expression): its
+    trip count where its bounds are fixed, else the difference of its bounds' midpoints over the
+    ranges of the loop variables they read (`range(i + 1, n)` and its reverse `range(n - (i + 1))`:
+    half the pairs, n / 2); 1 where a bound reads anything else."""
+    n = 1
     for lo, hi in loop.bounds:
         a, b = _interval(lo, ranges, launch), _interval(hi, ranges, launch)
         if a is None or b is None:
             continue
-        d = B.sub(_midpoint(b), _midpoint(a))
-        if isinstance(d, N.Const):
-            d = _count(max(0, round(d.value)))
+        d = _op("sub", _midpoint(b), _midpoint(a))
+        if isinstance(d, (int, float)):
+            d = max(0, round(d))
         elif a[0] != a[1] or b[0] != b[1]:
-            d = B.call("max", d, _count(0))
-        n = B.mul(n, d)
+            d = _op("max", d, 0.0)
+        n = _op("mul", n, d)
     return n
 
 
@@ -173,37 +197,37 @@ def _with_ranges(loop, ranges, launch=frozenset()):
     for v, (lo, hi) in zip(loop.vars, loop.bounds):
         a, b = _interval(lo, ranges, launch), _interval(hi, ranges, launch)
         if a is not None and b is not None:
-            out[v] = (a[0], B.sub(b[1], B.const(1, b[1].dtype)))
+            out[v] = (a[0], _op("sub", b[1], 1))
         else:
             out.pop(v, None)
     return out
 
 
 def _inner_trips(body, ranges, launch=frozenset()):
-    """Iterations of the deepest nest of loops in body, per run of body (a float expression)."""
+    """Iterations of the deepest nest of loops in body, per run of body."""
     most = None
     for s in body:
-        inner, inside = _count(1), ranges
+        inner, inside = 1, ranges
         if isinstance(s, N.For):
             inner, inside = _estimated_trips(s, ranges, launch), _with_ranges(s, ranges, launch)
         for b in blocks_of(s):
-            here = B.mul(inner, _inner_trips(b, inside, launch))
-            most = here if most is None else B.call("max", most, here)
-    return _count(1) if most is None else most
+            here = _op("mul", inner, _inner_trips(b, inside, launch))
+            most = here if most is None else _op("max", most, here)
+    return 1 if most is None else most
 
 
 def _work(loop, launch=frozenset(), trips=None):
-    """The loop's iterations with those of its inner loops, a float expression (trips: its own,
-    where the caller holds them in a local)."""
+    """The loop's iterations with those of its inner loops (trips: its own, where the caller holds
+    them in a local)."""
     trips = _estimated_trips(loop, {}, launch) if trips is None else trips
-    return B.mul(trips, _inner_trips(loop.body, _with_ranges(loop, {}, launch), launch))
+    return _op("mul", trips, _inner_trips(loop.body, _with_ranges(loop, {}, launch), launch))
 
 
 def _chunkable(loop):
     """Enough work to be worth chunks (MIN_WORK iterations, inner loops' included) in at least
     two iterations of the loop itself, which must have constant bounds."""
     n = _trip_count(loop)
-    return n is not None and n >= 2 and _work(loop).value >= MIN_WORK
+    return n is not None and n >= 2 and _work(loop) >= MIN_WORK
 
 
 def _chunks(loop, chunk, body, threads):
@@ -231,17 +255,16 @@ def _chunks(loop, chunk, body, threads):
     return n * blocks, [row, run], f"chunks of {values} of {loop.vars[1]} for one {loop.vars[0]}"
 
 
-def _atomic_weights(body, ranges, launch=frozenset(), weight=None):
-    """(Atomic stmt, times it runs per iteration of the enclosing loop: a float expression), through
-    inner loops (their iterations estimated by _estimated_trips; ranges: the enclosing loops'
-    variables)."""
-    weight = _count(1) if weight is None else weight
+def _atomic_weights(body, ranges, launch=frozenset(), weight=1):
+    """(Atomic stmt, times it runs per iteration of the enclosing loop), through inner loops (their
+    iterations estimated by _estimated_trips; ranges: the enclosing loops' variables)."""
     for s in body:
         if isinstance(s, N.Atomic):
             yield s, weight
         inner, inside = weight, ranges
         if isinstance(s, N.For):
-            inner, inside = B.mul(weight, _estimated_trips(s, ranges, launch)), _with_ranges(s, ranges, launch)
+            inner = _op("mul", weight, _estimated_trips(s, ranges, launch))
+            inside = _with_ranges(s, ranges, launch)
         for b in blocks_of(s):
             yield from _atomic_weights(b, inside, launch, inner)
 
@@ -269,7 +292,7 @@ def _candidates(loop, threads, launch=frozenset(), trips=None):
     for s, w in _atomic_weights(loop.body, _with_ranges(loop, {}, launch), launch):
         f = s.ref.field
         if s.op == "add" and id(f) not in other and 1 <= len(s.ref.shape) <= 3 and is_float(s.ref.dtype):
-            adds[id(f)] = B.add(adds.get(id(f), _count(0)), B.mul(n, w))
+            adds[id(f)] = _op("add", adds.get(id(f), 0), _op("mul", n, w))
             fields[id(f)] = s.ref
             indices.setdefault(id(f), []).append(s.index)
     varying = _varying(loop)
@@ -284,8 +307,10 @@ def _candidates(loop, threads, launch=frozenset(), trips=None):
         size = threads * numel * bits(ref.dtype) // 8
         # the pass over the copies reads threads * numel values; the atomics it replaces run on
         # all threads too: worth it from about one add per element per pair of threads
-        pays = B.call("ge", adds[fid], _count(MIN_ADDS_PER_ELEMENT * numel * max(1, threads // 2)))
-        if not B.is_const(pays, 0) and memory + size <= MEMORY_CAP:
+        needed = MIN_ADDS_PER_ELEMENT * numel * max(1, threads // 2)
+        pays = adds[fid] >= needed if isinstance(adds[fid], (int, float)) \
+            else B.call("ge", adds[fid], _as_expr(float(needed)))
+        if pays is not False and memory + size <= MEMORY_CAP:
             chosen.append((Privatized(ref.field, fixed, kept, kept_offset), pays))
             memory += size
     return chosen
@@ -380,17 +405,17 @@ def _rewrite_at_launch(loop, known, names, threads, copies_for, ref_of):
     fields = _candidates(loop, threads, launch, trips)
     if not fields:
         return None
-    tests = [B.call("ge", work, _count(MIN_WORK))]
+    tests = [B.call("ge", work, _as_expr(float(MIN_WORK)))]
     if work != trips:  # (a loop without inner loops: its work is its iterations, >= 2 already)
-        tests.insert(0, B.call("ge", trips, _count(2)))
-    tests += [pays for _, pays in fields if not isinstance(pays, N.Const)]
+        tests.insert(0, B.call("ge", trips, _as_expr(2.0)))
+    tests += [pays for _, pays in fields if pays is not True]
     use = B.var(names.fresh("use_copies"), "i32")
     lo, hi = loop.bounds[0]
     target = CHUNKS_PER_THREAD * threads
     per = B.var(names.fresh("per_chunk"), "i32")
     n = B.sub(hi, lo)
     note = _note(loop, "at launch: private copies where the loop's work pays for them, else its atomic adds")
-    pre += [N.Assign(trips.name, _estimated_trips(loop, {}, launch), src=note),
+    pre += [N.Assign(trips.name, B.cast(_as_expr(_estimated_trips(loop, {}, launch)), default_fp()), src=note),
             N.Assign(use.name, _fold("and", tests), src=note),
             N.Assign(per.name, B.call("max", B.add(B.call("floordiv", B.sub(n, B.const(1, n.dtype)),  # no overflow
                                                            B.const(target, n.dtype)), B.const(1, n.dtype)),
