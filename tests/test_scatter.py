@@ -499,6 +499,15 @@ def test_fields_keep_their_names_beside_the_locals_kerndiff_adds(runtime):
     np.testing.assert_allclose(g_k_got, 0.5 * d * d, rtol=1e-12, atol=1e-12)
 
 
+def _particles(n, dim, seed):
+    """(positions, energy field, the positions' values): n particles in [0, 4)^dim, in f64."""
+    pos = ti.Vector.field(dim, ti.f64, shape=n, needs_grad=True)
+    E = ti.field(ti.f64, shape=(), needs_grad=True)
+    pv = np.random.default_rng(seed).uniform(0, 4, (n, dim))
+    pos.from_numpy(pv)
+    return pos, E, pv
+
+
 @cpu_only("private copies are made on Taichi's CPU backends only")
 @pytest.mark.parametrize("pairs", ["all", "half"])
 def test_a_pair_loop_over_few_particles_is_chunked(runtime, pairs):
@@ -508,11 +517,7 @@ def test_a_pair_loop_over_few_particles_is_chunked(runtime, pairs):
     reverse 6x slower than the same gradient written by hand): one i per chunk. Checked against
     the analytic gradient, twice in a row, and the HVP against finite differences."""
     n = 200
-    rng = np.random.default_rng(11)
-    pos = ti.Vector.field(3, ti.f64, shape=n, needs_grad=True)
-    E = ti.field(ti.f64, shape=(), needs_grad=True)
-    pv = rng.uniform(0, 4, (n, 3))
-    pos.from_numpy(pv)
+    pos, E, pv = _particles(n, 3, seed=11)
     half = pairs == "half"
 
     @kd.kernel
@@ -551,11 +556,7 @@ def test_a_loop_bounded_by_a_kernel_argument_chooses_at_launch(runtime):
     copies, m = 12 (144) the atomics; both against the analytic gradient, twice in a row (the
     copies are zero again after a launch), and the HVP against finite differences."""
     n = 200
-    rng = np.random.default_rng(12)
-    pos = ti.Vector.field(2, ti.f64, shape=n, needs_grad=True)
-    E = ti.field(ti.f64, shape=(), needs_grad=True)
-    pv = rng.uniform(0, 4, (n, 2))
-    pos.from_numpy(pv)
+    pos, E, pv = _particles(n, 2, seed=12)
 
     @kd.kernel
     def energy(m: ti.i32):
