@@ -36,18 +36,17 @@ thread in a plain parallel loop, but not inside a chunk's serial loop.
 
 When: a field is privatized in a loop if every access to it there is an atomic add, the loop runs
 at least 1024 iterations counting those of its inner loops (a pair loop over 256 particles
-qualifies: Taichi spreads even short loops over its threads, in blocks of n / (32 T)
-iterations, and an atomic add costs several plain ones even where no other thread contends for
-its element; the few short loops of a small kernel keep their atomics, and their source stays
-short), and the loop adds into it at least T/2 times as often as its slice has
-elements (so the extra pass over the T copies costs less than the atomics it saves), within a
-memory cap; otherwise the atomics stay. An inner loop whose bounds are not constants counts the
-difference of their midpoints over the outer loops' ranges (`range(i + 1, n)`: half the pairs),
-or once where they read other values. A loop over several indices, `ti.ndrange(B, H)`, is cut
-into chunks of its first index, each running its rows whole, or where the first index has fewer
-than 1024 values, into chunks of one value of it and a run of the second index. Adds into a
-single element (0-d fields, or every index fixed) are left to Taichi, which already reduces
-those per thread.
+qualifies: Taichi spreads even short loops over its threads, in blocks of n / (32 T) iterations,
+and an atomic add costs several plain ones even where no other thread contends for its element; the
+few short loops of a small kernel keep their atomics, and their source stays short), and the loop
+adds into it at least T/2 times as often as its slice has elements (so the extra pass over the T
+copies costs less than the atomics it saves), within a memory cap; otherwise the atomics stay. An
+inner loop whose bounds are not constants counts the difference of their midpoints over the outer
+loops' ranges (`range(i + 1, n)`: half the pairs), or once where they read other values (the
+estimates: opt.trip_counts). A loop over several indices, `ti.ndrange(B, H)`, is cut into chunks of
+its first index, each running its rows whole, or where the first index has fewer than 1024 values,
+into chunks of one value of it and a run of the second index. Adds into a single element (0-d
+fields, or every index fixed) are left to Taichi, which already reduces those per thread.
 
 Bounds known at launch: where the loop's bounds are kernel arguments (or a field's value), so is
 its work. The kernel then holds both versions, chunks over private copies and the loop as written
@@ -76,8 +75,10 @@ from ..errors import SrcLoc
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import bits, default_fp, is_float
-from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
+from ..ir.walk import (assigned_names, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
                        map_stmts, renamed_block, vars_in)
+from .trip_counts import (apply_op, as_expr, atomic_weights, estimated_trips, fold, trip_count, with_ranges,
+                          work)
 
 CHUNKS_PER_THREAD = 512   # enough chunks per worker for Taichi to balance the threads' loads
 MIN_TRIPS = 2 * CHUNKS_PER_THREAD  # the first index's values that make chunks of runs of it
@@ -86,148 +87,17 @@ MIN_ADDS_PER_ELEMENT = 1  # below this the pass over the copies costs more than 
 MEMORY_CAP = 256 << 20    # bytes of private copies per loop
 
 
-def _trip_count(loop):
-    """The loop's iteration count when its bounds are constants, else None."""
-    n = 1
-    for lo, hi in loop.bounds:
-        if not (isinstance(lo, N.Const) and isinstance(hi, N.Const)):
-            return None
-        n *= max(0, int(hi.value) - int(lo.value))
-    return n
-
-
 def _first_trips(loop):
     """How many values the loop's first index takes."""
     lo, hi = loop.bounds[0]
     return int(hi.value) - int(lo.value)
 
 
-def _interval(e, ranges, launch=frozenset()):
-    """(least, greatest) value of an integer expression: from ranges (loop variable -> its
-    interval) and launch (names whose values are known before the loop runs: the kernel's scalar
-    arguments and what it assigns before the loop). Numbers where e reads constants and loop
-    variables of constant ranges alone, else expressions of the launch names; None where e reads
-    anything else."""
-    if isinstance(e, N.Const):
-        return (int(e.value), int(e.value)) if isinstance(e.value, (int, float)) else None
-    if isinstance(e, N.Var):
-        return ranges.get(e.name, (e, e) if e.name in launch else None)
-    if not (isinstance(e, N.Call) and e.op in ("add", "sub", "mul", "neg")):
-        return None
-    args = [_interval(a, ranges, launch) for a in e.args]
-    if None in args:
-        return None
-    if e.op == "neg":
-        (lo, hi), = args
-        return _op("neg", hi), _op("neg", lo)
-    (a, b), (c, d) = args
-    if e.op == "add":
-        return _op("add", a, c), _op("add", b, d)
-    if e.op == "sub":
-        return _op("sub", a, d), _op("sub", b, c)
-    products = [_op("mul", x, y) for x, y in ((a, c), (a, d), (b, c), (b, d))]
-    return _fold("min", products), _fold("max", products)
-
-
-# The estimates are numbers where a loop's bounds are constants, and expressions (to be computed at
-# launch) where they read kernel arguments: each step below does either.
-ARITH = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-         "neg": lambda a: -a, "min": min, "max": max}
-
-
-def _op(op, *args):
-    """op on numbers, or the expression of it where an argument is one."""
-    if all(isinstance(a, (int, float)) for a in args):
-        return ARITH[op](*args)
-    return B.call(op, *(_as_expr(a) for a in args))
-
-
-def _as_expr(x):
-    """A number of the estimates as a constant: integers as i32 (the index arithmetic of
-    intervals), the rest in the kernel's default float (as counts are computed at launch, where
-    products of arguments would overflow integers)."""
-    if isinstance(x, N.Expr):
-        return x
-    return B.const(x, "i32" if isinstance(x, int) else default_fp())
-
-
-def _fold(op, values):
-    out = values[0]
-    for v in values[1:]:
-        out = _op(op, out, v)
-    return out
-
-
-def _as_count(x):
-    """x as a count: numbers as they are, an (integer) expression cast to the default float."""
-    return x if isinstance(x, (int, float)) else B.cast(x, default_fp())
-
-
-def _midpoint(interval):
-    lo, hi = interval
-    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
-        return (lo + hi) / 2
-    if lo == hi:
-        return _as_count(lo)
-    return _op("mul", _as_count(_op("add", lo, hi)), 0.5)
-
-
-def _estimated_trips(loop, ranges, launch=frozenset()):
-    """A loop's iterations (a number where its bounds are constants, else a float expression): its
-    trip count where its bounds are fixed, else the difference of its bounds' midpoints over the
-    ranges of the loop variables they read (`range(i + 1, n)` and its reverse `range(n - (i + 1))`:
-    half the pairs, n / 2); 1 where a bound reads anything else."""
-    n = 1
-    for lo, hi in loop.bounds:
-        a, b = _interval(lo, ranges, launch), _interval(hi, ranges, launch)
-        if a is None or b is None:
-            continue
-        d = _op("sub", _midpoint(b), _midpoint(a))
-        if isinstance(d, (int, float)):
-            d = max(0, round(d))
-        elif a[0] != a[1] or b[0] != b[1]:
-            d = _op("max", d, 0.0)
-        n = _op("mul", n, d)
-    return n
-
-
-def _with_ranges(loop, ranges, launch=frozenset()):
-    """ranges with the loop's variables added (least and greatest value each takes)."""
-    out = dict(ranges)
-    for v, (lo, hi) in zip(loop.vars, loop.bounds):
-        a, b = _interval(lo, ranges, launch), _interval(hi, ranges, launch)
-        if a is not None and b is not None:
-            out[v] = (a[0], _op("sub", b[1], 1))
-        else:
-            out.pop(v, None)
-    return out
-
-
-def _inner_trips(body, ranges, launch=frozenset()):
-    """Iterations of the deepest nest of loops in body, per run of body."""
-    most = None
-    for s in body:
-        inner, inside = 1, ranges
-        if isinstance(s, N.For):
-            inner, inside = _estimated_trips(s, ranges, launch), _with_ranges(s, ranges, launch)
-        for b in blocks_of(s):
-            here = _op("mul", inner, _inner_trips(b, inside, launch))
-            most = here if most is None else _op("max", most, here)
-    return 1 if most is None else most
-
-
-def _work(loop, launch=frozenset(), trips=None):
-    """The loop's iterations with those of its inner loops (trips: its own, where the caller holds
-    them in a local)."""
-    trips = _estimated_trips(loop, {}, launch) if trips is None else trips
-    return _op("mul", trips, _inner_trips(loop.body, _with_ranges(loop, {}, launch), launch))
-
-
 def _chunkable(loop):
     """Enough work to be worth chunks (MIN_WORK iterations, inner loops' included) in at least
     two iterations of the loop itself, which must have constant bounds."""
-    n = _trip_count(loop)
-    return n is not None and n >= 2 and _work(loop) >= MIN_WORK
+    n = trip_count(loop)
+    return n is not None and n >= 2 and work(loop) >= MIN_WORK
 
 
 def _chunks(loop, chunk, body, threads):
@@ -255,20 +125,6 @@ def _chunks(loop, chunk, body, threads):
     return n * blocks, [row, run], f"chunks of {values} of {loop.vars[1]} for one {loop.vars[0]}"
 
 
-def _atomic_weights(body, ranges, launch=frozenset(), weight=1):
-    """(Atomic stmt, times it runs per iteration of the enclosing loop), through inner loops (their
-    iterations estimated by _estimated_trips; ranges: the enclosing loops' variables)."""
-    for s in body:
-        if isinstance(s, N.Atomic):
-            yield s, weight
-        inner, inside = weight, ranges
-        if isinstance(s, N.For):
-            inner = _op("mul", weight, _estimated_trips(s, ranges, launch))
-            inside = _with_ranges(s, ranges, launch)
-        for b in blocks_of(s):
-            yield from _atomic_weights(b, inside, launch, inner)
-
-
 def _not_only_added(loop):
     """ids of the fields the loop reads, stores or combines other than by atomic add."""
     out = set()
@@ -283,16 +139,16 @@ def _not_only_added(loop):
 def _candidates(loop, threads, launch=frozenset(), trips=None):
     """Fields this loop only atomically adds into, each with the condition (a constant where the
     loop's bounds are) that it adds into them often enough for private copies to pay. trips: as
-    for _work."""
+    for work."""
     if any(isinstance(s, (N.Return, N.Break)) for s in iter_stmts(loop.body)):
         return []
     other = _not_only_added(loop)
-    n = _estimated_trips(loop, {}, launch) if trips is None else trips
+    n = estimated_trips(loop, {}, launch) if trips is None else trips
     adds, fields, indices = {}, {}, {}
-    for s, w in _atomic_weights(loop.body, _with_ranges(loop, {}, launch), launch):
+    for s, w in atomic_weights(loop.body, with_ranges(loop, {}, launch), launch):
         f = s.ref.field
         if s.op == "add" and id(f) not in other and 1 <= len(s.ref.shape) <= 3 and is_float(s.ref.dtype):
-            adds[id(f)] = _op("add", adds.get(id(f), 0), _op("mul", n, w))
+            adds[id(f)] = apply_op("add", adds.get(id(f), 0), apply_op("mul", n, w))
             fields[id(f)] = s.ref
             indices.setdefault(id(f), []).append(s.index)
     varying = _varying(loop)
@@ -309,7 +165,7 @@ def _candidates(loop, threads, launch=frozenset(), trips=None):
         # all threads too: worth it from about one add per element per pair of threads
         needed = MIN_ADDS_PER_ELEMENT * numel * max(1, threads // 2)
         pays = adds[fid] >= needed if isinstance(adds[fid], (int, float)) \
-            else B.call("ge", adds[fid], _as_expr(float(needed)))
+            else B.call("ge", adds[fid], as_expr(float(needed)))
         if pays is not False and memory + size <= MEMORY_CAP:
             chosen.append((Privatized(ref.field, fixed, kept, kept_offset), pays))
             memory += size
@@ -368,7 +224,7 @@ def privatize_scatters(ir: N.KernelIR, names, threads: int, copies_for, ref_of) 
     known = {p.name for p in ir.params}  # names whose values the kernel has before the next loop
     for s in ir.body:
         if isinstance(s, N.For) and s.parallel and not s.serialize:
-            if _trip_count(s) is None:
+            if trip_count(s) is None:
                 rewritten = _rewrite_at_launch(s, known, names, threads, copies_for, ref_of)
             else:
                 fields = [p for p, _ in _candidates(s, threads)] if _chunkable(s) else []
@@ -401,13 +257,13 @@ def _rewrite_at_launch(loop, known, names, threads, copies_for, ref_of):
     bound_names = {e.name for pair in loop.bounds for e in pair if isinstance(e, N.Var)}
     launch = (known | bound_names) - assigned_names(loop.body) - set(loop.vars)
     trips = B.var(names.fresh("iterations"), default_fp())
-    work = _work(loop, launch, trips)
+    loop_work = work(loop, launch, trips)
     fields = _candidates(loop, threads, launch, trips)
     if not fields:
         return None
-    tests = [B.call("ge", work, _as_expr(float(MIN_WORK)))]
-    if work != trips:  # (a loop without inner loops: its work is its iterations, >= 2 already)
-        tests.insert(0, B.call("ge", trips, _as_expr(2.0)))
+    tests = [B.call("ge", loop_work, as_expr(float(MIN_WORK)))]
+    if loop_work != trips:  # (a loop without inner loops: its work is its iterations, >= 2 already)
+        tests.insert(0, B.call("ge", trips, as_expr(2.0)))
     tests += [pays for _, pays in fields if pays is not True]
     use = B.var(names.fresh("use_copies"), "i32")
     lo, hi = loop.bounds[0]
@@ -415,8 +271,8 @@ def _rewrite_at_launch(loop, known, names, threads, copies_for, ref_of):
     per = B.var(names.fresh("per_chunk"), "i32")
     n = B.sub(hi, lo)
     note = _note(loop, "at launch: private copies where the loop's work pays for them, else its atomic adds")
-    pre += [N.Assign(trips.name, B.cast(_as_expr(_estimated_trips(loop, {}, launch)), default_fp()), src=note),
-            N.Assign(use.name, _fold("and", tests), src=note),
+    pre += [N.Assign(trips.name, B.cast(as_expr(estimated_trips(loop, {}, launch)), default_fp()), src=note),
+            N.Assign(use.name, fold("and", tests), src=note),
             N.Assign(per.name, B.call("max", B.add(B.call("floordiv", B.sub(n, B.const(1, n.dtype)),  # no overflow
                                                            B.const(target, n.dtype)), B.const(1, n.dtype)),
                                       B.const(1, n.dtype)))]
