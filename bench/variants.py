@@ -84,6 +84,26 @@ def variants(args):
     rows("W2 spring count an argument", springs_counted, pos3, rng.standard_normal((P, 3)).astype(np.float32),
          args=(S,))
 
+    # W2 as written, the same number of springs between fewer particles: the scattered arrays
+    # (positions, and the reverse's private copies of their adjoint, two per thread here) then
+    # stay in the cache, as at full size they do not (bench/RESULTS.md, "Reading the targets")
+    for fewer in (3, 10):
+        Pk = P // fewer
+        posk = ti.Vector.field(2, ti.f32, shape=Pk, needs_grad=True)
+        endsk = ti.Vector.field(2, ti.i32, shape=S)
+        posk.from_numpy(rng.random((Pk, 2), dtype=np.float32))
+        ends_k = rng.integers(0, Pk, (S, 2)).astype(np.int32)
+        ends_k[:, 1] = np.where(ends_k[:, 1] == ends_k[:, 0], (ends_k[:, 0] + 1) % Pk, ends_k[:, 1])
+        endsk.from_numpy(ends_k)
+
+        def springs_fewer_particles():
+            for s in range(S):
+                d = posk[endsk[s][0]] - posk[endsk[s][1]]
+                E[None] += 0.5 * (d.norm() - rest[s]) ** 2
+
+        rows(f"W2 {Pk:.0e} particles".replace("e+0", "e"), springs_fewer_particles, posk,
+             rng.standard_normal((Pk, 2)).astype(np.float32))
+
     # ---------------------------------------------------------------- W3: pair loops
     q = ti.Vector.field(3, ti.f32, shape=n3, needs_grad=True)
     qv = (rng.random((n3, 3), dtype=np.float32) * 10).astype(np.float32)
