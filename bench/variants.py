@@ -1,11 +1,12 @@
-"""Other ways of writing W1-W3, as a user (or a checker) might: kerndiff's kernels against Taichi's
-own AD on each, kernels alone (`python -m bench --only variants`). The targets are stated for the
-workloads as the issue spells them; these rows show how far the ratios carry to other spellings
-of the same kinds of kernel. One process for the whole family (W3's spellings need Taichi's
-ad_stack_size >= N, set once by ti.init). Registered into workloads.WORKLOADS."""
+"""Other ways of writing W1-W3, as a user (or a checker) might, and W2 at smaller sizes: kerndiff's
+kernels against Taichi's own AD on each, kernels alone (`python -m bench --only variants`). The
+targets are stated for the workloads as the issue spells them; these rows show how far the ratios
+carry to other spellings of the same kinds of kernel, and how W2's depend on its size. One process
+for the whole family (W3's spellings need Taichi's ad_stack_size >= N, set once by ti.init).
+Registered into workloads.WORKLOADS."""
 import numpy as np
 
-from .workloads import WORKLOADS, energy_systems, init_taichi, run_systems, spring_data
+from .workloads import WORKLOADS, energy_systems, init_taichi, random_ends, run_systems, spring_data
 
 
 def variants(args):
@@ -84,17 +85,16 @@ def variants(args):
     rows("W2 spring count an argument", springs_counted, pos3, rng.standard_normal((P, 3)).astype(np.float32),
          args=(S,))
 
-    # W2 as written, the same springs between 30% and 10% of the particles: the scattered arrays
-    # (positions, and the reverse's private copies of their adjoint, two per thread here) then
-    # stay in the cache, as at full size they do not (bench/RESULTS.md, "Reading the targets")
+    # W2 as written, as many springs between 30% and 10% of the particles: the arrays its kernels
+    # gather from and add into at random (positions, and the reverse's private copies of their
+    # adjoint, one per thread) then stay in the cache, as at full size they do not
+    # (bench/RESULTS.md, "Reading the targets")
     for share in (0.3, 0.1):
         Pk = int(P * share)
         posk = ti.Vector.field(2, ti.f32, shape=Pk, needs_grad=True)
         endsk = ti.Vector.field(2, ti.i32, shape=S)
         posk.from_numpy(rng.random((Pk, 2), dtype=np.float32))
-        ends_k = rng.integers(0, Pk, (S, 2)).astype(np.int32)
-        ends_k[:, 1] = np.where(ends_k[:, 1] == ends_k[:, 0], (ends_k[:, 0] + 1) % Pk, ends_k[:, 1])
-        endsk.from_numpy(ends_k)
+        endsk.from_numpy(random_ends(Pk, S, rng))
 
         def springs_fewer_particles():
             for s in range(S):

@@ -302,10 +302,16 @@ def energy_systems(ti, kd, kk, tk, pos, E, v, u, hand=None, args=()):
 def spring_data(quick, rng):
     P, S = (10**4, 4 * 10**4) if quick else (10**6, 4 * 10**6)
     pos = rng.random((P, 2), dtype=np.float32)
-    ends = rng.integers(0, P, (S, 2)).astype(np.int32)
-    ends[:, 1] = np.where(ends[:, 1] == ends[:, 0], (ends[:, 0] + 1) % P, ends[:, 1])
+    ends = random_ends(P, S, rng)
     rest = (rng.random(S, dtype=np.float32) * 0.01).astype(np.float32)
     return pos, ends, rest
+
+
+def random_ends(P, S, rng):
+    """S springs' two particle indices, drawn at random from P particles, never both the same."""
+    ends = rng.integers(0, P, (S, 2)).astype(np.int32)
+    ends[:, 1] = np.where(ends[:, 1] == ends[:, 0], (ends[:, 0] + 1) % P, ends[:, 1])
+    return ends
 
 
 def w2(args):
