@@ -1,7 +1,7 @@
 """Fuzzing: hypothesis generates random kernels — expression trees over every differentiable op with
 domain-safe wrappers, branches, inner loops with loop-carried locals (one, or two assigned
-together from each other's old values; the step guarded by a branch, or followed by a conditional
-break; or a while loop whose condition reads them), gathers through an integer index field — and each is
+together from each other's old values, or a sum of terms that do not read it; the step guarded by
+a branch, or followed by a conditional break; or a while loop whose condition reads them), gathers through an integer index field — and each is
 checked: its values against Taichi's, forward mode against f64 finite differences, the dot-product
 test for reverse mode, and Taichi's own kernel.grad() where Taichi supports the kernel. Again with
 private copies, checkpoints, and kerndiff's own sin/cos pairs and tanh (opt.cpu_math) forced on.
@@ -67,11 +67,15 @@ def kernels(draw):
     b2 = draw(expr(2, ["a"]))
     trips = draw(st.integers(0, 6))
     step = draw(expr(2, ["a", "acc"]))
+    term = draw(expr(2, ["a"]))
     out = draw(expr(2, ["a", "acc"]))
-    # Either acc alone is carried, or acc and a are updated together, each from both old values.
+    # Either acc alone is carried, or acc and a are updated together, each from both old values,
+    # or acc sums terms that do not read it (the reverse's iterations then share nothing but sums,
+    # and opt.loop_order runs them forward).
     update = draw(st.sampled_from([f"acc = 0.5 * acc + ti.tanh({step})",
                                    f"acc, a = 0.5 * acc + ti.tanh({step}), 0.8 * acc - 0.3 * a",
-                                   f"acc, a = 0.5 * a + ti.tanh({step}), acc"]))
+                                   f"acc, a = 0.5 * a + ti.tanh({step}), acc",
+                                   f"acc = acc + ti.tanh({term} + 0.1 * k)"]))
     # The step may be guarded by a branch on what the loop carries (with an else, or without), or
     # followed by a conditional break: the reverse recomputes such a loop and runs the adjoint
     # under the same branches (one `if` per branch after opt.fuse_ifs, conditional sums merged in
@@ -188,11 +192,24 @@ def fd_vjp(k, inputs, out, w, h=1e-6):
     return result
 
 
+# one kernel whose inner loop surely sums terms that do not read the sum
+SUM_EXAMPLE = "\n".join(["a = ti.sin(x[i]) * y[1, idx[i]]", "acc = 0.5", "for k in range(4):",
+                         "    acc = acc + ti.tanh(a * x[i] + y[1, i] + 0.1 * k)", "out[i] = acc * acc + a"])
+
+
 @settings(settings.get_profile(PROFILE))
 @given(body=kernels())
+@example(body=SUM_EXAMPLE)
 def test_random_kernels(fields, body):
-    check_random_kernel(fields, body)
+    k = check_random_kernel(fields, body)
     COUNT.append(1)
+    lines = [line.strip() for line in k.reverse.source.splitlines()]
+    if any(a.startswith("# adjoint of: for k in range(") and b.startswith("for k in range(")
+           for a, b in zip(lines, lines[1:])):
+        FORWARD_AGAIN.append(1)
+
+
+FORWARD_AGAIN = []
 
 
 COUNT = []
@@ -326,6 +343,7 @@ def test_private_copies_were_exercised():
     assert PRIVATIZED, "no random kernel scattered through private copies"
     assert SLICED, "no random kernel scattered into a slice (y[1, idx[i]]) through copies of the slice"
     assert AT_LAUNCH, "no random kernel bounded by an argument chose its private copies at launch"
+    assert FORWARD_AGAIN, "no random kernel's reverse ran its inner loop forward (opt.loop_order)"
     for where in ("locals", "every step", "segments"):
         assert CHECKPOINTED.get(where), f"no random kernel reversed its loop from checkpoints ({where})"
 
