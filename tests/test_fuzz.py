@@ -1,10 +1,11 @@
 """Fuzzing: hypothesis generates random kernels — expression trees over every differentiable op with
-domain-safe wrappers, branches, inner loops with loop-carried locals (one, or two assigned
-together from each other's old values, or a sum of terms that do not read it; the step guarded by
-a branch, or followed by a conditional break; or a while loop whose condition reads them), gathers through an integer index field — and each is
-checked: its values against Taichi's, forward mode against f64 finite differences, the dot-product
-test for reverse mode, and Taichi's own kernel.grad() where Taichi supports the kernel. Again with
-private copies, checkpoints, and kerndiff's own sin/cos pairs and tanh (opt.cpu_math) forced on.
+domain-safe wrappers, branches, inner loops with loop-carried locals (one, or two assigned together
+from each other's old values, or a sum of terms that do not read it; the step guarded by a branch,
+or followed by a conditional break; or a while loop whose condition reads them), gathers through an
+integer index field — and each is checked: its values against Taichi's, forward mode against f64
+finite differences, the dot-product test for reverse mode, and Taichi's own kernel.grad() where
+Taichi supports the kernel. Again with private copies, checkpoints, and kerndiff's own sin/cos pairs
+and tanh (opt.cpu_math) forced on.
 
 Profiles: a short one by default (derandomized under CI=true), KERNDIFF_FUZZ=long for 10,000 per test
 (KERNDIFF_FUZZ_N to change that).
@@ -204,8 +205,8 @@ def test_random_kernels(fields, body):
     k = check_random_kernel(fields, body)
     COUNT.append(1)
     lines = [line.strip() for line in k.reverse.source.splitlines()]
-    if any(a.startswith("# adjoint of: for k in range(") and b.startswith("for k in range(")
-           for a, b in zip(lines, lines[1:])):
+    if any(line.startswith("# adjoint of: for k in range(") and after.startswith("for k in range(")
+           for line, after in zip(lines, lines[1:])):
         FORWARD_AGAIN.append(1)
 
 

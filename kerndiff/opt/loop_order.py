@@ -187,6 +187,8 @@ class _Probe(Sweep):
 
 
 def _replaced(stmts, old, new):
+    """stmts with `new` in place of the statement `old`; only the statements on the way to it are
+    rebuilt, so every other loop keeps its identity (run_forward finds the next one by it)."""
     out = []
     for s in stmts:
         if s is old:
