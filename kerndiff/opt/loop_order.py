@@ -17,10 +17,10 @@ A loop qualifies when:
     nowhere else (v then runs from X down to X - T + 1);
   * its body holds only assignments, atomic adds and ifs of those (no nested loop, store,
     other atomic, break or print);
-  * every local it assigns is either a sum, assigned only as `s = s + e` / `s = s - e` (e reading
-    no sum) and read nowhere else in the loop, or a temporary, assigned in each iteration before
-    it is read there and dead at the loop's exit (so no value of a particular iteration outlives
-    it; the forward sweep's copy of the loop may use the same names);
+  * every local it assigns is either a sum, assigned only as `s = s + e` / `s = s - e` and read
+    nowhere else in the loop, or a temporary, assigned in each iteration before it is read there
+    and dead at the loop's exit (so no value of a particular iteration outlives it; the forward
+    sweep's copy of the loop may use the same names);
   * it reads no field it adds into.
 """
 from __future__ import annotations
@@ -60,8 +60,6 @@ def _forward(loop, kernel_body):
     if any(id(x.ref.field) in added for x in read):
         return None
     sums = _sums(body)
-    if sums is None:
-        return None
     temporaries = (assigned_names(body) - sums) | {var, loop.vars[0]}
     if not _defined_before_read(body, {var}, sums) or temporaries & _live_after(kernel_body, loop):
         return None
@@ -105,22 +103,18 @@ def _allowed(s):
 
 
 def _sums(body):
-    """The locals body assigns only as `s = s + e` / `s = e + s` / `s = s - e`, reading them
-    nowhere else; None where such a sum's e reads another sum."""
+    """The locals body assigns only as `s = s + e` / `s = e + s` / `s = s - e` and reads nowhere
+    else. (A sum that another one's e reads is not one: as a temporary it is read before it is
+    assigned, and the loop stays as it is.)"""
     assigns = [s for s in iter_stmts(body) if isinstance(s, N.Assign)]
     candidates = {s.name for s in assigns} - {s.name for s in assigns if _increment(s) is None}
-    reads = {}
+    read = set()
     for s in iter_stmts(body):
         for e in expr_children_of_stmt(s):
             if isinstance(s, N.Assign) and s.name in candidates:
                 e = _increment(s)  # its own term aside
-            for v in vars_in(e):
-                reads[v.name] = reads.get(v.name, 0) + 1
-    sums = {n for n in candidates if n not in reads}
-    for s in assigns:
-        if s.name in sums and {v.name for v in vars_in(_increment(s))} & sums:
-            return None
-    return sums
+            read.update(v.name for v in vars_in(e))
+    return candidates - read
 
 
 def _increment(s):
