@@ -3,7 +3,8 @@
 Reverse mode recomputes primal values in a forward sweep and again in each backward iteration;
 values the forward sweep computes that are overwritten before anything reads them are dead even
 though the local itself is live. This pass removes such assignments. Loops iterate to a fixed
-point; break/continue make the liveness at the loop's exit and head flow in.
+point (a parallel loop's iterations share no locals, so its body is swept once); break/continue
+make the liveness at the loop's exit and head flow in.
 """
 from __future__ import annotations
 
@@ -53,6 +54,13 @@ class Sweep:
             if not then and not orelse:
                 return None, live if not _uses(s) else live
             return dataclasses.replace(s, then=then, orelse=orelse), lt | le | _uses(s)
+        if isinstance(s, N.For) and s.parallel:
+            # the iterations of a parallel loop share no locals: none flows from the end of its
+            # body round to its start
+            self.loops.append((live, live))  # (a continue ends the iteration)
+            body, body_in = self.block(s.body, live)
+            self.loops.pop()
+            return dataclasses.replace(s, body=body), live | (body_in - set(s.vars)) | _uses(s)
         if isinstance(s, (N.For, N.While)):
             head = set(live)
             while True:

@@ -163,9 +163,7 @@ def _live_after(stmts, loop):
 
 
 class _Probe(Sweep):
-    """A liveness sweep that notes what is live after one statement (its results are dropped).
-    The iterations of a parallel loop share no locals, so none flows from the end of its body
-    round to its start (dead-store elimination's sweep assumes they may)."""
+    """A liveness sweep that notes what is live after one statement (its results are dropped)."""
 
     def __init__(self, target):
         super().__init__()
@@ -174,9 +172,6 @@ class _Probe(Sweep):
     def stmt(self, s, live):
         if s is self.target:
             self.after |= live
-        if isinstance(s, N.For) and s.parallel:
-            _, body_in = self.block(s.body, live)
-            return s, live | (body_in - set(s.vars)) | {v.name for e in expr_children_of_stmt(s) for v in vars_in(e)}
         return super().stmt(s, live)
 
 
