@@ -26,8 +26,8 @@ from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import bits, is_float
-from ..ir.walk import assigned_names, iter_stmts, map_expr, map_stmt_exprs, map_stmts, substitute, \
-    substitute_block
+from ..ir.walk import assigned_names, independent, iter_stmts, map_expr, map_stmt_exprs, map_stmts, \
+    substitute, substitute_block
 from ..opt.dce import live_names, remove_dead
 from .activity import check_function_body, field_activity, varied_vars
 from .jumps import eliminate_jumps
@@ -187,8 +187,9 @@ class Reverse:
 
     def backward(self, stmts):
         out = []
-        for s in reversed(stmts):
-            out.extend(self.back(s))
+        for run in reversed(independent_runs(stmts)):
+            for s in run:
+                out.extend(self.back(s))
         return out
 
     def back(self, s):
@@ -595,6 +596,32 @@ class Reverse:
             start = B.add(seg_start_v, floor_to(B.sub(v, seg_start_v), sub_v))
             restore.append(N.For((r,), ((start, v),), self.carried_step(s, info, r), src=s.src, tag="recompute"))
         return prologue, restore
+
+
+def independent_runs(stmts):
+    """stmts cut into runs, in order: consecutive statements compiled from one source statement
+    that touch nothing another of them writes (a vector statement's components, `d_0 = a_0 - b_0;
+    d_1 = a_1 - b_1`) share a run; every other statement is a run of its own. The adjoints of a
+    run's statements commute (each reads its own target's adjoint and adds into its operands'), so
+    the backward sweep takes runs last first but each run's statements in the order written:
+    component 0's adjoint before component 1's, as a person writes them."""
+    runs = []
+    for s in stmts:
+        if runs and _joins(runs[-1], s):
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs
+
+
+def _joins(run, s):
+    if s.src is None or s.src != run[0].src or not _simple(s):
+        return False
+    return all(_simple(r) and independent(r, s) for r in run)
+
+
+def _simple(s):
+    return isinstance(s, (N.Assign, N.Store)) or (isinstance(s, N.Atomic) and s.op == "add")
 
 
 def local_dtypes(stmts, params=()):

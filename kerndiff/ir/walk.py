@@ -138,6 +138,21 @@ def writes_of(s):
     return assigned_names((s,)), fields
 
 
+def accesses(s):
+    """(what an Assign, Store or Atomic writes, what it reads): local names and field components
+    (FieldRefs, interned per component, so two components of a vector field are apart)."""
+    exprs = expr_children_of_stmt(s)
+    reads = {v.name for e in exprs for v in vars_in(e)} | {x.ref for e in exprs for x in loads_in(e)}
+    return {s.name if isinstance(s, N.Assign) else s.ref}, reads
+
+
+def independent(a, b):
+    """Whether two Assign/Store/Atomic statements run in either order alike: neither writes
+    anything the other reads or writes."""
+    (wa, ra), (wb, rb) = accesses(a), accesses(b)
+    return not (wa & (wb | rb) or wb & ra)
+
+
 def mentioned_names(s):
     """The locals s, or a statement nested in it, reads or assigns."""
     out = set()
