@@ -35,7 +35,9 @@ TAG_WORDS = {"tangent": "tangent of", "adjoint": "adjoint of", "recompute": "rec
 MIXED_RUNS = {frozenset({"", "tangent"}): "{}, and its tangent",
               frozenset({"adjoint", "tangent"}): "adjoint of: {}, and its tangent",
               frozenset({"", "adjoint"}): "{}, and its adjoint",
-              frozenset({"", "tangent", "adjoint"}): "{}, its tangent and adjoint"}
+              frozenset({"", "tangent", "adjoint"}): "{}, its tangent and adjoint",
+              frozenset({"recompute", "tangent"}): "recompute: {}, and its tangent",
+              frozenset({"checkpoint", "tangent"}): "checkpoints of: {}, and its tangent"}
 
 
 def _float_literal(value, dtype):
@@ -64,6 +66,15 @@ def _note(s):
     return f"{word}: {text}" if word and text else text
 
 
+def _kind(s):
+    """What of its source line s computes, as the comments name it ("" for the value itself)."""
+    return s.tag if s.tag in TAG_WORDS else ""
+
+
+def _mixable(tags):
+    return any(tags <= kinds for kinds in MIXED_RUNS)
+
+
 def _run_notes(stmts):
     """The comment each statement falls under: its source line and what of it the statement
     computes; consecutive statements from one line with value/tangent/adjoint tags share one."""
@@ -71,8 +82,8 @@ def _run_notes(stmts):
     i = 0
     while i < len(stmts):
         text, j, tags = _text(stmts[i]), i, set()
-        while j < len(stmts) and text and _text(stmts[j]) == text and stmts[j].tag in ("", "tangent", "adjoint"):
-            tags.add(stmts[j].tag)
+        while j < len(stmts) and text and _text(stmts[j]) == text and _mixable(tags | {_kind(stmts[j])}):
+            tags.add(_kind(stmts[j]))
             j += 1
         if j - i > 1 and frozenset(tags) in MIXED_RUNS:
             notes[i:j] = [MIXED_RUNS[frozenset(tags)].format(text)] * (j - i)

@@ -202,7 +202,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
     collected (opt.algebra), its zeroed accumulators started at their first contribution
     (opt.zero_start), copies forwarded (opt.copies, opt.propagate) and the dead ones removed,
     values that locals already hold read from them (opt.reuse), reversed loops whose iterations
-    share nothing but sums run forward (opt.loop_order), and the field elements an inner loop
+    share nothing but sums run forward (opt.loop_order), values put before their tangents
+    (opt.tangent_order), and the field elements an inner loop
     repeats read before it (opt.invariant_loads)."""
     from ..ad.names import NameAllocator
     from ..codegen.load import field_names
@@ -225,6 +226,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         from .scales import rescale_locals
         from .cse import cse
         from .loop_order import run_forward
+        from .tangent_order import values_first
         # a reversed loop body is its recomputation and then its adjoint, each with its own copy
         # of the body's branches: one `if` per condition first, then what both halves compute
         # (`x[i] - x[j]`) once, which CSE, working per block, could not see before
@@ -254,6 +256,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         ir = remove_dead_stores(ir)
         # reversed loops whose iterations share nothing but sums run forward, as written
         ir = dataclasses.replace(ir, body=run_forward(ir.body))
+        # values before their tangents where nothing above needs the tangent first
+        ir = dataclasses.replace(ir, body=values_first(ir.body))
     names = allocator()
     written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
     out = []
