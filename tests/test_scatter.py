@@ -583,3 +583,7 @@ def test_a_loop_bounded_by_a_kernel_argument_chooses_at_launch(runtime):
     kd.dual(pos)
     for m in (200, 12):
         check(energy.reverse, "forward", args=(m,), rtol=1e-5, atol=1e-6)
+    # pos_adj and pos_adj_dual pay alike: their test once, its estimate's like terms collected
+    (condition,) = [line for line in energy.reverse.forward.source.splitlines() if "use_copies =" in line]
+    tests = condition.split(" = ", 1)[1].split(" and ")
+    assert len(tests) == len(set(tests)) == 3 and "iterations + iterations" not in condition, condition

@@ -338,6 +338,13 @@ def collect_terms(body, is_derivative, exact=None):
     return tuple(out)
 
 
+def collected(value):
+    """A float expression of locals and constants with its like terms collected, where that takes
+    fewer operations (`n * m * 2.0 + n + n` -> `(m + 1.0) * n * 2.0`); else value as it is."""
+    new = _collected(value, {}) if is_float(value.dtype) else None
+    return new if new is not None and arith_ops(new) < arith_ops(value) else value
+
+
 def _collected(value, defs):
     """value collected, the cheaper of its sums kept as factors and (where it has such sums) of
     them distributed over; None where the collection gives up."""

@@ -77,6 +77,7 @@ from ..ir import nodes as N
 from ..ir.types import bits, default_fp, is_float
 from ..ir.walk import (assigned_names, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
                        map_stmts, renamed_block, vars_in)
+from .algebra import collected
 from .trip_counts import (apply_op, as_expr, atomic_weights, estimated_trips, fold, trip_count, with_ranges,
                           work)
 
@@ -265,6 +266,8 @@ def _rewrite_at_launch(loop, known, names, threads, copies_for, ref_of):
     if loop_work != trips:  # (a loop without inner loops: its work is its iterations, >= 2 already)
         tests.insert(0, B.call("ge", trips, as_expr(2.0)))
     tests += [pays for _, pays in fields if pays is not True]
+    # each test once (two fields added into alike pay alike), its estimate's like terms collected
+    tests = list(dict.fromkeys(B.call("ge", collected(work_), bound) for work_, bound in (t.args for t in tests)))
     use = B.var(names.fresh("use_copies"), "i32")
     lo, hi = loop.bounds[0]
     target = CHUNKS_PER_THREAD * threads
