@@ -202,7 +202,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
     collected (opt.algebra), its zeroed accumulators started at their first contribution
     (opt.zero_start), copies forwarded (opt.copies, opt.propagate) and the dead ones removed,
     values that locals already hold read from them (opt.reuse), reversed loops whose iterations
-    share nothing but sums run forward (opt.loop_order), values put before their tangents
+    share nothing but sums run forward (opt.loop_order), locals' values put before their tangents
     (opt.tangent_order), and the field elements an inner loop
     repeats read before it (opt.invariant_loads)."""
     from ..ad.names import NameAllocator
@@ -256,7 +256,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         ir = remove_dead_stores(ir)
         # reversed loops whose iterations share nothing but sums run forward, as written
         ir = dataclasses.replace(ir, body=run_forward(ir.body))
-        # values before their tangents where nothing above needs the tangent first
+        # locals' values before their tangents where nothing above needs the tangent first
         ir = dataclasses.replace(ir, body=values_first(ir.body))
     names = allocator()
     written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}

@@ -266,8 +266,7 @@ def _rewrite_at_launch(loop, known, names, threads, copies_for, ref_of):
     if loop_work != trips:  # (a loop without inner loops: its work is its iterations, >= 2 already)
         tests.insert(0, B.call("ge", trips, as_expr(2.0)))
     tests += [pays for _, pays in fields if pays is not True]
-    # each test once (two fields added into alike pay alike), its estimate's like terms collected
-    tests = list(dict.fromkeys(B.call("ge", collected(work_), bound) for work_, bound in (t.args for t in tests)))
+    tests = list(dict.fromkeys(_tidied(t) for t in tests))  # once each: fields added into alike pay alike
     use = B.var(names.fresh("use_copies"), "i32")
     lo, hi = loop.bounds[0]
     target = CHUNKS_PER_THREAD * threads
@@ -287,6 +286,14 @@ def _rewrite_at_launch(loop, known, names, threads, copies_for, ref_of):
     atomics = dataclasses.replace(atomics, bounds=((B.select(use, hi, lo), hi),) + atomics.bounds[1:],
                                   src=_note(loop, "where copies would not pay: the loop with atomic adds"), tag="note")
     return pre + chunked + [atomics]
+
+
+def _tidied(test):
+    """A test `estimate >= bound` of the launch condition with the estimate's like terms collected
+    (`n * m * 2.0 + n + n`); a test the constructors folded to a constant as it is."""
+    if isinstance(test, N.Call) and test.op == "ge":
+        return B.call("ge", collected(test.args[0]), test.args[1])
+    return test
 
 
 def _rewrite(loop, fields, names, threads, copies_for, ref_of, at_launch=None):
