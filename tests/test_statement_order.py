@@ -1,7 +1,7 @@
 """The order of generated statements, for the reader: a vector statement's adjoints come component
-0 first (ad.reverse.independent_runs), and a local's value comes before its tangent (opt.tangent_order),
-wherever the statements touch nothing the other writes; where they do, the order that computes
-the right numbers stays. The orderings are checked on IR built by hand, on sources, and on kernels
+0 first (ad.reverse.independent_runs), and a local's value comes before its tangent
+(opt.tangent_order), wherever the statements touch nothing the other writes; where they do, the
+order that computes the right numbers stays. The orderings are checked on IR built by hand, on sources, and on kernels
 whose components read each other, against f64 finite differences on every transform path."""
 import dataclasses
 

@@ -615,9 +615,11 @@ def independent_runs(stmts):
 
 
 def _joins(run, s):
-    if s.src is None or s.src != run[0].src or not _simple(s):
+    """Whether s extends the run: a run grows by simple statements only, so its first one is the
+    only one to check for that."""
+    if s.src is None or s.src != run[0].src or not (_simple(s) and _simple(run[0])):
         return False
-    return all(_simple(r) and independent(r, s) for r in run)
+    return all(independent(r, s) for r in run)
 
 
 def _simple(s):
