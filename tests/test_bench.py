@@ -42,3 +42,29 @@ def test_variants_agree_with_taichi_or_with_f64():
         assert "kerndiff" not in r["disagree"], r
         expected = ["taichi"] if (r["workload"], r["op"]) == ("W3 Gaussians", "grad") else []
         assert r["disagree"] == expected, r
+
+
+def test_timed_calls_start_on_an_idle_process():
+    """bench.workloads.quiesce waits while a thread of this process is still busy (as JAX's CPU
+    runtime is for tens of milliseconds after a call returns) and returns at once when none is."""
+    import threading
+    import time
+
+    from bench.workloads import quiesce
+
+    t0 = time.perf_counter()
+    quiesce()
+    assert time.perf_counter() - t0 < 0.5  # idle: a window or a few
+
+    def spin(seconds=0.3):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    busy = threading.Thread(target=spin)
+    busy.start()
+    t0 = time.perf_counter()
+    quiesce()
+    waited = time.perf_counter() - t0
+    busy.join()
+    assert waited >= 0.2, waited
