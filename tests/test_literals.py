@@ -160,3 +160,33 @@ def test_vectors_and_matrices_made_in_python_scope_are_constants(fields):
     Rotated().energy.reverse()  # R (d, 2d) = (-2d, d): y = -2d * 0.5 + d * -1 = -2d
     np.testing.assert_allclose(y.to_numpy(), -2 * d.to_numpy(), rtol=1e-6 if f32 else 1e-14)
     np.testing.assert_allclose(d.grad.to_numpy(), -2.0, rtol=1e-14)
+
+
+def test_locals_declared_before_branches_have_their_own_type(fields):
+    """A local that both branches of an `if` assign and code after it reads is declared before
+    the `if` (Taichi scopes a name first assigned in a branch to that branch): as `0.0` where its
+    type is default_fp, which a plain literal has, and typed (`ti.f64(0.0)`) where it is not."""
+    x, d, y = fields
+
+    def branches():
+        for i in d:
+            u = d[i]
+            v = x[i]
+            if x[i] > 0:
+                u = u * u
+                v = v * 3.0
+            else:
+                u = -u
+                v = ti.sin(v)
+            y[i] = u * v + u
+
+    (ty, tx, td), (ky, kx, kd_) = values_and_grads(branches, y, [x, d])
+    for got, want in ((ky, ty), (kx, tx), (kd_, td)):
+        np.testing.assert_allclose(got, want, rtol=1e-14)
+    f32 = ti.lang.impl.get_runtime().default_fp == ti.f32
+    declared = {}  # each u_n, v_n: its first assignment
+    for name, text in re.findall(r"^\s+([uv]_\d+) = (.+)$", kd.kernel(branches).reverse.source, re.M):
+        declared.setdefault(name, text)
+    assert sorted(n[0] for n in declared) == ["u", "v"], declared
+    wanted = {"u": "ti.f64(0.0)" if f32 else "0.0", "v": "0.0" if f32 else "ti.f32(0.0)"}
+    assert {n[0]: text for n, text in declared.items()} == wanted

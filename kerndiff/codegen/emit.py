@@ -264,7 +264,7 @@ class Emitter:
         for name, dtype in decls:
             by_dtype.setdefault(dtype, []).append(name)
         for dtype, names in by_dtype.items():  # locals a branch assigns and code after it reads
-            zero = f"ti.{dtype}({'0.0' if is_float(dtype) else '0'})"
+            zero = self.const(N.Const(dtype, 0))[0]  # `0.0` in the kernel's own float type, else typed
             if len(names) < 4:
                 self.lines.extend(f"{pad}{name} = {zero}" for name in names)
             else:
