@@ -1,7 +1,9 @@
 """Golden files: the generated source of a few reverse kernels is part of the contract (readable,
 stable names, comments pointing at source lines). Regenerate with KERNDIFF_UPDATE_GOLDEN=1."""
 import os
+import re
 
+import numpy as np
 import pytest
 import taichi as ti
 
@@ -160,3 +162,65 @@ def test_runs_of_copies_are_written_as_one_assignment_only_when_that_means_the_s
     chain = [("a1", "a0"), ("a2", "a1"), ("a3", "a2"), ("a4", "a3")]
     assert emitted(chain) == [f"{a} = {b}" for a, b in chain]
     assert emitted(chain[:3]) == [f"{a} = {b}" for a, b in chain[:3]]  # short runs stay as they are
+
+
+def test_locals_derivatives_are_named_by_level_as_fields_are():
+    """In k.forward.forward the second level's tangent of a local s is s_dual2 and the mixed one
+    s_dual_dual2, as the fields' are (h_dual2, h_dual_dual2), not s_dual_1 / s_dual_dual; the
+    same for adjoints in k.reverse.reverse (t_adj2). Values against central finite differences."""
+    n = 4
+    x = ti.field(ti.f64, shape=n)
+    h = ti.field(ti.f64, shape=n)
+    u = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def layer():
+        for p in range(n):
+            s = 0.5
+            for k in range(n):
+                s += x[k] * x[p] * (k + 1)
+            h[p] = ti.tanh(s)
+            u[None] += h[p] * h[p]
+
+    xv = np.linspace(0.1, 0.4, n)
+    v1, v2 = np.linspace(1.0, -1.0, n), np.linspace(0.3, 0.9, n)
+
+    def value(at):
+        x.from_numpy(at)
+        u[None] = 0.0
+        layer()
+        return u[None]
+
+    x.from_numpy(xv)
+    kd.dual(x).from_numpy(v1)
+    kd.dual(x, 2).from_numpy(v2)
+    kd.dual(kd.dual(x), 2).fill(0.0)
+    for f in (u, kd.dual(u), kd.dual(u, 2), kd.dual(kd.dual(u), 2)):
+        f.fill(0.0)
+    layer.forward.forward()
+    eps = 1e-4
+    second = (value(xv + eps * (v1 + v2)) - value(xv + eps * (v1 - v2)) - value(xv - eps * (v1 - v2))
+              + value(xv - eps * (v1 + v2))) / (4 * eps * eps)
+    assert kd.dual(kd.dual(u), 2)[None] == pytest.approx(second, rel=1e-6)
+    source = layer.forward.forward.source
+    assert "s_dual2 = s_dual2 + " in source and "s_dual_dual2 = s_dual_dual2 + " in source
+    assert not re.search(r"\bs_dual_\d|\bs_dual_dual\b", source), source
+
+    @kd.kernel
+    def potential():
+        for p in range(n):
+            s = x[p] * x[p]
+            u[None] += ti.sin(s) * s
+
+    w = np.linspace(-0.5, 1.0, n)
+    x.from_numpy(xv)
+    for f in (kd.adjoint(x), kd.adjoint(x, 2), kd.adjoint(kd.adjoint(u), 2)):
+        f.fill(0.0)
+    kd.adjoint(u)[None] = 1.0
+    kd.adjoint(kd.adjoint(x), 2).from_numpy(w)
+    potential.reverse.reverse()  # x's level-2 adjoint: H w, here f''(x_p) w_p for each p
+    g2 = 10 * xv**2 * np.cos(xv**2) - 4 * xv**4 * np.sin(xv**2) + 2 * np.sin(xv**2)
+    np.testing.assert_allclose(kd.adjoint(x, 2).to_numpy(), g2 * w, rtol=1e-12)
+    source = potential.reverse.reverse.source
+    assert "s_adj2 = " in source and "x_adj2[p] = x_adj2[p] + " in source
+    assert not re.search(r"\w_adj_adj\b", source), source

@@ -108,12 +108,13 @@ class Forward:
 
 def forward_kernel(ir: N.KernelIR, level: int) -> N.KernelIR:
     """The forward-mode (JVP) kernel of `ir` at derivative level `level`."""
-    from .names import NameAllocator
+    from .names import NameAllocator, tangent_var
 
     dual_of_field = field_activity(ir, "dual", level)
     names = NameAllocator.for_kernel(ir)
     varied = varied_vars(ir.body, lambda ref: dual_of_field(ref) is not None, seeds=())
-    tangent_names = {v: names.fresh(f"{v}_dual") for v in sorted(varied)}
+    # named as the fields' tangents of this level are (s_dual2 beside h1_dual2, s_dual_dual2)
+    tangent_names = {v: names.fresh(tangent_var(v, level)) for v in sorted(varied)}
     fwd = Forward(names, dual_of_field, tangent_names)
     body = fwd.block(ir.body)
     returns = tuple(ir.returns) + tuple(ir.returns)

@@ -31,6 +31,7 @@ from ..ir.walk import assigned_names, independent, iter_stmts, map_expr, map_stm
 from ..opt.dce import live_names, remove_dead
 from .activity import check_function_body, field_activity, varied_vars
 from .jumps import eliminate_jumps
+from .names import adjoint_var
 from .rules import NO_DERIVATIVE, partials
 from .ssa import to_ssa
 
@@ -44,8 +45,9 @@ CHECKPOINT_FIELD_BYTES = 64 << 20
 
 
 class Reverse:
-    def __init__(self, names, adj_of_field, varied, loops, scratch, rows=None):
+    def __init__(self, names, adj_of_field, varied, loops, scratch, rows=None, level=1):
         self.names = names
+        self.level = level          # of the adjoints: locals' are named as fields' (t_adj, t_adj2)
         self.adj_of_field = adj_of_field
         self.varied = varied
         self.loops = loops          # id(loop) -> LoopInfo from SSA
@@ -62,7 +64,7 @@ class Reverse:
     def adj_name(self, v):
         a = self.adj.get(v)
         if a is None:
-            a = self.names.fresh(f"{v}_adj")
+            a = self.names.fresh(adjoint_var(v, self.level))
             self.adj[v] = a
         return a
 
@@ -664,7 +666,7 @@ def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False, checkpoint
         return REGISTRY.ref(f, (), name + "_acc")
 
     rows = CheckpointFields(ir.name, level) if checkpoint_fields else None
-    rev = Reverse(names, adj_of_field, varied, ssa.loops, scratch, rows)
+    rev = Reverse(names, adj_of_field, varied, ssa.loops, scratch, rows, level)
     cot_params = []
     for d in ir.returns:
         cot_params.append(N.Param(names.fresh("ret_adj"), d))
