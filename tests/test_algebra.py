@@ -120,6 +120,26 @@ def test_powers_are_written_by_squaring_and_read_what_a_local_holds():
     assert reuse_held_values(loaded) == loaded
 
 
+def test_a_local_holding_a_value_computed_before_it_moves_up_to_be_read():
+    """`a = (1 - t*t) * x; b = 1 - t*t` (late forwarded copies leave this; CSE saw b's value as
+    1 - t1*t1) becomes `b = 1 - t*t; a = b * x`, unless something between reads or assigns b or
+    assigns t, and not into an if's branch (the value would be computed whether taken or not)."""
+    from kerndiff.opt.reuse import reuse_held_values
+    t, x = _v("t"), _v("x")
+    value = B.sub(B.const(1.0, "f64"), B.mul(t, t))
+    a, b = N.Assign("a", B.mul(value, x)), N.Assign("b", value)
+    other = N.Assign("c", B.mul(x, x))
+    assert reuse_held_values((a, other, b)) == (b, N.Assign("a", B.mul(B.var("b", "f64"), x)), other)
+    for between in (N.Assign("t", x), N.Assign("c", B.var("b", "f64")), N.Assign("b", x)):
+        assert reuse_held_values((a, between, b)) == (a, between, b)
+    branch = N.If(B.call("gt", x, t), (a,), ())
+    assert reuse_held_values((branch, b)) == (branch, b)
+    # where an earlier local holds the value already, the later one reads it (the earlier keeps
+    # its name: a reciprocal's `t4_inv` does not become a copy of a later `t9`)
+    held = N.Assign("r_inv", value)
+    assert reuse_held_values((held, other, b)) == (held, other, N.Assign("b", B.var("r_inv", "f64")))
+
+
 def _run(stmts, env):
     """Evaluate straight-line assignments of add/sub/mul/neg/div on floats (a reference for the
     rewrites below)."""
