@@ -69,6 +69,32 @@ def test_values_go_before_their_tangents_where_independent():
     assert _names(out.body) == ["d", "d_dual"]
 
 
+def _sum(name, term, tag="tangent"):
+    return _assign(name, B.add(_v(name), _v(term)), tag=tag)
+
+
+def test_second_derivatives_go_value_then_tangents_by_level_then_mixed():
+    """k.forward.forward writes a sum's four statements tangent first at each level; a run of
+    independent statements of one source statement is put in the order a person writes."""
+    run = (_sum("s_dual_dual2", "a"), _sum("s_dual", "b"), _sum("s", "c", tag=""), _sum("s_dual2", "d"))
+    assert _names(values_first(run)) == ["s", "s_dual", "s_dual2", "s_dual_dual2"]
+    # two locals' runs: each local's statements together, in the order the locals first appear
+    both = run + (_sum("d_0_dual", "e"), _sum("d_0", "f", tag=""))
+    assert _names(values_first(both)) == ["s", "s_dual", "s_dual2", "s_dual_dual2", "d_0", "d_0_dual"]
+    # one reads what another writes: no run, the pairs rule (one swap) as before
+    reads = (_assign("s_dual", _v("s"), tag="tangent"), _sum("s", "c", tag=""), _sum("s_dual2", "d"))
+    assert _names(values_first(reads)) == ["s_dual", "s", "s_dual2"]
+    # stores into fields take part, adds into fields do not (opt.tangent_order says why)
+    f = ti.field(ti.f64, shape=3)
+    refs = {name: N.FieldRef(f, (), name, "f64", (3,)) for name in ("h", "h_dual", "h_dual2", "h_dual_dual2")}
+    i = (B.const(0, "i32"),)
+    stores = tuple(N.Store(refs[n], i, _v("a"), src=LINE, tag="" if n == "h" else "tangent")
+                   for n in ("h_dual_dual2", "h_dual", "h_dual2", "h"))
+    assert [t.ref.name for t in values_first(stores)] == ["h", "h_dual", "h_dual2", "h_dual_dual2"]
+    adds = tuple(N.Atomic("add", t.ref, t.index, t.value, src=LINE, tag=t.tag) for t in stores)
+    assert [t.ref.name for t in values_first(adds)] == ["h_dual_dual2", "h_dual", "h_dual2", "h"]
+
+
 N_P = 6
 
 
@@ -79,6 +105,7 @@ def kernels(runtime):
     E = ti.field(ti.f64, shape=())
     x = ti.field(ti.f64, shape=N_P)
     y = ti.Vector.field(2, ti.f64, shape=N_P)
+    z = ti.field(ti.f64, shape=N_P)
     rng = np.random.default_rng(3)
     pos.from_numpy(rng.standard_normal((N_P, 2)))
     ends.from_numpy(np.array([[0, 1], [1, 2], [3, 5], [4, 0]], dtype=np.int32))
@@ -86,6 +113,7 @@ def kernels(runtime):
     for f in (pos, x):
         kd.adjoint(f)
         kd.dual(f)
+    kd.dual(x, 2)  # the layer's second direction
 
     @kd.kernel
     def springs():
@@ -110,11 +138,20 @@ def kernels(runtime):
                 v = v * ti.cos(v) + x[(i + k) % N_P]
             E[None] += v * v
 
-    return {"springs": springs, "rotate": rotate, "in_place": in_place}
+    @kd.kernel
+    def layer():  # a tanh layer: k.forward.forward holds four sums, and four stores per element
+        for i in x:
+            s = 0.1
+            for k in range(N_P):
+                s += x[k] * x[i] * 0.3
+            z[i] = ti.tanh(s)
+            E[None] += z[i] * x[i]
+
+    return {"springs": springs, "rotate": rotate, "in_place": in_place, "layer": layer}
 
 
-@pytest.mark.parametrize("name", ["springs", "rotate", "in_place"])
-@pytest.mark.parametrize("prefix, mode", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("name", ["springs", "rotate", "in_place", "layer"])
+@pytest.mark.parametrize("prefix, mode", PATHS + [("forward", "forward")], ids=PATH_IDS + ["forward.forward"])
 def test_derivatives_match_finite_differences(kernels, name, prefix, mode):
     check_path(kernels[name], prefix, mode)
 
@@ -145,3 +182,19 @@ def test_sources_read_component_by_component_value_before_tangent(kernels):
     assert _before(k.forward.source, "v_dual = x_dual[(i + k) % 6] + ", "v = v * t1 + ")
     hvp = k.reverse.forward.source
     assert "# for k in range(4):, and its tangent\n            v_1 = v_2\n            v_1_dual = v_2_dual\n" in hvp, hvp
+
+
+def test_second_derivatives_read_as_written_by_hand(kernels):
+    """k.forward.forward of a tanh layer: each sum's value, tangent, second tangent and mixed one
+    in that order, the stores likewise (adds into fields keep the transform's order), and
+    1 - tanh^2 computed once: the local that holds it goes before the first statement that
+    computed it again (opt.reuse)."""
+    k = kernels["layer"]
+    k()
+    k.forward()
+    src = k.forward.forward.source
+    for written in (["s = s + ", "s_dual = s_dual + ", "s_dual2 = s_dual2 + ", "s_dual_dual2 = s_dual_dual2 + "],
+                    ["z[i] = t", "z_dual[i] = ", "z_dual2[i] = ", "z_dual_dual2[i] = "]):
+        assert all(_before(src, a, b) for a, b in zip(written, written[1:])), src
+    assert _before(src, "E_dual_dual2[None] += ", "E[None] += z[i] * x_i")
+    assert src.count("1.0 - t") == 1, src
