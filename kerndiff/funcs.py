@@ -18,6 +18,9 @@ from .ir.types import is_float
 from .frontend.vec import Vec
 
 
+_MODES = {"forward": "forward", "jvp": "forward", "grad": "reverse", "vjp": "reverse"}
+
+
 class DeviceFunction:
     """kind: 'func' (plain), 'forward', 'grad', 'jvp' or 'vjp' of `inner`."""
 
@@ -38,6 +41,16 @@ class DeviceFunction:
     def __call__(self, *args, **kwargs):
         raise KernDiffError(f"{self!r} is a device function: call it inside a @kd.kernel or another @kd.func",
                             remedy="wrap the call in a kernel; on the host use kd.forward/kd.backward over a kernel")
+
+    def level(self):
+        """Which forward (or reverse) transform this is, counted from the innermost of its chain,
+        as kernels count theirs: its locals' derivatives are named by it (s_dual, s_dual2)."""
+        mode = _MODES.get(self.kind)
+        level, inner = 1, self.inner
+        while inner is not None and inner.kind != "func":
+            level += _MODES.get(inner.kind) == mode
+            inner = inner.inner
+        return level
 
     def arity(self):
         if self.kind in ("func", "forward", "grad"):
@@ -125,7 +138,7 @@ class DeviceFunction:
         stmts, out = self._inline_inner(lw, args, node)
         if out is None:
             raise lw.error(node, f"{self.inner!r} returns nothing", "return the value to differentiate")
-        new, jvp = forward_block(stmts, lw.names, seeds)
+        new, jvp = forward_block(stmts, lw.names, seeds, self.level())
         for s in new:
             lw.emit(s)
 
@@ -159,7 +172,7 @@ class DeviceFunction:
             for e in (a.items if isinstance(a, Vec) else [a]):
                 if isinstance(e, N.Var):
                     dtypes[e.name] = e.dtype
-        new, grads = reverse_block(stmts, lw.names, outs, cts, wrt, dtypes)
+        new, grads = reverse_block(stmts, lw.names, outs, cts, wrt, dtypes, self.level())
         for s in new:
             lw.emit(s)
 

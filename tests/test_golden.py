@@ -224,3 +224,43 @@ def test_locals_derivatives_are_named_by_level_as_fields_are():
     source = potential.reverse.reverse.source
     assert "s_adj2 = " in source and "x_adj2[p] = x_adj2[p] + " in source
     assert not re.search(r"\w_adj_adj\b", source), source
+
+
+def test_device_functions_name_their_derivatives_by_level_too():
+    """kd.forward(kd.forward(u, argnum=0), argnum=1): the outer transform is level 2, so its
+    tangent of the local s is s_dual2 and the mixed one s_dual_dual2 (not s_dual_1 / s_dual_dual);
+    a kd.grad inside a kd.forward is the first of its kind, named t_adj. Values: u_xy analytic."""
+    n = 3
+    X, Y, out = (ti.field(ti.f64, shape=n) for _ in range(3))
+    xv, yv = np.array([0.3, -0.7, 1.1]), np.array([0.5, 0.2, -0.9])
+    X.from_numpy(xv)
+    Y.from_numpy(yv)
+
+    @kd.func
+    def u(x, y):
+        s = ti.sin(x * y)
+        return s * x ** 2 + y
+
+    uxy = kd.forward(kd.forward(u, argnum=0), argnum=1)
+
+    @kd.kernel
+    def mixed():
+        for i in X:
+            out[i] = uxy(X[i], Y[i])
+
+    mixed()
+    # u = sin(xy) x^2 + y: u_x = y cos(xy) x^2 + 2x sin(xy); u_xy = x^2 cos(xy) - x^3 y sin(xy) + 2x^2 cos(xy)
+    c, s = np.cos(xv * yv), np.sin(xv * yv)
+    np.testing.assert_allclose(out.to_numpy(), 3 * xv**2 * c - xv**3 * yv * s, rtol=1e-12)
+    assert "s_dual2 = " in mixed.source and "s_dual_dual2 = " in mixed.source, mixed.source
+    assert not re.search(r"\bs_dual_1\b|\bs_dual_dual\b", mixed.source)
+    dgrad = kd.forward(kd.grad(u, argnum=0), argnum=1)
+
+    @kd.kernel
+    def mixed_by_grad():
+        for i in X:
+            out[i] = dgrad(X[i], Y[i])
+
+    mixed_by_grad()
+    np.testing.assert_allclose(out.to_numpy(), 3 * xv**2 * c - xv**3 * yv * s, rtol=1e-12)
+    assert "s_adj" in mixed_by_grad.source and "_adj2" not in mixed_by_grad.source, mixed_by_grad.source

@@ -121,15 +121,18 @@ def forward_kernel(ir: N.KernelIR, level: int) -> N.KernelIR:
     return dataclasses.replace(ir, name=f"{ir.name}_fwd", body=body, returns=returns)
 
 
-def forward_block(stmts, names, seeds: dict):
+def forward_block(stmts, names, seeds: dict, level: int = 1):
     """Differentiate local code (a device function's body) with respect to seeded locals.
 
-    seeds: local name -> tangent expression. Fields are constants here. Returns the new statements
+    seeds: local name -> tangent expression. Fields are constants here. level: which forward
+    transform of a chain this is (the tangents' names: s_dual, s_dual2). Returns the new statements
     and a function mapping an expression of the original code to its tangent (or None).
     """
+    from .names import tangent_var
+
     check_function_body(stmts)
     varied = varied_vars(stmts, lambda ref: False, seeds=tuple(seeds))
-    tangent_names = {v: names.fresh(f"{v}_dual") for v in sorted(varied)}
+    tangent_names = {v: names.fresh(tangent_var(v, level)) for v in sorted(varied)}
     fwd = Forward(names, lambda ref: None, tangent_names)
     pre = [N.Assign(tangent_names[v], e) for v, e in seeds.items()]
     return tuple(pre) + fwd.block(stmts), fwd.jvp

@@ -694,17 +694,18 @@ class CheckpointFields:
         return REGISTRY.ref(f, (), name)
 
 
-def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes):
+def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes, level=1):
     """Reverse local code (a device function's body): adjoints of `wrt` locals.
 
-    out_values: result expressions; cotangents: their adjoint expressions. Returns (statements,
+    out_values: result expressions; cotangents: their adjoint expressions; level: which reverse
+    transform of a chain this is (the adjoints' names: t_adj, t_adj2). Returns (statements,
     {name: adjoint expression}).
     """
     check_function_body(stmts)
     body, ssa, env = to_ssa(eliminate_jumps(stmts, names), names, dtypes=dtypes, fixed=set(wrt))
     outs = [_rename(v, env, ssa.dtypes) for v in out_values]
     varied = varied_vars(body, lambda ref: False, seeds=tuple(wrt))
-    rev = Reverse(names, lambda ref: None, varied, ssa.loops, None)
+    rev = Reverse(names, lambda ref: None, varied, ssa.loops, None, level=level)
     rev.cotangents = list(cotangents)
     ret = N.Return(tuple(outs))
     # Adjoint locals of the arguments start at zero; they are read back after the sweep.
