@@ -11,6 +11,7 @@ import taichi as ti
 
 import kerndiff as kd
 from harness import PATH_IDS, PATHS, check_path
+from kerndiff.ad.names import tangent_levels, tangent_var
 from kerndiff.ad.reverse import independent_runs
 from kerndiff.errors import SrcLoc
 from kerndiff.ir import build as B
@@ -76,6 +77,9 @@ def _sum(name, term, tag="tangent"):
 def test_second_derivatives_go_value_then_tangents_by_level_then_mixed():
     """k.forward.forward writes a sum's four statements tangent first at each level; a run of
     independent statements of one source statement is put in the order a person writes."""
+    # the order is read from the names ad.names gives (tangent_levels inverts tangent_var)
+    assert tangent_levels(tangent_var(tangent_var("s", 1), 2)) == ("s", (1, 2))
+    assert tangent_levels("d_0") == ("d_0", ())
     run = (_sum("s_dual_dual2", "a"), _sum("s_dual", "b"), _sum("s", "c", tag=""), _sum("s_dual2", "d"))
     assert _names(values_first(run)) == ["s", "s_dual", "s_dual2", "s_dual_dual2"]
     # two locals' runs: each local's statements together, in the order the locals first appear

@@ -1,6 +1,8 @@
 """Every generated name is decided here: x_dual, x_adj, x_dual2, t3 ..."""
 from __future__ import annotations
 
+import re
+
 SUFFIX = {"dual": "dual", "adjoint": "adj"}
 
 
@@ -15,6 +17,19 @@ def tangent_var(name: str, level: int) -> str:
 
 def adjoint_var(name: str, level: int) -> str:
     return derivative_name(name, "adjoint", level)
+
+
+_TANGENT_SUFFIX = re.compile(r"dual(\d*)")
+
+
+def tangent_levels(name: str):
+    """The inverse of tangent_var, applied as often as it was: (the name the tangents were
+    taken of, their levels, innermost first): s_dual_dual2 -> ("s", (1, 2)); d_0 -> ("d_0", ())."""
+    parts = name.split("_")
+    levels = []
+    while len(parts) > 1 and _TANGENT_SUFFIX.fullmatch(parts[-1]):
+        levels.append(int(_TANGENT_SUFFIX.fullmatch(parts.pop()).group(1) or 1))
+    return "_".join(parts), tuple(reversed(levels))
 
 
 class NameAllocator:

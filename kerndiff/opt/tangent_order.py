@@ -31,12 +31,10 @@ mixed tangent, each local's (each field component's) together:
 """
 from __future__ import annotations
 
-import re
-
+from ..ad.names import tangent_levels
 from ..ir import nodes as N
 from ..ir.walk import blocks_of, independent, rebuild_stmt
 
-_LEVEL = re.compile(r"dual(\d*)")
 ORDERED = (N.Assign, N.Store)  # not adds into fields (see the module's docstring)
 
 
@@ -90,15 +88,13 @@ def _ranked(run):
 
 
 def _derivative_of(s):
-    """(what s assigns the derivative of, the levels of the derivatives) that the name of the
-    local or field s assigns spells: s_dual_dual2 -> ("s", (1, 2)); d_0 -> ("d_0", ());
+    """(what s assigns the derivative of, the levels of the derivatives), from the name of the
+    local or field s assigns (ad.names.tangent_levels): s_dual_dual2 -> ("s", (1, 2));
     h_dual[p, j] -> (("h", its component), (1,))."""
-    parts = (s.name if isinstance(s, N.Assign) else s.ref.name).split("_")
-    levels = []
-    while len(parts) > 1 and _LEVEL.fullmatch(parts[-1]):
-        levels.append(int(_LEVEL.fullmatch(parts.pop()).group(1) or 1))
-    base = "_".join(parts)
-    return (base if isinstance(s, N.Assign) else (base, s.ref.component)), tuple(reversed(levels))
+    if isinstance(s, N.Assign):
+        return tangent_levels(s.name)
+    base, levels = tangent_levels(s.ref.name)
+    return (base, s.ref.component), levels
 
 
 def _pair(tangent, value):
