@@ -7,6 +7,10 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
+from kerndiff.ir import build as B
+from kerndiff.ir import nodes
+from kerndiff.ir.nodes import FieldRef
+from kerndiff.opt.liveness import remove_dead_stores
 from harness import PATH_IDS, PATHS, check_path
 
 
@@ -102,3 +106,18 @@ def test_only_loops_carrying_sums_alone_run_forward(kernels, name):
         assert "for j in range(i + 1, 5):" in k.reverse.source
     if name == "counted":
         assert "for k in range(count[i]):" in k.reverse.source
+
+
+def test_a_loop_variable_is_not_live_before_its_loop():
+    """Liveness (opt.liveness): each iteration assigns the loop's variable, so a value it held
+    before the loop is dead there (a reversed loop's `k = 63 - k_rev`, followed by a loop over the
+    same k in the next iteration, left k live after the first loop and kept it reversed)."""
+    i32 = "i32"
+    y = FieldRef(object(), (), "y", i32, (4,))
+    k = B.var("k", i32)
+    loop = nodes.For(("k",), ((B.const(0, i32), B.const(3, i32)),), (nodes.Atomic("add", y, (k,), k),))
+    body = (nodes.Assign("k", B.const(7, i32)), loop, nodes.Store(y, (B.const(3, i32),), k))
+    kept = remove_dead_stores(nodes.KernelIR("f", (), body)).body
+    assert kept == body  # k = 7 reaches the store after the loop (a loop may run no iteration)
+    kept = remove_dead_stores(nodes.KernelIR("f", (), body[:2])).body
+    assert kept == (loop,)

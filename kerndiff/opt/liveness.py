@@ -62,20 +62,21 @@ class Sweep:
             self.loops.pop()
             return dataclasses.replace(s, body=body), live | (body_in - set(s.vars)) | _uses(s)
         if isinstance(s, (N.For, N.While)):
+            # head: live where an iteration starts, before a For assigns its variables (each
+            # iteration assigns them anew, so they are never live there, nor before the loop)
+            fresh = set(s.vars) if isinstance(s, N.For) else set()
             head = set(live)
             while True:
                 self.loops.append((live, head))
                 body, body_in = self.block(s.body, live | head)
                 self.loops.pop()
-                new_head = head | body_in | _uses(s)
+                new_head = head | (body_in - fresh) | _uses(s)
                 if new_head == head:
                     break
                 head = new_head
-            if isinstance(s, N.For):
-                body_in = body_in - set(s.vars)
             if isinstance(s, N.For) and not s.parallel and not body:
                 return None, live | _uses(s)
-            return dataclasses.replace(s, body=body), live | head | body_in | _uses(s)
+            return dataclasses.replace(s, body=body), live | head
         return s, live | _uses(s)
 
 
