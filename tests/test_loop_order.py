@@ -2,6 +2,8 @@
 derived kernels (`for j in range(n):`), one that carries anything else stays last-first. Every
 kernel is checked against f64 finite differences on the paths forward, reverse, reverse.forward
 and forward.reverse; the sources say which order each loop runs in."""
+import re
+
 import numpy as np
 import pytest
 import taichi as ti
@@ -11,6 +13,7 @@ from kerndiff.ir import build as B
 from kerndiff.ir import nodes
 from kerndiff.ir.nodes import FieldRef
 from kerndiff.opt.liveness import remove_dead_stores
+from kerndiff.opt.loop_order import run_forward
 from harness import PATH_IDS, PATHS, check_path
 
 
@@ -80,11 +83,42 @@ def kernels(runtime):
                 s2 += s1 * x[j]
             y[i] = s2
 
-    return {k.__name__: k for k in (pair_sum, half_pairs, counted, product, last_value, sum_of_sums)}
+    M = 3
+    W = ti.field(ti.f64, shape=(M, M))
+    h = ti.field(ti.f64, shape=(N, M))
+    w = ti.field(ti.f64, shape=N)
+    W.from_numpy(np.array([[0.4, -0.7, 0.2], [0.9, 0.1, -0.5], [-0.3, 0.6, 0.8]]))
+    for f in (W, h, w):
+        kd.adjoint(f)
+        kd.dual(f)
+
+    @kd.kernel
+    def layers():  # neuron j's reverse reads and zeroes h_adj[i, j], its own, and adds into W_adj
+        for i in range(N):
+            for j in range(M):
+                s = 0.1 * j
+                for k in range(M):
+                    s += W[j, k] * x[(i + k) % N]
+                h[i, j] = ti.tanh(s)
+            for j in range(M):
+                s = 0.0
+                for k in range(M):
+                    s += W[k, j] * h[i, k]
+                y[i] += ti.tanh(s) * x[i]
+
+    @kd.kernel
+    def overwritten():  # w[i] overwritten in every iteration: only the last one's reaches y
+        for i in range(N):
+            for j in range(N):
+                w[i] = ti.sin(x[i] * x[j])
+            y[i] = w[i] * w[i]
+
+    return {k.__name__: k for k in (pair_sum, half_pairs, counted, product, last_value, sum_of_sums, layers,
+                                    overwritten)}
 
 
 ORDER = {"pair_sum": "forward", "half_pairs": "forward", "counted": "forward", "product": "reversed", "last_value": "reversed",
-         "sum_of_sums": "reversed"}
+         "sum_of_sums": "reversed", "layers": "forward", "overwritten": "reversed"}
 
 
 @pytest.mark.parametrize("name", sorted(ORDER))
@@ -106,6 +140,28 @@ def test_only_loops_carrying_sums_alone_run_forward(kernels, name):
         assert "for j in range(i + 1, 5):" in k.reverse.source
     if name == "counted":
         assert "for k in range(count[i]):" in k.reverse.source
+    if name == "layers":  # the neurons, and the sums inside them, run as written, in every path
+        for src in (k.reverse.source, k.reverse.forward.source, k.forward.reverse.source):
+            assert "_rev in range(" not in src and len(re.findall(r"for j(_\d+)? in range\(3\):", src)) == 2, src
+
+
+def test_a_local_an_inner_loop_carries_over_keeps_the_outer_loop_reversed():
+    """Hand-built IR (no kernel gets this past the other rules): c, read in the inner loop before
+    it is assigned there, brings the last outer iteration's value into the next one."""
+    i32, f64 = "i32", "f64"
+    x, x_adj = (FieldRef(object(), (), name, f64, (4,)) for name in ("x", "x_adj"))
+    j, c = B.var("j", i32), B.var("c", f64)
+    inner = nodes.For(("k",), ((B.const(0, i32), B.const(2, i32)),), (
+        nodes.Assign("u", B.mul(c, B.const(2.0, f64))),
+        nodes.Assign("c", B.mul(B.load(x, (j,)), B.load(x, (B.var("k", i32),)))),
+        nodes.Atomic("add", x_adj, (j,), B.var("u", f64))))
+    index = nodes.Assign("j", B.sub(B.const(3, i32), B.var("j_rev", i32)))
+    carried = nodes.For(("j_rev",), ((B.const(0, i32), B.const(4, i32)),), (index, inner))
+    body = (nodes.Assign("c", B.const(0.0, f64)), carried)
+    assert run_forward(body) == body
+    fresh = nodes.For(("j_rev",), ((B.const(0, i32), B.const(4, i32)),), (index, nodes.Assign("c", B.const(1.0, f64)), inner))
+    (out,) = run_forward((fresh,))
+    assert out.vars == ("j",) and out.bounds == ((B.const(0, i32), B.const(4, i32)),) and out.body == fresh.body[1:]
 
 
 def test_a_loop_variable_is_not_live_before_its_loop():

@@ -10,18 +10,24 @@ needs what the later ones left in the carried adjoints:
 Where the iterations carry nothing but sums from one to the next — adjoints added into fields,
 and locals only ever incremented (`pos_adj_0 = pos_adj_0 - t2`) — running them in either order
 adds the same terms, in another order (as a parallel loop's atomic adds do from run to run), and
-the loop reads as it was written: `for j in range(4096):`.
+the loop reads as it was written: `for j in range(4096):`. The same holds where each iteration
+also reads and writes field elements of its own: a layer of neurons' reverse (a tanh network's
+`k.forward.forward.reverse`) takes `h_adj[p, j]` of neuron j, zeroes it, recomputes the neuron's
+sum in an inner loop and adds into the weights' and the previous layer's adjoints; its neurons
+run `for j in range(64):` again, and so do the inner loops.
 
 A loop qualifies when:
   * it is a reversed loop: `for k in range(T)` whose body starts with `v = X - k` and reads k
     nowhere else (v then runs from X down to X - T + 1);
-  * its body holds only assignments, atomic adds and ifs of those (no nested loop, store,
-    other atomic, break or print);
+  * its body holds only assignments, stores, atomic adds, ifs and serial loops of those (no
+    while, break, continue, other atomic or print);
   * every local it assigns is either a sum, assigned only as `s = s + e` / `s = s - e` and read
     nowhere else in the loop, or a temporary, assigned in each iteration before it is read there
     and dead at the loop's exit (so no value of a particular iteration outlives it; the forward
     sweep's copy of the loop may use the same names);
-  * it reads no field it adds into.
+  * every field it writes is either only added into, or touched by each of its accesses in the
+    loop at an index with v itself in one and the same position (`h_adj[p, v]`), so that no two
+    iterations touch one element.
 """
 from __future__ import annotations
 
@@ -34,8 +40,9 @@ from .liveness import Sweep
 
 
 def run_forward(body):
-    """body with every qualifying reversed loop running forward (a loop holding another loop
-    never qualifies, so the order they are tried in does not matter)."""
+    """body with every qualifying reversed loop running forward. Outer loops are tried first;
+    turning one keeps the statements of its body as they were, so the loops inside are found
+    again by identity, and whether they qualify does not depend on the outer loop's order."""
     out = body
     for loop in [s for s in iter_stmts(body) if isinstance(s, N.For) and not s.parallel]:
         forward = _forward(loop, out)
@@ -53,11 +60,7 @@ def _forward(loop, kernel_body):
     body = loop.body[1:]
     if {v.name for v in vars_in(top)} & assigned_names(body):
         return None
-    if not all(_allowed(s) for s in iter_stmts(body)):
-        return None
-    added = {id(s.ref.field) for s in iter_stmts(body) if isinstance(s, N.Atomic)}
-    read = [x for s in iter_stmts(body) for e in expr_children_of_stmt(s) for x in loads_in(e)] + loads_in(top)
-    if any(id(x.ref.field) in added for x in read):
+    if not all(_allowed(s) for s in iter_stmts(body)) or not _own_elements(body, var, top):
         return None
     sums = _sums(body)
     temporaries = (assigned_names(body) - sums) | {var, loop.vars[0]}
@@ -99,7 +102,29 @@ def _is_minus_one(e):
 
 
 def _allowed(s):
-    return isinstance(s, (N.Assign, N.If)) or (isinstance(s, N.Atomic) and s.op == "add")
+    return (isinstance(s, (N.Assign, N.If, N.Store)) or (isinstance(s, N.Atomic) and s.op == "add")
+            or (isinstance(s, N.For) and not s.parallel))
+
+
+def _own_elements(body, var, top):
+    """Whether every field body writes is only added into, or accessed by each statement touching
+    it at an index with var in one and the same position; and top reads none of them."""
+    accesses = {}  # id(field) -> [(kind, index)]
+    for s in iter_stmts(body):
+        for e in expr_children_of_stmt(s):
+            for x in loads_in(e):
+                accesses.setdefault(id(x.ref.field), []).append(("load", x.index))
+        if isinstance(s, (N.Store, N.Atomic)):
+            accesses.setdefault(id(s.ref.field), []).append((type(s).__name__, s.index))
+    for field, found in accesses.items():
+        kinds = {kind for kind, _ in found}
+        if kinds == {"load"} or kinds == {"Atomic"}:
+            continue
+        positions = [{d for d, i in enumerate(index) if isinstance(i, N.Var) and i.name == var} for _, index in found]
+        if not set.intersection(*positions):
+            return False
+    written = {f for f, found in accesses.items() if any(kind != "load" for kind, _ in found)}
+    return not any(id(x.ref.field) in written for x in loads_in(top))
 
 
 def _sums(body):
@@ -147,6 +172,12 @@ def _defined_before_read(stmts, defined, sums):
                 if then is None or orelse is None:
                     return None
                 defined |= then & orelse
+            elif isinstance(s, N.For):
+                # what its iterations read is assigned before the loop or earlier in the same
+                # iteration (nothing carried from the last iteration of the outer loop); what it
+                # assigns counts as assigned only inside it (it may run no iteration)
+                if block(s.body, defined | set(s.vars)) is None:
+                    return None
             elif isinstance(s, N.Assign):
                 defined.add(s.name)
         return defined
