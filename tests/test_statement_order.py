@@ -5,6 +5,8 @@ order that computes the right numbers stays. The orderings are checked on IR bui
 whose components read each other, against f64 finite differences on every transform path."""
 import dataclasses
 
+import re
+
 import numpy as np
 import pytest
 import taichi as ti
@@ -16,6 +18,8 @@ from kerndiff.ad.reverse import independent_runs
 from kerndiff.errors import SrcLoc
 from kerndiff.ir import build as B
 from kerndiff.ir import nodes as N
+from kerndiff.ir.nodes import FieldRef
+from kerndiff.opt.cse import cse
 from kerndiff.opt.tangent_order import values_first
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
@@ -151,10 +155,15 @@ def kernels(runtime):
             z[i] = ti.tanh(s)
             E[None] += z[i] * x[i]
 
-    return {"springs": springs, "rotate": rotate, "in_place": in_place, "layer": layer}
+    @kd.kernel
+    def direct():  # tanh of an expression, no local: a first layer's neurons
+        for i in x:
+            z[i] = ti.tanh(x[i] * 0.7 + x[(i + 1) % N_P])
+
+    return {"springs": springs, "rotate": rotate, "in_place": in_place, "layer": layer, "direct": direct}
 
 
-@pytest.mark.parametrize("name", ["springs", "rotate", "in_place", "layer"])
+@pytest.mark.parametrize("name", ["springs", "rotate", "in_place", "layer", "direct"])
 @pytest.mark.parametrize("prefix, mode", PATHS + [("forward", "forward")], ids=PATH_IDS + ["forward.forward"])
 def test_derivatives_match_finite_differences(kernels, name, prefix, mode):
     check_path(kernels[name], prefix, mode)
@@ -202,3 +211,38 @@ def test_second_derivatives_read_as_written_by_hand(kernels):
         assert all(_before(src, a, b) for a, b in zip(written, written[1:])), src
     assert _before(src, "E_dual_dual2[None] += ", "E[None] += z[i] * x_i")
     assert src.count("1.0 - t") == 1, src
+    # no local held it in the first layer's form: finalize's last CSE gives it one (opt.cse, late)
+    k = kernels["direct"]
+    k()
+    k.forward()
+    src = k.forward.forward.source
+    assert src.count("1.0 - t") == 1 and re.search(r"\n +t\d+ = 1\.0 - t", src), src
+
+
+OUT = FieldRef(object(), (), "out", "f64", (4,))
+
+
+def test_the_late_cse_adds_no_copy_and_no_temporary_named_as_another_names_stem():
+    """opt.cse at the end of finalize (late), on IR built by hand: a value a local holds whole
+    stays as it is (a temporary would make `t1_adj = t1` a copy), so does one operation on names
+    (`a * b`); a temporary it does add skips `t1` while `t1_dual` names another value. The pass
+    right after a transform does all three."""
+    f64 = "f64"
+    a, b = B.var("a", f64), B.var("b", f64)
+    ab, one = B.mul(a, b), B.const(1.0, f64)
+    rest = B.sub(one, ab)  # two operations
+
+    def store(k, e):
+        return N.Store(OUT, (B.const(k, "i32"),), e)
+
+    held = (N.Assign("t1_adj", rest), store(0, B.mul(rest, B.const(3.0, f64))))
+    assert cse(N.KernelIR("k", (), held), late=True).body == held
+    early = cse(N.KernelIR("k", (), held)).body
+    assert early[0] == N.Assign("t1", rest) and early[1] == N.Assign("t1_adj", B.var("t1", f64)), early
+    small = (store(0, B.mul(ab, B.const(3.0, f64))), store(1, B.add(ab, one)))
+    assert cse(N.KernelIR("k", (), small), late=True).body == small
+    assert cse(N.KernelIR("k", (), small)).body[0] == N.Assign("t1", ab)
+    repeated = (N.Assign("t1_dual", B.mul(a, a)), store(0, B.mul(rest, B.const(3.0, f64))), store(1, B.add(rest, b)))
+    late = cse(N.KernelIR("k", (), repeated), late=True).body
+    assert late[1] == N.Assign("t2", rest) and late[2] == store(0, B.mul(B.var("t2", f64), B.const(3.0, f64))), late
+    assert cse(N.KernelIR("k", (), repeated)).body[1] == N.Assign("t1", rest)

@@ -27,15 +27,16 @@ def collect_fields(ir: N.KernelIR):
     return list(seen.values())
 
 
-def field_names(ir: N.KernelIR, taken: set) -> dict:
+def field_names(ir: N.KernelIR, taken: set, refs=None) -> dict:
     """id(field) -> a unique readable global name: what this kernel's source calls the field (or
-    its primal), else the name kerndiff first saw it under."""
+    its primal), else the name kerndiff first saw it under. refs: collect_fields(ir), where the
+    caller has it."""
     from ..runtime.registry import REGISTRY
 
     aliases = dict(ir.field_aliases)
     out = {}
     used = set(taken) | {"ti"} | set(HELPERS)
-    for r in collect_fields(ir):
+    for r in collect_fields(ir) if refs is None else refs:
         base = REGISTRY.display_name(r.field, aliases) or "field"
         name, k = base, 1
         while name in used:
@@ -51,13 +52,14 @@ def generate(ir: N.KernelIR, fn_name: str):
     from ..ir.walk import assigned_names, used_names
 
     locals_ = assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params} | {fn_name}
-    names = field_names(ir, locals_)
+    refs = collect_fields(ir)
+    names = field_names(ir, locals_, refs)
     src, components = emit_kernel(ir, names, fn_name, taken=locals_ | {"ti"} | set(HELPERS))
     g = {"ti": ti}
     for name, module in HELPERS.items():
         if f"{name}(" in src:
             g[name] = getattr(importlib.import_module(module, __package__), name)
-    for r in collect_fields(ir):
+    for r in refs:
         g[names[id(r.field)]] = r.field
     for name, (field, component) in components.items():
         g[name] = field.get_scalar_field(*component)

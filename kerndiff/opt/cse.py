@@ -27,6 +27,17 @@ def _size(e, limit=3):
     return n
 
 
+def _operations(e, limit=2):
+    """How many operations e computes (a field load's index not counted), up to limit."""
+    n, stack = 0, [e]
+    while stack and n < limit:
+        x = stack.pop()
+        if isinstance(x, N.Call):
+            n += 1
+            stack.extend(x.args)
+    return n
+
+
 def _candidate(e):
     """Worth a temporary: float computations (integer index arithmetic stays inline and readable),
     except a product by a power of two: written out at each use, opt.algebra merges its constant
@@ -65,12 +76,14 @@ def _exprs(s):
 
 
 class CSE:
-    def __init__(self, names):
+    def __init__(self, names, late=False):
         self.names = names
+        self.late = late
         self.memo = {}
         self.canon = {}
         self.numbers = {}
         self.counter = 0
+        self.stems = None  # the parts before "_" of taken names (fresh)
 
     def canonical(self, e):
         """A number for e's value up to the order of commutative operands, so a*b and b*a share
@@ -93,10 +106,13 @@ class CSE:
         return number
 
     def fresh(self):
+        """A new temporary's name: `t<n>`, not taken (nor, late, the stem of a taken name)."""
+        if self.stems is None:
+            self.stems = {n.split("_", 1)[0] for n in self.names.taken if "_" in n} if self.late else set()
         while True:
             self.counter += 1
             name = f"t{self.counter}"
-            if name not in self.names.taken:
+            if name not in self.names.taken and name not in self.stems:
                 self.names.taken.add(name)
                 return name
 
@@ -109,7 +125,7 @@ class CSE:
                     tuple((f, version.get(("f", f), 0)) for f in fs))
 
         def count(e, counts):
-            if _candidate(e):
+            if _candidate(e) and (not self.late or _operations(e) >= 2):
                 k = key(e)
                 counts[k] = counts.get(k, 0) + 1
                 if counts[k] > 1:
@@ -120,8 +136,10 @@ class CSE:
             for c in expr_children(e):
                 count(c, counts)
 
-        counts = {}
+        counts, held = {}, set()
         for s in stmts:
+            if self.late and isinstance(s, N.Assign) and _candidate(s.value):
+                held.add(key(s.value))  # a local holds it already: no temporary (see cse)
             for e in _exprs(s):
                 count(e, counts)
             names, fields = writes_of(s)
@@ -130,6 +148,13 @@ class CSE:
             for f in fields:
                 version[("f", f)] = version.get(("f", f), 0) + 1
 
+        for k in held:
+            counts.pop(k, None)
+        if not any(n > 1 for n in counts.values()):
+            # nothing repeats here (most blocks): only inner blocks may change, and the rewrite
+            # below would rebuild every statement as it is
+            return [rebuild_stmt(s, [tuple(self.block(b)) for b in blocks_of(s)]) if blocks_of(s) else s
+                    for s in stmts]
         version.clear()
         avail = {}
         out = []
@@ -198,8 +223,18 @@ class CSE:
         return s  # While conditions are re-evaluated each trip: leave them alone
 
 
-def cse(ir: N.KernelIR) -> N.KernelIR:
+def cse(ir: N.KernelIR, late=False) -> N.KernelIR:
+    """late: the pass at the end of finalize, on a kernel its rewrites have made readable. It adds
+    a temporary only for a value of two operations or more (`1.0 - t4 * t4`; one operation,
+    `a * t1` out of `a * t1 * t1` or `x[i] * x_dual[i]`, reads as well twice as through a
+    temporary) that no local holds whole (where one does, opt.reuse has read it from there, or
+    deliberately not: `t4_adj = t15 * loss_adj_v * 2.0` beside an accumulator
+    `t3_adj = t15 * loss_adj_v`, which a temporary would turn into a copy), and does not name it
+    as the stem of another name: right after a transform, a stem's reuse is mostly the same value
+    again (CSE numbers alike from pass to pass: `t1 = ti.tanh(...)` beside its tangent
+    `t1_dual`), but this late a new `t1` beside `t1_dual2` would read as the value whose tangent
+    that is."""
     from ..ad.names import NameAllocator
 
     names = NameAllocator.for_kernel(ir)
-    return dataclasses.replace(ir, body=tuple(CSE(names).block(ir.body)))
+    return dataclasses.replace(ir, body=tuple(CSE(names, late).block(ir.body)))

@@ -202,7 +202,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
     collected (opt.algebra), its zeroed accumulators started at their first contribution
     (opt.zero_start), copies forwarded (opt.copies, opt.propagate) and the dead ones removed,
     values that locals already hold read from them (opt.reuse), reversed loops whose iterations
-    share nothing but sums run forward (opt.loop_order), locals' values put before their tangents
+    share nothing but sums run forward (opt.loop_order), what the rewrites left computed twice in
+    a block shared once more (opt.cse), locals' values put before their tangents
     (opt.tangent_order), and the field elements an inner loop
     repeats read before it (opt.invariant_loads)."""
     from ..ad.names import NameAllocator
@@ -256,6 +257,10 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         ir = remove_dead_stores(ir)
         # reversed loops whose iterations share nothing but sums run forward, as written
         ir = dataclasses.replace(ir, body=run_forward(ir.body))
+        # what is still computed twice in a block, once, into a temporary: the passes above make
+        # expressions alike (a tanh layer's k.forward.forward had `1.0 - t4 * t4` and
+        # `1.0 - t1 * t1` behind a copy `t1 = t4` until copies were forwarded)
+        ir = cse(ir, late=True)
         # locals' values before their tangents where nothing above needs the tangent first
         ir = dataclasses.replace(ir, body=values_first(ir.body))
     names = allocator()
