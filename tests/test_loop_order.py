@@ -113,12 +113,22 @@ def kernels(runtime):
                 w[i] = ti.sin(x[i] * x[j])
             y[i] = w[i] * w[i]
 
+    @kd.kernel
+    def smooth():  # the same update three times: its reverse's iterations do not read k
+        for i in range(N):
+            acc = 0.5
+            a = ti.sin(x[i])
+            for k in range(3):
+                acc = 0.5 * acc + ti.tanh(a)
+            y[i] = acc * x[(i + 1) % N]
+
     return {k.__name__: k for k in (pair_sum, half_pairs, counted, product, last_value, sum_of_sums, layers,
-                                    overwritten)}
+                                    overwritten, smooth)}
 
 
 ORDER = {"pair_sum": "forward", "half_pairs": "forward", "counted": "forward", "product": "reversed", "last_value": "reversed",
-         "sum_of_sums": "reversed", "layers": "forward", "overwritten": "reversed"}
+         "sum_of_sums": "reversed", "layers": "forward", "overwritten": "reversed",
+         "smooth": "forward"}
 
 
 @pytest.mark.parametrize("name", sorted(ORDER))
@@ -140,6 +150,8 @@ def test_only_loops_carrying_sums_alone_run_forward(kernels, name):
         assert "for j in range(i + 1, 5):" in k.reverse.source
     if name == "counted":
         assert "for k in range(count[i]):" in k.reverse.source
+    if name == "smooth":  # named as written: its iterations are alike, forward or backward
+        assert len(re.findall(r"^ +for k in range\(3\):", k.reverse.source, re.M)) == 2, k.reverse.source
     if name == "layers":  # the neurons, and the sums inside them, run as written, in every path
         for src in (k.reverse.source, k.reverse.forward.source, k.forward.reverse.source):
             assert "_rev in range(" not in src and len(re.findall(r"for j(_\d+)? in range\(3\):", src)) == 2, src
@@ -177,3 +189,17 @@ def test_a_loop_variable_is_not_live_before_its_loop():
     assert kept == body  # k = 7 reaches the store after the loop (a loop may run no iteration)
     kept = remove_dead_stores(nodes.KernelIR("f", (), body[:2])).body
     assert kept == (loop,)
+
+
+def test_a_reversed_loop_keeps_its_name_where_the_written_one_is_read():
+    """Hand-built IR: `for k_rev in range(3)` whose body does not read k_rev is named `k` only
+    where k is free: here the store after the loop reads the k assigned before it."""
+    i32, f64 = "i32", "f64"
+    y = FieldRef(object(), (), "y", f64, (4,))
+    s = B.var("s", f64)
+    loop = nodes.For(("k_rev",), ((B.const(0, i32), B.const(3, i32)),), (nodes.Assign("s", B.mul(s, B.const(0.5, f64))),))
+    after = nodes.Store(y, (B.var("k", i32),), s)
+    body = (nodes.Assign("k", B.const(2, i32)), nodes.Assign("s", B.const(1.0, f64)), loop, after)
+    assert run_forward(body) == body
+    (renamed,) = [t for t in run_forward(body[1:3] + (nodes.Store(y, (B.const(0, i32),), s),)) if isinstance(t, nodes.For)]
+    assert renamed.vars == ("k",) and renamed.body == loop.body

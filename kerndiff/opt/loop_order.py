@@ -32,23 +32,40 @@ A loop qualifies when:
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_stmts, loads_in, rebuild_stmt, vars_in
+from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_stmts, loads_in, mentioned_names,
+                       rebuild_stmt, used_names, vars_in)
 from .liveness import Sweep
 
 
 def run_forward(body):
-    """body with every qualifying reversed loop running forward. Outer loops are tried first;
-    turning one keeps the statements of its body as they were, so the loops inside are found
-    again by identity, and whether they qualify does not depend on the outer loop's order."""
+    """body with every qualifying reversed loop running forward, and the reversed loops whose
+    iterations do not read their index named as written (`for k in range(3):` for a `k_rev` no
+    statement reads: its iterations are alike, so whether it runs forward or backward is all
+    one). Outer loops are tried first; turning one keeps the statements of its body as they were,
+    so the loops inside are found again by identity, and whether they qualify does not depend on
+    the outer loop's order."""
     out = body
     for loop in [s for s in iter_stmts(body) if isinstance(s, N.For) and not s.parallel]:
-        forward = _forward(loop, out)
-        if forward is not None:
-            out = _replaced(out, loop, forward)
+        turned = _forward(loop, out) or _named_as_written(loop, out)
+        if turned is not None:
+            out = _replaced(out, loop, turned)
     return out
+
+
+def _named_as_written(loop, kernel_body):
+    """The loop with its variable `k_rev` (or `k_rev_1`) named `k` where nothing reads it and `k` is free there
+    (not mentioned in the loop, nor read after it); None otherwise."""
+    reversed_ = re.fullmatch(r"(.+)_rev(_\d+)?", loop.vars[0]) if len(loop.vars) == 1 else None
+    if reversed_ is None:
+        return None
+    var, written = loop.vars[0], reversed_.group(1)
+    if var in used_names(loop.body) or written in mentioned_names(loop) or written in _live_after(kernel_body, loop):
+        return None
+    return dataclasses.replace(loop, vars=(written,))
 
 
 def _forward(loop, kernel_body):
