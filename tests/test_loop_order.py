@@ -171,7 +171,8 @@ def test_a_local_an_inner_loop_carries_over_keeps_the_outer_loop_reversed():
     carried = nodes.For(("j_rev",), ((B.const(0, i32), B.const(4, i32)),), (index, inner))
     body = (nodes.Assign("c", B.const(0.0, f64)), carried)
     assert run_forward(body) == body
-    fresh = nodes.For(("j_rev",), ((B.const(0, i32), B.const(4, i32)),), (index, nodes.Assign("c", B.const(1.0, f64)), inner))
+    fresh = nodes.For(("j_rev",), ((B.const(0, i32), B.const(4, i32)),),
+                      (index, nodes.Assign("c", B.const(1.0, f64)), inner))
     (out,) = run_forward((fresh,))
     assert out.vars == ("j",) and out.bounds == ((B.const(0, i32), B.const(4, i32)),) and out.body == fresh.body[1:]
 
@@ -197,9 +198,11 @@ def test_a_reversed_loop_keeps_its_name_where_the_written_one_is_read():
     i32, f64 = "i32", "f64"
     y = FieldRef(object(), (), "y", f64, (4,))
     s = B.var("s", f64)
-    loop = nodes.For(("k_rev",), ((B.const(0, i32), B.const(3, i32)),), (nodes.Assign("s", B.mul(s, B.const(0.5, f64))),))
+    loop = nodes.For(("k_rev",), ((B.const(0, i32), B.const(3, i32)),),
+                     (nodes.Assign("s", B.mul(s, B.const(0.5, f64))),))
     after = nodes.Store(y, (B.var("k", i32),), s)
     body = (nodes.Assign("k", B.const(2, i32)), nodes.Assign("s", B.const(1.0, f64)), loop, after)
     assert run_forward(body) == body
-    (renamed,) = [t for t in run_forward(body[1:3] + (nodes.Store(y, (B.const(0, i32),), s),)) if isinstance(t, nodes.For)]
+    free = body[1:3] + (nodes.Store(y, (B.const(0, i32),), s),)  # k neither assigned before nor read after
+    (renamed,) = [t for t in run_forward(free) if isinstance(t, nodes.For)]
     assert renamed.vars == ("k",) and renamed.body == loop.body

@@ -57,8 +57,8 @@ def run_forward(body):
 
 
 def _named_as_written(loop, kernel_body):
-    """The loop with its variable `k_rev` (or `k_rev_1`) named `k` where nothing reads it and `k` is free there
-    (not mentioned in the loop, nor read after it); None otherwise."""
+    """The loop with its variable `k_rev` (or `k_rev_1`) named `k` where nothing reads it and `k`
+    is free there (not mentioned in the loop, nor read after it); None otherwise."""
     reversed_ = re.fullmatch(r"(.+)_rev(_\d+)?", loop.vars[0]) if len(loop.vars) == 1 else None
     if reversed_ is None:
         return None
