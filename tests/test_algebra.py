@@ -1,6 +1,8 @@
 """Like terms collected in derivative expressions (opt.algebra), on IR built by hand: what merges,
 what must not be distributed, and when a temporary may be looked through. (The pass on real
 kernels, against finite differences: tests/test_reciprocal.py.)"""
+import re
+
 import numpy as np
 
 from kerndiff.ir import build as B
@@ -163,7 +165,9 @@ def test_powers_of_two_move_between_a_local_and_its_uses():
     """opt.scales: the factor 2 of a square's adjoint, in every use of r, goes into r's definition
     (`p = t * r * 2.0` -> `p = r * t`); the 2 in d's definition goes into the constants of its
     one use (0.2, 0.75 -> 0.4, 1.5). What the uses compute is unchanged (products by powers of
-    two are exact), with fewer operations; a factor 3, or a local something else reads, stays."""
+    two are exact), with fewer operations; a factor 3, or a local something else reads, stays.
+    A local that holds a multiple of its value is named for it: r holds twice a * b, d half its
+    sum (`twice_r`, `half_d`)."""
     from kerndiff.opt.algebra import arith_ops
     from kerndiff.opt.scales import rescale_locals
     two, a, b, t, s, w, v, x, y = B.const(2.0, "f64"), *map(_v, "abtswvxy")
@@ -178,7 +182,9 @@ def test_powers_of_two_move_between_a_local_and_its_uses():
     body, out = body[:-3], out[:-3]
     assert sum(arith_ops(s.value) for s in out) <= sum(arith_ops(s.value) for s in body) - 2
     text = {s.name: s.value for s in out}
-    assert not any(isinstance(x, N.Const) and x.value == 2.0 for name in "pqd" for x in iter_expr(text[name]))
+    assert [s.name for s in out] == ["twice_r", "p", "q", "half_d", "g"]
+    assert not any(isinstance(x, N.Const) and x.value == 2.0 for name in ("p", "q", "half_d")
+                   for x in iter_expr(text[name]))
     consts = {x.value for x in iter_expr(text["g"]) if isinstance(x, N.Const)}
     assert consts == {0.4, 1.5}, text["g"]
     env = dict(zip("abtswvxy", np.random.default_rng(1).standard_normal(8)))
@@ -291,3 +297,99 @@ def test_substitution_replaces_only_the_vars_an_expression_has():
     named = (N.Assign("x", B.mul(y, B.const(3.0, "f64"))), N.Assign("z", B.neg(x)), N.Assign("w", B.neg(x)),
              _store(B.add(B.mul(z, w), z)))
     assert rescale_locals(named, lambda f: True) == named  # x = y * 3.0 stays as written
+
+
+_SCALE_WORDS = {"twice": 2.0, "half": 0.5, "four_times": 4.0, "quarter": 0.25}
+
+
+def _scale_of(name):
+    """(k, the name it scales) for a name opt.scales gave a local holding k times a value:
+    minus_twice_x_adj -> (-2.0, "x_adj")."""
+    k = 1.0
+    if name.startswith("minus_"):
+        k, name = -1.0, name[len("minus_"):]
+    for word, factor in _SCALE_WORDS.items():
+        if name.startswith(word + "_"):
+            return k * factor, name[len(word) + 1:]
+    return k, name
+
+
+def test_a_local_holding_a_multiple_is_named_for_it():
+    """opt.scales lets a derivative local hold k times its value where that saves products at its
+    uses; the local is then named for it (`twice_r2_adj`, `half_d_dual`, `minus_twice_u_adj`), so
+    that generated source never calls a multiple by the value's name. Checked by evaluating both
+    blocks: every local of the rewritten block holds exactly k times the value of the local its
+    name scales (k = 1 for a name without a scale), and what is stored is unchanged."""
+    from kerndiff.opt.scales import rescale_locals
+    two, a, b, e, x, y, w, v, t1, t2 = B.const(2.0, "f64"), *map(_v, ["a", "b", "e", "x", "y", "w", "v", "t1", "t2"])
+    body = (N.Assign("r2_adj", B.mul(B.mul(a, b), e)),
+            N.Assign("t1_adj", B.mul(B.mul(t1, _v("r2_adj")), two)),
+            N.Assign("t2_adj", B.mul(B.mul(t2, _v("r2_adj")), two)),
+            N.Assign("d_dual", B.mul(B.add(B.mul(a, x), B.mul(b, y)), two)),
+            N.Assign("g_dual", B.mul(_v("d_dual"),
+                                     B.mul(w, B.add(B.mul(v, B.const(0.2, "f64")), B.const(0.75, "f64"))))),
+            # u_adj is only ever used negated and doubled: -2 goes into it
+            N.Assign("u_adj", B.mul(B.add(a, e), x)),
+            N.Assign("p_adj", B.mul(B.neg(_v("u_adj")), B.mul(y, two))),
+            N.Assign("q_adj", B.mul(B.neg(_v("u_adj")), B.mul(w, two))),
+            *(_store(_v(name)) for name in ("t1_adj", "t2_adj", "g_dual", "p_adj", "q_adj")))
+    out = rescale_locals(body, lambda f: True)
+    assert out[-5:] == body[-5:]
+    renamed = {s.name for s in out[:-5]} - {s.name for s in body[:-5]}
+    assert {"twice_r2_adj", "half_d_dual"} <= renamed, [s.name for s in out[:-5]]
+    assert any(name.startswith("minus_") for name in renamed), [s.name for s in out[:-5]]
+    env = dict(zip("abexywv", np.random.default_rng(3).standard_normal(7)), t1=0.3, t2=-1.7)
+    _assert_named_for_what_they_hold(body[:-5], out[:-5], env)
+
+
+def _assert_named_for_what_they_hold(body, out, env):
+    """Every local of `out` holds what its name says, over the same local of `body`: k times it
+    for a name that scales it by k; and a name derived from a temporary (t3_dual, t3_adj, t3_inv)
+    follows t3 as it is now written (the tangent of t3 holding k times its former value is k times
+    the former tangent; its adjoint and reciprocal 1 / k times)."""
+    want, got = _run(body, dict(env)), _run(out, dict(env))
+    factor = {}
+
+    def implied(name):  # what the name says its value is, over its former value
+        m = re.fullmatch(r"(.+)_(dual\d*|adj\d*|inv)", name)
+        if m is None:
+            return factor.get(name, 1.0) if re.fullmatch(r"t\d+", name) else 1.0  # (inputs: as they were)
+        base = implied(m.group(1))
+        return base if m.group(2).startswith("dual") else 1.0 / base
+
+    for s in out:
+        k, name = _scale_of(s.name)
+        assert name in want, s.name
+        factor[name] = got[s.name] / want[name]
+    for s in out:
+        k, name = _scale_of(s.name)
+        assert factor[name] == k * implied(name), (s.name, factor[name], k, implied(name))
+
+
+def test_a_temporarys_derivatives_follow_it_as_it_is_written():
+    """A temporary holding twice its former value keeps its name (t3 says nothing but its
+    definition); its tangent, also holding twice its former value, is still t3's tangent and keeps
+    its name (t3_dual), while t4's tangent, left as it was when t4 took a factor 2, is half of
+    t4's tangent now (`half_t4_dual`)."""
+    from kerndiff.opt.scales import rescale_locals
+    inputs = ["a", "b", "e", "x", "y", "v", "a_dual", "b_dual"]
+    two, a, b, e, x, y, v, a_dual, b_dual = B.const(2.0, "f64"), *map(_v, inputs)
+    t3, t3_dual, t4, t4_dual = _v("t3"), _v("t3_dual"), _v("t4"), _v("t4_dual")
+    body = (N.Assign("t3", B.mul(a, b)),
+            N.Assign("t3_dual", B.add(B.mul(a_dual, b), B.mul(a, b_dual))),
+            N.Assign("p_adj", B.mul(B.mul(t3, x), two)), N.Assign("q_adj", B.mul(B.mul(t3, y), two)),
+            N.Assign("p_adj_dual", B.mul(B.mul(t3_dual, x), two)),
+            N.Assign("q_adj_dual", B.mul(B.mul(t3_dual, y), two)),
+            N.Assign("t4", B.mul(a, e)),
+            N.Assign("t4_dual", B.add(B.mul(a_dual, e), B.mul(a, v))),
+            N.Assign("u_adj", B.mul(B.mul(t4, x), two)), N.Assign("w_adj", B.mul(B.mul(t4, y), two)),
+            N.Assign("g_dual", B.add(B.mul(t4_dual, v), B.mul(t4, b))),
+            *(_store(_v(name)) for name in ("p_adj", "q_adj", "p_adj_dual", "q_adj_dual", "u_adj", "w_adj", "g_dual")))
+    out = rescale_locals(body, lambda f: True)
+    assert out[-7:] == body[-7:]
+    names = [s.name for s in out[:-7]]
+    assert "t3" in names and "t3_dual" in names and "t4" in names and "half_t4_dual" in names, names
+    env = dict(zip(inputs, np.random.default_rng(4).standard_normal(8)))
+    got, want = _run(out[:-7], dict(env)), _run(body[:-7], dict(env))
+    assert got["t3"] == 2 * want["t3"] and got["t3_dual"] == 2 * want["t3_dual"] and got["t4"] == 2 * want["t4"]
+    _assert_named_for_what_they_hold(body[:-7], out[:-7], env)

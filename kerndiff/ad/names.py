@@ -22,10 +22,26 @@ def adjoint_var(name: str, level: int) -> str:
 _TANGENT_SUFFIX = re.compile(r"dual(\d*)")
 
 
+_SCALE_WORDS = {2.0: "twice", 4.0: "four_times", 8.0: "eight_times", 0.5: "half", 0.25: "quarter",
+                0.125: "eighth"}
+_SCALED = re.compile(r"(minus_)?((%s|scaled)_)?" % "|".join(_SCALE_WORDS.values()))
+
+
+def scaled_name(name: str, k: float) -> str:
+    """The name of a local holding k times what `name` says (opt.scales): twice_r2_adj,
+    half_r2_dual, minus_twice_t1_dual2 (scaled_x_adj where k is no power of two it has a word for)."""
+    words = ["minus"] if k < 0 else []
+    if abs(k) != 1.0:
+        words.append(_SCALE_WORDS.get(abs(k), "scaled"))
+    return "_".join(words + [name])
+
+
 def tangent_levels(name: str):
     """The inverse of tangent_var, applied as often as it was: (the name the tangents were
-    taken of, their levels, innermost first): s_dual_dual2 -> ("s", (1, 2)); d_0 -> ("d_0", ())."""
-    parts = name.split("_")
+    taken of, their levels, innermost first): s_dual_dual2 -> ("s", (1, 2)); d_0 -> ("d_0", ()).
+    A scaled_name is read as the name it scales: minus_twice_t1_dual2 -> ("t1", (2,))."""
+    scale = _SCALED.match(name).end()
+    parts = (name[scale:] if scale < len(name) else name).split("_")
     levels = []
     while len(parts) > 1 and _TANGENT_SUFFIX.fullmatch(parts[-1]):
         levels.append(int(_TANGENT_SUFFIX.fullmatch(parts.pop()).group(1) or 1))
