@@ -225,8 +225,8 @@ OUT = FieldRef(object(), (), "out", "f64", (4,))
 def test_the_late_cse_adds_no_copy_and_no_temporary_named_as_another_names_stem():
     """opt.cse at the end of finalize (late), on IR built by hand: a value a local holds whole
     stays as it is (a temporary would make `t1_adj = t1` a copy), so does one operation on names
-    (`a * b`); a temporary it does add skips `t1` while `t1_dual` names another value. The pass
-    right after a transform does all three."""
+    (`a * b`); a temporary it does add skips `t1` while `t1_dual` (or `twice_t1_adj`) names
+    another value. The pass right after a transform does all three."""
     f64 = "f64"
     a, b = B.var("a", f64), B.var("b", f64)
     ab, one = B.mul(a, b), B.const(1.0, f64)
@@ -246,3 +246,6 @@ def test_the_late_cse_adds_no_copy_and_no_temporary_named_as_another_names_stem(
     late = cse(N.KernelIR("k", (), repeated), late=True).body
     assert late[1] == N.Assign("t2", rest) and late[2] == store(0, B.mul(B.var("t2", f64), B.const(3.0, f64))), late
     assert cse(N.KernelIR("k", (), repeated)).body[1] == N.Assign("t1", rest)
+    # nor while a name says it holds a multiple of t1's adjoint (opt.scales: twice_t1_adj)
+    scaled = (N.Assign("twice_t1_adj", B.mul(a, a)),) + repeated[1:]
+    assert cse(N.KernelIR("k", (), scaled), late=True).body[1] == N.Assign("t2", rest)

@@ -36,12 +36,17 @@ def scaled_name(name: str, k: float) -> str:
     return "_".join(words + [name])
 
 
+def unscaled_name(name: str) -> str:
+    """The inverse of scaled_name: minus_twice_t1_dual2 -> t1_dual2."""
+    scale = _SCALED.match(name).end()
+    return name[scale:] if scale < len(name) else name
+
+
 def tangent_levels(name: str):
     """The inverse of tangent_var, applied as often as it was: (the name the tangents were
     taken of, their levels, innermost first): s_dual_dual2 -> ("s", (1, 2)); d_0 -> ("d_0", ()).
     A scaled_name is read as the name it scales: minus_twice_t1_dual2 -> ("t1", (2,))."""
-    scale = _SCALED.match(name).end()
-    parts = (name[scale:] if scale < len(name) else name).split("_")
+    parts = unscaled_name(name).split("_")
     levels = []
     while len(parts) > 1 and _TANGENT_SUFFIX.fullmatch(parts[-1]):
         levels.append(int(_TANGENT_SUFFIX.fullmatch(parts.pop()).group(1) or 1))

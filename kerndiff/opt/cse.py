@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..ad.names import unscaled_name
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.ops import COMMUTATIVE
@@ -106,9 +107,11 @@ class CSE:
         return number
 
     def fresh(self):
-        """A new temporary's name: `t<n>`, not taken (nor, late, the stem of a taken name)."""
+        """A new temporary's name: `t<n>`, not taken (nor, late, the stem of a taken name, read
+        past a scale: twice_t17_adj is t17's)."""
         if self.stems is None:
-            self.stems = {n.split("_", 1)[0] for n in self.names.taken if "_" in n} if self.late else set()
+            self.stems = {unscaled_name(n).split("_", 1)[0] for n in self.names.taken if "_" in n} \
+                if self.late else set()
         while True:
             self.counter += 1
             name = f"t{self.counter}"
