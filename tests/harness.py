@@ -129,8 +129,10 @@ def check(K, mode, args=(), x0=None, eps=1e-6, rtol=1e-6, atol=1e-8, seed=0, cot
     rng = np.random.default_rng(seed)
     F = Fn(K, args, cotangent)
     xs = [get(f) for f in F.ins]
-    if x0:
-        xs = [x0.get(id(f), x) for f, x in zip(F.ins, xs)]
+    if x0:  # (keyed by the field itself: Taichi fields are compared by identity here)
+        unknown = [k for k in x0 if not any(k is f for f in F.ins)]
+        assert not unknown, f"x0 names fields that are not inputs of {K!r}: {unknown}"
+        xs = [next((v for k, v in x0.items() if k is f), x) for f, x in zip(F.ins, xs)]
     v = [random_like(f, rng) for f in F.ins]
     plus = F([x + eps * t for x, t in zip(xs, v)])
     minus = F([x - eps * t for x, t in zip(xs, v)])
