@@ -111,7 +111,8 @@ def lower_for(lw, node):
             lw.scope[t] = Local([v], None, ["i32"])
     saved_frame = lw.reduction_frame
     if parallel:
-        lw.reduction_frame = {"outer": {n: v for n, v in lw.scope.items() if isinstance(v, Local)}, "fields": {}}
+        lw.reduction_frame = {"outer": {n: v for n, v in lw.scope.items() if isinstance(v, Local)}, "fields": {},
+                              "serialized": serialize}
     for s in node.body:
         lw.stmt(s)
     body = tuple(lw.blocks.pop())
