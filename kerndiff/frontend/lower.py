@@ -847,9 +847,9 @@ class Lowerer:
             self.assign(t, value, node)
             return
         if isinstance(t, ast.Name) and self.outer_local(t.id) is not None:
-            if op not in ("add", "sub") and self.reduction_frame.get("serialized"):
-                raise self.serialized_carry(t.id, node)
             if op not in ("add", "sub"):
+                if self.reduction_frame.get("serialized"):
+                    raise self.serialized_carry(t.id, node)
                 raise self.error(node, f"'{t.id}' is defined outside this parallel loop; only += and -= "
                                        "(atomic reductions) may update it here",
                                  "accumulate with += / -=, or use a field")
