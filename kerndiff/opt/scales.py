@@ -37,11 +37,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ..ad.names import scaled_name
+from ..ad.names import NameAllocator, scaled_name
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import (assigned_names, expr_children_of_stmt, iter_stmts, map_stmt_exprs, map_stmts,
+from ..ir.walk import (assigned_names, expr_children_of_stmt, iter_stmts, map_stmts, renamed_block,
                        substitute, used_names, vars_in)
 from .algebra import GiveUp, Terms, Writer, arith_ops, is_sum
 from .reciprocal import exact_names
@@ -136,42 +136,17 @@ def _named_for_scales(body, scales):
                 implied[name] = base if suffix.group(1).startswith("dual") else 1.0 / base
         return implied[name]
 
-    renames, taken = {}, None
+    renames, names = {}, None
     for name in dict.fromkeys(s.name for s in iter_stmts(body) if isinstance(s, N.Assign)):  # in order
         off = scales.get(name, 1.0) / implied_scale(name)
-        if off == 1.0:
-            continue
-        if taken is None:
-            taken = assigned_names(body) | used_names(body)
-        base = scaled_name(name, off)
-        new, n = base, 1
-        while new in taken:
-            new, n = f"{base}_{n}", n + 1
-        taken.add(new)
-        renames[name] = new
-    if not renames:
-        return body
-
-    def renamed(s):
-        s = map_stmt_exprs(s, lambda e: _renamed(e, renames))
-        return dataclasses.replace(s, name=renames.get(s.name, s.name)) if isinstance(s, N.Assign) else s
-
-    return map_stmts(body, renamed)
+        if off != 1.0:
+            names = names or NameAllocator(assigned_names(body) | used_names(body))
+            renames[name] = names.fresh(scaled_name(name, off))
+    return renamed_block(body, renames) if renames else body
 
 
 _TEMPORARY = re.compile(r"t\d+")
 _DERIVED = re.compile(r"_(dual\d*|adj\d*|inv)$")  # a tangent, an adjoint, a reciprocal of what precedes
-
-
-def _renamed(e, renames):
-    """e with its locals renamed, node for node (no smart constructor sees it again)."""
-    if isinstance(e, N.Var):
-        return dataclasses.replace(e, name=renames[e.name]) if e.name in renames else e
-    if not any(v.name in renames for v in vars_in(e)):
-        return e
-    if isinstance(e, N.Load):
-        return dataclasses.replace(e, index=tuple(_renamed(i, renames) for i in e.index))
-    return dataclasses.replace(e, args=tuple(_renamed(a, renames) for a in e.args))
 
 
 def _total_ops(body):
