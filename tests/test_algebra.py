@@ -393,3 +393,91 @@ def test_a_temporarys_derivatives_follow_it_as_it_is_written():
     got, want = _run(out[:-7], dict(env)), _run(body[:-7], dict(env))
     assert got["t3"] == 2 * want["t3"] and got["t3_dual"] == 2 * want["t3_dual"] and got["t4"] == 2 * want["t4"]
     _assert_named_for_what_they_hold(body[:-7], out[:-7], env)
+
+
+def _divisions(e):
+    return len({x for x in iter_expr(e) if isinstance(x, N.Call) and x.op == "div"})
+
+
+def test_a_quotient_is_a_product_by_a_negative_power():
+    """`(t1 - r) * (0.5 / t1) * g * 2.0` (the adjoint of a norm's square, the chain rule's 0.5 of
+    the root meeting the square's 2) is `(t1 - r) * g / t1`: a / b is a * b**-1, so constants meet
+    across the division; written back as one division, with the multiplications before it."""
+    t1, r, g = _v("t1"), _v("r"), _v("g")
+    value = B.mul(B.mul(B.mul(B.sub(t1, r), B.div(B.const(0.5, "f64"), t1)), g), B.const(2.0, "f64"))
+    out = collect_terms((_store(value),), lambda f: True)[0].value
+    assert out == B.div(B.mul(B.sub(t1, r), g), t1), out
+    env = dict(t1=1.3, r=0.4, g=-0.7)
+    got, want = _run([N.Assign("x", out)], env)["x"], _run([N.Assign("x", value)], env)["x"]
+    assert abs(got - want) <= 4e-16 * abs(want)
+    # nothing but a division: a constant over it (`2.0 / r`, not `1.0 / r * 2.0`)
+    lone = B.neg(B.mul(B.mul(B.div(B.const(0.5, "f64"), r), g), B.div(B.const(4.0, "f64"), g)))
+    assert collect_terms((_store(lone),), lambda f: True)[0].value == B.div(B.const(-2.0, "f64"), r)
+    # a divisor whose constant has no exact reciprocal keeps the division whole
+    third = B.div(g, B.mul(r, B.const(3.0, "f64")))
+    assert _terms(third) == {((third, 1),): 1.0}
+
+
+def test_a_local_holding_a_quotient_is_not_divided_again():
+    """After `t9 = 0.5 / t1`, `a * t9 * 2.0 + b * t9 * 2.0` reads t9 (as an atom): looking
+    through it would write a division of its own, which t9 already holds."""
+    t1, a, b, t9 = _v("t1"), _v("a"), _v("b"), _v("t9")
+    two = B.const(2.0, "f64")
+    value = B.add(B.mul(B.mul(a, t9), two), B.mul(B.mul(b, t9), two))
+    body = (N.Assign("t9", B.div(B.const(0.5, "f64"), t1)), _store(value))
+    out = collect_terms(body, lambda f: True)[1].value
+    assert "t9" in {v.name for v in vars_in(out)} and _divisions(out) == 0, out
+    env = dict(t1=1.3, a=0.4, b=-0.7)
+    env["t9"] = 0.5 / env["t1"]
+    got, want = _run([N.Assign("x", out)], env)["x"], _run([N.Assign("x", value)], env)["x"]
+    assert abs(got - want) <= 4e-16 * abs(want)
+    # a statement that divides by t1 in two terms divides once
+    twice = B.add(B.mul(a, B.div(B.const(0.5, "f64"), t1)), B.mul(b, B.div(B.const(0.5, "f64"), t1)))
+    spread = B.add(twice, B.mul(B.mul(a, b), B.div(B.const(0.25, "f64"), t1)))
+    out = collect_terms((_store(spread),), lambda f: True)[0].value
+    assert _divisions(out) == 1, out
+    # t7 = r_inv * r_inv is r**-2 while r_inv holds 1 / r; once r_inv is assigned again no local
+    # holds the reciprocal, and writing t7's uses through r would divide where t7 did not
+    r, r_inv, t7 = _v("r"), _v("r_inv"), _v("t7")
+    value = B.add(B.mul(B.mul(a, t7), two), B.mul(B.mul(b, t7), two))
+    body = (N.Assign("r_inv", B.div(B.const(1.0, "f64"), r)), N.Assign("t7", B.mul(r_inv, r_inv)),
+            N.Assign("r_inv", a), _store(value))
+    out = collect_terms(body, lambda f: True)[-1].value
+    assert _divisions(out) == 0, out
+
+
+def test_a_factor_is_pulled_out_only_where_all_its_terms_multiply_or_all_divide():
+    """`r * a * 2.0 + b * (0.5 / r) * 4.0` is `(r * a + b / r) * 2.0`: r multiplies one term and
+    divides the other, and pulling it out would compute r * r besides ((r * r * a + b) / r)."""
+    r, a, b = _v("r"), _v("a"), _v("b")
+    value = B.add(B.mul(B.mul(r, a), B.const(2.0, "f64")),
+                  B.mul(B.mul(b, B.div(B.const(0.5, "f64"), r)), B.const(4.0, "f64")))
+    out = collect_terms((_store(value),), lambda f: True)[0].value
+    assert out in (B.mul(B.add(B.mul(r, a), B.div(b, r)), B.const(2.0, "f64")),
+                   B.mul(B.add(B.mul(a, r), B.div(b, r)), B.const(2.0, "f64"))), out
+    env = dict(r=1.3, a=0.4, b=0.7)
+    got, want = _run([N.Assign("x", out)], env)["x"], _run([N.Assign("x", value)], env)["x"]
+    assert abs(got - want) <= 4e-16 * abs(want)
+
+
+def test_a_quotient_the_statement_has_stays_whole_where_it_is_a_factor():
+    """`d0 * (t2 / t1) * 4.0 * 0.25` is `d0 * (t2 / t1)`, not `d0 * t2 / t1`: beside
+    `d1 * (t2 / t1)` CSE then computes t2 / t1 once; written `d0 * t2 / t1` and `d1 * t2 / t1`,
+    each statement would divide."""
+    d0, d1, t1, t2 = _v("d0"), _v("d1"), _v("t1"), _v("t2")
+    quotient = B.div(t2, t1)
+    stmts = tuple(_store(B.mul(B.mul(B.mul(d, quotient), B.const(4.0, "f64")), B.const(0.25, "f64")))
+                  for d in (d0, d1))
+    for s, d in zip(collect_terms(stmts, lambda f: True), (d0, d1)):
+        assert s.value in (B.mul(d, quotient), B.mul(quotient, d)), s.value
+
+
+def test_a_statement_keeps_reading_its_locals_where_looking_through_them_costs_more():
+    """x1 = -r_inv and x1d = a * r_inv**3 multiplied are a * r**-4, four products through r_inv;
+    `x1 * x1d * -2.0 * -0.81` still merges its constants: `x1 * x1d * 1.62`."""
+    r, r_inv, a, x1, x1d = _v("r"), _v("r_inv"), _v("a"), _v("x1"), _v("x1d")
+    body = (N.Assign("r_inv", B.div(B.const(1.0, "f64"), r)), N.Assign("x1", B.neg(r_inv)),
+            N.Assign("x1d", B.mul(B.mul(B.mul(a, r_inv), r_inv), r_inv)),
+            _store(B.mul(B.mul(B.mul(x1, x1d), B.const(-2.0, "f64")), B.const(-0.81, "f64"))))
+    out = collect_terms(body, lambda f: True)[-1].value
+    assert out == B.mul(B.mul(x1, x1d), B.const(1.62, "f64")), out

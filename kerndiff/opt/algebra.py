@@ -26,6 +26,17 @@ so `r * r_inv` cancels (`r_dual = t15 * r_inv; t4_dual = r_dual * r * 4.0` is `t
 negative power is written back through that local (nothing is written where no local holds it).
 r * (1/r) is 1 to within an ulp, the same allowance as opt.reciprocal's; at r = 0 a product that
 was 0 * inf (NaN) becomes what the other factors give, where the terms around it are infinite.
+
+Quotients: a / b is read as a * b**-1 (where b's constant has an exact reciprocal), so that the
+chain rule's constants meet across it: the adjoint of a norm's square, `(t1 - r) * (0.5 / t1) *
+g * 2.0` (the root's 0.5, the square's 2), is `(t1 - r) * g / t1`. A negative power no local
+holds the reciprocal of is written back as one division after the products (`a * b / t1`,
+`2.0 / t1` where nothing multiplies), except that a quotient the statement had as a factor
+stays whole (`d_0 * (t2 / t1)`, which CSE shares with `d_1 * (t2 / t1)`). A factor that some
+terms divide by and others multiply by is not pulled out of a sum (`(r * r * a + b) / r`). A
+statement is rewritten only where it then takes no more divisions than before (counting those
+of the definitions it looks through), and a local that holds a quotient is read as itself, not
+looked through (each use would divide again).
 """
 from __future__ import annotations
 
@@ -37,7 +48,7 @@ import numpy as np
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import assigned_names, blocks_of, iter_stmts, loads_in, rebuild_stmt, vars_in
+from ..ir.walk import assigned_names, blocks_of, iter_expr, iter_stmts, loads_in, rebuild_stmt, vars_in
 from .reciprocal import exact_names, is_reciprocal, rewritable
 
 MAX_TERMS = 12  # sums with more terms are left as written
@@ -89,6 +100,7 @@ class Terms:
 
     def __init__(self, dtype, defs, distribute=False):
         self.dtype, self.defs, self.distribute = dtype, defs, distribute
+        self.quotients = []  # (monomial, the division as written): see Writer
 
     @staticmethod
     def atom(e):
@@ -102,7 +114,7 @@ class Terms:
         if isinstance(e, N.Var):
             got = self.defs.get(e.name)
             return dict(got[0]) if got is not None else self.atom(e)
-        if not (isinstance(e, N.Call) and e.op in ARITH_OPS):
+        if not (isinstance(e, N.Call) and (e.op in ARITH_OPS or e.op == "div")):
             return self.atom(e)
         if e.op in ("add", "sub"):
             return _add(self.of(e.args[0]), self.of(e.args[1]), -1.0 if e.op == "sub" else 1.0)
@@ -110,6 +122,14 @@ class Terms:
             return {m: -c for m, c in self.of(e.args[0]).items()}
         if e.op == "mul":
             return self.product(self.of(e.args[0]), self.of(e.args[1]))
+        if e.op == "div":
+            inverse = self.reciprocal(self.of(e.args[1]))
+            if inverse is None:
+                return self.atom(e)
+            above = self.of(e.args[0])
+            if _plain(e.args[0]) and _plain(e.args[1]) and _single(above):  # (a / b: see Writer)
+                self.quotients.append((_mono_mul(next(iter(above)), next(iter(inverse))), e))
+            return self.product(above, inverse)
         exponent = e.args[1]
         if isinstance(exponent, N.Const) and exponent.value in (2, 3, 4):
             base = self.of(e.args[0])
@@ -118,6 +138,17 @@ class Terms:
                 out = self.product(out, base)
             return out
         return self.atom(e)
+
+    def reciprocal(self, terms):
+        """1 / terms, as negative powers (a / r is a * r**-1, so that r * (a / r) cancels and
+        `a * (0.5 / r) * 2.0` is `a / r`); None where the divisor's constant has no exact
+        reciprocal (or is zero): the division is then kept whole."""
+        if not terms:
+            return None
+        (mono, c), = self.factor(terms).items()
+        if not exact_scale(c):
+            return None
+        return {tuple((k, -p) for k, p in mono): 1.0 / c}
 
     def product(self, a, b):
         if not a or not b:
@@ -147,6 +178,18 @@ class Terms:
         return {((key, 1),): k}
 
 
+def _single(terms):
+    """terms are one atom, nothing multiplied or scaled."""
+    return len(terms) == 1 and next(iter(terms.values())) == 1.0 and len(next(iter(terms))) == 1 \
+        and next(iter(terms))[0][1] == 1
+
+
+def _plain(e):
+    """e is written as nothing the writer would write otherwise: a local, a load, a call such as
+    a root (not arithmetic, whose constants it would merge, `q * 4.0 * 0.25`)."""
+    return isinstance(e, (N.Var, N.Load)) or isinstance(e, N.Call) and e.op not in ARITH_OPS and e.op != "div"
+
+
 def _rounded(terms):
     """terms may be distributed over: one monomial, or a sum none of whose terms is exact by
     itself (a constant, or one atom times a power of two: x - c, whose difference may be exact)."""
@@ -170,27 +213,60 @@ def _atom_exprs(terms):
 
 class Writer:
     """inverses: atom -> the local holding its reciprocal, for negative powers (opt.collect_terms
-    reads `r_inv = 1.0 / r` as r to the power -1, so that r * r_inv cancels)."""
+    reads `r_inv = 1.0 / r` as r to the power -1, so that r * r_inv cancels). quotients: the
+    divisions the expression had as written (Terms.quotients), (monomial, division): a monomial
+    that has one of them as a factor is written with it whole, so that `d_0 * (t2 / t1)` and
+    `d_1 * (t2 / t1)` stay alike for CSE (which computes `t2 / t1` once) rather than being
+    written `d_0 * t2 / t1`, one division each."""
 
-    def __init__(self, dtype, inverses=None):
-        self.dtype, self.inverses = dtype, inverses or {}
+    def __init__(self, dtype, inverses=None, quotients=()):
+        self.dtype, self.inverses, self.quotients = dtype, inverses or {}, quotients
 
     def atom(self, key):
         return self.terms(dict(key[1])) if is_sum(key) else key
 
-    def power(self, key, p):
-        if p > 0:
-            return _power(self.atom(key), p)
-        if key not in self.inverses:
-            raise GiveUp  # no local holds 1 / key here: the statement stays as written
-        return _power(self.inverses[key], -p)
+    def divides(self, key, p):
+        """key ** p is written as a division: a negative power that no local holds the
+        reciprocal of here."""
+        return p < 0 and key not in self.inverses
 
-    def monomial(self, mono):
+    def power(self, key, p):
+        """key ** p as a product (for a negative power, of the local holding 1 / key); a power
+        that divides is written by the caller, as a division by key ** -p."""
+        return _power(self.atom(key), p) if p > 0 else _power(self.inverses[key], -p)
+
+    def monomial(self, mono, scale=1.0):
+        """scale times the monomial: its factors multiplied, then divided by those it divides
+        by (`a * b / r`, or `2.0 / r` where nothing multiplies); None for the bare monomial ()
+        at scale 1."""
+        held, mono = self._quotient_in(mono)
         out = None
         for key, p in mono:
-            x = self.power(key, p)
-            out = x if out is None else B.mul(out, x)
-        return out
+            if not self.divides(key, p):
+                x = self.power(key, p)
+                out = x if out is None else B.mul(out, x)
+        below = None
+        for key, p in mono:
+            if self.divides(key, p):
+                x = _power(self.atom(key), -p)
+                below = x if below is None else B.mul(below, x)
+        if held is not None:
+            out = held if out is None else B.mul(out, held)
+        if (scale != 1.0 and out is not None) or (below is not None and out is None):
+            out = B.const(scale, self.dtype) if out is None else B.mul(out, B.const(scale, self.dtype))
+        return out if below is None else B.div(out, below)
+
+    def _quotient_in(self, mono):
+        """(a division the expression had that is a factor of mono, mono without it), or (None,
+        mono)."""
+        powers = dict(mono)
+        for qmono, division in self.quotients:
+            if all(p * powers.get(k, 0) > 0 and abs(powers[k]) >= abs(p) for k, p in qmono):
+                rest = dict(powers)
+                for k, p in qmono:
+                    rest[k] -= p
+                return division, _ordered((k, p) for k, p in rest.items() if p != 0)
+        return None, mono
 
     def terms(self, terms):
         """A sum of monomials, with the factor shared by the most terms (two at least) pulled out:
@@ -201,7 +277,13 @@ class Writer:
         for mono in terms:
             for key, _ in mono:
                 counts[key] = counts.get(key, 0) + 1
-        shared = [k for k, n in counts.items() if n >= 2]
+        # (not a factor some terms divide by and others multiply by: r * a + b / r taken as
+        # (r * r * a + b) / r computes r * r besides)
+        signs = {}
+        for mono in terms:
+            for key, p in mono:
+                signs.setdefault(key, set()).add(p > 0)
+        shared = [k for k, n in counts.items() if n >= 2 and len(signs[k]) == 1]
         if len(terms) > 1 and shared:
             key = max(shared, key=lambda k: (counts[k], repr(k)))
             # the lowest power of it those terms share comes out whole: t⁴ * (t * a + b), squared
@@ -212,6 +294,8 @@ class Writer:
             power = max(powers) if max(powers) < 0 else min(powers)
             inner = {_mono_without(m, key, power): c for m, c in terms.items() if any(k == key for k, _ in m)}
             rest = {m: c for m, c in terms.items() if not any(k == key for k, _ in m)}
+            if self.divides(key, power):
+                return self._plus(rest, B.div(self.terms(inner), _power(self.atom(key), -power)))
             return self._plus(rest, B.mul(self.power(key, power), self.terms(inner)))
         scales = {}
         for c in terms.values():
@@ -238,13 +322,11 @@ class Writer:
             scale = abs(c)
             if scale != 1.0 and exact_scale(scale):
                 mono, scale = _scaled_sum(mono, scale, self.dtype)
-            term = self.monomial(mono)
+            if out is None and c < 0 and scale != 1.0:  # x * -2.0, not -(x * 2.0)
+                scale, c = -scale, -c
+            term = self.monomial(mono, scale)
             if term is None:
                 term = B.const(scale, self.dtype)
-            elif scale != 1.0:
-                if out is None and c < 0:  # x * -2.0, not -(x * 2.0)
-                    scale, c = -scale, -c
-                term = B.mul(term, B.const(scale, self.dtype))
             if out is None:
                 out = term if c > 0 else B.neg(term)
             else:
@@ -306,17 +388,42 @@ def arith_ops(e):
     return got
 
 
+def divisions(e):
+    """How many different divisions e evaluates (CSE computes a repeated one once)."""
+    return len({x for x in iter_expr(e) if isinstance(x, N.Call) and x.op == "div"})
+
+
+def _cheaper(new, old, defs=None):
+    """new takes fewer arithmetic operations than old, and no more divisions than old and the
+    definitions it looks through compute (`a / r` is not cheaper than `a * t9` where t9 = 0.5 / r
+    is computed already; it is where t9 = v * (0.5 / r) is looked through, as that statement would
+    compute 0.5 / r again)."""
+    if new is None or arith_ops(new) >= arith_ops(old):
+        return False
+    return divisions(new) <= divisions(old) + _divisions_through(old, defs)
+
+
+def _divisions_through(e, defs):
+    """The divisions of the definitions e's locals stand for (each local once)."""
+    return sum(defs[name][3] for name in {v.name for v in vars_in(e)} if name in defs) if defs else 0
+
+
 def collect_terms(body, is_derivative, exact=None):
     """body with derivative statements rewritten as collected sums of monomials where that is
     cheaper (is_derivative(taichi_field) -> bool)."""
     if exact is None:
         exact = exact_names(body, is_derivative)
-    defs = {}  # local -> (terms, names it reads, fields it loads)
+    defs = {}  # local -> (terms, names it reads, fields it loads, divisions its terms stand for)
     out = []
     for s in body:
         if rewritable(s, exact, is_derivative) and is_float(s.value.dtype) and arith_ops(s.value) >= 3:
             new = _collected(s.value, defs)
-            if new is not None and arith_ops(new) < arith_ops(s.value):
+            if not _cheaper(new, s.value, defs) and _reads_definitions(s, defs):
+                # looking through the locals it reads can cost more than it saves (-(1.0 / t3)
+                # and its tangent, multiplied, are a fourth power of t3's reciprocal): the
+                # statement's own terms, then
+                new = _collected(s.value, {})
+            if _cheaper(new, s.value, defs):
                 s = dataclasses.replace(s, value=new)
         blocks = blocks_of(s)
         if blocks:
@@ -325,8 +432,8 @@ def collect_terms(body, is_derivative, exact=None):
         _forget(defs, s)
         if isinstance(s, N.Assign) and _reciprocal_of_local(s.value) and s.name != s.value.args[1].name:
             x = s.value.args[1]  # r_inv = 1.0 / r: r to the power -1
-            defs[s.name] = ({((x, -1),): 1.0}, {x.name}, set())
-        elif isinstance(s, N.Assign) and is_float(s.value.dtype):
+            defs[s.name] = ({((x, -1),): 1.0}, {x.name}, set(), 0)  # (written back through it)
+        elif isinstance(s, N.Assign) and is_float(s.value.dtype) and not _quotient(s.value):
             try:
                 terms = Terms(s.value.dtype, defs).of(s.value)
             except GiveUp:
@@ -334,7 +441,8 @@ def collect_terms(body, is_derivative, exact=None):
             if _looked_through(terms) and s.name not in {v.name for v in vars_in(s.value)}:
                 atoms = list(_atom_exprs(terms))
                 defs[s.name] = (terms, {v.name for a in atoms for v in vars_in(a)},
-                                {id(x.ref.field) for a in atoms for x in loads_in(a)})
+                                {id(x.ref.field) for a in atoms for x in loads_in(a)},
+                                divisions(s.value) + _divisions_through(s.value, defs))
     return tuple(out)
 
 
@@ -342,7 +450,7 @@ def collected(value):
     """A float expression of locals and constants with its like terms collected, where that takes
     fewer operations (`n * m * 2.0 + n + n` -> `(m + 1.0) * n * 2.0`); else value as it is."""
     new = _collected(value, {}) if is_float(value.dtype) else None
-    return new if new is not None and arith_ops(new) < arith_ops(value) else value
+    return new if _cheaper(new, value) else value
 
 
 def _collected(value, defs):
@@ -350,17 +458,31 @@ def _collected(value, defs):
     them distributed over; None where the collection gives up."""
     def written(distribute):
         try:
-            terms = Terms(value.dtype, defs, distribute).of(value)
-            return terms, Writer(value.dtype, _inverses(defs)).terms(terms)
+            reader = Terms(value.dtype, defs, distribute)
+            terms = reader.of(value)
+            return terms, Writer(value.dtype, _inverses(defs), reader.quotients).terms(terms)
         except GiveUp:
             return None, None
 
     terms, new = written(False)
     if terms is not None and any(is_sum(key) for mono in terms for key, _ in mono):
         _, spread = written(True)
-        if spread is not None and (new is None or arith_ops(spread) < arith_ops(new)):
+        if spread is not None and (new is None or _cheaper(spread, new)):
             return spread
     return new
+
+
+def _reads_definitions(s, defs):
+    """s reads a local that collect_terms can look through, and is not an accumulation (`a_adj =
+    a_adj - ...`, which opt.zero_start folds into its zero start as it is written)."""
+    names = {v.name for v in vars_in(s.value)}
+    return any(name in defs for name in names) and not (isinstance(s, N.Assign) and s.name in names)
+
+
+def _quotient(e):
+    """e is a division: a local holding a quotient is read as itself (looked through, each use
+    would divide again), as a local holding a root or a load is."""
+    return isinstance(e, N.Call) and e.op == "div"
 
 
 def _reciprocal_of_local(e):
@@ -371,7 +493,7 @@ def _reciprocal_of_local(e):
 def _inverses(defs):
     """atom -> the local that holds its reciprocal, among the definitions in force."""
     out = {}
-    for name, (terms, _, _) in defs.items():
+    for name, (terms, *_) in defs.items():
         if len(terms) == 1:
             (mono, c), = terms.items()
             if c == 1.0 and len(mono) == 1 and mono[0][1] == -1:
@@ -397,6 +519,6 @@ def _forget(defs, s):
     names = {s.name} if isinstance(s, N.Assign) else assigned_names((s,))
     fields = {id(x.ref.field) for x in iter_stmts((s,)) if isinstance(x, (N.Store, N.Atomic))}
     for name in list(defs):
-        terms, reads, loads = defs[name]
+        _, reads, loads, _ = defs[name]
         if name in names or reads & names or loads & fields:
             del defs[name]

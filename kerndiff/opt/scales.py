@@ -280,4 +280,6 @@ def _rewrite(s, name, k):
     value = substitute(s.value, {name: B.mul(B.var(name, dtype), B.const(1.0 / k, dtype))})
     if s.name == name:
         value = B.mul(value, B.const(k, dtype))
-    return dataclasses.replace(s, value=Writer(dtype).terms(Terms(dtype, {}).of(value)))
+    reader = Terms(dtype, {})
+    terms = reader.of(value)
+    return dataclasses.replace(s, value=Writer(dtype, quotients=reader.quotients).terms(terms))
