@@ -273,16 +273,13 @@ class Writer:
         an atom (x * (a + b)), else a constant ((a + b) * 0.5)."""
         if not terms:
             return B.const(0, self.dtype)
-        counts = {}
-        for mono in terms:
-            for key, _ in mono:
-                counts[key] = counts.get(key, 0) + 1
-        # (not a factor some terms divide by and others multiply by: r * a + b / r taken as
-        # (r * r * a + b) / r computes r * r besides)
-        signs = {}
+        counts, signs = {}, {}
         for mono in terms:
             for key, p in mono:
+                counts[key] = counts.get(key, 0) + 1
                 signs.setdefault(key, set()).add(p > 0)
+        # (not a factor some terms divide by and others multiply by: r * a + b / r taken as
+        # (r * r * a + b) / r computes r * r besides)
         shared = [k for k, n in counts.items() if n >= 2 and len(signs[k]) == 1]
         if len(terms) > 1 and shared:
             key = max(shared, key=lambda k: (counts[k], repr(k)))
