@@ -387,7 +387,8 @@ def arith_ops(e):
 
 def divisions(e):
     """How many different divisions e evaluates (CSE computes a repeated one once)."""
-    return len({x for x in iter_expr(e) if isinstance(x, N.Call) and x.op == "div"})
+    found = [x for x in iter_expr(e) if type(x) is N.Call and x.op == "div"]
+    return len(found) if len(found) < 2 else len(set(found))  # (hashing a node walks all of it)
 
 
 def _cheaper(new, old, defs=None):
