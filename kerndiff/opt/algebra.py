@@ -180,8 +180,10 @@ class Terms:
 
 def _single(terms):
     """terms are one atom, nothing multiplied or scaled."""
-    return len(terms) == 1 and next(iter(terms.values())) == 1.0 and len(next(iter(terms))) == 1 \
-        and next(iter(terms))[0][1] == 1
+    if len(terms) != 1:
+        return False
+    (mono, c), = terms.items()
+    return c == 1.0 and len(mono) == 1 and mono[0][1] == 1
 
 
 def _plain(e):
@@ -240,16 +242,14 @@ class Writer:
         by (`a * b / r`, or `2.0 / r` where nothing multiplies); None for the bare monomial ()
         at scale 1."""
         held, mono = self._quotient_in(mono)
-        out = None
-        for key, p in mono:
-            if not self.divides(key, p):
-                x = self.power(key, p)
-                out = x if out is None else B.mul(out, x)
-        below = None
+        out = below = None
         for key, p in mono:
             if self.divides(key, p):
                 x = _power(self.atom(key), -p)
                 below = x if below is None else B.mul(below, x)
+            else:
+                x = self.power(key, p)
+                out = x if out is None else B.mul(out, x)
         if held is not None:
             out = held if out is None else B.mul(out, held)
         if (scale != 1.0 and out is not None) or (below is not None and out is None):
