@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -96,7 +97,7 @@ def _mono_without(mono, key, power=1):
 class Terms:
     """Expressions of one dtype as {monomial: coefficient}; a monomial is ((atom, power), ...), an
     atom an expression kept whole (a local, a load, a call) or a sum kept as one factor,
-    ('sum', its terms in order). defs: local -> terms of its single-monomial definition."""
+    ('sum', its terms in order). defs: local -> its Definition (its terms are read in its place)."""
 
     def __init__(self, dtype, defs, distribute=False):
         self.dtype, self.defs, self.distribute = dtype, defs, distribute
@@ -113,7 +114,7 @@ class Terms:
             return {(): float(e.value)} if e.value != 0 else {}
         if isinstance(e, N.Var):
             got = self.defs.get(e.name)
-            return dict(got[0]) if got is not None else self.atom(e)
+            return dict(got.terms) if got is not None else self.atom(e)
         if not (isinstance(e, N.Call) and (e.op in ARITH_OPS or e.op == "div")):
             return self.atom(e)
         if e.op in ("add", "sub"):
@@ -403,7 +404,15 @@ def _cheaper(new, old, defs=None):
 
 def _divisions_through(e, defs):
     """The divisions of the definitions e's locals stand for (each local once)."""
-    return sum(defs[name][3] for name in {v.name for v in vars_in(e)} if name in defs) if defs else 0
+    return sum(defs[name].divisions for name in {v.name for v in vars_in(e)} if name in defs) if defs else 0
+
+
+class Definition(NamedTuple):
+    """What collect_terms knows of a local it may look through."""
+    terms: dict         # its value's terms, which a use reads in its place
+    reads: set          # the locals those terms read (assigning one ends the definition)
+    loads: set          # ids of the fields they load (storing into one ends it too)
+    divisions: int      # the divisions its terms stand for (see _cheaper)
 
 
 def collect_terms(body, is_derivative, exact=None):
@@ -411,7 +420,7 @@ def collect_terms(body, is_derivative, exact=None):
     cheaper (is_derivative(taichi_field) -> bool)."""
     if exact is None:
         exact = exact_names(body, is_derivative)
-    defs = {}  # local -> (terms, names it reads, fields it loads, divisions its terms stand for)
+    defs = {}  # local -> Definition
     out = []
     for s in body:
         if rewritable(s, exact, is_derivative) and is_float(s.value.dtype) and arith_ops(s.value) >= 3:
@@ -430,7 +439,7 @@ def collect_terms(body, is_derivative, exact=None):
         _forget(defs, s)
         if isinstance(s, N.Assign) and _reciprocal_of_local(s.value) and s.name != s.value.args[1].name:
             x = s.value.args[1]  # r_inv = 1.0 / r: r to the power -1
-            defs[s.name] = ({((x, -1),): 1.0}, {x.name}, set(), 0)  # (written back through it)
+            defs[s.name] = Definition({((x, -1),): 1.0}, {x.name}, set(), 0)  # (written back through it)
         elif isinstance(s, N.Assign) and is_float(s.value.dtype) and not _quotient(s.value):
             try:
                 terms = Terms(s.value.dtype, defs).of(s.value)
@@ -438,9 +447,9 @@ def collect_terms(body, is_derivative, exact=None):
                 terms = None
             if _looked_through(terms) and s.name not in {v.name for v in vars_in(s.value)}:
                 atoms = list(_atom_exprs(terms))
-                defs[s.name] = (terms, {v.name for a in atoms for v in vars_in(a)},
-                                {id(x.ref.field) for a in atoms for x in loads_in(a)},
-                                divisions(s.value) + _divisions_through(s.value, defs))
+                defs[s.name] = Definition(terms, {v.name for a in atoms for v in vars_in(a)},
+                                          {id(x.ref.field) for a in atoms for x in loads_in(a)},
+                                          divisions(s.value) + _divisions_through(s.value, defs))
     return tuple(out)
 
 
@@ -491,9 +500,9 @@ def _reciprocal_of_local(e):
 def _inverses(defs):
     """atom -> the local that holds its reciprocal, among the definitions in force."""
     out = {}
-    for name, (terms, *_) in defs.items():
-        if len(terms) == 1:
-            (mono, c), = terms.items()
+    for name, d in defs.items():
+        if len(d.terms) == 1:
+            (mono, c), = d.terms.items()
             if c == 1.0 and len(mono) == 1 and mono[0][1] == -1:
                 out.setdefault(mono[0][0], N.Var(mono[0][0].dtype, name))
     return out
@@ -517,6 +526,6 @@ def _forget(defs, s):
     names = {s.name} if isinstance(s, N.Assign) else assigned_names((s,))
     fields = {id(x.ref.field) for x in iter_stmts((s,)) if isinstance(x, (N.Store, N.Atomic))}
     for name in list(defs):
-        _, reads, loads, _ = defs[name]
-        if name in names or reads & names or loads & fields:
+        d = defs[name]
+        if name in names or d.reads & names or d.loads & fields:
             del defs[name]
