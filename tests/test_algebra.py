@@ -142,6 +142,51 @@ def test_a_local_holding_a_value_computed_before_it_moves_up_to_be_read():
     assert reuse_held_values((held, other, b)) == (held, other, N.Assign("b", B.var("r_inv", "f64")))
 
 
+def test_derivative_products_read_a_held_product_of_some_of_their_factors():
+    """After `t2 = r * e`, a derivative product `d * r * e` reads `d * t2` (W2's HVP: the
+    looked-through form collect_terms wrote before opt.scales gave t2 its final factors), in the
+    place of the first factor it takes, and `e * r` reads t2; not in a value a non-derivative
+    reads (regrouping a product may change its last bit), not once r is assigned again, not from
+    a local assigned twice, and a chain that takes nothing keeps its association."""
+    from kerndiff.opt.reuse import reuse_held_values
+    d, r, e, x = _v("d"), _v("r"), _v("e"), _v("x")
+    t2 = B.var("t2", "f64")
+    held = N.Assign("t2", B.mul(r, e))
+    adj = FieldRef(object(), (), "g_adj", "f64", (4,))
+    plain = FieldRef(object(), (), "g", "f64", (4,))
+
+    def is_derivative(f):
+        return f is adj.field
+
+    def store(ref, value):
+        return N.Store(ref, (B.const(0, "i32"),), value)
+
+    body = (held, N.Assign("d_adj", B.mul(B.mul(d, r), e)), store(adj, B.var("d_adj", "f64")))
+    assert reuse_held_values(body, is_derivative)[1].value == B.mul(d, t2)
+    # as written before (whole values only) where no test for derivative fields is given
+    assert reuse_held_values(body)[1].value == B.mul(B.mul(d, r), e)
+    # the first factor taken holds the place: (r * x) * (d * e) -> t2 * x * d
+    mixed = (held, store(adj, B.mul(B.mul(r, x), B.mul(d, e))))
+    assert reuse_held_values(mixed, is_derivative)[1].value == B.mul(B.mul(t2, x), d)
+    # inside another operation's argument too: sqrt(d * e * r) + x
+    nested = (held, store(adj, B.add(B.call("sqrt", B.mul(B.mul(d, e), r)), x)))
+    assert reuse_held_values(nested, is_derivative)[1].value == B.add(B.call("sqrt", B.mul(d, t2)), x)
+    # a primal value keeps its rounding
+    primal = (held, store(plain, B.mul(B.mul(d, r), e)))
+    assert reuse_held_values(primal, is_derivative) == primal
+    # not once r is assigned again
+    moved = (held, N.Assign("r", x), body[1], body[2])
+    assert reuse_held_values(moved, is_derivative) == moved
+    # nor from a local assigned twice (the passes after would split it: a copy more)
+    twice = body + (N.Assign("t2", x), store(adj, B.var("t2", "f64")))
+    assert reuse_held_values(twice, is_derivative) == twice
+    # the held product in another order is the held value
+    assert reuse_held_values((held, store(adj, B.mul(e, r))), is_derivative)[1].value == t2
+    # a chain that takes nothing keeps its association
+    kept = (held, store(adj, B.mul(d, B.mul(x, e))))
+    assert reuse_held_values(kept, is_derivative) == kept
+
+
 def _run(stmts, env):
     """Evaluate straight-line assignments of add/sub/mul/neg/div on floats (a reference for the
     rewrites below)."""

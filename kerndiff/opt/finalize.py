@@ -250,7 +250,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         # copies left by the rewrites (t6 = r_inv) and temporaries that were looked through
         ir = propagate(dataclasses.replace(ir, body=body))
         # reading held values can leave copies of its own (r2_inv = t7, where t7 = t5_inv * t5_inv)
-        ir = propagate(dataclasses.replace(ir, body=reuse_held_values(ir.body)))
+        ir = propagate(dataclasses.replace(ir, body=reuse_held_values(ir.body, is_derivative)))
         # what copies remain are loop-carried: s_2 = s_1 + w * h; s_1 = s_2 -> s_1 = s_1 + w * h
         ir = dataclasses.replace(ir, body=coalesce_copies(dce(ir.body)))
         # zero starts that only paths which overwrite them reached (t1_adj = 0.0 before an if)

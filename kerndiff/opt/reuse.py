@@ -10,34 +10,142 @@ to just before that statement, where nothing in between reads or assigns it or a
 value reads (copies forwarded late leave `t1_dual2 = (1.0 - t2 * t2) * s_dual2` before
 `t3 = 1.0 - t2 * t2`, which CSE saw as `1.0 - t1 * t1`): the statement then reads it too.
 Only from the statements' own expressions, not from inside their blocks (an if's branch would
-then compute it whether taken or not)."""
+then compute it whether taken or not).
+
+In derivative code (is_derivative given; statements whose values only derivatives read, as
+opt.reciprocal's `rewritable` says), a product also reads a held product of some of its factors:
+after `t2 = t3_inv * t5`, `d_0_adj = d_0 * t3_inv * t5` is `d_0 * t2`. That regroups the
+product, which may change its last bit, as opt.algebra's rewrites of derivative code do (a
+product that opt.algebra wrote from looked-through definitions before opt.scales gave t2 its
+final factors: W2's HVP, two products per spring)."""
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
+
+from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, loads_in, map_expr,
-                       map_stmt_exprs, mentioned_names, rebuild_stmt, vars_in)
+from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
+                       map_expr, map_stmt_exprs, mentioned_names, rebuild_stmt, vars_in)
 
 
-def reuse_held_values(body):
-    return tuple(_block(body, {}))
+def reuse_held_values(body, is_derivative=None):
+    """is_derivative: None (whole values only), or a test for derivative fields (products read
+    held products of some of their factors where only derivatives read them)."""
+    return tuple(_block(body, {}, None if is_derivative is None else _Regrouping(body, is_derivative)))
 
 
-def _block(stmts, held):
+def _block(stmts, held, regroup=None):
     out = []
     for s in _held_earlier(list(stmts)):
         if held:
             # a while condition is evaluated again after every trip of the body
             now = _surviving(held, assigned_names((s,))) if isinstance(s, N.While) else held
             s = map_stmt_exprs(s, lambda e: map_expr(e, lambda x: now.get(x, x)))
+            if regroup is not None and regroup.applies(s):
+                s = _with_held_factors(s, lambda: regroup.products(now))
         blocks = blocks_of(s)
         if blocks:
-            s = rebuild_stmt(s, [tuple(_block(b, _surviving(held, assigned_names(b)))) for b in blocks])
+            s = rebuild_stmt(s, [tuple(_block(b, _surviving(held, assigned_names(b)), regroup)) for b in blocks])
         written = {s.name} if isinstance(s, N.Assign) else assigned_names((s,))
         held = _surviving(held, written)
         if isinstance(s, N.Assign) and _holdable(s):
             held[s.value] = N.Var(s.value.dtype, s.name)
         out.append(s)
+    return out
+
+
+class _Regrouping:
+    """Which statements may have their products regrouped (values only derivatives read), and
+    the factors of each held product, counted once for the pass."""
+
+    def __init__(self, body, is_derivative):
+        from .reciprocal import exact_names
+        self.exact, self.is_derivative = exact_names(body, is_derivative), is_derivative
+        self.counted = {}  # id(held product) -> (it, its factors counted)
+        # locals assigned once: one assigned in both branches of an if, read inside one, would
+        # be split by the passes after (`result_0_1 = ...`, then a copy `result_0_2 = result_0_1`)
+        assigned = Counter(s.name for s in iter_stmts(body) if isinstance(s, N.Assign))
+        self.once = {name for name, n in assigned.items() if n == 1}
+
+    def applies(self, s):
+        from .reciprocal import rewritable
+        return rewritable(s, self.exact, self.is_derivative)
+
+    def products(self, held):
+        """[(factors counted, the local holding their product)], the most factors first: products
+        of locals and constants (counting a factor hashes it, and a whole expression's hash walks
+        all of it) that locals assigned once hold."""
+        out = []
+        for e, v in held.items():
+            if e.op == "mul" and v.name in self.once:
+                got = self.counted.get(id(e))
+                if got is None or got[0] is not e:
+                    factors = _factors(e)
+                    got = self.counted[id(e)] = (e, Counter(factors) if all(map(_atom, factors)) else None)
+                if got[1] is not None:
+                    out.append((got[1], v))
+        out.sort(key=lambda p: -len(p[0]))
+        return out
+
+
+def _atom(e):
+    return type(e) is N.Var or type(e) is N.Const
+
+
+def _factors(e):
+    """The factors of a chain of products, in order (e itself where it is not a product)."""
+    if isinstance(e, N.Call) and e.op == "mul":
+        return _factors(e.args[0]) + _factors(e.args[1])
+    return [e]
+
+
+def _with_held_factors(s, held_products):
+    """s (an assignment, store or atomic add) with each chain of products in its value that has
+    among its factors those of a held product (the largest first; in any association: `(e * r)`
+    after `t2 = r * e`) reading the local that holds it, in the place of the first of them.
+    held_products() -> see _Regrouping.products (asked only where the value has a product)."""
+    products = None
+
+    def visit(e):
+        nonlocal products
+        if not isinstance(e, N.Call):
+            return e
+        if e.op != "mul":
+            args = tuple(visit(a) for a in e.args)
+            return e if all(a is b for a, b in zip(args, e.args)) else N.Call(e.dtype, e.op, args)
+        if products is None:
+            products = held_products()
+        chain = _factors(e)
+        factors = [visit(f) for f in chain]
+        have = Counter(filter(_atom, factors))
+        for wanted, v in products:
+            if v.dtype == e.dtype and all(have[f] >= n for f, n in wanted.items()):
+                factors = _replaced(factors, wanted, v)
+                have = Counter(filter(_atom, factors))
+        if len(factors) == len(chain) and all(a is b for a, b in zip(factors, chain)):
+            return e  # (rebuilt, it would be associated from the left)
+        out = factors[0]
+        for f in factors[1:]:
+            out = B.mul(out, f)
+        return out
+
+    value = visit(s.value)
+    return s if value is s.value else dataclasses.replace(s, value=value)
+
+
+def _replaced(factors, wanted, v):
+    """factors with those in `wanted` (a multiset of them) taken out and v in the place of the first."""
+    left, out, placed = Counter(wanted), [], False
+    for f in factors:
+        if left[f]:
+            left[f] -= 1
+            if not placed:
+                out.append(v)
+                placed = True
+        else:
+            out.append(f)
     return out
 
 
