@@ -87,19 +87,7 @@ def _mono_mul(a, b):
 
 def _ordered(powers):
     """A monomial's (atom, power) pairs in one order, whatever the order they came in."""
-    return tuple(sorted(powers, key=lambda kp: _text(kp[0])))
-
-
-def _text(atom):
-    """repr(atom), the order of a monomial's factors: kept on an expression node after the first
-    call (as walk.vars_in keeps its locals), since a node's repr walks all of it."""
-    if not isinstance(atom, N.Expr):
-        return repr(atom)  # a sum kept whole: ('sum', its terms)
-    got = atom.__dict__.get("_text")
-    if got is None:
-        got = repr(atom)
-        object.__setattr__(atom, "_text", got)
-    return got
+    return tuple(sorted(powers, key=lambda kp: repr(kp[0])))
 
 
 def _mono_without(mono, key, power=1):
@@ -295,7 +283,7 @@ class Writer:
         # (r * r * a + b) / r computes r * r besides)
         shared = [k for k, n in counts.items() if n >= 2 and len(signs[k]) == 1]
         if len(terms) > 1 and shared:
-            key = max(shared, key=lambda k: (counts[k], _text(k)))
+            key = max(shared, key=lambda k: (counts[k], repr(k)))
             # the lowest power of it those terms share comes out whole: t⁴ * (t * a + b), squared
             # (t * t) * (t * t), not t * (t * (t * (t * (t * a + b)))), a chain of 4 products
             # (of a reciprocal, r**-3 * (a + r**-1 * b): the power nearest zero, so what stays
