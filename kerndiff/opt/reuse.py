@@ -52,6 +52,8 @@ def _block(stmts, held, regroup=None):
         held = _surviving(held, written)
         if isinstance(s, N.Assign) and _holdable(s):
             held[s.value] = N.Var(s.value.dtype, s.name)
+            if regroup is not None:
+                regroup.note(s.value)
         out.append(s)
     return out
 
@@ -68,10 +70,18 @@ class _Regrouping:
         # be split by the passes after (`result_0_1 = ...`, then a copy `result_0_2 = result_0_1`)
         assigned = Counter(s.name for s in iter_stmts(body) if isinstance(s, N.Assign))
         self.once = {name for name, n in assigned.items() if n == 1}
+        self.factor_names = set()  # the locals that products held so far multiply
+
+    def note(self, held_value):
+        """A value now held: where a product, its locals may lead a statement to it."""
+        if held_value.op == "mul":
+            self.factor_names.update(f.name for f in _factors(held_value) if type(f) is N.Var)
 
     def applies(self, s):
+        """s computes a value only derivatives read, and reads a local some held product has."""
         from .reciprocal import rewritable
-        return rewritable(s, self.exact, self.is_derivative)
+        return rewritable(s, self.exact, self.is_derivative) \
+            and any(v.name in self.factor_names for v in vars_in(s.value))
 
     def products(self, held):
         """[(factors counted, the local holding their product)], the most factors first: products
