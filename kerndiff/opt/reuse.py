@@ -26,8 +26,8 @@ from collections import Counter
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
-                       map_expr, map_stmt_exprs, mentioned_names, rebuild_stmt, vars_in)
+from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, loads_in, map_expr,
+                       map_stmt_exprs, mentioned_names, rebuild_stmt, vars_in)
 
 
 def reuse_held_values(body, is_derivative=None):
@@ -66,10 +66,6 @@ class _Regrouping:
         from .reciprocal import exact_names
         self.exact, self.is_derivative = exact_names(body, is_derivative), is_derivative
         self.counted = {}  # id(held product) -> (it, its factors counted)
-        # locals assigned once: one assigned in both branches of an if, read inside one, would
-        # be split by the passes after (`result_0_1 = ...`, then a copy `result_0_2 = result_0_1`)
-        assigned = Counter(s.name for s in iter_stmts(body) if isinstance(s, N.Assign))
-        self.once = {name for name, n in assigned.items() if n == 1}
         self.factor_names = set()  # the locals that products held so far multiply
 
     def note(self, held_value):
@@ -86,10 +82,10 @@ class _Regrouping:
     def products(self, held):
         """[(factors counted, the local holding their product)], the most factors first: products
         of locals and constants (counting a factor hashes it, and a whole expression's hash walks
-        all of it) that locals assigned once hold."""
+        all of it)."""
         out = []
         for e, v in held.items():
-            if e.op == "mul" and v.name in self.once:
+            if e.op == "mul":
                 got = self.counted.get(id(e))
                 if got is None or got[0] is not e:
                     factors = _factors(e)
