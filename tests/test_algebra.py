@@ -492,6 +492,24 @@ def test_a_local_holding_a_quotient_is_not_divided_again():
     assert _divisions(out) == 0, out
 
 
+def test_a_division_two_statements_would_take_over_stays_in_its_local():
+    """After `t3 = 0.5 / t1 * g`, one use `d0 * t3 * 2.0 + c` is `d0 * g / t1 + c` (t3 and its
+    division go); two uses each writing `/ t1` would divide twice where t3 divides once, so both
+    keep reading t3 (opt.scales then moves the 2 into it: the mass-spring reverse through a
+    helper function, `t3 = t2 / t1; d_0_adj = d_0 * t3`)."""
+    t1, g, c, d0, d1, t3 = _v("t1"), _v("g"), _v("c"), _v("d0"), _v("d1"), _v("t3")
+    two = B.const(2.0, "f64")
+    define = N.Assign("t3", B.mul(B.div(B.const(0.5, "f64"), t1), g))
+
+    def use(d):
+        return _store(B.add(B.mul(B.mul(d, t3), two), c))
+
+    one = collect_terms((define, use(d0)), lambda f: True)
+    assert "t3" not in {v.name for v in vars_in(one[1].value)} and _divisions(one[1].value) == 1, one[1].value
+    for s in collect_terms((define, use(d0), use(d1)), lambda f: True)[1:]:
+        assert "t3" in {v.name for v in vars_in(s.value)} and _divisions(s.value) == 0, s.value
+
+
 def test_a_factor_is_pulled_out_only_where_all_its_terms_multiply_or_all_divide():
     """`r * a * 2.0 + b * (0.5 / r) * 4.0` is `(r * a + b / r) * 2.0`: r multiplies one term and
     divides the other, and pulling it out would compute r * r besides ((r * r * a + b) / r)."""

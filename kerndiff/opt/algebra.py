@@ -35,13 +35,16 @@ holds the reciprocal of is written back as one division after the products (`a *
 stays whole (`d_0 * (t2 / t1)`, which CSE shares with `d_1 * (t2 / t1)`). A factor that some
 terms divide by and others multiply by is not pulled out of a sum (`(r * r * a + b) / r`). A
 statement is rewritten only where it then takes no more divisions than before (counting those
-of the definitions it looks through), and a local that holds a quotient is read as itself, not
-looked through (each use would divide again).
+of the definitions it looks through, where the statement is their only reader: a division that
+two statements would each take over stays in its local, `t3 = t2 / t1; d_0_adj = d_0 * t3`), and
+a local that holds a quotient is read as itself, not looked through (each use would divide
+again).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -49,7 +52,8 @@ import numpy as np
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import assigned_names, blocks_of, iter_expr, iter_stmts, loads_in, rebuild_stmt, vars_in
+from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
+                       rebuild_stmt, vars_in)
 from .reciprocal import exact_names, is_reciprocal, rewritable
 
 MAX_TERMS = 12  # sums with more terms are left as written
@@ -412,14 +416,17 @@ class Definition(NamedTuple):
     terms: dict         # its value's terms, which a use reads in its place
     reads: set          # the locals those terms read (assigning one ends the definition)
     loads: set          # ids of the fields they load (storing into one ends it too)
-    divisions: int      # the divisions its terms stand for (see _cheaper)
+    divisions: int      # the divisions its terms stand for that a use may take (see _cheaper)
 
 
-def collect_terms(body, is_derivative, exact=None):
+def collect_terms(body, is_derivative, exact=None, readers=None):
     """body with derivative statements rewritten as collected sums of monomials where that is
-    cheaper (is_derivative(taichi_field) -> bool)."""
+    cheaper (is_derivative(taichi_field) -> bool). readers: local -> how many reads of it the
+    whole kernel has (computed here for the outermost block)."""
     if exact is None:
         exact = exact_names(body, is_derivative)
+    if readers is None:
+        readers = Counter(v.name for s in iter_stmts(body) for e in expr_children_of_stmt(s) for v in vars_in(e))
     defs = {}  # local -> Definition
     out = []
     for s in body:
@@ -434,7 +441,7 @@ def collect_terms(body, is_derivative, exact=None):
                 s = dataclasses.replace(s, value=new)
         blocks = blocks_of(s)
         if blocks:
-            s = rebuild_stmt(s, [collect_terms(b, is_derivative, exact) for b in blocks])
+            s = rebuild_stmt(s, [collect_terms(b, is_derivative, exact, readers) for b in blocks])
         out.append(s)
         _forget(defs, s)
         if isinstance(s, N.Assign) and _reciprocal_of_local(s.value) and s.name != s.value.args[1].name:
@@ -447,9 +454,12 @@ def collect_terms(body, is_derivative, exact=None):
                 terms = None
             if _looked_through(terms) and s.name not in {v.name for v in vars_in(s.value)}:
                 atoms = list(_atom_exprs(terms))
+                # the divisions a use may take over: none where it has other readers, which keep
+                # it (and its division) alive (`d_0 * t3 * 2.0` and `d_1 * t3 * 2.0`, t3 = 0.5 / t1 *
+                # r_adj, would each divide by t1 themselves)
+                taken = divisions(s.value) + _divisions_through(s.value, defs) if readers[s.name] == 1 else 0
                 defs[s.name] = Definition(terms, {v.name for a in atoms for v in vars_in(a)},
-                                          {id(x.ref.field) for a in atoms for x in loads_in(a)},
-                                          divisions(s.value) + _divisions_through(s.value, defs))
+                                          {id(x.ref.field) for a in atoms for x in loads_in(a)}, taken)
     return tuple(out)
 
 
