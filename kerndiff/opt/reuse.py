@@ -28,6 +28,7 @@ from ..ir import nodes as N
 from ..ir.types import is_float
 from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, loads_in, map_expr,
                        map_stmt_exprs, mentioned_names, rebuild_stmt, vars_in)
+from .reciprocal import exact_names, rewritable
 
 
 def reuse_held_values(body, is_derivative=None):
@@ -63,7 +64,6 @@ class _Regrouping:
     the factors of each held product, counted once for the pass."""
 
     def __init__(self, body, is_derivative):
-        from .reciprocal import exact_names
         self.exact, self.is_derivative = exact_names(body, is_derivative), is_derivative
         self.counted = {}  # id(held product) -> (it, its factors counted)
         self.factor_names = set()  # the locals that products held so far multiply
@@ -75,7 +75,6 @@ class _Regrouping:
 
     def applies(self, s):
         """s computes a value only derivatives read, and reads a local some held product has."""
-        from .reciprocal import rewritable
         return rewritable(s, self.exact, self.is_derivative) \
             and any(v.name in self.factor_names for v in vars_in(s.value))
 
