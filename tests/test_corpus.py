@@ -145,6 +145,22 @@ def build_corpus(dt=ti.f64):
 
     corpus["recurrence"] = (recurrence, ())
 
+    # --- a local carried through a serialized outermost loop ---------------------------------
+    steps = ti.field(dt, shape=N)
+    scan_out = ti.field(dt, shape=())
+    steps.from_numpy(rng.uniform(0.2, 0.8, N))
+
+    @kd.kernel
+    def serial_scan():
+        acc = 0.5
+        ti.loop_config(serialize=True)
+        for i in range(N):
+            acc = ti.sin(acc) * 0.8 + steps[i] * acc
+            scan_out[None] += acc * steps[i]
+        scan_out[None] += acc * acc
+
+    corpus["serial_scan"] = (serial_scan, ())
+
     # --- intermediate field between two loops, ti.static unrolling -----------------------------
     a = ti.field(dt, shape=N)
     mid = ti.field(dt, shape=N)
@@ -238,7 +254,7 @@ def build_corpus(dt=ti.f64):
 
 
 CORPUS_NAMES = ["elementwise", "mass_spring", "nbody", "stencil", "matrix_energy", "branches", "recurrence",
-                "two_loops", "template_args", "return_value", "grouped", "dense_layer", "taichi_library"]
+                "serial_scan", "two_loops", "template_args", "return_value", "grouped", "dense_layer", "taichi_library"]
 
 
 @pytest.fixture(scope="module")

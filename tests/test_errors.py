@@ -343,47 +343,6 @@ def test_assigning_outer_local_in_parallel_loop(f):
     raises(k, "cannot be assigned inside it", "+=")
 
 
-def test_a_local_carried_through_a_serialized_outermost_loop_names_the_inner_loop_remedy(f):
-    """Under ti.loop_config(serialize=True) Taichi runs a kernel's outermost loop in order, so a
-    local may carry from one trip to the next; kerndiff carries locals through inner loops only.
-    The error says so (not that iterations run in parallel), and the remedy it names, the loop
-    inside a one-trip loop, is differentiated right (finite differences)."""
-    x, y, s = f["x"], f["y"], f["s"]
-
-    @kd.kernel
-    def carried():
-        acc = 0.0
-        ti.loop_config(serialize=True)
-        for i in range(N):
-            acc = acc * 0.9 + x[i] * y[i]
-            s[None] += acc * acc
-
-    msg = raises(carried, "'acc' is defined before this outermost loop", "serialize=True", "range(1)",
-                 line_text="acc = acc * 0.9 + x[i] * y[i]")
-    assert "in parallel" not in msg
-
-    @kd.kernel
-    def scaled():
-        acc = 1.0
-        ti.loop_config(serialize=True)
-        for i in range(N):
-            acc *= x[i]
-
-    raises(scaled, "'acc' is defined before this outermost loop", line_text="acc *= x[i]")
-
-    @kd.kernel
-    def remedy():
-        for _ in range(1):
-            acc = 0.0
-            for i in range(N):
-                acc = acc * 0.9 + x[i] * y[i]
-                s[None] += acc * acc
-
-    x0 = {x: np.linspace(0.5, 1.5, N), y: np.linspace(-1.0, 0.7, N)}
-    check(remedy, "reverse", x0=x0)
-    check(remedy, "forward", x0=x0)
-
-
 def test_return_not_last(f):
     x = f["x"]
 

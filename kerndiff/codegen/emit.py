@@ -364,7 +364,8 @@ class Emitter:
                 out(f"{pad}else:")
                 self.block(orelse, indent + 1, else_path, _note(s))
         elif isinstance(s, N.For):
-            if s.serialize:
+            if s.serialize or (not s.parallel and not path):
+                # a serial loop at the kernel's top level: Taichi would run it in parallel
                 out(f"{pad}ti.loop_config(serialize=True)")
             out(f"{pad}for {', '.join(s.vars)} in {self.iter(s)}:")
             self.block(s.body, indent + 1, path + ((i, 0),), _note(s))

@@ -50,6 +50,31 @@ def field_spec(fieldv):
     return RangeSpec([(o, o + s) for o, s in zip(index_offset(fieldv), fieldv.shape)])
 
 
+def _carries_outer_locals(lw, node):
+    """Whether the loop's body assigns a local bound before it other than by += / -= (which
+    a parallel loop reduces atomically): the value then carries from one trip to the next."""
+    from .lower import Local
+
+    def names(target):
+        while isinstance(target, (ast.Subscript, ast.Attribute)):  # p[0] = ..., p.x = ...
+            target = target.value
+        if isinstance(target, ast.Name):
+            yield target.id
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            for t in target.elts:
+                yield from names(t)
+
+    assigned = set()
+    for sub in ast.walk(ast.Module(body=node.body, type_ignores=[])):
+        if isinstance(sub, ast.Assign):
+            for t in sub.targets:
+                assigned.update(names(t))
+        elif isinstance(sub, ast.AnnAssign) or (isinstance(sub, ast.AugAssign)
+                                                and not isinstance(sub.op, (ast.Add, ast.Sub))):
+            assigned.update(names(sub.target))
+    return any(isinstance(lw.scope.get(n), Local) for n in assigned)
+
+
 def lower_for(lw, node):
     from .lower import Local, is_field
 
@@ -86,9 +111,12 @@ def lower_for(lw, node):
     for start, stop in it.bounds:
         s, e = lw.scalar(start, node.iter), lw.scalar(stop, node.iter)
         bounds.append((B.cast(s, "i32"), B.cast(e, "i32")))
-    parallel = lw.depth == 0
     serialize = lw.serialize_next
     lw.serialize_next = False
+    # A serialized outermost loop that carries a local from one trip to the next runs as the
+    # serial loop it is, like an inner loop (Taichi runs its trips in order); without one it
+    # stays a parallel loop whose trips kerndiff reverses one by one.
+    parallel = lw.depth == 0 and not (serialize and _carries_outer_locals(lw, node))
     lw.depth += 1
     lw.loop_depth += 0 if parallel and not serialize else 1
     lw.blocks.append([])
@@ -111,8 +139,7 @@ def lower_for(lw, node):
             lw.scope[t] = Local([v], None, ["i32"])
     saved_frame = lw.reduction_frame
     if parallel:
-        lw.reduction_frame = {"outer": {n: v for n, v in lw.scope.items() if isinstance(v, Local)}, "fields": {},
-                              "serialized": serialize}
+        lw.reduction_frame = {"outer": {n: v for n, v in lw.scope.items() if isinstance(v, Local)}, "fields": {}}
     for s in node.body:
         lw.stmt(s)
     body = tuple(lw.blocks.pop())

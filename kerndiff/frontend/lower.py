@@ -563,24 +563,12 @@ class Lowerer:
         local = frame["outer"].get(name)
         return local if local is not None and self.scope.get(name) is local else None
 
-    def serialized_carry(self, name, node):
-        """The error for a local carried across the trips of a kernel's outermost loop under
-        ti.loop_config(serialize=True), which Taichi runs in order: kerndiff differentiates such
-        loops trip by trip and carries locals through inner loops only."""
-        return self.error(node, f"'{name}' is defined before this outermost loop and carried from one "
-                                "trip to the next; kerndiff carries locals through inner loops only, not "
-                                "through a kernel's outermost loop, even under ti.loop_config(serialize=True)",
-                          f"make it an inner loop: put '{name} = ...' and the loop inside `for _ in "
-                          "range(1):` (store what the kernel returns in a field)")
-
     def assign(self, target, value, node):
         if (parts := self.swizzle_targets(target, value, node)) is not None:
             for part, item in parts:
                 self.assign(part, item, node)
             return
         if isinstance(target, ast.Name) and self.outer_local(target.id) is not None:
-            if self.reduction_frame.get("serialized"):
-                raise self.serialized_carry(target.id, node)
             raise self.error(node, f"'{target.id}' is defined outside this parallel loop and cannot be "
                                    "assigned inside it (iterations run in parallel)",
                              "reduce into it with +=, or use a local defined inside the loop")
@@ -848,8 +836,6 @@ class Lowerer:
             return
         if isinstance(t, ast.Name) and self.outer_local(t.id) is not None:
             if op not in ("add", "sub"):
-                if self.reduction_frame.get("serialized"):
-                    raise self.serialized_carry(t.id, node)
                 raise self.error(node, f"'{t.id}' is defined outside this parallel loop; only += and -= "
                                        "(atomic reductions) may update it here",
                                  "accumulate with += / -=, or use a field")
