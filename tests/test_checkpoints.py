@@ -142,6 +142,29 @@ def test_a_long_loop_read_after_it_runs_forward_once(runtime, prefix, mode):
         assert src.index("for t_ck in range(40):") < src.index("# adjoint of: E[None] +="), src
 
 
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
+def test_a_long_serialized_outermost_loop_read_after_it_runs_forward_once(runtime, prefix, mode):
+    """The same at a kernel's top level: one pendulum integrated in a ti.loop_config(serialize=True)
+    outermost loop whose locals carry from step to step (a serial loop), read after it."""
+    q, E = _pendulum_fields(needs_grad=False)
+
+    @kd.kernel
+    def pendulum():
+        a, w = q[0], 0.0
+        ti.loop_config(serialize=True)
+        for t in range(40):
+            w = w - 0.05 * (ti.sin(a) + 0.1 * w) * q[1]
+            a = a + 0.05 * w
+        E[None] += 0.5 * w * w + 1.0 - ti.cos(a) * q[2]
+
+    check_path(pendulum, prefix, mode, rtol=1e-6, atol=1e-8)
+    if (prefix, mode) == ("", "reverse"):
+        src = pendulum.reverse.source
+        loops = re.findall(r"^ *for (\w+) in range\(40\):", src, re.MULTILINE)
+        assert loops == ["t_ck", "t_rev"], src
+        assert src.index("for t_ck in range(40):") < src.index("# adjoint of: E[None] +="), src
+
+
 def test_checkpoints_in_fields_or_in_locals(runtime, monkeypatch):
     """A derived kernel that no reverse transform takes as input (k.reverse, k.reverse.forward,
     k.forward.reverse) keeps a long constant loop's checkpoints in helper fields with one row per

@@ -292,13 +292,14 @@ class Reverse:
         return before + out
 
     def fuse_checkpoint_runs(self, body, recomputed, backward):
-        """A long loop at the top of a parallel body runs forward twice: once in the recompute
-        sweep, for the statements after it, and once more in its backward sweep's prologue,
-        which stores checkpoints on the way. Both start from the same entry values and end on
-        the same carried values, so the checkpointing run can take the plain run's place
-        (W6: a 1000-step integration, one forward pass fewer of the 4.6 its reverse made). Only
-        where nothing outside the loop reads a value the body computes that is not carried: the
-        checkpointing run computes those under names of its own."""
+        """A long loop at the top of a parallel body (or of the kernel: a serialized outermost
+        loop carrying locals) runs forward twice: once in the recompute sweep, for the statements
+        after it, and once more in its backward sweep's prologue, which stores checkpoints on the
+        way. Both start from the same entry values and end on the same carried values, so the
+        checkpointing run can take the plain run's place (W6: a 1000-step integration, one
+        forward pass fewer of the 4.6 its reverse made). Only where nothing outside the loop
+        reads a value the body computes that is not carried: the checkpointing run computes
+        those under names of its own."""
         from ..ir.walk import used_names
         for t in body:
             got = self.checkpoint_runs.get(id(t))
@@ -671,7 +672,8 @@ def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False, checkpoint
     for d in ir.returns:
         cot_params.append(N.Param(names.fresh("ret_adj"), d))
     rev.cotangents = [B.var(p.name, p.dtype) for p in cot_params]
-    out = rev.zero_inits(body) + list(rev.recompute(body)) + rev.backward(body)
+    recomputed, backward = rev.fuse_checkpoint_runs(body, list(rev.recompute(body)), rev.backward(body))
+    out = rev.zero_inits(body) + recomputed + backward
     return dataclasses.replace(ir, name=f"{ir.name}_rev", body=tuple(out),
                                params=tuple(ir.params) + tuple(cot_params), returns=())
 
