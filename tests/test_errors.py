@@ -429,9 +429,21 @@ def test_atomic_max_outside_parallel_loop(f):
     def k():
         ti.atomic_max(s[None], x[0])
 
+    @kd.kernel
+    def serial():
+        acc = 0.0
+        ti.loop_config(serialize=True)
+        for i in range(N):
+            acc = acc * 0.5 + x[i]  # a carried local: the loop runs serially
+            ti.atomic_min(s[None], acc)
+
     kd.adjoint(x)
+    kd.dual(x)
     k()
-    raises(k.reverse, "outside a parallel", line_text="ti.atomic_max(s[None], x[0])")
+    for kernel, line_text in ((k, "ti.atomic_max(s[None], x[0])"), (serial, "ti.atomic_min(s[None], acc)")):
+        for derived in (kernel.reverse, kernel.forward):
+            fn = "ti.max" if "max" in line_text else "ti.min"
+            raises(derived, "outside a parallel loop", "runs serially", f"m = {fn}(m, v)", line_text=line_text)
 
 
 def test_device_function_errors(f):

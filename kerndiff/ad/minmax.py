@@ -103,8 +103,18 @@ def forward_atomic_minmax(fwd, s, dual_ref):
                                           src=s.src, tag="tangent"),), src=s.src, tag="tangent")]
     if getattr(fwd, "minmax_mode", None) == "primal":
         return [s]
-    raise KernDiffError(f"ti.atomic_{s.op} must be in a parallel loop to be differentiated", s.src,
-                        "put the reduction inside the kernel's outermost loop")
+    raise serial_minmax_error(s)
+
+
+def serial_minmax_error(s):
+    """ti.atomic_max / atomic_min outside a parallel loop (at a kernel's top level, or in a
+    serialized outermost loop carrying locals, which runs as a serial loop): the winner counts
+    its derivatives split ties by need the parallel loop's passes."""
+    fn = "ti.max" if s.op == "max" else "ti.min"
+    return KernDiffError(f"differentiating ti.atomic_{s.op} outside a parallel loop is not supported (here the "
+                         "code runs serially)", s.src,
+                         f"keep the running value in a local (m = {fn}(m, v)) and store it after the loop, or "
+                         "put the reduction inside a parallel outermost loop")
 
 
 def forward_loop(fwd, loop, targets):

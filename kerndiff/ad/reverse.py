@@ -225,10 +225,9 @@ class Reverse:
             if aref is None or not self.is_varied(s.value):
                 return []
             if s.op != "add":
-                from .minmax import reverse_atomic_minmax
+                from .minmax import reverse_atomic_minmax, serial_minmax_error
                 if not self.outer_stack:  # the winner count needs the loop's passes (minmax.py)
-                    raise KernDiffError(f"differentiating ti.atomic_{s.op} outside a parallel (outermost) loop "
-                                        "is not supported", s.src, "put the reduction inside the kernel's loop")
+                    raise serial_minmax_error(s)
                 return reverse_atomic_minmax(self, s, aref)
             acc = {}
             self.vjp(s.value, B.load(aref, s.index), acc)
