@@ -446,6 +446,22 @@ def test_atomic_max_outside_parallel_loop(f):
             raises(derived, "outside a parallel loop", "runs serially", f"m = {fn}(m, v)", line_text=line_text)
 
 
+def test_using_the_value_an_atomic_returns(f):
+    """slot = ti.atomic_add(count[None], 1) (compaction) hands out slots in the order threads
+    run; a derivative kernel would need the same slots, so the error points to computing them
+    first in a plain Taichi kernel."""
+    x, n = f["x"], f["n"]
+
+    @kd.kernel
+    def k():
+        for i in x:
+            slot = ti.atomic_add(n[0], 1)
+            x[slot] = 2.0 * x[i]
+
+    raises(k, "ti.atomic_add returns (the old value) depends on the order", "plain ti.kernel first",
+           "slot[i] = ti.atomic_add(count[None], 1)", line_text="slot = ti.atomic_add(n[0], 1)")
+
+
 def test_device_function_errors(f):
     @kd.func
     def g(a, b):

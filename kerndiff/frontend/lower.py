@@ -1318,8 +1318,10 @@ class Lowerer:
     def expr_Call(self, node):
         fn = self.expr(node.func)
         if fn in (ti.atomic_add, ti.atomic_max, ti.atomic_min, ti.atomic_sub):
-            raise self.error(node, "the value returned by an atomic operation cannot be used",
-                             "call ti.atomic_* as a statement")
+            raise self.error(node, f"the value ti.{fn.__name__} returns (the old value) depends on the order the "
+                                   "threads ran in, which the derivative kernels cannot replay",
+                             f"compute it in a plain ti.kernel first (e.g. slot[i] = ti.{fn.__name__}(count[None], 1)) "
+                             "and read that field here, or call it as a statement")
         args = []
         for a in node.args:
             if isinstance(a, ast.Starred):  # f(*v): a vector's components or a Python sequence
