@@ -238,3 +238,34 @@ def test_branches_with_nothing_to_recompute_and_constant_conditions_read_plainly
     code = [line.strip() for line in piecewise.reverse.source.splitlines() if not line.strip().startswith("#")]
     assert code.count("if v < -1.0:") == 1 and "pass" not in code and "w = ti.sin(v)" in code
     assert not any(" and 0" in line or "and c" in line or line == "elif 0:" for line in code)
+
+
+def test_loop_config_options_reach_the_derivative_kernels_loops(runtime):
+    """ti.loop_config(block_dim=..., parallelize=...) tunes how Taichi runs the loop after it (the
+    block size on a GPU, the thread count on a CPU): kerndiff's primal keeps it, and so does each
+    derivative kernel's loop made from that loop. A non-constant value is refused."""
+    x = ti.field(ti.f64, shape=5)
+    y = ti.field(ti.f64, shape=5)
+    x.from_numpy(np.linspace(0.1, 0.9, 5))
+
+    @kd.kernel
+    def tuned():
+        ti.loop_config(block_dim=32, parallelize=2)
+        for i in x:
+            y[i] = ti.sin(x[i]) * x[i]
+
+    for prefix, mode in PATHS:
+        check_path(tuned, prefix, mode)
+    for k in (tuned, tuned.forward, tuned.reverse, tuned.reverse.forward):
+        lines = k.source.splitlines()
+        loop = next(i for i, line in enumerate(lines) if line.startswith("    for "))
+        assert lines[loop - 1] == "    ti.loop_config(block_dim=32, parallelize=2)", k.source
+
+    @kd.kernel
+    def unknown(b: ti.i32):
+        ti.loop_config(block_dim=b)
+        for i in x:
+            y[i] = x[i]
+
+    with pytest.raises(kd.KernDiffError, match=r"ti.loop_config\(block_dim=...\) needs a compile-time value"):
+        unknown(32)

@@ -364,9 +364,11 @@ class Emitter:
                 out(f"{pad}else:")
                 self.block(orelse, indent + 1, else_path, _note(s))
         elif isinstance(s, N.For):
-            if s.serialize or (not s.parallel and not path):
-                # a serial loop at the kernel's top level: Taichi would run it in parallel
-                out(f"{pad}ti.loop_config(serialize=True)")
+            # a serial loop at the kernel's top level needs serialize=True: Taichi would run it in parallel
+            serialize = s.serialize or (not s.parallel and not path)
+            options = (("serialize", True),) * serialize + tuple(s.config)
+            if options:
+                out(f"{pad}ti.loop_config({', '.join(f'{k}={v!r}' for k, v in options)})")
             out(f"{pad}for {', '.join(s.vars)} in {self.iter(s)}:")
             self.block(s.body, indent + 1, path + ((i, 0),), _note(s))
         elif isinstance(s, N.While):

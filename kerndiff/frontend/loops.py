@@ -111,8 +111,8 @@ def lower_for(lw, node):
     for start, stop in it.bounds:
         s, e = lw.scalar(start, node.iter), lw.scalar(stop, node.iter)
         bounds.append((B.cast(s, "i32"), B.cast(e, "i32")))
-    serialize = lw.serialize_next
-    lw.serialize_next = False
+    serialize, config = lw.serialize_next, lw.loop_config_next
+    lw.serialize_next, lw.loop_config_next = False, ()
     # A serialized outermost loop that carries a local from one trip to the next runs as the
     # serial loop it is, like an inner loop (Taichi runs its trips in order); without one it
     # stays a parallel loop whose trips kerndiff reverses one by one.
@@ -162,6 +162,7 @@ def lower_for(lw, node):
     for (name, dtype), ref in reductions:  # a top-level local reduced in the loop lives in a 0-d field
         lw.emit(N.Store(ref, (), B.var(name, dtype), src=lw.loc(node)))
     lw.emit(N.For(tuple(header_vars), tuple(bounds), body, parallel=parallel, serialize=serialize,
+                  config=config if lw.depth == 0 else (),
                   src=lw.loc(node)))
     for (name, dtype), ref in reductions:
         lw.emit(N.Assign(name, B.load(ref, ()), src=lw.loc(node)))

@@ -190,6 +190,7 @@ class Lowerer:
         self.depth = 0 if parent is None else parent.depth
         self.loop_depth = 0 if parent is None else parent.loop_depth
         self.serialize_next = False
+        self.loop_config_next = ()  # ti.loop_config's other options, for the next outermost loop
         self.reduction_frame = None
         self.pending = []  # per if being lowered: names its then-branch bound, which the else may bind too
         self.ended = {}    # name -> the block it was bound in, for names that ended with that block
@@ -510,7 +511,12 @@ class Lowerer:
             fn = self.expr(node.value.func)
             if fn is ti.loop_config:
                 kw = {k.arg: self.expr(k.value) for k in node.value.keywords}
-                self.serialize_next = bool(kw.get("serialize", False))
+                self.serialize_next = bool(kw.pop("serialize", False))
+                for name, value in kw.items():
+                    if value is not None and not isinstance(value, (bool, int)):
+                        raise self.error(node, f"ti.loop_config({name}=...) needs a compile-time value",
+                                         "pass a Python int or bool (or ti.static(...) of one)")
+                self.loop_config_next = tuple(sorted((k, v) for k, v in kw.items() if v is not None))
                 return
             if fn in (ti.atomic_add, ti.atomic_max, ti.atomic_min, ti.atomic_sub):
                 self.atomic_call(fn, node.value)

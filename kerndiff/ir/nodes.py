@@ -113,7 +113,9 @@ class For(Stmt):
     """A counted loop over a box: vars[k] runs over range(bounds[k][0], bounds[k][1]).
 
     `parallel` marks the kernel's outermost loops (Taichi runs them in parallel); inner loops
-    are serial; `serialize` is ti.loop_config(serialize=True) on an outermost loop.
+    are serial; `serialize` is ti.loop_config(serialize=True) on an outermost loop, and `config`
+    its other options as (name, value) pairs (block_dim=128, parallelize=4), which tune how Taichi
+    runs the loop and so are kept for the derivative kernels' loops made from it.
     """
 
     vars: Tuple[str, ...]
@@ -121,6 +123,7 @@ class For(Stmt):
     body: Tuple[Stmt, ...]
     parallel: bool = False
     serialize: bool = False
+    config: Tuple[Tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True)

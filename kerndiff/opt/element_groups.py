@@ -114,7 +114,7 @@ def _grouped(loop, names):
             body += [copy(loop.body[k], c) for c in range(GROUP)]
             k += 1
     out = [N.For((group,), ((B.const(0, i32), B.const(groups, i32)),), tuple(body), parallel=True,
-                 src=loop.src, tag=loop.tag)]
+                 config=loop.config, src=loop.src, tag=loop.tag)]
     if lo_v + groups * GROUP < hi_v:  # the last one to three elements, as the loop was
         out.append(dataclasses.replace(loop, bounds=((B.const(lo_v + groups * GROUP, i32), hi),)))
     return out
