@@ -203,11 +203,27 @@ def test_bitwise_operators_need_integers(f):
     raises(on_float, "bitwise operator on a floating-point value", line_text="s[None] += x[i] & 1")
 
     @kd.kernel
-    def or_into_field():
+    def or_into_float_field():
         for i in x:
-            n[i % 2] |= i
+            x[i] |= 1
 
-    raises(or_into_field, "'|=' on a field is an atomic or", line_text="n[i % 2] |= i")
+    raises(or_into_float_field, "an atomic or needs an integer field; 'x' holds f64", line_text="x[i] |= 1")
+
+    @kd.kernel
+    def static_assert_fails():
+        ti.static_assert(N == 5, "four is not five")
+        for i in x:
+            s[None] += x[i]
+
+    raises(static_assert_fails, "ti.static_assert failed: four is not five", line_text="ti.static_assert(N == 5")
+
+    @kd.kernel
+    def static_assert_at_run_time():
+        for i in x:
+            ti.static_assert(x[i] > 0.0)
+
+    raises(static_assert_at_run_time, "needs a compile-time condition", "assert",
+           line_text="ti.static_assert(x[i] > 0.0)")
 
 
 def test_random_numbers_inside_a_kernel(f):

@@ -1047,3 +1047,54 @@ def test_transforms_are_reused_until_a_derivative_field_appears(runtime, monkeyp
     assert len(reverses) == 2
     np.testing.assert_allclose(kd.adjoint(w).to_numpy(), np.sin(xv), rtol=1e-13)
     np.testing.assert_allclose(kd.adjoint(x).to_numpy(), wv * np.cos(xv), rtol=1e-13)
+
+
+def test_integer_bit_atomics_and_compile_time_calls_run_in_the_primal_only(runtime):
+    """Flags set with |=, ti.atomic_and and ti.atomic_xor on integer fields run in the primal, as
+    Taichi runs them, and in no derivative kernel (xor would flip the bits back); ti.static_assert
+    and ti.block_local (a GPU cache hint) do their work at compile time. An inlined function's
+    parameter named like a field (ti.math.fract's x) takes another name: the field keeps its
+    own, and the parameter's binding sits under the caller's line."""
+    x = ti.field(ti.f64, shape=N)
+    y = ti.field(ti.f64, shape=N)
+    flags = ti.field(ti.i32, shape=N)
+    mask = ti.field(ti.i32, shape=())
+    xs = np.linspace(0.1, 0.9, N)
+    x.from_numpy(xs)
+
+    @kd.kernel
+    def k():
+        ti.static_assert(N == 6, "six elements")
+        ti.block_local(x)
+        for i in x:
+            flags[i] |= 4
+            ti.atomic_xor(flags[i], i)
+            ti.atomic_and(mask[None], 7 - i % 2)
+            y[i] = ti.math.fract(x[i] * 3.0) * x[i]
+
+    kd.adjoint(x)
+    kd.dual(x)
+    flags.fill(1)
+    mask[None] = 15
+    k()
+    expected_flags = (1 | 4) ^ np.arange(N)
+    assert flags.to_numpy().tolist() == expected_flags.tolist()
+    assert mask[None] == 6
+    frac = xs * 3.0 - np.floor(xs * 3.0)
+    np.testing.assert_allclose(y.to_numpy(), frac * xs, rtol=1e-14)
+    kd.adjoint(y).fill(1.0)
+    kd.dual(x).fill(1.0)
+    k.reverse()
+    k.forward()
+    k.reverse.forward()
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), 3.0 * xs + frac, rtol=1e-13)
+    np.testing.assert_allclose(kd.dual(y).to_numpy(), 3.0 * xs + frac, rtol=1e-13)
+    assert flags.to_numpy().tolist() == ((expected_flags | 4) ^ np.arange(N)).tolist()  # the forward's pass only
+    assert mask[None] == 6
+    code = [line.strip() for line in k.source.splitlines() if not line.strip().startswith("#")]
+    assert "flags[i] |= 4" in code and "flags[i] ^= i" in code and "mask[None] &= 7 - i % 2" in code, k.source
+    assert "x_1 = x[i] * 3.0" in k.source, k.source
+    line = "# y[i] = ti.math.fract(x[i] * 3.0) * x[i]"
+    assert k.source.index(line) < k.source.index("x_1 = x[i] * 3.0"), k.source
+    for derived in (k.reverse, k.reverse.forward):
+        assert "flags" not in derived.source and "mask" not in derived.source, derived.source

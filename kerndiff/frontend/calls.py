@@ -17,6 +17,24 @@ from .vec import Vec
 MAX_INLINE_DEPTH = 32
 
 
+def compile_time_call(lw, fn, args, kwargs, node):
+    """Calls that do their work while the kernel compiles, as in Taichi: ti.static_assert checks
+    its condition now, ti.static_print prints now, and ti.block_local (a hint to cache fields in
+    a GPU block's shared memory) is dropped: kerndiff's kernels read the fields directly, and the
+    hint's loop shape need not survive a transform."""
+    if fn is ti.static_print:
+        print(*args, **kwargs)
+    elif fn is ti.static_assert:
+        cond = args[0] if args else kwargs.get("cond")
+        msg = args[1] if len(args) > 1 else kwargs.get("msg")
+        if isinstance(cond, (N.Expr, Vec)):
+            raise lw.error(node, "ti.static_assert needs a compile-time condition",
+                           "use assert for a run-time check, or build the condition from ti.static values")
+        if not cond:
+            raise lw.error(node, "ti.static_assert failed" + (f": {msg}" if msg else ""),
+                           "fix the condition or the values")
+    return None
+
 def lower_call(lw, fn, args, kwargs, node):
     from .lower import Method, is_field
 
@@ -48,6 +66,8 @@ def lower_call(lw, fn, args, kwargs, node):
         if isinstance(v, N.Expr):
             raise lw.error(node, "ti.static got a runtime value", "pass compile-time constants to ti.static")
         return v
+    if fn in (ti.static_assert, ti.static_print, ti.block_local):
+        return compile_time_call(lw, fn, args, kwargs, node)
     handler = BI.lookup(fn)
     if handler is not None:
         try:
@@ -239,7 +259,7 @@ def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
                                "copy the element to a local, call the method on it, and store the local back")
             child.scope[p] = v
         elif isinstance(v, StructValue):
-            child.bind_local(p, v, node)  # a copy, as Taichi passes structs by value
+            _bind_at_call(child, lw, p, v, node)  # a copy, as Taichi passes structs by value
         elif not isinstance(v, (N.Expr, Vec)) and (p in templates or not isinstance(v, (bool, int, float))):
             # compile-time, as in Taichi: ti.math.eye(n: template()) unrolls over n, and a dtype
             # passed on (Taichi's _polar_decompose2d(A, dt)) stays a dtype
@@ -251,9 +271,20 @@ def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
                 (p not in reassigned or p in templates):
             child.scope[p] = Local([e.name for e in v.items], v.shape, [e.dtype for e in v.items])
         else:
-            child.bind_local(p, v, node)
+            _bind_at_call(child, lw, p, v, node)
     return converted(lower_body_with_returns(child, list(src.tree.body)), returns)
 
+
+def _bind_at_call(child, caller, name, value, call):
+    """Bind the inlined function's parameter `name` to `value` where the caller calls it: the
+    call node belongs to the caller's source, so the binding's statements (and any error) are
+    placed at the call's line, not at the line of the function's source with the same number."""
+    own = child.src
+    child.src = caller.src
+    try:
+        child.bind_local(name, value, call)
+    finally:
+        child.src = own
 
 def _annotations(pyfn):
     """({parameter: annotation}, return annotation or None) of pyfn, evaluated (({}, None) where

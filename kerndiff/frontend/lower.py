@@ -42,6 +42,11 @@ PYOPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, 
          "bit_xor": lambda a, b: a ^ b, "shl": lambda a, b: a << b, "shr": lambda a, b: a >> b}
 
 
+# ti.atomic_* called as a statement: the IR's atomic operation (sub is add of the negation)
+ATOMIC_OPS = {ti.atomic_add: "add", ti.atomic_sub: "sub", ti.atomic_max: "max", ti.atomic_min: "min",
+              ti.atomic_and: "and", ti.atomic_or: "or", ti.atomic_xor: "xor"}
+BIT_AUG_OPS = {"and": ast.BitAnd, "or": ast.BitOr, "xor": ast.BitXor}
+
 def is_field(v) -> bool:
     return isinstance(v, (ScalarField, MatrixField))
 
@@ -518,7 +523,7 @@ class Lowerer:
                                          "pass a Python int or bool (or ti.static(...) of one)")
                 self.loop_config_next = tuple(sorted((k, v) for k, v in kw.items() if v is not None))
                 return
-            if fn in (ti.atomic_add, ti.atomic_max, ti.atomic_min, ti.atomic_sub):
+            if fn in ATOMIC_OPS:
                 self.atomic_call(fn, node.value)
                 return
             if fn is print:
@@ -527,8 +532,12 @@ class Lowerer:
         self.expr(node.value)
 
     def atomic_call(self, fn, call):
-        op = {ti.atomic_add: "add", ti.atomic_max: "max", ti.atomic_min: "min", ti.atomic_sub: "sub"}[fn]
+        op = ATOMIC_OPS[fn]
         target, value = call.args
+        if op in BIT_AUG_OPS:  # ti.atomic_or(t, v) is t |= v, on a field or a local
+            aug = ast.AugAssign(target=target, op=BIT_AUG_OPS[op](), value=value)
+            self.stmt_AugAssign(ast.copy_location(aug, call))
+            return
         if isinstance(target, ast.Name):  # ti.atomic_add(s, v) on a local is s += v (a reduction where Taichi's is)
             if op not in ("add", "sub"):
                 raise self.error(call, f"ti.atomic_{op} of a local variable is not supported",
@@ -854,9 +863,9 @@ class Lowerer:
             return
         if (element := self.field_target(t)) is not None:
             t = element
-            if op in ("bit_and", "bit_or", "bit_xor"):
-                raise self.error(node, f"'{SYMBOLS[op]}=' on a field is an atomic {op[4:]} in Taichi, "
-                                       "which kerndiff does not generate", "compute the bits in a local and store them")
+            if op in ("bit_and", "bit_or", "bit_xor"):  # an atomic and / or / xor in Taichi, as here
+                self.store(t, value, node, atomic=op[4:])
+                return
             if op in ("add", "sub"):
                 if op == "sub":
                     value = self.elementwise(B.neg, value, node)
@@ -1005,6 +1014,9 @@ class Lowerer:
                                  "make the shapes agree")
             items = value.items
         for ref, e in zip(refs, items):
+            if atomic in ("and", "or", "xor") and not is_int(ref.dtype):
+                raise self.error(node, f"an atomic {atomic} needs an integer field; "
+                                       f"'{self.field_name(target)}' holds {ref.dtype}", "use an integer field")
             e = B.cast(e, ref.dtype)
             if atomic:
                 self.emit(N.Atomic(atomic, ref, index, e, src=self.loc(node)))
@@ -1323,7 +1335,7 @@ class Lowerer:
 
     def expr_Call(self, node):
         fn = self.expr(node.func)
-        if fn in (ti.atomic_add, ti.atomic_max, ti.atomic_min, ti.atomic_sub):
+        if fn in ATOMIC_OPS:
             raise self.error(node, f"the value ti.{fn.__name__} returns (the old value) depends on the order the "
                                    "threads ran in, which the derivative kernels cannot replay",
                              f"compute it in a plain ti.kernel first (e.g. slot[i] = ti.{fn.__name__}(count[None], 1)) "
@@ -1371,6 +1383,12 @@ def lower_kernel(fn, bound_args: dict, param_dtypes: dict, return_dtype):
         scope[name] = Local([name], None, [dtype])
         params.append(N.Param(name, dtype))
     lw = Lowerer(src, scope, names)
+    # The fields the kernel names keep those names in the generated source: an inlined function's
+    # local takes another (`x_1 = x[i] * 3.0` for ti.math.fract's parameter, not the field renamed)
+    code = getattr(fn, "__code__", None)
+    for name in (code.co_names + code.co_freevars) if code is not None else ():
+        if is_field(lw.globals.get(name)):
+            names.taken.add(name)
     returns = ()
     body = src.tree.body
     for i, s in enumerate(body):
