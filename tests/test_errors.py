@@ -193,7 +193,7 @@ def test_construct_the_frontend_fails_on_is_named_not_a_traceback(f):
 
 
 def test_bitwise_operators_need_integers(f):
-    x, s, n = f["x"], f["s"], f["n"]
+    x, s = f["x"], f["s"]
 
     @kd.kernel
     def on_float():
