@@ -11,6 +11,7 @@ from kerndiff.ir.nodes import FieldRef
 from kerndiff.ir.walk import iter_expr, vars_in
 from kerndiff.opt.algebra import Terms, collect_terms
 
+
 def _v(name):
     return B.var(name, "f64")
 

@@ -43,6 +43,8 @@ defpartials("sub", lambda a, b, out: _c(1, out), lambda a, b, out: _c(-1, out))
 defpartials("mul", lambda a, b, out: b, lambda a, b, out: a)
 defpartials("div", lambda a, b, out: B.div(_c(1, out), b), lambda a, b, out: B.neg(B.div(out, b)))
 defpartials("neg", lambda a, out: _c(-1, out))
+
+
 def _pow_base(a, b, out):
     """∂ a**b/∂a = b·a**(b-1), and 0 where b = 0: a**0 is 1 everywhere, where 0·0**-1 would give
     NaN at a = 0 (JAX's rule too)."""

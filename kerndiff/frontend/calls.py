@@ -35,6 +35,7 @@ def compile_time_call(lw, fn, args, kwargs, node):
                            "fix the condition or the values")
     return None
 
+
 def lower_call(lw, fn, args, kwargs, node):
     from .lower import Method, is_field
 
@@ -285,6 +286,7 @@ def _bind_at_call(child, caller, name, value, call):
         child.bind_local(name, value, call)
     finally:
         child.src = own
+
 
 def _annotations(pyfn):
     """({parameter: annotation}, return annotation or None) of pyfn, evaluated (({}, None) where

@@ -47,6 +47,7 @@ ATOMIC_OPS = {ti.atomic_add: "add", ti.atomic_sub: "sub", ti.atomic_max: "max", 
               ti.atomic_and: "and", ti.atomic_or: "or", ti.atomic_xor: "xor"}
 BIT_AUG_OPS = {"and": ast.BitAnd, "or": ast.BitOr, "xor": ast.BitXor}
 
+
 def is_field(v) -> bool:
     return isinstance(v, (ScalarField, MatrixField))
 
