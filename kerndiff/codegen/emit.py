@@ -126,9 +126,6 @@ def _wrapped(pad, items, sep, width=100, cont=None):
             for k, line in enumerate(lines)]
 
 
-BIT_OPERATORS = {"and": "&", "or": "|", "xor": "^"}  # Taichi's x[i] |= v is an atomic or
-
-
 class Emitter:
     def __init__(self, field_names: dict, taken=()):
         self.field_names = field_names  # id(taichi field) -> global name in generated module
@@ -347,8 +344,6 @@ class Emitter:
                     out(f"{pad}{target} -= {self.expr(s.value.args[0])}")
                 else:
                     out(f"{pad}{target} += {self.expr(s.value)}")
-            elif s.op in BIT_OPERATORS:  # atomic in Taichi, as written
-                out(f"{pad}{target} {BIT_OPERATORS[s.op]}= {self.expr(s.value)}")
             else:
                 out(f"{pad}ti.atomic_{s.op}({target}, {self.expr(s.value)})")
         elif isinstance(s, N.If):
