@@ -269,3 +269,38 @@ def test_loop_config_options_reach_the_derivative_kernels_loops(runtime):
 
     with pytest.raises(kd.KernDiffError, match=r"ti.loop_config\(block_dim=...\) needs a compile-time value"):
         unknown(32)
+
+
+def test_stores_outside_the_range_a_loop_read_are_accepted(runtime):
+    """Boundary values set after the interior: the loop reads y[i] for i in range(1, n - 1) and
+    the kernel then stores y[0] and y[n - 1], elements the loop never read, so the reverse pass
+    has every value it needs (refused before: only launch-constant shifts were compared). A store
+    into the range read is still refused."""
+    n = 8
+    x = ti.field(ti.f64, shape=n)
+    y = ti.field(ti.f64, shape=n)
+    x.from_numpy(np.linspace(0.2, 0.9, n))
+
+    @kd.kernel
+    def boundaries():
+        for i in range(1, n - 1):
+            y[i] = x[i - 1] * x[i + 1] + ti.sin(x[i])
+        acc = 0.0
+        ti.loop_config(serialize=True)
+        for i in range(1, n - 1):
+            acc = acc * 0.9 + y[i] * 0.1
+        y[0] = acc
+        y[n - 1] = y[1] * y[n - 2]
+
+    for prefix, mode in PATHS:
+        check_path(boundaries, prefix, mode)
+
+    @kd.kernel
+    def overlapping():
+        for i in range(1, n):
+            y[i] = x[i] * 2.0
+        for i in range(0, n - 1):
+            x[i + 1] = y[i] * 0.5  # x[1 .. n - 1], which the first loop read
+
+    with pytest.raises(kd.KernDiffError, match="overwrites 'x' after reading it"):
+        overlapping.reverse()

@@ -151,18 +151,44 @@ def _affine(e, params, defs=None, depth=0):
     return None
 
 
-def disjoint(index_a, index_b, params, defs=None):
+def disjoint(index_a, index_b, params, defs=None, loops_a=(), loops_b=()):
     """Can two accesses never touch the same element? True when, in some dimension, both indices
     are affine in the kernel's parameters only (fixed for the whole launch) and differ by a
-    nonzero constant — e.g. x[t, i] read and x[t + 1, i] written."""
+    nonzero constant — e.g. x[t, i] read and x[t + 1, i] written — or, given the loops around
+    each access, both lie in constant ranges that do not meet: y[i] read for i in range(1, n)
+    and y[0] written."""
     for a, b in zip(index_a, index_b):
         fa, fb = _affine(a, params, defs), _affine(b, params, defs)
-        if fa is None or fb is None:
-            continue
-        keys = set(fa[0]) | set(fb[0])
-        if all(fa[0].get(k, 0) == fb[0].get(k, 0) for k in keys) and fa[1] != fb[1]:
+        if fa is not None and fb is not None:
+            keys = set(fa[0]) | set(fb[0])
+            if all(fa[0].get(k, 0) == fb[0].get(k, 0) for k in keys) and fa[1] != fb[1]:
+                return True
+        ra, rb = _range_of(a, loops_a), _range_of(b, loops_b)
+        if ra is not None and rb is not None and (ra[1] < rb[0] or rb[1] < ra[0]):
             return True
     return False
+
+
+def _range_of(e, loops):
+    """(lowest, highest) value of an index part that is a constant, or the header variable of
+    one of `loops` (the loops around the access) with constant bounds that its body does not
+    reassign, plus or minus a constant; else None."""
+    if isinstance(e, N.Const) and isinstance(e.value, int):
+        return e.value, e.value
+    if isinstance(e, N.Call) and e.op in ("add", "sub") and isinstance(e.args[1], N.Const) \
+            and isinstance(e.args[1].value, int):
+        r = _range_of(e.args[0], loops)
+        c = e.args[1].value if e.op == "add" else -e.args[1].value
+        return None if r is None else (r[0] + c, r[1] + c)
+    if isinstance(e, N.Call) and e.op == "cast":
+        return _range_of(e.args[0], loops)
+    if isinstance(e, N.Var):
+        for loop in loops:
+            if isinstance(loop, N.For) and e.name in loop.vars:
+                lo, hi = loop.bounds[loop.vars.index(e.name)]
+                if isinstance(lo, N.Const) and isinstance(hi, N.Const) and e.name not in assigned_names(loop.body):
+                    return lo.value, hi.value - 1
+    return None
 
 
 def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
@@ -178,7 +204,7 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
         if kind == "read" or id(f) not in reads:
             continue
         for rpos, rs, rtop, rindex, rloops in reads[id(f)]:
-            if disjoint(index, rindex, params, defs):
+            if disjoint(index, rindex, params, defs, loops, rloops):
                 continue
             if kind == "store" and written_in_an_earlier_trip(index, rindex, loops, rloops):
                 continue
