@@ -170,25 +170,24 @@ def disjoint(index_a, index_b, params, defs=None, loops_a=(), loops_b=()):
 
 
 def _range_of(e, loops):
-    """(lowest, highest) value of an index part that is a constant, or the header variable of
-    one of `loops` (the loops around the access) with constant bounds that its body does not
-    reassign, plus or minus a constant; else None."""
-    if isinstance(e, N.Const) and isinstance(e.value, int):
-        return e.value, e.value
-    if isinstance(e, N.Call) and e.op in ("add", "sub") and isinstance(e.args[1], N.Const) \
-            and isinstance(e.args[1].value, int):
-        r = _range_of(e.args[0], loops)
-        c = e.args[1].value if e.op == "add" else -e.args[1].value
-        return None if r is None else (r[0] + c, r[1] + c)
-    if isinstance(e, N.Call) and e.op == "cast":
-        return _range_of(e.args[0], loops)
-    if isinstance(e, N.Var):
-        for loop in loops:
-            if isinstance(loop, N.For) and e.name in loop.vars:
-                lo, hi = loop.bounds[loop.vars.index(e.name)]
-                if isinstance(lo, N.Const) and isinstance(hi, N.Const) and e.name not in assigned_names(loop.body):
-                    return lo.value, hi.value - 1
-    return None
+    """(lowest, highest) value of an index part that is affine (_affine) in the header variables
+    of `loops` (the loops around the access) that have constant bounds and are not reassigned in
+    their bodies; else None."""
+    ranges = {}
+    for loop in loops:
+        if isinstance(loop, N.For):
+            reassigned = assigned_names(loop.body)
+            for v, (lo, hi) in zip(loop.vars, loop.bounds):
+                if isinstance(lo, N.Const) and isinstance(hi, N.Const) and v not in reassigned:
+                    ranges[v] = (lo.value, hi.value - 1)
+    form = _affine(e, ranges)
+    if form is None or not isinstance(form[1], int):
+        return None
+    low = high = form[1]
+    for v, c in form[0].items():
+        ends = (c * ranges[v][0], c * ranges[v][1])
+        low, high = low + min(ends), high + max(ends)
+    return low, high
 
 
 def check_overwrites(ir: N.KernelIR, exempt=frozenset()):

@@ -11,7 +11,7 @@ from ..ir import nodes as N
 from . import builtins as BI
 from . import vec as V
 from .loops import RangeSpec, field_spec, ndrange_spec, range_spec
-from .source import parse_function
+from .source import assigned_names, parse_function
 from .vec import Vec
 
 MAX_INLINE_DEPTH = 32
@@ -217,22 +217,6 @@ def vec_method(lw, m, args, kwargs, node):
     raise lw.error(node, f"vector method '{name}' is not supported", "use " + ", ".join(BI.VECTOR_METHODS))
 
 
-def _assigned_names(tree):
-    """Names the body assigns, whole (`v = ...`, `v += ...`) or in part (`v[0] = ...`, `v.x += ...`):
-    a parameter among them gets a copy of its argument, as Taichi passes arguments by value."""
-    out = set()
-    for n in ast.walk(tree):
-        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
-            out.add(n.id)
-        elif isinstance(n, (ast.Subscript, ast.Attribute)) and isinstance(n.ctx, ast.Store):
-            base = n.value
-            while isinstance(base, (ast.Subscript, ast.Attribute)):
-                base = base.value
-            if isinstance(base, ast.Name):
-                out.add(base.id)
-    return out
-
-
 def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
     """Inline a ti.func / kd.func body at the call site; returns its return value.
 
@@ -248,7 +232,8 @@ def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
     names = list(bound)
     child = Lowerer(src, {}, lw.names, parent=lw)
     child.blocks = lw.blocks
-    reassigned = _assigned_names(src.tree)
+    reassigned = assigned_names(src.tree)  # a parameter among them gets a copy of its argument, as
+    # Taichi passes arguments by value
     templates = {p.arg for p in a.args + a.kwonlyargs if _is_template(p.annotation)}
     annotations, returns = _annotations(pyfn)
     for p in names:

@@ -54,25 +54,9 @@ def _carries_outer_locals(lw, node):
     """Whether the loop's body assigns a local bound before it other than by += / -= (which
     a parallel loop reduces atomically): the value then carries from one trip to the next."""
     from .lower import Local
-
-    def names(target):
-        while isinstance(target, (ast.Subscript, ast.Attribute)):  # p[0] = ..., p.x = ...
-            target = target.value
-        if isinstance(target, ast.Name):
-            yield target.id
-        elif isinstance(target, (ast.Tuple, ast.List)):
-            for t in target.elts:
-                yield from names(t)
-
-    assigned = set()
-    for sub in ast.walk(ast.Module(body=node.body, type_ignores=[])):
-        if isinstance(sub, ast.Assign):
-            for t in sub.targets:
-                assigned.update(names(t))
-        elif isinstance(sub, ast.AnnAssign) or (isinstance(sub, ast.AugAssign)
-                                                and not isinstance(sub.op, (ast.Add, ast.Sub))):
-            assigned.update(names(sub.target))
-    return any(isinstance(lw.scope.get(n), Local) for n in assigned)
+    from .source import assigned_names
+    body = ast.Module(body=node.body, type_ignores=[])
+    return any(isinstance(lw.scope.get(n), Local) for n in assigned_names(body, sums=False))
 
 
 def lower_for(lw, node):

@@ -38,6 +38,27 @@ class Source:
 _CACHE = {}
 
 
+def assigned_names(tree, sums=True):
+    """Names the code assigns, whole (`v = ...`, `v += ...`) or in part (`v[0] = ...`,
+    `v.x += ...`). sums=False leaves out the targets of `+=` and `-=` (which a parallel loop
+    reduces atomically into a local bound before it)."""
+    skip = set() if sums else {id(n.target) for n in ast.walk(tree)
+                               if isinstance(n, ast.AugAssign) and isinstance(n.op, (ast.Add, ast.Sub))}
+    out = set()
+    for n in ast.walk(tree):
+        if id(n) in skip:
+            continue
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            out.add(n.id)
+        elif isinstance(n, (ast.Subscript, ast.Attribute)) and isinstance(n.ctx, ast.Store):
+            base = n.value
+            while isinstance(base, (ast.Subscript, ast.Attribute)):
+                base = base.value
+            if isinstance(base, ast.Name):
+                out.add(base.id)
+    return out
+
+
 def parse_function(fn) -> Source:
     got = _CACHE.get(fn)
     if got is not None:
