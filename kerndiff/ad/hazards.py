@@ -151,35 +151,43 @@ def _affine(e, params, defs=None, depth=0):
     return None
 
 
-def disjoint(index_a, index_b, params, defs=None, loops_a=(), loops_b=()):
+def disjoint(index_a, index_b, params, defs=None, ranges_a=None, ranges_b=None):
     """Can two accesses never touch the same element? True when, in some dimension, both indices
     are affine in the kernel's parameters only (fixed for the whole launch) and differ by a
-    nonzero constant — e.g. x[t, i] read and x[t + 1, i] written — or, given the loops around
-    each access, both lie in constant ranges that do not meet: y[i] read for i in range(1, n)
-    and y[0] written."""
+    nonzero constant — e.g. x[t, i] read and x[t + 1, i] written — or, given the ranges of the
+    loop variables around each access (header_ranges), both lie in constant ranges that do not
+    meet: y[i] read for i in range(1, n) and y[0] written."""
     for a, b in zip(index_a, index_b):
         fa, fb = _affine(a, params, defs), _affine(b, params, defs)
         if fa is not None and fb is not None:
             keys = set(fa[0]) | set(fb[0])
             if all(fa[0].get(k, 0) == fb[0].get(k, 0) for k in keys) and fa[1] != fb[1]:
                 return True
-        ra, rb = _range_of(a, loops_a), _range_of(b, loops_b)
+        ra, rb = _range_of(a, ranges_a or {}), _range_of(b, ranges_b or {})
         if ra is not None and rb is not None and (ra[1] < rb[0] or rb[1] < ra[0]):
             return True
     return False
 
 
-def _range_of(e, loops):
-    """(lowest, highest) value of an index part that is affine (_affine) in the header variables
-    of `loops` (the loops around the access) that have constant bounds and are not reassigned in
-    their bodies; else None."""
-    ranges = {}
-    for loop in loops:
-        if isinstance(loop, N.For):
-            reassigned = assigned_names(loop.body)
-            for v, (lo, hi) in zip(loop.vars, loop.bounds):
-                if isinstance(lo, N.Const) and isinstance(hi, N.Const) and v not in reassigned:
-                    ranges[v] = (lo.value, hi.value - 1)
+def header_ranges(loops, memo):
+    """{variable: (lowest, highest)} for the header variables of `loops` (the loops around an
+    access) that have constant bounds and are not reassigned in their bodies. memo: per kernel,
+    by the loops' identities (each access has its own tuple of the same loops)."""
+    key = tuple(id(loop) for loop in loops)
+    if key not in memo:
+        ranges = {}
+        for loop in loops:
+            if isinstance(loop, N.For):
+                reassigned = assigned_names(loop.body)
+                for v, (lo, hi) in zip(loop.vars, loop.bounds):
+                    if isinstance(lo, N.Const) and isinstance(hi, N.Const) and v not in reassigned:
+                        ranges[v] = (lo.value, hi.value - 1)
+        memo[key] = ranges
+    return memo[key]
+
+
+def _range_of(e, ranges):
+    """(lowest, highest) value of an index part affine (_affine) in the variables of `ranges`."""
     form = _affine(e, ranges)
     if form is None or not isinstance(form[1], int):
         return None
@@ -195,6 +203,7 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
     fields the caller restores to their values from before the launch (kd.Tape, ad/owned.py)."""
     params, defs = {p.name for p in ir.params}, launch_constants(ir)
     ev = [e for e in _events(ir.body) if id(e[2]) not in exempt]
+    memo = {}
     reads = {}
     for pos, kind, f, s, top, index, loops in ev:
         if kind == "read":
@@ -203,7 +212,7 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
         if kind == "read" or id(f) not in reads:
             continue
         for rpos, rs, rtop, rindex, rloops in reads[id(f)]:
-            if disjoint(index, rindex, params, defs, loops, rloops):
+            if disjoint(index, rindex, params, defs, header_ranges(loops, memo), header_ranges(rloops, memo)):
                 continue
             if kind == "store" and written_in_an_earlier_trip(index, rindex, loops, rloops):
                 continue
