@@ -366,7 +366,7 @@ class Emitter:
         elif isinstance(s, N.For):
             # a serial loop at the kernel's top level needs serialize=True: Taichi would run it in parallel
             serialize = s.serialize or (not s.parallel and not path)
-            options = (("serialize", True),) * serialize + tuple(s.config)
+            options = ((("serialize", True),) if serialize else ()) + tuple(s.config)
             if options:
                 out(f"{pad}ti.loop_config({', '.join(f'{k}={v!r}' for k, v in options)})")
             out(f"{pad}for {', '.join(s.vars)} in {self.iter(s)}:")
