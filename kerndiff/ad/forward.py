@@ -16,9 +16,11 @@ from .activity import check_function_body, field_activity, varied_vars
 
 
 class Forward:
-    def __init__(self, names, dual_of_field, tangent_names=None):
+    def __init__(self, names, dual_of_field, tangent_names=None, loaded_dual=None):
         self.names = names                # NameAllocator shared with the IR being transformed
         self.dual_of_field = dual_of_field  # FieldRef -> FieldRef of its dual, or None (constant)
+        # FieldRef -> the field a load's tangent reads; dual_of_field unless told otherwise
+        self.loaded_dual = loaded_dual or dual_of_field
         self.tan = dict(tangent_names or {})  # local name -> tangent local name
         self.minmax_mode = None  # atomic max/min: None, or 'primal' / 'tangent' pass (minmax.py)
 
@@ -42,7 +44,7 @@ class Forward:
             t = self.tan.get(e.name)
             return None if t is None else B.var(t, e.dtype)
         if isinstance(e, N.Load):
-            d = self.dual_of_field(e.ref)
+            d = self.loaded_dual(e.ref)
             return None if d is None else B.load(d, e.index)
         if e.op in NO_DERIVATIVE:
             return None
@@ -106,8 +108,9 @@ class Forward:
         return forward_atomic_minmax(self, s, d)
 
 
-def forward_kernel(ir: N.KernelIR, level: int) -> N.KernelIR:
-    """The forward-mode (JVP) kernel of `ir` at derivative level `level`."""
+def forward_kernel(ir: N.KernelIR, level: int, loaded_dual=None) -> N.KernelIR:
+    """The forward-mode (JVP) kernel of `ir` at derivative level `level`. loaded_dual: which
+    field a load's tangent reads, given the field it loads (default: its dual of this level)."""
     from .names import NameAllocator, tangent_var
 
     dual_of_field = field_activity(ir, "dual", level)
@@ -115,7 +118,8 @@ def forward_kernel(ir: N.KernelIR, level: int) -> N.KernelIR:
     varied = varied_vars(ir.body, lambda ref: dual_of_field(ref) is not None, seeds=())
     # named as the fields' tangents of this level are (s_dual2 beside h1_dual2, s_dual_dual2)
     tangent_names = {v: names.fresh(tangent_var(v, level)) for v in sorted(varied)}
-    fwd = Forward(names, dual_of_field, tangent_names)
+    fwd = Forward(names, dual_of_field, tangent_names,
+                  None if loaded_dual is None else loaded_dual(dual_of_field))
     body = fwd.block(ir.body)
     returns = tuple(ir.returns) + tuple(ir.returns)
     return dataclasses.replace(ir, name=f"{ir.name}_fwd", body=body, returns=returns)
