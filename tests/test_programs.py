@@ -1098,3 +1098,33 @@ def test_integer_bit_atomics_and_compile_time_calls_run_in_the_primal_only(runti
     assert k.source.index(line) < k.source.index("x_1 = x[i] * 3.0"), k.source
     for derived in (k.reverse, k.reverse.forward):
         assert "flags" not in derived.source and "mask" not in derived.source, derived.source
+
+
+def test_adds_summed_in_a_local_go_in_before_a_later_store(runtime):
+    """An element added into in an inner loop and not read is summed in a local and added once at
+    the end of the iteration (opt.finalize); a store into it after the adds must still win:
+    `y[i] = 5.0` after them left 5 + the sum until session 30. A store before them still
+    starts the sum."""
+    x = ti.field(ti.f64, shape=3)
+    y = ti.field(ti.f64, shape=4)
+    z = ti.field(ti.f64, shape=4)
+    x.from_numpy(np.array([1.0, 2.0, 3.0]))
+
+    @kd.kernel
+    def k():
+        for i in range(4):
+            z[i] = 0.5 * i
+            for j in range(3):
+                y[i] += x[j] * i
+                z[i] += x[j]
+            y[i] = 5.0 + i
+
+    kd.dual(x).from_numpy(np.array([1.0, 1.0, 0.5]))
+    y.fill(1.0)
+    k()
+    k.forward()
+    np.testing.assert_array_equal(y.to_numpy(), 5.0 + np.arange(4))
+    np.testing.assert_array_equal(z.to_numpy(), 0.5 * np.arange(4) + 6.0)
+    np.testing.assert_array_equal(kd.dual(y).to_numpy(), np.zeros(4))
+    np.testing.assert_array_equal(kd.dual(z).to_numpy(), np.full(4, 2.5))
+    assert "z_acc" in k.source and "y_acc" not in k.source, k.source

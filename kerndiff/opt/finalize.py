@@ -68,7 +68,8 @@ def _privatize(loop, names):
     for s in iter_stmts(loop.body):
         if isinstance(s, N.Atomic) and s.op == "add" and s.ref in targets and _own_index(s.index, loop):
             counts[s.ref] = counts.get(s.ref, 0) + (2 if _in_inner_loop(loop.body, s) else 1)
-    chosen = [r for r, c in counts.items() if c > 1]  # in order of appearance: the source must not vary by run
+    # in order of appearance: the source must not vary by run
+    chosen = [r for r, c in counts.items() if c > 1 and not _stored_after_adding(loop.body, r.field)]
     if not chosen or _has_continue(loop.body):
         return loop
     local = {r: names.fresh(f"{r.name}{''.join(f'_{c}' for c in r.component)}_acc") for r in chosen}
@@ -83,6 +84,19 @@ def _privatize(loop, names):
     post = [N.Atomic("add", r, tuple(B.var(v, "i32") for v in loop.vars), B.var(local[r], r.dtype))
             for r in chosen]
     return dataclasses.replace(loop, body=tuple(pre) + map_stmts(loop.body, accumulate) + tuple(post))
+
+
+def _stored_after_adding(body, field):
+    """Whether a statement of body that adds into `field`, or one after it, also stores into it:
+    the adds, summed in a local, go into the field at the end of the body, so a store after them
+    would come before them instead (`y[i] += ...` in an inner loop, then `y[i] = 5.0`)."""
+    adding = False
+    for s in body:
+        inside = iter_stmts((s,))
+        adding = adding or any(isinstance(t, N.Atomic) and t.ref.field is field for t in inside)
+        if adding and any(isinstance(t, N.Store) and t.ref.field is field for t in inside):
+            return True
+    return False
 
 
 def _in_inner_loop(body, target):
