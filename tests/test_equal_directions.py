@@ -64,11 +64,6 @@ def second_order_outputs(k, args, ins, outs, v, w, equal_directions, v2=None):
     return results + ([] if ret is None else [np.float64(r) for r in (ret if isinstance(ret, tuple) else [ret])])
 
 
-# the kernels without a variant read a field they add into: dense_layer builds layer_out[i] with
-# `+=`, return_value's loop sums into a helper field read after it (atomics: ad/equal_directions.py)
-WITHOUT_VARIANT = {"dense_layer", "return_value"}
-
-
 @pytest.mark.parametrize("name", CORPUS_NAMES)
 def test_corpus_variant_gives_the_generated_kernels_numbers(corpus, name, variant_runs):
     k, args = corpus[name]
@@ -82,7 +77,7 @@ def test_corpus_variant_gives_the_generated_kernels_numbers(corpus, name, varian
     got = second_order_outputs(k, args, ins, outs, v, w, equal_directions=True)
     for a, b in zip(got, generated):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * max(1.0, float(np.max(np.abs(b)))))
-    assert [r.path for r in variant_runs] == ([] if name in WITHOUT_VARIANT else [("forward", "forward")])
+    assert [r.path for r in variant_runs] == [("forward", "forward")]
 
 
 def test_unequal_seeds_run_the_generated_kernel(corpus, variant_runs):
@@ -166,6 +161,11 @@ def test_only_seeds_read_at_launch_are_compared(mlp):
     _, pairs, _ = K._equal_directions(K._compiled({}), {})
     assert {(id(a), id(b)) for a, b in pairs} == {(id(kd.dual(x)), id(kd.dual(x, 2))),
                                                   (id(kd.dual(y)), id(kd.dual(y, 2)))}
+    # the variant's source reads no level-2 seed and no level-2 dual of a hidden layer
+    src = K.equal_directions_source
+    assert "x_dual2[" in K.source and "h1_dual2[p, k]" in K.source
+    assert "x_dual2[" not in src and "h1_dual2[p, k]" not in src and "u_dual_dual2[p] =" in src
+    assert net.forward.equal_directions_source is None
 
 
 # ----------------------------------------------------------------------------- what the analysis finds
@@ -250,7 +250,10 @@ def test_conditional_write_does_not_cover(fields):
     assert seed_ids(variant_of(maybe)) == {id(kd.dual(a)), id(kd.dual(c))}
 
 
-def test_added_into_and_read_has_no_variant(fields):
+def test_added_into_then_read(fields, variant_runs):
+    """Adds into s, paired with their tangents' adds, keep the levels equal as stores do; s's own
+    seeds (its value at launch is read) are compared. dense_layer in the corpus is the in-place
+    spelling of the same (`y[i] = b[i]`, then `y[i] += ...`, then `y[i] = ti.tanh(y[i])`)."""
     a, b, c, m, s = fields
 
     @kd.kernel
@@ -260,7 +263,25 @@ def test_added_into_and_read_has_no_variant(fields):
         for i in range(N):
             b[i] = s[None] * a[i]
 
-    assert variant_of(accumulate) is None
+    assert seed_ids(variant_of(accumulate)) == {id(kd.dual(a)), id(kd.dual(s))}
+    rng = np.random.default_rng(6)
+    v, w = [rng.standard_normal(N), rng.standard_normal()], [rng.standard_normal(N), rng.standard_normal()]
+    generated = second_order_outputs(accumulate, (), [a, s], [s, b], v, w, equal_directions=False)
+    got = second_order_outputs(accumulate, (), [a, s], [s, b], v, w, equal_directions=True)
+    assert len(variant_runs) == 1
+    for x, y in zip(got, generated):
+        np.testing.assert_allclose(x, y, rtol=1e-13)
+
+
+def test_atomic_max_has_no_variant(fields):
+    a, b, c, m, s = fields
+
+    @kd.kernel
+    def largest():
+        for i in range(N):
+            ti.atomic_max(s[None], a[i] ** 2)
+
+    assert variant_of(largest) is None
 
 
 def test_one_level_active_only_has_no_variant(runtime):

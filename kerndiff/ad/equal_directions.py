@@ -19,9 +19,9 @@ at launch, along the launch's level-a and level-b directions; those are the same
 every element read at launch has equal duals of both levels. So the conditions are:
 
 - equal activity: a field read has a dual of one level exactly when it has one of the other;
-- g's primal stores and its level-a dual stores come in pairs (same block, same index, no load of
-  g and no jump between them), so that no load sees one written without the other; no atomics
-  into a field whose tangents are substituted;
+- g's primal stores (and adds) and its level-a dual's come in pairs (same block, same index, no
+  load of g and no jump between them), so that no load sees one written without the other; no
+  atomic max/min;
 - equal seeds on the elements read at launch: checked at launch (whole fields compared) for each
   field read, unless every load of it reads an element the kernel wrote before in the same
   thread: a loop over constant bounds writing `h1[p, j]` for every j, before a later statement
@@ -76,7 +76,7 @@ def equal_directions_variant(inner: N.KernelIR, level_a: int, level_b: int):
     seed_pairs = []
     for g in substituted.values():
         family = (id(g), id(level_a_dual(g)))
-        if any(isinstance(s, N.Atomic) and id(s.ref.field) in family for s in iter_stmts(inner.body)):
+        if any(isinstance(s, N.Atomic) and s.op != "add" and id(s.ref.field) in family for s in iter_stmts(inner.body)):
             return None
         if not _stores_paired(inner.body, g, level_a_dual(g)):
             return None
@@ -133,11 +133,18 @@ def _jumps(stmts):
 
 
 # ------------------------------------------------------------------------------ pairs
+def _writes(s, fields):
+    """Whether s stores or adds into one of `fields`."""
+    return isinstance(s, (N.Store, N.Atomic)) and s.ref.field in fields
+
+
 def _stores_paired(stmts, g, g_dual):
-    """Every store into g or g_dual (g's level-a dual) sits in a block with its partner: the
-    same component and index, nothing between them (nor in them) loading g, and no jump."""
+    """Every store or add into g or g_dual (g's level-a dual) sits in a block with its partner
+    (the same kind of write, component and index), with nothing between them (nor in them)
+    loading g, and no jump. Adds then keep the two levels equal as stores do (an add racing
+    another thread's load of the element is a race in the kernel as written, too)."""
     for s in iter_stmts(stmts):
-        if isinstance(s, N.Store) and s.ref.field in (g, g_dual) and not _in_some_block(stmts, s):
+        if _writes(s, (g, g_dual)) and not _in_some_block(stmts, s):
             return False
     return _pairs_in(stmts, g, g_dual)
 
@@ -154,7 +161,7 @@ def _in_some_block(stmts, target):
 def _pairs_in(block, g, g_dual):
     matched = set()
     for i, s in enumerate(block):
-        if isinstance(s, N.Store) and s.ref.field in (g, g_dual) and i not in matched:
+        if _writes(s, (g, g_dual)) and i not in matched:
             other = g_dual if s.ref.field is g else g
             j = next((j for j in range(i + 1, len(block)) if j not in matched and _partner(block[j], s, other)), None)
             if j is None:
@@ -172,8 +179,8 @@ def _pairs_in(block, g, g_dual):
 
 
 def _partner(t, s, other):
-    return isinstance(t, N.Store) and t.ref.field is other and t.ref.component == s.ref.component \
-        and t.index == s.index
+    return type(t) is type(s) and t.ref.field is other and t.ref.component == s.ref.component \
+        and t.index == s.index and getattr(t, "op", None) == getattr(s, "op", None)
 
 
 def _names_in(e):

@@ -311,6 +311,15 @@ class Kernel:
             entry = self._compiled({})
         return entry["source"]
 
+    @property
+    def equal_directions_source(self):
+        """The generated source of the variant that k...forward.forward runs when its two levels'
+        seeds are equal (ad/equal_directions.py), or None where it has none."""
+        self.source  # the entry for the last-used template arguments, made if there are none
+        templates = CACHE.get(self._last_key)["keep"]
+        variant = self._equal_directions(self._compiled(templates), templates)
+        return None if variant is None else variant[2]
+
     def __call__(self, *args, cotangent=None, **kwargs):
         from ..tape import intercept
         redirected = intercept(self, args, kwargs)
