@@ -138,27 +138,11 @@ def _writes(s, fields):
     return isinstance(s, (N.Store, N.Atomic)) and s.ref.field in fields
 
 
-def _stores_paired(stmts, g, g_dual):
-    """Every store or add into g or g_dual (g's level-a dual) sits in a block with its partner
-    (the same kind of write, component and index), with nothing between them (nor in them)
+def _stores_paired(block, g, g_dual):
+    """Every store or add into g or g_dual (g's level-a dual) has its partner later in the same
+    block (the same kind of write, component and index), with nothing between them (nor in them)
     loading g, and no jump. Adds then keep the two levels equal as stores do (an add racing
     another thread's load of the element is a race in the kernel as written, too)."""
-    for s in iter_stmts(stmts):
-        if _writes(s, (g, g_dual)) and not _in_some_block(stmts, s):
-            return False
-    return _pairs_in(stmts, g, g_dual)
-
-
-def _in_some_block(stmts, target):
-    for s in stmts:
-        if s is target:
-            return True
-        if any(_in_some_block(b, target) for b in blocks_of(s)):
-            return True
-    return False
-
-
-def _pairs_in(block, g, g_dual):
     matched = set()
     for i, s in enumerate(block):
         if _writes(s, (g, g_dual)) and i not in matched:
@@ -173,7 +157,7 @@ def _pairs_in(block, g, g_dual):
                 return False
             matched.update((i, j))
         for b in blocks_of(s):
-            if not _pairs_in(b, g, g_dual):
+            if not _stores_paired(b, g, g_dual):
                 return False
     return True
 
