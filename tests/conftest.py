@@ -21,3 +21,24 @@ def runtime():
     ti.init(arch=arch, default_fp=ti.f64, random_seed=0)
     yield
     ti.reset()
+
+
+@pytest.fixture
+def variant_runs(monkeypatch):
+    """The kernels that ran their equal-directions variant during the test."""
+    import kerndiff.runtime.kernel as kernel_module
+    ran = []
+    original = kernel_module.Kernel._equal_directions
+
+    def spy(self, entry, templates):
+        variant = original(self, entry, templates)
+        if variant is None:
+            return None
+        compiled, pairs, src = variant
+
+        def run(*args):
+            ran.append(self)
+            return compiled(*args)
+        return run, pairs, src
+    monkeypatch.setattr(kernel_module.Kernel, "_equal_directions", spy)
+    return ran

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import taichi as ti
 import kerndiff as kd
+import kerndiff.runtime.kernel as kernel_module
 from kerndiff.ad.activity import read_refs, written_fields
 from kerndiff.factories import field_shape
 from kerndiff.ir.types import from_taichi, is_float
@@ -254,3 +255,28 @@ def assert_same(results):
     (t_out, t_grad), (k_out, k_grad) = results
     for got, expected in zip(k_out + k_grad, t_out + t_grad):
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def second_order_outputs(k, args, ins, outs, v, w, equal_directions, v2=None):
+    """Outputs, their level-1, level-2 and mixed tangents (and returned values) of
+    k.forward.forward run from the same state with seeds v (both levels, or level 1 where v2
+    gives level 2's) and w (mixed)."""
+    state = [(f, get(f)) for f in ins + outs]
+    for f, vv, vv2, ww in zip(ins, v, v if v2 is None else v2, w):
+        put(kd.dual(f), vv)
+        put(kd.dual(f, 2), vv2)
+        put(kd.dual(kd.dual(f), 2), ww)
+    for f in outs:
+        if not any(f is g for g in ins):
+            for d in (kd.dual(f), kd.dual(f, 2), kd.dual(kd.dual(f), 2)):
+                d.fill(0)
+    before = kernel_module.EQUAL_DIRECTIONS
+    kernel_module.EQUAL_DIRECTIONS = equal_directions
+    try:
+        ret = k.forward.forward(*args)
+    finally:
+        kernel_module.EQUAL_DIRECTIONS = before
+    results = [get(g) for f in outs for g in (f, kd.dual(f), kd.dual(f, 2), kd.dual(kd.dual(f), 2))]
+    for f, x in state:  # leave the fields as found, for the next run
+        put(f, x)
+    return results + ([] if ret is None else [np.float64(r) for r in (ret if isinstance(ret, tuple) else [ret])])

@@ -7,8 +7,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-import kerndiff.runtime.kernel as kernel_module
-from harness import get, put, signature
+from harness import get, put, second_order_outputs, signature
 from test_corpus import CORPUS_NAMES, build_corpus
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
@@ -17,51 +16,6 @@ pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per modul
 @pytest.fixture(scope="module")
 def corpus(runtime):
     return build_corpus()
-
-
-@pytest.fixture
-def variant_runs(monkeypatch):
-    """The kernels that ran their equal-directions variant during the test."""
-    ran = []
-    original = kernel_module.Kernel._equal_directions
-
-    def spy(self, entry, templates):
-        variant = original(self, entry, templates)
-        if variant is None:
-            return None
-        compiled, pairs, src = variant
-
-        def run(*args):
-            ran.append(self)
-            return compiled(*args)
-        return run, pairs, src
-    monkeypatch.setattr(kernel_module.Kernel, "_equal_directions", spy)
-    return ran
-
-
-def second_order_outputs(k, args, ins, outs, v, w, equal_directions, v2=None):
-    """Outputs, their level-1, level-2 and mixed tangents (and returned values) of
-    k.forward.forward run from the same state with seeds v (both levels, or level 1 where v2
-    gives level 2's) and w (mixed)."""
-    state = [(f, get(f)) for f in ins + outs]
-    for f, vv, vv2, ww in zip(ins, v, v if v2 is None else v2, w):
-        put(kd.dual(f), vv)
-        put(kd.dual(f, 2), vv2)
-        put(kd.dual(kd.dual(f), 2), ww)
-    for f in outs:
-        if not any(f is g for g in ins):
-            for d in (kd.dual(f), kd.dual(f, 2), kd.dual(kd.dual(f), 2)):
-                d.fill(0)
-    before = kernel_module.EQUAL_DIRECTIONS
-    kernel_module.EQUAL_DIRECTIONS = equal_directions
-    try:
-        ret = k.forward.forward(*args)
-    finally:
-        kernel_module.EQUAL_DIRECTIONS = before
-    results = [get(g) for f in outs for g in (f, kd.dual(f), kd.dual(f, 2), kd.dual(kd.dual(f), 2))]
-    for f, x in state:  # leave the fields as found, for the next run
-        put(f, x)
-    return results + ([] if ret is None else [np.float64(r) for r in (ret if isinstance(ret, tuple) else [ret])])
 
 
 @pytest.mark.parametrize("name", CORPUS_NAMES)
