@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kerndiff as kd
-from harness import check, load_elementwise
+from harness import check, load_elementwise, second_order_outputs
 from kerndiff.pipeline import _on_cpu as pipeline_on_cpu
 
 N = 3
@@ -339,12 +339,37 @@ def test_random_kernels_with_cpu_math(fields, body, monkeypatch):
 PAIRED = []
 
 
+@settings(settings.get_profile(PROFILE))
+@given(body=kernels())
+@example(body=SUM_EXAMPLE)
+def test_random_kernels_second_derivative_along_one_direction(fields, body):
+    """k.forward.forward with both levels seeded alike runs its equal-directions variant
+    (ad/equal_directions.py): the same numbers as the kernel as generated, for every draw."""
+    fn, src = load(body, fields)
+    k = kd.kernel(fn)
+    k()
+    x, y, out = fields["x"], fields["y"], fields["out"]
+    rng = np.random.default_rng(2)
+    v = [rng.standard_normal(N), rng.standard_normal((2, N))]
+    w = [rng.standard_normal(N), rng.standard_normal((2, N))]
+    generated = second_order_outputs(k, (), [x, y], [out], v, w, equal_directions=False)
+    got = second_order_outputs(k, (), [x, y], [out], v, w, equal_directions=True)
+    for a, b in zip(got, generated):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * max(1.0, float(np.max(np.abs(b)))), err_msg=src)
+    if k.forward.forward.equal_directions_source is not None:
+        EQUAL_DIRECTIONS.append(1)
+
+
+EQUAL_DIRECTIONS = []
+
+
 def test_private_copies_were_exercised():
     assert PAIRED, "no random kernel's reverse took a sine and a cosine from one call"
     assert PRIVATIZED, "no random kernel scattered through private copies"
     assert SLICED, "no random kernel scattered into a slice (y[1, idx[i]]) through copies of the slice"
     assert AT_LAUNCH, "no random kernel bounded by an argument chose its private copies at launch"
     assert FORWARD_AGAIN, "no random kernel's reverse ran its inner loop forward (opt.loop_order)"
+    assert EQUAL_DIRECTIONS, "no random kernel had an equal-directions variant"
     for where in ("locals", "every step", "segments"):
         assert CHECKPOINTED.get(where), f"no random kernel reversed its loop from checkpoints ({where})"
 
