@@ -280,3 +280,15 @@ def second_order_outputs(k, args, ins, outs, v, w, equal_directions, v2=None):
     for f, x in state:  # leave the fields as found, for the next run
         put(f, x)
     return results + ([] if ret is None else [np.float64(r) for r in (ret if isinstance(ret, tuple) else [ret])])
+
+
+def equal_directions_against_generated(k, args=(), seed=3):
+    """(variant's, kernel as generated's) second_order_outputs of kernel k from random seeds, the
+    same at both levels: every float field k reads is seeded."""
+    k(*args)
+    ins, outs, _ = signature(k, args)
+    rng = np.random.default_rng(seed)
+    v = [rng.standard_normal(np.shape(get(f))) for f in ins]
+    w = [rng.standard_normal(np.shape(get(f))) for f in ins]
+    generated = second_order_outputs(k, args, ins, outs, v, w, equal_directions=False)
+    return second_order_outputs(k, args, ins, outs, v, w, equal_directions=True), generated

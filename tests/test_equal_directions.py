@@ -7,7 +7,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import get, put, second_order_outputs, signature
+from harness import equal_directions_against_generated, get, put, second_order_outputs, signature
 from test_corpus import CORPUS_NAMES, build_corpus
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
@@ -20,15 +20,7 @@ def corpus(runtime):
 
 @pytest.mark.parametrize("name", CORPUS_NAMES)
 def test_corpus_variant_gives_the_generated_kernels_numbers(corpus, name, variant_runs):
-    k, args = corpus[name]
-    k(*args)
-    ins, outs, _ = signature(k, args)
-    rng = np.random.default_rng(3)
-    v = [rng.standard_normal(np.shape(get(f))) for f in ins]
-    w = [rng.standard_normal(np.shape(get(f))) for f in ins]
-    generated = second_order_outputs(k, args, ins, outs, v, w, equal_directions=False)
-    assert not variant_runs
-    got = second_order_outputs(k, args, ins, outs, v, w, equal_directions=True)
+    got, generated = equal_directions_against_generated(*corpus[name])
     for a, b in zip(got, generated):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * max(1.0, float(np.max(np.abs(b)))))
     assert [r.path for r in variant_runs] == [("forward", "forward")]

@@ -13,7 +13,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import derivatives, get, second_order_outputs, signature
+from harness import derivatives, equal_directions_against_generated
 from test_corpus import CORPUS_NAMES, assert_same_derivatives, build_corpus, cpu_derivatives, start_backend
 
 SKIP_ON_VULKAN = {"template_args"}  # scalar f32 args work; kept off to bound the suite's compile time
@@ -74,14 +74,7 @@ def test_gpu_backends_keep_taichis_sin_cos_and_tanh(vulkan_corpus):
 def test_equal_directions_variant_on_vulkan(vulkan_corpus, name, variant_runs):
     """k.forward.forward seeded alike at both levels: the variant (and its bit-for-bit seed
     test, over a Vector field in mass_spring) on SPIR-V gives the kernel as generated's numbers."""
-    k, args = vulkan_corpus[name]
-    k(*args)
-    ins, outs, _ = signature(k, args)
-    rng = np.random.default_rng(3)
-    v = [rng.standard_normal(np.shape(get(f))) for f in ins]
-    w = [rng.standard_normal(np.shape(get(f))) for f in ins]
-    generated = second_order_outputs(k, args, ins, outs, v, w, equal_directions=False)
-    got = second_order_outputs(k, args, ins, outs, v, w, equal_directions=True)
+    got, generated = equal_directions_against_generated(*vulkan_corpus[name])
     assert len(variant_runs) == 1
     for a, b in zip(got, generated):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.max(np.abs(b)))))
