@@ -282,8 +282,8 @@ class Kernel:
         return compiled, src
 
     def _equal_directions(self, entry, templates):
-        """(compiled variant, seed field pairs) of k...forward.forward for launches whose two
-        forward levels are seeded alike (ad/equal_directions.py), or None."""
+        """(compiled variant, seed field pairs, its source) of k...forward.forward for launches
+        whose two forward levels are seeded alike (ad/equal_directions.py), or None."""
         if "equal_directions" not in entry:
             entry["equal_directions"] = None
             if self.path[-2:] == ("forward", "forward"):
