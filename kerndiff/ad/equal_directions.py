@@ -34,8 +34,9 @@ import dataclasses
 
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, without_prints
+from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_stmts, loads_in, vars_in, without_prints
 from ..runtime.registry import REGISTRY
+from .activity import read_refs, written_fields
 from .hazards import _range_of, header_ranges
 
 
@@ -89,7 +90,6 @@ def _same_activity(inner, fields, level_a, level_b):
     """Whether each field the level-a kernel names (other than level-a duals) has a dual at both
     levels or at neither: one at one level only makes the two directions differ. A field the
     kernel writes has both (the transforms make them)."""
-    from .activity import written_fields
     written = {id(f) for f in written_fields(inner.body)}
     for f in fields.values():
         if is_float(REGISTRY.ref(f).dtype) and not _is_dual(f, level_a) and id(f) not in written and \
@@ -104,21 +104,14 @@ def _is_dual(field, level):
 
 
 def _fields(stmts):
-    out = {}
-    for s in iter_stmts(stmts):
-        if isinstance(s, (N.Store, N.Atomic)):
-            out[id(s.ref.field)] = s.ref.field
-        for e in expr_children_of_stmt(s):
-            for x in iter_expr(e):
-                if isinstance(x, N.Load):
-                    out[id(x.ref.field)] = x.ref.field
-    return out
+    """{id: field} of the fields stmts read or write."""
+    fields = [r.field for r in read_refs(stmts)] + written_fields(stmts)
+    return {id(f): f for f in fields}
 
 
 def _loads(stmt, field):
     """Whether stmt, or a statement nested in it, loads an element of `field`."""
-    return any(isinstance(x, N.Load) and x.ref.field is field
-               for s in iter_stmts((stmt,)) for e in expr_children_of_stmt(s) for x in iter_expr(e))
+    return any(r.field is field for r in read_refs((stmt,)))
 
 
 def _jumps(stmts):
@@ -168,7 +161,7 @@ def _partner(t, s, other):
 
 
 def _names_in(e):
-    return {x.name for x in iter_expr(e) if isinstance(x, N.Var)}
+    return {x.name for x in vars_in(e)}
 
 
 # ------------------------------------------------------------------------------ coverage
@@ -186,8 +179,8 @@ def _loads_with_paths(stmts, g, path):
     for i, s in enumerate(stmts):
         here = path + ((stmts, i),)
         for e in expr_children_of_stmt(s):
-            for x in iter_expr(e):
-                if isinstance(x, N.Load) and x.ref.field is g:
+            for x in loads_in(e):
+                if x.ref.field is g:
                     yield x, here
         for b in blocks_of(s):
             yield from _loads_with_paths(b, g, here)
@@ -244,7 +237,7 @@ def _contains(write_index, write_ranges, read_index, read_ranges, span):
                 return False
         else:
             names = _names_in(w)
-            if names & set(write_ranges) or w != r or any(isinstance(x, N.Load) for x in iter_expr(w)):
+            if names & set(write_ranges) or w != r or loads_in(w):
                 return False
             reassigned = assigned_names(span) if reassigned is None else reassigned
             if names & reassigned:
