@@ -1128,3 +1128,51 @@ def test_adds_summed_in_a_local_go_in_before_a_later_store(runtime):
     np.testing.assert_array_equal(kd.dual(y).to_numpy(), np.zeros(4))
     np.testing.assert_array_equal(kd.dual(z).to_numpy(), np.full(4, 2.5))
     assert "z_acc" in k.source and "y_acc" not in k.source, k.source
+
+
+def test_an_add_reading_what_an_earlier_add_wrote_is_not_merged_with_it(runtime):
+    """Adds into one element within a block become one add of their sum (opt.finalize), but not
+    when the later add's value reads the element: `y[i] += x[i]; y[i] += y[i] * x[i]` was
+    generated as one add of `x[i] + y[i] * x[i]`, reading y[i] from before the first add, until
+    session 31 (the primal was wrong, and the forward kernel with it). Found by a fuzzer of random
+    multi-loop programs; checked here against Taichi's own kernel, the analytic tangent, and the
+    gradient under kd.Tape (which restores y for the kernel's reverse) against the analytic one."""
+    x = ti.field(ti.f64, shape=4)
+    y = ti.field(ti.f64, shape=4)
+    loss = ti.field(ti.f64, shape=())
+
+    def update():
+        for i in range(4):
+            y[i] += x[i]
+            y[i] += y[i] * x[i]
+
+    @kd.kernel
+    def measure():
+        for i in range(4):
+            loss[None] += y[i]
+
+    rng = np.random.default_rng(3)
+    x0, y0, tx, ty = (rng.uniform(-1, 1, 4) for _ in range(4))
+    x.from_numpy(x0)
+    y.from_numpy(y0)
+    ti.kernel(update)()
+    expected = y.to_numpy()
+    np.testing.assert_allclose(expected, (y0 + x0) * (1 + x0), rtol=1e-14)
+    k = kd.kernel(update)
+    y.from_numpy(y0)
+    k()
+    np.testing.assert_array_equal(y.to_numpy(), expected)
+    y.from_numpy(y0)
+    kd.dual(x).from_numpy(tx)
+    kd.dual(y).from_numpy(ty)
+    k.forward()
+    np.testing.assert_array_equal(y.to_numpy(), expected)
+    np.testing.assert_allclose(kd.dual(y).to_numpy(), (ty + tx) * (1 + x0) + (y0 + x0) * tx, rtol=1e-14)
+    y.from_numpy(y0)
+    kd.adjoint(x)  # (x is a constant to the reverse without one)
+    with kd.Tape(loss):
+        k()
+        measure()
+    np.testing.assert_array_equal(y.to_numpy(), expected)
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), 1 + y0 + 2 * x0, rtol=1e-14)
+    np.testing.assert_allclose(kd.adjoint(y).to_numpy(), 1 + x0, rtol=1e-14)

@@ -149,7 +149,8 @@ def _merge_adds(stmts):
     often adds several contributions to the same adjoint element (one per tangent stream, one per
     use of a value), and each add is a read-modify-write. Adds commute, so an add may move down
     past other adds; not past a nested block, a read or write of its field (other than an add),
-    a write of a field its value reads, or a reassignment of a local it uses."""
+    a write of a field its value reads, or a reassignment of a local it uses, and not into an add
+    whose value reads the field (that add reads what the first one added)."""
     out = list(stmts)
     for i, s in enumerate(out):
         if not (isinstance(s, N.Atomic) and s.op == "add"):
@@ -160,16 +161,17 @@ def _merge_adds(stmts):
             t = out[j]
             if t is None:
                 continue
-            if isinstance(t, N.Atomic) and t.op == "add" and t.ref is s.ref and t.index == s.index:
-                out[j] = dataclasses.replace(t, value=B.add(s.value, t.value))
-                out[i] = None
-                break
             if blocks_of(t) or (isinstance(t, N.Assign) and t.name in uses):
                 break
             written = id(t.ref.field) if isinstance(t, (N.Store, N.Atomic)) else None
             if written in reads or (written == id(s.ref.field) and not (isinstance(t, N.Atomic) and t.op == "add")):
                 break
+            # (before merging: `z[i] -= x[i]; z[i] -= z[i] * 0.5` reads the first add's result)
             if any(id(x.ref.field) == id(s.ref.field) for e in expr_children_of_stmt(t) for x in loads_in(e)):
+                break
+            if isinstance(t, N.Atomic) and t.op == "add" and t.ref is s.ref and t.index == s.index:
+                out[j] = dataclasses.replace(t, value=B.add(s.value, t.value))
+                out[i] = None
                 break
     return tuple(_merge_nested(x) for x in out if x is not None)
 
