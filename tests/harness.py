@@ -56,9 +56,14 @@ def _is_float_field(f):
 
 
 def _is_scratch(f):
-    """kerndiff's helper fields: adjoint accumulators (kept zero between launches) and long loops'
-    checkpoints (written and read back within a launch); neither is an input or an output."""
-    return any(f is v for k, v in REGISTRY.derived.items() if k[0] == "scratch") or REGISTRY.internal(f)
+    """kerndiff's helper fields (REGISTRY.scratch: adjoint accumulators and atomic max/min winner
+    counts, kept zero between launches; long loops' checkpoints, written and read back within a
+    launch) and the derivative fields of them: neither is an input or an output. (Until session
+    31 the winner counts were taken for inputs, and the finite differences of k.reverse perturbed
+    them.)"""
+    while id(f) in REGISTRY.parents:
+        f = REGISTRY.parents[id(f)][0]
+    return REGISTRY.scratch_kind(f) is not None
 
 
 def signature(K, args=()):

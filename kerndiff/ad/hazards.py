@@ -206,13 +206,20 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
     memo = {}
     reads = {}
     for pos, kind, f, s, top, index, loops in ev:
-        if kind == "read":
+        # an atomic max/min reads its result back too: its reverse finds the winning
+        # contributions by comparing them with the value it left in the field (ad/minmax.py)
+        if kind == "read" or _is_minmax(s):
             reads.setdefault(id(f), []).append((pos, s, top, index, loops))
     for pos, kind, f, s, top, index, loops in ev:
         if kind == "read" or id(f) not in reads:
             continue
         for rpos, rs, rtop, rindex, rloops in reads[id(f)]:
             if disjoint(index, rindex, params, defs, header_ranges(loops, memo), header_ranges(rloops, memo)):
+                continue
+            if _is_minmax(rs) and _is_minmax(s):
+                # later maxima (minima) into it: each reverse compares with the final result, and a
+                # loop whose contributions did not reach it passes the adjoint on unchanged (max
+                # and min mixed in one loop: minmax.check_placement)
                 continue
             if kind == "store" and written_in_an_earlier_trip(index, rindex, loops, rloops):
                 continue
@@ -227,15 +234,21 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
                     else f"updates '{name}' by ti.atomic_{s.op}"
                 where = "" if not rs.src or same_stmt else \
                     f", at line {rs.src.line} ('{rs.src.text.strip()}')"
+                needs = f"the reverse pass finds the winners of ti.atomic_{rs.op} by comparing them with " \
+                    "the result it left" if _is_minmax(rs) else "the reverse pass needs the value that was read"
                 raise KernDiffError(
-                    f"this kernel {what} after reading it{where}; "
-                    "the reverse pass needs the value that was read",
+                    f"this kernel {what} after {'taking ti.atomic_' + rs.op + ' into' if _is_minmax(rs) else 'reading'}"
+                    f" it{where}; {needs}",
                     s.src, "write the result to a new field (out[i] = f(x[i])), or split the kernel in two "
                            "and use kd.Tape, which keeps overwritten values")
             if kind == "atomic" and rtop == top:
                 raise KernDiffError("this loop reads a field it accumulates into; the value read depends on "
                                     "the order of the parallel iterations", rs.src,
                                     "read it in a later loop or a later kernel")
+
+
+def _is_minmax(s):
+    return isinstance(s, N.Atomic) and s.op in ("max", "min")
 
 
 def refuse_reading_results(ir: N.KernelIR, primal: N.KernelIR, path: str):

@@ -87,9 +87,20 @@ def cleanup(refs, names, src):
 
 
 def check_placement(loop, targets):
+    """Refuse what the winner counts cannot express: a reduction outside a parallel loop, and
+    ti.atomic_max and ti.atomic_min into the same element in one loop (the result then depends on
+    the order the iterations run in, and no contribution need equal it)."""
+    from .hazards import disjoint
     if not loop.parallel:
         raise KernDiffError("differentiating ti.atomic_max/min outside a parallel (outermost) loop is not "
                             "supported", targets[0].src, "use ti.max on a local, or put the reduction in a loop")
+    for a in targets:
+        for b in targets:
+            if a.op == "max" and b.op == "min" and a.ref.field is b.ref.field and not disjoint(a.index, b.index, ()):
+                raise KernDiffError(
+                    f"this loop takes ti.atomic_max and ti.atomic_min into the same elements of "
+                    f"'{a.ref.name}': the result depends on the order of the parallel iterations",
+                    b.src, "reduce into two fields (one for the max, one for the min), or put them in separate loops")
 
 
 def forward_atomic_minmax(fwd, s, dual_ref):
