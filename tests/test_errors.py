@@ -334,6 +334,55 @@ def test_iterations_racing_on_an_element_are_refused(runtime):
         check(k, "reverse")
 
 
+
+def test_every_iteration_storing_into_one_element_is_refused(runtime):
+    """`z[i] = f(x[r])` in `for i, r in ti.ndrange(...)`, `s[None] = x[i]` in `for i in ...`: every
+    iteration stores into the same element, so which value is left depends on the order Taichi
+    runs them in (the reverse gave a gradient matching no order; found by a fuzzer of multi-loop
+    programs in session 31). Stored from one iteration (`if r == 0:`), from a loop that runs once,
+    or as an inner loop, the gradient is checked."""
+    x = ti.field(ti.f64, shape=N)
+    z = ti.field(ti.f64, shape=N)
+    s = ti.field(ti.f64, shape=())
+    x.from_numpy(np.linspace(0.2, 0.8, N))
+
+    @kd.kernel
+    def every_r():
+        for i, r in ti.ndrange(N, 3):
+            z[i] = x[r] * x[i]
+
+    @kd.kernel
+    def every_i():
+        for i in range(N):
+            s[None] = x[i] * 2.0
+
+    raises(every_r.reverse, "store into the same element of 'z' (its index does not depend on r)",
+           "if r == 0:", line_text="z[i] = x[r] * x[i]")
+    raises(every_i.reverse, "store into the same element of 's' (its index does not depend on i)",
+           line_text="s[None] = x[i] * 2.0")
+
+    @kd.kernel
+    def one_r():
+        for i, r in ti.ndrange(N, 3):
+            if r == 2:
+                z[i] = x[r] * x[i]
+
+    @kd.kernel
+    def once():
+        for i, r in ti.ndrange(N, 1):
+            z[i] = x[r] * x[i]
+
+    @kd.kernel
+    def inner():
+        for i in range(N):
+            for r in range(3):
+                z[i] = x[r] * x[i]
+
+    for k in (one_r, once, inner):
+        z.fill(0)
+        k()
+        check(k, "reverse")
+
 def test_float_index_into_local_vector(f):
     v, x = f["v"], f["x"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..errors import KernDiffError
 from ..ir import nodes as N
 from ..runtime.registry import REGISTRY
-from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts
+from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, vars_in
 
 
 def _events(stmts, top=None, out=None, loops=()):
@@ -110,6 +110,47 @@ def check_iteration_races(ir: N.KernelIR):
                     "depends on the order Taichi runs them in, and so would its derivative",
                     s.src, "put ti.loop_config(serialize=True) before the loop if the order is meant, or "
                            "write the result to a new field (out[i + 1] = ...)")
+        _check_shared_stores(loop)
+
+
+def _check_shared_stores(loop):
+    """Refuse a store that every iteration of a parallel loop makes into elements that do not
+    depend on one of its variables (`z[i] = f(x[r])` in `for i, r in ti.ndrange(4, 3)`,
+    `s[None] = x[i]`): which iteration's value is left depends on the order Taichi runs them in,
+    and each iteration's reverse would read and clear the same adjoint. Only certain cases: a
+    store that every iteration reaches (not under an `if`, nor after a statement that may skip
+    the rest), whose index reads no local the loop assigns, in a loop whose variable takes more
+    than one value (`for _ in range(1):` runs once)."""
+    assigned = assigned_names(loop.body)
+    for s in _stores_every_iteration(loop.body):
+        names = {v.name for e in s.index for v in vars_in(e)}
+        if names & assigned:
+            continue
+        missing = [v for v, (lo, hi) in zip(loop.vars, loop.bounds) if v not in names and not (
+            isinstance(lo, N.Const) and isinstance(hi, N.Const) and hi.value - lo.value == 1)]
+        if missing:
+            name = REGISTRY.name_of(s.ref.field)
+            raise KernDiffError(
+                f"the iterations of this parallel loop store into the same element of '{name}' (its index does "
+                f"not depend on {missing[0]}): the value left depends on the order Taichi runs them in, and so "
+                "would its derivative",
+                s.src, f"store from one iteration (`if {missing[0]} == 0:`), accumulate (+=) if the values should "
+                       f"add up, or make the loop over {missing[0]} an inner loop")
+
+
+def _stores_every_iteration(body):
+    """The stores every run of body reaches: in body itself or in inner loops of constant bounds
+    with at least one trip, up to the first statement that may skip the rest."""
+    out = []
+    for s in body:
+        if isinstance(s, N.Store):
+            out.append(s)
+        elif isinstance(s, N.For) and all(isinstance(lo, N.Const) and isinstance(hi, N.Const) and hi.value > lo.value
+                                          for lo, hi in s.bounds):
+            out.extend(_stores_every_iteration(s.body))
+        if any(isinstance(t, (N.Break, N.Continue, N.Return)) for t in iter_stmts((s,))):
+            break
+    return out
 
 
 def launch_constants(ir: N.KernelIR):

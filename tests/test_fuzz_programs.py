@@ -1,0 +1,249 @@
+"""Fuzzing whole programs: hypothesis draws kernels of one to three parallel loops over fields —
+stores, `+=`, `-=` and `*=` at the loop's own index, scattered adds (`z[idx[i]] += ...`), sums into
+a 0-d field, atomic max/min, vector fields and their methods, a `ti.func` with a branch, inner
+loops, `if`/`else`, `continue`, 2-D `ti.ndrange` loops, a kernel argument as a value and as a loop
+bound — race-free by construction (a loop reads what it scatters into nowhere, what it writes at
+its own index only there), and a field a loop has read or written is only read by later loops
+(fewer refusals). Each kernel is checked: its primal against Taichi's own kernel, then k.forward,
+k.reverse, k.reverse.forward and k.forward.reverse against f64 finite differences (harness.check).
+A refusal (KernDiffError) is accepted; the module checks that most draws were not refused.
+
+test_fuzz.py fuzzes expressions and control flow inside one elementwise statement; this module
+fuzzes how statements over fields meet. It found, in session 31, adds into one element merged
+across a read of it (opt.finalize) and atomic max/min results updated by a later loop
+(ad/hazards.py); their regression tests are in test_programs.py and test_minmax.py.
+
+Taichi runs here with advanced_optimization=False: Taichi 1.7.4's own optimizer miscompiles a
+vector field element stored and read back in an inner loop (`for j in range(2): v[i] =
+ti.Vector([...]) * (0.5 + v[i][1])` reads the old v[i][1] on the second trip), which the
+primal comparison would report against kerndiff (whose generated kernels store components
+one by one, and compute it right either way).
+
+Profiles as in test_fuzz.py: short by default (derandomized under CI=true), KERNDIFF_FUZZ=long.
+"""
+import os
+import random
+import tempfile
+
+import numpy as np
+import pytest
+import taichi as ti
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kerndiff as kd
+from harness import check, load_elementwise, signature
+from test_fuzz import BINARY, UNARY
+
+N = 4
+LONG = os.environ.get("KERNDIFF_FUZZ") == "long"
+settings.register_profile("programs_short", max_examples=12, deadline=None,
+                          derandomize=os.environ.get("CI") == "true", suppress_health_check=list(HealthCheck))
+settings.register_profile("programs_long", max_examples=int(os.environ.get("KERNDIFF_FUZZ_N", 10000)),
+                          deadline=None, suppress_health_check=list(HealthCheck))
+PROFILE = settings.get_profile("programs_long" if LONG else "programs_short")
+
+
+@ti.func
+def helper(a, b):
+    t = a * b
+    if t > 0.2:
+        t = ti.sin(t) + a
+    return t * 0.5 + b
+
+
+@pytest.fixture(scope="module")
+def fields():
+    ti.init(arch=ti.cpu, default_fp=ti.f64, advanced_optimization=False)
+    f = {
+        "x": ti.field(ti.f64, shape=N), "w": ti.field(ti.f64, shape=N),
+        "y": ti.field(ti.f64, shape=N), "z": ti.field(ti.f64, shape=N),
+        "s": ti.field(ti.f64, shape=()), "m": ti.field(ti.f64, shape=()),
+        "v": ti.Vector.field(2, ti.f64, shape=N), "u": ti.Vector.field(2, ti.f64, shape=N),
+        "g": ti.field(ti.f64, shape=(N, 3)),
+        "idx": ti.field(ti.i32, shape=N),
+    }
+    yield f
+    ti.reset()
+
+
+def starting_values(fields):
+    """The same values before every kernel (idx repeats an element: scattered adds collide)."""
+    rng = np.random.default_rng(5)
+    for name in ("x", "w", "y", "z"):
+        fields[name].from_numpy(rng.uniform(-1, 1, N))
+    for name in ("v", "u"):
+        fields[name].from_numpy(rng.uniform(-1, 1, (N, 2)))
+    fields["g"].from_numpy(rng.uniform(-1, 1, (N, 3)))
+    fields["s"][None] = 0.37  # (away from the comparisons with 0.1, 0.2, 0.3 and 0.4 below)
+    fields["m"][None] = -0.61
+    fields["idx"].from_numpy(np.array([2, 0, 0, 3], dtype=np.int32))
+
+
+def expression(rand, depth, leaves):
+    if depth == 0 or rand.random() < 0.3:
+        return rand.choice(leaves)
+    pick = rand.random()
+    if pick < 0.4:
+        return UNARY[rand.choice(sorted(UNARY))].format(expression(rand, depth - 1, leaves))
+    if pick < 0.47:
+        return f"helper({expression(rand, depth - 1, leaves)}, {expression(rand, depth - 1, leaves)})"
+    return BINARY[rand.choice(sorted(BINARY))].format(expression(rand, depth - 1, leaves),
+                                                      expression(rand, depth - 1, leaves))
+
+
+WRITABLE = ("y", "z", "v", "s", "m", "g")
+
+
+class Loop:
+    """One parallel loop being drawn: what each field is to it (written at the loop's own index,
+    scattered into, reduced into, or read), and the locals it has bound so far."""
+
+    def __init__(self, rand, with_argument, touched):
+        self.rand = rand
+        self.two_d = rand.random() < 0.2
+        self.with_argument = with_argument
+        self.role = {f: rand.choice(["own", "own", "scatter", "none", "read"]) for f in ("y", "z", "v")}
+        self.role["g"] = rand.choice(["own", "none", "read"])
+        self.role["s"] = rand.choice(["sum", "none", "read"])
+        self.role["m"] = rand.choice(["max", "min", "none", "read"])
+        for f in touched:  # what an earlier loop read or wrote, this one only reads
+            if self.role[f] != "none":
+                self.role[f] = "read"
+        self.locals = []
+
+    def leaves(self):
+        out = ["x[i]", "w[i]", "x[idx[i]]", "w[(i + 1) % 4]", "0.7", "u[i][0]", "u[idx[i]].norm_sqr()"]
+        out += self.locals + (["c"] if self.with_argument else []) + (["x[r]"] if self.two_d else [])
+        for f in ("y", "z"):
+            out += {"read": [f"{f}[i]", f"{f}[idx[i]]", f"{f}[(i + 3) % 4]"], "own": [f"{f}[i]"]}.get(self.role[f], [])
+        out += {"read": ["v[i][0]", "v[idx[i]][1]", "v[i].norm()", "v[i].dot(u[i])"],
+                "own": ["v[i][1]", "v[i].dot(u[i])"]}.get(self.role["v"], [])
+        out += {"read": ["g[i, 1]", "g[idx[i], 2]"], "own": ["g[i, r]"] if self.two_d else []}.get(self.role["g"], [])
+        out += [f"{f}[None]" for f in ("s", "m") if self.role[f] == "read"]
+        return out
+
+    def expr(self, depth=2):
+        return expression(self.rand, depth, self.leaves())
+
+    def statement(self, indent, nested=True):
+        """Lines of one statement (an if or inner loop holds one of its own)."""
+        rand, pad = self.rand, "    " * indent
+        kinds = ["local", "own", "scatter", "sum", "extremum", "vector"] + (["if", "inner", "continue"] if nested else [])
+        kind = rand.choice(kinds)
+        role = self.role
+        if kind == "local":
+            name = f"a{len(self.locals)}"
+            line = f"{pad}{name} = {self.expr()}"
+            if indent == 0:  # (a name bound in a block ends with it)
+                self.locals.append(name)
+            return [line]
+        if kind == "own" and any(role[f] == "own" for f in ("y", "z", "g")):
+            f = rand.choice([f for f in ("y", "z", "g") if role[f] == "own"])
+            target = f"{f}[i]" if f != "g" else "g[i, r]" if self.two_d else f"g[i, {rand.randint(0, 2)}]"
+            return [f"{pad}{target} {rand.choice(['=', '+=', '-=', '*='])} {self.expr()}"]
+        if kind == "scatter" and any(role[f] == "scatter" for f in ("y", "z")):
+            f = rand.choice([f for f in ("y", "z") if role[f] == "scatter"])
+            return [f"{pad}{f}[{rand.choice(['idx[i]', '(i + 1) % 4', 'i'])}] += {self.expr()}"]
+        if kind == "vector" and role["v"] == "own":
+            return [f"{pad}v[i] {rand.choice(['=', '+='])} ti.Vector([{self.expr(1)}, {self.expr(1)}]) * {self.expr(1)}"]
+        if kind == "vector" and role["v"] == "scatter":
+            return [f"{pad}v[idx[i]] += u[i] * {self.expr(1)}"]
+        if kind == "sum" and role["s"] == "sum":
+            return [f"{pad}s[None] += {self.expr()}"]
+        if kind == "extremum" and role["m"] in ("max", "min"):
+            return [f"{pad}ti.atomic_{role['m']}(m[None], {self.expr()})"]
+        if kind == "if":
+            lines = [f"{pad}if {self.expr(1)} > 0.1:"] + self.statement(indent + 1, False)
+            if rand.random() < 0.5:
+                lines += [f"{pad}else:"] + self.statement(indent + 1, False)
+            return lines
+        if kind == "continue":
+            return [f"{pad}if {self.expr(1)} > 0.4:", f"{pad}    continue"]
+        if kind == "inner":
+            body = self.statement(indent + 1, False)
+            return [f"{pad}for j in range({rand.randint(1, 3)}):"] + [line.replace("x[idx[i]]", "x[(i + j) % 4]")
+                                                                        for line in body]
+        return self.statement(indent, nested)  # that kind has nothing to do in this loop: another
+
+    def header(self):
+        if self.two_d:
+            return "for i, r in ti.ndrange(4, 3):"
+        return "for i in range(n):" if self.with_argument and self.rand.random() < 0.5 else "for i in range(4):"
+
+
+def program(seed):
+    """(kernel body, whether the kernel takes the arguments c: ti.f64, n: ti.i32)."""
+    rand = random.Random(seed)
+    with_argument = rand.random() < 0.3
+    lines, touched = [], set()
+    for _ in range(rand.randint(1, 3)):
+        loop = Loop(rand, with_argument, touched)
+        body = [line for _ in range(rand.randint(1, 4)) for line in loop.statement(0)]
+        touched |= {f for f in WRITABLE if any(f"{f}[" in line for line in body)}
+        lines += [loop.header()] + ["    " + line for line in body]
+    return "\n".join(lines), with_argument
+
+
+_tmp = tempfile.mkdtemp(prefix="kerndiff_fuzz_programs_")
+OUTCOMES = []
+
+
+def check_program(fields, seed):
+    body, with_argument = program(seed)
+    head = "def kernel(c: ti.f64, n: ti.i32):\n    if True:" if with_argument else "def kernel():\n    if True:"
+    fn, src = load_elementwise(body, {**fields, "helper": helper}, _tmp, head=head)
+    args = (0.45, N) if with_argument else ()
+    names = [n for n in fields if n != "idx"]
+    starting_values(fields)
+    ti.kernel(fn)(*args)
+    expected = {n: fields[n].to_numpy() for n in names}
+    starting_values(fields)
+    k = kd.kernel(fn)
+    try:
+        k(*args)
+        for n in names:
+            np.testing.assert_allclose(fields[n].to_numpy(), expected[n], rtol=1e-10, atol=1e-12,
+                                       err_msg=f"the primal's {n}\n{src}")
+        if not signature(k, args)[1]:
+            OUTCOMES.append("nothing written")
+            return
+        for kernel, mode in ((k, "forward"), (k, "reverse"), (k.reverse, "forward"), (k.forward, "reverse")):
+            starting_values(fields)
+            try:
+                check(kernel, mode, args=args, rtol=1e-5, atol=1e-7)
+            except AssertionError:
+                # finite differences of outputs in the thousands (cubes of sums) lose digits at
+                # the usual step: a wider one before calling it a failure
+                starting_values(fields)
+                check(kernel, mode, args=args, eps=1e-4, rtol=1e-4, atol=1e-6)
+    except kd.KernDiffError:
+        OUTCOMES.append("refused")
+        return
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{src}") from None
+    OUTCOMES.append("checked")
+
+
+@settings(PROFILE)
+@given(seed=st.integers(0, 2 ** 32 - 1))
+def test_random_programs(fields, seed):
+    check_program(fields, seed)
+
+
+@settings(PROFILE)
+@given(seed=st.integers(0, 2 ** 32 - 1))
+def test_random_programs_with_private_copies(fields, seed, monkeypatch):
+    """The same programs with opt.scatter forced on for their 4-iteration loops: scattered adjoint
+    adds go through per-thread private copies."""
+    from kerndiff.opt import scatter
+    monkeypatch.setattr(scatter, "MIN_TRIPS", 2)
+    monkeypatch.setattr(scatter, "MIN_WORK", 2)
+    monkeypatch.setattr(scatter, "MIN_ADDS_PER_ELEMENT", 0)
+    check_program(fields, seed)
+
+
+def test_most_programs_were_checked():
+    """Refusals pass the tests above; they must not be what the fuzzing mostly saw."""
+    checked = OUTCOMES.count("checked")
+    assert checked >= len(OUTCOMES) // 3, {o: OUTCOMES.count(o) for o in set(OUTCOMES)}
