@@ -181,3 +181,93 @@ def test_later_loops_reducing_again_or_updating_the_result(runtime):
     np.testing.assert_allclose(kd.adjoint(x).to_numpy(), expected, rtol=1e-14)
     for f in (kd.adjoint(x), kd.adjoint(m), kd.adjoint(z), kd.dual(x)):
         f.fill(0)
+
+
+
+def test_winners_found_when_fast_math_recomputes_them_differently(runtime):
+    """The passes after the loop recompute each contribution, and Taichi's fast math (its default)
+    lets LLVM compile `w[(i + 1) % 4] ** 3 * ti.abs(y[idx[i]])` differently there than in the
+    loop (beside the tangent's `w ** 2 * 3.0`): the winner missed the result by an ulp, the exact
+    comparison found none, and the reverse returned a zero gradient (found by the program fuzzer in
+    session 31, with these values). A contribution within 8 ulps of the result now reaches it
+    (with minmax.REACH set to zero this test fails)."""
+    w = ti.field(ti.f64, shape=4)
+    y = ti.field(ti.f64, shape=4)
+    idx = ti.field(ti.i32, shape=4)
+    m = ti.field(ti.f64, shape=())
+    rng = np.random.default_rng(5)
+    rng.uniform(-1, 1, 4)  # (the fuzzer's x)
+    w.from_numpy(rng.uniform(-1, 1, 4))
+    y.from_numpy(rng.uniform(-1, 1, 4))
+    idx.from_numpy(np.array([2, 0, 0, 3], dtype=np.int32))
+
+    @kd.kernel
+    def least():
+        for i in range(4):
+            ti.atomic_min(m[None], w[(i + 1) % 4] ** 3 * ti.abs(y[idx[i]]))
+
+    wv, yv, iv = w.to_numpy(), y.to_numpy(), idx.to_numpy()
+    values = np.roll(wv, -1) ** 3 * np.abs(yv[iv])
+    a = int(np.argmin(values))
+    assert np.sum(values == values[a]) == 1
+    grad_w, grad_y = np.zeros(4), np.zeros(4)
+    grad_w[(a + 1) % 4] = 3 * wv[(a + 1) % 4] ** 2 * abs(yv[iv[a]])
+    grad_y[iv[a]] = wv[(a + 1) % 4] ** 3 * np.sign(yv[iv[a]])
+    m[None] = 10.0
+    least()
+    assert m[None] == pytest.approx(values[a], rel=1e-14)
+    kd.adjoint(w).fill(0)
+    kd.adjoint(y).fill(0)
+    kd.adjoint(m)[None] = 1.0
+    least.reverse()
+    np.testing.assert_allclose(kd.adjoint(w).to_numpy(), grad_w, rtol=1e-12)
+    np.testing.assert_allclose(kd.adjoint(y).to_numpy(), grad_y, rtol=1e-12)
+    tw, ty = rng.standard_normal(4), rng.standard_normal(4)
+    kd.dual(w).from_numpy(tw)
+    kd.dual(y).from_numpy(ty)
+    m[None] = 10.0
+    least.forward()
+    assert kd.dual(m)[None] == pytest.approx(np.dot(grad_w, tw) + np.dot(grad_y, ty), rel=1e-12)
+    for f in (kd.dual(w), kd.dual(y), kd.adjoint(w), kd.adjoint(y), kd.adjoint(m)):
+        f.fill(0)
+
+
+def test_a_contribution_the_loop_overwrites_afterwards_is_refused(runtime):
+    """The passes after the loop recompute each contribution from the fields, so a loop that
+    overwrites what a contribution read (`ti.atomic_max(m[None], v[i])` then `v[i] = ...`) would
+    have them compare a new value (the forward kernel found no winner and left a zero tangent,
+    until session 31): refused. Written before it is read, the value stays."""
+    x = ti.field(ti.f64, shape=5)
+    v = ti.field(ti.f64, shape=5)
+    m = ti.field(ti.f64, shape=())
+    x.from_numpy(np.array([0.3, -1.2, 0.8, 0.45, -0.1]))
+
+    @kd.kernel
+    def read_then_overwritten():
+        for i in x:
+            ti.atomic_max(m[None], v[i] * x[i])
+            v[i] = x[i] * 2.0
+
+    @kd.kernel
+    def written_then_read():
+        for i in x:
+            v[i] = ti.sin(x[i]) * 2.0
+            ti.atomic_max(m[None], v[i] * x[i])
+
+    kd.dual(x)
+    kd.adjoint(x)
+    # (the reverse refuses it for the value the reverse pass needs, ad/hazards.py, before this)
+    for path, why in (("forward", "recomputes what this loop read after the loop"), ("reverse", "overwrites 'v'")):
+        with pytest.raises(kd.KernDiffError, match=why) as err:
+            getattr(read_then_overwritten, path)()
+        assert "v[i] = x[i] * 2.0" in str(err.value) and "ti.atomic_max(m[None], v[i] * x[i])" in str(err.value)
+    m[None] = -5.0
+    assert kd.check_grad(written_then_read, [x], m, order=2) < 1e-7
+    xv = x.to_numpy()
+    best = int(np.argmax(2 * np.sin(xv) * xv))
+    g = kd.backward(written_then_read, inputs=[x], output=m)([xv])[0]
+    expected = np.zeros(5)
+    expected[best] = 2 * (np.cos(xv[best]) * xv[best] + np.sin(xv[best]))
+    np.testing.assert_allclose(g, expected, rtol=1e-12)
+    kd.dual(x).fill(0)
+    kd.adjoint(x).fill(0)

@@ -19,7 +19,7 @@ import dataclasses
 from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import iter_stmts
+from ..ir.walk import blocks_of, expr_children_of_stmt, iter_expr, iter_stmts
 from ..runtime.registry import REGISTRY
 
 
@@ -33,8 +33,22 @@ def count_field(ref):
     return REGISTRY.ref(f, (), f"{ref.name}_winners")
 
 
+# How far (relative) a recomputed contribution may lie from the result and still count as reaching
+# it: 8 units in the last place. The passes recompute each contribution after the loop, and Taichi
+# compiles with fast math by default, which lets LLVM reassociate the same expression differently
+# in each loop (`w ** 3 * ti.abs(y)` beside the tangent's `w ** 2 * 3.0`): a recomputed winner can
+# miss the result by an ulp or two, and an exact comparison then found no winner and returned a
+# zero derivative (found by a fuzzer of multi-loop programs, session 31). Contributions within the
+# tolerance of the result share its derivative as ties do.
+REACH = {"f64": 2.0 ** -49, "f32": 2.0 ** -20, "f16": 2.0 ** -7}
+
+
 def winner(s):
-    return B.call("eq", s.value, B.load(s.ref, s.index))
+    """Whether the contribution of s, recomputed, reaches the result left in its field."""
+    result = B.load(s.ref, s.index)
+    tol = B.const(REACH.get(s.ref.dtype, 2.0 ** -20), s.ref.dtype)
+    near = B.call("le", B.call("abs", B.sub(s.value, result)), B.mul(tol, B.call("abs", result)))
+    return B.call("or", B.call("eq", s.value, result), near)
 
 
 def stripped(stmts, keep_minmax, on_minmax):
@@ -101,6 +115,42 @@ def check_placement(loop, targets):
                     f"this loop takes ti.atomic_max and ti.atomic_min into the same elements of "
                     f"'{a.ref.name}': the result depends on the order of the parallel iterations",
                     b.src, "reduce into two fields (one for the max, one for the min), or put them in separate loops")
+    _check_recomputable(loop, targets)
+
+
+def _check_recomputable(loop, targets):
+    """The passes after the loop recompute the contributions (and the locals and branches they
+    depend on) from the fields, so every value the loop read there must still be in its field: a
+    read the loop overwrites later (`ti.atomic_min(m[None], v[i][1])` then `v[i] = ...`), or
+    writes and reads again within an inner loop, would be recomputed from the wrong value (the
+    forward kernel found no winner and left a zero tangent until session 31). Writes before the
+    reads are fine (`y[i] = f(x[i])` then `ti.atomic_max(m[None], y[i])`)."""
+    ids = {id(t) for t in targets}
+    loads, writes = [], []
+
+    def walk(stmts, loops):
+        for s in stmts:
+            if isinstance(s, (N.Store, N.Atomic)) and id(s) not in ids:
+                writes.append((len(loads) + len(writes), s, loops))  # (dropped by `stripped`)
+                continue
+            if isinstance(s, N.Return):
+                continue
+            for e in expr_children_of_stmt(s):
+                loads.extend((len(loads) + len(writes), x, s, loops) for x in iter_expr(e) if isinstance(x, N.Load))
+            inner = loops + ((s,) if isinstance(s, (N.For, N.While)) else ())
+            for block in blocks_of(s):
+                walk(block, inner)
+
+    walk(loop.body, ())
+    for wpos, w, wloops in writes:
+        for lpos, load, stmt, lloops in loads:
+            if load.ref.field is w.ref.field and (lpos < wpos or any(a is b for a in wloops for b in lloops)):
+                raise KernDiffError(
+                    f"the derivative of ti.atomic_{targets[0].op} recomputes what this loop read after the loop, "
+                    f"and the loop writes '{load.ref.name}' after reading it "
+                    f"({'at line ' + str(stmt.src.line) + ': ' + repr(stmt.src.text.strip()) if stmt.src else 'here'})",
+                    w.src, f"compute the values the reduction needs before writing '{load.ref.name}' (into locals or "
+                           f"another field), or take ti.atomic_{targets[0].op} in a loop of its own")
 
 
 def forward_atomic_minmax(fwd, s, dual_ref):
