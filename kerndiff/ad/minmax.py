@@ -19,7 +19,7 @@ import dataclasses
 from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import blocks_of, expr_children_of_stmt, iter_expr, iter_stmts
+from ..ir.walk import iter_stmts
 from ..runtime.registry import REGISTRY
 
 
@@ -125,31 +125,23 @@ def _check_recomputable(loop, targets):
     writes and reads again within an inner loop, would be recomputed from the wrong value (the
     forward kernel found no winner and left a zero tangent until session 31). Writes before the
     reads are fine (`y[i] = f(x[i])` then `ti.atomic_max(m[None], y[i])`)."""
+    from .hazards import _events
     ids = {id(t) for t in targets}
-    loads, writes = [], []
+    events = _events(loop.body)
 
-    def walk(stmts, loops):
-        for s in stmts:
-            if isinstance(s, (N.Store, N.Atomic)) and id(s) not in ids:
-                writes.append((len(loads) + len(writes), s, loops))  # (dropped by `stripped`)
-                continue
-            if isinstance(s, N.Return):
-                continue
-            for e in expr_children_of_stmt(s):
-                loads.extend((len(loads) + len(writes), x, s, loops) for x in iter_expr(e) if isinstance(x, N.Load))
-            inner = loops + ((s,) if isinstance(s, (N.For, N.While)) else ())
-            for block in blocks_of(s):
-                walk(block, inner)
-
-    walk(loop.body, ())
-    for wpos, w, wloops in writes:
-        for lpos, load, stmt, lloops in loads:
-            if load.ref.field is w.ref.field and (lpos < wpos or any(a is b for a in wloops for b in lloops)):
+    def dropped(s):  # by `stripped`, with the loads in it: nothing recomputes them
+        return isinstance(s, (N.Store, N.Atomic)) and id(s) not in ids
+    writes = [(pos, f, s, loops) for pos, kind, f, s, _, _, loops in events if kind != "read" and dropped(s)]
+    kept_loads = [(pos, f, s, loops) for pos, kind, f, s, _, _, loops in events if kind == "read" and not dropped(s)]
+    for wpos, field, w, wloops in writes:
+        for lpos, f, stmt, lloops in kept_loads:
+            if f is field and (lpos < wpos or any(a is b for a in wloops for b in lloops)):
+                name = REGISTRY.name_of(field)
                 raise KernDiffError(
                     f"the derivative of ti.atomic_{targets[0].op} recomputes what this loop read after the loop, "
-                    f"and the loop writes '{load.ref.name}' after reading it "
+                    f"and the loop writes '{name}' after reading it "
                     f"({'at line ' + str(stmt.src.line) + ': ' + repr(stmt.src.text.strip()) if stmt.src else 'here'})",
-                    w.src, f"compute the values the reduction needs before writing '{load.ref.name}' (into locals or "
+                    w.src, f"compute the values the reduction needs before writing '{name}' (into locals or "
                            f"another field), or take ti.atomic_{targets[0].op} in a loop of its own")
 
 
