@@ -1176,3 +1176,33 @@ def test_an_add_reading_what_an_earlier_add_wrote_is_not_merged_with_it(runtime)
     np.testing.assert_array_equal(y.to_numpy(), expected)
     np.testing.assert_allclose(kd.adjoint(x).to_numpy(), 1 + y0 + 2 * x0, rtol=1e-14)
     np.testing.assert_allclose(kd.adjoint(y).to_numpy(), 1 + x0, rtol=1e-14)
+
+
+def test_an_add_before_a_continue_stays_before_it(runtime):
+    """`s[None] += x[i]` then a `continue` that constant folding leaves unconditional (`if 0.7 >
+    0.4: continue`) then another add: merging the adds moved the first past the continue, and the
+    primal summed nothing (until session 31; found by the program fuzzer). Checked against
+    Taichi's kernel, and the gradient against the analytic one."""
+    x = ti.field(ti.f64, shape=4)
+    s = ti.field(ti.f64, shape=())
+    x.from_numpy(np.array([0.5, -1.0, 2.0, 0.25]))
+
+    def total():
+        for i, r in ti.ndrange(4, 3):
+            s[None] += x[i] * x[i]
+            if 0.7 > 0.4:
+                continue
+            s[None] += x[i] * 2.0
+
+    ti.kernel(total)()
+    expected = s[None]
+    assert expected == pytest.approx(3 * np.sum(x.to_numpy() ** 2), rel=1e-15)
+    k = kd.kernel(total)
+    s[None] = 0.0
+    k()
+    assert s[None] == expected
+    kd.adjoint(x).fill(0)
+    kd.adjoint(s)[None] = 1.0
+    k.reverse()
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), 6 * x.to_numpy(), rtol=1e-15)
+    kd.adjoint(x).fill(0)

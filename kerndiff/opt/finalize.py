@@ -148,9 +148,10 @@ def _merge_adds(stmts):
     """Atomic adds into one element within a block become one add of their sum: derivative code
     often adds several contributions to the same adjoint element (one per tangent stream, one per
     use of a value), and each add is a read-modify-write. Adds commute, so an add may move down
-    past other adds; not past a nested block, a read or write of its field (other than an add),
-    a write of a field its value reads, or a reassignment of a local it uses, and not into an add
-    whose value reads the field (that add reads what the first one added)."""
+    past other adds; not past a nested block, a `continue`, `break` or `return`, a read or write
+    of its field (other than an add), a write of a field its value reads, or a reassignment of a
+    local it uses, and not into an add whose value reads the field (that add reads what the first
+    one added)."""
     out = list(stmts)
     for i, s in enumerate(out):
         if not (isinstance(s, N.Atomic) and s.op == "add"):
@@ -161,7 +162,8 @@ def _merge_adds(stmts):
             t = out[j]
             if t is None:
                 continue
-            if blocks_of(t) or (isinstance(t, N.Assign) and t.name in uses):
+            if blocks_of(t) or isinstance(t, (N.Continue, N.Break, N.Return)) or \
+                    (isinstance(t, N.Assign) and t.name in uses):
                 break
             written = id(t.ref.field) if isinstance(t, (N.Store, N.Atomic)) else None
             if written in reads or (written == id(s.ref.field) and not (isinstance(t, N.Atomic) and t.op == "add")):
