@@ -12,7 +12,7 @@ from ..runtime.registry import REGISTRY
 from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, vars_in
 
 
-def _events(stmts, top=None, out=None, loops=()):
+def field_events(stmts, top=None, out=None, loops=()):
     """(position, kind, field, stmt, top-level loop index, index, enclosing loops) in program order."""
     out = [] if out is None else out
     for i, s in enumerate(stmts):
@@ -26,7 +26,7 @@ def _events(stmts, top=None, out=None, loops=()):
         elif isinstance(s, N.Atomic):
             out.append((len(out), "atomic", s.ref.field, s, t, s.index, loops))
         for b in blocks_of(s):
-            _events(b, t, out, loops + ((s,) if isinstance(s, (N.For, N.While)) else ()))
+            field_events(b, t, out, loops + ((s,) if isinstance(s, (N.For, N.While)) else ()))
     return out
 
 
@@ -93,7 +93,7 @@ def check_iteration_races(ir: N.KernelIR):
             continue
         if any(v in assigned_names(loop.body) for v in loop.vars):
             continue
-        accesses = _events(loop.body)
+        accesses = field_events(loop.body)
         for _, kind, f, s, _, index, _ in accesses:
             if kind != "store":
                 continue
@@ -243,7 +243,7 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
     """Refuse a kernel whose reverse pass would need a value the kernel destroyed. `exempt`: ids of
     fields the caller restores to their values from before the launch (kd.Tape, ad/owned.py)."""
     params, defs = {p.name for p in ir.params}, launch_constants(ir)
-    ev = [e for e in _events(ir.body) if id(e[2]) not in exempt]
+    ev = [e for e in field_events(ir.body) if id(e[2]) not in exempt]
     memo = {}
     reads = {}
     for pos, kind, f, s, top, index, loops in ev:
@@ -388,7 +388,7 @@ def footprints(ir: N.KernelIR):
     affine form of the kernel's parameters (evaluated per launch by `concrete`) or None (any)."""
     params, defs = {p.name for p in ir.params}, launch_constants(ir)
     out = []
-    for pos, kind, f, s, top, index, _ in _events(ir.body):
+    for pos, kind, f, s, top, index, _ in field_events(ir.body):
         out.append((f, "read" if kind == "read" else "write", tuple(_affine(e, params, defs) for e in index)))
     return out
 

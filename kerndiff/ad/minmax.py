@@ -125,9 +125,9 @@ def _check_recomputable(loop, targets):
     writes and reads again within an inner loop, would be recomputed from the wrong value (the
     forward kernel found no winner and left a zero tangent until session 31). Writes before the
     reads are fine (`y[i] = f(x[i])` then `ti.atomic_max(m[None], y[i])`)."""
-    from .hazards import _events
+    from .hazards import field_events
     ids = {id(t) for t in targets}
-    events = _events(loop.body)
+    events = field_events(loop.body)
 
     def dropped(s):  # by `stripped`, with the loads in it: nothing recomputes them
         return isinstance(s, (N.Store, N.Atomic)) and id(s) not in ids
