@@ -1206,3 +1206,53 @@ def test_an_add_before_a_continue_stays_before_it(runtime):
     k.reverse()
     np.testing.assert_allclose(kd.adjoint(x).to_numpy(), 6 * x.to_numpy(), rtol=1e-15)
     kd.adjoint(x).fill(0)
+
+
+def test_a_local_summed_by_two_loops_has_a_reverse(runtime):
+    """`total = 0.0`, then two parallel loops `total += ...`, then `s[None] = total * total`: the
+    loops summed into one 0-d field, stored before each loop and read back after it, so the second
+    loop overwrote what the first's read-back had read and reverse mode refused the kernel (until
+    session 32; found by the program fuzzer). Each loop now has its own field. Checked against
+    Taichi's kernel, the analytic gradient, the tangent, and H·v by k.reverse.forward."""
+    x = ti.field(ti.f64, shape=4)
+    w = ti.field(ti.f64, shape=3)
+    s = ti.field(ti.f64, shape=())
+    x0, w0 = np.array([0.5, -1.0, 2.0, 0.25]), np.array([0.3, 0.7, -0.2])
+    x.from_numpy(x0)
+    w.from_numpy(w0)
+
+    def square_of_sum():
+        total = 0.0
+        for i in range(4):
+            total += x[i] * x[i]
+        for j in w:
+            total += ti.sin(w[j])
+        s[None] = total * total
+
+    ti.kernel(square_of_sum)()
+    total = np.sum(x0 ** 2) + np.sum(np.sin(w0))
+    assert s[None] == pytest.approx(total ** 2, rel=1e-14)
+    k = kd.kernel(square_of_sum)
+    s[None] = 0.0
+    k()
+    assert s[None] == pytest.approx(total ** 2, rel=1e-14)
+    for f in (x, w):
+        kd.adjoint(f).fill(0)
+    kd.adjoint(s)[None] = 1.0
+    k.reverse()
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), 2 * total * 2 * x0, rtol=1e-14)
+    np.testing.assert_allclose(kd.adjoint(w).to_numpy(), 2 * total * np.cos(w0), rtol=1e-14)
+    tx, tw = np.array([1.0, 0.5, -0.25, 2.0]), np.array([0.1, -0.4, 0.8])
+    kd.dual(x).from_numpy(tx)
+    kd.dual(w).from_numpy(tw)
+    k.forward()
+    dtotal = np.sum(2 * x0 * tx) + np.sum(np.cos(w0) * tw)
+    assert kd.dual(s)[None] == pytest.approx(2 * total * dtotal, rel=1e-14)
+    for f in (x, w):
+        kd.adjoint(f).fill(0)
+        kd.dual(kd.adjoint(f)).fill(0)
+    kd.adjoint(s)[None] = 1.0
+    k.reverse.forward()  # H·t: d/dt of (2 total * 2x, 2 total * cos w)
+    np.testing.assert_allclose(kd.dual(kd.adjoint(x)).to_numpy(), 4 * dtotal * x0 + 4 * total * tx, rtol=1e-13)
+    np.testing.assert_allclose(kd.dual(kd.adjoint(w)).to_numpy(),
+                               2 * dtotal * np.cos(w0) - 2 * total * np.sin(w0) * tw, rtol=1e-13)

@@ -6,6 +6,8 @@ line, and says what to do instead.
 """
 from __future__ import annotations
 
+import re
+
 from ..errors import KernDiffError
 from ..ir import nodes as N
 from ..runtime.registry import REGISTRY
@@ -312,7 +314,7 @@ def refuse_reading_results(ir: N.KernelIR, primal: N.KernelIR, path: str):
                     base = _dual_base(x.ref.field)
                     name = f"'{REGISTRY.name_of(base)}'"
                     if REGISTRY.scratch_kind(base) == "reduce":  # frontend/loops.py: `s += ...` in a loop
-                        name = f"the sum {name[1:-len('_sum') - 1]}"
+                        name = f"the sum {re.sub(r'_sum(_[0-9]+)?$', '', name[1:-1])}"
                     raise KernDiffError(
                         f"{path} would reverse a derivative kernel that reads {name}, which the kernel itself "
                         f"writes: it would hold {name} fixed and miss how it depends on the inputs",

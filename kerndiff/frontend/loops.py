@@ -123,7 +123,9 @@ def lower_for(lw, node):
             lw.scope[t] = Local([v], None, ["i32"])
     saved_frame = lw.reduction_frame
     if parallel:
-        lw.reduction_frame = {"outer": {n: v for n, v in lw.scope.items() if isinstance(v, Local)}, "fields": {}}
+        lw.parallel_loops += 1
+        lw.reduction_frame = {"outer": {n: v for n, v in lw.scope.items() if isinstance(v, Local)}, "fields": {},
+                              "loop": lw.parallel_loops}
     for s in node.body:
         lw.stmt(s)
     body = tuple(lw.blocks.pop())
@@ -156,15 +158,17 @@ def reduction_field(lw, name, dtype):
     """The 0-d field standing in for top-level local `name` reduced (+=) inside a parallel loop.
 
     Taichi turns such a local into a global temporary and its += into an atomic add; kerndiff makes
-    that explicit so that every transform sees an ordinary field.
+    that explicit so that every transform sees an ordinary field. Each parallel loop of the kernel
+    has its own field (`total_sum`, then `total_sum_2`): one field stored, summed into and read
+    back by two loops would be overwritten after it was read, which reverse mode must refuse.
     """
     from ..runtime.registry import REGISTRY
     frame = lw.reduction_frame
     ref = frame["fields"].get((name, dtype))
     if ref is None:
-        fn = lw.src.fn
-        key = ("reduce", fn.__module__, fn.__qualname__, name, dtype)
-        ref = REGISTRY.ref(REGISTRY.scratch(key, dtype), (), name + "_sum")
+        fn, loop = lw.src.fn, frame["loop"]
+        key = ("reduce", fn.__module__, fn.__qualname__, name, dtype, loop)
+        ref = REGISTRY.ref(REGISTRY.scratch(key, dtype), (), name + "_sum" + (f"_{loop}" if loop > 1 else ""))
         frame["fields"][(name, dtype)] = ref
     return ref
 

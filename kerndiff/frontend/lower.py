@@ -198,6 +198,7 @@ class Lowerer:
         self.serialize_next = False
         self.loop_config_next = ()  # ti.loop_config's other options, for the next outermost loop
         self.reduction_frame = None
+        self.parallel_loops = 0  # the kernel's parallel loops lowered so far (each reduces into its own fields)
         self.pending = []  # per if being lowered: names its then-branch bound, which the else may bind too
         self.ended = {}    # name -> the block it was bound in, for names that ended with that block
         fn = src.fn
