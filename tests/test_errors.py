@@ -279,22 +279,6 @@ def test_old_value_destroyed_is_still_refused(runtime):
     raises(update.reverse, "overwrites 'y' after reading it", "kd.Tape")
 
 
-def test_iteration_that_can_end_early_is_refused(runtime):
-    """A `continue` would skip the store that ends the iteration, so nothing is promoted."""
-    x = ti.field(ti.f64, shape=N)
-    y = ti.field(ti.f64, shape=N)
-
-    @kd.kernel
-    def early():
-        for i in x:
-            y[i] = x[i]
-            if x[i] > 0.5:
-                continue
-            y[i] = ti.sin(y[i])
-
-    raises(early.reverse, "overwrites 'y' after reading it", line_text="y[i] = ti.sin(y[i])")
-
-
 def test_iterations_racing_on_an_element_are_refused(runtime):
     """`z[i + 1] = ...` beside `z[i] += ...` in a parallel loop: which iteration reaches z[i] first
     decides the primal's result, so no gradient can match it (the reverse used to return one that

@@ -49,13 +49,43 @@ def kernels(runtime):
                 y[i] = x[i] ** 2
             z[i] = y[i] * 3.0
 
+    e, q = ti.field(ti.f64, shape=N), ti.field(ti.f64, shape=N)
+
+    @kd.kernel
+    def continue_after_the_first_store():
+        # (x is 0.27, 0.39, 0.84, 0.67: two iterations end at the continue) the element's local
+        # is stored before the continue too; refused until session 32
+        for i in x:
+            e[i] = x[i]
+            if x[i] > 0.5:
+                continue
+            e[i] = ti.sin(e[i]) * x[(i + 1) % N]
+
+    @kd.kernel
+    def continues_before_the_first_use_and_in_branches():
+        for i in x:
+            if x[i] > 0.8:
+                continue  # (the element untouched: nothing to store)
+            q[i] = x[i] ** 2
+            for k in range(2):
+                q[i] += ti.cos(q[i]) * x[i]
+                if q[i] > 0.5:
+                    continue  # the inner loop's: ends its trip only
+                q[i] += 0.25 * x[i]
+            if x[i] < 0.3:
+                q[i] += 1.0
+                continue
+            q[i] = ti.sqrt(q[i])
+
     return {k.__name__: k for k in (vector_built_in_place, grid_element_built_in_place,
-                                    conditional_store_then_read)}
+                                    conditional_store_then_read, continue_after_the_first_store,
+                                    continues_before_the_first_use_and_in_branches)}
 
 
 @pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("name", ["vector_built_in_place", "grid_element_built_in_place",
-                                  "conditional_store_then_read"])
+                                  "conditional_store_then_read", "continue_after_the_first_store",
+                                  "continues_before_the_first_use_and_in_branches"])
 def test_built_in_place_against_finite_differences(kernels, name, prefix, mode):
     check_path(kernels[name], prefix, mode, rtol=1e-6)
 

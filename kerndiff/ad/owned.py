@@ -189,13 +189,15 @@ def _owned(index, loop_vars, fixed):
     return True
 
 
-def _leaves_iteration(stmts):
+def _leaves_iteration(stmts, continues=True):
     """Whether a statement may end the iteration early (continue or return outside nested loops,
-    return anywhere): the store at the end of the body would then be skipped."""
+    return anywhere; `continues=False` counts returns only): the store at the end of the body
+    would then be skipped."""
+    ends = (N.Continue, N.Return) if continues else (N.Return,)
     for s in stmts:
-        if isinstance(s, (N.Continue, N.Return)):
+        if isinstance(s, ends):
             return True
-        if isinstance(s, N.If) and (_leaves_iteration(s.then) or _leaves_iteration(s.orelse)):
+        if isinstance(s, N.If) and (_leaves_iteration(s.then, continues) or _leaves_iteration(s.orelse, continues)):
             return True
         if isinstance(s, (N.For, N.While)) and any(isinstance(t, N.Return) for t in iter_stmts(s.body)):
             return True
@@ -203,8 +205,9 @@ def _leaves_iteration(stmts):
 
 
 def _promotable_loop(s, params):
-    """A parallel loop whose iteration always reaches its end and keeps its index variables."""
-    return (isinstance(s, N.For) and s.parallel and not _leaves_iteration(s.body)
+    """A parallel loop whose iteration ends at its end or at a `continue` (where the element's
+    local is stored too: _store_before_continues), and keeps its index variables."""
+    return (isinstance(s, N.For) and s.parallel and not _leaves_iteration(s.body, continues=False)
             and not assigned_names(s.body) & (set(s.vars) | params))
 
 
@@ -252,9 +255,27 @@ def _promote(body, ref, index, uses, names):
     starts_with_store = (isinstance(first, N.Store) and first.ref is ref
                          and not any(isinstance(x, N.Load) and x.ref is ref for x in iter_expr(first.value)))
     out = [] if starts_with_store else [N.Assign(local.name, B.load(ref, index), src=uses[0][2].src)]
-    out += map_stmts(body, rewrite)
     last_write = [s for kind, _, s in uses if kind != "read"][-1]
-    out.append(N.Store(ref, index, local, src=last_write.src, tag=last_write.tag))
+    store = N.Store(ref, index, local, src=last_write.src, tag=last_write.tag)
+    mapped = map_stmts(body, rewrite)
+    # a continue before the first use leaves the element as it was; one from there on stores it
+    start = next(k for k, s in enumerate(body) if s is first)
+    out += mapped[:start] + _store_before_continues(mapped[start:], store)
+    out.append(store)
+    return tuple(out)
+
+
+def _store_before_continues(stmts, store):
+    """stmts with `store` before each continue that ends the iteration (those of nested loops end
+    a trip of their own loop, and stay as they are)."""
+    out = []
+    for s in stmts:
+        if isinstance(s, N.Continue):
+            out.append(store)
+        elif isinstance(s, N.If):
+            s = dataclasses.replace(s, then=_store_before_continues(s.then, store),
+                                    orelse=_store_before_continues(s.orelse, store))
+        out.append(s)
     return tuple(out)
 
 
