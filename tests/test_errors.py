@@ -249,7 +249,7 @@ def test_element_other_iterations_touch_is_refused(runtime):
             acc[i % 2] += x[i]
             y[i] = acc[i % 2] * 2.0
 
-    raises(shared.reverse, "reads a field it accumulates into", line_text="y[i] = acc[i % 2] * 2.0")
+    raises(shared.reverse, "reads a field it accumulates into ('acc')", line_text="y[i] = acc[i % 2] * 2.0")
 
 
 def test_row_shared_by_an_ndrange_is_refused(runtime):

@@ -285,8 +285,8 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
                     s.src, "write the result to a new field (out[i] = f(x[i])), or split the kernel in two "
                            "and use kd.Tape, which keeps overwritten values")
             if kind == "atomic" and rtop == top:
-                raise KernDiffError("this loop reads a field it accumulates into; the value read depends on "
-                                    "the order of the parallel iterations", rs.src,
+                raise KernDiffError(f"this loop reads a field it accumulates into ('{REGISTRY.name_of(f)}'); "
+                                    "the value read depends on the order of the parallel iterations", rs.src,
                                     "read it in a later loop or a later kernel")
 
 
