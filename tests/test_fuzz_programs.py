@@ -1,18 +1,29 @@
 """Fuzzing whole programs: hypothesis draws kernels of one to three parallel loops over fields —
 stores, `+=`, `-=` and `*=` at the loop's own index, scattered adds (`z[idx[i]] += ...`), sums into
-a 0-d field, atomic max/min, vector fields and their methods, a `ti.func` with a branch, inner
-loops, `if`/`else`, `continue`, 2-D `ti.ndrange` loops, a kernel argument as a value and as a loop
-bound — race-free by construction (a loop reads what it scatters into nowhere, what it writes at
+a 0-d field, atomic max/min, vector fields and their methods, a `ti.func` with a branch and one
+with a loop of its own, inner loops, `if`/`else`, `continue`, 2-D `ti.ndrange` loops and
+struct-fors, a kernel argument as a value and as a loop bound, and (since session 32) locals
+carried through inner `for` and `while` loops (adding into the loop's element or the sum, with a
+`break`), locals reassigned in branches and inner loops, vector locals, `ti.select` and
+ternaries, serialized loops reading the trip before (`y[i - 1]`), a kernel-scope local the loops
+read, and a kernel-scope local the loops sum into (`total += ...`, then `s[None] = total * ...`)
+— race-free by construction (a loop reads what it scatters into nowhere, what it writes at
 its own index only there), and a field a loop has read or written is only read by later loops
 (fewer refusals). Each kernel is checked: its primal against Taichi's own kernel, then k.forward,
 k.reverse, k.reverse.forward and k.forward.reverse against f64 finite differences (harness.check).
 A path's refusal (KernDiffError) is accepted; the module checks that at least a third of the draws
-had k.forward and k.reverse checked.
+had k.forward and k.reverse checked. test_random_programs_under_a_tape runs two or three drawn
+kernels and a nonlinear measure of every field under kd.Tape, and checks the gradient with respect
+to the fields' values before the Tape against finite differences of the whole sequence: kernels
+overwriting and updating in place what earlier ones read (the Tape's snapshots and restores).
 
 test_fuzz.py fuzzes expressions and control flow inside one elementwise statement; this module
 fuzzes how statements over fields meet. It found, in session 31, adds into one element merged
 across a read of it (opt.finalize) and atomic max/min results updated by a later loop
-(ad/hazards.py); their regression tests are in test_programs.py and test_minmax.py.
+(ad/hazards.py); their regression tests are in test_programs.py and test_minmax.py. In session 32
+it found two refusals of kernels kerndiff can differentiate: a kernel-scope local summed by two
+loops, and an element its own iteration builds in a loop with a `continue` (test_programs.py,
+test_owned.py).
 
 Inner loops here do not store whole vectors: Taichi 1.7.4's optimizer miscompiles a vector field
 element stored and read back in an inner loop (`for j in range(2): v[i] = ti.Vector([...]) *
@@ -21,6 +32,9 @@ which in turn aborts the process on `(m[None] ** 3) ** 3`), and the primal compa
 it against kerndiff, whose generated kernels store components one by one and compute it right.
 
 Profiles as in test_fuzz.py: short by default (derandomized under CI=true), KERNDIFF_FUZZ=long.
+Each drawn kernel keeps its helper fields (sums, winner counts, private copies) for the life of
+the Taichi runtime, so a long run stops at Taichi's 512 SNode trees after about 400 draws per
+test: run several processes (KERNDIFF_FUZZ_N=300, `-k`) rather than one longer one.
 """
 import os
 import random
@@ -53,6 +67,18 @@ def helper(a, b):
     return t * 0.5 + b
 
 
+walked = None  # the field walk() reads: the fixture's x
+
+
+@ti.func
+def walk(a, i):
+    """A function with a loop of its own, carrying a local and reading a field."""
+    t = a
+    for j in range(2):
+        t = ti.sin(t) * walked[(i + j) % 4] + a
+    return t
+
+
 @pytest.fixture(scope="module")
 def fields():
     ti.init(arch=ti.cpu, default_fp=ti.f64)
@@ -63,7 +89,10 @@ def fields():
         "v": ti.Vector.field(2, ti.f64, shape=N), "u": ti.Vector.field(2, ti.f64, shape=N),
         "g": ti.field(ti.f64, shape=(N, 3)),
         "idx": ti.field(ti.i32, shape=N),
+        "loss": ti.field(ti.f64, shape=()),
     }
+    global walked
+    walked = f["x"]
     yield f
     ti.reset()
 
@@ -89,6 +118,11 @@ def expression(rand, depth, leaves):
         return UNARY[rand.choice(sorted(UNARY))].format(expression(rand, depth - 1, leaves))
     if pick < 0.47:
         return f"helper({expression(rand, depth - 1, leaves)}, {expression(rand, depth - 1, leaves)})"
+    if pick < 0.5:
+        return f"walk({expression(rand, depth - 1, leaves)}, i)"
+    if pick < 0.54:
+        a, b, c = (expression(rand, depth - 1, leaves) for _ in range(3))
+        return rand.choice([f"ti.select({a} > 0.2, {b}, {c})", f"({b} if {a} < 0.3 else {c})"])
     return BINARY[rand.choice(sorted(BINARY))].format(expression(rand, depth - 1, leaves),
                                                       expression(rand, depth - 1, leaves))
 
@@ -100,26 +134,35 @@ class Loop:
     """One parallel loop being drawn: what each field is to it (written at the loop's own index,
     scattered into, reduced into, or read), and the locals it has bound so far."""
 
-    def __init__(self, rand, with_argument, touched):
+    def __init__(self, rand, with_argument, touched, kernel_locals=(), reduction=None):
         self.rand = rand
         self.two_d = rand.random() < 0.2
+        self.serial = not self.two_d and rand.random() < 0.12  # ti.loop_config(serialize=True)
         self.with_argument = with_argument
+        self.kernel_locals = list(kernel_locals)  # bound before the loops, read inside them
+        self.reduction = reduction  # a kernel-scope local this loop may `+=` into (s is then stored from it)
         self.role = {f: rand.choice(["own", "own", "scatter", "none", "read"]) for f in ("y", "z", "v")}
         self.role["g"] = rand.choice(["own", "none", "read"])
         self.role["s"] = rand.choice(["sum", "none", "read"])
         self.role["m"] = rand.choice(["max", "min", "none", "read"])
         if self.two_d:  # y[i] is not the loop's own element in `for i, r in ti.ndrange(4, 3)`
             self.role.update({f: "scatter" for f in ("y", "z", "v") if self.role[f] == "own"})
+        if reduction:
+            self.role["s"] = "none"
         for f in touched:  # what an earlier loop read or wrote, this one only reads
             if self.role[f] != "none":
                 self.role[f] = "read"
         self.locals = []
+        self.vectors = []  # vector locals
 
     def leaves(self):
         out = ["x[i]", "w[i]", "x[idx[i]]", "w[(i + 1) % 4]", "0.7", "u[i][0]", "u[idx[i]].norm_sqr()"]
-        out += self.locals + (["c"] if self.with_argument else []) + (["x[r]"] if self.two_d else [])
+        out += self.locals + self.kernel_locals + (["c"] if self.with_argument else []) + \
+            (["x[r]"] if self.two_d else [])
+        out += [f"{p}{m}" for p in self.vectors for m in (".norm()", "[0]", "[1]", ".dot(u[i])")]
         for f in ("y", "z"):
-            out += {"read": [f"{f}[i]", f"{f}[idx[i]]", f"{f}[(i + 3) % 4]"], "own": [f"{f}[i]"]}.get(self.role[f], [])
+            out += {"read": [f"{f}[i]", f"{f}[idx[i]]", f"{f}[(i + 3) % 4]"],
+                    "own": [f"{f}[i]"] + ([f"{f}[i - 1]"] if self.serial else [])}.get(self.role[f], [])
         out += {"read": ["v[i][0]", "v[idx[i]][1]", "v[i].norm()", "v[i].dot(u[i])"],
                 "own": ["v[i][1]", "v[i].dot(u[i])"]}.get(self.role["v"], [])
         out += {"read": ["g[i, 1]", "g[idx[i], 2]"], "own": ["g[i, r]"] if self.two_d else []}.get(self.role["g"], [])
@@ -133,8 +176,9 @@ class Loop:
         """Lines of one statement (an if or inner loop holds one of its own; an inner loop's stores
         no whole vector: see the top)."""
         rand, pad = self.rand, "    " * indent
-        kinds = ["local", "own", "scatter", "sum", "extremum"] + (["vector"] if vectors else []) + \
-            (["if", "inner", "continue"] if nested else [])
+        kinds = ["local", "own", "scatter", "sum", "extremum", "reassign", "vector local"] + \
+            (["vector"] if vectors else []) + (["if", "inner", "continue", "carry"] if nested else []) + \
+            (["reduce"] if self.reduction else [])
         kind = rand.choice(kinds)
         role = self.role
         if kind == "local":
@@ -158,6 +202,23 @@ class Loop:
             return [f"{pad}s[None] += {self.expr()}"]
         if kind == "extremum" and role["m"] in ("max", "min"):
             return [f"{pad}ti.atomic_{role['m']}(m[None], {self.expr()})"]
+        if kind == "reassign" and self.locals + self.vectors:
+            name = rand.choice(self.locals + self.vectors)
+            if name in self.vectors:
+                return [rand.choice([f"{pad}{name}[{rand.randint(0, 1)}] {rand.choice(['=', '+='])} {self.expr(1)}",
+                                     f"{pad}{name} = {name} * {self.expr(1)} + u[i]"])]
+            return [f"{pad}{name} {rand.choice(['=', '+=', '*='])} {self.expr()}"]
+        if kind == "vector local":
+            name = f"p{len(self.vectors)}"
+            line = f"{pad}{name} = " + rand.choice([f"ti.Vector([{self.expr(1)}, {self.expr(1)}])",
+                                                   f"u[i] * {self.expr(1)}"])
+            if indent == 0:
+                self.vectors.append(name)
+            return [line]
+        if kind == "reduce":
+            return [f"{pad}{self.reduction} += {self.expr()}"]
+        if kind == "carry":
+            return self.carried(indent)
         if kind == "if":
             lines = [f"{pad}if {self.expr(1)} > 0.1:"] + self.statement(indent + 1, False)
             if rand.random() < 0.5:
@@ -171,25 +232,62 @@ class Loop:
                                                                         for line in body]
         return self.statement(indent, nested, vectors)  # that kind has nothing to do in this loop: another
 
+    def carried(self, indent):
+        """A local carried from trip to trip of an inner `for` or `while` loop (which may also add
+        into the loop's own element or the sum with it, and break), read after the loop."""
+        rand, pad = self.rand, "    " * indent
+        name = f"a{len(self.locals)}"
+        lines = [f"{pad}{name} = {self.expr(1)}"]
+        if rand.random() < 0.3:
+            count = f"trips{len(self.locals)}"
+            lines += [f"{pad}{count} = 0", f"{pad}while {count} < {rand.randint(1, 3)} and {name} < 1.5:",
+                      f"{pad}    {count} += 1"]
+        else:
+            lines += [f"{pad}for j in range({rand.randint(1, 3)}):"]
+        step = rand.choice(["ti.sin({})", "ti.tanh({})", "{}", "0.5 * ({}) ** 2"])
+        lines += [f"{pad}    {name} = " + step.format(f"{name} * {self.expr(1)} + {self.expr(1)}")]
+        owned = [f for f in ("y", "z") if self.role[f] == "own"]
+        if owned and rand.random() < 0.5:
+            lines += [f"{pad}    {rand.choice(owned)}[i] += {name} * {self.expr(1)}"]
+        elif self.role["s"] == "sum" and rand.random() < 0.5:
+            lines += [f"{pad}    s[None] += {name}"]
+        if rand.random() < 0.3:
+            lines += [f"{pad}    if {name} > 0.6:", f"{pad}        break"]
+        if indent == 0:
+            self.locals.append(name)
+        return lines
+
     def header(self):
         if self.two_d:
-            return "for i, r in ti.ndrange(4, 3):"
-        return "for i in range(n):" if self.with_argument and self.rand.random() < 0.5 else "for i in range(4):"
+            return ["for i, r in ti.ndrange(4, 3):"]
+        if self.serial:  # its trips in order: a trip reads what the one before stored (y[i - 1])
+            return ["ti.loop_config(serialize=True)", "for i in range(1, 4):"]
+        if self.rand.random() < 0.2:
+            return ["for i in x:"]
+        return ["for i in range(n):" if self.with_argument and self.rand.random() < 0.5 else "for i in range(4):"]
 
 
 def program(seed):
     """(kernel body, whether the kernel takes the arguments c: ti.f64, n: ti.i32)."""
     rand = random.Random(seed)
     with_argument = rand.random() < 0.3
-    lines, touched = [], set()
+    lines, touched, kernel_locals = [], set(), []
+    if rand.random() < 0.3:  # a kernel-scope local the loops read
+        lines.append(f"k0 = x[0] * {rand.choice(['0.5', 'w[1]', 'ti.sin(w[2])'])} + w[3]")
+        kernel_locals.append("k0")
+    reduction = "total" if rand.random() < 0.25 else None
+    if reduction:  # a kernel-scope local the loops add into, stored into s after them
+        lines.append("total = 0.0")
     for _ in range(rand.randint(1, 3)):
-        loop = Loop(rand, with_argument, touched)
+        loop = Loop(rand, with_argument, touched, kernel_locals, reduction)
         # mostly a store first into what the loop writes at its own index: an update of the value
         # from before the kernel (`y[i] *= ...`) is refused alone (ad/owned.py; kd.Tape's case)
         body = [f"{f}[i] = {loop.expr()}" for f in ("y", "z") if loop.role[f] == "own" and rand.random() < 0.8]
         body += [line for _ in range(rand.randint(1, 4)) for line in loop.statement(0)]
         touched |= {f for f in WRITABLE if any(f"{f}[" in line for line in body)}
-        lines += [loop.header()] + ["    " + line for line in body]
+        lines += loop.header() + ["    " + line for line in body]
+    if reduction:
+        lines.append(f"s[None] = total * {rand.choice(['0.5', 'total', 'k0' if kernel_locals else 'x[1]'])}")
     return "\n".join(lines), with_argument
 
 
@@ -201,7 +299,7 @@ REFUSALS = []
 def check_program(fields, seed):
     body, with_argument = program(seed)
     head = "def kernel(c: ti.f64, n: ti.i32):\n    if True:" if with_argument else "def kernel():\n    if True:"
-    fn, src = load_elementwise(body, {**fields, "helper": helper}, _tmp, head=head)
+    fn, src = load_elementwise(body, {**fields, "helper": helper, "walk": walk}, _tmp, head=head)
     args = (0.45, N) if with_argument else ()
     names = [n for n in fields if n != "idx"]
     starting_values(fields)
@@ -254,15 +352,110 @@ def test_random_programs_with_private_copies(fields, seed, monkeypatch):
     check_program(fields, seed)
 
 
+TAPE_PROFILE = settings(PROFILE, max_examples=6) if not LONG else PROFILE
+INPUTS = ("x", "w", "u", "y", "z", "v", "g", "s", "m")
+
+
+def measure_kernel(fields, loss):
+    """loss = a sum of nonlinear terms of everything the drawn kernels may write (nonlinear, so
+    that the Tape's reverse of it reads the values it restored: a wrong restore shows)."""
+    y, z, v, g, s, m = (fields[n] for n in ("y", "z", "v", "g", "s", "m"))
+
+    @kd.kernel
+    def measure():
+        for i in range(4):
+            loss[None] += 0.3 * y[i] ** 2 + ti.sin(z[i]) + 0.2 * v[i].norm_sqr() + v[i][0] * g[i, 0] \
+                + ti.tanh(g[i, 1]) * g[i, 2]
+        loss[None] += s[None] ** 2 + ti.cos(m[None])
+
+    return measure
+
+
+def check_tape(fields, loss, measure, seed):
+    """Two or three drawn kernels and measure() run under kd.Tape(loss): the gradient with respect
+    to every field's value from before the Tape, along random directions, against central finite
+    differences of the whole sequence (kernels overwriting and updating in place what earlier
+    ones read: the Tape's snapshots and restores)."""
+    rand = random.Random(seed)
+    launches, sources = [], []
+    for _ in range(rand.randint(2, 3)):
+        body, with_argument = program(rand.randrange(2 ** 32))
+        head = "def kernel(c: ti.f64, n: ti.i32):\n    if True:" if with_argument else "def kernel():\n    if True:"
+        fn, src = load_elementwise(body, {**fields, "helper": helper, "walk": walk}, _tmp, head=head)
+        launches.append((kd.kernel(fn), (0.45, N) if with_argument else ()))
+        sources.append(src)
+    program_text = "\n".join(sources)
+    starting_values(fields)
+    start = {n: fields[n].to_numpy() for n in INPUTS}
+
+    def put(values):
+        for n in INPUTS:
+            if fields[n].shape:
+                fields[n].from_numpy(values[n])
+            else:
+                fields[n][None] = float(values[n])
+
+    def run(values):
+        put(values)
+        loss[None] = 0.0
+        for k, args in launches:
+            k(*args)
+        measure()
+        return loss[None]
+
+    try:
+        run(start)  # (the primal of each, once, before the Tape: a refusal there is the kernel's)
+        put(start)
+        with kd.Tape(loss):
+            for k, args in launches:
+                k(*args)
+            measure()
+    except kd.KernDiffError as e:
+        TAPE_REFUSALS.append(f"{e.reason}\n{program_text}")
+        return
+    grads = {n: kd.adjoint(fields[n]).to_numpy() for n in INPUTS}
+    rng = np.random.default_rng(seed % 2 ** 32)
+    for _ in range(2):
+        direction = {n: rng.uniform(-1, 1, np.shape(start[n])) for n in INPUTS}
+        along = sum(float(np.sum(grads[n] * direction[n])) for n in INPUTS)
+        for eps, rtol, atol in ((1e-6, 1e-5, 1e-7), (1e-4, 1e-4, 1e-6)):
+            fd = (run({n: start[n] + eps * direction[n] for n in INPUTS}) -
+                  run({n: start[n] - eps * direction[n] for n in INPUTS})) / (2 * eps)
+            if abs(fd - along) <= atol + rtol * abs(fd):
+                break
+        else:
+            raise AssertionError(f"the Tape's gradient along a direction {along} against finite differences "
+                                 f"{fd}\n{program_text}")
+    TAPE_OUTCOMES.append("checked")
+
+
+TAPE_OUTCOMES, TAPE_REFUSALS = [], []
+
+
+@pytest.fixture(scope="module")
+def measure(fields):
+    for n in INPUTS:  # (adjoints before the kernels compile: each input is one of the Tape's)
+        kd.adjoint(fields[n])
+    return measure_kernel(fields, fields["loss"])
+
+
+@TAPE_PROFILE
+@given(seed=st.integers(0, 2 ** 32 - 1))
+def test_random_programs_under_a_tape(fields, measure, seed):
+    check_tape(fields, fields["loss"], measure, seed)
+
+
 def test_most_programs_were_checked():
     """Refusals pass the tests above; they must not be what the fuzzing mostly saw."""
     checked = OUTCOMES.count("checked")
     assert checked >= len(OUTCOMES) // 3, ({o: OUTCOMES.count(o) for o in set(OUTCOMES)}, REFUSALS[:5])
+    drawn = len(TAPE_OUTCOMES) + len(TAPE_REFUSALS)
+    assert len(TAPE_OUTCOMES) >= drawn // 3, TAPE_REFUSALS[:5]
 
 
 def teardown_module():
     print(f"\nfuzz programs: {len(OUTCOMES)} drawn, {OUTCOMES.count('checked')} checked in both modes; "
-          f"{len(REFUSALS)} paths refused")
+          f"{len(REFUSALS)} paths refused; under a Tape {len(TAPE_OUTCOMES)} checked, {len(TAPE_REFUSALS)} refused")
     if os.environ.get("KERNDIFF_FUZZ_SHOW"):
         reasons = {}
         for r in REFUSALS:
@@ -270,3 +463,5 @@ def teardown_module():
             reasons[head[:150]] = reasons.get(head[:150], 0) + 1
         for head, count in sorted(reasons.items(), key=lambda t: -t[1]):
             print(count, head)
+        for r in TAPE_REFUSALS:
+            print("Tape:", r.split("\n")[0][:200])
