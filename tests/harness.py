@@ -6,6 +6,7 @@ every transform path against an independent reference.
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import itertools
 import os
@@ -126,6 +127,31 @@ def dot(a, b):
     return float(sum(np.sum(np.asarray(x, np.float64) * np.asarray(y, np.float64)) for x, y in zip(a, b)))
 
 
+def assert_locals_stay_in_their_iterations(source):
+    """No local of a generated kernel's own scope is assigned inside one of its parallel loops
+    (serialized ones aside): Taichi makes such a local one variable that every thread writes.
+    Until session 32 a name that two top-level loops used for their own iterations' values was
+    declared once, at the kernel's top; Taichi's SPIR-V backend then mixed the iterations' values
+    (its CPU and CUDA backends' store forwarding hid the race)."""
+    for fn in ast.parse(source).body:
+        if not isinstance(fn, ast.FunctionDef) or not any("kernel" in ast.unparse(d) for d in fn.decorator_list):
+            continue
+        kernel_scope, serialized = set(), False
+        for s in fn.body:
+            if isinstance(s, ast.Assign):
+                kernel_scope |= {t.id for t in s.targets if isinstance(t, ast.Name)}
+            elif isinstance(s, ast.Expr) and "serialize=True" in ast.unparse(s):
+                serialized = True
+                continue
+            elif isinstance(s, ast.For) and not serialized:
+                for node in ast.walk(s):
+                    if isinstance(node, ast.Assign):
+                        shared = {t.id for t in node.targets if isinstance(t, ast.Name)} & kernel_scope
+                        assert not shared, f"{fn.name} assigns the kernel-scope local(s) {sorted(shared)} " \
+                                           f"inside a parallel loop: {ast.unparse(node)}\n{source}"
+            serialized = False
+
+
 def check(K, mode, args=(), x0=None, eps=1e-6, rtol=1e-6, atol=1e-8, seed=0, cotangent=None):
     """Check K.forward (mode='forward') or K.reverse (mode='reverse') against finite differences.
 
@@ -158,6 +184,7 @@ def check(K, mode, args=(), x0=None, eps=1e-6, rtol=1e-6, atol=1e-8, seed=0, cot
             put(d, t)
         kw = {} if cotangent is None else {"cotangent": cotangent}
         ret = D(*args, **kw)
+        assert_locals_stay_in_their_iterations(D.source)
         rets = [] if ret is None else list(ret) if isinstance(ret, tuple) else [ret]
         nret = len(rets) // 2
         jv = [get(d) for d in duals_out] + [np.float64(r) for r in rets[nret:]]
@@ -187,6 +214,7 @@ def check(K, mode, args=(), x0=None, eps=1e-6, rtol=1e-6, atol=1e-8, seed=0, cot
     if nret:
         kw["cotangent"] = tuple(float(c) for c in wret)
     D(*args, **kw)
+    assert_locals_stay_in_their_iterations(D.source)
     jtw = [get(a) for a in adj_in]
     lhs = dot(w + wret, jv_fd)
     rhs = dot(jtw, v)

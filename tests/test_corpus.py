@@ -250,11 +250,34 @@ def build_corpus(dt=ti.f64):
             lib_out[None] += w.x * v.x + w.y * v.y + guard + u[0, 1] * p[1, 1] + ti.math.log2(1.0 + v.x)
 
     corpus["taichi_library"] = (taichi_library, ())
+
+    # --- a while loop with a break, then an atomic max: its derivative kernels' recompute and
+    # tangent loops use the loop's locals again; declared once at the kernel's top, those were
+    # one variable for every thread, and Taichi's SPIR-V backend mixed the iterations' values
+    walked = ti.field(dt, shape=N)
+    highest = ti.field(dt, shape=())
+
+    @kd.kernel
+    def walks_and_their_maximum():
+        highest[None] = 0.0  # (not the last launch's maximum: finite differences at a tie would mislead)
+        for i in x:
+            a = x[i]
+            trips = 0
+            while trips < 3 and a < 1.5:
+                trips += 1
+                a = ti.tanh(a * 2.0 + y[i])
+                walked[i] += a
+                if a > 0.95:
+                    break
+            ti.atomic_max(highest[None], a * x[i])
+
+    corpus["walks_and_their_maximum"] = (walks_and_their_maximum, ())
     return corpus
 
 
 CORPUS_NAMES = ["elementwise", "mass_spring", "nbody", "stencil", "matrix_energy", "branches", "recurrence",
-                "serial_scan", "two_loops", "template_args", "return_value", "grouped", "dense_layer", "taichi_library"]
+                "serial_scan", "two_loops", "template_args", "return_value", "grouped", "dense_layer", "taichi_library",
+                "walks_and_their_maximum"]
 
 
 @pytest.fixture(scope="module")
@@ -268,9 +291,21 @@ def kernel_at(k, path):
     return k
 
 
+NOT_BY_FINITE_DIFFERENCES = {
+    # k.reverse reads the maximum the primal left, and finds the winners by comparing with it: as
+    # an input of its own that value moves the winners, a jump finite differences cannot follow
+    # (kd.check_grad(..., order=2) checks second derivatives of such kernels in test_minmax)
+    ("walks_and_their_maximum", "reverse.forward"),
+    # refused: the winner counts are cleared before the kernel returns (test_minmax)
+    ("walks_and_their_maximum", "forward.reverse"),
+}
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", CORPUS_NAMES)
 def test_path_against_finite_differences(corpus, name, path):
+    if (name, path) in NOT_BY_FINITE_DIFFERENCES:
+        pytest.skip("not checkable by finite differences of this path (see NOT_BY_FINITE_DIFFERENCES)")
     k, args = corpus[name]
     *prefix, last = path.split(".")
     K = kernel_at(k, prefix)

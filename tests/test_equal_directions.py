@@ -18,12 +18,16 @@ def corpus(runtime):
     return build_corpus()
 
 
+WITHOUT_A_VARIANT = {"walks_and_their_maximum"}  # an atomic max: its forward mode keeps winners' tangents
+
+
 @pytest.mark.parametrize("name", CORPUS_NAMES)
 def test_corpus_variant_gives_the_generated_kernels_numbers(corpus, name, variant_runs):
     got, generated = equal_directions_against_generated(*corpus[name])
     for a, b in zip(got, generated):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * max(1.0, float(np.max(np.abs(b)))))
-    assert [r.path for r in variant_runs] == [("forward", "forward")]
+    expected = [] if name in WITHOUT_A_VARIANT else [("forward", "forward")]
+    assert [r.path for r in variant_runs] == expected
 
 
 def test_unequal_seeds_run_the_generated_kernel(corpus, variant_runs):

@@ -45,15 +45,35 @@ def declarations(ir: N.KernelIR) -> dict:
     for name, occs in occ.items():
         if name in params or name in loop_vars:
             continue
-        paths = [p for p, _ in occs]
-        lcb = paths[0]
-        for p in paths[1:]:
-            k = 0
-            while k < len(lcb) and k < len(p) and lcb[k] == p[k]:
-                k += 1
-            lcb = lcb[:k]
-        first_path, first_kind = occs[0]
-        if first_kind == "def" and first_path == lcb:
-            continue
-        out.setdefault(lcb, []).append((name, dtypes[name]))
+        for group in _per_parallel_loop(ir.body, occs):
+            _declare(name, group, dtypes[name], out)
     return out
+
+
+def _per_parallel_loop(body, occs):
+    """The occurrences of one local, one group per top-level parallel loop where every occurrence
+    is inside one (a name the kernel's loops each use for their own iterations' values, such as
+    the primal loop and the recompute loop of a derivative kernel): declared once at the kernel's
+    top, it would be one variable that every thread of every loop writes — a race, which Taichi's
+    SPIR-V backend shows (the CPU's store forwarding happened to hide it)."""
+    tops = sorted({path[0][0] for path, _ in occs if path})
+    if len(tops) > 1 and all(path for path, _ in occs) and \
+            all(isinstance(body[t], N.For) and body[t].parallel for t in tops):
+        return [[o for o in occs if o[0][0][0] == t] for t in tops]
+    return [occs]
+
+
+def _declare(name, occs, dtype, out):
+    """Declare `name` at the start of the innermost block holding all `occs`, unless its first
+    occurrence there is an assignment."""
+    paths = [p for p, _ in occs]
+    lcb = paths[0]
+    for p in paths[1:]:
+        k = 0
+        while k < len(lcb) and k < len(p) and lcb[k] == p[k]:
+            k += 1
+        lcb = lcb[:k]
+    first_path, first_kind = occs[0]
+    if first_kind == "def" and first_path == lcb:
+        return
+    out.setdefault(lcb, []).append((name, dtype))
