@@ -82,19 +82,33 @@ def walk(a, i):
 @pytest.fixture(scope="module")
 def fields():
     ti.init(arch=ti.cpu, default_fp=ti.f64)
-    f = {
-        "x": ti.field(ti.f64, shape=N), "w": ti.field(ti.f64, shape=N),
-        "y": ti.field(ti.f64, shape=N), "z": ti.field(ti.f64, shape=N),
-        "s": ti.field(ti.f64, shape=()), "m": ti.field(ti.f64, shape=()),
-        "v": ti.Vector.field(2, ti.f64, shape=N), "u": ti.Vector.field(2, ti.f64, shape=N),
-        "g": ti.field(ti.f64, shape=(N, 3)),
-        "idx": ti.field(ti.i32, shape=N),
-        "loss": ti.field(ti.f64, shape=()),
-    }
-    global walked
-    walked = f["x"]
-    yield f
+    yield make_fields(ti.f64)
     ti.reset()
+
+
+def make_fields(dt):
+    """The fields drawn programs use, of float dtype dt (f64 here; f32 on Vulkan: test_vulkan)."""
+    global walked
+    f = {
+        "x": ti.field(dt, shape=N), "w": ti.field(dt, shape=N),
+        "y": ti.field(dt, shape=N), "z": ti.field(dt, shape=N),
+        "s": ti.field(dt, shape=()), "m": ti.field(dt, shape=()),
+        "v": ti.Vector.field(2, dt, shape=N), "u": ti.Vector.field(2, dt, shape=N),
+        "g": ti.field(dt, shape=(N, 3)),
+        "idx": ti.field(ti.i32, shape=N),
+        "loss": ti.field(dt, shape=()),
+    }
+    walked = f["x"]
+    return f
+
+
+def drawn_kernel(fields, seed, dt_name="f64"):
+    """Drawn program `seed` as a Python function over `fields` (the kernel's body, kd.kernel or
+    ti.kernel to make of it), its arguments, and its source."""
+    body, with_argument = program(seed)
+    head = f"def kernel(c: ti.{dt_name}, n: ti.i32):\n    if True:" if with_argument else "def kernel():\n    if True:"
+    fn, src = load_elementwise(body, {**fields, "helper": helper, "walk": walk}, _tmp, head=head)
+    return fn, (0.45, N) if with_argument else (), src
 
 
 def starting_values(fields):
@@ -297,10 +311,7 @@ REFUSALS = []
 
 
 def check_program(fields, seed):
-    body, with_argument = program(seed)
-    head = "def kernel(c: ti.f64, n: ti.i32):\n    if True:" if with_argument else "def kernel():\n    if True:"
-    fn, src = load_elementwise(body, {**fields, "helper": helper, "walk": walk}, _tmp, head=head)
-    args = (0.45, N) if with_argument else ()
+    fn, args, src = drawn_kernel(fields, seed)
     names = [n for n in fields if n != "idx"]
     starting_values(fields)
     ti.kernel(fn)(*args)
@@ -379,10 +390,8 @@ def check_tape(fields, loss, measure, seed):
     rand = random.Random(seed)
     launches, sources = [], []
     for _ in range(rand.randint(2, 3)):
-        body, with_argument = program(rand.randrange(2 ** 32))
-        head = "def kernel(c: ti.f64, n: ti.i32):\n    if True:" if with_argument else "def kernel():\n    if True:"
-        fn, src = load_elementwise(body, {**fields, "helper": helper, "walk": walk}, _tmp, head=head)
-        launches.append((kd.kernel(fn), (0.45, N) if with_argument else ()))
+        fn, args, src = drawn_kernel(fields, rand.randrange(2 ** 32))
+        launches.append((kd.kernel(fn), args))
         sources.append(src)
     program_text = "\n".join(sources)
     starting_values(fields)
