@@ -137,6 +137,10 @@ def expression(rand, depth, leaves):
     if pick < 0.54:
         a, b, c = (expression(rand, depth - 1, leaves) for _ in range(3))
         return rand.choice([f"ti.select({a} > 0.2, {b}, {c})", f"({b} if {a} < 0.3 else {c})"])
+    if pick < 0.58:  # a matrix built in the kernel, times a vector, or its determinant
+        a, b, c = (expression(rand, depth - 1, leaves) for _ in range(3))
+        m = f"ti.Matrix([[{a}, {b}], [0.3, {c}]])"
+        return rand.choice([f"({m} @ u[i]).norm()", f"{m}.determinant()", f"({m} @ ti.Vector([{a}, 0.5]))[1]"])
     return BINARY[rand.choice(sorted(BINARY))].format(expression(rand, depth - 1, leaves),
                                                       expression(rand, depth - 1, leaves))
 
@@ -170,7 +174,8 @@ class Loop:
         self.vectors = []  # vector locals
 
     def leaves(self):
-        out = ["x[i]", "w[i]", "x[idx[i]]", "w[(i + 1) % 4]", "0.7", "u[i][0]", "u[idx[i]].norm_sqr()"]
+        out = ["x[i]", "w[i]", "x[idx[i]]", "w[(i + 1) % 4]", "0.7", "u[i][0]", "u[idx[i]].norm_sqr()",
+               "float(i) * 0.3", "x[(i * 3) // 2 % 4]"]
         out += self.locals + self.kernel_locals + (["c"] if self.with_argument else []) + \
             (["x[r]"] if self.two_d else [])
         out += [f"{p}{m}" for p in self.vectors for m in (".norm()", "[0]", "[1]", ".dot(u[i])")]
@@ -190,7 +195,7 @@ class Loop:
         """Lines of one statement (an if or inner loop holds one of its own; an inner loop's stores
         no whole vector: see the top)."""
         rand, pad = self.rand, "    " * indent
-        kinds = ["local", "own", "scatter", "sum", "extremum", "reassign", "vector local"] + \
+        kinds = ["local", "own", "scatter", "sum", "extremum", "reassign", "vector local", "unrolled"] + \
             (["vector"] if vectors else []) + (["if", "inner", "continue", "carry"] if nested else []) + \
             (["reduce"] if self.reduction else [])
         kind = rand.choice(kinds)
@@ -229,6 +234,9 @@ class Loop:
             if indent == 0:
                 self.vectors.append(name)
             return [line]
+        if kind == "unrolled" and self.locals:  # a ti.static loop over a vector's components
+            name = rand.choice(self.locals)
+            return [f"{pad}for d in ti.static(range(2)):", f"{pad}    {name} = {name} * 0.5 + u[i][d] * {self.expr(1)}"]
         if kind == "reduce":
             return [f"{pad}{self.reduction} += {self.expr()}"]
         if kind == "carry":
