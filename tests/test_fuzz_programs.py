@@ -175,7 +175,7 @@ class Loop:
 
     def leaves(self):
         out = ["x[i]", "w[i]", "x[idx[i]]", "w[(i + 1) % 4]", "0.7", "u[i][0]", "u[idx[i]].norm_sqr()",
-               "float(i) * 0.3", "x[(i * 3) // 2 % 4]"]
+               "(float(i) + 0.5) * 0.3", "x[(i * 3) // 2 % 4]"]
         out += self.locals + self.kernel_locals + (["c"] if self.with_argument else []) + \
             (["x[r]"] if self.two_d else [])
         out += [f"{p}{m}" for p in self.vectors for m in (".norm()", "[0]", "[1]", ".dot(u[i])")]
