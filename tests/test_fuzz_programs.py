@@ -178,11 +178,14 @@ class Loop:
                "(float(i) + 0.5) * 0.3", "x[(i * 3) // 2 % 4]"]
         out += self.locals + self.kernel_locals + (["c"] if self.with_argument else []) + \
             (["x[r]"] if self.two_d else [])
-        out += [f"{p}{m}" for p in self.vectors for m in (".norm()", "[0]", "[1]", ".dot(u[i])")]
+        # (a norm of a vector shifted off zero: gates make vectors exactly zero, where the norm
+        # has no derivative and kerndiff's is NaN, as Taichi's and JAX's are: README)
+        out += [f"{p}{m}" for p in self.vectors for m in ("[0]", "[1]", ".dot(u[i])")]
+        out += [f"({p} + 0.25).norm()" for p in self.vectors]
         for f in ("y", "z"):
             out += {"read": [f"{f}[i]", f"{f}[idx[i]]", f"{f}[(i + 3) % 4]"],
                     "own": [f"{f}[i]"] + ([f"{f}[i - 1]"] if self.serial else [])}.get(self.role[f], [])
-        out += {"read": ["v[i][0]", "v[idx[i]][1]", "v[i].norm()", "v[i].dot(u[i])"],
+        out += {"read": ["v[i][0]", "v[idx[i]][1]", "(v[i] + 0.25).norm()", "v[i].dot(u[i])"],
                 "own": ["v[i][1]", "v[i].dot(u[i])"]}.get(self.role["v"], [])
         out += {"read": ["g[i, 1]", "g[idx[i], 2]"], "own": ["g[i, r]"] if self.two_d else []}.get(self.role["g"], [])
         out += [f"{f}[None]" for f in ("s", "m") if self.role[f] == "read"]
