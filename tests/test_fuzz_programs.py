@@ -47,7 +47,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kerndiff as kd
-from harness import check, load_elementwise, signature
+from harness import check, equal_directions_against_generated, load_elementwise, signature
 from test_fuzz import BINARY, UNARY
 
 N = 4
@@ -318,6 +318,7 @@ def program(seed):
 
 _tmp = tempfile.mkdtemp(prefix="kerndiff_fuzz_programs_")
 OUTCOMES = []
+VARIANTS = []  # per program with k.forward.forward checked: whether it had an equal-directions variant
 REFUSALS = []
 
 
@@ -337,7 +338,8 @@ def check_program(fields, seed):
         OUTCOMES.append("nothing written")
         return
     checked = []
-    for path, mode in (("", "forward"), ("", "reverse"), ("reverse", "forward"), ("forward", "reverse")):
+    for path, mode in (("", "forward"), ("", "reverse"), ("reverse", "forward"), ("forward", "reverse"),
+                       ("forward", "forward")):
         kernel = getattr(k, path) if path else k
         starting_values(fields)
         try:
@@ -353,6 +355,15 @@ def check_program(fields, seed):
             REFUSALS.append(f"{'.'.join(filter(None, (path, mode)))}: {e.reason}\n{src}")
         except AssertionError as e:
             raise AssertionError(f"{e}\n{src}") from None
+    if "forward.forward" in checked:
+        # both levels seeded alike: the equal-directions variant, where there is one, gives the
+        # numbers of the kernel as generated (ad/equal_directions.py)
+        starting_values(fields)
+        variant, generated = equal_directions_against_generated(k, args)
+        for a, b in zip(variant, generated):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * max(1.0, float(np.max(np.abs(b)))),
+                                       err_msg=f"the equal-directions variant\n{src}")
+        VARIANTS.append(k.forward.forward.equal_directions_source is not None)
     OUTCOMES.append("checked" if {"forward", "reverse"} <= set(checked) else "refused")
 
 
@@ -475,7 +486,8 @@ def test_most_programs_were_checked():
 
 def teardown_module():
     print(f"\nfuzz programs: {len(OUTCOMES)} drawn, {OUTCOMES.count('checked')} checked in both modes; "
-          f"{len(REFUSALS)} paths refused; under a Tape {len(TAPE_OUTCOMES)} checked, {len(TAPE_REFUSALS)} refused")
+          f"{len(REFUSALS)} paths refused; under a Tape {len(TAPE_OUTCOMES)} checked, {len(TAPE_REFUSALS)} refused; "
+          f"{sum(VARIANTS)} of {len(VARIANTS)} with k.forward.forward checked had an equal-directions variant")
     if os.environ.get("KERNDIFF_FUZZ_SHOW"):
         reasons = {}
         for r in REFUSALS:
