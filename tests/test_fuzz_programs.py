@@ -10,7 +10,9 @@ read, and a kernel-scope local the loops sum into (`total += ...`, then `s[None]
 — race-free by construction (a loop reads what it scatters into nowhere, what it writes at
 its own index only there), and a field a loop has read or written is only read by later loops
 (fewer refusals). Each kernel is checked: its primal against Taichi's own kernel, then k.forward,
-k.reverse, k.reverse.forward and k.forward.reverse against f64 finite differences (harness.check).
+k.reverse, k.reverse.forward, k.forward.reverse and k.forward.forward against f64 finite
+differences (harness.check), and k.forward.forward's equal-directions variant, where the program
+has one, against the kernel as generated.
 A path's refusal (KernDiffError) is accepted; the module checks that at least a third of the draws
 had k.forward and k.reverse checked. test_random_programs_under_a_tape runs two or three drawn
 kernels and a nonlinear measure of every field under kd.Tape, and checks the gradient with respect
