@@ -1256,3 +1256,26 @@ def test_a_local_summed_by_two_loops_has_a_reverse(runtime):
     np.testing.assert_allclose(kd.dual(kd.adjoint(x)).to_numpy(), 4 * dtotal * x0 + 4 * total * tx, rtol=1e-13)
     np.testing.assert_allclose(kd.dual(kd.adjoint(w)).to_numpy(),
                                2 * dtotal * np.cos(w0) - 2 * total * np.sin(w0) * tw, rtol=1e-13)
+
+
+def test_a_vector_component_summed_in_an_ndrange_loop(runtime):
+    """`for i, r in ti.ndrange(4, 3): s[None] += v[i][0]`: the reverse adds `s_adj` into
+    `v_adj[i][0]`, and with the 0-d adjoint read once before the loop Taichi 1.7.4 aborted the
+    process compiling it ("IR broken: stmt SNodeLookupStmt cannot have operand BinaryOpStmt");
+    found by the program fuzzer in session 32. The load now stays in such loops (opt.finalize)."""
+    v = ti.Vector.field(2, ti.f64, shape=4)
+    s = ti.field(ti.f64, shape=())
+    v.from_numpy(np.arange(8.0).reshape(4, 2))
+
+    @kd.kernel
+    def total():
+        for i, r in ti.ndrange(4, 3):
+            s[None] += v[i][0] + 2.0 * v[i][1]
+
+    s[None] = 0.0
+    total()
+    assert s[None] == pytest.approx(3 * np.sum(v.to_numpy() @ [1.0, 2.0]), rel=1e-15)
+    kd.adjoint(v).fill(0)
+    kd.adjoint(s)[None] = 0.5
+    total.reverse()
+    np.testing.assert_allclose(kd.adjoint(v).to_numpy(), np.tile([1.5, 3.0], (4, 1)), rtol=1e-15)

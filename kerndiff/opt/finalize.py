@@ -184,7 +184,14 @@ def _merge_nested(s):
 
 
 def _hoist(loop, written, names):
-    """Read 0-d fields that nothing in the kernel writes once, before the loop."""
+    """Read 0-d fields that nothing in the kernel writes once, before the loop.
+
+    Not out of a loop over several dimensions that adds into a component of a vector field:
+    Taichi 1.7.4 aborts the process compiling `for i, r in ti.ndrange(4, 3): v_adj[i][0] += t`
+    with `t` read before the loop ("IR broken: stmt SNodeLookupStmt cannot have operand
+    BinaryOpStmt"), and compiles it with the load left in the loop."""
+    if len(loop.vars) > 1 and any(isinstance(s, N.Atomic) and s.ref.component for s in iter_stmts(loop.body)):
+        return [], loop
     hoisted = {}
 
     def visit(e):
