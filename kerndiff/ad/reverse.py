@@ -713,7 +713,9 @@ def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes, level=1):
     out = [N.Assign(rev.adj_name(w), B.const(0, dtypes[w]), tag="adjoint") for w in wrt]
     for w in wrt:
         rev.dtypes[w] = dtypes[w]
-    out += rev.zero_inits(body) + list(body) + rev.backward(list(body) + [ret])
+    # the forward sweep as kernels have it (Reverse.recompute): a while loop records its trips,
+    # which the backward sweep replays (run as written, the sweep replayed none)
+    out += rev.zero_inits(body) + list(rev.recompute(body)) + rev.backward(list(body) + [ret])
     grads = {w: B.var(rev.adj_name(w), dtypes[w]) for w in wrt}
     return tuple(out), grads
 
