@@ -31,6 +31,7 @@ class SSA:
         self.dtypes = {}
         self.fixed = set(fixed)  # names that must keep their meaning (parameters, outer locals)
         self.claimed = set()
+        self.read_after = {}  # id(if statement) -> the locals read outside it (_read_outside)
 
     def version(self, name, dtype):
         v = self.names.fresh(name)
@@ -75,13 +76,19 @@ class SSA:
             then = self.block(s.then, env_t)
             orelse = self.block(s.orelse, env_e)
             both = (set(env_t) & set(env_e)) - set(env)
-            for name in sorted(set(env) | both):
+            # a local only one branch defines and code after the `if` reads: transforms write
+            # such code (a reverse sweep's recompute `if`, then its adjoint `if` on the same
+            # condition reading what the first computed); merged with 0 from the other branch,
+            # where it is never read (unmerged, the later reads kept the first version's name,
+            # which a loop's init copy holds: the value from before the loop)
+            one_sided = ((set(env_t) | set(env_e)) - set(env) - both) & self.read_after.get(id(s), set())
+            for name in sorted(set(env) | both | one_sided):
                 if name in env and env_t[name] == env[name] and env_e[name] == env[name]:
                     continue
-                m = self.version(name, self.dtypes[env_t[name]])
-                dt = self.dtypes[m]
-                then.append(N.Assign(m, B.var(env_t[name], dt), src=s.src))
-                orelse.append(N.Assign(m, B.var(env_e[name], dt), src=s.src))
+                dt = self.dtypes[(env_t if name in env_t else env_e)[name]]
+                m = self.version(name, dt)
+                then.append(N.Assign(m, B.var(env_t[name], dt) if name in env_t else B.const(0, dt), src=s.src))
+                orelse.append(N.Assign(m, B.var(env_e[name], dt) if name in env_e else B.const(0, dt), src=s.src))
                 env[name] = m
             return [dataclasses.replace(s, cond=cond, then=tuple(then), orelse=tuple(orelse))]
         if isinstance(s, N.For) and s.parallel:
@@ -134,8 +141,27 @@ class SSA:
         return pre + [loop]
 
 
+def _read_outside(stmts):
+    """id(if statement) -> the locals read outside it (before it, after it, or around it)."""
+    from collections import Counter
+
+    from ..ir.walk import expr_children_of_stmt, iter_stmts, vars_in
+
+    def reads(block):
+        counts = Counter()
+        for st in iter_stmts(block):
+            for e in expr_children_of_stmt(st):
+                counts.update(v.name for v in vars_in(e))
+        return counts
+
+    total = reads(stmts)
+    return {id(st): {n for n, k in total.items() if k > own.get(n, 0)}
+            for st in iter_stmts(stmts) if isinstance(st, N.If) for own in [reads([st])]}
+
+
 def to_ssa(stmts, names, env=None, dtypes=None, fixed=()):
     ssa = SSA(names, fixed)
+    ssa.read_after = _read_outside(stmts)
     ssa.dtypes.update(dtypes or {})
     env = dict(env or {})
     return tuple(ssa.block(stmts, env)), ssa, env
