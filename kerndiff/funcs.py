@@ -118,9 +118,16 @@ class DeviceFunction:
         params = list(inspect.signature(self.fn).parameters.values())
         positional = [a for p, a in zip(params, args) if p.kind != p.KEYWORD_ONLY]
         keywords = {p.name: a for p, a in zip(params, args) if p.kind == p.KEYWORD_ONLY}
+        before = set(lw.names.taken)
         lw.blocks.append([])
         out = self.inner.lower_call(lw, positional, node, keywords)
-        return tuple(lw.blocks.pop()), out
+        if isinstance(out, (tuple, list)):
+            lw.blocks.pop()
+            raise lw.error(node, f"{self.inner!r} returns {len(out)} values; {self!r} differentiates a function "
+                                 f"returning one scalar or one vector (kd.grad without argnum returns one "
+                                 f"entry per argument)",
+                           "differentiate one entry: kd.grad(fn, argnum=...), or return the values as a ti.Vector")
+        return _without_dead_code(lw.blocks.pop(), out, before), out
 
     def _jvp(self, lw, primals, tangents, node):
         from .ad.forward import forward_block
@@ -139,7 +146,7 @@ class DeviceFunction:
         if out is None:
             raise lw.error(node, f"{self.inner!r} returns nothing", "return the value to differentiate")
         new, jvp = forward_block(stmts, lw.names, seeds, self.level())
-        for s in new:
+        for s in _named_if_grown(lw, new):
             lw.emit(s)
 
         def tan(e):
@@ -173,7 +180,7 @@ class DeviceFunction:
                 if isinstance(e, N.Var):
                     dtypes[e.name] = e.dtype
         new, grads = reverse_block(stmts, lw.names, outs, cts, wrt, dtypes, self.level())
-        for s in new:
+        for s in _named_if_grown(lw, new):
             lw.emit(s)
 
         def g(e):
@@ -181,6 +188,66 @@ class DeviceFunction:
                 return grads[e.name]
             return B.const(0, e.dtype if is_float(e.dtype) else "f32")
         return tuple(a.map(g) if isinstance(a, Vec) else g(a) for a in args)
+
+
+def _without_dead_code(stmts, out, before):
+    """The inner function's block without what neither its result nor an effect needs (opt.dce),
+    before it is differentiated: a transform would carry dead code, a while loop's recorded
+    trips and checkpoints included, into the derivative, and every later transform of a chain
+    along with it (a function returning `a` beside a dead while loop made a 1 MB kernel four
+    transforms on). Only locals first named in the block may die (`before`: the names taken
+    before it); the caller's, which a ti.template() parameter assigns by reference, stay."""
+    from .ir.walk import assigned_names, vars_in
+    from .opt.dce import dce
+
+    def results(v):
+        if isinstance(v, Vec):
+            return list(v.items)
+        if isinstance(v, (tuple, list)):
+            return [e for item in v for e in results(item)]
+        return [v] if isinstance(v, N.Expr) else []
+    keep = {x.name for e in results(out) for x in vars_in(e)}
+    return tuple(dce(tuple(stmts), candidates=assigned_names(stmts) - before, keep=keep))
+
+
+GROWN = 400  # nodes of an expression written out as a tree ...
+SHARED = 6  # ... and how many times its distinct subexpressions: a block worth naming
+
+
+def _named_if_grown(lw, stmts):
+    """stmts, with their repeated subexpressions computed once into temporaries (opt.cse) where
+    an expression has grown: written out as a tree, over GROWN nodes and over SHARED times as many
+    as it has distinct ones.
+
+    A derivative of a compound expression repeats the expression's parts (the product rule, a
+    reverse sweep's adjoint sums over every occurrence of a variable). Kernels get opt.cse after
+    every transform; a device transform's block goes into the next transform of a chain as it
+    is, and differentiated again and again, unnamed trees grow exponentially: a third derivative
+    of `rsqrt(0.5 + (0.7 / (1.5 + a * a)) ** 2)` held a sum 454 terms deep, past Python's
+    recursion limit (tests/test_fuzz_funcs.py). Other blocks stay as the transform wrote them:
+    the kernel's own optimization names their repeats later, beside the names the transforms
+    gave (a PINN's tanh layers, whose second derivative repeats each part about 3 times). The
+    temporaries here are d1, d2, ...: the kernel's own t1, t2, ... are numbered afresh after each
+    transform, and a t7 beside the adjoint t7_adj2 of another value would read as its own."""
+    from .ir.walk import expr_children, expr_children_of_stmt, iter_stmts
+    from .opt.cse import CSE
+
+    def grown(e):
+        written, distinct, stack = 0, set(), [e]
+        while stack:
+            x = stack.pop()
+            written += 1
+            if id(x) not in distinct:
+                distinct.add(id(x))
+            if written > GROWN and written > SHARED * len(distinct):
+                return True
+            if written > 50 * GROWN:
+                return False  # (large, and its parts mostly distinct: no sharing to undo)
+            stack.extend(expr_children(x))
+        return False
+    if not any(grown(e) for s in iter_stmts(stmts) for e in expr_children_of_stmt(s)):
+        return stmts
+    return tuple(CSE(lw.names, stem="d").block(list(stmts)))
 
 
 def func(fn):

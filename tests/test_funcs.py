@@ -195,6 +195,41 @@ def lambda_free_sin_exp(x):
     return ti.sin(x) * ti.exp(x)
 
 
+@kd.func
+def bump(a):
+    return ti.rsqrt(0.5 + ((0.7) / (1.5 + a * a)) * ((0.7) / (1.5 + a * a)))
+
+
+def bump_np(a):
+    return 1 / np.sqrt(0.5 + (0.7 / (1.5 + a * a)) ** 2)
+
+
+def test_deep_chains_of_transforms_stay_small():
+    """Orders 3 and 4 of a compound expression through grad, forward, jvp and vjp (found by
+    test_fuzz_funcs.py: the chain's derivative blocks went unnamed into the next transform, and
+    the third derivative's expressions nested past Python's recursion limit). Each order against
+    central differences of the order below, which test_funcs checks down to f itself."""
+    chain = [bump]
+    for transform in (kd.grad, kd.forward, kd.grad, kd.forward):
+        chain.append(transform(chain[-1], argnum=0))
+    jvp, vjp = kd.jvp(chain[3]), kd.vjp(chain[3])
+
+    @kd.kernel
+    def k(x: ti.f64) -> (ti.f64, ti.f64, ti.f64, ti.f64, ti.f64, ti.f64, ti.f64):
+        value, tangent = jvp(x, 0.5)
+        (cotangent,) = vjp(x, 2.0)
+        return chain[1](x), chain[2](x), chain[3](x), chain[4](x), value, tangent, cotangent
+
+    x, h = 0.4, 1e-5
+    got = k(x)
+    np.testing.assert_allclose(got[0], (bump_np(x + h) - bump_np(x - h)) / (2 * h), rtol=1e-8)
+    for order in (2, 3, 4):
+        fd = (k(x + h)[order - 2] - k(x - h)[order - 2]) / (2 * h)
+        np.testing.assert_allclose(got[order - 1], fd, rtol=1e-6, err_msg=f"order {order}")
+    np.testing.assert_allclose(got[4:], [got[2], 0.5 * got[3], 2.0 * got[3]], rtol=1e-12)
+    assert len(k.source) < 40000, len(k.source)  # (29,606 characters in session 33)
+
+
 def test_ti_func_inlined_and_differentiated_by_transforms():
     @ti.func
     def sq(a):
@@ -282,3 +317,49 @@ def test_keyword_arguments_and_defaults_follow_python():
                 + d(lambda t: f(a, t), 2.5) * 1e3 + d(lambda t: f(t, 1.5, 0.25), a) * 1e4
                 + d(lambda t: f(a, t, 0.25), 1.5) * 1e5 + a ** 1.5 * 1e6)
     assert k(a) == pytest.approx(expected, rel=1e-8)
+
+
+@kd.func
+def squared_then_walked(a, b):
+    t = a + b
+    t = t * t
+    acc = 0.5
+    k = 0
+    while k < 2 and t < 1.5:
+        acc = 0.5 * acc + ti.tanh(t)
+        k += 1
+    return t + acc
+
+
+@kd.func
+def early_return_beside_a_loop(a, b):
+    t = a * b
+    if t > 0.4:
+        return t * t
+    acc = 0.5
+    for k in range(2):
+        acc = 0.5 * acc + ti.tanh(a - acc)
+    return acc * t * t
+
+
+@pytest.mark.parametrize("fn, outer", [(squared_then_walked, None), (early_return_beside_a_loop, kd.grad),
+                                       (early_return_beside_a_loop, kd.forward)])
+def test_gradients_through_loops_and_early_returns(fn, outer):
+    """kd.grad of a function with a while loop (its forward sweep once counted no trips, so the
+    gradient missed the loop), and a second derivative by a second kd.grad of a function that
+    returns early beside a loop (the second reverse read the loop's result, which the first
+    reverse's adjoint `if` reads after its recompute `if`, as the value from before the loop).
+    Found by test_fuzz_funcs.py; both were silently wrong. Against central differences of the
+    order below; the points take either side of the loop's and the early return's conditions."""
+    inner = kd.grad(fn, argnum=1)
+    top = inner if outer is None else outer(inner, argnum=1)
+    below = fn if outer is None else inner
+
+    @kd.kernel
+    def k(a: ti.f64, b: ti.f64) -> (ti.f64, ti.f64):
+        return top(a, b), below(a, b)
+
+    h = 1e-6
+    for a, b in [(0.1, 0.2), (0.3, -0.5), (-0.9, 0.4), (0.9, 0.9)]:
+        fd = (k(a, b + h)[1] - k(a, b - h)[1]) / (2 * h)
+        np.testing.assert_allclose(k(a, b)[0], fd, rtol=1e-6, atol=1e-9, err_msg=f"at {(a, b)}")

@@ -77,9 +77,10 @@ def _exprs(s):
 
 
 class CSE:
-    def __init__(self, names, late=False):
+    def __init__(self, names, late=False, stem="t"):
         self.names = names
         self.late = late
+        self.stem = stem  # of the temporaries' names
         self.memo = {}
         self.canon = {}
         self.numbers = {}
@@ -114,7 +115,7 @@ class CSE:
                 if self.late else set()
         while True:
             self.counter += 1
-            name = f"t{self.counter}"
+            name = f"{self.stem}{self.counter}"
             if name not in self.names.taken and name not in self.stems:
                 self.names.taken.add(name)
                 return name
