@@ -363,3 +363,43 @@ def test_gradients_through_loops_and_early_returns(fn, outer):
     for a, b in [(0.1, 0.2), (0.3, -0.5), (-0.9, 0.4), (0.9, 0.9)]:
         fd = (k(a, b + h)[1] - k(a, b - h)[1]) / (2 * h)
         np.testing.assert_allclose(k(a, b)[0], fd, rtol=1e-6, atol=1e-9, err_msg=f"at {(a, b)}")
+
+
+@kd.func
+def returns_its_argument_after_branches(a, b):
+    t = ti.min(a, 0.7)
+    if ti.acos(0.9 * ti.tanh(a)) > 0.1:
+        t = 0.7 - ti.atan2(t, 1.0 + t * t)
+    else:
+        t = a
+    if t > 0.4:
+        return a
+    return a
+
+
+def test_second_derivatives_whose_adjoints_are_zeroed_in_a_branch():
+    """kd.jvp, kd.vjp and kd.grad of kd.grad(f) where f's first reverse zeroes an adjoint in one
+    branch and its second reads it in another `if` on the same condition: Taichi 1.7.4 failed to
+    compile the kernel (an IR verification error) until opt.propagate folded the always-zero
+    local (found by test_fuzz_funcs.py). f(a, b) = a: the derivatives of its gradient are 0."""
+    g = kd.grad(returns_its_argument_after_branches, argnum=0)
+    jvp, vjp, grad = kd.jvp(g), kd.vjp(g), kd.grad(g)
+    pa, pb, value, tangent, a_part, b_part = (ti.field(ti.f64, shape=4) for _ in range(6))
+
+    @kd.kernel
+    def k():
+        for i in pa:
+            out, tan = jvp(pa[i], pb[i], 0.3, -0.7)
+            ca, cb = vjp(pa[i], pb[i], 1.3)
+            ga, gb = grad(pa[i], pb[i])
+            value[i] = out
+            tangent[i] = tan
+            a_part[i] = ca + 10.0 * ga
+            b_part[i] = cb + 10.0 * gb
+
+    pa.from_numpy(np.array([0.2, 0.5, -0.6, 0.9]))
+    pb.from_numpy(np.array([0.3, -0.2, 0.1, 0.8]))
+    k()
+    np.testing.assert_allclose(value.to_numpy(), 1.0, rtol=1e-12)
+    for f in (tangent, a_part, b_part):
+        np.testing.assert_allclose(f.to_numpy(), 0.0, atol=1e-12)

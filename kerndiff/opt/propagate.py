@@ -2,7 +2,8 @@
 
 A local assigned exactly once, with a constant or with another local that is itself never
 reassigned afterwards, is replaced by that value wherever its assignment dominates the use (in
-structured code: later in the same block, or inside a later statement's nested blocks).
+structured code: later in the same block, or inside a later statement's nested blocks); a local
+only ever assigned zero is zero everywhere.
 Reverse mode produces many such copies (SSA merges, zero-initialized adjoints that nothing
 accumulates into); folding them lets the smart constructors collapse `0 * x` chains. An if whose
 condition folds to a constant is replaced by the branch it takes.
@@ -61,7 +62,17 @@ def propagate(ir: N.KernelIR) -> N.KernelIR:
     mapping = {}
     for name, o in occ.items():
         ds = defs.get(name, [])
-        if len(ds) != 1 or name in params or any(k == "loop" for k, _ in o):
+        if not ds or name in params or any(k == "loop" for k, _ in o):
+            continue
+        zeros = [_find_assign(ir.body, d).value for d in ds]
+        if all(isinstance(z, N.Const) and z.value == 0 for z in zeros) and len({z.dtype for z in zeros}) == 1:
+            # only ever assigned zero: every read sees 0, also one that no assignment dominates
+            # (codegen declares such a local 0 where its scope begins). A reverse sweep writes
+            # these: an adjoint zeroed in one branch and read in another `if` on the same
+            # condition, whose derivative code then folds away.
+            mapping[name] = zeros[0]
+            continue
+        if len(ds) != 1:
             continue
         s = _find_assign(ir.body, ds[0])
         value = s.value
