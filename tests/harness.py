@@ -39,9 +39,15 @@ def load_elementwise(body, fields, directory, head="def kernel():\n    for i in 
     """`def kernel(): for i in x: <body>` (or another head) with the given fields as its globals,
     written to a real file in `directory` (kerndiff and Taichi read a kernel's source) and
     imported: (the function, its source)."""
-    name = f"generated_kernel_{next(_LOADED)}"
     src = "import taichi as ti\n\n\n" + head + "\n" + \
           "\n".join("        " + line for line in body.splitlines()) + "\n"
+    return load_module(src, fields, directory, "generated_kernel").kernel, src
+
+
+def load_module(src, fields, directory, stem):
+    """Module source `src` with the given fields as its globals, written to a new file in
+    `directory` (kerndiff and Taichi read functions' sources) and imported."""
+    name = f"{stem}_{next(_LOADED)}"
     path = os.path.join(str(directory), name + ".py")
     with open(path, "w") as f:
         f.write(src)
@@ -49,7 +55,7 @@ def load_elementwise(body, fields, directory, head="def kernel():\n    for i in 
     mod = importlib.util.module_from_spec(spec)
     mod.__dict__.update(fields)
     spec.loader.exec_module(mod)
-    return mod.kernel, src
+    return mod
 
 
 def _is_float_field(f):

@@ -33,8 +33,6 @@ derivative whose unnamed expressions nested past Python's recursion limit.
 test_funcs.py holds the hand-written cases; this module draws the meetings of constructs.
 Profiles as in test_fuzz.py: short by default (derandomized under CI=true), KERNDIFF_FUZZ=long.
 """
-import importlib.util
-import itertools
 import os
 import random
 import tempfile
@@ -46,7 +44,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kerndiff as kd
-from harness import check, signature
+from harness import check, load_module, signature
 from test_fuzz import BINARY, UNARY
 
 POINTS = 4
@@ -54,7 +52,6 @@ LONG = os.environ.get("KERNDIFF_FUZZ") == "long"
 PROFILE = settings(max_examples=int(os.environ.get("KERNDIFF_FUZZ_N", 10000)) if LONG else 10, deadline=None,
                    derandomize=os.environ.get("CI") == "true" and not LONG, suppress_health_check=list(HealthCheck))
 _tmp = tempfile.mkdtemp(prefix="kerndiff_fuzz_funcs_")
-_LOADED = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -159,15 +156,7 @@ def draw_program(seed):
 
 
 def load(src, fields):
-    name = f"generated_funcs_{next(_LOADED)}"
-    path = os.path.join(_tmp, name + ".py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__dict__.update(fields)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(src, fields, _tmp, "generated_funcs")
 
 
 def points(seed):

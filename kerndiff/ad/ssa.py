@@ -143,20 +143,11 @@ class SSA:
 
 def _read_outside(stmts):
     """id(if statement) -> the locals read outside it (before it, after it, or around it)."""
-    from collections import Counter
+    from ..ir.walk import iter_stmts, read_counts
 
-    from ..ir.walk import expr_children_of_stmt, iter_stmts, vars_in
-
-    def reads(block):
-        counts = Counter()
-        for st in iter_stmts(block):
-            for e in expr_children_of_stmt(st):
-                counts.update(v.name for v in vars_in(e))
-        return counts
-
-    total = reads(stmts)
+    total = read_counts(stmts)
     return {id(st): {n for n, k in total.items() if k > own.get(n, 0)}
-            for st in iter_stmts(stmts) if isinstance(st, N.If) for own in [reads([st])]}
+            for st in iter_stmts(stmts) if isinstance(st, N.If) for own in [read_counts([st])]}
 
 
 def to_ssa(stmts, names, env=None, dtypes=None, fixed=()):

@@ -176,12 +176,19 @@ def mentions(s, name):
     return False
 
 
-def used_names(stmts):
-    out = set()
+def read_counts(stmts):
+    """Counter: local name -> how many times stmts (nested ones included) read it."""
+    from collections import Counter
+
+    counts = Counter()
     for s in iter_stmts(stmts):
         for e in expr_children_of_stmt(s):
-            out.update(v.name for v in vars_in(e))
-    return out
+            counts.update(v.name for v in vars_in(e))
+    return counts
+
+
+def used_names(stmts):
+    return set(read_counts(stmts))
 
 
 def map_expr(e, fn, indices=True):
