@@ -200,13 +200,8 @@ def _without_dead_code(stmts, out, before):
     from .ir.walk import assigned_names, vars_in
     from .opt.dce import dce
 
-    def results(v):
-        if isinstance(v, Vec):
-            return list(v.items)
-        if isinstance(v, (tuple, list)):
-            return [e for item in v for e in results(item)]
-        return [v] if isinstance(v, N.Expr) else []
-    keep = {x.name for e in results(out) for x in vars_in(e)}
+    results = out.items if isinstance(out, Vec) else [out] if isinstance(out, N.Expr) else []
+    keep = {x.name for e in results for x in vars_in(e)}
     return tuple(dce(tuple(stmts), candidates=assigned_names(stmts) - before, keep=keep))
 
 
@@ -237,8 +232,7 @@ def _named_if_grown(lw, stmts):
         while stack:
             x = stack.pop()
             written += 1
-            if id(x) not in distinct:
-                distinct.add(id(x))
+            distinct.add(id(x))
             if written > GROWN and written > SHARED * len(distinct):
                 return True
             if written > 50 * GROWN:
