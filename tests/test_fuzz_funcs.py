@@ -236,13 +236,25 @@ CHECKED = []
 @PROFILE
 @given(seed=st.integers(0, 2 ** 32 - 1))
 def test_random_device_functions(fields, seed):
-    check_funcs(fields, seed)
+    try:
+        check_funcs(fields, seed)
+    except RuntimeError as e:
+        # Taichi 1.7.4 refusing a generated kernel of valid Taichi: its IR verifier
+        # (`block->parent != current_container_stmt`, about 1 draw in 300 at order three;
+        # docs/design.md) — recorded, not a kerndiff number; anything else fails the test
+        if "verify.cpp" not in str(e):
+            raise
+        TAICHI_REFUSED.append(draw_program(seed)[0])
+
+
+TAICHI_REFUSED = []
 
 
 def test_chains_of_every_length_were_checked():
     assert set(CHECKED) >= {1, 2}, CHECKED
+    assert len(TAICHI_REFUSED) <= len(CHECKED) // 10, TAICHI_REFUSED[:1]
 
 
 def teardown_module():
     print(f"\nfuzz funcs: {len(CHECKED)} drawn functions checked, chains of length "
-          f"{ {n: CHECKED.count(n) for n in sorted(set(CHECKED))} }")
+          f"{ {n: CHECKED.count(n) for n in sorted(set(CHECKED))} }; Taichi refused {len(TAICHI_REFUSED)}")
