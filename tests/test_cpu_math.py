@@ -200,7 +200,7 @@ def test_four_elements_per_pass_with_a_tail_and_libm_beyond_the_range(monkeypatc
     x64, y64 = xv.astype(np.float64), yv.astype(np.float64)
     np.testing.assert_allclose(got[0], np.cos(x64) * np.exp(y64), rtol=2e-6, atol=2e-6)
     np.testing.assert_allclose(got[1], np.sin(x64) * np.exp(y64), rtol=2e-6, atol=2e-6)
-    monkeypatch.setattr(groups, "group_elements", lambda ir, names: ir)
+    monkeypatch.setattr(groups, "group_elements", lambda ir, names, is_derivative: ir)
     single = kd.kernel(energy)
     expected = gradients(single)
     assert "sincos4" not in single.reverse.source
@@ -436,7 +436,7 @@ def test_random_elementwise_bodies_give_the_same_derivatives_four_per_pass(group
         got = gradients(grouped, grouped.reverse)
         assert "sincos4(" in grouped.reverse.source, src
         original = groups.group_elements
-        groups.group_elements = lambda ir, names: ir
+        groups.group_elements = lambda ir, names, is_derivative: ir
         try:
             single = kd.kernel(fn)
             expected = gradients(single, single.reverse)
@@ -471,3 +471,125 @@ def test_four_elements_per_pass_from_a_nonzero_start():
     weights = np.arange(-3, 11) + 4.0
     x64 = xv.astype(np.float64)
     np.testing.assert_allclose(x.grad.to_numpy(), 2 * np.sin(x64) * np.cos(x64) * weights, rtol=2e-6, atol=1e-5)
+
+
+def _lone_bodies():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def bodies(draw):
+        fn = draw(st.sampled_from(["ti.sin", "ti.cos"]))
+        a = draw(_group_expr(2))
+        b = draw(_group_expr(2, ["a"]))
+        out = draw(_group_expr(2, ["b"]))
+        # out is linear in `a`, a sine or a cosine: its derivatives need the partner alone
+        return "\n".join([f"a = {fn}(x[i] + {a})", f"b = {b}", f"out[i] = a * ({out}) + b"])
+    return bodies()
+
+
+@pytest.fixture(scope="module")
+def lone_fields():
+    n = 11  # two groups of four and a tail of three
+    rng = np.random.default_rng(12)
+    f = {name: ti.field(ti.f32, shape=n, needs_grad=True, needs_dual=True) for name in ("x", "y", "out")}
+    f["idx"] = ti.field(ti.i32, shape=n)
+    f["x"].from_numpy(rng.uniform(-2, 2, n).astype(np.float32))
+    f["y"].from_numpy(rng.uniform(-2, 2, n).astype(np.float32))
+    f["idx"].from_numpy(rng.permutation(n).astype(np.int32))
+    return f
+
+
+def test_a_sine_or_cosine_alone_is_paired_in_loops_run_four_per_pass(lone_fields, tmp_path_factory):
+    """Random straight-line bodies whose derivatives need the cosine of a sine they take (or the
+    sine of a cosine) and not the value's own function again: four elements per pass, the partner
+    from sincos4 (opt.cpu_math.with_lone_pairs). Their forward keeps the primal's bits in `out` and
+    its tangent agrees with the same kernel one element per pass and with Taichi's FwdMode; their
+    reverse agrees with the same kernel one element per pass and with Taichi's grad."""
+    from hypothesis import HealthCheck, given, settings
+
+    import kerndiff.opt.element_groups as groups
+    tmp = tmp_path_factory.mktemp("lone")
+    f = lone_fields
+    rng = np.random.default_rng(13)
+    v = rng.standard_normal(11).astype(np.float32)
+    w = rng.standard_normal(11).astype(np.float32)
+    grouped_kernels = []
+
+    def forward(run):
+        """out and its tangent along v in x (y's tangent zero)."""
+        f["x"].dual.from_numpy(v)
+        f["y"].dual.fill(0)
+        f["out"].dual.fill(0)
+        run()
+        return f["out"].to_numpy(), f["out"].dual.to_numpy()
+
+    def reverse(run, rev):
+        run()
+        for g in (f["x"].grad, f["y"].grad):
+            g.fill(0)
+        f["out"].grad.from_numpy(w)
+        rev()
+        return f["x"].grad.to_numpy(), f["y"].grad.to_numpy()
+
+    @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(body=_lone_bodies())
+    def check(body):
+        fn, src = load_elementwise(body, f, tmp)
+        grouped = kd.kernel(fn)
+        grouped()
+        primal_out = f["out"].to_numpy()
+        got_forward, got_reverse = forward(grouped.forward), reverse(grouped, grouped.reverse)
+        grouped_kernels.append(("sincos4(" in grouped.forward.source) + ("sincos4(" in grouped.reverse.source))
+        original = groups.group_elements
+        groups.group_elements = lambda ir, names, is_derivative: ir
+        try:
+            single = kd.kernel(fn)
+            expected_forward, expected_reverse = forward(single.forward), reverse(single, single.reverse)
+        finally:
+            groups.group_elements = original
+        np.testing.assert_array_equal(got_forward[0], primal_out, err_msg=src)  # libm's bits, as the primal's
+        tk = ti.kernel(fn)
+
+        def taichi_forward():
+            with ti.ad.FwdMode(loss=f["out"], param=f["x"], seed=[float(s) for s in v]):
+                tk()
+        taichi_tangent = forward(taichi_forward)[1]
+        np.testing.assert_allclose(got_forward[1], expected_forward[1], rtol=1e-6, atol=1e-6, err_msg=src)
+        np.testing.assert_allclose(got_forward[1], taichi_tangent, rtol=2e-5, atol=2e-5, err_msg=src)
+        for a, b, c in zip(got_reverse, expected_reverse, reverse(tk, tk.grad)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=src)
+            np.testing.assert_allclose(a, c, rtol=2e-5, atol=2e-5, err_msg=src)
+
+    check()
+    assert sum(k == 2 for k in grouped_kernels) >= 5, grouped_kernels  # forward and reverse both grouped
+
+
+def test_a_sum_a_forward_kernel_returns_keeps_one_element_per_pass():
+    """W1's forward: the tangent's cosine alone would be paired, but the loop also sums the primal
+    value, and four elements per pass would make Taichi split that sum differently (its last bits)."""
+    x, y, loss, energy = _elementwise()
+    k = kd.kernel(energy)
+    kd.dual(x)
+    assert "ti.cos(x[i])" in k.forward.source and "sincos" not in k.forward.source
+    assert "sincos4(" in k.reverse.source
+
+
+def test_the_reverse_of_a_sine_alone_takes_cosines_four_per_pass():
+    x = ti.field(ti.f32, shape=N_ELEM, needs_grad=True)
+    y = ti.field(ti.f32, shape=N_ELEM, needs_grad=True)
+    xv = np.random.default_rng(14).uniform(-10, 10, N_ELEM).astype(np.float32)
+    x.from_numpy(xv)
+
+    @kd.kernel
+    def wave():
+        for i in x:
+            y[i] = 3.0 * ti.sin(x[i])
+
+    y.grad.fill(1.0)
+    wave()
+    wave.reverse()
+    src = wave.reverse.source
+    assert "= sincos4(x[i], x[i_1], x[i_2], x[i_3])" in src and "ti.cos" not in src, src
+    ulps = _ulps(x.grad.to_numpy() / np.float32(3.0), np.cos(xv.astype(np.float64)))
+    assert ulps.max() <= 2.0, ulps.max()
+    assert (y.grad.to_numpy() == 0).all()  # the overwritten output's adjoint, used up

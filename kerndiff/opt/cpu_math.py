@@ -53,11 +53,56 @@ def use_cpu_math(ir: N.KernelIR, names, is_derivative) -> N.KernelIR:
     if not any(isinstance(x, N.Call) and (x.op in PAIR_OPS or x.op in REPLACED)
                for s in iter_stmts(ir.body) for e in expr_children_of_stmt(s) for x in iter_expr(e)):
         return ir  # most kernels: nothing to look at (and exact_names costs a pass over the kernel)
-    once = Counter(s.name for s in iter_stmts(ir.body) if isinstance(s, N.Assign))
-    context = _Context(names, {name for name, count in once.items() if count == 1},
-                       exact_names(ir.body, is_derivative), is_derivative)
+    context = pairing_context(ir, names, is_derivative)
     body = _pair_block(ir.body, context)
     return dataclasses.replace(ir, body=map_stmts(body, lambda s: _with_replacements(s, context)))
+
+
+def pairing_context(ir: N.KernelIR, names, is_derivative) -> "_Context":
+    """What pairing needs to know of the whole kernel (a pass over it)."""
+    once = Counter(s.name for s in iter_stmts(ir.body) if isinstance(s, N.Assign))
+    return _Context(names, {name for name, count in once.items() if count == 1},
+                    exact_names(ir.body, is_derivative), is_derivative)
+
+
+def takes_sin_or_cos(stmts) -> bool:
+    """Some statement of stmts (straight-line code) takes an f32 sine or cosine that could be paired."""
+    return any(isinstance(x, N.Call) and x.op in PAIR_OPS and _ours(x)
+               for s in stmts for e in expr_children_of_stmt(s) for x in iter_expr(e))
+
+
+def with_lone_pairs(stmts, context) -> tuple:
+    """stmts (the straight-line body of a loop that opt.element_groups runs four elements per pass)
+    with each sine or cosine that feeds derivatives alone and has no partner computed by a pair all
+    the same, its partner unread. Why: four elements' pairs from one sincos4 cost less than four
+    libm calls of the one function (the reverse of `y[i] = ti.sin(x[i])`, 1e7 elements: 12.8 against
+    49.9 ms; its forward, whose sine stays libm's for y, 47.2 against 56.0 ms). Only there: alone,
+    a pair costs more than the one function (W1's forward with `sincos` for its cosine: 72 against
+    66 ms)."""
+    stmts, i = list(stmts), 0
+    while i < len(stmts):
+        calls = _calls(stmts[i], context)
+        if not calls:
+            i += 1
+            continue
+        arg = calls[0][1]
+        end = _extent(stmts, i, arg)
+        stmts[i:end] = _paired(stmts[i:end], arg, context)
+        i += 2
+    return tuple(stmts)
+
+
+def _extent(stmts, i, arg):
+    """The end of the run of statements from stmts[i] that do not change arg before the last of
+    them is evaluated."""
+    read_names, read_fields = {v.name for v in vars_in(arg)}, {id(x.ref.field) for x in loads_in(arg)}
+    end = i + 1
+    while end < len(stmts):
+        names, fields = writes_of(stmts[end - 1])
+        if names & read_names or fields & read_fields:
+            break
+        end += 1
+    return end
 
 
 def _with_replacements(s, context):

@@ -9,8 +9,8 @@ reverse (`sum(sin(x) * exp(y))`, 1e7 elements, in one process, minima of 25 roun
 as generated before, 27.1-27.4 ms with two elements per pass, 24.8-24.9 ms with four.
 
 What: a parallel loop over one index with constant bounds, whose body is straight-line code
-(assignments, stores and atomic adds: no branches or inner loops) and takes a sincos pair
-(opt.cpu_math), becomes a loop over groups of four consecutive indices `i, i_1, i_2, i_3`: the
+(assignments, stores and atomic adds: no branches or inner loops; no adds into a primal field,
+below) and takes a sincos pair (opt.cpu_math), becomes a loop over groups of four consecutive indices `i, i_1, i_2, i_3`: the
 body's statements for the four elements one after another (each copy's locals renamed), with each
 sincos pair of the four one call (`s, c, s_1, c_1, ... = sincos4(x[i], x[i_1], ...)`), and, where
 the count is not a multiple of four, a loop over the last one to three indices with the body as it
@@ -22,6 +22,22 @@ Taichi may use anyway; locals are per copy. Each element's sine and cosine are c
 `sincos`, except that where any of the four is outside sincos's range (|x| >= 120, infinities,
 NaN) all four take libm's: within one ulp either way, and only values that feed derivatives
 alone are computed by sincos at all (opt.cpu_math).
+
+Sines or cosines alone. Such a loop that takes the sine of a value but not its cosine (or the
+reverse), where the value feeds derivatives alone, takes it from sincos4 too, the partner unread
+(opt.cpu_math.with_lone_pairs): four from one call cost less than four libm calls. The reverse of
+`y[i] = ti.sin(x[i])` over 1e7 elements: 12.8 ms against 49.9 as one cosine per element; its
+forward (y's sine stays libm's, its tangent's cosine is paired): 47.2 against 56.0 ms, the
+primal's speed (hand-written kernels in one process, minima of 15 rounds). Only in loops of up to
+LONE_PAIRS_UP_TO statements: a long body, four times over, costs Taichi's compiler more than the
+calls gain (the PINN demo's residual, whose reverse recomputes the forcing term's two sines, has
+hundreds); and not in the last one to three elements, which run as written.
+
+Not grouped: a loop that adds into a field that is not a derivative field (a forward kernel's
+primal sum, `loss[None] += ...`). Taichi sums per thread, and four elements per pass split the sum
+into other partial sums than the primal's, so the sum would differ from the primal's in its last
+bits; a forward kernel's primal outputs keep the primal's bits (opt.cpu_math). W1's forward
+(`loss[None] += ti.sin(x[i]) * ti.exp(y[i])`) is one: grouped, it would run 58.4 against 65.6 ms.
 """
 from __future__ import annotations
 
@@ -31,22 +47,39 @@ from ..errors import SrcLoc
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.walk import renamed, vars_in
+from .cpu_math import pairing_context, takes_sin_or_cos, with_lone_pairs
 
 GROUP = 4
+LONE_PAIRS_UP_TO = 24  # statements in the loop's body: beyond, four copies cost compile time (a PINN's residual)
 PAIR = ("sincos_sin", "sincos_cos")
 GROUPED = {"sincos_sin": "sincos4_sin", "sincos_cos": "sincos4_cos"}  # codegen emits the eight as one call
 
 
-def group_elements(ir: N.KernelIR, names) -> N.KernelIR:
+def group_elements(ir: N.KernelIR, names, is_derivative) -> N.KernelIR:
     """ir with each top-level loop that qualifies (see the module docstring) run four elements
-    per pass (names: the allocator for the new locals)."""
-    out = []
+    per pass (names: the allocator for the new locals; is_derivative: the test for derivative
+    fields). A sine or cosine without its partner that feeds derivatives alone is paired here
+    (opt.cpu_math.with_lone_pairs), in the loops to be grouped only."""
+    out, context = [], None
     for s in ir.body:
-        out.extend(_grouped(s, names) if _qualifies(s) else [s])
+        grouped = s
+        if _groupable(s, is_derivative) and not _has_pair(s.body) and len(s.body) <= LONE_PAIRS_UP_TO \
+                and takes_sin_or_cos(s.body):
+            context = context or pairing_context(ir, names, is_derivative)
+            grouped = dataclasses.replace(s, body=with_lone_pairs(s.body, context))
+        if _groupable(s, is_derivative) and _has_pair(grouped.body):
+            out.extend(_grouped(grouped, names, tail=s))
+        else:
+            out.append(s)
     return dataclasses.replace(ir, body=tuple(out))
 
 
-def _qualifies(s):
+def _has_pair(body):
+    return any(_is_pair(body, k) for k in range(len(body)))
+
+
+def _groupable(s, is_derivative):
+    """s is a loop whose iterations may run four per pass (the module docstring, but for the pair)."""
     if not (isinstance(s, N.For) and s.parallel and not s.serialize and len(s.vars) == 1):
         return False
     (lo, hi), = s.bounds
@@ -54,6 +87,8 @@ def _qualifies(s):
         return False
     if not all(isinstance(t, (N.Assign, N.Store, N.Atomic)) for t in s.body):
         return False
+    if any(isinstance(t, N.Atomic) and not is_derivative(t.ref.field) for t in s.body):
+        return False  # a sum a forward kernel returns: Taichi would split it into other partial sums
     if any(isinstance(t, N.Assign) and t.name == s.vars[0] for t in s.body):
         return False
     # every local the body assigns is assigned before the body reads it (its own, per element)
@@ -63,7 +98,7 @@ def _qualifies(s):
             return False
         if isinstance(t, N.Assign):
             assigned.add(t.name)
-    return any(_is_pair(s.body, k) for k in range(len(s.body)))
+    return True
 
 
 def _exprs(t):
@@ -78,7 +113,9 @@ def _is_pair(body, k):
             and b.value.args == a.value.args)
 
 
-def _grouped(loop, names):
+def _grouped(loop, names, tail):
+    """loop four elements per pass, and the last one to three elements by `tail` (the loop as it
+    was before any lone pairs)."""
     var = loop.vars[0]
     (lo, hi), = loop.bounds
     lo_v, hi_v = int(lo.value), int(hi.value)
@@ -116,7 +153,7 @@ def _grouped(loop, names):
     out = [N.For((group,), ((B.const(0, i32), B.const(groups, i32)),), tuple(body), parallel=True,
                  config=loop.config, src=loop.src, tag=loop.tag)]
     if lo_v + groups * GROUP < hi_v:  # the last one to three elements, as the loop was
-        out.append(dataclasses.replace(loop, bounds=((B.const(lo_v + groups * GROUP, i32), hi),)))
+        out.append(dataclasses.replace(tail, bounds=((B.const(lo_v + groups * GROUP, i32), hi),)))
     return out
 
 

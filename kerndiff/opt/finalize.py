@@ -309,5 +309,5 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         ir = privatize_scatters(ir, names, *scatter)
     if cpu_math and is_derivative is not None:
         from .element_groups import group_elements
-        ir = group_elements(ir, names)
+        ir = group_elements(ir, names, is_derivative)
     return ir
