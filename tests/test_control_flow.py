@@ -304,3 +304,62 @@ def test_stores_outside_the_range_a_loop_read_are_accepted(runtime):
 
     with pytest.raises(kd.KernDiffError, match="overwrites 'x' after reading it"):
         overlapping.reverse()
+
+
+@pytest.fixture(scope="module")
+def exclusive(runtime):
+    """A field element read in one branch of an if and overwritten in the other: each iteration
+    takes one branch, so the value read is still in the field when the reverse pass reads it."""
+    x = ti.field(ti.f64, shape=6)
+    g = ti.field(ti.f64, shape=(6, 2))
+    y = ti.field(ti.f64, shape=6)
+    x.from_numpy(np.array([0.4, -0.7, 1.3, -0.2, 0.9, -1.1]))
+    g.from_numpy(np.arange(12.0).reshape(6, 2) * 0.1 + 0.3)
+
+    @kd.kernel
+    def read_or_overwrite():
+        for i in x:
+            if x[i] > 0.0:
+                y[i] = g[i, 1] * ti.sin(x[i]) + g[i, 0]
+            else:
+                g[i, 1] = x[i] * x[i]
+                y[i] = g[i, 1] * g[i, 0]  # read after the store, in the same branch: the new value
+
+    @kd.kernel
+    def in_an_inner_loop():
+        for i in x:
+            for r in range(2):
+                if x[i] > 0.3 * r:
+                    y[i] += g[i, 0] * x[i]
+                else:
+                    g[i, 0] = x[i]  # a later trip of r may read what this trip stored
+
+    @kd.kernel
+    def another_element():
+        for i in x:
+            if x[i] > 0.0:
+                y[i] = g[(i + 1) % 6, 0] * x[i]  # another iteration's element, which it may overwrite
+            else:
+                g[i, 0] = x[i]
+
+    @kd.kernel
+    def condition_reads_it():
+        for i in x:
+            if g[i, 0] > 0.5:  # the condition itself reads the element before the store
+                y[i] = x[i]
+            else:
+                g[i, 0] = x[i]
+
+    return read_or_overwrite, (in_an_inner_loop, another_element, condition_reads_it)
+
+
+@pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
+def test_a_read_and_an_overwrite_in_exclusive_branches(exclusive, prefix, mode):
+    check_path(exclusive[0], prefix, mode, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("which", range(3))
+def test_exclusive_branches_that_may_still_meet_are_refused(exclusive, which):
+    k = exclusive[1][which]
+    with pytest.raises(kd.KernDiffError, match="after reading it"):
+        k.reverse.source

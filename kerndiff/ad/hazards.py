@@ -246,7 +246,7 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
     fields the caller restores to their values from before the launch (kd.Tape, ad/owned.py)."""
     params, defs = {p.name for p in ir.params}, launch_constants(ir)
     ev = [e for e in field_events(ir.body) if id(e[2]) not in exempt]
-    memo = {}
+    memo, paths = {}, branch_paths(ir.body)
     reads = {}
     for pos, kind, f, s, top, index, loops in ev:
         # an atomic max/min reads its result back too: its reverse finds the winning
@@ -265,6 +265,8 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
                 # and min mixed in one loop: minmax.check_placement)
                 continue
             if kind == "store" and written_in_an_earlier_trip(index, rindex, loops, rloops):
+                continue
+            if kind == "store" and in_exclusive_branches(s, rs, index, rindex, paths):
                 continue
             same_stmt = rs is s
             if rpos < pos or same_stmt:
@@ -288,6 +290,43 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
                 raise KernDiffError(f"this loop reads a field it accumulates into ('{REGISTRY.name_of(f)}'); "
                                     "the value read depends on the order of the parallel iterations", rs.src,
                                     "read it in a later loop or a later kernel")
+
+
+def branch_paths(stmts, path=(), loops=(), out=None):
+    """{id(statement): ((if statement, branch taken, loops around the if), ...)}: the branches of
+    the ifs a statement is nested in, outermost first, each with the loops around that if."""
+    out = {} if out is None else out
+    for s in stmts:
+        out[id(s)] = path
+        if isinstance(s, N.If):
+            for side, block in enumerate((s.then, s.orelse)):
+                branch_paths(block, path + ((s, side, loops),), loops, out)
+        else:
+            for block in blocks_of(s):
+                branch_paths(block, path, loops + (s,), out)
+    return out
+
+
+def in_exclusive_branches(store, read, store_index, read_index, paths):
+    """A store into the element a read took, the two in the two branches of one if: `if c:
+    use(g[i]) else: g[i] = ...`. Each run of the if takes one branch, so when the if runs once per
+    iteration of a parallel loop (no other loop around it: kernel scope, or the outermost loop
+    alone) and the element is the iteration's own (the same index, every loop variable of that
+    loop a whole dimension of it), no iteration reads the element after it was overwritten: the
+    value the reverse pass reads back is the one read."""
+    for (if_a, side_a, loops), (if_b, side_b, _) in zip(paths[id(store)], paths[id(read)]):
+        if if_a is not if_b:
+            return False
+        if side_a == side_b:
+            continue
+        if tuple(store_index) != tuple(read_index) or len(loops) > 1:
+            return False
+        if not loops:
+            return True
+        loop = loops[0]
+        dims = {e.name for e in store_index if isinstance(e, N.Var)}
+        return isinstance(loop, N.For) and set(loop.vars) <= dims and not (assigned_names(loop.body) & dims)
+    return False
 
 
 def _is_minmax(s):
