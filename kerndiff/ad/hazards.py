@@ -294,10 +294,12 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
 
 def branch_paths(stmts, path=(), loops=(), out=None):
     """{id(statement): ((if statement, branch taken, loops around the if), ...)}: the branches of
-    the ifs a statement is nested in, outermost first, each with the loops around that if."""
+    the ifs a statement is nested in, outermost first, each with the loops around that if; None
+    for a statement object that occurs in two places (a transform may reuse one), whose branches
+    are not one thing."""
     out = {} if out is None else out
     for s in stmts:
-        out[id(s)] = path
+        out[id(s)] = path if out.get(id(s), path) is path else None
         if isinstance(s, N.If):
             for side, block in enumerate((s.then, s.orelse)):
                 branch_paths(block, path + ((s, side, loops),), loops, out)
@@ -314,6 +316,8 @@ def in_exclusive_branches(store, read, store_index, read_index, paths):
     alone) and the element is the iteration's own (the same index, every loop variable of that
     loop a whole dimension of it), no iteration reads the element after it was overwritten: the
     value the reverse pass reads back is the one read."""
+    if paths[id(store)] is None or paths[id(read)] is None:
+        return False
     for (if_a, side_a, loops), (if_b, side_b, _) in zip(paths[id(store)], paths[id(read)]):
         if if_a is not if_b:
             return False
