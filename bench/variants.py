@@ -45,7 +45,12 @@ def variants(args):
             s = ti.sin(x[i])
             E[None] += s * s * ti.exp(-y[i])
 
-    for name, energy in (("W1 log·cos", log_cos), ("W1 tanh·y + sqrt", tanh_sqrt), ("W1 sin²·exp(-y)", sin_squared)):
+    def sin_plus_cos():  # each reverse needs the other function of its argument alone
+        for i in x:
+            E[None] += ti.sin(x[i]) + ti.cos(y[i])
+
+    for name, energy in (("W1 log·cos", log_cos), ("W1 tanh·y + sqrt", tanh_sqrt), ("W1 sin²·exp(-y)", sin_squared),
+                         ("W1 sin(x) + cos(y)", sin_plus_cos)):
         rows(name, energy, x, None)
 
     # ---------------------------------------------------------------- W2: springs
