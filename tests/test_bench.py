@@ -37,7 +37,7 @@ def test_variants_agree_with_taichi_or_with_f64():
     rows = bench_rows("variants", "--systems", "kerndiff,taichi")
     checks = [r for r in rows if "check" in r]
     timed = {(r["workload"], r["op"]) for r in rows if r.get("system") == "kerndiff" and r.get("median")}
-    assert len(checks) == 36 and len(timed) == 36
+    assert len(checks) == 38 and len(timed) == 38
     for r in checks:
         assert "kerndiff" not in r["disagree"], r
         expected = ["taichi"] if (r["workload"], r["op"]) == ("W3 Gaussians", "grad") else []
