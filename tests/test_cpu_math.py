@@ -548,9 +548,10 @@ def test_a_sine_or_cosine_alone_is_paired_in_loops_run_four_per_pass(lone_fields
         finally:
             groups.group_elements = original
         # out's sine (or cosine) is libm's, as the primal's (the arithmetic around it may round
-        # differently in another kernel under Taichi's fast math: an ulp, grouped or not)
+        # differently in another kernel under Taichi's fast math: an ulp of its terms, which are
+        # up to about 8, grouped or not)
         assert f"a = {body.split('(')[0].split('= ')[1]}(" in grouped.forward.source, grouped.forward.source
-        np.testing.assert_allclose(got_forward[0], primal_out, rtol=3e-7, atol=1e-7, err_msg=src)
+        np.testing.assert_allclose(got_forward[0], primal_out, rtol=1e-6, atol=2e-6, err_msg=src)
         tk = ti.kernel(fn)
 
         def taichi_forward():
