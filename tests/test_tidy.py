@@ -223,3 +223,40 @@ def test_loads_an_inner_loop_repeats_are_read_before_it_where_always_in_range():
     out = hoist_invariant_loads(N.For(("i",), ((B.const(-2, "i32"), B.const(6, "i32")),), (inner,), parallel=True),
                                 set(), NameAllocator({"i", "j", "x", "w"}))
     assert out.body[0] == N.Assign("g_m2", at)
+
+
+def test_a_term_a_sum_takes_twice_is_taken_once_with_its_count():
+    """opt.repeated_terms: `-t7 - t7` is `t7 * -2.0`; terms counted with their signs and integer
+    factors, in the order they first appear; a term whose count comes to zero stays as written."""
+    from kerndiff.ir.nodes import FieldRef
+    from kerndiff.opt.repeated_terms import merge_repeated_terms, merged
+    a, b, c = _v("a"), _v("b"), _v("c")
+    ab = B.mul(a, b)
+
+    def times(x, k):
+        return N.Call("f64", "mul", (x, B.const(k, "f64")))
+
+    def call(op, *args):
+        return N.Call("f64", op, args)
+    assert merged(call("sub", call("neg", ab), ab)) == times(ab, -2.0)
+    # ab + c - a * (b + b) + ab * 2.0: ab three times, first; the inner sum b + b too
+    got = merged(call("add", call("sub", call("add", ab, c), call("mul", a, call("add", b, b))), times(ab, 2.0)))
+    assert got == call("sub", call("add", times(ab, 3.0), c), call("mul", a, times(b, 2.0))), got
+    # ab + c - ab + c: c twice; ab's count comes to zero, and both stay where they were
+    assert merged(call("add", call("sub", call("add", ab, c), ab), c)) == call("sub", call("add", ab, times(c, 2.0)), ab)
+    # a factor that is not an integer is part of the term (its counts would not add exactly)
+    tenth = call("add", call("mul", ab, B.const(0.1, "f64")), call("mul", ab, B.const(0.2, "f64")))
+    assert merged(tenth) == tenth
+    plain = call("sub", call("add", ab, c), a)  # no repeats: as written
+    assert merged(plain) == plain
+    one = B.const(1.0, "f64")  # constants stay as written: (y - 1) - 1 rounds otherwise than y - 2
+    plain = call("add", call("sub", call("sub", c, one), one), call("add", ab, ab))
+    assert merged(plain) == call("add", call("sub", call("sub", c, one), one), times(ab, 2.0)), merged(plain)
+    plain = call("sub", call("sub", c, one), one)
+    assert merged(plain) == plain
+    # only values that feed derivatives alone: a primal store keeps its sum
+    out = FieldRef(object(), (), "out", "f64", ())
+    dual = FieldRef(object(), (), "out_dual", "f64", ())
+    twice = call("add", call("add", ab, c), ab)
+    new = merge_repeated_terms((N.Store(out, (), twice), N.Store(dual, (), twice)), lambda f: f is dual.field)
+    assert new[0].value == twice and new[1].value == call("add", times(ab, 2.0), c)

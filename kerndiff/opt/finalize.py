@@ -224,7 +224,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
     is_derivative: None for primal kernels (their arithmetic is the user's), else a test for
     derivative fields: derivative code then has the ifs of a reversed body fused and CSE run
     across them (opt.fuse_ifs, opt.cse), shares reciprocals (opt.reciprocal), has its like terms
-    collected (opt.algebra), its zeroed accumulators started at their first contribution
+    collected (opt.algebra, and repeats opt.repeated_terms), its zeroed accumulators started at their first contribution
     (opt.zero_start), copies forwarded (opt.copies, opt.propagate) and the dead ones removed,
     values that locals already hold read from them (opt.reuse), reversed loops whose iterations
     share nothing but sums run forward (opt.loop_order), what the rewrites left computed twice in
@@ -253,6 +253,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         from .cse import cse
         from .loop_order import run_forward
         from .tangent_order import values_first
+        from .repeated_terms import merge_repeated_terms
         # a reversed loop body is its recomputation and then its adjoint, each with its own copy
         # of the body's branches: one `if` per condition first, then what both halves compute
         # (`x[i] - x[j]`) once, which CSE, working per block, could not see before
@@ -282,6 +283,9 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
         ir = remove_dead_stores(ir)
         # reversed loops whose iterations share nothing but sums run forward, as written
         ir = dataclasses.replace(ir, body=run_forward(ir.body))
+        # a term a sum takes twice, once with its count (`-e - e` -> `e * -2.0`): what the passes
+        # above made alike, and sums longer than opt.algebra collects
+        ir = dataclasses.replace(ir, body=merge_repeated_terms(ir.body, is_derivative))
         # what is still computed twice in a block, once, into a temporary: the passes above make
         # expressions alike (a tanh layer's k.forward.forward had `1.0 - t4 * t4` and
         # `1.0 - t1 * t1` behind a copy `t1 = t4` until copies were forwarded)
