@@ -3,6 +3,8 @@ cosine of one value from one call, tanh from one exp. The helpers' accuracy agai
 functions, derivatives against analytic ones and Taichi's own grad, what keeps libm's bits
 (primal outputs, conditions), on hand-built IR what may be paired, and elementwise loops run four
 elements per pass (opt.element_groups) against the same kernels one element per pass."""
+import contextlib
+
 import numpy as np
 import pytest
 import taichi as ti
@@ -380,6 +382,18 @@ def _group_expr(depth, extra=()):
     return st.one_of(leaves, st.tuples(st.sampled_from(GROUP_OPS), sub, sub).map(lambda t: t[0].format(t[1], t[2])))
 
 
+@contextlib.contextmanager
+def _one_element_per_pass():
+    """Kernels made inside run one element per pass (opt.element_groups off): the reference."""
+    import kerndiff.opt.element_groups as groups
+    original = groups.group_elements
+    groups.group_elements = lambda ir, names, is_derivative: ir
+    try:
+        yield
+    finally:
+        groups.group_elements = original
+
+
 def _group_bodies():
     from hypothesis import strategies as st
 
@@ -413,7 +427,6 @@ def test_random_elementwise_bodies_give_the_same_derivatives_four_per_pass(group
     reverse four elements per pass against the same kernel one element per pass and Taichi's grad."""
     from hypothesis import HealthCheck, given, settings
 
-    import kerndiff.opt.element_groups as groups
     tmp = tmp_path_factory.mktemp("grouped")
     f = group_fields
     w = np.random.default_rng(9).standard_normal(11).astype(np.float32)
@@ -435,13 +448,9 @@ def test_random_elementwise_bodies_give_the_same_derivatives_four_per_pass(group
         grouped = kd.kernel(fn)
         got = gradients(grouped, grouped.reverse)
         assert "sincos4(" in grouped.reverse.source, src
-        original = groups.group_elements
-        groups.group_elements = lambda ir, names, is_derivative: ir
-        try:
+        with _one_element_per_pass():
             single = kd.kernel(fn)
             expected = gradients(single, single.reverse)
-        finally:
-            groups.group_elements = original
         tk = ti.kernel(fn)
         taichi = gradients(tk, tk.grad)
         for a, b, c in zip(got, expected, taichi):
@@ -503,11 +512,11 @@ def test_a_sine_or_cosine_alone_is_paired_in_loops_run_four_per_pass(lone_fields
     """Random straight-line bodies whose derivatives need the cosine of a sine they take (or the
     sine of a cosine) and not the value's own function again: four elements per pass, the partner
     from sincos4 (opt.cpu_math.with_lone_pairs). Their forward takes `out`'s sine (or cosine) from
-    libm, as the primal does, and its tangent agrees with the same kernel one element per pass and with Taichi's FwdMode; their
-    reverse agrees with the same kernel one element per pass and with Taichi's grad."""
+    libm, as the primal does, and its tangent agrees with the same kernel one element per pass
+    and with Taichi's FwdMode; their reverse agrees with the same kernel one element per pass and
+    with Taichi's grad."""
     from hypothesis import HealthCheck, given, settings
 
-    import kerndiff.opt.element_groups as groups
     tmp = tmp_path_factory.mktemp("lone")
     f = lone_fields
     rng = np.random.default_rng(13)
@@ -540,13 +549,9 @@ def test_a_sine_or_cosine_alone_is_paired_in_loops_run_four_per_pass(lone_fields
         primal_out = f["out"].to_numpy()
         got_forward, got_reverse = forward(grouped.forward), reverse(grouped, grouped.reverse)
         grouped_kernels.append(("sincos4(" in grouped.forward.source) + ("sincos4(" in grouped.reverse.source))
-        original = groups.group_elements
-        groups.group_elements = lambda ir, names, is_derivative: ir
-        try:
+        with _one_element_per_pass():
             single = kd.kernel(fn)
             expected_forward, expected_reverse = forward(single.forward), reverse(single, single.reverse)
-        finally:
-            groups.group_elements = original
         # out's sine (or cosine) is libm's, as the primal's (the arithmetic around it may round
         # differently in another kernel under Taichi's fast math: an ulp of its terms, which are
         # up to about 8, grouped or not)

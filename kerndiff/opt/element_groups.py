@@ -10,11 +10,11 @@ as generated before, 27.1-27.4 ms with two elements per pass, 24.8-24.9 ms with 
 
 What: a parallel loop over one index with constant bounds, whose body is straight-line code
 (assignments, stores and atomic adds: no branches or inner loops; no adds into a primal field,
-below) and takes a sincos pair (opt.cpu_math), becomes a loop over groups of four consecutive indices `i, i_1, i_2, i_3`: the
-body's statements for the four elements one after another (each copy's locals renamed), with each
-sincos pair of the four one call (`s, c, s_1, c_1, ... = sincos4(x[i], x[i_1], ...)`), and, where
-the count is not a multiple of four, a loop over the last one to three indices with the body as it
-was.
+below) and takes a sincos pair (opt.cpu_math), becomes a loop over groups of four consecutive
+indices `i, i_1, i_2, i_3`: the body's statements for the four elements one after another (each
+copy's locals renamed), with each sincos pair of the four one call (`s, c, s_1, c_1, ... =
+sincos4(x[i], x[i_1], ...)`), and, where the count is not a multiple of four, a loop over the
+last one to three indices with the body as it was.
 
 Why it is exact: a parallel loop's iterations are independent (Taichi runs them in any order,
 several on one thread), so running four on one thread, statement by statement, is a schedule

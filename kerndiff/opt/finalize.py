@@ -224,13 +224,13 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
     is_derivative: None for primal kernels (their arithmetic is the user's), else a test for
     derivative fields: derivative code then has the ifs of a reversed body fused and CSE run
     across them (opt.fuse_ifs, opt.cse), shares reciprocals (opt.reciprocal), has its like terms
-    collected (opt.algebra, and repeats opt.repeated_terms), its zeroed accumulators started at their first contribution
-    (opt.zero_start), copies forwarded (opt.copies, opt.propagate) and the dead ones removed,
-    values that locals already hold read from them (opt.reuse), reversed loops whose iterations
-    share nothing but sums run forward (opt.loop_order), what the rewrites left computed twice in
-    a block shared once more (opt.cse), locals' values put before their tangents
-    (opt.tangent_order), and the field elements an inner loop
-    repeats read before it (opt.invariant_loads)."""
+    collected (opt.algebra; the repeats left, opt.repeated_terms), its zeroed accumulators
+    started at their first contribution (opt.zero_start), copies forwarded (opt.copies,
+    opt.propagate) and the dead ones removed, values that locals already hold read from them
+    (opt.reuse), reversed loops whose iterations share nothing but sums run forward
+    (opt.loop_order), what the rewrites left computed twice in a block shared once more
+    (opt.cse), locals' values put before their tangents (opt.tangent_order), and the field
+    elements an inner loop repeats read before it (opt.invariant_loads)."""
     from ..ad.names import NameAllocator
     from ..codegen.load import field_names
 
