@@ -2,10 +2,10 @@
 
 Why: opt.algebra collects like terms over monomials, for sums of up to MAX_TERMS terms and where
 its form takes fewer operations; what the passes after it make alike (copies forwarded, held
-values read from their locals) and the long sums of high-order chains of device functions
-(`d45 - d46 + d45 + d47 + d47 - ...`, a hundred terms over a dozen temporaries) keep their
-repeats, and the last CSE pass then names the repeated term (`t7 = x[i] * (...)`) for a sum
-that reads it twice. Here, before that pass, each sum of the statements whose values feed
+values read from their locals) and longer sums keep their repeats, and the last CSE pass then
+names the repeated term (`t7 = x[i] * (...)`) for a sum that reads it twice. (Derived kernels
+only: the sums of a chain of device-function transforms called in a primal kernel, `d45 - d46 +
+d45 + ...` at order three, keep theirs; their blocks hold recomputed primal values too.) Here, before that pass, each sum of the statements whose values feed
 derivatives alone is written with each distinct term once, scaled by how many times it came
 (with its sign), in the order the terms first appear: one product where there were additions.
 
