@@ -27,11 +27,13 @@ it found two refusals of kernels kerndiff can differentiate: a kernel-scope loca
 loops, and an element its own iteration builds in a loop with a `continue` (test_programs.py,
 test_owned.py).
 
-Inner loops here do not store whole vectors: Taichi 1.7.4's optimizer miscompiles a vector field
-element stored and read back in an inner loop (`for j in range(2): v[i] = ti.Vector([...]) *
-(0.5 + v[i][1])` reads the old v[i][1] on the second trip; right with advanced_optimization=False,
-which in turn aborts the process on `(m[None] ** 3) ** 3`), and the primal comparison would report
-it against kerndiff, whose generated kernels store components one by one and compute it right.
+Inner loops here do not store whole vectors, and a loop stores a whole v[i] at most once: Taichi
+1.7.4's optimizer miscompiles a vector field element stored and read back (`for j in range(2):
+v[i] = ti.Vector([...]) * (0.5 + v[i][1])` reads the old v[i][1] on the second trip; two
+statements `v[i] += ti.Vector([...]) * ti.tan(v[i][1])` in a row, the second reads the old v[i][1]
+too, seed 40910 of a long run in session 34; right with advanced_optimization=False, which in turn
+aborts the process on `(m[None] ** 3) ** 3`), and the primal comparison would report it against
+kerndiff, whose generated kernels store components one by one and compute it right.
 
 Profiles as in test_fuzz.py: short by default (derandomized under CI=true), KERNDIFF_FUZZ=long.
 Each drawn kernel keeps its helper fields (sums, winner counts, private copies) for the life of
@@ -174,6 +176,7 @@ class Loop:
                 self.role[f] = "read"
         self.locals = []
         self.vectors = []  # vector locals
+        self.stored_vector = False  # a whole v[i] stored already (at most one: see the top)
 
     def leaves(self):
         out = ["x[i]", "w[i]", "x[idx[i]]", "w[(i + 1) % 4]", "0.7", "u[i][0]", "u[idx[i]].norm_sqr()",
@@ -218,7 +221,8 @@ class Loop:
         if kind == "scatter" and any(role[f] == "scatter" for f in ("y", "z")):
             f = rand.choice([f for f in ("y", "z") if role[f] == "scatter"])
             return [f"{pad}{f}[{rand.choice(['idx[i]', '(i + 1) % 4', 'i'])}] += {self.expr()}"]
-        if kind == "vector" and role["v"] == "own":
+        if kind == "vector" and role["v"] == "own" and not self.stored_vector:
+            self.stored_vector = True
             return [f"{pad}v[i] {rand.choice(['=', '+='])} ti.Vector([{self.expr(1)}, {self.expr(1)}]) * {self.expr(1)}"]
         if kind == "vector" and role["v"] == "scatter":
             return [f"{pad}v[idx[i]] += u[i] * {self.expr(1)}"]

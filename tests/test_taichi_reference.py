@@ -1345,3 +1345,34 @@ def test_sum_of_exponentials_in_a_local_is_right_where_taichi_is_not(fields):
     np.testing.assert_allclose(got, grad, rtol=1e-10, atol=1e-12)
     got_hv = kd.hvp(kk, inputs=[pos], output=loss)(p, tangents=[v])[0]
     np.testing.assert_allclose(got_hv, hv, rtol=1e-10, atol=1e-12)
+
+
+def test_two_vector_updates_in_a_row_read_the_new_component(runtime):
+    """`v[i] += ti.Vector([...]) * ti.sin(v[i][1])` twice in a row: the second reads v[i][1] as
+    the first left it. Taichi 1.7.4's optimizer reads the old value (its ti.kernel of the same
+    code is off; right with advanced_optimization=False); kerndiff's primal stores the components
+    one by one and matches numpy, and its forward matches finite differences. Found by
+    tests/test_fuzz_programs.py (whose generator now stores a whole vector once per loop)."""
+    from harness import check_path
+
+    v = ti.Vector.field(2, ti.f64, shape=4)
+    v0 = np.random.default_rng(0).uniform(-1, 1, (4, 2))
+
+    def updates():
+        for i in range(4):
+            v[i] += ti.Vector([0.5, 0.7]) * ti.sin(v[i][1])
+            v[i] += ti.Vector([0.2, 0.3]) * ti.cos(v[i][1])
+
+    expected = v0.copy()
+    for i in range(4):
+        expected[i] += np.array([0.5, 0.7]) * np.sin(expected[i][1])
+        expected[i] += np.array([0.2, 0.3]) * np.cos(expected[i][1])
+    kk = kd.kernel(updates)
+    v.from_numpy(v0)
+    kk()
+    np.testing.assert_allclose(v.to_numpy(), expected, rtol=1e-14, atol=1e-15)
+    v.from_numpy(v0)
+    check_path(kk, "", "forward", rtol=1e-6, atol=1e-8)
+    # its reverse alone needs v from before the launch, which the kernel overwrote: kd.Tape's case
+    with pytest.raises(kd.KernDiffError, match="kd.Tape"):
+        kk.reverse()
