@@ -62,15 +62,14 @@ def group_elements(ir: N.KernelIR, names, is_derivative) -> N.KernelIR:
     (opt.cpu_math.with_lone_pairs), in the loops to be grouped only."""
     out, context = [], None
     for s in ir.body:
+        if not _groupable(s, is_derivative):
+            out.append(s)
+            continue
         grouped = s
-        if _groupable(s, is_derivative) and not _has_pair(s.body) and len(s.body) <= LONE_PAIRS_UP_TO \
-                and takes_sin_or_cos(s.body):
+        if not _has_pair(s.body) and len(s.body) <= LONE_PAIRS_UP_TO and takes_sin_or_cos(s.body):
             context = context or pairing_context(ir, names, is_derivative)
             grouped = dataclasses.replace(s, body=with_lone_pairs(s.body, context))
-        if _groupable(s, is_derivative) and _has_pair(grouped.body):
-            out.extend(_grouped(grouped, names, tail=s))
-        else:
-            out.append(s)
+        out.extend(_grouped(grouped, names, tail=s) if _has_pair(grouped.body) else [s])
     return dataclasses.replace(ir, body=tuple(out))
 
 
