@@ -1376,3 +1376,49 @@ def test_two_vector_updates_in_a_row_read_the_new_component(runtime):
     # its reverse alone needs v from before the launch, which the kernel overwrote: kd.Tape's case
     with pytest.raises(kd.KernDiffError, match="kd.Tape"):
         kk.reverse()
+
+
+def test_a_kernel_taichis_verifier_refuses_runs_compiled_without_its_cfg_pass(runtime):
+    """Taichi 1.7.4's IR verifier refuses valid code where its store-to-load forwarding meets two
+    `if`s on one condition (`block->parent != current_container_stmt`): Taichi's own kernel of
+    this shape raises. Generated kernels meet it too (about one order-three device-function
+    kernel in 300, tests/test_fuzz_funcs.py seed 2112 of session 34): kerndiff's loader then
+    compiles the kernel once more without Taichi's cfg_optimization pass, warns, and the kernel
+    computes what it says."""
+    import linecache
+
+    from kerndiff.codegen.load import compile_source
+
+    x = ti.field(ti.f64, shape=4)
+    out = ti.field(ti.f64, shape=4)
+    x.from_numpy(np.array([0.05, 0.5, -1.0, 0.2]))
+    src = """
+@ti.kernel
+def shape():
+    for i in range(4):
+        w = 0.0
+        dead = 0.0
+        if x[i] > 0.1:
+            pass
+        else:
+            w = 1.0
+        y = w
+        if x[i] > 0.1:
+            y = 0.0
+        dead = y
+        out[i] = w
+"""
+    filename = "<taichi verifier reproduction>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    g = {"ti": ti, "x": x, "out": out}
+    exec(compile(src, filename, "exec"), g)
+    with pytest.raises(RuntimeError, match=r"verify\.cpp"):
+        g["shape"]()
+    run = compile_source(src, {"ti": ti, "x": x, "out": out}, "shape")
+    with pytest.warns(RuntimeWarning, match="cfg_optimization"):
+        run()
+    np.testing.assert_array_equal(out.to_numpy(), [1.0, 0.0, 1.0, 0.0])
+    assert ti.lang.impl.current_cfg().cfg_optimization  # (set for that one compilation)
+    out.fill(0)
+    run()  # compiled once: no second warning, same values
+    np.testing.assert_array_equal(out.to_numpy(), [1.0, 0.0, 1.0, 0.0])
