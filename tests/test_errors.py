@@ -367,6 +367,61 @@ def test_every_iteration_storing_into_one_element_is_refused(runtime):
         k()
         check(k, "reverse")
 
+
+def test_iterations_folded_onto_one_element_are_refused(runtime):
+    """`z[i // 2] = f(x[i])` and `z[i % 3] = ...`: two iterations store into one element, the one
+    Taichi runs last wins, and the reverse credited an iteration by its own order, not the
+    primal's winner (before session 35 its gradient put 2·x[0] where the primal kept x[1]**2: a
+    wrong number). Refused in reverse mode; still checked: a one-to-one index built from the
+    same parts (`z2[i // 2, i % 2]`), a loop too short to fold (`range(2)` under `% 3`), a
+    group's first iteration storing alone, and adds (`+=`), which commute."""
+    x = ti.field(ti.f64, shape=N)
+    z = ti.field(ti.f64, shape=N)
+    z2 = ti.field(ti.f64, shape=(N // 2, 2))
+    x.from_numpy(np.linspace(0.2, 0.8, N))
+
+    @kd.kernel
+    def halves():
+        for i in range(N):
+            z[i // 2] = x[i] * x[i]
+
+    @kd.kernel
+    def thirds():
+        for i in range(N):
+            z[i % 3] = ti.sin(x[i])
+
+    raises(halves.reverse, "several iterations of this parallel loop store into one element of 'z' (i // 2",
+           "if i % 2 == 0:", line_text="z[i // 2] = x[i] * x[i]")
+    raises(thirds.reverse, "(i % 3 takes the same value for different i)", "if i // 3 == 0:",
+           line_text="z[i % 3] = ti.sin(x[i])")
+
+    @kd.kernel
+    def pairs():
+        for i in range(N):
+            z2[i // 2, i % 2] = x[i] * x[i]
+
+    @kd.kernel
+    def short():
+        for i in range(2):
+            z[i % 3] = x[i] * x[i]
+
+    @kd.kernel
+    def first_of_each():
+        for i in range(N):
+            if i % 2 == 0:
+                z[i // 2] = x[i] * x[i]
+
+    @kd.kernel
+    def added():
+        for i in range(N):
+            z[i // 2] += x[i] * x[i]
+
+    for k in (pairs, short, first_of_each, added):
+        z.fill(0)
+        z2.fill(0)
+        k()
+        check(k, "reverse")
+
 def test_float_index_into_local_vector(f):
     v, x = f["v"], f["x"]
 

@@ -138,6 +138,39 @@ def _check_shared_stores(loop):
                 "would its derivative",
                 s.src, f"store from one iteration (`if {missing[0]} == 0:`), accumulate (+=) if the values should "
                        f"add up, or make the loop over {missing[0]} an inner loop")
+        folded = _folded_loop_var(s, loop)
+        if folded:
+            name = REGISTRY.name_of(s.ref.field)
+            v, op, c = folded
+            raise KernDiffError(
+                f"several iterations of this parallel loop store into one element of '{name}' ({v} {op} {c} "
+                f"takes the same value for different {v}): the value left depends on the order Taichi runs "
+                "them in, and the derivative would credit an iteration whose value was overwritten",
+                s.src, "accumulate (+=) if the values should add up, store from one iteration of each group "
+                       f"(`if {v} {'%' if op == '//' else '//'} {c} == 0:`-like), or make the loop serial "
+                       "(ti.loop_config(serialize=True)) if the last one is meant")
+
+
+def _folded_loop_var(store, loop):
+    """(v, '//' or '%', c) when the store's index reaches the loop variable v only through one
+    dimension `(v + k) // c` or `(v + k) % c` with c a constant and more than c trips of v (so two
+    trips certainly store into one element: `z[i // 2] = x[i]`), where the store writes a float
+    field a value that is not a constant; else None. Certain cases only: v in another dimension
+    too (`z[i // 2, i % 2]`) may make the index one-to-one again."""
+    if not store.ref.dtype.startswith("f") or isinstance(store.value, N.Const):
+        return None
+    for v, (lo, hi) in zip(loop.vars, loop.bounds):
+        dims = [e for e in store.index if v in {x.name for x in vars_in(e)}]
+        if len(dims) != 1 or not (isinstance(lo, N.Const) and isinstance(hi, N.Const)):
+            continue
+        e = dims[0]
+        if not (isinstance(e, N.Call) and e.op in ("floordiv", "mod") and isinstance(e.args[1], N.Const)):
+            continue
+        c = e.args[1].value
+        if isinstance(c, int) and c >= (2 if e.op == "floordiv" else 1) and _shift(e.args[0], v) is not None \
+                and hi.value - lo.value > c:
+            return v, "//" if e.op == "floordiv" else "%", c
+    return None
 
 
 def _stores_every_iteration(body):
