@@ -802,3 +802,68 @@ def test_factories_name_args_for_a_kernel_with_parameters():
     np.testing.assert_allclose(grad[0], 1.5 * xv ** 2, rtol=1e-12)
     hv = kd.hvp(k, [x], out, args=(x, 0.5))([xv], tangents=[np.ones(N)])
     np.testing.assert_allclose(hv[0], 3.0 * xv, rtol=1e-12)
+
+
+def test_stores_several_iterations_may_reach_are_refused(runtime):
+    """A store whose index depends on none of the loop variable's values, reached under a
+    condition on the data, in an inner loop of run-time bounds, or at a local counted up in a
+    while loop: every iteration that gets there writes the same elements. Before session 35 each
+    of these returned a wrong gradient (the primal kept the last iteration's value, the reverse
+    credited the first). Still checked: a condition pinning the variable (`if i == N - 1`, also
+    inside an `and`), and a local index read from a permutation."""
+    x = ti.field(ti.f64, shape=N)
+    z = ti.field(ti.f64, shape=N)
+    m = ti.field(ti.i32, shape=())
+    perm = ti.field(ti.i32, shape=N)
+    x.from_numpy(np.linspace(0.2, 0.8, N))
+    m[None] = 3
+    perm.from_numpy(np.array([2, 0, 3, 1], dtype=np.int32))
+
+    @kd.kernel
+    def on_data():
+        for i in range(N):
+            if x[i] > 0.3:
+                z[0] = x[i] * x[i]
+
+    @kd.kernel
+    def inner_of_run_time_bounds():
+        for i in range(N):
+            for j in range(m[None]):
+                z[j] = x[i] * x[j]
+
+    @kd.kernel
+    def counted_in_a_while():
+        for i in range(N):
+            j = 0
+            while j < 2:
+                z[j] = x[i] * 2.0
+                j += 1
+
+    raises(on_data.reverse, "the iterations of this parallel loop that reach this store write the same elements "
+           "of 'z' (its index does not depend on i)", "if i == ...:", line_text="z[0] = x[i] * x[i]")
+    raises(inner_of_run_time_bounds.reverse, "(its index does not depend on i)", line_text="z[j] = x[i] * x[j]")
+    raises(counted_in_a_while.reverse, "(its index does not depend on i)", line_text="z[j] = x[i] * 2.0")
+
+    @kd.kernel
+    def pinned():
+        for i in range(N):
+            if x[i] > 0.1 and i == N - 1:
+                z[0] = x[i] * x[i]
+
+    @kd.kernel
+    def pinned_inner():
+        for i in range(N):
+            if i == 2:
+                for j in range(m[None]):
+                    z[j] = x[i] * x[j]
+
+    @kd.kernel
+    def permuted():
+        for i in range(N):
+            k = perm[i]
+            z[k] = ti.sin(x[i])
+
+    for k in (pinned, pinned_inner, permuted):
+        z.fill(0)
+        k()
+        check(k, "reverse")

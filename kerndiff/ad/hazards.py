@@ -113,6 +113,7 @@ def check_iteration_races(ir: N.KernelIR):
                     s.src, "put ti.loop_config(serialize=True) before the loop if the order is meant, or "
                            "write the result to a new field (out[i + 1] = ...)")
         _check_shared_stores(loop)
+        _check_stores_reached_by_several(loop)
 
 
 def _check_shared_stores(loop):
@@ -149,6 +150,95 @@ def _check_shared_stores(loop):
                 s.src, "accumulate (+=) if the values should add up, store from one iteration of each group "
                        f"(`if {v} {'%' if op == '//' else '//'} {c} == 0:`-like), or make the loop serial "
                        "(ti.loop_config(serialize=True)) if the last one is meant")
+
+
+def _check_stores_reached_by_several(loop):
+    """Refuse a store into a float field whose index depends on none of a parallel loop's
+    variable's values, where no enclosing `if` pins that variable to one value: under a condition
+    on the data (`if x[i] > 2.0: z[0] = x[i] ** 2`), in an inner loop of run-time bounds (`for j
+    in range(m[None]): z[j] = x[i] * x[j]`) or at a local index counted up in a while loop, every
+    iteration that gets there stores into the same elements, the one Taichi runs last wins, and
+    the reverse credited an iteration by its own order (wrong gradients before session 35).
+    `_check_shared_stores` refuses the stores every iteration reaches; this the rest. Whether
+    one iteration alone gets there (the data allowing it) no static check can tell, so the
+    remedy is to say so: `if i == k:`. A local index counts as depending on the loop variables
+    its definitions read, field loads' indices included (`k = perm[i]; z[k] = ...` is a
+    permutation's store, which README.md documents)."""
+    depends = _loop_var_dependence(loop)
+    for store, conds in _stores_with_conditions(loop.body, ()):
+        if not store.ref.dtype.startswith("f") or isinstance(store.value, N.Const):
+            continue
+        reached = set()
+        for e in store.index:
+            for x in vars_in(e):
+                reached |= depends.get(x.name, {x.name})
+        pinned = set().union(*(_pinned_by(c) for c in conds))
+        missing = [v for v, (lo, hi) in zip(loop.vars, loop.bounds) if v not in reached and v not in pinned
+                   and not (isinstance(lo, N.Const) and isinstance(hi, N.Const) and hi.value - lo.value <= 1)]
+        if missing:
+            name = REGISTRY.name_of(store.ref.field)
+            v = missing[0]
+            raise KernDiffError(
+                f"the iterations of this parallel loop that reach this store write the same elements of "
+                f"'{name}' (its index does not depend on {v}): if more than one gets there, the value left "
+                "depends on the order Taichi runs them in, and the derivative would credit an iteration "
+                "whose value was overwritten",
+                store.src, f"store under `if {v} == ...:` where one iteration is meant, accumulate (+=) if the "
+                           f"values should add up, ti.atomic_max/min for the largest or smallest, or make the "
+                           f"loop over {v} serial (ti.loop_config(serialize=True)) if the last one is meant")
+
+
+def _stores_with_conditions(stmts, conds):
+    """(store, conditions of the `if`s around it, negated for `else`) for the stores in stmts."""
+    for s in stmts:
+        if isinstance(s, N.Store):
+            yield s, conds
+        elif isinstance(s, N.If):
+            yield from _stores_with_conditions(s.then, conds + (s.cond,))
+            yield from _stores_with_conditions(s.orelse, conds + (N.Call(dtype="i32", op="not", args=(s.cond,)),))
+        else:
+            for b in blocks_of(s):
+                yield from _stores_with_conditions(b, conds)
+
+
+def _pinned_by(cond):
+    """The variables cond holds to one value: `v == e` with e free of v, or either side of an `and`."""
+    if isinstance(cond, N.Call) and cond.op == "and":
+        return _pinned_by(cond.args[0]) | _pinned_by(cond.args[1])
+    if isinstance(cond, N.Call) and cond.op == "eq":
+        a, b = cond.args
+        out = set()
+        for x, other in ((a, b), (b, a)):
+            if isinstance(x, N.Var) and x.name not in {y.name for y in vars_in(other)}:
+                out.add(x.name)
+        return out
+    return set()
+
+
+def _loop_var_dependence(loop):
+    """{local: the loop's variables its values derive from} for the locals and inner loop
+    variables of loop's body (through any assignment, a field load's index included, and an
+    inner loop's bounds), to a fixed point."""
+    own = set(loop.vars)
+    defs = []
+    for s in iter_stmts(loop.body):
+        if isinstance(s, N.Assign):
+            defs.append((s.name, [x.name for x in vars_in(s.value)]))
+        elif isinstance(s, N.For):
+            reads = [x.name for lo, hi in s.bounds for e in (lo, hi) for x in vars_in(e)]
+            defs.extend((v, reads) for v in s.vars)
+    depends = {v: {v} for v in own}
+    changed = True
+    while changed:
+        changed = False
+        for name, reads in defs:
+            got = depends.setdefault(name, set())
+            for r in reads:
+                extra = depends.get(r, set()) - got
+                if extra:
+                    got |= extra
+                    changed = True
+    return depends
 
 
 def _folded_loop_var(store, loop):
