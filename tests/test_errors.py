@@ -867,3 +867,50 @@ def test_stores_several_iterations_may_reach_are_refused(runtime):
         z.fill(0)
         k()
         check(k, "reverse")
+
+
+def test_a_mirrored_access_to_what_the_loop_stores_is_refused(runtime):
+    """`z[i] = ...` beside `... z[N - 1 - i]` in one parallel loop: iteration N - 1 - i reads (or
+    writes) what iteration i writes, so the primal depends on the order Taichi runs them in;
+    before session 35 the reverse returned a gradient matching no order (the race check knew
+    shifts only). Still checked: the same reads in a second loop, and a mirror whose halves
+    never meet (`z[i]` for i < 3 beside `z[5 - i]`)."""
+    x = ti.field(ti.f64, shape=6)
+    y = ti.field(ti.f64, shape=6)
+    z = ti.field(ti.f64, shape=6)
+    x.from_numpy(np.linspace(0.2, 0.8, 6))
+
+    @kd.kernel
+    def read_mirrored():
+        for i in range(6):
+            z[i] = x[i] * x[i]
+            y[i] = z[5 - i] * 2.0
+
+    @kd.kernel
+    def stored_mirrored():
+        for i in range(6):
+            z[i] = x[i] * x[i]
+            z[5 - i] = ti.sin(x[i])
+
+    raises(read_mirrored.reverse, "iterations of this parallel loop store into elements of z that other "
+           "iterations read", "serialize=True", line_text="z[i] = x[i] * x[i]")
+    raises(stored_mirrored.reverse, "that other iterations write", line_text="z[i] = x[i] * x[i]")
+
+    @kd.kernel
+    def two_loops():
+        for i in range(6):
+            z[i] = x[i] * x[i]
+        for i in range(6):
+            y[i] = z[5 - i] * 2.0
+
+    @kd.kernel
+    def halves_apart():
+        for i in range(3):
+            z[i] = x[i] * x[i]
+            y[i] = z[5 - i] * x[i]
+
+    for k in (two_loops, halves_apart):
+        z.fill(0.5)
+        y.fill(0)
+        k()
+        check(k, "reverse")

@@ -83,6 +83,34 @@ def _racing_dimension(index_a, index_b, loop_vars):
     return None
 
 
+def _mirrored(index_a, index_b, loop, params, defs):
+    """Whether two accesses certainly meet across iterations by reflection: in one dimension one
+    is at `v + a` and the other at `c - v` (integer constants; `z[i]` written, `z[n - 1 - i]`
+    read), every other dimension the same expression of no loop variable, and the loop's
+    constant range holding two iterations v != v' with v + a == c - v'. Iteration v' then reads
+    (or writes) what iteration v writes: the primal depends on their order."""
+    loop_vars = set(loop.vars)
+    for d, (a, b) in enumerate(zip(index_a, index_b)):
+        others = [(x, y) for k, (x, y) in enumerate(zip(index_a, index_b)) if k != d]
+        if any(x != y or {v.name for v in vars_in(x)} & loop_vars for x, y in others):
+            continue
+        for v, (lo, hi) in zip(loop.vars, loop.bounds):
+            if not (isinstance(lo, N.Const) and isinstance(hi, N.Const)):
+                continue
+            fa, fb = _affine(a, params | {v}, defs), _affine(b, params | {v}, defs)
+            if fa is None or fb is None or set(fa[0]) != {v} or set(fb[0]) != {v}:
+                continue
+            if not (isinstance(fa[1], int) and isinstance(fb[1], int)) or fa[0][v] != -fb[0][v] \
+                    or abs(fa[0][v]) != 1:
+                continue
+            # alpha v + ca == -alpha v' + cb  <=>  v' == k - v
+            k = (fb[1] - fa[1]) if fa[0][v] == 1 else (fa[1] - fb[1])
+            first, last = max(lo.value, k - hi.value + 1), min(hi.value - 1, k - lo.value)
+            if last > first or (last == first and 2 * first != k):
+                return True
+    return False
+
+
 def check_iteration_races(ir: N.KernelIR):
     """Refuse a parallel loop whose iterations store into an element another iteration reads or
     writes (`z[i + 1] = ...` beside `z[i] += ...`): the primal's result depends on the order in
@@ -102,7 +130,8 @@ def check_iteration_races(ir: N.KernelIR):
             for _, other_kind, g, other, _, other_index, _ in accesses:
                 if g is not f or other_index is index or disjoint(index, other_index, params, defs):
                     continue
-                if _racing_dimension(index, other_index, loop.vars) is None:
+                if _racing_dimension(index, other_index, loop.vars) is None and \
+                        not _mirrored(index, other_index, loop, params, defs):
                     continue
                 name = REGISTRY.name_of(f)
                 other_text = f"'{other.src.text.strip()}'" if other.src else f"another access to {name}"
