@@ -83,6 +83,46 @@ def _racing_dimension(index_a, index_b, loop_vars):
     return None
 
 
+def _check_reads_of_other_iterations(loop, accesses, params, defs):
+    """Refuse a read, after a store into the same field in one parallel loop, of an element
+    another iteration may store: `z[i] = ...` then `z[perm[i]]`, `z[(i + 1) % n]`, `z[ti.min(i + 1,
+    n - 1)]` or `z[0]`. Whether the read sees the stored value or the old one depends on the
+    order Taichi runs the iterations in (the primal mixed both), and the reverse reads the
+    stored one (before session 35 such kernels returned gradients matching no order). Allowed:
+    the read of an element only its own iteration stores (every loop variable taking more than
+    one value appears in one dimension of both indices as the same shift: `z[i]` and `z[i]`, or
+    `z[i, j]` and `z[i, j]`) and accesses that never meet (`disjoint`). A read before the store
+    is check_overwrites' case."""
+    memo = {}
+    for pos, kind, f, s, _, index, loops in accesses:
+        if kind != "store":
+            continue
+        for other_pos, other_kind, g, other, _, other_index, other_loops in accesses:
+            if other_kind != "read" or g is not f or other_pos < pos or _own_element(index, other_index, loop):
+                continue
+            if disjoint(index, other_index, params, defs, header_ranges((loop,) + loops, memo),
+                        header_ranges((loop,) + other_loops, memo)):
+                continue
+            name = REGISTRY.name_of(f)
+            raise KernDiffError(
+                f"this parallel loop reads elements of {name} that other iterations may store (after "
+                f"'{s.src.text.strip() if s.src else name}'): whether a read sees the stored value or the old "
+                "one depends on the order Taichi runs the iterations in, and so would its derivative",
+                other.src, "store in one loop and read in a later top-level loop (Taichi finishes a loop "
+                           "before the next starts), or read the element the iteration itself stores")
+
+
+def _own_element(index_a, index_b, loop):
+    """Whether every loop variable that takes more than one value is, in some dimension, the
+    same shift in both indices: two different iterations then never reach one element."""
+    for v, (lo, hi) in zip(loop.vars, loop.bounds):
+        if isinstance(lo, N.Const) and isinstance(hi, N.Const) and hi.value - lo.value <= 1:
+            continue
+        if not any(_shift(a, v) is not None and _shift(a, v) == _shift(b, v) for a, b in zip(index_a, index_b)):
+            return False
+    return True
+
+
 def _mirrored(index_a, index_b, loop, params, defs):
     """Whether two accesses certainly meet across iterations by reflection: in one dimension one
     is at `v + a` and the other at `c - v` (integer constants; `z[i]` written, `z[n - 1 - i]`
@@ -123,12 +163,14 @@ def check_iteration_races(ir: N.KernelIR):
             continue
         if any(v in assigned_names(loop.body) for v in loop.vars):
             continue
-        accesses = field_events(loop.body)
-        for _, kind, f, s, _, index, _ in accesses:
+        accesses, memo = field_events(loop.body), {}
+        for _, kind, f, s, _, index, loops in accesses:
             if kind != "store":
                 continue
-            for _, other_kind, g, other, _, other_index, _ in accesses:
-                if g is not f or other_index is index or disjoint(index, other_index, params, defs):
+            for _, other_kind, g, other, _, other_index, other_loops in accesses:
+                if g is not f or other_index is index or disjoint(
+                        index, other_index, params, defs, header_ranges((loop,) + loops, memo),
+                        header_ranges((loop,) + other_loops, memo)):
                     continue
                 if _racing_dimension(index, other_index, loop.vars) is None and \
                         not _mirrored(index, other_index, loop, params, defs):
@@ -141,6 +183,7 @@ def check_iteration_races(ir: N.KernelIR):
                     "depends on the order Taichi runs them in, and so would its derivative",
                     s.src, "put ti.loop_config(serialize=True) before the loop if the order is meant, or "
                            "write the result to a new field (out[i + 1] = ...)")
+        _check_reads_of_other_iterations(loop, accesses, params, defs)
         _check_shared_stores(loop)
         _check_stores_reached_by_several(loop)
 
