@@ -1,5 +1,7 @@
 """Turn generated source into a Taichi kernel: register it in linecache (Taichi and tracebacks
-read kernels' source through inspect), exec it with the fields as globals, decorate with ti.kernel."""
+read kernels' source through inspect), exec it with the fields as globals, decorate with ti.kernel,
+and compile it again without Taichi's cfg_optimization pass where Taichi's IR verifier refuses it
+(with_verifier_fallback)."""
 from __future__ import annotations
 
 import functools
