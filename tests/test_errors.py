@@ -979,3 +979,59 @@ def test_a_read_of_what_other_iterations_store_is_refused(runtime):
         y.fill(0)
         k()
         check(k, "reverse")
+
+
+def test_stores_different_iterations_share_are_refused(runtime):
+    """Found by tests/test_fuzz_races.py (session 35), each a wrong gradient before: a store
+    beside an add into an element another iteration stores (`z[(i + 1) % 6] += ...` then `z[i] =
+    ...`), a store whose index different iterations share through an inner loop (`z[(i + j) %
+    6]` for j in range(2), `z[2 * i + j]` for j in range(3)), decided by evaluating the index over
+    the loops' constant ranges, and a folded index after a `continue` on the data. Still
+    checked: `z[2 * i + j]` for j in range(2), whose iterations own their pairs."""
+    x = ti.field(ti.f64, shape=6)
+    z = ti.field(ti.f64, shape=16)
+    x.from_numpy(np.linspace(0.2, 0.7, 6))
+
+    @kd.kernel
+    def add_beside_store():
+        for i in range(6):
+            z[(i + 1) % 6] += x[i] * 2.0
+            z[i] = ti.sin(x[i])
+
+    @kd.kernel
+    def wrapped_pairs():
+        for i in range(6):
+            for j in range(2):
+                z[(i + j) % 6] = x[i] * x[j]
+
+    @kd.kernel
+    def overlapping_triples():
+        for i in range(5):
+            for j in range(3):
+                z[2 * i + j] = x[i] * float(j + 1)
+
+    @kd.kernel
+    def folded_after_continue():
+        for i in range(6):
+            if x[i] < 0.35:
+                continue
+            z[i // 2] = ti.sin(x[i])
+
+    raises(add_beside_store.reverse, "store into elements of z that other iterations may also add into",
+           "separate top-level loops", line_text="z[i] = ti.sin(x[i])")
+    raises(wrapped_pairs.reverse, "different iterations of this parallel loop store into the same elements of 'z'",
+           line_text="z[(i + j) % 6] = x[i] * x[j]")
+    raises(overlapping_triples.reverse, "(different i reach one element of this index)",
+           line_text="z[2 * i + j] = x[i] * float(j + 1)")
+    raises(folded_after_continue.reverse, "several iterations of this parallel loop store into one element",
+           line_text="z[i // 2] = ti.sin(x[i])")
+
+    @kd.kernel
+    def owned_pairs():
+        for i in range(6):
+            for j in range(2):
+                z[2 * i + j] = x[i] * float(j + 1)
+
+    z.fill(0)
+    owned_pairs()
+    check(owned_pairs, "reverse")

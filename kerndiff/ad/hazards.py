@@ -84,8 +84,9 @@ def _racing_dimension(index_a, index_b, loop_vars):
 
 
 def _check_reads_of_other_iterations(loop, accesses, params, defs):
-    """Refuse a read, after a store into the same field in one parallel loop, of an element
-    another iteration may store: `z[i] = ...` then `z[perm[i]]`, `z[(i + 1) % n]`, `z[ti.min(i + 1,
+    """Refuse a store into an element that another iteration of the same parallel loop may also
+    store into or add into (`z[i] = ...` beside `z[(i + 1) % n] += ...`), and a read, after a
+    store into the same field, of an element another iteration may store: `z[i] = ...` then `z[perm[i]]`, `z[(i + 1) % n]`, `z[ti.min(i + 1,
     n - 1)]` or `z[0]`. Whether the read sees the stored value or the old one depends on the
     order Taichi runs the iterations in (the primal mixed both), and the reverse reads the
     stored one (before session 35 such kernels returned gradients matching no order). Allowed:
@@ -98,12 +99,21 @@ def _check_reads_of_other_iterations(loop, accesses, params, defs):
         if kind != "store":
             continue
         for other_pos, other_kind, g, other, _, other_index, other_loops in accesses:
-            if other_kind != "read" or g is not f or other_pos < pos or _own_element(index, other_index, loop):
+            if g is not f or other is s or (other_kind == "read" and other_pos < pos) or \
+                    _own_element(index, other_index, loop):
                 continue
             if disjoint(index, other_index, params, defs, header_ranges((loop,) + loops, memo),
                         header_ranges((loop,) + other_loops, memo)):
                 continue
             name = REGISTRY.name_of(f)
+            if other_kind != "read":
+                raise KernDiffError(
+                    f"iterations of this parallel loop store into elements of {name} that other iterations "
+                    f"may also {'add into' if other_kind == 'atomic' else 'store into'} "
+                    f"('{other.src.text.strip() if other.src else name}'): which comes last depends on the "
+                    "order Taichi runs them in, and so would the result and its derivative",
+                    s.src, "store and add in separate top-level loops (Taichi finishes a loop before the next "
+                           "starts), or write each element from its own iteration only")
             raise KernDiffError(
                 f"this parallel loop reads elements of {name} that other iterations may store (after "
                 f"'{s.src.text.strip() if s.src else name}'): whether a read sees the stored value or the old "
@@ -211,17 +221,6 @@ def _check_shared_stores(loop):
                 "would its derivative",
                 s.src, f"store from one iteration (`if {missing[0]} == 0:`), accumulate (+=) if the values should "
                        f"add up, or make the loop over {missing[0]} an inner loop")
-        folded = _folded_loop_var(s, loop)
-        if folded:
-            name = REGISTRY.name_of(s.ref.field)
-            v, op, c = folded
-            raise KernDiffError(
-                f"several iterations of this parallel loop store into one element of '{name}' ({v} {op} {c} "
-                f"takes the same value for different {v}): the value left depends on the order Taichi runs "
-                "them in, and the derivative would credit an iteration whose value was overwritten",
-                s.src, "accumulate (+=) if the values should add up, store from one iteration of each group "
-                       f"(`if {v} {'%' if op == '//' else '//'} {c} == 0:`-like), or make the loop serial "
-                       "(ti.loop_config(serialize=True)) if the last one is meant")
 
 
 def _check_stores_reached_by_several(loop):
@@ -237,9 +236,31 @@ def _check_stores_reached_by_several(loop):
     its definitions read, field loads' indices included (`k = perm[i]; z[k] = ...` is a
     permutation's store, which README.md documents)."""
     depends = _loop_var_dependence(loop)
-    for store, conds in _stores_with_conditions(loop.body, ()):
+    for store, conds, inner_loops in _stores_with_conditions(loop.body, ()):
         if not store.ref.dtype.startswith("f") or isinstance(store.value, N.Const):
             continue
+        folded = _folded_loop_var(store, loop)
+        if folded and not any(_names_outside_loads(c, folded[0]) for c in conds):
+            name = REGISTRY.name_of(store.ref.field)
+            v, op, c = folded
+            raise KernDiffError(
+                f"several iterations of this parallel loop store into one element of '{name}' ({v} {op} {c} "
+                f"takes the same value for different {v}): the value left depends on the order Taichi runs "
+                "them in, and the derivative would credit an iteration whose value was overwritten",
+                store.src, "accumulate (+=) if the values should add up, store from one iteration of each "
+                           f"group (`if {v} {'%' if op == '//' else '//'} {c} == 0:`-like), or make the loop "
+                           "serial (ti.loop_config(serialize=True)) if the last one is meant")
+        shared = _shared_by_iterations(store, loop, inner_loops)
+        if shared and not any(_names_outside_loads(c, shared) for c in conds) and shared not in \
+                set().union(*(_pinned_by(c) for c in conds)):
+            name = REGISTRY.name_of(store.ref.field)
+            raise KernDiffError(
+                f"different iterations of this parallel loop store into the same elements of '{name}' "
+                f"(different {shared} reach one element of this index): the value left depends on the order "
+                "Taichi runs them in, and the derivative would credit an iteration whose value was overwritten",
+                store.src, "accumulate (+=) if the values should add up, or store in a loop whose iterations "
+                           "each own their elements, or make the loop serial (ti.loop_config(serialize=True)) "
+                           "if the last one is meant")
         reached = set()
         for e in store.index:
             for x in vars_in(e):
@@ -260,23 +281,97 @@ def _check_stores_reached_by_several(loop):
                            f"loop over {v} serial (ti.loop_config(serialize=True)) if the last one is meant")
 
 
-def _stores_with_conditions(stmts, conds):
-    """(store, conditions of the `if`s around it, negated for `else`) for the stores in stmts."""
+def _stores_with_conditions(stmts, conds, loops=()):
+    """(store, conditions of the `if`s around it, negated for `else`, the inner loops around it)
+    for the stores in stmts; a statement after `if c: continue` (or break, return) holds `not c`."""
     for s in stmts:
         if isinstance(s, N.Store):
-            yield s, conds
+            yield s, conds, loops
         elif isinstance(s, N.If):
-            yield from _stores_with_conditions(s.then, conds + (s.cond,))
-            yield from _stores_with_conditions(s.orelse, conds + (N.Call(dtype="i32", op="not", args=(s.cond,)),))
+            negated = N.Call(dtype="i32", op="not", args=(s.cond,))
+            yield from _stores_with_conditions(s.then, conds + (s.cond,), loops)
+            yield from _stores_with_conditions(s.orelse, conds + (negated,), loops)
+            leaves = (N.Continue, N.Break, N.Return)
+            if any(isinstance(t, leaves) for t in s.then):
+                conds = conds + (negated,)
+            elif any(isinstance(t, leaves) for t in s.orelse):
+                conds = conds + (s.cond,)
         else:
             for b in blocks_of(s):
-                yield from _stores_with_conditions(b, conds)
+                yield from _stores_with_conditions(b, conds, loops + (s,))
+
+
+def _shared_by_iterations(store, loop, inner_loops, limit=1 << 16):
+    """A loop variable v two different iterations of which certainly store into one element at
+    `store` if both get there (`z[(i + j) % 6]` for j in range(2), `z[i // 2]`), found by
+    evaluating the index over every combination of the loops' constant ranges; None when none
+    do, or when the index reads anything but those loops' variables and constants (a field
+    load, a local: not decided here)."""
+    loops = (loop,) + tuple(inner_loops)
+    ranges = {}
+    for lp in loops:
+        if not isinstance(lp, N.For):
+            return None
+        reassigned = assigned_names(lp.body)
+        for v, (lo, hi) in zip(lp.vars, lp.bounds):
+            if not (isinstance(lo, N.Const) and isinstance(hi, N.Const)) or v in reassigned:
+                return None
+            ranges[v] = range(lo.value, hi.value)
+    names = {x.name for e in store.index for x in vars_in(e)}
+    if not names <= set(ranges) or any(isinstance(x, N.Load) for e in store.index for x in iter_expr(e)):
+        return None
+    order = sorted(names)
+    if not names & set(loop.vars):
+        return None  # (_check_stores_reached_by_several's case)
+    total = 1
+    for v in order:
+        total *= len(ranges[v])
+    if total > limit:
+        return None
+    from itertools import product
+    from ..ir.ops import fold
+
+    def value(e, env):
+        if isinstance(e, N.Const):
+            return e.value
+        if isinstance(e, N.Var):
+            return env[e.name]
+        if isinstance(e, N.Call):
+            args = [value(a, env) for a in e.args]
+            if any(a is None for a in args):
+                return None
+            return fold(e.op, args, e.dtype)
+        return None
+
+    first = {}
+    for combo in product(*(ranges[v] for v in order)):
+        env = dict(zip(order, combo))
+        element = tuple(value(e, env) for e in store.index)
+        if any(x is None for x in element):
+            return None
+        iteration = tuple(env.get(v) for v in loop.vars)
+        seen = first.setdefault(element, iteration)
+        if seen != iteration:
+            return next(v for v, a, b in zip(loop.vars, seen, iteration) if a != b)
+    return None
+
+
+def _names_outside_loads(e, v):
+    """Whether e reads the local v other than in a field load's index (`i % 2 == 0`, not `x[i] >
+    0.5`): a condition on the variable itself may make a folded index one-to-one again."""
+    if isinstance(e, N.Var):
+        return e.name == v
+    if isinstance(e, N.Call):
+        return any(_names_outside_loads(a, v) for a in e.args)
+    return False
 
 
 def _pinned_by(cond):
     """The variables cond holds to one value: `v == e` with e free of v, or either side of an `and`."""
     if isinstance(cond, N.Call) and cond.op == "and":
         return _pinned_by(cond.args[0]) | _pinned_by(cond.args[1])
+    if isinstance(cond, N.Call) and cond.op == "not" and isinstance(cond.args[0], N.Call) and cond.args[0].op == "ne":
+        return _pinned_by(N.Call(dtype=cond.dtype, op="eq", args=cond.args[0].args))
     if isinstance(cond, N.Call) and cond.op == "eq":
         a, b = cond.args
         out = set()
