@@ -301,12 +301,15 @@ def _stores_with_conditions(stmts, conds, loops=()):
                 yield from _stores_with_conditions(b, conds, loops + (s,))
 
 
-def _shared_by_iterations(store, loop, inner_loops, limit=1 << 16):
+def _shared_by_iterations(store, loop, inner_loops, limit=4096):
     """A loop variable v two different iterations of which certainly store into one element at
     `store` if both get there (`z[(i + j) % 6]` for j in range(2), `z[i // 2]`), found by
     evaluating the index over every combination of the loops' constant ranges; None when none
     do, or when the index reads anything but those loops' variables and constants (a field
-    load, a local: not decided here)."""
+    load, a local: not decided here), or has more than `limit` combinations to evaluate (a
+    transform-time bound: about 10 ms)."""
+    if _own_element(store.index, store.index, loop):
+        return None  # (each variable a shift in a dimension of its own: nothing to evaluate)
     loops = (loop,) + tuple(inner_loops)
     ranges = {}
     for lp in loops:
