@@ -985,8 +985,9 @@ def test_stores_different_iterations_share_are_refused(runtime):
     """Found by tests/test_fuzz_races.py (session 35), each a wrong gradient before: a store
     beside an add into an element another iteration stores (`z[(i + 1) % 6] += ...` then `z[i] =
     ...`), a store whose index different iterations share through an inner loop (`z[(i + j) %
-    6]` for j in range(2), `z[2 * i + j]` for j in range(3)), decided by evaluating the index over
-    the loops' constant ranges, and a folded index after a `continue` on the data. Still
+    6]` for j in range(2) or range(m[None]), `z[2 * i + j]` for j in range(3)), decided by
+    evaluating the index over the loops' constant ranges (a run-time bound as two trips), and a
+    folded index after a `continue` on the data. Still
     checked: `z[2 * i + j]` for j in range(2), whose iterations own their pairs."""
     x = ti.field(ti.f64, shape=6)
     z = ti.field(ti.f64, shape=16)
@@ -1002,6 +1003,15 @@ def test_stores_different_iterations_share_are_refused(runtime):
     def wrapped_pairs():
         for i in range(6):
             for j in range(2):
+                z[(i + j) % 6] = x[i] * x[j]
+
+    m = ti.field(ti.i32, shape=())
+    m[None] = 2
+
+    @kd.kernel
+    def wrapped_pairs_run_time():
+        for i in range(6):
+            for j in range(m[None]):
                 z[(i + j) % 6] = x[i] * x[j]
 
     @kd.kernel
@@ -1020,6 +1030,8 @@ def test_stores_different_iterations_share_are_refused(runtime):
     raises(add_beside_store.reverse, "store into elements of z that other iterations may also add into",
            "separate top-level loops", line_text="z[i] = ti.sin(x[i])")
     raises(wrapped_pairs.reverse, "different iterations of this parallel loop store into the same elements of 'z'",
+           line_text="z[(i + j) % 6] = x[i] * x[j]")
+    raises(wrapped_pairs_run_time.reverse, "(different i reach one element of this index)",
            line_text="z[(i + j) % 6] = x[i] * x[j]")
     raises(overlapping_triples.reverse, "(different i reach one element of this index)",
            line_text="z[2 * i + j] = x[i] * float(j + 1)")

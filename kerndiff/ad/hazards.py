@@ -304,7 +304,9 @@ def _stores_with_conditions(stmts, conds, loops=()):
 def _shared_by_iterations(store, loop, inner_loops, limit=4096):
     """A loop variable v two different iterations of which certainly store into one element at
     `store` if both get there (`z[(i + j) % 6]` for j in range(2), `z[i // 2]`), found by
-    evaluating the index over every combination of the loops' constant ranges; None when none
+    evaluating the index over every combination of the loops' constant ranges (an inner loop of
+    run-time bounds taken as two trips: `for j in range(m[None]): z[(i + j) % 6]` shares
+    elements whenever it runs twice); None when none
     do, or when the index reads anything but those loops' variables and constants (a field
     load, a local: not decided here), or has more than `limit` combinations to evaluate (a
     transform-time bound: about 10 ms)."""
@@ -317,9 +319,10 @@ def _shared_by_iterations(store, loop, inner_loops, limit=4096):
             return None
         reassigned = assigned_names(lp.body)
         for v, (lo, hi) in zip(lp.vars, lp.bounds):
-            if not (isinstance(lo, N.Const) and isinstance(hi, N.Const)) or v in reassigned:
+            if not isinstance(lo, N.Const) or v in reassigned or (lp is loop and not isinstance(hi, N.Const)):
                 return None
-            ranges[v] = range(lo.value, hi.value)
+            # an inner loop of run-time bounds: two trips (should it run them, iterations share)
+            ranges[v] = range(lo.value, hi.value if isinstance(hi, N.Const) else lo.value + 2)
     names = {x.name for e in store.index for x in vars_in(e)}
     if not names <= set(ranges) or any(isinstance(x, N.Load) for e in store.index for x in iter_expr(e)):
         return None
