@@ -987,8 +987,8 @@ def test_stores_different_iterations_share_are_refused(runtime):
     ...`), a store whose index different iterations share through an inner loop (`z[(i + j) %
     6]` for j in range(2) or range(m[None]), `z[2 * i + j]` for j in range(3)), decided by
     evaluating the index over the loops' constant ranges (a run-time bound as two trips), and a
-    folded index after a `continue` on the data. Still
-    checked: `z[2 * i + j]` for j in range(2), whose iterations own their pairs."""
+    folded index after a `continue` on the data. Still checked: `z[2 * i + j]` for j in
+    range(2), whose iterations own their pairs."""
     x = ti.field(ti.f64, shape=6)
     z = ti.field(ti.f64, shape=16)
     x.from_numpy(np.linspace(0.2, 0.7, 6))
