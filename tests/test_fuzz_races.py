@@ -12,7 +12,7 @@ this module so that their neighbours are drawn too.
 Two kinds of index are not drawn. One read from an array with repeats: README.md documents that
 a store at such an index (`z[rep[i]] = ...`) is taken to come from one iteration, which no static
 check can confirm. And one mixing the loop variable with a local counted in a while loop (`j =
-0; while j < 2: z[(i + j) % 6] = ...`): ad.hazards decides a shared index by evaluating it over
+0; while j < 2: z[(i + j) % 6] = ...`): ad.races decides a shared index by evaluating it over
 the loops' constant ranges, and a while loop's counter has none (found by this module; the same
 index in `for j in range(2)` is refused). Profiles as in test_fuzz.py: short by default (derandomized under CI=true),
 KERNDIFF_FUZZ=long (KERNDIFF_FUZZ_N examples).

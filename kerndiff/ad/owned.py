@@ -30,7 +30,8 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_expr, \
     map_stmt_exprs, map_stmts, without_prints
-from .hazards import ConsumedCotangent, check_iteration_races, check_overwrites
+from .hazards import ConsumedCotangent, check_overwrites
+from .races import check_iteration_races
 from .names import NameAllocator
 
 
