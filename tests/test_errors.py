@@ -922,7 +922,8 @@ def test_a_read_of_what_other_iterations_store_is_refused(runtime):
     the order Taichi runs the iterations in (the primal mixed both: 2, 2, 2, 18, 2, 50 for a
     permutation), and before session 35 the reverse returned the gradient of reading stored
     values, matching no run. Still checked: elements only the iteration itself stores (a row
-    z2[i, :] built and read back), and reads the store never meets (`z[i + 3]` for i < 3)."""
+    z2[i, :] built and read back), reads the store never meets (`z[i + 3]` for i < 3), and a
+    permutation's element read back at the same index (`z[perm[i]]`)."""
     x = ti.field(ti.f64, shape=6)
     y = ti.field(ti.f64, shape=6)
     z = ti.field(ti.f64, shape=6)
@@ -973,7 +974,13 @@ def test_a_read_of_what_other_iterations_store_is_refused(runtime):
             z[i] = x[i] * x[i]
             y[i] = z[i + 3] * x[i]
 
-    for k in (own_row, never_met):
+    @kd.kernel
+    def permuted_read_back():
+        for i in range(6):
+            z[perm[i]] = ti.sin(x[i])
+            y[i] = z[perm[i]] * x[i]
+
+    for k in (own_row, never_met, permuted_read_back):
         z.fill(0.5)
         z2.fill(0)
         y.fill(0)
@@ -1047,3 +1054,23 @@ def test_stores_different_iterations_share_are_refused(runtime):
     z.fill(0)
     owned_pairs()
     check(owned_pairs, "reverse")
+
+
+def test_a_pinned_store_read_by_every_iteration_is_refused(runtime):
+    """`if i == 2: z[0] = ...` then `y[i] = z[0] * x[i]` in the same parallel loop: the other
+    iterations read z[0] before or after iteration 2 stores it, by Taichi's order. The same index
+    twice is an iteration's own element only where it reads the loop variable (`z[perm[i]]`)."""
+    x = ti.field(ti.f64, shape=6)
+    y = ti.field(ti.f64, shape=6)
+    z = ti.field(ti.f64, shape=6)
+    x.from_numpy(np.linspace(0.2, 0.7, 6))
+
+    @kd.kernel
+    def pinned_then_read():
+        for i in range(6):
+            if i == 2:
+                z[0] = ti.sin(x[i])
+            y[i] = z[0] * x[i]
+
+    raises(pinned_then_read.reverse, "this parallel loop reads elements of z that other iterations may store",
+           line_text="y[i] = z[0] * x[i]")

@@ -36,20 +36,23 @@ def _racing_dimension(index_a, index_b, loop_vars):
 def _check_reads_of_other_iterations(loop, accesses, params, defs):
     """Refuse a store into an element that another iteration of the same parallel loop may also
     store into or add into (`z[i] = ...` beside `z[(i + 1) % n] += ...`), and a read, after a
-    store into the same field, of an element another iteration may store: `z[i] = ...` then `z[perm[i]]`, `z[(i + 1) % n]`, `z[ti.min(i + 1,
-    n - 1)]` or `z[0]`. Whether the read sees the stored value or the old one depends on the
-    order Taichi runs the iterations in (the primal mixed both), and the reverse reads the
-    stored one (before session 35 such kernels returned gradients matching no order). Allowed:
-    the read of an element only its own iteration stores (every loop variable taking more than
-    one value appears in one dimension of both indices as the same shift: `z[i]` and `z[i]`, or
-    `z[i, j]` and `z[i, j]`) and accesses that never meet (`disjoint`). A read before the store
-    is check_overwrites' case."""
+    store into the same field, of an element another iteration may store: `z[i] = ...` then
+    `z[perm[i]]`, `z[(i + 1) % n]`, `z[ti.min(i + 1, n - 1)]` or `z[0]`. Whether the read sees
+    the stored value or the old one depends on the order Taichi runs the iterations in (the
+    primal mixed both), and the reverse reads the stored one (before session 35 such kernels
+    returned gradients matching no order). Allowed: an element only its own iteration reaches
+    (every loop variable taking more than one value appears in one dimension of both indices as
+    the same shift: `z[i]` and `z[i]`, or `z[i, j]` and `z[i, j]`), the same index twice where it
+    reads every loop variable (`z[perm[i]]` stored and read back: a permutation's own element),
+    and accesses that never meet (`disjoint`). A read before the
+    store is check_overwrites' case."""
     memo = {}
     for pos, kind, f, s, _, index, loops in accesses:
         if kind != "store":
             continue
         for other_pos, other_kind, g, other, _, other_index, other_loops in accesses:
             if g is not f or other is s or (other_kind == "read" and other_pos < pos) or \
+                    (index == other_index and _names_every_variable(index, loop)) or \
                     _own_element(index, other_index, loop):
                 continue
             if disjoint(index, other_index, params, defs, header_ranges((loop,) + loops, memo),
@@ -70,6 +73,15 @@ def _check_reads_of_other_iterations(loop, accesses, params, defs):
                 "one depends on the order Taichi runs the iterations in, and so would its derivative",
                 other.src, "store in one loop and read in a later top-level loop (Taichi finishes a loop "
                            "before the next starts), or read the element the iteration itself stores")
+
+
+def _names_every_variable(index, loop):
+    """Whether index reads every loop variable that takes more than one value (in a load's index
+    too: `z[perm[i]]`), so that the same index twice is one iteration's element where the index
+    is one-to-one (`z[0]` twice is every iteration's)."""
+    names = {x.name for e in index for x in vars_in(e)}
+    return all(v in names for v, (lo, hi) in zip(loop.vars, loop.bounds)
+               if not (isinstance(lo, N.Const) and isinstance(hi, N.Const) and hi.value - lo.value <= 1))
 
 
 def _own_element(index_a, index_b, loop):
@@ -113,10 +125,11 @@ def _mirrored(index_a, index_b, loop, params, defs):
 
 def check_iteration_races(ir: N.KernelIR):
     """Refuse a parallel loop whose iterations store into an element another iteration reads or
-    writes (`z[i + 1] = ...` beside `z[i] += ...`): the primal's result depends on the order in
-    which Taichi runs the iterations, so no derivative matches it, and the reverse pass would race
-    the same way on the adjoints. Only the certain case is refused: both indices shifts of the
-    loop's own variable by different constants. Two atomic adds commute and are not a race."""
+    writes: the primal's result depends on the order in which Taichi runs the iterations, so no
+    derivative matches it, and the reverse pass would race the same way on the adjoints. Here:
+    both indices shifts of the loop's own variable by different constants (`z[i + 1] = ...`
+    beside `z[i] += ...`) or mirrored (`z[i]` beside `z[c - i]`); then the checks below it.
+    Two atomic adds commute and are not a race."""
     params, defs = {p.name for p in ir.params}, launch_constants(ir)
     for top, loop in enumerate(ir.body):
         if not (isinstance(loop, N.For) and loop.parallel and not loop.serialize):
