@@ -213,9 +213,8 @@ def _check_stores_reached_by_several(loop):
                 store.src, "accumulate (+=) if the values should add up, store from one iteration of each "
                            f"group (`if {v} {'%' if op == '//' else '//'} {c} == 0:`-like), or make the loop "
                            "serial (ti.loop_config(serialize=True)) if the last one is meant")
-        shared = _shared_by_iterations(store, loop, inner_loops)
-        if shared and not any(_names_outside_loads(c, shared) for c in conds) and shared not in \
-                set().union(*(_pinned_by(c) for c in conds)):
+        shared = _shared_by_iterations(store, loop, inner_loops, conds)
+        if shared:
             name = REGISTRY.name_of(store.ref.field)
             raise KernDiffError(
                 f"different iterations of this parallel loop store into the same elements of '{name}' "
@@ -264,12 +263,13 @@ def _stores_with_conditions(stmts, conds, loops=()):
                 yield from _stores_with_conditions(b, conds, loops + (s,))
 
 
-def _shared_by_iterations(store, loop, inner_loops, limit=4096):
+def _shared_by_iterations(store, loop, inner_loops, conds=(), limit=4096):
     """A loop variable v two different iterations of which certainly store into one element at
     `store` if both get there (`z[(i + j) % 6]` for j in range(2), `z[i // 2]`), found by
     evaluating the index over every combination of the loops' constant ranges (an inner loop of
     run-time bounds taken as two trips: `for j in range(m[None]): z[(i + j) % 6]` shares
-    elements whenever it runs twice); None when none
+    elements whenever it runs twice), skipping the combinations a condition around the store on
+    those variables alone rules out (`if i % 2 == 0:`; a condition on data may hold); None when none
     do, or when the index reads anything but those loops' variables and constants (a field
     load, a local: not decided here), or has more than `limit` combinations to evaluate (a
     transform-time bound: about 10 ms)."""
@@ -292,17 +292,12 @@ def _shared_by_iterations(store, loop, inner_loops, limit=4096):
     order = sorted(names)
     if not names & set(loop.vars):
         return None  # (_check_stores_reached_by_several's case)
-    total = 1
-    for v in order:
-        total *= len(ranges[v])
-    if total > limit:
-        return None
 
     def value(e, env):
         if isinstance(e, N.Const):
             return e.value
         if isinstance(e, N.Var):
-            return env[e.name]
+            return env.get(e.name)
         if isinstance(e, N.Call):
             args = [value(a, env) for a in e.args]
             if any(a is None for a in args):
@@ -311,8 +306,18 @@ def _shared_by_iterations(store, loop, inner_loops, limit=4096):
         return None
 
     first = {}
+    cond_names = {x.name for c in conds for x in vars_in(c)}
+    order += sorted(v for v in cond_names & set(ranges) if v not in names)
+    total = 1
+    for v in order:
+        total *= len(ranges[v])
+    if total > limit:
+        return None
     for combo in product(*(ranges[v] for v in order)):
         env = dict(zip(order, combo))
+        # a condition on the loop variables alone is decided; one on data may hold
+        if any(value(c, env) == 0 for c in conds):
+            continue
         element = tuple(value(e, env) for e in store.index)
         if any(x is None for x in element):
             return None
