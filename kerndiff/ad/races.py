@@ -21,6 +21,11 @@ from ..runtime.registry import REGISTRY
 from .hazards import _affine, _shift, disjoint, field_events, header_ranges, launch_constants
 
 
+# Why a store that several iterations make is refused (the end of their refusals' reasons).
+OVERWRITTEN = ("the value left depends on the order Taichi runs them in, and the derivative would credit an "
+               "iteration whose value was overwritten")
+
+
 def _racing_dimension(index_a, index_b, loop_vars):
     """A dimension where one access is at `v + a` and the other at `v + b`, a != b, for a
     parallel loop variable v: iteration v touches the element that iteration v + a - b touches
@@ -75,21 +80,25 @@ def _check_reads_of_other_iterations(loop, accesses, params, defs):
                            "before the next starts), or read the element the iteration itself stores")
 
 
+def _varying(loop):
+    """The loop's variables that may take more than one value (constant bounds of at most one
+    trip fix theirs)."""
+    return [v for v, (lo, hi) in zip(loop.vars, loop.bounds)
+            if not (isinstance(lo, N.Const) and isinstance(hi, N.Const) and hi.value - lo.value <= 1)]
+
+
 def _names_every_variable(index, loop):
     """Whether index reads every loop variable that takes more than one value (in a load's index
     too: `z[perm[i]]`), so that the same index twice is one iteration's element where the index
     is one-to-one (`z[0]` twice is every iteration's)."""
     names = {x.name for e in index for x in vars_in(e)}
-    return all(v in names for v, (lo, hi) in zip(loop.vars, loop.bounds)
-               if not (isinstance(lo, N.Const) and isinstance(hi, N.Const) and hi.value - lo.value <= 1))
+    return all(v in names for v in _varying(loop))
 
 
 def _own_element(index_a, index_b, loop):
     """Whether every loop variable that takes more than one value is, in some dimension, the
     same shift in both indices: two different iterations then never reach one element."""
-    for v, (lo, hi) in zip(loop.vars, loop.bounds):
-        if isinstance(lo, N.Const) and isinstance(hi, N.Const) and hi.value - lo.value <= 1:
-            continue
+    for v in _varying(loop):
         if not any(_shift(a, v) is not None and _shift(a, v) == _shift(b, v) for a, b in zip(index_a, index_b)):
             return False
     return True
@@ -208,8 +217,7 @@ def _check_stores_reached_by_several(loop):
             v, op, c = folded
             raise KernDiffError(
                 f"several iterations of this parallel loop store into one element of '{name}' ({v} {op} {c} "
-                f"takes the same value for different {v}): the value left depends on the order Taichi runs "
-                "them in, and the derivative would credit an iteration whose value was overwritten",
+                f"takes the same value for different {v}): " + OVERWRITTEN,
                 store.src, "accumulate (+=) if the values should add up, store from one iteration of each "
                            f"group (`if {v} {'%' if op == '//' else '//'} {c} == 0:`-like), or make the loop "
                            "serial (ti.loop_config(serialize=True)) if the last one is meant")
@@ -218,8 +226,7 @@ def _check_stores_reached_by_several(loop):
             name = REGISTRY.name_of(store.ref.field)
             raise KernDiffError(
                 f"different iterations of this parallel loop store into the same elements of '{name}' "
-                f"(different {shared} reach one element of this index): the value left depends on the order "
-                "Taichi runs them in, and the derivative would credit an iteration whose value was overwritten",
+                f"(different {shared} reach one element of this index): " + OVERWRITTEN,
                 store.src, "accumulate (+=) if the values should add up, or store in a loop whose iterations "
                            "each own their elements, or make the loop serial (ti.loop_config(serialize=True)) "
                            "if the last one is meant")
@@ -228,16 +235,13 @@ def _check_stores_reached_by_several(loop):
             for x in vars_in(e):
                 reached |= depends.get(x.name, {x.name})
         pinned = set().union(*(_pinned_by(c) for c in conds))
-        missing = [v for v, (lo, hi) in zip(loop.vars, loop.bounds) if v not in reached and v not in pinned
-                   and not (isinstance(lo, N.Const) and isinstance(hi, N.Const) and hi.value - lo.value <= 1)]
+        missing = [v for v in _varying(loop) if v not in reached and v not in pinned]
         if missing:
             name = REGISTRY.name_of(store.ref.field)
             v = missing[0]
             raise KernDiffError(
                 f"the iterations of this parallel loop that reach this store write the same elements of "
-                f"'{name}' (its index does not depend on {v}): if more than one gets there, the value left "
-                "depends on the order Taichi runs them in, and the derivative would credit an iteration "
-                "whose value was overwritten",
+                f"'{name}' (its index does not depend on {v}): if more than one gets there, " + OVERWRITTEN,
                 store.src, f"store under `if {v} == ...:` where one iteration is meant, accumulate (+=) if the "
                            f"values should add up, ti.atomic_max/min for the largest or smallest, or make the "
                            f"loop over {v} serial (ti.loop_config(serialize=True)) if the last one is meant")
