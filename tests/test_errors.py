@@ -869,16 +869,20 @@ def test_stores_several_iterations_may_reach_are_refused(runtime):
         check(k, "reverse")
 
 
+def six_element_fields(top):
+    """x, y, z: three f64 fields of six elements for the race tests, x from 0.2 to `top`."""
+    x, y, z = (ti.field(ti.f64, shape=6) for _ in range(3))
+    x.from_numpy(np.linspace(0.2, top, 6))
+    return x, y, z
+
+
 def test_a_mirrored_access_to_what_the_loop_stores_is_refused(runtime):
     """`z[i] = ...` beside `... z[N - 1 - i]` in one parallel loop: iteration N - 1 - i reads (or
     writes) what iteration i writes, so the primal depends on the order Taichi runs them in;
     before session 35 the reverse returned a gradient matching no order (the race check knew
     shifts only). Still checked: the same reads in a second loop, and a mirror whose halves
     never meet (`z[i]` for i < 3 beside `z[5 - i]`)."""
-    x = ti.field(ti.f64, shape=6)
-    y = ti.field(ti.f64, shape=6)
-    z = ti.field(ti.f64, shape=6)
-    x.from_numpy(np.linspace(0.2, 0.8, 6))
+    x, y, z = six_element_fields(top=0.8)
 
     @kd.kernel
     def read_mirrored():
@@ -924,12 +928,9 @@ def test_a_read_of_what_other_iterations_store_is_refused(runtime):
     values, matching no run. Still checked: elements only the iteration itself stores (a row
     z2[i, :] built and read back), reads the store never meets (`z[i + 3]` for i < 3), and a
     permutation's element read back at the same index (`z[perm[i]]`)."""
-    x = ti.field(ti.f64, shape=6)
-    y = ti.field(ti.f64, shape=6)
-    z = ti.field(ti.f64, shape=6)
+    x, y, z = six_element_fields(top=0.8)
     z2 = ti.field(ti.f64, shape=(6, 3))
     perm = ti.field(ti.i32, shape=6)
-    x.from_numpy(np.linspace(0.2, 0.8, 6))
     perm.from_numpy(np.array([1, 0, 3, 2, 5, 4], dtype=np.int32))
 
     @kd.kernel
@@ -1060,10 +1061,7 @@ def test_a_pinned_store_read_by_every_iteration_is_refused(runtime):
     """`if i == 2: z[0] = ...` then `y[i] = z[0] * x[i]` in the same parallel loop: the other
     iterations read z[0] before or after iteration 2 stores it, by Taichi's order. The same index
     twice is an iteration's own element only where it reads the loop variable (`z[perm[i]]`)."""
-    x = ti.field(ti.f64, shape=6)
-    y = ti.field(ti.f64, shape=6)
-    z = ti.field(ti.f64, shape=6)
-    x.from_numpy(np.linspace(0.2, 0.7, 6))
+    x, y, z = six_element_fields(top=0.7)
 
     @kd.kernel
     def pinned_then_read():
