@@ -19,7 +19,7 @@ import dataclasses
 from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import iter_stmts
+from ..ir.walk import iter_stmts, without_effects
 from ..runtime.registry import REGISTRY
 
 
@@ -52,22 +52,10 @@ def winner(s):
 
 
 def stripped(stmts, keep_minmax, on_minmax):
-    """The loop body with its effects removed (primal values only), atomic max/min statements
-    replaced by on_minmax(stmt) (a list of statements)."""
-    out = []
-    for s in stmts:
-        if isinstance(s, N.Atomic) and s.op in ("max", "min") and keep_minmax(s):
-            out.extend(on_minmax(s))
-        elif isinstance(s, (N.Store, N.Atomic, N.Return)):
-            continue
-        elif isinstance(s, N.If):
-            out.append(dataclasses.replace(s, then=tuple(stripped(s.then, keep_minmax, on_minmax)),
-                                           orelse=tuple(stripped(s.orelse, keep_minmax, on_minmax))))
-        elif isinstance(s, (N.For, N.While)):
-            out.append(dataclasses.replace(s, body=tuple(stripped(s.body, keep_minmax, on_minmax))))
-        else:
-            out.append(s)
-    return out
+    """The loop body with its effects removed (primal values only), the atomic max/min statements
+    keep_minmax picks replaced by on_minmax(stmt) (a list of statements)."""
+    return without_effects(stmts, lambda s: isinstance(s, N.Atomic) and s.op in ("max", "min") and keep_minmax(s),
+                           on_minmax)
 
 
 def count_pass(loop, targets):

@@ -58,7 +58,7 @@ def _check_reads_of_other_iterations(loop, accesses, params, defs):
         for other_pos, other_kind, g, other, _, other_index, other_loops in accesses:
             if g is not f or other is s or (other_kind == "read" and other_pos < pos) or \
                     (index == other_index and _names_every_variable(index, loop)) or \
-                    _own_element(index, other_index, loop):
+                    own_element(index, other_index, loop):
                 continue
             if disjoint(index, other_index, params, defs, header_ranges((loop,) + loops, memo),
                         header_ranges((loop,) + other_loops, memo)):
@@ -95,7 +95,7 @@ def _names_every_variable(index, loop):
     return all(v in names for v in _varying(loop))
 
 
-def _own_element(index_a, index_b, loop):
+def own_element(index_a, index_b, loop):
     """Whether every loop variable that takes more than one value is, in some dimension, the
     same shift in both indices: two different iterations then never reach one element."""
     for v in _varying(loop):
@@ -277,7 +277,7 @@ def _shared_by_iterations(store, loop, inner_loops, conds=(), limit=4096):
     do, or when the index reads anything but those loops' variables and constants (a field
     load, a local: not decided here), or has more than `limit` combinations to evaluate (a
     transform-time bound: about 10 ms)."""
-    if _own_element(store.index, store.index, loop):
+    if own_element(store.index, store.index, loop):
         return None  # (each variable a shift in a dimension of its own: nothing to evaluate)
     loops = (loop,) + tuple(inner_loops)
     ranges = {}

@@ -326,3 +326,19 @@ def without_prints(stmts):
         blocks = blocks_of(s)
         out.append(rebuild_stmt(s, [without_prints(b) for b in blocks]) if blocks else s)
     return tuple(out)
+
+
+def without_effects(stmts, keep, on_keep):
+    """stmts with their effects removed (stores, atomics, returns, prints: what recomputes a
+    loop's values without running it again), except the stores and atomics keep(s) picks, each
+    replaced by the statements on_keep(s). Jumps stay: they decide what runs."""
+    out = []
+    for s in stmts:
+        if isinstance(s, (N.Store, N.Atomic)) and keep(s):
+            out.extend(on_keep(s))
+        elif isinstance(s, (N.Store, N.Atomic, N.Return, N.Print)):
+            continue
+        else:
+            blocks = blocks_of(s)
+            out.append(rebuild_stmt(s, [tuple(without_effects(b, keep, on_keep)) for b in blocks]) if blocks else s)
+    return out
