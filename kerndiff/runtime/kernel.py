@@ -259,18 +259,22 @@ class Kernel:
         self._last_key = key
         return entry
 
-    def _generated(self, ir, t0, fields0):
-        """(compiled Taichi kernel, its source) for this kernel's transformed IR `ir`; the time
-        since t0, less Taichi's part of it, counts as kerndiff's transform time."""
+    def _generated(self, ir, t0, fields0, plain=False):
+        """(compiled Taichi kernel, its source) for this kernel's transformed IR `ir` (plain: a
+        helper kernel of its own, finalized as a primal); the time since t0, less Taichi's part
+        of it, counts as kerndiff's transform time."""
         from ..codegen.load import compile_source, generate
         from ..opt.finalize import finalize
         from ..codegen.backend import check_backend
         check_backend(ir)
         fn_name = ir.name
-        derivative = (lambda f: id(f) in REGISTRY.parents) if self.path else None
-        on_cpu = impl.current_cfg().arch in (ti.x64, ti.arm64)
-        src, g = generate(finalize(ir, _scatter_config(self), derivative, cpu_math=on_cpu and derivative is not None),
-                          fn_name)
+        if plain:
+            src, g = generate(finalize(ir), fn_name)
+        else:
+            derivative = (lambda f: id(f) in REGISTRY.parents) if self.path else None
+            on_cpu = impl.current_cfg().arch in (ti.x64, ti.arm64)
+            src, g = generate(finalize(ir, _scatter_config(self), derivative,
+                                       cpu_math=on_cpu and derivative is not None), fn_name)
         fields = REGISTRY.taichi_seconds - fields0
         TIMINGS["transform"] += time.perf_counter() - t0 - fields
         TIMINGS["fields"] += fields
@@ -298,6 +302,31 @@ class Kernel:
                     compiled, src = self._generated(ir, t0, fields0)
                     entry["equal_directions"] = (compiled, v.seed_pairs, src)
         return entry["equal_directions"]
+
+    def _store_checks(self, entry, templates):
+        """The run-time checks (ad/claims.py) of each reverse step of this kernel's path whose
+        input stores at indices read from data: [StoreCheck], run before each launch."""
+        if "store_checks" not in entry:
+            from ..ad.claims import StoreCheck, check_kernel
+            checks = []
+            t0, fields0 = time.perf_counter(), REGISTRY.taichi_seconds
+            for i, step in enumerate(self.path):
+                if step == "forward":
+                    continue
+                parent = self.root
+                for earlier in self.path[:i]:
+                    parent = parent._child(earlier)
+                made = check_kernel(parent.ir(templates), self.level(i))
+                if made is not None:
+                    ir, described, record = made
+                    compiled, src = self._generated(ir, t0, fields0, plain=True)  # (counts the time)
+                    checks.append(StoreCheck(compiled, ir, described, record, src))
+                    t0, fields0 = time.perf_counter(), REGISTRY.taichi_seconds
+            fields = REGISTRY.taichi_seconds - fields0
+            TIMINGS["transform"] += time.perf_counter() - t0 - fields
+            TIMINGS["fields"] += fields
+            entry["store_checks"] = checks
+        return entry["store_checks"]
 
     @property
     def source(self) -> str:
@@ -346,6 +375,11 @@ class Kernel:
             raise KernDiffError(f"{self!r} returns nothing to seed with a cotangent",
                                 remedy="seed the adjoints of output fields instead")
         run = entry["kernel"]
+        checks = self._store_checks(entry, templates) if self.path else ()
+        if checks:
+            values = {p.name: v for p, v in zip(ir.params, call_args)}
+            for check in checks:
+                check.run(values)
         if len(self.path) > 1 and EQUAL_DIRECTIONS:
             variant = self._equal_directions(entry, templates)
             if variant is not None and all(fields_equal(a, b) for a, b in variant[1]):

@@ -1,0 +1,250 @@
+"""A run-time check behind the reverse of stores that two iterations may share by the data.
+
+`z[perm[i]] = f(x[i])` in a parallel loop: where perm repeats an element, several iterations
+store into it, the one Taichi runs last wins, and the reverse (`t = z_adj[e]; z_adj[e] = 0; ...`)
+credits whichever it meets first: a wrong gradient, returned without a word until session 36.
+No static check tells a permutation from an index array with repeats (ad/races.py refuses what
+it can decide), so a kernel whose reverse differentiates such stores gets a small check kernel,
+which each launch of the reverse, and of the kernels made from it (k.reverse.forward, kd.Tape's
+reverses), runs first:
+
+  claim   the loop again with its effects removed (its values recomputed, as the reverse
+          recomputes them), each watched store replaced by a plain store of the iteration's
+          number k into an i32 helper field shaped like z: owner[e] = k + 1 (zero between
+          launches; where several iterations store, one of them is left)
+  verify  the same loop again: an iteration that finds another's number in owner[e] shares e
+          (found[p] = max(found[p], e's number + 1), other[e] = k + 1; p the (loop, field)
+          watched). An iteration storing one element twice, in an inner loop, finds its own
+          number: its order is serial, and the reverse follows it
+  clear   over z's elements: the found element's index and its two claimants into record[p];
+          owner = other = 0
+and returns p + 1 for a p that found one (0: none). The launch then raises KernDiffError naming
+the element and the two iterations, before the reverse has run. A loop is watched only where
+what the check recomputes (indices, conditions, bounds) reads no field that the loop or a later
+statement of the kernel writes: the check reads the fields as the kernel left them (kd.Tape
+restores only fields one loop reads and writes), and those would not hold what the loop read.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import KernDiffError
+from ..ir import build as B
+from ..ir import nodes as N
+from ..ir.walk import assigned_names, iter_expr, iter_stmts, vars_in, without_effects, without_prints
+from ..runtime.registry import REGISTRY
+from .activity import read_refs, written_fields
+from .minmax import element_pass
+from .names import NameAllocator
+from .races import OVERWRITTEN, own_element
+
+@dataclasses.dataclass
+class Watched:
+    """One field's watched stores in one loop: what an error message names."""
+
+    field_name: str
+    src: object  # the first watched store's SrcLoc
+    loop_vars: tuple
+    loop_bounds: tuple
+    ndim: int
+
+
+def watched_stores(loop, has_adjoint):
+    """The stores of a top-level parallel loop that two iterations may share by the data: into a
+    float field whose adjoint the reverse reads, of a value that is not a constant, at an index
+    that is not each loop variable's own shift and that reads a field, a local the loop assigns
+    (`k = perm[i]`, a while loop's counter) or an inner loop's variable of run-time bounds.
+    Indices of loop variables and constants alone ad/races.py decides statically."""
+    if not (isinstance(loop, N.For) and loop.parallel and not loop.serialize):
+        return []
+    assigned = assigned_names(loop.body)
+    if any(v in assigned for v in loop.vars):
+        return []
+    undecided = assigned | {v for s in iter_stmts(loop.body) if isinstance(s, N.For)
+                            and not all(isinstance(e, N.Const) for b in s.bounds for e in b) for v in s.vars}
+    out = []
+    for s in iter_stmts(loop.body):
+        if not isinstance(s, N.Store) or not s.ref.dtype.startswith("f") or isinstance(s.value, N.Const):
+            continue
+        if not has_adjoint(s.ref) or own_element(s.index, s.index, loop):
+            continue
+        if any(isinstance(x, N.Load) for e in s.index for x in iter_expr(e)) or \
+                any(x.name in undecided for e in s.index for x in vars_in(e)):
+            out.append(s)
+    return out
+
+
+def check_kernel(ir: N.KernelIR, level: int):
+    """(the check kernel's IR, [Watched] by p, its record field) for the stores ir's reverse at
+    `level` must have checked, or None where it has none."""
+    body = tuple(without_prints(ir.body))
+
+    def has_adjoint(ref):
+        return REGISTRY.get(ref.field, "adjoint", level) is not None
+    candidates = {t: watched_stores(s, has_adjoint) for t, s in enumerate(body)}
+    candidates = {t: stores for t, stores in candidates.items() if stores}
+    if not candidates:
+        return None
+    kept = {}
+    for t, stores in candidates.items():
+        from ..opt import optimize
+        alone = _build(ir, body, {t: stores})[0]
+        written = {id(f) for f in written_fields(body[t:])}
+        if not any(id(r.field) in written for r in read_refs(optimize(alone).body)):
+            kept[t] = stores
+    return _build(ir, body, kept) if kept else None
+
+
+def _build(ir, body, watched):
+    names = NameAllocator.for_kernel(ir)
+    groups = []  # (top-level position, field, its stores)
+    for t, stores in watched.items():
+        by_field = {}
+        for s in stores:
+            by_field.setdefault(id(s.ref.field), []).append(s)
+        groups.extend((t, group[0].ref.field, group) for group in by_field.values())
+    ndim = max(len(g[2][0].ref.shape) for g in groups)
+    found = _helper(("claims_found", ir.name, len(groups)), (len(groups),), None, f"{ir.name}_found")
+    record = _helper(("claims_record", ir.name, len(groups), ndim), (len(groups), ndim + 2), None,
+                     f"{ir.name}_record")
+    out, described = [], []
+    for t, s in enumerate(body):
+        mine = [(p, g[2]) for p, g in enumerate(groups) if g[0] == t]
+        if mine:
+            out.append(_recomputed(s, mine, names, _claim))
+            out.append(_recomputed(s, mine, names, lambda store, k, p: _verify(store, k, found, p)))
+            for p, stores in mine:
+                ref = stores[0].ref
+                out.extend(_clear_pass(ref, found, record, p, ndim, names))
+                described.append(Watched(REGISTRY.name_of(ref.field), stores[0].src, s.vars, s.bounds, len(ref.shape)))
+        elif not (isinstance(s, N.For) and s.parallel):  # a parallel loop assigns no local used after it
+            out.extend(without_effects([s], lambda _: False, None))
+    result = B.const(0, "i32")
+    for p in range(len(groups)):
+        result = B.select(B.call("gt", B.load(found, (B.const(p, "i32"),)), B.const(0, "i32")),
+                          B.const(p + 1, "i32"), result)
+    which = names.fresh("found_in")
+    out.append(N.Assign(which, result))
+    out.extend(N.Store(found, (B.const(p, "i32"),), B.const(0, "i32")) for p in range(len(groups)))
+    out.append(N.Return((B.var(which, "i32"),)))
+    check = N.KernelIR(f"{ir.name}_check_stores", ir.params, tuple(out), ("i32",), ir.source_lines,
+                       ir.field_aliases)
+    return check, described, record.field
+
+
+def _helper(key, shape, offset, name):
+    return REGISTRY.ref(REGISTRY.scratch(key, "i32", shape, offset), (), name)
+
+
+def _claim_fields(ref):
+    """(owner, other): an element's claimant left by the claims, and one more found by the
+    verifying pass (one pair for all components of ref's field)."""
+    name = REGISTRY.name_of(ref.field)
+    return tuple(_helper(("claims_" + which, id(ref.field)), ref.shape, ref.offset, f"{name}_{which}")
+                 for which in ("owner", "other"))
+
+
+def _iteration_number(loop):
+    """The iteration's number, counted from 0 in the loop's row-major order."""
+    number = None
+    for v, (lo, hi) in zip(loop.vars, loop.bounds):
+        offset = B.sub(B.var(v, "i32"), lo)
+        number = offset if number is None else B.add(B.mul(number, B.sub(hi, lo)), offset)
+    return number
+
+
+def _recomputed(loop, watched, names, on_store):
+    """The loop with its effects removed, each watched store replaced by on_store(store, the
+    iteration's number, p)."""
+    number = names.fresh("iteration")
+    k = B.var(number, "i32")
+    replaced = {id(s): p for p, stores in watched for s in stores}
+    body = without_effects(loop.body, lambda s: id(s) in replaced, lambda s: on_store(s, k, replaced[id(s)]))
+    return dataclasses.replace(loop, body=(N.Assign(number, _iteration_number(loop)),) + tuple(body), tag="")
+
+
+def _claim(store, k, p):
+    owner = _claim_fields(store.ref)[0]
+    return [N.Store(owner, store.index, B.add(k, B.const(1, "i32")), src=store.src)]
+
+
+def _verify(store, k, found, p):
+    owner, other = _claim_fields(store.ref)
+    one = B.add(_element_number(store.ref, store.index), B.const(1, "i32"))
+    mine = B.add(k, B.const(1, "i32"))
+    return [N.If(B.call("ne", B.load(owner, store.index), mine),
+                 (N.Atomic("max", found, (B.const(p, "i32"),), one), N.Store(other, store.index, mine)),
+                 src=store.src)]
+
+
+def _element_number(ref, index):
+    number = None
+    for e, (lo, hi) in zip(index, ref.bounds()):
+        offset = B.sub(e, B.const(lo, "i32"))
+        number = offset if number is None else B.add(B.mul(number, B.const(hi - lo, "i32")), offset)
+    return number
+
+
+def _clear_pass(ref, found, record, p, ndim, names):
+    owner, other = _claim_fields(ref)
+
+    def body(index):
+        row = B.const(p, "i32")
+        keep = [N.Store(record, (row, B.const(d, "i32")), e) for d, e in enumerate(index)]
+        keep += [N.Store(record, (row, B.const(ndim + d, "i32")), B.sub(B.load(f, index), B.const(1, "i32")))
+                 for d, f in enumerate((owner, other))]
+        one = B.add(_element_number(ref, index), B.const(1, "i32"))
+        return [N.If(B.call("eq", one, B.load(found, (row,))), tuple(keep)),
+                N.Store(owner, index, B.const(0, "i32")), N.Store(other, index, B.const(0, "i32"))]
+    return element_pass(ref, body, names, None)
+
+
+class StoreCheck:
+    """A compiled check kernel and what its messages need; `run` raises where it found a shared
+    element."""
+
+    def __init__(self, compiled, ir, described, record, source):
+        self.compiled, self.params, self.described, self.source = compiled, ir.params, described, source
+        self.record = record
+
+    def run(self, values):
+        """values: {parameter name: value} of the launch (parameters it lacks run as zero)."""
+        args = [values.get(p.name, 0.0 if p.dtype.startswith("f") else 0) for p in self.params]
+        which = self.compiled(*args)
+        if which:
+            raise self.error(which - 1, self.record.to_numpy()[which - 1])
+
+    def error(self, p, row):
+        w = self.described[p]
+        element = ", ".join(str(int(x)) for x in row[: w.ndim])
+        first, last = sorted((int(row[-2]), int(row[-1])))
+        return KernDiffError(
+            f"iterations {_iterations(w, first, last)} of this parallel loop both store into "
+            f"{w.field_name}[{element}] (found at run time, before the reverse ran: which elements this index "
+            f"reaches depends on data no static check sees): " + OVERWRITTEN,
+            w.src, "make the index one-to-one where each element is meant to be stored once (a permutation), "
+                   "accumulate (+=) if the values should add up, or make the loop serial "
+                   "(ti.loop_config(serialize=True)) if the last one is meant")
+
+
+def _iterations(w, first, last):
+    """'i = 0 and i = 1', '(i, j) = (0, 1) and (1, 1)'; the iterations' numbers where the loop's
+    bounds do not tell its variables (a lower bound, or a later dimension's extent, known at run
+    time only)."""
+    bounds = [(lo.value if isinstance(lo, N.Const) else None,
+               hi.value - lo.value if isinstance(lo, N.Const) and isinstance(hi, N.Const) else None)
+              for lo, hi in w.loop_bounds]
+    if any(lo is None for lo, _ in bounds) or any(extent is None for _, extent in bounds[1:]):
+        return f"number {first} and number {last} (counted from 0)"
+
+    def values(k):
+        out = []
+        for d in range(len(bounds) - 1, -1, -1):
+            lo, extent = bounds[d]
+            k, r = divmod(k, extent) if d else (0, k)
+            out.append(lo + r)
+        return out[::-1]
+    if len(w.loop_vars) == 1:
+        return f"{w.loop_vars[0]} = {values(first)[0]} and {w.loop_vars[0]} = {values(last)[0]}"
+    names = ", ".join(w.loop_vars)
+    return f"({names}) = ({', '.join(map(str, values(first)))}) and ({', '.join(map(str, values(last)))})"
