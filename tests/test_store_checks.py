@@ -204,3 +204,30 @@ def test_a_loop_reading_what_the_kernel_wrote_is_checked_where_the_values_stand(
     use(perm, PERMUTATION)
     computed_first()
     check(computed_first, "reverse")
+
+
+def test_a_loop_bounded_by_what_a_serial_loop_counted_is_checked(f):
+    """The check recomputes what the watched loop reads before it: a top-level local a serialized
+    loop sets (`m = i + 1`) bounds its loop in the check too. The message names the loop's
+    variable as written (`i`, which the kernel's second loop over `i` has renamed inside)."""
+    x, z, perm = f["x"], f["z"], f["perm"]
+    flag = ti.field(ti.i32, shape=N)
+
+    @kd.kernel
+    def counted_first():
+        m = 0
+        ti.loop_config(serialize=True)
+        for i in range(N):
+            if flag[i] > 0:
+                m = i + 1
+        for i in range(m):
+            z[perm[i]] = x[i] * x[i]
+
+    use(perm, REPEATS)
+    flag.from_numpy(np.array([1, 0, 0, 0, 0, 0], dtype=np.int32))  # m = 1: iteration 0 alone
+    counted_first()
+    check(counted_first, "reverse")
+    flag.from_numpy(np.array([0, 1, 0, 0, 0, 0], dtype=np.int32))  # m = 2: z[1] twice
+    counted_first()
+    raises(counted_first.reverse, "iterations i = 0 and i = 1 of this parallel loop both store into z[1]",
+           line_text="z[perm[i]] = x[i] * x[i]")

@@ -27,6 +27,7 @@ restores only fields one loop reads and writes), and those would not hold what t
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from ..errors import KernDiffError
 from ..ir import build as B
@@ -116,8 +117,9 @@ def _build(ir, body, watched):
             for p, stores in mine:
                 ref = stores[0].ref
                 out.extend(_clear_pass(ref, found, record, p, ndim, names))
-                described.append(Watched(REGISTRY.name_of(ref.field), stores[0].src, s.vars, s.bounds, len(ref.shape)))
-        elif not (isinstance(s, N.For) and s.parallel):  # a parallel loop assigns no local used after it
+                described.append(Watched(REGISTRY.name_of(ref.field), stores[0].src, _names_written(s), s.bounds,
+                                         len(ref.shape)))
+        else:  # what it computes that the watched loops read (opt.dce drops the rest)
             out.extend(without_effects([s], lambda _: False, None))
     result = B.const(0, "i32")
     for p in range(len(groups)):
@@ -130,6 +132,15 @@ def _build(ir, body, watched):
     check = N.KernelIR(f"{ir.name}_check_stores", ir.params, tuple(out), ("i32",), ir.source_lines,
                        ir.field_aliases)
     return check, described, record.field
+
+
+def _names_written(loop):
+    """The loop's variables as its source line names them (`i` where the IR renamed a second
+    loop's `i` to `i_1`), else as the IR does."""
+    text = loop.src.text.strip() if loop.src else ""
+    match = re.match(r"for\s+(.+?)\s+in\s", text)
+    names = [n.strip() for n in match.group(1).strip("()").split(",")] if match else []
+    return tuple(names) if len(names) == len(loop.vars) and all(n.isidentifier() for n in names) else loop.vars
 
 
 def _helper(key, shape, offset, name):
