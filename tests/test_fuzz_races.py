@@ -9,15 +9,13 @@ or agree with them (harness.check). A reverse that ran and disagreed is a silent
 session 35 found five kinds by hand (docs/design.md "Stores several iterations reach") and wrote
 this module so that their neighbours are drawn too.
 
-Two kinds of index are not drawn. One read from an array with repeats: README.md documents that
-a store at such an index (`z[rep[i]] = ...`) is taken to come from one iteration, which no static
-check can confirm. And one mixing the loop variable with a local counted in a while loop (`j =
-0; while j < 2: z[(i + j) % 6] = ...`): ad.races decides a shared index by evaluating it over
-the loops' constant ranges, and a while loop's counter has none (found by this module; the same
-index in `for j in range(2)` is refused). An inner loop of run-time bounds is evaluated as two
-trips, so `m[None]`, its bound here, is 2: sharing that only a third trip makes (`if i % 2 ==
-0:` around `for j in range(m[None]): z[(i + j) % 6] = ...`, m = 3) is not decided (found by
-this module at m = 3). Profiles as in test_fuzz.py: short by default (derandomized under CI=true),
+Since session 36 it also draws what only a run-time check decides (ad/claims.py): a store at an
+index read from an array with repeats (`z[rep[i]] = ...`, rep = [1, 1, 3, 0, 4, 4]), at one
+mixing the loop variable with a local counted in a while loop (`j = 0; while j < 2: z[(i + j) %
+6] = ...`), whose counter has no range for ad.races to evaluate, and in an inner loop of run-time
+bounds run three times (`m[None]` is 3), where ad.races evaluates two trips. Before, README.md
+documented the first as taken to come from one iteration, and the other two as not decided.
+Profiles as in test_fuzz.py: short by default (derandomized under CI=true),
 KERNDIFF_FUZZ=long (KERNDIFF_FUZZ_N examples).
 """
 import os
@@ -39,7 +37,7 @@ PROFILE = settings(max_examples=int(os.environ.get("KERNDIFF_FUZZ_N", 10000)) if
                    derandomize=os.environ.get("CI") == "true" and not LONG, suppress_health_check=list(HealthCheck))
 _tmp = tempfile.mkdtemp(prefix="kerndiff_fuzz_races_")
 
-SHARED = ["i", "i", "(i + 1) % 6", "5 - i", "i // 2", "i % 3", "perm[i]", "0", "ti.min(i + 1, 5)"]
+SHARED = ["i", "i", "(i + 1) % 6", "5 - i", "i // 2", "i % 3", "perm[i]", "rep[i]", "0", "ti.min(i + 1, 5)"]
 VALUES = ["ti.sin(x[i])", "x[i] * x[i]", "x[i] * 2.0 + 0.5", "ti.exp(0.5 * x[i])"]
 
 
@@ -48,6 +46,7 @@ def fields():
     ti.init(arch=ti.cpu, default_fp=ti.f64, cpu_max_num_threads=1)
     made = {name: ti.field(ti.f64, shape=N) for name in ("x", "z", "y", "w")}
     made["perm"] = ti.field(ti.i32, shape=N)
+    made["rep"] = ti.field(ti.i32, shape=N)
     made["m"] = ti.field(ti.i32, shape=())
     yield made
     ti.reset()
@@ -59,7 +58,8 @@ def starting_values(fields):
     fields["y"].fill(0)
     fields["w"].fill(0)
     fields["perm"].from_numpy(np.array([2, 0, 5, 1, 3, 4], dtype=np.int32))
-    fields["m"][None] = 2  # (the trip count ad.races assumes for run-time bounds: see the docstring)
+    fields["rep"].from_numpy(np.array([1, 1, 3, 0, 4, 4], dtype=np.int32))
+    fields["m"][None] = 3  # (one trip more than ad.races assumes for run-time bounds: see the docstring)
 
 
 def statement(rand):
@@ -81,8 +81,8 @@ def statement(rand):
         return [f"z[{rand.choice(SHARED)}] = z[{rand.choice(SHARED)}] * x[i] + 0.1"]
     if kind == "skip":
         return ["if x[i] < 0.35:", "    continue"]
-    if kind == "while":  # (not `(i + j) % 6` here: see the module's docstring)
-        index = rand.choice(["j", "i"])
+    if kind == "while":
+        index = rand.choice(["j", "i", "(i + j) % 6"])
         return ["j = 0", "while j < 2:", f"    z[{index}] = x[i] * x[j] + {rand.choice(VALUES)}", "    j += 1"]
     index = rand.choice(["j", "i", "(i + j) % 6"])
     return ["for j in range(m[None]):", f"    z[{index}] = x[i] * x[j] + {rand.choice(VALUES)}"]
