@@ -4,9 +4,9 @@
 index array repeats an element, the primal keeps whichever iteration Taichi ran last and the
 reverse credited whichever it met first: before session 36 a wrong gradient, without a word
 (README.md documented the assumption). Now each launch of a reverse (and of k.reverse.forward,
-and kd.Tape's reverses) first runs a check kernel that counts which iterations claim each
-element, and raises KernDiffError naming the element and two iterations, before the reverse
-touched any adjoint. Permutations run as before, and their derivatives are checked here against
+and kd.Tape's reverses) first runs a check kernel in which each iteration claims its elements
+and then looks whether another took them over, and raises KernDiffError naming the element and
+two iterations, before the reverse touched any adjoint. Permutations run as before, and their derivatives are checked here against
 finite differences and analytic values.
 """
 import numpy as np
