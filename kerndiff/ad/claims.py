@@ -39,6 +39,7 @@ from .minmax import element_pass
 from .names import NameAllocator
 from .races import OVERWRITTEN, own_element
 
+
 @dataclasses.dataclass
 class Watched:
     """One field's watched stores in one loop: what an error message names."""
@@ -78,6 +79,7 @@ def watched_stores(loop, has_adjoint):
 def check_kernel(ir: N.KernelIR, level: int):
     """(the check kernel's IR, [Watched] by p, its record field) for the stores ir's reverse at
     `level` must have checked, or None where it has none."""
+    from ..opt import optimize
     body = tuple(without_prints(ir.body))
 
     def has_adjoint(ref):
@@ -88,7 +90,6 @@ def check_kernel(ir: N.KernelIR, level: int):
         return None
     kept = {}
     for t, stores in candidates.items():
-        from ..opt import optimize
         alone = _build(ir, body, {t: stores})[0]
         written = {id(f) for f in written_fields(body[t:])}
         if not any(id(r.field) in written for r in read_refs(optimize(alone).body)):
