@@ -231,3 +231,25 @@ def test_a_loop_bounded_by_what_a_serial_loop_counted_is_checked(f):
     counted_first()
     raises(counted_first.reverse, "iterations i = 0 and i = 1 of this parallel loop both store into z[1]",
            line_text="z[perm[i]] = x[i] * x[i]")
+
+
+def test_stores_with_no_derivative_to_credit_are_not_checked(f):
+    """Iterations may share an element where what they store reads no float field (a kernel
+    argument, a constant through a local): there is nothing to credit, and the reverse runs."""
+    x, y, z, perm = f["x"], f["y"], f["z"], f["perm"]
+
+    @kd.kernel
+    def marks(level: ti.f64):
+        for i in range(N):
+            mark = level * 2.0
+            z[perm[i]] = mark
+            y[i] = x[i] * x[i]
+
+    use(perm, REPEATS)
+    marks(0.5)
+    kd.adjoint(x).fill(0)
+    kd.adjoint(y).fill(1.0)
+    kd.adjoint(z).fill(1.0)
+    marks.reverse(0.5)
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), 2 * x.to_numpy(), rtol=1e-12)
+    assert marks.reverse._compiled({})["store_checks"] == []

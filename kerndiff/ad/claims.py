@@ -53,7 +53,7 @@ class Watched:
 
 def watched_stores(loop, has_adjoint):
     """The stores of a top-level parallel loop that two iterations may share by the data: into a
-    float field whose adjoint the reverse reads, of a value that is not a constant, at an index
+    float field whose adjoint the reverse reads, of a value read from float fields, at an index
     that is not each loop variable's own shift and that reads a field, a local the loop assigns
     (`k = perm[i]`, a while loop's counter) or an inner loop's variable of run-time bounds.
     Indices of loop variables and constants alone ad/races.py decides statically."""
@@ -64,9 +64,10 @@ def watched_stores(loop, has_adjoint):
         return []
     undecided = assigned | {v for s in iter_stmts(loop.body) if isinstance(s, N.For)
                             and not all(isinstance(e, N.Const) for b in s.bounds for e in b) for v in s.vars}
+    varying = _reading_float_fields(loop)
     out = []
     for s in iter_stmts(loop.body):
-        if not isinstance(s, N.Store) or not s.ref.dtype.startswith("f") or isinstance(s.value, N.Const):
+        if not isinstance(s, N.Store) or not s.ref.dtype.startswith("f") or not varying(s.value):
             continue
         if not has_adjoint(s.ref) or own_element(s.index, s.index, loop):
             continue
@@ -74,6 +75,27 @@ def watched_stores(loop, has_adjoint):
                 any(x.name in undecided for e in s.index for x in vars_in(e)):
             out.append(s)
     return out
+
+
+def _reading_float_fields(loop):
+    """A test of whether an expression of the loop's body reads a float field, itself or through
+    the locals it reads (to a fixed point): a store of anything else (constants, kernel
+    arguments, integers) has no derivative to credit, so iterations storing the same such value
+    may share an element."""
+    sources = [(s.name, s.value) for s in iter_stmts(loop.body) if isinstance(s, N.Assign)]
+    active = set()
+
+    def reads(e):
+        return any(isinstance(x, N.Load) and x.ref.dtype.startswith("f") for x in iter_expr(e)) or \
+            any(x.name in active for x in vars_in(e))
+    changed = True
+    while changed:
+        changed = False
+        for name, value in sources:
+            if name not in active and reads(value):
+                active.add(name)
+                changed = True
+    return reads
 
 
 def check_kernel(ir: N.KernelIR, level: int):
