@@ -71,7 +71,7 @@ def test_a_permutation_runs_and_repeats_are_refused_before_the_reverse(f):
     scatter()
     kd.adjoint(z).from_numpy(seed)
     kd.adjoint(x).from_numpy(np.full(N, 7.0))
-    raises(scatter.reverse, "iterations i = 4 and i = 5 of this parallel loop both store into z[4]",
+    raises(scatter.reverse, "iterations i = 4 and i = 5 of this parallel loop both reach z[4]",
            "found at run time, before the reverse ran", "a permutation", line_text="z[perm[i]] = (x[i] + 1.0) * x[i] * x[i]")
     # nothing was touched, and the check left its helper fields clean: a permutation runs again
     np.testing.assert_array_equal(kd.adjoint(z).to_numpy(), seed)
@@ -118,7 +118,7 @@ def test_derived_kernels_and_the_tape_run_the_check(f):
                 lambda: kd.hvp(energy, inputs=[x], output=loss)([xs], tangents=[v]), taped):
         loss[None] = 0
         energy()
-        raises(run, "i = 4 and i = 5", "both store into z[4]", line_text="z[perm[i]] = x[i] * x[i] * x[i]")
+        raises(run, "i = 4 and i = 5", "both reach z[4]", line_text="z[perm[i]] = x[i] * x[i] * x[i]")
 
 
 def test_each_kind_of_index_that_data_decides_is_checked(f):
@@ -166,10 +166,10 @@ def test_each_kind_of_index_that_data_decides_is_checked(f):
         k(*args)
         check(k, "reverse", args=args)
     use(perm, REPEATS)
-    for k, args, text in ((vectors, (), "iterations i = 4 and i = 5 of this parallel loop both store into v[4]"),
-                          (rows, (), "iterations (i, j) = (4, 1) and (5, 1) of this parallel loop both store "
-                                     "into z2[4, 1]"),
-                          (bounded, (N,), "iterations i = 4 and i = 5 of this parallel loop both store into z[4]")):
+    for k, args, text in ((vectors, (), "iterations i = 4 and i = 5 of this parallel loop both reach v[4]"),
+                          (rows, (), "iterations (i, j) = (4, 1) and (5, 1) of this parallel loop both reach "
+                                     "z2[4, 1]"),
+                          (bounded, (N,), "iterations i = 4 and i = 5 of this parallel loop both reach z[4]")):
         k(*args)
         raises(lambda: k.reverse(*args), text)
     use(perm, [0, 1, 2, 3, 4, 4])
@@ -177,11 +177,11 @@ def test_each_kind_of_index_that_data_decides_is_checked(f):
     check(bounded, "reverse", args=(4,))  # iterations 0 to 3 only: z[4] is not reached
     counted()
     # i stores z[i] and z[i + 1]: the last element found shared is z[5], by i = 4 and i = 5
-    raises(counted.reverse, "iterations i = 4 and i = 5 of this parallel loop both store into z[5]",
+    raises(counted.reverse, "iterations i = 4 and i = 5 of this parallel loop both reach z[5]",
            line_text="z[(i + j) % 6] = x[i] * (j + 1.0)")
     m[None] = 4  # i = 0 reaches z[3] on its fourth trip, where i = 3 stores
     third_trip()
-    raises(third_trip.reverse, "iterations i = 0 and i = 3 of this parallel loop both store into z[3]")
+    raises(third_trip.reverse, "iterations i = 0 and i = 3 of this parallel loop both reach z[3]")
 
 
 def test_a_loop_reading_what_the_kernel_wrote_is_checked_where_the_values_stand(f):
@@ -200,7 +200,7 @@ def test_a_loop_reading_what_the_kernel_wrote_is_checked_where_the_values_stand(
 
     use(perm, REPEATS)
     computed_first()
-    raises(computed_first.reverse, "both store into z[4]", line_text="z[slot[i]] = x[i] * 2.0")
+    raises(computed_first.reverse, "both reach z[4]", line_text="z[slot[i]] = x[i] * 2.0")
     use(perm, PERMUTATION)
     computed_first()
     check(computed_first, "reverse")
@@ -229,7 +229,7 @@ def test_a_loop_bounded_by_what_a_serial_loop_counted_is_checked(f):
     check(counted_first, "reverse")
     flag.from_numpy(np.array([0, 1, 0, 0, 0, 0], dtype=np.int32))  # m = 2: z[1] twice
     counted_first()
-    raises(counted_first.reverse, "iterations i = 0 and i = 1 of this parallel loop both store into z[1]",
+    raises(counted_first.reverse, "iterations i = 0 and i = 1 of this parallel loop both reach z[1]",
            line_text="z[perm[i]] = x[i] * x[i]")
 
 
@@ -253,3 +253,45 @@ def test_stores_with_no_derivative_to_credit_are_not_checked(f):
     marks.reverse(0.5)
     np.testing.assert_allclose(kd.adjoint(x).to_numpy(), 2 * x.to_numpy(), rtol=1e-12)
     assert marks.reverse._compiled({})["store_checks"] == []
+
+
+def test_adds_and_reads_into_what_another_iteration_stores_are_checked(f):
+    """Found by tests/test_fuzz_races.py (session 36): `z[rep[i]] = ...` under a condition beside
+    `z[rep[i]] += ...` from every iteration. The stores alone never meet (iterations 0, 2 and 4
+    store into z[1], z[3] and z[4]), but iteration 1 adds into z[1], which iteration 0 stores:
+    the sum depends on their order. The check tests each access of a watched field, adds and
+    reads too, against the element's claimant."""
+    x, y, z, perm = f["x"], f["y"], f["z"], f["perm"]
+
+    @kd.kernel
+    def stored_and_added():
+        for i in range(N):
+            if i % 2 == 0:
+                z[perm[i]] = x[i] * x[i]
+            z[perm[i]] += x[i]
+
+    @kd.kernel
+    def stored_and_read():
+        for i in range(N):
+            if i % 2 == 0:
+                z[perm[i]] = x[i] * x[i]
+            y[i] = z[perm[i]] * x[i]
+
+    @kd.kernel
+    def read_under_a_condition():  # (the check reads z as the kernel left it: each its own element)
+        for i in range(N):
+            if i % 2 == 0:
+                z[perm[i]] = x[i] * x[i]
+            if z[perm[i]] > 0.1:
+                y[i] = z[perm[i]] * x[i]
+
+    for k in (stored_and_added, stored_and_read, read_under_a_condition):
+        use(perm, PERMUTATION)
+        z.fill(0.5)
+        k()
+        check(k, "reverse")
+        use(perm, REPEATS)
+        k()
+        # (z[1]: iteration 0 stores, 1 adds or reads; z[4]: 4 stores, 5 adds or reads)
+        raises(k.reverse, "iterations i = 4 and i = 5 of this parallel loop both reach z[4], which one of "
+                          "them stores here")

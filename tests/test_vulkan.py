@@ -141,6 +141,6 @@ def test_store_check_on_vulkan(vulkan_corpus):
     perm.from_numpy(order.astype(np.int32))
     scatter()
     kd.adjoint(z).from_numpy(seed)
-    with pytest.raises(kd.KernDiffError, match=r"iterations i = 17 and i = 40 of this parallel loop both store"):
+    with pytest.raises(kd.KernDiffError, match=r"iterations i = 17 and i = 40 of this parallel loop both reach"):
         scatter.reverse()
     np.testing.assert_array_equal(kd.adjoint(z).to_numpy(), seed)

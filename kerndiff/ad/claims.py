@@ -12,10 +12,11 @@ reverses), runs first:
           recomputes them), each watched store replaced by a plain store of the iteration's
           number k into an i32 helper field shaped like z: owner[e] = k + 1 (zero between
           launches; where several iterations store, one of them is left)
-  verify  the same loop again: an iteration that finds another's number in owner[e] shares e
-          (found[p] = max(found[p], e's number + 1), other[e] = k + 1; p the (loop, field)
-          watched). An iteration storing one element twice, in an inner loop, finds its own
-          number: its order is serial, and the reverse follows it
+  verify  the same loop again: an iteration that stores, adds into or reads an element whose
+          owner[e] holds another's number races with it (found[p] = max(found[p], e's number +
+          1), other[e] = k + 1; p the (loop, field) watched). An iteration storing one element
+          twice, in an inner loop, finds its own number: its order is serial, and the reverse
+          follows it
   clear   over z's elements: the found element's index and its two claimants into record[p];
           owner = other = 0
 and returns p + 1 for a p that found one (0: none). The launch then raises KernDiffError naming
@@ -23,6 +24,8 @@ the element and the two iterations, before the reverse has run. A loop is watche
 what the check recomputes (indices, conditions, bounds) reads no field that the loop or a later
 statement of the kernel writes: the check reads the fields as the kernel left them (kd.Tape
 restores only fields one loop reads and writes), and those would not hold what the loop read.
+The watched fields themselves are the exception: where no iteration takes another's element,
+each reads what it stored itself, which the field holds at the end.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ import re
 from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import assigned_names, iter_expr, iter_stmts, vars_in, without_effects, without_prints
+from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, rebuild_stmt,
+                       vars_in, without_effects, without_prints)
 from ..runtime.registry import REGISTRY
 from .activity import read_refs, written_fields
 from .minmax import element_pass
@@ -113,7 +117,10 @@ def check_kernel(ir: N.KernelIR, level: int):
     kept = {}
     for t, stores in candidates.items():
         alone = _build(ir, body, {t: stores})[0]
-        written = {id(f) for f in written_fields(body[t:])}
+        # (the watched fields themselves the loop reads at the elements its iterations claim)
+        watched_fields = {id(st.ref.field) for st in stores}
+        written = {id(f) for f in written_fields(body[t + 1:])} | \
+            {id(f) for f in written_fields(body[t:t + 1]) if id(f) not in watched_fields}
         if not any(id(r.field) in written for r in read_refs(optimize(alone).body)):
             kept[t] = stores
     return _build(ir, body, kept) if kept else None
@@ -135,8 +142,8 @@ def _build(ir, body, watched):
     for t, s in enumerate(body):
         mine = [(p, g[2]) for p, g in enumerate(groups) if g[0] == t]
         if mine:
-            out.append(_recomputed(s, mine, names, _claim))
-            out.append(_recomputed(s, mine, names, lambda store, k, p: _verify(store, k, found, p)))
+            out.append(_claims_loop(s, mine, names))
+            out.append(_verify_loop(s, mine, names, found))
             for p, stores in mine:
                 ref = stores[0].ref
                 out.extend(_clear_pass(ref, found, record, p, ndim, names))
@@ -187,28 +194,57 @@ def _iteration_number(loop):
     return number
 
 
-def _recomputed(loop, watched, names, on_store):
-    """The loop with its effects removed, each watched store replaced by on_store(store, the
-    iteration's number, p)."""
-    number = names.fresh("iteration")
-    k = B.var(number, "i32")
-    replaced = {id(s): p for p, stores in watched for s in stores}
-    body = without_effects(loop.body, lambda s: id(s) in replaced, lambda s: on_store(s, k, replaced[id(s)]))
+def _numbered(loop, body, number):
     return dataclasses.replace(loop, body=(N.Assign(number, _iteration_number(loop)),) + tuple(body), tag="")
 
 
-def _claim(store, k, p):
-    owner = _claim_fields(store.ref)[0]
-    return [N.Store(owner, store.index, B.add(k, B.const(1, "i32")), src=store.src)]
+def _claims_loop(loop, watched, names):
+    """The loop recomputed, each watched store replaced by its claim: owner[e] = k + 1."""
+    number = names.fresh("iteration")
+    mine = B.add(B.var(number, "i32"), B.const(1, "i32"))
+    stores = {id(s) for _, group in watched for s in group}
+    body = without_effects(loop.body, lambda s: id(s) in stores,
+                           lambda s: [N.Store(_claim_fields(s.ref)[0], s.index, mine, src=s.src)])
+    return _numbered(loop, body, number)
 
 
-def _verify(store, k, found, p):
-    owner, other = _claim_fields(store.ref)
-    one = B.add(_element_number(store.ref, store.index), B.const(1, "i32"))
-    mine = B.add(k, B.const(1, "i32"))
-    return [N.If(B.call("ne", B.load(owner, store.index), mine),
-                 (N.Atomic("max", found, (B.const(p, "i32"),), one), N.Store(other, store.index, mine)),
-                 src=store.src)]
+def _verify_loop(loop, watched, names, found):
+    """The loop recomputed, each access of a watched field (its stores, and the adds and reads
+    beside them: `z[rep[i]] += ...` into an element another iteration stores races as a second
+    store does) preceded by the test that no other iteration claimed the element."""
+    number = names.fresh("iteration")
+    mine = B.add(B.var(number, "i32"), B.const(1, "i32"))
+    p_of = {id(group[0].ref.field): p for p, group in watched}
+
+    def check(ref, index, src):
+        owner, other = _claim_fields(ref)
+        claimed = B.load(owner, index)
+        taken = B.call("and", B.call("ne", claimed, B.const(0, "i32")), B.call("ne", claimed, mine))
+        one = B.add(_element_number(ref, index), B.const(1, "i32"))
+        return [N.If(taken, (N.Atomic("max", found, (B.const(p_of[id(ref.field)], "i32"),), one),
+                             N.Store(other, index, mine)), src=src)]
+
+    def reads(s):
+        return [check(x.ref, x.index, s.src) for e in expr_children_of_stmt(s) for x in iter_expr(e)
+                if isinstance(x, N.Load) and id(x.ref.field) in p_of]
+
+    def accesses(s):  # (a store into another field that reads a watched one goes, its reads stay)
+        here = reads(s) + ([check(s.ref, s.index, s.src)] if id(s.ref.field) in p_of else [])
+        return [c for checks in here for c in checks]
+    body = without_effects(loop.body, lambda s: bool(accesses(s)), accesses)
+    return _numbered(loop, _reads_checked(body, reads), number)
+
+
+def _reads_checked(stmts, reads):
+    """stmts with reads(s) (the checks of the watched fields s's own expressions read: the
+    condition of an `if`, the value of an assignment) before each statement s."""
+    out = []
+    for s in stmts:
+        for checks in reads(s):
+            out.extend(checks)
+        blocks = blocks_of(s)
+        out.append(rebuild_stmt(s, [tuple(_reads_checked(b, reads)) for b in blocks]) if blocks else s)
+    return out
 
 
 def _element_number(ref, index):
@@ -253,8 +289,8 @@ class StoreCheck:
         element = ", ".join(str(int(x)) for x in row[: w.ndim])
         first, last = sorted((int(row[-2]), int(row[-1])))
         return KernDiffError(
-            f"iterations {_iterations(w, first, last)} of this parallel loop both store into "
-            f"{w.field_name}[{element}] (found at run time, before the reverse ran: which elements this index "
+            f"iterations {_iterations(w, first, last)} of this parallel loop both reach "
+            f"{w.field_name}[{element}], which one of them stores here (found at run time, before the reverse ran: which elements this index "
             f"reaches depends on data no static check sees): " + OVERWRITTEN,
             w.src, "make the index one-to-one where each element is meant to be stored once (a permutation), "
                    "accumulate (+=) if the values should add up, or make the loop serial "
