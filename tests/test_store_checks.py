@@ -295,3 +295,24 @@ def test_adds_and_reads_into_what_another_iteration_stores_are_checked(f):
         # (z[1]: iteration 0 stores, 1 adds or reads; z[4]: 4 stores, 5 adds or reads)
         raises(k.reverse, "iterations i = 4 and i = 5 of this parallel loop both reach z[4], which one of "
                           "them stores here")
+
+
+def test_a_folded_index_whose_stores_never_meet_is_checked_against_its_adds(f):
+    """Found by tests/test_fuzz_races.py (session 36, seed 3308785): `z[i % 3] += ...` from
+    every iteration beside `if i % 2 == 0: z[i % 3] = ...`. The stores (i = 0, 2, 4 into z[0],
+    z[2], z[1]) never meet, so ad.races let the same index pass as each iteration's own element;
+    but i = 3 adds into z[0], which i = 0 stores. A store whose field the loop also adds into or
+    reads is checked at run time whatever its index."""
+    x, z = f["x"], f["z"]
+
+    @kd.kernel
+    def folded():
+        for i in range(N):
+            z[i % 3] += x[i] * x[i]
+            if i % 2 == 0:
+                z[i % 3] = x[i] * 2.0
+
+    z.fill(0.5)
+    folded()
+    raises(folded.reverse, "iterations i = 2 and i = 5 of this parallel loop both reach z[2], which one of them "
+                           "stores here", line_text="z[i % 3] = x[i] * 2.0")

@@ -59,8 +59,10 @@ def watched_stores(loop, has_adjoint):
     """The stores of a top-level parallel loop that two iterations may share by the data: into a
     float field whose adjoint the reverse reads, of a value read from float fields, at an index
     that is not each loop variable's own shift and that reads a field, a local the loop assigns
-    (`k = perm[i]`, a while loop's counter) or an inner loop's variable of run-time bounds.
-    Indices of loop variables and constants alone ad/races.py decides statically."""
+    (`k = perm[i]`, a while loop's counter) or an inner loop's variable of run-time bounds, or
+    whose field the loop also adds into or reads (`z[i % 3] += ...` beside `if i % 2 == 0: z[i %
+    3] = ...`: ad.races lets the same index pass as one iteration's element, and here it is not).
+    Stores alone at indices of loop variables and constants ad/races.py decides statically."""
     if not (isinstance(loop, N.For) and loop.parallel and not loop.serialize):
         return []
     assigned = assigned_names(loop.body)
@@ -69,6 +71,13 @@ def watched_stores(loop, has_adjoint):
     undecided = assigned | {v for s in iter_stmts(loop.body) if isinstance(s, N.For)
                             and not all(isinstance(e, N.Const) for b in s.bounds for e in b) for v in s.vars}
     varying = _reading_float_fields(loop)
+    touched = {}  # id(field) -> how many statements of the loop store, add into or read it
+    for s in iter_stmts(loop.body):
+        fields = {id(x.ref.field) for e in expr_children_of_stmt(s) for x in iter_expr(e) if isinstance(x, N.Load)}
+        if isinstance(s, (N.Store, N.Atomic)):
+            fields.add(id(s.ref.field))
+        for f in fields:
+            touched[f] = touched.get(f, 0) + 1
     out = []
     for s in iter_stmts(loop.body):
         if not isinstance(s, N.Store) or not s.ref.dtype.startswith("f") or not varying(s.value):
@@ -76,7 +85,7 @@ def watched_stores(loop, has_adjoint):
         if not has_adjoint(s.ref) or own_element(s.index, s.index, loop):
             continue
         if any(isinstance(x, N.Load) for e in s.index for x in iter_expr(e)) or \
-                any(x.name in undecided for e in s.index for x in vars_in(e)):
+                any(x.name in undecided for e in s.index for x in vars_in(e)) or touched[id(s.ref.field)] > 1:
             out.append(s)
     return out
 
