@@ -316,3 +316,32 @@ def test_a_folded_index_whose_stores_never_meet_is_checked_against_its_adds(f):
     folded()
     raises(folded.reverse, "iterations i = 2 and i = 5 of this parallel loop both reach z[2], which one of them "
                            "stores here", line_text="z[i % 3] = x[i] * 2.0")
+
+
+def test_a_short_loop_into_a_large_field_clears_only_what_it_reached(f):
+    """A loop of far fewer iterations than the stored field has elements (4 into 8 x 8) has its
+    helper fields cleared where it reached them, not over every element; the element found is
+    decoded from its number (row-major) for the message. After a refusal the next launch starts
+    clean."""
+    x = f["x"]
+    grid = ti.field(ti.f64, shape=(8, 8))
+    rows, cols = ti.field(ti.i32, shape=4), ti.field(ti.i32, shape=4)
+
+    @kd.kernel
+    def deposit():
+        for i in range(4):
+            grid[rows[i], cols[i]] = x[i] * x[i]
+
+    for cells, refused in (([(1, 2), (3, 4), (0, 7), (5, 6)], None),
+                           ([(1, 2), (3, 4), (1, 2), (5, 6)], "iterations i = 0 and i = 2 of this parallel loop both "
+                                                              "reach grid[1, 2]"),
+                           ([(7, 7), (3, 4), (1, 2), (6, 5)], None)):
+        rows.from_numpy(np.array([r for r, _ in cells], dtype=np.int32))
+        cols.from_numpy(np.array([c for _, c in cells], dtype=np.int32))
+        deposit()
+        if refused:
+            raises(deposit.reverse, refused, line_text="grid[rows[i], cols[i]] = x[i] * x[i]")
+        else:
+            check(deposit, "reverse")
+    source = deposit.reverse._compiled({})["store_checks"][0].source
+    assert "for e0" not in source and "grid_owner[rows[i], cols[i]] = 0" in source, source

@@ -17,8 +17,10 @@ reverses), runs first:
           1), other[e] = k + 1; p the (loop, field) watched). An iteration storing one element
           twice, in an inner loop, finds its own number: its order is serial, and the reverse
           follows it
-  clear   over z's elements: the found element's index and its two claimants into record[p];
-          owner = other = 0
+  record  where p found one: the element's index (from its number) and its two claimants into
+          record[p], in a serial statement
+  clear   owner = other = 0 over z's elements; or, for a loop of at most a quarter as many
+          iterations as z has elements, the loop recomputed clearing where it reached
 and returns p + 1 for a p that found one (0: none). The launch then raises KernDiffError naming
 the element and the two iterations, before the reverse has run. A loop is watched only where
 what the check recomputes (indices, conditions, bounds) reads no field that the loop or a later
@@ -153,9 +155,14 @@ def _build(ir, body, watched):
         if mine:
             out.append(_claims_loop(s, mine, names))
             out.append(_verify_loop(s, mine, names, found))
+            out.extend(_record(stores[0].ref, found, record, p, ndim) for p, stores in mine)
+            refs = [stores[0].ref for _, stores in mine]
+            if _few_iterations(s, refs):
+                out.append(_clear_loop(s, mine, names))
+            else:
+                out.extend(e for ref in refs for e in _clear_pass(ref, names))
             for p, stores in mine:
                 ref = stores[0].ref
-                out.extend(_clear_pass(ref, found, record, p, ndim, names))
                 described.append(Watched(REGISTRY.name_of(ref.field), stores[0].src, _names_written(s), s.bounds,
                                          len(ref.shape)))
         else:  # what it computes that the watched loops read (opt.dce drops the rest)
@@ -232,16 +239,31 @@ def _verify_loop(loop, watched, names, found):
         one = B.add(_element_number(ref, index), B.const(1, "i32"))
         return [N.If(taken, (N.Atomic("max", found, (B.const(p_of[id(ref.field)], "i32"),), one),
                              N.Store(other, index, mine)), src=src)]
+    return _numbered(loop, _at_accesses(loop.body, set(p_of), check), number)
 
+
+def _clear_loop(loop, watched, names):
+    """The loop recomputed, the helper fields cleared at each element a watched field's access
+    reaches: for a loop of far fewer iterations than the field has elements."""
+    def clear(ref, index, src):
+        return [N.Store(f, index, B.const(0, "i32"), src=src) for f in _claim_fields(ref)]
+    fields = {id(group[0].ref.field) for _, group in watched}
+    return dataclasses.replace(loop, body=tuple(_at_accesses(loop.body, fields, clear)), tag="")
+
+
+def _at_accesses(stmts, fields, on_access):
+    """stmts with their effects removed and on_access(ref, index, src) (statements) at each
+    access of one of the fields (by id): in place of a store or atomic into one, and before a
+    statement whose own expressions read one (a store into another field that reads a watched
+    one goes, its reads stay)."""
     def reads(s):
-        return [check(x.ref, x.index, s.src) for e in expr_children_of_stmt(s) for x in iter_expr(e)
-                if isinstance(x, N.Load) and id(x.ref.field) in p_of]
+        return [on_access(x.ref, x.index, s.src) for e in expr_children_of_stmt(s) for x in iter_expr(e)
+                if isinstance(x, N.Load) and id(x.ref.field) in fields]
 
-    def accesses(s):  # (a store into another field that reads a watched one goes, its reads stay)
-        here = reads(s) + ([check(s.ref, s.index, s.src)] if id(s.ref.field) in p_of else [])
+    def accesses(s):
+        here = reads(s) + ([on_access(s.ref, s.index, s.src)] if id(s.ref.field) in fields else [])
         return [c for checks in here for c in checks]
-    body = without_effects(loop.body, lambda s: bool(accesses(s)), accesses)
-    return _numbered(loop, _reads_checked(body, reads), number)
+    return _reads_checked(without_effects(stmts, lambda s: bool(accesses(s)), accesses), reads)
 
 
 def _reads_checked(stmts, reads):
@@ -264,17 +286,48 @@ def _element_number(ref, index):
     return number
 
 
-def _clear_pass(ref, found, record, p, ndim, names):
-    owner, other = _claim_fields(ref)
+def _record(ref, found, record, p, ndim):
+    """Where p found an element: its index (from its number, row-major) and its two claimants
+    into record[p] (a serial statement between the loops)."""
+    row = B.const(p, "i32")
+    number = B.sub(B.load(found, (row,)), B.const(1, "i32"))
+    index, stride = [], 1
+    for d in range(len(ref.shape) - 1, -1, -1):
+        lo, hi = ref.bounds()[d]
+        e = B.call("floordiv", number, B.const(stride, "i32")) if stride > 1 else number
+        e = B.call("mod", e, B.const(hi - lo, "i32")) if d else e
+        index.insert(0, B.add(e, B.const(lo, "i32")))
+        stride *= hi - lo
+    index = tuple(index)
+    keep = [N.Store(record, (row, B.const(d, "i32")), e) for d, e in enumerate(index)]
+    keep += [N.Store(record, (row, B.const(ndim + d, "i32")), B.sub(B.load(f, index), B.const(1, "i32")))
+             for d, f in enumerate(_claim_fields(ref))]
+    return N.If(B.call("gt", B.load(found, (row,)), B.const(0, "i32")), tuple(keep))
 
+
+def _few_iterations(loop, refs):
+    """Whether the loop runs at most a quarter as many iterations as each of the fields has
+    elements (constant bounds): its helper fields are then cleared where it reached them, not
+    over every element."""
+    trips = 1
+    for lo, hi in loop.bounds:
+        if not (isinstance(lo, N.Const) and isinstance(hi, N.Const)):
+            return False
+        trips *= max(0, hi.value - lo.value)
+    return all(4 * trips <= _size(ref) for ref in refs)
+
+
+def _size(ref):
+    n = 1
+    for extent in ref.shape:
+        n *= extent
+    return n
+
+
+def _clear_pass(ref, names):
+    """The helper fields cleared over every element of ref's field."""
     def body(index):
-        row = B.const(p, "i32")
-        keep = [N.Store(record, (row, B.const(d, "i32")), e) for d, e in enumerate(index)]
-        keep += [N.Store(record, (row, B.const(ndim + d, "i32")), B.sub(B.load(f, index), B.const(1, "i32")))
-                 for d, f in enumerate((owner, other))]
-        one = B.add(_element_number(ref, index), B.const(1, "i32"))
-        return [N.If(B.call("eq", one, B.load(found, (row,))), tuple(keep)),
-                N.Store(owner, index, B.const(0, "i32")), N.Store(other, index, B.const(0, "i32"))]
+        return [N.Store(f, index, B.const(0, "i32")) for f in _claim_fields(ref)]
     return element_pass(ref, body, names, None)
 
 
