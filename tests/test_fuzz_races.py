@@ -33,7 +33,7 @@ from harness import check, load_module, signature
 
 N = 6
 LONG = os.environ.get("KERNDIFF_FUZZ") == "long"
-PROFILE = settings(max_examples=int(os.environ.get("KERNDIFF_FUZZ_N", 10000)) if LONG else 25, deadline=None,
+PROFILE = settings(max_examples=int(os.environ.get("KERNDIFF_FUZZ_N", 10000)) if LONG else 40, deadline=None,
                    derandomize=os.environ.get("CI") == "true" and not LONG, suppress_health_check=list(HealthCheck))
 _tmp = tempfile.mkdtemp(prefix="kerndiff_fuzz_races_")
 

@@ -345,3 +345,32 @@ def test_a_short_loop_into_a_large_field_clears_only_what_it_reached(f):
             check(deposit, "reverse")
     source = deposit.reverse._compiled({})["store_checks"][0].source
     assert "for e0" not in source and "grid_owner[rows[i], cols[i]] = 0" in source, source
+
+
+def test_an_index_too_long_to_evaluate_is_checked_at_run_time(f):
+    """ad.races decides an index of loop variables by evaluating it over their ranges, up to
+    4,096 combinations; past that it stood aside, and `z[(2 * i) % n]` over n iterations (i and
+    i + n / 2 share an element) returned a wrong gradient without a word. Undecided indices are
+    now checked at run time; a strided index it decides (`z[2 * i]`) gets no check."""
+    n = 5000
+    x, z = ti.field(ti.f64, shape=n), ti.field(ti.f64, shape=n)
+    x.from_numpy(np.linspace(0.2, 0.9, n))
+
+    @kd.kernel
+    def doubled():
+        for i in range(n):
+            z[(2 * i) % n] = x[i] * x[i]
+
+    @kd.kernel
+    def strided():
+        for i in range(n // 2):
+            z[2 * i] = x[i] * x[i]
+
+    doubled()
+    raises(doubled.reverse, "both reach z[", line_text="z[(2 * i) % n] = x[i] * x[i]")
+    strided()
+    kd.adjoint(x).fill(0)
+    kd.adjoint(z).fill(1.0)
+    strided.reverse()
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy()[: n // 2], 2 * x.to_numpy()[: n // 2], rtol=1e-12)
+    assert strided.reverse._compiled({})["store_checks"] == []

@@ -43,7 +43,7 @@ from ..runtime.registry import REGISTRY
 from .activity import read_refs, written_fields
 from .minmax import element_pass
 from .names import NameAllocator
-from .races import OVERWRITTEN, own_element
+from .races import OVERWRITTEN, one_to_one, own_element, stores_with_conditions
 
 
 @dataclasses.dataclass
@@ -58,20 +58,18 @@ class Watched:
 
 
 def watched_stores(loop, has_adjoint):
-    """The stores of a top-level parallel loop that two iterations may share by the data: into a
-    float field whose adjoint the reverse reads, of a value read from float fields, at an index
-    that is not each loop variable's own shift and that reads a field, a local the loop assigns
-    (`k = perm[i]`, a while loop's counter) or an inner loop's variable of run-time bounds, or
-    whose field the loop also adds into or reads (`z[i % 3] += ...` beside `if i % 2 == 0: z[i %
-    3] = ...`: ad.races lets the same index pass as one iteration's element, and here it is not).
-    Stores alone at indices of loop variables and constants ad/races.py decides statically."""
+    """The stores of a top-level parallel loop that two iterations may share: into a float field
+    whose adjoint the reverse reads, of a value read from float fields, at an index that
+    ad.races.one_to_one cannot show reaches each element from one iteration at most (it reads a
+    field, `z[perm[i]]`, or a local the loop assigns, a while loop's counter; an inner loop's
+    variable of run-time bounds; more combinations than it evaluates), or whose field the loop
+    also adds into or reads elsewhere (`z[i % 3] += ...` beside `if i % 2 == 0: z[i % 3] = ...`:
+    ad.races lets the same index pass as one iteration's element, and here it is not). What
+    ad.races decides shared it has refused already."""
     if not (isinstance(loop, N.For) and loop.parallel and not loop.serialize):
         return []
-    assigned = assigned_names(loop.body)
-    if any(v in assigned for v in loop.vars):
+    if any(v in assigned_names(loop.body) for v in loop.vars):
         return []
-    undecided = assigned | {v for s in iter_stmts(loop.body) if isinstance(s, N.For)
-                            and not all(isinstance(e, N.Const) for b in s.bounds for e in b) for v in s.vars}
     varying = _reading_float_fields(loop)
     touched = {}  # id(field) -> how many statements of the loop store, add into or read it
     for s in iter_stmts(loop.body):
@@ -81,13 +79,12 @@ def watched_stores(loop, has_adjoint):
         for f in fields:
             touched[f] = touched.get(f, 0) + 1
     out = []
-    for s in iter_stmts(loop.body):
-        if not isinstance(s, N.Store) or not s.ref.dtype.startswith("f") or not varying(s.value):
+    for s, conds, inner_loops in stores_with_conditions(loop.body, ()):
+        if not s.ref.dtype.startswith("f") or not varying(s.value) or not has_adjoint(s.ref):
             continue
-        if not has_adjoint(s.ref) or own_element(s.index, s.index, loop):
+        if own_element(s.index, s.index, loop):
             continue
-        if any(isinstance(x, N.Load) for e in s.index for x in iter_expr(e)) or \
-                any(x.name in undecided for e in s.index for x in vars_in(e)) or touched[id(s.ref.field)] > 1:
+        if touched[id(s.ref.field)] > 1 or not one_to_one(s, loop, inner_loops, conds):
             out.append(s)
     return out
 

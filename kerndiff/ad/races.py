@@ -208,7 +208,7 @@ def _check_stores_reached_by_several(loop):
     its definitions read, field loads' indices included (`k = perm[i]; z[k] = ...` is a
     permutation's store, which README.md documents)."""
     depends = _loop_var_dependence(loop)
-    for store, conds, inner_loops in _stores_with_conditions(loop.body, ()):
+    for store, conds, inner_loops in stores_with_conditions(loop.body, ()):
         if not store.ref.dtype.startswith("f") or isinstance(store.value, N.Const):
             continue
         folded = _folded_loop_var(store, loop)
@@ -247,7 +247,7 @@ def _check_stores_reached_by_several(loop):
                            f"loop over {v} serial (ti.loop_config(serialize=True)) if the last one is meant")
 
 
-def _stores_with_conditions(stmts, conds, loops=()):
+def stores_with_conditions(stmts, conds, loops=()):
     """(store, conditions of the `if`s around it, negated for `else`, the inner loops around it)
     for the stores in stmts; a statement after `if c: continue` (or break, return) holds `not c`."""
     for s in stmts:
@@ -255,8 +255,8 @@ def _stores_with_conditions(stmts, conds, loops=()):
             yield s, conds, loops
         elif isinstance(s, N.If):
             negated = N.Call(dtype="i32", op="not", args=(s.cond,))
-            yield from _stores_with_conditions(s.then, conds + (s.cond,), loops)
-            yield from _stores_with_conditions(s.orelse, conds + (negated,), loops)
+            yield from stores_with_conditions(s.then, conds + (s.cond,), loops)
+            yield from stores_with_conditions(s.orelse, conds + (negated,), loops)
             leaves = (N.Continue, N.Break, N.Return)
             if any(isinstance(t, leaves) for t in s.then):
                 conds = conds + (negated,)
@@ -264,10 +264,28 @@ def _stores_with_conditions(stmts, conds, loops=()):
                 conds = conds + (s.cond,)
         else:
             for b in blocks_of(s):
-                yield from _stores_with_conditions(b, conds, loops + (s,))
+                yield from stores_with_conditions(b, conds, loops + (s,))
 
 
 def _shared_by_iterations(store, loop, inner_loops, conds=(), limit=4096):
+    """A loop variable two different iterations of which certainly reach one element at
+    `store`, or None (see _evaluated_sharing)."""
+    return _evaluated_sharing(store, loop, inner_loops, conds, limit)[1]
+
+
+def one_to_one(store, loop, inner_loops, conds=(), limit=4096):
+    """Whether no two different iterations of the loop reach one element at `store`, as decided
+    by its index alone: each loop variable its own shift, or the evaluation below finding no
+    element twice. False where that is not decided (a field load, a local, too many
+    combinations): ad/claims.py then checks at run time."""
+    if any(not all(isinstance(e, N.Const) for b in lp.bounds for e in b) for lp in inner_loops
+           if isinstance(lp, N.For)):
+        return own_element(store.index, store.index, loop)  # (run-time bounds were taken as two trips)
+    decided, shared = _evaluated_sharing(store, loop, inner_loops, conds, limit)
+    return decided and shared is None
+
+
+def _evaluated_sharing(store, loop, inner_loops, conds=(), limit=4096):
     """A loop variable v two different iterations of which certainly store into one element at
     `store` if both get there (`z[(i + j) % 6]` for j in range(2), `z[i // 2]`), found by
     evaluating the index over every combination of the loops' constant ranges (an inner loop of
@@ -276,26 +294,27 @@ def _shared_by_iterations(store, loop, inner_loops, conds=(), limit=4096):
     those variables alone rules out (`if i % 2 == 0:`; a condition on data may hold); None when none
     do, or when the index reads anything but those loops' variables and constants (a field
     load, a local: not decided here), or has more than `limit` combinations to evaluate (a
-    transform-time bound: about 10 ms)."""
+    transform-time bound: about 10 ms). Returned as (decided, that variable or None): decided is
+False where the evaluation stood aside."""
     if own_element(store.index, store.index, loop):
-        return None  # (each variable a shift in a dimension of its own: nothing to evaluate)
+        return True, None  # (each variable a shift in a dimension of its own: nothing to evaluate)
     loops = (loop,) + tuple(inner_loops)
     ranges = {}
     for lp in loops:
         if not isinstance(lp, N.For):
-            return None
+            return False, None
         reassigned = assigned_names(lp.body)
         for v, (lo, hi) in zip(lp.vars, lp.bounds):
             if not isinstance(lo, N.Const) or v in reassigned or (lp is loop and not isinstance(hi, N.Const)):
-                return None
+                return False, None
             # an inner loop of run-time bounds: two trips (should it run them, iterations share)
             ranges[v] = range(lo.value, hi.value if isinstance(hi, N.Const) else lo.value + 2)
     names = {x.name for e in store.index for x in vars_in(e)}
     if not names <= set(ranges) or any(isinstance(x, N.Load) for e in store.index for x in iter_expr(e)):
-        return None
+        return False, None
     order = sorted(names)
     if not names & set(loop.vars):
-        return None  # (_check_stores_reached_by_several's case)
+        return False, None  # (_check_stores_reached_by_several's case)
 
     def value(e, env):
         if isinstance(e, N.Const):
@@ -316,7 +335,7 @@ def _shared_by_iterations(store, loop, inner_loops, conds=(), limit=4096):
     for v in order:
         total *= len(ranges[v])
     if total > limit:
-        return None
+        return False, None
     for combo in product(*(ranges[v] for v in order)):
         env = dict(zip(order, combo))
         # a condition on the loop variables alone is decided; one on data may hold
@@ -324,12 +343,12 @@ def _shared_by_iterations(store, loop, inner_loops, conds=(), limit=4096):
             continue
         element = tuple(value(e, env) for e in store.index)
         if any(x is None for x in element):
-            return None
+            return False, None
         iteration = tuple(env.get(v) for v in loop.vars)
         seen = first.setdefault(element, iteration)
         if seen != iteration:
-            return next(v for v, a, b in zip(loop.vars, seen, iteration) if a != b)
-    return None
+            return True, next(v for v, a, b in zip(loop.vars, seen, iteration) if a != b)
+    return True, None
 
 
 def _names_outside_loads(e, v):
