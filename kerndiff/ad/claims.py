@@ -155,7 +155,7 @@ def _build(ir, body, watched):
             out.extend(_record(stores[0].ref, found, record, p, ndim) for p, stores in mine)
             refs = [stores[0].ref for _, stores in mine]
             if _few_iterations(s, refs):
-                out.append(_clear_loop(s, mine, names))
+                out.append(_clear_loop(s, mine))
             else:
                 out.extend(e for ref in refs for e in _clear_pass(ref, names))
             for p, stores in mine:
@@ -239,7 +239,7 @@ def _verify_loop(loop, watched, names, found):
     return _numbered(loop, _at_accesses(loop.body, set(p_of), check), number)
 
 
-def _clear_loop(loop, watched, names):
+def _clear_loop(loop, watched):
     """The loop recomputed, the helper fields cleared at each element a watched field's access
     reaches: for a loop of far fewer iterations than the field has elements."""
     def clear(ref, index, src):
