@@ -32,6 +32,7 @@ each reads what it stored itself, which the field holds at the end.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 from ..errors import KernDiffError
@@ -311,14 +312,7 @@ def _few_iterations(loop, refs):
         if not (isinstance(lo, N.Const) and isinstance(hi, N.Const)):
             return False
         trips *= max(0, hi.value - lo.value)
-    return all(4 * trips <= _size(ref) for ref in refs)
-
-
-def _size(ref):
-    n = 1
-    for extent in ref.shape:
-        n *= extent
-    return n
+    return all(4 * trips <= math.prod(ref.shape) for ref in refs)
 
 
 def _clear_pass(ref, names):
