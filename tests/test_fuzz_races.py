@@ -15,6 +15,8 @@ mixing the loop variable with a local counted in a while loop (`j = 0; while j <
 6] = ...`), whose counter has no range for ad.races to evaluate, and in an inner loop of run-time
 bounds run three times (`m[None]` is 3), where ad.races evaluates two trips. Before, README.md
 documented the first as taken to come from one iteration, and the other two as not decided.
+A second generator draws the same rows in a two-dimensional loop (`for i, j in ti.ndrange(6,
+2)`, columns `j`, `0` or `1 - j`), where ad.claims numbers iterations row-major.
 Profiles as in test_fuzz.py: short by default (derandomized under CI=true),
 KERNDIFF_FUZZ=long (KERNDIFF_FUZZ_N examples).
 """
@@ -48,6 +50,7 @@ def fields():
     made["perm"] = ti.field(ti.i32, shape=N)
     made["rep"] = ti.field(ti.i32, shape=N)
     made["m"] = ti.field(ti.i32, shape=())
+    made.update({name: ti.field(ti.f64, shape=(N, 2)) for name in ("x2", "z2", "y2")})
     yield made
     ti.reset()
 
@@ -60,6 +63,9 @@ def starting_values(fields):
     fields["perm"].from_numpy(np.array([2, 0, 5, 1, 3, 4], dtype=np.int32))
     fields["rep"].from_numpy(np.array([1, 1, 3, 0, 4, 4], dtype=np.int32))
     fields["m"][None] = 3  # (one trip more than ad.races assumes for run-time bounds: see the docstring)
+    fields["x2"].from_numpy(np.linspace(0.2, 0.7, 2 * N).reshape(N, 2))
+    fields["z2"].from_numpy(np.linspace(0.5, 1.0, 2 * N).reshape(N, 2))
+    fields["y2"].fill(0)
 
 
 def statement(rand):
@@ -98,8 +104,31 @@ def draw_kernel(seed):
     return src
 
 
-def check_races(fields, seed):
-    src = draw_kernel(seed)
+def statement_2d(rand):
+    """Lines of one statement of a two-dimensional loop's body over `for i, j in ti.ndrange(6,
+    2)`: rows shared as above, columns the iteration's own or not (`0`, `1 - j`)."""
+    kind = rand.choice(["store", "store", "add", "read", "guarded"])
+    at = f"z2[{rand.choice(SHARED)}, {rand.choice(['j', 'j', '0', '1 - j'])}]"
+    value = rand.choice(["ti.sin(x2[i, j])", "x2[i, j] * x2[i, j]", "x2[i, j] * 2.0 + 0.5"])
+    if kind == "store":
+        return [f"{at} = {value}"]
+    if kind == "add":
+        return [f"{at} += {value}"]
+    if kind == "read":
+        return [f"y2[i, j] = {at} * x2[i, j]"]
+    return [rand.choice(["if x2[i, j] > 0.45:", "if j == 0:", "if i % 2 == 0:"])] + \
+        ["    " + line for line in statement_2d(rand)]
+
+
+def draw_kernel_2d(seed):
+    rand = random.Random(seed)
+    body = [line for _ in range(rand.randint(2, 3)) for line in statement_2d(rand)]
+    return "import taichi as ti\n\n\ndef kernel():\n    for i, j in ti.ndrange(6, 2):\n" + \
+        "".join(f"        {line}\n" for line in body)
+
+
+def check_races(fields, seed, draw=draw_kernel):
+    src = draw(seed)
     k = kd.kernel(load_module(src, fields, _tmp, "race_kernel").kernel)
     starting_values(fields)
     k()
@@ -125,6 +154,13 @@ OUTCOMES = []
 @given(seed=st.integers(0, 2 ** 32 - 1))
 def test_random_races(fields, seed):
     check_races(fields, seed)
+
+
+@PROFILE
+@given(seed=st.integers(0, 2 ** 32 - 1))
+def test_random_races_in_two_dimensions(fields, seed):
+    """ad.claims numbers an ndrange's iterations row-major and decodes the elements it names."""
+    check_races(fields, seed, draw_kernel_2d)
 
 
 def test_both_outcomes_were_drawn():
