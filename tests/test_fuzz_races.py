@@ -94,14 +94,10 @@ def statement(rand):
     return ["for j in range(m[None]):", f"    z[{index}] = x[i] * x[j] + {rand.choice(VALUES)}"]
 
 
-def draw_kernel(seed):
+def draw_kernel(seed, statement_of=statement, head="for i in range(6):"):
     rand = random.Random(seed)
-    body = []
-    for _ in range(rand.randint(2, 3)):
-        body.extend(statement(rand))
-    src = "import taichi as ti\n\n\ndef kernel():\n    for i in range(6):\n" + \
-          "".join(f"        {line}\n" for line in body)
-    return src
+    body = [line for _ in range(rand.randint(2, 3)) for line in statement_of(rand)]
+    return f"import taichi as ti\n\n\ndef kernel():\n    {head}\n" + "".join(f"        {line}\n" for line in body)
 
 
 def statement_2d(rand):
@@ -121,10 +117,7 @@ def statement_2d(rand):
 
 
 def draw_kernel_2d(seed):
-    rand = random.Random(seed)
-    body = [line for _ in range(rand.randint(2, 3)) for line in statement_2d(rand)]
-    return "import taichi as ti\n\n\ndef kernel():\n    for i, j in ti.ndrange(6, 2):\n" + \
-        "".join(f"        {line}\n" for line in body)
+    return draw_kernel(seed, statement_2d, "for i, j in ti.ndrange(6, 2):")
 
 
 def check_races(fields, seed, draw=draw_kernel):
