@@ -7,6 +7,7 @@ function gives a device function (funcs.py).
 from __future__ import annotations
 
 from .errors import KernDiffError
+from .frontend.values import is_field
 from .funcs import DeviceFunction, as_device_function, func
 from .runtime.kernel import Kernel, kernel
 from .runtime.registry import REGISTRY
@@ -15,7 +16,6 @@ __all__ = ["kernel", "func", "dual", "adjoint", "forward", "reverse", "backward"
 
 
 def _check_field(f, what):
-    from .frontend.lower import is_field
     if not is_field(f):
         raise not_a_field(f, f"{what} takes a Taichi field")
 

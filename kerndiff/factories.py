@@ -11,6 +11,7 @@ import contextlib
 import numpy as np
 
 from .errors import KernDiffError
+from .frontend.values import is_field
 from .ir.types import from_taichi, is_float
 from .runtime.registry import REGISTRY
 
@@ -47,7 +48,6 @@ def zero(f):
 
 class _Factory:
     def __init__(self, kernel, inputs, output, args):
-        from .frontend.lower import is_field
         if inputs is None or output is None:
             raise KernDiffError("inputs and output are both needed", remedy="pass inputs=[fields...] and output=field")
         inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]

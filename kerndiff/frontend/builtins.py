@@ -10,6 +10,7 @@ import taichi as ti
 from ..ir import build as B
 from ..ir.types import is_float
 from . import vec as V
+from .values import Method
 from .vec import Vec
 
 UNARY_MATH = ["sin", "cos", "tan", "asin", "acos", "atan", "exp", "log", "sqrt", "rsqrt", "tanh", "floor",
@@ -208,7 +209,6 @@ VECTOR_METHODS = ("norm", "norm_sqr", "norm_inv", "normalized", "dot", "cross", 
 def _unbound_method(name):
     def handler(lw, node, args, kwargs):
         from .calls import vec_method
-        from .lower import Method
         return vec_method(lw, Method(name, lw.vec(args[0], node)), args[1:], kwargs, node)
     return handler
 

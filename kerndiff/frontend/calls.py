@@ -12,6 +12,7 @@ from . import builtins as BI
 from . import vec as V
 from .loops import RangeSpec, field_spec, ndrange_spec, range_spec
 from .source import assigned_names, parse_function
+from .values import Local, Method, StructMethod, StructValue, is_field
 from .vec import Vec
 
 MAX_INLINE_DEPTH = 32
@@ -37,11 +38,8 @@ def compile_time_call(lw, fn, args, kwargs, node):
 
 
 def lower_call(lw, fn, args, kwargs, node):
-    from .lower import Method, is_field
-
     if isinstance(fn, Method):
         return vec_method(lw, fn, args, kwargs, node)
-    from .lower import StructMethod
     if isinstance(fn, StructMethod):
         return inline_function(lw, unwrap_ti_func(fn.fn), [fn.target] + list(args), kwargs, node,
                                self_by_reference=True)
@@ -138,7 +136,6 @@ def struct_value(lw, stype, args, kwargs, node):
     from taichi.lang.struct import StructType
 
     from ..ir.types import from_taichi
-    from .lower import StructValue
 
     members = {}
     for k, (name, dtype) in enumerate(stype.members.items()):
@@ -222,7 +219,7 @@ def inline_function(lw, pyfn, args, kwargs, node, self_by_reference=False):
 
     self_by_reference: the first argument is a dataclass method's `self`, which Taichi passes by
     reference (the method's `self.m = ...` changes the caller's struct)."""
-    from .lower import Local, Lowerer, StructValue
+    from .lower import Lowerer
 
     if len(_chain(lw)) > MAX_INLINE_DEPTH:
         raise lw.error(node, "functions nest too deeply (recursion?)", "kerndiff inlines functions; avoid recursion")

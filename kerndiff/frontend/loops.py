@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..ir import build as B
 from ..ir import nodes as N
+from .values import Local, is_field
 from .vec import Vec
 
 
@@ -53,14 +54,12 @@ def field_spec(fieldv):
 def _carries_outer_locals(lw, node):
     """Whether the loop's body assigns a local bound before it other than by += / -= (which
     a parallel loop reduces atomically): the value then carries from one trip to the next."""
-    from .lower import Local
     from .source import assigned_names
     body = ast.Module(body=node.body, type_ignores=[])
     return any(isinstance(lw.scope.get(n), Local) for n in assigned_names(body, sums=False))
 
 
 def lower_for(lw, node):
-    from .lower import Local, is_field
 
     if node.orelse:
         raise lw.error(node, "for/else is not supported", "use a flag")
