@@ -26,6 +26,8 @@ FUNCS = {"sin": "ti.sin", "cos": "ti.cos", "tan": "ti.tan", "asin": "ti.asin", "
          "min": "ti.min", "max": "ti.max", "atan2": "ti.atan2", "select": "ti.select",
          "isnan": "ti.math.isnan", "isinf": "ti.math.isinf", "popcnt": "ti.math.popcnt", "clz": "ti.math.clz",
          "tanh_via_exp": "tanh_via_exp"}  # the last: codegen.cpu_math's (opt.cpu_math)
+# opt.element_groups' calls of four elements: first op -> (codegen.cpu_math's helper, ops of its results per element)
+GROUPED_CALLS = {"sincos4_sin": ("sincos4", ("sincos4_sin", "sincos4_cos")), "exp4": ("exp4", ("exp4",))}
 TAG_WORDS = {"tangent": "tangent of", "adjoint": "adjoint of", "recompute": "recompute",
              "hoist": "read once, before", "checkpoint": "checkpoints of"}
 
@@ -287,8 +289,8 @@ class Emitter:
                 self.sincos(s, stmts[i + 1], pad)  # opt.cpu_math puts the cosine right after
                 skip_to = i + 2
                 continue
-            if isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op == "sincos4_sin":
-                skip_to = i + self.sincos4(stmts[i:], pad)  # opt.element_groups: eight in a row
+            if isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op in GROUPED_CALLS:
+                skip_to = i + self.grouped_call(stmts[i:], pad)  # opt.element_groups: in a row
                 continue
             if not path and isinstance(s, N.For):  # a parallel loop
                 refs, sums = component_refs(s), scalar_sums(s)
@@ -319,15 +321,17 @@ class Emitter:
         assert cos_stmt.value.op == "sincos_cos" and cos_stmt.value.args == sin_stmt.value.args
         self.lines.append(f"{pad}{sin_stmt.name}, {cos_stmt.name} = sincos({self.expr(sin_stmt.value.args[0])})")
 
-    def sincos4(self, stmts, pad):
-        """`s, c, s_1, c_1, ... = sincos4(e, e_1, ...)`: the sines and cosines of four elements
-        from one call (opt.element_groups); returns how many statements that took."""
-        count = 2 * (len(stmts[0].value.args) - 1)
+    def grouped_call(self, stmts, pad):
+        """`s, c, s_1, c_1, ... = sincos4(e, e_1, ...)` or `v, v_1, ... = exp4(e, e_1, ...)`: a
+        function of four elements from one call (opt.element_groups), whose statements come in a
+        row; returns how many statements that took."""
+        helper, ops = GROUPED_CALLS[stmts[0].value.op]
+        count = len(ops) * (len(stmts[0].value.args) - 1)
         group = stmts[:count]
-        assert all(t.value.op == ("sincos4_sin", "sincos4_cos")[k % 2] and t.value.args[:-1] == group[0].value.args[:-1]
-                   and t.value.args[-1].value == k // 2 for k, t in enumerate(group))
+        assert all(t.value.op == ops[k % len(ops)] and t.value.args[:-1] == group[0].value.args[:-1]
+                   and t.value.args[-1].value == k // len(ops) for k, t in enumerate(group))
         args = ", ".join(self.expr(a) for a in group[0].value.args[:-1])
-        self.lines.extend(_wrapped(pad, [", ".join(t.name for t in group) + f" = sincos4({args})"], ""))
+        self.lines.extend(_wrapped(pad, [", ".join(t.name for t in group) + f" = {helper}({args})"], ""))
         return count
 
     def stmt(self, s, indent, path, i):

@@ -71,6 +71,21 @@ def takes_sin_or_cos(stmts) -> bool:
                for s in stmts for e in expr_children_of_stmt(s) for x in iter_expr(e))
 
 
+def takes_exp(stmts) -> bool:
+    """Some statement of stmts assigns an f32 exponential to a local (`t1 = ti.exp(y[i])`)."""
+    return any(_exp_assignment(s) for s in stmts)
+
+
+def free_exps(stmts, context) -> set:
+    """The positions in stmts of the assignments of an f32 exponential whose values feed
+    derivatives alone (opt.element_groups computes four of them from one codegen.cpu_math.exp4)."""
+    return {k for k, s in enumerate(stmts) if _exp_assignment(s) and context.free(s)}
+
+
+def _exp_assignment(s):
+    return isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op == "exp" and _ours(s.value)
+
+
 def with_lone_pairs(stmts, context) -> tuple:
     """stmts (the straight-line body of a loop that opt.element_groups runs four elements per pass)
     with each sine or cosine that feeds derivatives alone and has no partner computed by a pair all
