@@ -467,9 +467,11 @@ def _group_bodies():
         b = draw(_group_expr(2, ["a"]))
         out = draw(_group_expr(2, ["a", "b"]))
         total = draw(_group_expr(1, ["a", "b"]))
-        # a * a: the reverse needs the sine and the cosine of one value, so there is a pair to group
-        return "\n".join([f"a = ti.sin(x[i] + {a})", f"b = {b}", f"out[i] = a * a * ({out})",
-                          f"loss[None] += {total}"])
+        c = draw(_group_expr(1, ["b"]))
+        # a * a: the reverse needs the sine and the cosine of one value, so there is a pair to group;
+        # c, an exponential the reverse reads as a value and as its own derivative, comes from exp4
+        return "\n".join([f"a = ti.sin(x[i] + {a})", f"b = {b}", f"c = ti.exp(0.5 * y[i] + 0.25 * ({c}))",
+                          f"out[i] = a * a * ({out}) + c * c", f"loss[None] += {total}"])
     return bodies()
 
 
@@ -487,8 +489,9 @@ def group_fields():
 
 
 def test_random_elementwise_bodies_give_the_same_derivatives_four_per_pass(group_fields, tmp_path_factory):
-    """Random straight-line bodies (gathers, a local read by the next, a store and a sum): their
-    reverse four elements per pass against the same kernel one element per pass and Taichi's grad."""
+    """Random straight-line bodies (gathers, a local read by the next, an exponential, a store and
+    a sum): their reverse four elements per pass against the same kernel one element per pass and
+    Taichi's grad."""
     from hypothesis import HealthCheck, given, settings
 
     tmp = tmp_path_factory.mktemp("grouped")
@@ -511,7 +514,7 @@ def test_random_elementwise_bodies_give_the_same_derivatives_four_per_pass(group
         fn, src = load_elementwise(body, f, tmp)
         grouped = kd.kernel(fn)
         got = gradients(grouped, grouped.reverse)
-        assert "sincos4(" in grouped.reverse.source, src
+        assert "sincos4(" in grouped.reverse.source and "exp4(" in grouped.reverse.source, src
         with _one_element_per_pass():
             single = kd.kernel(fn)
             expected = gradients(single, single.reverse)
