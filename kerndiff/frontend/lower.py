@@ -44,6 +44,10 @@ def _kind(value):
 
 
 class Lowerer(Assignments, Expressions):
+    """The visitor of one kernel or inlined function: its scope of names, the blocks being built,
+    and what the loops and reductions around the current statement are (frontend.assign and
+    frontend.exprs hold its assignment and expression methods)."""
+
     def __init__(self, src: Source, scope: dict, names: NameAllocator, parent=None):
         self.src = src
         self.scope = scope
