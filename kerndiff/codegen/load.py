@@ -54,23 +54,30 @@ def field_names(ir: N.KernelIR, taken: set, refs=None) -> dict:
     return out
 
 
-def generate(ir: N.KernelIR, fn_name: str):
-    """(source text, globals dict) for the kernel."""
+def generate_bound(ir: N.KernelIR, fn_name: str):
+    """(source text, {global name: field}, {global name: (field, component)}): the source and
+    what its global names stand for, apart, so that runtime.offline_cache can keep the names'
+    meanings on disk and bind them to another process's fields."""
     from ..ir.walk import assigned_names, used_names
 
     locals_ = assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params} | {fn_name}
     refs = collect_fields(ir)
     names = field_names(ir, locals_, refs)
     src, components = emit_kernel(ir, names, fn_name, taken=locals_ | {"ti"} | set(HELPERS))
+    return src, {names[id(r.field)]: r.field for r in refs}, components
+
+
+def bind_globals(src: str, fields: dict, components: dict) -> dict:
+    """The globals a generated kernel's source runs with: ti, the helpers it calls, its fields
+    and the scalar fields of the components it reads apart (codegen.components)."""
     g = {"ti": ti}
     for name, module in HELPERS.items():
         if f"{name}(" in src:
             g[name] = getattr(importlib.import_module(module, __package__), name)
-    for r in refs:
-        g[names[id(r.field)]] = r.field
+    g.update(fields)
     for name, (field, component) in components.items():
         g[name] = field.get_scalar_field(*component)
-    return src, g
+    return g
 
 
 def compile_source(src: str, g: dict, fn_name: str):

@@ -19,6 +19,7 @@ from taichi.lang import impl
 
 from ..errors import KernDiffError
 from ..ir.types import from_taichi, is_float
+from . import offline_cache  # (its digest of kerndiff's sources is read at import)
 from .cache import CACHE
 from .equal_fields import fields_equal
 from .registry import REGISTRY
@@ -263,18 +264,29 @@ class Kernel:
         """(compiled Taichi kernel, its source) for this kernel's transformed IR `ir` (plain: a
         helper kernel of its own, finalized as a primal); the time since t0, less Taichi's part
         of it, counts as kerndiff's transform time."""
-        from ..codegen.load import compile_source, generate
+        from ..codegen.load import bind_globals, compile_source, generate_bound
         from ..opt.finalize import finalize
         from ..codegen.backend import check_backend
         check_backend(ir)
         fn_name = ir.name
         if plain:
-            src, g = generate(finalize(ir), fn_name)
+            options = {"plain": True}
+
+            def make(private_copies):
+                return generate_bound(finalize(ir), fn_name)
         else:
             derivative = (lambda f: id(f) in REGISTRY.parents) if self.path else None
             on_cpu = impl.current_cfg().arch in (ti.x64, ti.arm64)
-            src, g = generate(finalize(ir, _scatter_config(self), derivative,
-                                       cpu_math=on_cpu and derivative is not None), fn_name)
+            cpu_math = on_cpu and derivative is not None
+            scatter = _scatter_config(self)
+            options = {"derived": derivative is not None, "cpu_math": cpu_math,
+                       "scatter_threads": None if scatter is None else scatter[0]}
+
+            def make(private_copies):
+                with_copies = None if scatter is None else (scatter[0], private_copies, scatter[2])
+                return generate_bound(finalize(ir, with_copies, derivative, cpu_math=cpu_math), fn_name)
+        src, bound, components = offline_cache.generated(ir, fn_name, options, make, REGISTRY)
+        g = bind_globals(src, bound, components)
         fields = REGISTRY.taichi_seconds - fields0
         TIMINGS["transform"] += time.perf_counter() - t0 - fields
         TIMINGS["fields"] += fields
