@@ -227,7 +227,9 @@ def spring_simulation(ti, kd, dtype, steps, posv, endsv, restv):
 # ----------------------------------------------------------------------------- compile latency
 def compile_latency(args):
     """First-call latency for primal, reverse and reverse.forward of W2, split into kerndiff's
-    transform time and the rest (Taichi's compile plus one launch)."""
+    transform time and the rest (Taichi's compile plus one launch). With --cache-dir, Taichi's
+    offline cache and kerndiff's (runtime/offline_cache.py, in <dir>/kerndiff) live there;
+    KERNDIFF_OFFLINE_CACHE=0 leaves kerndiff's off."""
     rng = np.random.default_rng(0)
     posv, endsv, restv = spring_data(True, rng)
     P, S = len(posv), len(endsv)

@@ -39,10 +39,10 @@ TARGETS = [  # (description, numerator, denominator, limit)
 ]
 
 
-def run_workload(name, args, extra=()):
+def run_workload(name, args, extra=(), env_extra=None):
     cmd = [sys.executable, "-m", "bench.workloads", name, "--arch", args.arch] + (["--quick"] if args.quick else [])
     cmd += list(extra) + (["--systems", args.systems] if args.systems else []) + ["--reps", str(args.reps)]
-    env = dict(os.environ)
+    env = dict(os.environ, **(env_extra or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -180,8 +180,13 @@ def main():
     for name in names:
         if name == "compile":
             cache = tempfile.mkdtemp(prefix="kerndiff_ticache_")
-            rows += run_workload("compile", args, ["--cache-dir", cache, "--cache-label", "cold"])
-            rows += run_workload("compile", args, ["--cache-dir", cache, "--cache-label", "warm"])
+            # both offline caches (Taichi's compiled kernels, kerndiff's generated source, in one
+            # folder) empty, then warm; then Taichi's warm and kerndiff's off: all of the transform
+            on = {"KERNDIFF_OFFLINE_CACHE": "1"}
+            rows += run_workload("compile", args, ["--cache-dir", cache, "--cache-label", "cold"], on)
+            rows += run_workload("compile", args, ["--cache-dir", cache, "--cache-label", "warm"], on)
+            rows += run_workload("compile", args, ["--cache-dir", cache, "--cache-label", "Taichi's warm, kerndiff's off"],
+                                 {"KERNDIFF_OFFLINE_CACHE": "0"})
         else:
             rows += run_workload(name, args)
         print(f"[bench] {name} done", file=sys.stderr, flush=True)

@@ -445,7 +445,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--arch", default="cpu")
     p.add_argument("--cache-dir", default=None, help="compile latency: Taichi offline cache directory")
-    p.add_argument("--cache-label", default="off", help="compile latency: cold / warm / off")
+    p.add_argument("--cache-label", default="off", help="compile latency: which caches are warm")
     p.add_argument("--systems", default=None, help="comma-separated systems to run (default: all)")
     p.add_argument("--reps", type=int, default=REPS, help="timed rounds (at least 7)")
     args = p.parse_args()
