@@ -104,7 +104,8 @@ class _Writer:
     def __init__(self):
         self.fields = []   # field objects, in order of first appearance
         self.position = {}  # id(field) -> its position in self.fields
-        self.memo = {}     # id(node) -> its text (subexpressions are shared)
+        self.memo = {}     # id(node) -> (node, its text): subexpressions are shared (the node is
+        # held so that its id is not reused by another while the writer lives)
 
     def field(self, f) -> int:
         k = self.position.get(id(f))
@@ -126,9 +127,9 @@ class _Writer:
         if dataclasses.is_dataclass(t):
             got = self.memo.get(id(x))
             if got is None:
-                got = t.__name__ + "(" + ",".join([self.text(getattr(x, n)) for n in _names(t)]) + ")"
-                self.memo[id(x)] = got
-            return got
+                inner = ",".join([self.text(getattr(x, n)) for n in _names(t)])
+                got = self.memo[id(x)] = (x, f"{t.__name__}({inner})")
+            return got[1]
         raise Unkeyable(t.__name__)
 
 
