@@ -162,12 +162,19 @@ def test_a_shape_or_a_derivative_field_changes_the_key(folder):
     check(k, "forward")
 
 
-def test_unreadable_entries_are_misses_and_are_written_again(folder):
+def test_unreadable_or_altered_entries_are_misses_and_are_written_again(folder):
     new_runtime()
     numbers, source, _ = springs_run()
     entries = sorted(folder.glob("*/*.json"))
-    for path in entries:
-        path.write_text('{"format": 1, "source": "broken"')  # cut short
+    assert len(entries) >= 3
+    for k, path in enumerate(entries):
+        if k % 2:
+            path.write_text('{"format": 1, "source": "broken"')  # cut short
+        else:  # whole, but one character of its source changed
+            entry = json.loads(path.read_text())
+            altered = entry["source"].replace(" + ", " - ", 1)
+            assert altered != entry["source"]
+            path.write_text(json.dumps(dict(entry, source=altered)))
     new_runtime()
     numbers_again, source_again, _ = springs_run()
     assert offline_cache.COUNTS["hit"] == 0 and offline_cache.COUNTS["miss"] == len(entries)

@@ -25,7 +25,8 @@ the cache would have saved, a wrong hit a wrong derivative.
 It is on where Taichi's offline cache is (`ti.init(offline_cache=...)`, TI_OFFLINE_CACHE; files
 under its offline_cache_file_path, in kerndiff/); KERNDIFF_OFFLINE_CACHE=0 turns it off and
 KERNDIFF_OFFLINE_CACHE=<folder> on, in that folder.
-Unreadable entries count as misses; entries are written whole (a temporary file renamed).
+Unreadable entries, and entries whose bytes no longer match the digest stored in them, count as
+misses; entries are written whole (a temporary file renamed).
 """
 from __future__ import annotations
 
@@ -194,12 +195,20 @@ def _path(folder, digest):
     return os.path.join(folder, digest[:2], digest + ".json")
 
 
+def _check(entry) -> str:
+    """A digest of what an entry says (its source and the meanings of its names): a changed byte
+    makes the entry a miss rather than another kernel."""
+    said = [entry["source"], entry["requests"], entry["fields"], entry["components"]]
+    return hashlib.sha256(json.dumps(said).encode()).hexdigest()[:32]
+
+
 def load(folder, digest, fields, private_copies):
     """(source, {name: field}, {name: (field, component)}) of a stored entry, or None."""
     try:
         with open(_path(folder, digest), encoding="utf-8") as fh:
             entry = json.load(fh)
-        if entry.get("format") != FORMAT:
+        if entry.get("format") != FORMAT or entry.get("check") != _check(entry) or \
+                not isinstance(entry["source"], str):
             return None
         made = _replay(entry["requests"], fields, private_copies)
         known = list(fields) + made
@@ -224,15 +233,19 @@ def store(folder, digest, fields, recorder, src, bound, components) -> bool:
     entry = {"format": FORMAT, "source": src, "requests": recorder.requests,
              "fields": [[name, position[id(f)]] for name, f in bound.items()],
              "components": [[name, position[id(f)], list(c)] for name, (f, c) in components.items()]}
+    entry["check"] = _check(entry)
     path = _path(folder, digest)
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(entry, fh)
         os.replace(tmp, path)
-    except OSError:
-        return False  # a read-only or full disk: the kernel is simply not cached
+    except OSError:  # a read-only or full disk: the kernel is simply not cached
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        return False
     return True
 
 
