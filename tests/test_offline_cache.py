@@ -1,9 +1,9 @@
 """kerndiff's offline cache (runtime/offline_cache.py): generated source read back from disk.
 
 A hit must give what a miss gives: the same source and, bound to this runtime's fields, the same
-numbers to the last bit. Each test makes its kernels in one Taichi runtime with an empty cache
-(every kernel a miss), then in a new runtime again (every kernel a hit, with fields of its own),
-and compares; a kernel whose scattered adds take private copies checks that the hit asks the
+numbers to the last bit (the corpus' loops are too short for Taichi to split among threads). The
+tests make their kernels in one Taichi runtime with an empty cache (every kernel a miss), then in
+a new runtime again (every kernel a hit, with fields of its own), and compare; a kernel whose scattered adds take private copies checks that the hit asks the
 registry for them again. The runtimes here run without Taichi's own offline cache (which can serve
 a kernel compiled under one ti.init to the next in one process, conftest.py), with kerndiff's
 cache folder set by hand; one test runs two processes with both caches on, as a user would.
