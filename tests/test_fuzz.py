@@ -228,21 +228,26 @@ SLICE_EXAMPLE = "\n".join(["a = ti.sin(y[1, idx[i]]) * x[i]", "if a > 0.1:", "  
 def test_random_kernels_with_private_copies(fields, body, monkeypatch):
     """The same kernels with opt.scatter forced on for these 3-iteration loops, so every scattered
     adjoint (x[idx[i]], x[(i + 1) % 3], and y[1, idx[i]] through copies of the row) goes through
-    per-thread private copies."""
-    from kerndiff.opt import scatter
+    per-thread private copies; and opt.packed_gathers on for fields of any size, so the forward
+    kernel reads x[idx[i]] and its tangent from one record."""
+    from kerndiff.opt import packed_gathers, scatter
     monkeypatch.setattr(scatter, "MIN_TRIPS", 2)
     monkeypatch.setattr(scatter, "MIN_WORK", 2)
     monkeypatch.setattr(scatter, "MIN_ADDS_PER_ELEMENT", 0)
+    monkeypatch.setattr(packed_gathers, "MIN_BYTES", 0)
     k = check_random_kernel(fields, body)
     COUNT.append(1)
     if "claim_slot(" in k.reverse.source:
         PRIVATIZED.append(1)
     if "y_adj[1, i0] = y_adj[1, i0] +" in k.reverse.source:
         SLICED.append(1)
+    if "_packed[" in k.forward.source:
+        PACKED.append(1)
 
 
 PRIVATIZED = []
 SLICED = []
+PACKED = []
 
 
 @settings(settings.get_profile(PROFILE))
@@ -367,6 +372,7 @@ def test_private_copies_were_exercised():
     assert PAIRED, "no random kernel's reverse took a sine and a cosine from one call"
     assert PRIVATIZED, "no random kernel scattered through private copies"
     assert SLICED, "no random kernel scattered into a slice (y[1, idx[i]]) through copies of the slice"
+    assert PACKED, "no random kernel's forward read a gathered field and its tangent from one record"
     assert AT_LAUNCH, "no random kernel bounded by an argument chose its private copies at launch"
     assert FORWARD_AGAIN, "no random kernel's reverse ran its inner loop forward (opt.loop_order)"
     assert EQUAL_DIRECTIONS, "no random kernel had an equal-directions variant"

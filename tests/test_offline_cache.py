@@ -3,10 +3,12 @@
 A hit must give what a miss gives: the same source and, bound to this runtime's fields, the same
 numbers to the last bit (the corpus' loops are too short for Taichi to split among threads). The
 tests make their kernels in one Taichi runtime with an empty cache (every kernel a miss), then in
-a new runtime again (every kernel a hit, with fields of its own), and compare; a kernel whose scattered adds take private copies checks that the hit asks the
-registry for them again. The runtimes here run without Taichi's own offline cache (which can serve
-a kernel compiled under one ti.init to the next in one process, conftest.py), with kerndiff's
-cache folder set by hand; one test runs two processes with both caches on, as a user would.
+a new runtime again (every kernel a hit, with fields of its own), and compare; a kernel whose
+scattered adds take private copies and whose HVP gathers from a packed record checks that the hit
+asks the registry for those helper fields again. The runtimes here run without Taichi's own
+offline cache (which can serve a kernel compiled under one ti.init to the next in one process,
+conftest.py), with kerndiff's cache folder set by hand; one test runs two processes with both
+caches on, as a user would.
 """
 import json
 import os
@@ -118,7 +120,11 @@ def springs_run():
     return (once, twice, hvp), energy.reverse.source + energy.reverse.forward.source, (pos, E, energy)
 
 
-def test_private_copies_are_asked_for_again_on_a_hit(folder):
+def test_helper_fields_are_asked_for_again_on_a_hit(folder, monkeypatch):
+    """Private copies (opt.scatter) and, at any size here, the record of positions and tangents
+    the HVP gathers from (opt.packed_gathers)."""
+    from kerndiff.opt import packed_gathers
+    monkeypatch.setattr(packed_gathers, "MIN_BYTES", 0)
     new_runtime()
     numbers, source, _ = springs_run()
     new_runtime()
@@ -126,7 +132,7 @@ def test_private_copies_are_asked_for_again_on_a_hit(folder):
     assert offline_cache.COUNTS["hit"] >= 3 and offline_cache.COUNTS["miss"] == 0
     assert source_again == source
     if TEST_ARCH in ("cpu", "x64", "arm64"):
-        assert "pos_adj_private[slot, ends[s][0]][0]" in source
+        assert "pos_adj_private[slot, ends[s][0]][0]" in source and "pos_packed[ends[s][0], 0]" in source
     once, twice, hvp = numbers_again
     np.testing.assert_allclose(twice, 2 * once, rtol=1e-12)  # copies zero after each launch
     # (which thread's copy takes which adds varies by run: sums agree to rounding)

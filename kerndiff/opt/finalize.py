@@ -16,7 +16,10 @@ Inside each parallel loop:
     read-modify-write;
   * hoist: reads of 0-d fields the kernel does not write (seed adjoints such as `loss_adj[None]`)
     are read once before the loop, and in derived kernels, elements an inner loop reads at a fixed
-    index (`pos[i][0]` in a pair loop) once before that loop (opt.invariant_loads).
+    index (`pos[i][0]` in a pair loop) once before that loop (opt.invariant_loads);
+  * pack: in derived kernels on the CPU, big fields the loop gathers together at one index (a
+    position and its tangent) are copied side by side before it and read from there
+    (opt.packed_gathers).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from ..ir import nodes as N
 from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
                        map_expr, map_stmt_exprs, map_stmts, rebuild_stmt, vars_in)
 from .invariant_loads import hoist_invariant_loads
+from .packed_gathers import pack_gathers
 
 
 def _own_index(index, loop):
@@ -217,10 +221,12 @@ def _count_ifs(body):
     return sum(isinstance(s, N.If) for s in iter_stmts(body))
 
 
-def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -> N.KernelIR:
+def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, packs=None) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
     private copies (CPU only; see opt.scatter). cpu_math: kerndiff's own f32 sin/cos pairs and
     tanh where derivatives alone read them (derived kernels on the CPU; see opt.cpu_math).
+    packs: None, or (packed_for, ref_of) to read fields a loop gathers together from one record
+    (derived kernels on the CPU; see opt.packed_gathers).
     is_derivative: None for primal kernels (their arithmetic is the user's), else a test for
     derivative fields: derivative code then has the ifs of a reversed body fused and CSE run
     across them (opt.fuse_ifs, opt.cse), shares reciprocals (opt.reciprocal), has its like terms
@@ -303,6 +309,9 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False) -
                 s = hoist_invariant_loads(s, written, names)
             pre, s = _hoist(s, written, names)
             out.extend(pre)
+            if packs is not None and is_derivative is not None:
+                pre, s = pack_gathers(s, written, names, *packs)
+                out.extend(pre)
         out.append(s)
     ir = dataclasses.replace(ir, body=tuple(out))
     if cpu_math and is_derivative is not None:

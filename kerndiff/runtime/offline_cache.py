@@ -18,7 +18,7 @@ The key is a digest of
     once at import.
 An entry holds the source, what each of its global names stands for (a field by its position, a
 component of one, a helper function), and the helper fields finalize asked the registry for
-(opt.scatter's private copies), which a hit asks for again. Anything the key cannot write out,
+(opt.scatter's private copies, opt.packed_gathers' records), which a hit asks for again. Anything the key cannot write out,
 or a global the entry could not describe, makes the kernel go uncached: a miss costs the time
 the cache would have saved, a wrong hit a wrong derivative.
 
@@ -44,7 +44,7 @@ from taichi.lang import impl
 from ..ir import nodes as N
 
 ENV = "KERNDIFF_OFFLINE_CACHE"
-FORMAT = 1  # bump when the entry layout changes
+FORMAT = 2  # bump when the entry layout changes
 # kernels read back, made and stored, and made but not stored (the key or the entry could not be
 # written out), since the process started
 COUNTS = {"hit": 0, "miss": 0, "uncached": 0}
@@ -160,34 +160,54 @@ def key_of(ir: N.KernelIR, options: dict, registry):
 
 
 class Recorder:
-    """Stands in for the registry's private_copies while finalize runs, noting each request (by
-    field position) and the fields it returned, so that a hit can ask again."""
+    """Stands in for the registry's helper-field makers (private_copies for opt.scatter, packed
+    for opt.packed_gathers) while finalize runs, noting each request by field position and the
+    fields it returned, so that a hit can ask again (replay)."""
 
-    def __init__(self, private_copies, fields):
-        self.private_copies = private_copies
+    def __init__(self, registry, fields):
+        self.registry = registry
         self.position = {id(f): k for k, f in enumerate(fields)}
-        self.requests = []  # [[[position, shape, offset], ...], threads]
+        self.requests = []  # ["private_copies", [[position, shape, offset], ...], threads] or
+        #                     ["packed", [position, ...], dtype, shape, offset]
         self.made = []      # fields the requests returned, in order
         self.keyable = True
 
-    def __call__(self, specs, threads):
+    def _known(self, fields):
+        self.keyable = self.keyable and all(id(f) in self.position for f in fields)
+        return self.keyable
+
+    def private_copies(self, specs, threads):
         specs = list(specs)
-        copies, busy = self.private_copies(specs, threads)
-        if all(id(f) in self.position for f, _, _ in specs):
-            self.requests.append([[[self.position[id(f)], list(shape), list(offset)] for f, shape, offset in specs],
-                                  threads])
+        copies, busy = self.registry.private_copies(specs, threads)
+        if self._known([f for f, _, _ in specs]):
+            self.requests.append(["private_copies", [[self.position[id(f)], list(shape), list(offset)]
+                                                     for f, shape, offset in specs], threads])
             self.made.extend([copies[id(f)] for f, _, _ in specs] + [busy])
-        else:
-            self.keyable = False
         return copies, busy
 
+    def packed(self, fields, dtype, shape, offset):
+        got = self.registry.packed(fields, dtype, shape, offset)
+        if self._known(fields):
+            self.requests.append(["packed", [self.position[id(f)] for f in fields], dtype, list(shape), list(offset)])
+            self.made.append(got)
+        return got
 
-def _replay(requests, fields, private_copies):
+
+def _replay(requests, fields, registry):
+    """The helper fields of an entry's requests, asked of the registry again (those a kernel made
+    earlier in this process are the same fields)."""
     made = []
-    for specs, threads in requests:
-        asked = [(fields[k], tuple(shape), tuple(offset)) for k, shape, offset in specs]
-        copies, busy = private_copies(asked, threads)
-        made.extend([copies[id(f)] for f, _, _ in asked] + [busy])
+    for kind, *args in requests:
+        if kind == "private_copies":
+            specs, threads = args
+            asked = [(fields[k], tuple(shape), tuple(offset)) for k, shape, offset in specs]
+            copies, busy = registry.private_copies(asked, threads)
+            made.extend([copies[id(f)] for f, _, _ in asked] + [busy])
+        elif kind == "packed":
+            positions, dtype, shape, offset = args
+            made.append(registry.packed([fields[k] for k in positions], dtype, tuple(shape), tuple(offset)))
+        else:
+            raise ValueError(kind)
     return made
 
 
@@ -202,7 +222,7 @@ def _check(entry) -> str:
     return hashlib.sha256(json.dumps(said).encode()).hexdigest()[:32]
 
 
-def load(folder, digest, fields, private_copies):
+def load(folder, digest, fields, registry):
     """(source, {name: field}, {name: (field, component)}) of a stored entry, or None."""
     try:
         with open(_path(folder, digest), encoding="utf-8") as fh:
@@ -210,7 +230,7 @@ def load(folder, digest, fields, private_copies):
         if entry.get("format") != FORMAT or entry.get("check") != _check(entry) or \
                 not isinstance(entry["source"], str):
             return None
-        made = _replay(entry["requests"], fields, private_copies)
+        made = _replay(entry["requests"], fields, registry)
         known = list(fields) + made
         bound = {name: known[k] for name, k in entry["fields"]}
         components = {name: (known[k], tuple(c)) for name, k, c in entry["components"]}
@@ -251,21 +271,21 @@ def store(folder, digest, fields, recorder, src, bound, components) -> bool:
 
 def generated(ir: N.KernelIR, fn_name: str, options: dict, make, registry):
     """(source, {name: field}, {name: (field, component)}) for ir: read from the cache where an
-    entry exists, else made by make(private_copies) (finalize and codegen, with private_copies
-    standing in for the registry's) and stored."""
+    entry exists, else made by make(helpers) (finalize and codegen, asking helpers for their
+    helper fields: the registry, or a Recorder of what they asked) and stored."""
     folder = directory()
     if folder is None:
-        return make(registry.private_copies)
+        return make(registry)
     try:
         digest, fields = key_of(ir, options, registry)
     except Unkeyable:
         COUNTS["uncached"] += 1
-        return make(registry.private_copies)
-    got = load(folder, digest, fields, registry.private_copies)
+        return make(registry)
+    got = load(folder, digest, fields, registry)
     if got is not None:
         COUNTS["hit"] += 1
         return got
-    recorder = Recorder(registry.private_copies, fields)
+    recorder = Recorder(registry, fields)
     src, bound, components = make(recorder)
     COUNTS["miss" if store(folder, digest, fields, recorder, src, bound, components) else "uncached"] += 1
     return src, bound, components

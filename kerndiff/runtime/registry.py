@@ -210,6 +210,14 @@ class Registry:
             self.derived[key] = got
         return got
 
+    def packed(self, fields, dtype: str, shape, offset):
+        """The helper field that opt.packed_gathers copies `fields` into side by side before a
+        loop gathers them (shape: theirs and the record's length), named after the first."""
+        got = self.scratch(("packed", tuple(id(f) for f in fields), tuple(shape)), dtype, shape, offset)
+        self.names.setdefault(id(got), f"{self.name_of(fields[0])}_packed")
+        self.suffixed.setdefault(id(got), (fields[0], "_packed"))
+        return got
+
     @contextlib.contextmanager
     def _in_taichi(self):
         """Time spent in Taichi's API building fields and materializing their SNode tree: Taichi's

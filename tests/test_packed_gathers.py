@@ -1,0 +1,108 @@
+"""Fields a loop gathers together, read from one record (opt.packed_gathers), on the CPU.
+
+The pass is made for fields of several megabytes; these tests lower its size threshold so that
+small fields take it, and check the kernels that do against the same kernels without it, against
+finite differences and against the analytic derivative of a gather."""
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+from harness import check, cpu_only
+from kerndiff.opt import packed_gathers
+
+pytestmark = [pytest.mark.usefixtures("runtime"),  # one f64 CPU runtime per module (conftest)
+              cpu_only("records are made on Taichi's CPU backends only")]
+
+P, S = 300, 2048  # particles, springs
+
+
+@pytest.fixture
+def any_size(monkeypatch):
+    monkeypatch.setattr(packed_gathers, "MIN_BYTES", 0)
+
+
+@pytest.fixture(scope="module")
+def springs(runtime):
+    rng = np.random.default_rng(5)
+    pos = ti.Vector.field(2, ti.f64, shape=P)
+    ends = ti.Vector.field(2, ti.i32, shape=S)
+    rest = ti.field(ti.f64, shape=S)
+    E = ti.field(ti.f64, shape=())
+    pos.from_numpy(rng.standard_normal((P, 2)))
+    e = rng.integers(0, P, (S, 2))
+    e[:, 1] = np.where(e[:, 1] == e[:, 0], (e[:, 0] + 1) % P, e[:, 1])
+    ends.from_numpy(e.astype(np.int32))
+    rest.from_numpy(rng.uniform(0.1, 0.5, S))
+
+    def energy():
+        for s in range(S):
+            d = pos[ends[s][0]] - pos[ends[s][1]]
+            E[None] += 0.5 * (d.norm() - rest[s]) ** 2
+
+    return pos, E, energy
+
+
+def hvp(pos, E, k, v):
+    k()
+    kd.adjoint(pos).fill(0)
+    kd.dual(kd.adjoint(pos)).fill(0)
+    kd.adjoint(E)[None] = 1.0
+    kd.dual(kd.adjoint(E))[None] = 0.0
+    kd.dual(pos).from_numpy(v)
+    k.reverse.forward()
+    return kd.adjoint(pos).to_numpy(), kd.dual(kd.adjoint(pos)).to_numpy()
+
+
+def test_the_hvp_gathers_positions_and_tangents_from_one_record(springs, any_size, monkeypatch):
+    pos, E, energy = springs
+    v = np.random.default_rng(6).standard_normal((P, 2))
+    packed = kd.kernel(energy)
+    got = hvp(pos, E, packed, v)
+    src = packed.reverse.forward.source
+    assert "# pos and pos_dual side by side, one record per element" in src
+    assert "pos_packed[p, 0] = pos[p][0]" in src and "pos_packed[p, 3] = pos_dual[p][1]" in src
+    assert "d_0_dual = pos_packed[ends[s][0], 2] - pos_packed[ends[s][1], 2]" in src
+    assert "pos_packed" not in packed.reverse.source  # one field gathered: nothing to pack
+    monkeypatch.setattr(packed_gathers, "MIN_BYTES", 1 << 62)
+    plain = kd.kernel(energy)
+    expected = hvp(pos, E, plain, v)
+    assert "pos_packed" not in plain.reverse.forward.source
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert np.abs(got[1]).max() > 1.0
+    check(packed.reverse, "forward", rtol=1e-6, atol=1e-8)  # the HVP against finite differences
+
+
+def test_a_forward_gather_of_two_fields_and_where_the_loop_is_too_short(runtime, any_size):
+    n = 5
+    x, w, out = (ti.field(ti.f64, shape=n) for _ in range(3))
+    idx = ti.field(ti.i32, shape=n)
+    x.from_numpy(np.linspace(0.2, 1.0, n))
+    w.from_numpy(np.linspace(-1.0, 0.5, n))
+    idx.from_numpy(np.array([3, 0, 4, 4, 1], dtype=np.int32))
+
+    @kd.kernel
+    def gather():
+        for i in range(n):
+            out[i] = ti.sin(x[idx[i]]) * w[idx[i]]
+
+    @kd.kernel
+    def short():  # 2 iterations: copying 5 elements would cost more than it saves
+        for i in range(2):
+            out[i] = ti.sin(x[idx[i]]) * w[idx[i]]
+
+    xd, wd = np.linspace(1.0, 2.0, n), np.linspace(0.5, -0.5, n)
+    kd.dual(x).from_numpy(xd)
+    kd.dual(w).from_numpy(wd)
+    gather.forward()
+    src = gather.forward.source
+    assert "x[p]" in src and "w_dual[p]" in src and "x_packed[idx[i], " in src
+    j = idx.to_numpy()
+    xv, wv = x.to_numpy(), w.to_numpy()
+    expected = np.cos(xv[j]) * xd[j] * wv[j] + np.sin(xv[j]) * wd[j]
+    np.testing.assert_allclose(kd.dual(out).to_numpy(), expected, rtol=1e-13)
+    check(gather, "forward")
+    check(gather, "reverse")
+    short.forward()
+    assert "_packed" not in short.forward.source
