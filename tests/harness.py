@@ -28,6 +28,29 @@ from kerndiff.runtime.registry import REGISTRY
 TEST_ARCH = os.environ.get("KERNDIFF_TEST_ARCH", "cpu")
 
 
+def springs(P, S, seed, **options):
+    """(pos, E, energy): a mass-spring energy over P particles and S springs with random ends (no
+    spring from a particle to itself) and rest lengths, in f64; options go to pos and E
+    (needs_grad, needs_dual). S >= 1024 makes the reverse's scattered adds take private copies."""
+    rng = np.random.default_rng(seed)
+    pos = ti.Vector.field(2, ti.f64, shape=P, **options)
+    ends = ti.Vector.field(2, ti.i32, shape=S)
+    rest = ti.field(ti.f64, shape=S)
+    E = ti.field(ti.f64, shape=(), **options)
+    pos.from_numpy(rng.standard_normal((P, 2)))
+    e = rng.integers(0, P, (S, 2))
+    e[:, 1] = np.where(e[:, 1] == e[:, 0], (e[:, 0] + 1) % P, e[:, 1])
+    ends.from_numpy(e.astype(np.int32))
+    rest.from_numpy(rng.uniform(0.1, 0.5, S))
+
+    def energy():
+        for s in range(S):
+            d = pos[ends[s][0]] - pos[ends[s][1]]
+            E[None] += 0.5 * (d.norm() - rest[s]) ** 2
+
+    return pos, E, energy
+
+
 def cpu_only(reason):
     return pytest.mark.skipif(TEST_ARCH not in ("cpu", "x64", "arm64"), reason=reason)
 

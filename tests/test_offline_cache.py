@@ -21,7 +21,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import TEST_ARCH, check, derivatives, equal_directions_against_generated
+from harness import TEST_ARCH, check, derivatives, equal_directions_against_generated, springs
 from kerndiff.runtime import offline_cache
 from test_corpus import CORPUS_NAMES, build_corpus
 
@@ -80,30 +80,10 @@ def test_the_corpus_from_the_cache_gives_the_same_sources_and_numbers(folder):
 P, S = 300, 2048  # particles, springs: long enough for the reverse's adds to take private copies
 
 
-def springs():
-    rng = np.random.default_rng(3)
-    pos = ti.Vector.field(2, ti.f64, shape=P, needs_grad=True, needs_dual=True)
-    ends = ti.Vector.field(2, ti.i32, shape=S)
-    rest = ti.field(ti.f64, shape=S)
-    E = ti.field(ti.f64, shape=(), needs_grad=True, needs_dual=True)
-    pos.from_numpy(rng.standard_normal((P, 2)))
-    e = rng.integers(0, P, (S, 2))
-    e[:, 1] = np.where(e[:, 1] == e[:, 0], (e[:, 0] + 1) % P, e[:, 1])
-    ends.from_numpy(e.astype(np.int32))
-    rest.from_numpy(rng.uniform(0.1, 0.5, S))
-
-    @kd.kernel
-    def energy():
-        for s in range(S):
-            d = pos[ends[s][0]] - pos[ends[s][1]]
-            E[None] += 0.5 * (d.norm() - rest[s]) ** 2
-
-    return pos, E, energy
-
-
 def springs_run():
     """Gradient (twice: the private copies must be zero again after each launch) and HVP."""
-    pos, E, energy = springs()
+    pos, E, fn = springs(P, S, 3, needs_grad=True, needs_dual=True)
+    energy = kd.kernel(fn)
     energy()
     pos.grad.fill(0)
     E.grad[None] = 1.0

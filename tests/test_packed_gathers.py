@@ -9,6 +9,7 @@ import taichi as ti
 
 import kerndiff as kd
 from harness import check, cpu_only
+from harness import springs as make_springs
 from kerndiff.opt import packed_gathers
 
 pytestmark = [pytest.mark.usefixtures("runtime"),  # one f64 CPU runtime per module (conftest)
@@ -24,23 +25,7 @@ def any_size(monkeypatch):
 
 @pytest.fixture(scope="module")
 def springs(runtime):
-    rng = np.random.default_rng(5)
-    pos = ti.Vector.field(2, ti.f64, shape=P)
-    ends = ti.Vector.field(2, ti.i32, shape=S)
-    rest = ti.field(ti.f64, shape=S)
-    E = ti.field(ti.f64, shape=())
-    pos.from_numpy(rng.standard_normal((P, 2)))
-    e = rng.integers(0, P, (S, 2))
-    e[:, 1] = np.where(e[:, 1] == e[:, 0], (e[:, 0] + 1) % P, e[:, 1])
-    ends.from_numpy(e.astype(np.int32))
-    rest.from_numpy(rng.uniform(0.1, 0.5, S))
-
-    def energy():
-        for s in range(S):
-            d = pos[ends[s][0]] - pos[ends[s][1]]
-            E[None] += 0.5 * (d.norm() - rest[s]) ** 2
-
-    return pos, E, energy
+    return make_springs(P, S, 5)
 
 
 def hvp(pos, E, k, v):
