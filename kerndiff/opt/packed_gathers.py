@@ -70,8 +70,8 @@ def pack_gathers(loop: N.For, written: set, names, packed_for, ref_of):
         return [], loop
     first = chosen[0]
     elements = math.prod(first.shape)
-    slots = []  # (id(field), component) of each record entry, the loads' order
-    refs = {}
+    slots = []  # (id(field), component) of each record entry
+    refs = {}  # such a key -> a ref of it
     for x in _loads(loop):
         key = (id(x.ref.field), x.ref.component)
         if any(x.ref.field is c.field for c in chosen) and key not in refs:
@@ -86,9 +86,8 @@ def pack_gathers(loop: N.For, written: set, names, packed_for, ref_of):
     slot_of = {key: k for k, key in enumerate(slots)}
 
     def read_packed(e):
-        if type(e) is N.Load and (id(e.ref.field), e.ref.component) in slot_of:
-            return B.load(packed, e.index + (B.const(slot_of[(id(e.ref.field), e.ref.component)], "i32"),))
-        return e
+        k = slot_of.get((id(e.ref.field), e.ref.component)) if type(e) is N.Load else None
+        return e if k is None else B.load(packed, e.index + (B.const(k, "i32"),))
 
     body = map_stmts(loop.body, lambda s: map_stmt_exprs(s, lambda e: map_expr(e, read_packed)))
     what = " and ".join(dict.fromkeys(refs[key].name for key in slots))
