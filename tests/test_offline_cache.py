@@ -155,7 +155,7 @@ def test_unreadable_or_altered_entries_are_misses_and_are_written_again(folder):
     assert len(entries) >= 3
     for k, path in enumerate(entries):
         if k % 2:
-            path.write_text('{"format": 1, "source": "broken"')  # cut short
+            path.write_text('{"format": ' + str(offline_cache.FORMAT) + ', "source": "broken"')  # cut short
         else:  # whole, but one character of its source changed
             entry = json.loads(path.read_text())
             altered = entry["source"].replace(" + ", " - ", 1)

@@ -37,12 +37,12 @@ def _loads(loop):
             if type(x) is N.Load]
 
 
-def _chosen(loop, written):
-    """The fields to pack for `loop` (in order of first appearance), or []: float fields the
-    kernel does not write, of the first such field's shape, offset and dtype, gathered at one
-    index together with another of them."""
+def _chosen(loads, written):
+    """The fields to pack for a loop whose field loads are `loads` (in order of first appearance),
+    or []: float fields the kernel does not write, of the first such field's shape, offset and
+    dtype, gathered at one index together with another of them."""
     at = {}  # gathered index -> a ref of each field read there
-    for x in _loads(loop):
+    for x in loads:
         f = x.ref.field
         if id(f) not in written and is_float(x.dtype) and _is_gather(x.index):
             refs = at.setdefault(x.index, [])
@@ -64,7 +64,8 @@ def pack_gathers(loop: N.For, written: set, names, packed_for, ref_of):
     """(statements to run before the loop, the loop): see the module docstring. written: ids of
     the fields the kernel writes; packed_for(fields, dtype, shape, offset) -> the helper field
     (the registry's `packed`); ref_of(field, component) -> its FieldRef."""
-    chosen = _chosen(loop, written)
+    loads = _loads(loop)
+    chosen = _chosen(loads, written)
     trips = trip_count(loop)
     if not chosen or trips is None:
         return [], loop
@@ -72,7 +73,7 @@ def pack_gathers(loop: N.For, written: set, names, packed_for, ref_of):
     elements = math.prod(first.shape)
     slots = []  # (id(field), component) of each record entry
     refs = {}  # such a key -> a ref of it
-    for x in _loads(loop):
+    for x in loads:
         key = (id(x.ref.field), x.ref.component)
         if any(x.ref.field is c.field for c in chosen) and key not in refs:
             refs[key] = x.ref

@@ -279,14 +279,14 @@ class Kernel:
             on_cpu = impl.current_cfg().arch in (ti.x64, ti.arm64)
             cpu_math = on_cpu and derivative is not None
             scatter = _scatter_config(self)
-            options = {"derived": derivative is not None, "cpu_math": cpu_math, "packs": cpu_math,
+            options = {"derived": derivative is not None, "cpu_math": cpu_math,
                        "scatter_threads": None if scatter is None else scatter[0]}
 
             def make(helpers):
                 """finalize and codegen, with helper fields from helpers.private_copies and
                 helpers.packed (the registry's, or offline_cache's recorder of them)."""
                 with_copies = None if scatter is None else (scatter[0], helpers.private_copies, scatter[2])
-                packs = (helpers.packed, REGISTRY.ref) if cpu_math else None
+                packs = (helpers.packed, REGISTRY.ref) if cpu_math else None  # (with cpu_math: its key)
                 return generate_bound(finalize(ir, with_copies, derivative, cpu_math=cpu_math, packs=packs),
                                       fn_name)
         src, bound, components = offline_cache.generated(ir, fn_name, options, make, REGISTRY)
