@@ -26,6 +26,7 @@ from kerndiff.runtime.registry import REGISTRY
 # runs the suite on a GPU. Tests of what kerndiff does on the CPU backends alone, or that compare
 # with a Taichi result that Taichi's GPU backend gets wrong, say so with `cpu_only`.
 TEST_ARCH = os.environ.get("KERNDIFF_TEST_ARCH", "cpu")
+ON_CPU = TEST_ARCH in ("cpu", "x64", "arm64")
 
 
 def springs(P, S, seed, **options):
@@ -52,7 +53,7 @@ def springs(P, S, seed, **options):
 
 
 def cpu_only(reason):
-    return pytest.mark.skipif(TEST_ARCH not in ("cpu", "x64", "arm64"), reason=reason)
+    return pytest.mark.skipif(not ON_CPU, reason=reason)
 
 
 _LOADED = itertools.count()
