@@ -2,6 +2,7 @@
 
     python -m bench [--quick] [--arch cpu|gpu] [--json PATH] [--only W1,W2] [--systems kerndiff,taichi]
                     [--reps N] [--markdown PATH]
+    python -m bench --arch gpu --from-rows rows.jsonl [--json PATH] [--markdown PATH]
 """
 from __future__ import annotations
 
@@ -118,8 +119,9 @@ def optional_table(header, rows):
     return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows
 
 
-def report(rows, args):
-    lines = [f"machine: {machine(args.arch)}; arch={args.arch}; {'quick' if args.quick else 'full'} sizes", ""]
+def report(rows, args, machine_text=None):
+    machine_text = machine_text or machine(args.arch)
+    lines = [f"machine: {machine_text}; arch={args.arch}; {'quick' if args.quick else 'full'} sizes", ""]
     lines.append("| workload | op | system | median | min–max | value |")
     lines.append("|---|---|---|---|---|---|")
     times = {}
@@ -174,9 +176,21 @@ def main():
                                      "targets are checked, without importing JAX or PyTorch")
     p.add_argument("--reps", type=int, default=7, help="timed rounds per workload (at least 7; this shared "
                                                        "machine's noise moves 7-round medians by 10-30%%)")
+    p.add_argument("--from-rows", help="make the report from the JSON lines of a run made elsewhere "
+                                        "(bench/device_checks.sh) instead of running the workloads")
     args = p.parse_args()
     names = args.only.split(",") if args.only else WORKLOADS + ["compile", "variants"]
-    rows = []
+    rows, machine_text = [], None
+    if args.from_rows:
+        names = []
+        with open(args.from_rows) as f:
+            for line in f:
+                if line.startswith("{"):
+                    row = json.loads(line)
+                    if "machine" in row:
+                        machine_text = row["machine"]
+                    else:
+                        rows.append(row)
     for name in names:
         if name == "compile":
             cache = tempfile.mkdtemp(prefix="kerndiff_ticache_")
@@ -190,11 +204,12 @@ def main():
         else:
             rows += run_workload(name, args)
         print(f"[bench] {name} done", file=sys.stderr, flush=True)
-    text = report(rows, args)
+    text = report(rows, args, machine_text)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(args.arch), "arch": args.arch, "quick": args.quick, "rows": rows}, f, indent=1)
+            json.dump({"machine": machine_text or machine(args.arch), "arch": args.arch, "quick": args.quick,
+                       "rows": rows}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text + "\n")
