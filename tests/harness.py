@@ -258,6 +258,38 @@ PATHS = [("", "forward"), ("", "reverse"), ("reverse", "forward"), ("forward", "
 PATH_IDS = ["forward", "reverse", "reverse.forward", "forward.reverse"]
 
 
+def runs_recorder(ran):
+    """An autouse fixture for a fuzz module: the names of its tests that ran, into the set `ran`
+    (assign it to a module-level name, where pytest finds fixtures)."""
+    @pytest.fixture(autouse=True)
+    def record_run(request):
+        yield
+        ran.add(request.node.name)
+    return record_run
+
+
+def skip_unless_all_ran_before(request, ran):
+    """A fuzz module's last test sums up what its other tests drew (that the fuzzer reached the
+    paths it is for): meaningful only after all of them ran in this process. Run alone, first
+    (another order) or on a pytest-xdist worker that got only some of them, it is skipped."""
+    others = {item.name for item in request.session.items
+              if item.module is request.module and item is not request.node}
+    missing = others - ran
+    if missing:
+        pytest.skip(f"{len(missing)} of the module's {len(others)} other tests did not run before it "
+                    f"in this process (e.g. {min(missing)})")
+
+
+def make_derivative_fields(k, args=()):
+    """The adjoint, dual and dual-of-adjoint fields of every field k reads or writes: a test that
+    reads a derivative kernel's source makes them itself (a derivative kernel of fields without
+    any is `pass`), rather than relying on an earlier test of its module to have made them."""
+    written, read = k.fields(*args)
+    for f in written + read:
+        kd.dual(kd.adjoint(f))
+        kd.adjoint(kd.dual(f))
+
+
 def check_path(k, prefix, mode, args=(), **kw):
     """Run k (its reverse reads the primal's results), then check k.<prefix> in `mode`."""
     k(*args)

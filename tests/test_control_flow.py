@@ -5,7 +5,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import PATH_IDS, PATHS, check_path
+from harness import PATH_IDS, PATHS, check_path, make_derivative_fields
 
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
@@ -186,10 +186,7 @@ def test_a_serialized_outermost_loop_carrying_locals_runs_serially_in_every_deri
     (without it Taichi would run the reverse sweep's trips in parallel; the derivatives are
     checked against finite differences above)."""
     k = recurrences["carried_locals"]
-    written, read = k.fields()
-    for f in written + read:  # the derivative fields the derivative kernels use (alone, no test made them)
-        kd.dual(kd.adjoint(f))
-        kd.adjoint(kd.dual(f))
+    make_derivative_fields(k)
     for derived in (k.reverse, k.forward, k.reverse.forward, k.forward.reverse):
         lines = derived.source.splitlines()
         top_loops = [i for i, line in enumerate(lines) if line.startswith("    for ")]

@@ -761,20 +761,6 @@ def test_struct_field_passed_where_a_field_is_needed_names_its_members(f):
         assert "pass its members, which are fields: .a, .b" in str(info.value)
 
 
-def test_field_from_an_earlier_ti_init():
-    ti.init(arch=ti.cpu, default_fp=ti.f64)
-    old = ti.field(ti.f64, shape=3)
-
-    @kd.kernel
-    def k():
-        for i in old:
-            old[i] = 1.0
-
-    k()
-    ti.init(arch=ti.cpu, default_fp=ti.f64)  # a new runtime: `old` is gone
-    raises(k, "field of an earlier ti.init", line_text="for i in old:")
-
-
 def test_keywords_to_a_type_constructor_are_refused(f):
     """ti.math.vec2(1.0, y=3.0) would drop the keyword: refused with the line."""
     @kd.kernel
@@ -786,7 +772,7 @@ def test_keywords_to_a_type_constructor_are_refused(f):
 
 
 def test_factories_name_args_for_a_kernel_with_parameters():
-    x, out = ti.field(ti.f64, shape=N), ti.field(ti.f64, shape=())  # fresh: an earlier test re-inits Taichi
+    x, out = ti.field(ti.f64, shape=N), ti.field(ti.f64, shape=())
 
     @kd.kernel
     def k(a: ti.template(), c: ti.f64):

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kerndiff as kd
-from harness import check, load_module, signature
+from harness import check, load_module, runs_recorder, signature, skip_unless_all_ran_before
 
 N = 6
 LONG = os.environ.get("KERNDIFF_FUZZ") == "long"
@@ -156,9 +156,14 @@ def test_random_races_in_two_dimensions(fields, seed):
     check_races(fields, seed, draw_kernel_2d)
 
 
-def test_both_outcomes_were_drawn():
+RAN = set()
+record_run = runs_recorder(RAN)
+
+
+def test_both_outcomes_were_drawn(request):
     """Some drawn kernels were refused and some checked, in reverse mode (a fuzzer whose every
     kernel is refused, or none, tests nothing of the boundary)."""
+    skip_unless_all_ran_before(request, RAN)
     assert {"reverse checked", "reverse refused"} <= set(OUTCOMES), OUTCOMES
 
 

@@ -14,7 +14,7 @@ import taichi as ti
 
 import kerndiff as kd
 import test_fuzz_programs as fuzz_programs
-from harness import derivatives, equal_directions_against_generated
+from harness import derivatives, equal_directions_against_generated, make_derivative_fields
 from test_corpus import CORPUS_NAMES, assert_same_derivatives, build_corpus, cpu_derivatives, start_backend
 
 SKIP_ON_VULKAN = {"template_args"}  # scalar f32 args work; kept off to bound the suite's compile time
@@ -101,6 +101,7 @@ def test_gpu_backends_keep_taichis_sin_cos_and_tanh(vulkan_corpus):
     """kerndiff's own f32 math (opt.cpu_math) is for the CPU: here the derived kernels call
     Taichi's functions, which the device has fast versions of."""
     k, args = vulkan_corpus["elementwise"]
+    make_derivative_fields(k, args)
     src = k.reverse.forward.source
     assert "sincos(" not in src and "tanh_via_exp(" not in src
     assert "ti.sin(" in src and "ti.tanh(" in src
