@@ -6,6 +6,8 @@ and docs/design.md "Scattered adds on GPUs: warp sums".
 
     python -m bench.warp_sums        (needs an NVIDIA GPU; the kernels use ti.simt.warp)
 
+The two hand-edited kernels are kept as they ran on the H200 (session 39), whole and side by side
+rather than one kernel with static switches, so that the numbers in RESULTS.md are these kernels'.
 The warp-sum kernel relies on the CUDA backend giving iteration i of `for i in range(n)` to lane
 i % 32 (a grid-stride loop with a block size that is a multiple of 32): its lane i % 32 == 0 adds.
 """
