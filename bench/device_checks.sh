@@ -4,7 +4,7 @@
 # keeps what it has); the CUDA corpus test beside the demos with --arch gpu; then the suite's
 # modules on CUDA with whatever time is left. Everything lands in $OUT:
 #   rows.jsonl    -> python -m bench --arch gpu --from-rows rows.jsonl --json bench/results_gpu.json
-#   log.txt, bench_err.txt, test_cuda.txt, demos.txt, suite_cuda.txt
+#   log.txt, bench_err.txt, test_cuda.txt, demos.txt, warp_sums.txt, suite_cuda.txt
 #
 #   BUDGET=530 bash bench/device_checks.sh        (from the repository root; BUDGET in seconds)
 #
@@ -59,6 +59,9 @@ KERNDIFF_OFFLINE_CACHE=1 bench compile 40 --cache-dir "$cache" --cache-label col
 KERNDIFF_OFFLINE_CACHE=1 bench compile 40 --cache-dir "$cache" --cache-label warm
 KERNDIFF_OFFLINE_CACHE=0 bench compile 40 --cache-dir "$cache" --cache-label "Taichi's warm, kerndiff's off"
 bench variants 90
+if [ "$ARCH" = gpu ]; then  # W3's reverse with its j-scatter summed across the warp (docs/design.md)
+  timeout "$(cap 60)" $PY -m bench.warp_sums >"$OUT/warp_sums.txt" 2>&1
+fi
 # what is left: the module-level tests on CUDA (-v under xdist prints each result as it comes)
 if [ "$ARCH" = gpu ] && [ "$(left)" -gt 40 ]; then
   echo "[t=$(elapsed)] suite on cuda (cap $(cap 400) s)" >>"$log"
