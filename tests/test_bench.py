@@ -68,3 +68,29 @@ def test_timed_calls_start_on_an_idle_process():
     waited = time.perf_counter() - t0
     busy.join()
     assert waited >= 0.2, waited
+
+
+def test_a_report_from_rows_made_elsewhere(tmp_path):
+    """`python -m bench --from-rows` (bench/device_checks.sh's rows from a GPU machine): the
+    machine the rows name, their medians, the targets' ratios from them, and the JSON."""
+    rows = [{"machine": "a lent machine, GPU: NVIDIA H200"},
+            {"workload": "W2", "op": "grad", "system": "kerndiff", "median": 0.002, "min": 0.0019,
+             "max": 0.0021, "value": -1.5},
+            {"workload": "W2", "op": "grad", "system": "taichi", "median": 0.008, "min": 0.0075,
+             "max": 0.009, "value": -1.5},
+            {"workload": "W2", "op": "hvp", "system": "kerndiff", "median": 0.005, "min": 0.005,
+             "max": 0.006, "value": 3.0}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("[Taichi] version 1.7.4 (a line that is not a row)\n"
+                    + "\n".join(json.dumps(r) for r in rows) + "\n")
+    out = subprocess.run([sys.executable, "-m", "bench", "--arch", "gpu", "--from-rows", str(path),
+                          "--json", str(tmp_path / "out.json")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert text.startswith("machine: a lent machine, GPU: NVIDIA H200; arch=gpu"), text
+    assert "| W2 | grad | kerndiff | 2.00 ms | 1.90 ms–2.10 ms | -1.5 |" in text, text
+    assert "| W2 kerndiff reverse / Taichi grad | 0.25 | ≤ 0.8 | yes |" in text, text
+    assert "| W2 HVP / kerndiff reverse | 2.50 | ≤ 2 | no |" in text, text
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["machine"] == rows[0]["machine"] and saved["rows"] == rows[1:]
