@@ -281,7 +281,8 @@ def skip_unless_all_ran_before(request, ran):
 
 
 def make_derivative_fields(k, args=()):
-    """The adjoint, dual and dual-of-adjoint fields of every field k reads or writes: a test that
+    """The adjoint, dual, dual of the adjoint and adjoint of the dual of every field k reads or
+    writes (whatever k.reverse, k.forward, k.reverse.forward, k.forward.reverse use): a test that
     reads a derivative kernel's source makes them itself (a derivative kernel of fields without
     any is `pass`), rather than relying on an earlier test of its module to have made them."""
     written, read = k.fields(*args)
