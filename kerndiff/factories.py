@@ -3,6 +3,13 @@
 Each call validates everything before any kernel runs, sets the inputs, clears what the kernels
 accumulate into (outputs, and the duals/adjoints involved), runs, and returns fresh numbers:
 Python floats for 0-d fields, numpy arrays otherwise.
+
+Levels (API.md §2): the kernel given may itself be a derivative kernel (`k.forward`, `k.reverse`).
+Its forward transform then reads and writes the duals of the level after the forward transforms
+already in its path, and its reverse transform the adjoints after its reverse ones
+(`kd.forward(k.forward, ...)` seeds `kd.dual(x, 2)`; `kd.backward(k.reverse, ...)` seeds and reads
+level-2 adjoints). Seeding level 1 there would leave the transform's own fields at zero and
+return zeros.
 """
 from __future__ import annotations
 
@@ -46,6 +53,12 @@ def zero(f):
     f.fill(0)
 
 
+def derivative_levels(kernel):
+    """(dual level, adjoint level) of kernel.forward's and kernel.reverse's own transforms: 1 for a
+    kernel as written, 2 for the matching kind over k.forward / k.reverse, and so on (API.md §2)."""
+    return kernel.forward.level(), kernel.reverse.level()
+
+
 class _Factory:
     def __init__(self, kernel, inputs, output, args):
         if inputs is None or output is None:
@@ -64,6 +77,8 @@ class _Factory:
                                 remedy="use a float output field")
         self.kernel, self.inputs, self.output, self.args = kernel, inputs, output, tuple(args)
         self._check_args()
+        # the levels of the derivative fields this kernel's forward and reverse transforms use
+        self.dual_level, self.adjoint_level = derivative_levels(kernel)
 
     def _check_args(self):
         """A kernel with parameters gets its arguments through args=(...): say so at construction,
@@ -115,11 +130,11 @@ class _Factory:
 
     def _run_forward(self, values, tangents):
         """Set inputs and their duals, clear outputs and their duals, run the forward kernel."""
-        duals = [REGISTRY.get_or_make(f, "dual", 1) for f in self.inputs]
+        duals = [REGISTRY.get_or_make(f, "dual", self.dual_level) for f in self.inputs]
         for f in self._written():
             if not any(f is i for i in self.inputs):
                 zero(f)
-            d = REGISTRY.get(f, "dual", 1)
+            d = REGISTRY.get(f, "dual", self.dual_level)
             if d is not None:
                 zero(d)
         self._set_inputs(values)
@@ -141,11 +156,11 @@ class _Factory:
         made them): a later forward kernel must not find it there, as ti.ad.FwdMode clears its
         seed on exit."""
         varying = {id(f) for f in self.inputs + self._written()}
-        duals = {id(f): REGISTRY.get(f, "dual", 1) for f in self._referenced() if id(f) not in varying}
+        duals = {id(f): REGISTRY.get(f, "dual", self.dual_level) for f in self._referenced() if id(f) not in varying}
         held = [(d, d.to_numpy()) for d in duals.values() if d is not None]
         for d, _ in held:
             zero(d)
-        seeds = [(f, REGISTRY.get(f, "dual", 1)) for f in self.inputs]
+        seeds = [(f, REGISTRY.get(f, "dual", self.dual_level)) for f in self.inputs]
         seeds = [(f, d.to_numpy() if d is not None else None) for f, d in seeds]
         try:
             yield
@@ -153,22 +168,22 @@ class _Factory:
             for d, contents in held:
                 d.from_numpy(contents)
             for f, contents in seeds:
-                d = REGISTRY.get(f, "dual", 1)
+                d = REGISTRY.get(f, "dual", self.dual_level)
                 if contents is None:
                     zero(d)
                 else:
                     d.from_numpy(contents)
 
     def _clear_adjoints(self, with_duals):
-        """Zero the level-1 adjoints the reverse kernel accumulates into (and their duals for H·v);
-        returns (input adjoints, output adjoint), allocated if missing."""
-        adjs = [REGISTRY.get_or_make(f, "adjoint", 1) for f in self.inputs]
-        out_adj = REGISTRY.get_or_make(self.output, "adjoint", 1)
+        """Zero the adjoints the reverse kernel accumulates into (and their duals for H·v); returns
+        (input adjoints, output adjoint), allocated if missing."""
+        adjs = [REGISTRY.get_or_make(f, "adjoint", self.adjoint_level) for f in self.inputs]
+        out_adj = REGISTRY.get_or_make(self.output, "adjoint", self.adjoint_level)
         for f in self._referenced() + list(self.inputs):
-            a = REGISTRY.get(f, "adjoint", 1)
+            a = REGISTRY.get(f, "adjoint", self.adjoint_level)
             if a is not None:
                 zero(a)
-                da = REGISTRY.get(a, "dual", 1) if with_duals else None
+                da = REGISTRY.get(a, "dual", self.dual_level) if with_duals else None
                 if da is not None:
                     zero(da)
         return adjs, out_adj
@@ -216,7 +231,7 @@ class ForwardFn(_Factory):
         return out
 
     def _pass(self, values, tangents):
-        out_dual = REGISTRY.get_or_make(self.output, "dual", 1)
+        out_dual = REGISTRY.get_or_make(self.output, "dual", self.dual_level)
         with self._constants_held():
             self._run_forward(values, tangents)
             return read(out_dual)
@@ -233,7 +248,7 @@ class HvpFn(_Factory):
         with self._constants_held():
             self._run_forward(values, tangents)  # primal and tangents of every result: H·v reads both
             adjs, out_adj = self._clear_adjoints(with_duals=True)
-            hv = [REGISTRY.get_or_make(a, "dual", 1) for a in adjs]
+            hv = [REGISTRY.get_or_make(a, "dual", self.dual_level) for a in adjs]
             for h in hv:
                 zero(h)
             write(out_adj, ct, "cotangent")

@@ -113,6 +113,11 @@ class Tape:
         return self
 
     def launch(self, kernel, args, kwargs):
+        refuse_other_level(kernel, kernel.reverse, "kd.Tape", "adjoints", (
+            "for the gradient of a function P of a gradient g = ∇f, run the reverse of f's reverse "
+            "outside a Tape: kd.backward(f.reverse, inputs=[x], output=kd.adjoint(x)) called with "
+            "cotangent=∂P/∂g gives H·(∂P/∂g), as does kd.hvp(f, ...) with tangents=∂P/∂g"))
+
         def run():
             accesses = kernel.footprint(*args, **kwargs)
             saved = {}
@@ -188,6 +193,42 @@ class _Touched:
         return any(overlap(pattern, old) for group in candidates for old in group)
 
 
+def kernel_path(kernel):
+    return ".".join((kernel.__name__,) + kernel.path)
+
+
+def refuse_other_level(kernel, derived, context, kind, remedy):
+    """A Tape or FwdMode seeds, clears and runs the level-1 adjoints or duals. A kernel launched in
+    it whose derivative of that kind is of another level (`f.reverse` in a Tape: its reverse reads
+    level-2 adjoints, API.md §2) would have that derivative run on fields nobody seeded and return
+    zeros or a partial gradient without a word: refused at the launch."""
+    if derived.level() == 1:
+        return
+    reason = (f"{kernel_path(kernel)} was launched inside {context}, whose derivative pass runs each kernel's "
+              f"{'reverse' if kind == 'adjoints' else 'forward'} with level-1 {kind}; "
+              f"{kernel_path(derived)} uses level-{derived.level()} {kind} (it differentiates a derivative "
+              "kernel), so its result would leave out this kernel's part")
+    raise KernDiffError(reason, loc=_launch_site(), remedy=remedy)
+
+
+def _launch_site():
+    """Where the user's code launched the kernel: the first frame outside kerndiff."""
+    import linecache
+    import os
+    import sys
+
+    from .errors import SrcLoc
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    text = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    indent = len(text) - len(text.lstrip())
+    return SrcLoc(frame.f_code.co_filename, frame.f_lineno, indent, len(text.rstrip()), text)
+
+
 def clear_derivatives(kind, level=1):
     """Zero every level-`level` adjoint or dual field known to Taichi (needs_grad, needs_dual) or to
     kerndiff, as ti.ad.Tape and ti.ad.FwdMode clear theirs on entry: a value left from an earlier
@@ -245,6 +286,10 @@ class FwdMode:
         return self
 
     def launch(self, kernel, args, kwargs):
+        refuse_other_level(kernel, kernel.forward, "kd.FwdMode", "duals", (
+            f"call kd.forward({kernel_path(kernel)}, inputs=[...], output=...), which seeds the duals "
+            f"of that level, or set kd.dual(x, {kernel.forward.level()}) and launch "
+            f"{kernel_path(kernel)}.forward yourself"))
         returns = kernel.returned_values()
 
         def run():

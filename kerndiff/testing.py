@@ -94,15 +94,19 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
 
 def _touched_fields(kernel, inputs, output, args):
     """The fields a check changes: inputs, output, what the kernel writes, and the adjoint and dual
-    fields those already have (the factories clear and fill them)."""
+    fields those already have at the levels the kernel's transforms use (the factories clear and
+    fill them), with the adjoints' duals (H·v)."""
+    from .factories import derivative_levels
     from .runtime.registry import REGISTRY
 
+    dual_level, adjoint_level = derivative_levels(kernel)
     written, _ = kernel.fields(*args)
     out = {}
     for f in list(inputs) + [output] + list(written):
         out[id(f)] = f
-        for kind in ("adjoint", "dual"):
-            d = REGISTRY.get(f, kind, 1)
+        adjoint = REGISTRY.get(f, "adjoint", adjoint_level)
+        for d in (adjoint, REGISTRY.get(f, "dual", dual_level),
+                  None if adjoint is None else REGISTRY.get(adjoint, "dual", dual_level)):
             if d is not None:
                 out[id(d)] = d
     return list(out.values())

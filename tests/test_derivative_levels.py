@@ -1,0 +1,142 @@
+"""Host-side tools given a derivative kernel use the levels its own transforms use (API.md §2).
+
+kd.forward / kd.backward / kd.hvp with inputs and output, and so kd.check_grad, take any kernel,
+`k.forward` and `k.reverse` included. The forward transform of `k.forward` reads and writes
+level-2 duals and the reverse of `k.reverse` level-2 adjoints; the factories seeded and read
+level 1 and returned zeros (session 40). kd.Tape and kd.FwdMode run level-1 derivatives of what
+is launched in them, so a derivative kernel launched there whose derivative is of another level
+is refused at the launch, before it runs. References: analytic derivatives of
+f(x) = sum(sin(x) x²)."""
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+
+pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
+
+X0 = np.array([0.3, 0.7, 1.1, 1.6])
+
+
+def d1(x):
+    return np.cos(x) * x**2 + 2 * x * np.sin(x)
+
+
+def d2(x):
+    return -np.sin(x) * x**2 + 4 * x * np.cos(x) + 2 * np.sin(x)
+
+
+def d3(x):
+    return -np.cos(x) * x**2 - 6 * x * np.sin(x) + 6 * np.cos(x)
+
+
+@pytest.fixture(scope="module")
+def setup(runtime):
+    x = ti.field(ti.f64, shape=len(X0))
+    loss = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def f():
+        for i in x:
+            loss[None] += ti.sin(x[i]) * x[i] ** 2
+
+    x.from_numpy(X0)
+    return f, x, loss
+
+
+def test_forward_of_a_forward_kernel_seeds_level_two(setup):
+    f, x, loss = setup
+    direction = np.array([0.5, -1.0, 2.0, 0.25])
+    jvp = kd.forward(f.forward, inputs=[x, kd.dual(x)], output=kd.dual(loss))
+    # dual(loss) = sum f'(x) d as a function of (x, d): its derivative along (vx, vd)
+    vx, vd = np.array([1.0, 2.0, -1.0, 0.5]), np.array([0.3, 0.0, 1.0, -2.0])
+    got = jvp([X0, direction], tangents=[vx, vd])
+    assert got == pytest.approx(np.sum(d2(X0) * direction * vx + d1(X0) * vd), rel=1e-12)
+    per_input = jvp([X0, direction])
+    assert per_input[0] == pytest.approx(np.sum(d2(X0) * direction), rel=1e-12)
+    assert per_input[1] == pytest.approx(np.sum(d1(X0)), rel=1e-12)
+
+
+def test_backward_of_a_reverse_kernel_gives_hessian_products(setup):
+    f, x, loss = setup
+    kd.adjoint(loss)[None] = 1.0  # a constant of f.reverse: the seed of its gradient
+    c = np.array([1.0, -0.5, 2.0, 0.75])
+    vjp = kd.backward(f.reverse, inputs=[x], output=kd.adjoint(x))
+    (got,) = vjp([X0], cotangent=c)
+    np.testing.assert_allclose(got, d2(X0) * c, rtol=1e-12)
+    (by_hvp,) = kd.hvp(f, inputs=[x], output=loss)([X0], tangents=[c])
+    np.testing.assert_allclose(got, by_hvp, rtol=1e-12)
+
+
+def test_hvp_of_a_forward_kernel(setup):
+    f, x, loss = setup
+    d = np.array([0.5, -1.0, 2.0, 0.25])
+    vx, vd = np.array([1.0, 2.0, -1.0, 0.5]), np.array([0.3, 0.0, 1.0, -2.0])
+    hx, hd = kd.hvp(f.forward, inputs=[x, kd.dual(x)], output=kd.dual(loss))([X0, d], tangents=[vx, vd])
+    np.testing.assert_allclose(hx, d3(X0) * d * vx + d2(X0) * vd, rtol=1e-12)
+    np.testing.assert_allclose(hd, d2(X0) * vx, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("path", ["forward", "reverse"])
+def test_check_grad_of_derivative_kernels_passes_and_restores(setup, path):
+    f, x, loss = setup
+    kd.dual(x).from_numpy(np.array([0.5, -1.0, 2.0, 0.25]))
+    kd.adjoint(loss)[None] = 1.0
+    kernel = getattr(f, path)
+    inputs, output = ([x, kd.dual(x)], kd.dual(loss)) if path == "forward" else ([x], kd.adjoint(x))
+    held = [g.to_numpy().copy() for g in inputs + [output]]
+    assert kd.check_grad(kernel, inputs, output, order=2) < 1e-7
+    for g, before in zip(inputs + [output], held):
+        np.testing.assert_array_equal(g.to_numpy(), before)
+
+
+def test_tape_refuses_a_reverse_kernel_launched_in_it(setup):
+    f, x, loss = setup
+    x.from_numpy(X0)
+    penalty = ti.field(ti.f64, shape=())
+    gx = kd.adjoint(x)
+
+    @kd.kernel
+    def pen():
+        for i in x:
+            penalty[None] += gx[i] ** 2
+
+    with pytest.raises(kd.KernDiffError) as e:
+        with kd.Tape(penalty):
+            f()
+            kd.adjoint(loss)[None] = 1.0
+            f.reverse()  # the launch refused
+            pen()
+    text = str(e.value)
+    assert "test_derivative_levels.py" in text and "f.reverse()  # the launch refused" in text
+    assert "f.reverse.reverse uses level-2 adjoints" in text and "kd.backward(f.reverse" in text
+    np.testing.assert_array_equal(kd.adjoint(x).to_numpy(), 0.0)  # f.reverse never ran
+
+
+def test_fwdmode_refuses_a_forward_kernel_launched_in_it(setup):
+    f, x, loss = setup
+    kd.dual(x).fill(1.0)
+    with pytest.raises(kd.KernDiffError) as e:
+        with kd.FwdMode(loss=kd.dual(loss), param=x, seed=np.ones(len(X0))):
+            f.forward()  # the launch refused
+    text = str(e.value)
+    assert "f.forward()  # the launch refused" in text and "f.forward.forward uses level-2 duals" in text
+    assert "kd.forward(f.forward" in text
+
+
+def test_tape_and_fwdmode_take_kernels_whose_derivative_is_level_one(setup):
+    """f.forward under a Tape (its reverse is level 1) and f.reverse under FwdMode (H·v) run."""
+    f, x, loss = setup
+    x.from_numpy(X0)
+    d = np.array([0.5, -1.0, 2.0, 0.25])
+    kd.dual(x).from_numpy(d)
+    kd.adjoint(x), kd.adjoint(kd.dual(x))  # what the Tape differentiates with respect to
+    with kd.Tape(kd.dual(loss)):
+        f.forward()
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), d2(X0) * d, rtol=1e-12)
+    np.testing.assert_allclose(kd.adjoint(kd.dual(x)).to_numpy(), d1(X0), rtol=1e-12)
+    kd.adjoint(x).fill(0)
+    kd.adjoint(loss)[None] = 1.0
+    with kd.FwdMode(loss=kd.adjoint(x), param=x, seed=d):
+        f.reverse()
+    np.testing.assert_allclose(kd.dual(kd.adjoint(x)).to_numpy(), d2(X0) * d, rtol=1e-12)
