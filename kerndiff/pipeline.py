@@ -31,7 +31,10 @@ def transform(ir, step, level, last_reverse=False):
     from .opt import optimize
     from .opt.guards import guard_zero_adds
 
+    from .runtime.kernel import split_step
+
     ir = dataclasses.replace(ir, body=without_prints(ir.body))
+    step, _ = split_step(step)  # the level is given apart
     if step == "forward":
         return optimize(forward_kernel(ir, level))
     # "reverse_from_inputs": kd.Tape's variant for kernels that update fields in place

@@ -113,11 +113,6 @@ class Tape:
         return self
 
     def launch(self, kernel, args, kwargs):
-        refuse_other_level(kernel, kernel.reverse, "kd.Tape", "adjoints", (
-            "for the gradient of a function P of a gradient g = ∇f, run the reverse of f's reverse "
-            "outside a Tape: kd.backward(f.reverse, inputs=[x], output=kd.adjoint(x)) called with "
-            "cotangent=∂P/∂g gives H·(∂P/∂g), as does kd.hvp(f, ...) with tangents=∂P/∂g"))
-
         def run():
             accesses = kernel.footprint(*args, **kwargs)
             saved = {}
@@ -144,15 +139,18 @@ class Tape:
             return False
         if self.loss is None:
             return False
+        level = self.level()
         # Every field a recorded kernel writes carries an adjoint, flags or not.
         requests = []
         for kernel, args, kwargs, _, _ in self.records:
             written, _ = kernel.fields(*args, **kwargs)
-            requests += [(f, "adjoint", 1) for f in written if is_float(from_taichi(f.dtype))]
+            requests += [(f, "adjoint", level) for f in written if is_float(from_taichi(f.dtype))]
         REGISTRY.allocate_many(requests)
-        loss_adj = REGISTRY.get_or_make(self.loss, "adjoint", 1)
+        loss_adj = REGISTRY.get_or_make(self.loss, "adjoint", level)
         if tuple(self.loss.shape):
             raise KernDiffError("the Tape's loss must be a 0-d field", remedy="reduce the loss into loss[None]")
+        if level > 1 and self.clear_gradients:
+            clear_derivatives("adjoint", level)  # level 1 was cleared on entry
         loss_adj[None] = 1.0
         final = {i: (f, _snapshot(f)) for rec in self.records for snaps in rec[3:] for i, (f, _) in snaps.items()}
         for kernel, args, kwargs, saved, before in reversed(self.records):
@@ -160,13 +158,21 @@ class Tape:
                 _restore(f, arr)
             # A value the kernel returned is not the loss: its cotangent is 0 (a reverse kernel
             # launched alone seeds it with 1).
-            (kernel.reverse_from_inputs if before else kernel.reverse).launch(
+            kernel.reverse_at(level, from_inputs=bool(before)).launch(
                 *args, cotangent=0.0 if kernel.returned_values() else None, **kwargs)
             for f, arr in saved.values():
                 _restore(f, arr)
         for f, arr in final.values():
             _restore(f, arr)
         return False
+
+    def level(self):
+        """The level of the adjoints the reverse pass runs on: 1, or, where a recorded kernel is
+        itself a reverse kernel (`f(); f.reverse(); penalty()`: a function of a gradient), the level
+        of that kernel's reverse (2 for `f.reverse`), at which every recorded kernel is then
+        reversed. The level-1 adjoints such a kernel writes are values of the recorded program
+        then, and the derivatives land in kd.adjoint(x, level)."""
+        return max([1] + [kernel.reverse.level() for kernel, *_ in self.records])
 
     def grad(self):
         raise KernDiffError("use the adjoint fields after the with-block", remedy="read kd.adjoint(x) or x.grad")
@@ -197,17 +203,21 @@ def kernel_path(kernel):
     return ".".join((kernel.__name__,) + kernel.path)
 
 
-def refuse_other_level(kernel, derived, context, kind, remedy):
-    """A Tape or FwdMode seeds, clears and runs the level-1 adjoints or duals. A kernel launched in
-    it whose derivative of that kind is of another level (`f.reverse` in a Tape: its reverse reads
-    level-2 adjoints, API.md §2) would have that derivative run on fields nobody seeded and return
-    zeros or a partial gradient without a word: refused at the launch."""
+def refuse_forward_of_another_level(kernel):
+    """kd.FwdMode seeds and clears level-1 duals on entry, before it sees a launch. A kernel launched
+    in it whose forward is of another level (`f.forward`: its forward reads level-2 duals, API.md
+    §2) would run on duals nobody seeded and give zeros or a partial tangent without a word:
+    refused at the launch. (kd.Tape instead runs its whole reverse pass at the highest level a
+    recorded kernel needs, Tape.level.)"""
+    derived = kernel.forward
     if derived.level() == 1:
         return
-    reason = (f"{kernel_path(kernel)} was launched inside {context}, whose derivative pass runs each kernel's "
-              f"{'reverse' if kind == 'adjoints' else 'forward'} with level-1 {kind}; "
-              f"{kernel_path(derived)} uses level-{derived.level()} {kind} (it differentiates a derivative "
-              "kernel), so its result would leave out this kernel's part")
+    path = kernel_path(kernel)
+    reason = (f"{path} was launched inside kd.FwdMode, which runs each kernel's forward with level-1 duals; "
+              f"{kernel_path(derived)} uses level-{derived.level()} duals (it differentiates a derivative kernel), "
+              "so its tangent would leave out the seed")
+    remedy = (f"call kd.forward({path}, inputs=[...], output=...), which seeds the duals of that level, or set "
+              f"kd.dual(x, {derived.level()}) and launch {path}.forward yourself")
     raise KernDiffError(reason, loc=_launch_site(), remedy=remedy)
 
 
@@ -286,10 +296,7 @@ class FwdMode:
         return self
 
     def launch(self, kernel, args, kwargs):
-        refuse_other_level(kernel, kernel.forward, "kd.FwdMode", "duals", (
-            f"call kd.forward({kernel_path(kernel)}, inputs=[...], output=...), which seeds the duals "
-            f"of that level, or set kd.dual(x, {kernel.forward.level()}) and launch "
-            f"{kernel_path(kernel)}.forward yourself"))
+        refuse_forward_of_another_level(kernel)
         returns = kernel.returned_values()
 
         def run():

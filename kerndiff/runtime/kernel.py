@@ -30,6 +30,15 @@ TIMINGS = {"transform": 0.0, "fields": 0.0}  # seconds; "fields": Taichi materia
 EQUAL_DIRECTIONS = True
 
 
+def split_step(step):
+    """(transform, level given with it or None) of a path step: "reverse" -> ("reverse", None),
+    "reverse_at2" -> ("reverse", 2) (Kernel.reverse_at)."""
+    base, sep, given = step.rpartition("_at")
+    if sep and given.isdigit():
+        return base, int(given)
+    return step, None
+
+
 def _is_template(ann):
     return type(ann).__name__ == "Template" or ann is ti.template
 
@@ -94,6 +103,15 @@ class Kernel:
         before the launch first (kd.Tape): kernels that update their state in place."""
         return self._child("reverse_from_inputs")
 
+    def reverse_at(self, level, from_inputs=False):
+        """This kernel's reverse (or reverse_from_inputs) with level-`level` adjoints: the one kd.Tape
+        runs for every kernel it recorded when one of them is itself a reverse kernel (`f.reverse`,
+        whose reverse has level-2 adjoints), so that all of them meet on the same level."""
+        plain = self.reverse_from_inputs if from_inputs else self.reverse
+        if level == plain.level():
+            return plain
+        return self._child(f"{plain.path[-1]}_at{int(level)}")
+
     def restorable_fields(self, *args, **kwargs):
         """Fields this kernel overwrites after reading them, whose old values its reverse needs
         and a caller can restore (ad/owned.py); [] for kernels whose reverse needs no help."""
@@ -107,8 +125,12 @@ class Kernel:
     def level(self, step_index=None):
         """Derivative level of the transform at path[step_index] (API.md §2)."""
         path = self.path if step_index is None else self.path[: step_index + 1]
-        kind = [s.split("_")[0] for s in path]  # reverse_from_inputs is a reverse
-        return sum(1 for s in kind if s == kind[-1]) if path else 0
+        levels = {}
+        for step in path:
+            kind = step.split("_")[0]  # reverse_from_inputs is a reverse
+            _, given = split_step(step)
+            levels[kind] = given if given is not None else levels.get(kind, 0) + 1
+        return levels[path[-1].split("_")[0]] if path else 0
 
     def __repr__(self):
         return f"<kerndiff kernel {self.__name__}{''.join('.' + p for p in self.path)}>"
