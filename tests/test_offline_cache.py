@@ -214,3 +214,47 @@ def test_two_processes_with_taichi_s_offline_cache_on(tmp_path):
     x = np.linspace(0.1, 1.6, 16)
     expected = np.exp(0.5 * x) * (0.5 * np.sin(x) + np.cos(x))
     assert grad == pytest.approx(expected.sum(), rel=1e-12)
+
+
+def test_trim_deletes_least_recently_used_entries_down_to_the_cleaning_factor(tmp_path):
+    """Taichi's own settings bound the folder: over offline_cache_max_size_of_files, the oldest
+    entries go until the rest is the cleaning factor below it; other files stay."""
+    for k in range(10):
+        path = tmp_path / f"{k:02x}" / f"{k:064x}.json"
+        path.parent.mkdir()
+        path.write_text("x" * 1000)
+        os.utime(path, (1000 + k, 1000 + k))
+    (tmp_path / "00" / "note.txt").write_text("y" * 5000)
+    assert offline_cache.trim(str(tmp_path), 10_000, 0.25) == 0  # at the limit: nothing goes
+    assert offline_cache.trim(str(tmp_path), 9_000, 0.25) == 4  # down to 6,750 bytes: six stay
+    left = sorted(p.name for p in tmp_path.glob("*/*.json"))
+    assert left == [f"{k:064x}.json" for k in range(4, 10)]
+    assert (tmp_path / "00" / "note.txt").exists()
+
+
+def test_a_hit_is_recently_used_and_stores_keep_the_folder_under_the_limit(folder, monkeypatch):
+    new_runtime()
+    springs_run()
+    entries = sorted(folder.glob("*/*.json"))
+    for path in entries:
+        os.utime(path, (1000, 1000))
+    new_runtime()
+    springs_run()
+    assert offline_cache.COUNTS["hit"] >= 3 and offline_cache.COUNTS["miss"] == 0
+    assert all(path.stat().st_mtime > 1000 for path in entries)  # touched by the hits
+    # a limit below what is there: the next store trims to 75% of it
+    size = sum(path.stat().st_size for path in entries)
+    monkeypatch.setattr(offline_cache, "_limits", lambda: (size // 2, 0.25))
+    monkeypatch.setattr(offline_cache, "_STORES", [0])
+    new_runtime()
+    x = ti.field(ti.f64, shape=4, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+
+    @kd.kernel
+    def fresh():
+        for i in x:
+            loss[None] += ti.cos(x[i]) ** 3
+
+    fresh.reverse()
+    assert offline_cache.COUNTS["miss"] == 1
+    assert sum(path.stat().st_size for path in folder.glob("*/*.json")) <= size // 2 * 0.75

@@ -27,6 +27,13 @@ under its offline_cache_file_path, in kerndiff/); KERNDIFF_OFFLINE_CACHE=0 turns
 KERNDIFF_OFFLINE_CACHE=<folder> on, in that folder.
 Unreadable entries, and entries whose bytes no longer match the digest stored in them, count as
 misses; entries are written whole (a temporary file renamed).
+
+Size: as Taichi's own cache, at most `offline_cache_max_size_of_files` bytes (ti.init; 100 MB by
+default), least recently used first out: a hit touches its entry's time, and the first entry a
+process stores, and every 256th after it, totals the folder and, where it is over the limit,
+deletes the oldest entries until it is `offline_cache_cleaning_factor` (0.25) below. Entries made
+by another version of kerndiff (their digest holds its sources) are never hit again and so age
+out. An entry is 2-30 KB.
 """
 from __future__ import annotations
 
@@ -211,6 +218,46 @@ def _replay(requests, fields, registry):
     return made
 
 
+TRIM_EVERY = 256  # stores between two totals of the folder (the first store of a process totals it)
+_STORES = [0]
+
+
+def _limits():
+    """(bytes allowed, fraction below it a trim leaves) from Taichi's settings for its own cache."""
+    cfg = impl.current_cfg()
+    return int(cfg.offline_cache_max_size_of_files), float(cfg.offline_cache_cleaning_factor)
+
+
+def trim(folder, limit, factor):
+    """Delete the least recently used entries (oldest modification time; load() touches a hit's)
+    until the folder's entries take at most limit * (1 - factor) bytes, if they take more than
+    limit; returns how many were deleted. Entries another process deletes meanwhile are skipped."""
+    entries = []
+    for sub, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith(".json"):
+                path = os.path.join(sub, name)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                entries.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    if total <= limit:
+        return 0
+    deleted = 0
+    for _, size, path in sorted(entries):
+        if total <= limit * (1.0 - factor):
+            break
+        try:
+            os.unlink(path)
+            deleted += 1
+        except OSError:
+            pass
+        total -= size
+    return deleted
+
+
 def _path(folder, digest):
     return os.path.join(folder, digest[:2], digest + ".json")
 
@@ -234,6 +281,10 @@ def load(folder, digest, fields, registry):
         known = list(fields) + made
         bound = {name: known[k] for name, k in entry["fields"]}
         components = {name: (known[k], tuple(c)) for name, k, c in entry["components"]}
+        try:
+            os.utime(_path(folder, digest))  # recently used: the last a trim deletes
+        except OSError:
+            pass
         return entry["source"], bound, components
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
@@ -266,6 +317,9 @@ def store(folder, digest, fields, recorder, src, bound, components) -> bool:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         return False
+    if _STORES[0] % TRIM_EVERY == 0:
+        trim(folder, *_limits())
+    _STORES[0] += 1
     return True
 
 
