@@ -13,9 +13,13 @@ After the reverse pass, the fields hold the forward results again, as after a pl
 """
 from __future__ import annotations
 
+import linecache
+import os
+import sys
+
 import numpy as np
 
-from .errors import KernDiffError
+from .errors import KernDiffError, SrcLoc
 from .ir.types import from_taichi, is_float
 from .runtime.registry import REGISTRY
 
@@ -223,11 +227,6 @@ def refuse_forward_of_another_level(kernel):
 
 def _launch_site():
     """Where the user's code launched the kernel: the first frame outside kerndiff."""
-    import linecache
-    import os
-    import sys
-
-    from .errors import SrcLoc
     package = os.path.dirname(os.path.abspath(__file__))
     frame = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):

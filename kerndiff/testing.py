@@ -5,12 +5,16 @@ Along a few random directions v (seeded) and with a random output cotangent w:
     forward mode         ⟨w, J·v⟩                    (k.forward)
     reverse mode         ⟨Jᵀ·w, v⟩                   (k.reverse)       — the dot-product test
 and with order=2 also H·v from forward(reverse) against finite differences of the gradient.
+Where every number compared is zero the check proves nothing (`kd.check_grad(k.reverse, ...)` with
+the output adjoint k.reverse reads left at zero): it passes, with a warning that says so.
 Afterwards every field the check touched holds what it held before: the inputs, the fields the
 kernel writes, and the existing adjoint and dual fields of all of them; the adjoint and dual
 fields the check itself made are left zero-filled. A mismatch raises
 AssertionError with a table of the worst rows.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -89,7 +93,16 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
         for f in _touched_fields(kernel, inputs, output, args):
             if id(f) not in had:  # made by the check: left zero-filled, as kd.dual/kd.adjoint make them
                 f.fill(0)
+    if rows and all(v == 0.0 for row in rows for v in row[1:]):
+        warnings.warn(f"kd.check_grad({_path(kernel)}): every derivative it compared is zero (finite "
+                      "differences, forward and reverse alike), so the check shows nothing; does the output "
+                      "depend on these inputs, and is every adjoint or dual the kernel reads as a constant set "
+                      "(a reverse kernel's output adjoint, a forward kernel's input duals)?", stacklevel=2)
     return _report(rows, rtol, atol)
+
+
+def _path(kernel):
+    return ".".join((kernel.__name__,) + tuple(kernel.path))
 
 
 def _touched_fields(kernel, inputs, output, args):

@@ -154,3 +154,18 @@ def test_tape_and_fwdmode_take_kernels_whose_derivative_is_level_one(setup):
     with kd.FwdMode(loss=kd.adjoint(x), param=x, seed=d):
         f.reverse()
     np.testing.assert_allclose(kd.dual(kd.adjoint(x)).to_numpy(), d2(X0) * d, rtol=1e-12)
+
+
+def test_check_grad_warns_where_every_number_it_compared_is_zero(setup):
+    """check_grad of f.reverse with f.reverse's own seed (the loss adjoint) left at zero compares
+    zeros with zeros: it passes, and says that it showed nothing."""
+    import warnings
+    f, x, loss = setup
+    x.from_numpy(X0)
+    kd.adjoint(loss)[None] = 0.0
+    with pytest.warns(UserWarning, match=r"check_grad\(f\.reverse\): every derivative it compared is zero"):
+        assert kd.check_grad(f.reverse, [x], kd.adjoint(x)) == 0.0
+    kd.adjoint(loss)[None] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kd.check_grad(f.reverse, [x], kd.adjoint(x)) < 1e-7
