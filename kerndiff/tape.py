@@ -34,24 +34,44 @@ def intercept(kernel, args, kwargs):
     return ctx.launch(kernel, args, kwargs)
 
 
+# Taichi's own kernels that overwrite a whole field from Python (`fill`, `from_numpy`, `copy_from`),
+# with the position of that field among their arguments
+WHOLE_FIELD_WRITERS = {"fill_field": 0, "field_fill_python_scope": 0, "ext_arr_to_tensor": 1,
+                       "ext_arr_to_matrix": 1, "tensor_to_tensor": 0}
+
+
+class _ReportSetters:
+    """Taichi's field setters (`x[i] = v` in Python) report each write, after making it, to a target
+    tape that has a grad_checker; this one checks nothing and makes them report to kd.Tape."""
+    to_check = ()
+
+
 class _TaichiLaunchGuard:
     """Installed as Taichi's `runtime.target_tape` while a kd.Tape or kd.FwdMode is open: Taichi
     reports every primal ti.kernel launch to it (that is how ti.ad.Tape records). kerndiff's own
     generated kernels and Taichi's internal ones (fill, from_numpy) pass; a user's plain
     ti.kernel is refused, because the context cannot see its derivative, and leaving it out would
-    make a silently wrong gradient."""
+    make a silently wrong gradient. Under a kd.Tape, writes from Python into a field a recorded
+    launch touched go to the Tape (Tape.python_write)."""
 
-    grad_checker = None  # what Taichi's field setters look for on a ti.ad.Tape
-
-    def __init__(self, context: str):
+    def __init__(self, context: str, tape=None):
         self.context = context
+        self.tape = tape
+        self.grad_checker = _ReportSetters() if tape is not None else None
 
     def insert(self, kernel, args):
         fn = getattr(kernel, "func", None)
+        if fn is None and self.tape is not None and hasattr(kernel, "__self__"):
+            self.tape.python_write(kernel.__self__, whole=False)  # a setter's report: (key, value)
+            return
         code = getattr(fn, "__code__", None)
         if code is None or code.co_filename.startswith("<kerndiff"):
             return
-        if (getattr(fn, "__module__", "") or "").startswith(("taichi", "kerndiff")):
+        module = getattr(fn, "__module__", "") or ""
+        if module == "taichi._kernels" and self.tape is not None and fn.__name__ in WHOLE_FIELD_WRITERS:
+            self.tape.python_write(args[WHOLE_FIELD_WRITERS[fn.__name__]], whole=True)
+            return
+        if module.startswith(("taichi", "kerndiff")):
             return
         from .frontend.source import parse_function
         reason = (f"the Taichi kernel '{fn.__name__}' ran inside {self.context}, which differentiates only "
@@ -65,12 +85,12 @@ class _TaichiLaunchGuard:
         raise src.error(src.tree, reason, remedy)
 
     @staticmethod
-    def install(context):
+    def install(context, tape=None):
         from taichi.lang import impl
         runtime = impl.get_runtime()
         if runtime.target_tape is not None:  # inside Taichi's own ti.ad.Tape: leave it be
             return None
-        runtime.target_tape = _TaichiLaunchGuard(context)
+        runtime.target_tape = _TaichiLaunchGuard(context, tape)
         return runtime.target_tape
 
     @staticmethod
@@ -112,7 +132,7 @@ class Tape:
             clear_derivatives("adjoint")
         if self.loss is not None:
             _zero(self.loss)
-        self.guard = _TaichiLaunchGuard.install("kd.Tape")
+        self.guard = _TaichiLaunchGuard.install("kd.Tape", self)
         _ACTIVE.append(self)
         return self
 
@@ -136,6 +156,29 @@ class Tape:
             return out
         return run
 
+    def python_write(self, target, whole):
+        """A write from Python (target: the field of a `fill`/`from_numpy`/`copy_from`, reported
+        before it runs, whole=True; or the SNode of an element `x[i] = v`, reported after it) into
+        a field that a recorded launch read or wrote. The launches before it read the old values,
+        so their reverses need them back: a whole field is snapshot here and recorded as a write
+        whose reverse puts the old values back and zeroes the field's adjoint (the values it
+        overwrote reach nothing after it; the new ones are constants). An element write came
+        too late to snapshot: refused. Writes into fields no recorded launch touched set inputs
+        and pass."""
+        field = self.touched.field_of(target)
+        if field is None:
+            return
+        if whole:
+            self.records.append((None, (), {}, {id(field): (field, _snapshot(field))}, {}))
+            return
+        name = REGISTRY.name_of(field)
+        raise KernDiffError(
+            f"'{name}' was written from Python inside kd.Tape after a kernel the Tape recorded touched it; that "
+            "kernel's reverse needs the values it read, and an element write leaves no copy of them",
+            loc=_launch_site(),
+            remedy=f"pass the value as a kernel argument, write '{name}' before the Tape, or write it inside with "
+                   f"a @kd.kernel or {name}.fill / {name}.from_numpy (the Tape takes those as overwrites)")
+
     def __exit__(self, exc_type, exc, tb):
         _ACTIVE.pop()
         _TaichiLaunchGuard.remove(self.guard)
@@ -146,8 +189,8 @@ class Tape:
         level = self.level()
         # Every field a recorded kernel writes carries an adjoint, flags or not.
         requests = []
-        for kernel, args, kwargs, _, _ in self.records:
-            written, _ = kernel.fields(*args, **kwargs)
+        for kernel, args, kwargs, saved, _ in self.records:
+            written = kernel.fields(*args, **kwargs)[0] if kernel is not None else [f for f, _ in saved.values()]
             requests += [(f, "adjoint", level) for f in written if is_float(from_taichi(f.dtype))]
         REGISTRY.allocate_many(requests)
         loss_adj = REGISTRY.get_or_make(self.loss, "adjoint", level)
@@ -160,10 +203,15 @@ class Tape:
         for kernel, args, kwargs, saved, before in reversed(self.records):
             for f, arr in before.values():
                 _restore(f, arr)
-            # A value the kernel returned is not the loss: its cotangent is 0 (a reverse kernel
-            # launched alone seeds it with 1).
-            kernel.reverse_at(level, from_inputs=bool(before)).launch(
-                *args, cotangent=0.0 if kernel.returned_values() else None, **kwargs)
+            if kernel is None:  # a whole field overwritten from Python: its old values reach nothing
+                for f, _ in saved.values():
+                    if is_float(from_taichi(f.dtype)):
+                        _zero(REGISTRY.get_or_make(f, "adjoint", level))
+            else:
+                # A value the kernel returned is not the loss: its cotangent is 0 (a reverse kernel
+                # launched alone seeds it with 1).
+                kernel.reverse_at(level, from_inputs=bool(before)).launch(
+                    *args, cotangent=0.0 if kernel.returned_values() else None, **kwargs)
             for f, arr in saved.values():
                 _restore(f, arr)
         for f, arr in final.values():
@@ -176,7 +224,7 @@ class Tape:
         of that kernel's reverse (2 for `f.reverse`), at which every recorded kernel is then
         reversed. The level-1 adjoints such a kernel writes are values of the recorded program
         then, and the derivatives land in kd.adjoint(x, level)."""
-        return max([1] + [kernel.reverse.level() for kernel, *_ in self.records])
+        return max([1] + [kernel.reverse.level() for kernel, *_ in self.records if kernel is not None])
 
     def grad(self):
         raise KernDiffError("use the adjoint fields after the with-block", remedy="read kd.adjoint(x) or x.grad")
@@ -190,9 +238,23 @@ class _Touched:
 
     def __init__(self):
         self.groups = {}  # id(field) -> {first index or None: set of patterns}
+        self.fields = {}  # id(field) -> field
 
     def add(self, f, pattern):
         self.groups.setdefault(id(f), {}).setdefault(pattern[0] if pattern else None, set()).add(pattern)
+        self.fields[id(f)] = f
+
+    def field_of(self, target):
+        """The touched field that target is (a field) or holds (a Taichi SNode of one of its
+        components, as a setter reports it), or None."""
+        if id(target) in self.fields:
+            return self.fields[id(target)]
+        if hasattr(target, "_snode"):
+            return None  # a field nothing touched
+        for f in self.fields.values():
+            if any(target == v.ptr.snode() for v in getattr(f, "vars", ())):
+                return f
+        return None
 
     def overlaps(self, f, pattern):
         from .ad.hazards import overlap
@@ -226,10 +288,12 @@ def refuse_forward_of_another_level(kernel):
 
 
 def _launch_site():
-    """Where the user's code launched the kernel: the first frame outside kerndiff."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    """Where the user's code launched the kernel or wrote the field: the first frame outside
+    kerndiff and Taichi."""
+    import taichi
+    packages = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(taichi.__file__)))
     frame = sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(packages):
         frame = frame.f_back
     if frame is None:
         return None
