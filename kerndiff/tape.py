@@ -51,25 +51,25 @@ class _TaichiLaunchGuard:
     reports every primal ti.kernel launch to it (that is how ti.ad.Tape records). kerndiff's own
     generated kernels and Taichi's internal ones (fill, from_numpy) pass; a user's plain
     ti.kernel is refused, because the context cannot see its derivative, and leaving it out would
-    make a silently wrong gradient. Under a kd.Tape, writes from Python into a field a recorded
-    launch touched go to the Tape (Tape.python_write)."""
+    make a silently wrong gradient. Writes from Python into a field a launch in the context
+    touched go to the context (Tape.python_write, FwdMode.python_write)."""
 
-    def __init__(self, context: str, tape=None):
+    def __init__(self, context: str, owner):
         self.context = context
-        self.tape = tape
-        self.grad_checker = _ReportSetters() if tape is not None else None
+        self.owner = owner
+        self.grad_checker = _ReportSetters()
 
     def insert(self, kernel, args):
         fn = getattr(kernel, "func", None)
-        if fn is None and self.tape is not None and hasattr(kernel, "__self__"):
-            self.tape.python_write(kernel.__self__, whole=False)  # a setter's report: (key, value)
+        if fn is None and hasattr(kernel, "__self__"):  # a setter's report, after writing: (key, value)
+            self.owner.python_write(kernel.__self__, whole=False, key=args[0])
             return
         code = getattr(fn, "__code__", None)
         if code is None or code.co_filename.startswith("<kerndiff"):
             return
         module = getattr(fn, "__module__", "") or ""
-        if module == "taichi._kernels" and self.tape is not None and fn.__name__ in WHOLE_FIELD_WRITERS:
-            self.tape.python_write(args[WHOLE_FIELD_WRITERS[fn.__name__]], whole=True)
+        if module == "taichi._kernels" and fn.__name__ in WHOLE_FIELD_WRITERS:  # before it runs
+            self.owner.python_write(args[WHOLE_FIELD_WRITERS[fn.__name__]], whole=True)
             return
         if module.startswith(("taichi", "kerndiff")):
             return
@@ -85,12 +85,12 @@ class _TaichiLaunchGuard:
         raise src.error(src.tree, reason, remedy)
 
     @staticmethod
-    def install(context, tape=None):
+    def install(context, owner):
         from taichi.lang import impl
         runtime = impl.get_runtime()
         if runtime.target_tape is not None:  # inside Taichi's own ti.ad.Tape: leave it be
             return None
-        runtime.target_tape = _TaichiLaunchGuard(context, tape)
+        runtime.target_tape = _TaichiLaunchGuard(context, owner)
         return runtime.target_tape
 
     @staticmethod
@@ -156,7 +156,7 @@ class Tape:
             return out
         return run
 
-    def python_write(self, target, whole):
+    def python_write(self, target, whole, key=None):
         """A write from Python (target: the field of a `fill`/`from_numpy`/`copy_from`, reported
         before it runs, whole=True; or the SNode of an element `x[i] = v`, reported after it) into
         a field that a recorded launch read or wrote. The launches before it read the old values,
@@ -165,7 +165,7 @@ class Tape:
         overwrote reach nothing after it; the new ones are constants). An element write came
         too late to snapshot: refused. Writes into fields no recorded launch touched set inputs
         and pass."""
-        field = self.touched.field_of(target)
+        field, _ = touched_field(self.touched.fields, target)
         if field is None:
             return
         if whole:
@@ -244,18 +244,6 @@ class _Touched:
         self.groups.setdefault(id(f), {}).setdefault(pattern[0] if pattern else None, set()).add(pattern)
         self.fields[id(f)] = f
 
-    def field_of(self, target):
-        """The touched field that target is (a field) or holds (a Taichi SNode of one of its
-        components, as a setter reports it), or None."""
-        if id(target) in self.fields:
-            return self.fields[id(target)]
-        if hasattr(target, "_snode"):
-            return None  # a field nothing touched
-        for f in self.fields.values():
-            if any(target == v.ptr.snode() for v in getattr(f, "vars", ())):
-                return f
-        return None
-
     def overlaps(self, f, pattern):
         from .ad.hazards import overlap
 
@@ -263,6 +251,21 @@ class _Touched:
         first = pattern[0] if pattern else None
         candidates = groups.values() if first is None else (groups.get(first, ()), groups.get(None, ()))
         return any(overlap(pattern, old) for group in candidates for old in group)
+
+
+def touched_field(fields, target):
+    """(field, component) for a Python write's target among `fields` (id -> field): target is a
+    field (component None), or a Taichi SNode of one component of one, as a setter reports it
+    (component: its position in field.vars); (None, None) where none of them is written."""
+    if id(target) in fields:
+        return fields[id(target)], None
+    if hasattr(target, "_snode"):
+        return None, None  # a field nothing touched
+    for f in fields.values():
+        for k, v in enumerate(getattr(f, "vars", ())):
+            if target == v.ptr.snode():
+                return f, k
+    return None, None
 
 
 def kernel_path(kernel):
@@ -354,7 +357,8 @@ class FwdMode:
         else:
             dual[None] = float(seed)
         self.seeded = dual
-        self.guard = _TaichiLaunchGuard.install("kd.FwdMode")
+        self.touched = {}  # id(field) -> field: what launches in the context read or wrote
+        self.guard = _TaichiLaunchGuard.install("kd.FwdMode", self)
         _ACTIVE.append(self)
         return self
 
@@ -364,11 +368,29 @@ class FwdMode:
 
         def run():
             out = kernel.forward.launch(*args, **kwargs)
+            written, read = kernel.fields(*args, **kwargs)
+            self.touched.update((id(f), f) for f in written + read)
             if not returns:
                 return out
             # the kernel's own values, as under ti.ad.FwdMode (the forward kernel adds tangents)
             return out[0] if returns == 1 else tuple(out[:returns])
         return run
+
+    def python_write(self, target, whole, key=None):
+        """A write from Python into a field a launch in the context read or wrote (see
+        Tape.python_write for what target is): the values written are constants, so their tangent
+        is zero; the dual held the tangent of the values they replace (or the seed), which later
+        forward kernels would otherwise take for theirs. Whole fields: the dual is cleared before
+        the write; an element: that element of the dual, after it. Writes into fields no launch
+        touched set inputs (the param's seed stays)."""
+        field, component = touched_field(self.touched, target)
+        dual = None if field is None else REGISTRY.get(field, "dual", 1)
+        if dual is None:
+            return
+        if whole:
+            _zero(dual)
+        else:
+            dual.vars[component].ptr.snode().write_float(key, 0.0)  # the setter's own call, on the dual
 
     def __exit__(self, exc_type, exc, tb):
         _ACTIVE.pop()

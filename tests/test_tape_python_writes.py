@@ -132,3 +132,29 @@ def test_writes_before_any_launch_touched_the_field_set_inputs(program):
 
 def x_times(x):
     return np.sin(x) * x + 0.5 * np.cos(x) * x**2
+
+
+def test_fwdmode_takes_values_written_from_python_as_constants(program):
+    """Under kd.FwdMode the values a Python write puts into a field a launch touched are constants:
+    their tangent is zero (the dual held the seed, or the tangent of the values they replace)."""
+    x, y, z, loss, first, second = program
+    seed = np.array([1.0, -0.5, 2.0, 0.25])
+    x.from_numpy(X0)
+    with kd.FwdMode(loss=loss, param=x, seed=seed):
+        first()
+        x.from_numpy(NEW)
+        second()
+    assert kd.dual(loss)[None] == pytest.approx(np.sum(d_first(X0) * seed * NEW), rel=1e-13)
+    x.from_numpy(X0)
+    with kd.FwdMode(loss=loss, param=x, seed=seed):
+        first()
+        x[0] = 5.0
+        second()
+    final, x_tangent = np.array([5.0, 0.2, 0.3, 0.4]), seed * np.array([0.0, 1.0, 1.0, 1.0])
+    expected = np.sum(d_first(X0) * seed * final + np.sin(X0) * X0 * x_tangent)
+    assert kd.dual(loss)[None] == pytest.approx(expected, rel=1e-13)
+    with kd.FwdMode(loss=loss, param=x, seed=seed):  # before any launch: an input, seeded
+        x.from_numpy(X0)
+        first()
+        second()
+    assert kd.dual(loss)[None] == pytest.approx(np.sum(2 * x_times(X0) * seed), rel=1e-13)
