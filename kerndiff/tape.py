@@ -306,12 +306,13 @@ def _launch_site():
 
 
 def clear_derivatives(kind, level=1):
-    """Zero every level-`level` adjoint or dual field known to Taichi (needs_grad, needs_dual) or to
-    kerndiff, as ti.ad.Tape and ti.ad.FwdMode clear theirs on entry: a value left from an earlier
-    run would otherwise join this one's derivative."""
+    """Zero every level-`level` adjoint or dual field known to Taichi (needs_grad, needs_dual: level
+    1 only) or to kerndiff, as ti.ad.Tape and ti.ad.FwdMode clear theirs on entry: a value left
+    from an earlier run would otherwise join this one's derivative."""
     import taichi as ti
     from taichi.lang.enums import SNodeGradType
-    ti.ad.clear_all_gradients(SNodeGradType.ADJOINT if kind == "adjoint" else SNodeGradType.DUAL)
+    if level == 1:
+        ti.ad.clear_all_gradients(SNodeGradType.ADJOINT if kind == "adjoint" else SNodeGradType.DUAL)
     REGISTRY.check_runtime()  # never touch fields of an earlier ti.init
     for key, f in list(REGISTRY.derived.items()):
         if len(key) == 3 and key[1] == kind and key[2] == level:

@@ -169,3 +169,34 @@ def test_check_grad_warns_where_every_number_it_compared_is_zero(setup):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kd.check_grad(f.reverse, [x], kd.adjoint(x)) < 1e-7
+
+
+def test_tape_at_level_two_keeps_taichi_s_own_gradients(runtime):
+    """The tutorial's penalty on a gradient, with needs_grad fields: the level-2 pass cleared
+    Taichi's own (level-1) grads on its way (session 40's first version), leaving x.grad, the
+    value the penalty read, and the answer at zero."""
+    x = ti.field(ti.f64, shape=8, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    penalty = ti.field(ti.f64, shape=())
+    xs = np.linspace(0, 1, 8)
+    x.from_numpy(xs)
+
+    @kd.kernel
+    def energy():
+        for i in x:
+            loss[None] += ti.sin(x[i]) ** 2
+
+    @kd.kernel
+    def grad_norm():
+        for i in x:
+            penalty[None] += x.grad[i] ** 2
+
+    kd.adjoint(x, 2)
+    with kd.Tape(penalty):
+        energy()
+        loss.grad[None] = 1.0
+        energy.reverse()
+        grad_norm()
+    np.testing.assert_allclose(kd.adjoint(x, 2).to_numpy(), 2 * np.sin(4 * xs), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(x.grad.to_numpy(), np.sin(2 * xs), rtol=1e-12, atol=1e-15)
+    assert loss.grad[None] == 1.0
