@@ -42,7 +42,8 @@ WHOLE_FIELD_WRITERS = {"fill_field": 0, "field_fill_python_scope": 0, "ext_arr_t
 
 class _ReportSetters:
     """Taichi's field setters (`x[i] = v` in Python) report each write, after making it, to a target
-    tape that has a grad_checker; this one checks nothing and makes them report to kd.Tape."""
+    tape that has a grad_checker; this one checks nothing and makes them report to the kd.Tape or
+    kd.FwdMode that is open."""
     to_check = ()
 
 
@@ -120,7 +121,8 @@ class Tape:
         self.loss = loss
         self.clear_gradients = clear_gradients
         # (kernel, args, kwargs, {id(field): (field, snapshot before launch)}, the same for the
-        # fields the kernel updates in place, which its own reverse needs back)
+        # fields the kernel updates in place, which its own reverse needs back); kernel None for
+        # a whole field written from Python (python_write)
         self.records = []
         self.touched = _Touched()  # index patterns earlier recorded launches accessed
 
