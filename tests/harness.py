@@ -182,13 +182,29 @@ def assert_locals_stay_in_their_iterations(source):
             serialized = False
 
 
-def check(K, mode, args=(), x0=None, eps=1e-6, rtol=1e-6, atol=1e-8, seed=0, cotangent=None):
+def seeds_as_inputs(K, mode, args=()):
+    """The adjoints a reverse kernel reads (its outputs' cotangents) and the duals a forward kernel
+    reads (its inputs' tangents) get a derivative field of the kind and level `mode` checks, so
+    that the check varies them like any input. Without one such a seed is a constant at whatever
+    value it holds, zero where nothing set it or the kernel's own reverse cleared it (after an
+    overwrite), and the check compares zeros (_compared_something)."""
+    seed_kind = "adjoint" if mode == "forward" else "dual"
+    level = (K.forward if mode == "forward" else K.reverse).level()
+    _, read = K.fields(*args)
+    for f in read:
+        parent = REGISTRY.parents.get(id(f))
+        if parent is not None and parent[1] == seed_kind and _is_float_field(f):
+            (kd.dual if mode == "forward" else kd.adjoint)(f, level)
+
+
+def check(K, mode, args=(), x0=None, eps=1e-6, rtol=1e-6, atol=1e-8, seed=0, cotangent=None, may_be_zero=False):
     """Check K.forward (mode='forward') or K.reverse (mode='reverse') against finite differences.
 
     x0: dict field -> value for inputs (others keep their current values).
     Returns (analytic, finite difference) for the record.
     """
     rng = np.random.default_rng(seed)
+    seeds_as_inputs(K, mode, args)
     F = Fn(K, args, cotangent)
     xs = [get(f) for f in F.ins]
     if x0:  # (keyed by the field itself: Taichi fields are compared by identity here)
@@ -221,6 +237,7 @@ def check(K, mode, args=(), x0=None, eps=1e-6, rtol=1e-6, atol=1e-8, seed=0, cot
         # Duals of fields that are both read and written were overwritten by their output tangents.
         for a, b in zip(jv, jv_fd):
             np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * max(1.0, np.max(np.abs(b))))
+        _compared_something(K, mode, [np.max(np.abs(a)) for a in jv + jv_fd], may_be_zero)
         return jv, jv_fd
     # reverse: dot-product test
     D = K.reverse
@@ -250,7 +267,17 @@ def check(K, mode, args=(), x0=None, eps=1e-6, rtol=1e-6, atol=1e-8, seed=0, cot
     rhs = dot(jtw, v)
     scale = max(1.0, abs(lhs))
     assert abs(lhs - rhs) <= rtol * scale + atol * scale, f"dot-product test: <w, Jv>={lhs} vs <J^T w, v>={rhs}"
+    _compared_something(K, mode, [abs(lhs), abs(rhs)], may_be_zero)
     return rhs, lhs
+
+
+def _compared_something(K, mode, magnitudes, may_be_zero):
+    """A check whose numbers are all zero (no input varied: a derived kernel without derivative
+    fields is `pass`; a seed at zero) cannot fail: it fails here instead, unless the derivative
+    is zero by design (may_be_zero: the fuzzers' random kernels)."""
+    assert may_be_zero or max(magnitudes, default=0.0) > 0.0, (
+        f"check({K!r}, {mode!r}) compared only zeros: make the derivative fields it needs "
+        "(make_derivative_fields, make_outer_duals) or pass may_be_zero=True where the derivative is zero")
 
 
 # The derivative paths the control-flow style tests walk: (prefix, mode) -> check(k.prefix, mode).
@@ -287,12 +314,27 @@ def make_derivative_fields(k, args=()):
     any is `pass`), rather than relying on an earlier test of its module to have made them."""
     written, read = k.fields(*args)
     for f in written + read:
-        kd.dual(kd.adjoint(f))
-        kd.adjoint(kd.dual(f))
+        if _is_float_field(f):
+            kd.dual(kd.adjoint(f))
+            kd.adjoint(kd.dual(f))
+
+
+def make_outer_duals(K, args=()):
+    """The duals K.forward varies (its level) of every float field K reads or writes: a check of
+    K.forward over a derived K (third order) varies nothing without them."""
+    written, read = K.fields(*args)
+    level = K.forward.level()
+    for f in written + read:
+        if _is_float_field(f):
+            kd.dual(f, level)
 
 
 def check_path(k, prefix, mode, args=(), **kw):
-    """Run k (its reverse reads the primal's results), then check k.<prefix> in `mode`."""
+    """Run k (its reverse reads the primal's results), then check k.<prefix> in `mode`. A derived
+    kernel's check needs k's derivative fields (without them k.reverse is `pass`, and its forward
+    check compared nothing: until session 40, for tests whose fields are their own)."""
+    if prefix:
+        make_derivative_fields(k, args)
     k(*args)
     return check(getattr(k, prefix) if prefix else k, mode, args=args, **kw)
 

@@ -9,7 +9,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import check, derivatives
+from harness import check, derivatives, make_derivative_fields, make_outer_duals
 
 PATHS = ["forward", "reverse", "reverse.forward", "forward.forward", "forward.reverse"]
 N = 6
@@ -316,6 +316,10 @@ def test_third_order_reverse_forward_forward(corpus, name):
     """k.reverse.forward.forward (levels: adjoint 1, dual 1, dual 2) against finite differences
     of k.reverse.forward; and k.forward.forward.forward against finite differences of k.forward.forward."""
     k, args = corpus[name]
+    make_derivative_fields(k, args)  # (run alone, the module had made none: both checks compared nothing)
+    make_outer_duals(k.forward, args)
+    for K in (k.reverse.forward, k.forward.forward):
+        make_outer_duals(K, args)
     k(*args)
     check(k.reverse.forward, "forward", args, rtol=5e-6, atol=1e-7)
     check(k.forward.forward, "forward", args, rtol=5e-6, atol=1e-7)

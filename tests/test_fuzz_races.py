@@ -131,7 +131,7 @@ def check_races(fields, seed, draw=draw_kernel):
     for mode in ("reverse", "forward"):
         starting_values(fields)
         try:
-            check(k, mode, rtol=1e-6, atol=1e-8)
+            check(k, mode, rtol=1e-6, atol=1e-8, may_be_zero=True)
             OUTCOMES.append(f"{mode} checked")
         except kd.KernDiffError:
             OUTCOMES.append(f"{mode} refused")
