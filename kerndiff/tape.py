@@ -270,10 +270,6 @@ def touched_field(fields, target):
     return None, None
 
 
-def kernel_path(kernel):
-    return ".".join((kernel.__name__,) + kernel.path)
-
-
 def refuse_forward_of_another_level(kernel):
     """kd.FwdMode seeds and clears level-1 duals on entry, before it sees a launch. A kernel launched
     in it whose forward is of another level (`f.forward`: its forward reads level-2 duals, API.md
@@ -283,9 +279,9 @@ def refuse_forward_of_another_level(kernel):
     derived = kernel.forward
     if derived.level() == 1:
         return
-    path = kernel_path(kernel)
+    path = kernel.dotted_name
     reason = (f"{path} was launched inside kd.FwdMode, which runs each kernel's forward with level-1 duals; "
-              f"{kernel_path(derived)} uses level-{derived.level()} duals (it differentiates a derivative kernel), "
+              f"{derived.dotted_name} uses level-{derived.level()} duals (it differentiates a derivative kernel), "
               "so its tangent would leave out the seed")
     remedy = (f"call kd.forward({path}, inputs=[...], output=...), which seeds the duals of that level, or set "
               f"kd.dual(x, {derived.level()}) and launch {path}.forward yourself")

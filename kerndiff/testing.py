@@ -94,15 +94,11 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
             if id(f) not in had:  # made by the check: left zero-filled, as kd.dual/kd.adjoint make them
                 f.fill(0)
     if rows and all(v == 0.0 for row in rows for v in row[1:]):
-        warnings.warn(f"kd.check_grad({_path(kernel)}): every derivative it compared is zero (finite "
+        warnings.warn(f"kd.check_grad({kernel.dotted_name}): every derivative it compared is zero (finite "
                       "differences, forward and reverse alike), so the check shows nothing; does the output "
                       "depend on these inputs, and is every adjoint or dual the kernel reads as a constant set "
                       "(a reverse kernel's output adjoint, a forward kernel's input duals)?", stacklevel=2)
     return _report(rows, rtol, atol)
-
-
-def _path(kernel):
-    return ".".join((kernel.__name__,) + tuple(kernel.path))
 
 
 def _touched_fields(kernel, inputs, output, args):

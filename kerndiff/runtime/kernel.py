@@ -132,6 +132,11 @@ class Kernel:
             levels[kind] = given if given is not None else levels.get(kind, 0) + 1
         return levels[path[-1].split("_")[0]] if path else 0
 
+    @property
+    def dotted_name(self):
+        """How the user spells this kernel: `f.reverse.forward`."""
+        return ".".join((self.__name__,) + self.path)
+
     def __repr__(self):
         return f"<kerndiff kernel {self.__name__}{''.join('.' + p for p in self.path)}>"
 
