@@ -307,3 +307,39 @@ def test_gravity_hvp_moves_each_components_factor_into_the_shared_scale(runtime)
     energy()
     check(energy, "reverse", rtol=1e-6, atol=1e-8)
     check(energy.reverse, "forward", eps=1e-6, rtol=1e-5, atol=1e-7)
+
+
+def test_primal_pair_loop_reads_its_own_element_once(runtime):
+    """opt.invariant_loads in the primal too: `qx[i]` in the loop over j is read once per i, before
+    it. Only where the reads sit changes, so the primal's energy is Taichi's to the bit; on the CPU
+    it lets LLVM vectorize a pair loop over scalar fields (21.5 -> 3.6 ms at N = 4096 in f32: the
+    primal had been 3.5x slower than its own forward kernel, which read them once already)."""
+    rng = np.random.default_rng(11)
+    qx, qy, qz = (ti.field(ti.f64, shape=N) for _ in range(3))
+    for f in (qx, qy, qz):
+        f.from_numpy(rng.uniform(0, 3, N))
+    E = ti.field(ti.f64, shape=())
+
+    def energy():
+        for i in range(N):
+            e = 0.0
+            for j in range(N):
+                if i != j:
+                    r2 = (qx[i] - qx[j]) ** 2 + (qy[i] - qy[j]) ** 2 + (qz[i] - qz[j]) ** 2 + 0.01
+                    e += 1.0 / ti.sqrt(r2)
+            E[None] += 0.5 * e
+
+    kk, tk = kd.kernel(energy), ti.kernel(energy)
+    code = "\n".join(line for line in kk.source.splitlines() if not line.strip().startswith("#"))
+    assert code.count("qx[i]") == 1 and code.count("qz[i]") == 1, code
+    assert code.index("qx[i]") < code.index("for j in")
+    values = []
+    for k in (kk, tk):
+        E[None] = 0
+        k()
+        values.append(E[None])
+    q = np.stack([f.to_numpy() for f in (qx, qy, qz)], axis=1)
+    r2 = ((q[:, None, :] - q[None, :, :]) ** 2).sum(-1) + 0.01
+    np.fill_diagonal(r2, np.inf)
+    assert values[0] == pytest.approx(0.5 * np.sum(1.0 / np.sqrt(r2)), rel=1e-12)
+    assert abs(values[0] - values[1]) <= 1e-12 * abs(values[1])  # the same sums, up to Taichi's atomics' order
