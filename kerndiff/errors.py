@@ -2,9 +2,15 @@
 
 Every message has the same shape so users learn to read it once: where (file:line), the source
 line with a caret under the offending columns, why kerndiff refuses, and what to do instead.
+An error raised without a place in a kernel's source (a host-side call given the wrong fields,
+a nested kd.Tape) names the user's line that called into kerndiff: the innermost frame outside
+kerndiff and Taichi.
 """
 from __future__ import annotations
 
+import linecache
+import os
+import sys
 from dataclasses import dataclass
 
 
@@ -29,6 +35,7 @@ class KernDiffError(Exception):
 
     def __init__(self, reason: str, loc: SrcLoc | None = None, remedy: str | None = None):
         self.reason = reason
+        loc = loc if loc is not None else user_site()
         self.loc = loc
         self.remedy = remedy
         parts = []
@@ -40,3 +47,19 @@ class KernDiffError(Exception):
         if remedy:
             parts.append(f"Remedy: {remedy}")
         super().__init__("\n".join(parts))
+
+
+def user_site() -> SrcLoc | None:
+    """The line of the user's code that called into kerndiff (or Taichi, which calls back into
+    kerndiff when a kernel launches): the innermost frame outside both packages; None if every
+    frame is inside them."""
+    packages = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                     for m in (sys.modules[__package__], sys.modules.get("taichi")) if m is not None)
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(packages):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    text = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    indent = len(text) - len(text.lstrip())
+    return SrcLoc(frame.f_code.co_filename, frame.f_lineno, indent, len(text.rstrip()), text)

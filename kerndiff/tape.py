@@ -13,13 +13,9 @@ After the reverse pass, the fields hold the forward results again, as after a pl
 """
 from __future__ import annotations
 
-import linecache
-import os
-import sys
-
 import numpy as np
 
-from .errors import KernDiffError, SrcLoc
+from .errors import KernDiffError, user_site
 from .ir.types import from_taichi, is_float
 from .runtime.registry import REGISTRY
 
@@ -177,7 +173,7 @@ class Tape:
         raise KernDiffError(
             f"'{name}' was written from Python inside kd.Tape after a kernel the Tape recorded touched it; that "
             "kernel's reverse needs the values it read, and an element write leaves no copy of them",
-            loc=_launch_site(),
+            loc=user_site(),
             remedy=f"pass the value as a kernel argument, write '{name}' before the Tape, or write it inside with "
                    f"a @kd.kernel or {name}.fill / {name}.from_numpy (the Tape takes those as overwrites)")
 
@@ -285,22 +281,7 @@ def refuse_forward_of_another_level(kernel):
               "so its tangent would leave out the seed")
     remedy = (f"call kd.forward({path}, inputs=[...], output=...), which seeds the duals of that level, or set "
               f"kd.dual(x, {derived.level()}) and launch {path}.forward yourself")
-    raise KernDiffError(reason, loc=_launch_site(), remedy=remedy)
-
-
-def _launch_site():
-    """Where the user's code launched the kernel or wrote the field: the first frame outside
-    kerndiff and Taichi."""
-    import taichi
-    packages = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(taichi.__file__)))
-    frame = sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(packages):
-        frame = frame.f_back
-    if frame is None:
-        return None
-    text = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
-    indent = len(text) - len(text.lstrip())
-    return SrcLoc(frame.f_code.co_filename, frame.f_lineno, indent, len(text.rstrip()), text)
+    raise KernDiffError(reason, loc=user_site(), remedy=remedy)
 
 
 def clear_derivatives(kind, level=1):

@@ -1058,3 +1058,32 @@ def test_a_pinned_store_read_by_every_iteration_is_refused(runtime):
 
     raises(pinned_then_read.reverse, "this parallel loop reads elements of z that other iterations may store",
            line_text="y[i] = z[0] * x[i]")
+
+
+def test_host_side_errors_name_the_callers_line(f):
+    """A KernDiffError raised outside any kernel's source (a factory given the wrong fields, a
+    kernel called with the wrong arguments, a nested kd.Tape, a device function called from
+    Python) names the line of the user's code that called into kerndiff, with its caret: it once
+    said only "Reason: ... Remedy: ..."."""
+    x, s, n = f["x"], f["s"], f["n"]
+
+    @kd.kernel
+    def k(c: ti.f64):
+        for i in x:
+            s[None] += x[i] * c
+
+    @kd.func
+    def g(a):
+        return a * a
+
+    raises(lambda: kd.backward(k, inputs=[n], output=s), "dtype i32", line_text="kd.backward(k, inputs=[n], output=s)")
+    raises(lambda: k(1.0, 2.0), "takes 1 arguments, got 2", line_text="k(1.0, 2.0)")
+    raises(lambda: g(1.0), "device function", line_text="g(1.0)")
+    raises(lambda: kd.adjoint(n), "an adjoint field was requested for", "dtype i32", line_text="kd.adjoint(n)")
+
+    def nested():
+        with kd.Tape(s):
+            with kd.Tape(s):  # the inner one
+                pass
+
+    raises(nested, "cannot be nested", line_text="with kd.Tape(s):  # the inner one")

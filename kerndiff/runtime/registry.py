@@ -121,8 +121,10 @@ class Registry:
             if self.get(field, kind, level) is None and (id(field), kind, level) not in \
                     {(id(f), k, l) for f, k, l in todo}:
                 if not is_float(field_dtype(field)):
-                    raise KernDiffError(f"a {kind} field was requested for a non-float field "
-                                        f"'{self.name_of(field)}'", remedy="only float fields have derivatives")
+                    name = self.names.get(id(field))
+                    raise KernDiffError(f"{'an' if kind == 'adjoint' else 'a'} {kind} field was requested for "
+                                        f"{f'{name!r}, ' if name else ''}a field of dtype {field_dtype(field)}, "
+                                        "which has no derivative", remedy="only float fields have derivatives")
                 todo.append((field, kind, level))
         if not todo:
             return
