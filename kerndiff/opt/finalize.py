@@ -16,8 +16,8 @@ Inside each parallel loop:
     read-modify-write;
   * hoist: reads of 0-d fields the kernel does not write (seed adjoints such as `loss_adj[None]`)
     are read once before the loop, and elements an inner loop reads at a fixed index (`pos[i][0]`
-    in a pair loop) once before that loop (opt.invariant_loads; in primal kernels too: where the
-    reads sit is not the user's arithmetic);
+    in a pair loop) once before that loop (opt.invariant_loads; in primal kernels too, but for
+    inner loops that add into fields, whose sums would round differently);
   * pack: in derived kernels on the CPU, big fields the loop gathers together at one index (a
     position and its tangent) are copied side by side before it and read from there
     (opt.packed_gathers).
@@ -237,7 +237,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
     (opt.reuse), reversed loops whose iterations share nothing but sums run forward
     (opt.loop_order), what the rewrites left computed twice in a block shared once more
     (opt.cse), and locals' values put before their tangents (opt.tangent_order). Every kernel has
-    the field elements an inner loop repeats read before it (opt.invariant_loads)."""
+    the field elements an inner loop repeats read before it (opt.invariant_loads), a primal's
+    inner loops that add into fields excepted."""
     from ..ad.names import NameAllocator
     from ..codegen.load import field_names
 
@@ -306,7 +307,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
         if isinstance(s, N.For) and s.parallel:
             s = dataclasses.replace(s, body=_merge_adds(s.body))
             s = _demote(_privatize(s, names))
-            s = hoist_invariant_loads(s, written, names)
+            s = hoist_invariant_loads(s, written, names, keep_field_sums=is_derivative is None)
             pre, s = _hoist(s, written, names)
             out.extend(pre)
             if packs is not None and is_derivative is not None:

@@ -10,8 +10,13 @@ and of its HVP.
 Primal kernels too (session 41). A pair loop over scalar fields (`(qx[i] - qx[j]) ** 2 + ...`)
 stores nothing in its inner loop, yet Taichi's code loaded `qx[i]` on every trip there as well,
 and LLVM then left the loop unvectorized: at N = 4096 in f32 the primal took 21.5 ms where its own
-forward kernel, which read them once, took 5-7 ms (hoisted, the primal takes 3.6). Where the reads
-sit is not the user's arithmetic: the primal's values do not change.
+forward kernel, which read them once, took 5-7 ms (hoisted, the primal takes 3.6, its energy the
+same to the bit, as Taichi's kernel's and the forward kernel's). Except where the inner loop adds
+into a field (`E[None] += ...` per pair): there the hoisted reads let Taichi and LLVM sum
+differently, and W3's half-pair spelling in f32 (8.4e6 terms into one f32) summed to 1614384
+against Taichi's 1596263 (f64: 1615046), while its forward kernel, written differently, still
+gave Taichi's sum. A primal's sums keep the primal's rounding (the forward kernel's primal
+outputs are the primal's), so in primal kernels such loops keep their reads.
 
 The load then runs where the loop body may not have (a trip count of zero, a branch such as
 `if i != j:` around the read), so the index must be in the field's range wherever the hoisted
@@ -27,13 +32,15 @@ from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_ex
                        map_stmt_exprs, rebuild_stmt)
 
 
-def hoist_invariant_loads(loop: N.For, written: set, names) -> N.For:
+def hoist_invariant_loads(loop: N.For, written: set, names, keep_field_sums=False) -> N.For:
     """loop (a kernel's parallel loop) with the loads its inner loops repeat read before them.
-    written: ids of the fields the kernel writes."""
+    written: ids of the fields the kernel writes. keep_field_sums (primal kernels): an inner loop
+    that adds into a field keeps its loads, and so its sum's rounding (see the module docstring)."""
     # a loop variable also assigned as a local somewhere does not keep its loop's range
     reassigned = {s.name for s in iter_stmts(loop.body) if isinstance(s, N.Assign)}
     outer = _constant_bounds(loop, {}, reassigned)
-    return dataclasses.replace(loop, body=tuple(_block(loop.body, outer, written, names, reassigned, {})))
+    return dataclasses.replace(loop, body=tuple(_block(loop.body, outer, written, names, reassigned, {},
+                                                       keep_field_sums)))
 
 
 def _constant_bounds(loop, env, reassigned):
@@ -46,22 +53,27 @@ def _constant_bounds(loop, env, reassigned):
     return env
 
 
-def _block(stmts, env, written, names, reassigned, held):
+def _block(stmts, env, written, names, reassigned, held, keep_field_sums):
     """held: load -> the local an earlier statement of this block, or of a block around it, read
     it into (still valid: the field is never written, its index variables never reassigned), so
     two inner loops in a row read `r[i]` once."""
     held = dict(held)
     out = []
     for s in stmts:
+        if isinstance(s, N.For) and not s.parallel and keep_field_sums and \
+                any(isinstance(t, N.Atomic) for t in iter_stmts(s.body)):
+            out.append(s)
+            continue
         if isinstance(s, N.For) and not s.parallel:
             for load in _invariant_loads(s, env, written):
                 if load not in held:
                     held[load] = N.Var(load.dtype, names.fresh(_name(load)))
                     out.append(N.Assign(held[load].name, load, src=s.src, tag="hoist"))
             s = rebuild_stmt(s, [tuple(_block(s.body, _constant_bounds(s, env, reassigned), written, names,
-                                              reassigned, held))])
+                                              reassigned, held, keep_field_sums))])
         elif blocks_of(s):
-            s = rebuild_stmt(s, [tuple(_block(b, env, written, names, reassigned, held)) for b in blocks_of(s)])
+            s = rebuild_stmt(s, [tuple(_block(b, env, written, names, reassigned, held, keep_field_sums))
+                                 for b in blocks_of(s)])
         if held:
             s = map_stmt_exprs(s, lambda e: map_expr(e, lambda x: held.get(x, x)))
         out.append(s)
