@@ -94,3 +94,16 @@ def test_a_report_from_rows_made_elsewhere(tmp_path):
     assert "| W2 HVP / kerndiff reverse | 2.50 | ≤ 2 | no |" in text, text
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["machine"] == rows[0]["machine"] and saved["rows"] == rows[1:]
+
+
+def test_back_to_back_timing_runs_and_reports_every_kernel():
+    """bench.back_to_back (W2's kernels timed back to back, and the random-gather curve that shows
+    the cache this process has) runs at quick sizes and reports a time for each kernel and size."""
+    out = subprocess.run([sys.executable, "-m", "bench.back_to_back", "--quick", "--reps", "3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and " ms |" in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["kerndiff primal", "kerndiff forward", "kerndiff reverse",
+                                                      "kerndiff HVP", "Taichi primal", "Taichi grad"]
+    assert all(float(r.split(" | ")[1].split()[0]) > 0 for r in rows)
+    assert "reverse / primal" in out.stdout and out.stdout.count(" MB ") == 8
