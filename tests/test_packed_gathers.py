@@ -91,3 +91,35 @@ def test_a_forward_gather_of_two_fields_and_where_the_loop_is_too_short(runtime,
     check(gather, "reverse")
     short.forward()
     assert "_packed" not in short.forward.source
+
+
+def test_a_group_too_short_to_pack_does_not_hide_the_next(runtime, any_size):
+    """Fields of two shapes gathered at two indices: a row of a 2 x n field (n of its 2n elements
+    read: too few trips to copy it) met first, and a field of n with its tangent. The second group
+    is packed; before session 41 only the first group found was considered, and nothing was."""
+    n = 4
+    x, out = ti.field(ti.f64, shape=n), ti.field(ti.f64, shape=n)
+    y = ti.field(ti.f64, shape=(2, n))
+    idx = ti.field(ti.i32, shape=n)
+    rng = np.random.default_rng(3)
+    x.from_numpy(rng.uniform(-1, 1, n))
+    y.from_numpy(rng.uniform(-1, 1, (2, n)))
+    idx.from_numpy(np.array([2, 0, 3, 1], dtype=np.int32))
+
+    @kd.kernel
+    def two_shapes():
+        for i in range(n):
+            a = ti.sin(y[1, idx[i]])  # (read first)
+            out[i] = a * x[idx[i]] ** 2
+
+    xd, yd = rng.standard_normal(n), rng.standard_normal((2, n))
+    kd.dual(x).from_numpy(xd)
+    kd.dual(y).from_numpy(yd)
+    two_shapes.forward()
+    src = two_shapes.forward.source
+    assert "x_packed[idx[i], 1]" in src and "y_packed" not in src, src
+    j = idx.to_numpy()
+    xv, yv = x.to_numpy(), y.to_numpy()[1]
+    expected = np.cos(yv[j]) * yd[1, j] * xv[j] ** 2 + np.sin(yv[j]) * 2 * xv[j] * xd[j]
+    np.testing.assert_allclose(kd.dual(out).to_numpy(), expected, rtol=1e-13)
+    check(two_shapes, "forward")

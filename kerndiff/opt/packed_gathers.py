@@ -7,7 +7,10 @@ the kernel does not write at one such index, a loop before it copies their compo
 side into a helper field (`pos_packed[p, k]`, one record per element) and the loop reads them
 from there: one cache line per gathered element instead of one per field. The copy is one pass
 over the fields per launch, so it is made only for fields too big for the cache to hold anyway
-(MIN_BYTES) and loops of at least as many iterations as the fields have elements.
+(MIN_BYTES) and loops of at least as many iterations as the fields have elements. One record
+holds fields of one shape; where the loop gathers groups of several shapes, the first group that
+meets both conditions is packed (until session 41 only the first group was considered, and a
+2-D field's row gathered at three of its six elements kept a 3-element pair from being packed).
 W2's HVP, 1e6 particles: 60.2-60.8 ms against 70.3 without (bench, session 38; HVP / reverse
 1.63-1.75 against 1.98). With 24-byte records (3-D positions) it gained nothing measurable.
 """
@@ -37,10 +40,11 @@ def _loads(loop):
             if type(x) is N.Load]
 
 
-def _chosen(loads, written):
-    """The fields to pack for a loop whose field loads are `loads` (in order of first appearance),
-    or []: float fields the kernel does not write, of the first such field's shape, offset and
-    dtype, gathered at one index together with another of them."""
+def _groups(loads, written):
+    """The candidate field groups to pack for a loop whose field loads are `loads` (in order of
+    first appearance): float fields the kernel does not write, gathered at one index together
+    with another of them, grouped by shape, offset and dtype (one record holds one group), in
+    order of first appearance."""
     at = {}  # gathered index -> a ref of each field read there
     for x in loads:
         f = x.ref.field
@@ -48,16 +52,15 @@ def _chosen(loads, written):
             refs = at.setdefault(x.index, [])
             if not any(r.field is f for r in refs):
                 refs.append(x.ref)
-    chosen = []
+    groups = {}  # (shape, offset, dtype) -> refs of distinct fields
     for refs in at.values():
         if len({id(r.field) for r in refs}) < 2:
             continue
         for r in refs:
-            first = chosen[0] if chosen else r
-            alike = (r.shape, r.offset, r.dtype) == (first.shape, first.offset, first.dtype)
-            if alike and not any(c.field is r.field for c in chosen):
-                chosen.append(r)
-    return chosen if len(chosen) >= 2 else []
+            group = groups.setdefault((r.shape, r.offset, r.dtype), [])
+            if not any(c.field is r.field for c in group):
+                group.append(r)
+    return [group for group in groups.values() if len(group) >= 2]
 
 
 def pack_gathers(loop: N.For, written: set, names, packed_for, ref_of):
@@ -65,22 +68,27 @@ def pack_gathers(loop: N.For, written: set, names, packed_for, ref_of):
     the fields the kernel writes; packed_for(fields, dtype, shape, offset) -> the helper field
     (the registry's `packed`); ref_of(field, component) -> its FieldRef."""
     loads = _loads(loop)
-    chosen = _chosen(loads, written)
     trips = trip_count(loop)
-    if not chosen or trips is None:
+    if trips is None:
         return [], loop
-    first = chosen[0]
-    elements = math.prod(first.shape)
-    slots = []  # (id(field), component) of each record entry
-    refs = {}  # such a key -> a ref of it
-    for x in loads:
-        key = (id(x.ref.field), x.ref.component)
-        if any(x.ref.field is c.field for c in chosen) and key not in refs:
-            refs[key] = x.ref
-            slots.append(key)
-    order = [id(c.field) for c in chosen]  # each field's components together, fields as first met
-    slots.sort(key=lambda key: (order.index(key[0]), key[1]))
-    if trips < elements or elements * len(slots) * bits(first.dtype) // 8 < MIN_BYTES:
+    # the first group worth a copy: the loop runs at least as many iterations as its fields have
+    # elements, and they are too big to stay in the cache (a small or rarely read group before it,
+    # such as a row of a 2-D field read at three of its six elements, does not hide it)
+    for chosen in _groups(loads, written):
+        first = chosen[0]
+        elements = math.prod(first.shape)
+        slots = []  # (id(field), component) of each record entry
+        refs = {}  # such a key -> a ref of it
+        for x in loads:
+            key = (id(x.ref.field), x.ref.component)
+            if any(x.ref.field is c.field for c in chosen) and key not in refs:
+                refs[key] = x.ref
+                slots.append(key)
+        order = [id(c.field) for c in chosen]  # each field's components together, fields as first met
+        slots.sort(key=lambda key: (order.index(key[0]), key[1]))
+        if trips >= elements and elements * len(slots) * bits(first.dtype) // 8 >= MIN_BYTES:
+            break
+    else:
         return [], loop
     fields = [c.field for c in chosen]
     packed = ref_of(packed_for(fields, first.dtype, first.shape + (len(slots),), first.offset + (0,)), ())
