@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from .workloads import init_taichi, spring_data
+from .workloads import init_taichi, spring_data, spring_fields
 
 GATHER_SIZES_MB = (2, 4, 8, 12, 16, 24, 32, 64)
 
@@ -44,13 +44,7 @@ def w2_kernels(ti, kd, quick):
     rng = np.random.default_rng(0)
     posv, endsv, restv = spring_data(quick, rng)
     P, S = len(posv), len(endsv)
-    pos = ti.Vector.field(2, ti.f32, shape=P, needs_grad=True, needs_dual=True)
-    ends = ti.Vector.field(2, ti.i32, shape=S)
-    rest = ti.field(ti.f32, shape=S)
-    E = ti.field(ti.f32, shape=(), needs_grad=True, needs_dual=True)
-    pos.from_numpy(posv)
-    ends.from_numpy(endsv)
-    rest.from_numpy(restv)
+    pos, ends, rest, E = spring_fields(ti, posv, endsv, restv)
     pos.dual.from_numpy(rng.standard_normal((P, 2)).astype(np.float32))
 
     def energy():

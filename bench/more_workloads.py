@@ -5,7 +5,7 @@ import time
 import numpy as np
 
 from .workloads import WORKLOADS, emit, energy_systems, init_taichi, jax_energy_system, jax_mod, run_systems, \
-    spring_data, wants
+    spring_data, spring_fields, wants
 
 
 # ----------------------------------------------------------------------------- W4
@@ -232,19 +232,14 @@ def compile_latency(args):
     KERNDIFF_OFFLINE_CACHE=0 leaves kerndiff's off."""
     rng = np.random.default_rng(0)
     posv, endsv, restv = spring_data(True, rng)
-    P, S = len(posv), len(endsv)
+    S = len(endsv)
     import taichi as ti
-    ti.init(arch=ti.gpu if args.arch == "gpu" else ti.cpu, default_fp=ti.f32,
-            offline_cache=args.cache_dir is not None, offline_cache_file_path=args.cache_dir)
+    cache = {"offline_cache": True, "offline_cache_file_path": args.cache_dir} if args.cache_dir else \
+        {"offline_cache": False}  # (Taichi refuses a path of None)
+    ti.init(arch=ti.gpu if args.arch == "gpu" else ti.cpu, default_fp=ti.f32, **cache)
     import kerndiff as kd
     from kerndiff.runtime.kernel import TIMINGS
-    pos = ti.Vector.field(2, ti.f32, shape=P, needs_grad=True, needs_dual=True)
-    ends = ti.Vector.field(2, ti.i32, shape=S)
-    rest = ti.field(ti.f32, shape=S)
-    E = ti.field(ti.f32, shape=(), needs_grad=True, needs_dual=True)
-    pos.from_numpy(posv)
-    ends.from_numpy(endsv)
-    rest.from_numpy(restv)
+    pos, ends, rest, E = spring_fields(ti, posv, endsv, restv)
 
     @kd.kernel
     def energy():

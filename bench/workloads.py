@@ -330,6 +330,20 @@ def spring_data(quick, rng):
     return pos, ends, rest
 
 
+def spring_fields(ti, posv, endsv, restv):
+    """W2's fields holding the given data, positions and energy with gradients and tangents:
+    (pos, ends, rest, E)."""
+    P, S = len(posv), len(endsv)
+    pos = ti.Vector.field(2, ti.f32, shape=P, needs_grad=True, needs_dual=True)
+    ends = ti.Vector.field(2, ti.i32, shape=S)
+    rest = ti.field(ti.f32, shape=S)
+    E = ti.field(ti.f32, shape=(), needs_grad=True, needs_dual=True)
+    pos.from_numpy(posv)
+    ends.from_numpy(endsv)
+    rest.from_numpy(restv)
+    return pos, ends, rest, E
+
+
 def random_ends(P, S, rng):
     """S springs' two particle indices, drawn at random from P particles, never both the same."""
     ends = rng.integers(0, P, (S, 2)).astype(np.int32)
