@@ -27,7 +27,7 @@ import tempfile
 import numpy as np
 import pytest
 import taichi as ti
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kerndiff as kd
@@ -145,6 +145,8 @@ OUTCOMES = []
 
 @PROFILE
 @given(seed=st.integers(0, 2 ** 32 - 1))
+@example(seed=0)  # (refused: reads z[rep[i]] beside a store into z[i // 2])
+@example(seed=20)  # (checked) these two make the module's summary independent of the draws
 def test_random_races(fields, seed):
     check_races(fields, seed)
 
