@@ -1087,3 +1087,24 @@ def test_host_side_errors_name_the_callers_line(f):
                 pass
 
     raises(nested, "cannot be nested", line_text="with kd.Tape(s):  # the inner one")
+
+
+def test_a_numpy_array_passed_for_a_field_is_named(f):
+    """An array given for a ti.template() parameter (a field's place): the error names the
+    parameter and says to pass a field, where it said "cannot loop over array([1., ...])" or "this
+    Python value cannot be indexed by a runtime value"."""
+    s = f["s"]
+
+    @kd.kernel
+    def loop_over(a: ti.template()):
+        for i in a:
+            s[None] += a[i]
+
+    @kd.kernel
+    def index(a: ti.template()):
+        for i in range(N):
+            s[None] += a[i] * 2.0
+
+    for k, what, text in ((loop_over, "cannot loop over 'a'", "for i in a:"), (index, "cannot index 'a'",
+                                                                                 "s[None] += a[i] * 2.0")):
+        raises(lambda: k(np.ones(N)), what, f"a numpy array of shape ({N},)", "f.from_numpy(array)", line_text=text)

@@ -12,7 +12,8 @@ from ..ir import nodes as N
 from . import vec as V
 from .loops import RangeSpec
 from .operators import ATOMIC_OPS, BINOPS, CMPOPS, PYOPS
-from .values import Method, StructMethod, StructValue, is_field, known_int, struct_member_access, swizzle_index
+from .values import (Method, StructMethod, StructValue, array_for_field, is_field, known_int, struct_member_access,
+                     swizzle_index)
 from .vec import Vec
 
 
@@ -92,8 +93,9 @@ class Expressions:
             return base.at(*idx)
         idx = known_int(self.expr(node.slice))
         if isinstance(idx, N.Expr):
-            raise self.error(node, "this Python value cannot be indexed by a runtime value",
-                             "index with a compile-time constant (ti.static)")
+            raise array_for_field(self, node.value, base, "index") or \
+                self.error(node, "this Python value cannot be indexed by a runtime value",
+                           "index with a compile-time constant (ti.static)")
         try:
             return base[idx]
         except Exception as e:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..ir import build as B
 from ..ir import nodes as N
-from .values import Local, is_field
+from .values import Local, array_for_field, is_field
 from .vec import Vec
 
 
@@ -73,8 +73,9 @@ def lower_for(lw, node):
         lw.check_dense(it, node.iter, getattr(node.iter, "id", "field"))
         it = field_spec(it)
     if not isinstance(it, RangeSpec):
-        raise lw.error(node.iter, f"cannot loop over {it!r}",
-                       "loop over range(...), ti.ndrange(...), a field, ti.grouped(...) or ti.static(...)")
+        raise array_for_field(lw, node.iter, it, "loop over") or \
+            lw.error(node.iter, f"cannot loop over {it!r}",
+                     "loop over range(...), ti.ndrange(...), a field, ti.grouped(...) or ti.static(...)")
     dims = len(it.bounds)
     if it.grouped:
         if not isinstance(node.target, ast.Name):

@@ -18,6 +18,17 @@ def is_field(v) -> bool:
     return isinstance(v, (ScalarField, MatrixField))
 
 
+def array_for_field(lw, node, value, what):
+    """The error for a numpy array used where a field belongs (passed for a ti.template()
+    parameter, or a global): `what` it was used for ("loop over", "index"), named where the
+    expression is a plain name; None for anything else."""
+    if type(value).__module__ != "numpy" or getattr(value, "ndim", 0) == 0:
+        return None
+    name = f"'{node.id}', " if isinstance(node, ast.Name) else ""
+    return lw.error(node, f"cannot {what} {name}a numpy array of shape {value.shape}: kerndiff kernels read and "
+                    "differentiate fields, not arrays", "pass a field (copy the array in with f.from_numpy(array))")
+
+
 SPARSE = ("pointer", "bitmasked", "dynamic", "hash")
 
 
