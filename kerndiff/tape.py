@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import KernDiffError, user_site
+from .errors import KernDiffError
 from .ir.types import from_taichi, is_float
 from .runtime.registry import REGISTRY
 
@@ -173,7 +173,6 @@ class Tape:
         raise KernDiffError(
             f"'{name}' was written from Python inside kd.Tape after a kernel the Tape recorded touched it; that "
             "kernel's reverse needs the values it read, and an element write leaves no copy of them",
-            loc=user_site(),
             remedy=f"pass the value as a kernel argument, write '{name}' before the Tape, or write it inside with "
                    f"a @kd.kernel or {name}.fill / {name}.from_numpy (the Tape takes those as overwrites)")
 
@@ -281,7 +280,7 @@ def refuse_forward_of_another_level(kernel):
               "so its tangent would leave out the seed")
     remedy = (f"call kd.forward({path}, inputs=[...], output=...), which seeds the duals of that level, or set "
               f"kd.dual(x, {derived.level()}) and launch {path}.forward yourself")
-    raise KernDiffError(reason, loc=user_site(), remedy=remedy)
+    raise KernDiffError(reason, remedy=remedy)  # (its place: the user's line, errors.user_site)
 
 
 def clear_derivatives(kind, level=1):
