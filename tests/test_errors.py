@@ -1108,3 +1108,19 @@ def test_a_numpy_array_passed_for_a_field_is_named(f):
     for k, what, text in ((loop_over, "cannot loop over 'a'", "for i in a:"), (index, "cannot index 'a'",
                                                                                  "s[None] += a[i] * 2.0")):
         raises(lambda: k(np.ones(N)), what, f"a numpy array of shape ({N},)", "f.from_numpy(array)", line_text=text)
+
+
+def test_code_after_an_if_whose_every_branch_returns(f):
+    @kd.func
+    def g(a):
+        if a > 0.0:
+            return a
+        else:
+            return -a
+        a = 2.0 * a
+
+    @kd.kernel
+    def k() -> ti.f64:
+        return g(f["x"][0])
+
+    raises(k, "every branch returns: it never runs", line_text="a = 2.0 * a")

@@ -339,17 +339,20 @@ def lower_body_with_returns(lw, stmts):
                 raise lw.error(rest[0], "code after return", "remove it")
             return None if s.value is None else lw.expr(s.value)
         if isinstance(s, ast.If) and _has_return(s):
+            if rest and _always_returns([s]):
+                raise lw.error(rest[0], "code after an if/else whose every branch returns: it never runs",
+                               "remove it, or move it into the branch it belongs to")
             cond = lw.expr(s.test)
-            orelse = list(s.orelse) + rest if not s.orelse else list(s.orelse)
-            if s.orelse and rest:
-                raise lw.error(rest[0], "code after an if/else that returns in a branch",
-                               "move it into the branches")
+            # the code after the if runs on the paths that leave it without returning: it is
+            # lowered at the end of each branch that can (`if a: return x / elif b: return y /
+            # return z`), as a function written with else branches would read
+            body, orelse = (list(branch) + ([] if _always_returns(branch) else rest) for branch in (s.body, s.orelse))
             if not isinstance(cond, (N.Expr, Vec)):
-                return lower_body_with_returns(lw, list(s.body) if cond else orelse)
+                return lower_body_with_returns(lw, body if cond else orelse)
             c = lw.truth(cond, s.test)
             result = lw.names.fresh("ret")
             outs = []
-            for branch in (list(s.body), orelse):
+            for branch in (body, orelse):
                 lw.blocks.append([])
                 lw.depth += 1
                 v = lower_body_with_returns(lw, branch)
@@ -365,6 +368,16 @@ def lower_body_with_returns(lw, stmts):
                            "use break and return after the loop")
         lw.stmt(s)
     return None
+
+
+def _always_returns(stmts):
+    """Whether every path through stmts (a branch's statements) ends in a return."""
+    if not stmts:
+        return False
+    last = stmts[-1]
+    if isinstance(last, ast.Return):
+        return True
+    return isinstance(last, ast.If) and _always_returns(last.body) and _always_returns(last.orelse)
 
 
 def _has_return(node):
