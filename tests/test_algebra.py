@@ -546,3 +546,15 @@ def test_a_statement_keeps_reading_its_locals_where_looking_through_them_costs_m
             _store(B.mul(B.mul(B.mul(x1, x1d), B.const(-2.0, "f64")), B.const(-0.81, "f64"))))
     out = collect_terms(body, lambda f: True)[-1].value
     assert out == B.mul(B.mul(x1, x1d), B.const(1.62, "f64")), out
+
+
+def test_whole_powers_up_to_16_are_products_and_cost_their_squarings():
+    """x ** 6 is six factors x (it was an atom above x ** 4, so a Lennard-Jones HVP's s⁶ and s⁵ and
+    their products by s² never met), and costs the three products Taichi computes it with."""
+    from kerndiff.opt.algebra import arith_ops
+    x = _v("x")
+    power = lambda p: N.Call("f64", "pow", (x, B.const(p, "i32")))
+    assert _terms(power(6)) == {((x, 6),): 1.0}
+    assert _terms(B.mul(power(5), B.mul(x, x))) == {((x, 7),): 1.0}
+    assert len(next(iter(_terms(power(17))))) == 1 and next(iter(_terms(power(17))))[0][1] == 1
+    assert [arith_ops(power(p)) for p in (2, 3, 4, 5, 6, 8, 16, 17)] == [1, 2, 2, 3, 3, 3, 4, 1]

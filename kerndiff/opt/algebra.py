@@ -27,6 +27,10 @@ negative power is written back through that local (nothing is written where no l
 r * (1/r) is 1 to within an ulp, the same allowance as opt.reciprocal's; at r = 0 a product that
 was 0 * inf (NaN) becomes what the other factors give, where the terms around it are infinite.
 
+Powers: x ** p for a whole p up to 16 is p factors x (`(1.0 / r) ** 6` and its derivative's
+`r_inv ** 5` meet `r_inv * r_inv` as powers of one atom) and costs the products Taichi computes it
+with by squaring (x ** 6: three), as _power writes it back.
+
 Quotients: a / b is read as a * b**-1 (where b's constant has an exact reciprocal), so that the
 chain rule's constants meet across it: the adjoint of a norm's square, `(t1 - r) * (0.5 / t1) *
 g * 2.0` (the root's 0.5, the square's 2), is `(t1 - r) * g / t1`. A negative power no local
@@ -58,6 +62,7 @@ from .reciprocal import exact_names, is_reciprocal, rewritable
 
 MAX_TERMS = 12  # sums with more terms are left as written
 ARITH_OPS = ("add", "sub", "mul", "neg", "pow")
+SMALL_POWERS = range(2, 17)  # x ** p read as p factors x (and written back by squaring, _power)
 
 
 class GiveUp(Exception):
@@ -136,7 +141,7 @@ class Terms:
                 self.quotients.append((_mono_mul(next(iter(above)), next(iter(inverse))), e))
             return self.product(above, inverse)
         exponent = e.args[1]
-        if isinstance(exponent, N.Const) and exponent.value in (2, 3, 4):
+        if isinstance(exponent, N.Const) and exponent.value in SMALL_POWERS:
             base = self.of(e.args[0])
             out = base
             for _ in range(int(exponent.value) - 1):
@@ -362,6 +367,15 @@ def _power(x, p):
     return square if p % 2 == 0 else B.mul(square, x)
 
 
+def _power_ops(e):
+    """The products x ** p takes for a small whole p (as Taichi computes it, by squaring, and as
+    _power writes it: x ** 6 is three), else one operation."""
+    p = e.args[1].value if isinstance(e.args[1], N.Const) else None
+    if p not in SMALL_POWERS:
+        return 1
+    return int(p).bit_length() - 1 + bin(int(p)).count("1") - 1
+
+
 def _representable(c, dtype):
     info = np.finfo({"f16": np.float16, "f32": np.float32}.get(dtype, np.float64))
     return float(info.tiny) <= c <= float(info.max)
@@ -382,7 +396,7 @@ def arith_ops(e):
             if known is not None:
                 got += known
             elif isinstance(x, N.Call):
-                got += x.op in ARITH_OPS
+                got += _power_ops(x) if x.op == "pow" else x.op in ARITH_OPS
                 stack.extend(x.args)
             elif isinstance(x, N.Load):
                 stack.extend(x.index)
