@@ -258,12 +258,18 @@ def test_a_squared_denominator_is_the_square_of_the_reciprocal(runtime, square):
     check(energy.reverse, "forward", eps=1e-6, rtol=1e-5, atol=1e-7)
 
 
-def test_lennard_jones_hvp_tangent_meets_its_like_terms(runtime):
+@pytest.mark.parametrize("by_distance", [False, True], ids=["squared distance", "distance"])
+def test_lennard_jones_hvp_tangent_meets_its_like_terms(runtime, by_distance):
     """`s6 = (1.0 / r2) ** 3; e += 4.0 * (s6 * s6 - s6)`: the product rule's tangent of r2's
     adjoint, t8 * (t6 * t4_dual - t9 * t10 * r2_dual) + t9 * (s6_adj * (...) + t7 * s6_adj_dual),
     has a sum of products whose terms meet the terms outside it once the product is distributed
-    (opt.algebra): 14 operators before, 6 now."""
-    pos, E = positions(8)
+    (opt.algebra): 14 operators before, 6 now.
+    Over the distance, `s6 = (1.0 / r) ** 6` with r a norm: the tangent of r's adjoint multiplies
+    s⁵, s⁶ and s² = (1/r)²; read as powers of one reciprocal (opt.algebra read x ** 5 and x ** 6
+    as atoms apart from x before), `t14_inv * (t4_dual - r_dual * t11) * t10 - (s6_adj * (t11 *
+    t11) * t4_dual * 30.0 + s6_adj_dual * t9) * t11` (12 operators) collects to 9, the loops'
+    code from 70 to 63 (W3's Lennard-Jones spelling in bench/variants.py: HVP 105 -> 98 ms)."""
+    pos, E = positions(9 if by_distance else 8)
 
     @kd.kernel
     def energy():
@@ -271,42 +277,20 @@ def test_lennard_jones_hvp_tangent_meets_its_like_terms(runtime):
             e = 0.0
             for j in range(N):
                 if i != j:
-                    r2 = (pos[i] - pos[j]).norm_sqr() + 0.5
-                    s6 = (1.0 / r2) ** 3
+                    if ti.static(by_distance):
+                        r = (pos[i] - pos[j]).norm()
+                        s6 = (1.0 / r) ** 6
+                    else:
+                        r2 = (pos[i] - pos[j]).norm_sqr() + 0.5
+                        s6 = (1.0 / r2) ** 3
                     e += 4.0 * (s6 * s6 - s6)
             E[None] += 0.5 * e
 
     kd.dual(pos)
-    line = _assigning(energy.reverse.forward.source, "r2_adj_dual")
-    assert _operators(line, after="=") <= 7, line
-    energy()
-    check(energy, "reverse", rtol=1e-6, atol=1e-8)
-    check(energy.reverse, "forward", eps=1e-6, rtol=1e-5, atol=1e-7)
-
-
-def test_lennard_jones_over_the_distance_meets_its_powers(runtime):
-    """`s6 = (1.0 / r) ** 6` with r a norm: the HVP's tangent of r's adjoint multiplies s⁵, s⁶ and
-    s² = (1/r)²; read as powers of one reciprocal (opt.algebra read x ** 5 and x ** 6 as atoms
-    apart from x before), `t14_inv * (t4_dual - r_dual * t11) * t10 - (s6_adj * (t11 * t11) *
-    t4_dual * 30.0 + s6_adj_dual * t9) * t11` (12 operators) collects to 9, the loops' code from 70
-    to 63 (W3's Lennard-Jones spelling in bench/variants.py: HVP 105 -> 98 ms)."""
-    pos, E = positions(9)
-
-    @kd.kernel
-    def energy():
-        for i in range(N):
-            e = 0.0
-            for j in range(N):
-                if i != j:
-                    r = (pos[i] - pos[j]).norm()
-                    s6 = (1.0 / r) ** 6
-                    e += 4.0 * (s6 * s6 - s6)
-            E[None] += 0.5 * e
-
-    kd.dual(pos)
-    line = _assigning(energy.reverse.forward.source, "r_adj_dual")
-    assert _operators(line, after="=") <= 9, line
-    assert _operators(energy.reverse.forward.source) <= 63, energy.reverse.forward.source
+    source = energy.reverse.forward.source
+    line = _assigning(source, "r_adj_dual" if by_distance else "r2_adj_dual")
+    assert _operators(line, after="=") <= (9 if by_distance else 7), line
+    assert not by_distance or _operators(source) <= 63, source
     energy()
     check(energy, "reverse", rtol=1e-6, atol=1e-8)
     check(energy.reverse, "forward", eps=1e-6, rtol=1e-5, atol=1e-7)
