@@ -539,13 +539,18 @@ def test_a_quotient_the_statement_has_stays_whole_where_it_is_a_factor():
 
 def test_a_statement_keeps_reading_its_locals_where_looking_through_them_costs_more():
     """x1 = -r_inv and x1d = a * r_inv**3 multiplied are a * r**-4, four products through r_inv;
-    `x1 * x1d * -2.0 * -0.81` still merges its constants: `x1 * x1d * 1.62`."""
+    where another statement reads x1 and x1d too (they stay), `x1 * x1d * -2.0 * -0.81` still
+    merges its constants: `x1 * x1d * 1.62`. Where it is their one reader, they die with the
+    rewrite, and their four operations count for it: a * r_inv**4 * -1.62."""
     r, r_inv, a, x1, x1d = _v("r"), _v("r_inv"), _v("a"), _v("x1"), _v("x1d")
-    body = (N.Assign("r_inv", B.div(B.const(1.0, "f64"), r)), N.Assign("x1", B.neg(r_inv)),
-            N.Assign("x1d", B.mul(B.mul(B.mul(a, r_inv), r_inv), r_inv)),
-            _store(B.mul(B.mul(B.mul(x1, x1d), B.const(-2.0, "f64")), B.const(-0.81, "f64"))))
-    out = collect_terms(body, lambda f: True)[-1].value
+    defs = (N.Assign("r_inv", B.div(B.const(1.0, "f64"), r)), N.Assign("x1", B.neg(r_inv)),
+            N.Assign("x1d", B.mul(B.mul(B.mul(a, r_inv), r_inv), r_inv)))
+    product = _store(B.mul(B.mul(B.mul(x1, x1d), B.const(-2.0, "f64")), B.const(-0.81, "f64")))
+    out = collect_terms(defs + (product, _store(B.add(x1, x1d))), lambda f: True)[-2].value
     assert out == B.mul(B.mul(x1, x1d), B.const(1.62, "f64")), out
+    out = collect_terms(defs + (product,), lambda f: True)[-1].value
+    square = B.mul(r_inv, r_inv)
+    assert out == B.mul(B.mul(a, B.mul(square, square)), B.const(-1.62, "f64")), out
 
 
 def test_whole_powers_up_to_16_are_products_and_cost_their_squarings():
@@ -558,3 +563,23 @@ def test_whole_powers_up_to_16_are_products_and_cost_their_squarings():
     assert _terms(B.mul(power(5), B.mul(x, x))) == {((x, 7),): 1.0}
     assert len(next(iter(_terms(power(17))))) == 1 and next(iter(_terms(power(17))))[0][1] == 1
     assert [arith_ops(power(p)) for p in (2, 3, 4, 5, 6, 8, 16, 17)] == [1, 2, 2, 3, 3, 3, 4, 1]
+
+
+def test_a_sum_one_statement_reads_is_read_through_where_its_terms_meet():
+    """u = x*y*3 + z*w, read once by `u - x*y*3`: its terms cancel the reader's, which becomes
+    z*w (u then dies, its own operations counting for the rewrite). d = p - q read once by
+    `(d*x + e*y) * 2.5` meets nothing there: the reader keeps reading d (inlining its difference
+    would take as many operations, and read worse)."""
+    x, y, z, w, p, q, e = (_v(n) for n in "xyzwpqe")
+    three = B.const(3.0, "f64")
+    body = (N.Assign("u", B.add(B.mul(B.mul(x, y), three), B.mul(z, w))),
+            _store(B.sub(_v("u"), B.mul(B.mul(x, y), three))))
+    assert collect_terms(body, lambda f: True)[-1].value in (B.mul(z, w), B.mul(w, z))
+    body = (N.Assign("d", B.sub(p, q)),
+            _store(B.mul(B.add(B.mul(_v("d"), x), B.mul(e, y)), B.const(2.5, "f64"))))
+    out = collect_terms(body, lambda f: True)[-1].value
+    assert "d" in {v.name for v in vars_in(out)} and "p" not in {v.name for v in vars_in(out)}, out
+    # with two readers, u stays: it is not read through
+    body = (N.Assign("u", B.add(B.mul(B.mul(x, y), three), B.mul(z, w))),
+            _store(B.sub(_v("u"), B.mul(B.mul(x, y), three))), _store(B.mul(_v("u"), e)))
+    assert "u" in {v.name for v in vars_in(collect_terms(body, lambda f: True)[1].value)}

@@ -9,7 +9,16 @@ products) give sums of products of the same few values, spread over temporaries:
 As a sum of monomials over the same atoms (r_inv, g, r2_dual, ...), looking through the
 temporaries that are single monomials themselves, that is g * (r2_dual * (r_inv**5 * 0.75 +
 r2_inv**3 * 0.2)). The pass writes the collected form, common factors pulled out, where it takes
-fewer operations than the statement had.
+fewer operations than the statement had, counting those of the temporaries it read through that
+it was the one reader of (they die with the rewrite).
+
+A temporary that is a sum of a few products (`r_adj_dual = m * s**9 * t15 * -42.0 + e * s**15 *
+t15 * 288.0`), or a product over such a sum, is read through by its one reader as its terms,
+where that pays: the reader, collected so, takes fewer operations than collected without it plus
+the sum's own. A Lennard-Jones HVP's tangent of the force factor, `(r_adj_dual - t5 * r_dual) *
+r_inv`, meets like terms in it: `(s6_adj * 48.0 + e * s**6 * 288.0) * s**10 * t15`, and
+r_adj_dual, s6_adj_dual and s6_dual die. finalize runs the pass a second time, after zero
+starts are folded, when such sums are assigned once.
 
 Numerics: like terms merge and common factors come out (m*a + m*b -> m*(a + b), which removes
 roundings). A product is not distributed over a sum that may be exact (m*(x - c) -> m*x - m*c
@@ -415,9 +424,18 @@ def _cheaper(new, old, defs=None):
     definitions it looks through compute (`a / r` is not cheaper than `a * t9` where t9 = 0.5 / r
     is computed already; it is where t9 = v * (0.5 / r) is looked through, as that statement would
     compute 0.5 / r again)."""
-    if new is None or arith_ops(new) >= arith_ops(old):
+    if new is None or arith_ops(new) >= arith_ops(old) + _dying_ops(new, old, defs):
         return False
     return divisions(new) <= divisions(old) + _divisions_through(old, defs)
+
+
+def _dying_ops(new, old, defs):
+    """The operations of the definitions old reads and new no longer does, each of which old was
+    the one reader of: they die with the rewrite (a sum that one statement reads, looked through)."""
+    if not defs:
+        return 0
+    gone = {v.name for v in vars_in(old)} - {v.name for v in vars_in(new)}
+    return sum(defs[name].dies for name in gone if name in defs)
 
 
 def _divisions_through(e, defs):
@@ -431,6 +449,8 @@ class Definition(NamedTuple):
     reads: set          # the locals those terms read (assigning one ends the definition)
     loads: set          # ids of the fields they load (storing into one ends it too)
     divisions: int      # the divisions its terms stand for that a use may take (see _cheaper)
+    dies: int = 0       # its own operations, where its one reader reads through it (see _cheaper)
+    spread: bool = False  # a sum of products, read through by its one reader only where that pays
 
 
 def collect_terms(body, is_derivative, exact=None, readers=None):
@@ -446,6 +466,17 @@ def collect_terms(body, is_derivative, exact=None, readers=None):
     for s in body:
         if rewritable(s, exact, is_derivative) and is_float(s.value.dtype) and arith_ops(s.value) >= 3:
             new = _collected(s.value, defs)
+            sums = {v.name for v in vars_in(s.value) if v.name in defs and defs[v.name].spread}
+            if sums and new is not None:
+                # a sum its one reader reads through must pay for the reader's longer terms: the
+                # statement collected without it, plus the sum's own operations, take more
+                # (the force factor's tangent meets like terms in r's adjoint's: it does; a
+                # tangent `d_0 * d_0_dual + ...` that would only inline `d_0_dual`'s difference
+                # does not, and keeps reading it)
+                base = _collected(s.value, {n: d for n, d in defs.items() if n not in sums})
+                kept = s.value if base is None else base
+                if arith_ops(new) >= arith_ops(kept) + _dying_ops(new, s.value, {n: defs[n] for n in sums}):
+                    new = base
             if not _cheaper(new, s.value, defs) and _reads_definitions(s, defs):
                 # looking through the locals it reads can cost more than it saves (-(1.0 / t3)
                 # and its tangent, multiplied, are a fourth power of t3's reciprocal): the
@@ -466,14 +497,24 @@ def collect_terms(body, is_derivative, exact=None, readers=None):
                 terms = Terms(s.value.dtype, defs).of(s.value)
             except GiveUp:
                 terms = None
-            if _looked_through(terms) and s.name not in {v.name for v in vars_in(s.value)}:
+            one_reader = readers[s.name] == 1
+            if one_reader and terms is not None and len(terms) == 1 and \
+                    any(is_sum(key) for key, _ in next(iter(terms))):
+                try:  # a product over a rounded sum, spread: a sum of products its reader may take
+                    spread = Terms(s.value.dtype, defs, distribute=True).of(s.value)
+                except GiveUp:
+                    spread = None
+                terms = spread if _sum_of_products(spread) else terms
+            if (_looked_through(terms) or one_reader and _sum_of_products(terms)) \
+                    and s.name not in {v.name for v in vars_in(s.value)}:
                 atoms = list(_atom_exprs(terms))
                 # the divisions a use may take over: none where it has other readers, which keep
                 # it (and its division) alive (`d_0 * t3 * 2.0` and `d_1 * t3 * 2.0`, t3 = 0.5 / t1 *
                 # r_adj, would each divide by t1 themselves)
                 taken = divisions(s.value) + _divisions_through(s.value, defs) if readers[s.name] == 1 else 0
                 defs[s.name] = Definition(terms, {v.name for a in atoms for v in vars_in(a)},
-                                          {id(x.ref.field) for a in atoms for x in loads_in(a)}, taken)
+                                          {id(x.ref.field) for a in atoms for x in loads_in(a)}, taken,
+                                          arith_ops(s.value) if one_reader else 0, not _looked_through(terms))
     return tuple(out)
 
 
@@ -543,6 +584,14 @@ def _looked_through(terms):
         if any(is_sum(key) for key, _ in mono):
             return False
     return True
+
+
+def _sum_of_products(terms):
+    """A definition its one reader may read through although it is a sum: a few products of atoms
+    (no sum inside, no bare constant), each rounded already (`r_adj_dual = m * s**9 * t15 * -42.0
+    + e * s**15 * t15 * 288.0`), so the reader's products may be distributed over it."""
+    return terms is not None and 1 < len(terms) <= 4 and all(
+        mono != () and not any(is_sum(key) for key, _ in mono) for mono in terms)
 
 
 def _forget(defs, s):

@@ -25,6 +25,7 @@ Inside each parallel loop:
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 from ..ir import build as B
 from ..ir import nodes as N
@@ -222,6 +223,25 @@ def _count_ifs(body):
     return sum(isinstance(s, N.If) for s in iter_stmts(body))
 
 
+def _assigned_more_than_once(body) -> set:
+    """The locals body assigns in more than one statement."""
+    count = Counter(s.name for s in iter_stmts(body) if isinstance(s, N.Assign))
+    return {name for name, n in count.items() if n > 1}
+
+
+def _sums_read_once(body, names) -> bool:
+    """Some local of `names` is assigned a sum, or a product with a sum in it, and read by one
+    statement: what opt.algebra may read through (its second pass in finalize)."""
+    if not names:
+        return False
+    readers = Counter(v.name for s in iter_stmts(body) for e in expr_children_of_stmt(s) for v in vars_in(e))
+
+    def summed(e):
+        return isinstance(e, N.Call) and (e.op in ("add", "sub") or e.op == "mul" and any(map(summed, e.args)))
+    return any(isinstance(s, N.Assign) and s.name in names and readers[s.name] == 1 and summed(s.value)
+               for s in iter_stmts(body))
+
+
 def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, packs=None) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
     private copies (CPU only; see opt.scatter). cpu_math: kerndiff's own f32 sin/cos pairs and
@@ -232,7 +252,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
     derivative fields: derivative code then has the ifs of a reversed body fused and CSE run
     across them (opt.fuse_ifs, opt.cse), shares reciprocals (opt.reciprocal), has its like terms
     collected (opt.algebra; the repeats left, opt.repeated_terms), its zeroed accumulators
-    started at their first contribution (opt.zero_start), copies forwarded (opt.copies,
+    started at their first contribution (opt.zero_start) and like terms collected again where
+    that left sums to read through, copies forwarded (opt.copies,
     opt.propagate) and the dead ones removed, values that locals already hold read from them
     (opt.reuse), reversed loops whose iterations share nothing but sums run forward
     (opt.loop_order), what the rewrites left computed twice in a block shared once more
@@ -271,12 +292,19 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
         exact = exact_names(ir.body, is_derivative)  # the reciprocals it adds feed derivatives only
         body = share_reciprocals(ir.body, allocator(), is_derivative, exact)
         body = collect_terms(body, is_derivative, exact)
+        accumulated = _assigned_more_than_once(body)
         # zero starts make copies (d_adj = 0.0; d_adj = d_adj + g -> d_adj = g); forwarding
         # copies leaves values overwritten before any read (t8_adj = t3_adj; t8_adj = t3_adj + ...)
         # the zero starts that branches and loops overwrite before any read go before copies are
         # forwarded (e_1_adj = 0.0 would end the copy e_3_adj = e_1_adj)
         body = remove_dead_stores(dataclasses.replace(ir, body=fold_zero_starts(body))).body
         body = fold_zero_starts(forward_copies(body))
+        # like terms once more where accumulators are assigned once now: a sum of products that one
+        # statement reads (r_adj_dual, which was `r_adj_dual = 0.0` and `r_adj_dual = r_adj_dual +
+        # ...` above) can be read through, and its terms meet the reader's (opt.algebra; only
+        # where there is such a sum: the pass is a good part of a kernel's transform time)
+        if _sums_read_once(body, accumulated - _assigned_more_than_once(body)):
+            body = collect_terms(body, is_derivative, exact_names(body, is_derivative))
         # now that accumulators are assigned once: powers of two between definitions and uses
         # (then zero starts once more: the rewrites can leave an accumulation in the `x = x + e`
         # form only now, as the norm-spelled pair potential's HVP does with r_adj_dual)
