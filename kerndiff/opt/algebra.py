@@ -511,7 +511,7 @@ def collect_terms(body, is_derivative, exact=None, readers=None):
                 # the divisions a use may take over: none where it has other readers, which keep
                 # it (and its division) alive (`d_0 * t3 * 2.0` and `d_1 * t3 * 2.0`, t3 = 0.5 / t1 *
                 # r_adj, would each divide by t1 themselves)
-                taken = divisions(s.value) + _divisions_through(s.value, defs) if readers[s.name] == 1 else 0
+                taken = divisions(s.value) + _divisions_through(s.value, defs) if one_reader else 0
                 defs[s.name] = Definition(terms, {v.name for a in atoms for v in vars_in(a)},
                                           {id(x.ref.field) for a in atoms for x in loads_in(a)}, taken,
                                           arith_ops(s.value) if one_reader else 0, not _looked_through(terms))
