@@ -170,12 +170,46 @@ def recurrences(runtime):
             out[None] += acc * p[1]
         out[None] += acc * acc + p[0] * prod
 
+    q = ti.field(ti.f64, shape=(T + 1, n))
+    p = ti.field(ti.f64, shape=(T + 1, n))
+    h = ti.field(ti.f64, shape=(T + 2, n))
+
+    @kd.kernel
+    def time_loop():
+        # a whole simulation in one kernel: a serialized time loop whose trip t writes the rows
+        # t + 1 of q and p from rows t (and p's new row), in inner loops over the particles
+        for i in range(n):
+            q[0, i] = x[i]
+            p[0, i] = 1.0 - x[i]
+        ti.loop_config(serialize=True)
+        for t in range(T):
+            for i in range(n):
+                p[t + 1, i] = p[t, i] - 0.3 * ti.sin(q[t, i] - q[t, (i + 1) % n])
+            for i in range(n):
+                q[t + 1, i] = q[t, i] + 0.3 * p[t + 1, i]
+        for i in range(n):
+            out[None] += q[T, i] ** 2 + p[T, i] * q[T - 1, i]
+
+    @kd.kernel
+    def two_step_time_loop():
+        # row t + 2 from rows t + 1 and t
+        for i in range(n):
+            h[0, i] = x[i]
+            h[1, i] = x[i] * x[i]
+        ti.loop_config(serialize=True)
+        for t in range(T):
+            for i in range(n):
+                h[t + 2, i] = 1.5 * h[t + 1, i] - 0.5 * h[t, i] + 0.1 * ti.cos(h[t + 1, (i + 1) % n])
+        for i in range(n):
+            out[None] += h[T + 1, i] ** 2
+
     return {"serialized_prefix": serialized_prefix, "inner_history": inner_history,
-            "carried_locals": carried_locals}
+            "carried_locals": carried_locals, "time_loop": time_loop, "two_step_time_loop": two_step_time_loop}
 
 
 @pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
-@pytest.mark.parametrize("name", ["serialized_prefix", "inner_history", "carried_locals"])
+@pytest.mark.parametrize("name", ["serialized_prefix", "inner_history", "carried_locals", "time_loop",
+                                  "two_step_time_loop"])
 def test_trips_reading_what_earlier_trips_stored(recurrences, name, prefix, mode):
     check_path(recurrences[name], prefix, mode)
 
@@ -206,6 +240,23 @@ def test_a_trip_overwriting_what_an_earlier_trip_read_is_still_refused(runtime):
 
     with pytest.raises(kd.KernDiffError, match="overwrites 'y' after reading it"):
         shifts_down.reverse()
+
+
+def test_a_time_loop_reading_the_row_its_trip_writes_is_still_refused(runtime):
+    """In a serialized time loop, q[t + 1, i] = ... reading q[t + 1, i + 1]: trip t overwrites
+    elements of row t + 1 that the same trip read before (i + 1 is read at i, written at i + 1),
+    so the time loop's rows do not make the read safe."""
+    q = ti.field(ti.f64, shape=(4, 5))
+
+    @kd.kernel
+    def reads_ahead():
+        ti.loop_config(serialize=True)
+        for t in range(3):
+            for i in range(4):
+                q[t + 1, i] = q[t, i] + q[t + 1, i + 1] * 0.1
+
+    with pytest.raises(kd.KernDiffError, match="overwrites 'q' after reading it"):
+        reads_ahead.reverse()
 
 
 def test_branches_with_nothing_to_recompute_and_constant_conditions_read_plainly(runtime):

@@ -54,20 +54,22 @@ def written_in_an_earlier_trip(write_index, read_index, write_loops, read_loops)
     """In a serial loop (an inner loop, or an outermost one with serialize=True), a read of
     y[k - 1] after the write y[k] = ...: every element the read reaches was written in an earlier
     trip, and by this write never again (it writes each element in one trip only), so the value
-    read is the one the field keeps, and the reverse pass reads it back. True when the innermost
-    serial loop around both has a dimension where the write is at k + a and the read at k + b
-    with a > b."""
+    read is the one the field keeps, and the reverse pass reads it back. True when a serial loop
+    around both has a dimension where the write is at k + a and the read at k + b with a > b.
+    That loop need not be the innermost: in a time loop `for t in range(T)` (serialize=True) over
+    `for i in range(n): x[t + 1, i] = f(x[t, i], x[t, i + 1])`, the loop over i relates the two
+    accesses in no dimension, but the one over t does, whatever the inner loops do: the write
+    reaches row t + a in trip t only, and a read of that row comes in trip t + a - b, later."""
     common = [lp for lp, other in zip(write_loops, read_loops) if lp is other]
     for loop in reversed(common):
         if not isinstance(loop, N.For) or (loop.parallel and not loop.serialize):
             continue
         if len(loop.vars) != 1 or loop.vars[0] in assigned_names(loop.body):
-            return False
+            continue
         for w, r in zip(write_index, read_index):
             a, b = _shift(w, loop.vars[0]), _shift(r, loop.vars[0])
             if a is not None and b is not None and a > b:
                 return True
-        return False
     return False
 
 
