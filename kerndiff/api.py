@@ -65,6 +65,8 @@ def forward(fn, argnum: int = 0, *, inputs=None, output=None, args=()):
             return fn.forward
         from .factories import ForwardFn
         return ForwardFn(fn, inputs, output, args)
+    if inputs is not None or output is not None:
+        raise _not_a_kernel(fn, "kd.forward", "kd.FwdMode(loss=output, param=x, seed=v) and read kd.dual(output)")
     d = _device(fn, "kd.forward")
     _check_argnum(d, argnum, "kd.forward")
     if argnum < 0:
@@ -80,7 +82,17 @@ def reverse(fn, inputs=None, output=None, *, argnum=None, args=()):
             return fn.reverse
         from .factories import BackwardFn
         return BackwardFn(fn, inputs, output, args)
+    if inputs is not None or output is not None:
+        raise _not_a_kernel(fn, "kd.backward", "kd.Tape(output) and read kd.adjoint(x)")
     return grad(fn, argnum)
+
+
+def _not_a_kernel(fn, what, context):
+    """The error for a host-function factory (inputs/output given) over something not a kernel:
+    a Python function launching several kernels is a program, which the contexts differentiate."""
+    return KernDiffError(f"{what}(fn, inputs, output) takes a @kd.kernel, got {fn!r}",
+                         remedy=f"decorate the kernel with @kd.kernel; for a Python function that launches several "
+                                f"kernels, run it inside {context} (kd.check_grad checks such a function)")
 
 
 backward = reverse
@@ -112,6 +124,8 @@ def hvp(fn, inputs, output, *, args=()):
     """Host function computing Hessian-vector products H·v of output w.r.t. inputs via
     forward(reverse(fn))."""
     if not isinstance(fn, Kernel):
-        raise KernDiffError("kd.hvp takes a @kd.kernel", remedy="decorate the kernel with @kd.kernel")
+        raise KernDiffError(f"kd.hvp takes a @kd.kernel, got {fn!r}",
+                            remedy="decorate the kernel with @kd.kernel (H·v of a Python function that launches "
+                                   "several kernels is not built: take H·v of each kernel)")
     from .factories import HvpFn
     return HvpFn(fn, inputs, output, args)

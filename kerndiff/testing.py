@@ -11,6 +11,11 @@ Afterwards every field the check touched holds what it held before: the inputs, 
 kernel writes, and the existing adjoint and dual fields of all of them; the adjoint and dual
 fields the check itself made are left zero-filled. A mismatch raises
 AssertionError with a table of the worst rows.
+
+The function checked may also be a program: a plain Python function that launches @kd.kernels (a
+simulation's steps and its loss). Its gradient then comes from kd.Tape and its tangent from
+kd.FwdMode, against central differences of the whole program (program_check.py; order 1, a 0-d
+output).
 """
 from __future__ import annotations
 
@@ -53,6 +58,9 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
         _check_field(f, "kd.check_grad")
     eps, rtol, atol = _defaults(inputs, output, eps, rtol, atol)
     rng = np.random.default_rng(seed)
+    from .runtime.kernel import Kernel
+    if not isinstance(kernel, Kernel):
+        return _check_program(kernel, inputs, output, eps, rtol, atol, args, directions, order, rng)
     kept = [(f, f.to_numpy()) for f in _touched_fields(kernel, inputs, output, args)]
     x0 = [read(f) for f in inputs]
     w = _shape_like(output, rng)
@@ -93,11 +101,49 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
         for f in _touched_fields(kernel, inputs, output, args):
             if id(f) not in had:  # made by the check: left zero-filled, as kd.dual/kd.adjoint make them
                 f.fill(0)
+    _warn_if_all_zero(rows, kernel.dotted_name, "and is every adjoint or dual the kernel reads as a constant set "
+                      "(a reverse kernel's output adjoint, a forward kernel's input duals)")
+    return _report(rows, rtol, atol)
+
+
+def _warn_if_all_zero(rows, name, question, stacklevel=3):
     if rows and all(v == 0.0 for row in rows for v in row[1:]):
-        warnings.warn(f"kd.check_grad({kernel.dotted_name}): every derivative it compared is zero (finite "
-                      "differences, forward and reverse alike), so the check shows nothing; does the output "
-                      "depend on these inputs, and is every adjoint or dual the kernel reads as a constant set "
-                      "(a reverse kernel's output adjoint, a forward kernel's input duals)?", stacklevel=2)
+        warnings.warn(f"kd.check_grad({name}): every derivative it compared is zero (finite differences, forward "
+                      f"and reverse alike), so the check shows nothing; does the output depend on these inputs, "
+                      f"{question}?", stacklevel=stacklevel)
+
+
+def _check_program(program, inputs, output, eps, rtol, atol, args, directions, order, rng):
+    """check_grad of a plain Python function launching @kd.kernels (program_check.py): kd.Tape's
+    gradient and kd.FwdMode's tangent against central differences of the whole program."""
+    from .errors import KernDiffError
+    from .program_check import ProgramCheck
+    name = getattr(program, "__name__", repr(program))
+    if getattr(program, "_is_wrapped_kernel", False) or not callable(program):
+        raise KernDiffError(f"kd.check_grad takes a @kd.kernel, or a Python function that launches them, got "
+                            f"{program!r}", remedy="decorate the kernel with @kd.kernel")
+    if args:
+        raise KernDiffError(f"args= passes a kernel's parameters; '{name}' is a program, which kd.check_grad "
+                            "calls without arguments", remedy=f"pass a function of none: lambda: {name}(...)")
+    if order >= 2:
+        raise KernDiffError(f"kd.check_grad of a program ('{name}') checks first derivatives only: H·v of a "
+                            "program would need the forward mode of kd.Tape's reverse pass",
+                            remedy="check each of its kernels with order=2, and the program with order=1")
+    x0 = [read(f) for f in inputs]
+    check = ProgramCheck(program, inputs, output)
+    rows = []
+    try:
+        grad = check.gradient(x0)
+        for d in range(directions):
+            v = [_shape_like(f, rng) for f in inputs]
+            fd = (check.value([x + eps * t for x, t in zip(x0, v)])
+                  - check.value([x - eps * t for x, t in zip(x0, v)])) / (2 * eps)
+            fw = check.tangent(x0, v)
+            rv = sum(_dot(g, t) for g, t in zip(grad, v))
+            rows.append((f"direction {d}", fd, fw, rv))
+    finally:
+        check.finish()
+    _warn_if_all_zero(rows, name, "and do they reach it only through kernels (not through Python)", stacklevel=4)
     return _report(rows, rtol, atol)
 
 

@@ -1,0 +1,148 @@
+"""kd.check_grad for a program: a plain Python function that launches @kd.kernels (a simulation's
+steps and the loss after them), checked as a whole, the way it is differentiated.
+
+Why a separate path: a program is no kernel, so there is no k.reverse or k.forward to call. Its
+gradient is what kd.Tape gives, its tangent what kd.FwdMode gives, so those two are compared with
+central finite differences of the program itself, along a few random directions (the same table
+and tolerances as for a kernel). This also catches what no single kernel's check can: a value
+that reaches a kernel through Python (`k(x.to_numpy().sum())`), which the Tape cannot see.
+
+A program runs many times here, and every run must start from the state the first one found, as
+a program's kernels add into fields (`loss[None] += ...`, `y[i] += ...`) and step state forward.
+So the first run is a recording one: before each launch, the fields the kernel reads or writes
+(and their adjoint and dual fields) are copied the first time they are seen, and so is a field
+the program overwrites from Python (`fill`, `from_numpy`) before any kernel touched it. Every
+later run starts by putting those copies back, and so does the end of the check: afterwards the
+fields hold what they held before, and the derivative fields the check made are zero-filled.
+A field written element by element from Python (`y[0] = 1.0`) before any kernel touched it is
+the one thing not copied (Taichi reports such a write only after making it).
+
+Only order 1: H·v of a program would need the forward mode of the Tape's reverse pass, which
+kerndiff does not build; each kernel's own check_grad(order=2) covers its second derivatives.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import KernDiffError
+from .factories import field_shape, read, write
+from .frontend.values import is_field
+from .ir.types import from_taichi, is_float
+from .runtime.registry import REGISTRY
+from . import tape as tape_module
+
+
+class _Recorder:
+    """Stands where a kd.Tape stands during the recording run (tape._ACTIVE): the kernels run as
+    plain primals, and before each one the fields it touches are copied if not yet copied."""
+
+    def __init__(self):
+        self.kept = {}  # id(field) -> (field, its values before the program first touched it)
+        self.touched = {}  # id(field) -> field: the float fields the program's kernels touched
+
+    def keep(self, f):
+        if id(f) not in self.kept:
+            self.kept[id(f)] = (f, f.to_numpy())
+
+    def launch(self, kernel, args, kwargs):
+        def run():
+            written, read_ = kernel.fields(*args, **kwargs)
+            for f in written + read_:
+                if not is_float(from_taichi(f.dtype)):
+                    self.keep(f)
+                    continue
+                self.touched[id(f)] = f
+                self.keep(f)
+                for kind in ("adjoint", "dual"):
+                    d = REGISTRY.get(f, kind, 1)
+                    if d is not None:
+                        self.keep(d)
+            return kernel.launch(*args, **kwargs)
+        return run
+
+    def python_write(self, target, whole, key=None):
+        if whole and is_field(target):  # reported before it runs: the old values can be kept
+            self.keep(target)
+
+
+def _record(program):
+    """Run the program once, plainly, keeping the state it found; returns the recorder."""
+    recorder = _Recorder()
+    if tape_module._ACTIVE:
+        raise KernDiffError("kd.check_grad of a program cannot run inside kd.Tape / kd.FwdMode",
+                            remedy="call it outside the with-block")
+    guard = tape_module._TaichiLaunchGuard.install("kd.check_grad's run of the program", recorder)
+    tape_module._ACTIVE.append(recorder)
+    try:
+        program()
+    finally:
+        tape_module._ACTIVE.pop()
+        tape_module._TaichiLaunchGuard.remove(guard)
+    return recorder
+
+
+class ProgramCheck:
+    """The three derivatives of a program's 0-d output along directions of its input fields."""
+
+    def __init__(self, program, inputs, output):
+        if field_shape(output):
+            raise KernDiffError("kd.check_grad of a program needs a 0-d output (its gradient comes from kd.Tape, "
+                                "whose loss is 0-d)", remedy="reduce the output into loss[None] in the program")
+        self.program, self.inputs, self.output = program, inputs, output
+        self.existing = {(id(f), kind) for f in inputs + [output] for kind in ("adjoint", "dual")
+                         if REGISTRY.get(f, kind, 1) is not None}
+        for f in inputs + [output]:  # made active before anything runs, and kept like the rest
+            REGISTRY.get_or_make(f, "adjoint", 1)
+            REGISTRY.get_or_make(f, "dual", 1)
+        self.recorder = _record(program)
+        for f in inputs + [output]:
+            self.recorder.touched[id(f)] = f
+            self.recorder.keep(f)
+            for kind in ("adjoint", "dual"):
+                d = REGISTRY.get(f, kind, 1)
+                if (id(f), kind) in self.existing:
+                    self.recorder.keep(d)
+
+    def restore(self):
+        for f, arr in self.recorder.kept.values():
+            f.from_numpy(arr)
+
+    def finish(self):
+        """Put every field back; the derivative fields the check made are left zero-filled."""
+        self.restore()
+        kept = self.recorder.kept
+        for f in self.recorder.touched.values():
+            for kind in ("adjoint", "dual"):
+                d = REGISTRY.get(f, kind, 1)
+                if d is not None and id(d) not in kept:
+                    d.fill(0)
+
+    def _start(self, values, kind):
+        self.restore()
+        for f, v in zip(self.inputs, values):
+            write(f, v, "an input value")
+        if kind is not None:
+            for f in self.recorder.touched.values():
+                d = REGISTRY.get(f, kind, 1)
+                if d is not None:
+                    d.fill(0)
+
+    def value(self, values):
+        self._start(values, None)
+        self.program()
+        return read(self.output)
+
+    def gradient(self, values):
+        self._start(values, "adjoint")
+        with tape_module.Tape(self.output, clear_gradients=False):
+            self.program()
+        return [read(REGISTRY.get(f, "adjoint", 1)) for f in self.inputs]
+
+    def tangent(self, values, tangents):
+        self._start(values, "dual")
+        for f, t in zip(self.inputs, tangents):
+            write(REGISTRY.get(f, "dual", 1), t, "a tangent")
+        seed = np.asarray(tangents[0], dtype=np.float64).ravel()
+        with tape_module.FwdMode(loss=self.output, param=self.inputs[0], seed=seed, clear_gradients=False):
+            self.program()
+        return read(REGISTRY.get(self.output, "dual", 1))

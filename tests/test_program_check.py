@@ -1,0 +1,167 @@
+"""kd.check_grad of a program: a plain Python function launching @kd.kernels, checked as a whole
+(kd.Tape's gradient and kd.FwdMode's tangent against central differences of the program).
+
+Before session 43 such a function got an AttributeError ('function' object has no attribute
+'forward'). The programs here run the state forward (ping-pong buffers passed as template
+arguments, a fill inside, a loss accumulated with +=), so a check that did not put the fields
+back before each run would compare derivatives of different programs and fail. References:
+the check's own finite differences, and an analytic gradient in numpy for the Tape's numbers."""
+import warnings
+
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+
+pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
+
+N = 6
+A0 = np.linspace(0.2, 0.9, N)
+W0 = np.linspace(1.1, 0.4, N)
+
+
+@pytest.fixture(scope="module")
+def sim(runtime):
+    a = ti.field(ti.f64, shape=N, needs_grad=True)
+    b = ti.field(ti.f64, shape=N)
+    w = ti.field(ti.f64, shape=N)
+    loss = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def step(src: ti.template(), dst: ti.template(), k: ti.f64):
+        for i in range(N):
+            dst[i] = src[i] + k * ti.sin(w[i] * src[(i + 1) % N])
+
+    @kd.kernel
+    def total(src: ti.template()):
+        for i in range(N):
+            loss[None] += src[i] ** 2
+
+    def program():
+        b.fill(0.0)
+        for t in range(3):
+            step(a, b, 0.1 * (t + 1))
+            step(b, a, 0.2)
+        total(a)
+
+    return a, b, w, loss, step, total, program
+
+
+def _reset(a, w, loss):
+    a.from_numpy(A0)
+    w.from_numpy(W0)
+    loss[None] = 0.0
+
+
+def _numpy_program(av, wv):
+    x = av.copy()
+    for t in range(3):
+        y = x + 0.1 * (t + 1) * np.sin(wv * np.roll(x, -1))
+        x = y + 0.2 * np.sin(wv * np.roll(y, -1))
+    return float((x ** 2).sum())
+
+
+def test_a_program_is_checked_and_its_fields_are_put_back(sim):
+    a, b, w, loss, step, total, program = sim
+    _reset(a, w, loss)
+    a.grad.from_numpy(np.full(N, 7.0))  # an adjoint the user holds: kept
+    before = {name: f.to_numpy() for name, f in (("a", a), ("b", b), ("w", w), ("loss", loss), ("a.grad", a.grad))}
+    err = kd.check_grad(program, [a, w], loss)
+    assert err < 1e-7
+    for name, f in (("a", a), ("b", b), ("w", w), ("loss", loss), ("a.grad", a.grad)):
+        np.testing.assert_array_equal(f.to_numpy(), before[name], err_msg=name)
+    # the derivative fields the check made are left zero-filled
+    assert not np.any(kd.adjoint(w).to_numpy()) and not np.any(kd.dual(a).to_numpy())
+
+
+def test_the_tape_gradient_it_compares_is_the_programs(sim):
+    """The numbers the check compares, against an independent reference: the Tape's gradient
+    with respect to a and w, and central differences of the same program written in numpy."""
+    a, b, w, loss, step, total, program = sim
+    _reset(a, w, loss)
+    from kerndiff.program_check import ProgramCheck
+    check = ProgramCheck(program, [a, w], loss)
+    try:
+        ga, gw = check.gradient([A0, W0])
+        value = check.value([A0, W0])
+    finally:
+        check.finish()
+    h, eye = 1e-6, np.eye(N)
+    ref_a = [(_numpy_program(A0 + h * e, W0) - _numpy_program(A0 - h * e, W0)) / (2 * h) for e in eye]
+    ref_w = [(_numpy_program(A0, W0 + h * e) - _numpy_program(A0, W0 - h * e)) / (2 * h) for e in eye]
+    assert value == pytest.approx(_numpy_program(A0, W0), rel=1e-12)
+    np.testing.assert_allclose(ga, ref_a, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(gw, ref_w, rtol=1e-6, atol=1e-9)
+
+
+def test_a_value_that_reaches_a_kernel_through_python_is_caught(sim):
+    """`step(a, b, a.to_numpy().sum() * 0.1)`: the Tape cannot see that the argument depends on a,
+    so its gradient (and FwdMode's tangent) miss that term; the differences do not."""
+    a, b, w, loss, step, total, program = sim
+    _reset(a, w, loss)
+
+    def leaky():
+        step(a, b, float(a.to_numpy().sum()) * 0.1)
+        total(b)
+
+    with pytest.raises(AssertionError, match="derivatives disagree"):
+        kd.check_grad(leaky, [a], loss)
+
+
+def test_a_plain_taichi_kernel_in_the_program_is_named(sim):
+    a, b, w, loss, step, total, program = sim
+    _reset(a, w, loss)
+
+    @ti.kernel
+    def plain():
+        for i in range(N):
+            b[i] = a[i] * 2.0
+
+    def with_plain():
+        plain()
+        total(b)
+
+    with pytest.raises(kd.KernDiffError, match="the Taichi kernel 'plain' ran inside"):
+        kd.check_grad(with_plain, [a], loss)
+
+
+def test_what_a_program_check_cannot_do_is_refused(sim):
+    a, b, w, loss, step, total, program = sim
+    with pytest.raises(kd.KernDiffError, match="first derivatives only"):
+        kd.check_grad(program, [a], loss, order=2)
+    with pytest.raises(kd.KernDiffError, match="a program, which kd.check_grad calls without arguments"):
+        kd.check_grad(program, [a], loss, args=(1.0,))
+    with pytest.raises(kd.KernDiffError, match="needs a 0-d output"):
+        kd.check_grad(program, [a], b)
+
+    @ti.kernel
+    def plain():
+        loss[None] += a[0]
+
+    with pytest.raises(kd.KernDiffError, match="takes a @kd.kernel, or a Python function that launches them"):
+        kd.check_grad(plain, [a], loss)
+
+
+def test_a_program_whose_output_does_not_depend_on_the_inputs_warns(sim):
+    a, b, w, loss, step, total, program = sim
+    _reset(a, w, loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kd.check_grad(lambda: total(b), [a], loss)
+    assert any("every derivative it compared is zero" in str(c.message) for c in caught)
+
+
+def test_the_factories_name_the_contexts_for_a_program(sim):
+    """kd.backward / kd.forward with inputs and output build host functions over one kernel; given
+    a program they say so, and which context differentiates it (they were told 'kd.grad takes a
+    @kd.kernel, a @kd.func or a @ti.func', about device functions)."""
+    a, b, w, loss, step, total, program = sim
+    with pytest.raises(kd.KernDiffError, match=r"kd.backward\(fn, inputs, output\) takes a @kd.kernel") as e:
+        kd.backward(program, inputs=[a], output=loss)
+    assert "kd.Tape(output)" in str(e.value)
+    with pytest.raises(kd.KernDiffError, match=r"kd.forward\(fn, inputs, output\) takes a @kd.kernel") as e:
+        kd.forward(program, inputs=[a], output=loss)
+    assert "kd.FwdMode" in str(e.value)
+    with pytest.raises(kd.KernDiffError, match="kd.hvp takes a @kd.kernel"):
+        kd.hvp(program, inputs=[a], output=loss)
