@@ -6,6 +6,8 @@ function gives a device function (funcs.py).
 """
 from __future__ import annotations
 
+import inspect
+
 from .errors import KernDiffError
 from .frontend.values import is_field
 from .funcs import DeviceFunction, as_device_function, func
@@ -41,6 +43,13 @@ def adjoint(f, level: int = 1):
 
 
 def _device(fn, what):
+    if inspect.ismethod(fn) and (isinstance(fn.__func__, DeviceFunction)
+                                 or getattr(fn, "_is_taichi_function", False)):
+        raise KernDiffError(f"{what} of a method reached through an instance ({fn.__func__.__name__} of "
+                            f"{type(fn.__self__).__name__}): its derivative would be taken with respect to the "
+                            "parameters after `self`, which kerndiff does not bind",
+                            remedy="define the function at module level (or as a @staticmethod) and pass it "
+                                   "what it reads from self as arguments")
     d = as_device_function(fn)
     if d is None:
         raise KernDiffError(f"{what} takes a @kd.kernel, a @kd.func or a @ti.func, got {fn!r}",

@@ -10,6 +10,7 @@ differentiated.
 from __future__ import annotations
 
 import inspect
+import types
 
 from .errors import KernDiffError
 from .ir import build as B
@@ -37,6 +38,14 @@ class DeviceFunction:
         if self.kind == "func":
             return f"<kd.func {self.__name__}>"
         return f"<kd.{self.kind}({self.inner!r}{'' if self.argnum is None else f', argnum={self.argnum}'})>"
+
+    def __get__(self, instance, owner=None):
+        """A @kd.func defined in a class (a @ti.data_oriented one) and reached through an instance,
+        `self.helper(i)`: bound to the instance, as Python binds a method, so that the call passes
+        `self` first (the kernel's lowering unpacks the bound method)."""
+        if instance is None:
+            return self
+        return types.MethodType(self, instance)
 
     def __call__(self, *args, **kwargs):
         raise KernDiffError(f"{self!r} is a device function: call it inside a @kd.kernel or another @kd.func",

@@ -932,6 +932,85 @@ def test_kernels_as_methods_of_a_data_oriented_class(runtime):
     np.testing.assert_allclose(grad_x, x0, rtol=1e-12)
 
 
+def test_function_methods_called_through_self(runtime):
+    """@ti.func and @kd.func methods of a @ti.data_oriented class called as `self.helper(i, j)`,
+    the way Taichi classes are written: Python binds `self`, and the call passes it first (they
+    were called without it: "missing a required argument"). A @ti.func method calling another
+    through self, a @staticmethod one, one taking a field as a template argument; the values
+    against the same class's ti.kernel, the derivatives against f64 finite differences and
+    analytic gradients. A transform of such a bound method is refused at its line."""
+    n = 5
+    rng = np.random.default_rng(7)
+
+    @ti.data_oriented
+    class Chain:
+        def __init__(self):
+            self.pos = ti.Vector.field(2, ti.f64, shape=n)
+            self.k = ti.field(ti.f64, shape=n)
+            self.E = ti.field(ti.f64, shape=())
+            self.pos.from_numpy(rng.uniform(0.1, 1.0, (n, 2)))
+            self.k.from_numpy(rng.uniform(0.5, 2.0, n))
+
+        @ti.func
+        def dist(self, i, j):
+            return (self.pos[i] - self.pos[j]).norm()
+
+        @ti.func
+        def spring(self, i, j):
+            return 0.5 * self.k[i] * (self.dist(i, j) - 0.3) ** 2
+
+        @staticmethod
+        @ti.func
+        def sq(a):
+            return a * a
+
+        @ti.func
+        def weighted(self, f: ti.template(), i):
+            return f[i] * self.k[i]
+
+        @kd.func
+        def decay(self, i):
+            return ti.exp(-self.pos[i].norm_sqr())
+
+        def energy(self):
+            for i in range(n):
+                self.E[None] += self.spring(i, (i + 1) % n) + self.sq(self.k[i]) + self.weighted(self.k, i)
+
+        kd_energy = kd.kernel(energy)
+        ti_energy = ti.kernel(energy)
+
+        @kd.kernel
+        def decays(self):
+            for i in range(n):
+                self.E[None] += self.decay(i) * self.k[i]
+
+        @ti.func
+        def cube(self, r=0.5):
+            return r ** 3
+
+        @kd.kernel
+        def transformed(self):
+            for i in range(n):
+                self.E[None] += kd.grad(self.cube)(self.k[i])
+
+    c = Chain()
+    c.E[None] = 0.0
+    c.kd_energy()
+    ours = c.E[None]
+    c.E[None] = 0.0
+    c.ti_energy()
+    assert ours == pytest.approx(c.E[None], rel=1e-14)
+    assert kd.check_grad(c.kd_energy, [c.pos, c.k], c.E, order=2) < 1e-6
+    posv, kv = c.pos.to_numpy(), c.k.to_numpy()
+    grads = kd.backward(c.decays, inputs=[c.pos, c.k], output=c.E)([posv, kv])
+    decay = np.exp(-np.sum(posv ** 2, axis=1))
+    np.testing.assert_allclose(grads[1], decay, rtol=1e-12)
+    np.testing.assert_allclose(grads[0], -2.0 * posv * (decay * kv)[:, None], rtol=1e-12)
+    with pytest.raises(kd.KernDiffError, match="kd.grad of a method reached through an instance") as e:
+        c.transformed()
+    assert "kd.grad(self.cube)" in str(e.value)
+
+
 def test_kernels_that_return_values_inside_tape_and_fwd_mode(runtime):
     """A kernel that returns a value inside kd.Tape: the value is not the loss, so its cotangent is
     0 (kerndiff once seeded it with 1, adding d(value)/dx to the gradient). Inside kd.FwdMode it

@@ -6,6 +6,7 @@ import inspect
 
 import taichi as ti
 
+from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
 from . import builtins as BI
@@ -80,10 +81,17 @@ def lower_call(lw, fn, args, kwargs, node):
         # Transform factories run at compile time: kd.grad(U)(r) inside a kernel.
         if any(isinstance(a, (N.Expr, Vec)) for a in args):
             raise lw.error(node, f"kd.{fn.__name__} takes a function, not a value", "write kd.grad(U)(r)")
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except KernDiffError as e:  # placed at the call in the kernel, not at the kernel's launch
+            raise lw.error(node, e.reason, e.remedy) from None
     if isinstance(fn, DeviceFunction):
         return fn.lower_call(lw, args, node, kwargs)
+    if inspect.ismethod(fn) and isinstance(fn.__func__, DeviceFunction):  # self.helper(i): a @kd.func method
+        return fn.__func__.lower_call(lw, [fn.__self__] + list(args), node, kwargs)
     if getattr(fn, "_is_taichi_function", False):
+        if inspect.ismethod(fn):  # self.helper(i) in a @ti.data_oriented class: Python bound self
+            args = [fn.__self__] + list(args)
         return inline_function(lw, unwrap_ti_func(fn), args, kwargs, node)
     from ..ir.types import from_taichi
     try:
