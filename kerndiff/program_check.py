@@ -15,7 +15,9 @@ the program overwrites from Python (`fill`, `from_numpy`) before any kernel touc
 later run starts by putting those copies back, and so does the end of the check: afterwards the
 fields hold what they held before, and the derivative fields the check made are zero-filled.
 A field written element by element from Python (`y[0] = 1.0`) before any kernel touched it is
-the one thing not copied (Taichi reports such a write only after making it).
+the one thing not copied (Taichi reports such a write only after making it). A program that
+sets one of the checked inputs from Python before a kernel reads it is refused: the values the
+check passes in never reach the output, where kd.Tape takes the values set as the inputs.
 
 Only order 1: H·v of a program would need the forward mode of the Tape's reverse pass, which
 kerndiff does not build; each kernel's own check_grad(order=2) covers its second derivatives.
@@ -36,9 +38,11 @@ class _Recorder:
     """Stands where a kd.Tape stands during the recording run (tape._ACTIVE): the kernels run as
     plain primals, and before each one the fields it touches are copied if not yet copied."""
 
-    def __init__(self):
+    def __init__(self, inputs=()):
         self.kept = {}  # id(field) -> (field, its values before the program first touched it)
         self.touched = {}  # id(field) -> field: the float fields the program's kernels touched
+        self.inputs = {id(f): f for f in inputs}
+        self.inputs_set = []  # inputs the program writes from Python before a kernel reads them
 
     def keep(self, f):
         if id(f) not in self.kept:
@@ -63,11 +67,13 @@ class _Recorder:
     def python_write(self, target, whole, key=None):
         if whole and is_field(target):  # reported before it runs: the old values can be kept
             self.keep(target)
+        field, _ = tape_module.touched_field(self.inputs, target)
+        if field is not None and id(field) not in self.touched and field not in self.inputs_set:
+            self.inputs_set.append(field)
 
 
-def _record(program):
-    """Run the program once, plainly, keeping the state it found; returns the recorder."""
-    recorder = _Recorder()
+def _record(program, recorder):
+    """Run the program once, plainly, under `recorder`, which keeps the state it found."""
     if tape_module._ACTIVE:
         raise KernDiffError("kd.check_grad of a program cannot run inside kd.Tape / kd.FwdMode",
                             remedy="call it outside the with-block")
@@ -78,7 +84,6 @@ def _record(program):
     finally:
         tape_module._ACTIVE.pop()
         tape_module._TaichiLaunchGuard.remove(guard)
-    return recorder
 
 
 class ProgramCheck:
@@ -91,17 +96,27 @@ class ProgramCheck:
         self.program, self.inputs, self.output = program, inputs, output
         self.existing = {(id(f), kind) for f in inputs + [output] for kind in ("adjoint", "dual")
                          if REGISTRY.get(f, kind, 1) is not None}
-        for f in inputs + [output]:  # made active before anything runs, and kept like the rest
-            REGISTRY.get_or_make(f, "adjoint", 1)
-            REGISTRY.get_or_make(f, "dual", 1)
-        self.recorder = _record(program)
-        for f in inputs + [output]:
-            self.recorder.touched[id(f)] = f
+        self.recorder = _Recorder(inputs)
+        for f in inputs + [output]:  # kept before the program runs, which may write them from Python
             self.recorder.keep(f)
             for kind in ("adjoint", "dual"):
-                d = REGISTRY.get(f, kind, 1)
                 if (id(f), kind) in self.existing:
-                    self.recorder.keep(d)
+                    self.recorder.keep(REGISTRY.get(f, kind, 1))
+        for f in inputs + [output]:  # made active before anything runs
+            REGISTRY.get_or_make(f, "adjoint", 1)
+            REGISTRY.get_or_make(f, "dual", 1)
+        _record(program, self.recorder)
+        if self.recorder.inputs_set:
+            self.restore()
+            name = REGISTRY.name_of(self.recorder.inputs_set[0])
+            raise KernDiffError(
+                f"the program sets its input '{name}' from Python before a kernel reads it, so the values "
+                "kd.check_grad passes in never reach the output: its finite differences are zero, while "
+                "kd.Tape takes the values the program sets as the inputs",
+                remedy=f"set '{name}' before calling the program (or check with respect to what the program "
+                       "sets it from)")
+        for f in inputs + [output]:
+            self.recorder.touched[id(f)] = f
 
     def restore(self):
         for f, arr in self.recorder.kept.values():

@@ -165,3 +165,25 @@ def test_the_factories_name_the_contexts_for_a_program(sim):
     assert "kd.FwdMode" in str(e.value)
     with pytest.raises(kd.KernDiffError, match="kd.hvp takes a @kd.kernel"):
         kd.hvp(program, inputs=[a], output=loss)
+
+
+def test_a_program_that_sets_a_checked_input_from_python_is_refused(sim):
+    """`a.from_numpy(...)` (or `a[0] = ...`) inside the program, before a kernel reads a: the values
+    the check passes in never reach the output (differences zero), while kd.Tape takes the values
+    set as the inputs; comparing the two would blame kerndiff for the program's choice. The fields
+    are put back as they were."""
+    a, b, w, loss, step, total, program = sim
+    _reset(a, w, loss)
+
+    def resets_a():
+        a.from_numpy(A0 * 2.0)
+        program()
+
+    def sets_an_element():
+        a[0] = 0.5
+        program()
+
+    for prog in (resets_a, sets_an_element):
+        with pytest.raises(kd.KernDiffError, match=r"sets its input '\w+' from Python before a kernel reads it"):
+            kd.check_grad(prog, [a, w], loss)
+        np.testing.assert_array_equal(a.to_numpy(), A0)
