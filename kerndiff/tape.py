@@ -118,9 +118,11 @@ class Tape:
         self.clear_gradients = clear_gradients
         # (kernel, args, kwargs, {id(field): (field, snapshot before launch)}, the same for the
         # fields the kernel updates in place, which its own reverse needs back); kernel None for
-        # a whole field written from Python (python_write)
+        # a whole field written from Python (python_write); an _ElementWrite for an element
         self.records = []
         self.touched = _Touched()  # index patterns earlier recorded launches accessed
+        self.watched = {}  # id(field) -> (field, [(host accessor, its own setter)]): see _watch
+        self.writing_element = False
 
     def __enter__(self):
         if _ACTIVE:
@@ -150,9 +152,40 @@ class Tape:
             out = kernel.launch(*args, **kwargs)
             for f, kind, index in accesses:
                 self.touched.add(f, index)
+                self._watch(f)
             self.records.append((kernel, args, kwargs, saved, before))
             return out
         return run
+
+    def _watch(self, f):
+        """From now on an element write from Python into f (`x[0] = 5.0`, `p[1][2] = 3.0`, `p[i] =
+        [...]`) keeps the element's old value first: every such write goes through the setter of
+        one of f's host accessors (one per component), which is wrapped here until the Tape ends.
+        Taichi's own report of the write comes only after it, too late to read the old value."""
+        if id(f) in self.watched or not hasattr(f, "_initialize_host_accessors"):
+            return
+        f._initialize_host_accessors()
+        wrapped = []
+        for component, accessor in enumerate(f.host_accessors):
+            own = accessor.setter
+
+            def setter(value, *key, _own=own, _get=accessor.getter, _component=component):
+                self.records.append(_ElementWrite(f, _component, key, _get(*key)))
+                self.writing_element = True
+                try:
+                    _own(value, *key)
+                finally:
+                    self.writing_element = False
+
+            accessor.setter = setter
+            wrapped.append((accessor, own))
+        self.watched[id(f)] = (f, wrapped)
+
+    def _unwatch(self):
+        for _, wrapped in self.watched.values():
+            for accessor, own in wrapped:
+                accessor.setter = own
+        self.watched = {}
 
     def python_write(self, target, whole, key=None):
         """A write from Python (target: the field of a `fill`/`from_numpy`/`copy_from`, reported
@@ -160,9 +193,12 @@ class Tape:
         a field that a recorded launch read or wrote. The launches before it read the old values,
         so their reverses need them back: a whole field is snapshot here and recorded as a write
         whose reverse puts the old values back and zeroes the field's adjoint (the values it
-        overwrote reach nothing after it; the new ones are constants). An element write came
-        too late to snapshot: refused. Writes into fields no recorded launch touched set inputs
-        and pass."""
+        overwrote reach nothing after it; the new ones are constants). An element write into a
+        touched field was recorded, with its old value, by the setter _watch wrapped; one that
+        was not (a field reached some other way) came too late to keep: refused. Writes into
+        fields no recorded launch touched set inputs and pass."""
+        if not whole and self.writing_element:
+            return  # recorded by the wrapped setter, before the write
         field, _ = touched_field(self.touched.fields, target)
         if field is None:
             return
@@ -179,6 +215,7 @@ class Tape:
     def __exit__(self, exc_type, exc, tb):
         _ACTIVE.pop()
         _TaichiLaunchGuard.remove(self.guard)
+        self._unwatch()
         if exc_type is not None:
             return False
         if self.loss is None:
@@ -186,8 +223,12 @@ class Tape:
         level = self.level()
         # Every field a recorded kernel writes carries an adjoint, flags or not.
         requests = []
-        for kernel, args, kwargs, saved, _ in self.records:
-            written = kernel.fields(*args, **kwargs)[0] if kernel is not None else [f for f, _ in saved.values()]
+        for rec in self.records:
+            if isinstance(rec, _ElementWrite):
+                written = [rec.field]
+            else:
+                kernel, args, kwargs, saved, _ = rec
+                written = kernel.fields(*args, **kwargs)[0] if kernel is not None else [f for f, _ in saved.values()]
             requests += [(f, "adjoint", level) for f in written if is_float(from_taichi(f.dtype))]
         REGISTRY.allocate_many(requests)
         loss_adj = REGISTRY.get_or_make(self.loss, "adjoint", level)
@@ -196,8 +237,15 @@ class Tape:
         if level > 1 and self.clear_gradients:
             clear_derivatives("adjoint", level)  # level 1 was cleared on entry
         loss_adj[None] = 1.0
-        final = {i: (f, _snapshot(f)) for rec in self.records for snaps in rec[3:] for i, (f, _) in snaps.items()}
-        for kernel, args, kwargs, saved, before in reversed(self.records):
+        elements = [rec for rec in self.records if isinstance(rec, _ElementWrite)]
+        final = {i: (f, _snapshot(f)) for rec in self.records if not isinstance(rec, _ElementWrite)
+                 for snaps in rec[3:] for i, (f, _) in snaps.items()}
+        final.update((id(rec.field), (rec.field, _snapshot(rec.field))) for rec in elements)
+        for rec in reversed(self.records):
+            if isinstance(rec, _ElementWrite):
+                rec.undo(level)
+                continue
+            kernel, args, kwargs, saved, before = rec
             for f, arr in before.values():
                 _restore(f, arr)
             if kernel is None:  # a whole field overwritten from Python: its old values reach nothing
@@ -221,10 +269,30 @@ class Tape:
         of that kernel's reverse (2 for `f.reverse`), at which every recorded kernel is then
         reversed. The level-1 adjoints such a kernel writes are values of the recorded program
         then, and the derivatives land in kd.adjoint(x, level)."""
-        return max([1] + [kernel.reverse.level() for kernel, *_ in self.records if kernel is not None])
+        return max([1] + [rec[0].reverse.level() for rec in self.records
+                           if not isinstance(rec, _ElementWrite) and rec[0] is not None])
 
     def grad(self):
         raise KernDiffError("use the adjoint fields after the with-block", remedy="read kd.adjoint(x) or x.grad")
+
+
+class _ElementWrite:
+    """An element written from Python inside kd.Tape into a field a recorded launch had touched
+    (`x[0] = 5.0`; component: which of a vector or matrix field's components, key: Taichi's
+    padded index), with the value it held before: the launches before the write read that."""
+
+    def __init__(self, field, component, key, old):
+        self.field, self.component, self.key, self.old = field, component, key, old
+
+    def undo(self, level):
+        """Going backward past the write: the new value was a constant, so the adjoint gathered at
+        the element so far reaches nothing (zeroed); the old value goes back for the reverses of
+        the launches before it."""
+        if is_float(from_taichi(self.field.dtype)):
+            adjoint = REGISTRY.get_or_make(self.field, "adjoint", level)
+            adjoint._initialize_host_accessors()
+            adjoint.host_accessors[self.component].setter(0.0, *self.key)
+        self.field.host_accessors[self.component].setter(self.old, *self.key)
 
 
 class _Touched:
