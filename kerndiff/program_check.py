@@ -19,12 +19,16 @@ the one thing not copied (Taichi reports such a write only after making it). A p
 sets one of the checked inputs from Python before a kernel reads it is refused: the values the
 check passes in never reach the output, where kd.Tape takes the values set as the inputs.
 
+An output with elements is checked through ⟨w, output⟩ for a random w, as a kernel's is (a
+kernel added after the program sums it into a fresh 0-d field, the loss the Tape needs).
+
 Only order 1: H·v of a program would need the forward mode of the Tape's reverse pass, which
 kerndiff does not build; each kernel's own check_grad(order=2) covers its second derivatives.
 """
 from __future__ import annotations
 
 import numpy as np
+import taichi as ti
 
 from .errors import KernDiffError
 from .factories import field_shape, read, write
@@ -86,13 +90,45 @@ def _record(program, recorder):
         tape_module._TaichiLaunchGuard.remove(guard)
 
 
+def weighted_total(program, output, rng):
+    """(program followed by a kernel that adds ⟨w, output⟩ into a fresh 0-d field, that field) for
+    an output with elements, w drawn from rng: the 0-d loss kd.Tape needs, and the random
+    cotangent a kernel's check takes (the check differentiates ⟨w, f(x)⟩, as for a kernel)."""
+    import taichi as ti
+    from .api import kernel
+    from taichi.lang.matrix import MatrixField
+    shape = tuple(output.shape)
+    if isinstance(output, MatrixField):
+        w = ti.Matrix.field(output.n, output.m, output.dtype, shape=shape) if output.ndim == 2 else \
+            ti.Vector.field(output.n, output.dtype, shape=shape)
+    else:
+        w = ti.field(output.dtype, shape=shape)
+    total = ti.field(output.dtype, shape=())
+    w.from_numpy(rng.standard_normal(field_shape(output)).astype(w.to_numpy().dtype))
+    add = kernel(_add_weighted_vectors if isinstance(output, MatrixField) else _add_weighted)
+
+    def weighted():
+        program()
+        add(output, w, total)
+
+    weighted.__name__ = getattr(program, "__name__", "program")
+    return weighted, total
+
+
+def _add_weighted(out: ti.template(), w: ti.template(), total: ti.template()):
+    for I in ti.grouped(out):
+        total[None] += out[I] * w[I]
+
+
+def _add_weighted_vectors(out: ti.template(), w: ti.template(), total: ti.template()):
+    for I in ti.grouped(out):
+        total[None] += (out[I] * w[I]).sum()
+
+
 class ProgramCheck:
     """The three derivatives of a program's 0-d output along directions of its input fields."""
 
     def __init__(self, program, inputs, output):
-        if field_shape(output):
-            raise KernDiffError("kd.check_grad of a program needs a 0-d output (its gradient comes from kd.Tape, "
-                                "whose loss is 0-d)", remedy="reduce the output into loss[None] in the program")
         self.program, self.inputs, self.output = program, inputs, output
         self.existing = {(id(f), kind) for f in inputs + [output] for kind in ("adjoint", "dual")
                          if REGISTRY.get(f, kind, 1) is not None}

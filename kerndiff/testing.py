@@ -14,8 +14,7 @@ AssertionError with a table of the worst rows.
 
 The function checked may also be a program: a plain Python function that launches @kd.kernels (a
 simulation's steps and its loss). Its gradient then comes from kd.Tape and its tangent from
-kd.FwdMode, against central differences of the whole program (program_check.py; order 1, a 0-d
-output).
+kd.FwdMode, against central differences of the whole program (program_check.py; order 1).
 """
 from __future__ import annotations
 
@@ -130,6 +129,9 @@ def _check_program(program, inputs, output, eps, rtol, atol, args, directions, o
                             "program would need the forward mode of kd.Tape's reverse pass",
                             remedy="check each of its kernels with order=2, and the program with order=1")
     x0 = [read(f) for f in inputs]
+    if field_shape(output):
+        from .program_check import weighted_total
+        program, output = weighted_total(program, output, rng)
     check = ProgramCheck(program, inputs, output)
     rows = []
     try:
