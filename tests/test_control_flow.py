@@ -5,7 +5,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
-from harness import PATH_IDS, PATHS, check_path, make_derivative_fields
+from harness import PATH_IDS, PATHS, check_path, load_module, make_derivative_fields
 
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
@@ -257,6 +257,61 @@ def test_a_time_loop_reading_the_row_its_trip_writes_is_still_refused(runtime):
 
     with pytest.raises(kd.KernDiffError, match="overwrites 'q' after reading it"):
         reads_ahead.reverse()
+
+
+def _time_loop_source(seed):
+    """A drawn serialized time loop over rows of h: trip t writes row t + a (a = 1 or 2) from reads
+    of rows t + b (b = 0..2, at i, i +- 1 or 0), and maybe a second inner loop writes row t + 3
+    from rows t + 1 and t. (source, whether a read reaches a row at or after the one written:
+    such a trip reads what it or a later trip overwrites.)"""
+    import random
+    r = random.Random(seed)
+    a = r.choice([1, 2])
+    reads = [(r.choice([0, 1, 2]) if r.random() < 0.3 else r.choice([0, a - 1]),
+              r.choice(["i", "(i + 1) % n", "(i + n - 1) % n", "0"])) for _ in range(r.choice([1, 2]))]
+    terms = " + ".join(f"{c} * ti.sin(h[t + {b}, {j}])" for c, (b, j) in zip((0.3, 0.2), reads))
+    second = "        for i in range(n):\n            h[t + 3, i] = 0.1 * h[t + 1, (i + 1) % n] + h[t, i]\n" \
+        if r.random() < 0.5 else ""
+    src = ("import taichi as ti\n\n\n"
+           "def kernel():\n"
+           "    for i in range(n):\n"
+           "        h[0, i] = x[i]\n"
+           "        h[1, i] = x[i] * x[i]\n"
+           "        h[2, i] = 0.5 * x[i]\n"
+           "    ti.loop_config(serialize=True)\n"
+           "    for t in range(T):\n"
+           "        for i in range(n):\n"
+           f"            h[t + {a}, i] = 0.9 * h[t + {a - 1}, i] + {terms}\n"
+           + second +
+           "    for i in range(n):\n"
+           "        out[None] += h[T + 2, i] ** 2 + h[T, i]\n")
+    return src, any(b >= a for b, _ in reads)
+
+
+def test_drawn_time_loops_are_differentiated_or_refused(runtime, tmp_path):
+    """Serialized time loops drawn at random (the rule of session 43 relates a store and a read
+    by any serial loop around both): each either has derivatives that agree with f64 finite
+    differences on the first and second order paths (kd.check_grad, order=2), or is refused; a
+    trip that reads a row at or after the one it writes is always refused, and most of the rest
+    are taken."""
+    n, T = 4, 3
+    fields = {"n": n, "T": T, "x": ti.field(ti.f64, shape=n), "h": ti.field(ti.f64, shape=(T + 4, n)),
+              "out": ti.field(ti.f64, shape=())}
+    fields["x"].from_numpy(np.linspace(0.2, 0.8, n))
+    taken = safe = 0
+    for seed in range(12):
+        src, reads_ahead = _time_loop_source(seed)
+        k = kd.kernel(load_module(src, fields, tmp_path, "time_loop").kernel)
+        safe += not reads_ahead
+        try:
+            err = kd.check_grad(k, [fields["x"]], fields["out"], order=2)
+        except kd.KernDiffError as e:
+            assert "overwrites 'h' after reading it" in e.reason, src
+            continue
+        assert not reads_ahead, src
+        assert err < 1e-6, src
+        taken += 1
+    assert safe >= 6 and taken >= safe - 2, (taken, safe)
 
 
 def test_branches_with_nothing_to_recompute_and_constant_conditions_read_plainly(runtime):
