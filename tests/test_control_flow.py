@@ -470,3 +470,32 @@ def test_exclusive_branches_that_may_still_meet_are_refused(exclusive, which):
     k = exclusive[1][which]
     with pytest.raises(kd.KernDiffError, match="after reading it"):
         k.reverse.source
+
+
+def test_conditions_on_whole_vectors_any_and_all(runtime):
+    """`if (v > c).all():` / `elif (v > d).any():`, as Taichi writes tests on every or some
+    component (they were refused: "vector method 'all' is not supported"). The primal against
+    numpy, the derivatives on the four paths against f64 finite differences."""
+    n = 6
+    v = ti.Vector.field(3, ti.f64, shape=n)
+    out = ti.field(ti.f64, shape=())
+    values = np.array([[0.5, 0.6, 0.7], [0.3, 0.9, 0.5], [0.45, 0.5, 0.42], [0.2, 0.3, 0.35],
+                       [0.65, 0.1, 0.2], [0.8, 0.85, 0.9]])
+    v.from_numpy(values)
+
+    @kd.kernel
+    def k():
+        for i in v:
+            if (v[i] > 0.4).all():
+                out[None] += v[i].sum() ** 2
+            elif (v[i] > 0.6).any():
+                out[None] += v[i].norm_sqr() * v[i][0]
+
+    k()
+    every = (values > 0.4).all(1)
+    some = ~every & (values > 0.6).any(1)
+    expected = np.sum(values[every].sum(1) ** 2) + np.sum((values[some] ** 2).sum(1) * values[some][:, 0])
+    assert out[None] == pytest.approx(expected, rel=1e-13)
+    assert every.sum() == 3 and some.sum() == 2  # both branches and the fall-through taken
+    for prefix, mode in PATHS:
+        check_path(k, prefix, mode)

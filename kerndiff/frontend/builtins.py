@@ -203,7 +203,7 @@ def _diag(lw, node, args, kwargs):
 
 
 VECTOR_METHODS = ("norm", "norm_sqr", "norm_inv", "normalized", "dot", "cross", "outer_product", "transpose",
-                  "trace", "determinant", "inverse", "sum", "max", "min", "cast")
+                  "trace", "determinant", "inverse", "sum", "max", "min", "any", "all", "cast")
 
 
 def _unbound_method(name):

@@ -212,6 +212,13 @@ def vec_method(lw, m, args, kwargs, node):
         return V.outer(t, lw.vec(args[0], node))
     if name == "sum":
         return B.sum_of(t.items, t.dtype)
+    if name in ("any", "all"):  # (v > 0.5).all(): whether every component is nonzero, as Taichi's 0 or 1
+        if args or kwargs:
+            raise lw.error(node, f"'{name}' takes no arguments", f"call v.{name}()")
+        out = lw.truth(t.items[0], node)
+        for e in t.items[1:]:
+            out = lw.logic("or" if name == "any" else "and", out, e, node)
+        return out
     if name in ("max", "min"):
         out = t.items[0]
         for e in t.items[1:]:
