@@ -56,15 +56,13 @@ class _Recorder:
         def run():
             written, read_ = kernel.fields(*args, **kwargs)
             for f in written + read_:
-                if not is_float(from_taichi(f.dtype)):
-                    self.keep(f)
-                    continue
-                self.touched[id(f)] = f
                 self.keep(f)
-                for kind in ("adjoint", "dual"):
-                    d = REGISTRY.get(f, kind, 1)
-                    if d is not None:
-                        self.keep(d)
+                if is_float(from_taichi(f.dtype)):
+                    self.touched[id(f)] = f
+                    for kind in ("adjoint", "dual"):
+                        d = REGISTRY.get(f, kind, 1)
+                        if d is not None:
+                            self.keep(d)
             return kernel.launch(*args, **kwargs)
         return run
 
@@ -105,7 +103,8 @@ def weighted_total(program, output, rng):
         w = ti.field(output.dtype, shape=shape)
     total = ti.field(output.dtype, shape=())
     w.from_numpy(rng.standard_normal(field_shape(output)).astype(w.to_numpy().dtype))
-    add = kernel(_add_weighted_vectors if isinstance(output, MatrixField) else _add_weighted)
+    fn = _add_weighted_vectors if isinstance(output, MatrixField) else _add_weighted
+    add = _ADDERS.setdefault(fn, kernel(fn))  # one kernel object per adder, not one per check
 
     def weighted():
         program()
@@ -113,6 +112,9 @@ def weighted_total(program, output, rng):
 
     weighted.__name__ = getattr(program, "__name__", "program")
     return weighted, total
+
+
+_ADDERS = {}  # adder function -> its @kd.kernel
 
 
 def _add_weighted(out: ti.template(), w: ti.template(), total: ti.template()):
@@ -130,13 +132,11 @@ class ProgramCheck:
 
     def __init__(self, program, inputs, output):
         self.program, self.inputs, self.output = program, inputs, output
-        self.existing = {(id(f), kind) for f in inputs + [output] for kind in ("adjoint", "dual")
-                         if REGISTRY.get(f, kind, 1) is not None}
         self.recorder = _Recorder(inputs)
-        for f in inputs + [output]:  # kept before the program runs, which may write them from Python
-            self.recorder.keep(f)
+        for f in inputs + [output]:  # kept before the program runs, which may write them from Python,
+            self.recorder.keep(f)     # with the derivative fields they have (the ones made below are not)
             for kind in ("adjoint", "dual"):
-                if (id(f), kind) in self.existing:
+                if REGISTRY.get(f, kind, 1) is not None:
                     self.recorder.keep(REGISTRY.get(f, kind, 1))
         for f in inputs + [output]:  # made active before anything runs
             REGISTRY.get_or_make(f, "adjoint", 1)
