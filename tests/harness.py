@@ -329,6 +329,19 @@ def make_outer_duals(K, args=()):
             kd.dual(f, level)
 
 
+def random_inner_directions(k, args=(), seed=0):
+    """Random values in the level-1 duals and adjoints of every float field k reads or writes, and
+    in the level-2 duals of those and of the fields: the directions and cotangents a third-order
+    check of k.forward.forward or k.reverse.forward holds fixed. Left zero (as made), the
+    third-order terms drop out and such a check compares the lower-order ones only."""
+    rng = np.random.default_rng(seed)
+    written, read = k.fields(*args)
+    for f in written + read:
+        if _is_float_field(f) and not _is_scratch(f):
+            for d in (kd.dual(f), kd.adjoint(f), kd.dual(f, 2), kd.dual(kd.dual(f), 2), kd.dual(kd.adjoint(f), 2)):
+                put(d, random_like(d, rng))
+
+
 def check_path(k, prefix, mode, args=(), **kw):
     """Run k (its reverse reads the primal's results), then check k.<prefix> in `mode`. A derived
     kernel's check needs k's derivative fields (without them k.reverse is `pass`, and its forward
