@@ -272,12 +272,28 @@ def build_corpus(dt=ti.f64):
             ti.atomic_max(highest[None], a * x[i])
 
     corpus["walks_and_their_maximum"] = (walks_and_their_maximum, ())
+
+    # --- a 3x3 polar decomposition (Taichi's rotation refined by two Newton steps, whose
+    # derivatives are the rotation's: frontend/polar.py), in a fixed-corotated energy; the first
+    # element is the identity, where the SVD's own derivatives are undefined
+    F3 = ti.Matrix.field(3, 3, dt, shape=N)
+    corotated = ti.field(dt, shape=())
+    F3.from_numpy(np.concatenate([np.eye(3)[None], np.eye(3) + 0.3 * rng.standard_normal((N - 1, 3, 3))]))
+
+    @kd.kernel
+    def corotated_3d():
+        for i in F3:
+            R, S = ti.polar_decompose(F3[i])
+            J = F3[i].determinant()
+            corotated[None] += (F3[i] - R).norm_sqr() + 0.5 * (J - 1.0) ** 2 + S[0, 1] * R[2, 0]
+
+    corpus["corotated_3d"] = (corotated_3d, ())
     return corpus
 
 
 CORPUS_NAMES = ["elementwise", "mass_spring", "nbody", "stencil", "matrix_energy", "branches", "recurrence",
                 "serial_scan", "two_loops", "template_args", "return_value", "grouped", "dense_layer", "taichi_library",
-                "walks_and_their_maximum"]
+                "walks_and_their_maximum", "corotated_3d"]
 
 
 @pytest.fixture(scope="module")

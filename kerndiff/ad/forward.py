@@ -11,7 +11,7 @@ import dataclasses
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from .rules import NO_DERIVATIVE, partials
+from .rules import NO_DERIVATIVE, count_derivative, partials
 from .activity import check_function_body, field_activity, varied_vars
 
 
@@ -113,6 +113,7 @@ def forward_kernel(ir: N.KernelIR, level: int, loaded_dual=None) -> N.KernelIR:
     field a load's tangent reads, given the field it loads (default: its dual of this level)."""
     from .names import NameAllocator, tangent_var
 
+    ir = dataclasses.replace(ir, body=count_derivative(ir.body))
     dual_of_field = field_activity(ir, "dual", level)
     names = NameAllocator.for_kernel(ir)
     varied = varied_vars(ir.body, lambda ref: dual_of_field(ref) is not None, seeds=())
@@ -135,6 +136,7 @@ def forward_block(stmts, names, seeds: dict, level: int = 1):
     from .names import tangent_var
 
     check_function_body(stmts)
+    stmts = count_derivative(stmts)
     varied = varied_vars(stmts, lambda ref: False, seeds=tuple(seeds))
     tangent_names = {v: names.fresh(tangent_var(v, level)) for v in sorted(varied)}
     fwd = Forward(names, lambda ref: None, tangent_names)

@@ -32,7 +32,7 @@ from ..opt.dce import live_names, remove_dead
 from .activity import check_function_body, field_activity, varied_vars
 from .jumps import eliminate_jumps
 from .names import adjoint_var
-from .rules import NO_DERIVATIVE, partials
+from .rules import NO_DERIVATIVE, count_derivative, partials
 from .ssa import to_ssa
 
 
@@ -654,7 +654,7 @@ def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False, checkpoint
     from .names import NameAllocator
     from .owned import checked_for_reverse
 
-    ir = checked_for_reverse(ir, inputs_restored)
+    ir = checked_for_reverse(dataclasses.replace(ir, body=count_derivative(ir.body)), inputs_restored)
     adj_of_field = field_activity(ir, "adjoint", level)
     names = NameAllocator.for_kernel(ir)
     body, ssa, _ = to_ssa(eliminate_jumps(ir.body, names), names, dtypes=local_dtypes(ir.body, ir.params),
@@ -703,6 +703,7 @@ def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes, level=1):
     {name: adjoint expression}).
     """
     check_function_body(stmts)
+    stmts = count_derivative(stmts)
     body, ssa, env = to_ssa(eliminate_jumps(stmts, names), names, dtypes=dtypes, fixed=set(wrt))
     outs = [_rename(v, env, ssa.dtypes) for v in out_values]
     varied = varied_vars(body, lambda ref: False, seeds=tuple(wrt))

@@ -19,6 +19,45 @@ NO_DERIVATIVE = {"floor", "ceil", "round", "floordiv", "lt", "le", "gt", "ge", "
 # Ops whose derivative is handled by the passes' structure rather than by partials.
 STRUCTURAL = {"cast"}
 
+# Ops whose value is right but whose derivatives are left to the code around them, which is
+# exact only up to some order: polar_rotation is Taichi's rotation of a 3x3 polar decomposition,
+# taken as constant, and frontend.polar refines it by two Newton steps, which converge cubically:
+# a step from a value right to order k gives one right to order 3k + 2, so two steps from a
+# constant (order 0) give the true rotation's derivatives up to the eighth. Each transform that
+# takes a derivative of code holding such an op counts one more in the op's last argument; one
+# past its limit is refused.
+ORDER_LIMITED = {"polar_rotation": (8, "a 3x3 ti.polar_decompose",
+                                    "two Newton steps refine Taichi's rotation, which is a constant to the transforms")}
+NO_DERIVATIVE |= set(ORDER_LIMITED)
+
+
+def count_derivative(stmts):
+    """stmts with one more derivative counted in each order-limited op (ORDER_LIMITED): every
+    transform (forward or reverse, of a kernel or of a device function) calls this on the code it
+    differentiates. Raises KernDiffError at the statement of an op past its limit."""
+    from ..errors import KernDiffError
+    from ..ir import nodes as N
+    from ..ir.walk import expr_children_of_stmt, iter_expr, iter_stmts, map_expr, map_stmt_exprs, map_stmts
+
+    if not any(isinstance(x, N.Call) and x.op in ORDER_LIMITED
+               for s in iter_stmts(stmts) for e in expr_children_of_stmt(s) for x in iter_expr(e)):
+        return stmts  # most code: nothing to count
+
+    def counted(stmt):
+        def bump(e):
+            if isinstance(e, N.Call) and e.op in ORDER_LIMITED:
+                limit, what, why = ORDER_LIMITED[e.op]
+                taken = e.args[-1].value + 1
+                if taken > limit:
+                    raise KernDiffError(f"this takes derivative {taken} of {what}, whose derivatives kerndiff "
+                                        f"gives exactly only up to order {limit} ({why})", stmt.src,
+                                        f"take at most {limit} derivatives through it")
+                return N.Call(e.dtype, e.op, e.args[:-1] + (B.const(taken, "i32"),))
+            return e
+        return map_stmt_exprs(stmt, lambda e: map_expr(e, bump))
+
+    return map_stmts(stmts, counted)
+
 
 def defpartials(op, *partials):
     assert op in OPS and op not in PARTIALS, op

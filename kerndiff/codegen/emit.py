@@ -128,6 +128,55 @@ def _wrapped(pad, items, sep, width=100, cont=None):
             for k, line in enumerate(lines)]
 
 
+def _polar_rotations_together(stmts):
+    """stmts with the entries of each polar_rotation moved up to its first entry, where nothing
+    between writes what they read or touches the locals they assign (derivative code puts
+    tangents between them), so that one call computes all nine (Emitter.polar_rotation); else
+    as they were. Each entry is Taichi's whole 3x3 SVD when emitted alone."""
+    if not any(isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op == "polar_rotation"
+               for s in stmts):
+        return stmts
+    from ..ir.walk import assigned_names, mentioned_names, vars_in
+    out = list(stmts)
+    i = 0
+    while i < len(out):
+        first = out[i]
+        if _rotation_entry(first) == 0:
+            args = first.value.args[:9]
+            reads = {v.name for a in args for v in vars_in(a)}
+            group, between = [first], []
+            for t in out[i + 1:]:
+                if len(group) == 9:
+                    break
+                if _rotation_entry(t) == len(group) and t.value.args[:9] == args \
+                        and not any(t.name in mentioned_names(b) for b in between):
+                    group.append(t)
+                elif assigned_names([t]) & reads or any(g.name in mentioned_names(t) for g in group[1:]):
+                    break
+                else:
+                    between.append(t)
+            if len(group) == 9:
+                rest = [t for t in out[i + 1:] if not any(t is g for g in group)]
+                out = out[:i] + group + rest
+                i += 8
+        i += 1
+    return out
+
+
+def _rotation_entry(s):
+    """Which entry of a polar_rotation s assigns, or None."""
+    if isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op == "polar_rotation":
+        return s.value.args[9].value
+    return None
+
+
+def _polar_rotation_run(run):
+    """The nine statements assign the entries 0..8 of one polar_rotation, in order."""
+    return len(run) == 9 and all(
+        isinstance(t, N.Assign) and isinstance(t.value, N.Call) and t.value.op == "polar_rotation"
+        and t.value.args[9].value == k and t.value.args[:9] == run[0].value.args[:9] for k, t in enumerate(run))
+
+
 class Emitter:
     def __init__(self, field_names: dict, taken=()):
         self.field_names = field_names  # id(taichi field) -> global name in generated module
@@ -172,6 +221,9 @@ class Emitter:
             return f"not {self.expr(args[0], 5)}", 5
         if op == "cast":
             return f"ti.cast({self.expr(args[0])}, ti.{e.dtype})", 100
+        if op == "polar_rotation":  # one entry alone (the nine in a row: Emitter.polar_rotation)
+            entries = ", ".join(self.expr(a) for a in args[:9])
+            return f"polar_rotation_entry(ti.{e.dtype}, {args[9].value}, {entries})", 100
         if op == "claim_slot":  # opt.scatter: args[0] loads the busy flags, which the helper takes whole
             return f"claim_slot({self.field(args[0].ref)})", 100
         if guarded_select(e):
@@ -271,6 +323,7 @@ class Emitter:
                 self.lines.extend(f"{pad}{name} = {zero}" for name in names)
             else:
                 self.lines.extend(_wrapped(pad, names + [zero], " = "))
+        stmts = _polar_rotations_together(stmts)
         notes = _run_notes(stmts)
         runs = _copy_runs(stmts, notes)
         last_note, skip_to = enclosing, 0
@@ -288,6 +341,10 @@ class Emitter:
             if isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op == "sincos_sin":
                 self.sincos(s, stmts[i + 1], pad)  # opt.cpu_math puts the cosine right after
                 skip_to = i + 2
+                continue
+            if _polar_rotation_run(stmts[i:i + 9]):
+                self.polar_rotation(stmts[i:i + 9], pad)
+                skip_to = i + 9
                 continue
             if isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op in GROUPED_CALLS:
                 skip_to = i + self.grouped_call(stmts[i:], pad)  # opt.element_groups: in a row
@@ -333,6 +390,13 @@ class Emitter:
         args = ", ".join(self.expr(a) for a in group[0].value.args[:-1])
         self.lines.extend(_wrapped(pad, [", ".join(t.name for t in group) + f" = {helper}({args})"], ""))
         return count
+
+    def polar_rotation(self, run, pad):
+        """`r_0_0, r_0_1, ..., r_2_2 = polar_rotation(ti.f32, a...)`: the nine entries of a 3x3
+        rotation from one decomposition (frontend.polar assigns them in a row)."""
+        entries = ", ".join(self.expr(a) for a in run[0].value.args[:9])
+        call = f"polar_rotation(ti.{run[0].value.dtype}, {entries})"
+        self.lines.extend(_wrapped(pad, [", ".join(t.name for t in run) + f" = {call}"], ""))
 
     def stmt(self, s, indent, path, i):
         pad = "    " * indent

@@ -127,17 +127,21 @@ def _decomposition(name, by_size, why_not):
     def handler(lw, node, args, kwargs):
         from ..ir.types import to_taichi
         from .calls import inline_function, unwrap_ti_func
+        from .polar import lower_polar3
 
         A = args[0] if args else None
         if not isinstance(A, Vec) or len(A.shape) != 2:
             raise lw.error(node, f"ti.{name} takes a square matrix", "pass a ti.Matrix")
         impl = by_size.get(A.shape[0]) if A.shape[0] == A.shape[1] else None
+        dt = args[1] if len(args) > 1 else kwargs.get("dt")
+        dt = dt if dt is not None else to_taichi(A.dtype)
+        if impl is lower_polar3:
+            return lower_polar3(lw, node, A, dt)
         if impl is None:
             raise lw.error(node, f"kerndiff differentiates ti.{name} of 2x2 matrices only (this one is "
                                  f"{A.shape[0]}x{A.shape[1]}): {why_not}",
                            "write the decomposition as a ti.func, or keep it out of the differentiated kernel")
-        dt = args[1] if len(args) > 1 else kwargs.get("dt")
-        return inline_function(lw, unwrap_ti_func(impl), [A, dt if dt is not None else to_taichi(A.dtype)], {}, node)
+        return inline_function(lw, unwrap_ti_func(impl), [A, dt], {}, node)
     return handler
 
 
@@ -145,8 +149,10 @@ def _decompositions(table):
     from taichi import _funcs as TF
 
     builtin = "Taichi computes the 3x3 one with a builtin statement, which has no Taichi source to differentiate"
-    table[TF.polar_decompose] = _decomposition("polar_decompose", {2: TF._polar_decompose2d},
-                                               builtin.replace("a builtin statement", "its builtin SVD statement"))
+    from .polar import lower_polar3
+
+    table[TF.polar_decompose] = _decomposition("polar_decompose", {2: TF._polar_decompose2d, 3: lower_polar3},
+                                               "Taichi itself supports only 2x2 and 3x3 matrices here")
     table[TF.svd] = _decomposition("svd", {2: TF._svd2d}, builtin)
     table[TF.sym_eig] = _decomposition("sym_eig", {2: TF._sym_eig2x2},
                                        "Taichi's 3x3 solver indexes its vectors with runtime indices, which "

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from .nodes import Call, Const, Expr, Load, Var
-from .ops import COMMUTATIVE, OPS, fold, operand_dtype, result_dtype
+from .ops import COMMUTATIVE, OPAQUE, OPS, fold, operand_dtype, result_dtype
 from .types import is_float
 
 NARROW_FLOATS = {"f32": np.float32, "f16": np.float16}
@@ -61,6 +61,8 @@ def call(op: str, *args: Expr) -> Expr:
         raise ValueError("use cast()")
     if op == "select":
         return select(*args)
+    if op in OPAQUE:  # its inputs keep their float dtype, its trailing i32 constants theirs; nothing folds
+        return Call(args[0].dtype, op, tuple(args))
     od = operand_dtype(op, [a.dtype for a in args])
     if op == "pow" and is_float(od) and not is_float(args[1].dtype):
         # Keep integer exponents integral: x ** 2 stays exact (and defined for x < 0 on every backend).

@@ -14,7 +14,12 @@ BITWISE = {"bit_and", "bit_or", "bit_xor", "shl", "shr", "bit_not"}  # integers 
 CLASSIFY = {"isnan", "isinf"}  # float -> i32 (0 or 1)
 BIT_COUNT = {"popcnt", "clz"}  # integer -> the same integer type
 SPECIAL = {"cast", "select"}
-OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | CLASSIFY | BIT_COUNT | SPECIAL
+# Ops of several outputs, one Call per output: args are the inputs (one float dtype), then i32
+# constants (which output, and how many derivatives have been taken of it so far; see
+# ad.rules.ORDER_LIMITED). polar_rotation: the rotation of a 3x3 matrix's polar decomposition
+# (its 9 entries, row by row), by Taichi's own ti.polar_decompose (frontend.polar).
+OPAQUE = {"polar_rotation"}
+OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | CLASSIFY | BIT_COUNT | SPECIAL | OPAQUE
 
 COMMUTATIVE = {"add", "mul", "min", "max", "eq", "ne", "and", "or", "bit_and", "bit_or", "bit_xor"}
 
