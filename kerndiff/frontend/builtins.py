@@ -125,7 +125,7 @@ def _decomposition(name, by_size, why_not):
     the matrix's size at compile time; do the same, and inline that ti.func. `why_not`: why the
     other sizes cannot be differentiated here."""
     def handler(lw, node, args, kwargs):
-        from ..ir.types import to_taichi
+        from ..ir.types import default_fp, is_float, to_taichi
         from .calls import inline_function, unwrap_ti_func
         from .polar import lower_polar3
 
@@ -134,11 +134,13 @@ def _decomposition(name, by_size, why_not):
             raise lw.error(node, f"ti.{name} takes a square matrix", "pass a ti.Matrix")
         impl = by_size.get(A.shape[0]) if A.shape[0] == A.shape[1] else None
         dt = args[1] if len(args) > 1 else kwargs.get("dt")
-        dt = dt if dt is not None else to_taichi(A.dtype)
+        if dt is None:  # Taichi's default is default_fp; the matrix's own float type keeps an f64 one f64
+            dt = to_taichi(A.dtype if is_float(A.dtype) else default_fp())
         if impl is lower_polar3:
             return lower_polar3(lw, node, A, dt)
         if impl is None:
-            raise lw.error(node, f"kerndiff differentiates ti.{name} of 2x2 matrices only (this one is "
+            sizes = " and ".join(f"{n}x{n}" for n in sorted(by_size))
+            raise lw.error(node, f"kerndiff differentiates ti.{name} of {sizes} matrices only (this one is "
                                  f"{A.shape[0]}x{A.shape[1]}): {why_not}",
                            "write the decomposition as a ti.func, or keep it out of the differentiated kernel")
         return inline_function(lw, unwrap_ti_func(impl), [A, dt], {}, node)
