@@ -237,3 +237,28 @@ def test_gradient_of_a_device_function(runtime):
             fd[i, j] = (plus - out[None]) / (2 * h)
     np.testing.assert_allclose(got, fd, rtol=1e-7, atol=1e-9)
     assert np.abs(got).max() > 0.1
+
+
+def test_integer_matrices_and_sizes_taichi_lacks(runtime):
+    """An integer matrix is decomposed in default_fp, as Taichi does; a 4x4 one is refused,
+    naming the sizes there are."""
+    M = ti.Matrix.field(3, 3, ti.i32, shape=())
+    R = ti.Matrix.field(3, 3, ti.f64, shape=())
+    M4 = ti.Matrix.field(4, 4, ti.f64, shape=())
+
+    @kd.kernel
+    def integer():
+        r, _ = ti.polar_decompose(M[None])
+        R[None] = r
+
+    @kd.kernel
+    def four():
+        r, _ = ti.polar_decompose(M4[None])
+        R[None][0, 0] = r[0, 0]
+
+    A = np.array([[1, 2, 0], [0, 1, 0], [0, 0, 3]])
+    M.from_numpy(A.astype(np.int32))
+    integer()
+    np.testing.assert_allclose(R.to_numpy(), polar(A.astype(float))[0], atol=1e-13)
+    with pytest.raises(kd.KernDiffError, match=r"of 2x2 and 3x3 matrices only \(this one is 4x4\)"):
+        four()
