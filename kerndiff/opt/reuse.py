@@ -39,24 +39,53 @@ def reuse_held_values(body, is_derivative=None):
 
 def _block(stmts, held, regroup=None):
     out = []
+    held = _Held(held)
     for s in _held_earlier(list(stmts)):
-        if held:
+        if held.values:
             # a while condition is evaluated again after every trip of the body
-            now = _surviving(held, assigned_names((s,))) if isinstance(s, N.While) else held
+            now = _surviving(held.values, assigned_names((s,))) if isinstance(s, N.While) else held.values
             s = map_stmt_exprs(s, lambda e: map_expr(e, lambda x: now.get(x, x)))
             if regroup is not None and regroup.applies(s):
                 s = _with_held_factors(s, lambda: regroup.products(now))
         blocks = blocks_of(s)
         if blocks:
-            s = rebuild_stmt(s, [tuple(_block(b, _surviving(held, assigned_names(b)), regroup)) for b in blocks])
-        written = {s.name} if isinstance(s, N.Assign) else assigned_names((s,))
-        held = _surviving(held, written)
+            s = rebuild_stmt(s, [tuple(_block(b, _surviving(held.values, assigned_names(b)), regroup))
+                                 for b in blocks])
+        held.drop({s.name} if isinstance(s, N.Assign) else assigned_names((s,)))
         if isinstance(s, N.Assign) and _holdable(s):
-            held[s.value] = N.Var(s.value.dtype, s.name)
+            held.add(s.value, N.Var(s.value.dtype, s.name))
             if regroup is not None:
                 regroup.note(s.value)
         out.append(s)
     return out
+
+
+class _Held:
+    """The values locals hold (value -> the local), with the entries each local's assignment
+    ends: those it holds and those whose value reads it. Dropping them by that index keeps a
+    block of n statements linear where filtering every entry after every statement was
+    quadratic (a 1300-statement HVP block through a 3x3 polar decomposition: 2.5 s)."""
+
+    def __init__(self, values):
+        self.values = {}
+        self.ended_by = {}  # local -> [(value, whether the local holds it)]
+        for e, v in values.items():
+            self.add(e, v)
+
+    def add(self, e, v):
+        self.values[e] = v
+        self.ended_by.setdefault(v.name, []).append((e, True))
+        for x in vars_in(e):
+            self.ended_by.setdefault(x.name, []).append((e, False))
+
+    def drop(self, written):
+        """Forget what writing these locals ends (an entry listed for a local that held it once
+        but holds it no more, the value held again elsewhere since, stays)."""
+        for name in written:
+            for e, holds in self.ended_by.pop(name, ()):
+                v = self.values.get(e)
+                if v is not None and (not holds or v.name == name):
+                    del self.values[e]
 
 
 class _Regrouping:
