@@ -89,19 +89,14 @@ def _record(program, recorder):
 
 
 def weighted_total(program, output, rng):
-    """(program followed by a kernel that adds ⟨w, output⟩ into a fresh 0-d field, that field) for
-    an output with elements, w drawn from rng: the 0-d loss kd.Tape needs, and the random
-    cotangent a kernel's check takes (the check differentiates ⟨w, f(x)⟩, as for a kernel)."""
-    import taichi as ti
+    """(program followed by a kernel that adds ⟨w, output⟩ into a 0-d field, zeroed here, that
+    field) for an output with elements, w drawn from rng: the 0-d loss kd.Tape needs, and the
+    random cotangent a kernel's check takes (the check differentiates ⟨w, f(x)⟩, as for a
+    kernel). w and the field are made once per output shape (_weights_like)."""
     from .api import kernel
     from taichi.lang.matrix import MatrixField
-    shape = tuple(output.shape)
-    if isinstance(output, MatrixField):
-        w = ti.Matrix.field(output.n, output.m, output.dtype, shape=shape) if output.ndim == 2 else \
-            ti.Vector.field(output.n, output.dtype, shape=shape)
-    else:
-        w = ti.field(output.dtype, shape=shape)
-    total = ti.field(output.dtype, shape=())
+    w, total = _weights_like(output)
+    total[None] = 0
     w.from_numpy(rng.standard_normal(field_shape(output)).astype(w.to_numpy().dtype))
     fn = _add_weighted_vectors if isinstance(output, MatrixField) else _add_weighted
     add = _ADDERS.setdefault(fn, kernel(fn))  # one kernel object per adder, not one per check
@@ -115,6 +110,31 @@ def weighted_total(program, output, rng):
 
 
 _ADDERS = {}  # adder function -> its @kd.kernel
+_WEIGHTS = {"runtime": None, "fields": {}}  # the Taichi runtime they live in; (kind, shape, dtype) -> (w, total)
+
+
+def _weights_like(output):
+    """(w, a 0-d total) for outputs shaped like `output`, made once per runtime and reused: each
+    field made after a kernel ran is an SNode tree of its own, and Taichi 1.7 crashes past 512
+    of them (a check per call would meet that in a few hundred checks of one process)."""
+    import taichi as ti
+    from taichi.lang import impl
+    from taichi.lang.matrix import MatrixField
+    if _WEIGHTS["runtime"] is not impl.get_runtime():
+        _WEIGHTS.update(runtime=impl.get_runtime(), fields={})
+    is_matrix = isinstance(output, MatrixField)
+    kind = (output.n, output.m, output.ndim) if is_matrix else None
+    key = (kind, tuple(output.shape), output.dtype)
+    got = _WEIGHTS["fields"].get(key)
+    if got is None:
+        shape = tuple(output.shape)
+        if is_matrix:
+            w = ti.Matrix.field(output.n, output.m, output.dtype, shape=shape) if output.ndim == 2 else \
+                ti.Vector.field(output.n, output.dtype, shape=shape)
+        else:
+            w = ti.field(output.dtype, shape=shape)
+        got = _WEIGHTS["fields"][key] = (w, ti.field(output.dtype, shape=()))
+    return got
 
 
 def _add_weighted(out: ti.template(), w: ti.template(), total: ti.template()):
