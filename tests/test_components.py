@@ -87,3 +87,30 @@ def test_loops_without_a_scalar_sum_keep_component_indexing(fields):
 
     k = assert_as_taichi(lengths, [out], [pos])
     assert "pos[ends[s][0]][0]" in k.source and "pos_0" not in k.source
+
+
+def test_a_summed_vector_reset_in_the_same_kernel(runtime):
+    """A centre of mass: `c[None] = vec(0)` before a loop that sums into c's components and a
+    read after it, in one kernel. Stored as `c[None][0] = 0.0` beside the loop's `c_0[None] +=`,
+    Taichi 1.7 failed to compile the kernel (an assertion in its scalarize pass, the process
+    killed); every access of c now goes through the scalar fields. Values, and the gradient
+    against finite differences."""
+    n = 7
+    x = ti.Vector.field(3, ti.f64, shape=n)
+    c = ti.Vector.field(3, ti.f64, shape=())
+    loss = ti.field(ti.f64, shape=())
+    xs = np.random.default_rng(4).random((n, 3))
+    x.from_numpy(xs)
+
+    @kd.kernel
+    def centre_of_mass():
+        c[None] = ti.Vector([0.0, 0.0, 0.0])
+        for p in range(n):
+            c[None] += x[p] / n
+        loss[None] = (c[None] - ti.Vector([0.7, 0.1, 0.6])).norm_sqr()
+
+    centre_of_mass()
+    np.testing.assert_allclose(c.to_numpy(), xs.mean(axis=0), rtol=1e-14)
+    assert loss[None] == pytest.approx(np.sum((xs.mean(axis=0) - [0.7, 0.1, 0.6]) ** 2), rel=1e-13)
+    assert "c[None][" not in centre_of_mass.source and "c_0[None] = 0.0" in centre_of_mass.source
+    assert kd.check_grad(centre_of_mass, inputs=[x], output=loss, order=2) < 1e-7

@@ -186,6 +186,10 @@ class Emitter:
         self.component_fields = {}  # (id(field), component) -> global name of its scalar field
         self.component_globals = {}  # that name -> (field, component), for the generated module
         self.split_components = False  # inside a loop that sums into a 0-D field (components.py)
+        # ids of 0-D vector fields such a loop sums into through their components' scalar fields:
+        # accessed so everywhere in the kernel, as Taichi 1.7 fails to compile a kernel that also
+        # stores into one of them as `c[None][0]` (scalarize.cpp: "Assertion failure")
+        self.summed_through_components = set()
 
     # ---------------------------------------------------------- expressions
     def expr(self, e: N.Expr, prec: int = 0) -> str:
@@ -274,7 +278,7 @@ class Emitter:
 
     def lvalue(self, ref, index):
         idx = ", ".join(self.expr(i) for i in index) if index else "None"
-        if ref.component and self.split_components:
+        if ref.component and (self.split_components or id(ref.field) in self.summed_through_components):
             return f"{self.component_field(ref)}[{idx}]"
         comp = ""
         if ref.component:
@@ -482,6 +486,8 @@ def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=()):
 
     em = Emitter(field_names, taken)
     em.decls = declarations(ir)
+    em.summed_through_components = {id(r.field) for s in ir.body if isinstance(s, N.For) and component_refs(s)
+                                     for r in scalar_sums(s) if r.component}
     params = ", ".join(f"{p.name}: ti.{p.dtype}" for p in ir.params)
     ret = ""
     if len(ir.returns) == 1:
