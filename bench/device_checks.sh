@@ -46,7 +46,7 @@ if [ "$ARCH" = gpu ]; then
    echo "rc=$?" >>"$OUT/test_cuda.txt") &
 fi
 { for d in "quickstart.py" "newton_mass_spring.py --out /tmp/n.png" "diff_sim_control.py --out /tmp/b.png" \
-           "pinn_poisson.py --steps 300 --out /tmp/p.png"; do
+           "pinn_poisson.py --steps 300 --out /tmp/p.png" "mpm_elastic_3d.py --iters 10 --out /tmp/m.png"; do
     echo "== $d [t=$(elapsed)]"
     timeout "$(cap 60)" $PY demos/$d --arch "$ARCH" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tail -25
     echo "rc=${PIPESTATUS[0]}"
