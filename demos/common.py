@@ -1,4 +1,5 @@
-"""Shared by the demos: Taichi start-up with a GPU fallback, and a progress bar."""
+"""Shared by the demos: Taichi start-up with a GPU fallback, a progress bar, and Adam."""
+import numpy as np
 import taichi as ti
 
 
@@ -29,3 +30,34 @@ def progress(iterable, verbose=True, desc=""):
         return iterable
     from tqdm import tqdm
     return tqdm(iterable, desc=desc, leave=False)
+
+
+class Adam:
+    """Adam on a vector of parameters: `step(g)` is the change to subtract for gradient g. decay:
+    the learning rate's factor per step (1: constant)."""
+
+    def __init__(self, n, lr, decay=1.0):
+        self.m, self.s, self.lr, self.decay, self.steps = np.zeros(n), np.zeros(n), lr, decay, 0
+
+    def step(self, g):
+        self.steps += 1
+        self.m = 0.9 * self.m + 0.1 * g
+        self.s = 0.999 * self.s + 0.001 * g * g
+        rate = self.lr * self.decay ** (self.steps - 1)
+        return rate * (self.m / (1 - 0.9 ** self.steps)) / (np.sqrt(self.s / (1 - 0.999 ** self.steps)) + 1e-12)
+
+
+def descend(simulate, loss, param, adam, iters, record, verbose=True):
+    """Gradient descent on the 0-d field `param` through a differentiable program: each iteration
+    runs `simulate` under kd.Tape(loss) and steps param by Adam on its adjoint. Returns (the losses,
+    record() after the first and after the last run)."""
+    import kerndiff as kd
+    history, records = [], []
+    for it in progress(range(iters), verbose, "optimising"):
+        with kd.Tape(loss):
+            simulate()
+        history.append(loss[None])
+        if it in (0, iters - 1):
+            records.append(record())
+        param[None] = param.to_numpy() - adam.step(kd.adjoint(param).to_numpy())
+    return history, records

@@ -13,7 +13,7 @@ import numpy as np
 import taichi as ti
 
 import kerndiff as kd
-from common import init, progress
+from common import Adam, descend, init
 
 START = (0.2, 0.3)
 TARGET = (0.75, 0.8)
@@ -62,19 +62,7 @@ def build(steps, dt=0.01, friction=0.6):
 def optimise(steps, iters, lr=0.05, verbose=True):
     x, v0, loss, simulate = build(steps)
     v0[None] = ti.Vector([1.0, -0.5])
-    m, s = np.zeros(2), np.zeros(2)
-    history, paths = [], []
-    for it in progress(range(iters), verbose, "optimising"):
-        with kd.Tape(loss):
-            simulate()
-        history.append(loss[None])
-        if it in (0, iters - 1):
-            paths.append(x.to_numpy().copy())
-        g = kd.adjoint(v0).to_numpy()
-        m = 0.9 * m + 0.1 * g
-        s = 0.999 * s + 0.001 * g * g
-        step = lr * (m / (1 - 0.9 ** (it + 1))) / (np.sqrt(s / (1 - 0.999 ** (it + 1))) + 1e-12)
-        v0[None] = v0.to_numpy() - step
+    history, paths = descend(simulate, loss, v0, Adam(2, lr), iters, lambda: x.to_numpy().copy(), verbose)
     return history, paths, v0.to_numpy()
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import taichi as ti
 
 import kerndiff as kd
-from common import init, progress
+from common import Adam, descend, init
 
 TARGET = (0.7, 0.3, 0.6)
 MIDDLE = (0.4, 0.4, 0.4)  # the cube's centre at the start
@@ -139,20 +139,8 @@ def optimise(side, steps, iters, lr=0.3, verbose=True):
     x, v0, loss, simulate = build(side, steps)
     v0[None] = ti.Vector([0.5, 1.0, -0.3])  # (no component zero: the walls' `vel[d] < 0` would tie)
     error = kd.check_grad(simulate, [v0], loss)  # the Tape's gradient against central differences
-    m, s = np.zeros(3), np.zeros(3)
-    history, paths = [], []
-    for it in progress(range(iters), verbose, "optimising"):
-        with kd.Tape(loss):
-            simulate()
-        history.append(loss[None])
-        if it in (0, iters - 1):
-            paths.append(x.to_numpy().mean(axis=1))
-        g = kd.adjoint(v0).to_numpy()
-        m = 0.9 * m + 0.1 * g
-        s = 0.999 * s + 0.001 * g * g
-        rate = lr * 0.85 ** it  # (decaying: the floor's contact makes the loss kinked, and Adam overshoots)
-        step = rate * (m / (1 - 0.9 ** (it + 1))) / (np.sqrt(s / (1 - 0.999 ** (it + 1))) + 1e-12)
-        v0[None] = v0.to_numpy() - step
+    adam = Adam(3, lr, decay=0.85)  # (decaying: the floor's contact makes the loss kinked, and Adam overshoots)
+    history, paths = descend(simulate, loss, v0, adam, iters, lambda: x.to_numpy().mean(axis=1), verbose)
     return history, paths, v0.to_numpy(), error
 
 
