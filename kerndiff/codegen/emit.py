@@ -133,8 +133,7 @@ def _polar_rotations_together(stmts):
     between writes what they read or touches the locals they assign (derivative code puts
     tangents between them), so that one call computes all nine (Emitter.polar_rotation); else
     as they were. Each entry is Taichi's whole 3x3 SVD when emitted alone."""
-    if not any(isinstance(s, N.Assign) and isinstance(s.value, N.Call) and s.value.op == "polar_rotation"
-               for s in stmts):
+    if all(_rotation_entry(s) is None for s in stmts):
         return stmts
     from ..ir.walk import assigned_names, mentioned_names, vars_in
     out = list(stmts)
@@ -172,9 +171,8 @@ def _rotation_entry(s):
 
 def _polar_rotation_run(run):
     """The nine statements assign the entries 0..8 of one polar_rotation, in order."""
-    return len(run) == 9 and all(
-        isinstance(t, N.Assign) and isinstance(t.value, N.Call) and t.value.op == "polar_rotation"
-        and t.value.args[9].value == k and t.value.args[:9] == run[0].value.args[:9] for k, t in enumerate(run))
+    return len(run) == 9 and all(_rotation_entry(t) == k and t.value.args[:9] == run[0].value.args[:9]
+                                 for k, t in enumerate(run))
 
 
 class Emitter:

@@ -122,12 +122,12 @@ def _rows_cols(by_columns):
 
 def _decomposition(name, by_size, why_not):
     """ti.polar_decompose, ti.svd, ti.sym_eig, ti.eig are Python functions that pick a ti.func by
-    the matrix's size at compile time; do the same, and inline that ti.func. `why_not`: why the
-    other sizes cannot be differentiated here."""
+    the matrix's size at compile time; do the same, and inline that ti.func (or, where by_size
+    gives a function of kerndiff's own, call it: (lw, node, A, dt) -> the result; frontend.polar).
+    `why_not`: why the other sizes cannot be differentiated here."""
     def handler(lw, node, args, kwargs):
         from ..ir.types import default_fp, is_float, to_taichi
         from .calls import inline_function, unwrap_ti_func
-        from .polar import lower_polar3
 
         A = args[0] if args else None
         if not isinstance(A, Vec) or len(A.shape) != 2:
@@ -136,8 +136,8 @@ def _decomposition(name, by_size, why_not):
         dt = args[1] if len(args) > 1 else kwargs.get("dt")
         if dt is None:  # Taichi's default is default_fp; the matrix's own float type keeps an f64 one f64
             dt = to_taichi(A.dtype if is_float(A.dtype) else default_fp())
-        if impl is lower_polar3:
-            return lower_polar3(lw, node, A, dt)
+        if impl is not None and not getattr(impl, "_is_taichi_function", False):
+            return impl(lw, node, A, dt)
         if impl is None:
             sizes = " and ".join(f"{n}x{n}" for n in sorted(by_size))
             raise lw.error(node, f"kerndiff differentiates ti.{name} of {sizes} matrices only (this one is "
