@@ -134,11 +134,14 @@ def build(side, steps, n_grid=16, dt=2e-3, E=200.0, nu=0.2):
     return x, v0, loss, simulate
 
 
-def optimise(side, steps, iters, lr=0.3, verbose=True):
-    """(losses, the centre's path at the first and the last throw, v0, the gradient check's error)."""
-    x, v0, loss, simulate = build(side, steps)
+def optimise(world, iters, lr=0.3, verbose=True, check=True):
+    """(losses, the centre's path at the first and the last throw, v0, the error kd.check_grad of
+    the whole program finds before the first step, or None where check is False) for
+    world = build(...)."""
+    x, v0, loss, simulate = world
     v0[None] = ti.Vector([0.5, 1.0, -0.3])  # (no component zero: the walls' `vel[d] < 0` would tie)
-    error = kd.check_grad(simulate, [v0], loss)  # the Tape's gradient against central differences
+    error = kd.check_grad(simulate, [v0], loss) if check else None  # the Tape's gradient, forward
+    # mode's tangents and central differences
     adam = Adam(3, lr, decay=0.85)  # (decaying: the floor's contact makes the loss kinked, and Adam overshoots)
     history, paths = descend(simulate, loss, v0, adam, iters, lambda: x.to_numpy().mean(axis=1), verbose)
     return history, paths, v0.to_numpy(), error
@@ -153,7 +156,7 @@ def main():
     p.add_argument("--arch", choices=["cpu", "gpu"], default="cpu")
     args = p.parse_args()
     init(args.arch, ti.f64)
-    history, paths, v0, error = optimise(args.side, args.steps, args.iters)
+    history, paths, v0, error = optimise(build(args.side, args.steps), args.iters)
     print(f"gradient check (kd.Tape against central differences): {error:.1e}")
     print(f"loss {history[0]:.4e} -> {history[-1]:.4e} ({history[0] / max(history[-1], 1e-300):.0f}x lower); "
           f"v0 = {np.round(v0, 4)}")
