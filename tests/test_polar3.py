@@ -262,3 +262,25 @@ def test_integer_matrices_and_sizes_taichi_lacks(runtime):
     np.testing.assert_allclose(R.to_numpy(), polar(A.astype(float))[0], atol=1e-13)
     with pytest.raises(kd.KernDiffError, match=r"of 2x2 and 3x3 matrices only \(this one is 4x4\)"):
         four()
+
+
+def test_where_the_newton_system_is_singular_the_values_are_taichis(runtime):
+    """((tr S) I - S) is singular where two singular values sum to zero (det A < 0 with the two
+    smallest equal: a reflection) or where A has rank one or less. The derivative does not exist
+    there; the values must still be Taichi's (they were NaN, 0 / 0 in the step)."""
+    F, R, S = (ti.Matrix.field(3, 3, ti.f64, shape=4) for _ in range(3))
+
+    def body():
+        for i in F:
+            r, s = ti.polar_decompose(F[i])
+            R[i] = r
+            S[i] = s
+
+    F.from_numpy(np.array([np.diag([1.0, 1.0, -1.0]), np.diag([2.0, 1.0, -1.0]), np.zeros((3, 3)),
+                           np.diag([1.0, 0.0, 0.0])]))
+    ti.kernel(body)()
+    expected = R.to_numpy(), S.to_numpy()
+    kd.kernel(body)()
+    for got, want in zip((R.to_numpy(), S.to_numpy()), expected):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, atol=1e-15)

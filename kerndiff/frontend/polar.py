@@ -67,7 +67,11 @@ def _newton_step(X, A, dt: ti.template()):
     det = k00 * c00 + k01 * c01 + k02 * c02
     b0, b1, b2 = M[2, 1] - M[1, 2], M[0, 2] - M[2, 0], M[1, 0] - M[0, 1]
     # u = ω / 2; Cayley: (I - û)⁻¹ (I + û) = I + 2 / (1 + |u|²) (û + û²)
-    half = h / det
+    # K is singular only where the derivative does not exist (two singular values summing to
+    # zero, or a matrix of rank one or less); there ω = 0 (X is Taichi's rotation already), not
+    # 0 / 0
+    zero = ti.cast(0.0, dt)
+    half = h / det if det != zero else zero
     u0 = (c00 * b0 + c01 * b1 + c02 * b2) * half
     u1 = (c01 * b0 + c11 * b1 + c12 * b2) * half
     u2 = (c02 * b0 + c12 * b1 + c22 * b2) * half
