@@ -499,3 +499,44 @@ def test_conditions_on_whole_vectors_any_and_all(runtime):
     assert every.sum() == 3 and some.sum() == 2  # both branches and the fall-through taken
     for prefix, mode in PATHS:
         check_path(k, prefix, mode)
+
+
+def test_a_guarded_division_of_a_local_has_finite_derivatives_at_its_guard(runtime):
+    """`h = 0.5 / d if d != 0 else 0` with d a local: where the guard holds the branch taken is
+    the constant, and the derivatives are its (zero). The division's partial is infinite there,
+    and its adjoint was `select(d != 0, h_adj, 0) * inf`: NaN (as JAX's `where` gives). The
+    transforms now keep a guarding select's branch derivatives under its condition. Values
+    against the analytic derivative of 0.5 x / z^2 elsewhere, on every path."""
+    x = ti.field(ti.f64, shape=3)
+    z = ti.field(ti.f64, shape=3)
+    out = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def guarded():
+        for i in x:
+            d = z[i] * z[i]
+            h = 0.5 / d if d != 0.0 else 0.0
+            out[None] += x[i] * h + ti.log(d) * 0.0 if d > 0.0 else x[i]
+
+    xs, zs = np.array([1.0, 2.0, 3.0]), np.array([0.0, 2.0, -1.5])
+    x.from_numpy(xs)
+    z.from_numpy(zs)
+    for f in (x, z, out):
+        kd.adjoint(f), kd.dual(f), kd.dual(kd.adjoint(f))
+    guarded()
+    kd.adjoint(out)[None] = 1.0
+    guarded.reverse()
+    expected_z = np.where(zs != 0, -xs / np.where(zs != 0, zs, 1) ** 3, 0.0)
+    expected_x = np.where(zs != 0, 0.5 / np.where(zs != 0, zs, 1) ** 2, 1.0)
+    np.testing.assert_allclose(kd.adjoint(z).to_numpy(), expected_z, rtol=1e-14)
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), expected_x, rtol=1e-14)
+    kd.dual(z).from_numpy(np.ones(3))
+    kd.dual(out)[None] = 0.0
+    out[None] = 0.0
+    guarded.forward()
+    assert kd.dual(out)[None] == pytest.approx(expected_z.sum(), rel=1e-14)
+    guarded.forward()  # (the tangents the HVP reads)
+    guarded.reverse.forward()
+    hz = kd.dual(kd.adjoint(z)).to_numpy()
+    assert np.isfinite(hz).all() and hz[0] == 0.0
+    np.testing.assert_allclose(hz[1:], 3 * xs[1:] / zs[1:] ** 4, rtol=1e-13)

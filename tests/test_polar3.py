@@ -267,7 +267,8 @@ def test_integer_matrices_and_sizes_taichi_lacks(runtime):
 def test_where_the_newton_system_is_singular_the_values_are_taichis(runtime):
     """((tr S) I - S) is singular where two singular values sum to zero (det A < 0 with the two
     smallest equal: a reflection) or where A has rank one or less. The derivative does not exist
-    there; the values must still be Taichi's (they were NaN, 0 / 0 in the step)."""
+    there; the values must still be Taichi's (they were NaN, 0 / 0 in the step), and the
+    derivatives finite (the reverse's were NaN)."""
     F, R, S = (ti.Matrix.field(3, 3, ti.f64, shape=4) for _ in range(3))
 
     def body():
@@ -280,7 +281,23 @@ def test_where_the_newton_system_is_singular_the_values_are_taichis(runtime):
                            np.diag([1.0, 0.0, 0.0])]))
     ti.kernel(body)()
     expected = R.to_numpy(), S.to_numpy()
-    kd.kernel(body)()
+    k = kd.kernel(body)
+    k()
     for got, want in zip((R.to_numpy(), S.to_numpy()), expected):
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, want, atol=1e-15)
+    # the derivatives there are those of Taichi's rotation held constant (the step's guarded
+    # division keeps its derivatives under its guard): finite, and forward and reverse agree
+    for f in (F, R, S):
+        kd.adjoint(f), kd.dual(f)
+    rng = np.random.default_rng(10)
+    V, W = rng.standard_normal((2, 4, 3, 3))
+    kd.dual(F).from_numpy(V)
+    k.forward()
+    kd.adjoint(R).from_numpy(W)
+    kd.adjoint(S).fill(0)
+    kd.adjoint(F).fill(0)
+    k.reverse()
+    tangent, gradient = kd.dual(R).to_numpy(), kd.adjoint(F).to_numpy()
+    assert np.isfinite(tangent).all() and np.isfinite(gradient).all()
+    assert np.sum(W * tangent) == pytest.approx(np.sum(gradient * V), rel=1e-12)

@@ -32,7 +32,7 @@ from ..opt.dce import live_names, remove_dead
 from .activity import check_function_body, field_activity, varied_vars
 from .jumps import eliminate_jumps
 from .names import adjoint_var
-from .rules import NO_DERIVATIVE, count_derivative, partials
+from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, partials
 from .ssa import to_ssa
 
 
@@ -98,10 +98,27 @@ class Reverse:
             if e.op == "cast":
                 self.vjp(e.args[0], B.cast(g, e.args[0].dtype), acc)
                 return
+            if guards_a_singularity(e):
+                self.guarded_vjp(e, g, acc)
+                return
             ps = partials(e.op, e.args, e)
             for a, p in zip(e.args, ps):
                 if p is not None and self.is_varied(a):
                     self.vjp(a, B.mul(p, g), acc)
+
+    def guarded_vjp(self, e, g, acc):
+        """vjp of a select guarding a singularity (rules.SINGULAR): each branch's contributions
+        taken under the condition, select(c, contribution, 0), not multiplied by select(c, 1, 0)
+        on the way in, which at the guard multiplied zero by the branch's infinite partials."""
+        c, a, b = e.args
+        for branch, taken in ((a, True), (b, False)):
+            if self.is_varied(branch):
+                sub = {}
+                self.vjp(branch, g, sub)
+                for key, terms in sub.items():
+                    acc.setdefault(key, []).extend(
+                        B.select(c, t, B.const(0, t.dtype)) if taken else B.select(c, B.const(0, t.dtype), t)
+                        for t in terms)
 
     def accumulate(self, acc, src):
         out = []

@@ -59,6 +59,21 @@ def count_derivative(stmts):
     return map_stmts(stmts, counted)
 
 
+# Ops with a partial that is infinite somewhere (at 0 for a divisor, log, sqrt, rsqrt, ...). A
+# select with a branch holding one is a guard (`0.5 / d if d != 0 else 0`): where it does not
+# take that branch, the branch's partials may be infinite, and its zero cotangent times them is
+# NaN. The transforms keep such a branch's derivatives under the select's condition instead.
+SINGULAR = {"div", "log", "sqrt", "rsqrt", "pow", "asin", "acos", "tan", "atan2", "mod"}
+
+
+def guards_a_singularity(e):
+    """e is a select with a branch that computes an op of SINGULAR."""
+    from ..ir import nodes as N
+    from ..ir.walk import iter_expr
+    return isinstance(e, N.Call) and e.op == "select" and any(
+        isinstance(x, N.Call) and x.op in SINGULAR for branch in e.args[1:] for x in iter_expr(branch))
+
+
 def defpartials(op, *partials):
     assert op in OPS and op not in PARTIALS, op
     PARTIALS[op] = partials
