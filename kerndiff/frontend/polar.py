@@ -17,9 +17,12 @@ in X leaves 7e-7), so a step from a value right to order k is right to order 3k 
 constant, one step gives exact derivatives to the second order and two to the eighth, which is
 where ad.rules.ORDER_LIMITED draws the line. S = sym(Rᵀ A).
 
-Singular where two singular values sum to zero (tr S I - S singular): for the rotation variant
-Taichi returns (det A < 0 flips the smallest singular value) that is where the two smallest are
-equal; the true derivative is undefined there too.
+The step's system (tr S) I - S is singular where two singular values sum to zero (for the
+rotation variant Taichi returns, det A < 0 flipping the smallest, where the two smallest are
+equal: a reflection such as diag(1, 1, -1)) or where A has rank one or less; the derivative does
+not exist there. The step is zero there (a guarded division, whose derivatives the transforms
+keep under its guard: ad.rules.SINGULAR), so the values are Taichi's and the derivatives those of
+Taichi's rotation held constant.
 
 (No `from __future__ import annotations` here: Taichi reads a ti.func's annotations as objects.)
 """
