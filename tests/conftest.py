@@ -6,6 +6,8 @@ import sys
 # re-init per module, so they run without it.
 os.environ.setdefault("TI_OFFLINE_CACHE", "0")
 sys.path.insert(0, os.path.dirname(__file__))
+# The repository root, for `bench` (python -m pytest adds it, the pytest script does not).
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 import pytest  # noqa: E402
