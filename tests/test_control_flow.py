@@ -540,3 +540,92 @@ def test_a_guarded_division_of_a_local_has_finite_derivatives_at_its_guard(runti
     hz = kd.dual(kd.adjoint(z)).to_numpy()
     assert np.isfinite(hz).all() and hz[0] == 0.0
     np.testing.assert_allclose(hz[1:], 3 * xs[1:] / zs[1:] ** 4, rtol=1e-13)
+
+
+def test_a_pair_skipped_by_a_guard_on_its_distance_has_finite_derivatives(runtime):
+    """`r = d.norm()` then `if r > eps: f += 1 / r` (or `q = 1 / r; f += q if r > eps else 0`)
+    is how pair forces skip a particle's own pair and coincident ones. The reverse added the
+    branch's zero into r's adjoint and multiplied it by the norm's partials d / r = 0/0: NaN in
+    every gradient the pair reached (JAX's and Taichi's own AD too). Such locals' contributions
+    now go under `adjoint != 0` (ad/zero_adjoints.py). x[3] sits on x[0]: the gradient, the JVP and
+    the HVP against the analytic ones of the pairs the guard keeps, and every path against f64
+    finite differences (steps far below the guard's 1e-3)."""
+    n = 5
+    x = ti.Vector.field(2, ti.f64, shape=n)
+    out = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def in_an_if():
+        for i in range(n):
+            d = x[i] - x[0]
+            r = d.norm()
+            if r > 1e-3:
+                out[None] += 1.0 / r
+
+    @kd.kernel
+    def through_a_local():
+        for i in range(n):
+            d = x[i] - x[0]
+            r = d.norm()
+            q = 1.0 / r
+            out[None] += q if r > 1e-3 else 0.0
+
+    rng = np.random.default_rng(3)
+    xs = rng.random((n, 2))
+    xs[3] = xs[0]
+    v = rng.standard_normal((n, 2))
+    kept = np.arange(n)[np.linalg.norm(xs - xs[0], axis=1) > 1e-3]
+    assert list(kept) == [1, 2, 4]
+    grad, hvp = np.zeros((n, 2)), np.zeros((n, 2))
+    for i in kept:
+        d = xs[i] - xs[0]
+        r = np.linalg.norm(d)
+        g = -d / r**3
+        H = 3 * np.outer(d, d) / r**5 - np.eye(2) / r**3
+        grad[i] += g
+        grad[0] -= g
+        Hv = H @ (v[i] - v[0])
+        hvp[i] += Hv
+        hvp[0] -= Hv
+    for k in (in_an_if, through_a_local):
+        x.from_numpy(xs)
+        got = np.array(kd.backward(k, inputs=[x], output=out)(xs)[0])
+        np.testing.assert_allclose(got, grad, rtol=1e-13, atol=1e-13)
+        jvp = kd.forward(k, inputs=[x], output=out)(xs, tangents=[v])
+        assert jvp == pytest.approx(np.sum(grad * v), rel=1e-13)
+        got = np.array(kd.hvp(k, inputs=[x], output=out)(xs, tangents=[v])[0])
+        np.testing.assert_allclose(got, hvp, rtol=1e-12, atol=1e-12)
+        x.from_numpy(xs)
+        for prefix, mode in PATHS:
+            check_path(k, prefix, mode)
+
+
+def test_a_guarded_local_whose_adjoint_is_zero_by_chance_keeps_its_second_derivatives(runtime):
+    """The guarded contribution is `mul_or_zero(r_adj, partial)`, zero where r_adj is: with w[2] =
+    0, r_adj = w / r is zero for pair 2 though the branch ran, and the HVP's term d(r_adj)/dw *
+    partial is not. (Guarding with `select(r_adj != 0, ...)` dropped it: the fuzzer's seed 532.)
+    Every path against finite differences, and the mixed second derivative against its closed
+    form d/dw_i of the gradient in x_i: d_i / r_i^2."""
+    n = 4
+    x = ti.Vector.field(2, ti.f64, shape=n)
+    w = ti.field(ti.f64, shape=n)
+    out = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def weighted():
+        for i in range(n):
+            d = x[i] - x[0]
+            r = d.norm()
+            if r > 1e-3:
+                out[None] += w[i] * ti.log(r)
+
+    rng = np.random.default_rng(4)
+    xs, ws = rng.random((n, 2)), np.array([0.7, 1.3, 0.0, -0.4])
+    x.from_numpy(xs)
+    w.from_numpy(ws)
+    for prefix, mode in PATHS:
+        check_path(weighted, prefix, mode)
+    tangent_w = np.array([0.0, 0.0, 1.0, 0.0])
+    hvp = kd.hvp(weighted, inputs=[x, w], output=out)([xs, ws], tangents=[np.zeros((n, 2)), tangent_w])
+    d = xs[2] - xs[0]
+    np.testing.assert_allclose(np.array(hvp[0])[2], d / (d @ d), rtol=1e-13)

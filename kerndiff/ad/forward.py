@@ -11,7 +11,7 @@ import dataclasses
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, partials
+from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, partials, zero_safe_jvp
 from .activity import check_function_body, field_activity, varied_vars
 
 
@@ -54,6 +54,8 @@ class Forward:
         tangents = [self.jvp(a, memo) for a in e.args]
         if all(t is None for t in tangents):
             return None
+        if e.op == "mul_or_zero":
+            return B.sum_of(zero_safe_jvp(*e.args, *tangents), e.dtype)
         if guards_a_singularity(e):  # the tangent of the branch taken (the other's may be NaN there)
             zero = B.const(0, e.dtype)
             return B.select(e.args[0], zero if tangents[1] is None else tangents[1],

@@ -32,8 +32,9 @@ from ..opt.dce import live_names, remove_dead
 from .activity import check_function_body, field_activity, varied_vars
 from .jumps import eliminate_jumps
 from .names import adjoint_var
-from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, partials
+from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, partials, zero_safe_vjp
 from .ssa import to_ssa
+from .zero_adjoints import guarded_locals
 
 
 # Checkpoints kept per long serial loop whose carried values the backward sweep needs.
@@ -97,6 +98,10 @@ class Reverse:
                 return
             if e.op == "cast":
                 self.vjp(e.args[0], B.cast(g, e.args[0].dtype), acc)
+                return
+            if e.op == "mul_or_zero":
+                for a, ct in zip(e.args, zero_safe_vjp(*e.args, g)):
+                    self.vjp(a, ct, acc)
                 return
             if guards_a_singularity(e):
                 self.guarded_vjp(e, g, acc)
@@ -217,7 +222,12 @@ class Reverse:
             if s.name not in self.varied:
                 return []
             acc = {}
-            self.vjp(s.value, self.adj_var(s.name, s.value.dtype), acc)
+            adj = self.adj_var(s.name, s.value.dtype)
+            if s.name in self.zero_guarded:  # zero_adjoints.py: each leaf's partial, times adj or 0
+                self.vjp(s.value, B.const(1, s.value.dtype), acc)
+                acc = {key: [B.call("mul_or_zero", adj, t) for t in terms] for key, terms in acc.items()}
+            else:
+                self.vjp(s.value, adj, acc)
             out = self.accumulate(acc, s.src)
             if s.tag == "update" or self.is_carried(s.name):
                 out.append(N.Assign(self.adj_name(s.name), B.const(0, s.value.dtype), **tag))
@@ -264,6 +274,8 @@ class Reverse:
         if isinstance(s, (N.For, N.While)):
             return self.back_loop(s)
         raise KernDiffError(f"cannot reverse {type(s).__name__}", s.src, "restructure the code")
+
+    zero_guarded = frozenset()  # zero_adjoints.guarded_locals of the body being reversed
 
     def is_carried(self, name):
         return name in self.carried_names
@@ -684,6 +696,7 @@ def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False, checkpoint
 
     rows = CheckpointFields(ir.name, level) if checkpoint_fields else None
     rev = Reverse(names, adj_of_field, varied, ssa.loops, scratch, rows, level)
+    rev.zero_guarded = guarded_locals(body)
     cot_params = []
     for d in ir.returns:
         cot_params.append(N.Param(names.fresh("ret_adj"), d))
@@ -725,6 +738,7 @@ def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes, level=1):
     outs = [_rename(v, env, ssa.dtypes) for v in out_values]
     varied = varied_vars(body, lambda ref: False, seeds=tuple(wrt))
     rev = Reverse(names, lambda ref: None, varied, ssa.loops, None, level=level)
+    rev.zero_guarded = guarded_locals(body)
     rev.cotangents = list(cotangents)
     ret = N.Return(tuple(outs))
     # Adjoint locals of the arguments start at zero; they are read back after the sweep.

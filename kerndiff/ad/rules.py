@@ -16,8 +16,9 @@ PARTIALS = {}
 NO_DERIVATIVE = {"floor", "ceil", "round", "floordiv", "lt", "le", "gt", "ge", "eq", "ne", "and",
                  "or", "not", "bit_and", "bit_or", "bit_xor", "shl", "shr", "bit_not", "isnan", "isinf",
                  "popcnt", "clz"}
-# Ops whose derivative is handled by the passes' structure rather than by partials.
-STRUCTURAL = {"cast"}
+# Ops whose derivative is handled by the passes' structure rather than by partials: cast, and
+# mul_or_zero, whose derivatives are products of the same kind (zero_safe_jvp, zero_safe_vjp).
+STRUCTURAL = {"cast", "mul_or_zero"}
 
 # Ops whose value is right but whose derivatives are left to the code around them, which is
 # exact only up to some order: polar_rotation is Taichi's rotation of a 3x3 polar decomposition,
@@ -72,6 +73,25 @@ def guards_a_singularity(e):
     from ..ir.walk import iter_expr
     return isinstance(e, N.Call) and e.op == "select" and any(
         isinstance(x, N.Call) and x.op in SINGULAR for branch in e.args[1:] for x in iter_expr(branch))
+
+
+def zero_safe_jvp(a, b, ta, tb):
+    """The tangent of mul_or_zero(a, b) (a * b, 0 where a is 0), from the tangents ta, tb (None:
+    zero): the product rule with each product of the same kind, ȧ·b zero where ȧ is, a·ḃ zero
+    where a is. Where a is zero by a guard its tangent is too, and b's infinite partials stay out
+    at every order; where a is zero by chance its tangent is kept (ȧ·b)."""
+    terms = []
+    if ta is not None:
+        terms.append(B.call("mul_or_zero", ta, b))
+    if tb is not None:
+        terms.append(B.call("mul_or_zero", a, tb))
+    return terms
+
+
+def zero_safe_vjp(a, b, g):
+    """The cotangents of mul_or_zero(a, b)'s arguments given its cotangent g: g·b, zero where g
+    is (b may be infinite there), and a·g, zero where a is."""
+    return B.call("mul_or_zero", g, b), B.call("mul_or_zero", a, g)
 
 
 def defpartials(op, *partials):

@@ -12,7 +12,7 @@ import numpy as np
 
 from .nodes import Call, Const, Expr, Load, Var
 from .ops import COMMUTATIVE, OPAQUE, OPS, fold, operand_dtype, result_dtype
-from .types import is_float
+from .types import is_float, promote
 
 NARROW_FLOATS = {"f32": np.float32, "f16": np.float16}
 LARGEST = {name: float(np.finfo(t).max) for name, t in NARROW_FLOATS.items()}
@@ -61,6 +61,10 @@ def call(op: str, *args: Expr) -> Expr:
         raise ValueError("use cast()")
     if op == "select":
         return select(*args)
+    if op == "mul_or_zero" and isinstance(args[1], Const) and math.isfinite(args[1].value):
+        return mul(*args)  # zero where a is anyway
+    if op == "mul_or_zero" and isinstance(args[0], Const):
+        return mul(*args) if args[0].value != 0 else const(0, promote(args[0].dtype, args[1].dtype))
     if op in OPAQUE:  # its inputs keep their float dtype, its trailing i32 constants theirs; nothing folds
         return Call(args[0].dtype, op, tuple(args))
     od = operand_dtype(op, [a.dtype for a in args])

@@ -19,7 +19,11 @@ SPECIAL = {"cast", "select"}
 # ad.rules.ORDER_LIMITED). polar_rotation: the rotation of a 3x3 matrix's polar decomposition
 # (its 9 entries, row by row), by Taichi's own ti.polar_decompose (frontend.polar).
 OPAQUE = {"polar_rotation"}
-OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | CLASSIFY | BIT_COUNT | SPECIAL | OPAQUE
+# mul_or_zero(a, b): a * b, and 0 where a is 0 even if b is infinite or NaN. The reverse adds a
+# local's contributions so where its adjoint may be zero by a guard (ad.zero_adjoints).
+GUARDED_PRODUCT = {"mul_or_zero"}
+OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | CLASSIFY | BIT_COUNT | SPECIAL | OPAQUE \
+    | GUARDED_PRODUCT
 
 COMMUTATIVE = {"add", "mul", "min", "max", "eq", "ne", "and", "or", "bit_and", "bit_or", "bit_xor"}
 
@@ -31,7 +35,7 @@ def operand_dtype(op: str, dtypes: list[str]) -> str:
     if op in ("div", "atan2"):
         d = promote(*dtypes)
         return d if is_float(d) else default_fp()
-    if op in ARITH or op in COMPARE or op in BITWISE and len(dtypes) == 2:
+    if op in ARITH or op in GUARDED_PRODUCT or op in COMPARE or op in BITWISE and len(dtypes) == 2:
         return promote(*dtypes)
     return dtypes[0]
 
@@ -50,6 +54,7 @@ def _py(op):
 
     table = {
         "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+        "mul_or_zero": lambda a, b: a * b if a != 0 else 0 * a,
         "div": lambda a, b: a / b, "floordiv": lambda a, b: a // b, "mod": lambda a, b: a % b,
         "pow": lambda a, b: a ** b, "min": lambda a, b: min(a, b), "max": lambda a, b: max(a, b),
         "atan2": np.arctan2, "sin": np.sin, "cos": np.cos, "tan": np.tan, "asin": np.arcsin,
