@@ -543,8 +543,8 @@ def test_a_guarded_division_of_a_local_has_finite_derivatives_at_its_guard(runti
 
 
 def test_a_pair_skipped_by_a_guard_on_its_distance_has_finite_derivatives(runtime):
-    """`r = d.norm()` then `if r > eps: f += 1 / r` (or `q = 1 / r; f += q if r > eps else 0`)
-    is how pair forces skip a particle's own pair and coincident ones. The reverse added the
+    """`r = d.norm()` then `if r > eps: f += 1 / r` (or `q = 1 / r; f += q if r > eps else 0`,
+    or a ti.func returning early, `if r < eps: return 0.0`) is how pair forces skip a particle's own pair and coincident ones. The reverse added the
     branch's zero into r's adjoint and multiplied it by the norm's partials d / r = 0/0: NaN in
     every gradient the pair reached (JAX's and Taichi's own AD too). Such locals' contributions
     now go under `adjoint != 0` (ad/zero_adjoints.py). x[3] sits on x[0]: the gradient, the JVP and
@@ -570,6 +570,18 @@ def test_a_pair_skipped_by_a_guard_on_its_distance_has_finite_derivatives(runtim
             q = 1.0 / r
             out[None] += q if r > 1e-3 else 0.0
 
+    @ti.func
+    def potential(d):
+        r = d.norm()
+        if r < 1e-3:
+            return 0.0
+        return 1.0 / r
+
+    @kd.kernel
+    def in_a_func_returning_early():
+        for i in range(n):
+            out[None] += potential(x[i] - x[0])
+
     rng = np.random.default_rng(3)
     xs = rng.random((n, 2))
     xs[3] = xs[0]
@@ -587,7 +599,7 @@ def test_a_pair_skipped_by_a_guard_on_its_distance_has_finite_derivatives(runtim
         Hv = H @ (v[i] - v[0])
         hvp[i] += Hv
         hvp[0] -= Hv
-    for k in (in_an_if, through_a_local):
+    for k in (in_an_if, through_a_local, in_a_func_returning_early):
         x.from_numpy(xs)
         got = np.array(kd.backward(k, inputs=[x], output=out)(xs)[0])
         np.testing.assert_allclose(got, grad, rtol=1e-13, atol=1e-13)
