@@ -286,6 +286,39 @@ def test_minmax_ties_split_evenly():
     assert grad([2.0, 1.0]) == [1.0, 2.0]
 
 
+def test_a_piecewise_zero_times_a_singular_partial_is_zero():
+    """`ti.sqrt(ti.max(a, 0.0))` (a safe square root) and `ti.max(0.0, b) ** 1.5` (a Hertz contact
+    energy) are constant where max chooses 0, but the chain rule multiplied max's zero partial by
+    the root's infinite one (0.5 / sqrt(0)): NaN in the gradient of the root, and in the HVP of
+    the contact energy (1.5 * 0 ** 0.5 differentiated once more), as in JAX and Taichi's AD.
+    kerndiff multiplies those pairs with mul_or_zero (ad/piecewise_zeros.py). Gradient, JVP and
+    HVP against the closed forms, the max inline and through a local (no ties at 0: there the
+    one-sided derivatives differ)."""
+    a, b, out = (ti.field(ti.f64, shape=4) for _ in range(3))
+
+    @kd.kernel
+    def clamped():
+        for i in a:
+            m = ti.max(0.0, b[i])
+            out[i] = ti.sqrt(ti.max(a[i], 0.0)) + m ** 1.5
+
+    av, bv = np.array([-0.5, 0.3, 2.0, -1e-3]), np.array([0.4, -0.2, -3.0, 1.7])
+    pa, pb = np.maximum(av, 0), np.maximum(bv, 0)
+    da = np.where(av > 0, 0.5 / np.sqrt(pa + (av <= 0)), 0.0)
+    db = 1.5 * np.sqrt(pb)
+    grads = kd.backward(clamped, inputs=[a, b], output=out)([av, bv], cotangent=np.ones(4))
+    np.testing.assert_allclose(grads[0], da, rtol=1e-14)
+    np.testing.assert_allclose(grads[1], db, rtol=1e-14)
+    ta, tb = np.array([0.3, -0.7, 1.1, 0.5]), np.array([-0.4, 0.9, 0.6, 0.2])
+    jv = kd.forward(clamped, inputs=[a, b], output=out)([av, bv], tangents=[ta, tb])
+    np.testing.assert_allclose(jv, da * ta + db * tb, rtol=1e-14)
+    hv = kd.hvp(clamped, inputs=[a, b], output=out)([av, bv], [ta, tb], cotangent=np.ones(4))
+    daa = np.where(av > 0, -0.25 * (pa + (av <= 0)) ** -1.5, 0.0)
+    dbb = np.where(bv > 0, 0.75 / np.sqrt(pb + (bv <= 0)), 0.0)
+    np.testing.assert_allclose(hv[0], daa * ta, rtol=1e-14)
+    np.testing.assert_allclose(hv[1], dbb * tb, rtol=1e-14)
+
+
 def test_pow_is_differentiable_where_its_base_or_exponent_is_zero():
     """a**0 is 1 for every a, and 0**b is 0 for every b > 0: their partials are 0 there, where the
     textbook rules give 0·0**-1 and log(0)·0, both NaN (Taichi's grad returns those NaNs; JAX's

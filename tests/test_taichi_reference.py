@@ -809,8 +809,9 @@ def test_a_field_vector_updated_in_place_reads_its_old_components(runtime):
 def test_boundary_ternaries_add_their_adjoints_only_inside(runtime):
     """`u[i - 1] if i > 0 else 0.0` reads outside the field at i = 0, as in Taichi, where the value
     is then discarded; its adjoint is added under the condition (`if i > 0: u_adj[i - 1] += ...`),
-    not as an atomic add of zero that writes outside the field. Gradients against Taichi's and the
-    HVP against finite differences."""
+    not as an atomic add of zero that writes outside the field; also where the select's value
+    reaches a square root (its partial then multiplies by mul_or_zero). Gradients against
+    Taichi's and the HVP against finite differences."""
     n = 6
     u = ti.field(ti.f64, shape=n, needs_grad=True)
     loss = ti.field(ti.f64, shape=(), needs_grad=True)
@@ -820,7 +821,7 @@ def test_boundary_ternaries_add_their_adjoints_only_inside(runtime):
         for i in u:
             left = u[i - 1] if i > 0 else 0.0
             right = ti.select(i < n - 1, u[i + 1], 0.0)
-            loss[None] += (left + right - 2.0 * u[i]) ** 2 * ti.exp(0.1 * u[i])
+            loss[None] += (left + right - 2.0 * u[i]) ** 2 * ti.exp(0.1 * u[i]) + ti.sqrt(1.0 + left * left)
 
     for expected, got in zip(*grads_of_both(diffusion, [u], loss)):
         np.testing.assert_allclose(got, expected, rtol=1e-12)

@@ -11,7 +11,8 @@ import dataclasses
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, partials, zero_safe_jvp
+from .piecewise_zeros import is_piecewise, piecewise_locals
+from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, is_singular, partials, zero_safe_jvp
 from .activity import check_function_body, field_activity, varied_vars
 
 
@@ -23,6 +24,9 @@ class Forward:
         self.loaded_dual = loaded_dual or dual_of_field
         self.tan = dict(tangent_names or {})  # local name -> tangent local name
         self.minmax_mode = None  # atomic max/min: None, or 'primal' / 'tangent' pass (minmax.py)
+        # piecewise_zeros.piecewise_locals of the code: a singular op's partial multiplies the
+        # tangent of an argument holding a min/max/abs/select (or one of these) with mul_or_zero
+        self.piecewise = frozenset()
 
     # ----------------------------------------------------------- expressions
     def jvp(self, e: N.Expr, memo=None):
@@ -61,7 +65,9 @@ class Forward:
             return B.select(e.args[0], zero if tangents[1] is None else tangents[1],
                             zero if tangents[2] is None else tangents[2])
         ps = partials(e.op, e.args, e)
-        terms = [B.mul(p, t) for p, t in zip(ps, tangents) if t is not None and p is not None]
+        zero_safe = is_singular(e)
+        terms = [B.call("mul_or_zero", t, p) if zero_safe and is_piecewise(a, self.piecewise) else B.mul(p, t)
+                 for a, p, t in zip(e.args, ps, tangents) if t is not None and p is not None]
         return B.sum_of(terms, e.dtype)
 
     # ----------------------------------------------------------- statements
@@ -127,6 +133,7 @@ def forward_kernel(ir: N.KernelIR, level: int, loaded_dual=None) -> N.KernelIR:
     tangent_names = {v: names.fresh(tangent_var(v, level)) for v in sorted(varied)}
     fwd = Forward(names, dual_of_field, tangent_names,
                   None if loaded_dual is None else loaded_dual(dual_of_field))
+    fwd.piecewise = piecewise_locals(ir.body)
     body = fwd.block(ir.body)
     returns = tuple(ir.returns) + tuple(ir.returns)
     return dataclasses.replace(ir, name=f"{ir.name}_fwd", body=body, returns=returns)
@@ -146,5 +153,6 @@ def forward_block(stmts, names, seeds: dict, level: int = 1):
     varied = varied_vars(stmts, lambda ref: False, seeds=tuple(seeds))
     tangent_names = {v: names.fresh(tangent_var(v, level)) for v in sorted(varied)}
     fwd = Forward(names, lambda ref: None, tangent_names)
+    fwd.piecewise = piecewise_locals(stmts)
     pre = [N.Assign(tangent_names[v], e) for v, e in seeds.items()]
     return tuple(pre) + fwd.block(stmts), fwd.jvp

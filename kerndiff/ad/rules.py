@@ -67,6 +67,17 @@ def count_derivative(stmts):
 SINGULAR = {"div", "log", "sqrt", "rsqrt", "pow", "asin", "acos", "tan", "atan2", "mod"}
 
 
+def is_singular(e):
+    """e is a call of an op whose partial is infinite somewhere: of SINGULAR, but for a power with
+    a constant exponent of 0 or at least 1 (x ** 2, x ** 1.5: b * a ** (b - 1) is finite)."""
+    from ..ir import nodes as N
+    if not isinstance(e, N.Call) or e.op not in SINGULAR:
+        return False
+    if e.op == "pow" and isinstance(e.args[1], N.Const):
+        return 0 < e.args[1].value < 1 or e.args[1].value < 0
+    return True
+
+
 def guards_a_singularity(e):
     """e is a select with a branch that computes an op of SINGULAR."""
     from ..ir import nodes as N

@@ -28,7 +28,7 @@ from collections import Counter
 
 from ..ir import nodes as N
 from ..ir.walk import blocks_of, expr_children, expr_children_of_stmt, iter_expr, mentions, read_counts
-from .rules import NO_DERIVATIVE, SINGULAR
+from .rules import NO_DERIVATIVE, is_singular
 
 
 def guarded_locals(stmts):
@@ -56,7 +56,7 @@ def _collect(stmts, reads, out):
         s = stmts[at]
         if isinstance(s, N.Assign) and reads_after[s.name] == reads[s.name] \
                 and _uses_guarded(s.name, stmts[at + 1:], guarded):
-            out.add((s.name, any(isinstance(x, N.Call) and x.op in SINGULAR for x in iter_expr(s.value))))
+            out.add((s.name, any(is_singular(x) for x in iter_expr(s.value))))
             guarded.add(s.name)
         reads_after.update(read_counts((s,)))
 

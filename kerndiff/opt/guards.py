@@ -104,6 +104,15 @@ def _conditional(e):
     if isinstance(e, N.Call) and e.op == "neg":
         inner = _conditional(e.args[0])
         return None if inner is None else (inner[0], B.call("neg", inner[1]))
+    if isinstance(e, N.Call) and e.op == "mul_or_zero":  # a product, zero where a is
+        a, b = e.args
+        inner = _conditional(a)
+        if inner is not None:
+            return inner[0], B.call("mul_or_zero", inner[1], b)
+        inner = _conditional(b)
+        if inner is not None:
+            return inner[0], B.call("mul_or_zero", a, inner[1])
+        return None
     if isinstance(e, N.Call) and e.op in ("mul", "div"):
         a, b = e.args
         inner = _conditional(a)
