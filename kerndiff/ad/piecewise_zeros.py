@@ -11,8 +11,9 @@ way. The contact energy's gradient is finite (1.5 * 0 ** 0.5 = 0) but its HVP di
 
 kerndiff multiplies such pairs with mul_or_zero (ir.ops GUARDED_PRODUCT: zero where its first
 factor is zero), in both directions:
-- forward: a singular op's term (rules.is_singular) whose argument is `piecewise` (holds a min, max, abs or select,
-  or a local computed from one: `piecewise_locals`) is mul_or_zero(tangent, partial);
+- forward: a singular op's term (rules.is_singular) whose argument is piecewise (holds a min,
+  max, abs or select, or a local computed from one: `piecewise_locals`) is
+  mul_or_zero(tangent, partial);
 - reverse: a piecewise op's contribution where the cotangent may be infinite (the op inside a
   singular op's argument, or in the value of a local that reaches one: `singular_inputs`) is
   mul_or_zero(partial, cotangent).
@@ -57,7 +58,7 @@ def singular_inputs(stmts):
             for x in iter_expr(e):
                 if is_singular(x):
                     out.update(v.name for a in x.args for v in vars_in(a))
-    assigns = [s for s in iter_stmts(stmts) if isinstance(s, N.Assign)]
+    assigns = [s for s in iter_stmts(stmts) if isinstance(s, N.Assign)][::-1]  # uses before definitions
     grew = True
     while grew:
         grew = False

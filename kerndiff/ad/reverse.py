@@ -108,7 +108,7 @@ class Reverse:
                     self.vjp(a, ct, acc, unbounded)
                 return
             if guards_a_singularity(e):
-                self.guarded_vjp(e, g, acc)
+                self.guarded_vjp(e, g, acc, unbounded)
                 return
             ps = partials(e.op, e.args, e)
             zero_safe = unbounded and e.op in PIECEWISE
@@ -117,7 +117,7 @@ class Reverse:
                 if p is not None and self.is_varied(a):
                     self.vjp(a, B.call("mul_or_zero", p, g) if zero_safe else B.mul(p, g), acc, unbounded)
 
-    def guarded_vjp(self, e, g, acc):
+    def guarded_vjp(self, e, g, acc, unbounded=False):
         """vjp of a select guarding a singularity (rules.SINGULAR): each branch's contributions
         taken under the condition, select(c, contribution, 0), not multiplied by select(c, 1, 0)
         on the way in, which at the guard multiplied zero by the branch's infinite partials."""
@@ -125,7 +125,7 @@ class Reverse:
         for branch, taken in ((a, True), (b, False)):
             if self.is_varied(branch):
                 sub = {}
-                self.vjp(branch, g, sub)
+                self.vjp(branch, g, sub, unbounded)
                 for key, terms in sub.items():
                     acc.setdefault(key, []).extend(
                         B.select(c, t, B.const(0, t.dtype)) if taken else B.select(c, B.const(0, t.dtype), t)

@@ -12,7 +12,7 @@ the same NaN. kerndiff instead adds such a local's contributions as `mul_or_zero
 partial)` (ir.ops GUARDED_PRODUCT): the product, and zero where r_adj is zero.
 
 A local qualifies (`guarded_locals`) where its value holds an op with an infinite partial
-somewhere (rules.SINGULAR: a norm's sqrt, a division, ...) and each use of it that carries a
+somewhere (rules.is_singular: a norm's sqrt, a division, ...) and each use of it that carries a
 derivative is behind a guard: in a branch of an `if` or of a select, or in the value of another
 such local (`q = 1.0 / r` above, whose own adjoint is zero where the select is not taken). Where
 the adjoint is not zero nothing changes; where it is, the contribution is zero times the

@@ -26,7 +26,7 @@ FUNCS = {"sin": "ti.sin", "cos": "ti.cos", "tan": "ti.tan", "asin": "ti.asin", "
          "min": "ti.min", "max": "ti.max", "atan2": "ti.atan2", "select": "ti.select",
          "isnan": "ti.math.isnan", "isinf": "ti.math.isinf", "popcnt": "ti.math.popcnt", "clz": "ti.math.clz",
          "tanh_via_exp": "tanh_via_exp",  # codegen.cpu_math's (opt.cpu_math)
-         "mul_or_zero": "mul_or_zero"}  # codegen.products' (ad.zero_adjoints)
+         "mul_or_zero": "mul_or_zero"}  # codegen.products' (ad.zero_adjoints, ad.piecewise_zeros)
 # opt.element_groups' calls of four elements: first op -> (codegen.cpu_math's helper, ops of its results per element)
 GROUPED_CALLS = {"sincos4_sin": ("sincos4", ("sincos4_sin", "sincos4_cos")), "exp4": ("exp4", ("exp4",))}
 TAG_WORDS = {"tangent": "tangent of", "adjoint": "adjoint of", "recompute": "recompute",

@@ -19,8 +19,9 @@ SPECIAL = {"cast", "select"}
 # ad.rules.ORDER_LIMITED). polar_rotation: the rotation of a 3x3 matrix's polar decomposition
 # (its 9 entries, row by row), by Taichi's own ti.polar_decompose (frontend.polar).
 OPAQUE = {"polar_rotation"}
-# mul_or_zero(a, b): a * b, and 0 where a is 0 even if b is infinite or NaN. The reverse adds a
-# local's contributions so where its adjoint may be zero by a guard (ad.zero_adjoints).
+# mul_or_zero(a, b): a * b, and 0 where a is 0 even if b is infinite or NaN. The transforms
+# multiply so where a zero derivative may meet an infinite partial (ad.zero_adjoints: an adjoint
+# zero by a guard; ad.piecewise_zeros: a max's zero partial under a root).
 GUARDED_PRODUCT = {"mul_or_zero"}
 OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | CLASSIFY | BIT_COUNT | SPECIAL | OPAQUE \
     | GUARDED_PRODUCT
