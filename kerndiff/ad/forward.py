@@ -11,8 +11,8 @@ import dataclasses
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from .piecewise_zeros import is_piecewise, piecewise_locals
-from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, is_singular, partials, zero_safe_jvp
+from .piecewise_zeros import is_piecewise, is_steep, piecewise_locals
+from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, partials, zero_safe_jvp
 from .activity import check_function_body, field_activity, varied_vars
 
 
@@ -65,7 +65,7 @@ class Forward:
             return B.select(e.args[0], zero if tangents[1] is None else tangents[1],
                             zero if tangents[2] is None else tangents[2])
         ps = partials(e.op, e.args, e)
-        zero_safe = is_singular(e)
+        zero_safe = is_steep(e)
         terms = [B.call("mul_or_zero", t, p) if zero_safe and is_piecewise(a, self.piecewise) else B.mul(p, t)
                  for a, p, t in zip(e.args, ps, tangents) if t is not None and p is not None]
         return B.sum_of(terms, e.dtype)

@@ -32,8 +32,8 @@ from ..opt.dce import live_names, remove_dead
 from .activity import check_function_body, field_activity, varied_vars
 from .jumps import eliminate_jumps
 from .names import adjoint_var
-from .piecewise_zeros import PIECEWISE, singular_inputs
-from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, is_singular, partials, zero_safe_vjp
+from .piecewise_zeros import PIECEWISE, is_steep, steep_inputs
+from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, partials, zero_safe_vjp
 from .ssa import to_ssa
 from .zero_adjoints import guarded_locals
 
@@ -88,8 +88,8 @@ class Reverse:
 
     def vjp(self, e, g, acc, unbounded=False):
         """Add g·∂e/∂leaf to acc[leaf] for every varied leaf of e (acc: key -> [Expr, ...]).
-        unbounded: g may be infinite (e is inside a singular op's argument, or the value of a
-        local that reaches one): a piecewise op's zero partial then multiplies it with
+        unbounded: g may be infinite (e is inside a steep op's argument, or the value of a local
+        that reaches one): a piecewise op's zero partial then multiplies it with
         mul_or_zero (piecewise_zeros.py)."""
         if not self.is_varied(e):
             return
@@ -112,7 +112,7 @@ class Reverse:
                 return
             ps = partials(e.op, e.args, e)
             zero_safe = unbounded and e.op in PIECEWISE
-            unbounded = unbounded or is_singular(e)
+            unbounded = unbounded or is_steep(e)
             for a, p in zip(e.args, ps):
                 if p is not None and self.is_varied(a):
                     self.vjp(a, B.call("mul_or_zero", p, g) if zero_safe else B.mul(p, g), acc, unbounded)
@@ -230,10 +230,10 @@ class Reverse:
             acc = {}
             adj = self.adj_var(s.name, s.value.dtype)
             if s.name in self.zero_guarded:  # zero_adjoints.py: each leaf's partial, times adj or 0
-                self.vjp(s.value, B.const(1, s.value.dtype), acc, s.name in self.singular_inputs)
+                self.vjp(s.value, B.const(1, s.value.dtype), acc, s.name in self.steep_inputs)
                 acc = {key: [B.call("mul_or_zero", adj, t) for t in terms] for key, terms in acc.items()}
             else:
-                self.vjp(s.value, adj, acc, s.name in self.singular_inputs)
+                self.vjp(s.value, adj, acc, s.name in self.steep_inputs)
             out = self.accumulate(acc, s.src)
             if s.tag == "update" or self.is_carried(s.name):
                 out.append(N.Assign(self.adj_name(s.name), B.const(0, s.value.dtype), **tag))
@@ -282,7 +282,7 @@ class Reverse:
         raise KernDiffError(f"cannot reverse {type(s).__name__}", s.src, "restructure the code")
 
     zero_guarded = frozenset()  # zero_adjoints.guarded_locals of the body being reversed
-    singular_inputs = frozenset()  # piecewise_zeros.singular_inputs of it
+    steep_inputs = frozenset()  # piecewise_zeros.steep_inputs of it
 
     def is_carried(self, name):
         return name in self.carried_names
@@ -703,7 +703,7 @@ def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False, checkpoint
 
     rows = CheckpointFields(ir.name, level) if checkpoint_fields else None
     rev = Reverse(names, adj_of_field, varied, ssa.loops, scratch, rows, level)
-    rev.zero_guarded, rev.singular_inputs = guarded_locals(body), singular_inputs(body)
+    rev.zero_guarded, rev.steep_inputs = guarded_locals(body), steep_inputs(body)
     cot_params = []
     for d in ir.returns:
         cot_params.append(N.Param(names.fresh("ret_adj"), d))
@@ -745,7 +745,7 @@ def reverse_block(stmts, names, out_values, cotangents, wrt, dtypes, level=1):
     outs = [_rename(v, env, ssa.dtypes) for v in out_values]
     varied = varied_vars(body, lambda ref: False, seeds=tuple(wrt))
     rev = Reverse(names, lambda ref: None, varied, ssa.loops, None, level=level)
-    rev.zero_guarded, rev.singular_inputs = guarded_locals(body), singular_inputs(body)
+    rev.zero_guarded, rev.steep_inputs = guarded_locals(body), steep_inputs(body)
     rev.cotangents = list(cotangents)
     ret = N.Return(tuple(outs))
     # Adjoint locals of the arguments start at zero; they are read back after the sweep.
