@@ -544,12 +544,13 @@ def test_a_guarded_division_of_a_local_has_finite_derivatives_at_its_guard(runti
 
 def test_a_pair_skipped_by_a_guard_on_its_distance_has_finite_derivatives(runtime):
     """`r = d.norm()` then `if r > eps: f += 1 / r` (or `q = 1 / r; f += q if r > eps else 0`,
-    or a ti.func returning early, `if r < eps: return 0.0`) is how pair forces skip a particle's own pair and coincident ones. The reverse added the
-    branch's zero into r's adjoint and multiplied it by the norm's partials d / r = 0/0: NaN in
-    every gradient the pair reached (JAX's and Taichi's own AD too). Such locals' contributions
-    now go under `adjoint != 0` (ad/zero_adjoints.py). x[3] sits on x[0]: the gradient, the JVP and
-    the HVP against the analytic ones of the pairs the guard keeps, and every path against f64
-    finite differences (steps far below the guard's 1e-3)."""
+    or a ti.func returning early, `if r < eps: return 0.0`) is how pair forces skip a particle's
+    own pair and coincident ones. The reverse added the branch's zero into r's adjoint and
+    multiplied it by the norm's partials d / r = 0/0: NaN in every gradient the pair reached
+    (JAX's and Taichi's own AD too). Such locals' contributions are now mul_or_zero(adjoint,
+    partial), zero where the adjoint is (ad/zero_adjoints.py). x[3] sits on x[0]: the gradient,
+    the JVP and the HVP against the analytic ones of the pairs the guard keeps, and every path
+    against f64 finite differences (steps far below the guard's 1e-3)."""
     n = 5
     x = ti.Vector.field(2, ti.f64, shape=n)
     out = ti.field(ti.f64, shape=())
