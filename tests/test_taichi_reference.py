@@ -883,6 +883,69 @@ def test_slices_of_vectors_and_matrices(runtime):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
+def test_stores_into_slices_of_vectors_and_matrices(runtime):
+    """`A[2, :] = v`, `A[:, 0] = ...`, `v[1:3] = v[0:2]`, `v[0:2] += w` on locals, and `m[i][2, :]
+    = v`, `x[i][0:2] += w` on field elements, as Taichi allows (refused before: "a vector is used
+    where a scalar is needed"). Values and gradients against Taichi's; every part of the value
+    is read before a component changes (`v[1:3] = v[0:2]` shifts, as in Taichi)."""
+    M = ti.Matrix.field(3, 3, ti.f64, shape=2, needs_grad=True)
+    x = ti.Vector.field(3, ti.f64, shape=2, needs_grad=True)
+    out_m = ti.Matrix.field(3, 3, ti.f64, shape=2, needs_grad=True)
+    out_v = ti.Vector.field(3, ti.f64, shape=2, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    rng = np.random.default_rng(23)
+    M.from_numpy(rng.standard_normal((2, 3, 3)))
+    x.from_numpy(rng.standard_normal((2, 3)))
+
+    def locals_():
+        for i in M:
+            A = M[i]
+            A[2, :] = x[i] * 2
+            A[:, 0] = A[0, :] * A[1, 1]
+            v = x[i]
+            v[1:3] = v[0:2]
+            v[0:2] += ti.Vector([A[0, 0], 1.0])
+            loss[None] += (A @ v).sum() + v[2] * 10
+
+    def fields_():
+        for i in M:
+            out_m[i][2, :] = x[i] * M[i][0, 0]
+            out_m[i][0:2, 1] += ti.Vector([M[i][1, 1], x[i][2]]) * 3
+            out_v[i][0:2] = M[i][1, 1:3] ** 2
+
+    for expected, got in zip(*grads_of_both(locals_, [M, x], loss)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+    for out in (out_m, out_v):
+        expected, got = values_of_both(fields_, out)
+        np.testing.assert_allclose(got, expected, rtol=1e-14)
+        assert np.count_nonzero(got) >= 4
+        assert kd.check_grad(kd.kernel(fields_), [M, x], out, order=2) < 1e-6
+
+
+def test_a_row_stored_into_a_local_matrix_reads_its_old_components(runtime):
+    """`A[1] = ti.Vector([A[1, 1], A[1, 0] * 2, A[1, 2]])` swaps: the row is read whole before
+    its first component changes (before, A[1, 0] was stored first and the second component read
+    the new one: a wrong value and gradient). Taichi refuses a row store into a local matrix, so
+    numpy is the reference, and finite differences for the derivatives."""
+    M = ti.Matrix.field(3, 3, ti.f64, shape=2, needs_grad=True, needs_dual=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True, needs_dual=True)
+    Mv = np.random.default_rng(29).standard_normal((2, 3, 3))
+    M.from_numpy(Mv)
+
+    @kd.kernel
+    def swap():
+        for i in M:
+            A = M[i]
+            A[1] = ti.Vector([A[1, 1], A[1, 0] * 2, A[1, 2]])
+            loss[None] += A[1, 0] * 100 + A[1, 1] * 10 + A[1, 0] * A[1, 1]
+
+    loss[None] = 0
+    swap()
+    a, b = Mv[:, 1, 1], Mv[:, 1, 0] * 2
+    np.testing.assert_allclose(loss[None], np.sum(a * 100 + b * 10 + a * b), rtol=1e-14)
+    assert kd.check_grad(swap, [M], loss, order=2) < 1e-6
+
+
 def test_atomic_add_on_a_local(fields):
     """`ti.atomic_add(s, v)` / `ti.atomic_sub` on a local: `s += v`, in a serial inner loop
     (gradients against Taichi's) and as a top-level reduction over the parallel loop (Taichi's grad

@@ -3,6 +3,7 @@ elements (plain stores and atomic updates, `+=` included), with the field indexi
 from __future__ import annotations
 
 import ast
+import itertools
 import numbers
 
 from taichi.lang.matrix import Matrix, MatrixField
@@ -259,9 +260,8 @@ class Assignments:
         name = getattr(target, "id", getattr(target, "attr", "v"))
         if local is None:
             raise self.error(node, f"'{name}' is not a local vector", "index vectors and matrices only")
-        if len(local.shape) == 2 and len(idx) == 1:
-            for j in range(local.shape[1]):
-                self.assign_component(target, (idx[0], j), self.vec(value, node).items[j], node)
+        if len(local.shape) == 2 and len(idx) == 1 or any(isinstance(i, slice) for i in idx):
+            self.assign_components(target, local, idx, value, node)
             return
         e = self.scalar(value, node)
         if not all(isinstance(i, numbers.Integral) for i in idx):  # v[d] = e: each component keeps or takes e
@@ -277,6 +277,34 @@ class Assignments:
         if not 0 <= flat < len(local.names):
             raise self.error(node, f"index {idx} is out of range for shape {local.shape}", "check the index")
         self.emit(N.Assign(local.names[flat], B.cast(e, local.dtypes[flat]), src=self.loc(node)))
+
+    def assign_components(self, target, local, idx, value, node):
+        """`A[1] = row`, `A[2, :] = v`, `v[0:2] = w`: component by component, each part of the
+        value read before any component changes (`A[1] = ti.Vector([A[1, 1], A[1, 0], 0.0])`
+        swaps, as `v.xy = v.yx` does)."""
+        if len(local.shape) == 2 and len(idx) == 1:
+            idx = (idx[0], slice(None))
+        positions, items = self.sliced_targets(idx, local.shape, value, node)
+        names = set(local.names)
+        items = [self.materialize(e, "tmp", node, copy=True) if any(v.name in names for v in vars_in(e)) else e
+                 for e in items]
+        for pos, e in zip(positions, items):
+            self.assign_component(target, pos, e, node)
+
+    def sliced_targets(self, idx, shape, value, node):
+        """The component positions a subscript with slices names in a vector or matrix of
+        `shape` (`A[2, :]`, `v[0:2]`), in row-major order, each paired with its part of value (a
+        scalar value goes to all of them)."""
+        if len(idx) != len(shape):
+            raise self.error(node, f"{len(idx)} indices for shape {shape}", "use one index or slice per dimension")
+        picks = [list(range(n))[i] if isinstance(i, slice) else [i] for i, n in zip(idx, shape)]
+        positions = list(itertools.product(*picks))
+        items = self.vec(value, node).items if isinstance(value, (Vec, list, tuple)) else \
+            [self.scalar(value, node)] * len(positions)
+        if len(items) != len(positions):
+            raise self.error(node, f"assigning {len(items)} values to {len(positions)} components",
+                             "make the value's shape match the slice's")
+        return positions, items
 
     def index_parts(self, sl, node):
         """A vector/matrix subscript as a tuple of Python ints and, where only known at run time,
@@ -485,6 +513,15 @@ class Assignments:
         index = self.field_index(fieldv, target.slice, node)
         if shape is not None:
             value, index = self.read_before_storing(refs, value, index, self.field_name(target), node)
+        if shape is not None and comp is not None and any(isinstance(c, slice) for c in comp):
+            # m[i][2, :] = v, x[i][0:2] += w: each component the slice names, as its own store
+            for pos, e in zip(*self.sliced_targets(comp, shape, value, node)):
+                if all(isinstance(c, numbers.Integral) for c in pos):
+                    self.emit_stores([refs[pos[0] if len(pos) == 1 else pos[0] * shape[1] + pos[1]]], index, [e],
+                                     target, node, atomic)
+                else:
+                    self.store_component(refs, index, pos, shape, e, node, atomic)
+            return
         if shape is not None and comp is not None and not all(isinstance(c, numbers.Integral) for c in comp):
             # x[i][d] = e, x[i][d] += e: the store (or atomic add) into the component d names
             e = self.scalar(value, node) if not (len(shape) == 2 and len(comp) == 1) else value
@@ -508,6 +545,10 @@ class Assignments:
                 raise self.error(node, f"storing shape {value.shape} into a field of shape {shape}",
                                  "make the shapes agree")
             items = value.items
+        self.emit_stores(refs, index, items, target, node, atomic)
+
+    def emit_stores(self, refs, index, items, target, node, atomic):
+        """Store (or atomically update) each item into its component field at index."""
         for ref, e in zip(refs, items):
             if atomic in ("and", "or", "xor") and not is_int(ref.dtype):
                 raise self.error(node, f"an atomic {atomic} needs an integer field; "
