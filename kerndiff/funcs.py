@@ -130,12 +130,13 @@ class DeviceFunction:
         before = set(lw.names.taken)
         lw.blocks.append([])
         out = self.inner.lower_call(lw, positional, node, keywords)
-        if isinstance(out, (tuple, list)):
-            lw.blocks.pop()
-            raise lw.error(node, f"{self.inner!r} returns {len(out)} values; {self!r} differentiates a function "
-                                 f"returning one scalar or one vector (kd.grad without argnum returns one "
-                                 f"entry per argument)",
-                           "differentiate one entry: kd.grad(fn, argnum=...), or return the values as a ti.Vector")
+        if isinstance(out, (tuple, list)):  # `return a, b` (kd.grad without argnum): each part differentiated
+            if not out or not all(isinstance(part, (N.Expr, Vec, int, float)) for part in out):
+                lw.blocks.pop()
+                raise lw.error(node, f"{self.inner!r} returns {len(out)} values, not all scalars or vectors; "
+                                     f"{self!r} differentiates scalars and vectors",
+                               "return scalars and ti.Vectors (or one of them)")
+            out = tuple(p if isinstance(p, (N.Expr, Vec)) else lw.scalar(p, node) for p in out)
         return _without_dead_code(lw.blocks.pop(), out, before), out
 
     def _jvp(self, lw, primals, tangents, node):
@@ -162,8 +163,9 @@ class DeviceFunction:
             e = lw.scalar(e, node)
             t = jvp(e)
             return t if t is not None else B.const(0, e.dtype if is_float(e.dtype) else "f32")
-        tangent = out.map(tan) if isinstance(out, Vec) else tan(out)
-        return out, tangent
+        def tangent_of(part):
+            return part.map(tan) if isinstance(part, Vec) else tan(part)
+        return out, tuple(map(tangent_of, out)) if isinstance(out, tuple) else tangent_of(out)
 
     def _vjp(self, lw, primals, cotangent, node):
         from .ad.reverse import local_dtypes, reverse_block
@@ -171,12 +173,27 @@ class DeviceFunction:
         stmts, out = self._inline_inner(lw, args, node)
         if out is None:
             raise lw.error(node, f"{self.inner!r} returns nothing", "return the value to differentiate")
-        outs = out.items if isinstance(out, Vec) else [lw.scalar(out, node)]
-        cts = cotangent.items if isinstance(cotangent, Vec) else [cotangent] * len(outs) \
-            if not isinstance(cotangent, (list, tuple)) else list(cotangent)
-        if self.kind == "grad" and len(outs) != 1:
-            raise lw.error(node, f"kd.grad needs a scalar-valued function; {self.inner!r} returns shape "
-                                 f"{out.shape}", "use kd.vjp with a cotangent, or reduce the output")
+        if self.kind == "grad" and (isinstance(out, tuple) or isinstance(out, Vec)):
+            raise lw.error(node, f"kd.grad needs a scalar-valued function; {self.inner!r} returns "
+                                 f"{f'{len(out)} values' if isinstance(out, tuple) else f'shape {out.shape}'}",
+                           "use kd.vjp with a cotangent, or reduce the output")
+        parts = out if isinstance(out, tuple) else (out,)
+        if isinstance(out, tuple):  # one cotangent per returned value, as JAX's vjp takes them
+            if not isinstance(cotangent, (list, tuple)) or len(cotangent) != len(out):
+                raise lw.error(node, f"{self.inner!r} returns {len(out)} values: {self!r} takes a tuple of "
+                                     f"{len(out)} cotangents, one per value", "pass (c1, c2, ...) as the cotangent")
+            part_cts = list(cotangent)
+        else:
+            part_cts = [cotangent]
+        outs, cts = [], []
+        for part, ct in zip(parts, part_cts):
+            items = part.items if isinstance(part, Vec) else [lw.scalar(part, node)]
+            outs += items
+            cts += ct.items if isinstance(ct, Vec) else [ct] * len(items) if not isinstance(ct, (list, tuple)) \
+                else list(ct)
+        if len(cts) != len(outs):
+            raise lw.error(node, f"{len(cts)} cotangent components for {len(outs)} output components",
+                           "pass a cotangent of the output's shape")
         cts = [B.cast(lw.scalar(c, node), o.dtype) for c, o in zip(cts, outs)]
         wrt = []
         for a in args:
@@ -209,7 +226,8 @@ def _without_dead_code(stmts, out, before):
     from .ir.walk import assigned_names, vars_in
     from .opt.dce import dce
 
-    results = out.items if isinstance(out, Vec) else [out] if isinstance(out, N.Expr) else []
+    results = [e for part in (out if isinstance(out, tuple) else (out,))
+               for e in (part.items if isinstance(part, Vec) else [part] if isinstance(part, N.Expr) else [])]
     keep = {x.name for e in results for x in vars_in(e)}
     return tuple(dce(tuple(stmts), candidates=assigned_names(stmts) - before, keep=keep))
 

@@ -584,14 +584,14 @@ def test_device_function_errors(f):
 
     raises(k, "with respect to a float scalar", "argument 0 is an integer")
 
-    grad_of_all = kd.grad(g)  # (a tuple, one entry per argument: not a function to differentiate)
+    grad_of_all = kd.grad(g)  # a tuple, one entry per argument: kd.forward and kd.vjp take it, kd.grad not
 
     @kd.kernel
     def k2(x: ti.f64) -> ti.f64:
-        return kd.forward(grad_of_all)(x, 2.0)[0]
+        return kd.grad(grad_of_all)(x, 2.0)[0]
 
-    raises(lambda: k2(1.0), "returns 2 values", "one scalar or one vector", "kd.grad(fn, argnum=...)",
-           line_text="kd.forward(grad_of_all)(x, 2.0)[0]")
+    raises(lambda: k2(1.0), "needs a scalar-valued function", "returns 2 values", "kd.vjp with a cotangent",
+           line_text="kd.grad(grad_of_all)(x, 2.0)[0]")
 
 
 def test_differentiated_function_whose_loop_would_run_in_parallel(f):

@@ -101,6 +101,56 @@ def test_grad_jvp_vjp_and_their_compositions():
 
 
 @kd.func
+def polar_parts(x, y):
+    """Two values, a scalar and a vector, as `return a, b` gives them."""
+    return x * y ** 2, ti.Vector([ti.sin(x), x * ti.exp(y)])
+
+
+def test_transforms_of_functions_returning_several_values():
+    """kd.forward and kd.jvp of a function returning a tuple (a scalar and a vector; kd.grad
+    without argnum) give one tangent per value, and kd.vjp takes one cotangent per value, as JAX's
+    jvp/vjp take output trees (refused before: "differentiates a function returning one scalar").
+    So the Hessian is `kd.forward(kd.grad(f), argnum=j)` column by column, and H·v is
+    `kd.vjp(kd.grad(f))(x, y, (v0, v1))` (symmetric H). Analytic values and f64 differences."""
+    hx = kd.forward(kd.grad(wave), argnum=0)   # (∂²f/∂x², ∂²f/∂y∂x)
+    jvp = kd.jvp(polar_parts)
+    vjp = kd.vjp(polar_parts)
+    hv = kd.vjp(kd.grad(wave))
+
+    @kd.kernel
+    def k(x: ti.f64, y: ti.f64) -> (ti.f64, ti.f64, ti.f64, ti.f64, ti.f64, ti.f64, ti.f64, ti.f64, ti.f64):
+        hxx, hyx = hx(x, y)
+        (a, b), (ta, tb) = jvp(x, y, 1.0, 2.0)
+        cx, cy = vjp(x, y, (3.0, ti.Vector([5.0, 7.0])))
+        hv0, hv1 = hv(x, y, (1.0, -2.0))
+        return hxx, hyx, a + b[1], ta, tb[0] + 10 * tb[1], cx, cy, hv0, hv1
+
+    x, y = 0.3, 0.9
+    hxx, hyx, ab, ta, tb, cx, cy, hv0, hv1 = k(x, y)
+    np.testing.assert_allclose([hxx, hyx], [fd2(wave_np, x, y, 0, 0), fd2(wave_np, x, y, 1, 0)], rtol=1e-5)
+    np.testing.assert_allclose(ab, x * y ** 2 + x * np.exp(y), rtol=1e-12)
+    np.testing.assert_allclose(ta, y ** 2 + 2 * (2 * x * y), rtol=1e-12)
+    np.testing.assert_allclose(tb, np.cos(x) + 10 * (np.exp(y) + 2 * x * np.exp(y)), rtol=1e-12)
+    np.testing.assert_allclose([cx, cy], [3 * y ** 2 + 5 * np.cos(x) + 7 * np.exp(y),
+                                          3 * 2 * x * y + 7 * x * np.exp(y)], rtol=1e-12)
+    hess = [[fd2(wave_np, x, y, i, j) for j in range(2)] for i in range(2)]
+    np.testing.assert_allclose([hv0, hv1], np.array(hess) @ [1.0, -2.0], rtol=1e-5)
+
+
+def test_a_cotangent_per_returned_value_is_asked_for():
+    vjp = kd.vjp(polar_parts)
+
+    @kd.kernel
+    def k(x: ti.f64) -> ti.f64:
+        cx, cy = vjp(x, x, 1.0)
+        return cx
+
+    with pytest.raises(kd.KernDiffError, match="one per value") as e:
+        k(0.5)
+    assert "vjp(x, x, 1.0)" in str(e.value)
+
+
+@kd.func
 def lennard_jones(r):
     d2 = r.norm_sqr()
     inv6 = 1.0 / d2**3
