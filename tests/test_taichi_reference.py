@@ -885,8 +885,9 @@ def test_slices_of_vectors_and_matrices(runtime):
 
 def test_stores_into_slices_of_vectors_and_matrices(runtime):
     """`A[2, :] = v`, `A[:, 0] = ...`, `v[1:3] = v[0:2]`, `v[0:2] += w` on locals, and `m[i][2, :]
-    = v`, `x[i][0:2] += w` on field elements, as Taichi allows (refused before: "a vector is used
-    where a scalar is needed"). Values and gradients against Taichi's; every part of the value
+    = v`, `x[i][0:2] += w` on field elements, and `A[j, :]` with j known at run time, as Taichi
+    allows (refused before: "a vector is used where a scalar is needed", "needs 2 compile-time
+    indices"). Values and gradients against Taichi's; every part of the value
     is read before a component changes (`v[1:3] = v[0:2]` shifts, as in Taichi)."""
     M = ti.Matrix.field(3, 3, ti.f64, shape=2, needs_grad=True)
     x = ti.Vector.field(3, ti.f64, shape=2, needs_grad=True)
@@ -913,8 +914,19 @@ def test_stores_into_slices_of_vectors_and_matrices(runtime):
             out_m[i][0:2, 1] += ti.Vector([M[i][1, 1], x[i][2]]) * 3
             out_v[i][0:2] = M[i][1, 1:3] ** 2
 
+    def rows_at_run_time():
+        for i in M:
+            A = M[i]
+            for j in range(2):
+                A[j + 1, :] = A[j, :] * A[j + 1, j]
+            loss[None] += (A @ x[i]).sum()
+
     for expected, got in zip(*grads_of_both(locals_, [M, x], loss)):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
+    # Taichi's kernel.grad() crashes the process on rows_at_run_time: its value, then differences
+    expected, got = values_of_both(rows_at_run_time, loss)
+    np.testing.assert_allclose(got, expected, rtol=1e-14)
+    assert kd.check_grad(kd.kernel(rows_at_run_time), [M, x], loss, order=2) < 1e-6
     for out in (out_m, out_v):
         expected, got = values_of_both(fields_, out)
         np.testing.assert_allclose(got, expected, rtol=1e-14)

@@ -109,14 +109,16 @@ class Expressions:
         return slice(*parts)
 
     def sliced(self, base, idx, node):
-        """The components a slice picks: `v[1:3]` a vector, `A[1, :]` a row, `A[0:2, 1:3]` a matrix."""
-        if len(idx) != len(base.shape) or not all(isinstance(i, (numbers.Integral, slice)) for i in idx):
-            raise self.error(node, f"slicing shape {base.shape} needs {len(base.shape)} compile-time indices",
+        """The components a slice picks: `v[1:3]` a vector, `A[1, :]` a row, `A[0:2, 1:3]` a matrix;
+        `A[j, :]` with j known at run time selects among the rows (as Taichi indexes dynamically)."""
+        if len(idx) != len(base.shape):
+            raise self.error(node, f"slicing shape {base.shape} needs {len(base.shape)} indices",
                              "use one int or slice per dimension")
         picks = [list(range(n))[i] if isinstance(i, slice) else [i] for i, n in zip(idx, base.shape)]
         if base.is_vector:
             return Vec((len(picks[0]),), [base.items[k] for k in picks[0]])
-        items = [base.at(r, c) for r in picks[0] for c in picks[1]]
+        items = [base.at(r, c) if isinstance(r, numbers.Integral) and isinstance(c, numbers.Integral)
+                 else self.dynamic_read(base, (r, c), node) for r in picks[0] for c in picks[1]]
         kept = [len(p) for p, i in zip(picks, idx) if isinstance(i, slice)]
         return Vec(tuple(kept), items)
 
