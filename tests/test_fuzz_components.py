@@ -62,7 +62,7 @@ class Draw:
         if depth >= 2 or r < 0.45:
             a, b = self.k(), self.k()
             return self.pick((f"v[{a}]", f"v[{a}]"), (f"A[{a}, {b}]", f"A[{a}, {b}]"), ("s[i]", "s[i]"),
-                             (f"v[j]", "v[j]") if j else (f"v[{a}]", f"v[{a}]"),
+                             ("v[j]", "v[j]") if j else (f"v[{a}]", f"v[{a}]"),
                              (f"A[j, {b}]", f"A[j, {b}]") if j else ("0.7", "0.7"))
         (t1, n1), (t2, n2) = self.scalar(depth + 1, j), self.scalar(depth + 1, j)
         return self.pick((f"ti.sin({t1}) * {t2}", f"np.sin({n1}) * {n2}"),
