@@ -16,6 +16,7 @@ default (derandomized under CI=true), KERNDIFF_FUZZ=long for KERNDIFF_FUZZ_N dra
 """
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -40,7 +41,9 @@ def fields(runtime):
     M = ti.Matrix.field(3, 3, ti.f64, shape=N, needs_grad=True, needs_dual=True)
     s = ti.field(ti.f64, shape=N, needs_grad=True, needs_dual=True)
     y = ti.field(ti.f64, shape=(), needs_grad=True, needs_dual=True)
-    return {"x": x, "M": M, "s": s, "y": y}
+    zv = ti.Vector.field(3, ti.f64, shape=N, needs_grad=True, needs_dual=True)
+    zA = ti.Matrix.field(3, 3, ti.f64, shape=N, needs_grad=True, needs_dual=True)
+    return {"x": x, "M": M, "s": s, "y": y, "zv": zv, "zA": zA}
 
 
 class Draw:
@@ -171,6 +174,19 @@ def program(seed):
     return taichi_body, numpy_src
 
 
+def on_field_elements(taichi_body, numpy_src):
+    """The same program with the state in field elements zv[i] and zA[i] instead of locals:
+    component, row, slice and swizzle stores into a field element, each value read from what
+    it replaces."""
+    def moved(text):
+        return re.sub(r"\bA\b", "zA[i]", re.sub(r"\bv\b", "zv[i]", text))
+    taichi_body = moved(taichi_body)
+    numpy_src = moved(numpy_src).replace("def reference(x, M, s):\n",
+                                         "def reference(x, M, s):\n    zv, zA = np.zeros((len(x), 3)), "
+                                         "np.zeros((len(x), 3, 3))\n")
+    return taichi_body, numpy_src
+
+
 def set_inputs(fields, seed):
     rng = np.random.default_rng(seed)
     values = {"x": rng.uniform(-1, 1, (N, 3)), "M": rng.uniform(-1, 1, (N, 3, 3)), "s": rng.uniform(-1, 1, N)}
@@ -182,7 +198,16 @@ def set_inputs(fields, seed):
 @settings(PROFILE)
 @given(seed=st.integers(0, 2 ** 32 - 1))
 def test_component_stores_of_local_vectors_and_matrices(fields, seed, tmp_path):
-    body, numpy_src = program(seed)
+    check(fields, seed, tmp_path, *program(seed))
+
+
+@settings(PROFILE)
+@given(seed=st.integers(0, 2 ** 32 - 1))
+def test_component_stores_of_field_elements(fields, seed, tmp_path):
+    check(fields, seed, tmp_path, *on_field_elements(*program(seed)))
+
+
+def check(fields, seed, tmp_path, body, numpy_src):
     fn, src = load_elementwise(body, fields, tmp_path, head="def kernel():\n    for i in x:")
     scope = {"np": np}
     exec(numpy_src, scope)

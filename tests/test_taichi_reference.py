@@ -958,6 +958,31 @@ def test_a_row_stored_into_a_local_matrix_reads_its_old_components(runtime):
     assert kd.check_grad(swap, [M], loss, order=2) < 1e-6
 
 
+def test_a_row_stored_into_a_matrix_field_element(runtime):
+    """`m[i][1] = v` with a constant row (Taichi refuses it; kerndiff already took a row known at
+    run time, `m[i][r] = v`): the frontend failed ("cannot lower this statement (IndexError)").
+    Now the row's three components, against numpy and finite differences."""
+    M = ti.Matrix.field(3, 3, ti.f64, shape=2, needs_grad=True, needs_dual=True)
+    out = ti.Matrix.field(3, 3, ti.f64, shape=2, needs_grad=True, needs_dual=True)
+    x = ti.Vector.field(3, ti.f64, shape=2, needs_grad=True, needs_dual=True)
+    Mv, xv = np.random.default_rng(31).standard_normal((2, 3, 3)), np.random.default_rng(37).standard_normal((2, 3))
+    M.from_numpy(Mv)
+    x.from_numpy(xv)
+
+    @kd.kernel
+    def rows():
+        for i in M:
+            out[i][1] = ti.sin(x[i]) * M[i][1, 2]
+            out[i][2] += x[i] * M[i][0, 0]
+
+    rows()
+    expected = np.zeros((2, 3, 3))
+    expected[:, 1] = np.sin(xv) * Mv[:, 1, 2:3]
+    expected[:, 2] = xv * Mv[:, 0, 0:1]
+    np.testing.assert_allclose(out.to_numpy(), expected, rtol=1e-14)
+    assert kd.check_grad(rows, [M, x], out, order=2) < 1e-6
+
+
 def test_atomic_add_on_a_local(fields):
     """`ti.atomic_add(s, v)` / `ti.atomic_sub` on a local: `s += v`, in a serial inner loop
     (gradients against Taichi's) and as a top-level reduction over the parallel loop (Taichi's grad

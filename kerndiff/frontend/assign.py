@@ -513,6 +513,8 @@ class Assignments:
         index = self.field_index(fieldv, target.slice, node)
         if shape is not None:
             value, index = self.read_before_storing(refs, value, index, self.field_name(target), node)
+        if shape is not None and comp is not None and len(shape) == 2 and len(comp) == 1:
+            comp = (comp[0], slice(None))  # m[i][r] = row
         if shape is not None and comp is not None and any(isinstance(c, slice) for c in comp):
             # m[i][2, :] = v, x[i][0:2] += w: each component the slice names, as its own store
             for pos, e in zip(*self.sliced_targets(comp, shape, value, node)):
@@ -524,14 +526,7 @@ class Assignments:
             return
         if shape is not None and comp is not None and not all(isinstance(c, numbers.Integral) for c in comp):
             # x[i][d] = e, x[i][d] += e: the store (or atomic add) into the component d names
-            e = self.scalar(value, node) if not (len(shape) == 2 and len(comp) == 1) else value
-            if len(shape) == 2 and len(comp) == 1:  # m[i][r] = row
-                row = self.vec(value, node) if isinstance(value, (Vec, list, tuple)) else None
-                for j in range(shape[1]):
-                    item = row.items[j] if row is not None else value
-                    self.store_component(refs, index, (comp[0], j), shape, item, node, atomic)
-                return
-            self.store_component(refs, index, comp, shape, e, node, atomic)
+            self.store_component(refs, index, comp, shape, self.scalar(value, node), node, atomic)
             return
         if shape is not None and comp is not None:
             flat = comp[0] if len(comp) == 1 and len(shape) == 1 else comp[0] * shape[1] + comp[1]
