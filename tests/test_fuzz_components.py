@@ -7,11 +7,15 @@ an inner loop (`for j in range(2): v[j + 1] = ...`) and stores under an `if`; ea
 from the components it replaces. The kernel's value is checked against numpy running the same
 statements (with value semantics: every right side read whole before its first component is
 stored, as in Taichi), and its derivatives with kd.check_grad (k.forward, k.reverse and H·v by
-k.reverse.forward against f64 central differences).
+k.reverse.forward against f64 central differences). test_component_stores_of_field_elements
+runs the same programs with the state in field elements (`zv[i]`, `zA[i]`) instead of locals:
+there each store goes to memory at once and a value reading the element it replaces is read
+before the first store.
 
 Session 46 found with this class of statement that `A[1] = ti.Vector([A[1, 1], A[1, 0], ...])`
 stored A[1, 0] first and read the new value for the second component (a wrong value and
-gradient, no error); this module keeps the class covered. Profiles as in test_fuzz.py: short by
+gradient, no error), and on field elements that `m[i][1] = v` failed in the frontend; this
+module keeps the class covered. Profiles as in test_fuzz.py: short by
 default (derandomized under CI=true), KERNDIFF_FUZZ=long for KERNDIFF_FUZZ_N draws.
 """
 import os
