@@ -189,8 +189,12 @@ class DeviceFunction:
         for part, ct in zip(parts, part_cts):
             items = part.items if isinstance(part, Vec) else [lw.scalar(part, node)]
             outs += items
-            cts += ct.items if isinstance(ct, Vec) else [ct] * len(items) if not isinstance(ct, (list, tuple)) \
-                else list(ct)
+            if isinstance(ct, Vec):
+                cts += ct.items
+            elif isinstance(ct, (list, tuple)):
+                cts += list(ct)
+            else:  # a scalar cotangent: the same for every component
+                cts += [ct] * len(items)
         if len(cts) != len(outs):
             raise lw.error(node, f"{len(cts)} cotangent components for {len(outs)} output components",
                            "pass a cotangent of the output's shape")
