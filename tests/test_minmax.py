@@ -271,3 +271,55 @@ def test_a_contribution_the_loop_overwrites_afterwards_is_refused(runtime):
     np.testing.assert_allclose(g, expected, rtol=1e-12)
     kd.dual(x).fill(0)
     kd.adjoint(x).fill(0)
+
+
+def test_atomic_max_and_min_of_locals_in_a_parallel_loop(runtime):
+    """`ti.atomic_max(hi, v)` / `ti.atomic_min(lo, w)` on locals bound before a parallel loop
+    (Taichi makes them globals there; refused before: "ti.atomic_max of a local variable is not
+    supported"), a vector local's components each their own minimum, and `ti.atomic_max(best,
+    ...)` on an iteration's own local in an inner loop (`best = ti.max(best, ...)`). Values
+    against Taichi's kernel; derivatives (the winners') against analytic ones and, to second
+    order, finite differences; reducing one local two ways in one loop is refused."""
+    x = ti.field(ti.f64, shape=6, needs_grad=True, needs_dual=True)
+    out = ti.field(ti.f64, shape=3, needs_grad=True, needs_dual=True)
+    xv = np.array([0.3, 1.4, 0.9, -0.2, 1.1, 0.5])
+    x.from_numpy(xv)
+
+    def extremes():
+        hi = -1e9
+        lo = ti.Vector([1e9, 1e9])
+        for i in x:
+            ti.atomic_max(hi, ti.sin(x[i]) * x[i])
+            ti.atomic_min(lo, ti.Vector([x[i] ** 2, ti.cos(x[i])]))
+            best = 0.0
+            for j in range(3):
+                ti.atomic_max(best, x[(i + j) % 6] * 0.5)
+            out[2] += best
+        out[0] = hi * 2.0
+        out[1] = lo[0] + lo[1] * hi
+
+    got = []
+    for make in (ti.kernel, kd.kernel):
+        out.fill(0)
+        make(extremes)()
+        got.append(out.to_numpy())
+    np.testing.assert_allclose(got[1], got[0], rtol=1e-14)
+    k = kd.kernel(extremes)
+    g = kd.backward(k, inputs=[x], output=out)([xv], cotangent=np.array([1.0, 0.0, 0.0]))[0]
+    expected = np.zeros(6)
+    top = np.argmax(np.sin(xv) * xv)
+    expected[top] = 2.0 * (np.cos(xv[top]) * xv[top] + np.sin(xv[top]))
+    np.testing.assert_allclose(g, expected, rtol=1e-12)
+    assert kd.check_grad(k, [x], out, order=2) < 1e-6
+
+    @kd.kernel
+    def two_ways():
+        m = 0.0
+        for i in x:
+            m += x[i]
+            ti.atomic_max(m, x[i])
+        out[0] = m
+
+    with pytest.raises(kd.KernDiffError, match="'m' is reduced two ways in one parallel loop") as e:
+        two_ways()
+    assert "ti.atomic_max(m, x[i])" in str(e.value)

@@ -382,7 +382,8 @@ class Assignments:
             items = value.items if isinstance(value, Vec) else [self.scalar(value, node)] * len(local.names)
             for n, d, e in zip(local.names, local.dtypes, items):
                 e = B.neg(e) if op == "sub" else e
-                self.emit(N.Atomic("add", reduction_field(self, n, d), (), B.cast(e, d), src=self.loc(node)))
+                self.emit(N.Atomic("add", reduction_field(self, n, d, "add", node, t.id), (), B.cast(e, d),
+                                   src=self.loc(node)))
             return
         if (element := self.field_target(t)) is not None:
             t = element

@@ -154,22 +154,31 @@ def lower_for(lw, node):
         lw.emit(N.Assign(name, B.load(ref, ()), src=lw.loc(node)))
 
 
-def reduction_field(lw, name, dtype):
-    """The 0-d field standing in for top-level local `name` reduced (+=) inside a parallel loop.
+def reduction_field(lw, name, dtype, op="add", node=None, user_name=None):
+    """The 0-d field standing in for top-level local `name` reduced (+=, or ti.atomic_max/min)
+    inside a parallel loop.
 
     Taichi turns such a local into a global temporary and its += into an atomic add; kerndiff makes
     that explicit so that every transform sees an ordinary field. Each parallel loop of the kernel
     has its own field (`total_sum`, then `total_sum_2`): one field stored, summed into and read
     back by two loops would be overwritten after it was read, which reverse mode must refuse.
+    A local is reduced one way within a loop (summed, or its maximum or minimum taken).
     """
     from ..runtime.registry import REGISTRY
     frame = lw.reduction_frame
     ref = frame["fields"].get((name, dtype))
     if ref is None:
         fn, loop = lw.src.fn, frame["loop"]
-        key = ("reduce", fn.__module__, fn.__qualname__, name, dtype, loop)
-        ref = REGISTRY.ref(REGISTRY.scratch(key, dtype), (), name + "_sum" + (f"_{loop}" if loop > 1 else ""))
+        key = ("reduce", fn.__module__, fn.__qualname__, name, dtype, loop) + ((op,) if op != "add" else ())
+        suffix = {"add": "_sum", "max": "_max", "min": "_min"}[op]
+        ref = REGISTRY.ref(REGISTRY.scratch(key, dtype), (), name + suffix + (f"_{loop}" if loop > 1 else ""))
         frame["fields"][(name, dtype)] = ref
+        frame.setdefault("ops", {})[(name, dtype)] = op
+    elif frame["ops"].get((name, dtype), "add") != op:
+        shown = {"add": "summed (+=)", "max": "ti.atomic_max", "min": "ti.atomic_min"}
+        raise lw.error(node, f"'{user_name or name}' is reduced two ways in one parallel loop "
+                             f"({shown[frame['ops'][(name, dtype)]]} and {shown[op]}); the order of the "
+                             "iterations would decide the result", "reduce into two locals")
     return ref
 
 

@@ -27,7 +27,7 @@ from ..ad.names import NameAllocator
 from . import vec as V
 from .assign import Assignments
 from .exprs import Expressions
-from .loops import lower_for
+from .loops import lower_for, reduction_field
 from .operators import ATOMIC_OPS, BIT_AUG_OPS, PYOPS
 from .source import Source, parse_function
 from .values import FuncReturn, Local, StructValue, is_field
@@ -397,6 +397,20 @@ class Lowerer(Assignments, Expressions):
                 return
         self.expr(node.value)
 
+    def local_extremum(self, op, target, value, call):
+        """ti.atomic_max(m, v) / ti.atomic_min on a local: in a parallel loop over a local bound
+        before it, a reduction into a 0-d field (as Taichi makes the local a global there, and as
+        `+=` is), differentiated like any atomic max; elsewhere `m = ti.max(m, v)`."""
+        local = self.outer_local(target.id)
+        val = self.expr(value)
+        if local is None:
+            self.assign(target, self.binary(op, self.expr(target), val, call), call)
+            return
+        items = val.items if isinstance(val, Vec) else [self.scalar(val, call)] * len(local.names)
+        for n, d, e in zip(local.names, local.dtypes, items):
+            self.emit(N.Atomic(op, reduction_field(self, n, d, op, call, target.id), (), B.cast(e, d),
+                               src=self.loc(call)))
+
     def atomic_call(self, fn, call):
         op = ATOMIC_OPS[fn]
         target, value = call.args
@@ -404,11 +418,10 @@ class Lowerer(Assignments, Expressions):
             aug = ast.AugAssign(target=target, op=BIT_AUG_OPS[op](), value=value)
             self.stmt_AugAssign(ast.copy_location(aug, call))
             return
+        if isinstance(target, ast.Name) and op in ("max", "min"):
+            self.local_extremum(op, target, value, call)
+            return
         if isinstance(target, ast.Name):  # ti.atomic_add(s, v) on a local is s += v (a reduction where Taichi's is)
-            if op not in ("add", "sub"):
-                raise self.error(call, f"ti.atomic_{op} of a local variable is not supported",
-                                 f"write `{target.id} = ti.{op}({target.id}, ...)` in a serial loop, or reduce "
-                                 "into a 0-d field")
             aug = ast.AugAssign(target=ast.Name(id=target.id, ctx=ast.Store()),
                                 op=ast.Add() if op == "add" else ast.Sub(), value=value)
             self.stmt_AugAssign(ast.copy_location(aug, call))
