@@ -6,7 +6,8 @@ struct-fors, a kernel argument as a value and as a loop bound, and (since sessio
 carried through inner `for` and `while` loops (adding into the loop's element or the sum, with a
 `break`), locals reassigned in branches and inner loops, vector locals, `ti.select` and
 ternaries, serialized loops reading the trip before (`y[i - 1]`), a kernel-scope local the loops
-read, and a kernel-scope local the loops sum into (`total += ...`, then `s[None] = total * ...`)
+read, and a kernel-scope local the loops sum into (`total += ...`, then `s[None] = total * ...`;
+since session 46 also `ti.atomic_max(total, ...)` / `ti.atomic_min`)
 — race-free by construction (a loop reads what it scatters into nowhere, what it writes at
 its own index only there), and a field a loop has read or written is only read by later loops
 (fewer refusals). Each kernel is checked: its primal against Taichi's own kernel, then k.forward,
@@ -162,7 +163,8 @@ class Loop:
         self.serial = not self.two_d and rand.random() < 0.12  # ti.loop_config(serialize=True)
         self.with_argument = with_argument
         self.kernel_locals = list(kernel_locals)  # bound before the loops, read inside them
-        self.reduction = reduction  # a kernel-scope local this loop may `+=` into (s is then stored from it)
+        # a kernel-scope local this loop may reduce into, (name, "+=", "max" or "min"); s is then stored from it
+        self.reduction = reduction
         self.role = {f: rand.choice(["own", "own", "scatter", "none", "read"]) for f in ("y", "z", "v")}
         self.role["g"] = rand.choice(["own", "none", "read"])
         self.role["s"] = rand.choice(["sum", "none", "read"])
@@ -247,7 +249,8 @@ class Loop:
             name = rand.choice(self.locals)
             return [f"{pad}for d in ti.static(range(2)):", f"{pad}    {name} = {name} * 0.5 + u[i][d] * {self.expr(1)}"]
         if kind == "reduce":
-            return [f"{pad}{self.reduction} += {self.expr()}"]
+            name, op = self.reduction
+            return [f"{pad}{name} += {self.expr()}" if op == "+=" else f"{pad}ti.atomic_{op}({name}, {self.expr()})"]
         if kind == "carry":
             return self.carried(indent)
         if kind == "if":
@@ -306,9 +309,9 @@ def program(seed):
     if rand.random() < 0.3:  # a kernel-scope local the loops read
         lines.append(f"k0 = x[0] * {rand.choice(['0.5', 'w[1]', 'ti.sin(w[2])'])} + w[3]")
         kernel_locals.append("k0")
-    reduction = "total" if rand.random() < 0.25 else None
-    if reduction:  # a kernel-scope local the loops add into, stored into s after them
-        lines.append("total = 0.0")
+    reduction = ("total", rand.choice(["+=", "+=", "max", "min"])) if rand.random() < 0.25 else None
+    if reduction:  # a kernel-scope local the loops add into (or take the maximum into), stored into s after them
+        lines.append(f"total = {dict(zip(['+=', 'max', 'min'], ['0.0', '-5.0', '5.0']))[reduction[1]]}")
     for _ in range(rand.randint(1, 3)):
         loop = Loop(rand, with_argument, touched, kernel_locals, reduction)
         # mostly a store first into what the loop writes at its own index: an update of the value
