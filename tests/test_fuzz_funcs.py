@@ -12,6 +12,8 @@ argnum)` or `kd.grad(g, argnum)` of the one before. Each is checked:
   checked first one, never against nested differences);
 - `kd.jvp`, `kd.vjp` and `kd.grad` (every argument) of the chain's last function against those
   differences too;
+- f's Hessian through transforms of kd.grad's tuple, `kd.forward(kd.grad(f), argnum=0)` and
+  `kd.vjp(kd.grad(f))(a, b, (0.3, -0.7))`, against differences of kd.grad(f);
 - the kernel that calls the chain's last function, itself differentiated: its k.forward and
   k.reverse against finite differences of the kernel (harness.check), so derivative code that
   device transforms emitted goes through the kernel transforms again (order up to three; these
@@ -154,6 +156,14 @@ def draw_program(seed):
             "        o1[i] = tangent",
             "        o2[i] = ca + 10.0 * ga",
             "        o3[i] = cb + 10.0 * gb"]
+    # f's Hessian through transforms of kd.grad's tuple (session 46)
+    src += ["", "", "grad_f = kd.grad(f)", "hessian_column_a = kd.forward(grad_f, argnum=0)", "hvp_f = kd.vjp(grad_f)",
+            "", "", "def grads_of_f():", "    for i in pa:",
+            "        ga, gb = grad_f(pa[i], pb[i])", "        o0[i] = ga", "        o1[i] = gb",
+            "", "", "def hessian_of_f():", "    for i in pa:",
+            "        haa, hba = hessian_column_a(pa[i], pb[i])",
+            "        va, vb = hvp_f(pa[i], pb[i], (0.3, -0.7))",
+            "        o0[i] = haa", "        o1[i] = hba", "        o2[i] = va", "        o3[i] = vb"]
     return "\n".join(src) + "\n", chain
 
 
@@ -208,6 +218,7 @@ def check_funcs(fields, seed):
         (got,) = values(levels[n], fields, a, b)
         fd = [e[0] for e in partial(levels[n - 1], fields, a, b, argnum)]
         close(got, fd, f"g{n} = kd.{kind}(g{n - 1}, argnum={argnum})", src)
+    check_hessian(mod, fields, a, b, src)
     if len(chain) == 2 and ("for k in" in src or "while k" in src):
         CHECKED.append(len(chain))
         return  # (order three of a loop: the growth the module's docstring describes)
@@ -230,6 +241,19 @@ def check_funcs(fields, seed):
         except AssertionError:
             check(kernel, mode, x0=x0, eps=1e-4, rtol=1e-4, atol=1e-5, may_be_zero=True)  # (roundoff: as in close())
     CHECKED.append(len(chain))
+
+
+def check_hessian(mod, fields, a, b, src):
+    """kd.forward(kd.grad(f), argnum=0) (a Hessian column: one tangent per entry of kd.grad's
+    tuple) and kd.vjp(kd.grad(f)) with a tuple cotangent (v·H) against differences of kd.grad."""
+    grads = kd.kernel(mod.grads_of_f)
+    by_a = partial(grads, fields, a, b, 0, ("o0", "o1"))  # [h][∂ga/∂a, ∂gb/∂a]
+    by_b = partial(grads, fields, a, b, 1, ("o0", "o1"))
+    haa, hba, va, vb = values(kd.kernel(mod.hessian_of_f), fields, a, b, ("o0", "o1", "o2", "o3"))
+    close(haa, [e[0] for e in by_a], "kd.forward(kd.grad(f), argnum=0)[0]", src)
+    close(hba, [e[1] for e in by_a], "kd.forward(kd.grad(f), argnum=0)[1]", src)
+    close(va, [0.3 * da[0] - 0.7 * da[1] for da in by_a], "kd.vjp(kd.grad(f))(a, b, (0.3, -0.7))[0]", src)
+    close(vb, [0.3 * db[0] - 0.7 * db[1] for db in by_b], "kd.vjp(kd.grad(f))(a, b, (0.3, -0.7))[1]", src)
 
 
 CHECKED = []
