@@ -236,6 +236,8 @@ def test_checkpoint_rows_of_a_loop_over_two_indices(runtime):
             y[i] = s
 
     assert ("_ck[i * 2 + j, t_ck] = " if ON_CPU else "_ck0") in pairs.reverse.source
+    # every step kept: stored at each step, with no `if 1:` around the store (before session 46)
+    assert "if 1:" not in pairs.reverse.source and "if 0:" not in pairs.reverse.source
     for prefix, mode in PATHS:
         check_path(pairs, prefix, mode, rtol=1e-6, atol=1e-8)
     nothing()

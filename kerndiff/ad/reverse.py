@@ -523,8 +523,10 @@ class Reverse:
         j = self.names.fresh(f"{var}_ck")
         off = B.sub(B.var(j, i32), lo)
         keep = tuple(store(starts, B.call("floordiv", off, seg_c), c, dt) for c, (dt, starts, _) in fields.items())
-        body = (N.If(B.call("eq", B.call("mod", off, seg_c), B.const(0, i32)), keep, (), **tag),) + \
-            tuple(self.own_names(self.carried_step(s, info, j), info))
+        # every step's values kept (seg 1): stored at each step, no test
+        kept_here = keep if seg == 1 else (N.If(B.call("eq", B.call("mod", off, seg_c), B.const(0, i32)), keep, (),
+                                                **tag),)
+        body = kept_here + tuple(self.own_names(self.carried_step(s, info, j), info))
         prologue = [N.Assign(c, init, **tag) for c, _, init in info.carried]
         prologue.append(N.For((j,), ((lo, hi),), body, **tag))
         if seg == 1:
