@@ -583,3 +583,21 @@ def test_a_sum_one_statement_reads_is_read_through_where_its_terms_meet():
     body = (N.Assign("u", B.add(B.mul(B.mul(x, y), three), B.mul(z, w))),
             _store(B.sub(_v("u"), B.mul(B.mul(x, y), three))), _store(B.mul(_v("u"), e)))
     assert "u" in {v.name for v in vars_in(collect_terms(body, lambda f: True)[1].value)}
+
+
+def test_integer_offsets_gather_into_one_and_floats_keep_their_order():
+    """`i - 1 + 1` is i and `s - -1` is s + 1 for integers (wrapping arithmetic is associative:
+    a stepped range's trip count `(i - 1 + 1 + 1) // 2` reads `(i + 1) // 2`); a float sum keeps
+    its order, which rounding depends on."""
+    i, x = B.var("i", "i32"), B.var("x", "f64")
+    one, two = B.const(1, "i32"), B.const(2, "i32")
+    assert B.add(B.sub(i, one), one) == i
+    assert B.add(B.sub(i, one), two) == B.add(i, one)
+    assert B.sub(B.add(i, one), two) == B.sub(i, one)
+    assert B.sub(i, B.const(-1, "i32")) == B.add(i, one)
+    assert B.add(i, B.const(-3, "i32")) == B.sub(i, B.const(3, "i32"))
+    assert B.sub(B.sub(i, one), one) == B.sub(i, two)
+    assert B.add(B.add(i, one), B.const(2 ** 31 - 1, "i32")) == N.Call("i32", "add", (B.add(i, one),
+                                                                                  B.const(2 ** 31 - 1, "i32")))
+    fone = B.const(1.0, "f64")
+    assert B.add(B.sub(x, fone), fone) == N.Call("f64", "add", (N.Call("f64", "sub", (x, fone)), fone))

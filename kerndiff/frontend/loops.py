@@ -107,8 +107,10 @@ def lower_for(lw, node):
     if it.step != 1:
         (s, e), = bounds
         counter = lw.names.fresh(targets[0] + "_step")
-        trips = B.call("floordiv", B.add(B.sub(e, s), B.const(it.step - (1 if it.step > 0 else -1), "i32")),
-                       B.const(it.step, "i32"))
+        # ceil((e - s) / step), written with a positive divisor: (e - s + step - 1) // step, and
+        # (s - e - step - 1) // -step for a negative step (range(i - 1, -1, -2): (i + 1) // 2)
+        ahead, first, stride = (e, s, it.step) if it.step > 0 else (s, e, -it.step)
+        trips = B.call("floordiv", B.add(B.sub(ahead, first), B.const(stride - 1, "i32")), B.const(stride, "i32"))
         bounds = [(B.const(0, "i32"), trips)]
         lw.emit(N.Assign(loop_vars[0], B.add(s, B.mul(B.var(counter, "i32"), B.const(it.step, "i32"))),
                          src=lw.loc(node)))

@@ -86,9 +86,32 @@ def call(op: str, *args: Expr) -> Expr:
     return Call(dtype, op, args)
 
 
+def _int_offset(e):
+    """(x, k) with e == x + k, k a Python int: an integer add or subtract of a constant, else
+    (e, 0)."""
+    if isinstance(e, Call) and e.op in ("add", "sub") and isinstance(e.args[1], Const) and not is_float(e.dtype):
+        k = int(e.args[1].value)
+        return e.args[0], k if e.op == "add" else -k
+    return e, 0
+
+
+def _offset(x, k, dtype):
+    """x + k for an integer k, written `x + k` or `x - |k|`."""
+    if k == 0:
+        return x
+    return Call(dtype, "add" if k > 0 else "sub", (x, const(abs(k), dtype)))
+
+
 def _identity(op, args, dtype):
     a = args[0]
     b = args[1] if len(args) > 1 else None
+    if op in ("add", "sub") and not is_float(dtype) and isinstance(b, Const) and not isinstance(a, Const):
+        # integer offsets gather into one (`i - 1 + 1` is i; `s - -1` is s + 1): exact, wrapping
+        # arithmetic is associative; floats would round differently
+        x, k = _int_offset(a)
+        total = k + (int(b.value) if op == "add" else -int(b.value))
+        if (x is not a or b.value < 0) and -2 ** 31 < total < 2 ** 31:
+            return _offset(x, total, dtype)
     if op == "add":
         if is_const(a, 0):
             return b
