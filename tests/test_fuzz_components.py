@@ -109,25 +109,19 @@ class Draw:
         r, c, a = self.k(), self.k(), self.rng.randrange(2)
         kind = self.rng.randrange(13 if depth == 0 else 11)
         if kind == 0:
-            t, n = self.scalar()
-            return [(f"v[{r}] = ti.tanh({t})", f"v[{r}] = np.tanh({n})")]
+            return bounded(f"v[{r}]", self.scalar())
         if kind == 1:
-            t, n = self.scalar()
-            return [(f"A[{r}, {c}] = ti.tanh({t})", f"A[{r}, {c}] = np.tanh({n})")]
+            return bounded(f"A[{r}, {c}]", self.scalar())
         if kind == 2:
-            t, n = self.vector()
-            target = self.pick(f"A[{r}, :]", f"A[:, {c}]", f"A[{r}]")
-            return [(f"{target} = ti.tanh({t})", f"{target} = np.tanh({n})")]
+            value = self.vector()  # (drawn before the target)
+            return bounded(self.pick(f"A[{r}, :]", f"A[:, {c}]", f"A[{r}]"), value)
         if kind == 3:
-            t, n = self.pair()
-            target = self.pick(f"v[{a}:{a + 2}]", f"A[{r}, {a}:{a + 2}]", f"A[{a}:{a + 2}, {c}]")
-            return [(f"{target} = ti.tanh({t})", f"{target} = np.tanh({n})")]
+            value = self.pair()
+            return bounded(self.pick(f"v[{a}:{a + 2}]", f"A[{r}, {a}:{a + 2}]", f"A[{a}:{a + 2}, {c}]"), value)
         if kind == 4:
-            t, n = self.vector()
-            return [(f"v = ti.tanh({t})", f"v = np.tanh({n})")]
+            return bounded("v", self.vector())
         if kind == 5:
-            t, n = self.matrix()
-            return [(f"A = ti.tanh({t})", f"A = np.tanh({n})")]
+            return bounded("A", self.matrix())
         if kind == 6:
             t, n = self.vector()
             target = self.pick("v", f"A[{r}, :]", f"A[:, {c}]")
@@ -160,6 +154,12 @@ class Draw:
         t, n = self.scalar(1)
         inner = self.statement(depth + 1)
         return [(f"if {t} > 0.4:", f"if {n} > 0.4:")] + [("    " + a_, "    " + b_) for a_, b_ in inner]
+
+
+def bounded(target, value):
+    """`target = ti.tanh(value)`: a store of a drawn value (taichi text, numpy text), bounded."""
+    taichi_text, numpy_text = value
+    return [(f"{target} = ti.tanh({taichi_text})", f"{target} = np.tanh({numpy_text})")]
 
 
 def program(seed):
