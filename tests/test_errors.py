@@ -1124,3 +1124,18 @@ def test_code_after_an_if_whose_every_branch_returns(f):
         return g(f["x"][0])
 
     raises(k, "every branch returns: it never runs", line_text="a = 2.0 * a")
+
+
+def test_a_vector_reduced_into_a_scalar_local_is_refused(f):
+    """`t += ti.Vector(...)` into a scalar local bound before the loop took the vector's first
+    component (no error) until session 46; Taichi refuses the shapes too."""
+    x, s = f["x"], f["s"]
+
+    @kd.kernel
+    def k():
+        t = 0.0
+        for i in x:
+            t += ti.Vector([x[i], 1.0])
+        s[None] = t
+
+    raises(k, "reducing a value of shape (2,) into 't' of shape ()", line_text="t += ti.Vector([x[i], 1.0])")

@@ -242,6 +242,17 @@ class Assignments:
             return None
         return struct if isinstance(struct, StructValue) else None
 
+    def reduce_outer_local(self, name, op, value, node):
+        """`s += v`, `ti.atomic_max(s, v)` on a local bound before the enclosing parallel loop: an
+        atomic add (max, min) into the 0-d field standing in for each of its components."""
+        local = self.outer_local(name)
+        if isinstance(value, Vec) and len(value.items) != len(local.names):
+            raise self.error(node, f"reducing a value of shape {value.shape} into '{name}' of shape "
+                                   f"{local.shape or ()}", "make the shapes agree")
+        items = value.items if isinstance(value, Vec) else [self.scalar(value, node)] * len(local.names)
+        for n, d, e in zip(local.names, local.dtypes, items):
+            self.emit(N.Atomic(op, reduction_field(self, n, d, op, node, name), (), B.cast(e, d), src=self.loc(node)))
+
     def local_vector(self, target):
         """The Local a store target names when it is a local vector or matrix: a name (`v`) or a
         vector member of a struct bound to a local (`p.vel`); else None."""
@@ -378,12 +389,7 @@ class Assignments:
                 raise self.error(node, f"'{t.id}' is defined outside this parallel loop; only += and -= "
                                        "(atomic reductions) may update it here",
                                  "accumulate with += / -=, or use a field")
-            local = self.outer_local(t.id)
-            items = value.items if isinstance(value, Vec) else [self.scalar(value, node)] * len(local.names)
-            for n, d, e in zip(local.names, local.dtypes, items):
-                e = B.neg(e) if op == "sub" else e
-                self.emit(N.Atomic("add", reduction_field(self, n, d, "add", node, t.id), (), B.cast(e, d),
-                                   src=self.loc(node)))
+            self.reduce_outer_local(t.id, "add", self.elementwise(B.neg, value, node) if op == "sub" else value, node)
             return
         if (element := self.field_target(t)) is not None:
             t = element

@@ -127,7 +127,7 @@ def lower_for(lw, node):
     if parallel:
         lw.parallel_loops += 1
         lw.reduction_frame = {"outer": {n: v for n, v in lw.scope.items() if isinstance(v, Local)}, "fields": {},
-                              "loop": lw.parallel_loops}
+                              "ops": {}, "loop": lw.parallel_loops}
     for s in node.body:
         lw.stmt(s)
     body = tuple(lw.blocks.pop())
@@ -175,8 +175,8 @@ def reduction_field(lw, name, dtype, op="add", node=None, user_name=None):
         suffix = {"add": "_sum", "max": "_max", "min": "_min"}[op]
         ref = REGISTRY.ref(REGISTRY.scratch(key, dtype), (), name + suffix + (f"_{loop}" if loop > 1 else ""))
         frame["fields"][(name, dtype)] = ref
-        frame.setdefault("ops", {})[(name, dtype)] = op
-    elif frame["ops"].get((name, dtype), "add") != op:
+        frame["ops"][(name, dtype)] = op
+    elif frame["ops"][(name, dtype)] != op:
         shown = {"add": "summed (+=)", "max": "ti.atomic_max", "min": "ti.atomic_min"}
         raise lw.error(node, f"'{user_name or name}' is reduced two ways in one parallel loop "
                              f"({shown[frame['ops'][(name, dtype)]]} and {shown[op]}); the order of the "

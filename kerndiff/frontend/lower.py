@@ -27,7 +27,7 @@ from ..ad.names import NameAllocator
 from . import vec as V
 from .assign import Assignments
 from .exprs import Expressions
-from .loops import lower_for, reduction_field
+from .loops import lower_for
 from .operators import ATOMIC_OPS, BIT_AUG_OPS, PYOPS
 from .source import Source, parse_function
 from .values import FuncReturn, Local, StructValue, is_field
@@ -401,15 +401,11 @@ class Lowerer(Assignments, Expressions):
         """ti.atomic_max(m, v) / ti.atomic_min on a local: in a parallel loop over a local bound
         before it, a reduction into a 0-d field (as Taichi makes the local a global there, and as
         `+=` is), differentiated like any atomic max; elsewhere `m = ti.max(m, v)`."""
-        local = self.outer_local(target.id)
         val = self.expr(value)
-        if local is None:
+        if self.outer_local(target.id) is None:
             self.assign(target, self.binary(op, self.expr(target), val, call), call)
-            return
-        items = val.items if isinstance(val, Vec) else [self.scalar(val, call)] * len(local.names)
-        for n, d, e in zip(local.names, local.dtypes, items):
-            self.emit(N.Atomic(op, reduction_field(self, n, d, op, call, target.id), (), B.cast(e, d),
-                               src=self.loc(call)))
+        else:
+            self.reduce_outer_local(target.id, op, val, call)
 
     def atomic_call(self, fn, call):
         op = ATOMIC_OPS[fn]
