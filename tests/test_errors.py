@@ -1139,3 +1139,26 @@ def test_a_vector_reduced_into_a_scalar_local_is_refused(f):
         s[None] = t
 
     raises(k, "reducing a value of shape (2,) into 't' of shape ()", line_text="t += ti.Vector([x[i], 1.0])")
+
+
+@pytest.mark.parametrize("expr, reason", [
+    ("v[i].dot(ti.Vector([1.0, 2.0]))", "dot of a 3-vector and a 2-vector: the shapes must agree"),
+    ("ti.math.dot(v[i], ti.Vector([1.0, 2.0]))", "dot of a 3-vector and a 2-vector"),
+    ("(ti.Matrix([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]) @ ti.Vector([x[i], 2.0])).sum()",
+     "a 2x3 matrix @ a 2-vector: the inner dimensions (3 and 2) must agree"),
+    ("v[i].cross(ti.Vector([1.0, 2.0])).sum()", "cross of a 3-vector and a 2-vector"),
+    ("ti.Matrix([[x[i], 2.0, 3.0], [4.0, 5.0, 6.0]]).determinant()", "the determinant of a 2x3 matrix"),
+    ("ti.Matrix([[x[i], 2.0, 3.0], [4.0, 5.0, 6.0]]).inverse().sum()", "the inverse of a 2x3 matrix"),
+    ("ti.Matrix([[x[i], 2.0, 3.0], [4.0, 5.0, 6.0]]).trace()", "the trace of a 2x3 matrix"),
+])
+def test_vector_and_matrix_operations_on_shapes_they_do_not_take_are_refused(f, tmp_path, expr, reason):
+    """Taichi refuses these at compile time; until session 46 kerndiff computed them from the
+    components the shapes share (a 3-vector dotted with a 2-vector: the first two products; the
+    determinant of a 2x3 matrix: a number), values and derivatives wrong with no error."""
+    from harness import load_module
+    src = f"import taichi as ti\n\n\ndef k():\n    for i in x:\n        s[None] += {expr}\n"
+    fn = load_module(src, {"x": f["x"], "v": f["v"], "s": f["s"]}, tmp_path, "shapes").k
+    with pytest.raises(kd.KernDiffError) as info:
+        kd.kernel(fn)()
+    msg = str(info.value)
+    assert reason in msg and "Remedy:" in msg and f"s[None] += {expr}" in msg, msg

@@ -305,6 +305,8 @@ class Lowerer(Assignments, Expressions):
                              "rewrite it with assignments, if, for and while")
         try:
             method(node)
+        except V.ShapeError as e:
+            raise self.error(node, str(e), "make the shapes agree (as Taichi requires)") from None
         except (TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
             # A construct the frontend does not model failed in Python: say where, not a traceback.
             raise self.error(node, f"kerndiff cannot lower this statement ({type(e).__name__}: {e})",

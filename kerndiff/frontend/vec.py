@@ -11,6 +11,22 @@ from ..ir import build as B
 from ..ir.nodes import Expr
 
 
+class ShapeError(ValueError):
+    """Operands whose shapes the operation does not take (a 3-vector dotted with a 2-vector, the
+    determinant of a 2x3 matrix): Taichi refuses them at compile time, and so does kerndiff,
+    rather than reading the components the shapes share."""
+
+
+def _same_shape(op, a, b):
+    if a.shape != b.shape:
+        raise ShapeError(f"{op} of {a!r} and {b!r}: the shapes must agree")
+
+
+def _square(op, a):
+    if a.is_vector or a.shape[0] != a.shape[1]:
+        raise ShapeError(f"the {op} of {a!r}: it needs a square matrix")
+
+
 class Vec:
     __slots__ = ("shape", "items")
 
@@ -76,10 +92,16 @@ def broadcast(op, a, b, fn):
 
 
 def dot(a: Vec, b: Vec) -> Expr:
+    if not (a.is_vector and b.is_vector):
+        raise ShapeError(f"dot of {a!r} and {b!r}: it takes two vectors")
+    _same_shape("dot", a, b)
     return B.sum_of([B.mul(x, y) for x, y in zip(a.items, b.items)], B.mul(a.items[0], b.items[0]).dtype)
 
 
 def matmul(a: Vec, b: Vec) -> Vec:
+    inner_a = a.shape[-1] if not a.is_vector else a.shape[0]
+    if inner_a != b.shape[0]:
+        raise ShapeError(f"{a!r} @ {b!r}: the inner dimensions ({inner_a} and {b.shape[0]}) must agree")
     if a.is_vector and b.is_vector:
         return dot(a, b)
     if b.is_vector:
@@ -101,7 +123,8 @@ def transpose(a: Vec) -> Vec:
 
 
 def norm_sqr(a: Vec) -> Expr:
-    return dot(a, a)
+    """The sum of the squared components (a matrix's Frobenius norm squared, as Taichi's)."""
+    return B.sum_of([B.mul(x, x) for x in a.items], B.mul(a.items[0], a.items[0]).dtype)
 
 
 def _plus_eps(x: Expr, eps) -> Expr:
@@ -127,6 +150,9 @@ def normalized(a: Vec, eps=0) -> Vec:
 
 
 def cross(a: Vec, b: Vec):
+    _same_shape("cross", a, b)
+    if a.shape not in ((2,), (3,)):
+        raise ShapeError(f"cross of {a!r} and {b!r}: it takes two 2-vectors or two 3-vectors")
     if a.shape == (2,):
         return B.sub(B.mul(a.items[0], b.items[1]), B.mul(a.items[1], b.items[0]))
     x1, y1, z1 = a.items
@@ -140,10 +166,12 @@ def outer(a: Vec, b: Vec) -> Vec:
 
 
 def trace(a: Vec) -> Expr:
+    _square("trace", a)
     return B.sum_of([a.at(i, i) for i in range(a.shape[0])], a.dtype)
 
 
 def determinant(a: Vec) -> Expr:
+    _square("determinant", a)
     n = a.shape[0]
     if n == 1:
         return a.at(0, 0)
@@ -158,6 +186,7 @@ def determinant(a: Vec) -> Expr:
 
 
 def inverse(a: Vec) -> Vec:
+    _square("inverse", a)
     n = a.shape[0]
     det = determinant(a)
     inv_det = B.div(B.const(1, det.dtype if det.dtype.startswith("f") else "f32"), det)
