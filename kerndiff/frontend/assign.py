@@ -19,6 +19,7 @@ from ..runtime.registry import REGISTRY
 from .loops import reduction_field
 from .operators import BINOPS
 from .values import Local, StructValue, is_field, is_sparse, known_int, struct_member_access, swizzle_index
+from . import vec as V
 from .vec import Vec
 
 
@@ -308,8 +309,7 @@ class Assignments:
         scalar value goes to all of them)."""
         if len(idx) != len(shape):
             raise self.error(node, f"{len(idx)} indices for shape {shape}", "use one index or slice per dimension")
-        picks = [list(range(n))[i] if isinstance(i, slice) else [i] for i, n in zip(idx, shape)]
-        positions = list(itertools.product(*picks))
+        positions = list(itertools.product(*V.picks(idx, shape)))
         items = self.vec(value, node).items if isinstance(value, (Vec, list, tuple)) else \
             [self.scalar(value, node)] * len(positions)
         if len(items) != len(positions):

@@ -114,7 +114,7 @@ class Expressions:
         if len(idx) != len(base.shape):
             raise self.error(node, f"slicing shape {base.shape} needs {len(base.shape)} indices",
                              "use one int or slice per dimension")
-        picks = [list(range(n))[i] if isinstance(i, slice) else [i] for i, n in zip(idx, base.shape)]
+        picks = V.picks(idx, base.shape)
         if base.is_vector:
             return Vec((len(picks[0]),), [base.items[k] for k in picks[0]])
         items = [base.at(r, c) if isinstance(r, numbers.Integral) and isinstance(c, numbers.Integral)

@@ -73,6 +73,12 @@ class Vec:
         return d
 
 
+def picks(idx, shape):
+    """Per dimension, the positions a subscript names: a slice's range, or the one index (an
+    int, or an IR expression known at run time)."""
+    return [list(range(n))[i] if isinstance(i, slice) else [i] for i, n in zip(idx, shape)]
+
+
 def _size(shape):
     out = 1
     for s in shape:
