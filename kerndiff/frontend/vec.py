@@ -90,7 +90,7 @@ def broadcast(op, a, b, fn):
     """Elementwise binary op with scalar broadcasting, as Taichi does for vectors."""
     if isinstance(a, Vec) and isinstance(b, Vec):
         if a.shape != b.shape:
-            raise ValueError(f"shapes {a.shape} and {b.shape} differ in '{op}'")
+            raise ShapeError(f"shapes {a.shape} and {b.shape} differ in '{op}'")
         return Vec(a.shape, [fn(x, y) for x, y in zip(a.items, b.items)])
     if isinstance(a, Vec):
         return a.map(lambda x: fn(x, b))
@@ -105,9 +105,8 @@ def dot(a: Vec, b: Vec) -> Expr:
 
 
 def matmul(a: Vec, b: Vec) -> Vec:
-    inner_a = a.shape[-1] if not a.is_vector else a.shape[0]
-    if inner_a != b.shape[0]:
-        raise ShapeError(f"{a!r} @ {b!r}: the inner dimensions ({inner_a} and {b.shape[0]}) must agree")
+    if a.shape[-1] != b.shape[0]:
+        raise ShapeError(f"{a!r} @ {b!r}: the inner dimensions ({a.shape[-1]} and {b.shape[0]}) must agree")
     if a.is_vector and b.is_vector:
         return dot(a, b)
     if b.is_vector:
