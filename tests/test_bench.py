@@ -97,13 +97,19 @@ def test_a_report_from_rows_made_elsewhere(tmp_path):
 
 
 def test_back_to_back_timing_runs_and_reports_every_kernel():
-    """bench.back_to_back (W2's kernels timed back to back, and the random-gather curve that shows
-    the cache this process has) runs at quick sizes and reports a time for each kernel and size."""
-    out = subprocess.run([sys.executable, "-m", "bench.back_to_back", "--quick", "--reps", "3"],
+    """bench.back_to_back (W2's kernels timed back to back, the random-gather curve that shows the
+    cache this process has, and with --touched W2's kernels on springs folded into fewer particles)
+    runs at quick sizes and reports a time for each kernel and size."""
+    out = subprocess.run([sys.executable, "-m", "bench.back_to_back", "--quick", "--reps", "3", "--touched"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and " ms |" in line]
+    lines = out.stdout.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and " ms |" in line and line.count(" | ") == 1]
     assert [r.split(" | ")[0][2:] for r in rows] == ["kerndiff primal", "kerndiff forward", "kerndiff reverse",
                                                       "kerndiff HVP", "Taichi primal", "Taichi grad"]
     assert all(float(r.split(" | ")[1].split()[0]) > 0 for r in rows)
-    assert "reverse / primal" in out.stdout and out.stdout.count(" MB ") == 8
+    gathers = [line for line in lines if line.startswith("random gathers by working set:")]
+    assert "reverse / primal" in out.stdout and len(gathers) == 1 and gathers[0].count(" MB ") == 8
+    folded = [line.split(" | ") for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r[0][2:]) for r in folded] == [10**4 * k // 16 for k in (1, 2, 3, 4, 6, 8, 12, 16)]
+    assert all(float(r[c].split()[0]) > 0 for r in folded for c in (3, 4, 5))
