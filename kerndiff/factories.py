@@ -215,20 +215,35 @@ class BackwardFn(_Factory):
 
 
 class ForwardFn(_Factory):
-    """values[, tangents] -> directional derivative of the output (one pass per input without
-    tangents: the derivative along that input's all-ones direction)."""
+    """values[, tangents] -> directional derivative of the output; without tangents, the output's
+    derivative with respect to each input, as jax.jacfwd gives it: one forward pass per element
+    of the input, stacked as the output's shape followed by the input's (a float for 0-d fields
+    both; for a 0-d output the array has the input's shape, as kd.backward's gradient)."""
 
     def __call__(self, values, tangents=None):
         values = self._check_values(values, "values")
         if tangents is not None:
             tangents = self._check_values(tangents, "tangents")
             return self._pass(values, tangents)
-        out = []
-        for k, f in enumerate(self.inputs):
-            t = [np.zeros(field_shape(g)) if field_shape(g) else 0.0 for g in self.inputs]
-            t[k] = np.ones(field_shape(f)) if field_shape(f) else 1.0
-            out.append(self._pass(values, t))
-        return out
+        return [self._jacobian(values, k) for k in range(len(self.inputs))]
+
+    def _jacobian(self, values, k):
+        """The output's derivative w.r.t. input k: a pass along each unit direction of that input,
+        the others' tangents zero."""
+        shape = field_shape(self.inputs[k])
+        if not shape:
+            return self._pass(values, self._unit_tangents(k, None))
+        columns = [self._pass(values, self._unit_tangents(k, index)) for index in np.ndindex(*shape)]
+        return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=-1).reshape(
+            np.shape(columns[0]) + shape)
+
+    def _unit_tangents(self, k, index):
+        tangents = [np.zeros(field_shape(g)) if field_shape(g) else 0.0 for g in self.inputs]
+        if index is None:
+            tangents[k] = 1.0
+        else:
+            tangents[k][index] = 1.0
+        return tangents
 
     def _pass(self, values, tangents):
         out_dual = REGISTRY.get_or_make(self.output, "dual", self.dual_level)

@@ -76,6 +76,40 @@ def test_factories_on_arrays_with_cotangent(arrays):
     assert kd.check_grad(g, [a, b], out, order=2) < 1e-5
 
 
+def test_forward_factory_without_tangents_gives_jacobians(arrays):
+    """kd.forward(k, inputs, output)(values) with array inputs: each input's Jacobian, the output's
+    shape then the input's (jax.jacfwd's layout), one pass per input element; for a 0-d output
+    it is kd.backward's gradient, for a vector field the components are axes too."""
+    g, a, b, out, _ = arrays
+    rng = np.random.default_rng(3)
+    av, bv = rng.standard_normal(N), rng.standard_normal((2, 3))
+    ja, jb = kd.forward(g, inputs=[a, b], output=out)([av, bv])
+    assert ja.shape == (N, N) and jb.shape == (N, 2, 3)
+    idx = [(i % 2, i % 3) for i in range(N)]
+    np.testing.assert_allclose(ja, np.diag(np.cos(av) * np.array([bv[p] for p in idx]) + 2 * av), rtol=1e-12)
+    eb = np.zeros((N, 2, 3))
+    for i, p in enumerate(idx):
+        eb[(i,) + p] = np.sin(av[i])
+    np.testing.assert_allclose(jb, eb, rtol=1e-12)
+
+    p = ti.Vector.field(2, ti.f64, shape=3)
+    s = ti.field(ti.f64, shape=())
+    e = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def energy():
+        for i in p:
+            e[None] += s[None] * p[i].norm_sqr() * p[(i + 1) % 3][0]
+
+    pv, sv = rng.standard_normal((3, 2)), 0.7
+    jp, js = kd.forward(energy, inputs=[p, s], output=e)([pv, sv])
+    gp, gs = kd.backward(energy, inputs=[p, s], output=e)([pv, sv])
+    assert jp.shape == (3, 2) and isinstance(js, float)
+    np.testing.assert_allclose(jp, gp, rtol=1e-12)
+    assert js == pytest.approx(gs, rel=1e-12)
+    assert js == pytest.approx(sum((pv[i] ** 2).sum() * pv[(i + 1) % 3, 0] for i in range(3)), rel=1e-12)
+
+
 def test_factory_errors(arrays, poly):
     g, a, b, out, n = arrays
     f, xs, y = poly
