@@ -541,6 +541,8 @@ class Assignments:
         if shape is None:
             items = [self.scalar(value, node)]
         else:
+            if isinstance(value, (list, tuple)):  # x[i] = [0, 0], F[i] = [[1, 0], [0, 1]]
+                value = self.from_list(value, node)
             if not isinstance(value, Vec):
                 value = Vec(shape, [self.scalar(value, node)] * len(refs))
             if value.shape != shape and len(value.items) != len(refs):

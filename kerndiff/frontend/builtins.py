@@ -98,14 +98,7 @@ def _vector(lw, node, args, kwargs):
 def _matrix(lw, node, args, kwargs):
     rows = args[0]
     dt = kwargs.get("dt") or (args[1] if len(args) > 1 else None)
-    if isinstance(rows, Vec):
-        v = rows
-    elif rows and isinstance(rows[0], (list, tuple)):
-        v = Vec((len(rows), len(rows[0])), [lw.scalar(e, node) for r in rows for e in r])
-    elif rows and isinstance(rows[0], Vec):
-        v = Vec((len(rows), len(rows[0].items)), [e for r in rows for e in r.items])
-    else:
-        v = Vec((len(rows),), [lw.scalar(e, node) for e in rows])
+    v = rows if isinstance(rows, Vec) else lw.from_list(rows, node)
     return lw.cast(v, dt, node) if dt is not None else v
 
 

@@ -120,6 +120,18 @@ class Lowerer(Assignments, Expressions):
             return Vec((len(v),), [self.scalar(e, node) for e in v])
         raise self.error(node, "a vector is needed here", "pass a ti.Vector")
 
+    def from_list(self, rows, node) -> Vec:
+        """A Python list (or tuple) read as Taichi reads one where a vector or matrix goes
+        (ti.Matrix(rows), a store into a vector or matrix field element, `x[i] = [0, 0]`):
+        numbers make a vector; lists, or vectors, of one length the rows of a matrix."""
+        if rows and all(isinstance(r, (list, tuple)) or (isinstance(r, Vec) and r.is_vector) for r in rows):
+            items = [list(r.items) if isinstance(r, Vec) else [self.scalar(e, node) for e in r] for r in rows]
+            if any(len(r) != len(items[0]) for r in items):
+                raise self.error(node, f"the rows of this matrix have lengths {[len(r) for r in items]}",
+                                 "give every row the same number of entries")
+            return Vec((len(items), len(items[0])), [e for r in items for e in r])
+        return Vec((len(rows),), [self.scalar(e, node) for e in rows])
+
     def elementwise(self, fn, x, node):
         if isinstance(x, Vec):
             return x.map(fn)
