@@ -62,6 +62,9 @@ def test_numpy_call_inside_kernel(f):
 
 
 def test_python_call_inside_kernel(f):
+    """A plain Python function runs while the kernel compiles, as in Taichi, with compile-time
+    arguments only (kerndiff's run-time values have no Python operators); its result must be a
+    compile-time value; an exception it raises is reported at the call."""
     x = f["x"]
 
     def helper(a):
@@ -72,7 +75,67 @@ def test_python_call_inside_kernel(f):
         for i in x:
             x[i] = helper(x[i])
 
-    raises(k, "a call to 'helper' cannot run inside", "ti.func", line_text="helper(x[i])")
+    raises(k, "'helper' is a plain Python function", "with compile-time arguments only", "@ti.func",
+           line_text="helper(x[i])")
+
+    def table():
+        return np.ones(3)
+
+    @kd.kernel
+    def returns_an_array():
+        for i in x:
+            x[i] = table()[0]
+
+    raises(returns_an_array, "'table' returned a ndarray", line_text="table()[0]")
+
+    def broken(n):
+        return [0.0] * n + None
+
+    @kd.kernel
+    def raises_inside():
+        for i in x:
+            x[i] = broken(2)[0]
+
+    raises(raises_inside, "'broken' raised TypeError", "while compiling the kernel", line_text="broken(2)[0]")
+
+
+def test_python_helpers_run_while_compiling(f):
+    """`ti.Matrix(zero_matrix())` (DiffTaichi's liquid), an index from a helper, and a helper's
+    arithmetic on constants: the values Taichi's kernel computes, with derivatives."""
+    x, y, v = f["x"], f["y"], f["v"]
+
+    def zero_vec():
+        return [0.0, 0.0, 0.0]
+
+    def zero_matrix():
+        return [zero_vec(), zero_vec(), zero_vec()]
+
+    def last(n):
+        return n - 1
+
+    def weight(k, scale=0.5):
+        return scale * (k + 1)
+
+    def body():
+        for i in x:
+            m = ti.Matrix(zero_matrix()) + ti.Matrix([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]) * x[i]
+            w = ti.Vector(zero_vec()) + v[i]
+            y[i] = (m @ w).sum() * weight(1, scale=0.25) + x[last(N)] ** 2
+
+    rng = np.random.default_rng(5)
+    x.from_numpy(rng.standard_normal(N))
+    v.from_numpy(rng.standard_normal((N, 3)))
+    ti.kernel(body)()
+    expected = y.to_numpy()
+    y.fill(0)
+    k = kd.kernel(body)
+    k()
+    np.testing.assert_allclose(y.to_numpy(), expected, rtol=1e-14)
+    xv, vv = x.to_numpy(), v.to_numpy()
+    by_hand = xv * (vv @ np.array([1.0, 2.0, 3.0])) * 0.5 + xv[N - 1] ** 2
+    np.testing.assert_allclose(expected, by_hand, rtol=1e-14)
+    for mode in ("forward", "reverse"):
+        check(k, mode)
 
 
 def test_print_prints_in_the_primal_only(f, capfd):

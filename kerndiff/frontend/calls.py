@@ -129,12 +129,61 @@ def lower_call(lw, fn, args, kwargs, node):
                              "so the derivatives would not belong to the values computed",
                        "draw the numbers into a field first (noise.from_numpy(rng.random(n)) or a ti.kernel) "
                        "and read the field")
+    if _is_plain_python(fn):
+        return python_call(lw, fn, args, kwargs, node)
     if callable(fn):
         mod = getattr(fn, "__module__", "") or ""
         what = "a numpy call" if mod.startswith("numpy") else f"a call to {getattr(fn, '__name__', fn)!r}"
         raise lw.error(node, f"{what} cannot run inside a kerndiff kernel",
                        "use Taichi math (ti.sin, ti.exp, ...), or make it a ti.func / kd.func")
     raise lw.error(node, f"{fn!r} is not callable", "check the name")
+
+
+# Modules whose functions a kernel never runs at compile time: numbers drawn there (numpy.random,
+# random, time) would be baked into each kernel as it compiles, so the primal and its derivative
+# kernels could hold different ones.
+_LIBRARY_MODULES = ("numpy", "random", "time", "taichi", "kerndiff", "builtins")
+
+
+def _is_plain_python(fn):
+    """fn is a function (or a method of a plain object) the user wrote in Python, not a ti.func."""
+    target = fn.__func__ if inspect.ismethod(fn) else fn
+    if not inspect.isfunction(target) or getattr(target, "_is_taichi_function", False):
+        return False
+    module = getattr(target, "__module__", "") or ""
+    return not module.split(".")[0] in _LIBRARY_MODULES
+
+
+def _is_compile_time(v):
+    """v is a value Python code may compute with while the kernel compiles: a number, a string, None,
+    a field, or a list or tuple of these."""
+    if isinstance(v, (list, tuple)):
+        return all(_is_compile_time(x) for x in v)
+    return v is None or isinstance(v, (bool, int, float, str)) or is_field(v)
+
+
+def python_call(lw, fn, args, kwargs, node):
+    """A plain Python function called in a kernel runs while the kernel compiles, as Taichi runs it
+    (`cauchy = ti.Matrix(zero_matrix())`, `weights[i, n_inputs() - 1]`), where its arguments are
+    compile-time values; its result must be one too. Taichi would also run it on run-time values
+    (Taichi's expressions overload Python's operators); kerndiff's do not, so there it says to
+    make the function a ti.func."""
+    name = getattr(fn, "__name__", repr(fn))
+    if not all(_is_compile_time(a) for a in list(args) + list(kwargs.values())):
+        raise lw.error(node, f"'{name}' is a plain Python function: kerndiff runs one while the kernel compiles, "
+                             "with compile-time arguments only, and this call passes a run-time value",
+                       f"decorate '{name}' with @ti.func (or @kd.func)")
+    try:
+        result = fn(*args, **kwargs)
+    except KernDiffError:
+        raise
+    except Exception as e:
+        raise lw.error(node, f"'{name}' raised {type(e).__name__} ({e}) when kerndiff ran it while compiling the kernel",
+                       "fix the function, or decorate it with @ti.func") from None
+    if not _is_compile_time(result):
+        raise lw.error(node, f"'{name}' returned a {type(result).__name__}, which a kernel cannot use",
+                       "return numbers, or lists or tuples of them, or decorate the function with @ti.func")
+    return result
 
 
 def struct_value(lw, stype, args, kwargs, node):

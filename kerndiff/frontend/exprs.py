@@ -96,6 +96,8 @@ class Expressions:
             raise array_for_field(self, node.value, base, "index") or \
                 self.error(node, "this Python value cannot be indexed by a runtime value",
                            "index with a compile-time constant (ti.static)")
+        if isinstance(base, N.Expr):
+            raise self.error(node, "a scalar cannot be indexed", "index the vector or matrix it was computed from")
         try:
             return base[idx]
         except Exception as e:
