@@ -113,13 +113,16 @@ def test_python_helpers_run_while_compiling(f):
     def last(n):
         return n - 1
 
+    def up():
+        return ti.Vector([0.0, 1.0, 0.0])
+
     def weight(k, scale=0.5):
         return scale * (k + 1)
 
     def body():
         for i in x:
             m = ti.Matrix(zero_matrix()) + ti.Matrix([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]]) * x[i]
-            w = ti.Vector(zero_vec()) + v[i]
+            w = ti.Vector(zero_vec()) + v[i] + up() * 0.5
             y[i] = (m @ w).sum() * weight(1, scale=0.25) + x[last(N)] ** 2
 
     rng = np.random.default_rng(5)
@@ -132,7 +135,7 @@ def test_python_helpers_run_while_compiling(f):
     k()
     np.testing.assert_allclose(y.to_numpy(), expected, rtol=1e-14)
     xv, vv = x.to_numpy(), v.to_numpy()
-    by_hand = xv * (vv @ np.array([1.0, 2.0, 3.0])) * 0.5 + xv[N - 1] ** 2
+    by_hand = xv * ((vv + [0.0, 0.5, 0.0]) @ np.array([1.0, 2.0, 3.0])) * 0.5 + xv[N - 1] ** 2
     np.testing.assert_allclose(expected, by_hand, rtol=1e-14)
     for mode in ("forward", "reverse"):
         check(k, mode)

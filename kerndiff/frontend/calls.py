@@ -180,6 +180,9 @@ def python_call(lw, fn, args, kwargs, node):
     except Exception as e:
         raise lw.error(node, f"'{name}' raised {type(e).__name__} ({e}) when kerndiff ran it while compiling the kernel",
                        "fix the function, or decorate it with @ti.func") from None
+    from taichi.lang.matrix import Matrix
+    if isinstance(result, Matrix) and _is_compile_time(result.to_list()):  # ti.Vector([0.0, 1.0]) made there
+        return lw.from_list(result.to_list(), node)
     if not _is_compile_time(result):
         raise lw.error(node, f"'{name}' returned a {type(result).__name__}, which a kernel cannot use",
                        "return numbers, or lists or tuples of them, or decorate the function with @ti.func")
