@@ -190,3 +190,26 @@ def test_locals_declared_before_branches_have_their_own_type(fields):
     assert sorted(n[0] for n in declared) == ["u", "v"], declared
     wanted = {"u": "ti.f64(0.0)" if f32 else "0.0", "v": "0.0" if f32 else "ti.f32(0.0)"}
     assert {n[0]: text for n, text in declared.items()} == wanted
+
+
+def test_unit_vectors_are_integers_as_in_taichi(fields):
+    """ti.Vector.unit(n, i) holds integers unless a dtype is given, as Taichi's: it offsets an
+    index (`d[i + e[0]]` for the stencils of grouped loops) and promotes when it scales floats."""
+    x, d, y = fields
+
+    def shifted():
+        for i in range(1, N - 1):
+            y[i] = 0.0
+            for k in ti.static(range(2)):
+                e = ti.Vector.unit(2, k)
+                f = ti.Vector.unit(2, k, ti.f64)
+                y[i] += (d[i + e[0]] - d[i - e[1]]) * d[i] + (e * d[i] + f * x[i]).sum() * 0.5
+
+    (ty, tx, td), (ky, kx, kd_) = values_and_grads(shifted, y, [x, d])
+    np.testing.assert_allclose(ky, ty, rtol=1e-14)
+    np.testing.assert_allclose(kx, tx, rtol=1e-14)
+    np.testing.assert_allclose(kd_, td, rtol=1e-14)
+    dv = d.to_numpy()
+    expected = np.zeros(N)
+    expected[1:-1] = (dv[2:] - dv[1:-1]) * dv[1:-1] + (dv[1:-1] - dv[:-2]) * dv[1:-1] + dv[1:-1] + x.to_numpy()[1:-1]
+    np.testing.assert_allclose(ky, expected, rtol=1e-5 if ti.lang.impl.get_runtime().default_fp == ti.f32 else 1e-13)

@@ -174,14 +174,15 @@ def _vec_one(lw, node, args, kwargs):
 
 
 def _vec_unit(lw, node, args, kwargs):
-    """ti.Vector.unit(n, i, dt=None): the i-th unit vector (n and i compile-time, as in Taichi)."""
-    from ..ir.types import default_fp, from_taichi
+    """ti.Vector.unit(n, i, dt=None): the i-th unit vector (n and i compile-time, as in Taichi),
+    of integers unless dt says otherwise, as Taichi's: `u[I + ti.Vector.unit(2, d)]` indexes."""
+    from ..ir.types import default_ip, from_taichi
 
     n, i = args[0], args[1]
     dt = args[2] if len(args) > 2 else kwargs.get("dt")
     if not isinstance(n, int) or not isinstance(i, int):
         raise lw.error(node, "ti.Vector.unit takes compile-time n and i", "pass constants (ti.static loop indices)")
-    d = from_taichi(dt) if dt is not None else default_fp()
+    d = from_taichi(dt) if dt is not None else default_ip()
     return Vec((n,), [B.const(1 if k == i else 0, d) for k in range(n)])
 
 
