@@ -22,9 +22,11 @@ def base_ir(kernel, templates):
     return got[0]
 
 
-def transform(ir, step, level, last_reverse=False):
+def transform(ir, step, level, last_reverse=False, over_reverse=False):
     """ir after one transform step. last_reverse: no reverse step follows this one (its long
-    loops may then keep checkpoints in helper fields, on the CPU; see Reverse.checkpoint_rows)."""
+    loops may then keep checkpoints in helper fields, on the CPU; see Reverse.checkpoint_rows).
+    over_reverse: a reverse step came before this one (a forward step then leaves norms' tangents
+    unguarded, ad.forward.Forward.guard_norms)."""
     from .ad.forward import forward_kernel
     from .ad.reverse import reverse_kernel
     from .ir.walk import without_prints
@@ -36,7 +38,7 @@ def transform(ir, step, level, last_reverse=False):
     ir = dataclasses.replace(ir, body=without_prints(ir.body))
     step, _ = split_step(step)  # the level is given apart
     if step == "forward":
-        return optimize(forward_kernel(ir, level))
+        return optimize(forward_kernel(ir, level, guard_norms=not over_reverse))
     # "reverse_from_inputs": kd.Tape's variant for kernels that update fields in place
     rev = reverse_kernel(ir, level, inputs_restored=step == "reverse_from_inputs",
                          checkpoint_fields=last_reverse and _on_cpu())
@@ -73,6 +75,7 @@ def kernel_ir(kernel, templates):
     that k.reverse built (fields appearing elsewhere, such as the duals of k.reverse's adjoint
     fields, do not invalidate it)."""
     from .ad.hazards import refuse_reading_results
+    from .runtime.kernel import split_step
     primal = ir = base_ir(kernel, templates)
     key = ("base", kernel.root.uid, tuple((n, id(v)) for n, v in sorted(templates.items())))
     for i, step in enumerate(kernel.path):
@@ -85,7 +88,8 @@ def kernel_ir(kernel, templates):
         if got is not None:
             ir, key = got[0], before
             continue
-        out = transform(ir, step, level, last_reverse)
+        over_reverse = any(split_step(earlier)[0] != "forward" for earlier in kernel.path[:i])
+        out = transform(ir, step, level, last_reverse, over_reverse)
         key = (key, step, level, last_reverse, _derivative_state(ir, step, level))
         CACHE[key] = (out, ir)  # the input is kept alive: the key holds ids of its fields
         ir = out

@@ -346,3 +346,38 @@ def test_pow_is_differentiable_where_its_base_or_exponent_is_zero():
     np.testing.assert_allclose(jv, da * ta + db * tb, rtol=1e-13)
     hv = kd.hvp(powers, inputs=[a, b], output=out)([av, bv], [ta, tb], cotangent=np.ones(3))
     assert all(np.isfinite(h).all() for h in hv), hv  # (finite differences step to a < 0: NaN there)
+
+
+def test_a_norm_that_nothing_moves_has_a_zero_tangent():
+    """`(v[0] - v[1]).norm()` at v[0] = v[1] (two bodies at rest, DiffTaichi's rigid-body joint):
+    its tangent (r · ṙ) / |r| was 0 / 0 even along a direction that does not move v, and the
+    NaN reached every output of the forward kernel while the reverse's gradient was finite.
+    Where every component's tangent is 0 the norm's is 0 now (exactly: the norm does not move);
+    along a direction that moves r at r = 0 it stays NaN (no derivative there, and the reverse
+    says NaN too). Checked against the closed form, the reverse, and finite differences."""
+    v = ti.Vector.field(2, ti.f64, shape=2)
+    s, out = ti.field(ti.f64, shape=()), ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def joint():
+        for _ in range(1):
+            r = v[0] - v[1]
+            n = r.norm() + 0.1
+            out[None] += n * s[None] ** 2 + ti.tanh(s[None]) * n
+
+    at_rest = np.array([[0.3, -0.2], [0.3, -0.2]])
+    jvp = kd.forward(joint, inputs=[v, s], output=out)
+    expected = 2 * 0.7 * 0.1 + (1 - np.tanh(0.7) ** 2) * 0.1
+    assert jvp([at_rest, 0.7], tangents=[np.zeros((2, 2)), 1.0]) == pytest.approx(expected, rel=1e-14)
+    assert np.isnan(jvp([at_rest, 0.7], tangents=[np.array([[1.0, 0.0], [0.0, 0.0]]), 1.0]))
+    (_, ds) = kd.backward(joint, inputs=[v, s], output=out)([at_rest, 0.7])
+    assert ds == pytest.approx(expected, rel=1e-14)
+    moved = np.array([[0.3, -0.2], [0.1, 0.4]])
+    d = np.linalg.norm(moved[0] - moved[1])
+    unit = (moved[0] - moved[1]) / d
+    t = np.array([[0.5, -1.0], [0.25, 2.0]])
+    got = jvp([moved, 0.7], tangents=[t, 0.0])
+    assert got == pytest.approx((0.49 + np.tanh(0.7)) * unit @ (t[0] - t[1]), rel=1e-13)
+    s[None] = 0.7
+    v.from_numpy(moved)
+    assert kd.check_grad(joint, [v, s], out) < 1e-6

@@ -180,7 +180,7 @@ def test_sources_read_component_by_component_value_before_tangent(kernels):
     k.forward()
     assert _before(k.forward.source, "d_0 = ", "d_0_dual = ")
     # adds into fields keep the tangent's first (opt.tangent_order says why)
-    assert _before(k.forward.source, "E_dual[None] += (", "E[None] += t")
+    assert _before(k.forward.source, "E_dual[None] += ", "E[None] += t")
     rev, hvp = k.reverse.source, k.reverse.forward.source
     assert _before(rev, "pos_adj[ends[s][0]][0] += d_0_adj", "pos_adj[ends[s][0]][1] += d_1_adj")
     assert _before(hvp, "d_0 = ", "d_0_dual = ") and _before(hvp, "d_0_dual = ", "d_1 = ")

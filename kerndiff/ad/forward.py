@@ -16,6 +16,17 @@ from .rules import NO_DERIVATIVE, count_derivative, guards_a_singularity, partia
 from .activity import check_function_body, field_activity, varied_vars
 
 
+def squared_bases(e):
+    """[x, y, ...] where e is x * x + y * y + ... (a norm's square, as vec.norm_sqr builds it),
+    else None."""
+    if isinstance(e, N.Call) and e.op == "add":
+        left, right = squared_bases(e.args[0]), squared_bases(e.args[1])
+        return None if left is None or right is None else left + right
+    if isinstance(e, N.Call) and e.op == "mul" and e.args[0] == e.args[1]:
+        return [e.args[0]]
+    return None
+
+
 class Forward:
     def __init__(self, names, dual_of_field, tangent_names=None, loaded_dual=None):
         self.names = names                # NameAllocator shared with the IR being transformed
@@ -27,6 +38,10 @@ class Forward:
         # piecewise_zeros.piecewise_locals of the code: a singular op's partial multiplies the
         # tangent of an argument holding a min/max/abs/select (or one of these) with mul_or_zero
         self.piecewise = frozenset()
+        # a norm's tangent is 0 where no component moves (_norm_tangent). Off over a reverse
+        # kernel (k.reverse.forward): there the reverse's own r / |r| is already NaN at r = 0, and
+        # the guard would hide the tangent from opt.algebra's collection of like terms
+        self.guard_norms = True
 
     # ----------------------------------------------------------- expressions
     def jvp(self, e: N.Expr, memo=None):
@@ -68,7 +83,26 @@ class Forward:
         zero_safe = is_steep(e)
         terms = [B.call("mul_or_zero", t, p) if zero_safe and is_piecewise(a, self.piecewise) else B.mul(p, t)
                  for a, p, t in zip(e.args, ps, tangents) if t is not None and p is not None]
-        return B.sum_of(terms, e.dtype)
+        tangent = B.sum_of(terms, e.dtype)
+        if e.op == "sqrt" and self.guard_norms:
+            return self._norm_tangent(e, tangent, memo)
+        return tangent
+
+    def _norm_tangent(self, e, tangent, memo):
+        """A norm's tangent, (r · ṙ) / |r|, is 0 / 0 at r = 0 even where nothing moves r (two bodies
+        at rest, `(v_a - v_b).norm()`, seeded along a weight that reaches them only later). Where
+        every component's tangent is zero the norm does not move: its tangent is 0 there, exactly;
+        where some component moves at r = 0 it stays NaN, as the norm has no derivative there (and
+        its reverse says NaN too). `e` is sqrt of a sum of squares; other roots keep `tangent`."""
+        bases = squared_bases(e.args[0])
+        if bases is None:
+            return tangent
+        moving = [t for t in (self.jvp(x, memo) for x in bases) if t is not None]
+        still = None
+        for t in moving:
+            zero = B.call("eq", t, B.const(0, t.dtype))
+            still = zero if still is None else B.call("and", still, zero)
+        return tangent if still is None else B.select(still, B.const(0, e.dtype), tangent)
 
     # ----------------------------------------------------------- statements
     def block(self, stmts):
@@ -120,9 +154,10 @@ class Forward:
         return forward_atomic_minmax(self, s, d)
 
 
-def forward_kernel(ir: N.KernelIR, level: int, loaded_dual=None) -> N.KernelIR:
+def forward_kernel(ir: N.KernelIR, level: int, loaded_dual=None, guard_norms=True) -> N.KernelIR:
     """The forward-mode (JVP) kernel of `ir` at derivative level `level`. loaded_dual: which
-    field a load's tangent reads, given the field it loads (default: its dual of this level)."""
+    field a load's tangent reads, given the field it loads (default: its dual of this level).
+    guard_norms: see Forward.guard_norms."""
     from .names import NameAllocator, tangent_var
 
     ir = dataclasses.replace(ir, body=count_derivative(ir.body))
@@ -134,6 +169,7 @@ def forward_kernel(ir: N.KernelIR, level: int, loaded_dual=None) -> N.KernelIR:
     fwd = Forward(names, dual_of_field, tangent_names,
                   None if loaded_dual is None else loaded_dual(dual_of_field))
     fwd.piecewise = piecewise_locals(ir.body)
+    fwd.guard_norms = guard_norms
     body = fwd.block(ir.body)
     returns = tuple(ir.returns) + tuple(ir.returns)
     return dataclasses.replace(ir, name=f"{ir.name}_fwd", body=body, returns=returns)

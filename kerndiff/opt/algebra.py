@@ -65,7 +65,7 @@ import numpy as np
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
+from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in, map_expr,
                        rebuild_stmt, vars_in)
 from .reciprocal import exact_names, is_reciprocal, rewritable
 
@@ -464,6 +464,9 @@ def collect_terms(body, is_derivative, exact=None, readers=None):
     defs = {}  # local -> Definition
     out = []
     for s in body:
+        if rewritable(s, exact, is_derivative) and any(_is_select(x) for x in iter_expr(s.value)):
+            s = dataclasses.replace(s, value=map_expr(s.value, lambda x: _collected_branches(x, defs)
+                                                      if _is_select(x) and is_float(x.dtype) else x))
         if rewritable(s, exact, is_derivative) and is_float(s.value.dtype) and arith_ops(s.value) >= 3:
             new = _collected(s.value, defs)
             sums = {v.name for v in vars_in(s.value) if v.name in defs and defs[v.name].spread}
@@ -516,6 +519,22 @@ def collect_terms(body, is_derivative, exact=None, readers=None):
                                           {id(x.ref.field) for a in atoms for x in loads_in(a)}, taken,
                                           arith_ops(s.value) if one_reader else 0, not _looked_through(terms))
     return tuple(out)
+
+
+def _is_select(e):
+    return isinstance(e, N.Call) and e.op == "select"
+
+
+def _collected_branches(value, defs):
+    """A select's branches, each collected where that is cheaper: a norm's guarded tangent
+    (ad.forward: `select(d_0_dual == 0 and d_1_dual == 0, 0, 0.5 / t1 * (d_0 * d_0_dual * 2.0 +
+    ...))`) keeps the simple form its unguarded tangent had, `(d_0 * d_0_dual + ...) / t1`."""
+    cond, *branches = value.args
+    new = []
+    for b in branches:
+        c = _collected(b, defs) if arith_ops(b) >= 3 else None
+        new.append(c if c is not None and _cheaper(c, b, defs) else b)
+    return dataclasses.replace(value, args=(cond, *new))
 
 
 def collected(value):
