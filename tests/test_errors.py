@@ -98,6 +98,35 @@ def test_python_call_inside_kernel(f):
 
     raises(raises_inside, "'broken' raised TypeError", "while compiling the kernel", line_text="broken(2)[0]")
 
+    # a field read while compiling would be a constant: refused, whether the field is passed in,
+    # read as a global (here through a helper of the helper), or reached through an object
+    def first(f):
+        return f[0]
+
+    def scale():
+        return 2.0 * first_of_y()
+
+    def first_of_y():
+        return y[0]
+
+    y = f["y"]
+
+    @kd.kernel
+    def passes_a_field():
+        for i in x:
+            x[i] = first(y) * x[i]
+
+    raises(passes_a_field, "'first' is a plain Python function", "passes a run-time value or a field",
+           line_text="first(y) * x[i]")
+
+    @kd.kernel
+    def reads_a_field():
+        for i in x:
+            x[i] = scale() * x[i]
+
+    raises(reads_a_field, "'scale' is a plain Python function that reads 'first_of_y'", "its derivative lost",
+           line_text="scale() * x[i]")
+
 
 def test_python_helpers_run_while_compiling(f):
     """`ti.Matrix(zero_matrix())` (DiffTaichi's liquid), an index from a helper, and a helper's

@@ -151,15 +151,47 @@ def _is_plain_python(fn):
     if not inspect.isfunction(target) or getattr(target, "_is_taichi_function", False):
         return False
     module = getattr(target, "__module__", "") or ""
-    return not module.split(".")[0] in _LIBRARY_MODULES
+    return module.split(".")[0] not in _LIBRARY_MODULES
 
 
 def _is_compile_time(v):
     """v is a value Python code may compute with while the kernel compiles: a number, a string, None,
-    a field, or a list or tuple of these."""
+    or a list or tuple of these."""
     if isinstance(v, (list, tuple)):
         return all(_is_compile_time(x) for x in v)
-    return v is None or isinstance(v, (bool, int, float, str)) or is_field(v)
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _hidden_state(fn, seen=None):
+    """The name of a global or closure value that fn (or a plain function it names) reads that is
+    not plain data (numbers, strings, arrays, functions, modules, classes, and lists, tuples and
+    dicts of these), or None. Run while the kernel compiles, a read of a field there would take
+    the value the field holds now and keep it, where Taichi, running the function in Taichi
+    scope, reads the field at run time: the derivative would miss it."""
+    import numpy as np
+    seen = set() if seen is None else seen
+    if id(fn) in seen:
+        return None
+    seen.add(id(fn))
+
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return all(plain(x) for x in v)
+        if isinstance(v, dict):
+            return all(plain(x) for x in v.values())
+        if inspect.isfunction(v):
+            return _hidden_state(v, seen) is None
+        return v is None or isinstance(v, (bool, int, float, complex, str, bytes, np.ndarray, np.generic)) \
+            or inspect.ismodule(v) or inspect.isclass(v) or inspect.isbuiltin(v)
+
+    codes, names = [fn.__code__], set()
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if inspect.iscode(c))
+    values = {n: fn.__globals__[n] for n in sorted(names) if n in fn.__globals__}
+    values.update(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+    return next((n for n, v in values.items() if not plain(v)), None)
 
 
 def python_call(lw, fn, args, kwargs, node):
@@ -169,9 +201,17 @@ def python_call(lw, fn, args, kwargs, node):
     (Taichi's expressions overload Python's operators); kerndiff's do not, so there it says to
     make the function a ti.func."""
     name = getattr(fn, "__name__", repr(fn))
+    target = fn.__func__ if inspect.ismethod(fn) else fn
+    hidden = "self" if inspect.ismethod(fn) else _hidden_state(target)
+    if hidden is not None:
+        raise lw.error(node, f"'{name}' is a plain Python function that reads '{hidden}', which may hold fields: "
+                             "kerndiff runs such a function while the kernel compiles, and a field read there "
+                             "would be a constant, its derivative lost (Taichi reads it at run time)",
+                       f"decorate '{name}' with @ti.func (or @kd.func)")
     if not all(_is_compile_time(a) for a in list(args) + list(kwargs.values())):
         raise lw.error(node, f"'{name}' is a plain Python function: kerndiff runs one while the kernel compiles, "
-                             "with compile-time arguments only, and this call passes a run-time value",
+                             "with compile-time arguments only (numbers, strings, lists of them), and this call "
+                             "passes a run-time value or a field",
                        f"decorate '{name}' with @ti.func (or @kd.func)")
     try:
         result = fn(*args, **kwargs)
