@@ -48,7 +48,7 @@ import tempfile
 import numpy as np
 import pytest
 import taichi as ti
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kerndiff as kd
@@ -378,6 +378,9 @@ def check_program(fields, seed):
 
 @settings(PROFILE)
 @given(seed=st.integers(0, 2 ** 32 - 1))
+# an atomic min whose winning contribution is a difference of terms ten times its size, which
+# LLVM's fast math rounded differently in the pass that finds the winners (ad.minmax.magnitude)
+@example(seed=124956839)
 def test_random_programs(fields, seed):
     check_program(fields, seed)
 

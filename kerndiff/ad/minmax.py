@@ -40,14 +40,39 @@ def count_field(ref):
 # miss the result by an ulp or two, and an exact comparison then found no winner and returned a
 # zero derivative (found by a fuzzer of multi-loop programs, session 31). Contributions within the
 # tolerance of the result share its derivative as ties do.
+# The units are those of the contribution's magnitude (`magnitude`), not of the result alone: where
+# the contribution is a difference of larger terms, `a / (1.5 + x * x) - (t * 0.5 + b)` near -0.04
+# with terms near 1, an ulp of a term is many ulps of the result (the programs fuzzer's seed
+# 124956839: no winner found, a zero tangent where a contribution had won).
 REACH = {"f64": 2.0 ** -49, "f32": 2.0 ** -20, "f16": 2.0 ** -7}
 
 
+def magnitude(e, dtype):
+    """A first-order bound, up to a few units of rounding, on how far rounding can move the value of
+    the float expression e (Higham's running error bound): |e| for a leaf or another op, the sum of
+    the terms' magnitudes for a sum or difference, products and quotients of magnitudes for
+    products and quotients."""
+    if isinstance(e, N.Call) and e.dtype == dtype:
+        if e.op in ("add", "sub"):
+            return B.add(magnitude(e.args[0], dtype), magnitude(e.args[1], dtype))
+        if e.op == "neg":
+            return magnitude(e.args[0], dtype)
+        if e.op == "mul":
+            return B.mul(magnitude(e.args[0], dtype), magnitude(e.args[1], dtype))
+        if e.op == "div":
+            return B.div(magnitude(e.args[0], dtype), B.call("abs", B.cast(e.args[1], dtype)))
+    return B.call("abs", B.cast(e, dtype))
+
+
 def winner(s):
-    """Whether the contribution of s, recomputed, reaches the result left in its field."""
+    """Whether the contribution of s, recomputed, reaches the result left in its field: equal to
+    it, or within REACH of it in units of the larger of the result and the contribution's
+    magnitude."""
     result = B.load(s.ref, s.index)
-    tol = B.const(REACH.get(s.ref.dtype, 2.0 ** -20), s.ref.dtype)
-    near = B.call("le", B.call("abs", B.sub(s.value, result)), B.mul(tol, B.call("abs", result)))
+    dtype = s.ref.dtype
+    tol = B.const(REACH.get(dtype, 2.0 ** -20), dtype)
+    scale = B.call("max", B.call("abs", result), magnitude(B.cast(s.value, dtype), dtype))
+    near = B.call("le", B.call("abs", B.sub(s.value, result)), B.mul(tol, scale))
     return B.call("or", B.call("eq", s.value, result), near)
 
 
