@@ -261,3 +261,23 @@ def test_a_term_a_sum_takes_twice_is_taken_once_with_its_count():
     twice = call("add", call("add", ab, c), ab)
     new = merge_repeated_terms((N.Store(out, (), twice), N.Store(dual, (), twice)), lambda f: f is dual.field)
     assert new[0].value == twice and new[1].value == call("add", times(ab, 2.0), c)
+
+
+def test_lines_past_taichis_limit_are_broken_inside_their_brackets():
+    """Taichi 1.7 reads kernel source through textwrap.fill(width=9999), which broke a
+    10240-character line in two and failed the compile (programs fuzzer seed 5588194): emit's
+    `wrapped` breaks such lines inside brackets, at spaces outside strings, into lines of about
+    120 characters; the statement parses to the same tree."""
+    import ast
+
+    from kerndiff.codegen.emit import LONG_LINE, wrapped
+
+    terms = " + ".join(f"ti.sqrt(a[{k}] * b[{k}] + 0.5)" for k in range(300))
+    line = f'        y[i] = ({terms}) * f(", (", "x")'
+    assert len(line) > LONG_LINE
+    broken = wrapped(line)
+    assert broken.count("\n") > 50 and max(len(part) for part in broken.split("\n")) < 200
+    assert ast.dump(ast.parse(broken.strip())) == ast.dump(ast.parse(line.strip()))
+    assert '", ("' in broken  # the string literal is left whole
+    short = "        y[i] = a[i] + b[i]"
+    assert wrapped(short) == short

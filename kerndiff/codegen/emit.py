@@ -496,4 +496,35 @@ def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=()):
     em.lines.append("@ti.kernel")
     em.lines.append(f"def {fn_name}({params}){ret}:")
     em.block(ir.body, 1, ())
-    return "\n".join(em.lines) + "\n", em.component_globals
+    return "\n".join(wrapped(line) for line in em.lines) + "\n", em.component_globals
+
+
+# Taichi 1.7 reads a kernel's source through textwrap.fill(line, width=9999) (kernel_impl.
+# _get_tree_and_ctx), which breaks a longer line in two: the parsed tree then has a line more
+# than the source Taichi holds, and compiling fails with an IndexError (the programs fuzzer's
+# seed 5588194 made a 10240-character tangent inside an atomic max's winner test). Lines past
+# LONG_LINE are broken inside their brackets, where Python continues a statement.
+LONG_LINE, WRAP_AT = 4000, 120
+
+
+def wrapped(line):
+    """line, broken into lines of about WRAP_AT characters at spaces inside brackets (outside
+    string literals) where it is longer than LONG_LINE, the continuations indented 8 past it."""
+    if len(line) <= LONG_LINE or line.lstrip().startswith("#"):
+        return line
+    indent = " " * (len(line) - len(line.lstrip()) + 8)
+    out, start, depth, quote = [], 0, 0, None
+    for at, c in enumerate(line):
+        if quote:
+            quote = None if c == quote and line[at - 1] != "\\" else quote
+        elif c in "\"'":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == " " and depth > 0 and at - start >= WRAP_AT:
+            out.append(line[start:at])
+            start = at + 1
+    out.append(line[start:])
+    return ("\n" + indent).join(out)
