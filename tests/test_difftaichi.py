@@ -200,9 +200,9 @@ def test_diffmpm_gradient_against_taichi_tape_and_finite_differences(diffmpm):
 
 
 def test_list_stores_into_vector_and_matrix_elements(runtime):
-    """`x[i] = [a, b]`, `m[i] = [[...], [...]]`, `m[i] = [row, row]` and `x[i] += [...]` store what
-    ti.Vector / ti.Matrix of the list would, with derivatives; a list of the wrong length, or
-    ragged rows, is refused naming the line."""
+    """`x[i] = [a, b]`, `m[i] = [[...], [...]]`, `m[i] = [row, row]`, `x[i] += [...]`, `x[i] -= [...]`
+    and `v += [...]` on a local take the list as ti.Vector / ti.Matrix of it, with derivatives; a
+    list of the wrong length, or ragged rows, is refused naming the line."""
     n = 4
     a = ti.field(ti.f64, shape=n, needs_grad=True)
     x = ti.Vector.field(2, ti.f64, shape=n, needs_grad=True)
@@ -216,6 +216,10 @@ def test_list_stores_into_vector_and_matrix_elements(runtime):
         for i in a:
             x[i] = [ti.sin(a[i]), a[i] ** 2]
             x[i] += [1.0, a[i]]
+            x[i] -= [0.5, 0.0]
+            local = ti.Vector([0.0, 0.0])
+            local += [0.5, 0.0]
+            x[i] += local
             m[i] = [[a[i], 2.0], [0.0, ti.exp(a[i])]]
         for i in a:
             out[None] += x[i].dot(x[i]) + m[i].determinant()

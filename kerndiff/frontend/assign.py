@@ -371,6 +371,8 @@ class Assignments:
             raise self.error(node, f"augmented assignment '{type(node.op).__name__}' is not supported",
                              "write it out: a = a op b")
         value = self.expr(node.value)
+        if isinstance(value, (list, tuple)):  # v += [1.0, 2.0], x[i] -= [a, b]: a vector, as in Taichi
+            value = self.from_list(value, node)
         if isinstance(node.target, ast.Attribute) and len(node.target.attr) > 1 and swizzle_index(node.target.attr):
             value = self.binary(op, self.expr(node.target), value, node) if op not in ("add", "sub") else value
             parts = self.swizzle_targets(node.target, value, node)
