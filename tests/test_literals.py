@@ -213,3 +213,31 @@ def test_unit_vectors_are_integers_as_in_taichi(fields):
     expected = np.zeros(N)
     expected[1:-1] = (dv[2:] - dv[1:-1]) * dv[1:-1] + (dv[1:-1] - dv[:-2]) * dv[1:-1] + dv[1:-1] + x.to_numpy()[1:-1]
     np.testing.assert_allclose(ky, expected, rtol=1e-5 if ti.lang.impl.get_runtime().default_fp == ti.f32 else 1e-13)
+
+
+def test_a_list_beside_a_vector_is_a_vector_as_in_taichi(fields):
+    """`x[i] * [0.5, 3.0]`, `[1.0, 2.0] - v`, `M + [[..], [..]]`: Taichi's Matrix operators read a
+    list operand as a vector or matrix; alone, a list stays a Python sequence (test_errors)."""
+    x, d, y = fields
+    rng = np.random.default_rng(3)
+    v = ti.Vector.field(2, ti.f64, shape=N, needs_grad=True)
+    m = ti.Matrix.field(2, 2, ti.f64, shape=N, needs_grad=True)
+    v.from_numpy(rng.uniform(0.5, 1.5, (N, 2)))
+    m.from_numpy(rng.standard_normal((N, 2, 2)))
+
+    def with_lists():
+        for i in range(N):
+            scale = (0.5, 3.0)
+            a = v[i] * [0.5, 3.0] + [1.0, 2.0] - v[i] / scale
+            b = [2.0, 1.0] / v[i] + v[i] ** [2, 3]
+            c = m[i] + [[0.5, 3.0], [1.0, x[i]]]
+            y[i] = a.dot(b) + (c * c).sum()
+
+    (ty, tv, tm, tx), (ky, kv, km, kx) = values_and_grads(with_lists, y, [v, m, x])
+    for got, want in ((ky, ty), (kv, tv), (km, tm), (kx, tx)):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    vv, mv, xv = v.to_numpy(), m.to_numpy(), x.to_numpy().astype(np.float64)
+    a = vv * [0.5, 3.0] + [1.0, 2.0] - vv / [0.5, 3.0]
+    b = [2.0, 1.0] / vv + vv ** [2, 3]
+    c = mv + np.stack([np.broadcast_to([[0.5, 3.0]], (N, 2)), np.stack([np.ones(N), xv], 1)], 1)
+    np.testing.assert_allclose(ky, (a * b).sum(1) + (c * c).sum((1, 2)), rtol=1e-6)

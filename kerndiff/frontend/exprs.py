@@ -179,7 +179,11 @@ class Expressions:
     def sequence_op(self, a, b, node):
         """A list or tuple literal in a kernel is a Python sequence, as in Taichi: `[0.0] * 4`
         repeats it and `[a] + [b]` joins, so treating them as vectors would silently change the
-        length; arithmetic with a number is refused, as Python (and so Taichi) refuses it."""
+        length; arithmetic with a number is refused, as Python (and so Taichi) refuses it. Beside a
+        vector or matrix it is one, as Taichi's Matrix operators read it (`x[i] * [0.5, 3.0]`)."""
+        if type(node.op) in BINOPS and (isinstance(a, V.Vec) or isinstance(b, V.Vec)):
+            a, b = (self.from_list(v, node) if isinstance(v, (list, tuple)) else v for v in (a, b))
+            return self.binary(BINOPS[type(node.op)], a, b, node)
         a, b = known_int(a), known_int(b)
         if isinstance(node.op, ast.Add) and type(a) is type(b):
             return a + b
