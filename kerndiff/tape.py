@@ -420,6 +420,8 @@ class FwdMode:
             if not returns:
                 return out
             # the kernel's own values, as under ti.ad.FwdMode (the forward kernel adds tangents)
+            if kernel._return_shape is not None:
+                return out[0]  # (value, tangent) as vectors or matrices
             return out[0] if returns == 1 else tuple(out[:returns])
         return run
 

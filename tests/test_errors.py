@@ -553,6 +553,21 @@ def test_return_not_last(f):
     raises(k, "return must be the last statement")
 
 
+def test_returning_other_than_the_annotation_declares(f):
+    x = f["x"]
+
+    @kd.kernel
+    def scalar_for_vector() -> ti.math.vec2:
+        return x[0]
+
+    @kd.kernel
+    def three_for_two() -> (ti.f64, ti.f64):
+        return x[0], x[1], x[2]
+
+    raises(scalar_for_vector, "returns 1 value(s) where its annotation declares 2", line_text="return x[0]")
+    raises(three_for_two, "returns 3 value(s) where its annotation declares 2", line_text="return x[0], x[1], x[2]")
+
+
 def test_missing_annotation(f):
     @kd.kernel
     def k(a):
@@ -575,11 +590,17 @@ def test_missing_annotation(f):
         scaled(f["x"])  # Taichi's own launch error before
 
     @kd.kernel
-    def returns_vector() -> ti.math.vec2:  # crashed with a KeyError before
-        return ti.Vector([1.0, 2.0])
+    def returns_struct() -> ti.types.struct(a=ti.f64):  # (a vector once crashed with a KeyError)
+        return 1.0
 
-    raises(returns_vector, "unsupported return type ti.types.vector(2, ", "write vectors into a field",
-           line_text="def returns_vector() -> ti.math.vec2:")
+    raises(returns_struct, "unsupported return type", "a vector or matrix type, or write into a field",
+           line_text="def returns_struct() -> ti.types.struct(a=ti.f64):")
+
+    @kd.kernel
+    def takes_struct(s: ti.types.struct(a=ti.f64, n=ti.i32)):
+        pass
+
+    raises(lambda: takes_struct(None), "unsupported annotation ti.types.struct(a=f64, n=i32) of parameter 's'")
 
 
 def test_vector_shape_mismatch(f):

@@ -545,8 +545,12 @@ def lower_kernel(fn, bound_args: dict, param_dtypes: dict, return_dtype):
                 raise lw.error(r.args[0], "the kernel returns a value but has no return annotation",
                                "annotate it, e.g. `-> ti.f64`")
             val = lw.expr(r.args[0].value) if r.args[0].value is not None else None
-            vals = val if isinstance(val, tuple) else (val,)
+            vals = val if isinstance(val, tuple) else tuple(val.items) if isinstance(val, Vec) else (val,)
             dts = return_dtype if isinstance(return_dtype, tuple) else (return_dtype,)
+            if len(vals) != len(dts):
+                raise lw.error(r.args[0], f"the kernel returns {len(vals)} value(s) where its annotation "
+                                          f"declares {len(dts)}",
+                               "return what the annotation says, or change the annotation")
             exprs = tuple(B.cast(lw.scalar(v, r.args[0]), d) for v, d in zip(vals, dts))
             lw.emit(N.Return(exprs, src=lw.loc(r.args[0])))
             returns = dts

@@ -59,6 +59,7 @@ class Kernel:
         self.__name__ = getattr(fn, "__name__", "kernel")
         self.__doc__ = getattr(fn, "__doc__", None)
         self._signature = None
+        self._return_shape = None  # `-> ti.math.vec3`: (3,); its components are returned as a tuple
         self._last_key = None
 
     # ---------------------------------------------------------------- transforms
@@ -172,6 +173,10 @@ class Kernel:
             try:
                 if ret is inspect.Signature.empty or ret is None:
                     rdt = None
+                elif _is_vector_type(ret):
+                    self._return_shape = _type_shape(ret)
+                    dtype = from_taichi(ret.dtype if ret.dtype is not None else impl.get_runtime().default_fp)
+                    rdt = (dtype,) * _size(self._return_shape)
                 elif isinstance(ret, tuple):
                     rdt = tuple(from_taichi(r) for r in ret)
                 else:
@@ -179,8 +184,8 @@ class Kernel:
             except (KeyError, TypeError):
                 raise self._parameter_error(None, f"unsupported return type {_type_name(ret)} of kernel "
                                                   f"{self.__name__}",
-                                            "return a scalar (ti.f32, ti.f64, ti.i32, float, int), or write "
-                                            "vectors into a field") from None
+                                            "return a scalar (ti.f32, ti.f64, ti.i32, float, int), a tuple "
+                                            "of them, a vector or matrix type, or write into a field") from None
             self._signature = (params, rdt)
         return self._signature
 
@@ -407,6 +412,8 @@ class Kernel:
         call_args = [v for _, _, v in scalars]
         extra = [p for p in ir.params[len(call_args):]]
         if extra:
+            if self._return_shape is not None and cotangent is not None and not isinstance(cotangent, numbers.Number):
+                cotangent = _flat_components(cotangent)
             cts = cotangent if isinstance(cotangent, (tuple, list)) else \
                 [1.0 if cotangent is None else cotangent] * len(extra)
             if len(cts) != len(extra):
@@ -428,7 +435,21 @@ class Kernel:
             if variant is not None and all(fields_equal(a, b) for a, b in variant[1]):
                 run = variant[0]
         out = run(*call_args)
-        return tuple(out) if isinstance(out, list) else out
+        return self.returned(tuple(out) if isinstance(out, list) else out)
+
+    def returned(self, out):
+        """A launch's result as the user sees it: for `-> ti.math.vec3`, the components regrouped
+        into ti.Vector (ti.Matrix) values as Taichi returns them: one for the primal, the values
+        and then each level's tangents for forward kernels (`k.forward()` -> (value, tangent))."""
+        if self._return_shape is None or out is None:
+            return out
+        flat = list(out) if isinstance(out, tuple) else [out]
+        n = _size(self._return_shape)
+        make = ti.Vector if len(self._return_shape) == 1 else \
+            (lambda xs: ti.Matrix([xs[r * self._return_shape[1]:(r + 1) * self._return_shape[1]]
+                                   for r in range(self._return_shape[0])]))
+        groups = [make(flat[k:k + n]) for k in range(0, len(flat), n)]
+        return groups[0] if len(groups) == 1 else tuple(groups)
 
 
 def _scatter_config(k):
@@ -483,6 +504,24 @@ def _numpy_scalar(v):
     return isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.shape == ())
 
 
+def _size(shape):
+    count = 1
+    for extent in shape:
+        count *= extent
+    return count
+
+
+def _flat_components(cotangent):
+    """A cotangent for a vector- or matrix-returning kernel as a flat list: a vector, matrix,
+    array or nested list; or a tuple of them, one per returned group (a forward kernel's reverse
+    takes the value's and the tangent's)."""
+    import numpy as np
+    if isinstance(cotangent, tuple) and any(not isinstance(c, numbers.Number) for c in cotangent):
+        return [float(c) for part in cotangent for c in _flat_components(part)]
+    arr = cotangent.to_numpy() if hasattr(cotangent, "to_numpy") else cotangent
+    return [float(c) for c in np.asarray(arr, dtype=np.float64).ravel()]
+
+
 def _is_vector_type(ann):
     return type(ann).__name__ in ("VectorType", "MatrixType")
 
@@ -492,8 +531,10 @@ def _type_shape(ann):
 
 
 def _type_name(ann):
-    """A Taichi type annotation as written (its repr is an object address for vectors)."""
+    """A Taichi type annotation as written (its repr is an object address for vectors and structs)."""
+    if type(ann).__name__ == "StructType":
+        return f"ti.types.struct({', '.join(f'{k}={_type_name(v)}' for k, v in ann.members.items())})"
     if not _is_vector_type(ann):
-        return repr(ann)
+        return str(ann) if type(ann).__name__ == "DataType" else repr(ann)
     kind = "vector" if len(_type_shape(ann)) == 1 else "matrix"
     return f"ti.types.{kind}({', '.join(map(str, _type_shape(ann)))}, {ann.dtype})"
