@@ -30,6 +30,46 @@ def intercept(kernel, args, kwargs):
     return ctx.launch(kernel, args, kwargs)
 
 
+def is_custom_gradient(fn):
+    """Whether a call Taichi reports to its target tape is a function decorated with
+    @ti.ad.grad_replaced (its gradient set by @ti.ad.grad_for, or still None) or @ti.ad.no_grad:
+    Taichi reports those before running them, with its runtime's grad_replaced flag up, and keeps
+    the kernels they launch off the tape."""
+    from taichi.lang import impl
+    return impl.get_runtime().grad_replaced and hasattr(fn, "grad") and not hasattr(fn, "func") \
+        and not hasattr(fn, "__self__") and callable(fn)
+
+
+def in_custom_gradient():
+    """Whether a launch happens inside a @ti.ad.grad_replaced / @ti.ad.no_grad function."""
+    from taichi.lang import impl
+    return bool(impl.get_runtime().grad_replaced)
+
+
+def custom_gradient_name(fn):
+    """The name the user gave a @ti.ad.grad_replaced / @ti.ad.no_grad function: Taichi's wrapper
+    is called `decorated` and keeps the user's function in its closure."""
+    for cell in getattr(fn, "__closure__", None) or ():
+        inner = cell.cell_contents
+        if callable(inner) and hasattr(inner, "__code__") and inner.__name__ != "decorated":
+            return inner.__name__
+    return fn.__name__
+
+
+def custom_gradient_depth():
+    """How many @ti.ad.grad_replaced / @ti.ad.no_grad functions are running, one inside another:
+    the frames of their wrappers on the stack (Taichi's flag for them is one bool, cleared when
+    the innermost returns)."""
+    import sys
+    import taichi as ti
+    wrappers = {ti.ad.grad_replaced(lambda: None).__code__, ti.ad.no_grad(lambda: None).__code__}
+    depth, frame = 0, sys._getframe(1)
+    while frame is not None:
+        depth += frame.f_code in wrappers
+        frame = frame.f_back
+    return depth
+
+
 # Taichi's own kernels that overwrite a whole field from Python (`fill`, `from_numpy`, `copy_from`),
 # with the position of that field among their arguments
 WHOLE_FIELD_WRITERS = {"fill_field": 0, "field_fill_python_scope": 0, "ext_arr_to_tensor": 1,
@@ -57,6 +97,9 @@ class _TaichiLaunchGuard:
         self.grad_checker = _ReportSetters()
 
     def insert(self, kernel, args):
+        if is_custom_gradient(kernel):  # a @ti.ad.grad_replaced / @ti.ad.no_grad function, before it runs
+            self.owner.custom_gradient(kernel, args)
+            return
         fn = getattr(kernel, "func", None)
         if fn is None and hasattr(kernel, "__self__"):  # a setter's report, after writing: (key, value)
             self.owner.python_write(kernel.__self__, whole=False, key=args[0])
@@ -123,6 +166,7 @@ class Tape:
         self.touched = _Touched()  # index patterns earlier recorded launches accessed
         self.watched = {}  # id(field) -> (field, [(host accessor, its own setter)]): see _watch
         self.writing_element = False
+        self.custom = None  # the last @ti.ad.grad_replaced function called inside (_CustomGradient)
 
     def __enter__(self):
         if _ACTIVE:
@@ -138,6 +182,8 @@ class Tape:
 
     def launch(self, kernel, args, kwargs):
         def run():
+            if self.custom is not None and in_custom_gradient():
+                return self.custom.launch(self, kernel, args, kwargs)
             accesses = kernel.footprint(*args, **kwargs)
             saved = {}
             for f, kind, index in accesses:
@@ -156,6 +202,24 @@ class Tape:
             self.records.append((kernel, args, kwargs, saved, before))
             return out
         return run
+
+    def custom_gradient(self, fn, args):
+        """A @ti.ad.grad_replaced (or @ti.ad.no_grad) function is about to run: as under
+        ti.ad.Tape, its gradient function stands for the kernels it launches, and runs in their
+        place on the way back."""
+        if custom_gradient_depth() > 1:
+            raise KernDiffError(
+                f"'{custom_gradient_name(fn)}' has a custom gradient (ti.ad.grad_replaced or no_grad) and was "
+                f"called inside another one, '{custom_gradient_name(self.custom.fn)}'; both gradient functions would run, counting its part "
+                "twice",
+                remedy="decorate only the outer function, or call this one outside it")
+        if fn.grad is None:
+            name = custom_gradient_name(fn)
+            raise KernDiffError(f"'{name}' is decorated with @ti.ad.grad_replaced but has no gradient "
+                                "function, so kd.Tape could not go back through it",
+                                remedy=f"define one with @ti.ad.grad_for({name})")
+        self.custom = _CustomGradient(fn, args)
+        self.records.append(self.custom)
 
     def _watch(self, f):
         """From now on an element write from Python into f (`x[0] = 5.0`, `p[1][2] = 3.0`, `p[i] =
@@ -224,6 +288,8 @@ class Tape:
         # Every field a recorded kernel writes carries an adjoint, flags or not.
         requests = []
         for rec in self.records:
+            if isinstance(rec, _CustomGradient):
+                continue  # its gradient function keeps its own adjoints
             if isinstance(rec, _ElementWrite):
                 written = [rec.field]
             else:
@@ -234,16 +300,28 @@ class Tape:
         loss_adj = REGISTRY.get_or_make(self.loss, "adjoint", level)
         if tuple(self.loss.shape):
             raise KernDiffError("the Tape's loss must be a 0-d field", remedy="reduce the loss into loss[None]")
+        customs = [rec for rec in self.records if isinstance(rec, _CustomGradient)]
+        if level > 1 and customs:
+            raise KernDiffError(
+                f"the Tape differentiates a derivative kernel (its reverse runs on level-{level} adjoints), but "
+                f"'{custom_gradient_name(customs[0].fn)}' has a custom gradient, which writes level-1 adjoints (x.grad)",
+                remedy="record the derivative kernel and the custom-gradient function in separate Tapes")
         if level > 1 and self.clear_gradients:
             clear_derivatives("adjoint", level)  # level 1 was cleared on entry
         loss_adj[None] = 1.0
         elements = [rec for rec in self.records if isinstance(rec, _ElementWrite)]
-        final = {i: (f, _snapshot(f)) for rec in self.records if not isinstance(rec, _ElementWrite)
+        final = {i: (f, _snapshot(f)) for rec in self.records if not isinstance(rec, (_ElementWrite, _CustomGradient))
                  for snaps in rec[3:] for i, (f, _) in snaps.items()}
+        final.update((i, (f, _snapshot(f))) for rec in customs for i, (f, _) in rec.saved.items())
         final.update((id(rec.field), (rec.field, _snapshot(rec.field))) for rec in elements)
         for rec in reversed(self.records):
             if isinstance(rec, _ElementWrite):
                 rec.undo(level)
+                continue
+            if isinstance(rec, _CustomGradient):
+                rec.fn.grad(*rec.args)
+                for f, arr in rec.saved.values():
+                    _restore(f, arr)
                 continue
             kernel, args, kwargs, saved, before = rec
             for f, arr in before.values():
@@ -270,10 +348,33 @@ class Tape:
         reversed. The level-1 adjoints such a kernel writes are values of the recorded program
         then, and the derivatives land in kd.adjoint(x, level)."""
         return max([1] + [rec[0].reverse.level() for rec in self.records
-                           if not isinstance(rec, _ElementWrite) and rec[0] is not None])
+                           if not isinstance(rec, (_ElementWrite, _CustomGradient)) and rec[0] is not None])
 
     def grad(self):
         raise KernDiffError("use the adjoint fields after the with-block", remedy="read kd.adjoint(x) or x.grad")
+
+
+class _CustomGradient:
+    """A call of a @ti.ad.grad_replaced / @ti.ad.no_grad function inside kd.Tape: the Tape's reverse
+    pass calls `fn.grad(*args)` at its place, as ti.ad.Tape does, instead of reversing the kernels
+    it launched. Those launches run as they are; where one overwrites a field that a recorded
+    launch touched, the old values are kept (saved) and put back after the gradient function ran,
+    for the reverses of the launches before it."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+        self.saved = {}  # id(field) -> (field, values before the function's first overwrite)
+
+    def launch(self, tape, kernel, args, kwargs):
+        accesses = kernel.footprint(*args, **kwargs)
+        for f, kind, index in accesses:
+            if kind == "write" and id(f) not in self.saved and tape.touched.overlaps(f, index):
+                self.saved[id(f)] = (f, _snapshot(f))
+        out = kernel.launch(*args, **kwargs)
+        for f, kind, index in accesses:
+            tape.touched.add(f, index)
+            tape._watch(f)
+        return out
 
 
 class _ElementWrite:
@@ -408,6 +509,17 @@ class FwdMode:
         self.guard = _TaichiLaunchGuard.install("kd.FwdMode", self)
         _ACTIVE.append(self)
         return self
+
+    def custom_gradient(self, fn, args):
+        """A @ti.ad.grad_replaced / @ti.ad.no_grad function called inside: its gradient function is
+        a reverse one, and the kernels it launches would run without tangents (as under
+        ti.ad.FwdMode, silently): refused."""
+        raise KernDiffError(
+            f"'{custom_gradient_name(fn)}' has a custom reverse gradient (ti.ad.grad_replaced or ti.ad.no_grad) and "
+            "was called "
+            "inside kd.FwdMode: the kernels it launches would run without their tangents",
+            remedy="call it outside the with-block, or without the decorator (kd.FwdMode then runs its kernels' "
+                   "forward)")
 
     def launch(self, kernel, args, kwargs):
         refuse_forward_of_another_level(kernel)

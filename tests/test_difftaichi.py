@@ -11,6 +11,8 @@ where it is 0), so DiffTaichi's diffmpm recomputes each step's grid in its backw
 (`ti.ad.grad_replaced` / `ti.ad.grad_for`) and clears the grid's adjoints in clear_grid; the
 Taichi reference does the same. kd.Tape needs nothing of the kind: it snapshots what later
 kernels overwrite (API.md §5)."""
+import re
+
 import numpy as np
 import pytest
 import taichi as ti
@@ -123,6 +125,8 @@ def diffmpm(runtime):
     fns = [set_v, clear_grid, p2g, grid_op, g2p, compute_loss]
     kernels = {"kerndiff": [kd.kernel(fn) for fn in fns],
                "taichi": [ti.kernel(clear_grid_and_its_adjoints if fn is clear_grid else fn) for fn in fns]}
+    kernels["kerndiff, clearing adjoints"] = [kd.kernel(clear_grid_and_its_adjoints) if fn is clear_grid else k
+                                              for fn, k in zip(fns, kernels["kerndiff"])]
     x0 = np.zeros((STEPS, PARTICLES, 2))
     x0[0] = 0.3 + 0.2 * np.random.default_rng(0).random((PARTICLES, 2))
 
@@ -256,3 +260,99 @@ def test_list_stores_into_vector_and_matrix_elements(runtime):
 
     with pytest.raises(kd.KernDiffError, match=r"the rows of this matrix have lengths \[2, 1\]"):
         ragged()
+
+
+def test_diffmpm_with_its_own_backward_under_kd_tape(diffmpm):
+    """DiffTaichi's diffmpm exactly as written for ti.ad.Tape (each step a @ti.ad.grad_replaced
+    function whose @ti.ad.grad_for gradient recomputes the step's grid and calls the kernels'
+    .grad), with kerndiff's kernels, under kd.Tape: the Tape calls the gradient function in the
+    step's place, as ti.ad.Tape does. (It once reversed the kernels the function launched instead,
+    and where those were plain ti.kernels, as in a custom adjoint solve, the gradient was zero.)"""
+    fields, kernels, reset = diffmpm
+    init_v, loss = fields["init_v"], fields["loss"]
+    velocity = np.array([0.5, 0.3])
+    grads = {}
+    for system, tape, run in (("kerndiff", kd.Tape, simulate), ("as written", kd.Tape, simulate_as_difftaichi),
+                              ("taichi", ti.ad.Tape, simulate_as_difftaichi)):
+        reset(velocity)
+        with tape(loss):
+            run(kernels["kerndiff, clearing adjoints" if system == "as written" else system])
+        grads[system] = init_v.grad.to_numpy()
+    assert abs(grads["kerndiff"][0]) > 1e-3
+    np.testing.assert_allclose(grads["as written"], grads["kerndiff"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(grads["as written"], grads["taichi"], rtol=1e-9, atol=1e-12)
+
+
+def test_custom_gradients_under_kd_tape(runtime):
+    """@ti.ad.grad_replaced / @ti.ad.grad_for and @ti.ad.no_grad inside kd.Tape, as inside
+    ti.ad.Tape: the gradient function runs in the function's place (here a plain ti.kernel and
+    its hand-written adjoint, which kd.Tape cannot see into), a no_grad function adds nothing;
+    one nested in another, or one without a gradient function, is refused, and so is either
+    kind inside kd.FwdMode, whose kernels would run without tangents."""
+    x = ti.field(ti.f64, shape=4, needs_grad=True)
+    y = ti.field(ti.f64, shape=4, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    xv = np.array([1.0, 2.0, -3.0, 0.5])
+    x.from_numpy(xv)
+
+    @ti.kernel
+    def scale_plain(a: ti.f64):
+        for i in x:
+            y[i] = a * x[i]
+
+    @ti.kernel
+    def scale_plain_adjoint(a: ti.f64):
+        for i in x:
+            x.grad[i] += a * y.grad[i]
+
+    @ti.ad.grad_replaced
+    def scale(a):
+        scale_plain(a)
+
+    @ti.ad.grad_for(scale)
+    def scale_grad(a):
+        scale_plain_adjoint(a)
+
+    @kd.kernel
+    def squares():
+        for i in y:
+            loss[None] += ti.sin(y[i]) + x[i] ** 2
+
+    @ti.ad.no_grad
+    def squares_again():
+        squares()
+
+    results = {}
+    for name, tape in (("taichi", ti.ad.Tape), ("kerndiff", kd.Tape)):
+        with tape(loss):
+            scale(3.0)
+            squares() if tape is kd.Tape else ti.kernel(squares.fn)()
+            squares_again() if tape is kd.Tape else None
+        results[name] = (loss[None], x.grad.to_numpy())
+    np.testing.assert_allclose(results["kerndiff"][1], 3.0 * np.cos(3.0 * xv) + 2 * xv, rtol=1e-12)
+    np.testing.assert_allclose(results["kerndiff"][1], results["taichi"][1], rtol=1e-12)
+    assert results["kerndiff"][0] == pytest.approx(2 * results["taichi"][0], rel=1e-12)  # squares ran twice
+
+    @ti.ad.grad_replaced
+    def nested():
+        scale(2.0)
+
+    @ti.ad.grad_for(nested)
+    def nested_grad():
+        pass
+
+    @ti.ad.grad_replaced
+    def without_gradient():
+        squares()
+
+    for fn, message in ((nested, "'scale' has a custom gradient (ti.ad.grad_replaced or no_grad) and was called "
+                                 "inside another one, 'nested'"),
+                        (without_gradient, "'without_gradient' is decorated with @ti.ad.grad_replaced but has no "
+                                           "gradient function")):
+        with pytest.raises(kd.KernDiffError, match=re.escape(message)) as info:
+            with kd.Tape(loss):
+                fn()
+        assert "test_difftaichi.py" in str(info.value) and "Remedy:" in str(info.value)
+    with pytest.raises(kd.KernDiffError, match=re.escape("'scale' has a custom reverse gradient")):
+        with kd.FwdMode(loss=loss, param=x, seed=[1.0] * 4):
+            scale(2.0)
