@@ -25,9 +25,74 @@ _ACTIVE = []
 def intercept(kernel, args, kwargs):
     """Called by every kernel launch: a Tape records it, a FwdMode turns it into its forward."""
     if not _ACTIVE:
-        return None
+        return in_taichi_context(kernel, args, kwargs)
     ctx = _ACTIVE[-1]
     return ctx.launch(kernel, args, kwargs)
+
+
+def in_taichi_context(kernel, args, kwargs):
+    """A kerndiff kernel launched inside Taichi's own ti.ad.Tape or ti.ad.FwdMode: without this,
+    Taichi would record (or switch to forward mode) the generated primal ti.kernel and
+    differentiate it with its own AD, whose answers differ from kerndiff's where Taichi's rules do
+    (a field without needs_grad written and read in one kernel is a constant to Taichi; 3x3 polar
+    decompositions it cannot differentiate at all). Instead ti.ad.Tape records the kerndiff kernel
+    and calls its reverse on the way back, and ti.ad.FwdMode runs its forward kernel, as kd.Tape and
+    kd.FwdMode do (Taichi's contexts keep their own semantics otherwise: no snapshots of
+    overwritten fields). Derivative kernels are refused there: their derivatives are of another
+    level than the .grad / .dual fields Taichi's contexts use."""
+    import taichi as ti
+    from taichi.lang import impl
+    runtime = impl.get_runtime()
+    if runtime.grad_replaced:
+        return None  # inside a @ti.ad.grad_replaced function: its gradient function stands for it
+    tape, fwd = runtime.target_tape, runtime.fwd_mode_manager
+    if not isinstance(tape, ti.ad.Tape) and not isinstance(fwd, ti.ad.FwdMode):
+        return None
+    context = "ti.ad.Tape" if isinstance(tape, ti.ad.Tape) else "ti.ad.FwdMode"
+    if kernel.path:
+        raise KernDiffError(f"{kernel.dotted_name} is a derivative kernel, launched inside {context}, whose "
+                            "derivatives are taken with level-1 adjoints and duals (x.grad, x.dual); its own "
+                            "derivatives need those of the next level",
+                            remedy="use kd.Tape / kd.FwdMode, which take derivatives of derivative kernels at the "
+                                   "level they need")
+    if isinstance(tape, ti.ad.Tape):
+        tape.insert(_TaichiTapeEntry(kernel, kwargs), args)
+        return lambda: _off_taichi_records(runtime, lambda: kernel.launch(*args, **kwargs))
+    returns = kernel.returned_values()
+
+    def forward():
+        out = _off_taichi_records(runtime, lambda: kernel.forward.launch(*args, **kwargs))
+        if not returns:
+            return out
+        if kernel._return_shape is not None:
+            return out[0]
+        return out[0] if returns == 1 else tuple(out[:returns])
+    return forward
+
+
+def _off_taichi_records(runtime, launch):
+    """Run a kerndiff launch with Taichi's grad_replaced flag up, so that neither ti.ad.Tape nor
+    ti.ad.FwdMode records the generated Taichi kernels it runs (the kerndiff kernel stands for them)."""
+    before = runtime.grad_replaced
+    runtime.grad_replaced = True
+    try:
+        return launch()
+    finally:
+        runtime.grad_replaced = before
+
+
+class _TaichiTapeEntry:
+    """A kerndiff kernel's launch as ti.ad.Tape records it: Taichi calls `grad(*args)` on the way
+    back (and sets autodiff_mode, which marks a primal kernel for it)."""
+
+    def __init__(self, kernel, kwargs):
+        from taichi.lang.enums import AutodiffMode
+        self.kernel, self.kwargs = kernel, kwargs
+        self.autodiff_mode = AutodiffMode.NONE
+
+    def grad(self, *args):
+        # a value the kernel returns is not the loss: its cotangent is 0, as under kd.Tape
+        self.kernel.reverse.launch(*args, cotangent=0.0 if self.kernel.returned_values() else None, **self.kwargs)
 
 
 def is_custom_gradient(fn):

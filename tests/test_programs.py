@@ -1152,6 +1152,42 @@ def test_kernels_that_return_a_vector_or_a_matrix(runtime):
         np.testing.assert_allclose(k().to_numpy(), value, rtol=1e-14)
 
 
+def test_kerndiff_kernels_inside_taichis_own_tape_and_fwd_mode(runtime):
+    """`with ti.ad.Tape(loss): k()` / `with ti.ad.FwdMode(...)` over a @kd.kernel runs kerndiff's
+    reverse / forward kernel, as kd.Tape and kd.FwdMode do: Taichi once differentiated the
+    generated primal with its own AD, to which V (written and read in the kernel, no needs_grad)
+    is a constant, giving x**2 where the derivative is 3 x**2. A kernel returning a value seeds it
+    with 0; a derivative kernel there is refused (its derivatives are of the next level)."""
+    n = 4
+    x = ti.field(ti.f64, shape=n, needs_grad=True, needs_dual=True)
+    v = ti.field(ti.f64, shape=n)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True, needs_dual=True)
+    xv = np.array([1.0, 2.0, -3.0, 0.5])
+    x.from_numpy(xv)
+
+    @kd.kernel
+    def cubes() -> ti.f64:
+        for i in x:
+            v[i] = x[i] ** 2
+        s = 0.0
+        for i in x:
+            loss[None] += v[i] * x[i]
+            s += x[i]
+        return s
+
+    with ti.ad.Tape(loss):
+        assert cubes() == pytest.approx(xv.sum(), rel=1e-14)
+    np.testing.assert_allclose(x.grad.to_numpy(), 3 * xv ** 2, rtol=1e-14)
+    seed = [0.5, -1.0, 0.0, 2.0]
+    with ti.ad.FwdMode(loss=loss, param=x, seed=seed):
+        assert cubes() == pytest.approx(xv.sum(), rel=1e-14)
+    assert loss.dual[None] == pytest.approx(np.dot(3 * xv ** 2, seed), rel=1e-14)
+    with pytest.raises(kd.KernDiffError, match="cubes.reverse is a derivative kernel, launched inside ti.ad.Tape"):
+        with ti.ad.Tape(loss):
+            cubes()
+            cubes.reverse()
+
+
 def test_a_kernel_returning_an_integer_has_a_reverse(runtime):
     """`-> ti.i32`: the reverse kernel's cotangent parameter is an integer (nothing reads it);
     launching it, alone or from a Tape, once failed on a float cotangent."""
