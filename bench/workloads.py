@@ -233,8 +233,8 @@ def w1(args):
     kd_ops = dict(rows["kerndiff"][1], jvp=(kd_jvp, lambda: loss.dual[None]))
     kd_jvp()
     kd_jvp_value = float(loss.dual[None])
-    # Taichi's forward mode in its own group: inside ti.ad.FwdMode every ti.kernel launch (kerndiff's
-    # generated ones too) runs as a forward-mode kernel, so nothing else may be timed in there.
+    # Taichi's forward mode in its own group: inside ti.ad.FwdMode every ti.kernel launch runs as a
+    # forward-mode kernel (and a kerndiff kernel runs its forward), so nothing else may be timed there.
     ti_fwd, mgr = fwdmode_runner(ti, loss, x, d, tk)
     run_systems("W1", {"taichi": (ti.sync, {"jvp": (ti_fwd, lambda: loss.dual[None])})}, 2e-3,
                 reference={"jvp": kd_jvp_value})
