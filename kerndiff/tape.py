@@ -13,6 +13,8 @@ After the reverse pass, the fields hold the forward results again, as after a pl
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .errors import KernDiffError
@@ -58,16 +60,18 @@ def in_taichi_context(kernel, args, kwargs):
     if isinstance(tape, ti.ad.Tape):
         tape.insert(_TaichiTapeEntry(kernel, kwargs), args)
         return lambda: _off_taichi_records(runtime, lambda: kernel.launch(*args, **kwargs))
-    returns = kernel.returned_values()
+    return lambda: own_values(kernel, _off_taichi_records(runtime, lambda: kernel.forward.launch(*args, **kwargs)))
 
-    def forward():
-        out = _off_taichi_records(runtime, lambda: kernel.forward.launch(*args, **kwargs))
-        if not returns:
-            return out
-        if kernel._return_shape is not None:
-            return out[0]
-        return out[0] if returns == 1 else tuple(out[:returns])
-    return forward
+
+def own_values(kernel, out):
+    """What a kernel launched inside a forward-mode context returns: its own values, as under
+    ti.ad.FwdMode (its forward kernel returned them followed by their tangents)."""
+    returns = kernel.returned_values()
+    if not returns:
+        return out
+    if kernel._return_shape is not None:
+        return out[0]  # (value, tangent) as vectors or matrices
+    return out[0] if returns == 1 else tuple(out[:returns])
 
 
 def _off_taichi_records(runtime, launch):
@@ -126,13 +130,19 @@ def custom_gradient_depth():
     the frames of their wrappers on the stack (Taichi's flag for them is one bool, cleared when
     the innermost returns)."""
     import sys
-    import taichi as ti
-    wrappers = {ti.ad.grad_replaced(lambda: None).__code__, ti.ad.no_grad(lambda: None).__code__}
+    wrappers = _custom_gradient_wrappers()
     depth, frame = 0, sys._getframe(1)
     while frame is not None:
         depth += frame.f_code in wrappers
         frame = frame.f_back
     return depth
+
+
+@functools.lru_cache(maxsize=None)
+def _custom_gradient_wrappers():
+    """The code objects of the functions Taichi's grad_replaced and no_grad wrap a function in."""
+    import taichi as ti
+    return frozenset({ti.ad.grad_replaced(lambda: None).__code__, ti.ad.no_grad(lambda: None).__code__})
 
 
 # Taichi's own kernels that overwrite a whole field from Python (`fill`, `from_numpy`, `copy_from`),
@@ -275,8 +285,8 @@ class Tape:
         if custom_gradient_depth() > 1:
             raise KernDiffError(
                 f"'{custom_gradient_name(fn)}' has a custom gradient (ti.ad.grad_replaced or no_grad) and was "
-                f"called inside another one, '{custom_gradient_name(self.custom.fn)}'; both gradient functions would run, counting its part "
-                "twice",
+                f"called inside another one, '{custom_gradient_name(self.custom.fn)}'; both gradient functions "
+                "would run, counting its part twice",
                 remedy="decorate only the outer function, or call this one outside it")
         if fn.grad is None:
             name = custom_gradient_name(fn)
@@ -369,13 +379,15 @@ class Tape:
         if level > 1 and customs:
             raise KernDiffError(
                 f"the Tape differentiates a derivative kernel (its reverse runs on level-{level} adjoints), but "
-                f"'{custom_gradient_name(customs[0].fn)}' has a custom gradient, which writes level-1 adjoints (x.grad)",
+                f"'{custom_gradient_name(customs[0].fn)}' has a custom gradient, which writes level-1 adjoints "
+                "(x.grad)",
                 remedy="record the derivative kernel and the custom-gradient function in separate Tapes")
         if level > 1 and self.clear_gradients:
             clear_derivatives("adjoint", level)  # level 1 was cleared on entry
         loss_adj[None] = 1.0
         elements = [rec for rec in self.records if isinstance(rec, _ElementWrite)]
-        final = {i: (f, _snapshot(f)) for rec in self.records if not isinstance(rec, (_ElementWrite, _CustomGradient))
+        final = {i: (f, _snapshot(f)) for rec in self.records
+                 if not isinstance(rec, (_ElementWrite, _CustomGradient))
                  for snaps in rec[3:] for i, (f, _) in snaps.items()}
         final.update((i, (f, _snapshot(f))) for rec in customs for i, (f, _) in rec.saved.items())
         final.update((id(rec.field), (rec.field, _snapshot(rec.field))) for rec in elements)
@@ -588,18 +600,11 @@ class FwdMode:
 
     def launch(self, kernel, args, kwargs):
         refuse_forward_of_another_level(kernel)
-        returns = kernel.returned_values()
-
         def run():
             out = kernel.forward.launch(*args, **kwargs)
             written, read = kernel.fields(*args, **kwargs)
             self.touched.update((id(f), f) for f in written + read)
-            if not returns:
-                return out
-            # the kernel's own values, as under ti.ad.FwdMode (the forward kernel adds tangents)
-            if kernel._return_shape is not None:
-                return out[0]  # (value, tangent) as vectors or matrices
-            return out[0] if returns == 1 else tuple(out[:returns])
+            return own_values(kernel, out)
         return run
 
     def python_write(self, target, whole, key=None):
