@@ -241,3 +241,57 @@ def test_a_list_beside_a_vector_is_a_vector_as_in_taichi(fields):
     b = [2.0, 1.0] / vv + vv ** [2, 3]
     c = mv + np.stack([np.broadcast_to([[0.5, 3.0]], (N, 2)), np.stack([np.ones(N), xv], 1)], 1)
     np.testing.assert_allclose(ky, (a * b).sum(1) + (c * c).sum((1, 2)), rtol=1e-6)
+
+
+def test_fill_sets_every_component_in_place_as_in_taichi(fields):
+    """`v.fill(c)` on a local vector or matrix and on a field element (`m[i].fill(0)`), the value
+    cast to the vector's type (an integer fill of a float matrix is 0.0; an f64 fill of a vector
+    of an f32 and an f64 stays f64, Taichi's vector having one type), as Taichi's in-place fill."""
+    x, d, y = fields
+    rng = np.random.default_rng(5)
+    m = ti.Matrix.field(2, 2, ti.f64, shape=N, needs_grad=True)
+    m.from_numpy(rng.standard_normal((N, 2, 2)))
+
+    def filled():
+        for i in range(N):
+            v = ti.Vector([x[i], d[i], 1.0])
+            w = v * 2.0
+            v.fill(d[i])
+            a = m[i] * x[i]
+            a.fill(0)
+            a[0, 1] = d[i] ** 2
+            m[i].fill(x[i])
+            y[i] = v.sum() * w.dot(v) + a.sum() + m[i].sum()
+
+    (ty, tx, td), (ky, kx, kd_) = values_and_grads(filled, y, [x, d])
+    for got, want in ((ky, ty), (kx, tx), (kd_, td)):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    xv, dv = x.to_numpy().astype(np.float64), d.to_numpy()
+    np.testing.assert_allclose(m.to_numpy(), np.broadcast_to(xv[:, None, None], (N, 2, 2)), rtol=1e-6)
+    expected = 3 * dv * (2 * dv * (xv + dv + 1)) + dv ** 2 + 4 * xv
+    np.testing.assert_allclose(ky, expected, rtol=1e-5)
+
+
+def test_a_vector_of_mixed_entries_has_one_type_as_in_taichi(fields):
+    """ti.Vector([x_f32, d_f64]) is an f64 vector in Taichi (its entries promoted to one type), so
+    `v[0] = d[i]` and `v += ...` keep f64 there; kerndiff once kept each entry's own type and
+    rounded them to f32. Bit for bit against Taichi's kernel and grad."""
+    x, d, y = fields
+
+    def mixed():
+        for i in range(N):
+            v = ti.Vector([x[i], d[i]])
+            v[0] = d[i] * 1.1
+            w = ti.Vector([x[i], d[i]])
+            w += ti.Vector([d[i], d[i]])
+            m = ti.Matrix([[x[i], 1], [d[i], 2]])
+            m[0, 0] = d[i] / 3.0
+            y[i] = v[0] + w[0] * 2.0 + m[0, 0] - m[0, 1]
+
+    (ty, tx, td), (ky, kx, kd_) = values_and_grads(mixed, y, [x, d])
+    np.testing.assert_array_equal(ky, ty)
+    np.testing.assert_array_equal(kx, tx)
+    np.testing.assert_array_equal(kd_, td)
+    dv, xv = d.to_numpy(), x.to_numpy().astype(np.float64)
+    np.testing.assert_allclose(ky, dv * 1.1 + 2 * (xv + dv) + dv / 3.0 - 1.0, rtol=1e-15 if ti.lang.impl.get_runtime()
+                               .default_fp == ti.f64 else 1e-7)

@@ -91,7 +91,7 @@ def _vector(lw, node, args, kwargs):
     if isinstance(items, Vec):
         v = items
     else:
-        v = Vec((len(items),), [lw.scalar(e, node) for e in items])
+        v = V.uniform(Vec((len(items),), [lw.scalar(e, node) for e in items]))
     return lw.cast(v, dt, node) if dt is not None else v
 
 

@@ -123,14 +123,15 @@ class Lowerer(Assignments, Expressions):
     def from_list(self, rows, node) -> Vec:
         """A Python list (or tuple) read as Taichi reads one where a vector or matrix goes
         (ti.Matrix(rows), a store into a vector or matrix field element, `x[i] = [0, 0]`):
-        numbers make a vector; lists, or vectors, of one length the rows of a matrix."""
+        numbers make a vector; lists, or vectors, of one length the rows of a matrix; of one type
+        (V.uniform)."""
         if rows and all(isinstance(r, (list, tuple)) or (isinstance(r, Vec) and r.is_vector) for r in rows):
             items = [list(r.items) if isinstance(r, Vec) else [self.scalar(e, node) for e in r] for r in rows]
             if any(len(r) != len(items[0]) for r in items):
                 raise self.error(node, f"the rows of this matrix have lengths {[len(r) for r in items]}",
                                  "give every row the same number of entries")
-            return Vec((len(items), len(items[0])), [e for r in items for e in r])
-        return Vec((len(rows),), [self.scalar(e, node) for e in rows])
+            return V.uniform(Vec((len(items), len(items[0])), [e for r in items for e in r]))
+        return V.uniform(Vec((len(rows),), [self.scalar(e, node) for e in rows]))
 
     def elementwise(self, fn, x, node):
         if isinstance(x, Vec):
@@ -409,7 +410,26 @@ class Lowerer(Assignments, Expressions):
             if fn is print:
                 self.print_call(node.value)
                 return
+            if self.fill_call(node.value):
+                return
         self.expr(node.value)
+
+    def fill_call(self, call):
+        """`v.fill(0.0)`, `x[i, j].fill(0.0)`: Taichi fills the vector or matrix in place (a local,
+        a field element, a struct member) with the value cast to its type (one for all components,
+        as a Taichi vector has); lowered as the assignment of the filled value to that target.
+        False where `call` is no such call."""
+        func = call.func
+        if not (isinstance(func, ast.Attribute) and func.attr == "fill"):
+            return False
+        target = self.expr(func.value)
+        if not isinstance(target, Vec):
+            return False
+        if len(call.args) != 1 or call.keywords:
+            raise self.error(call, "fill takes one value", "call v.fill(value)")
+        value = self.scalar(self.expr(call.args[0]), call)
+        self.assign(func.value, Vec(target.shape, [B.cast(value, target.dtype)] * len(target.items)), call)
+        return True
 
     def local_extremum(self, op, target, value, call):
         """ti.atomic_max(m, v) / ti.atomic_min on a local: in a parallel loop over a local bound

@@ -73,6 +73,16 @@ class Vec:
         return d
 
 
+def uniform(v: Vec) -> Vec:
+    """A ti.Vector / ti.Matrix made of entries holds one type, to which Taichi promotes them all
+    (an f32 and an f64 entry make an f64 vector, an int and an f32 an f32 one): so a component
+    assigned later keeps that precision."""
+    dt = v.dtype
+    if all(e.dtype == dt for e in v.items):
+        return v
+    return v.map(lambda e: B.cast(e, dt))
+
+
 def picks(idx, shape):
     """Per dimension, the positions a subscript names: a slice's range, or the one index (an
     int, or an IR expression known at run time)."""
