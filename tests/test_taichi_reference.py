@@ -625,6 +625,49 @@ def test_ti_func_arguments_are_passed_by_value(runtime):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
+def test_a_task_function_passed_to_a_neighbour_loop_accumulates_by_reference(runtime):
+    """The SPH idiom (DFSPH_difftaichi's boundary volumes): a ti.func loops over neighbours and
+    calls a task ti.func it was given as an argument, which adds into the caller's local through a
+    ti.template() parameter; the task's kernel value through a ti.func that starts from
+    `ti.cast(0.0, ti.f32)` (a local that stays f32, as in Taichi) and a `ti.pow`. Against Taichi's
+    kernel.grad()."""
+    n = 6
+    x = ti.field(ti.f64, shape=n, needs_grad=True)
+    volume = ti.field(ti.f64, shape=n, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    x.from_numpy(np.linspace(0.1, 0.9, n) + np.random.default_rng(4).uniform(-0.03, 0.03, n))
+
+    @ti.func
+    def smoothing(r):
+        res = ti.cast(0.0, ti.f32)
+        q = r / 0.5
+        if q <= 1.0:
+            res = 2 * ti.pow(1 - q, 3.0)
+        return res
+
+    @ti.func
+    def add_weight(p_i, p_j, delta: ti.template()):
+        delta += smoothing(ti.abs(x[p_i] - x[p_j]))
+
+    @ti.func
+    def for_all_neighbours(p_i, task: ti.template(), ret: ti.template()):
+        for p_j in range(n):
+            if p_j != p_i:
+                task(p_i, p_j, ret)
+
+    def volumes():
+        for p_i in range(n):
+            delta = smoothing(0.0)
+            for_all_neighbours(p_i, add_weight, delta)
+            volume[p_i] = 1.0 / delta * 3.0
+        for i in range(n):
+            loss[None] += volume[i] * x[i]
+
+    (t_loss, t_grad), (k_loss, k_grad) = grads_of_both(volumes, [x], loss)
+    assert k_loss == pytest.approx(t_loss, rel=1e-12) and np.abs(t_grad).max() > 0.1
+    np.testing.assert_allclose(k_grad, t_grad, rtol=1e-12)
+
+
 def test_norm_safeguards_match_taichi(runtime):
     """v.norm(eps), v.norm_inv(eps) and v.normalized(eps) with Taichi's placement of eps (under the
     root for norm, outside it for normalized), at a zero vector too, where the eps keeps norm's
