@@ -1188,6 +1188,49 @@ def test_kerndiff_kernels_inside_taichis_own_tape_and_fwd_mode(runtime):
             cubes.reverse()
 
 
+def test_a_matrix_summed_in_a_local_then_stored_with_its_inverse_mass(runtime):
+    """A rigid body's mass and inertia as DFSPH_difftaichi computes them: a scalar and a 3x3
+    matrix summed into kernel-scope locals in a parallel loop, then stored after it beside 1 /
+    mass (Taichi's own AD refuses the kernel: a loop and statements outside it). kd.Tape's
+    gradient of a loss read from those against f64 differences of the whole program."""
+    n = 10
+    x = ti.Vector.field(3, ti.f64, shape=n)
+    m = ti.field(ti.f64, shape=n)
+    inertia = ti.Matrix.field(3, 3, ti.f64, shape=())
+    mass, inv_mass = ti.field(ti.f64, shape=()), ti.field(ti.f64, shape=())
+    loss = ti.field(ti.f64, shape=())
+    rng = np.random.default_rng(21)
+    x.from_numpy(rng.standard_normal((n, 3)))
+    m.from_numpy(rng.uniform(0.5, 1.5, n))
+
+    @kd.kernel
+    def mass_info():
+        sum_m = 0.0
+        sum_inertia = ti.Matrix([[0, 0, 0], [0, 0, 0], [0, 0, 0]], dt=ti.f64)
+        for p in range(n):
+            sum_m += m[p]
+            r = x[p] - ti.Vector([0.1, 0.2, -0.1])
+            sum_inertia += m[p] * (r.dot(r) * ti.Matrix.identity(ti.f64, 3) - r.outer_product(r))
+        mass[None] = sum_m
+        inertia[None] = sum_inertia
+        inv_mass[None] = 1.0 / sum_m
+
+    @kd.kernel
+    def energy():
+        loss[None] = (inertia[None] @ inertia[None]).trace() * inv_mass[None] + mass[None]
+
+    def program():
+        mass_info()
+        energy()
+
+    assert kd.check_grad(program, inputs=[m, x], output=loss) < 1e-7
+    program()
+    mv, r = m.to_numpy(), x.to_numpy() - [0.1, 0.2, -0.1]
+    inertia_np = np.einsum("p,pij->ij", mv, np.einsum("p,ij->pij", (r * r).sum(1), np.eye(3))
+                           - np.einsum("pi,pj->pij", r, r))
+    assert loss[None] == pytest.approx(np.trace(inertia_np @ inertia_np) / mv.sum() + mv.sum(), rel=1e-12)
+
+
 def test_a_kernel_returning_an_integer_has_a_reverse(runtime):
     """`-> ti.i32`: the reverse kernel's cotangent parameter is an integer (nothing reads it);
     launching it, alone or from a Tape, once failed on a float cotangent."""
