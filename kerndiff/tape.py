@@ -94,6 +94,9 @@ class _TaichiTapeEntry:
         self.kernel, self.kwargs = kernel, kwargs
         self.autodiff_mode = AutodiffMode.NONE
 
+    def __call__(self, *args):  # ti.ad.Tape(grad_check=[...]) reruns its calls
+        return self.kernel.launch(*args, **self.kwargs)
+
     def grad(self, *args):
         # a value the kernel returns is not the loss: its cotangent is 0, as under kd.Tape
         self.kernel.reverse.launch(*args, cotangent=0.0 if self.kernel.returned_values() else None, **self.kwargs)

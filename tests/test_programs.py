@@ -1157,7 +1157,8 @@ def test_kerndiff_kernels_inside_taichis_own_tape_and_fwd_mode(runtime):
     reverse / forward kernel, as kd.Tape and kd.FwdMode do: Taichi once differentiated the
     generated primal with its own AD, to which V (written and read in the kernel, no needs_grad)
     is a constant, giving x**2 where the derivative is 3 x**2. A kernel returning a value seeds it
-    with 0; a derivative kernel there is refused (its derivatives are of the next level)."""
+    with 0; a derivative kernel there is refused (its derivatives are of the next level); Taichi's
+    grad_check reruns the kernel."""
     n = 4
     x = ti.field(ti.f64, shape=n, needs_grad=True, needs_dual=True)
     v = ti.field(ti.f64, shape=n)
@@ -1177,6 +1178,9 @@ def test_kerndiff_kernels_inside_taichis_own_tape_and_fwd_mode(runtime):
 
     with ti.ad.Tape(loss):
         assert cubes() == pytest.approx(xv.sum(), rel=1e-14)
+    np.testing.assert_allclose(x.grad.to_numpy(), 3 * xv ** 2, rtol=1e-14)
+    with ti.ad.Tape(loss, grad_check=[x]):  # Taichi's checker reruns the calls it recorded
+        cubes()
     np.testing.assert_allclose(x.grad.to_numpy(), 3 * xv ** 2, rtol=1e-14)
     seed = [0.5, -1.0, 0.0, 2.0]
     with ti.ad.FwdMode(loss=loss, param=x, seed=seed):
