@@ -58,6 +58,12 @@ def in_taichi_context(kernel, args, kwargs):
                             remedy="use kd.Tape / kd.FwdMode, which take derivatives of derivative kernels at the "
                                    "level they need")
     if isinstance(tape, ti.ad.Tape):
+        in_place = kernel.restorable_fields(*args, **kwargs)
+        if in_place:
+            names = ", ".join(f"'{REGISTRY.name_of(f)}'" for f in in_place)
+            raise KernDiffError(f"{kernel.dotted_name} updates {names} in place, so its reverse needs the values "
+                                "from before the launch, and ti.ad.Tape keeps no copies",
+                                remedy="use kd.Tape, which snapshots such fields and restores them for the reverse")
         tape.insert(_TaichiTapeEntry(kernel, kwargs), args)
         return lambda: _off_taichi_records(runtime, lambda: kernel.launch(*args, **kwargs))
     return lambda: own_values(kernel, _off_taichi_records(runtime, lambda: kernel.forward.launch(*args, **kwargs)))

@@ -1157,8 +1157,9 @@ def test_kerndiff_kernels_inside_taichis_own_tape_and_fwd_mode(runtime):
     reverse / forward kernel, as kd.Tape and kd.FwdMode do: Taichi once differentiated the
     generated primal with its own AD, to which V (written and read in the kernel, no needs_grad)
     is a constant, giving x**2 where the derivative is 3 x**2. A kernel returning a value seeds it
-    with 0; a derivative kernel there is refused (its derivatives are of the next level); Taichi's
-    grad_check reruns the kernel."""
+    with 0; a derivative kernel there is refused (its derivatives are of the next level), and so is
+    a kernel updating a field in place (its reverse needs the old values, and ti.ad.Tape keeps no
+    copies); Taichi's grad_check reruns the kernel."""
     n = 4
     x = ti.field(ti.f64, shape=n, needs_grad=True, needs_dual=True)
     v = ti.field(ti.f64, shape=n)
@@ -1190,6 +1191,17 @@ def test_kerndiff_kernels_inside_taichis_own_tape_and_fwd_mode(runtime):
         with ti.ad.Tape(loss):
             cubes()
             cubes.reverse()
+
+
+    @kd.kernel
+    def grow():
+        for i in x:
+            x[i] += 0.1 * x[i] ** 2
+
+    with pytest.raises(kd.KernDiffError, match="grow updates 'x' in place") as info:
+        with ti.ad.Tape(loss):
+            grow()
+    assert "use kd.Tape" in str(info.value) and "test_programs.py" in str(info.value)
 
 
 def test_a_matrix_summed_in_a_local_then_stored_with_its_inverse_mass(runtime):
