@@ -2,6 +2,7 @@
 simulations — with state indexed by time step, and with state updated in place by later kernels —
 against f64 finite differences; and every factory error path."""
 import contextlib
+import re
 
 import numpy as np
 import pytest
@@ -1136,6 +1137,9 @@ def test_kernels_that_return_a_vector_or_a_matrix(runtime):
         x.grad.fill(0)
         k.reverse(cotangent=c)
         np.testing.assert_allclose(x.grad.to_numpy(), jac.T @ [1.0, -2.0], rtol=1e-14)
+    for wrong in ([1.0, 2.0, 3.0], "a"):
+        with pytest.raises(kd.KernDiffError, match=re.escape("a cotangent of the returned value's shape (2,)")):
+            k.reverse(cotangent=wrong)
     x.grad.fill(0)
     m.reverse(cotangent=np.array([[1.0, 2.0], [3.0, 4.0]]))
     np.testing.assert_allclose(x.grad.to_numpy(), [1.0, 2 * xv[2], 2 * xv[1], 6 * xv[3]], rtol=1e-14)

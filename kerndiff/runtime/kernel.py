@@ -412,13 +412,20 @@ class Kernel:
         call_args = [v for _, _, v in scalars]
         extra = [p for p in ir.params[len(call_args):]]
         if extra:
-            if self._return_shape is not None and cotangent is not None and not isinstance(cotangent, numbers.Number):
-                cotangent = _flat_components(cotangent)
+            per_value = "pass one cotangent per returned value"
+            if self._return_shape is not None:
+                per_value = (f"pass a cotangent of the returned value's shape {self._return_shape} (a list, array or "
+                             "ti.Vector / ti.Matrix), a tuple of them for a forward kernel's reverse, or a number")
+                if cotangent is not None and not isinstance(cotangent, numbers.Number):
+                    try:
+                        cotangent = _flat_components(cotangent)
+                    except (TypeError, ValueError):
+                        raise KernDiffError(f"{self!r} cannot read {cotangent!r} as a cotangent",
+                                            remedy=per_value) from None
             cts = cotangent if isinstance(cotangent, (tuple, list)) else \
                 [1.0 if cotangent is None else cotangent] * len(extra)
             if len(cts) != len(extra):
-                raise KernDiffError(f"{self!r} takes {len(extra)} cotangents, got {len(cts)}",
-                                    remedy="pass one cotangent per returned value")
+                raise KernDiffError(f"{self!r} takes {len(extra)} cotangents, got {len(cts)}", remedy=per_value)
             # an integer result has an integer cotangent parameter (which nothing reads)
             call_args.extend(float(c) if is_float(p.dtype) else int(c) for p, c in zip(extra, cts))
         elif cotangent is not None:
