@@ -66,18 +66,7 @@ def in_taichi_context(kernel, args, kwargs):
                                 remedy="use kd.Tape, which snapshots such fields and restores them for the reverse")
         tape.insert(_TaichiTapeEntry(kernel, kwargs), args)
         return lambda: _off_taichi_records(runtime, lambda: kernel.launch(*args, **kwargs))
-    return lambda: own_values(kernel, _off_taichi_records(runtime, lambda: kernel.forward.launch(*args, **kwargs)))
-
-
-def own_values(kernel, out):
-    """What a kernel launched inside a forward-mode context returns: its own values, as under
-    ti.ad.FwdMode (its forward kernel returned them followed by their tangents)."""
-    returns = kernel.returned_values()
-    if not returns:
-        return out
-    if kernel._return_shape is not None:
-        return out[0]  # (value, tangent) as vectors or matrices
-    return out[0] if returns == 1 else tuple(out[:returns])
+    return lambda: kernel.own_values(_off_taichi_records(runtime, lambda: kernel.forward.launch(*args, **kwargs)))
 
 
 def _off_taichi_records(runtime, launch):
@@ -266,26 +255,36 @@ class Tape:
 
     def launch(self, kernel, args, kwargs):
         def run():
-            if self.custom is not None and in_custom_gradient():
-                return self.custom.launch(self, kernel, args, kwargs)
             accesses = kernel.footprint(*args, **kwargs)
-            saved = {}
-            for f, kind, index in accesses:
-                if kind != "write" or id(f) in saved:
-                    continue
-                # Snapshot only if this launch may overwrite an element an earlier one touched
-                # (x[t + 1, i] = ... after reads of x[t, i] needs nothing).
-                if self.touched.overlaps(f, index):
-                    saved[id(f)] = (f, _snapshot(f))
+            if self.custom is not None and in_custom_gradient():
+                # inside a @ti.ad.grad_replaced function: run, unrecorded, keeping what it overwrites
+                self._keep_overwritten(accesses, self.custom.saved)
+                out = kernel.launch(*args, **kwargs)
+                self._note(accesses)
+                return out
+            saved = self._keep_overwritten(accesses, {})
             # x[i] += dt * v[i]: the kernel's own reverse needs x as it was before the launch.
             before = {id(f): saved.get(id(f)) or (f, _snapshot(f)) for f in kernel.restorable_fields(*args, **kwargs)}
             out = kernel.launch(*args, **kwargs)
-            for f, kind, index in accesses:
-                self.touched.add(f, index)
-                self._watch(f)
+            self._note(accesses)
             self.records.append((kernel, args, kwargs, saved, before))
             return out
         return run
+
+    def _keep_overwritten(self, accesses, saved):
+        """Snapshot into `saved` (id(field) -> (field, values)) each field a launch may overwrite
+        where an earlier launch touched it, unless it holds one already (x[t + 1, i] = ... after
+        reads of x[t, i] needs nothing); returns `saved`."""
+        for f, kind, index in accesses:
+            if kind == "write" and id(f) not in saved and self.touched.overlaps(f, index):
+                saved[id(f)] = (f, _snapshot(f))
+        return saved
+
+    def _note(self, accesses):
+        """After a launch: what it accessed is touched from now on, and its fields watched."""
+        for f, kind, index in accesses:
+            self.touched.add(f, index)
+            self._watch(f)
 
     def custom_gradient(self, fn, args):
         """A @ti.ad.grad_replaced (or @ti.ad.no_grad) function is about to run: as under
@@ -451,17 +450,6 @@ class _CustomGradient:
         self.fn, self.args = fn, args
         self.saved = {}  # id(field) -> (field, values before the function's first overwrite)
 
-    def launch(self, tape, kernel, args, kwargs):
-        accesses = kernel.footprint(*args, **kwargs)
-        for f, kind, index in accesses:
-            if kind == "write" and id(f) not in self.saved and tape.touched.overlaps(f, index):
-                self.saved[id(f)] = (f, _snapshot(f))
-        out = kernel.launch(*args, **kwargs)
-        for f, kind, index in accesses:
-            tape.touched.add(f, index)
-            tape._watch(f)
-        return out
-
 
 class _ElementWrite:
     """An element written from Python inside kd.Tape into a field a recorded launch had touched
@@ -613,7 +601,7 @@ class FwdMode:
             out = kernel.forward.launch(*args, **kwargs)
             written, read = kernel.fields(*args, **kwargs)
             self.touched.update((id(f), f) for f in written + read)
-            return own_values(kernel, out)
+            return kernel.own_values(out)
         return run
 
     def python_write(self, target, whole, key=None):

@@ -444,6 +444,17 @@ class Kernel:
         out = run(*call_args)
         return self.returned(tuple(out) if isinstance(out, list) else out)
 
+    def own_values(self, forward_out):
+        """What this kernel returns when a forward-mode context (kd.FwdMode, ti.ad.FwdMode) runs its
+        forward kernel in its place: its own values, as under ti.ad.FwdMode (the forward kernel
+        returned them followed by their tangents)."""
+        returns = self.returned_values()
+        if not returns:
+            return forward_out
+        if self._return_shape is not None:
+            return forward_out[0]  # (value, tangent) as vectors or matrices
+        return forward_out[0] if returns == 1 else tuple(forward_out[:returns])
+
     def returned(self, out):
         """A launch's result as the user sees it: for `-> ti.math.vec3`, the components regrouped
         into ti.Vector (ti.Matrix) values as Taichi returns them: one for the primal, the values
