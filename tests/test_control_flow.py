@@ -203,13 +203,38 @@ def recurrences(runtime):
         for i in range(n):
             out[None] += h[T + 1, i] ** 2
 
+    @kd.kernel
+    def serialized_running_adds():
+        # y[i] += f(y[i - 1]): each trip adds into its own element after reading what the trip
+        # before added (refused before session 49)
+        for i in y:
+            y[i] = x[i]
+        ti.loop_config(serialize=True)
+        for i in range(1, n):
+            y[i] += ti.sin(y[i - 1]) * x[i]
+            y[i] -= 0.2 * y[i - 1] * y[i - 1]
+        for i in y:
+            out[None] += y[i] ** 2
+
+    @kd.kernel
+    def inner_running_adds():
+        # the same in an inner serial loop, each parallel iteration in its own row
+        for i, t in z:
+            z[i, t] = x[i] * (t + 1)
+        for i in x:
+            for t in range(1, T):
+                z[i, t] += z[i, t - 1] * z[i, t - 1] * 0.2 - x[i]
+        for i in x:
+            out[None] += z[i, T - 1] * z[i, 1]
+
     return {"serialized_prefix": serialized_prefix, "inner_history": inner_history,
-            "carried_locals": carried_locals, "time_loop": time_loop, "two_step_time_loop": two_step_time_loop}
+            "carried_locals": carried_locals, "time_loop": time_loop, "two_step_time_loop": two_step_time_loop,
+            "serialized_running_adds": serialized_running_adds, "inner_running_adds": inner_running_adds}
 
 
 @pytest.mark.parametrize("prefix,mode", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("name", ["serialized_prefix", "inner_history", "carried_locals", "time_loop",
-                                  "two_step_time_loop"])
+                                  "two_step_time_loop", "serialized_running_adds", "inner_running_adds"])
 def test_trips_reading_what_earlier_trips_stored(recurrences, name, prefix, mode):
     check_path(recurrences[name], prefix, mode)
 
@@ -240,6 +265,29 @@ def test_a_trip_overwriting_what_an_earlier_trip_read_is_still_refused(runtime):
 
     with pytest.raises(kd.KernDiffError, match="overwrites 'y' after reading it"):
         shifts_down.reverse()
+
+
+def test_running_adds_that_read_ahead_or_race_are_still_refused(runtime):
+    """Adds reading what a later trip adds into (the value read is not the one the field keeps),
+    and the same recurrence run by every iteration of a parallel loop (the value read depends on
+    the order Taichi runs them in) are refused."""
+    y = ti.field(ti.f64, shape=5)
+
+    @kd.kernel
+    def reads_ahead():
+        ti.loop_config(serialize=True)
+        for i in range(4):
+            y[i] += y[i + 1] * 0.5
+
+    @kd.kernel
+    def every_iteration():
+        for k in range(3):
+            for i in range(1, 5):
+                y[i] += y[i - 1] * 0.5
+
+    for k in (reads_ahead, every_iteration):
+        with pytest.raises(kd.KernDiffError, match="adds into 'y' after reading it"):
+            k.reverse()
 
 
 def test_a_time_loop_reading_the_row_its_trip_writes_is_still_refused(runtime):

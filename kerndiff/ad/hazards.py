@@ -73,6 +73,22 @@ def written_in_an_earlier_trip(write_index, read_index, write_loops, read_loops)
     return False
 
 
+def _each_trip_adds_its_own(s, write_index, read_index, write_loops, read_loops):
+    """An add (`c[t] += f(c[t - 1])`) in a serial loop whose trips read what earlier trips added
+    (written_in_an_earlier_trip) is the same case as a store: the value read is the one the field
+    keeps, and an add's own derivative needs no value. Unless a parallel loop runs the
+    recurrence in several iterations at once (`for i in range(n): for t in ...: c[t] += c[t - 1]`):
+    then each iteration must own the elements it reaches (`c[i, t]`, `c[i, t - 1]`), or the value
+    read depends on the order Taichi runs them in (the refusal that follows in check_overwrites)."""
+    from .races import own_element
+
+    if not (isinstance(s, N.Atomic) and s.op in ("add", "sub")):
+        return False
+    common = [lp for lp, other in zip(write_loops, read_loops) if lp is other]
+    return all(own_element(write_index, read_index, lp) for lp in common
+               if isinstance(lp, N.For) and lp.parallel and not lp.serialize)
+
+
 def launch_constants(ir: N.KernelIR):
     """{local: value} for the locals assigned exactly once in the kernel: as index parts they
     stand for their value (a ti.func argument `t - 1` becomes a local of the inlined body)."""
@@ -182,7 +198,8 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
                 # loop whose contributions did not reach it passes the adjoint on unchanged (max
                 # and min mixed in one loop: minmax.check_placement)
                 continue
-            if kind == "store" and written_in_an_earlier_trip(index, rindex, loops, rloops):
+            if written_in_an_earlier_trip(index, rindex, loops, rloops) and \
+                    (kind == "store" or _each_trip_adds_its_own(s, index, rindex, loops, rloops)):
                 continue
             if kind == "store" and in_exclusive_branches(s, rs, index, rindex, paths):
                 continue
