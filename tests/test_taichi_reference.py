@@ -234,8 +234,9 @@ def test_decomposition_of_a_size_taichi_cannot_give_source_for_is_refused(runtim
             U, sig, V = ti.svd(M3[i])
             loss[None] += U[0, 0]
 
-    with pytest.raises(kd.KernDiffError, match=r"2x2 matrices only \(this one is 3x3\).*builtin statement"):
+    with pytest.raises(kd.KernDiffError, match=r"2x2 matrices only \(this one is 3x3\).*builtin statement") as e:
         svd3.reverse()
+    assert "use ti.polar_decompose" in e.value.remedy
 
 
 def test_whole_struct_elements_and_nested_structs_match_taichi(runtime):

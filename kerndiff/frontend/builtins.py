@@ -113,11 +113,12 @@ def _rows_cols(by_columns):
     return handler
 
 
-def _decomposition(name, by_size, why_not):
+def _decomposition(name, by_size, why_not, instead=""):
     """ti.polar_decompose, ti.svd, ti.sym_eig, ti.eig are Python functions that pick a ti.func by
     the matrix's size at compile time; do the same, and inline that ti.func (or, where by_size
     gives a function of kerndiff's own, call it: (lw, node, A, dt) -> the result; frontend.polar).
-    `why_not`: why the other sizes cannot be differentiated here."""
+    `why_not`: why the other sizes cannot be differentiated here; `instead`: what differentiable
+    call does the usual job of the refused one, if any (the remedy names it first)."""
     def handler(lw, node, args, kwargs):
         from ..ir.types import default_fp, is_float, to_taichi
         from .calls import inline_function, unwrap_ti_func
@@ -135,7 +136,8 @@ def _decomposition(name, by_size, why_not):
             sizes = " and ".join(f"{n}x{n}" for n in sorted(by_size))
             raise lw.error(node, f"kerndiff differentiates ti.{name} of {sizes} matrices only (this one is "
                                  f"{A.shape[0]}x{A.shape[1]}): {why_not}",
-                           "write the decomposition as a ti.func, or keep it out of the differentiated kernel")
+                           instead + "write the decomposition as a ti.func, or keep it out of the differentiated "
+                                     "kernel")
         return inline_function(lw, unwrap_ti_func(impl), [A, dt], {}, node)
     return handler
 
@@ -148,7 +150,10 @@ def _decompositions(table):
 
     table[TF.polar_decompose] = _decomposition("polar_decompose", {2: TF._polar_decompose2d, 3: lower_polar3},
                                                "Taichi itself supports only 2x2 and 3x3 matrices here")
-    table[TF.svd] = _decomposition("svd", {2: TF._svd2d}, builtin)
+    table[TF.svd] = _decomposition("svd", {2: TF._svd2d}, builtin,
+                                   "for the rotation U @ V.transpose() or the stretch V @ sig @ V.transpose(), use "
+                                   "ti.polar_decompose (differentiable for 3x3 matrices, also where singular values "
+                                   "repeat, as at the identity); otherwise ")
     table[TF.sym_eig] = _decomposition("sym_eig", {2: TF._sym_eig2x2},
                                        "Taichi's 3x3 solver indexes its vectors with runtime indices, which "
                                        "kerndiff's scalarized kernels do not have")
