@@ -11,6 +11,7 @@ import inspect
 from .errors import KernDiffError
 from .frontend.values import is_field
 from .funcs import DeviceFunction, as_device_function, func
+from .program_factories import is_program
 from .runtime.kernel import Kernel, kernel
 from .runtime.registry import REGISTRY
 
@@ -75,7 +76,10 @@ def forward(fn, argnum: int = 0, *, inputs=None, output=None, args=()):
         from .factories import ForwardFn
         return ForwardFn(fn, inputs, output, args)
     if inputs is not None or output is not None:
-        raise _not_a_kernel(fn, "kd.forward", "kd.FwdMode(loss=output, param=x, seed=v) and read kd.dual(output)")
+        if is_program(fn):
+            from .program_factories import ProgramForwardFn
+            return ProgramForwardFn(fn, inputs, output, args)
+        raise _not_a_kernel(fn, "kd.forward")
     d = _device(fn, "kd.forward")
     _check_argnum(d, argnum, "kd.forward")
     if argnum < 0:
@@ -92,16 +96,19 @@ def reverse(fn, inputs=None, output=None, *, argnum=None, args=()):
         from .factories import BackwardFn
         return BackwardFn(fn, inputs, output, args)
     if inputs is not None or output is not None:
-        raise _not_a_kernel(fn, "kd.backward", "kd.Tape(output) and read kd.adjoint(x)")
+        if is_program(fn):
+            from .program_factories import ProgramBackwardFn
+            return ProgramBackwardFn(fn, inputs, output, args)
+        raise _not_a_kernel(fn, "kd.backward")
     return grad(fn, argnum)
 
 
-def _not_a_kernel(fn, what, context):
-    """The error for a host-function factory (inputs/output given) over something not a kernel:
-    a Python function launching several kernels is a program, which the contexts differentiate."""
-    return KernDiffError(f"{what}(fn, inputs, output) takes a @kd.kernel, got {fn!r}",
-                         remedy=f"decorate the kernel with @kd.kernel; for a Python function that launches several "
-                                f"kernels, run it inside {context} (kd.check_grad checks such a function)")
+def _not_a_kernel(fn, what):
+    """The error for a host-function factory (inputs/output given) over something neither a kernel
+    nor a program (a Python function launching kernels: program_factories)."""
+    return KernDiffError(f"{what}(fn, inputs, output) takes a @kd.kernel or a Python function that launches "
+                         f"them, got {fn!r}",
+                         remedy="decorate the kernel with @kd.kernel (a plain ti.kernel has no kerndiff derivatives)")
 
 
 backward = reverse
@@ -133,8 +140,9 @@ def hvp(fn, inputs, output, *, args=()):
     """Host function computing Hessian-vector products H·v of output w.r.t. inputs via
     forward(reverse(fn))."""
     if not isinstance(fn, Kernel):
-        raise KernDiffError(f"kd.hvp takes a @kd.kernel, got {fn!r}",
-                            remedy="decorate the kernel with @kd.kernel (H·v of a Python function that launches "
-                                   "several kernels is not built: take H·v of each kernel)")
+        if is_program(fn):
+            from .program_factories import ProgramHvpFn
+            return ProgramHvpFn(fn, inputs, output, args)
+        raise _not_a_kernel(fn, "kd.hvp")
     from .factories import HvpFn
     return HvpFn(fn, inputs, output, args)

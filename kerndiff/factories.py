@@ -59,8 +59,11 @@ def derivative_levels(kernel):
     return kernel.forward.level(), kernel.reverse.level()
 
 
-class _Factory:
-    def __init__(self, kernel, inputs, output, args):
+class _Fields:
+    """What every host function checks and sets: its input fields and its output field, the
+    values and tangents passed for the inputs, and the output's cotangent."""
+
+    def __init__(self, inputs, output):
         if inputs is None or output is None:
             raise KernDiffError("inputs and output are both needed", remedy="pass inputs=[fields...] and output=field")
         inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
@@ -75,22 +78,7 @@ class _Factory:
         if not is_float(from_taichi(output.dtype)):
             raise KernDiffError(f"output field of dtype {output.dtype} is not a float field",
                                 remedy="use a float output field")
-        self.kernel, self.inputs, self.output, self.args = kernel, inputs, output, tuple(args)
-        self._check_args()
-        # the levels of the derivative fields this kernel's forward and reverse transforms use
-        self.dual_level, self.adjoint_level = derivative_levels(kernel)
-
-    def _check_args(self):
-        """A kernel with parameters gets its arguments through args=(...): say so at construction,
-        not at the first call with a message about the kernel alone."""
-        params, _ = self.kernel.signature()
-        names = [n for n, _ in params][1 if self.kernel.bound is not None else 0:]
-        if len(self.args) != len(names):
-            factory = {"BackwardFn": "kd.backward", "ForwardFn": "kd.forward", "HvpFn": "kd.hvp"}[type(self).__name__]
-            raise KernDiffError(f"{self.kernel.__name__} takes {len(names)} argument(s) {names}, but {factory} was "
-                                f"given {len(self.args)}",
-                                remedy=f"pass the kernel's arguments as args=(...): "
-                                       f"{factory}({self.kernel.__name__}, inputs, output, args=({', '.join(names)},))")
+        self.inputs, self.output = inputs, output
 
     def _set_inputs(self, values):
         for i, (f, v) in enumerate(zip(self.inputs, values)):
@@ -110,6 +98,70 @@ class _Factory:
                 raise KernDiffError(f"{name} {i} has shape {arr.shape}, but its field has shape {shape}",
                                     remedy="pass a float for 0-d fields and an array of the field's shape otherwise")
         return list(values)
+
+    def _cotangent(self, cotangent):
+        shape = field_shape(self.output)
+        if cotangent is None:
+            if shape:
+                raise KernDiffError(f"the output has shape {shape}, so a cotangent is needed",
+                                    remedy="call with cotangent=<array of the output's shape>")
+            return 1.0
+        arr = np.asarray(cotangent, dtype=np.float64)
+        if arr.shape != shape and not (arr.size == 1 and not shape):
+            raise KernDiffError(f"cotangent has shape {arr.shape}, but the output has shape {shape}",
+                                remedy="pass a cotangent of the output's shape")
+        return cotangent
+
+
+class _Jacobian:
+    """kd.forward's host function without tangents: the output's derivative with respect to each
+    input, as jax.jacfwd gives it, from one forward pass (self._pass) per element of the input."""
+
+    def _jacobian(self, values, k):
+        """The output's derivative w.r.t. input k: a pass along each unit direction of that input,
+        the others' tangents zero."""
+        shape = field_shape(self.inputs[k])
+        if not shape:
+            return self._pass(values, self._unit_tangents(k, None))
+        columns = [self._pass(values, self._unit_tangents(k, index)) for index in np.ndindex(*shape)]
+        return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=-1).reshape(
+            np.shape(columns[0]) + shape)
+
+    def _unit_tangents(self, k, index):
+        tangents = [np.zeros(field_shape(g)) if field_shape(g) else 0.0 for g in self.inputs]
+        if index is None:
+            tangents[k] = 1.0
+        else:
+            tangents[k][index] = 1.0
+        return tangents
+
+    def __call__(self, values, tangents=None):
+        values = self._check_values(values, "values")
+        if tangents is not None:
+            tangents = self._check_values(tangents, "tangents")
+            return self._pass(values, tangents)
+        return [self._jacobian(values, k) for k in range(len(self.inputs))]
+
+
+class _Factory(_Fields):
+    def __init__(self, kernel, inputs, output, args):
+        super().__init__(inputs, output)
+        self.kernel, self.args = kernel, tuple(args)
+        self._check_args()
+        # the levels of the derivative fields this kernel's forward and reverse transforms use
+        self.dual_level, self.adjoint_level = derivative_levels(kernel)
+
+    def _check_args(self):
+        """A kernel with parameters gets its arguments through args=(...): say so at construction,
+        not at the first call with a message about the kernel alone."""
+        params, _ = self.kernel.signature()
+        names = [n for n, _ in params][1 if self.kernel.bound is not None else 0:]
+        if len(self.args) != len(names):
+            factory = {"BackwardFn": "kd.backward", "ForwardFn": "kd.forward", "HvpFn": "kd.hvp"}[type(self).__name__]
+            raise KernDiffError(f"{self.kernel.__name__} takes {len(names)} argument(s) {names}, but {factory} was "
+                                f"given {len(self.args)}",
+                                remedy=f"pass the kernel's arguments as args=(...): "
+                                       f"{factory}({self.kernel.__name__}, inputs, output, args=({', '.join(names)},))")
 
     def _written(self):
         written, _ = self.kernel.fields(*self.args)
@@ -188,20 +240,6 @@ class _Factory:
                     zero(da)
         return adjs, out_adj
 
-    def _cotangent(self, cotangent):
-        shape = field_shape(self.output)
-        if cotangent is None:
-            if shape:
-                raise KernDiffError(f"the output has shape {shape}, so a cotangent is needed",
-                                    remedy="call with cotangent=<array of the output's shape>")
-            return 1.0
-        arr = np.asarray(cotangent, dtype=np.float64)
-        if arr.shape != shape and not (arr.size == 1 and not shape):
-            raise KernDiffError(f"cotangent has shape {arr.shape}, but the output has shape {shape}",
-                                remedy="pass a cotangent of the output's shape")
-        return cotangent
-
-
 class BackwardFn(_Factory):
     """values -> gradient of the output (seeded with `cotangent`) w.r.t. each input."""
 
@@ -214,36 +252,11 @@ class BackwardFn(_Factory):
         return [read(a) for a in adjs]
 
 
-class ForwardFn(_Factory):
+class ForwardFn(_Jacobian, _Factory):
     """values[, tangents] -> directional derivative of the output; without tangents, the output's
     derivative with respect to each input, as jax.jacfwd gives it: one forward pass per element
     of the input, stacked as the output's shape followed by the input's (a float for 0-d fields
     both; for a 0-d output the array has the input's shape, as kd.backward's gradient)."""
-
-    def __call__(self, values, tangents=None):
-        values = self._check_values(values, "values")
-        if tangents is not None:
-            tangents = self._check_values(tangents, "tangents")
-            return self._pass(values, tangents)
-        return [self._jacobian(values, k) for k in range(len(self.inputs))]
-
-    def _jacobian(self, values, k):
-        """The output's derivative w.r.t. input k: a pass along each unit direction of that input,
-        the others' tangents zero."""
-        shape = field_shape(self.inputs[k])
-        if not shape:
-            return self._pass(values, self._unit_tangents(k, None))
-        columns = [self._pass(values, self._unit_tangents(k, index)) for index in np.ndindex(*shape)]
-        return np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=-1).reshape(
-            np.shape(columns[0]) + shape)
-
-    def _unit_tangents(self, k, index):
-        tangents = [np.zeros(field_shape(g)) if field_shape(g) else 0.0 for g in self.inputs]
-        if index is None:
-            tangents[k] = 1.0
-        else:
-            tangents[k][index] = 1.0
-        return tangents
 
     def _pass(self, values, tangents):
         out_dual = REGISTRY.get_or_make(self.output, "dual", self.dual_level)

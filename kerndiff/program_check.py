@@ -22,8 +22,8 @@ check passes in never reach the output, where kd.Tape takes the values set as th
 An output with elements is checked through ⟨w, output⟩ for a random w, as a kernel's is (a
 kernel added after the program sums it into a fresh 0-d field, the loss the Tape needs).
 
-Only order 1: H·v of a program would need the forward mode of the Tape's reverse pass, which
-kerndiff does not build; each kernel's own check_grad(order=2) covers its second derivatives.
+With order=2, H·v of the program (tape.ForwardTape: kd.Tape over its forward kernels, reverse
+over forward) is compared with central differences of its gradient along a second direction.
 """
 from __future__ import annotations
 
@@ -88,16 +88,17 @@ def _record(program, recorder):
         tape_module._TaichiLaunchGuard.remove(guard)
 
 
-def weighted_total(program, output, rng):
+def weighted_total(program, output, weights):
     """(program followed by a kernel that adds ⟨w, output⟩ into a 0-d field, zeroed here, that
-    field) for an output with elements, w drawn from rng: the 0-d loss kd.Tape needs, and the
-    random cotangent a kernel's check takes (the check differentiates ⟨w, f(x)⟩, as for a
-    kernel). w and the field are made once per output shape (_weights_like)."""
+    field) for an output with elements and w = `weights` (an array of the output's shape): the
+    0-d loss kd.Tape needs, weighted by the cotangent (kd.backward of a program) or by a random
+    one (a check differentiates ⟨w, f(x)⟩, as for a kernel). w and the field are made once per
+    output shape (_weights_like)."""
     from .api import kernel
     from taichi.lang.matrix import MatrixField
     w, total = _weights_like(output)
     total[None] = 0
-    w.from_numpy(rng.standard_normal(field_shape(output)).astype(w.to_numpy().dtype))
+    w.from_numpy(np.asarray(weights, dtype=np.float64).reshape(field_shape(output)).astype(w.to_numpy().dtype))
     fn = _add_weighted_vectors if isinstance(output, MatrixField) else _add_weighted
     add = _ADDERS.setdefault(fn, kernel(fn))  # one kernel object per adder, not one per check
 
@@ -206,6 +207,20 @@ class ProgramCheck:
     def gradient(self, values):
         self._start(values, "adjoint")
         with tape_module.Tape(self.output, clear_gradients=False):
+            self.program()
+        return [read(REGISTRY.get(f, "adjoint", 1)) for f in self.inputs]
+
+    def hvp(self, values, tangents):
+        """H·v of the output w.r.t. the inputs, v = tangents (tape.ForwardTape)."""
+        self._start(values, "adjoint")
+        for f in list(self.recorder.touched.values()):
+            dual = REGISTRY.get(f, "dual", 1)
+            adjoint_of_dual = None if dual is None else REGISTRY.get(dual, "adjoint", 1)
+            for d in (dual, adjoint_of_dual):
+                if d is not None:
+                    d.fill(0)
+                    self.recorder.touched[id(d)] = d  # (finish zero-fills the ones the check made)
+        with tape_module.ForwardTape(self.output, list(zip(self.inputs, tangents)), clear_gradients=False):
             self.program()
         return [read(REGISTRY.get(f, "adjoint", 1)) for f in self.inputs]
 

@@ -171,7 +171,15 @@ class _TaichiLaunchGuard:
 
     def insert(self, kernel, args):
         if is_custom_gradient(kernel):  # a @ti.ad.grad_replaced / @ti.ad.no_grad function, before it runs
-            self.owner.custom_gradient(kernel, args)
+            try:
+                self.owner.custom_gradient(kernel, args)
+            except KernDiffError:
+                # Taichi set runtime.grad_replaced before reporting the call and resets it only
+                # around the function's own run, which a refusal here prevents: every later
+                # kerndiff launch would take itself for one inside a custom-gradient function
+                from taichi.lang import impl
+                impl.get_runtime().grad_replaced = False
+                raise
             return
         fn = getattr(kernel, "func", None)
         if fn is None and hasattr(kernel, "__self__"):  # a setter's report, after writing: (key, value)
@@ -317,7 +325,7 @@ class Tape:
             own = accessor.setter
 
             def setter(value, *key, _own=own, _get=accessor.getter, _component=component):
-                self.records.append(_ElementWrite(f, _component, key, _get(*key)))
+                self._element_written(f, _component, key, _get(*key))
                 self.writing_element = True
                 try:
                     _own(value, *key)
@@ -327,6 +335,10 @@ class Tape:
             accessor.setter = setter
             wrapped.append((accessor, own))
         self.watched[id(f)] = (f, wrapped)
+
+    def _element_written(self, f, component, key, old):
+        """An element of f is about to be written from Python: keep its old value (_ElementWrite)."""
+        self.records.append(_ElementWrite(f, component, key, old))
 
     def _unwatch(self):
         for _, wrapped in self.watched.values():
@@ -508,7 +520,7 @@ def touched_field(fields, target):
     return None, None
 
 
-def refuse_forward_of_another_level(kernel):
+def refuse_forward_of_another_level(kernel, context="kd.FwdMode"):
     """kd.FwdMode seeds and clears level-1 duals on entry, before it sees a launch. A kernel launched
     in it whose forward is of another level (`f.forward`: its forward reads level-2 duals, API.md
     §2) would run on duals nobody seeded and give zeros or a partial tangent without a word:
@@ -518,7 +530,7 @@ def refuse_forward_of_another_level(kernel):
     if derived.level() == 1:
         return
     path = kernel.dotted_name
-    reason = (f"{path} was launched inside kd.FwdMode, which runs each kernel's forward with level-1 duals; "
+    reason = (f"{path} was launched inside {context}, which runs each kernel's forward with level-1 duals; "
               f"{derived.dotted_name} uses level-{derived.level()} duals (it differentiates a derivative kernel), "
               "so its tangent would leave out the seed")
     remedy = (f"call kd.forward({path}, inputs=[...], output=...), which seeds the duals of that level, or set "
@@ -625,3 +637,65 @@ class FwdMode:
         _TaichiLaunchGuard.remove(self.guard)
         _zero(self.seeded)  # as Taichi does: a later forward kernel must not find the seed there
         return False
+
+
+class ForwardTape(Tape):
+    """H·v of a program (kd.hvp, kd.check_grad(order=2) of a Python function launching kernels):
+    kd.Tape over the program's forward kernels, reverse over forward. Each kernel launched inside
+    runs its forward kernel, as under kd.FwdMode, with the inputs' duals set to the direction v
+    (`seeds`); the Tape records those launches, and on exit their reverses (k.forward.reverse) run
+    backward from the adjoint of the output's dual, ∇f·v. An input's adjoint then holds
+    ∂(∇f·v)/∂x = H·v (the Hessian is symmetric), and its dual's adjoint, where it has one, ∇f.
+    (k.reverse.forward gives H·v of one kernel the other way round; a Tape records only launches,
+    so forward over the recorded reverse pass would need the reverse pass recorded too.)
+
+    Python writes into fields a launch touched make values constants: the dual goes to zero with
+    them (as under kd.FwdMode), and the Tape keeps both the old values and the old tangents for
+    the reverses of the launches before."""
+
+    def __init__(self, output, seeds, clear_gradients=True):
+        super().__init__(REGISTRY.get_or_make(output, "dual", 1), clear_gradients)
+        self.output, self.seeds = output, seeds
+
+    def __enter__(self):
+        if not _ACTIVE:  # (else Tape.__enter__ refuses the nesting)
+            if self.clear_gradients:
+                clear_derivatives("dual")
+            _zero(self.output)
+            for f, tangent in self.seeds:
+                from .factories import write
+                write(REGISTRY.get_or_make(f, "dual", 1), tangent, "a tangent")
+        return super().__enter__()
+
+    def launch(self, kernel, args, kwargs):
+        if kernel.path:
+            raise KernDiffError(f"{kernel.dotted_name} is a derivative kernel, launched in a program whose H·v is "
+                                "taken; kerndiff takes H·v of programs of kernels as written",
+                                remedy="take H·v of the kernel itself: kd.hvp(kernel, inputs, output)")
+        refuse_forward_of_another_level(kernel, "a program whose H·v is taken")
+        run = super().launch(kernel.forward, args, kwargs)
+        return lambda: kernel.own_values(run())
+
+    def custom_gradient(self, fn, args):
+        raise KernDiffError(
+            f"'{custom_gradient_name(fn)}' has a custom reverse gradient (ti.ad.grad_replaced or ti.ad.no_grad) and "
+            "was called in a program whose H·v is taken: H·v needs the forward mode of its kernels, which the "
+            "gradient function does not give",
+            remedy="take H·v of the program without the decorator (its kernels' own derivatives are used)")
+
+    def python_write(self, target, whole, key=None):
+        if whole and not self.writing_element:
+            field, _ = touched_field(self.touched.fields, target)
+            dual = None if field is None else REGISTRY.get(field, "dual", 1)
+            if dual is not None:
+                self.records.append((None, (), {}, {id(dual): (dual, _snapshot(dual))}, {}))
+                _zero(dual)
+        super().python_write(target, whole, key)
+
+    def _element_written(self, f, component, key, old):
+        super()._element_written(f, component, key, old)
+        dual = REGISTRY.get(f, "dual", 1)
+        if dual is not None:
+            dual._initialize_host_accessors()
+            self.records.append(_ElementWrite(dual, component, key, dual.host_accessors[component].getter(*key)))
+            dual.vars[component].ptr.snode().write_float(key, 0.0)

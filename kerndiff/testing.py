@@ -14,7 +14,8 @@ AssertionError with a table of the worst rows.
 
 The function checked may also be a program: a plain Python function that launches @kd.kernels (a
 simulation's steps and its loss). Its gradient then comes from kd.Tape and its tangent from
-kd.FwdMode, against central differences of the whole program (program_check.py; order 1).
+kd.FwdMode, against central differences of the whole program, and with order=2 its H·v from
+kd.Tape over its forward kernels against differences of its gradient (program_check.py).
 """
 from __future__ import annotations
 
@@ -124,14 +125,10 @@ def _check_program(program, inputs, output, eps, rtol, atol, args, directions, o
     if args:
         raise KernDiffError(f"args= passes a kernel's parameters; '{name}' is a program, which kd.check_grad "
                             "calls without arguments", remedy=f"pass a function of none: lambda: {name}(...)")
-    if order >= 2:
-        raise KernDiffError(f"kd.check_grad of a program ('{name}') checks first derivatives only: H·v of a "
-                            "program would need the forward mode of kd.Tape's reverse pass",
-                            remedy="check each of its kernels with order=2, and the program with order=1")
     x0 = [read(f) for f in inputs]
     if field_shape(output):
         from .program_check import weighted_total
-        program, output = weighted_total(program, output, rng)
+        program, output = weighted_total(program, output, rng.standard_normal(field_shape(output)))
     check = ProgramCheck(program, inputs, output)
     rows = []
     try:
@@ -143,6 +140,16 @@ def _check_program(program, inputs, output, eps, rtol, atol, args, directions, o
             fw = check.tangent(x0, v)
             rv = sum(_dot(g, t) for g, t in zip(grad, v))
             rows.append((f"direction {d}", fd, fw, rv))
+        if order >= 2:
+            for d in range(directions):
+                v = [_shape_like(f, rng) for f in inputs]
+                u = [_shape_like(f, rng) for f in inputs]
+                hv = check.hvp(x0, v)
+                plus = check.gradient([x + eps * t for x, t in zip(x0, v)])
+                minus = check.gradient([x - eps * t for x, t in zip(x0, v)])
+                fd = sum(_dot((p - m) / (2 * eps), uu) for p, m, uu in zip(plus, minus, u))
+                an = sum(_dot(h, uu) for h, uu in zip(hv, u))
+                rows.append((f"H·v direction {d}", fd, an, an))
     finally:
         check.finish()
     _warn_if_all_zero(rows, name, "and do they reach it only through kernels (not through Python)", stacklevel=4)

@@ -1,0 +1,113 @@
+"""kd.backward / kd.forward / kd.hvp of a program: a plain Python function that launches
+@kd.kernels (a simulation's steps and its loss), as host functions (API.md §4 gives them for one
+kernel; these follow the same calling conventions).
+
+A program is no kernel, so there is no k.reverse or k.forward to call: each call sets the inputs
+and runs the program the way its derivatives are taken by hand, under kd.Tape (the gradient),
+kd.FwdMode (the tangent) or tape.ForwardTape (H·v: kd.Tape over the forward kernels). Like those
+contexts, and unlike the factories over one kernel (which know what their kernel writes and
+clear it), a call does not reset the program's other state: the program must start from it
+itself each time it runs, as under kd.Tape (its first kernels set what it then steps forward, and
+it clears what it accumulates into; the Tape zeroes the output). An output with elements is
+weighted with the cotangent into a 0-d total (program_check.weighted_total), as the Tape needs a
+0-d loss. The inputs' duals the call seeded are zero again afterwards, as kd.FwdMode leaves them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import KernDiffError
+from .factories import _Fields, _Jacobian, field_shape, read, write
+from .runtime.registry import REGISTRY
+from . import tape as tape_module
+
+
+def is_program(fn):
+    """A plain Python callable: not a kernel (kerndiff's or Taichi's) and not a device function."""
+    from .funcs import DeviceFunction
+    from .runtime.kernel import Kernel
+    return callable(fn) and not isinstance(fn, (Kernel, DeviceFunction)) and not any(
+        getattr(fn, flag, False) for flag in ("_is_taichi_function", "_is_wrapped_kernel", "_is_classkernel"))
+
+
+class _ProgramFn(_Fields):
+    def __init__(self, program, inputs, output, args, factory):
+        name = getattr(program, "__name__", repr(program))
+        if args:
+            raise KernDiffError(f"args= passes a kernel's parameters; '{name}' is a program, which {factory} calls "
+                                "without arguments", remedy=f"pass a function of none: lambda: {name}(...)")
+        super().__init__(inputs, output)
+        self.program = program
+        for f in self.inputs + [self.output]:  # active before any kernel of the program compiles
+            REGISTRY.get_or_make(f, "adjoint", 1)
+            REGISTRY.get_or_make(f, "dual", 1)
+
+    def _loss(self, cotangent):
+        """(the program to run, its 0-d loss): the output itself, or ⟨cotangent, output⟩."""
+        if not field_shape(self.output):
+            return self.program, self.output
+        from .program_check import weighted_total
+        return weighted_total(self.program, self.output, cotangent)
+
+    def _gradient_of_inputs(self):
+        return [read(REGISTRY.get(f, "adjoint", 1)) for f in self.inputs]
+
+    def _clear_seeds(self):
+        for f in self.inputs:
+            REGISTRY.get(f, "dual", 1).fill(0)
+
+
+class ProgramBackwardFn(_ProgramFn):
+    """values -> the gradient of the output (seeded with `cotangent`) w.r.t. each input, by kd.Tape."""
+
+    def __init__(self, program, inputs, output, args=()):
+        super().__init__(program, inputs, output, args, "kd.backward")
+
+    def __call__(self, values, cotangent=None):
+        values = self._check_values(values, "values")
+        program, loss = self._loss(self._cotangent(cotangent))
+        self._set_inputs(values)
+        with tape_module.Tape(loss):
+            program()
+        return self._gradient_of_inputs()
+
+
+class ProgramForwardFn(_Jacobian, _ProgramFn):
+    """values[, tangents] -> the output's tangent, by kd.FwdMode; without tangents, its derivative
+    with respect to each input, one pass per input element (as kd.forward over a kernel)."""
+
+    def __init__(self, program, inputs, output, args=()):
+        super().__init__(program, inputs, output, args, "kd.forward")
+
+    def _pass(self, values, tangents):
+        self._set_inputs(values)
+        self.output.fill(0)  # (as kd.Tape zeroes its loss)
+        seed = np.asarray(tangents[0], dtype=np.float64).ravel()
+        try:
+            with tape_module.FwdMode(loss=self.output, param=self.inputs[0], seed=seed):
+                for f, t in zip(self.inputs[1:], tangents[1:]):  # (FwdMode seeds one param)
+                    write(REGISTRY.get(f, "dual", 1), t, "a tangent")
+                self.program()
+        finally:
+            self._clear_seeds()
+        return read(REGISTRY.get(self.output, "dual", 1))
+
+
+class ProgramHvpFn(_ProgramFn):
+    """values, tangents -> H·v of the (scalar, or cotangent-weighted) output w.r.t. the inputs,
+    by kd.Tape over the program's forward kernels (tape.ForwardTape)."""
+
+    def __init__(self, program, inputs, output, args=()):
+        super().__init__(program, inputs, output, args, "kd.hvp")
+
+    def __call__(self, values, tangents, cotangent=None):
+        values = self._check_values(values, "values")
+        tangents = self._check_values(tangents, "tangents")
+        program, loss = self._loss(self._cotangent(cotangent))
+        self._set_inputs(values)
+        try:
+            with tape_module.ForwardTape(loss, list(zip(self.inputs, tangents))):
+                program()
+        finally:
+            self._clear_seeds()
+        return self._gradient_of_inputs()
