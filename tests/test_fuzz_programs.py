@@ -18,7 +18,9 @@ A path's refusal (KernDiffError) is accepted; the module checks that at least a 
 had k.forward and k.reverse checked. test_random_programs_under_a_tape runs two or three drawn
 kernels and a nonlinear measure of every field under kd.Tape, and checks the gradient with respect
 to the fields' values before the Tape against finite differences of the whole sequence: kernels
-overwriting and updating in place what earlier ones read (the Tape's snapshots and restores).
+overwriting and updating in place what earlier ones read (the Tape's snapshots and restores);
+and, since session 49, the same program's H·v (kd.hvp of a program: kd.Tape over its forward
+kernels) against differences of that gradient.
 
 test_fuzz.py fuzzes expressions and control flow inside one elementwise statement; this module
 fuzzes how statements over fields meet. It found, in session 31, adds into one element merged
@@ -474,9 +476,47 @@ def check_tape(fields, loss, measure, seed):
             raise AssertionError(f"the Tape's gradient along a direction {along} against finite differences "
                                  f"{fd}\n{program_text}")
     TAPE_OUTCOMES.append("checked")
+    check_program_hvp(fields, loss, launches, measure, start, put, program_text, rng)
+
+
+def check_program_hvp(fields, loss, launches, measure, start, put, program_text, rng):
+    """The same program's H·v (kd.hvp of a program: kd.Tape over its forward kernels), uᵀ H v
+    against central differences of the Tape's gradient along v (since session 49)."""
+    inputs = [fields[n] for n in INPUTS]
+
+    def program():
+        for k, args in launches:
+            k(*args)
+        measure()
+
+    def gradient(values):
+        put(values)
+        with kd.Tape(loss):
+            program()
+        return {n: kd.adjoint(fields[n]).to_numpy() for n in INPUTS}
+
+    v = {n: rng.uniform(-1, 1, np.shape(start[n])) for n in INPUTS}
+    u = {n: rng.uniform(-1, 1, np.shape(start[n])) for n in INPUTS}
+    try:
+        hv = kd.hvp(program, inputs=inputs, output=loss)([start[n] for n in INPUTS], [v[n] for n in INPUTS])
+    except kd.KernDiffError as e:
+        HVP_REFUSALS.append(f"{e.reason}\n{program_text}")
+        return
+    along = sum(float(np.sum(np.asarray(h) * u[n])) for n, h in zip(INPUTS, hv))
+    for eps, rtol, atol in ((1e-5, 1e-4, 1e-6), (1e-3, 1e-3, 1e-5)):
+        plus = gradient({n: start[n] + eps * v[n] for n in INPUTS})
+        minus = gradient({n: start[n] - eps * v[n] for n in INPUTS})
+        fd = sum(float(np.sum((plus[n] - minus[n]) * u[n])) for n in INPUTS) / (2 * eps)
+        if abs(fd - along) <= atol + rtol * abs(fd):
+            break
+    else:
+        raise AssertionError(f"the program's H·v along a direction {along} against differences of its gradient "
+                             f"{fd}\n{program_text}")
+    HVP_OUTCOMES.append("checked")
 
 
 TAPE_OUTCOMES, TAPE_REFUSALS = [], []
+HVP_OUTCOMES, HVP_REFUSALS = [], []
 
 
 @pytest.fixture(scope="module")
@@ -498,11 +538,14 @@ def test_most_programs_were_checked():
     assert checked >= len(OUTCOMES) // 3, ({o: OUTCOMES.count(o) for o in set(OUTCOMES)}, REFUSALS[:5])
     drawn = len(TAPE_OUTCOMES) + len(TAPE_REFUSALS)
     assert len(TAPE_OUTCOMES) >= drawn // 3, TAPE_REFUSALS[:5]
+    # (H·v refuses more: a drawn kernel with an atomic max/min into m has no k.forward.reverse)
+    assert len(HVP_OUTCOMES) >= len(TAPE_OUTCOMES) // 4, HVP_REFUSALS[:5]
 
 
 def teardown_module():
     print(f"\nfuzz programs: {len(OUTCOMES)} drawn, {OUTCOMES.count('checked')} checked in both modes; "
-          f"{len(REFUSALS)} paths refused; under a Tape {len(TAPE_OUTCOMES)} checked, {len(TAPE_REFUSALS)} refused; "
+          f"{len(REFUSALS)} paths refused; under a Tape {len(TAPE_OUTCOMES)} checked, {len(TAPE_REFUSALS)} refused "
+          f"(H·v: {len(HVP_OUTCOMES)} checked, {len(HVP_REFUSALS)} refused); "
           f"{sum(VARIANTS)} of {len(VARIANTS)} with k.forward.forward checked had an equal-directions variant")
     if os.environ.get("KERNDIFF_FUZZ_SHOW"):
         reasons = {}
@@ -513,3 +556,5 @@ def teardown_module():
             print(count, head)
         for r in TAPE_REFUSALS:
             print("Tape:", r.split("\n")[0][:200])
+        for r in HVP_REFUSALS:
+            print("H·v:", r.split("\n")[0][:200])
