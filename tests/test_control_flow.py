@@ -289,6 +289,18 @@ def test_running_adds_that_read_ahead_or_race_are_still_refused(runtime):
         with pytest.raises(kd.KernDiffError, match="adds into 'y' after reading it"):
             k.reverse()
 
+    z = ti.field(ti.f64, shape=5)
+
+    @kd.kernel
+    def reads_ahead_after_adding():
+        ti.loop_config(serialize=True)
+        for i in range(1, 4):
+            y[i] += 0.5 * z[i]
+            z[i] = y[i + 1] * 2.0  # trip i + 1 adds into y[i + 1] later
+
+    with pytest.raises(kd.KernDiffError, match="a trip may read an element that a later trip adds into"):
+        reads_ahead_after_adding.reverse()
+
 
 def test_a_time_loop_reading_the_row_its_trip_writes_is_still_refused(runtime):
     """In a serialized time loop, q[t + 1, i] = ... reading q[t + 1, i + 1]: trip t overwrites

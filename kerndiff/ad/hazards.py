@@ -89,6 +89,12 @@ def _each_trip_adds_its_own(s, write_index, read_index, write_loops, read_loops)
                if isinstance(lp, N.For) and lp.parallel and not lp.serialize)
 
 
+def _in_serial_order(loops):
+    """Whether the outermost of the loops around an access runs its trips in order (a serialized
+    or otherwise serial top-level loop): no parallel iterations around it."""
+    return bool(loops) and isinstance(loops[0], N.For) and (loops[0].serialize or not loops[0].parallel)
+
+
 def launch_constants(ir: N.KernelIR):
     """{local: value} for the locals assigned exactly once in the kernel: as index parts they
     stand for their value (a ti.func argument `t - 1` becomes a local of the inlined body)."""
@@ -222,9 +228,11 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
                     s.src, "write the result to a new field (out[i] = f(x[i])), or split the kernel in two "
                            "and use kd.Tape, which keeps overwritten values")
             if kind == "atomic" and rtop == top:
-                raise KernDiffError(f"this loop reads a field it accumulates into ('{REGISTRY.name_of(f)}'); "
-                                    "the value read depends on the order of the parallel iterations", rs.src,
-                                    "read it in a later loop or a later kernel")
+                why = "a trip may read an element that a later trip adds into, and the reverse pass reads the " \
+                      "value the field keeps" if _in_serial_order(loops) else \
+                      "the value read depends on the order of the parallel iterations"
+                raise KernDiffError(f"this loop reads a field it accumulates into ('{REGISTRY.name_of(f)}'); {why}",
+                                    rs.src, "read it in a later loop or a later kernel")
 
 
 def branch_paths(stmts, path=(), loops=(), out=None):
