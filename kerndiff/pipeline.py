@@ -74,7 +74,9 @@ def kernel_ir(kernel, templates):
     chain before it and the derivative fields it saw, so k.reverse.forward reuses the reverse
     that k.reverse built (fields appearing elsewhere, such as the duals of k.reverse's adjoint
     fields, do not invalidate it)."""
+    from .ad import forward_reverse
     from .ad.hazards import refuse_reading_results
+    from .errors import KernDiffError
     from .runtime.kernel import split_step
     primal = ir = base_ir(kernel, templates)
     key = ("base", kernel.root.uid, tuple((n, id(v)) for n, v in sorted(templates.items())))
@@ -89,7 +91,12 @@ def kernel_ir(kernel, templates):
             ir, key = got[0], before
             continue
         over_reverse = any(split_step(earlier)[0] != "forward" for earlier in kernel.path[:i])
-        out = transform(ir, step, level, last_reverse, over_reverse)
+        try:
+            out = transform(ir, step, level, last_reverse, over_reverse)
+        except KernDiffError:
+            if not forward_reverse.applies(kernel, i, ir, primal):
+                raise
+            out = forward_reverse.forward_reverse_ir(kernel, templates, step, primal)
         key = (key, step, level, last_reverse, _derivative_state(ir, step, level))
         CACHE[key] = (out, ir)  # the input is kept alive: the key holds ids of its fields
         ir = out

@@ -56,7 +56,7 @@ def test_ties_split_evenly_and_the_initial_value_can_win(fields):
     np.testing.assert_allclose(grad([np.array([-1.0, -2.0])])[0], [0.0, 0.0])
 
 
-def test_second_derivatives_in_forward_mode_and_a_clear_refusal_in_reverse(fields):
+def test_second_derivatives_in_forward_mode_and_forward_reverse(fields):
     x, _, s, _, _ = fields
 
     @kd.kernel
@@ -74,16 +74,94 @@ def test_second_derivatives_in_forward_mode_and_a_clear_refusal_in_reverse(field
         f[None] = 0.0
     peak.forward.forward()
     assert kd.dual(kd.dual(s), 2)[None] == pytest.approx(2 * np.cos(xv[w]) - xv[w] * np.sin(xv[w]), rel=1e-12)
-    # its derivative kernels count the winners in a helper field, then clear it; the reverse
-    # kernel also reads the result s, which the kernel writes
-    for path, why in (("forward", "helper field"), ("reverse", "reads 's'")):
-        with pytest.raises(kd.KernDiffError) as err:
-            getattr(peak, path).reverse()
-        message = str(err.value)
-        assert "ti.atomic_max(s[None], ti.sin(x[i]) * x[i])" in message  # the user's line, not a '?'
-        assert "k.reverse.forward" in message and why in message
-    for f in (kd.dual(x), kd.dual(x, 2)):
+    # reverse over forward (refused before session 49: the forward kernel counts the winners in a
+    # helper field and clears it): peak.reverse.forward with the adjoints' roles swapped
+    # (ad/forward_reverse.py). With ẋ = c e_w, adj(s) = a, adj(dual(s)) = b: adj(x)_w = g' a + g'' b c,
+    # adj(dual(x))_w = g' b, g = x sin x
+    a, b, c = 0.7, -1.3, 0.4
+    kd.dual(x).from_numpy(np.eye(8)[w] * c)
+    for f in (kd.adjoint(x), kd.adjoint(kd.dual(x))):
         f.fill(0)
+    s[None] = -100.0
+    peak()
+    kd.adjoint(s)[None], kd.adjoint(kd.dual(s))[None] = a, b
+    peak.forward.reverse()
+    g1, g2 = np.sin(xv[w]) + xv[w] * np.cos(xv[w]), 2 * np.cos(xv[w]) - xv[w] * np.sin(xv[w])
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), np.eye(8)[w] * (g1 * a + g2 * b * c), rtol=1e-12)
+    np.testing.assert_allclose(kd.adjoint(kd.dual(x)).to_numpy(), np.eye(8)[w] * g1 * b, rtol=1e-12)
+    assert peak.forward.reverse.source.splitlines()[2].startswith("    # peak.forward.reverse, computed as")
+    # the reverse kernel reads the result s, which the kernel writes: its reverse is refused
+    with pytest.raises(kd.KernDiffError) as err:
+        peak.reverse.reverse()
+    message = str(err.value)
+    assert "ti.atomic_max(s[None], ti.sin(x[i]) * x[i])" in message  # the user's line, not a '?'
+    assert "k.reverse.forward" in message and "reads 's'" in message
+    for f in (kd.dual(x), kd.dual(x, 2), kd.adjoint(x), kd.adjoint(kd.dual(x))):
+        f.fill(0)
+
+
+def test_forward_reverse_of_max_and_min_reductions(fields):
+    """k.forward.reverse of a kernel with atomic max/min (since session 49): the same numbers as
+    k.reverse.forward with the seeds' roles swapped, and, inside a program (H·v by kd.Tape over
+    its forward kernels: each runs its k.forward.reverse on the way back), against differences of
+    the program's gradient. (A derivative kernel alone is no fit for differences: it reads the
+    reductions' results to find the winners, and moving a result by ε leaves it with none.)"""
+    x, m, s, _, _ = fields
+    loss = ti.field(ti.f64, shape=())
+    q = ti.field(ti.f64, shape=3)
+
+    @kd.kernel
+    def reductions():
+        for i in x:
+            ti.atomic_max(m[i % 3], ti.sin(x[i]) * x[(i + 1) % 8])
+            ti.atomic_min(s[None], x[i] ** 2 - 0.3 * x[i])
+            q[i % 3] += -x[(i + 1) % 8]  # (linear: its second derivatives come from measure's sin)
+
+    @kd.kernel
+    def measure():
+        for j in m:
+            loss[None] += m[j] ** 2 * (j + 1.0) + ti.sin(m[j]) * s[None] + ti.sin(q[j]) * m[j]
+        loss[None] += s[None] ** 3
+
+    def program():
+        m.fill(-10.0)
+        s[None] = 10.0
+        q.fill(0.0)
+        reductions()
+        measure()
+
+    # (each reduction has one winner, no contribution within 0.05 of it: differences see no kink)
+    x.from_numpy(np.array([0.3, 1.2, -0.5, 0.9, 2.0, 0.1, -1.0, 0.7]))
+    assert kd.check_grad(program, [x], loss, order=2) < 1e-7
+
+    rng = np.random.default_rng(0)
+    xdot, a_m, b_m = rng.standard_normal(8), rng.standard_normal(3), rng.standard_normal(3)
+    a_s, b_s = rng.standard_normal(2)
+    m.fill(-10.0)
+    s[None] = 10.0
+    q.fill(0.0)
+    reductions()
+
+    def run(path, adj_of, adj_of_dual, read):
+        kd.dual(x).from_numpy(xdot)
+        for f in (x, kd.dual(x)):
+            kd.adjoint(f).fill(0)
+        kd.dual(kd.adjoint(x)).fill(0)
+        adj_of(m).from_numpy(a_m)
+        adj_of_dual(m).from_numpy(b_m)
+        adj_of(s).fill(a_s)
+        adj_of_dual(s).fill(b_s)
+        path()
+        return read()
+
+    fr = run(reductions.forward.reverse, kd.adjoint, lambda f: kd.adjoint(kd.dual(f)),
+             lambda: (kd.adjoint(x).to_numpy(), kd.adjoint(kd.dual(x)).to_numpy()))
+    rf = run(reductions.reverse.forward, lambda f: kd.dual(kd.adjoint(f)), kd.adjoint,
+             lambda: (kd.dual(kd.adjoint(x)).to_numpy(), kd.adjoint(x).to_numpy()))
+    np.testing.assert_allclose(fr[0], rf[0], rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(fr[1], rf[1], rtol=1e-13, atol=1e-15)
+    assert np.any(fr[0]) and np.any(fr[1])
+    kd.dual(x).fill(0)
 
 
 def test_the_generated_passes_read_like_code_a_person_wrote(fields):

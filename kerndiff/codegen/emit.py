@@ -495,6 +495,8 @@ def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=()):
         ret = " -> (" + ", ".join(f"ti.{d}" for d in ir.returns) + ")"
     em.lines.append("@ti.kernel")
     em.lines.append(f"def {fn_name}({params}){ret}:")
+    if ir.note:
+        em.lines.append(f"    # {ir.note}")
     em.block(ir.body, 1, ())
     return "\n".join(wrapped(line) for line in em.lines) + "\n", em.component_globals
 

@@ -193,3 +193,6 @@ class KernelIR:
     # (id(field), name) for the fields this kernel's own source names (a field passed to a
     # template parameter `out` elsewhere is still `uxx` here): what generated code calls them
     field_aliases: Tuple[Tuple[int, str], ...] = dc_field(default=(), compare=False)
+    # a comment codegen puts at the top of the kernel's body: how it was made, where that is not
+    # the path's transforms one after the other (ad/forward_reverse.py)
+    note: str = dc_field(default="", compare=False)
