@@ -37,7 +37,7 @@ class _ProgramFn(_Fields):
             raise KernDiffError(f"args= passes a kernel's parameters; '{name}' is a program, which {factory} calls "
                                 "without arguments", remedy=f"pass a function of none: lambda: {name}(...)")
         super().__init__(inputs, output)
-        self.program = program
+        self.program, self.factory = program, factory
         for f in self.inputs + [self.output]:  # active before any kernel of the program compiles
             REGISTRY.get_or_make(f, "adjoint", 1)
             REGISTRY.get_or_make(f, "dual", 1)
@@ -48,6 +48,12 @@ class _ProgramFn(_Fields):
             return self.program, self.output
         from .program_check import weighted_total
         return weighted_total(self.program, self.output, cotangent)
+
+    def _under(self, context):
+        """context, refusing a Python write into an input before a kernel read it (the values
+        this call was given would be thrown away: tape.refuse_setting_given_inputs)."""
+        context.given_inputs = (self.factory, {id(f): f for f in self.inputs})
+        return context
 
     def _gradient_of_inputs(self):
         return [read(REGISTRY.get(f, "adjoint", 1)) for f in self.inputs]
@@ -67,7 +73,7 @@ class ProgramBackwardFn(_ProgramFn):
         values = self._check_values(values, "values")
         program, loss = self._loss(self._cotangent(cotangent))
         self._set_inputs(values)
-        with tape_module.Tape(loss):
+        with self._under(tape_module.Tape(loss)):
             program()
         return self._gradient_of_inputs()
 
@@ -84,7 +90,7 @@ class ProgramForwardFn(_Jacobian, _ProgramFn):
         self.output.fill(0)  # (as kd.Tape zeroes its loss)
         seed = np.asarray(tangents[0], dtype=np.float64).ravel()
         try:
-            with tape_module.FwdMode(loss=self.output, param=self.inputs[0], seed=seed):
+            with self._under(tape_module.FwdMode(loss=self.output, param=self.inputs[0], seed=seed)):
                 for f, t in zip(self.inputs[1:], tangents[1:]):  # (FwdMode seeds one param)
                     write(REGISTRY.get(f, "dual", 1), t, "a tangent")
                 self.program()
@@ -106,7 +112,7 @@ class ProgramHvpFn(_ProgramFn):
         program, loss = self._loss(self._cotangent(cotangent))
         self._set_inputs(values)
         try:
-            with tape_module.ForwardTape(loss, list(zip(self.inputs, tangents))):
+            with self._under(tape_module.ForwardTape(loss, list(zip(self.inputs, tangents)))):
                 program()
         finally:
             self._clear_seeds()

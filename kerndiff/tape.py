@@ -183,14 +183,14 @@ class _TaichiLaunchGuard:
             return
         fn = getattr(kernel, "func", None)
         if fn is None and hasattr(kernel, "__self__"):  # a setter's report, after writing: (key, value)
-            self.owner.python_write(kernel.__self__, whole=False, key=args[0])
+            self._python_write(kernel.__self__, whole=False, key=args[0])
             return
         code = getattr(fn, "__code__", None)
         if code is None or code.co_filename.startswith("<kerndiff"):
             return
         module = getattr(fn, "__module__", "") or ""
         if module == "taichi._kernels" and fn.__name__ in WHOLE_FIELD_WRITERS:  # before it runs
-            self.owner.python_write(args[WHOLE_FIELD_WRITERS[fn.__name__]], whole=True)
+            self._python_write(args[WHOLE_FIELD_WRITERS[fn.__name__]], whole=True)
             return
         if module.startswith(("taichi", "kerndiff")):
             return
@@ -204,6 +204,12 @@ class _TaichiLaunchGuard:
         except KernDiffError:
             raise KernDiffError(reason, remedy=remedy) from None
         raise src.error(src.tree, reason, remedy)
+
+    def _python_write(self, target, whole, key=None):
+        given = getattr(self.owner, "given_inputs", None)
+        if given:
+            refuse_setting_given_inputs(self.owner, given, target)
+        self.owner.python_write(target, whole, key)
 
     @staticmethod
     def install(context, owner):
@@ -220,6 +226,26 @@ class _TaichiLaunchGuard:
         runtime = impl.get_runtime()
         if guard is not None and runtime.target_tape is guard:
             runtime.target_tape = None
+
+
+def refuse_setting_given_inputs(context, given, target):
+    """A host function over a program (kd.backward / kd.forward / kd.hvp) sets the inputs to the
+    values it is given, then runs the program under `context`; a program that writes one of them
+    from Python before any of its kernels read it throws those values away, and its derivative
+    is taken at the values it set instead, which the caller did not ask for. given: (the host
+    function's name, {id(field): field} of its inputs)."""
+    name, fields = given
+    field, _ = touched_field(fields, target)
+    touched = context.touched.fields if isinstance(context.touched, _Touched) else context.touched
+    if field is None or id(field) in touched:
+        return
+    # (named by its place in the inputs: the registry's name for a field is the first one a kernel
+    # source gave it, maybe a template parameter's; the error shows the line that writes it)
+    raise KernDiffError(
+        f"the program sets its input {list(fields).index(id(field))} from Python before a kernel reads it, so the values {name} was given "
+        "for it never reach the output, and the derivative would be taken at the values the program sets",
+        remedy="set it before calling the program (and pass those values), or take the derivative with respect "
+               "to what the program sets it from")
 
 
 def _snapshot(f):

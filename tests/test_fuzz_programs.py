@@ -538,8 +538,7 @@ def test_most_programs_were_checked():
     assert checked >= len(OUTCOMES) // 3, ({o: OUTCOMES.count(o) for o in set(OUTCOMES)}, REFUSALS[:5])
     drawn = len(TAPE_OUTCOMES) + len(TAPE_REFUSALS)
     assert len(TAPE_OUTCOMES) >= drawn // 3, TAPE_REFUSALS[:5]
-    # (H·v refuses more: a drawn kernel with an atomic max/min into m has no k.forward.reverse)
-    assert len(HVP_OUTCOMES) >= len(TAPE_OUTCOMES) // 6, HVP_REFUSALS[:5]
+    assert len(HVP_OUTCOMES) >= len(TAPE_OUTCOMES) // 2, HVP_REFUSALS[:5]
 
 
 def teardown_module():

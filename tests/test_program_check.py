@@ -225,6 +225,40 @@ def test_the_factories_differentiate_a_program(sim):
         kd.hvp(program, inputs=[a], output=loss, args=(1.0,))
 
 
+def test_the_factories_refuse_a_program_that_sets_its_input(sim):
+    """A program that writes an input from Python before a kernel reads it (`a.from_numpy(...)`,
+    `a[0] = ...`) throws away the values the host function was given: refused, as kd.check_grad
+    refuses it, rather than a derivative at the program's own values. A write after a kernel
+    read it is the Tape's business (an overwrite)."""
+    a, b, w, loss, step, total, program = sim
+    _reset(a, w, loss)
+
+    def resets_a():
+        a.from_numpy(A0 * 2.0)
+        program()
+
+    def sets_an_element():
+        a[0] = 0.5
+        program()
+
+    for prog in (resets_a, sets_an_element):
+        for factory, call in ((kd.backward, lambda f: f([A0])), (kd.forward, lambda f: f([A0], [A0])),
+                              (kd.hvp, lambda f: f([A0], [A0]))):
+            with pytest.raises(kd.KernDiffError, match=r"sets its input 0 from Python before a kernel "
+                                                       r"reads it, so the values kd\.\w+ was given"):
+                call(factory(prog, inputs=[a], output=loss))
+            assert not tape_module._ACTIVE
+
+    def resets_a_later():
+        program()
+        a.from_numpy(A0 * 2.0)  # after the kernels: a value of the program, not its input
+        total(a)
+
+    (ga,) = kd.backward(resets_a_later, inputs=[a], output=loss)([A0])
+    (gb,) = kd.backward(program, inputs=[a], output=loss)([A0])
+    np.testing.assert_allclose(ga, gb, rtol=1e-12)
+
+
 def test_what_a_programs_hvp_cannot_take_is_refused(sim):
     """A derivative kernel inside the program, and a custom-gradient function (its gradient
     function is a reverse one: the forward kernels H·v needs are not there)."""
