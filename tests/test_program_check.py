@@ -225,14 +225,9 @@ def test_the_factories_differentiate_a_program(sim):
         kd.hvp(program, inputs=[a], output=loss, args=(1.0,))
 
 
-def test_the_factories_refuse_a_program_that_sets_its_input(sim):
-    """A program that writes an input from Python before a kernel reads it (`a.from_numpy(...)`,
-    `a[0] = ...`) throws away the values the host function was given: refused, as kd.check_grad
-    refuses it, rather than a derivative at the program's own values. A write after a kernel
-    read it is the Tape's business (an overwrite)."""
-    a, b, w, loss, step, total, program = sim
-    _reset(a, w, loss)
-
+def _programs_setting_a(a, program):
+    """The program, after a whole write (`a.from_numpy(...)`) or an element write (`a[0] = ...`)
+    into its input a from Python."""
     def resets_a():
         a.from_numpy(A0 * 2.0)
         program()
@@ -241,7 +236,17 @@ def test_the_factories_refuse_a_program_that_sets_its_input(sim):
         a[0] = 0.5
         program()
 
-    for prog in (resets_a, sets_an_element):
+    return resets_a, sets_an_element
+
+
+def test_the_factories_refuse_a_program_that_sets_its_input(sim):
+    """A program that writes an input from Python before a kernel reads it (`a.from_numpy(...)`,
+    `a[0] = ...`) throws away the values the host function was given: refused, as kd.check_grad
+    refuses it, rather than a derivative at the program's own values. A write after a kernel
+    read it is the Tape's business (an overwrite)."""
+    a, b, w, loss, step, total, program = sim
+    _reset(a, w, loss)
+    for prog in _programs_setting_a(a, program):
         for factory, call in ((kd.backward, lambda f: f([A0])), (kd.forward, lambda f: f([A0], [A0])),
                               (kd.hvp, lambda f: f([A0], [A0]))):
             with pytest.raises(kd.KernDiffError, match=r"sets its input 0 from Python before a kernel "
@@ -296,16 +301,7 @@ def test_a_program_that_sets_a_checked_input_from_python_is_refused(sim):
     are put back as they were."""
     a, b, w, loss, step, total, program = sim
     _reset(a, w, loss)
-
-    def resets_a():
-        a.from_numpy(A0 * 2.0)
-        program()
-
-    def sets_an_element():
-        a[0] = 0.5
-        program()
-
-    for prog in (resets_a, sets_an_element):
+    for prog in _programs_setting_a(a, program):
         with pytest.raises(kd.KernDiffError, match=r"sets its input '\w+' from Python before a kernel reads it"):
             kd.check_grad(prog, [a, w], loss)
         np.testing.assert_array_equal(a.to_numpy(), A0)
