@@ -240,6 +240,7 @@ class _Factory(_Fields):
                     zero(da)
         return adjs, out_adj
 
+
 class BackwardFn(_Factory):
     """values -> gradient of the output (seeded with `cotangent`) w.r.t. each input."""
 
