@@ -241,9 +241,10 @@ def refuse_setting_given_inputs(context, given, target):
         return
     # (named by its place in the inputs: the registry's name for a field is the first one a kernel
     # source gave it, maybe a template parameter's; the error shows the line that writes it)
+    position = list(fields).index(id(field))
     raise KernDiffError(
-        f"the program sets its input {list(fields).index(id(field))} from Python before a kernel reads it, so the values {name} was given "
-        "for it never reach the output, and the derivative would be taken at the values the program sets",
+        f"the program sets its input {position} from Python before a kernel reads it, so the values {name} was "
+        "given for it never reach the output, and the derivative would be taken at the values the program sets",
         remedy="set it before calling the program (and pass those values), or take the derivative with respect "
                "to what the program sets it from")
 
@@ -684,12 +685,12 @@ class ForwardTape(Tape):
         self.output, self.seeds = output, seeds
 
     def __enter__(self):
+        from .factories import write
         if not _ACTIVE:  # (else Tape.__enter__ refuses the nesting)
             if self.clear_gradients:
                 clear_derivatives("dual")
             _zero(self.output)
             for f, tangent in self.seeds:
-                from .factories import write
                 write(REGISTRY.get_or_make(f, "dual", 1), tangent, "a tangent")
         return super().__enter__()
 
