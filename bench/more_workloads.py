@@ -152,19 +152,25 @@ def w5(args):
         restv = (rng.random(S, dtype=np.float32) * 0.01).astype(np.float32)
     ti = init_taichi(args.arch)
     import kerndiff as kd
-    kd_run, ti_run, stiff = spring_simulation(ti, kd, ti.f32, steps, posv, endsv, restv)
+    kd_run, ti_run, stiff, kd_hvp = spring_simulation(ti, kd, ti.f32, steps, posv, endsv, restv)
     # The parameter's gradient sums 4e7 per-spring terms that mostly cancel, so f32 results depend
     # on the summation order: both systems are checked against the same simulation in f64.
-    kd64, _, stiff64 = spring_simulation(ti, kd, ti.f64, steps, posv, endsv, restv)
+    kd64, _, stiff64, hvp64 = spring_simulation(ti, kd, ti.f64, steps, posv, endsv, restv)
     kd64()
-    systems = {"kerndiff": (ti.sync, {"sim_grad": (kd_run, lambda: stiff.grad[None])}),
-               "taichi": (ti.sync, {"sim_grad": (ti_run, lambda: stiff.grad[None])})}
-    run_systems("W5", systems, 2e-2, truth={"sim_grad": float(stiff64.grad[None])})
+    grad64 = float(stiff64.grad[None])
+    hv = {}
+    # sim_hvp: d²loss/dk² by kd.hvp of the whole simulation (kd.Tape over its forward kernels;
+    # Taichi's AD has no H·v), against the f64 simulation's
+    systems = {"kerndiff": (ti.sync, {"sim_grad": (kd_run, lambda: stiff.grad[None]),
+                                      "sim_hvp": (lambda: hv.update(v=kd_hvp()), lambda: hv["v"])}),
+               "taichi": (ti.sync, {"sim_grad": (ti_run, lambda: stiff.grad[None]), "sim_hvp": None})}
+    run_systems("W5", systems, 2e-2, truth={"sim_grad": grad64, "sim_hvp": hvp64()})
 
 
 def spring_simulation(ti, kd, dtype, steps, posv, endsv, restv):
-    """W5 in one precision: (kerndiff run, Taichi run, the stiffness field) where a run is the
-    simulation's forward and backward under kd.Tape / ti.ad.Tape."""
+    """W5 in one precision: (kerndiff run, Taichi run, the stiffness field, kerndiff's H·v) where a
+    run is the simulation's forward and backward under kd.Tape / ti.ad.Tape, and H·v returns
+    d²loss/dk² at k = 10 (kd.hvp of the simulation as a program)."""
     P, S = len(posv), len(endsv)
     host = np.float64 if dtype == ti.f64 else np.float32
     x = ti.Vector.field(2, dtype, shape=(steps + 1, P), needs_grad=True)
@@ -221,7 +227,16 @@ def spring_simulation(ti, kd, dtype, steps, posv, endsv, restv):
         with ti.ad.Tape(loss):
             sim(tf, ta, tm)
 
-    return kd_run, ti_run, stiff
+    def program():
+        reset()
+        sim(kf, ka, km)
+
+    hvp = kd.hvp(program, inputs=[stiff], output=loss)
+
+    def kd_hvp():
+        return hvp([10.0], tangents=[1.0])[0]
+
+    return kd_run, ti_run, stiff, kd_hvp
 
 
 # ----------------------------------------------------------------------------- compile latency
