@@ -145,3 +145,38 @@ def test_store_check_on_vulkan(vulkan_corpus):
     with pytest.raises(kd.KernDiffError, match=r"iterations i = 17 and i = 40 of this parallel loop both reach"):
         scatter.reverse()
     np.testing.assert_array_equal(kd.adjoint(z).to_numpy(), seed)
+
+
+def test_program_hvp_on_vulkan(vulkan_corpus):
+    """H·v of a two-kernel program on SPIR-V (kd.Tape over the forward kernels; the atomic max's
+    k.forward.reverse is its k.reverse.forward with the adjoints' roles swapped), against the
+    analytic H·v: loss = g(x_w)² + x₂² x₃² / 2, g = x sin x, w the maximum's winner."""
+    x, y = ti.field(ti.f32, shape=6), ti.field(ti.f32, shape=6)
+    m, loss = ti.field(ti.f32, shape=()), ti.field(ti.f32, shape=())
+
+    @kd.kernel
+    def peak():
+        for i in x:
+            ti.atomic_max(m[None], ti.sin(x[i]) * x[i])
+            y[i] = x[i] * x[i]
+
+    @kd.kernel
+    def total():
+        loss[None] += m[None] * m[None] + 0.5 * y[2] * y[3]
+
+    def program():
+        m[None] = -10.0
+        peak()
+        total()
+
+    xv = np.array([0.3, 1.9, 0.5, -0.7, 1.1, 0.2])
+    v = np.array([0.4, -1.2, 0.8, 0.5, 1.5, -0.3])
+    (hv,) = kd.hvp(program, inputs=[x], output=loss)([xv], [v])
+    w = int(np.argmax(np.sin(xv) * xv))
+    g, g1, g2 = (np.sin(xv[w]) * xv[w], np.sin(xv[w]) + xv[w] * np.cos(xv[w]),
+                 2 * np.cos(xv[w]) - xv[w] * np.sin(xv[w]))
+    expected = np.zeros(6)
+    expected[w] = 2 * (g1 * g1 + g * g2) * v[w]
+    expected[2] += xv[3] ** 2 * v[2] + 2 * xv[2] * xv[3] * v[3]
+    expected[3] += xv[2] ** 2 * v[3] + 2 * xv[2] * xv[3] * v[2]
+    np.testing.assert_allclose(hv, expected, rtol=1e-4, atol=1e-5)
