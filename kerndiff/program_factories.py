@@ -55,6 +55,12 @@ class _ProgramFn(_Fields):
         context.given_inputs = (self.factory, {id(f): f for f in self.inputs})
         return context
 
+    def _start(self, values):
+        """Zero the output (as kd.Tape zeroes its loss: a program adding into an output with
+        elements would otherwise add each call's values to the last's), then set the inputs."""
+        self.output.fill(0)
+        self._set_inputs(values)
+
     def _gradient_of_inputs(self):
         return [read(REGISTRY.get(f, "adjoint", 1)) for f in self.inputs]
 
@@ -72,7 +78,7 @@ class ProgramBackwardFn(_ProgramFn):
     def __call__(self, values, cotangent=None):
         values = self._check_values(values, "values")
         program, loss = self._loss(self._cotangent(cotangent))
-        self._set_inputs(values)
+        self._start(values)
         with self._under(tape_module.Tape(loss)):
             program()
         return self._gradient_of_inputs()
@@ -86,8 +92,7 @@ class ProgramForwardFn(_Jacobian, _ProgramFn):
         super().__init__(program, inputs, output, args, "kd.forward")
 
     def _pass(self, values, tangents):
-        self._set_inputs(values)
-        self.output.fill(0)  # (as kd.Tape zeroes its loss)
+        self._start(values)
         seed = np.asarray(tangents[0], dtype=np.float64).ravel()
         try:
             with self._under(tape_module.FwdMode(loss=self.output, param=self.inputs[0], seed=seed)):
@@ -110,7 +115,7 @@ class ProgramHvpFn(_ProgramFn):
         values = self._check_values(values, "values")
         tangents = self._check_values(tangents, "tangents")
         program, loss = self._loss(self._cotangent(cotangent))
-        self._set_inputs(values)
+        self._start(values)
         try:
             with self._under(tape_module.ForwardTape(loss, list(zip(self.inputs, tangents)))):
                 program()

@@ -214,6 +214,28 @@ def test_the_factories_differentiate_a_program(sim):
                                for s in (1, -1))
     np.testing.assert_allclose(hb, (hb_plus - hb_minus) / (2 * h), rtol=1e-5, atol=1e-8)
 
+    # an output the program adds into and then reads: each call starts it from zero, as kd.Tape
+    # zeroes its loss (else the second call's output would build on the first's)
+    @kd.kernel
+    def spread(src: ti.template(), dst: ti.template()):
+        for i in range(N):
+            dst[i] += ti.sin(src[i]) * src[(i + 1) % N]
+
+    @kd.kernel
+    def square(dst: ti.template()):
+        for i in range(N):
+            dst[i] = dst[i] * dst[i]
+
+    def spread_and_square():
+        spread(a, b)
+        square(b)
+
+    gs = np.sin(A0) * np.roll(A0, -1)
+    expected = 2 * c * gs * np.cos(A0) * np.roll(A0, -1) + np.roll(2 * c * gs * np.sin(A0), 1)
+    backward = kd.backward(spread_and_square, inputs=[a], output=b)
+    for _ in range(2):
+        np.testing.assert_allclose(backward([A0], cotangent=c)[0], expected, rtol=1e-12)
+
     @ti.kernel
     def plain():
         loss[None] += a[0]
