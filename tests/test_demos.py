@@ -60,15 +60,33 @@ def tutorial_script():
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     sections = re.split(r"\n## ", text)
-    blocks = [b for s in sections if not s.startswith("6. ") for b in re.findall(r"```python\n(.*?)```", s, re.S)]
+
+    def code(s):
+        return "\n".join(re.findall(r"```python\n(.*?)```", s, re.S))
+
+    # section 4's checks come where its first part ends: its H·v of a program (session 49) clears
+    # the derivative fields, as kd.Tape does
+    section4 = next(s for s in sections if s.startswith("4. "))
+    first, program_hvp = section4.split("A whole program has H·v too")
     checks = """
 xs = np.linspace(0, 1, 8)
 assert np.allclose(x.grad.to_numpy(), np.sin(2 * xs)), x.grad.to_numpy()          # section 4's Tape left grad E
 assert np.allclose(kd.adjoint(x, 2).to_numpy(), 2 * np.sin(4 * xs)), kd.adjoint(x, 2).to_numpy()
 assert np.allclose(kd.dual(x.grad).to_numpy(), 2 * np.cos(2 * xs) * v)             # H·v
-print("tutorial: as the text says")
 """
-    return "\n".join(blocks) + checks
+    program_checks = """
+def numpy_cost(kv):
+    yv = xs.copy()
+    for t in range(3):
+        yv = yv + 0.1 * np.sin(kv * yv)
+    return float((yv ** 2).sum())
+second = (numpy_cost(2.0 + 1e-4) - 2 * numpy_cost(2.0) + numpy_cost(2.0 - 1e-4)) / 1e-8
+assert abs(d2 - second) < 1e-5 * max(1.0, abs(second)), (d2, second)                # d²cost/dk²
+"""
+    before = [code(s) for s in sections[:sections.index(section4)] if not s.startswith("6. ")]
+    after = [code(s) for s in sections[sections.index(section4) + 1:] if not s.startswith("6. ")]
+    return "\n".join(before + [code(first), checks, code(program_hvp), program_checks] + after) + \
+        '\nprint("tutorial: as the text says")\n'
 
 
 def test_tutorial_code_runs_and_gives_what_the_text_says(tmp_path):
