@@ -401,3 +401,52 @@ def test_atomic_max_and_min_of_locals_in_a_parallel_loop(runtime):
     with pytest.raises(kd.KernDiffError, match="'m' is reduced two ways in one parallel loop") as e:
         two_ways()
     assert "ti.atomic_max(m, x[i])" in str(e.value)
+
+
+def test_program_hvp_through_reductions_beside_own_elements_and_in_place_updates(fields):
+    """The Tape restores what a kernel updates in place before running its reverse from its
+    inputs. For a kernel with an atomic max/min, whose k.forward.reverse is k.reverse.forward
+    renamed, that is the kernel's own restorable fields and their duals, not what the forward
+    kernel's analysis names (its cleared winner count made it take `v`, stored and then read by
+    its own iteration, for one: restored to its old values, the reverse read them as the results;
+    the programs fuzzer's seed 7302, a wrong H·v)."""
+    x, m, s, _, _ = fields
+    v = ti.Vector.field(2, ti.f64, shape=8)
+    z = ti.field(ti.f64, shape=8)
+    loss = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def own_then_max():
+        for i in range(8):
+            v[i] = ti.Vector([x[i] ** 2, ti.sin(x[i])])
+            z[i] = v[i].dot(v[i]) * x[(i + 1) % 8]
+        for i in range(8):
+            ti.atomic_max(m[i % 3], ti.sin(z[i]) + x[i])
+
+    q = ti.field(ti.f64, shape=8)
+
+    @kd.kernel
+    def in_place_then_min():
+        for i in range(8):
+            q[i] = q[i] * ti.cos(q[i]) + x[i]  # updated in place: restored before its reverse
+        for i in range(8):
+            ti.atomic_min(s[None], x[i] * x[i] - 0.3 * x[i])
+
+    @kd.kernel
+    def measure():
+        for j in m:
+            loss[None] += m[j] ** 2 * (j + 1.0)
+        for i in range(8):
+            loss[None] += v[i].norm_sqr() * z[i] + ti.sin(z[i]) + q[i] ** 3
+        loss[None] += s[None] ** 3
+
+    def program():
+        m.fill(-10.0)
+        s[None] = 10.0
+        q.fill(0.5)
+        own_then_max()
+        in_place_then_min()
+        measure()
+
+    x.from_numpy(np.array([0.3, 1.2, -0.5, 0.9, 2.0, 0.1, -1.0, 0.7]))
+    assert kd.check_grad(program, [x], loss, order=2) < 1e-7

@@ -28,18 +28,36 @@ from ..runtime.registry import REGISTRY
 
 def applies(kernel, step_index, ir, primal):
     """Whether path step `step_index` of kernel is a level-1 reverse right after the level-1
-    forward of a user's kernel that has an atomic max/min (ir: that forward kernel's IR, primal:
-    the kernel's own), with no returned values (their cotangent parameters differ between the
-    two paths) and reading no derivative field as data (whose roles the renaming would swap)."""
-    from ..codegen.load import collect_fields
+    forward of a user's kernel whose reverse is taken so (swapped_for; ir: that forward kernel's
+    IR, primal: the kernel's own)."""
     from ..runtime.kernel import split_step
+
+    if step_index != 1 or not split_step(kernel.path[1])[0].startswith("reverse") or kernel.level(1) != 1:
+        return False
+    return swapped_for(kernel.root.forward, ir, primal)
+
+
+def swapped_for(forward, ir, primal):
+    """Whether the reverse of `forward` (a user's kernel's level-1 forward kernel, of IR `ir`) is
+    taken from the kernel's reverse.forward here: it has an atomic max/min, no returned values
+    (their cotangent parameters differ between the two paths), and reads no derivative field as
+    data (whose roles the renaming would swap)."""
+    from ..codegen.load import collect_fields
     from .hazards import counts_minmax_winners
 
-    if step_index != 1 or kernel.path[0] != "forward" or not split_step(kernel.path[1])[0].startswith("reverse"):
-        return False
-    if kernel.level(0) != 1 or kernel.level(1) != 1 or ir.returns or not counts_minmax_winners(ir):
+    if forward.path != ("forward",) or forward.level() != 1 or ir.returns or not counts_minmax_winners(ir):
         return False
     return not any(id(r.field) in REGISTRY.parents for r in collect_fields(primal))
+
+
+def restorable_fields(forward, args, kwargs):
+    """What kd.Tape restores before running such a forward kernel's reverse from its inputs: the
+    kernel's own restorable fields and their duals, as k.reverse_from_inputs.forward reads them
+    (the forward kernel's own analysis sees its winner count cleared and takes fields for
+    restorable that the reverse reads as results)."""
+    own = forward.root.restorable_fields(*args, **kwargs)
+    duals = [REGISTRY.get(f, "dual", 1) for f in own]
+    return own + [d for d in duals if d is not None]
 
 
 def forward_reverse_ir(kernel, templates, step, primal):

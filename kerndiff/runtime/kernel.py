@@ -116,11 +116,16 @@ class Kernel:
     def restorable_fields(self, *args, **kwargs):
         """Fields this kernel overwrites after reading them, whose old values its reverse needs
         and a caller can restore (ad/owned.py); [] for kernels whose reverse needs no help."""
+        from ..ad import forward_reverse
         from ..ad.owned import restorable_fields
         templates, _, _ = self._bind(args, kwargs)
         entry = self._compiled(templates)
         if "restorable" not in entry:
-            entry["restorable"] = [f for f in restorable_fields(entry["ir"]) if not REGISTRY.internal(f)]
+            if forward_reverse.swapped_for(self, entry["ir"], self.root.ir(templates)):
+                fields = forward_reverse.restorable_fields(self, args, kwargs)
+            else:
+                fields = restorable_fields(entry["ir"])
+            entry["restorable"] = [f for f in fields if not REGISTRY.internal(f)]
         return entry["restorable"]
 
     def level(self, step_index=None):
