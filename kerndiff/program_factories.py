@@ -43,17 +43,32 @@ class _ProgramFn(_Fields):
             REGISTRY.get_or_make(f, "dual", 1)
 
     def _loss(self, cotangent):
-        """(the program to run, its 0-d loss): the output itself, or ⟨cotangent, output⟩."""
+        """(what runs after the program, its 0-d loss): nothing and the output itself, or a kernel
+        adding ⟨cotangent, output⟩ into a 0-d total and that total."""
         if not field_shape(self.output):
-            return self.program, self.output
+            return None, self.output
         from .program_check import weighted_total
-        return weighted_total(self.program, self.output, cotangent)
+        return weighted_total(lambda: None, self.output, cotangent)
 
-    def _under(self, context):
-        """context, refusing a Python write into an input before a kernel read it (the values
-        this call was given would be thrown away: tape.refuse_setting_given_inputs)."""
+    def _run(self, context, before=None, after=None):
+        """Run the program under context (with `before` and `after` run there too), refusing a
+        Python write into an input before a kernel read it (the values this call was given would
+        be thrown away: tape.refuse_setting_given_inputs) and a program that launched no kerndiff
+        kernel (an output computed in Python, from `x.to_numpy()`, has derivatives no context
+        sees: the result would be zeros)."""
         context.given_inputs = (self.factory, {id(f): f for f in self.inputs})
-        return context
+        with context:
+            if before is not None:
+                before()
+            self.program()
+            touched = context.touched.fields if isinstance(context, tape_module.Tape) else context.touched
+            if not touched:
+                name = getattr(self.program, "__name__", repr(self.program))
+                raise KernDiffError(f"'{name}' launched no @kd.kernel reading or writing a field, so {self.factory} "
+                                    "has no derivative to take: what it computes in Python is invisible to it",
+                                    remedy="compute the output in @kd.kernels (a plain ti.kernel is refused inside)")
+            if after is not None:
+                after()
 
     def _start(self, values):
         """Zero the output (as kd.Tape zeroes its loss: a program adding into an output with
@@ -77,10 +92,9 @@ class ProgramBackwardFn(_ProgramFn):
 
     def __call__(self, values, cotangent=None):
         values = self._check_values(values, "values")
-        program, loss = self._loss(self._cotangent(cotangent))
+        weighting, loss = self._loss(self._cotangent(cotangent))
         self._start(values)
-        with self._under(tape_module.Tape(loss)):
-            program()
+        self._run(tape_module.Tape(loss), after=weighting)
         return self._gradient_of_inputs()
 
 
@@ -95,10 +109,10 @@ class ProgramForwardFn(_Jacobian, _ProgramFn):
         self._start(values)
         seed = np.asarray(tangents[0], dtype=np.float64).ravel()
         try:
-            with self._under(tape_module.FwdMode(loss=self.output, param=self.inputs[0], seed=seed)):
-                for f, t in zip(self.inputs[1:], tangents[1:]):  # (FwdMode seeds one param)
+            def seed_the_others():  # (FwdMode seeds one param)
+                for f, t in zip(self.inputs[1:], tangents[1:]):
                     write(REGISTRY.get(f, "dual", 1), t, "a tangent")
-                self.program()
+            self._run(tape_module.FwdMode(loss=self.output, param=self.inputs[0], seed=seed), before=seed_the_others)
         finally:
             self._clear_seeds()
         return read(REGISTRY.get(self.output, "dual", 1))
@@ -114,11 +128,10 @@ class ProgramHvpFn(_ProgramFn):
     def __call__(self, values, tangents, cotangent=None):
         values = self._check_values(values, "values")
         tangents = self._check_values(tangents, "tangents")
-        program, loss = self._loss(self._cotangent(cotangent))
+        weighting, loss = self._loss(self._cotangent(cotangent))
         self._start(values)
         try:
-            with self._under(tape_module.ForwardTape(loss, list(zip(self.inputs, tangents)))):
-                program()
+            self._run(tape_module.ForwardTape(loss, list(zip(self.inputs, tangents))), after=weighting)
         finally:
             self._clear_seeds()
         return self._gradient_of_inputs()

@@ -243,6 +243,20 @@ def test_the_factories_differentiate_a_program(sim):
     for factory in (kd.backward, kd.forward, kd.hvp):
         with pytest.raises(kd.KernDiffError, match="takes a @kd.kernel or a Python function that launches them"):
             factory(plain, inputs=[a], output=loss)
+
+    def in_python():  # the output from Python: no context sees its derivative (zeros, silently)
+        loss[None] = float(np.sum(a.to_numpy() ** 2))
+
+    for factory, call in ((kd.backward, lambda f: f([A0])), (kd.forward, lambda f: f([A0], [A0])),
+                          (kd.hvp, lambda f: f([A0], [A0]))):
+        with pytest.raises(kd.KernDiffError, match="'in_python' launched no @kd.kernel"):
+            call(factory(in_python, inputs=[a], output=loss))
+
+    def into_elements_in_python():  # the same into an output with elements (weighted by a kernel)
+        b.from_numpy(np.sin(a.to_numpy()))
+
+    with pytest.raises(kd.KernDiffError, match="launched no @kd.kernel"):
+        kd.backward(into_elements_in_python, inputs=[a], output=b)([A0], cotangent=c)
     with pytest.raises(kd.KernDiffError, match="which kd.hvp calls without arguments"):
         kd.hvp(program, inputs=[a], output=loss, args=(1.0,))
 
