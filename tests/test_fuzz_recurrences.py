@@ -85,8 +85,16 @@ def test_recurrences_are_right_or_refused(fields, seed):
     f["c"].from_numpy(rng.uniform(0.3, 1.2, N))
     f["a"].from_numpy(rng.uniform(0.3, 1.2, N))
     f["e"].from_numpy(rng.uniform(0.3, 1.2, (ROWS, N)))
+    start = [f[n].to_numpy() for n in ("c", "a", "e")]
+    k()
+    if max(np.abs(f[n].to_numpy()).max() for n in ("c", "e")) > 20.0:
+        # a recurrence that explodes (c[t] += c[t - 1] ** 3 reaches 1e8 in four trips): differences
+        # of sin(c) mean nothing there (seed 87135)
+        OUTCOMES.append((shape, "ill-conditioned"))
+        return
+    for n, values in zip(("c", "a", "e"), start):
+        f[n].from_numpy(values)
     try:
-        k.reverse  # noqa: B018 (nothing refused yet: transforms run at the first derivative launch)
         err = kd.check_grad(k, [f["c"], f["a"], f["e"]], f["loss"], order=2)
     except kd.KernDiffError:
         OUTCOMES.append((shape, "refused"))
@@ -100,7 +108,7 @@ def test_most_recurrences_were_checked():
     if not OUTCOMES:
         pytest.skip("the fuzz test did not run first")
     for shape in ("serialized", "rows"):
-        seen = [o for s, o in OUTCOMES if s == shape]
+        seen = [o for s, o in OUTCOMES if s == shape and o != "ill-conditioned"]
         assert len(seen) < 8 or seen.count("checked") >= len(seen) // 4, (shape, seen)
 
 
