@@ -94,6 +94,8 @@ def kernel_ir(kernel, templates):
         try:
             out = transform(ir, step, level, last_reverse, over_reverse)
         except KernDiffError:
+            # k.forward.reverse refused (a max/min kernel's forward clears its winner count):
+            # k.reverse.forward computes the same numbers, under its own checks (ad/forward_reverse.py)
             if not forward_reverse.applies(kernel, i, ir, primal):
                 raise
             out = forward_reverse.forward_reverse_ir(kernel, templates, step, primal)

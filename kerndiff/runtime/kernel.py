@@ -121,7 +121,7 @@ class Kernel:
         templates, _, _ = self._bind(args, kwargs)
         entry = self._compiled(templates)
         if "restorable" not in entry:
-            if forward_reverse.swapped_for(self, entry["ir"], self.root.ir(templates)):
+            if self.path == ("forward",) and forward_reverse.swapped_for(self, entry["ir"], self.root.ir(templates)):
                 fields = forward_reverse.restorable_fields(self, args, kwargs)
             else:
                 fields = restorable_fields(entry["ir"])
