@@ -15,7 +15,7 @@ def base_ir(kernel, templates):
     key = ("base", kernel.root.uid, tkey)
     got = CACHE.get(key)
     if got is None:
-        scalars = {n: d for n, d in params if d != "template"}
+        scalars = {n: d for n, d in params if d != "template" and n not in templates}
         got = optimize(lower_kernel(kernel.fn, dict(templates), scalars, rdt))
         CACHE[key] = (got, templates)
         return got

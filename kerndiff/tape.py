@@ -146,7 +146,66 @@ def _custom_gradient_wrappers():
 # Taichi's own kernels that overwrite a whole field from Python (`fill`, `from_numpy`, `copy_from`),
 # with the position of that field among their arguments
 WHOLE_FIELD_WRITERS = {"fill_field": 0, "field_fill_python_scope": 0, "ext_arr_to_tensor": 1,
-                       "ext_arr_to_matrix": 1, "tensor_to_tensor": 0}
+                       "ext_arr_to_matrix": 1, "tensor_to_tensor": 0,
+                       "ext_arr_to_ndarray": 1, "ndarray_to_ndarray": 0}  # (an ndarray's fill: _ArrayWrites)
+
+
+def element_accessors(f):
+    """The host accessors through which Python reads and writes elements of f: one per component
+    of a field, the one of an ndarray."""
+    from .runtime.registry import is_ndarray
+    if is_ndarray(f):
+        f._initialize_host_accessor()
+        return [f.host_accessor]
+    f._initialize_host_accessors()
+    return f.host_accessors
+
+
+class _ArrayWrites:
+    """Writes from Python into ndarrays, reported to the open kd.Tape / kd.FwdMode as Taichi
+    reports those into fields: Taichi itself reports none of an ndarray's element writes (`a[i]
+    = v`) and not its fill (a runtime call on the CPU and CUDA), so while a context is open
+    ScalarNdarray's two methods are wrapped. A fill is reported before it runs, as a whole
+    write; an element write keeps the old value first where a recorded launch touched the array
+    (as Tape._watch does for fields) and is reported after it."""
+
+    saved = None
+
+    @classmethod
+    def install(cls, guard):
+        from taichi.lang._ndarray import ScalarNdarray
+        own_fill, own_set = ScalarNdarray.fill, ScalarNdarray.__setitem__
+
+        def fill(arr, value):
+            guard._python_write(arr, whole=True)
+            own_fill(arr, value)
+
+        def setitem(arr, key, value):
+            owner, padded = guard.owner, tuple(arr._pad_key(key))
+            touched = owner.touched.fields if isinstance(owner.touched, _Touched) else owner.touched
+            keep = getattr(owner, "_element_written", None)
+            if keep is None or id(arr) not in touched:
+                own_set(arr, key, value)
+                guard._python_write(arr, whole=False, key=padded)
+                return
+            keep(arr, 0, padded, own_get(arr, key))
+            owner.writing_element = True  # (kept: the report after the write has nothing to do)
+            try:
+                own_set(arr, key, value)
+                guard._python_write(arr, whole=False, key=padded)
+            finally:
+                owner.writing_element = False
+
+        own_get = ScalarNdarray.__getitem__
+        cls.saved = (own_fill, own_set)
+        ScalarNdarray.fill, ScalarNdarray.__setitem__ = fill, setitem
+
+    @classmethod
+    def remove(cls):
+        from taichi.lang._ndarray import ScalarNdarray
+        if cls.saved is not None:
+            ScalarNdarray.fill, ScalarNdarray.__setitem__ = cls.saved
+            cls.saved = None
 
 
 class _ReportSetters:
@@ -218,6 +277,7 @@ class _TaichiLaunchGuard:
         if runtime.target_tape is not None:  # inside Taichi's own ti.ad.Tape: leave it be
             return None
         runtime.target_tape = _TaichiLaunchGuard(context, owner)
+        _ArrayWrites.install(runtime.target_tape)
         return runtime.target_tape
 
     @staticmethod
@@ -226,6 +286,7 @@ class _TaichiLaunchGuard:
         runtime = impl.get_runtime()
         if guard is not None and runtime.target_tape is guard:
             runtime.target_tape = None
+            _ArrayWrites.remove()
 
 
 def refuse_setting_given_inputs(context, given, target):
@@ -344,11 +405,11 @@ class Tape:
         [...]`) keeps the element's old value first: every such write goes through the setter of
         one of f's host accessors (one per component), which is wrapped here until the Tape ends.
         Taichi's own report of the write comes only after it, too late to read the old value."""
-        if id(f) in self.watched or not hasattr(f, "_initialize_host_accessors"):
-            return
-        f._initialize_host_accessors()
+        from .runtime.registry import is_ndarray
+        if id(f) in self.watched or not hasattr(f, "_initialize_host_accessors") or is_ndarray(f):
+            return  # (an ndarray's element writes: _ArrayWrites)
         wrapped = []
-        for component, accessor in enumerate(f.host_accessors):
+        for component, accessor in enumerate(element_accessors(f)):
             own = accessor.setter
 
             def setter(value, *key, _own=own, _get=accessor.getter, _component=component):
@@ -504,9 +565,8 @@ class _ElementWrite:
         the launches before it."""
         if is_float(from_taichi(self.field.dtype)):
             adjoint = REGISTRY.get_or_make(self.field, "adjoint", level)
-            adjoint._initialize_host_accessors()
-            adjoint.host_accessors[self.component].setter(0.0, *self.key)
-        self.field.host_accessors[self.component].setter(self.old, *self.key)
+            element_accessors(adjoint)[self.component].setter(0.0, *self.key)
+        element_accessors(self.field)[self.component].setter(self.old, *self.key)
 
 
 class _Touched:
@@ -656,6 +716,8 @@ class FwdMode:
             return
         if whole:
             _zero(dual)
+        elif component is None:  # an ndarray's element
+            element_accessors(dual)[0].setter(0.0, *key)
         else:
             dual.vars[component].ptr.snode().write_float(key, 0.0)  # the setter's own call, on the dual
 
@@ -723,6 +785,9 @@ class ForwardTape(Tape):
         super()._element_written(f, component, key, old)
         dual = REGISTRY.get(f, "dual", 1)
         if dual is not None:
-            dual._initialize_host_accessors()
-            self.records.append(_ElementWrite(dual, component, key, dual.host_accessors[component].getter(*key)))
-            dual.vars[component].ptr.snode().write_float(key, 0.0)
+            accessor = element_accessors(dual)[component]
+            self.records.append(_ElementWrite(dual, component, key, accessor.getter(*key)))
+            if not hasattr(dual, "vars"):
+                accessor.setter(0.0, *key)  # an ndarray's (nothing watches its accessor)
+            else:
+                dual.vars[component].ptr.snode().write_float(key, 0.0)  # past the setter Tape._watch wraps

@@ -579,7 +579,14 @@ def test_missing_annotation(f):
     def takes_ndarray(a: ti.types.ndarray()):
         pass
 
-    raises(lambda: takes_ndarray(np.zeros(2)), "not ndarrays", "pass a field", line_text="a: ti.types.ndarray()")
+    raises(lambda: takes_ndarray(np.zeros(2)), "ndarray parameter, but got a numpy array", "a.from_numpy(array)")
+
+    @kd.kernel
+    def takes_a_list(a: ti.types.struct(v=ti.f64)):
+        pass
+
+    raises(lambda: takes_a_list(1.0), "unsupported annotation", "ti.types.ndarray()",
+           line_text="a: ti.types.struct(v=ti.f64)")
 
     @kd.kernel
     def scaled(s: ti.f64):

@@ -180,3 +180,32 @@ def test_program_hvp_on_vulkan(vulkan_corpus):
     expected[2] += xv[3] ** 2 * v[2] + 2 * xv[2] * xv[3] * v[3]
     expected[3] += xv[2] ** 2 * v[3] + 2 * xv[2] * xv[3] * v[2]
     np.testing.assert_allclose(hv, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ndarray_kernel_on_vulkan(vulkan_corpus):
+    """A kernel over ti.ndarray parameters on SPIR-V (the generated kernels take the arrays and
+    their derivative arrays as parameters): gradient by k.reverse and H·v by k.reverse.forward,
+    against the analytic ones of loss = Σ c_i sin(x_i) x_i."""
+    x, c = ti.ndarray(ti.f32, 6, needs_grad=True), ti.ndarray(ti.f32, 6)
+    loss = ti.field(ti.f32, shape=(), needs_grad=True)
+
+    @kd.kernel
+    def weighted(x: ti.types.ndarray(), c: ti.types.ndarray()):
+        for i in x:
+            loss[None] += c[i] * ti.sin(x[i]) * x[i]
+
+    xv = np.array([0.3, 1.9, 0.5, -0.7, 1.1, 0.2])
+    cv = np.array([1.0, 0.5, 2.0, -1.0, 0.3, 1.5])
+    v = np.array([0.4, -1.2, 0.8, 0.5, 1.5, -0.3])
+    x.from_numpy(xv.astype(np.float32))
+    c.from_numpy(cv.astype(np.float32))
+    weighted(x, c)
+    kd.dual(x).from_numpy(v.astype(np.float32))
+    weighted.forward(x, c)
+    x.grad.fill(0.0)
+    kd.dual(x.grad).fill(0.0)
+    loss.grad[None] = 1.0
+    weighted.reverse.forward(x, c)
+    np.testing.assert_allclose(x.grad.to_numpy(), cv * (np.sin(xv) + xv * np.cos(xv)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kd.dual(x.grad).to_numpy(), cv * (2 * np.cos(xv) - xv * np.sin(xv)) * v,
+                               rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..ir import nodes as N
 from ..ir.ops import BITWISE, COMPARE
-from ..ir.types import default_fp, is_float
+from ..ir.types import default_fp, from_taichi, is_float
 from ..ir.walk import guarded_select
 from .components import component_refs, scalar_sums
 
@@ -479,15 +479,18 @@ class Emitter:
         return f"ti.ndrange({', '.join(parts)})"
 
 
-def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=()):
-    """(source text, {global name: (field, component)} of the scalar component fields it reads)."""
+def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=(), arrays=()):
+    """(source text, {global name: (field, component)} of the scalar component fields it reads).
+    arrays: [(name, ndarray)] the kernel takes as parameters after its scalars."""
     from .scopes import declarations
 
     em = Emitter(field_names, taken)
     em.decls = declarations(ir)
     em.summed_through_components = {id(r.field) for s in ir.body if isinstance(s, N.For) and component_refs(s)
                                      for r in scalar_sums(s) if r.component}
-    params = ", ".join(f"{p.name}: ti.{p.dtype}" for p in ir.params)
+    params = ", ".join([f"{p.name}: ti.{p.dtype}" for p in ir.params]
+                       + [f"{name}: ti.types.ndarray(dtype=ti.{from_taichi(a.dtype)}, ndim={len(a.shape)})"
+                          for name, a in arrays])
     ret = ""
     if len(ir.returns) == 1:
         ret = f" -> ti.{ir.returns[0]}"

@@ -65,8 +65,33 @@ def generate_bound(ir: N.KernelIR, fn_name: str):
     locals_ = assigned_names(ir.body) | used_names(ir.body) | {p.name for p in ir.params} | {fn_name}
     refs = collect_fields(ir)
     names = field_names(ir, locals_, refs)
-    src, components = emit_kernel(ir, names, fn_name, taken=locals_ | {"ti"} | set(HELPERS))
-    return src, {names[id(r.field)]: r.field for r in refs}, components
+    bound = {names[id(r.field)]: r.field for r in refs}
+    src, components = emit_kernel(ir, names, fn_name, taken=locals_ | {"ti"} | set(HELPERS),
+                                  arrays=array_params(bound))
+    return src, bound, components
+
+
+def array_params(bound: dict):
+    """[(name, ndarray)] of the ndarrays among a generated kernel's names, in the order its
+    signature takes them (after its scalar parameters): Taichi reads an ndarray only through a
+    kernel parameter, so they are passed at each launch (with_arrays) rather than bound as
+    globals like fields."""
+    from ..runtime.registry import is_ndarray
+
+    return [(name, bound[name]) for name in sorted(bound) if is_ndarray(bound[name])]
+
+
+def with_arrays(run, arrays):
+    """The compiled kernel `run`, launched with the ndarrays its signature ends with."""
+    if not arrays:
+        return run
+    tail = tuple(a for _, a in arrays)
+
+    @functools.wraps(run)
+    def launch(*args):
+        return run(*args, *tail)
+
+    return launch
 
 
 def bind_globals(src: str, fields: dict, components: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import numbers
 
+from taichi.lang._ndarray import ScalarNdarray
 from taichi.lang.field import ScalarField
 from taichi.lang.matrix import MatrixField
 from taichi.lang.struct import StructField
@@ -15,7 +16,13 @@ from .vec import Vec
 
 
 def is_field(v) -> bool:
-    return isinstance(v, (ScalarField, MatrixField))
+    """A field, or an ndarray passed for a ti.types.ndarray() parameter: kernels index and loop
+    over both alike (generated kernels take the ndarrays as parameters, codegen.load)."""
+    return isinstance(v, (ScalarField, MatrixField, ScalarNdarray))
+
+
+def is_ndarray(v) -> bool:
+    return isinstance(v, ScalarNdarray)
 
 
 def array_for_field(lw, node, value, what):
@@ -33,6 +40,8 @@ SPARSE = ("pointer", "bitmasked", "dynamic", "hash")
 
 
 def is_sparse(field) -> bool:
+    if is_ndarray(field):
+        return False
     sn = field.snode
     while sn is not None and sn.ptr is not None:
         if str(sn.ptr.type).rsplit(".", 1)[-1] in SPARSE:

@@ -26,7 +26,18 @@ def _count_unequal(a: ti.template(), b: ti.template(), bits: ti.template()) -> t
     return n
 
 
+@ti.kernel
+def _count_unequal_arrays(a: ti.types.ndarray(), b: ti.types.ndarray(), bits: ti.template()) -> ti.i32:
+    n = 0
+    for I in ti.grouped(a):
+        if ti.bit_cast(a[I], bits) != ti.bit_cast(b[I], bits):
+            n += 1
+    return n
+
+
 def fields_equal(a, b) -> bool:
-    """Whether fields a and b (same shape and float dtype) are equal bit for bit."""
+    """Whether fields (or ndarrays) a and b (same shape and float dtype) are equal bit for bit."""
+    from .registry import is_ndarray
     bits = {ti.f64: ti.i64, ti.f16: ti.i16}.get(a.dtype, ti.i32)
-    return _count_unequal(a, b, bits) == 0
+    count = _count_unequal_arrays if is_ndarray(a) else _count_unequal
+    return count(a, b, bits) == 0

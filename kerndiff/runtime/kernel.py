@@ -43,6 +43,10 @@ def _is_template(ann):
     return type(ann).__name__ == "Template" or ann is ti.template
 
 
+def _is_ndarray_type(ann):
+    return type(ann).__name__ == "NdarrayType" or ann is ti.types.ndarray
+
+
 _SERIAL = itertools.count()
 
 
@@ -162,18 +166,18 @@ class Kernel:
                                                 "annotate it with ti.f32 / ti.f64 / ti.i32 / ti.template()")
                 if _is_template(ann):
                     params.append((p.name, "template"))
+                elif _is_ndarray_type(ann):
+                    params.append((p.name, NdarrayParam(ann)))
                 elif _is_vector_type(ann):
                     params.append((p.name, VectorParam.of(ann)))
                 else:
                     try:
                         params.append((p.name, from_taichi(ann)))
                     except (KeyError, TypeError):
-                        ndarray = type(ann).__name__ == "NdarrayType"
                         raise self._parameter_error(
-                            p.name, f"unsupported annotation {_type_name(ann)} of parameter '{p.name}'"
-                                    + (": kerndiff differentiates fields, not ndarrays" if ndarray else ""),
-                            "use ti.f32, ti.f64, ti.i32, float, int, a vector or matrix type, or ti.template()"
-                            + (" and pass a field (fill it with f.from_numpy(array))" if ndarray else ""))
+                            p.name, f"unsupported annotation {_type_name(ann)} of parameter '{p.name}'",
+                            "use ti.f32, ti.f64, ti.i32, float, int, a vector or matrix type, ti.template() "
+                            "or ti.types.ndarray()")
             ret = sig.return_annotation
             try:
                 if ret is inspect.Signature.empty or ret is None:
@@ -239,8 +243,11 @@ class Kernel:
                                 + (f" ({given} have default values, which kernels do not take, as in Taichi)"
                                    if given else ""), remedy="pass every argument")
         templates = {n: values[n] for n, d in params if d == "template"}
+        templates.update({n: d.checked(n, values[n], self) for n, d in params if isinstance(d, NdarrayParam)})
         scalars = []
         for n, d in params:
+            if isinstance(d, NdarrayParam):
+                continue
             if isinstance(d, VectorParam):
                 scalars += d.flatten(n, values[n], self.__name__)
             elif d != "template":
@@ -301,7 +308,7 @@ class Kernel:
         """(compiled Taichi kernel, its source) for this kernel's transformed IR `ir` (plain: a
         helper kernel of its own, finalized as a primal); the time since t0, less Taichi's part
         of it, counts as kerndiff's transform time."""
-        from ..codegen.load import bind_globals, compile_source, generate_bound
+        from ..codegen.load import array_params, bind_globals, compile_source, generate_bound, with_arrays
         from ..opt.finalize import finalize
         from ..codegen.backend import check_backend
         check_backend(ir)
@@ -328,13 +335,14 @@ class Kernel:
                                       fn_name)
         src, bound, components = offline_cache.generated(ir, fn_name, options, make, REGISTRY)
         g = bind_globals(src, bound, components)
+        arrays = array_params(bound)
         fields = REGISTRY.taichi_seconds - fields0
         TIMINGS["transform"] += time.perf_counter() - t0 - fields
         TIMINGS["fields"] += fields
         skey = ("source", src, tuple(sorted((k, id(v)) for k, v in g.items())))
         compiled = CACHE.get(skey)
         if compiled is None:
-            compiled = compile_source(src, g, fn_name)
+            compiled = with_arrays(compile_source(src, g, fn_name), arrays)
             CACHE[skey] = compiled
         return compiled, src
 
@@ -387,8 +395,8 @@ class Kernel:
         entry = CACHE.get(self._last_key) if self._last_key else None
         if entry is None:
             params, _ = self.signature()
-            if any(d == "template" for _, d in params):
-                raise KernDiffError(f"{self!r} has template parameters; call it once to generate its source",
+            if any(d == "template" or isinstance(d, NdarrayParam) for _, d in params):
+                raise KernDiffError(f"{self!r} has template or ndarray parameters; call it once to generate its source",
                                     remedy="call the kernel (or the transform) with its arguments first")
             entry = self._compiled({})
         return entry["source"]
@@ -520,6 +528,44 @@ class VectorParam:
                                 remedy="pass a Taichi vector/matrix, a list or a numpy array of that shape")
         cast = int if not self.dtype.startswith("f") else float
         return [(n, self.dtype, cast(x)) for n, x in zip(self.names(name), arr.reshape(-1))]
+
+
+class NdarrayParam:
+    """A `ti.types.ndarray()` kernel parameter. Like a ti.template() field the kernel is
+    specialized on the array passed (its shape and dtype are the IR's), but the generated kernels
+    take it, and its derivative arrays, as ndarray parameters (codegen.load.array_params): Taichi
+    reads an ndarray only through a parameter. Scalar-element ti.ndarray objects only."""
+
+    __slots__ = ("annotation",)
+
+    def __init__(self, annotation):
+        self.annotation = annotation
+
+    def checked(self, name, value, kernel):
+        """value, if it is an ndarray this parameter takes; otherwise a KernDiffError saying why."""
+        from taichi.lang._ndarray import Ndarray, ScalarNdarray
+        if not isinstance(value, ScalarNdarray):
+            vector = isinstance(value, Ndarray)
+            raise KernDiffError(
+                f"argument '{name}' of {kernel.__name__} is an ndarray parameter, but got "
+                + ("an ndarray of vectors or matrices" if vector else "a numpy array"
+                   if type(value).__module__ == "numpy" else type(value).__name__),
+                remedy="pass a ti.ndarray of scalars (ti.ndarray(ti.f32, shape)"
+                       + (", with the components as a last dimension, or pass a vector field to a "
+                          "ti.template() parameter)" if vector else
+                          "; copy a numpy array in with a.from_numpy(array))"))
+        want_dtype = getattr(self.annotation, "dtype", None)
+        want_ndim = getattr(self.annotation, "ndim", None)
+        if want_dtype is not None and not isinstance(want_dtype, type) and \
+                from_taichi(want_dtype) != from_taichi(value.dtype):
+            raise KernDiffError(f"argument '{name}' of {kernel.__name__} is an ndarray of {value.dtype}, but "
+                                f"the parameter is annotated with dtype {want_dtype}",
+                                remedy="pass an ndarray of the annotated dtype, or change the annotation")
+        if want_ndim is not None and want_ndim != len(value.shape):
+            raise KernDiffError(f"argument '{name}' of {kernel.__name__} has {len(value.shape)} dimensions, "
+                                f"but the parameter is annotated with ndim={want_ndim}",
+                                remedy="pass an ndarray with that many dimensions, or change the annotation")
+        return value
 
 
 def _numpy_scalar(v):

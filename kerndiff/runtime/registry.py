@@ -100,7 +100,7 @@ class Registry:
         if got is not None:
             return got
         if level == 1:
-            native = getattr(field, "grad" if kind == "adjoint" else "dual", None)
+            native = getattr(field, "grad" if kind == "adjoint" else "dual", None)  # (an ndarray has no dual)
             if native is not None and placed(native):
                 self._remember(field, kind, level, native)
                 return native
@@ -126,6 +126,16 @@ class Registry:
                                         f"{f'{name!r}, ' if name else ''}a field of dtype {field_dtype(field)}, "
                                         "which has no derivative", remedy="only float fields have derivatives")
                 todo.append((field, kind, level))
+        arrays = [r for r in todo if is_ndarray(r[0])]
+        todo = [r for r in todo if not is_ndarray(r[0])]
+        for field, kind, level in arrays:  # an ndarray's derivatives are ndarrays (no SNode tree)
+            with self._in_taichi():
+                new = ti.ndarray(field.dtype, tuple(field.shape))
+                new.fill(0)
+            self._remember(field, kind, level, new)
+            self.parents[id(new)] = (field, kind, level)
+        if arrays:
+            self.version += 1
         if not todo:
             return
         check_tree_budget()
@@ -259,11 +269,19 @@ def field_dtype(field) -> str:
 
 
 def placed(f) -> bool:
-    """Whether a field has storage (is placed in an SNode tree); `ti.field(dtype)` alone is not."""
+    """Whether a field has storage (is placed in an SNode tree); `ti.field(dtype)` alone is not.
+    An ndarray always has."""
+    if is_ndarray(f):
+        return True
     try:
         return f.vars[0].ptr.snode() is not None
     except Exception:
         return False
+
+
+def is_ndarray(f) -> bool:
+    from taichi.lang._ndarray import Ndarray
+    return isinstance(f, Ndarray)
 
 
 def _axes(n):

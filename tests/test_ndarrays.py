@@ -1,0 +1,231 @@
+"""Kernels taking `ti.types.ndarray()` parameters (session 50; refused before). The generated
+kernels take the arrays, and their derivative arrays, as ndarray parameters; kd.dual / kd.adjoint
+of an ndarray are ndarrays (`a.grad` at level 1 where it was made with needs_grad=True).
+
+References: Taichi's own `kernel.grad()` on the same kernel written with ndarrays (Taichi's AD
+takes ndarrays with needs_grad), analytic derivatives in numpy, and kd.check_grad's central
+differences; kd.Tape / kd.FwdMode with writes from Python into the arrays (fill, from_numpy,
+element writes) against the analytic gradient of the program with those writes."""
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+
+pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
+
+N = 6
+X0 = np.linspace(0.3, 1.1, N)
+
+
+@pytest.fixture(scope="module")
+def springs(runtime):
+    """A mass-spring energy over 2-D positions in an ndarray (P, 2), spring ends in an i32
+    ndarray (S, 2) and rest lengths in a third; the energy in a field. S is large enough that the
+    reverse adds into private copies of the positions' adjoint array (opt.scatter)."""
+    rng = np.random.default_rng(3)
+    P, S = 40, 1500
+    pos = ti.ndarray(ti.f64, (P, 2), needs_grad=True)
+    ends = ti.ndarray(ti.i32, (S, 2))
+    rest = ti.ndarray(ti.f64, S)
+    E = ti.field(ti.f64, shape=(), needs_grad=True)
+    pos.from_numpy(rng.normal(size=(P, 2)))
+    e = rng.integers(0, P, (S, 2))
+    e[:, 1] = np.where(e[:, 1] == e[:, 0], (e[:, 0] + 1) % P, e[:, 1])
+    ends.from_numpy(e.astype(np.int32))
+    rest.from_numpy(rng.uniform(0.1, 0.5, S))
+
+    def energy(x: ti.types.ndarray(dtype=ti.f64, ndim=2), ends: ti.types.ndarray(), rest: ti.types.ndarray()):
+        for s in range(ends.shape[0]):
+            a, b = ends[s, 0], ends[s, 1]
+            d = ti.Vector([x[a, 0] - x[b, 0], x[a, 1] - x[b, 1]])
+            E[None] += 0.5 * (d.norm() - rest[s]) ** 2
+
+    return pos, ends, rest, E, energy
+
+
+def test_reverse_matches_taichis_grad_on_ndarrays(springs):
+    pos, ends, rest, E, energy = springs
+    ours, theirs = kd.kernel(energy), ti.kernel(energy)
+    E[None] = 0.0
+    theirs(pos, ends, rest)
+    E.grad[None] = 1.0
+    pos.grad.fill(0.0)
+    theirs.grad(pos, ends, rest)
+    expected = pos.grad.to_numpy()
+    E[None] = 0.0
+    ours(pos, ends, rest)
+    pos.grad.fill(0.0)
+    ours.reverse(pos, ends, rest)
+    assert kd.adjoint(pos) is pos.grad
+    assert np.abs(expected).max() > 1.0
+    np.testing.assert_allclose(pos.grad.to_numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert "x: ti.types.ndarray(dtype=ti.f64, ndim=2), x_adj: ti.types.ndarray(" in ours.reverse.source
+
+
+def test_hvp_of_ndarray_kernel_against_differences(springs):
+    pos, ends, rest, E, energy = springs
+    k = kd.kernel(energy)
+    err = kd.check_grad(lambda: k(pos, ends, rest), [pos], E, order=2)
+    assert err < 1e-5
+
+
+def test_derivative_kernels_of_an_elementwise_ndarray_kernel():
+    """y = c sin(x)², loss = Σ y x: forward, reverse and reverse.forward by hand-seeded derivative
+    arrays, against the analytic gradient and (diagonal) Hessian."""
+    x, y, c = ti.ndarray(ti.f64, N, needs_grad=True), ti.ndarray(ti.f64, N), ti.ndarray(ti.f64, N)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+    x.from_numpy(X0)
+    cs = np.arange(1.0, N + 1)
+    c.from_numpy(cs)
+
+    @kd.kernel
+    def k(x: ti.types.ndarray(), y: ti.types.ndarray(), c: ti.types.ndarray()):
+        for i in x:
+            y[i] = c[i] * ti.sin(x[i]) ** 2
+        for i in y:
+            loss[None] += y[i] * x[i]
+
+    grad = cs * (np.sin(2 * X0) * X0 + np.sin(X0) ** 2)
+    hess = cs * (2 * np.cos(2 * X0) * X0 + 2 * np.sin(2 * X0))
+    v = np.array([0.5, -1.0, 2.0, 0.3, -0.7, 1.1])
+    dual = kd.dual(x)
+    assert type(dual) is type(x) and dual.shape == x.shape and not dual.to_numpy().any()
+    k(x, y, c)
+    dual.from_numpy(v)
+    kd.dual(loss)[None] = 0.0
+    k.forward(x, y, c)
+    np.testing.assert_allclose(kd.dual(loss)[None], grad @ v, rtol=1e-12)
+    np.testing.assert_allclose(kd.dual(y).to_numpy(), cs * np.sin(2 * X0) * v, rtol=1e-12)
+    x.grad.fill(0.0)
+    kd.dual(x.grad).fill(0.0)
+    loss.grad[None] = 1.0
+    k.reverse.forward(x, y, c)
+    np.testing.assert_allclose(x.grad.to_numpy(), grad, rtol=1e-12)
+    np.testing.assert_allclose(kd.dual(x.grad).to_numpy(), hess * v, rtol=1e-12)
+
+
+def test_stencil_and_grouped_loops_over_2d_ndarrays():
+    rng = np.random.default_rng(5)
+    u = ti.ndarray(ti.f64, (7, 5), needs_grad=True)
+    u.from_numpy(rng.normal(size=(7, 5)))
+    out = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def smooth(u: ti.types.ndarray()):
+        for i, j in ti.ndrange((1, u.shape[0] - 1), (1, u.shape[1] - 1)):
+            r = u[i + 1, j] + u[i - 1, j] + u[i, j + 1] + u[i, j - 1] - 4 * u[i, j]
+            out[None] += r * r
+        for I in ti.grouped(u):
+            out[None] += ti.exp(0.2 * u[I]) * u[I]
+
+    assert kd.check_grad(lambda: smooth(u), [u], out, order=2) < 1e-6
+
+
+W0 = np.linspace(1.1, 0.4, N)
+
+
+def _programs():
+    """Programs that update x in place twice, scaled by w, and write w from Python between the
+    steps: a whole fill, an element write, a from_numpy."""
+    x = ti.ndarray(ti.f64, N, needs_grad=True)
+    w = ti.ndarray(ti.f64, N, needs_grad=True)
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+
+    @kd.kernel
+    def step(x: ti.types.ndarray(), w: ti.types.ndarray()):
+        for i in x:
+            x[i] = w[i] * x[i] * x[i] + 0.5
+
+    @kd.kernel
+    def total(x: ti.types.ndarray()):
+        for i in x:
+            loss[None] += ti.sin(x[i])
+
+    def between(write):
+        def program():
+            step(x, w)
+            write()
+            step(x, w)
+            total(x)
+        return program
+
+    def element():
+        w[2] = 0.25
+
+    writes = {"fill": lambda: w.fill(0.25), "element": element,
+              "from_numpy": lambda: w.from_numpy(np.full(N, 0.25))}
+    return x, w, loss, {name: between(write) for name, write in writes.items()}
+
+
+def _expected_gradients(name):
+    """(d loss / d x, d loss / d w) of the program with that write into w between the steps."""
+    kept = np.arange(N) != 2 if name == "element" else np.zeros(N, bool)  # elements of w left as they were
+    w1 = np.where(kept, W0, 0.25)
+    x1 = W0 * X0 ** 2 + 0.5
+    x2 = w1 * x1 ** 2 + 0.5
+    return np.cos(x2) * 2 * w1 * x1 * 2 * W0 * X0, np.cos(x2) * (2 * w1 * x1 * X0 ** 2 + kept * x1 ** 2)
+
+
+@pytest.mark.parametrize("name", ["fill", "element", "from_numpy"])
+def test_tape_and_fwdmode_see_python_writes_into_ndarrays(name):
+    """Taichi reports no element write into an ndarray, and no fill on the CPU: without
+    tape._ArrayWrites the first step's reverse would read the written w where the step read the
+    old one, and kd.FwdMode would carry w's seed through the written elements."""
+    x, w, loss, programs = _programs()
+    program = programs[name]
+    dx, dw = _expected_gradients(name)
+    x.from_numpy(X0)
+    w.from_numpy(W0)
+    x.grad.fill(0.0)
+    w.grad.fill(0.0)
+    with kd.Tape(loss):
+        program()
+    np.testing.assert_allclose(x.grad.to_numpy(), dx, rtol=1e-12)
+    np.testing.assert_allclose(w.grad.to_numpy(), dw, rtol=1e-12, atol=1e-14)
+    v = np.array([0.5, -1.0, 2.0, 0.3, -0.7, 1.1])
+    x.from_numpy(X0)
+    w.from_numpy(W0)
+    with kd.FwdMode(loss=loss, param=w, seed=v):
+        program()
+    np.testing.assert_allclose(kd.dual(loss)[None], dw @ v, rtol=1e-12)
+    x.from_numpy(X0)
+    w.from_numpy(W0)
+    assert kd.check_grad(program, [x, w], loss, order=2) < 1e-5
+    from taichi.lang._ndarray import ScalarNdarray
+    assert ScalarNdarray.fill.__module__.startswith("taichi")  # unwrapped when the contexts ended
+
+
+def test_host_functions_over_ndarray_inputs():
+    x, w, loss, programs = _programs()
+    program = programs["element"]
+    grads = kd.backward(program, inputs=[x, w], output=loss)([X0, W0])
+    for got, expected in zip(grads, _expected_gradients("element")):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(w.to_numpy(), np.where(np.arange(N) == 2, 0.25, W0))
+
+    def fills_its_input():
+        x.fill(0.5)
+        program()
+
+    with pytest.raises(kd.KernDiffError, match="sets its input 0 from Python before a kernel reads it"):
+        kd.backward(fills_its_input, inputs=[x, w], output=loss)([X0, W0])
+
+
+def test_refused_arguments_of_ndarray_parameters():
+    out = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def k(x: ti.types.ndarray(dtype=ti.f64, ndim=1)):
+        for i in x:
+            out[None] += x[i]
+
+    with pytest.raises(kd.KernDiffError, match="ndarray parameter, but got a numpy array") as e:
+        k(X0)
+    assert "a.from_numpy(array)" in e.value.remedy
+    with pytest.raises(kd.KernDiffError, match="an ndarray of vectors or matrices"):
+        k(ti.Vector.ndarray(2, ti.f64, N))
+    with pytest.raises(kd.KernDiffError, match="ndarray of f32, but the parameter is annotated with dtype f64"):
+        k(ti.ndarray(ti.f32, N))
+    with pytest.raises(kd.KernDiffError, match="has 2 dimensions, but the parameter is annotated with ndim=1"):
+        k(ti.ndarray(ti.f64, (N, 2)))
