@@ -31,6 +31,10 @@ class Registry:
 
     def _reset(self):
         self.stale.update(getattr(self, "keep", {}))
+        # The SNode trees of the runtime that ended are kept too: freeing them once the new
+        # runtime has compiled a kernel crashed its next launch (a Taichi 1.7.4 segfault, seen
+        # after kernels over ndarrays: a kd.Tape as the first thing after ti.init)
+        self.stale_trees = getattr(self, "stale_trees", []) + getattr(self, "trees", [])
         self.derived = {}      # (id(primal), kind, level) -> derivative field
         self.keep = {}         # id -> field, keeps ids stable while we hold them
         self.refs = {}         # (id(field), component) -> FieldRef
