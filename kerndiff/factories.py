@@ -24,11 +24,9 @@ from .runtime.registry import REGISTRY
 
 
 def field_shape(f):
-    from taichi.lang.matrix import MatrixField
-    shape = tuple(f.shape)
-    if isinstance(f, MatrixField):
-        shape += (f.n,) if f.ndim == 1 else (f.n, f.m)
-    return shape
+    """The shape of f's values as numpy holds them: its own, then its elements'."""
+    from .runtime.registry import element_shape
+    return tuple(f.shape) + element_shape(f)
 
 
 def read(f):

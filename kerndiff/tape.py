@@ -147,65 +147,89 @@ def _custom_gradient_wrappers():
 # with the position of that field among their arguments
 WHOLE_FIELD_WRITERS = {"fill_field": 0, "field_fill_python_scope": 0, "ext_arr_to_tensor": 1,
                        "ext_arr_to_matrix": 1, "tensor_to_tensor": 0,
-                       "ext_arr_to_ndarray": 1, "ndarray_to_ndarray": 0}  # (an ndarray's fill: _ArrayWrites)
+                       "ext_arr_to_ndarray": 1, "ext_arr_to_ndarray_matrix": 1, "ndarray_to_ndarray": 0}
+# (an ndarray's fill and element writes: _ArrayWrites)
 
 
 def element_accessors(f):
-    """The host accessors through which Python reads and writes elements of f: one per component
-    of a field, the one of an ndarray."""
-    from .runtime.registry import is_ndarray
-    if is_ndarray(f):
-        f._initialize_host_accessor()
-        return [f.host_accessor]
+    """The host accessors of f's components, through which Python reads and writes its elements."""
     f._initialize_host_accessors()
     return f.host_accessors
 
 
+def raw_element(f, key):
+    """Element `key` of ndarray f (with the component's indexes after the array's), read past
+    the setter _ArrayWrites wraps."""
+    return f.arr.read_float(key) if is_float(from_taichi(f.dtype)) else f.arr.read_int(key)
+
+
+def set_raw_element(f, key, value):
+    (f.arr.write_float if is_float(from_taichi(f.dtype)) else f.arr.write_int)(key, value)
+
+
 class _ArrayWrites:
     """Writes from Python into ndarrays, reported to the open kd.Tape / kd.FwdMode as Taichi
-    reports those into fields: Taichi itself reports none of an ndarray's element writes (`a[i]
-    = v`) and not its fill (a runtime call on the CPU and CUDA), so while a context is open
-    ScalarNdarray's two methods are wrapped. A fill is reported before it runs, as a whole
-    write; an element write keeps the old value first where a recorded launch touched the array
-    (as Tape._watch does for fields) and is reported after it."""
+    reports those into fields. Taichi reports none of an ndarray's element writes (`a[i] = v`,
+    `p[i][0] = v`) and not its fill (a runtime call on the CPU and CUDA), so while a context is
+    open the fill of every ndarray is wrapped, and so is the setter of each ndarray's host
+    accessor, which every element write goes through (Ndarray._initialize_host_accessor wraps
+    it). A fill is reported before it runs, as a whole write; an element write keeps the old
+    value first where a recorded launch touched the array (as Tape._watch does for fields) and
+    is reported after it."""
 
     saved = None
+    wrapped = []  # [(host accessor, its own setter)]
 
     @classmethod
     def install(cls, guard):
-        from taichi.lang._ndarray import ScalarNdarray
-        own_fill, own_set = ScalarNdarray.fill, ScalarNdarray.__setitem__
+        from taichi.lang._ndarray import Ndarray
+        own_fill, own_initialize = Ndarray.fill, Ndarray._initialize_host_accessor
 
         def fill(arr, value):
             guard._python_write(arr, whole=True)
             own_fill(arr, value)
 
-        def setitem(arr, key, value):
-            owner, padded = guard.owner, tuple(arr._pad_key(key))
-            touched = owner.touched.fields if isinstance(owner.touched, _Touched) else owner.touched
-            keep = getattr(owner, "_element_written", None)
-            if keep is None or id(arr) not in touched:
-                own_set(arr, key, value)
-                guard._python_write(arr, whole=False, key=padded)
-                return
-            keep(arr, 0, padded, own_get(arr, key))
-            owner.writing_element = True  # (kept: the report after the write has nothing to do)
-            try:
-                own_set(arr, key, value)
-                guard._python_write(arr, whole=False, key=padded)
-            finally:
-                owner.writing_element = False
+        def initialize(arr):
+            own_initialize(arr)
+            accessor = arr.host_accessor
+            if not any(a is accessor for a, _ in cls.wrapped):
+                own_set = accessor.setter
 
-        own_get = ScalarNdarray.__getitem__
-        cls.saved = (own_fill, own_set)
-        ScalarNdarray.fill, ScalarNdarray.__setitem__ = fill, setitem
+                def setter(value, *key):
+                    cls._element_write(guard, arr, key, lambda: own_set(value, *key))
+
+                accessor.setter = setter
+                cls.wrapped.append((accessor, own_set))
+
+        cls.saved = (own_fill, own_initialize)
+        Ndarray.fill, Ndarray._initialize_host_accessor = fill, initialize
+
+    @staticmethod
+    def _element_write(guard, arr, key, write):
+        owner = guard.owner
+        touched = owner.touched.fields if isinstance(owner.touched, _Touched) else owner.touched
+        keep = getattr(owner, "_element_written", None)
+        if keep is None or id(arr) not in touched:
+            write()
+            guard._python_write(arr, whole=False, key=key)
+            return
+        keep(arr, None, key, raw_element(arr, key))
+        owner.writing_element = True  # (kept: the report after the write has nothing to do)
+        try:
+            write()
+            guard._python_write(arr, whole=False, key=key)
+        finally:
+            owner.writing_element = False
 
     @classmethod
     def remove(cls):
-        from taichi.lang._ndarray import ScalarNdarray
+        from taichi.lang._ndarray import Ndarray
         if cls.saved is not None:
-            ScalarNdarray.fill, ScalarNdarray.__setitem__ = cls.saved
+            Ndarray.fill, Ndarray._initialize_host_accessor = cls.saved
             cls.saved = None
+        for accessor, own in cls.wrapped:
+            accessor.setter = own
+        cls.wrapped = []
 
 
 class _ReportSetters:
@@ -554,7 +578,9 @@ class _CustomGradient:
 class _ElementWrite:
     """An element written from Python inside kd.Tape into a field a recorded launch had touched
     (`x[0] = 5.0`; component: which of a vector or matrix field's components, key: Taichi's
-    padded index), with the value it held before: the launches before the write read that."""
+    padded index; for an ndarray component None and the key its accessor's, the component's
+    indexes after the element's), with the value it held before: the launches before the write
+    read that."""
 
     def __init__(self, field, component, key, old):
         self.field, self.component, self.key, self.old = field, component, key, old
@@ -563,8 +589,14 @@ class _ElementWrite:
         """Going backward past the write: the new value was a constant, so the adjoint gathered at
         the element so far reaches nothing (zeroed); the old value goes back for the reverses of
         the launches before it."""
-        if is_float(from_taichi(self.field.dtype)):
-            adjoint = REGISTRY.get_or_make(self.field, "adjoint", level)
+        adjoint = REGISTRY.get_or_make(self.field, "adjoint", level) if is_float(from_taichi(self.field.dtype)) \
+            else None
+        if self.component is None:
+            if adjoint is not None:
+                set_raw_element(adjoint, self.key, 0.0)
+            set_raw_element(self.field, self.key, self.old)
+            return
+        if adjoint is not None:
             element_accessors(adjoint)[self.component].setter(0.0, *self.key)
         element_accessors(self.field)[self.component].setter(self.old, *self.key)
 
@@ -717,7 +749,7 @@ class FwdMode:
         if whole:
             _zero(dual)
         elif component is None:  # an ndarray's element
-            element_accessors(dual)[0].setter(0.0, *key)
+            set_raw_element(dual, key, 0.0)
         else:
             dual.vars[component].ptr.snode().write_float(key, 0.0)  # the setter's own call, on the dual
 
@@ -785,9 +817,9 @@ class ForwardTape(Tape):
         super()._element_written(f, component, key, old)
         dual = REGISTRY.get(f, "dual", 1)
         if dual is not None:
-            accessor = element_accessors(dual)[component]
-            self.records.append(_ElementWrite(dual, component, key, accessor.getter(*key)))
-            if not hasattr(dual, "vars"):
-                accessor.setter(0.0, *key)  # an ndarray's (nothing watches its accessor)
-            else:
-                dual.vars[component].ptr.snode().write_float(key, 0.0)  # past the setter Tape._watch wraps
+            if component is None:  # an ndarray's element
+                self.records.append(_ElementWrite(dual, None, key, raw_element(dual, key)))
+                set_raw_element(dual, key, 0.0)
+                return
+            self.records.append(_ElementWrite(dual, component, key, element_accessors(dual)[component].getter(*key)))
+            dual.vars[component].ptr.snode().write_float(key, 0.0)  # past the setter Tape._watch wraps

@@ -1,6 +1,7 @@
-"""Kernels taking `ti.types.ndarray()` parameters (session 50; refused before). The generated
-kernels take the arrays, and their derivative arrays, as ndarray parameters; kd.dual / kd.adjoint
-of an ndarray are ndarrays (`a.grad` at level 1 where it was made with needs_grad=True).
+"""Kernels taking `ti.types.ndarray()` parameters (session 50; refused before): ndarrays of
+scalars, vectors and matrices. The generated kernels take the arrays, and their derivative
+arrays, as ndarray parameters; kd.dual / kd.adjoint of an ndarray are ndarrays (`a.grad` at
+level 1 where it was made with needs_grad=True).
 
 References: Taichi's own `kernel.grad()` on the same kernel written with ndarrays (Taichi's AD
 takes ndarrays with needs_grad), analytic derivatives in numpy, and kd.check_grad's central
@@ -212,6 +213,105 @@ def test_host_functions_over_ndarray_inputs():
         kd.backward(fills_its_input, inputs=[x, w], output=loss)([X0, W0])
 
 
+@pytest.fixture(scope="module")
+def vectors(runtime):
+    """Positions in an ndarray of vectors and maps in one of 2x2 matrices."""
+    rng = np.random.default_rng(11)
+    p = ti.ndarray(ti.math.vec2, N, needs_grad=True)
+    m = ti.ndarray(ti.types.matrix(2, 2, ti.f64), N, needs_grad=True)
+    E = ti.field(ti.f64, shape=(), needs_grad=True)
+    P0, M0 = rng.normal(size=(N, 2)), rng.normal(size=(N, 2, 2)) + 2 * np.eye(2)
+
+    def starting_values():
+        p.from_numpy(P0)
+        m.from_numpy(M0)
+
+    return p, m, E, starting_values
+
+
+def test_vector_and_matrix_ndarrays_against_taichis_grad(vectors):
+    p, m, E, starting_values = vectors
+
+    def energy(x: ti.types.ndarray(dtype=ti.math.vec2, ndim=1),
+               A: ti.types.ndarray(dtype=ti.types.matrix(2, 2, ti.f64), ndim=1)):
+        for i in x:
+            y = A[i] @ x[i]
+            E[None] += y.norm_sqr() * ti.sin(x[i][0]) + A[i].determinant() * x[i].y
+
+    ours, theirs = kd.kernel(energy), ti.kernel(energy)
+    starting_values()
+    E[None] = 0.0
+    theirs(p, m)
+    E.grad[None] = 1.0
+    p.grad.fill(0.0)
+    m.grad.fill(0.0)
+    theirs.grad(p, m)
+    expected = p.grad.to_numpy(), m.grad.to_numpy()
+    E[None] = 0.0
+    ours(p, m)
+    p.grad.fill(0.0)
+    m.grad.fill(0.0)
+    ours.reverse(p, m)
+    assert np.abs(expected[0]).max() > 1.0
+    np.testing.assert_allclose(p.grad.to_numpy(), expected[0], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(m.grad.to_numpy(), expected[1], rtol=1e-12, atol=1e-13)
+    assert "x_adj: ti.types.ndarray(dtype=ti.types.vector(2, ti.f64), ndim=1)" in ours.reverse.source
+    assert kd.check_grad(lambda: ours(p, m), [p, m], E, order=2) < 1e-6
+
+
+@pytest.mark.parametrize("how", ["vector", "component", "matrix", "fill"])
+def test_python_writes_into_vector_ndarrays_inside_contexts(vectors, how):
+    """Element writes into an ndarray of vectors go through its host accessor with the
+    component's index after the element's (`p[2] = [...]`, `p[3][0] = ...`), which
+    tape._ArrayWrites watches. References: central differences (kd.check_grad of the program,
+    its H·v too; kd.FwdMode's tangent against differences of the program)."""
+    p, m, E, starting_values = vectors
+
+    @kd.kernel
+    def step(x: ti.types.ndarray(), A: ti.types.ndarray()):
+        for i in x:
+            x[i] = A[i] @ x[i] + 0.1 * ti.sin(x[i])
+
+    @kd.kernel
+    def total(x: ti.types.ndarray()):
+        for i in x:
+            E[None] += x[i].norm_sqr()
+
+    def write():
+        if how == "vector":
+            p[2] = [0.5, -0.25]
+        elif how == "component":
+            p[3][0] = 0.75
+        elif how == "matrix":
+            m[1] = [[1.0, 0.5], [0.0, 2.0]]
+        else:
+            m.fill(0.3)
+
+    def program():
+        step(p, m)
+        write()
+        step(p, m)
+        total(p)
+
+    starting_values()
+    assert kd.check_grad(program, [p, m], E, order=2) < 1e-6
+    v = np.random.default_rng(4).normal(size=(N, 2, 2))
+    starting_values()
+    with kd.FwdMode(loss=E, param=m, seed=v):
+        program()
+    tangent = kd.dual(E)[None]
+
+    def at(shift):
+        starting_values()
+        m.from_numpy(m.to_numpy() + shift * v)
+        E[None] = 0.0
+        program()
+        return E[None]
+
+    eps = 1e-6
+    np.testing.assert_allclose(tangent, (at(eps) - at(-eps)) / (2 * eps), rtol=1e-6)
+
+
 def test_refused_arguments_of_ndarray_parameters():
     out = ti.field(ti.f64, shape=())
 
@@ -223,8 +323,9 @@ def test_refused_arguments_of_ndarray_parameters():
     with pytest.raises(kd.KernDiffError, match="ndarray parameter, but got a numpy array") as e:
         k(X0)
     assert "a.from_numpy(array)" in e.value.remedy
-    with pytest.raises(kd.KernDiffError, match="an ndarray of vectors or matrices"):
-        k(ti.Vector.ndarray(2, ti.f64, N))
+    with pytest.raises(kd.KernDiffError, match=r"ndarray of vector\(2, f64\), but the parameter is annotated "
+                                               r"with dtype f64"):
+        k(ti.ndarray(ti.math.vec2, N))
     with pytest.raises(kd.KernDiffError, match="ndarray of f32, but the parameter is annotated with dtype f64"):
         k(ti.ndarray(ti.f32, N))
     with pytest.raises(kd.KernDiffError, match="has 2 dimensions, but the parameter is annotated with ndim=1"):

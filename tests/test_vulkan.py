@@ -209,3 +209,25 @@ def test_ndarray_kernel_on_vulkan(vulkan_corpus):
     np.testing.assert_allclose(x.grad.to_numpy(), cv * (np.sin(xv) + xv * np.cos(xv)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(kd.dual(x.grad).to_numpy(), cv * (2 * np.cos(xv) - xv * np.sin(xv)) * v,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_vector_ndarray_kernel_on_vulkan(vulkan_corpus):
+    """An ndarray of vectors on SPIR-V (components as `x[i][0]`, also in a loop summing into a
+    0-D field): the reverse against the analytic gradient of loss = Σ |x_i|² sin(x_i0)."""
+    x = ti.ndarray(ti.types.vector(2, ti.f32), 5, needs_grad=True)
+    loss = ti.field(ti.f32, shape=(), needs_grad=True)
+
+    @kd.kernel
+    def energy(x: ti.types.ndarray()):
+        for i in x:
+            loss[None] += x[i].norm_sqr() * ti.sin(x[i][0])
+
+    xv = np.array([[0.3, 1.9], [0.5, -0.7], [1.1, 0.2], [-0.4, 0.6], [0.9, -1.3]])
+    x.from_numpy(xv.astype(np.float32))
+    energy(x)
+    x.grad.fill(0.0)
+    loss.grad[None] = 1.0
+    energy.reverse(x)
+    a, b = xv[:, 0], xv[:, 1]
+    expected = np.stack([2 * a * np.sin(a) + (a * a + b * b) * np.cos(a), 2 * b * np.sin(a)], axis=1)
+    np.testing.assert_allclose(x.grad.to_numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -26,11 +26,14 @@ def scalar_sums(loop: N.For) -> list:
 
 
 def component_refs(loop: N.For) -> list:
-    """Field references with a component (vector and matrix fields) in `loop`, in order of first use."""
+    """Field references with a component (vector and matrix fields) in `loop`, in order of first use.
+    Not an ndarray's: it has no scalar fields of its components (nor does Taichi read one
+    through a global to doubt)."""
+    from ..runtime.registry import is_ndarray
     out = []
     for s in iter_stmts(loop.body):
         refs = [s.ref] if isinstance(s, (N.Store, N.Atomic)) else []
         for e in expr_children_of_stmt(s):
             refs.extend(x.ref for x in iter_expr(e) if isinstance(x, N.Load))
-        out.extend(r for r in refs if r.component and r not in out)
+        out.extend(r for r in refs if r.component and r not in out and not is_ndarray(r.field))
     return out

@@ -14,6 +14,7 @@ from ..ir import nodes as N
 from ..ir.ops import BITWISE, COMPARE
 from ..ir.types import default_fp, from_taichi, is_float
 from ..ir.walk import guarded_select
+from ..runtime.registry import is_ndarray
 from .components import component_refs, scalar_sums
 
 BINARY = {"add": ("+", 11), "sub": ("-", 11), "mul": ("*", 12), "div": ("/", 12), "floordiv": ("//", 12),
@@ -277,7 +278,8 @@ class Emitter:
 
     def lvalue(self, ref, index):
         idx = ", ".join(self.expr(i) for i in index) if index else "None"
-        if ref.component and (self.split_components or id(ref.field) in self.summed_through_components):
+        if ref.component and (self.split_components or id(ref.field) in self.summed_through_components) and \
+                not is_ndarray(ref.field):
             return f"{self.component_field(ref)}[{idx}]"
         comp = ""
         if ref.component:
@@ -479,6 +481,16 @@ class Emitter:
         return f"ti.ndrange({', '.join(parts)})"
 
 
+def array_element(a):
+    """How a kernel parameter's annotation spells the element type of ndarray a."""
+    from ..runtime.registry import element_shape
+    shape, scalar = element_shape(a), f"ti.{from_taichi(a.dtype)}"
+    if not shape:
+        return scalar
+    return f"ti.types.vector({shape[0]}, {scalar})" if len(shape) == 1 else \
+        f"ti.types.matrix({shape[0]}, {shape[1]}, {scalar})"
+
+
 def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=(), arrays=()):
     """(source text, {global name: (field, component)} of the scalar component fields it reads).
     arrays: [(name, ndarray)] the kernel takes as parameters after its scalars."""
@@ -489,7 +501,7 @@ def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=(), array
     em.summed_through_components = {id(r.field) for s in ir.body if isinstance(s, N.For) and component_refs(s)
                                      for r in scalar_sums(s) if r.component}
     params = ", ".join([f"{p.name}: ti.{p.dtype}" for p in ir.params]
-                       + [f"{name}: ti.types.ndarray(dtype=ti.{from_taichi(a.dtype)}, ndim={len(a.shape)})"
+                       + [f"{name}: ti.types.ndarray(dtype={array_element(a)}, ndim={len(a.shape)})"
                           for name, a in arrays])
     ret = ""
     if len(ir.returns) == 1:

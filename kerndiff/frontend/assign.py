@@ -6,7 +6,7 @@ import ast
 import itertools
 import numbers
 
-from taichi.lang.matrix import Matrix, MatrixField
+from taichi.lang.matrix import Matrix
 from taichi.lang.struct import StructField
 
 from ..errors import KernDiffError
@@ -15,7 +15,7 @@ from ..ir import nodes as N
 from ..ir.conditions import all_of
 from ..ir.types import is_int
 from ..ir.walk import loads_in, vars_in
-from ..runtime.registry import REGISTRY
+from ..runtime.registry import REGISTRY, element_shape
 from .loops import reduction_field
 from .operators import BINOPS
 from .values import Local, StructValue, is_field, is_sparse, known_int, struct_member_access, swizzle_index
@@ -483,13 +483,10 @@ class Assignments:
         seen, in_function = self.field_aliases.get(id(fieldv)), self.parent is not None
         if name and name != "field" and (seen is None or (seen[0] and not in_function)):
             self.field_aliases[id(fieldv)] = (in_function, name)
-        if isinstance(fieldv, MatrixField):
-            if fieldv.ndim == 1:
-                comps = [(c,) for c in range(fieldv.n)]
-                shape = (fieldv.n,)
-            else:
-                comps = [(r, c) for r in range(fieldv.n) for c in range(fieldv.m)]
-                shape = (fieldv.n, fieldv.m)
+        shape = element_shape(fieldv)
+        if shape:
+            comps = [(c,) for c in range(shape[0])] if len(shape) == 1 else \
+                [(r, c) for r in range(shape[0]) for c in range(shape[1])]
             return [REGISTRY.ref(fieldv, c, name) for c in comps], shape
         return [REGISTRY.ref(fieldv, (), name)], None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import numbers
 
-from taichi.lang._ndarray import ScalarNdarray
+from taichi.lang._ndarray import Ndarray
 from taichi.lang.field import ScalarField
 from taichi.lang.matrix import MatrixField
 from taichi.lang.struct import StructField
@@ -18,11 +18,11 @@ from .vec import Vec
 def is_field(v) -> bool:
     """A field, or an ndarray passed for a ti.types.ndarray() parameter: kernels index and loop
     over both alike (generated kernels take the ndarrays as parameters, codegen.load)."""
-    return isinstance(v, (ScalarField, MatrixField, ScalarNdarray))
+    return isinstance(v, (ScalarField, MatrixField, Ndarray))
 
 
 def is_ndarray(v) -> bool:
-    return isinstance(v, ScalarNdarray)
+    return isinstance(v, Ndarray)
 
 
 def array_for_field(lw, node, value, what):

@@ -543,29 +543,36 @@ class NdarrayParam:
 
     def checked(self, name, value, kernel):
         """value, if it is an ndarray this parameter takes; otherwise a KernDiffError saying why."""
-        from taichi.lang._ndarray import Ndarray, ScalarNdarray
-        if not isinstance(value, ScalarNdarray):
-            vector = isinstance(value, Ndarray)
+        from taichi.lang._ndarray import Ndarray
+        from .registry import element_shape
+        if not isinstance(value, Ndarray):
             raise KernDiffError(
                 f"argument '{name}' of {kernel.__name__} is an ndarray parameter, but got "
-                + ("an ndarray of vectors or matrices" if vector else "a numpy array"
-                   if type(value).__module__ == "numpy" else type(value).__name__),
-                remedy="pass a ti.ndarray of scalars (ti.ndarray(ti.f32, shape)"
-                       + (", with the components as a last dimension, or pass a vector field to a "
-                          "ti.template() parameter)" if vector else
-                          "; copy a numpy array in with a.from_numpy(array))"))
-        want_dtype = getattr(self.annotation, "dtype", None)
-        want_ndim = getattr(self.annotation, "ndim", None)
-        if want_dtype is not None and not isinstance(want_dtype, type) and \
-                from_taichi(want_dtype) != from_taichi(value.dtype):
-            raise KernDiffError(f"argument '{name}' of {kernel.__name__} is an ndarray of {value.dtype}, but "
-                                f"the parameter is annotated with dtype {want_dtype}",
-                                remedy="pass an ndarray of the annotated dtype, or change the annotation")
+                + ("a numpy array" if type(value).__module__ == "numpy" else type(value).__name__),
+                remedy="pass a ti.ndarray (ti.ndarray(ti.f32, shape), ti.ndarray(ti.math.vec3, shape)); copy a "
+                       "numpy array in with a.from_numpy(array)")
+        want, want_ndim = getattr(self.annotation, "dtype", None), getattr(self.annotation, "ndim", None)
+        if want is not None and not isinstance(want, type):  # (dtype=float: any)
+            want_shape = () if getattr(want, "n", None) is None else \
+                (want.n,) if want.ndim == 1 else (want.n, want.m)
+            want_scalar = getattr(want, "dtype", want)
+            got = _element_name(element_shape(value), value.dtype)
+            if want_shape != element_shape(value) or \
+                    want_scalar is not None and from_taichi(want_scalar) != from_taichi(value.dtype):
+                raise KernDiffError(f"argument '{name}' of {kernel.__name__} is an ndarray of {got}, but the "
+                                    f"parameter is annotated with dtype {_element_name(want_shape, want_scalar)}",
+                                    remedy="pass an ndarray of the annotated dtype, or change the annotation")
         if want_ndim is not None and want_ndim != len(value.shape):
             raise KernDiffError(f"argument '{name}' of {kernel.__name__} has {len(value.shape)} dimensions, "
                                 f"but the parameter is annotated with ndim={want_ndim}",
                                 remedy="pass an ndarray with that many dimensions, or change the annotation")
         return value
+
+
+def _element_name(shape, scalar):
+    """f32, vector(3, f32), matrix(2, 2, f64): an ndarray's element type, as errors name it."""
+    scalar = "float" if scalar is None else from_taichi(scalar)
+    return scalar if not shape else f"{'vector' if len(shape) == 1 else 'matrix'}({', '.join(map(str, shape))}, {scalar})"
 
 
 def _numpy_scalar(v):

@@ -134,8 +134,7 @@ class Registry:
         todo = [r for r in todo if not is_ndarray(r[0])]
         for field, kind, level in arrays:  # an ndarray's derivatives are ndarrays (no SNode tree)
             with self._in_taichi():
-                new = ti.ndarray(field.dtype, tuple(field.shape))
-                new.fill(0)
+                new = _like_array(field)
             self._remember(field, kind, level, new)
             self.parents[id(new)] = (field, kind, level)
         if arrays:
@@ -286,6 +285,27 @@ def placed(f) -> bool:
 def is_ndarray(f) -> bool:
     from taichi.lang._ndarray import Ndarray
     return isinstance(f, Ndarray)
+
+
+def element_shape(f) -> tuple:
+    """The shape of one element of a field or ndarray: () for scalars, (n,) for vectors, (n, m)
+    for matrices."""
+    from taichi.lang.matrix import MatrixField, MatrixNdarray, VectorNdarray
+    if isinstance(f, VectorNdarray) or isinstance(f, MatrixField) and f.ndim == 1:
+        return (f.n,)
+    if isinstance(f, (MatrixNdarray, MatrixField)):
+        return (f.n, f.m)
+    return ()
+
+
+def _like_array(f):
+    """A zero-filled ndarray of f's shape and element type."""
+    shape = element_shape(f)
+    element = f.dtype if not shape else ti.types.vector(shape[0], f.dtype) if len(shape) == 1 else \
+        ti.types.matrix(shape[0], shape[1], f.dtype)
+    new = ti.ndarray(element, tuple(f.shape))
+    new.fill(0)
+    return new
 
 
 def _axes(n):
