@@ -108,11 +108,18 @@ record_run = runs_recorder(RAN)
 
 
 def test_most_recurrences_were_checked(request):
-    """Refusals pass the test above; the serialized and per-row shapes must mostly be checked."""
+    """Refusals pass the test above; the serialized and per-row shapes must often be checked (in
+    150 drawn at session 50: 49% and 34% of them). A rate means something only over many draws
+    (the short profile's 20 give each shape about 7, and a quarter of 9 failed one local run in
+    eight): over 30 or more a shape must be checked at least a fifth of the time, over fewer the
+    two shapes together at least once in 10."""
     skip_unless_all_ran_before(request, RAN)
-    for shape in ("serialized", "rows"):
-        seen = [o for s, o in OUTCOMES if s == shape and o != "ill-conditioned"]
-        assert len(seen) < 8 or seen.count("checked") >= len(seen) // 4, (shape, seen)
+    seen = {shape: [o for s, o in OUTCOMES if s == shape and o != "ill-conditioned"]
+            for shape in ("serialized", "rows")}
+    for shape, outcomes in seen.items():
+        assert len(outcomes) < 30 or outcomes.count("checked") >= len(outcomes) // 5, (shape, outcomes)
+    both = seen["serialized"] + seen["rows"]
+    assert len(both) < 10 or "checked" in both, seen
 
 
 def teardown_module():
