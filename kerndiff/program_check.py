@@ -95,11 +95,11 @@ def weighted_total(program, output, weights):
     one (a check differentiates ⟨w, f(x)⟩, as for a kernel). w and the field are made once per
     output shape (_weights_like)."""
     from .api import kernel
-    from taichi.lang.matrix import MatrixField
+    from .runtime.registry import element_shape
     w, total = _weights_like(output)
     total[None] = 0
     w.from_numpy(np.asarray(weights, dtype=np.float64).reshape(field_shape(output)).astype(w.to_numpy().dtype))
-    fn = _add_weighted_vectors if isinstance(output, MatrixField) else _add_weighted
+    fn = _add_weighted_vectors if element_shape(output) else _add_weighted
     add = _ADDERS.setdefault(fn, kernel(fn))  # one kernel object per adder, not one per check
 
     def weighted():
@@ -120,18 +120,17 @@ def _weights_like(output):
     of them (a check per call would meet that in a few hundred checks of one process)."""
     import taichi as ti
     from taichi.lang import impl
-    from taichi.lang.matrix import MatrixField
+    from .runtime.registry import element_shape
     if _WEIGHTS["runtime"] is not impl.get_runtime():
         _WEIGHTS.update(runtime=impl.get_runtime(), fields={})
-    is_matrix = isinstance(output, MatrixField)
-    kind = (output.n, output.m, output.ndim) if is_matrix else None
+    kind = element_shape(output)  # (a field's or an ndarray's: the weights are a field alike)
     key = (kind, tuple(output.shape), output.dtype)
     got = _WEIGHTS["fields"].get(key)
     if got is None:
         shape = tuple(output.shape)
-        if is_matrix:
-            w = ti.Matrix.field(output.n, output.m, output.dtype, shape=shape) if output.ndim == 2 else \
-                ti.Vector.field(output.n, output.dtype, shape=shape)
+        if kind:
+            w = ti.Matrix.field(kind[0], kind[1], output.dtype, shape=shape) if len(kind) == 2 else \
+                ti.Vector.field(kind[0], output.dtype, shape=shape)
         else:
             w = ti.field(output.dtype, shape=shape)
         got = _WEIGHTS["fields"][key] = (w, ti.field(output.dtype, shape=()))

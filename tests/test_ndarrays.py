@@ -330,3 +330,20 @@ def test_refused_arguments_of_ndarray_parameters():
         k(ti.ndarray(ti.f32, N))
     with pytest.raises(kd.KernDiffError, match="has 2 dimensions, but the parameter is annotated with ndim=1"):
         k(ti.ndarray(ti.f64, (N, 2)))
+
+
+def test_backward_of_a_program_with_a_vector_ndarray_output():
+    """kd.backward of a program with a non-scalar output weights it by the cotangent in a helper
+    field of the output's element shape (program_check.weighted_total): an ndarray of vectors
+    needs vector weights as a vector field does."""
+    x, y = ti.ndarray(ti.f64, N, needs_grad=True), ti.ndarray(ti.math.vec2, N, needs_grad=True)
+
+    @kd.kernel
+    def curve(x: ti.types.ndarray(), y: ti.types.ndarray()):
+        for i in x:
+            y[i] = ti.Vector([ti.sin(x[i]), x[i] ** 2])
+
+    w = np.random.default_rng(2).normal(size=(N, 2))
+    (got,) = kd.backward(lambda: curve(x, y), inputs=[x], output=y)([X0], cotangent=w)
+    np.testing.assert_allclose(got, w[:, 0] * np.cos(X0) + w[:, 1] * 2 * X0, rtol=1e-12)
+    assert kd.check_grad(lambda: curve(x, y), [x], y, order=2) < 1e-6
