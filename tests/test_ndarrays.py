@@ -347,3 +347,33 @@ def test_backward_of_a_program_with_a_vector_ndarray_output():
     (got,) = kd.backward(lambda: curve(x, y), inputs=[x], output=y)([X0], cotangent=w)
     np.testing.assert_allclose(got, w[:, 0] * np.cos(X0) + w[:, 1] * 2 * X0, rtol=1e-12)
     assert kd.check_grad(lambda: curve(x, y), [x], y, order=2) < 1e-6
+
+
+def test_scattered_adds_into_a_vector_ndarrays_adjoint(springs):
+    """The springs over an ndarray of vectors: the reverse adds into private copies of the
+    positions' adjoint (opt.scatter), which are vector fields of the array's element type."""
+    pos, ends, rest, E, _ = springs
+    vpos = ti.ndarray(ti.math.vec2, pos.shape[0], needs_grad=True)
+    vends = ti.ndarray(ti.math.ivec2, ends.shape[0])
+    vpos.from_numpy(pos.to_numpy())
+    vends.from_numpy(ends.to_numpy())
+
+    def energy(x: ti.types.ndarray(dtype=ti.math.vec2, ndim=1), ends: ti.types.ndarray(dtype=ti.math.ivec2, ndim=1),
+               rest: ti.types.ndarray()):
+        for s in range(ends.shape[0]):
+            d = x[ends[s][0]] - x[ends[s][1]]
+            E[None] += 0.5 * (d.norm() - rest[s]) ** 2
+
+    ours, theirs = kd.kernel(energy), ti.kernel(energy)
+    E[None] = 0.0
+    theirs(vpos, vends, rest)
+    E.grad[None] = 1.0
+    vpos.grad.fill(0.0)
+    theirs.grad(vpos, vends, rest)
+    expected = vpos.grad.to_numpy()
+    E[None] = 0.0
+    ours(vpos, vends, rest)
+    vpos.grad.fill(0.0)
+    ours.reverse(vpos, vends, rest)
+    assert "x_adj_private[slot, " in ours.reverse.source
+    np.testing.assert_allclose(vpos.grad.to_numpy(), expected, rtol=1e-10, atol=1e-12)

@@ -313,12 +313,13 @@ def _axes(n):
 
 
 def _like(field):
-    from taichi.lang.matrix import MatrixField
-
-    if isinstance(field, MatrixField):
-        if field.ndim == 1:
-            return ti.Vector.field(field.n, field.dtype)
-        return ti.Matrix.field(field.n, field.m, field.dtype)
+    """An unplaced field of the element type of `field` (a field or an ndarray: private copies
+    of an ndarray's adjoint are fields)."""
+    shape = element_shape(field)
+    if len(shape) == 1:
+        return ti.Vector.field(shape[0], field.dtype)
+    if shape:
+        return ti.Matrix.field(shape[0], shape[1], field.dtype)
     return ti.field(field.dtype)
 
 
