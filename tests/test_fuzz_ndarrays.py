@@ -1,0 +1,96 @@
+"""The programs fuzzer's drawn kernels (test_fuzz_programs) over ndarrays instead of fields: every
+field with elements becomes a ti.ndarray of its shape and element type (x, w, y, z, g; v and u
+of vectors; idx of i32), the 0-d fields stay fields, and the two kernels must give the same
+primal outputs, J·v, Jᵀ·w and H·v (harness.derivatives, from the same values and directions) or
+be refused alike. The field version is checked against finite differences in
+test_fuzz_programs; this checks that nothing on the way (activity, hazards, private copies,
+checkpoints, the generated signatures) treats an ndarray differently. It found that private
+copies of an ndarray-of-vectors adjoint were made as scalar fields (session 50).
+
+Profiles as in test_fuzz_programs: short by default (derandomized under CI=true),
+KERNDIFF_FUZZ=long.
+"""
+import numpy as np
+import pytest
+import taichi as ti
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import kerndiff as kd
+import test_fuzz_programs as programs
+from harness import derivatives, runs_recorder, skip_unless_all_ran_before
+
+OUTCOMES = []
+
+
+@pytest.fixture(scope="module")
+def both():
+    ti.init(arch=ti.cpu, default_fp=ti.f64)
+    fields = programs.make_fields(ti.f64)
+    arrays = dict(fields)
+    for name, f in fields.items():
+        if f.shape:
+            element = ti.types.vector(f.n, f.dtype) if hasattr(f, "n") else f.dtype
+            arrays[name] = ti.ndarray(element, f.shape)
+    yield fields, arrays
+    programs.walked = None
+    ti.reset()
+
+
+def derivatives_over(fields, seed):
+    """harness.derivatives of drawn program `seed` over `fields` (walk() reads their x), or the
+    reason kerndiff refused it."""
+    fn, args, _ = programs.drawn_kernel(fields, seed)
+    programs.starting_values(fields)
+    programs.walked = fields["x"]
+    try:
+        return derivatives(kd.kernel(fn), args)
+    except kd.KernDiffError as e:
+        return e.reason
+
+
+@programs.PROFILE
+@given(seed=st.integers(0, 2 ** 32 - 1))
+@example(seed=3)
+@example(seed=7)
+def test_drawn_programs_over_ndarrays_match_fields(both, seed):
+    fields, arrays = both
+    expected = derivatives_over(fields, seed)
+    got = derivatives_over(arrays, seed)
+    if isinstance(expected, str):
+        assert got == expected
+        OUTCOMES.append("refused")
+        return
+    assert not isinstance(got, str), got
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    OUTCOMES.append("compared")
+
+
+@programs.PROFILE
+@given(seed=st.integers(0, 2 ** 32 - 1))
+@example(seed=5588194)
+def test_drawn_programs_over_ndarrays_with_private_copies(both, seed, monkeypatch):
+    """The same with opt.scatter and opt.packed_gathers forced on for these small loops: the
+    private copies of an array's adjoint and the packed records of gathered arrays are fields
+    beside the arrays."""
+    from kerndiff.opt import packed_gathers, scatter
+    monkeypatch.setattr(scatter, "MIN_TRIPS", 2)
+    monkeypatch.setattr(scatter, "MIN_WORK", 2)
+    monkeypatch.setattr(scatter, "MIN_ADDS_PER_ELEMENT", 0)
+    monkeypatch.setattr(packed_gathers, "MIN_BYTES", 0)
+    test_drawn_programs_over_ndarrays_match_fields.hypothesis.inner_test(both, seed)
+
+
+RAN = set()
+record_run = runs_recorder(RAN)
+
+
+def test_most_drawn_programs_were_compared(request):
+    skip_unless_all_ran_before(request, RAN)
+    assert OUTCOMES.count("compared") >= len(OUTCOMES) // 3, OUTCOMES
+
+
+def teardown_module():
+    print(f"\nfuzz ndarrays: {len(OUTCOMES)} drawn, {OUTCOMES.count('compared')} compared with fields")
