@@ -4,7 +4,9 @@ of vectors; idx of i32), the 0-d fields stay fields, and the two kernels must gi
 primal outputs, J·v, Jᵀ·w and H·v (harness.derivatives, from the same values and directions) or
 be refused alike. The field version is checked against finite differences in
 test_fuzz_programs; this checks that nothing on the way (activity, hazards, private copies,
-checkpoints, the generated signatures) treats an ndarray differently. It found that private
+checkpoints, the generated signatures) treats an ndarray differently. Programs of two or three
+such kernels run under kd.Tape over the arrays too, checked against finite differences as
+test_fuzz_programs checks them over fields. It found that private
 copies of an ndarray-of-vectors adjoint were made as scalar fields (session 50).
 
 Profiles as in test_fuzz_programs: short by default (derandomized under CI=true),
@@ -83,14 +85,39 @@ def test_drawn_programs_over_ndarrays_with_private_copies(both, seed, monkeypatc
     test_drawn_programs_over_ndarrays_match_fields.hypothesis.inner_test(both, seed)
 
 
+@pytest.fixture(scope="module")
+def measure_arrays(both):
+    _, arrays = both
+    for n in programs.INPUTS:  # (adjoints before the kernels compile: each input is one of the Tape's)
+        kd.adjoint(arrays[n])
+    return programs.measure_kernel(arrays, arrays["loss"])
+
+
+@programs.TAPE_PROFILE
+@given(seed=st.integers(0, 2 ** 32 - 1))
+def test_drawn_programs_over_ndarrays_under_a_tape(both, measure_arrays, seed):
+    """Two or three drawn kernels over the arrays under kd.Tape (snapshots and restores of arrays
+    the kernels overwrite), the gradient against central differences of the whole sequence and
+    its H·v against differences of the gradient (test_fuzz_programs.check_tape)."""
+    _, arrays = both
+    programs.walked = arrays["x"]
+    before = len(programs.TAPE_OUTCOMES)
+    programs.check_tape(arrays, arrays["loss"], measure_arrays, seed)
+    OUTCOMES.append("taped" if len(programs.TAPE_OUTCOMES) > before else "refused under a Tape")
+
+
 RAN = set()
 record_run = runs_recorder(RAN)
 
 
 def test_most_drawn_programs_were_compared(request):
     skip_unless_all_ran_before(request, RAN)
-    assert OUTCOMES.count("compared") >= len(OUTCOMES) // 3, OUTCOMES
+    compared = [o for o in OUTCOMES if o in ("compared", "refused")]
+    taped = [o for o in OUTCOMES if o not in compared]
+    assert compared.count("compared") >= len(compared) // 3, OUTCOMES
+    assert "taped" in taped or len(taped) < 4, OUTCOMES
 
 
 def teardown_module():
-    print(f"\nfuzz ndarrays: {len(OUTCOMES)} drawn, {OUTCOMES.count('compared')} compared with fields")
+    print(f"\nfuzz ndarrays: {len(OUTCOMES)} drawn, {OUTCOMES.count('compared')} compared with fields, "
+          f"{OUTCOMES.count('taped')} programs checked under a Tape")
