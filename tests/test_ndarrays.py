@@ -377,3 +377,22 @@ def test_scattered_adds_into_a_vector_ndarrays_adjoint(springs):
     ours.reverse(vpos, vends, rest)
     assert "x_adj_private[slot, " in ours.reverse.source
     np.testing.assert_allclose(vpos.grad.to_numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_new_array_each_call_is_said_once():
+    out = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def total(x: ti.types.ndarray()):
+        for i in x:
+            out[None] += x[i]
+
+    with pytest.warns(RuntimeWarning, match="compiled for 16 different sets of ndarrays") as said:
+        for k in range(20):
+            a = ti.ndarray(ti.f64, 3)
+            a.fill(float(k))
+            out[None] = 0.0
+            total(a)
+            assert out[None] == 3.0 * k
+    assert len([w for w in said if "different sets of ndarrays" in str(w.message)]) == 1
+    assert said[0].filename == __file__

@@ -25,6 +25,8 @@ from .equal_fields import fields_equal
 from .registry import REGISTRY
 
 TIMINGS = {"transform": 0.0, "fields": 0.0}  # seconds; "fields": Taichi materializing our fields
+# a kernel compiled for this many different sets of ndarrays says so (Kernel._note_array_specialization)
+ARRAY_SPECIALIZATIONS = 16
 # k...forward.forward runs its equal-directions variant when both levels' seeds are equal
 # (ad/equal_directions.py); False runs the kernel as generated always (for tests and measurements)
 EQUAL_DIRECTIONS = True
@@ -58,6 +60,7 @@ class Kernel:
         self.root = root or self
         self.bound = bound  # the instance, for a method of a @ti.data_oriented class
         self._bound_copies = {}
+        self.array_specializations = set()  # (the root's: template keys with ndarrays compiled for)
         self._method = None
         self._children = {}
         self.__name__ = getattr(fn, "__name__", "kernel")
@@ -296,6 +299,7 @@ class Kernel:
         entry = CACHE.get(key)
         if entry is not None and entry["version"] == REGISTRY.version:
             return entry
+        self._note_array_specialization(templates, tkey)
         t0, fields0 = time.perf_counter(), REGISTRY.taichi_seconds
         ir = self.ir(templates)
         entry = {"version": REGISTRY.version, "ir": ir, "keep": templates}
@@ -303,6 +307,24 @@ class Kernel:
         CACHE[key] = entry
         self._last_key = key
         return entry
+
+    def _note_array_specialization(self, templates, tkey):
+        """A kernel is specialized on the ndarrays passed to it, as on template fields: one called
+        with a new array each time compiles each time (and kerndiff keeps every array it saw).
+        Taichi's own ndarray kernels do not, so a user may not expect it: said once, at the
+        ARRAY_SPECIALIZATIONS-th array set."""
+        from .registry import is_ndarray
+        if not any(is_ndarray(v) for v in templates.values()):
+            return
+        seen = self.root.array_specializations
+        seen.add(tkey)
+        if len(seen) == ARRAY_SPECIALIZATIONS:
+            import warnings
+            from ..codegen.load import _frames_in_package
+            warnings.warn(f"kerndiff kernel {self.__name__} was compiled for {len(seen)} different sets of ndarrays: "
+                          "kerndiff specializes a kernel on the ndarrays passed to it (as on template fields), so a "
+                          "new array each call compiles each call; make the arrays once and refill them "
+                          "(a.from_numpy, a.copy_from)", RuntimeWarning, stacklevel=_frames_in_package())
 
     def _generated(self, ir, t0, fields0, plain=False):
         """(compiled Taichi kernel, its source) for this kernel's transformed IR `ir` (plain: a
