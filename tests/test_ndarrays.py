@@ -45,22 +45,27 @@ def springs(runtime):
     return pos, ends, rest, E, energy
 
 
+def reverses(energy, args, E, inputs):
+    """(kerndiff's kernel of `energy`, [the inputs' adjoints by Taichi's kernel.grad()], [the same
+    by kerndiff's reverse]), each after the kernel ran on args with E's adjoint seeded with 1."""
+    ours, grads = kd.kernel(energy), []
+    for k in (ti.kernel(energy), ours):
+        E[None] = 0.0
+        k(*args)
+        E.grad[None] = 1.0
+        for a in inputs:
+            a.grad.fill(0.0)
+        k.grad(*args)
+        grads.append([a.grad.to_numpy() for a in inputs])
+    return ours, grads[0], grads[1]
+
+
 def test_reverse_matches_taichis_grad_on_ndarrays(springs):
     pos, ends, rest, E, energy = springs
-    ours, theirs = kd.kernel(energy), ti.kernel(energy)
-    E[None] = 0.0
-    theirs(pos, ends, rest)
-    E.grad[None] = 1.0
-    pos.grad.fill(0.0)
-    theirs.grad(pos, ends, rest)
-    expected = pos.grad.to_numpy()
-    E[None] = 0.0
-    ours(pos, ends, rest)
-    pos.grad.fill(0.0)
-    ours.reverse(pos, ends, rest)
+    ours, (expected,), (got,) = reverses(energy, (pos, ends, rest), E, [pos])
     assert kd.adjoint(pos) is pos.grad
     assert np.abs(expected).max() > 1.0
-    np.testing.assert_allclose(pos.grad.to_numpy(), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
     assert "x: ti.types.ndarray(dtype=ti.f64, ndim=2), x_adj: ti.types.ndarray(" in ours.reverse.source
 
 
@@ -238,23 +243,11 @@ def test_vector_and_matrix_ndarrays_against_taichis_grad(vectors):
             y = A[i] @ x[i]
             E[None] += y.norm_sqr() * ti.sin(x[i][0]) + A[i].determinant() * x[i].y
 
-    ours, theirs = kd.kernel(energy), ti.kernel(energy)
     starting_values()
-    E[None] = 0.0
-    theirs(p, m)
-    E.grad[None] = 1.0
-    p.grad.fill(0.0)
-    m.grad.fill(0.0)
-    theirs.grad(p, m)
-    expected = p.grad.to_numpy(), m.grad.to_numpy()
-    E[None] = 0.0
-    ours(p, m)
-    p.grad.fill(0.0)
-    m.grad.fill(0.0)
-    ours.reverse(p, m)
+    ours, expected, got = reverses(energy, (p, m), E, [p, m])
     assert np.abs(expected[0]).max() > 1.0
-    np.testing.assert_allclose(p.grad.to_numpy(), expected[0], rtol=1e-12, atol=1e-13)
-    np.testing.assert_allclose(m.grad.to_numpy(), expected[1], rtol=1e-12, atol=1e-13)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
     assert "x_adj: ti.types.ndarray(dtype=ti.types.vector(2, ti.f64), ndim=1)" in ours.reverse.source
     assert kd.check_grad(lambda: ours(p, m), [p, m], E, order=2) < 1e-6
 
@@ -364,19 +357,9 @@ def test_scattered_adds_into_a_vector_ndarrays_adjoint(springs):
             d = x[ends[s][0]] - x[ends[s][1]]
             E[None] += 0.5 * (d.norm() - rest[s]) ** 2
 
-    ours, theirs = kd.kernel(energy), ti.kernel(energy)
-    E[None] = 0.0
-    theirs(vpos, vends, rest)
-    E.grad[None] = 1.0
-    vpos.grad.fill(0.0)
-    theirs.grad(vpos, vends, rest)
-    expected = vpos.grad.to_numpy()
-    E[None] = 0.0
-    ours(vpos, vends, rest)
-    vpos.grad.fill(0.0)
-    ours.reverse(vpos, vends, rest)
+    ours, (expected,), (got,) = reverses(energy, (vpos, vends, rest), E, [vpos])
     assert "x_adj_private[slot, " in ours.reverse.source
-    np.testing.assert_allclose(vpos.grad.to_numpy(), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_a_new_array_each_call_is_said_once():
