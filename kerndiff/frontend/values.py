@@ -21,10 +21,6 @@ def is_field(v) -> bool:
     return isinstance(v, (ScalarField, MatrixField, Ndarray))
 
 
-def is_ndarray(v) -> bool:
-    return isinstance(v, Ndarray)
-
-
 def array_for_field(lw, node, value, what):
     """The error for a numpy array used where a field belongs (passed for a ti.template()
     parameter, or a global): `what` it was used for ("loop over", "index"), named where the
@@ -40,7 +36,7 @@ SPARSE = ("pointer", "bitmasked", "dynamic", "hash")
 
 
 def is_sparse(field) -> bool:
-    if is_ndarray(field):
+    if isinstance(field, Ndarray):
         return False
     sn = field.snode
     while sn is not None and sn.ptr is not None:
