@@ -1,13 +1,14 @@
 """The programs fuzzer's drawn kernels (test_fuzz_programs) over ndarrays instead of fields: every
-field with elements becomes a ti.ndarray of its shape and element type (x, w, y, z, g; v and u
-of vectors; idx of i32), the 0-d fields stay fields, and the two kernels must give the same
+scalar field with elements becomes a ti.ndarray of its shape and dtype (x, w, y, z, g; idx of
+i32), the 0-d and vector fields stay fields, and the two kernels must give the same
 primal outputs, J·v, Jᵀ·w and H·v (harness.derivatives, from the same values and directions) or
 be refused alike. The field version is checked against finite differences in
 test_fuzz_programs; this checks that nothing on the way (activity, hazards, private copies,
 checkpoints, the generated signatures) treats an ndarray differently. Programs of two or three
 such kernels run under kd.Tape over the arrays too, checked against finite differences as
-test_fuzz_programs checks them over fields. It found that private
-copies of an ndarray-of-vectors adjoint were made as scalar fields (session 50).
+test_fuzz_programs checks them over fields. In session 50, with v and u as ndarrays of vectors,
+the Tape programs found Taichi 1.7.4 miscompiling such arrays' components (a wrong gradient where
+fields gave the right one), and ndarrays of vectors are refused since (test_ndarrays).
 
 Profiles as in test_fuzz_programs: short by default (derandomized under CI=true),
 KERNDIFF_FUZZ=long.
@@ -31,9 +32,8 @@ def both():
     fields = programs.make_fields(ti.f64)
     arrays = dict(fields)
     for name, f in fields.items():
-        if f.shape:
-            element = ti.types.vector(f.n, f.dtype) if hasattr(f, "n") else f.dtype
-            arrays[name] = ti.ndarray(element, f.shape)
+        if f.shape and not hasattr(f, "n"):  # (vector fields stay fields: ndarrays of vectors are refused)
+            arrays[name] = ti.ndarray(f.dtype, f.shape)
     yield fields, arrays
     programs.walked = None
     ti.reset()

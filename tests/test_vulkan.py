@@ -211,16 +211,16 @@ def test_ndarray_kernel_on_vulkan(vulkan_corpus):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_vector_ndarray_kernel_on_vulkan(vulkan_corpus):
-    """An ndarray of vectors on SPIR-V (components as `x[i][0]`, also in a loop summing into a
-    0-D field): the reverse against the analytic gradient of loss = Σ |x_i|² sin(x_i0)."""
-    x = ti.ndarray(ti.types.vector(2, ti.f32), 5, needs_grad=True)
+def test_ndarray_of_components_on_vulkan(vulkan_corpus):
+    """A 2-D ndarray of points' components on SPIR-V, summed into a 0-D field: the reverse
+    against the analytic gradient of loss = Σ |x_i|² sin(x_i0)."""
+    x = ti.ndarray(ti.f32, (5, 2), needs_grad=True)
     loss = ti.field(ti.f32, shape=(), needs_grad=True)
 
     @kd.kernel
     def energy(x: ti.types.ndarray()):
-        for i in x:
-            loss[None] += x[i].norm_sqr() * ti.sin(x[i][0])
+        for i in range(x.shape[0]):
+            loss[None] += (x[i, 0] ** 2 + x[i, 1] ** 2) * ti.sin(x[i, 0])
 
     xv = np.array([[0.3, 1.9], [0.5, -0.7], [1.1, 0.2], [-0.4, 0.6], [0.9, -1.3]])
     x.from_numpy(xv.astype(np.float32))

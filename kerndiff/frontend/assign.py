@@ -478,8 +478,29 @@ class Assignments:
                              "place the field (and its derivative fields) in dense SNodes, "
                              "e.g. ti.field(dtype, shape=...)")
 
+    def check_array_elements(self, fieldv, node, name):
+        """Refuse an ndarray of vectors or matrices: Taichi 1.7.4 miscompiles accesses to their
+        components where two indexes may meet (after `a[i][0] = 1.0; a[j][0] = 10.0`, a read
+        of `a[i][0]` gives 1.0 when j == i; of three adds `a[i][0] += ...`, `a[j][0] += ...`,
+        `a[i][0] += ...` the second is lost), which derivative kernels make of any gather (the
+        adjoint of `u[idx[i]]` beside `u[i]`): the derivative would be silently wrong. Scalar
+        ndarrays, of any dimension, and vector fields are compiled right
+        (tests/test_ndarrays.py keeps the case and checks that Taichi still gets it wrong)."""
+        from ..runtime.registry import is_ndarray
+        shape = element_shape(fieldv) if is_ndarray(fieldv) else ()
+        if shape:
+            kind = "vectors" if len(shape) == 1 else "matrices"
+            raise self.error(node, f"'{name}' is an ndarray of {kind}, whose components Taichi 1.7.4 reads and adds "
+                                   "into wrongly where two indexes may meet (a component stored at a[i] and then "
+                                   "at a[idx[i]] reads back the first value), which every derivative of a gather "
+                                   "makes",
+                             f"pass a scalar ndarray with the components as a last dimension (ti.ndarray(ti.f32, "
+                             f"(n, {', '.join(map(str, shape))})), read as a[i, 0]), or a "
+                             f"{'vector' if len(shape) == 1 else 'matrix'} field")
+
     def refs_of(self, fieldv, node, name):
         self.check_dense(fieldv, node, name)
+        self.check_array_elements(fieldv, node, name)
         seen, in_function = self.field_aliases.get(id(fieldv)), self.parent is not None
         if name and name != "field" and (seen is None or (seen[0] and not in_function)):
             self.field_aliases[id(fieldv)] = (in_function, name)
