@@ -413,3 +413,69 @@ def test_a_new_array_each_call_is_said_once():
             assert out[None] == 3.0 * k
     assert len([w for w in said if "different sets of ndarrays" in str(w.message)]) == 1
     assert said[0].filename == __file__
+
+
+# Taichi 1.7.4 alone: an atomic add into a vector field's component at an index read from an
+# ndarray makes its LLVM backend abort the process (run in a child process: it cannot be caught)
+TAICHI_ABORTS = """
+import numpy as np, taichi as ti
+ti.init(arch=ti.cpu)
+v = ti.Vector.field(2, ti.f32, 4)
+
+@ti.kernel
+def scatter(idx: ti.types.ndarray(dtype=ti.i32, ndim=1), z: ti.types.ndarray(dtype=ti.f32, ndim=1)):
+    for i in range(4):
+        v[idx[i]][1] += z[i]
+
+idx, z = ti.ndarray(ti.i32, 4), ti.ndarray(ti.f32, 4)
+idx.from_numpy(np.array([1, 0, 3, 2], np.int32))
+scatter(idx, z)
+print("compiled")
+"""
+
+
+def test_atomics_on_field_components_at_indexes_from_ndarrays(tmp_path):
+    """`acc[idx[i]][1] += ...` with idx an ndarray: Taichi's own kernel kills the process (first
+    assertion: when it compiles, Taichi was fixed and codegen.emit's atomic_target may go);
+    kerndiff's kernels add through the component's scalar field. Every derivative kernel of the
+    gather v[idx[i]] adds into v's adjoint that way too. References: numpy for the primal, central
+    differences (check_grad, order 2) for the gradient and H·v."""
+    import subprocess
+    import sys
+    script = tmp_path / "aborts.py"  # (Taichi reads a kernel's source from its file)
+    script.write_text(TAICHI_ABORTS)
+    child = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert child.returncode != 0 and "compiled" not in child.stdout
+    assert "does not dominate all uses" in child.stderr
+
+    M = 5
+    idx_values = np.array([2, 0, 4, 2, 1, 3], dtype=np.int32)
+    v = ti.Vector.field(2, ti.f64, M, needs_grad=True)
+    acc = ti.Vector.field(2, ti.f64, M, needs_grad=True)
+    out = ti.field(ti.f64, shape=(), needs_grad=True)
+    idx, w = ti.ndarray(ti.i32, N), ti.ndarray(ti.f64, N, needs_grad=True)
+    idx.from_numpy(idx_values)
+    w.from_numpy(W0)
+    v_values = np.stack([np.linspace(0.2, 1.0, M), np.linspace(-0.5, 0.7, M)], axis=1)
+    v.from_numpy(v_values)
+
+    @kd.kernel
+    def scatter(idx: ti.types.ndarray(), w: ti.types.ndarray()):
+        for i in range(idx.shape[0]):
+            acc[idx[i]][1] += w[i] * ti.sin(v[idx[i]][0]) + v[i % 5][1]
+        for j in acc:
+            out[None] += acc[j].norm_sqr()
+
+    def run():
+        acc.fill(0.0)
+        out[None] = 0.0
+        scatter(idx, w)
+
+    run()
+    expected = np.zeros(M)
+    np.add.at(expected, idx_values, W0 * np.sin(v_values[idx_values, 0]) + v_values[np.arange(N) % 5, 1])
+    np.testing.assert_allclose(acc.to_numpy()[:, 1], expected, rtol=1e-12)
+    np.testing.assert_allclose(out[None], (expected ** 2).sum(), rtol=1e-12)
+    assert "acc_1[idx[i]] += " in scatter.source
+    assert kd.check_grad(run, [v, w], out, order=2) < 1e-6
+    assert "v_adj_0[idx[i]] += " in scatter.reverse.source

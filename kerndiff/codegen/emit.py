@@ -190,6 +190,9 @@ class Emitter:
         # accessed so everywhere in the kernel, as Taichi 1.7 fails to compile a kernel that also
         # stores into one of them as `c[None][0]` (scalarize.cpp: "Assertion failure")
         self.summed_through_components = set()
+        # a kernel with ndarray parameters: its atomics on fields' components go through the
+        # components' scalar fields (atomic_target)
+        self.atomics_apart = False
 
     # ---------------------------------------------------------- expressions
     def expr(self, e: N.Expr, prec: int = 0) -> str:
@@ -285,6 +288,23 @@ class Emitter:
         if ref.component:
             comp = "[" + ", ".join(map(str, ref.component)) + "]"
         return f"{self.field(ref)}[{idx}]{comp}"
+
+    def atomic_target(self, ref, index, pad):
+        """What an atomic statement updates. In a kernel with ndarray parameters, a vector or
+        matrix field's component goes through its scalar field (the same memory): Taichi 1.7.4's
+        LLVM backend aborts the process compiling `v[idx[i]][1] += t` where idx is an ndarray
+        ("Instruction does not dominate all uses"), and `v_1[idx[i]] += t` compiles."""
+        if not (self.atomics_apart and ref.component and not is_ndarray(ref.field)) or \
+                self.split_components or id(ref.field) in self.summed_through_components:
+            return self.lvalue(ref, index)
+        key = (id(ref.field), ref.component)
+        if key not in self.component_fields:
+            name = self.component_field(ref)
+            comp = "][".join(map(str, ref.component))
+            self.lines.append(f"{pad}# {name} is {self.field(ref)}[...][{comp}]: Taichi 1.7.4 cannot compile atomics "
+                              "on components in kernels with ndarray parameters")
+        idx = ", ".join(self.expr(i) for i in index) if index else "None"
+        return f"{self.component_fields[key]}[{idx}]"
 
     def component_field(self, ref):
         """The global name of ref's component as a scalar field: `pos_0` for pos[...][0]."""
@@ -411,7 +431,7 @@ class Emitter:
         elif isinstance(s, N.Store):
             out(f"{pad}{self.lvalue(s.ref, s.index)} = {self.expr(s.value)}")
         elif isinstance(s, N.Atomic):
-            target = self.lvalue(s.ref, s.index)
+            target = self.atomic_target(s.ref, s.index, pad)
             if s.op == "add":
                 if isinstance(s.value, N.Call) and s.value.op == "neg":
                     out(f"{pad}{target} -= {self.expr(s.value.args[0])}")
@@ -498,6 +518,7 @@ def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=(), array
 
     em = Emitter(field_names, taken)
     em.decls = declarations(ir)
+    em.atomics_apart = bool(arrays)
     em.summed_through_components = {id(r.field) for s in ir.body if isinstance(s, N.For) and component_refs(s)
                                      for r in scalar_sums(s) if r.component}
     params = ", ".join([f"{p.name}: ti.{p.dtype}" for p in ir.params]
