@@ -34,7 +34,7 @@ def both():
     for name, f in fields.items():
         # (vector fields stay fields: ndarrays of vectors are refused. idx, an ndarray, made
         # Taichi 1.7.4 abort the process compiling an atomic on a vector field's component at an
-        # index read from it, seed 16539706: codegen.emit's atomic_target since session 51)
+        # index read from it, seed 16539706: codegen.components.fields_apart since session 51)
         if f.shape and not hasattr(f, "n"):
             arrays[name] = ti.ndarray(f.dtype, f.shape)
     yield fields, arrays

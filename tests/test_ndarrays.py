@@ -436,7 +436,8 @@ print("compiled")
 
 def test_atomics_on_field_components_at_indexes_from_ndarrays(tmp_path):
     """`acc[idx[i]][1] += ...` with idx an ndarray: Taichi's own kernel kills the process (first
-    assertion: when it compiles, Taichi was fixed and codegen.emit's atomic_target may go);
+    assertion: when it compiles, Taichi was fixed and codegen.components.fields_apart's second part
+    may go);
     kerndiff's kernels add through the component's scalar field. Every derivative kernel of the
     gather v[idx[i]] adds into v's adjoint that way too. References: numpy for the primal, central
     differences (check_grad, order 2) for the gradient and H·v."""
@@ -479,3 +480,34 @@ def test_atomics_on_field_components_at_indexes_from_ndarrays(tmp_path):
     assert "acc_1[idx[i]] += " in scatter.source
     assert kd.check_grad(run, [v, w], out, order=2) < 1e-6
     assert "v_adj_0[idx[i]] += " in scatter.reverse.source
+
+
+def test_fields_with_atomics_on_components_are_read_apart_throughout():
+    """Where a kernel with arrays adds into a field's components, every access of that field goes
+    through its scalar fields: Taichi 1.7.4 fails to compile a kernel that stores into `c[None][1]`
+    and adds into `c.get_scalar_field(0)[None]` (scalarize.cpp, the process aborts). Against the
+    value by hand and central differences."""
+    c = ti.Vector.field(2, ti.f64, (), needs_grad=True)
+    d = ti.Vector.field(2, ti.f64, 3, needs_grad=True)
+    out = ti.field(ti.f64, (), needs_grad=True)
+    a = ti.ndarray(ti.f64, N, needs_grad=True)
+    a.from_numpy(X0)
+
+    @kd.kernel
+    def mixed(a: ti.types.ndarray()):
+        c[None][0] = 1.0
+        c[None][1] = a[1]
+        c[None][0] += a[0] * 2.0
+        d[1][0] = a[2]
+        d[1][0] += a[3]
+        for i in range(3):
+            d[i][1] = a[i] * 2.0
+            d[i][1] += a[i + 1]
+        out[None] = c[None][0] * c[None][1] + d[1][0] * d[2][1]
+
+    mixed(a)
+    x = X0
+    assert out[None] == pytest.approx((1 + 2 * x[0]) * x[1] + (x[2] + x[3]) * (2 * x[2] + x[3]), rel=1e-12)
+    assert "    # c_0 is c[...][0], etc.: Taichi 1.7.4 cannot compile atomics" in mixed.source
+    assert "c_1[None] = a[1]" in mixed.source and "d_1[i] = a[i] * 2.0" in mixed.source
+    assert kd.check_grad(lambda: mixed(a), [a], out, order=2) < 1e-6

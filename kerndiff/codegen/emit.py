@@ -15,7 +15,7 @@ from ..ir.ops import BITWISE, COMPARE
 from ..ir.types import default_fp, from_taichi, is_float
 from ..ir.walk import guarded_select
 from ..runtime.registry import is_ndarray
-from .components import component_refs, scalar_sums
+from .components import component_refs, fields_apart, scalar_sums
 
 BINARY = {"add": ("+", 11), "sub": ("-", 11), "mul": ("*", 12), "div": ("/", 12), "floordiv": ("//", 12),
           "mod": ("%", 12), "lt": ("<", 6), "le": ("<=", 6), "gt": (">", 6), "ge": (">=", 6),
@@ -186,13 +186,9 @@ class Emitter:
         self.component_fields = {}  # (id(field), component) -> global name of its scalar field
         self.component_globals = {}  # that name -> (field, component), for the generated module
         self.split_components = False  # inside a loop that sums into a 0-D field (components.py)
-        # ids of 0-D vector fields such a loop sums into through their components' scalar fields:
-        # accessed so everywhere in the kernel, as Taichi 1.7 fails to compile a kernel that also
-        # stores into one of them as `c[None][0]` (scalarize.cpp: "Assertion failure")
-        self.summed_through_components = set()
-        # a kernel with ndarray parameters: its atomics on fields' components go through the
-        # components' scalar fields (atomic_target)
-        self.atomics_apart = False
+        # ids of fields whose components are accessed through their scalar fields everywhere in the
+        # kernel (components.fields_apart)
+        self.fields_apart = set()
 
     # ---------------------------------------------------------- expressions
     def expr(self, e: N.Expr, prec: int = 0) -> str:
@@ -281,30 +277,13 @@ class Emitter:
 
     def lvalue(self, ref, index):
         idx = ", ".join(self.expr(i) for i in index) if index else "None"
-        if ref.component and (self.split_components or id(ref.field) in self.summed_through_components) and \
+        if ref.component and (self.split_components or id(ref.field) in self.fields_apart) and \
                 not is_ndarray(ref.field):
             return f"{self.component_field(ref)}[{idx}]"
         comp = ""
         if ref.component:
             comp = "[" + ", ".join(map(str, ref.component)) + "]"
         return f"{self.field(ref)}[{idx}]{comp}"
-
-    def atomic_target(self, ref, index, pad):
-        """What an atomic statement updates. In a kernel with ndarray parameters, a vector or
-        matrix field's component goes through its scalar field (the same memory): Taichi 1.7.4's
-        LLVM backend aborts the process compiling `v[idx[i]][1] += t` where idx is an ndarray
-        ("Instruction does not dominate all uses"), and `v_1[idx[i]] += t` compiles."""
-        if not (self.atomics_apart and ref.component and not is_ndarray(ref.field)) or \
-                self.split_components or id(ref.field) in self.summed_through_components:
-            return self.lvalue(ref, index)
-        key = (id(ref.field), ref.component)
-        if key not in self.component_fields:
-            name = self.component_field(ref)
-            comp = "][".join(map(str, ref.component))
-            self.lines.append(f"{pad}# {name} is {self.field(ref)}[...][{comp}]: Taichi 1.7.4 cannot compile atomics "
-                              "on components in kernels with ndarray parameters")
-        idx = ", ".join(self.expr(i) for i in index) if index else "None"
-        return f"{self.component_fields[key]}[{idx}]"
 
     def component_field(self, ref):
         """The global name of ref's component as a scalar field: `pos_0` for pos[...][0]."""
@@ -431,7 +410,7 @@ class Emitter:
         elif isinstance(s, N.Store):
             out(f"{pad}{self.lvalue(s.ref, s.index)} = {self.expr(s.value)}")
         elif isinstance(s, N.Atomic):
-            target = self.atomic_target(s.ref, s.index, pad)
+            target = self.lvalue(s.ref, s.index)
             if s.op == "add":
                 if isinstance(s.value, N.Call) and s.value.op == "neg":
                     out(f"{pad}{target} -= {self.expr(s.value.args[0])}")
@@ -518,9 +497,8 @@ def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=(), array
 
     em = Emitter(field_names, taken)
     em.decls = declarations(ir)
-    em.atomics_apart = bool(arrays)
-    em.summed_through_components = {id(r.field) for s in ir.body if isinstance(s, N.For) and component_refs(s)
-                                     for r in scalar_sums(s) if r.component}
+    summed, added = fields_apart(ir, bool(arrays))
+    em.fields_apart = summed | added
     params = ", ".join([f"{p.name}: ti.{p.dtype}" for p in ir.params]
                        + [f"{name}: ti.types.ndarray(dtype={array_element(a)}, ndim={len(a.shape)})"
                           for name, a in arrays])
@@ -534,6 +512,12 @@ def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=(), array
     if ir.note:
         em.lines.append(f"    # {ir.note}")
     em.block(ir.body, 1, ())
+    apart = [(name, key) for key, name in em.component_fields.items() if key[0] in added]
+    if apart:  # (why, once, after the signature)
+        name, (_, component) = apart[0]
+        field = em.field_names[apart[0][1][0]]
+        em.lines.insert(2 + bool(ir.note), f"    # {name} is {field}[...][{']['.join(map(str, component))}], etc.: "
+                        "Taichi 1.7.4 cannot compile atomics on components beside ndarray parameters")
     return "\n".join(wrapped(line) for line in em.lines) + "\n", em.component_globals
 
 
