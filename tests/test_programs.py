@@ -1545,3 +1545,84 @@ def test_a_vector_component_summed_in_an_ndrange_loop(runtime):
     kd.adjoint(s)[None] = 0.5
     total.reverse()
     np.testing.assert_allclose(kd.adjoint(v).to_numpy(), np.tile([1.5, 3.0], (4, 1)), rtol=1e-15)
+
+
+def test_tape_through_steps_that_bin_particles_by_a_serial_count(runtime):
+    """Each step puts the particles into cells (an integer cell from the position), gives each
+    its slot in its cell by a serial count (`slot[i] = count[c]; count[c] += 1`: a kernel that
+    writes integers only, which has nothing to reverse, so overwriting what it read is fine),
+    files the positions in a cell-by-slot table, and moves each particle by the others of its
+    cell. Under kd.Tape over three steps, the slots and counts of each step are restored for its
+    reverse (cells change between steps). Against central differences, order 1 and 2. The count
+    is the remedy for ti.atomic_add's returned value (refused: the order of the threads)."""
+    P, C, steps = 7, 3, 3
+    p0 = ti.field(ti.f64, P)
+    p = ti.field(ti.f64, P)
+    moved = ti.field(ti.f64, P)
+    cell, slot, count = ti.field(ti.i32, P), ti.field(ti.i32, P), ti.field(ti.i32, C)
+    table = ti.field(ti.f64, (C, P))
+    loss = ti.field(ti.f64, shape=())
+    kd.adjoint(p0), kd.adjoint(p), kd.adjoint(moved), kd.adjoint(table), kd.adjoint(loss)
+
+    @kd.kernel
+    def start():
+        for i in p:
+            p[i] = p0[i]
+
+    @kd.kernel
+    def bin_particles():
+        for c in count:
+            count[c] = 0
+        for i in p:
+            cell[i] = ti.cast(ti.floor(p[i] * C), ti.i32) % C
+        ti.loop_config(serialize=True)
+        for i in range(P):
+            c = cell[i]
+            slot[i] = count[c]
+            count[c] += 1
+
+    @kd.kernel
+    def file_and_move():
+        for i in p:
+            table[cell[i], slot[i]] = p[i]
+        for i in p:
+            c = cell[i]
+            push = 0.0
+            for k in range(count[c]):
+                push += ti.sin(3.0 * (table[c, k] - p[i]))
+            moved[i] = p[i] + 0.15 + 0.002 * push  # (a drift: the cells change from step to step)
+
+    @kd.kernel
+    def update():
+        for i in p:
+            p[i] = moved[i]
+
+    @kd.kernel
+    def measure():
+        for i in p:
+            loss[None] += p[i] ** 2 * (1.0 + 0.1 * i)
+
+    def run():
+        start()
+        for _ in range(steps):
+            bin_particles()
+            file_and_move()
+            update()
+        measure()
+
+    # cells at thirds of the unit (mod 3); every position of every step at least 0.03 from a
+    # boundary, so that the differences' small changes keep the cells
+    p0.from_numpy(np.array([0.47, 0.13, 0.62, 0.6, 0.08, 0.78, 0.76]))
+    cells = []
+    start()
+    for _ in range(steps):
+        bin_particles()
+        assert np.abs(p.to_numpy() * C - np.round(p.to_numpy() * C)).min() > 0.1
+        cells.append(cell.to_numpy())
+        file_and_move()
+        update()
+    assert not np.array_equal(cells[0], cells[1]) and not np.array_equal(cells[1], cells[2])
+    assert list(count.to_numpy()) == [2, 2, 3] and sorted(slot.to_numpy()[cells[2] == 2]) == [0, 1, 2]
+    assert kd.check_grad(run, [p0], loss) < 1e-6
+    assert kd.check_grad(run, [p0], loss, order=2) < 1e-5
+    assert "count" not in bin_particles.reverse.source  # (nothing to reverse)

@@ -42,7 +42,13 @@ def checked_for_reverse(ir: N.KernelIR, inputs_restored=False) -> N.KernelIR:
     value of y[i], rather than racing other iterations as its field traffic suggests).
 
     inputs_restored: the caller (kd.Tape) puts the fields `restorable_fields` names back to their
-    values from before the launch when it runs this reverse, so their old values are not lost."""
+    values from before the launch when it runs this reverse, so their old values are not lost.
+
+    A kernel that writes no float (only integer fields, no float return) has nothing to reverse,
+    so nothing it reads is needed: a serial count (`slot[i] = count[c]; count[c] += 1`), which
+    kd.Tape runs among the other kernels of a step, is not refused for the value it overwrites."""
+    if not writes_floats(ir):
+        return ir
     check_iteration_races(ir)
     try:
         check_overwrites(ir)
@@ -65,6 +71,13 @@ def checked_for_reverse(ir: N.KernelIR, inputs_restored=False) -> N.KernelIR:
         raise KernDiffError(e.reason, e.loc, "launch it inside kd.Tape, which snapshots the fields it updates in "
                                              "place and restores them before its reverse pass") from None
     return promoted
+
+
+def writes_floats(ir: N.KernelIR) -> bool:
+    """Whether the kernel stores, adds or returns a float value: else its reverse has no work."""
+    from ..ir.types import is_float
+    return any(is_float(d) for d in ir.returns) or any(
+        isinstance(s, (N.Store, N.Atomic)) and is_float(s.ref.dtype) for s in iter_stmts(ir.body))
 
 
 def _loses_more_than(ir, restorable):
