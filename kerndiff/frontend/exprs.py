@@ -255,7 +255,9 @@ class Expressions:
             raise self.error(node, f"the value ti.{fn.__name__} returns (the old value) depends on the order the "
                                    "threads ran in, which the derivative kernels cannot replay",
                              f"compute it in a plain ti.kernel first (e.g. slot[i] = ti.{fn.__name__}(count[None], 1)) "
-                             "and read that field here, or call it as a statement")
+                             "and read that field here (inside kd.Tape, which refuses plain kernels: a kd.kernel of "
+                             "its own counting in a serial loop, slot[i] = count[c]; count[c] += 1), or call it as "
+                             "a statement")
         args = []
         for a in node.args:
             if isinstance(a, ast.Starred):  # f(*v): a vector's components or a Python sequence
