@@ -512,11 +512,11 @@ def emit_kernel(ir: N.KernelIR, field_names: dict, fn_name: str, taken=(), array
     if ir.note:
         em.lines.append(f"    # {ir.note}")
     em.block(ir.body, 1, ())
-    apart = [(name, key) for key, name in em.component_fields.items() if key[0] in added]
+    apart = [(key, name) for key, name in em.component_fields.items() if key[0] in added]
     if apart:  # (why, once, after the signature)
-        name, (_, component) = apart[0]
-        field = em.field_names[apart[0][1][0]]
-        em.lines.insert(2 + bool(ir.note), f"    # {name} is {field}[...][{']['.join(map(str, component))}], etc.: "
+        (field_id, component), name = apart[0]
+        entry, more = "][".join(map(str, component)), ", etc." if len(apart) > 1 else ""
+        em.lines.insert(2 + bool(ir.note), f"    # {name} is {em.field_names[field_id]}[...][{entry}]{more}: "
                         "Taichi 1.7.4 cannot compile atomics on components beside ndarray parameters")
     return "\n".join(wrapped(line) for line in em.lines) + "\n", em.component_globals
 
