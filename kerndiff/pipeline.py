@@ -29,7 +29,7 @@ def transform(ir, step, level, last_reverse=False, over_reverse=False):
     unguarded, ad.forward.Forward.guard_norms)."""
     from .ad.forward import forward_kernel
     from .ad.reverse import reverse_kernel
-    from .ir.walk import without_prints
+    from .ir.walk import old_value_atomics, without_prints
     from .opt import optimize
     from .opt.guards import guard_zero_adds
 
@@ -37,6 +37,11 @@ def transform(ir, step, level, last_reverse=False, over_reverse=False):
 
     ir = dataclasses.replace(ir, body=without_prints(ir.body))
     step, _ = split_step(step)  # the level is given apart
+    if old_value_atomics(ir.body):
+        # it writes no float (frontend.lower_kernel): its forward kernel is the primal, its
+        # reverse has nothing to do, and neither transform need follow its atomics' old values
+        return ir if step == "forward" else reverse_kernel(
+            dataclasses.replace(ir, body=()), level, inputs_restored=step == "reverse_from_inputs")
     if step == "forward":
         return optimize(forward_kernel(ir, level, guard_norms=not over_reverse))
     # "reverse_from_inputs": kd.Tape's variant for kernels that update fields in place

@@ -675,9 +675,10 @@ def test_atomic_max_outside_parallel_loop(f):
 
 def test_using_the_value_an_atomic_returns(f):
     """slot = ti.atomic_add(count[None], 1) (compaction) hands out slots in the order threads
-    run; a derivative kernel would need the same slots, so the error points to computing them
-    first in a plain Taichi kernel."""
-    x, n = f["x"], f["n"]
+    run; a derivative kernel would need the same slots, so beside float writes (here x[slot])
+    the error points to taking them in a kernel that writes integers only (test_programs
+    differentiates through one); of a local, or of a vector element, it is refused too."""
+    x, n, v = f["x"], f["n"], f["v"]
 
     @kd.kernel
     def k():
@@ -685,9 +686,31 @@ def test_using_the_value_an_atomic_returns(f):
             slot = ti.atomic_add(n[0], 1)
             x[slot] = 2.0 * x[i]
 
-    raises(k, "ti.atomic_add returns (the old value) depends on the order", "plain ti.kernel first",
-           "slot[i] = ti.atomic_add(count[None], 1)", "serial loop, slot[i] = count[c]; count[c] += 1",
+    @kd.kernel
+    def into_a_float_return() -> ti.f64:
+        top = ti.atomic_sub(n[1], 1)
+        return top + 0.5
+
+    @kd.kernel
+    def of_a_local():
+        for i in x:
+            s = 0
+            n[i] = ti.atomic_add(s, 2)
+
+    @kd.kernel
+    def of_a_vector():
+        for i in v:
+            n[i] = ti.atomic_max(v[i], 2.0)[0]
+
+    raises(k, "ti.atomic_add returns (the old value) depends on the order", "not in a kernel that writes floats",
+           "a kd.kernel that writes only integers (slot[i] = ti.atomic_add(count[c], 1))",
            line_text="slot = ti.atomic_add(n[0], 1)")
+    raises(into_a_float_return, "ti.atomic_sub returns", "not in a kernel that writes floats",
+           line_text="top = ti.atomic_sub(n[1], 1)")
+    raises(of_a_local, "ti.atomic_add returns", "not of a local or by a bitwise operation",
+           line_text="n[i] = ti.atomic_add(s, 2)")
+    raises(of_a_vector, "returns the old value of one scalar element, not of a vector's", "v[i][0]",
+           line_text="n[i] = ti.atomic_max(v[i], 2.0)[0]")
 
 
 def test_device_function_errors(f):

@@ -1547,14 +1547,16 @@ def test_a_vector_component_summed_in_an_ndrange_loop(runtime):
     np.testing.assert_allclose(kd.adjoint(v).to_numpy(), np.tile([1.5, 3.0], (4, 1)), rtol=1e-15)
 
 
-def test_tape_through_steps_that_bin_particles_by_a_serial_count(runtime):
+@pytest.mark.parametrize("counting", ["serial", "atomic"])
+def test_tape_through_steps_that_bin_particles(runtime, counting):
     """Each step puts the particles into cells (an integer cell from the position), gives each
-    its slot in its cell by a serial count (`slot[i] = count[c]; count[c] += 1`: a kernel that
-    writes integers only, which has nothing to reverse, so overwriting what it read is fine),
-    files the positions in a cell-by-slot table, and moves each particle by the others of its
-    cell. Under kd.Tape over three steps, the slots and counts of each step are restored for its
-    reverse (cells change between steps). Against central differences, order 1 and 2. The count
-    is the remedy for ti.atomic_add's returned value (refused: the order of the threads)."""
+    its slot in its cell by a serial count (`slot[i] = count[c]; count[c] += 1`) or in parallel
+    by the old value an atomic returns (`slot[i] = ti.atomic_add(count[c], 1)`, in the order the
+    threads ran in: a kernel that writes integers only has nothing to reverse, so neither that
+    order nor overwriting what it read matters), files the positions in a cell-by-slot table,
+    and moves each particle by the others of its cell. Under kd.Tape over three steps, the slots
+    and counts of each step are restored for its reverse (cells change between steps). Against
+    central differences, order 1 and 2."""
     P, C, steps = 7, 3, 3
     p0 = ti.field(ti.f64, P)
     p = ti.field(ti.f64, P)
@@ -1570,7 +1572,7 @@ def test_tape_through_steps_that_bin_particles_by_a_serial_count(runtime):
             p[i] = p0[i]
 
     @kd.kernel
-    def bin_particles():
+    def bin_serially():
         for c in count:
             count[c] = 0
         for i in p:
@@ -1580,6 +1582,17 @@ def test_tape_through_steps_that_bin_particles_by_a_serial_count(runtime):
             c = cell[i]
             slot[i] = count[c]
             count[c] += 1
+
+    @kd.kernel
+    def bin_in_parallel():
+        for c in count:
+            count[c] = 0
+        for i in p:
+            c = ti.cast(ti.floor(p[i] * C), ti.i32) % C
+            cell[i] = c
+            slot[i] = ti.atomic_add(count[c], 1)
+
+    bin_particles = bin_serially if counting == "serial" else bin_in_parallel
 
     @kd.kernel
     def file_and_move():
@@ -1626,3 +1639,7 @@ def test_tape_through_steps_that_bin_particles_by_a_serial_count(runtime):
     assert kd.check_grad(run, [p0], loss) < 1e-6
     assert kd.check_grad(run, [p0], loss, order=2) < 1e-5
     assert "count" not in bin_particles.reverse.source  # (nothing to reverse)
+    if counting == "atomic":
+        assert "count_old = ti.atomic_add(count[c_1], 1)" in bin_particles.source  # (c_1: the loop's c)
+        assert "slot[i] = count_old" in bin_particles.source
+        assert bin_particles.forward.source.replace("_forward(", "(") == bin_particles.source

@@ -29,7 +29,7 @@ from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_expr, \
-    map_stmt_exprs, map_stmts, without_prints
+    map_stmt_exprs, map_stmts, without_prints, writes_floats
 from .hazards import ConsumedCotangent, check_overwrites
 from .races import check_iteration_races
 from .names import NameAllocator
@@ -71,13 +71,6 @@ def checked_for_reverse(ir: N.KernelIR, inputs_restored=False) -> N.KernelIR:
         raise KernDiffError(e.reason, e.loc, "launch it inside kd.Tape, which snapshots the fields it updates in "
                                              "place and restores them before its reverse pass") from None
     return promoted
-
-
-def writes_floats(ir: N.KernelIR) -> bool:
-    """Whether the kernel stores, adds or returns a float value: else its reverse has no work."""
-    from ..ir.types import is_float
-    return any(is_float(d) for d in ir.returns) or any(
-        isinstance(s, (N.Store, N.Atomic)) and is_float(s.ref.dtype) for s in iter_stmts(ir.body))
 
 
 def _loses_more_than(ir, restorable):

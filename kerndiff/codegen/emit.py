@@ -411,7 +411,9 @@ class Emitter:
             out(f"{pad}{self.lvalue(s.ref, s.index)} = {self.expr(s.value)}")
         elif isinstance(s, N.Atomic):
             target = self.lvalue(s.ref, s.index)
-            if s.op == "add":
+            if s.result:
+                out(f"{pad}{s.result} = ti.atomic_{s.op}({target}, {self.expr(s.value)})")
+            elif s.op == "add":
                 if isinstance(s.value, N.Call) and s.value.op == "neg":
                     out(f"{pad}{target} -= {self.expr(s.value.args[0])}")
                 else:

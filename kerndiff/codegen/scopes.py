@@ -35,6 +35,8 @@ def declarations(ir: N.KernelIR) -> dict:
                     note(v.name, path, "use", v.dtype)
             if isinstance(s, N.Assign):
                 note(s.name, path, "def", s.value.dtype)
+            if isinstance(s, N.Atomic) and s.result:
+                note(s.result, path, "def", s.ref.dtype)
             if isinstance(s, N.For):
                 loop_vars.update(s.vars)
             for block, p in child_blocks(s, i, path):

@@ -58,6 +58,8 @@ class Assignments:
     """The Lowerer's statements that assign (a mixin: state and helpers live on the Lowerer)."""
 
     def stmt_Assign(self, node):
+        if len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Call):
+            self.atomic_names[id(node.value)] = node.targets[0].id  # (if it is an atomic: its old value's name)
         value = self.expr(node.value)
         if len(node.targets) > 1 and any(vars_in(e) or loads_in(e) for e in _exprs_of(value)):
             # v = w = v * 2.0: the value is computed once, before the first target changes

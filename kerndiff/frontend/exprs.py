@@ -7,6 +7,7 @@ import numbers
 
 from taichi.lang.struct import StructField
 
+from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
 from . import vec as V
@@ -252,12 +253,7 @@ class Expressions:
     def expr_Call(self, node):
         fn = self.expr(node.func)
         if fn in ATOMIC_OPS:
-            raise self.error(node, f"the value ti.{fn.__name__} returns (the old value) depends on the order the "
-                                   "threads ran in, which the derivative kernels cannot replay",
-                             f"compute it in a plain ti.kernel first (e.g. slot[i] = ti.{fn.__name__}(count[None], 1)) "
-                             "and read that field here (inside kd.Tape, which refuses plain kernels: a kd.kernel of "
-                             "its own counting in a serial loop, slot[i] = count[c]; count[c] += 1), or call it as "
-                             "a statement")
+            return self.atomic_value(fn, node)
         args = []
         for a in node.args:
             if isinstance(a, ast.Starred):  # f(*v): a vector's components or a Python sequence
@@ -279,3 +275,13 @@ class Expressions:
     def call(self, fn, args, kwargs, node):
         from . import calls
         return calls.lower_call(self, fn, args, kwargs, node)
+
+
+def old_value_refused(name, loc, where):
+    """The refusal of an atomic's returned value (the element's old value) where kerndiff cannot
+    keep it: `where` says what made it so."""
+    return KernDiffError(
+        f"the value {name} returns (the old value) depends on the order the threads ran in, which "
+        f"derivative kernels cannot replay: it is taken only in kernels that write no float, not {where}",
+        loc, f"take it in a kd.kernel that writes only integers (slot[i] = {name}(count[c], 1)) and read "
+             "that field here, or call it as a statement")

@@ -13,6 +13,7 @@ loops, calls and builtins are functions of their own modules taking the Lowerer.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import numbers
 
 import taichi as ti
@@ -22,11 +23,11 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.ops import BITWISE
 from ..ir.types import default_fp, from_taichi, is_float
-from ..ir.walk import vars_in
+from ..ir.walk import old_value_atomics, vars_in, writes_floats
 from ..ad.names import NameAllocator
 from . import vec as V
 from .assign import Assignments
-from .exprs import Expressions
+from .exprs import Expressions, old_value_refused
 from .loops import lower_for
 from .operators import ATOMIC_OPS, BIT_AUG_OPS, PYOPS
 from .source import Source, parse_function
@@ -65,6 +66,7 @@ class Lowerer(Assignments, Expressions):
         self.parallel_loops = 0  # the kernel's parallel loops lowered so far (each reduces into its own fields)
         self.pending = []  # per if being lowered: names its then-branch bound, which the else may bind too
         self.ended = {}    # name -> the block it was bound in, for names that ended with that block
+        self.atomic_names = {}  # id(call) -> the local `local = ti.atomic_add(...)` assigns, for its old value
         fn = src.fn
         self.globals = dict(getattr(fn, "__globals__", {}))
         if getattr(fn, "__closure__", None):
@@ -461,6 +463,25 @@ class Lowerer(Assignments, Expressions):
             op, val = "add", self.elementwise(B.neg, val, call)
         self.store(target, val, call, atomic=op)
 
+    def atomic_value(self, fn, call):
+        """`slot = ti.atomic_add(count[c], 1)`: the atomic on a field element, with its old value
+        bound to a local (N.Atomic.result), named as the local it is assigned to where it is. That
+        value depends on the order the threads ran in, which derivative kernels cannot replay;
+        lower_kernel keeps it only in a kernel that writes no float, with no derivative work."""
+        op = ATOMIC_OPS[fn]
+        if op not in ("add", "sub", "max", "min") or not isinstance(call.args[0], ast.Subscript):
+            raise old_value_refused(f"ti.{fn.__name__}", self.loc(call), "of a local or by a bitwise operation")
+        start = len(self.out)
+        self.atomic_call(fn, call)
+        made = self.out[start:]
+        if not made or not isinstance(made[-1], N.Atomic) or any(isinstance(s, (N.Atomic, N.Store, N.If))
+                                                                 for s in made[:-1]):
+            raise self.error(call, f"ti.{fn.__name__} returns the old value of one scalar element, "
+                                   "not of a vector's", "apply it to one component (v[i][0])")
+        name = self.names.fresh(self.atomic_names.get(id(call)) or f"{made[-1].ref.name}_old")
+        self.out[-1] = dataclasses.replace(made[-1], result=name)
+        return N.Var(made[-1].ref.dtype, name)
+
     def stmt_If(self, node):
         cond = self.expr(node.test)
         if not isinstance(cond, (N.Expr, Vec)):
@@ -578,5 +599,11 @@ def lower_kernel(fn, bound_args: dict, param_dtypes: dict, return_dtype):
         raise KernDiffError(f"kernel {fn.__name__} is annotated to return a value but has no return",
                             remedy="add a return statement or drop the annotation")
     aliases = tuple((fid, name) for fid, (_, name) in lw.field_aliases.items())
-    return N.KernelIR(fn.__name__, tuple(params), tuple(lw.blocks[0]), tuple(returns),
-                      tuple(src.lines), aliases)
+    ir = N.KernelIR(fn.__name__, tuple(params), tuple(lw.blocks[0]), tuple(returns), tuple(src.lines), aliases)
+    fetched = old_value_atomics(ir.body)
+    if fetched and writes_floats(ir):
+        first = fetched[0]
+        called = first.src.text[first.src.col:].split("(")[0].strip() if first.src is not None else ""
+        name = called or f"ti.atomic_{first.op}"  # as the source spells it (atomic_sub is an add here)
+        raise old_value_refused(name, first.src, "in a kernel that writes floats")
+    return ir

@@ -93,12 +93,19 @@ class Store(Stmt):
 @dataclass(frozen=True)
 class Atomic(Stmt):
     """`ref[index] op= value` performed atomically; op is 'add', 'max' or 'min' ('and' only in
-    codegen-only IR: opt.scatter releases a private copy with it)."""
+    codegen-only IR: opt.scatter releases a private copy with it).
+
+    result: the local that receives the element's old value (`slot = ti.atomic_add(count[c], 1)`),
+    '' for none. That value depends on the order the threads ran in, which a derivative kernel
+    cannot replay, so the frontend takes it only in kernels that write no float: they have no
+    derivative work (their forward kernel is the primal, their reverse empty), and no pass
+    after opt.optimize sees them (opt.finalize leaves them as written)."""
 
     op: str
     ref: FieldRef
     index: Tuple[Expr, ...]
     value: Expr
+    result: str = ""
 
 
 @dataclass(frozen=True)

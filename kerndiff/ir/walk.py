@@ -129,7 +129,21 @@ def assigned_names(stmts):
             out.add(s.name)
         elif isinstance(s, N.For):
             out.update(s.vars)
+        elif isinstance(s, N.Atomic) and s.result:
+            out.add(s.result)
     return out
+
+
+def old_value_atomics(stmts):
+    """The atomics that bind the element's old value to a local (N.Atomic.result)."""
+    return [s for s in iter_stmts(stmts) if isinstance(s, N.Atomic) and s.result]
+
+
+def writes_floats(ir) -> bool:
+    """Whether the kernel stores, adds or returns a float value: else its reverse has no work."""
+    from .types import is_float
+    return any(is_float(d) for d in ir.returns) or any(
+        isinstance(s, (N.Store, N.Atomic)) and is_float(s.ref.dtype) for s in iter_stmts(ir.body))
 
 
 def writes_of(s):
@@ -143,7 +157,9 @@ def accesses(s):
     (FieldRefs, interned per component, so two components of a vector field are apart)."""
     exprs = expr_children_of_stmt(s)
     reads = {v.name for e in exprs for v in vars_in(e)} | {x.ref for e in exprs for x in loads_in(e)}
-    return {s.name if isinstance(s, N.Assign) else s.ref}, reads
+    if isinstance(s, N.Assign):
+        return {s.name}, reads
+    return {s.ref, s.result} - {""} if isinstance(s, N.Atomic) else {s.ref}, reads
 
 
 def independent(a, b):
@@ -161,6 +177,8 @@ def mentioned_names(s):
             out.add(t.name)
         elif isinstance(t, N.For):
             out.update(t.vars)
+        elif isinstance(t, N.Atomic) and t.result:
+            out.add(t.result)
         for e in expr_children_of_stmt(t):
             out.update(v.name for v in vars_in(e))
     return out
@@ -169,7 +187,8 @@ def mentioned_names(s):
 def mentions(s, name):
     """Whether s, or a statement nested in it, reads or assigns the local `name`."""
     for t in iter_stmts((s,)):
-        if isinstance(t, N.Assign) and t.name == name or isinstance(t, N.For) and name in t.vars:
+        if isinstance(t, N.Assign) and t.name == name or isinstance(t, N.For) and name in t.vars \
+                or isinstance(t, N.Atomic) and t.result == name:
             return True
         if any(v.name == name for e in expr_children_of_stmt(t) for v in vars_in(e)):
             return True

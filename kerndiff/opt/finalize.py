@@ -259,8 +259,15 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
     (opt.loop_order), what the rewrites left computed twice in a block shared once more
     (opt.cse), and locals' values put before their tangents (opt.tangent_order). Every kernel has
     the field elements an inner loop repeats read before it (opt.invariant_loads), a primal's
-    inner loops that add into fields excepted."""
+    inner loops that add into fields excepted.
+
+    A kernel taking atomics' old values (N.Atomic.result; it writes no float) is left as written:
+    its atomics are its results, which no rewrite here may merge, privatize or demote."""
     from ..ad.names import NameAllocator
+    from ..ir.walk import old_value_atomics
+
+    if old_value_atomics(ir.body):
+        return ir
     from ..codegen.load import field_names
 
     fields = set(field_names(ir, set()).values())  # what generated source will call them

@@ -42,6 +42,8 @@ class Sweep:
                 return None, live
             live = (live - {s.name}) | _uses(s)
             return s, live
+        if isinstance(s, N.Atomic) and s.result:  # `slot = ti.atomic_add(count[c], 1)`
+            return s, (live - {s.result}) | _uses(s)
         if isinstance(s, (N.Store, N.Atomic, N.Return, N.Print)):
             return s, live | _uses(s)
         if isinstance(s, N.Break):

@@ -26,6 +26,8 @@ def _positions(body):
                     occ.setdefault(v.name, []).append(("use", here))
             if isinstance(s, N.Assign):
                 occ.setdefault(s.name, []).append(("def", here))
+            if isinstance(s, N.Atomic) and s.result:  # an old value: nothing to propagate
+                occ.setdefault(s.result, []).append(("atomic", here))
             if isinstance(s, N.For):
                 for v in s.vars:
                     occ.setdefault(v, []).append(("loop", here))
@@ -58,11 +60,11 @@ def propagate(ir: N.KernelIR) -> N.KernelIR:
 
     occ = _positions(ir.body)
     params = {p.name for p in ir.params}
-    defs = {n: [p for k, p in o if k == "def"] for n, o in occ.items()}
+    defs = {n: [p for k, p in o if k in ("def", "atomic")] for n, o in occ.items()}
     mapping = {}
     for name, o in occ.items():
         ds = defs.get(name, [])
-        if not ds or name in params or any(k == "loop" for k, _ in o):
+        if not ds or name in params or any(k in ("loop", "atomic") for k, _ in o):
             continue
         zeros = [_find_assign(ir.body, d).value for d in ds]
         if all(isinstance(z, N.Const) and z.value == 0 for z in zeros) and len({z.dtype for z in zeros}) == 1:

@@ -1,0 +1,172 @@
+"""The old value an atomic returns (`slot = ti.atomic_add(count[c], 1)`), in kernels that write
+no float: binning, stream compaction and claiming slots, which hand out values in the order the
+threads ran in. Such a kernel has no derivative work (its forward kernel is the primal, its
+reverse empty), so that order never needs replaying; beside float writes it is refused
+(test_errors). The serial loops here fix the order, so the values are checked exactly: that no
+pass merged two atomics, moved one out of its loop or dropped one whose value goes unread."""
+import numpy as np
+import pytest
+import taichi as ti
+
+import kerndiff as kd
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _runtime(runtime):
+    yield
+
+
+def test_serial_claims_keep_every_atomic_in_place():
+    n = ti.field(ti.i32, 6)
+    pairs, inner, below = ti.field(ti.i32, 4), ti.field(ti.i32, (4, 2)), ti.field(ti.i32, 4)
+
+    @ti.func
+    def claim(counter: ti.template(), c):
+        return ti.atomic_add(counter[c], 1)
+
+    @kd.kernel
+    def claims():
+        ti.loop_config(serialize=True)
+        for i in range(4):
+            a = ti.atomic_add(n[0], 1)
+            b = ti.atomic_add(n[0], 1)  # (the same expression as a's: two claims all the same)
+            pairs[i] = b - a + 10 * a
+            for k in range(2):
+                inner[i, k] = claim(n, 1)  # (nothing in the inner loop changes but the count)
+            ti.atomic_add(n[2], 1)
+            _ = ti.atomic_max(n[3], i)  # (its value goes unread: the max still runs)
+            if ti.atomic_sub(n[4], 1) > 97:
+                below[i] = 1
+            n[5] = ti.atomic_min(n[5], 10 - i) * 2 + n[5]  # (the old value, then the new)
+
+    n.from_numpy(np.array([0, 0, 0, -1, 100, 50], np.int32))
+    claims()
+    np.testing.assert_array_equal(pairs.to_numpy(), [1, 21, 41, 61])
+    np.testing.assert_array_equal(inner.to_numpy(), [[0, 1], [2, 3], [4, 5], [6, 7]])
+    np.testing.assert_array_equal(below.to_numpy(), [1, 1, 1, 0])
+    # n[5]: min(50, 10) -> old 50, then n[5] = 50 * 2 + 10; min(110, 9) -> 110 * 2 + 9; ...
+    expected = 50
+    for i in range(4):
+        expected = expected * 2 + min(expected, 10 - i)
+    np.testing.assert_array_equal(n.to_numpy(), [8, 8, 4, 3, 96, expected])
+    assert "a = ti.atomic_add(n[0], 1)" in claims.source and "b = ti.atomic_add(n[0], 1)" in claims.source
+    assert "ti.atomic_max(n[3], i)" in claims.source
+
+
+def test_parallel_binning_and_compaction():
+    """Particles into cells in parallel (the slot in the cell from the count's old value) and the
+    positive entries of an array compacted into a list (`picked[ti.atomic_add(count[None], 1)] =
+    i`): the slots in a cell are 0..count-1, each particle in its own cell once; the list holds
+    the positive entries' indices, each once. The derivative kernels run and do nothing: the
+    forward kernel is the primal, the reverse touches no adjoint."""
+    P, C = 40, 5
+    pos, cell, slot = ti.field(ti.f64, P), ti.field(ti.i32, P), ti.field(ti.i32, P)
+    count, members = ti.field(ti.i32, C), ti.field(ti.i32, (C, P))
+    picked, npicked = ti.field(ti.i32, P), ti.field(ti.i32, ())
+
+    @kd.kernel
+    def bin_particles(width: ti.f64):
+        for i in pos:
+            c = ti.cast(pos[i] / width, ti.i32)
+            cell[i] = c
+            slot[i] = ti.atomic_add(count[c], 1)
+            members[c, slot[i]] = i
+        for i in pos:
+            if pos[i] > 0.5:
+                picked[ti.atomic_add(npicked[None], 1)] = i
+
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.0, 1.0, P)
+    pos.from_numpy(p)
+    bin_particles(1.0 / C)
+    cells = (p * C).astype(int)
+    np.testing.assert_array_equal(cell.to_numpy(), cells)
+    np.testing.assert_array_equal(count.to_numpy(), np.bincount(cells, minlength=C))
+    for c in range(C):
+        ids = np.flatnonzero(cells == c)
+        assert sorted(slot.to_numpy()[ids]) == list(range(len(ids)))
+        assert sorted(members.to_numpy()[c, :len(ids)]) == list(ids)
+    assert npicked[None] == np.count_nonzero(p > 0.5)
+    assert sorted(picked.to_numpy()[:npicked[None]]) == list(np.flatnonzero(p > 0.5))
+
+    kd.adjoint(pos).fill(0.25)
+    count.fill(0)
+    npicked[None] = 0
+    bin_particles.forward(1.0 / C)  # the primal again
+    np.testing.assert_array_equal(count.to_numpy(), np.bincount(cells, minlength=C))
+    bin_particles.reverse(1.0 / C)
+    np.testing.assert_array_equal(count.to_numpy(), np.bincount(cells, minlength=C))
+    np.testing.assert_array_equal(kd.adjoint(pos).to_numpy(), np.full(P, 0.25))
+
+
+def test_compaction_then_gather_under_tape():
+    """A program compacts the positive entries (an integer kernel taking the count's old values)
+    and a second kernel computes from the entries the list names: under kd.Tape, the gradient
+    and the Hessian of Σ (x sin x)² over the positive x, against the analytic ones and central
+    differences (the list's order changes from run to run; the loss does not depend on it)."""
+    n = 16
+    x, y = ti.field(ti.f64, n, needs_grad=True), ti.field(ti.f64, n, needs_grad=True)
+    picked, count = ti.field(ti.i32, n), ti.field(ti.i32, ())
+    loss = ti.field(ti.f64, (), needs_grad=True)
+
+    @kd.kernel
+    def compact():
+        for i in x:
+            if x[i] > 0.0:
+                k = ti.atomic_add(count[None], 1)
+                picked[k] = i
+
+    @kd.kernel
+    def gather():
+        for k in y:
+            if k < count[None]:
+                j = picked[k]
+                y[k] = ti.sin(x[j]) * x[j]
+
+    @kd.kernel
+    def total():
+        for k in y:
+            if k < count[None]:
+                loss[None] += y[k] ** 2
+
+    def program():
+        count[None] = 0
+        y.fill(0.0)
+        compact()
+        gather()
+        total()
+
+    xv = np.random.default_rng(5).uniform(-1.5, 1.5, n)
+    x.from_numpy(xv)
+    with kd.Tape(loss):
+        program()
+    g = np.sin(xv) * xv
+    dg = np.sin(xv) + xv * np.cos(xv)
+    d2g = 2 * np.cos(xv) - xv * np.sin(xv)
+    expected = np.where(xv > 0, 2 * g * dg, 0.0)
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), expected, rtol=1e-12, atol=1e-14)
+    v = np.random.default_rng(6).normal(size=n)
+    (hv,) = kd.hvp(program, inputs=[x], output=loss)([xv], [v])
+    np.testing.assert_allclose(hv, np.where(xv > 0, 2 * (dg * dg + g * d2g) * v, 0.0), rtol=1e-12, atol=1e-14)
+    x.from_numpy(xv)
+    assert kd.check_grad(program, [x], loss) < 1e-6
+    assert "k = ti.atomic_add(count[None], 1)" in compact.source
+
+
+def test_claims_into_ndarrays():
+    """The count and the list as ti.ndarray parameters."""
+    n = 24
+    values, picked, count = ti.ndarray(ti.f64, n), ti.ndarray(ti.i32, n), ti.ndarray(ti.i32, 1)
+
+    @kd.kernel
+    def compact(values: ti.types.ndarray(), picked: ti.types.ndarray(), count: ti.types.ndarray()):
+        for i in values:
+            if values[i] < 0.25:
+                picked[ti.atomic_add(count[0], 1)] = i
+
+    v = np.random.default_rng(8).uniform(0.0, 1.0, n)
+    values.from_numpy(v)
+    compact(values, picked, count)
+    got = count.to_numpy()[0]
+    assert got == np.count_nonzero(v < 0.25)
+    assert sorted(picked.to_numpy()[:got]) == list(np.flatnonzero(v < 0.25))
