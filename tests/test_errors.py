@@ -322,14 +322,33 @@ def test_bitwise_operators_need_integers(f):
 
 
 def test_random_numbers_inside_a_kernel(f):
-    x, s = f["x"], f["s"]
+    """The primal and forward kernels draw their own numbers (test_random); the reverse here
+    needs the one drawn (x's adjoint is scaled by it), and a redraw would be another."""
+    x, s, n = f["x"], f["s"], f["n"]
+    kd.adjoint(x)
 
     @kd.kernel
     def k():
         for i in x:
             s[None] += ti.random() * x[i] ** 2
 
-    raises(k, "ti.random draws different numbers", "from_numpy", line_text="s[None] += ti.random() * x[i] ** 2")
+    @kd.kernel
+    def integers():
+        for i in n:
+            n[i] = ti.cast(ti.randn(ti.i32), ti.i32)
+
+    @kd.kernel
+    def not_a_dtype():
+        for i in x:
+            x[i] = ti.random(3)
+
+    k()
+    k.forward()
+    raises(k.reverse, "the reverse of k needs the number ti.random drew here", "cannot draw again",
+           "draw the numbers into a field in a kd.kernel of its own (noise[i] = ti.random()",
+           line_text="s[None] += ti.random() * x[i] ** 2")
+    raises(integers, "ti.randn draws floats, not i32", line_text="n[i] = ti.cast(ti.randn(ti.i32), ti.i32)")
+    raises(not_a_dtype, "ti.random takes a dtype, not 3", line_text="x[i] = ti.random(3)")
 
 
 # An element built in place by its own iteration is a local (tests/test_owned.py); these are not.

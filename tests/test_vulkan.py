@@ -264,3 +264,32 @@ def test_compaction_by_old_values_on_vulkan(vulkan_corpus):
     assert count[None] == 7 and sorted(picked.to_numpy()[:7]) == list(np.flatnonzero(xv > 0))
     g, dg = np.sin(xv) * xv, np.sin(xv) + xv * np.cos(xv)
     np.testing.assert_allclose(x.grad.to_numpy(), np.where(xv > 0, 2 * g * dg, 0.0), rtol=1e-5, atol=1e-6)
+
+
+def test_random_draws_on_vulkan(vulkan_corpus):
+    """ti.random and ti.randn on SPIR-V: noise drawn into a field and kicks added in place, under
+    kd.Tape; the gradient against the analytic one at the drawn values, read back."""
+    n = 32
+    x, noise = ti.field(ti.f32, n, needs_grad=True), ti.field(ti.f32, n, needs_grad=True)
+    v, loss = ti.field(ti.f32, n, needs_grad=True), ti.field(ti.f32, (), needs_grad=True)
+
+    @kd.kernel
+    def draw_noise():
+        for i in noise:
+            noise[i] = 0.5 * ti.random() + ti.randn()
+
+    @kd.kernel
+    def kick_and_measure():
+        for i in v:
+            v[i] = ti.sin(x[i]) + noise[i] * x[i] + 0.3 * ti.randn()
+        for i in v:
+            loss[None] += v[i] ** 2
+
+    xv = np.linspace(-1.0, 1.0, n)
+    x.from_numpy(xv.astype(np.float32))
+    with kd.Tape(loss):
+        draw_noise()
+        kick_and_measure()
+    drawn, vv = noise.to_numpy().astype(np.float64), v.to_numpy().astype(np.float64)
+    assert len(set(drawn)) == n and 0.15 < np.std(vv - np.sin(xv) - drawn * xv) < 0.5  # (the kicks: 0.3 randn)
+    np.testing.assert_allclose(x.grad.to_numpy(), 2 * vv * (np.cos(xv) + drawn), rtol=1e-4, atol=1e-5)

@@ -308,6 +308,24 @@ def refuse_reading_results(ir: N.KernelIR, primal: N.KernelIR, path: str):
                                "what kd.hvp runs) or k.forward.reverse")
 
 
+def refuse_redraws(reverse: N.KernelIR, ir: N.KernelIR, path: str):
+    """Refuse a reverse kernel that needs a number ti.random drew (`s += ti.random() * x[i] ** 2`:
+    x's adjoint is scaled by it). It would draw another one, and the derivative would belong to
+    other values than the kernel computed. A reverse that needs none (`noise[i] = ti.random()`,
+    `v[i] += ti.randn() * 0.1`) has them removed as dead code and is not refused."""
+    drawn = {x.args[0] for s in iter_stmts(reverse.body) for e in expr_children_of_stmt(s)
+             for x in iter_expr(e) if isinstance(x, N.Call) and x.op == "random"}
+    if not drawn:
+        return
+    where = next((s.src for s in iter_stmts(ir.body) if isinstance(s, N.Assign) and isinstance(s.value, N.Call)
+                  and s.value.op == "random" and s.value.args[0] in drawn), None)
+    raise KernDiffError(
+        f"{path} needs the number ti.random drew here, which a reverse kernel cannot draw again (it "
+        "would draw another, and the derivative would belong to other values than the kernel computed)",
+        where, "draw the numbers into a field in a kd.kernel of its own (noise[i] = ti.random(), whose reverse "
+               "needs none of them) and read the field here")
+
+
 def _dual_base(field):
     """The field whose (possibly nested) dual `field` is; field itself if it is none."""
     parent = REGISTRY.parents.get(id(field))

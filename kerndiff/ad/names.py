@@ -69,6 +69,7 @@ class NameAllocator:
 
     def __init__(self, taken=()):
         self.taken = set(taken)
+        self.draws = 0  # the ti.random calls of the kernel lowered so far (ir.ops.RANDOM numbers them)
 
     def fresh(self, base: str) -> str:
         base = base or "t"

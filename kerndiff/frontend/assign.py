@@ -59,7 +59,7 @@ class Assignments:
 
     def stmt_Assign(self, node):
         if len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Call):
-            self.atomic_names[id(node.value)] = node.targets[0].id  # (if it is an atomic: its old value's name)
+            self.assigned_to[id(node.value)] = node.targets[0].id  # (for what the call binds, if it does)
         value = self.expr(node.value)
         if len(node.targets) > 1 and any(vars_in(e) or loads_in(e) for e in _exprs_of(value)):
             # v = w = v * 2.0: the value is computed once, before the first target changes

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 
 import taichi as ti
 
 from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
+from ..ir.types import from_taichi, is_float
 from . import builtins as BI
 from . import vec as V
 from .loops import RangeSpec, field_spec, ndrange_spec, range_spec
@@ -124,11 +126,8 @@ def lower_call(lw, fn, args, kwargs, node):
         if len(flat) == 1:
             flat = flat * (fn.n * fn.m)
         return lw.cast(Vec((fn.n, fn.m), [lw.scalar(e, node) for e in flat]), fn.dtype, node)
-    if fn is ti.random:
-        raise lw.error(node, "ti.random draws different numbers in the primal and in each derivative kernel, "
-                             "so the derivatives would not belong to the values computed",
-                       "draw the numbers into a field first (noise.from_numpy(rng.random(n)) or a ti.kernel) "
-                       "and read the field")
+    if fn is ti.random or fn is ti.randn:
+        return random_draw(lw, fn, args, kwargs, node)
     if _is_plain_python(fn):
         return python_call(lw, fn, args, kwargs, node)
     if callable(fn):
@@ -143,6 +142,32 @@ def lower_call(lw, fn, args, kwargs, node):
 # random, time) would be baked into each kernel as it compiles, so the primal and its derivative
 # kernels could hold different ones.
 _LIBRARY_MODULES = ("numpy", "random", "time", "taichi", "kerndiff", "builtins")
+
+
+def random_draw(lw, fn, args, kwargs, node):
+    """ti.random(dtype) and ti.randn(dt): each number drawn is bound to a local of its own at once
+    (named as the local the call is assigned to, where it is) and numbered apart (ir.ops.RANDOM),
+    so that every use reads the same draw. A forward kernel draws its own numbers, once, and
+    derives at them; a reverse kernel that needs a number the primal drew cannot draw it again,
+    and pipeline.refuse_redraws says so. ti.randn is Taichi's Box-Muller, from two draws."""
+    name = "dtype" if fn is ti.random else "dt"
+    dtype = args[0] if args else kwargs.get(name)
+    try:
+        dt = from_taichi(float if dtype is None else dtype)
+    except KeyError:
+        raise lw.error(node, f"ti.{fn.__name__} takes a dtype, not {dtype!r}", "pass ti.f32, ti.f64, float or int") from None
+    if fn is ti.randn and not is_float(dt):
+        raise lw.error(node, f"ti.randn draws floats, not {dt}", "pass ti.f32 or ti.f64")
+
+    def draw(hint):
+        lw.names.draws += 1
+        return lw.materialize(B.call("random", B.const(lw.names.draws, dt)), hint, node)
+    if fn is ti.random:
+        return draw(lw.assigned_to.get(id(node)) or "drawn")
+    u1 = B.sub(B.const(1.0, dt), draw("u1"))
+    u2 = draw("u2")
+    radius = B.call("sqrt", B.mul(B.const(-2.0, dt), B.call("log", u1)))
+    return B.mul(radius, B.call("cos", B.mul(B.const(math.tau, dt), u2)))
 
 
 def _is_plain_python(fn):

@@ -66,7 +66,9 @@ class Lowerer(Assignments, Expressions):
         self.parallel_loops = 0  # the kernel's parallel loops lowered so far (each reduces into its own fields)
         self.pending = []  # per if being lowered: names its then-branch bound, which the else may bind too
         self.ended = {}    # name -> the block it was bound in, for names that ended with that block
-        self.atomic_names = {}  # id(call) -> the local `local = ti.atomic_add(...)` assigns, for its old value
+        # id(call) -> the local `local = call(...)` assigns: the name of what the call binds
+        # (an atomic's old value, a number ti.random draws)
+        self.assigned_to = {}
         fn = src.fn
         self.globals = dict(getattr(fn, "__globals__", {}))
         if getattr(fn, "__closure__", None):
@@ -478,7 +480,7 @@ class Lowerer(Assignments, Expressions):
                                                                  for s in made[:-1]):
             raise self.error(call, f"ti.{fn.__name__} returns the old value of one scalar element, "
                                    "not of a vector's", "apply it to one component (v[i][0])")
-        name = self.names.fresh(self.atomic_names.get(id(call)) or f"{made[-1].ref.name}_old")
+        name = self.names.fresh(self.assigned_to.get(id(call)) or f"{made[-1].ref.name}_old")
         self.out[-1] = dataclasses.replace(made[-1], result=name)
         return N.Var(made[-1].ref.dtype, name)
 

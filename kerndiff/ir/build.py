@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from .nodes import Call, Const, Expr, Load, Var
-from .ops import COMMUTATIVE, OPAQUE, OPS, fold, operand_dtype, result_dtype
+from .ops import COMMUTATIVE, OPAQUE, OPS, RANDOM, fold, operand_dtype, result_dtype
 from .types import is_float, promote
 
 NARROW_FLOATS = {"f32": np.float32, "f16": np.float16}
@@ -65,7 +65,7 @@ def call(op: str, *args: Expr) -> Expr:
         return mul(*args)  # zero where a is anyway
     if op == "mul_or_zero" and isinstance(args[0], Const):
         return mul(*args) if args[0].value != 0 else const(0, promote(args[0].dtype, args[1].dtype))
-    if op in OPAQUE:  # its inputs keep their float dtype, its trailing i32 constants theirs; nothing folds
+    if op in OPAQUE or op in RANDOM:  # its inputs keep their dtypes (random's: the draw's); nothing folds
         return Call(args[0].dtype, op, tuple(args))
     od = operand_dtype(op, [a.dtype for a in args])
     if op == "pow" and is_float(od) and not is_float(args[1].dtype):

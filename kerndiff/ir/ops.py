@@ -23,8 +23,12 @@ OPAQUE = {"polar_rotation"}
 # multiply so where a zero derivative may meet an infinite partial (ad.zero_adjoints: an adjoint
 # zero by a guard; ad.piecewise_zeros: a max's zero partial under a root).
 GUARDED_PRODUCT = {"mul_or_zero"}
+# random(k): a number ti.random draws, of k's dtype; k, a constant, numbers the draws of a kernel
+# apart, so that no pass takes two draws for one value (CSE would, were they alike). Its value
+# depends on no input: no derivative passes through it.
+RANDOM = {"random"}
 OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | CLASSIFY | BIT_COUNT | SPECIAL | OPAQUE \
-    | GUARDED_PRODUCT
+    | GUARDED_PRODUCT | RANDOM
 
 COMMUTATIVE = {"add", "mul", "min", "max", "eq", "ne", "and", "or", "bit_and", "bit_or", "bit_xor"}
 
