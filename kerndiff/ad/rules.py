@@ -15,7 +15,7 @@ PARTIALS = {}
 # Piecewise-constant ops: derivative zero almost everywhere (and exactly zero in both modes).
 NO_DERIVATIVE = {"floor", "ceil", "round", "floordiv", "lt", "le", "gt", "ge", "eq", "ne", "and",
                  "or", "not", "bit_and", "bit_or", "bit_xor", "shl", "shr", "bit_not", "isnan", "isinf",
-                 "popcnt", "clz"}
+                 "popcnt", "clz", "random"}  # (random: a number drawn, of no input; ir.ops.RANDOM)
 # Ops whose derivative is handled by the passes' structure rather than by partials: cast, and
 # mul_or_zero, whose derivatives are products of the same kind (zero_safe_jvp, zero_safe_vjp).
 STRUCTURAL = {"cast", "mul_or_zero"}
