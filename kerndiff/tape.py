@@ -32,6 +32,19 @@ def intercept(kernel, args, kwargs):
     return ctx.launch(kernel, args, kwargs)
 
 
+def active_context():
+    """The derivative context a launch now happens in, as the user spells it ('kd.Tape',
+    'kd.FwdMode', 'ti.ad.Tape', 'ti.ad.FwdMode'), or None."""
+    if _ACTIVE:
+        return "kd.FwdMode" if isinstance(_ACTIVE[-1], FwdMode) else "kd.Tape"
+    import taichi as ti
+    from taichi.lang import impl
+    runtime = impl.get_runtime()
+    if isinstance(runtime.target_tape, ti.ad.Tape):
+        return "ti.ad.Tape"
+    return "ti.ad.FwdMode" if isinstance(runtime.fwd_mode_manager, ti.ad.FwdMode) else None
+
+
 def in_taichi_context(kernel, args, kwargs):
     """A kerndiff kernel launched inside Taichi's own ti.ad.Tape or ti.ad.FwdMode: without this,
     Taichi would record (or switch to forward mode) the generated primal ti.kernel and

@@ -13,6 +13,7 @@ import pytest
 import taichi as ti
 
 import kerndiff as kd
+from kerndiff.runtime.kernel import Kernel
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
@@ -367,9 +368,11 @@ def test_refused_arguments_of_ndarray_parameters():
         for i in x:
             out[None] += x[i]
 
-    with pytest.raises(kd.KernDiffError, match="ndarray parameter, but got a numpy array") as e:
-        k(X0)
+    with pytest.raises(kd.KernDiffError, match="ndarray parameter, but got list") as e:
+        k(list(X0))
     assert "a.from_numpy(array)" in e.value.remedy
+    with pytest.raises(kd.KernDiffError, match="ndarray of f32, but the parameter is annotated with dtype f64"):
+        k(X0.astype(np.float32))  # (a numpy array is copied into a ti.ndarray of its own dtype)
     with pytest.raises(kd.KernDiffError, match=r"ndarray of vector\(2, f64\), but the parameter is annotated "
                                                r"with dtype f64"):
         k(ti.ndarray(ti.math.vec2, N))
@@ -377,6 +380,43 @@ def test_refused_arguments_of_ndarray_parameters():
         k(ti.ndarray(ti.f32, N))
     with pytest.raises(kd.KernDiffError, match="has 2 dimensions, but the parameter is annotated with ndim=1"):
         k(ti.ndarray(ti.f64, (N, 2)))
+
+
+def test_numpy_arrays_for_ndarray_parameters():
+    """The primal takes numpy arrays for ndarray parameters, as Taichi's kernels do: they are
+    copied into ti.ndarrays kept per parameter, shape and dtype (one compile for every array of
+    that shape), and what the kernel writes is copied back. Derivative kernels, and launches
+    inside kd.Tape, refuse them: a numpy array has no derivative array."""
+    loss = ti.field(ti.f64, shape=(), needs_grad=True)
+
+    @kd.kernel
+    def scaled(a: ti.types.ndarray(), b: ti.types.ndarray(dtype=ti.f64, ndim=1), c: ti.f64):
+        for i in a:
+            b[i] = c * ti.sin(a[i])
+            loss[None] += b[i]
+
+    compiles = []
+    original = Kernel._generated
+
+    def counted(self, *args):
+        compiles.append(self)
+        return original(self, *args)
+
+    out = np.zeros(N)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Kernel, "_generated", counted)
+        for scale in (2.0, 0.5):
+            first = X0 * scale
+            scaled(first, out, scale)
+            np.testing.assert_allclose(out, scale * np.sin(first), rtol=1e-15)
+            np.testing.assert_array_equal(first, X0 * scale)  # (read, not written: as it was)
+    assert compiles == [scaled]
+    with pytest.raises(kd.KernDiffError, match="argument 'a' of scaled.reverse, a derivative kernel, is a numpy "
+                                               "array, which has no place for its derivatives"):
+        scaled.reverse(X0, out, 1.0)
+    with pytest.raises(kd.KernDiffError, match="argument 'b' of scaled, launched inside kd.Tape, is a numpy array"):
+        with kd.Tape(loss):
+            scaled(ti.ndarray(ti.f64, N), out, 1.0)
 
 
 def test_backward_of_a_program_with_an_output_of_components():

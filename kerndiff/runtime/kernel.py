@@ -434,10 +434,60 @@ class Kernel:
 
     def __call__(self, *args, cotangent=None, **kwargs):
         from ..tape import intercept
+        if any(type(v).__module__ == "numpy" and hasattr(v, "shape") for v in args + tuple(kwargs.values())):
+            staged = self._staged(args, kwargs)
+            if staged is not None:
+                return staged(cotangent)
         redirected = intercept(self, args, kwargs)
         if redirected is not None:
             return redirected()
         return self.launch(*args, cotangent=cotangent, **kwargs)
+
+    def _staged(self, args, kwargs):
+        """A launch taking numpy arrays for ndarray parameters, as Taichi's kernels take them: each
+        array is copied into a ti.ndarray kept for its parameter, shape and dtype (the kernel is
+        specialized on the array, so it compiles once), the kernel runs on those, and what they
+        hold then is copied back into the arrays. Only the primal, outside kd.Tape and kd.FwdMode:
+        derivative kernels need the arrays' derivative arrays (kd.adjoint(a), kd.dual(a)), which a
+        numpy array has no place for. None if no ndarray parameter got a numpy array."""
+        from taichi.lang.util import to_taichi_type
+        from .. import tape
+        params, _ = self.signature()
+        names = [n for n, _ in params][1 if self.bound is not None else 0:]
+        values = {**dict(zip(names, args)), **kwargs}
+        arrays = {n: values[n] for n, d in params if isinstance(d, NdarrayParam) and n in values
+                  and type(values[n]).__module__ == "numpy" and hasattr(values[n], "shape")}
+        if not arrays:
+            return None
+        name = next(iter(arrays))
+        if self.path or tape.active_context() is not None:
+            where = f"{self.dotted_name}, a derivative kernel," if self.path else \
+                f"{self.__name__}, launched inside {tape.active_context()},"
+            raise KernDiffError(f"argument '{name}' of {where} is a numpy array, which has no place for its "
+                                "derivatives (kd.adjoint(a), kd.dual(a))",
+                                remedy=f"copy it into a ti.ndarray ({name}_array = ti.ndarray(ti.f64, shape); "
+                                       f"{name}_array.from_numpy(array)) and pass that")
+        staged = {}
+        for n, a in arrays.items():
+            try:
+                dtype = to_taichi_type(a.dtype.type)
+            except Exception:
+                raise KernDiffError(f"argument '{n}' of {self.__name__} is a numpy array of {a.dtype}, which "
+                                    "Taichi has no type for", remedy="pass an array of float32, float64, int32 "
+                                                                     "or int64") from None
+            staged[n] = REGISTRY.staging((self.uid, n, a.shape, str(a.dtype)), dtype, a.shape)
+            staged[n].from_numpy(a)
+        given = list(args)
+        for k, n in enumerate(names[:len(given)]):
+            given[k] = staged.get(n, given[k])
+
+        def run(cotangent):
+            out = self.launch(*given, cotangent=cotangent, **{k: staged.get(k, v) for k, v in kwargs.items()})
+            for n, a in arrays.items():
+                if a.flags.writeable:
+                    a[...] = staged[n].to_numpy()
+            return out
+        return run
 
     def launch(self, *args, cotangent=None, **kwargs):
         """Run this kernel now (no Tape / FwdMode interception)."""

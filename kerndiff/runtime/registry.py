@@ -43,6 +43,7 @@ class Registry:
         self.suffixed = {}     # id(helper field) -> (field it serves, name suffix): x_adj_private
         self.scratch_kinds = {}  # id(scratch field) -> the first part of its key ("minmax", ...)
         self.version = 0       # bumped whenever a derivative field appears
+        self.staged = {}       # (kernel, parameter, shape, dtype) -> the ti.ndarray numpy arrays are copied to
         self.taichi_seconds = 0.0  # spent in Taichi building and materializing the trees below
         self.trees = []
 
@@ -175,6 +176,16 @@ class Registry:
             self.derived[key] = got
             self.keep[id(got)] = got
             self.scratch_kinds[id(got)] = key[0]
+        return got
+
+    def staging(self, key, dtype, shape):
+        """The ti.ndarray that numpy arrays passed for an ndarray parameter are copied into (key:
+        the kernel, the parameter, the arrays' shape and dtype): one per key and runtime, so that
+        the kernel, specialized on the array, compiles once (Kernel._staged)."""
+        self.check_runtime()
+        got = self.staged.get(key)
+        if got is None:
+            got = self.staged[key] = ti.ndarray(dtype, tuple(shape))
         return got
 
     def scratch_kind(self, field):
