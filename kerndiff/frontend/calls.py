@@ -149,7 +149,7 @@ def random_draw(lw, fn, args, kwargs, node):
     (named as the local the call is assigned to, where it is) and numbered apart (ir.ops.RANDOM),
     so that every use reads the same draw. A forward kernel draws its own numbers, once, and
     derives at them; a reverse kernel that needs a number the primal drew cannot draw it again,
-    and pipeline.refuse_redraws says so. ti.randn is Taichi's Box-Muller, from two draws."""
+    and ad.hazards.refuse_redraws says so. ti.randn is Taichi's Box-Muller, from two draws."""
     name = "dtype" if fn is ti.random else "dt"
     dtype = args[0] if args else kwargs.get(name)
     try:
