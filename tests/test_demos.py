@@ -45,6 +45,14 @@ def test_billiards_loss_falls_tenfold(f64):
     assert history[-1] < history[0] / 10
 
 
+def test_particle_blob_reaches_the_target(f64):
+    """Neighbour grids built by atomics' old values and noise drawn by ti.randn, under kd.Tape."""
+    import particle_blob as demo
+    history, clouds, v0, error = demo.optimise(side=4, steps=60, iters=30, verbose=False)
+    assert error < 1e-6
+    assert history[-1] < history[0] / 5
+
+
 def test_pinn_trains(f32):
     import pinn_poisson as demo
     history, rel, u, exact, secs = demo.train(steps=300, width=6, n_pde=120, n_bc=40, verbose=False)

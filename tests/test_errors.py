@@ -344,7 +344,7 @@ def test_random_numbers_inside_a_kernel(f):
 
     k()
     k.forward()
-    raises(k.reverse, "the reverse of k needs the number ti.random drew here", "cannot draw again",
+    raises(k.reverse, "the reverse of k needs the number drawn here (ti.random, ti.randn)", "cannot draw again",
            "draw the numbers into a field in a kd.kernel of its own (noise[i] = ti.random()",
            line_text="s[None] += ti.random() * x[i] ** 2")
     raises(integers, "ti.randn draws floats, not i32", line_text="n[i] = ti.cast(ti.randn(ti.i32), ti.i32)")

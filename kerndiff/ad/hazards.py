@@ -320,8 +320,8 @@ def refuse_redraws(reverse: N.KernelIR, ir: N.KernelIR, path: str):
     where = next((s.src for s in iter_stmts(ir.body) if isinstance(s, N.Assign) and isinstance(s.value, N.Call)
                   and s.value.op == "random" and s.value.args[0] in drawn), None)
     raise KernDiffError(
-        f"{path} needs the number ti.random drew here, which a reverse kernel cannot draw again (it "
-        "would draw another, and the derivative would belong to other values than the kernel computed)",
+        f"{path} needs the number drawn here (ti.random, ti.randn), which a reverse kernel cannot draw again "
+        "(it would draw another, and the derivative would belong to other values than the kernel computed)",
         where, "draw the numbers into a field in a kd.kernel of its own (noise[i] = ti.random(), whose reverse "
                "needs none of them) and read the field here")
 

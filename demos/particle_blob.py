@@ -1,0 +1,153 @@
+"""A blob of particles thrown at a target through a noisy particle simulation (stochastic gradients).
+
+Particles repel their neighbours, which a grid finds: every step bins them into cells in parallel,
+each particle's slot in its cell taken from the old value `ti.atomic_add(count[c], 1)` returns, as
+Taichi programs build neighbour lists (a kernel that writes integers only has nothing to reverse,
+so kd.Tape runs it among the differentiated ones). Each step also kicks every particle by normal
+noise, drawn by `ti.randn()` into a field in a kernel of its own (whose reverse needs no drawn
+number; the step's does, as the walls' bounces depend on where a kick took a particle, so the
+step reads the kicks from the field rather than drawing them itself). The loss is the squared distance of the blob's centre to a target after the last step; gradient
+descent (Adam) on the throw's velocity, with new noise every iteration, aims it. The gradient of
+the noiseless simulation is first checked against central differences (kd.check_grad).
+
+    python demos/particle_blob.py [--side 8] [--steps 80] [--iters 40] [--out blob.png] [--arch cpu|gpu]
+"""
+import argparse
+
+import numpy as np
+import taichi as ti
+
+import kerndiff as kd
+from common import Adam, descend, init
+
+TARGET = (0.7, 0.75)
+GRID = 20  # cells per side of the unit box; the repulsion reaches one cell
+
+
+def build(side, steps, dt=0.004, noise=0.2, stiffness=4.0):
+    n, h = side * side, 1.0 / GRID
+    x = ti.Vector.field(2, ti.f64, shape=(steps + 1, n))
+    v = ti.Vector.field(2, ti.f64, shape=(steps + 1, n))
+    kicks = ti.Vector.field(2, ti.f64, shape=(steps, n))
+    v0 = ti.Vector.field(2, ti.f64, shape=())
+    count = ti.field(ti.i32, shape=(GRID, GRID))
+    members = ti.field(ti.i32, shape=(GRID, GRID, n))
+    sigma = ti.field(ti.f64, shape=())
+    loss = ti.field(ti.f64, shape=())
+    kd.adjoint(v0)  # the throw is what we differentiate with respect to
+    sigma[None] = noise
+
+    @ti.func
+    def cell_of(p):
+        return ti.max(ti.min(ti.cast(ti.floor(p / h), ti.i32), GRID - 1), 0)
+
+    @kd.kernel
+    def throw():
+        for i in range(n):
+            x[0, i] = ti.Vector([0.2 + 0.5 * h * (i % side), 0.2 + 0.5 * h * (i // side)])
+            v[0, i] = v0[None]
+
+    @kd.kernel
+    def bin_particles(t: ti.i32):
+        for c in ti.grouped(count):
+            count[c] = 0
+        for i in range(n):
+            c = cell_of(x[t, i])
+            members[c, ti.atomic_add(count[c], 1)] = i
+
+    @kd.kernel
+    def draw_kicks(t: ti.i32):
+        for i in range(n):
+            kicks[t, i] = ti.Vector([ti.randn(), ti.randn()]) * sigma[None] * ti.sqrt(dt)
+
+    @kd.kernel
+    def step(t: ti.i32):
+        for i in range(n):
+            c = cell_of(x[t, i])
+            push = ti.Vector([0.0, 0.0])
+            for off in ti.static(ti.grouped(ti.ndrange((-1, 2), (-1, 2)))):
+                nc = c + off
+                if 0 <= nc[0] < GRID and 0 <= nc[1] < GRID:
+                    for k in range(count[nc]):
+                        j = members[nc, k]
+                        d = x[t, i] - x[t, j]
+                        r2 = d.norm_sqr()
+                        if j != i and r2 < h * h:
+                            push += stiffness * (1.0 - r2 / (h * h)) ** 2 * d / h
+            vn = v[t, i] + dt * push + kicks[t, i]
+            xn = x[t, i] + dt * vn
+            for k in ti.static(range(2)):  # the box's walls
+                if xn[k] < 0.0:
+                    xn[k] = -xn[k]
+                    vn[k] = -vn[k]
+                if xn[k] > 1.0:
+                    xn[k] = 2.0 - xn[k]
+                    vn[k] = -vn[k]
+            x[t + 1, i] = xn
+            v[t + 1, i] = vn
+
+    @kd.kernel
+    def measure():
+        centre = ti.Vector([0.0, 0.0])
+        for i in range(n):
+            centre += x[steps, i] / n
+        d = centre - ti.Vector([TARGET[0], TARGET[1]])
+        loss[None] = d.norm_sqr()
+
+    def simulate():
+        throw()
+        for t in range(steps):
+            bin_particles(t)
+            draw_kicks(t)
+            step(t)
+        measure()
+
+    return x, v0, sigma, loss, simulate
+
+
+def optimise(side, steps, iters, lr=0.1, decay=0.97, verbose=True):
+    x, v0, sigma, loss, simulate = build(side, steps)
+    v0[None] = ti.Vector([1.2, -0.4])
+    noise, sigma[None] = sigma[None], 0.0
+    error = kd.check_grad(simulate, [v0], loss)  # (noiseless: differences would draw anew)
+    sigma[None] = noise
+    history, clouds = descend(simulate, loss, v0, Adam(2, lr, decay), iters, lambda: x.to_numpy().copy(), verbose)
+    return history, clouds, v0.to_numpy(), error
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--side", type=int, default=8, help="particles along the blob's side")
+    p.add_argument("--steps", type=int, default=80, help="simulation time steps")
+    p.add_argument("--iters", type=int, default=40, help="optimisation iterations")
+    p.add_argument("--out", default="blob.png")
+    p.add_argument("--arch", choices=["cpu", "gpu"], default="cpu")
+    args = p.parse_args()
+    init(args.arch, ti.f64, f64_math=True)
+    history, clouds, v0, error = optimise(args.side, args.steps, args.iters)
+    print(f"gradient against central differences: {error:.1e}")
+    print(f"loss {history[0]:.4e} -> {history[-1]:.4e} ({history[0] / max(history[-1], 1e-300):.0f}x lower); "
+          f"v0 = {np.round(v0, 4)}")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4.4))
+    ax[0].semilogy(history)
+    ax[0].set_xlabel("iteration")
+    ax[0].set_title("loss: squared distance of the centre to the target")
+    for cloud, style, label in zip(clouds, ("0.6", "C0"), ("first throw", "optimised throw")):
+        ax[1].plot(cloud[:, :, 0].mean(axis=1), cloud[:, :, 1].mean(axis=1), color=style, label=label)
+        ax[1].scatter(cloud[-1, :, 0], cloud[-1, :, 1], s=4, color=style)
+    ax[1].plot(*TARGET, "r*", ms=12, label="target")
+    ax[1].set_xlim(0, 1)
+    ax[1].set_ylim(0, 1)
+    ax[1].set_aspect("equal")
+    ax[1].legend(loc="upper left", fontsize=8)
+    ax[1].set_title("the blob's centre, and its particles at the end")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
