@@ -4,11 +4,17 @@ threads ran in. Such a kernel has no derivative work (its forward kernel is the 
 reverse empty), so that order never needs replaying; beside float writes it is refused
 (test_errors). The serial loops here fix the order, so the values are checked exactly: that no
 pass merged two atomics, moved one out of its loop or dropped one whose value goes unread."""
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import taichi as ti
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kerndiff as kd
+from harness import load_elementwise
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -275,3 +281,81 @@ def test_particles_with_a_neighbour_grid_built_in_parallel():
     by_differences = (gradient_at(base + eps * direction) - gradient_at(base - eps * direction)) / (2 * eps)
     assert np.abs(by_differences).max() > 0.1
     np.testing.assert_allclose(hv, by_differences, atol=1e-7)
+
+
+@st.composite
+def claiming_bodies(draw):
+    """(the body of a serial loop over t taking atomics' old values, the same in Python): atomics
+    of each kind into three counters, with values from t and earlier old values (CSE and
+    propagation bait: the same atomic twice, an old value read later), stores into the counters,
+    an atomic inside an if, and every old value recorded into out[t, k]."""
+    kernel, python, bound = [], [], []
+    for k in range(draw(st.integers(2, 7))):
+        value = draw(st.sampled_from(["1", "t", "2 * t - 1", "3"] + [f"{b} + t" for b in bound] +
+                                     [f"{b} - 1" for b in bound]))
+        at = draw(st.integers(0, 2))
+        kind = draw(st.sampled_from(["atomic", "atomic", "atomic", "store", "if"]))
+        if kind == "atomic":
+            op = draw(st.sampled_from(["add", "sub", "max", "min"]))
+            kernel.append(f"o{k} = ti.atomic_{op}(n[{at}], {value})")
+            python.append(f"o{k} = _{op}(n, {at}, {value})")
+            bound.append(f"o{k}")
+        elif kind == "store":
+            kernel.append(f"n[{at}] = {value}")
+            python.append(f"n[{at}] = {value}")
+        else:
+            kernel += [f"if {value} > 2:", f"    out[t, 7] = ti.atomic_add(n[{at}], t)"]
+            python += [f"if {value} > 2:", f"    out[t, 7] = _add(n, {at}, t)"]
+    for k, b in enumerate(bound):
+        kernel.append(f"out[t, {k}] = {b}")
+        python.append(f"out[t, {k}] = {b}")
+    return "\n".join(kernel), "\n".join(python)
+
+
+def _add(n, at, v):
+    old, n[at] = n[at], n[at] + v
+    return old
+
+
+def _sub(n, at, v):
+    old, n[at] = n[at], n[at] - v
+    return old
+
+
+def _max(n, at, v):
+    old, n[at] = n[at], max(n[at], v)
+    return old
+
+
+def _min(n, at, v):
+    old, n[at] = n[at], min(n[at], v)
+    return old
+
+
+_TMP = tempfile.mkdtemp(prefix="kerndiff_old_values_")
+_CLAIMS = {}
+
+
+@settings(max_examples=int(os.environ.get("KERNDIFF_FUZZ_N", 300)) if os.environ.get("KERNDIFF_FUZZ") == "long"
+          else 30, deadline=None, derandomize=os.environ.get("CI") == "true")
+@given(bodies=claiming_bodies())
+def test_drawn_serial_claims_match_python(bodies):
+    """Drawn serial loops of atomics taking old values, run by the primal and by k.forward (the
+    same kernel), against the same statements in Python."""
+    kernel_body, python_body = bodies
+    if not _CLAIMS:
+        _CLAIMS.update(n=ti.field(ti.i32, 3), out=ti.field(ti.i32, (4, 8)))
+    n, out = _CLAIMS["n"], _CLAIMS["out"]
+    fn, _ = load_elementwise(kernel_body, {"n": n, "out": out}, _TMP,
+                             head="def kernel():\n    ti.loop_config(serialize=True)\n    for t in range(4):")
+    k = kd.kernel(fn)
+    start = [5, -2, 0]
+    expected_n, expected_out = list(start), np.zeros((4, 8), np.int64)
+    scope = {"_add": _add, "_sub": _sub, "_max": _max, "_min": _min, "n": expected_n, "out": expected_out}
+    exec("for t in range(4):\n" + "\n".join("    " + line for line in python_body.splitlines()), scope)
+    for run in (k, k.forward):
+        n.from_numpy(np.array(start, np.int32))
+        out.fill(0)
+        run()
+        assert n.to_numpy().tolist() == expected_n, (kernel_body, k.source)
+        assert out.to_numpy().tolist() == expected_out.tolist(), (kernel_body, k.source)
