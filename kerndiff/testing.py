@@ -103,7 +103,7 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
                 f.fill(0)
     _warn_if_all_zero(rows, kernel.dotted_name, "and is every adjoint or dual the kernel reads as a constant set "
                       "(a reverse kernel's output adjoint, a forward kernel's input duals)")
-    return _report(rows, rtol, atol)
+    return _report(rows, rtol, atol, [kernel] if kernel.draws(*args) else [])
 
 
 def _warn_if_all_zero(rows, name, question, stacklevel=3):
@@ -153,7 +153,7 @@ def _check_program(program, inputs, output, eps, rtol, atol, args, directions, o
     finally:
         check.finish()
     _warn_if_all_zero(rows, name, "and do they reach it only through kernels (not through Python)", stacklevel=4)
-    return _report(rows, rtol, atol)
+    return _report(rows, rtol, atol, check.recorder.drawing)
 
 
 def _touched_fields(kernel, inputs, output, args):
@@ -176,7 +176,10 @@ def _touched_fields(kernel, inputs, output, args):
     return list(out.values())
 
 
-def _report(rows, rtol, atol):
+def _report(rows, rtol, atol, drawing=()):
+    """The largest relative error among rows, or an AssertionError with the worst ones; drawing:
+    the kernels checked that draw random numbers, which a failure's message names (each evaluation
+    of the finite differences drew other numbers)."""
     errs = []
     for name, fd, fw, rv in rows:
         scale = max(abs(fd), abs(fw), abs(rv), 1.0)
@@ -192,5 +195,9 @@ def _report(rows, rtol, atol):
                  f"{'check':<18} {'finite diff':>16} {'forward':>16} {'reverse':>16} {'rel err':>10}"]
         for err, bad, name, fd, fw, rv in sorted(errs, key=lambda e: -e[0])[:10]:
             lines.append(f"{name:<18} {fd:16.8g} {fw:16.8g} {rv:16.8g} {err:10.2e}{'  <-' if bad else ''}")
+        if drawing:
+            lines.append(f"note: {', '.join(k.dotted_name for k in drawing)} draw(s) random numbers (ti.random, "
+                         "ti.randn), so each evaluation of the finite differences drew others: draw them into a "
+                         "field first and check the kernels that read it")
         raise AssertionError("\n".join(lines))
     return worst

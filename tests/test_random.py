@@ -114,3 +114,32 @@ def test_draws_are_apart():
     for values in (normal.ravel(), z32.to_numpy()):
         assert abs(values.mean()) < 0.06 and abs(values.std() - 1.0) < 0.05
     assert len(set(k.to_numpy())) > 900
+
+
+def test_check_grad_says_when_differences_drew_anew():
+    """kd.check_grad's central differences run the kernel (or program) again, which draws other
+    numbers: where that makes the check fail, its message says which kernels draw."""
+    x = ti.field(ti.f64, 8, needs_grad=True)
+    noisy = ti.field(ti.f64, 8, needs_grad=True)
+    total = ti.field(ti.f64, (), needs_grad=True)
+
+    @kd.kernel
+    def plus_noise():
+        for i in x:
+            noisy[i] = x[i] ** 2 + ti.random()
+
+    @kd.kernel
+    def sum_up():
+        for i in x:
+            total[None] += noisy[i]
+
+    def program():
+        plus_noise()
+        sum_up()
+
+    x.from_numpy(np.linspace(0.0, 1.0, 8))
+    with pytest.raises(AssertionError, match=r"note: plus_noise draw\(s\) random numbers"):
+        kd.check_grad(program, [x], total)
+    with pytest.raises(AssertionError, match=r"note: plus_noise draw\(s\) random numbers"):
+        kd.check_grad(plus_noise, [x], noisy)
+    assert not sum_up.draws() and plus_noise.draws()

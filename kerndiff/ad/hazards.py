@@ -11,7 +11,7 @@ import re
 from ..errors import KernDiffError
 from ..ir import nodes as N
 from ..runtime.registry import REGISTRY
-from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts
+from ..ir.walk import assigned_names, blocks_of, draws_numbers, expr_children_of_stmt, iter_expr, iter_stmts
 
 
 def field_events(stmts, top=None, out=None, loops=()):
@@ -313,8 +313,7 @@ def refuse_redraws(reverse: N.KernelIR, ir: N.KernelIR, path: str):
     x's adjoint is scaled by it). It would draw another one, and the derivative would belong to
     other values than the kernel computed. A reverse that needs none (`noise[i] = ti.random()`,
     `v[i] += ti.randn() * 0.1`) has them removed as dead code and is not refused."""
-    drawn = {x.args[0] for s in iter_stmts(reverse.body) for e in expr_children_of_stmt(s)
-             for x in iter_expr(e) if isinstance(x, N.Call) and x.op == "random"}
+    drawn = draws_numbers(reverse.body)
     if not drawn:
         return
     where = next((s.src for s in iter_stmts(ir.body) if isinstance(s, N.Assign) and isinstance(s.value, N.Call)

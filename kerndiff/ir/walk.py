@@ -139,6 +139,12 @@ def old_value_atomics(stmts):
     return [s for s in iter_stmts(stmts) if isinstance(s, N.Atomic) and s.result]
 
 
+def draws_numbers(stmts) -> set:
+    """The numbers of the random draws (ir.ops.RANDOM's constants) that stmts make."""
+    return {x.args[0] for s in iter_stmts(stmts) for e in expr_children_of_stmt(s)
+            for x in iter_expr(e) if isinstance(x, N.Call) and x.op == "random"}
+
+
 def writes_floats(ir) -> bool:
     """Whether the kernel stores, adds or returns a float value: else its reverse has no work."""
     from .types import is_float
