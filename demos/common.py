@@ -61,3 +61,30 @@ def descend(simulate, loss, param, adam, iters, record, verbose=True):
             records.append(record())
         param[None] = param.to_numpy() - adam.step(kd.adjoint(param).to_numpy())
     return history, records
+
+
+def report_descent(history, v0):
+    """The line the optimising demos end with: how far the loss fell, and the velocity found."""
+    print(f"loss {history[0]:.4e} -> {history[-1]:.4e} ({history[0] / max(history[-1], 1e-300):.0f}x lower); "
+          f"v0 = {np.round(v0, 4)}")
+
+
+def save_descent_figure(history, loss_title, draw, title, out):
+    """The 2-D demos' figure: the loss by iteration on the left, draw(ax) on the unit square on
+    the right."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4.4))
+    ax[0].semilogy(history)
+    ax[0].set_xlabel("iteration")
+    ax[0].set_title(loss_title)
+    draw(ax[1])
+    ax[1].set_xlim(0, 1)
+    ax[1].set_ylim(0, 1)
+    ax[1].set_aspect("equal")
+    ax[1].legend(loc="upper left", fontsize=8)
+    ax[1].set_title(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")

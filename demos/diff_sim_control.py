@@ -9,11 +9,10 @@ position to a target. Gradient descent (Adam) on v0 aims the shot.
 """
 import argparse
 
-import numpy as np
 import taichi as ti
 
 import kerndiff as kd
-from common import Adam, descend, init
+from common import Adam, descend, init, report_descent, save_descent_figure
 
 START = (0.2, 0.3)
 TARGET = (0.75, 0.8)
@@ -75,27 +74,14 @@ def main():
     args = p.parse_args()
     init(args.arch, ti.f64)
     history, paths, v0 = optimise(args.steps, args.iters)
-    print(f"loss {history[0]:.4e} -> {history[-1]:.4e} ({history[0] / max(history[-1], 1e-300):.0f}x lower); "
-          f"v0 = {np.round(v0, 4)}")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4.4))
-    ax[0].semilogy(history)
-    ax[0].set_xlabel("iteration")
-    ax[0].set_title("loss: squared distance to the target")
-    for path, style, label in zip(paths, ("0.6", "C0"), ("first shot", "optimised shot")):
-        ax[1].plot(path[:, 0], path[:, 1], color=style, label=label)
-    ax[1].plot(*START, "ko", label="start")
-    ax[1].plot(*TARGET, "r*", ms=12, label="target")
-    ax[1].set_xlim(0, 1)
-    ax[1].set_ylim(0, 1)
-    ax[1].set_aspect("equal")
-    ax[1].legend(loc="upper left", fontsize=8)
-    ax[1].set_title("trajectories")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    report_descent(history, v0)
+
+    def draw(ax):
+        for path, style, label in zip(paths, ("0.6", "C0"), ("first shot", "optimised shot")):
+            ax.plot(path[:, 0], path[:, 1], color=style, label=label)
+        ax.plot(*START, "ko", label="start")
+        ax.plot(*TARGET, "r*", ms=12, label="target")
+    save_descent_figure(history, "loss: squared distance to the target", draw, "trajectories", args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 import taichi as ti
 
 import kerndiff as kd
-from common import Adam, descend, init
+from common import Adam, descend, init, report_descent
 
 TARGET = (0.7, 0.3, 0.6)
 MIDDLE = (0.4, 0.4, 0.4)  # the cube's centre at the start
@@ -158,8 +158,7 @@ def main():
     init(args.arch, ti.f64)
     history, paths, v0, error = optimise(build(args.side, args.steps), args.iters)
     print(f"gradient check (kd.Tape against central differences): {error:.1e}")
-    print(f"loss {history[0]:.4e} -> {history[-1]:.4e} ({history[0] / max(history[-1], 1e-300):.0f}x lower); "
-          f"v0 = {np.round(v0, 4)}")
+    report_descent(history, v0)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

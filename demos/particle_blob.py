@@ -16,12 +16,11 @@ f64 logarithm or cosine for ti.randn, so there the demo runs in f32, unchecked.
 """
 import argparse
 
-import numpy as np
 import taichi as ti
 from taichi.lang import impl
 
 import kerndiff as kd
-from common import Adam, descend, init
+from common import Adam, descend, init, report_descent, save_descent_figure
 
 TARGET = (0.7, 0.75)
 GRID = 20  # cells per side of the unit box; the repulsion reaches one cell
@@ -131,27 +130,15 @@ def main():
     init(args.arch, ti.f64, f64_math=True)
     history, clouds, v0, error = optimise(args.side, args.steps, args.iters)
     print("gradient against central differences: " + ("not checked in f32" if error is None else f"{error:.1e}"))
-    print(f"loss {history[0]:.4e} -> {history[-1]:.4e} ({history[0] / max(history[-1], 1e-300):.0f}x lower); "
-          f"v0 = {np.round(v0, 4)}")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4.4))
-    ax[0].semilogy(history)
-    ax[0].set_xlabel("iteration")
-    ax[0].set_title("loss: squared distance of the centre to the target")
-    for cloud, style, label in zip(clouds, ("0.6", "C0"), ("first throw", "optimised throw")):
-        ax[1].plot(cloud[:, :, 0].mean(axis=1), cloud[:, :, 1].mean(axis=1), color=style, label=label)
-        ax[1].scatter(cloud[-1, :, 0], cloud[-1, :, 1], s=4, color=style)
-    ax[1].plot(*TARGET, "r*", ms=12, label="target")
-    ax[1].set_xlim(0, 1)
-    ax[1].set_ylim(0, 1)
-    ax[1].set_aspect("equal")
-    ax[1].legend(loc="upper left", fontsize=8)
-    ax[1].set_title("the blob's centre, and its particles at the end")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    report_descent(history, v0)
+
+    def draw(ax):
+        for cloud, style, label in zip(clouds, ("0.6", "C0"), ("first throw", "optimised throw")):
+            ax.plot(cloud[:, :, 0].mean(axis=1), cloud[:, :, 1].mean(axis=1), color=style, label=label)
+            ax.scatter(cloud[-1, :, 0], cloud[-1, :, 1], s=4, color=style)
+        ax.plot(*TARGET, "r*", ms=12, label="target")
+    save_descent_figure(history, "loss: squared distance of the centre to the target", draw,
+                        "the blob's centre, and its particles at the end", args.out)
 
 
 if __name__ == "__main__":
