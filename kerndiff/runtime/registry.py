@@ -44,6 +44,7 @@ class Registry:
         self.scratch_kinds = {}  # id(scratch field) -> the first part of its key ("minmax", ...)
         self.version = 0       # bumped whenever a derivative field appears
         self.staged = {}       # (kernel, parameter, shape, dtype) -> the ti.ndarray numpy arrays are copied to
+        self.scalar_pool = {}  # Taichi dtype -> 0-d fields made for `scratch` and not yet handed out
         self.taichi_seconds = 0.0  # spent in Taichi building and materializing the trees below
         self.trees = []
 
@@ -164,15 +165,15 @@ class Registry:
         got = self.derived.get(key)
         if got is None:
             from ..ir.types import to_taichi
-            check_tree_budget()
-            with self._in_taichi():
-                fb = ti.FieldsBuilder()
-                got = ti.field(to_taichi(dtype))
-                if shape:
+            if not shape:
+                got = self._pooled_scalar(to_taichi(dtype))
+            else:
+                check_tree_budget()
+                with self._in_taichi():
+                    fb = ti.FieldsBuilder()
+                    got = ti.field(to_taichi(dtype))
                     fb.dense(_axes(len(shape)), tuple(shape)).place(got, offset=_nonzero(offset))
-                else:
-                    fb.place(got)
-                self.trees.append(fb.finalize())
+                    self.trees.append(fb.finalize())
             self.derived[key] = got
             self.keep[id(got)] = got
             self.scratch_kinds[id(got)] = key[0]
@@ -187,6 +188,20 @@ class Registry:
         if got is None:
             got = self.staged[key] = ti.ndarray(dtype, tuple(shape))
         return got
+
+    def _pooled_scalar(self, dtype):
+        """A fresh (zero) 0-d field of dtype for `scratch`. Reductions and max/min winner counts
+        need one per kernel, and Taichi allows a program 512 SNode trees: they are made
+        SCALARS_PER_TREE to a tree, and handed out one by one."""
+        pool = self.scalar_pool.setdefault(dtype, [])
+        if not pool:
+            check_tree_budget()
+            with self._in_taichi():
+                fb = ti.FieldsBuilder()
+                pool.extend(ti.field(dtype) for _ in range(SCALARS_PER_TREE))
+                fb.place(*pool)
+                self.trees.append(fb.finalize())
+        return pool.pop(0)
 
     def scratch_kind(self, field):
         """What a scratch field made by `scratch` is for (the first part of its key), or None for
@@ -262,6 +277,7 @@ class Registry:
 
 
 MAX_TREES = 500  # Taichi 1.7 crashes past 512 SNode trees; keep a margin for the user's own fields.
+SCALARS_PER_TREE = 16  # 0-d scratch fields made together (Registry._pooled_scalar)
 
 
 def check_tree_budget():
