@@ -120,7 +120,8 @@ class Registry:
         return got
 
     def allocate_many(self, requests):
-        """Allocate the missing derivative fields of `requests` in one SNode tree."""
+        """Allocate the missing derivative fields of `requests` in one SNode tree (0-d scalar ones
+        from the pool of 0-d fields, _pooled_scalar)."""
         self.check_runtime()
         todo = []
         for field, kind, level in requests:
@@ -139,7 +140,13 @@ class Registry:
                 new = _like_array(field)
             self._remember(field, kind, level, new)
             self.parents[id(new)] = (field, kind, level)
-        if arrays:
+        scalars = [r for r in todo if not tuple(r[0].shape) and not element_shape(r[0])]
+        todo = [r for r in todo if tuple(r[0].shape) or element_shape(r[0])]
+        for field, kind, level in scalars:  # 0-d: from the pool (one tree per SCALARS_PER_TREE)
+            new = self._pooled_scalar(field.dtype)
+            self._remember(field, kind, level, new)
+            self.parents[id(new)] = (field, kind, level)
+        if arrays or scalars:
             self.version += 1
         if not todo:
             return
@@ -190,9 +197,10 @@ class Registry:
         return got
 
     def _pooled_scalar(self, dtype):
-        """A fresh (zero) 0-d field of dtype for `scratch`. Reductions and max/min winner counts
-        need one per kernel, and Taichi allows a program 512 SNode trees: they are made
-        SCALARS_PER_TREE to a tree, and handed out one by one."""
+        """A fresh (zero) 0-d field of dtype, for `scratch` and for the derivatives of 0-d fields.
+        Reductions and max/min winner counts need one per kernel (and their derivatives one more
+        each), and Taichi allows a program 512 SNode trees: they are made SCALARS_PER_TREE to a
+        tree, and handed out one by one."""
         pool = self.scalar_pool.setdefault(dtype, [])
         if not pool:
             check_tree_budget()
