@@ -44,7 +44,7 @@ class Registry:
         self.scratch_kinds = {}  # id(scratch field) -> the first part of its key ("minmax", ...)
         self.version = 0       # bumped whenever a derivative field appears
         self.staged = {}       # (kernel, parameter, shape, dtype) -> the ti.ndarray numpy arrays are copied to
-        self.scalar_pool = {}  # Taichi dtype -> 0-d fields made for `scratch` and not yet handed out
+        self.scalar_pool = {}  # Taichi dtype -> 0-d fields _pooled_scalar made and has not handed out yet
         self.taichi_seconds = 0.0  # spent in Taichi building and materializing the trees below
         self.trees = []
 
@@ -285,7 +285,7 @@ class Registry:
 
 
 MAX_TREES = 500  # Taichi 1.7 crashes past 512 SNode trees; keep a margin for the user's own fields.
-SCALARS_PER_TREE = 16  # 0-d scratch fields made together (Registry._pooled_scalar)
+SCALARS_PER_TREE = 16  # 0-d scalar fields made together, in one tree (Registry._pooled_scalar)
 
 
 def check_tree_budget():
