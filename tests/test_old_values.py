@@ -56,6 +56,7 @@ def test_serial_claims_keep_every_atomic_in_place():
         expected = expected * 2 + min(expected, 10 - i)
     np.testing.assert_array_equal(n.to_numpy(), [8, 8, 4, 3, 96, expected])
     assert "a = ti.atomic_add(n[0], 1)" in claims.source and "b = ti.atomic_add(n[0], 1)" in claims.source
+    assert "= ti.atomic_sub(n[4], 1)" in claims.source
     assert "ti.atomic_max(n[3], i)" in claims.source
 
 

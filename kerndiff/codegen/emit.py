@@ -413,8 +413,13 @@ class Emitter:
             out(f"{pad}{self.lvalue(s.ref, s.index)} = {self.expr(s.value)}")
         elif isinstance(s, N.Atomic):
             target = self.lvalue(s.ref, s.index)
-            if s.result:
-                out(f"{pad}{s.result} = ti.atomic_{s.op}({target}, {self.expr(s.value)})")
+            if s.result:  # (ti.atomic_sub is an add of the negated value here: spelled as written)
+                op, value = s.op, s.value
+                if op == "add" and isinstance(value, N.Call) and value.op == "neg":
+                    op, value = "sub", value.args[0]
+                elif op == "add" and isinstance(value, N.Const) and value.value < 0 and value.value != -2 ** 31:
+                    op, value = "sub", N.Const(value.dtype, -value.value)
+                out(f"{pad}{s.result} = ti.atomic_{op}({target}, {self.expr(value)})")
             elif s.op == "add":
                 if isinstance(s.value, N.Call) and s.value.op == "neg":
                     out(f"{pad}{target} -= {self.expr(s.value.args[0])}")
