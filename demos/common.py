@@ -25,6 +25,19 @@ def init(arch="cpu", default_fp=ti.f64, f64_math=False):
     ti.init(arch=ti.cpu, default_fp=default_fp)
 
 
+@ti.func
+def bounce(x, v):
+    """A 2-D position and velocity after elastic bounces off the walls of the unit box."""
+    for k in ti.static(range(2)):
+        if x[k] < 0.0:
+            x[k] = -x[k]
+            v[k] = -v[k]
+        if x[k] > 1.0:
+            x[k] = 2.0 - x[k]
+            v[k] = -v[k]
+    return x, v
+
+
 def progress(iterable, verbose=True, desc=""):
     if not verbose:
         return iterable

@@ -12,7 +12,7 @@ import argparse
 import taichi as ti
 
 import kerndiff as kd
-from common import Adam, descend, init, report_descent, save_descent_figure
+from common import Adam, bounce, descend, init, report_descent, save_descent_figure
 
 START = (0.2, 0.3)
 TARGET = (0.75, 0.8)
@@ -33,16 +33,7 @@ def build(steps, dt=0.01, friction=0.6):
     @kd.kernel
     def step(t: ti.i32):
         vn = v[t] * (1.0 - friction * dt)
-        xn = x[t] + dt * vn
-        for k in ti.static(range(2)):  # elastic bounces off the cushions
-            if xn[k] < 0.0:
-                xn[k] = -xn[k]
-                vn[k] = -vn[k]
-            if xn[k] > 1.0:
-                xn[k] = 2.0 - xn[k]
-                vn[k] = -vn[k]
-        x[t + 1] = xn
-        v[t + 1] = vn
+        x[t + 1], v[t + 1] = bounce(x[t] + dt * vn, vn)  # (elastic bounces off the cushions)
 
     @kd.kernel
     def measure():

@@ -20,7 +20,7 @@ import taichi as ti
 from taichi.lang import impl
 
 import kerndiff as kd
-from common import Adam, descend, init, report_descent, save_descent_figure
+from common import Adam, bounce, descend, init, report_descent, save_descent_figure
 
 TARGET = (0.7, 0.75)
 GRID = 20  # cells per side of the unit box; the repulsion reaches one cell
@@ -77,16 +77,7 @@ def build(side, steps, dt=0.004, noise=0.2, stiffness=4.0):
                         if j != i and r2 < h * h:
                             push += stiffness * (1.0 - r2 / (h * h)) ** 2 * d / h
             vn = v[t, i] + dt * push + kicks[t, i]
-            xn = x[t, i] + dt * vn
-            for k in ti.static(range(2)):  # the box's walls
-                if xn[k] < 0.0:
-                    xn[k] = -xn[k]
-                    vn[k] = -vn[k]
-                if xn[k] > 1.0:
-                    xn[k] = 2.0 - xn[k]
-                    vn[k] = -vn[k]
-            x[t + 1, i] = xn
-            v[t + 1, i] = vn
+            x[t + 1, i], v[t + 1, i] = bounce(x[t, i] + dt * vn, vn)
 
     @kd.kernel
     def measure():
