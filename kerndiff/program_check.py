@@ -34,6 +34,7 @@ from .errors import KernDiffError
 from .factories import field_shape, read, write
 from .frontend.values import is_field
 from .ir.types import from_taichi, is_float
+from .runtime.draws import restart_fixed
 from .runtime.registry import REGISTRY
 from . import tape as tape_module
 
@@ -192,6 +193,7 @@ class ProgramCheck:
                     d.fill(0)
 
     def _start(self, values, kind):
+        restart_fixed()  # (kd.check_grad runs the program inside draws.fixed_seeds)
         self.restore()
         for f, v in zip(self.inputs, values):
             write(f, v, "an input value")

@@ -77,8 +77,9 @@ def in_taichi_context(kernel, args, kwargs):
             raise KernDiffError(f"{kernel.dotted_name} updates {names} in place, so its reverse needs the values "
                                 "from before the launch, and ti.ad.Tape keeps no copies",
                                 remedy="use kd.Tape, which snapshots such fields and restores them for the reverse")
-        tape.insert(_TaichiTapeEntry(kernel, kwargs), args)
-        return lambda: _off_taichi_records(runtime, lambda: kernel.launch(*args, **kwargs))
+        entry = _TaichiTapeEntry(kernel, kwargs)
+        tape.insert(entry, args)
+        return lambda: _off_taichi_records(runtime, lambda: entry(*args))
     return lambda: kernel.own_values(_off_taichi_records(runtime, lambda: kernel.forward.launch(*args, **kwargs)))
 
 
@@ -99,15 +100,18 @@ class _TaichiTapeEntry:
 
     def __init__(self, kernel, kwargs):
         from taichi.lang.enums import AutodiffMode
+        from .runtime.draws import new_seed
         self.kernel, self.kwargs = kernel, kwargs
         self.autodiff_mode = AutodiffMode.NONE
+        self.seed = new_seed()  # of the random numbers the launch draws, drawn again by its reverse
 
-    def __call__(self, *args):  # ti.ad.Tape(grad_check=[...]) reruns its calls
-        return self.kernel.launch(*args, **self.kwargs)
+    def __call__(self, *args):  # the launch; ti.ad.Tape(grad_check=[...]) reruns its calls
+        return self.kernel.launch_seeded(self.seed, args, self.kwargs)
 
     def grad(self, *args):
         # a value the kernel returns is not the loss: its cotangent is 0, as under kd.Tape
-        self.kernel.reverse.launch(*args, cotangent=0.0 if self.kernel.returned_values() else None, **self.kwargs)
+        self.kernel.reverse.launch_seeded(self.seed, args, self.kwargs,
+                                          cotangent=0.0 if self.kernel.returned_values() else None)
 
 
 def is_custom_gradient(fn):
@@ -373,6 +377,7 @@ class Tape:
         self.watched = {}  # id(field) -> (field, [(host accessor, its own setter)]): see _watch
         self.writing_element = False
         self.custom = None  # the last @ti.ad.grad_replaced function called inside (_CustomGradient)
+        self.draw_seeds = {}  # id(record) -> the seed its launch drew random numbers from (runtime/draws.py)
 
     def __enter__(self):
         if _ACTIVE:
@@ -401,6 +406,7 @@ class Tape:
             out = kernel.launch(*args, **kwargs)
             self._note(accesses)
             self.records.append((kernel, args, kwargs, saved, before))
+            self.draw_seeds[id(self.records[-1])] = kernel.root.draw_seed  # (its reverse draws the same)
             return out
         return run
 
@@ -555,8 +561,8 @@ class Tape:
             else:
                 # A value the kernel returned is not the loss: its cotangent is 0 (a reverse kernel
                 # launched alone seeds it with 1).
-                kernel.reverse_at(level, from_inputs=bool(before)).launch(
-                    *args, cotangent=0.0 if kernel.returned_values() else None, **kwargs)
+                kernel.reverse_at(level, from_inputs=bool(before)).launch_seeded(
+                    self.draw_seeds[id(rec)], args, kwargs, cotangent=0.0 if kernel.returned_values() else None)
             for f, arr in saved.values():
                 _restore(f, arr)
         for f, arr in final.values():

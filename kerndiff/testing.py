@@ -58,9 +58,16 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
         _check_field(f, "kd.check_grad")
     eps, rtol, atol = _defaults(inputs, output, eps, rtol, atol)
     rng = np.random.default_rng(seed)
+    from .runtime.draws import fixed_seeds
     from .runtime.kernel import Kernel
-    if not isinstance(kernel, Kernel):
-        return _check_program(kernel, inputs, output, eps, rtol, atol, args, directions, order, rng)
+    # every run draws the same random numbers (runtime/draws.py): the differences' runs too
+    with fixed_seeds(constant=isinstance(kernel, Kernel)):
+        if not isinstance(kernel, Kernel):
+            return _check_program(kernel, inputs, output, eps, rtol, atol, args, directions, order, rng)
+        return _check_kernel(kernel, inputs, output, eps, rtol, atol, args, directions, order, rng)
+
+
+def _check_kernel(kernel, inputs, output, eps, rtol, atol, args, directions, order, rng):
     kept = [(f, f.to_numpy()) for f in _touched_fields(kernel, inputs, output, args)]
     x0 = [read(f) for f in inputs]
     w = _shape_like(output, rng)
@@ -102,7 +109,7 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
             if id(f) not in had:  # made by the check: left zero-filled, as kd.dual/kd.adjoint make them
                 f.fill(0)
     _warn_if_all_zero(rows, kernel.dotted_name, "and is every adjoint or dual the kernel reads as a constant set "
-                      "(a reverse kernel's output adjoint, a forward kernel's input duals)")
+                      "(a reverse kernel's output adjoint, a forward kernel's input duals)", stacklevel=4)
     return _report(rows, rtol, atol, [kernel] if kernel.draws(*args) else [])
 
 

@@ -322,15 +322,19 @@ def test_bitwise_operators_need_integers(f):
 
 
 def test_random_numbers_inside_a_kernel(f):
-    """The primal and forward kernels draw their own numbers (test_random); the reverse here
-    needs the one drawn (x's adjoint is scaled by it), and a redraw would be another."""
+    """A reverse kernel draws again what its primal drew (test_random), from the launch's seed
+    and the loop indices; a draw inside a while loop has no index to key it with, so a reverse
+    that needs one (x's adjoint is scaled by it) is refused."""
     x, s, n = f["x"], f["s"], f["n"]
     kd.adjoint(x)
 
     @kd.kernel
     def k():
         for i in x:
-            s[None] += ti.random() * x[i] ** 2
+            t = 0
+            while t < 2:
+                s[None] += ti.random() * x[i] ** 2
+                t += 1
 
     @kd.kernel
     def integers():
@@ -344,8 +348,8 @@ def test_random_numbers_inside_a_kernel(f):
 
     k()
     k.forward()
-    raises(k.reverse, "the reverse of k needs the number drawn here (ti.random, ti.randn)", "cannot draw again",
-           "draw the numbers into a field in a kd.kernel of its own (noise[i] = ti.random()",
+    raises(k.reverse, "the reverse of k needs the number drawn here (ti.random, ti.randn) inside a while loop",
+           "cannot draw again", "draw it in a counted loop (for t in range(n_max): with `if done: break`)",
            line_text="s[None] += ti.random() * x[i] ** 2")
     raises(integers, "ti.randn draws floats, not i32", line_text="n[i] = ti.cast(ti.randn(ti.i32), ti.i32)")
     raises(not_a_dtype, "ti.random takes a dtype, not 3", line_text="x[i] = ti.random(3)")

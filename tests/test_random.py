@@ -1,13 +1,35 @@
 """ti.random and ti.randn inside kd.kernels. Each draw is bound to a local once, so every use reads
-the same number; a forward kernel draws its own numbers and derives at them; a reverse kernel
-that needs none of them (noise drawn into a field, a kick added in place) runs, one that needs
-one is refused (test_errors). The draws of a run are not known beforehand, so the derivatives
-are checked against the analytic ones at the values the fields hold afterwards."""
+the same number. The numbers are keyed (kerndiff/codegen/draws.py): a hash of the launch's seed,
+the draw's place in the kernel and its loop indices, so a reverse kernel draws again what the
+primal launch drew (the seed of the family's latest primal or forward launch; kd.Tape keeps each
+launch's), and kd.check_grad's runs all draw alike. The references: the analytic derivatives at
+the numbers drawn (read back from the fields the kernels write), and central differences."""
 import numpy as np
 import pytest
 import taichi as ti
 
 import kerndiff as kd
+
+
+def numpy_keyed_random(seed, site, indexes):
+    """codegen/draws.py's f32 numbers, in numpy (uint32 arithmetic wraps as on the device): the
+    reference for the numbers every arch draws."""
+    def mixed(h):
+        h = h ^ (h >> np.uint32(16))
+        h = h * np.uint32(0x7FEB352D)
+        h = h ^ (h >> np.uint32(15))
+        h = h * np.uint32(0x846CA68B)
+        return h ^ (h >> np.uint32(16))
+
+    def combined(h, part):
+        return mixed(h ^ (np.asarray(part).astype(np.uint32) + np.uint32(0x9E3779B9) + (h << np.uint32(6))
+                          + (h >> np.uint32(2))))
+
+    with np.errstate(over="ignore"):
+        h = combined(mixed(np.uint32(seed)), np.uint32(site))
+        for index in indexes:
+            h = combined(h, index)
+    return (h >> np.uint32(8)).astype(np.float64) / 2 ** 24
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,8 +75,8 @@ def test_noise_and_kicks_under_tape():
     np.testing.assert_allclose(kd.adjoint(x).to_numpy(), expected, rtol=1e-12, atol=1e-14)
     kicks = vv - (np.sin(xv) + drawn * xv)
     assert np.all(kicks != 0.0) and len(set(kicks)) == n  # (each element its own draw)
-    assert "= ti.random(ti.f64)" not in draw_noise.reverse.source + kick.reverse.source
-    assert "= ti.random(ti.f64)" in draw_noise.source and "= ti.random(ti.f64)" in kick.source
+    assert "keyed_random(" not in draw_noise.reverse.source + kick.reverse.source  # (it needs none)
+    assert "= keyed_random(ti.f64, draw_seed, " in draw_noise.source and "keyed_random(" in kick.source
 
 
 def test_forward_kernels_derive_at_their_own_draws():
@@ -82,7 +104,7 @@ def test_forward_kernels_derive_at_their_own_draws():
     scaled.forward.forward()
     yv, d2y = y.to_numpy(), kd.dual(kd.dual(y), 2).to_numpy()
     np.testing.assert_allclose(d2y, 2 * yv / xv ** 2, rtol=1e-14)
-    assert scaled.forward.source.count("= ti.random(ti.f64)") == 1
+    assert scaled.forward.source.count("= keyed_random(ti.f64, ") == 1
 
 
 def test_draws_are_apart():
@@ -116,9 +138,140 @@ def test_draws_are_apart():
     assert len(set(k.to_numpy())) > 900
 
 
+def test_numbers_are_the_keyed_hash():
+    """A launch with a given seed draws codegen/draws.py's hash of (seed, the draw's number, the
+    loop indices), as numpy computes it: the same numbers on every arch (test_vulkan) and in
+    every kernel of the family given that seed."""
+    u = ti.field(ti.f32, (6, 40))
+
+    @kd.kernel
+    def fill():
+        for i, j in u:
+            u[i, j] = ti.random(ti.f32)
+
+    i, j = np.meshgrid(np.arange(6), np.arange(40), indexing="ij")
+    for seed in (0, 12345, 2 ** 32 - 1):
+        fill.launch_seeded(seed, (), {})
+        np.testing.assert_array_equal(u.to_numpy(), numpy_keyed_random(seed, 1, [i, j]).astype(np.float32))
+    assert fill.draw_seed == 2 ** 32 - 1
+    fill()
+    assert fill.draw_seed != 2 ** 32 - 1 and not np.array_equal(u.to_numpy(), numpy_keyed_random(2 ** 32 - 1, 1, [i, j]))
+
+
+def test_reverse_draws_what_the_primal_drew():
+    """y = mu + sigma z with z = ti.randn() (the reparameterization trick) and loss = Σ y²: the
+    reverse kernel's gradients are 2 y and 2 y z at the z the primal drew (read back as
+    (y - mu) / sigma), so is H·v after k.forward (which draws anew, as a launch does), and a new
+    primal launch draws other numbers. Taichi's own AD refuses any kernel with ti.random."""
+    n = 32
+    mu, sigma = ti.field(ti.f64, n, needs_grad=True), ti.field(ti.f64, n, needs_grad=True)
+    y, loss = ti.field(ti.f64, n, needs_grad=True), ti.field(ti.f64, (), needs_grad=True)
+    kd.dual(mu), kd.dual(sigma), kd.dual(mu.grad), kd.dual(sigma.grad)
+
+    @kd.kernel
+    def sample():
+        for i in mu:
+            z = ti.randn()
+            y[i] = mu[i] + sigma[i] * z
+            loss[None] += y[i] ** 2
+
+    mv, sv = np.linspace(-1.0, 1.0, n), np.linspace(0.5, 2.0, n)
+    mu.from_numpy(mv)
+    sigma.from_numpy(sv)
+    sample()
+    yv = y.to_numpy()
+    z = (yv - mv) / sv
+    assert abs(z.mean()) < 0.6 and 0.5 < z.std() < 1.6
+    kd.adjoint(loss)[None] = 1.0
+    sample.reverse()
+    np.testing.assert_allclose(kd.adjoint(mu).to_numpy(), 2 * yv, rtol=1e-12)
+    np.testing.assert_allclose(kd.adjoint(sigma).to_numpy(), 2 * yv * z, rtol=1e-12, atol=1e-14)
+
+    # H·v: the Hessian of Σ (mu + sigma z)² is 2 [[1, z], [z, z²]] per element
+    vm, vs = np.cos(np.arange(n)), np.sin(np.arange(n))
+    kd.dual(mu).from_numpy(vm)
+    kd.dual(sigma).from_numpy(vs)
+    y.fill(0)
+    loss[None] = 0.0
+    sample.forward()
+    z2 = (y.to_numpy() - mv) / sv
+    assert np.all(z2 != z)  # (a new launch, new numbers)
+    for d in (mu.grad, sigma.grad, kd.dual(mu.grad), kd.dual(sigma.grad)):
+        d.fill(0)
+    sample.reverse.forward()
+    np.testing.assert_allclose(kd.dual(mu.grad).to_numpy(), 2 * (vm + z2 * vs), rtol=1e-12)
+    np.testing.assert_allclose(kd.dual(sigma.grad).to_numpy(), 2 * z2 * (vm + z2 * vs), rtol=1e-12, atol=1e-14)
+    assert kd.check_grad(sample, [mu, sigma], loss, order=2) < 1e-6
+    assert "keyed_random(ti.f64, draw_seed, 1, ti.Vector([i]))" in sample.reverse.source
+
+
+def test_tape_keeps_each_launch_seed():
+    """A random walk x[t + 1, i] = x[t, i] + sigma ti.randn(), one launch per step, each drawing
+    its own numbers: kd.Tape's (and ti.ad.Tape's) d loss / d sigma is Σ_i 2 x[T, i] Σ_t z[t, i]
+    at the steps' numbers, and kd.check_grad of the program agrees with central differences
+    (it fixes the launches' seeds, so each of its runs draws alike)."""
+    n, steps = 16, 6
+    x = ti.field(ti.f64, (steps + 1, n), needs_grad=True)
+    sigma, loss = ti.field(ti.f64, (), needs_grad=True), ti.field(ti.f64, (), needs_grad=True)
+
+    @kd.kernel
+    def step(t: ti.i32):
+        for i in range(n):
+            x[t + 1, i] = x[t, i] + sigma[None] * ti.randn()
+
+    @kd.kernel
+    def measure():
+        for i in range(n):
+            loss[None] += x[steps, i] ** 2
+
+    def walk():
+        for t in range(steps):
+            step(t)
+        measure()
+
+    sigma[None] = 0.7
+    for tape in (lambda: kd.Tape(loss), lambda: ti.ad.Tape(loss)):
+        with tape():
+            walk()
+        xv = x.to_numpy()
+        z = np.diff(xv, axis=0) / 0.7
+        assert len(set(np.round(z[:, 0], 12))) == steps  # (each launch its own numbers)
+        np.testing.assert_allclose(kd.adjoint(sigma)[None], np.sum(2 * xv[steps] * z.sum(0)), rtol=1e-10)
+    assert kd.check_grad(walk, [sigma], loss, order=2) < 1e-6
+
+
+def test_draws_in_inner_loops_and_functions():
+    """Draws inside a serial inner loop that carries a value (the reverse runs its trips
+    backward, drawing each trip's number again) and inside a ti.func called twice (two draws):
+    kd.check_grad's reverse, forward and H·v against central differences."""
+    n = 8
+    a, sigma = ti.field(ti.f64, n, needs_grad=True), ti.field(ti.f64, (), needs_grad=True)
+    out = ti.field(ti.f64, n, needs_grad=True)
+
+    @ti.func
+    def jitter(v):
+        return v + sigma[None] * ti.random()
+
+    @kd.kernel
+    def walk():
+        for i in a:
+            v = 1.0
+            for t in range(5):
+                v = ti.sin(v * a[i]) + sigma[None] ** 2 * ti.randn()
+            out[i] = jitter(v) * jitter(a[i])
+
+    a.from_numpy(np.linspace(0.2, 1.2, n))
+    sigma[None] = 0.3
+    assert kd.check_grad(walk, [a, sigma], out, order=2) < 1e-6
+    source = walk.reverse.source  # (the inner loop's draws keyed by its trip, the functions' apart)
+    assert "draw_seed, 1, ti.Vector([i, t" in source and "draw_seed, 3, ti.Vector([i]))" in source \
+        and "draw_seed, 4, ti.Vector([i]))" in source
+
+
 def test_check_grad_says_when_differences_drew_anew():
-    """kd.check_grad's central differences run the kernel (or program) again, which draws other
-    numbers: where that makes the check fail, its message says which kernels draw."""
+    """A draw inside a while loop has no index to key it with: it is Taichi's own ti.random, and
+    kd.check_grad's central differences, which run the kernel (or program) again, draw other
+    numbers there; where that makes the check fail, its message says which kernels draw."""
     x = ti.field(ti.f64, 8, needs_grad=True)
     noisy = ti.field(ti.f64, 8, needs_grad=True)
     total = ti.field(ti.f64, (), needs_grad=True)
@@ -126,7 +279,11 @@ def test_check_grad_says_when_differences_drew_anew():
     @kd.kernel
     def plus_noise():
         for i in x:
-            noisy[i] = x[i] ** 2 + ti.random()
+            noisy[i] = x[i] ** 2
+            t = 0
+            while t < 1:
+                noisy[i] += ti.random()
+                t += 1
 
     @kd.kernel
     def sum_up():
@@ -143,3 +300,4 @@ def test_check_grad_says_when_differences_drew_anew():
     with pytest.raises(AssertionError, match=r"note: plus_noise draw\(s\) random numbers"):
         kd.check_grad(plus_noise, [x], noisy)
     assert not sum_up.draws() and plus_noise.draws()
+    assert "ti.random(ti.f64)" in plus_noise.source

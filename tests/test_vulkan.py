@@ -293,3 +293,35 @@ def test_random_draws_on_vulkan(vulkan_corpus):
     drawn, vv = noise.to_numpy().astype(np.float64), v.to_numpy().astype(np.float64)
     assert len(set(drawn)) == n and 0.15 < np.std(vv - np.sin(xv) - drawn * xv) < 0.5  # (the kicks: 0.3 randn)
     np.testing.assert_allclose(x.grad.to_numpy(), 2 * vv * (np.cos(xv) + drawn), rtol=1e-4, atol=1e-5)
+
+
+def test_keyed_draws_on_vulkan(vulkan_corpus):
+    """SPIR-V draws the numbers the CPU does for a seed (test_random's numpy reference of
+    codegen/draws.py), and a reverse kernel that needs them draws them again: y = x (1 + 0.2 z),
+    loss = Σ y², so x's adjoint is 2 y²/x at the primal's numbers."""
+    from test_random import numpy_keyed_random
+    n = 64
+    x, y = ti.field(ti.f32, n, needs_grad=True), ti.field(ti.f32, n, needs_grad=True)
+    u, loss = ti.field(ti.f32, n), ti.field(ti.f32, (), needs_grad=True)
+
+    @kd.kernel
+    def fill():
+        for i in u:
+            u[i] = ti.random(ti.f32)
+
+    @kd.kernel
+    def scaled():
+        for i in x:
+            y[i] = x[i] * (1.0 + 0.2 * ti.randn())
+            loss[None] += y[i] ** 2
+
+    fill.launch_seeded(4242, (), {})
+    np.testing.assert_array_equal(u.to_numpy(), numpy_keyed_random(4242, 1, [np.arange(n)]).astype(np.float32))
+    xv = np.linspace(0.5, 1.5, n).astype(np.float32)
+    x.from_numpy(xv)
+    scaled()
+    kd.adjoint(loss)[None] = 1.0
+    scaled.reverse()
+    yv = y.to_numpy().astype(np.float64)
+    assert np.std(yv / xv) > 0.1
+    np.testing.assert_allclose(x.grad.to_numpy(), 2 * yv ** 2 / xv, rtol=1e-4)

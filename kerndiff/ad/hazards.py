@@ -309,20 +309,23 @@ def refuse_reading_results(ir: N.KernelIR, primal: N.KernelIR, path: str):
 
 
 def refuse_redraws(reverse: N.KernelIR, ir: N.KernelIR, path: str):
-    """Refuse a reverse kernel that needs a number ti.random drew (`s += ti.random() * x[i] ** 2`:
-    x's adjoint is scaled by it). It would draw another one, and the derivative would belong to
-    other values than the kernel computed. A reverse that needs none (`noise[i] = ti.random()`,
-    `v[i] += ti.randn() * 0.1`) has them removed as dead code and is not refused."""
-    drawn = draws_numbers(reverse.body)
+    """Refuse a reverse kernel that needs a number Taichi's own ti.random drew: a draw inside a
+    while loop (`s += ti.random() * x[i] ** 2` there scales x's adjoint by it), whose trips have
+    no index to key the draw with (frontend.calls.random_draw). It would draw another number, and
+    the derivative would belong to other values than the kernel computed. Keyed draws, everywhere
+    else, the reverse draws again from the primal's seed; a reverse that needs no unkeyed draw
+    (`noise[i] = ti.random()`, a kick added in place) has them removed as dead code."""
+    drawn = draws_numbers(reverse.body, unkeyed=True)
     if not drawn:
         return
     where = next((s.src for s in iter_stmts(ir.body) if isinstance(s, N.Assign) and isinstance(s.value, N.Call)
                   and s.value.op == "random" and s.value.args[0] in drawn), None)
     raise KernDiffError(
-        f"{path} needs the number drawn here (ti.random, ti.randn), which a reverse kernel cannot draw again "
-        "(it would draw another, and the derivative would belong to other values than the kernel computed)",
-        where, "draw the numbers into a field in a kd.kernel of its own (noise[i] = ti.random(), whose reverse "
-               "needs none of them) and read the field here")
+        f"{path} needs the number drawn here (ti.random, ti.randn) inside a while loop, which a reverse kernel "
+        "cannot draw again (a while loop's trips have no index to key the draw with: it would draw another, and "
+        "the derivative would belong to other values than the kernel computed)",
+        where, "draw it in a counted loop (for t in range(n_max): with `if done: break`), whose index keys the "
+               "draw, or draw the numbers into a field in a kd.kernel of its own and read the field here")
 
 
 def _dual_base(field):

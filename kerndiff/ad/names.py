@@ -70,6 +70,7 @@ class NameAllocator:
     def __init__(self, taken=()):
         self.taken = set(taken)
         self.draws = 0  # the ti.random calls of the kernel lowered so far (ir.ops.RANDOM numbers them)
+        self.seed = ""  # the name of the kernel's draw-seed parameter, once a draw needs it
 
     def fresh(self, base: str) -> str:
         base = base or "t"

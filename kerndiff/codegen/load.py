@@ -22,7 +22,7 @@ from .emit import emit_kernel
 # the functions generated kernels may call, and the module of this package that defines each
 HELPERS = {"claim_slot": ".slots", "sincos": ".cpu_math", "sincos4": ".cpu_math", "exp4": ".cpu_math", "tanh_via_exp": ".cpu_math",
            "polar_rotation": ".decompositions", "polar_rotation_entry": ".decompositions",
-           "mul_or_zero": ".products"}
+           "mul_or_zero": ".products", "keyed_random": ".draws"}
 
 
 def collect_fields(ir: N.KernelIR):

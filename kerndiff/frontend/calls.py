@@ -147,9 +147,12 @@ _LIBRARY_MODULES = ("numpy", "random", "time", "taichi", "kerndiff", "builtins")
 def random_draw(lw, fn, args, kwargs, node):
     """ti.random(dtype) and ti.randn(dt): each number drawn is bound to a local of its own at once
     (named as the local the call is assigned to, where it is) and numbered apart (ir.ops.RANDOM),
-    so that every use reads the same draw. A forward kernel draws its own numbers, once, and
-    derives at them; a reverse kernel that needs a number the primal drew cannot draw it again,
-    and ad.hazards.refuse_redraws says so. ti.randn is Taichi's Box-Muller, from two draws."""
+    so that every use reads the same draw. The number is keyed (codegen/draws.py): a hash of the
+    launch's seed (the kernel's u32 parameter NameAllocator.seed), the draw's number and the
+    indices of the loops around it, so that a reverse kernel, given the primal launch's seed,
+    draws again exactly what the primal drew. A draw inside a while loop, whose trips have no
+    index, is Taichi's own ti.random (unkeyed: a reverse that needs it is refused,
+    ad.hazards.refuse_redraws). ti.randn is Taichi's Box-Muller, from two draws."""
     name = "dtype" if fn is ti.random else "dt"
     dtype = args[0] if args else kwargs.get(name)
     try:
@@ -158,10 +161,14 @@ def random_draw(lw, fn, args, kwargs, node):
         raise lw.error(node, f"ti.{fn.__name__} takes a dtype, not {dtype!r}", "pass ti.f32, ti.f64, float or int") from None
     if fn is ti.randn and not is_float(dt):
         raise lw.error(node, f"ti.randn draws floats, not {dt}", "pass ti.f32 or ti.f64")
+    key = ()
+    if all(indexes is not None for indexes in lw.loop_indexes):
+        lw.names.seed = lw.names.seed or lw.names.fresh("draw_seed")
+        key = (B.var(lw.names.seed, "u32"),) + tuple(B.var(v, "i32") for indexes in lw.loop_indexes for v in indexes)
 
     def draw(hint):
         lw.names.draws += 1
-        return lw.materialize(B.call("random", B.const(lw.names.draws, dt)), hint, node)
+        return lw.materialize(B.call("random", B.const(lw.names.draws, dt), *key), hint, node)
     if fn is ti.random:
         return draw(lw.assigned_to.get(id(node)) or "drawn")
     u1 = B.sub(B.const(1.0, dt), draw("u1"))

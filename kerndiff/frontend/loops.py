@@ -128,8 +128,10 @@ def lower_for(lw, node):
         lw.parallel_loops += 1
         lw.reduction_frame = {"outer": {n: v for n, v in lw.scope.items() if isinstance(v, Local)}, "fields": {},
                               "ops": {}, "loop": lw.parallel_loops}
+    lw.loop_indexes.append(header_vars)
     for s in node.body:
         lw.stmt(s)
+    lw.loop_indexes.pop()
     body = tuple(lw.blocks.pop())
     # As in Taichi, names first bound inside a loop (its index too) end with it: a later loop may
     # bind them afresh, and nothing after the loop reads an iteration's value (or an unset one).

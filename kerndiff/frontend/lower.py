@@ -60,6 +60,9 @@ class Lowerer(Assignments, Expressions):
         self.blocks = [[]]
         self.depth = 0 if parent is None else parent.depth
         self.loop_depth = 0 if parent is None else parent.loop_depth
+        # per enclosing loop, its index variables ([] for a while loop's trips, which have none):
+        # what keys a random draw to its iteration (frontend.calls.random_draw)
+        self.loop_indexes = [] if parent is None else list(parent.loop_indexes)
         self.serialize_next = False
         self.loop_config_next = ()  # ti.loop_config's other options, for the next outermost loop
         self.reduction_frame = None
@@ -524,8 +527,10 @@ class Lowerer(Assignments, Expressions):
                              "compute the condition in a local before the loop and at the end of the body")
         self.depth += 1
         self.loop_depth += 1
+        self.loop_indexes.append(None)
         before = dict(self.scope)
         body = self.block(node.body)
+        self.loop_indexes.pop()
         self.end_names(before, f"the while loop at line {self.loc(node).line}",
                        "assign '{name}' before the loop (e.g. {name} = 0.0) to carry it out of the loop")
         self.depth -= 1
@@ -600,8 +605,11 @@ def lower_kernel(fn, bound_args: dict, param_dtypes: dict, return_dtype):
     if return_dtype is not None and not returns:
         raise KernDiffError(f"kernel {fn.__name__} is annotated to return a value but has no return",
                             remedy="add a return statement or drop the annotation")
+    if names.seed:  # the launch's draw seed (runtime/draws.py), after the user's parameters
+        params.append(N.Param(names.seed, "u32"))
     aliases = tuple((fid, name) for fid, (_, name) in lw.field_aliases.items())
-    ir = N.KernelIR(fn.__name__, tuple(params), tuple(lw.blocks[0]), tuple(returns), tuple(src.lines), aliases)
+    ir = N.KernelIR(fn.__name__, tuple(params), tuple(lw.blocks[0]), tuple(returns), tuple(src.lines), aliases,
+                    seed=names.seed)
     fetched = old_value_atomics(ir.body)
     if fetched and writes_floats(ir):
         first = fetched[0]

@@ -203,3 +203,7 @@ class KernelIR:
     # a comment codegen puts at the top of the kernel's body: how it was made, where that is not
     # the path's transforms one after the other (ad/forward_reverse.py)
     note: str = dc_field(default="", compare=False)
+    # the name of the u32 parameter that carries a launch's draw seed, where the kernel draws
+    # random numbers (codegen/draws.py; runtime/draws.py chooses the seed); it follows the
+    # user's parameters, and a reverse kernel's cotangent parameters follow it
+    seed: str = ""

@@ -68,6 +68,7 @@ class Kernel:
         self._signature = None
         self._return_shape = None  # `-> ti.math.vec3`: (3,); its components are returned as a tuple
         self._last_key = None
+        self.draw_seed = None  # (the root's: the seed of the family's latest launch that drew, runtime/draws.py)
 
     # ---------------------------------------------------------------- transforms
     def _child(self, step):
@@ -282,10 +283,11 @@ class Kernel:
         return written, read_
 
     def draws(self, *args, **kwargs):
-        """Whether this kernel draws random numbers (ti.random, ti.randn) for these arguments."""
+        """Whether this kernel draws random numbers that a launch with the same seed does not draw
+        again (ti.random, ti.randn inside a while loop: codegen/draws.py) for these arguments."""
         from ..ir.walk import draws_numbers
         templates, _, _ = self._bind(args, kwargs)
-        return bool(draws_numbers(self._compiled(templates)["ir"].body))
+        return bool(draws_numbers(self._compiled(templates)["ir"].body, unkeyed=True))
 
     def footprint(self, *args, **kwargs):
         """Concrete per-launch field accesses [(field, 'read'|'write', index pattern)], see hazards."""
@@ -497,10 +499,19 @@ class Kernel:
 
     def launch(self, *args, cotangent=None, **kwargs):
         """Run this kernel now (no Tape / FwdMode interception)."""
+        return self.launch_seeded(None, args, kwargs, cotangent)
+
+    def launch_seeded(self, seed, args, kwargs, cotangent=None):
+        """launch, drawing random numbers from `seed` (runtime/draws.py), or, if None, from a new one
+        for a kernel that runs the program (the primal, forward kernels) and from the seed of the
+        family's latest such launch for one with a reverse step. The seed a launch took is the
+        root's `draw_seed` afterwards (kd.Tape keeps it for the launch's reverse)."""
         templates, scalars, _ = self._bind(args, kwargs)
         entry = self._compiled(templates)
         ir = entry["ir"]
         call_args = [v for _, _, v in scalars]
+        if ir.seed:
+            call_args.append(self._launch_seed(seed))
         extra = [p for p in ir.params[len(call_args):]]
         if extra:
             per_value = "pass one cotangent per returned value"
@@ -534,6 +545,15 @@ class Kernel:
                 run = variant[0]
         out = run(*call_args)
         return self.returned(tuple(out) if isinstance(out, list) else out)
+
+    def _launch_seed(self, given):
+        from . import draws
+        reverses = any(step.startswith("reverse") for step in self.path)
+        if given is None:
+            given = self.root.draw_seed if reverses and self.root.draw_seed is not None else draws.new_seed()
+        if not reverses:
+            draws.note_seed(self.root, given)
+        return given
 
     def own_values(self, forward_out):
         """What this kernel returns when a forward-mode context (kd.FwdMode, ti.ad.FwdMode) runs its
