@@ -4,13 +4,14 @@ Particles repel their neighbours, which a grid finds: every step bins them into 
 each particle's slot in its cell taken from the old value `ti.atomic_add(count[c], 1)` returns, as
 Taichi programs build neighbour lists (a kernel that writes integers only has nothing to reverse,
 so kd.Tape runs it among the differentiated ones). Each step also kicks every particle by normal
-noise, drawn by `ti.randn()` into a field in a kernel of its own, whose reverse needs no drawn
-number (the step's would: the walls' bounces depend on where a kick took a particle, so the step
-reads the kicks from the field rather than drawing them itself). The loss is the squared distance
-of the blob's centre to a target after the last step; gradient descent (Adam) on the throw's
-velocity, with new noise every iteration, aims it. The gradient of the noiseless simulation is
-first checked against central differences (kd.check_grad), in f64: a GPU's SPIR-V backend has no
-f64 logarithm or cosine for ti.randn, so there the demo runs in f32, unchecked.
+noise drawn where it is added, `ti.randn()` in the step kernel: the walls' bounces depend on where
+a kick took a particle, so the step's reverse needs the numbers its launch drew, and draws them
+again (kerndiff's numbers are keyed by the launch's seed and the loop index; kd.Tape keeps each
+launch's seed). The loss is the squared distance of the blob's centre to a target after the last
+step; gradient descent (Adam) on the throw's velocity, with new noise every iteration, aims it.
+The gradient of the noisy simulation is first checked against central differences
+(kd.check_grad, whose runs all draw the same noise), in f64: a GPU's SPIR-V backend has no f64
+logarithm or cosine for ti.randn, so there the demo runs in f32, unchecked.
 
     python demos/particle_blob.py [--side 8] [--steps 80] [--iters 40] [--out blob.png] [--arch cpu|gpu]
 """
@@ -30,7 +31,6 @@ def build(side, steps, dt=0.004, noise=0.2, stiffness=4.0):
     n, h = side * side, 1.0 / GRID
     x = ti.Vector.field(2, ti.f64, shape=(steps + 1, n))
     v = ti.Vector.field(2, ti.f64, shape=(steps + 1, n))
-    kicks = ti.Vector.field(2, ti.f64, shape=(steps, n))
     v0 = ti.Vector.field(2, ti.f64, shape=())
     count = ti.field(ti.i32, shape=(GRID, GRID))
     members = ti.field(ti.i32, shape=(GRID, GRID, n))
@@ -58,11 +58,6 @@ def build(side, steps, dt=0.004, noise=0.2, stiffness=4.0):
             members[c, ti.atomic_add(count[c], 1)] = i
 
     @kd.kernel
-    def draw_kicks(t: ti.i32):
-        for i in range(n):
-            kicks[t, i] = ti.Vector([ti.randn(), ti.randn()]) * sigma[None] * ti.sqrt(dt)
-
-    @kd.kernel
     def step(t: ti.i32):
         for i in range(n):
             c = cell_of(x[t, i])
@@ -76,7 +71,8 @@ def build(side, steps, dt=0.004, noise=0.2, stiffness=4.0):
                         r2 = d.norm_sqr()
                         if j != i and r2 < h * h:
                             push += stiffness * (1.0 - r2 / (h * h)) ** 2 * d / h
-            vn = v[t, i] + dt * push + kicks[t, i]
+            kick = ti.Vector([ti.randn(), ti.randn()]) * sigma[None] * ti.sqrt(dt)
+            vn = v[t, i] + dt * push + kick
             x[t + 1, i], v[t + 1, i] = bounce(x[t, i] + dt * vn, vn)
 
     @kd.kernel
@@ -91,7 +87,6 @@ def build(side, steps, dt=0.004, noise=0.2, stiffness=4.0):
         throw()
         for t in range(steps):
             bin_particles(t)
-            draw_kicks(t)
             step(t)
         measure()
 
@@ -103,9 +98,7 @@ def optimise(side, steps, iters, lr=0.1, decay=0.97, verbose=True):
     v0[None] = ti.Vector([1.2, -0.4])
     error = None
     if impl.current_cfg().default_fp == ti.f64:  # (f32 differences cannot resolve this gradient)
-        noise, sigma[None] = sigma[None], 0.0
-        error = kd.check_grad(simulate, [v0], loss)  # (noiseless: differences would draw anew)
-        sigma[None] = noise
+        error = kd.check_grad(simulate, [v0], loss)  # (its runs draw alike: it fixes the seeds)
     history, clouds = descend(simulate, loss, v0, Adam(2, lr, decay), iters, lambda: x.to_numpy().copy(), verbose)
     return history, clouds, v0.to_numpy(), error
 

@@ -46,7 +46,8 @@ def test_billiards_loss_falls_tenfold(f64):
 
 
 def test_particle_blob_reaches_the_target(f64):
-    """Neighbour grids built by atomics' old values and noise drawn by ti.randn, under kd.Tape."""
+    """Neighbour grids built by atomics' old values and noise drawn by ti.randn in the step kernel,
+    whose reverse draws it again, under kd.Tape; the noisy gradient against central differences."""
     import particle_blob as demo
     history, clouds, v0, error = demo.optimise(side=4, steps=60, iters=30, verbose=False)
     assert error < 1e-6
