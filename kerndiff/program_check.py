@@ -48,7 +48,6 @@ class _Recorder:
         self.touched = {}  # id(field) -> field: the float fields the program's kernels touched
         self.inputs = {id(f): f for f in inputs}
         self.inputs_set = []  # inputs the program writes from Python before a kernel reads them
-        self.drawing = []  # the kernels it launched that draw random numbers
 
     def keep(self, f):
         if id(f) not in self.kept:
@@ -65,8 +64,6 @@ class _Recorder:
                         d = REGISTRY.get(f, kind, 1)
                         if d is not None:
                             self.keep(d)
-            if kernel.draws(*args, **kwargs) and kernel not in self.drawing:
-                self.drawing.append(kernel)
             return kernel.launch(*args, **kwargs)
         return run
 

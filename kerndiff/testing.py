@@ -110,7 +110,7 @@ def _check_kernel(kernel, inputs, output, eps, rtol, atol, args, directions, ord
                 f.fill(0)
     _warn_if_all_zero(rows, kernel.dotted_name, "and is every adjoint or dual the kernel reads as a constant set "
                       "(a reverse kernel's output adjoint, a forward kernel's input duals)", stacklevel=4)
-    return _report(rows, rtol, atol, [kernel] if kernel.draws(*args) else [])
+    return _report(rows, rtol, atol)
 
 
 def _warn_if_all_zero(rows, name, question, stacklevel=3):
@@ -160,7 +160,7 @@ def _check_program(program, inputs, output, eps, rtol, atol, args, directions, o
     finally:
         check.finish()
     _warn_if_all_zero(rows, name, "and do they reach it only through kernels (not through Python)", stacklevel=4)
-    return _report(rows, rtol, atol, check.recorder.drawing)
+    return _report(rows, rtol, atol)
 
 
 def _touched_fields(kernel, inputs, output, args):
@@ -183,10 +183,8 @@ def _touched_fields(kernel, inputs, output, args):
     return list(out.values())
 
 
-def _report(rows, rtol, atol, drawing=()):
-    """The largest relative error among rows, or an AssertionError with the worst ones; drawing:
-    the kernels checked that draw random numbers, which a failure's message names (each evaluation
-    of the finite differences drew other numbers)."""
+def _report(rows, rtol, atol):
+    """The largest relative error among rows, or an AssertionError with the worst ones."""
     errs = []
     for name, fd, fw, rv in rows:
         scale = max(abs(fd), abs(fw), abs(rv), 1.0)
@@ -202,9 +200,5 @@ def _report(rows, rtol, atol, drawing=()):
                  f"{'check':<18} {'finite diff':>16} {'forward':>16} {'reverse':>16} {'rel err':>10}"]
         for err, bad, name, fd, fw, rv in sorted(errs, key=lambda e: -e[0])[:10]:
             lines.append(f"{name:<18} {fd:16.8g} {fw:16.8g} {rv:16.8g} {err:10.2e}{'  <-' if bad else ''}")
-        if drawing:
-            lines.append(f"note: {', '.join(k.dotted_name for k in drawing)} draw(s) random numbers (ti.random, "
-                         "ti.randn), so each evaluation of the finite differences drew others: draw them into a "
-                         "field first and check the kernels that read it")
         raise AssertionError("\n".join(lines))
     return worst

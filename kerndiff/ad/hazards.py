@@ -11,7 +11,7 @@ import re
 from ..errors import KernDiffError
 from ..ir import nodes as N
 from ..runtime.registry import REGISTRY
-from ..ir.walk import assigned_names, blocks_of, draws_numbers, expr_children_of_stmt, iter_expr, iter_stmts
+from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts
 
 
 def field_events(stmts, top=None, out=None, loops=()):
@@ -306,26 +306,6 @@ def refuse_reading_results(ir: N.KernelIR, primal: N.KernelIR, path: str):
                         f"writes: it would hold {name} fixed and miss how it depends on the inputs",
                         s.src, "take second derivatives in forward mode over reverse: k.reverse.forward (H·v, "
                                "what kd.hvp runs) or k.forward.reverse")
-
-
-def refuse_redraws(reverse: N.KernelIR, ir: N.KernelIR, path: str):
-    """Refuse a reverse kernel that needs a number Taichi's own ti.random drew: a draw inside a
-    while loop (`s += ti.random() * x[i] ** 2` there scales x's adjoint by it), whose trips have
-    no index to key the draw with (frontend.calls.random_draw). It would draw another number, and
-    the derivative would belong to other values than the kernel computed. Keyed draws, everywhere
-    else, the reverse draws again from the primal's seed; a reverse that needs no unkeyed draw
-    (`noise[i] = ti.random()`, a kick added in place) has them removed as dead code."""
-    drawn = draws_numbers(reverse.body, unkeyed=True)
-    if not drawn:
-        return
-    where = next((s.src for s in iter_stmts(ir.body) if isinstance(s, N.Assign) and isinstance(s.value, N.Call)
-                  and s.value.op == "random" and s.value.args[0] in drawn), None)
-    raise KernDiffError(
-        f"{path} needs the number drawn here (ti.random, ti.randn) inside a while loop, which a reverse kernel "
-        "cannot draw again (a while loop's trips have no index to key the draw with: it would draw another, and "
-        "the derivative would belong to other values than the kernel computed)",
-        where, "draw it in a counted loop (for t in range(n_max): with `if done: break`), whose index keys the "
-               "draw, or draw the numbers into a field in a kd.kernel of its own and read the field here")
 
 
 def _dual_base(field):

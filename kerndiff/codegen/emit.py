@@ -227,9 +227,7 @@ class Emitter:
         if op == "polar_rotation":  # one entry alone (the nine in a row: Emitter.polar_rotation)
             entries = ", ".join(self.expr(a) for a in args[:9])
             return f"polar_rotation_entry(ti.{e.dtype}, {args[9].value}, {entries})", 100
-        if op == "random":  # random(number, seed, *indexes), or random(number) in a while loop: ir.ops.RANDOM
-            if len(args) == 1:
-                return f"ti.random(ti.{e.dtype})", 100
+        if op == "random":  # random(number, seed, *indexes): ir.ops.RANDOM
             indexes = ", ".join(self.expr(a) for a in args[2:]) or "0"
             return f"keyed_random(ti.{e.dtype}, {self.expr(args[1])}, {int(args[0].value)}, ti.Vector([{indexes}]))", 100
         if op == "claim_slot":  # opt.scatter: args[0] loads the busy flags, which the helper takes whole

@@ -149,10 +149,9 @@ def random_draw(lw, fn, args, kwargs, node):
     (named as the local the call is assigned to, where it is) and numbered apart (ir.ops.RANDOM),
     so that every use reads the same draw. The number is keyed (codegen/draws.py): a hash of the
     launch's seed (the kernel's u32 parameter NameAllocator.seed), the draw's number and the
-    indices of the loops around it, so that a reverse kernel, given the primal launch's seed,
-    draws again exactly what the primal drew. A draw inside a while loop, whose trips have no
-    index, is Taichi's own ti.random (unkeyed: a reverse that needs it is refused,
-    ad.hazards.refuse_redraws). ti.randn is Taichi's Box-Muller, from two draws."""
+    indices of the loops around it (a while loop's: a count of its trips), so that a reverse
+    kernel, given the primal launch's seed, draws again exactly what the primal drew. ti.randn is
+    Taichi's Box-Muller, from two draws."""
     name = "dtype" if fn is ti.random else "dt"
     dtype = args[0] if args else kwargs.get(name)
     try:
@@ -161,10 +160,13 @@ def random_draw(lw, fn, args, kwargs, node):
         raise lw.error(node, f"ti.{fn.__name__} takes a dtype, not {dtype!r}", "pass ti.f32, ti.f64, float or int") from None
     if fn is ti.randn and not is_float(dt):
         raise lw.error(node, f"ti.randn draws floats, not {dt}", "pass ti.f32 or ti.f64")
-    key = ()
-    if all(indexes is not None for indexes in lw.loop_indexes):
-        lw.names.seed = lw.names.seed or lw.names.fresh("draw_seed")
-        key = (B.var(lw.names.seed, "u32"),) + tuple(B.var(v, "i32") for indexes in lw.loop_indexes for v in indexes)
+    lw.names.seed = lw.names.seed or lw.names.fresh("draw_seed")
+    key = [B.var(lw.names.seed, "u32")]
+    for indexes in lw.loop_indexes:
+        if isinstance(indexes, dict):  # a while loop: the count of its trips (Lowerer.stmt_While makes it)
+            indexes["name"] = indexes["name"] or lw.names.fresh("trips")
+            indexes = [indexes["name"]]
+        key += [B.var(v, "i32") for v in indexes]
 
     def draw(hint):
         lw.names.draws += 1

@@ -60,8 +60,8 @@ class Lowerer(Assignments, Expressions):
         self.blocks = [[]]
         self.depth = 0 if parent is None else parent.depth
         self.loop_depth = 0 if parent is None else parent.loop_depth
-        # per enclosing loop, its index variables ([] for a while loop's trips, which have none):
-        # what keys a random draw to its iteration (frontend.calls.random_draw)
+        # per enclosing loop, its index variables, or for a while loop {"name": its trip counter's,
+        # once a draw needs it}: what keys a random draw to its iteration (calls.random_draw)
         self.loop_indexes = [] if parent is None else list(parent.loop_indexes)
         self.serialize_next = False
         self.loop_config_next = ()  # ti.loop_config's other options, for the next outermost loop
@@ -527,10 +527,15 @@ class Lowerer(Assignments, Expressions):
                              "compute the condition in a local before the loop and at the end of the body")
         self.depth += 1
         self.loop_depth += 1
-        self.loop_indexes.append(None)
+        trips = {"name": ""}  # a counter of the trips, made if a draw inside needs it as its key
+        self.loop_indexes.append(trips)
         before = dict(self.scope)
         body = self.block(node.body)
         self.loop_indexes.pop()
+        if trips["name"]:
+            count = B.var(trips["name"], "i32")
+            self.emit(N.Assign(trips["name"], B.const(0, "i32"), src=self.loc(node)))
+            body = (N.Assign(trips["name"], B.add(count, B.const(1, "i32")), src=self.loc(node)),) + body
         self.end_names(before, f"the while loop at line {self.loc(node).line}",
                        "assign '{name}' before the loop (e.g. {name} = 0.0) to carry it out of the loop")
         self.depth -= 1

@@ -25,10 +25,9 @@ OPAQUE = {"polar_rotation"}
 GUARDED_PRODUCT = {"mul_or_zero"}
 # random(k, seed, *indexes): a number drawn (codegen/draws.py), of k's dtype; k, a constant,
 # numbers the draws of a kernel apart, so that no pass takes two draws for one value (CSE would,
-# were they alike); seed (the launch's) and the indexes of the loops around the draw key it, so
-# that a kernel given the same seed draws it again. random(k) alone: Taichi's own ti.random, in a
-# while loop (its trips have no index to key a draw with). Its value depends on no input: no
-# derivative passes through it.
+# were they alike); seed (the launch's) and the indexes of the loops around the draw (a while
+# loop's: a count of its trips) key it, so that a kernel given the same seed draws it again. Its
+# value depends on no input: no derivative passes through it.
 RANDOM = {"random"}
 OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | CLASSIFY | BIT_COUNT | SPECIAL | OPAQUE \
     | GUARDED_PRODUCT | RANDOM

@@ -139,13 +139,6 @@ def old_value_atomics(stmts):
     return [s for s in iter_stmts(stmts) if isinstance(s, N.Atomic) and s.result]
 
 
-def draws_numbers(stmts, unkeyed=False) -> set:
-    """The numbers of the random draws (ir.ops.RANDOM's constants) that stmts make; unkeyed: only
-    of those no seed keys (Taichi's ti.random, in while loops), which no kernel can draw again."""
-    return {x.args[0] for s in iter_stmts(stmts) for e in expr_children_of_stmt(s)
-            for x in iter_expr(e) if isinstance(x, N.Call) and x.op == "random" and (len(x.args) == 1 or not unkeyed)}
-
-
 def writes_floats(ir) -> bool:
     """Whether the kernel stores, adds or returns a float value: else its reverse has no work."""
     from .types import is_float

@@ -282,13 +282,6 @@ class Kernel:
                 read_.append(r.field)
         return written, read_
 
-    def draws(self, *args, **kwargs):
-        """Whether this kernel draws random numbers that a launch with the same seed does not draw
-        again (ti.random, ti.randn inside a while loop: codegen/draws.py) for these arguments."""
-        from ..ir.walk import draws_numbers
-        templates, _, _ = self._bind(args, kwargs)
-        return bool(draws_numbers(self._compiled(templates)["ir"].body, unkeyed=True))
-
     def footprint(self, *args, **kwargs):
         """Concrete per-launch field accesses [(field, 'read'|'write', index pattern)], see hazards."""
         from ..ad.hazards import concrete, footprints
