@@ -4,11 +4,16 @@ the draw's place in the kernel and its loop indices, so a reverse kernel draws a
 primal launch drew (the seed of the family's latest primal or forward launch; kd.Tape keeps each
 launch's), and kd.check_grad's runs all draw alike. The references: the analytic derivatives at
 the numbers drawn (read back from the fields the kernels write), and central differences."""
+import os
+
 import numpy as np
 import pytest
 import taichi as ti
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kerndiff as kd
+import test_fuzz as fuzz
 
 
 def numpy_keyed_random(seed, site, indexes):
@@ -298,3 +303,49 @@ def test_draws_in_while_loops():
     ran = g[:, 1:] != 0
     assert np.all((factors[ran] > 1.0) & (factors[ran] < 1.5)) and len(set(factors[ran])) == np.count_nonzero(ran)
     assert "keyed_random(ti.f64, draw_seed, 1, ti.Vector([i, trips" in grow.reverse.source
+
+
+@st.composite
+def drawing_kernels(draw):
+    """test_fuzz's expression trees with draws among the leaves, around a serial loop carrying a
+    local (counted, with a conditional break, or a while loop) whose trips draw too. The draws
+    are bound to locals first (test_fuzz's domain-safe templates repeat their argument: `(r) *
+    (r)` is a square only of one number)."""
+    def tree(depth, extra=()):
+        return draw(fuzz.expr(depth, ["u", "z", *extra]))
+    trips = draw(st.integers(0, 4))
+    update = f"acc = 0.5 * acc + ti.tanh({tree(2, ['a', 'acc', 'kick'])})"
+    loop = draw(st.sampled_from([
+        [f"for k in range({trips}):", "    kick = ti.randn()", f"    {update}"],
+        [f"for k in range({trips}):", "    kick = ti.randn()", f"    {update}",
+         f"    if {tree(1, ['acc'])} > 0.5:", "        break"],
+        ["k = 0", f"while k < {trips} and acc < 1.5:", "    kick = ti.random()", f"    {update}", "    k += 1"]]))
+    # (a draw and x in a and out always: the check then shows something)
+    return "\n".join(["u = ti.random()", "z = ti.randn()", f"a = {tree(2)} + x[i] * u", "acc = 0.5", *loop,
+                      f"out[i] = {tree(2, ['a', 'acc'])} + a * acc"])
+
+
+@pytest.fixture(scope="module")
+def fuzz_fields():
+    rng = np.random.default_rng(0)
+    f = {"x": ti.field(ti.f64, 3, needs_grad=True), "y": ti.field(ti.f64, (2, 3), needs_grad=True),
+         "idx": ti.field(ti.i32, 3), "out": ti.field(ti.f64, 3, needs_grad=True)}
+    f["x"].from_numpy(rng.uniform(-1, 1, 3))
+    f["y"].from_numpy(rng.uniform(-1, 1, (2, 3)))
+    f["idx"].from_numpy(np.array([2, 0, 1], dtype=np.int32))
+    return f
+
+
+@settings(max_examples=int(os.environ.get("KERNDIFF_FUZZ_N", 200)) if fuzz.LONG else 8, deadline=None,
+          derandomize=os.environ.get("CI") == "true", suppress_health_check=list(HealthCheck))
+@given(body=drawing_kernels())
+def test_drawn_kernels_that_draw(fuzz_fields, body):
+    """Drawn kernels whose values and loops draw numbers: kd.check_grad's forward, reverse and
+    H·v against central differences (it fixes the seeds, so every run draws alike)."""
+    fn, src = fuzz.load(body, fuzz_fields)
+    k = kd.kernel(fn)
+    f = fuzz_fields
+    try:
+        kd.check_grad(k, [f["x"], f["y"]], f["out"], order=2)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{src}") from None
