@@ -29,7 +29,8 @@ def transform(ir, step, level, last_reverse=False, over_reverse=False):
     unguarded, ad.forward.Forward.guard_norms)."""
     from .ad.forward import forward_kernel
     from .ad.reverse import reverse_kernel
-    from .ir.walk import old_value_atomics, without_prints
+    from .ad.hazards import refuse_old_values
+    from .ir.walk import old_value_atomics, without_prints, writes_floats
     from .opt import optimize
     from .opt.guards import guard_zero_adds
 
@@ -37,9 +38,9 @@ def transform(ir, step, level, last_reverse=False, over_reverse=False):
 
     ir = dataclasses.replace(ir, body=without_prints(ir.body))
     step, _ = split_step(step)  # the level is given apart
-    if old_value_atomics(ir.body):
-        # it writes no float (frontend.lower_kernel): its forward kernel is the primal, its
-        # reverse has nothing to do, and neither transform need follow its atomics' old values
+    if old_value_atomics(ir.body) and not writes_floats(ir):
+        # it writes no float: its forward kernel is the primal, its reverse has nothing to do,
+        # and neither transform need follow its atomics' old values
         return ir if step == "forward" else reverse_kernel(
             dataclasses.replace(ir, body=()), level, inputs_restored=step == "reverse_from_inputs")
     if step == "forward":
@@ -48,6 +49,7 @@ def transform(ir, step, level, last_reverse=False, over_reverse=False):
     rev = reverse_kernel(ir, level, inputs_restored=step == "reverse_from_inputs",
                          checkpoint_fields=last_reverse and _on_cpu())
     out = optimize(dataclasses.replace(rev, body=guard_zero_adds(rev.body)))
+    refuse_old_values(out, f"the reverse of {ir.name}")
     return out
 
 

@@ -683,16 +683,37 @@ def test_atomic_max_outside_parallel_loop(f):
 
 def test_using_the_value_an_atomic_returns(f):
     """slot = ti.atomic_add(count[None], 1) (compaction) hands out slots in the order threads
-    run; a derivative kernel would need the same slots, so beside float writes (here x[slot])
-    the error points to taking them in a kernel that writes integers only (test_programs
-    differentiates through one); of a local, or of a vector element, it is refused too."""
-    x, n, v = f["x"], f["n"], f["v"]
+    run, which a derivative kernel cannot replay: where the old value reaches a float (the index
+    of a float store, a factor, a condition around float work, a float return) the error points
+    to integer work (test_old_values: the fused form, and kernels that write integers only); of a
+    local, or of a vector element, it is refused too."""
+    x, n, v, s = f["x"], f["n"], f["v"], f["s"]
 
     @kd.kernel
     def k():
         for i in x:
             slot = ti.atomic_add(n[0], 1)
             x[slot] = 2.0 * x[i]
+
+    @kd.kernel
+    def as_a_factor():
+        for i in x:
+            s[None] += x[i] * ti.atomic_add(n[0], 1)
+
+    @kd.kernel
+    def first_in_its_cell():
+        for i in x:
+            if ti.atomic_add(n[i % 2], 1) == 0:
+                s[None] += x[i]
+
+    @kd.kernel
+    def counted_trips():
+        for i in x:
+            trips = ti.atomic_add(n[0], 1)
+            total = 0.0
+            for t in range(trips):
+                total += x[i]
+            s[None] += total
 
     @kd.kernel
     def into_a_float_return() -> ti.f64:
@@ -710,11 +731,14 @@ def test_using_the_value_an_atomic_returns(f):
         for i in v:
             n[i] = ti.atomic_max(v[i], 2.0)[0]
 
-    raises(k, "ti.atomic_add returns (the old value) depends on the order", "not in a kernel that writes floats",
-           "a kd.kernel that writes only integers (slot[i] = ti.atomic_add(count[c], 1))",
-           line_text="slot = ti.atomic_add(n[0], 1)")
-    raises(into_a_float_return, "ti.atomic_sub returns", "not in a kernel that writes floats",
-           line_text="top = ti.atomic_sub(n[1], 1)")
+    raises(k, "the old value ti.atomic_add returns (line", "is an index of this float field's element",
+           "depends on the order the threads ran in", "running the atomic again hands out other values",
+           "let the old value reach integer work only", line_text="x[slot] = 2.0 * x[i]")
+    raises(as_a_factor, "reaches a float computation here", line_text="s[None] += x[i] * ti.atomic_add(n[0], 1)")
+    raises(first_in_its_cell, "decides whether this float store runs", line_text="s[None] += x[i]")
+    raises(counted_trips, "reaches a float computation here", line_text="s[None] += total")
+    raises(into_a_float_return, "the old value ti.atomic_sub returns", "reaches a float computation here",
+           line_text="return top + 0.5")
     raises(of_a_local, "ti.atomic_add returns", "not of a local or by a bitwise operation",
            line_text="n[i] = ti.atomic_add(s, 2)")
     raises(of_a_vector, "returns the old value of one scalar element, not of a vector's", "v[i][0]",

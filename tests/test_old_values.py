@@ -1,9 +1,12 @@
-"""The old value an atomic returns (`slot = ti.atomic_add(count[c], 1)`), in kernels that write
-no float: binning, stream compaction and claiming slots, which hand out values in the order the
-threads ran in. Such a kernel has no derivative work (its forward kernel is the primal, its
-reverse empty), so that order never needs replaying; beside float writes it is refused
-(test_errors). The serial loops here fix the order, so the values are checked exactly: that no
-pass merged two atomics, moved one out of its loop or dropped one whose value goes unread."""
+"""The old value an atomic returns (`slot = ti.atomic_add(count[c], 1)`): binning, stream
+compaction and claiming slots, which hand out values in the order the threads ran in. No
+derivative kernel can replay that order, so the values may reach integer work only (indices and
+values of integer fields), which the reverse drops and the forward kernel runs again: in kernels
+that write no float (no derivative work at all) and, since session 53, in kernels that go on to
+compute floats from the integer fields they fill (the fused form: bin a grid, then sum over it);
+where an old value reaches a float it is refused (test_errors). The serial loops here fix the
+order, so the values are checked exactly: that no pass merged two atomics, moved one out of its
+loop or dropped one whose value goes unread."""
 import os
 import tempfile
 
@@ -360,3 +363,90 @@ def test_drawn_serial_claims_match_python(bodies):
         run()
         assert n.to_numpy().tolist() == expected_n, (kernel_body, k.source)
         assert out.to_numpy().tolist() == expected_out.tolist(), (kernel_body, k.source)
+
+
+def test_fused_grid_and_pair_sums():
+    """One kernel clears a grid's counts, bins points into it in parallel (slots from the counts'
+    old values) and sums a smooth pair energy over each point's 3x3 neighbouring cells: the
+    energy and its gradient against numpy's sums over all pairs, kd.check_grad's forward, reverse
+    and H·v against central differences, and the reverse kernel holds no atomic of the binning
+    (it reads the grid as the kernel left it)."""
+    N, G = 40, 5
+    h = 1.0 / G
+    x = ti.Vector.field(2, ti.f64, N, needs_grad=True)
+    count, members = ti.field(ti.i32, (G, G)), ti.field(ti.i32, (G, G, N))
+    energy = ti.field(ti.f64, (), needs_grad=True)
+
+    @kd.kernel
+    def pair_energy():
+        for c in ti.grouped(count):
+            count[c] = 0
+        for i in x:
+            c = ti.max(ti.min(ti.cast(ti.floor(x[i] / h), ti.i32), G - 1), 0)
+            members[c, ti.atomic_add(count[c], 1)] = i
+        for i in x:
+            c = ti.max(ti.min(ti.cast(ti.floor(x[i] / h), ti.i32), G - 1), 0)
+            for off in ti.static(ti.grouped(ti.ndrange((-1, 2), (-1, 2)))):
+                nc = c + off
+                if 0 <= nc[0] < G and 0 <= nc[1] < G:
+                    for k in range(count[nc]):
+                        j = members[nc, k]
+                        q = ti.max(1.0 - (x[i] - x[j]).norm_sqr() / (h * h), 0.0)
+                        if j != i:
+                            energy[None] += 0.5 * q ** 3
+
+    p = np.random.default_rng(11).uniform(0.0, 1.0, (N, 2))
+    x.from_numpy(p)
+    pair_energy()
+    d = p[:, None, :] - p[None, :, :]
+    q = np.maximum(1.0 - (d ** 2).sum(-1) / h ** 2, 0.0)
+    np.fill_diagonal(q, 0.0)
+    assert np.count_nonzero(q) > 10
+    np.testing.assert_allclose(energy[None], 0.5 * np.sum(q ** 3), rtol=1e-12)
+    kd.adjoint(energy)[None] = 1.0
+    pair_energy.reverse()
+    # d/dx_i of Σ_pairs q³ (each pair twice, halved): -6 Σ_j q² (x_i - x_j) / h²
+    grad = -6.0 * np.sum((q ** 2)[:, :, None] * d, axis=1) / h ** 2
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), grad, rtol=1e-10, atol=1e-12)
+    assert "atomic_add(count" not in pair_energy.reverse.source and "count_old" not in pair_energy.reverse.source
+    assert kd.check_grad(pair_energy, [x], energy, order=2) < 1e-6
+
+
+def test_fused_compaction_under_tape():
+    """A kernel compacts the indices of the positive entries (`picked[ti.atomic_add(n, 1)] = i`)
+    and, in its next loop, gathers squares of those entries; a second launch measures: kd.Tape's
+    gradient is 2x where x > 0, and kd.check_grad of the program agrees with differences."""
+    n = 24
+    x = ti.field(ti.f64, n, needs_grad=True)
+    ys = ti.field(ti.f64, n, needs_grad=True)
+    picked, count = ti.field(ti.i32, n), ti.field(ti.i32, ())
+    total = ti.field(ti.f64, (), needs_grad=True)
+
+    @kd.kernel
+    def gather_positive():
+        count[None] = 0
+        for i in x:
+            if x[i] > 0.0:
+                picked[ti.atomic_add(count[None], 1)] = i
+        for k in ys:
+            ys[k] = 0.0
+            if k < count[None]:
+                ys[k] = x[picked[k]] ** 2
+
+    @kd.kernel
+    def measure():
+        for k in ys:
+            total[None] += ys[k]
+
+    def program():
+        gather_positive()
+        measure()
+
+    xv = np.linspace(-1.05, 1.3, n)  # (no entry at 0, where the gradient jumps)
+    x.from_numpy(xv)
+    with kd.Tape(total):
+        program()
+    assert count[None] == np.count_nonzero(xv > 0)
+    np.testing.assert_allclose(total[None], np.sum(xv[xv > 0] ** 2), rtol=1e-12)
+    np.testing.assert_allclose(kd.adjoint(x).to_numpy(), np.where(xv > 0, 2 * xv, 0.0), rtol=1e-12)
+    assert kd.check_grad(program, [x], total, order=2) < 1e-6

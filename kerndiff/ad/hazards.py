@@ -308,6 +308,24 @@ def refuse_reading_results(ir: N.KernelIR, primal: N.KernelIR, path: str):
                                "what kd.hvp runs) or k.forward.reverse")
 
 
+def refuse_old_values(reverse: N.KernelIR, path: str):
+    """Refuse a reverse kernel that still takes an atomic's old value after dead-code elimination:
+    its adjoints need it (`out[ti.atomic_add(n[None], 1)] = 2.0 * x[i]` scatters out's adjoint
+    from the slot a thread got; `e += x[i] * ti.atomic_add(k[c], 1)` scales by it), and running the
+    atomic again would hand out other values, in another order, and count twice. A fused kernel
+    whose old values reach only integer work (bins a grid, then sums over it) has those atomics
+    removed from its reverse, which reads the integer fields as the kernel left them (a read
+    before such an overwrite is refused with the other overwrites: hazards.check_overwrites)."""
+    from ..frontend.exprs import old_value_refused
+    from ..ir.walk import old_value_atomics
+    fetched = old_value_atomics(reverse.body)
+    if fetched:
+        first = fetched[0]
+        called = first.src.text[first.src.col:].split("(")[0].strip() if first.src is not None else ""
+        name = called or f"ti.atomic_{first.op}"  # as the source spells it (atomic_sub is an add here)
+        raise old_value_refused(name, first.src, f"where {path} needs it")
+
+
 def _dual_base(field):
     """The field whose (possibly nested) dual `field` is; field itself if it is none."""
     parent = REGISTRY.parents.get(id(field))

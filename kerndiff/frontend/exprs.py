@@ -282,6 +282,7 @@ def old_value_refused(name, loc, where):
     keep it: `where` says what made it so."""
     return KernDiffError(
         f"the value {name} returns (the old value) depends on the order the threads ran in, which "
-        f"derivative kernels cannot replay: it is taken only in kernels that write no float, not {where}",
+        f"derivative kernels cannot replay: kerndiff takes it of a field's element by an add, sub, max or min, "
+        f"where no derivative needs it, not {where}",
         loc, f"take it in a kd.kernel that writes only integers (slot[i] = {name}(count[c], 1)) and read "
              "that field here, or call it as a statement")

@@ -23,7 +23,8 @@ from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.ops import BITWISE
 from ..ir.types import default_fp, from_taichi, is_float
-from ..ir.walk import old_value_atomics, vars_in, writes_floats
+from ..ad.old_values import refuse_float_uses
+from ..ir.walk import vars_in
 from ..ad.names import NameAllocator
 from . import vec as V
 from .assign import Assignments
@@ -471,8 +472,8 @@ class Lowerer(Assignments, Expressions):
     def atomic_value(self, fn, call):
         """`slot = ti.atomic_add(count[c], 1)`: the atomic on a field element, with its old value
         bound to a local (N.Atomic.result), named as the local it is assigned to where it is. That
-        value depends on the order the threads ran in, which derivative kernels cannot replay;
-        lower_kernel keeps it only in a kernel that writes no float, with no derivative work."""
+        value depends on the order the threads ran in, which derivative kernels cannot replay: it
+        may reach integer work only (ad/old_values.py, which lower_kernel runs)."""
         op = ATOMIC_OPS[fn]
         if op not in ("add", "sub", "max", "min") or not isinstance(call.args[0], ast.Subscript):
             raise old_value_refused(f"ti.{fn.__name__}", self.loc(call), "of a local or by a bitwise operation")
@@ -615,10 +616,5 @@ def lower_kernel(fn, bound_args: dict, param_dtypes: dict, return_dtype):
     aliases = tuple((fid, name) for fid, (_, name) in lw.field_aliases.items())
     ir = N.KernelIR(fn.__name__, tuple(params), tuple(lw.blocks[0]), tuple(returns), tuple(src.lines), aliases,
                     seed=names.seed)
-    fetched = old_value_atomics(ir.body)
-    if fetched and writes_floats(ir):
-        first = fetched[0]
-        called = first.src.text[first.src.col:].split("(")[0].strip() if first.src is not None else ""
-        name = called or f"ti.atomic_{first.op}"  # as the source spells it (atomic_sub is an add here)
-        raise old_value_refused(name, first.src, "in a kernel that writes floats")
+    refuse_float_uses(ir)  # atomics' old values reach integer work only
     return ir

@@ -97,9 +97,10 @@ class Atomic(Stmt):
 
     result: the local that receives the element's old value (`slot = ti.atomic_add(count[c], 1)`),
     '' for none. That value depends on the order the threads ran in, which a derivative kernel
-    cannot replay, so the frontend takes it only in kernels that write no float: they have no
-    derivative work (their forward kernel is the primal, their reverse empty), and no pass
-    after opt.optimize sees them (opt.finalize leaves them as written)."""
+    cannot replay, so the frontend takes it only where it reaches integer work (ad/old_values.py):
+    a kernel that writes no float has no derivative work (its forward kernel is the primal, its
+    reverse empty); in one that does, the reverse drops that integer work and the forward kernel
+    runs it again. opt.finalize leaves a kernel taking old values as written."""
 
     op: str
     ref: FieldRef

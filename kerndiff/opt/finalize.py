@@ -261,8 +261,9 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
     the field elements an inner loop repeats read before it (opt.invariant_loads), a primal's
     inner loops that add into fields excepted.
 
-    A kernel taking atomics' old values (N.Atomic.result; it writes no float) is left as written:
-    its atomics are its results, which no rewrite here may merge, privatize or demote."""
+    A kernel taking atomics' old values (N.Atomic.result: a primal, or the forward kernel of a
+    kernel that bins and then computes floats) is left as written: its atomics are its results,
+    which no rewrite here may merge, privatize or demote."""
     from ..ad.names import NameAllocator
     from ..ir.walk import old_value_atomics
 
