@@ -49,7 +49,7 @@ def transform(ir, step, level, last_reverse=False, over_reverse=False):
     rev = reverse_kernel(ir, level, inputs_restored=step == "reverse_from_inputs",
                          checkpoint_fields=last_reverse and _on_cpu())
     out = optimize(dataclasses.replace(rev, body=guard_zero_adds(rev.body)))
-    refuse_old_values(out, f"the reverse of {ir.name}")
+    refuse_old_values(out, ir, f"the reverse of {ir.name}")
     return out
 
 

@@ -450,3 +450,73 @@ def test_fused_compaction_under_tape():
     np.testing.assert_allclose(total[None], np.sum(xv[xv > 0] ** 2), rtol=1e-12)
     np.testing.assert_allclose(kd.adjoint(x).to_numpy(), np.where(xv > 0, 2 * xv, 0.0), rtol=1e-12)
     assert kd.check_grad(program, [x], total, order=2) < 1e-6
+
+
+# Uses of an old value `s` in a kernel that also computes floats, each labelled whether it reaches
+# a float (then refused) or only integer work (then the derivatives are right). `v` is an integer
+# local made from s, `a` a float local, `w` the float the loop writes.
+_USES = [
+    ("cell[t] = s % 4", False),
+    ("v = s * 2 + 1\ncell[t] = v % 4", False),
+    ("if s % 2 == 0:\n    cell[t] = 1", False),
+    ("for q in range(s % 3):\n    cell[t] += q", False),
+    ("k = 0\nwhile k < s % 3:\n    cell[t] += 1\n    k += 1", False),
+    ("a = a * ti.cast(s % 3, ti.f64)", True),
+    ("w[t] = a * (s % 2)", True),
+    ("w[s % 4] += a", True),
+    ("if s % 2 == 0:\n    a = a * 2.0", True),
+    ("if s % 2 == 1:\n    w[t] += x[t]", True),
+    ("for q in range(s % 3):\n    a = a * 0.5", True),
+    ("v = s % 3\nfor q in range(3):\n    if q == v:\n        break\n    a = a + x[q]", True),
+    ("a = a + x[s % 4]", True),
+    ("cell[t] = s % 4\na = a + x[cell[t]]", False),  # (through a field: read as the kernel left it)
+]
+
+
+@st.composite
+def fused_bodies(draw):
+    integer_only = draw(st.booleans())  # (half the draws: the uses that must be taken)
+    pool = [k for k, (_, floats) in enumerate(_USES) if not (integer_only and floats)]
+    picks = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3))
+    lines = ["a = x[t] ** 2", "s = ti.atomic_add(n[None], 1)"]
+    for p in picks:
+        lines += _USES[p][0].splitlines()
+    lines.append("w[t] += a")
+    return "\n".join(lines), any(_USES[p][1] for p in picks)
+
+
+_FUSED = {}
+
+
+@settings(max_examples=int(os.environ.get("KERNDIFF_FUZZ_N", 300)) if os.environ.get("KERNDIFF_FUZZ") == "long"
+          else 12, deadline=None, derandomize=os.environ.get("CI") == "true")
+@given(drawn=fused_bodies())
+def test_drawn_uses_of_old_values(drawn):
+    """Drawn uses of an old value in a serial loop that also computes floats: refused where one
+    reaches a float through locals (ad/old_values.py); where none does, kd.check_grad's forward,
+    reverse and H·v against central differences (the serial loop fixes the order, so the
+    differences' runs hand out the same values), or a clear refusal: the reverse would read it
+    back through a field the kernel overwrites after reading it (`cell[t] = s % 4` twice around
+    a read of cell[t]: the reverse computes the value read again), which
+    ad.hazards.refuse_old_values refuses, or the overwrite itself (`cell[t] += q` read before it),
+    which every kernel gets: never a wrong derivative."""
+    body, reaches_a_float = drawn
+    if not _FUSED:
+        _FUSED.update(n=ti.field(ti.i32, ()), cell=ti.field(ti.i32, 4), x=ti.field(ti.f64, 4, needs_grad=True),
+                      w=ti.field(ti.f64, 4, needs_grad=True))
+        _FUSED["x"].from_numpy(np.array([0.3, -0.7, 1.1, 0.4]))
+    f = _FUSED
+    fn, src = load_elementwise("n[None] = 0\nti.loop_config(serialize=True)\nfor t in range(4):\n"
+                               + "\n".join("    " + line for line in body.splitlines()), f, _TMP,
+                               head="def kernel():\n    if True:")
+    k = kd.kernel(fn)
+    if reaches_a_float:
+        with pytest.raises(kd.KernDiffError, match="the old value ti.atomic_add returns"):
+            k()
+        return
+    f["w"].fill(0)
+    try:
+        assert kd.check_grad(k, [f["x"]], f["w"], order=2) < 1e-6, src
+    except kd.KernDiffError as e:
+        assert "the reverse of kernel needs it (through a field" in str(e) or "overwrites 'cell' after reading" \
+            in str(e), (src, str(e))

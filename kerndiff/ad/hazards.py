@@ -308,22 +308,30 @@ def refuse_reading_results(ir: N.KernelIR, primal: N.KernelIR, path: str):
                                "what kd.hvp runs) or k.forward.reverse")
 
 
-def refuse_old_values(reverse: N.KernelIR, path: str):
-    """Refuse a reverse kernel that still takes an atomic's old value after dead-code elimination:
-    its adjoints need it (`out[ti.atomic_add(n[None], 1)] = 2.0 * x[i]` scatters out's adjoint
-    from the slot a thread got; `e += x[i] * ti.atomic_add(k[c], 1)` scales by it), and running the
-    atomic again would hand out other values, in another order, and count twice. A fused kernel
-    whose old values reach only integer work (bins a grid, then sums over it) has those atomics
-    removed from its reverse, which reads the integer fields as the kernel left them (a read
-    before such an overwrite is refused with the other overwrites: hazards.check_overwrites)."""
+def refuse_old_values(reverse: N.KernelIR, ir: N.KernelIR, path: str):
+    """Refuse a reverse kernel that needs an atomic's old value after dead-code elimination. The
+    frontend (ad/old_values.py) refuses old values that reach a float through locals and the
+    control they decide; this net catches what goes through a field and comes back into a local
+    in the reverse: where the kernel overwrites an integer field after reading it, the reverse
+    recomputes the value read from the expression stored (`cell[t] = s % 4` read back as `s % 4`),
+    which reads the old value `s`. The reverse drops the atomic (it writes no float) and would
+    read `s` undefined, a zero: a silently wrong derivative. Running the atomic again instead
+    would hand out other values, in another order, and count twice."""
     from ..frontend.exprs import old_value_refused
-    from ..ir.walk import old_value_atomics
-    fetched = old_value_atomics(reverse.body)
-    if fetched:
-        first = fetched[0]
-        called = first.src.text[first.src.col:].split("(")[0].strip() if first.src is not None else ""
-        name = called or f"ti.atomic_{first.op}"  # as the source spells it (atomic_sub is an add here)
-        raise old_value_refused(name, first.src, f"where {path} needs it")
+    from ..ir.walk import assigned_names, old_value_atomics, used_names
+    kept = old_value_atomics(reverse.body)
+    if kept:
+        needed = kept[0]
+    else:
+        fetched = {s.result: s for s in old_value_atomics(ir.body)}
+        missing = (used_names(reverse.body) - assigned_names(reverse.body)) & set(fetched)
+        if not missing:
+            return
+        needed = fetched[sorted(missing)[0]]
+    called = needed.src.text[needed.src.col:].split("(")[0].strip() if needed.src is not None else ""
+    name = called or f"ti.atomic_{needed.op}"  # as the source spells it (atomic_sub is an add here)
+    raise old_value_refused(name, needed.src, f"where {path} needs it (through a field the kernel overwrites after "
+                                              "reading it, whose value read the reverse computes again)")
 
 
 def _dual_base(field):
