@@ -11,8 +11,11 @@ again, as a launch does. So a kernel may bin a grid and then sum over it (the fu
 `refuse_float_uses` refuses the rest, at the line where an old value meets a float.
 
 The analysis follows the old values forward through locals (data), and through the conditions,
-loop bounds and breaks they decide (control), to a fixed point over the loops; values that go
-through a field are not followed (an integer field they were stored into is read as it was left).
+loop bounds and breaks they decide (control), to a fixed point over the loops. Values that go
+through a field are not followed: the reverse reads an integer field as the kernel left it,
+except where the kernel overwrites the field after reading it, and the reverse computes the
+value read again from the expression stored; ad.hazards.refuse_old_values refuses that case
+after the transform (the reverse then reads an old value's local it no longer defines).
 """
 from __future__ import annotations
 
