@@ -2,16 +2,17 @@
 
 Particles repel their neighbours, which a grid finds: every step bins them into cells in parallel,
 each particle's slot in its cell taken from the old value `ti.atomic_add(count[c], 1)` returns, as
-Taichi programs build neighbour lists (a kernel that writes integers only has nothing to reverse,
-so kd.Tape runs it among the differentiated ones). Each step also kicks every particle by normal
-noise drawn where it is added, `ti.randn()` in the step kernel: the walls' bounces depend on where
-a kick took a particle, so the step's reverse needs the numbers its launch drew, and draws them
-again (kerndiff's numbers are keyed by the launch's seed and the loop index; kd.Tape keeps each
-launch's seed). The loss is the squared distance of the blob's centre to a target after the last
-step; gradient descent (Adam) on the throw's velocity, with new noise every iteration, aims it.
-The gradient of the noisy simulation is first checked against central differences
-(kd.check_grad, whose runs all draw the same noise), in f64: a GPU's SPIR-V backend has no f64
-logarithm or cosine for ti.randn, so there the demo runs in f32, unchecked.
+Taichi programs build neighbour lists, and sums the pushes over the grid in its next loop, in the
+same kernel (the old values reach only the grid's integer fields, which the reverse reads as the
+step left them). Each step also kicks every particle by normal noise drawn where it is added,
+`ti.randn()` in the step kernel: the walls' bounces depend on where a kick took a particle, so the
+step's reverse needs the numbers its launch drew, and draws them again (kerndiff's numbers are
+keyed by the launch's seed and the loop index; kd.Tape keeps each launch's seed). The loss is the
+squared distance of the blob's centre to a target after the last step; gradient descent (Adam) on
+the throw's velocity, with new noise every iteration, aims it. The gradient of the noisy
+simulation is first checked against central differences (kd.check_grad, whose runs all draw the
+same noise), in f64: a GPU's SPIR-V backend has no f64 logarithm or cosine for ti.randn, so there
+the demo runs in f32, unchecked.
 
     python demos/particle_blob.py [--side 8] [--steps 80] [--iters 40] [--out blob.png] [--arch cpu|gpu]
 """
@@ -50,15 +51,12 @@ def build(side, steps, dt=0.004, noise=0.2, stiffness=4.0):
             v[0, i] = v0[None]
 
     @kd.kernel
-    def bin_particles(t: ti.i32):
-        for c in ti.grouped(count):
+    def step(t: ti.i32):
+        for c in ti.grouped(count):  # the neighbour grid, binned in parallel
             count[c] = 0
         for i in range(n):
             c = cell_of(x[t, i])
             members[c, ti.atomic_add(count[c], 1)] = i
-
-    @kd.kernel
-    def step(t: ti.i32):
         for i in range(n):
             c = cell_of(x[t, i])
             push = ti.Vector([0.0, 0.0])
@@ -86,7 +84,6 @@ def build(side, steps, dt=0.004, noise=0.2, stiffness=4.0):
     def simulate():
         throw()
         for t in range(steps):
-            bin_particles(t)
             step(t)
         measure()
 
