@@ -419,6 +419,36 @@ def test_numpy_arrays_for_ndarray_parameters():
             scaled(ti.ndarray(ti.f64, N), out, 1.0)
 
 
+def test_torch_tensors_for_ndarray_parameters():
+    """The primal takes torch tensors for ndarray parameters too, as Taichi's kernels do: copied
+    in and back (a tensor that requires grad included: the kernel's writes are no operation
+    torch's autograd saw); derivative kernels refuse them. Skipped without torch (the `bench`
+    extra installs it)."""
+    torch = pytest.importorskip("torch")
+
+    @kd.kernel
+    def squares(a: ti.types.ndarray(), b: ti.types.ndarray()):
+        for i in a:
+            b[i] = a[i] ** 2 + i
+
+    a = torch.linspace(-1.0, 1.0, N, dtype=torch.float64)
+    for b in (torch.zeros(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64, requires_grad=True)):
+        squares(a, b)
+        np.testing.assert_allclose(b.detach().numpy(), a.numpy() ** 2 + np.arange(N), rtol=1e-15)
+    ints = torch.zeros(N, dtype=torch.int32)
+
+    @kd.kernel
+    def ranks(a: ti.types.ndarray(), r: ti.types.ndarray()):
+        for i in a:
+            r[i] = ti.cast(a[i] > 0.0, ti.i32)
+
+    ranks(a, ints)
+    np.testing.assert_array_equal(ints.numpy(), (a.numpy() > 0).astype(np.int32))
+    with pytest.raises(kd.KernDiffError, match="argument 'a' of squares.reverse, a derivative kernel, is a torch "
+                                               "tensor, which has no place for its derivatives"):
+        squares.reverse(a, b)
+
+
 def test_backward_of_a_program_with_an_output_of_components():
     """kd.backward of a program with a non-scalar output weights it by the cotangent, in a helper
     field of the output's shape (program_check.weighted_total)."""

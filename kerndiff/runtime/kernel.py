@@ -435,7 +435,7 @@ class Kernel:
 
     def __call__(self, *args, cotangent=None, **kwargs):
         from ..tape import intercept
-        if any(type(v).__module__ == "numpy" and hasattr(v, "shape") for v in args + tuple(kwargs.values())):
+        if any(_host_array(v) for v in args + tuple(kwargs.values())):
             staged = self._staged(args, kwargs)
             if staged is not None:
                 return staged(cotangent)
@@ -445,39 +445,42 @@ class Kernel:
         return self.launch(*args, cotangent=cotangent, **kwargs)
 
     def _staged(self, args, kwargs):
-        """A launch taking numpy arrays for ndarray parameters, as Taichi's kernels take them: each
-        array is copied into a ti.ndarray kept for its parameter, shape and dtype (the kernel is
-        specialized on the array, so it compiles once), the kernel runs on those, and what they
-        hold then is copied back into the arrays. Only the primal, outside kd.Tape and kd.FwdMode:
-        derivative kernels need the arrays' derivative arrays (kd.adjoint(a), kd.dual(a)), which a
-        numpy array has no place for. None if no ndarray parameter got a numpy array."""
+        """A launch taking numpy arrays or torch tensors for ndarray parameters, as Taichi's
+        kernels take them: each array is copied into a ti.ndarray kept for its parameter, shape
+        and dtype (the kernel is specialized on the array, so it compiles once), the kernel runs
+        on those, and what they hold then is copied back into the arrays (a tensor on a GPU too).
+        Only the primal, outside kd.Tape and kd.FwdMode: derivative kernels need the arrays'
+        derivative arrays (kd.adjoint(a), kd.dual(a)), which a numpy array or a tensor has no place
+        for (a tensor's .grad is torch's, filled by torch's autograd). None if no ndarray parameter
+        got one."""
         from taichi.lang.util import to_taichi_type
         from .. import tape
         params, _ = self.signature()
         names = [n for n, _ in params][1 if self.bound is not None else 0:]
         values = {**dict(zip(names, args)), **kwargs}
         arrays = {n: values[n] for n, d in params if isinstance(d, NdarrayParam) and n in values
-                  and type(values[n]).__module__ == "numpy" and hasattr(values[n], "shape")}
+                  and _host_array(values[n])}
         if not arrays:
             return None
         name = next(iter(arrays))
         if self.path or tape.active_context() is not None:
             where = f"{self.dotted_name}, a derivative kernel," if self.path else \
                 f"{self.__name__}, launched inside {tape.active_context()},"
-            raise KernDiffError(f"argument '{name}' of {where} is a numpy array, which has no place for its "
-                                "derivatives (kd.adjoint(a), kd.dual(a))",
+            raise KernDiffError(f"argument '{name}' of {where} is a {_host_array(arrays[name])}, which has no place "
+                                "for its derivatives (kd.adjoint(a), kd.dual(a))",
                                 remedy=f"copy it into a ti.ndarray ({name}_array = ti.ndarray(ti.f64, shape); "
                                        f"{name}_array.from_numpy(array)) and pass that")
         staged = {}
         for n, a in arrays.items():
             try:
-                dtype = to_taichi_type(a.dtype.type)
+                dtype = to_taichi_type(a.dtype.type if _host_array(a) == "numpy array" else a.dtype)
             except Exception:
-                raise KernDiffError(f"argument '{n}' of {self.__name__} is a numpy array of {a.dtype}, which "
+                raise KernDiffError(f"argument '{n}' of {self.__name__} is a {_host_array(a)} of {a.dtype}, which "
                                     "Taichi has no type for", remedy="pass an array of float32, float64, int32 "
                                                                      "or int64") from None
-            staged[n] = REGISTRY.staging((self.uid, n, a.shape, str(a.dtype)), dtype, a.shape)
-            staged[n].from_numpy(a)
+            shape = tuple(a.shape)
+            staged[n] = REGISTRY.staging((self.uid, n, shape, str(a.dtype)), dtype, shape)
+            staged[n].from_numpy(a if _host_array(a) == "numpy array" else a.detach().cpu().numpy())
         given = list(args)
         for k, n in enumerate(names[:len(given)]):
             given[k] = staged.get(n, given[k])
@@ -485,7 +488,11 @@ class Kernel:
         def run(cotangent):
             out = self.launch(*given, cotangent=cotangent, **{k: staged.get(k, v) for k, v in kwargs.items()})
             for n, a in arrays.items():
-                if a.flags.writeable:
+                if _host_array(a) == "torch tensor":
+                    import torch
+                    with torch.no_grad():  # (what a kernel writes is no operation torch's autograd saw)
+                        a.copy_(torch.from_numpy(staged[n].to_numpy()))
+                elif a.flags.writeable:
                     a[...] = staged[n].to_numpy()
             return out
         return run
@@ -658,6 +665,17 @@ class NdarrayParam:
                                 f"but the parameter is annotated with ndim={want_ndim}",
                                 remedy="pass an ndarray with that many dimensions, or change the annotation")
         return value
+
+
+def _host_array(value):
+    """"numpy array" or "torch tensor" for an array a primal kernel copies into a ti.ndarray for
+    an ndarray parameter (Kernel._staged), else ""."""
+    module = type(value).__module__.split(".")[0]
+    if module == "numpy" and hasattr(value, "shape"):
+        return "numpy array"
+    if module == "torch" and hasattr(value, "shape") and hasattr(value, "detach"):
+        return "torch tensor"
+    return ""
 
 
 def _element_name(shape, scalar):
