@@ -188,3 +188,68 @@ def test_own_element_finished_under_a_test_of_the_loop_index(runtime, prefix, mo
                 y[i] = y[i] * 3.0
 
     check_path(scaled_first, prefix, mode, rtol=1e-6, atol=1e-8)
+
+
+def test_serial_trips_updating_their_own_elements_under_tape(runtime):
+    """A running product kept in place, each trip of a serial loop reading and then overwriting
+    its own element (`acc = acc * b[i, t]; b[i, t] = acc`): no other trip touches it, so kd.Tape,
+    which restores b before the reverse pass, makes it reversible (ad.owned._owned_by_trips):
+    kd.check_grad of the program, orders 1 and 2, against central differences, and the gradient
+    against the analytic one. Alone the reverse is refused with that remedy; a trip reading the
+    element an earlier trip wrote (`b[i, t] = b[i, t - 1] * b[i, t]`), and a trip re-touched by
+    an outer serial loop, are refused under kd.Tape too (restoring b would give them the values
+    from before the launch, not the ones they read)."""
+    n, T = 3, 5
+    b = ti.field(ti.f64, (n, T), needs_grad=True)
+    loss = ti.field(ti.f64, (), needs_grad=True)
+
+    @kd.kernel
+    def running_product():
+        for i in range(n):
+            acc = 1.0
+            for t in range(T):
+                acc = acc * b[i, t]
+                b[i, t] = acc
+
+    @kd.kernel
+    def measure():
+        for i in range(n):
+            for t in range(T):
+                loss[None] += b[i, t] * (t + 1)
+
+    @kd.kernel
+    def from_the_trip_before():
+        for i in range(n):
+            for t in range(1, T):
+                b[i, t] = b[i, t - 1] * b[i, t]
+
+    @kd.kernel
+    def halved_twice():
+        for i in range(n):
+            for s in range(2):
+                for t in range(T):
+                    b[i, t] = b[i, t] * 0.5 + b[i, t] ** 2
+
+    b0 = np.random.default_rng(7).uniform(0.5, 1.5, (n, T))
+    b.from_numpy(b0)
+
+    def program():
+        running_product()
+        measure()
+
+    assert kd.check_grad(program, [b], loss, order=2) < 1e-6
+    with kd.Tape(loss):
+        program()
+    # d/db[i, s] of Σ_t (t + 1) Π_{u <= t} b[i, u] = Σ_{t >= s} (t + 1) Π_{u <= t} b / b[i, s]
+    prods = np.cumprod(b0, axis=1)
+    expected = np.array([[sum((t + 1) * prods[i, t] for t in range(s, T)) / b0[i, s] for s in range(T)]
+                         for i in range(n)])
+    np.testing.assert_allclose(kd.adjoint(b).to_numpy(), expected, rtol=1e-12)
+    b.from_numpy(b0)
+    running_product()
+    with pytest.raises(kd.KernDiffError, match="launch it inside kd.Tape, which snapshots the fields"):
+        running_product.reverse()
+    for kernel in (from_the_trip_before, halved_twice):
+        with pytest.raises(kd.KernDiffError, match="carry the running value in a local"):
+            with kd.Tape(loss):
+                kernel()

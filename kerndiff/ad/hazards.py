@@ -222,11 +222,17 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
                     f", at line {rs.src.line} ('{rs.src.text.strip()}')"
                 needs = f"the reverse pass finds the winners of ti.atomic_{rs.op} by comparing them with " \
                     "the result it left" if _is_minmax(rs) else "the reverse pass needs the value that was read"
+                remedy = "write the result to a new field (out[i] = f(x[i])), or split the kernel in two and use " \
+                    "kd.Tape, which keeps overwritten values"
+                if kind == "store" and any(isinstance(t, N.For) and not t.parallel for t in loops):
+                    # (a serial loop's running value kept in the field: `b[i, t] = b[i, t - 1] * b[i, t]`)
+                    remedy = "write the result to a new field, or carry the running value in a local so that " \
+                             f"each trip reads and then stores its own element only (e.g. acc = acc * {name}[i, t]; " \
+                             f"{name}[i, t] = acc) and launch the kernel inside kd.Tape, which restores the " \
+                             "field for the reverse pass"
                 raise KernDiffError(
                     f"this kernel {what} after {'taking ti.atomic_' + rs.op + ' into' if _is_minmax(rs) else 'reading'}"
-                    f" it{where}; {needs}",
-                    s.src, "write the result to a new field (out[i] = f(x[i])), or split the kernel in two "
-                           "and use kd.Tape, which keeps overwritten values")
+                    f" it{where}; {needs}", s.src, remedy)
             if kind == "atomic" and rtop == top:
                 why = "a trip may read an element that a later trip adds into, and the reverse pass reads the " \
                       "value the field keeps" if _in_serial_order(loops) else \

@@ -57,9 +57,9 @@ def checked_for_reverse(ir: N.KernelIR, inputs_restored=False) -> N.KernelIR:
         raise
     except KernDiffError:
         promoted = promote_owned_elements(ir)
-        if promoted is ir:
+        restorable = _restorable(ir)  # the kernel is refused as written: no need to check again
+        if promoted is ir and not restorable:
             raise
-    restorable = _restorable(ir)  # the kernel is refused as written: no need to check again
     if inputs_restored:
         check_overwrites(promoted, frozenset(id(f) for f in restorable))
         return promoted
@@ -85,7 +85,8 @@ def _loses_more_than(ir, restorable):
 def restorable_fields(ir: N.KernelIR):
     """The fields whose values from before the launch would let a refused kernel be reversed: each
     one read and written only in one parallel loop, always at the same element that only the
-    iteration touches (`x[i] += dt * v[i]` in `for i in x`). A time step updating its state in
+    iteration touches (`x[i] += dt * v[i]` in `for i in x`), or only one trip of its serial loops
+    (`b[i, t] = b[i, t] * s` in `for t in range(T)`: _owned_by_trips). A time step updating its state in
     place is the typical case; kd.Tape snapshots them before the launch and restores them before
     the reverse. [] when the kernel needs no such help."""
     ir = dataclasses.replace(ir, body=without_prints(ir.body))
@@ -113,11 +114,48 @@ def _restorable(ir: N.KernelIR):
             continue
         group, index = groups[next(iter(tops))], next(iter(indices))
         if isinstance(group[0], N.For):
-            if _promotable_loop(group[0], params) and _owned(index, group[0].vars, params):
+            if _promotable_loop(group[0], params) and (_owned(index, group[0].vars, params)
+                                                       or _owned_by_trips(group[0], f, index, params)):
                 out.append(f)
         elif _promotable_run(group, params) and _owned(index, (), params):
             out.append(f)
     return out
+
+
+def _owned_by_trips(loop, field, index, params):
+    """Whether index names one element per trip of the serial loops around every access of field
+    in the parallel `loop` (`acc = acc * b[i, t]; b[i, t] = acc` in `for t in range(T)`): each
+    loop variable, the parallel loop's and the serial loops', a whole index dimension. No other
+    trip touches the element, so a trip reads it before the launch changed it, and the reverse,
+    given the field as it was before the launch (kd.Tape restores it), recomputes each trip from
+    the values that trip read. Accesses inside a while loop, or under loops of different nests,
+    are not: a later trip would read what an earlier one wrote."""
+    around = {}
+    for s, loops in _loops_around(loop.body):
+        if _touches(s, field):
+            around[tuple(map(id, loops))] = loops
+    if len(around) != 1:
+        return False
+    serial = next(iter(around.values()))
+    if not serial or not all(isinstance(t, N.For) and not assigned_names(t.body) & set(t.vars) for t in serial):
+        return False
+    return _owned(index, tuple(loop.vars) + tuple(v for t in serial for v in t.vars), params)
+
+
+def _loops_around(stmts, loops=()):
+    """(statement, the loops around it within stmts) for every statement, nested blocks included."""
+    for s in stmts:
+        yield s, loops
+        inner = loops + (s,) if isinstance(s, (N.For, N.While)) else loops
+        for block in blocks_of(s):
+            yield from _loops_around(block, inner)
+
+
+def _touches(s, field):
+    """Whether statement s itself (not a block inside it) reads, stores or adds into field."""
+    if isinstance(s, (N.Store, N.Atomic)) and s.ref.field is field:
+        return True
+    return any(isinstance(x, N.Load) and x.ref.field is field for e in expr_children_of_stmt(s) for x in iter_expr(e))
 
 
 def _top_level_groups(body):
