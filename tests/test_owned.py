@@ -196,9 +196,10 @@ def test_serial_trips_updating_their_own_elements_under_tape(runtime):
     which restores b before the reverse pass, makes it reversible (ad.owned._owned_by_trips):
     kd.check_grad of the program, orders 1 and 2, against central differences, and the gradient
     against the analytic one. Alone the reverse is refused with that remedy; a trip reading the
-    element an earlier trip wrote (`b[i, t] = b[i, t - 1] * b[i, t]`), and a trip re-touched by
-    an outer serial loop, are refused under kd.Tape too (restoring b would give them the values
-    from before the launch, not the ones they read)."""
+    element an earlier trip wrote (`b[i, t] = b[i, t - 1] * b[i, t]`), a trip re-touched by an
+    outer serial loop, and a trip reading its element after overwriting it, are refused under
+    kd.Tape too (restoring b would give them the values from before the launch, not the ones
+    they read)."""
     n, T = 3, 5
     b = ti.field(ti.f64, (n, T), needs_grad=True)
     loss = ti.field(ti.f64, (), needs_grad=True)
@@ -222,6 +223,13 @@ def test_serial_trips_updating_their_own_elements_under_tape(runtime):
         for i in range(n):
             for t in range(1, T):
                 b[i, t] = b[i, t - 1] * b[i, t]
+
+    @kd.kernel
+    def read_after_its_store():
+        for i in range(n):
+            for t in range(T):
+                b[i, t] = b[i, t] * 2.0
+                loss[None] += b[i, t] ** 2
 
     @kd.kernel
     def halved_twice():
@@ -249,7 +257,7 @@ def test_serial_trips_updating_their_own_elements_under_tape(runtime):
     running_product()
     with pytest.raises(kd.KernDiffError, match="launch it inside kd.Tape, which snapshots the fields"):
         running_product.reverse()
-    for kernel in (from_the_trip_before, halved_twice):
+    for kernel in (from_the_trip_before, read_after_its_store, halved_twice):
         with pytest.raises(kd.KernDiffError, match="carry the running value in a local"):
             with kd.Tape(loss):
                 kernel()

@@ -129,7 +129,16 @@ def _owned_by_trips(loop, field, index, params):
     trip touches the element, so a trip reads it before the launch changed it, and the reverse,
     given the field as it was before the launch (kd.Tape restores it), recomputes each trip from
     the values that trip read. Accesses inside a while loop, or under loops of different nests,
-    are not: a later trip would read what an earlier one wrote."""
+    are not: a later trip would read what an earlier one wrote. Nor is a read after the trip
+    wrote the element (`b[i, t] = 2.0 * b[i, t]; c[i, t] = b[i, t] ** 2`): the reverse, given the
+    field as it was, would read the old value there where the trip read the new one."""
+    from .hazards import field_events
+    written = False
+    for _, kind, f, _, _, _, _ in field_events(loop.body):
+        if f is field:
+            if kind == "read" and written:
+                return False
+            written = written or kind != "read"
     around = {}
     for s, loops in _loops_around(loop.body):
         if _touches(s, field):
