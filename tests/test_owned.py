@@ -1,12 +1,17 @@
 """Field elements built in place by their own parallel iteration (`y[i] = b; y[i] += ...;
 y[i] = tanh(y[i])`) are differentiated as locals (kerndiff/ad/owned.py); elements other
 iterations can touch, and values a kernel really destroys, are still refused (test_errors.py)."""
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import taichi as ti
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kerndiff as kd
-from harness import PATH_IDS, PATHS, check_path
+from harness import PATH_IDS, PATHS, check_path, load_elementwise
 
 N = 4
 
@@ -261,3 +266,45 @@ def test_serial_trips_updating_their_own_elements_under_tape(runtime):
         with pytest.raises(kd.KernDiffError, match="carry the running value in a local"):
             with kd.Tape(loss):
                 kernel()
+
+
+_TRIP_LINES = ["acc = acc * b[i, t]", "acc = acc + 0.3 * ti.sin(b[i, t])", "b[i, t] = acc",
+               "b[i, t] = b[i, t] * 0.5 + acc", "b[i, t] += 0.1 * acc", "c[i, t] = b[i, t] ** 2",
+               "if acc > 1.0:\n    b[i, t] = 0.5 * acc", "acc = acc + 0.2 * b[i, (t + 1) % T]"]
+_TRIPS = {}
+_TRIP_COUNTS = {"checked": 0, "refused": 0}
+_TRIP_DIR = tempfile.mkdtemp(prefix="kerndiff_trips_")
+
+
+@settings(max_examples=int(os.environ.get("KERNDIFF_FUZZ_N", 300)) if os.environ.get("KERNDIFF_FUZZ") == "long"
+          else 10, deadline=None, derandomize=os.environ.get("CI") == "true")
+@given(picks=st.lists(st.sampled_from(range(len(_TRIP_LINES))), min_size=1, max_size=4))
+def test_drawn_serial_trips_under_tape(picks):
+    """Drawn serial trips reading and writing b's elements in place, in a program under kd.Tape:
+    refused, or kd.check_grad's gradient agrees with central differences (never a wrong one)."""
+    n, T = 2, 4
+    if not _TRIPS:
+        _TRIPS.update(b=ti.field(ti.f64, (n, T), needs_grad=True), c=ti.field(ti.f64, (n, T), needs_grad=True),
+                      loss=ti.field(ti.f64, (), needs_grad=True), T=T, n=n)
+    f = _TRIPS
+    body = "acc = 0.7\nfor t in range(T):\n" + "\n".join(
+        "    " + line for p in picks for line in _TRIP_LINES[p].splitlines())
+    fn, src = load_elementwise(body, f, _TRIP_DIR, head="def kernel():\n    for i in range(n):")
+    k = kd.kernel(fn)
+
+    @kd.kernel
+    def measure():
+        for i, t in f["b"]:
+            f["loss"][None] += f["b"][i, t] * (t + 1) + f["c"][i, t]
+
+    def program():
+        k()
+        measure()
+
+    f["b"].from_numpy(np.linspace(0.3, 1.2, n * T).reshape(n, T))
+    f["c"].fill(0)
+    try:
+        assert kd.check_grad(program, [f["b"]], f["loss"]) < 1e-6, src
+        _TRIP_COUNTS["checked"] += 1
+    except kd.KernDiffError:
+        _TRIP_COUNTS["refused"] += 1

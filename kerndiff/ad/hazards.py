@@ -73,6 +73,26 @@ def written_in_an_earlier_trip(write_index, read_index, write_loops, read_loops)
     return False
 
 
+def _rewritten_in_a_later_trip(write_index, read_index, write_loops, read_loops):
+    """A read after the write in the body of a serial loop around both (`b[i, t] = acc; acc +=
+    b[i, (t + 1) % T]`): the write runs again in the later trips, after the read, and may
+    overwrite the element it read, whose value the reverse pass then no longer finds. Not where,
+    for every serial loop around both, the write is at k + a and the read at k + b in some
+    dimension with a >= b (k that loop's variable): the read reaches an element written in this
+    trip or an earlier one, which no later trip of that loop writes again. A while loop's trips
+    have no variable: a read after the write there is always one."""
+    common = [lp for lp, other in zip(write_loops, read_loops) if lp is other]
+    for loop in common:
+        if isinstance(loop, N.For) and loop.parallel and not loop.serialize:
+            continue
+        if not isinstance(loop, N.For) or len(loop.vars) != 1 or loop.vars[0] in assigned_names(loop.body):
+            return True
+        shifts = [(_shift(w, loop.vars[0]), _shift(r, loop.vars[0])) for w, r in zip(write_index, read_index)]
+        if not any(a is not None and b is not None and a >= b for a, b in shifts):
+            return True
+    return False
+
+
 def _each_trip_adds_its_own(s, write_index, read_index, write_loops, read_loops):
     """An add (`c[t] += f(c[t - 1])`) in a serial loop whose trips read what earlier trips added
     (written_in_an_earlier_trip) is the same case as a store: the value read is the one the field
@@ -210,7 +230,7 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
             if kind == "store" and in_exclusive_branches(s, rs, index, rindex, paths):
                 continue
             same_stmt = rs is s
-            if rpos < pos or same_stmt:
+            if rpos < pos or same_stmt or kind == "store" and _rewritten_in_a_later_trip(index, rindex, loops, rloops):
                 if counts_minmax_winners(ir):
                     raise _minmax_count_lost(ir)
                 if kind == "store" and _clears_an_adjoint(s):
@@ -230,6 +250,8 @@ def check_overwrites(ir: N.KernelIR, exempt=frozenset()):
                              f"each trip reads and then stores its own element only (e.g. acc = acc * {name}[i, t]; " \
                              f"{name}[i, t] = acc) and launch the kernel inside kd.Tape, which restores the " \
                              "field for the reverse pass"
+                if rpos > pos and not same_stmt:
+                    where += ", in a later trip of the loop around both"
                 raise KernDiffError(
                     f"this kernel {what} after {'taking ti.atomic_' + rs.op + ' into' if _is_minmax(rs) else 'reading'}"
                     f" it{where}; {needs}", s.src, remedy)
