@@ -235,8 +235,9 @@ def test_ndarray_of_components_on_vulkan(vulkan_corpus):
 
 def test_compaction_by_old_values_on_vulkan(vulkan_corpus):
     """Stream compaction by the old values of an atomic add (a kernel writing integers only) and
-    a kernel computing from the entries the list names, on SPIR-V under kd.Tape: the gradient
-    of Σ (x sin x)² over the positive x, against the analytic one."""
+    a kernel computing from the entries the list names, on SPIR-V under kd.Tape, and the two in
+    one kernel (the fused form): the gradient of Σ (x sin x)² over the positive x, against the
+    analytic one."""
     n = 12
     x, y = ti.field(ti.f32, n, needs_grad=True), ti.field(ti.f32, n, needs_grad=True)
     picked, count = ti.field(ti.i32, n), ti.field(ti.i32, ())
@@ -263,6 +264,23 @@ def test_compaction_by_old_values_on_vulkan(vulkan_corpus):
         gather_and_sum()
     assert count[None] == 7 and sorted(picked.to_numpy()[:7]) == list(np.flatnonzero(xv > 0))
     g, dg = np.sin(xv) * xv, np.sin(xv) + xv * np.cos(xv)
+    np.testing.assert_allclose(x.grad.to_numpy(), np.where(xv > 0, 2 * g * dg, 0.0), rtol=1e-5, atol=1e-6)
+
+    @kd.kernel
+    def fused():  # the same in one kernel: the old values reach the integer list only
+        count[None] = 0
+        for i in x:
+            if x[i] > 0.0:
+                picked[ti.atomic_add(count[None], 1)] = i
+        for k in y:
+            if k < count[None]:
+                j = picked[k]
+                y[k] = ti.sin(x[j]) * x[j]
+                loss[None] += y[k] ** 2
+
+    with kd.Tape(loss):
+        fused()
+    assert count[None] == 7 and sorted(picked.to_numpy()[:7]) == list(np.flatnonzero(xv > 0))
     np.testing.assert_allclose(x.grad.to_numpy(), np.where(xv > 0, 2 * g * dg, 0.0), rtol=1e-5, atol=1e-6)
 
 
