@@ -57,7 +57,7 @@ def checked_for_reverse(ir: N.KernelIR, inputs_restored=False) -> N.KernelIR:
         raise
     except KernDiffError:
         promoted = promote_owned_elements(ir)
-        restorable = _restorable(ir)  # the kernel is refused as written: no need to check again
+        restorable = _restorable(promoted)  # the kernel is refused as written: no need to check again
         if promoted is ir and not restorable:
             raise
     if inputs_restored:
@@ -94,7 +94,7 @@ def restorable_fields(ir: N.KernelIR):
         check_overwrites(ir)
         return []
     except KernDiffError:
-        return _restorable(ir)
+        return _restorable(promote_owned_elements(ir))
 
 
 def _restorable(ir: N.KernelIR):
@@ -282,7 +282,61 @@ def _promote_loop(loop: N.Stmt, params, names):
     body = loop.body
     for ref, index in candidates:  # each rewrite rebuilds statements: find the uses again
         body = _promote(body, ref, index, _accesses(body)[ref], names)
-    return loop if body is loop.body else dataclasses.replace(loop, body=body)
+    body = _promote_trips(body, tuple(loop.vars), _accesses(body), params, names)
+    return loop if body == loop.body else dataclasses.replace(loop, body=body)
+
+
+def _promote_trips(stmts, outer_vars, uses_in_iteration, params, names):
+    """stmts with each element that one trip of a serial loop in them reads and writes, and no
+    other trip touches (every access in that loop's body itself, at one index of which each loop
+    variable around is a whole dimension: _owned_by_trips), held in a local for the trip. A trip
+    that breaks out is left as it is (its store would be skipped)."""
+    out = []
+    for s in stmts:
+        if isinstance(s, N.For) and not s.parallel and not assigned_names(s.body) & set(s.vars):
+            trip_vars = outer_vars + tuple(s.vars)
+            body = s.body
+            if not _breaks_out(body):
+                direct = _direct_accesses(body)
+                for ref, uses in _accesses(body).items():
+                    index = uses[0][1]
+                    if len(uses) == len(uses_in_iteration.get(ref, ())) and len(direct.get(ref, ())) == len(uses) \
+                            and _read_and_written({k for k, _, _ in uses}) and all(u[1] == index for u in uses) \
+                            and _owned(index, trip_vars, params):
+                        body = _promote(body, ref, index, _accesses(body)[ref], names)
+            body = _promote_trips(body, trip_vars, uses_in_iteration, params, names)
+            s = s if body == s.body else dataclasses.replace(s, body=body)
+        elif isinstance(s, N.If):
+            then = _promote_trips(s.then, outer_vars, uses_in_iteration, params, names)
+            orelse = _promote_trips(s.orelse, outer_vars, uses_in_iteration, params, names)
+            if then != s.then or orelse != s.orelse:
+                s = dataclasses.replace(s, then=then, orelse=orelse)
+        out.append(s)
+    return tuple(out)
+
+
+def _breaks_out(stmts):
+    """Whether stmts break out of the loop whose body they are (not out of a loop inside)."""
+    for s in stmts:
+        if isinstance(s, N.Break):
+            return True
+        if isinstance(s, N.If) and (_breaks_out(s.then) or _breaks_out(s.orelse)):
+            return True
+    return False
+
+
+def _direct_accesses(stmts):
+    """_accesses of stmts outside the loops nested in them."""
+    out = {}
+    for s, loops in _loops_around(stmts):
+        if not loops:
+            for ref, uses in _accesses((s,) if not blocks_of(s) else ()).items():
+                out.setdefault(ref, []).extend(uses)
+            for e in expr_children_of_stmt(s) if blocks_of(s) else ():
+                for x in iter_expr(e):
+                    if isinstance(x, N.Load):
+                        out.setdefault(x.ref, []).append(("read", x.index, s))
+    return out
 
 
 def _local_name(ref, index, names):
