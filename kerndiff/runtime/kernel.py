@@ -448,7 +448,7 @@ class Kernel:
         """A launch taking numpy arrays or torch tensors for ndarray parameters, as Taichi's
         kernels take them: each array is copied into a ti.ndarray kept for its parameter, shape
         and dtype (the kernel is specialized on the array, so it compiles once), the kernel runs
-        on those, and what they hold then is copied back into the arrays (a tensor on a GPU too).
+        on those, and what they hold then is copied back into the arrays (into a tensor by copy_).
         Only the primal, outside kd.Tape and kd.FwdMode: derivative kernels need the arrays'
         derivative arrays (kd.adjoint(a), kd.dual(a)), which a numpy array or a tensor has no place
         for (a tensor's .grad is torch's, filled by torch's autograd). None if no ndarray parameter
