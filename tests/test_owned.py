@@ -310,3 +310,41 @@ def test_drawn_serial_trips_under_tape(picks):
         _TRIP_COUNTS["checked"] += 1
     except kd.KernDiffError:
         _TRIP_COUNTS["refused"] += 1
+
+
+def test_later_trips_overwriting_what_a_trip_read(runtime):
+    """A store that a serial loop's later trips run again over the element an earlier trip read
+    after it (`b[i, t] = acc; acc += b[i, t + 1]`) is refused, with a plain reverse and inside
+    kd.Tape alike: the reverse pass would read the overwritten value (a wrong gradient until
+    session 53). Where no later trip can reach the element read (`c[i, 2 t]` written, `c[i, 2 t
+    + 1]` read), the kernel is taken: its gradient against central differences."""
+    n, T = 3, 4
+    c = ti.field(ti.f64, (n, 2 * T + 1), needs_grad=True)
+    x, out = ti.field(ti.f64, n, needs_grad=True), ti.field(ti.f64, n, needs_grad=True)
+
+    @kd.kernel
+    def reads_ahead():
+        for i in range(n):
+            acc = x[i]
+            for t in range(T):
+                c[i, t] = acc
+                acc = acc * 0.5 + c[i, t + 1]
+            out[i] = acc
+
+    @kd.kernel
+    def evens_and_odds():
+        for i in range(n):
+            acc = x[i]
+            for t in range(T):
+                c[i, 2 * t] = acc
+                acc = acc * 0.5 + c[i, 2 * t + 1] ** 2
+            out[i] = acc
+
+    c.from_numpy(np.random.default_rng(5).uniform(0.2, 1.0, (n, 2 * T + 1)))
+    x.from_numpy(np.array([0.3, 0.5, 0.7]))
+    for launch in (lambda: reads_ahead.reverse(), lambda: kd.check_grad(lambda: reads_ahead(), [x, c], out)):
+        with pytest.raises(kd.KernDiffError, match="overwrites 'c' after reading it, at line .*, in a later trip of "
+                                                   "the loop around both"):
+            reads_ahead()
+            launch()
+    assert kd.check_grad(evens_and_odds, [x, c], out, order=2) < 1e-6

@@ -77,20 +77,53 @@ def _rewritten_in_a_later_trip(write_index, read_index, write_loops, read_loops)
     """A read after the write in the body of a serial loop around both (`b[i, t] = acc; acc +=
     b[i, (t + 1) % T]`): the write runs again in the later trips, after the read, and may
     overwrite the element it read, whose value the reverse pass then no longer finds. Not where,
-    for every serial loop around both, the write is at k + a and the read at k + b in some
-    dimension with a >= b (k that loop's variable): the read reaches an element written in this
-    trip or an earlier one, which no later trip of that loop writes again. A while loop's trips
-    have no variable: a read after the write there is always one."""
+    for every serial loop around both, some index dimension shows that no later trip of that
+    loop writes what this trip read (_no_later_trip_reaches: the write at k + a and the read at
+    k + b with a >= b reads this trip's element or an earlier one's). A while loop's trips have
+    no variable: a read after the write there is always one."""
     common = [lp for lp, other in zip(write_loops, read_loops) if lp is other]
     for loop in common:
         if isinstance(loop, N.For) and loop.parallel and not loop.serialize:
             continue
         if not isinstance(loop, N.For) or len(loop.vars) != 1 or loop.vars[0] in assigned_names(loop.body):
             return True
-        shifts = [(_shift(w, loop.vars[0]), _shift(r, loop.vars[0])) for w, r in zip(write_index, read_index)]
-        if not any(a is not None and b is not None and a >= b for a, b in shifts):
+        if not any(_no_later_trip_reaches(_linear(w, loop.vars[0]), _linear(r, loop.vars[0]))
+                   for w, r in zip(write_index, read_index)):
             return True
     return False
+
+
+def _no_later_trip_reaches(write, read):
+    """For one index dimension, the write at m k + a and the read at m k + b ((m, a), (m, b) from
+    _linear): whether no later trip k' > k writes the element trip k read, m (k' - k) = b - a
+    having no solution k' - k >= 1 (`c[2 t]` beside `c[2 t + 1]`: never; `c[t + 1]` beside
+    `c[t + 2]`: the next trip)."""
+    if write is None or read is None or write[0] != read[0] or write[0] == 0:
+        return False
+    m, gap = write[0], read[1] - write[1]
+    return gap % m != 0 or gap // m < 1
+
+
+def _linear(e, var):
+    """(m, c) when e is m * var + c for integers m and c (built of var, integer constants, +, -,
+    * by a constant and casts), else None."""
+    if isinstance(e, N.Var):
+        return (1, 0) if e.name == var else None
+    if isinstance(e, N.Const):
+        return (0, e.value) if isinstance(e.value, int) else None
+    if isinstance(e, N.Call) and e.op == "cast":
+        return _linear(e.args[0], var)
+    if isinstance(e, N.Call) and e.op in ("add", "sub", "mul"):
+        a, b = (_linear(x, var) for x in e.args)
+        if a is None or b is None:
+            return None
+        if e.op == "add":
+            return a[0] + b[0], a[1] + b[1]
+        if e.op == "sub":
+            return a[0] - b[0], a[1] - b[1]
+        if a[0] == 0 or b[0] == 0:
+            return a[0] * b[1] + b[0] * a[1], a[1] * b[1]
+    return None
 
 
 def _each_trip_adds_its_own(s, write_index, read_index, write_loops, read_loops):
