@@ -5,6 +5,8 @@ Along a few random directions v (seeded) and with a random output cotangent w:
     forward mode         ⟨w, J·v⟩                    (k.forward)
     reverse mode         ⟨Jᵀ·w, v⟩                   (k.reverse)       — the dot-product test
 and with order=2 also H·v from forward(reverse) against finite differences of the gradient.
+Every run the check makes draws the same random numbers (ti.random, ti.randn: runtime/draws.py
+fixes the launches' seeds while it checks), so kernels and programs that draw are checked too.
 Where every number compared is zero the check proves nothing (`kd.check_grad(k.reverse, ...)` with
 the output adjoint k.reverse reads left at zero): it passes, with a warning that says so.
 Afterwards every field the check touched holds what it held before: the inputs, the fields the
