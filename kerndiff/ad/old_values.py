@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..errors import KernDiffError
 from ..ir import nodes as N
 from ..ir.types import is_float
-from ..ir.walk import assigned_names, iter_expr, old_value_atomics, vars_in, writes_floats
+from ..ir.walk import assigned_names, iter_expr, jumps_out, old_value_atomics, vars_in, writes_floats
 
 
 def refuse_float_uses(ir: N.KernelIR):
@@ -64,7 +64,7 @@ def _walk(stmts, tainted, decided=None):
             inner = decided or _origin((s.cond,), tainted)
             _walk(s.then, tainted, inner)
             _walk(s.orelse, tainted, inner)
-            if inner is not None and _breaks(s.then + s.orelse):
+            if inner is not None and jumps_out(s.then + s.orelse):
                 tainted.setdefault(_BREAKS, inner)
         elif isinstance(s, N.For):
             bounds = tuple(e for pair in s.bounds for e in pair)
@@ -95,16 +95,6 @@ def _walk_loop(body, tainted, decided):
             tainted.setdefault(name, decided)
     if outer is not None:
         tainted[_BREAKS] = outer
-
-
-def _breaks(stmts):
-    """Whether stmts break out of (or continue) the loop around them: not from a loop inside."""
-    for s in stmts:
-        if isinstance(s, (N.Break, N.Continue)):
-            return True
-        if isinstance(s, N.If) and _breaks(s.then + s.orelse):
-            return True
-    return False
 
 
 def _origin(exprs, tainted):

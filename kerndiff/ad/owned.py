@@ -28,8 +28,8 @@ import dataclasses
 from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, map_expr, \
-    map_stmt_exprs, map_stmts, without_prints, writes_floats
+from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, jumps_out, \
+    map_expr, map_stmt_exprs, map_stmts, without_prints, writes_floats
 from .hazards import ConsumedCotangent, check_overwrites
 from .races import check_iteration_races
 from .names import NameAllocator
@@ -296,7 +296,7 @@ def _promote_trips(stmts, outer_vars, uses_in_iteration, params, names):
         if isinstance(s, N.For) and not s.parallel and not assigned_names(s.body) & set(s.vars):
             trip_vars = outer_vars + tuple(s.vars)
             body = s.body
-            if not _breaks_out(body):
+            if not jumps_out(body, (N.Break,)):
                 direct = _direct_accesses(body)
                 for ref, uses in _accesses(body).items():
                     index = uses[0][1]
@@ -313,16 +313,6 @@ def _promote_trips(stmts, outer_vars, uses_in_iteration, params, names):
                 s = dataclasses.replace(s, then=then, orelse=orelse)
         out.append(s)
     return tuple(out)
-
-
-def _breaks_out(stmts):
-    """Whether stmts break out of the loop whose body they are (not out of a loop inside)."""
-    for s in stmts:
-        if isinstance(s, N.Break):
-            return True
-        if isinstance(s, N.If) and (_breaks_out(s.then) or _breaks_out(s.orelse)):
-            return True
-    return False
 
 
 def _direct_accesses(stmts):

@@ -134,6 +134,17 @@ def assigned_names(stmts):
     return out
 
 
+def jumps_out(stmts, kinds=(N.Break, N.Continue)) -> bool:
+    """Whether stmts hold a jump of `kinds` (N.Break, N.Continue) that leaves the loop whose body
+    they are: in them or in their ifs, not in a loop nested in them."""
+    for s in stmts:
+        if isinstance(s, kinds):
+            return True
+        if isinstance(s, N.If) and (jumps_out(s.then, kinds) or jumps_out(s.orelse, kinds)):
+            return True
+    return False
+
+
 def old_value_atomics(stmts):
     """The atomics that bind the element's old value to a local (N.Atomic.result)."""
     return [s for s in iter_stmts(stmts) if isinstance(s, N.Atomic) and s.result]

@@ -29,8 +29,8 @@ from collections import Counter
 
 from ..ir import build as B
 from ..ir import nodes as N
-from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in,
-                       map_expr, map_stmt_exprs, map_stmts, rebuild_stmt, vars_in)
+from ..ir.walk import (assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, jumps_out,
+                       loads_in, map_expr, map_stmt_exprs, map_stmts, rebuild_stmt, vars_in)
 from .invariant_loads import hoist_invariant_loads
 from .packed_gathers import pack_gathers
 
@@ -53,15 +53,6 @@ def _accesses(body):
     return out
 
 
-def _has_continue(stmts):
-    for s in stmts:
-        if isinstance(s, N.Continue):
-            return True
-        if isinstance(s, N.If) and (_has_continue(s.then) or _has_continue(s.orelse)):
-            return True
-    return False
-
-
 def _privatize(loop, names):
     acc = _accesses(loop.body)
     loaded = {id(r.field) for k, r, _ in acc if k == "load"}
@@ -76,7 +67,7 @@ def _privatize(loop, names):
             counts[s.ref] = counts.get(s.ref, 0) + (2 if _in_inner_loop(loop.body, s) else 1)
     # in order of appearance: the source must not vary by run
     chosen = [r for r, c in counts.items() if c > 1 and not _stored_after_adding(loop.body, r.field)]
-    if not chosen or _has_continue(loop.body):
+    if not chosen or jumps_out(loop.body, (N.Continue,)):
         return loop
     local = {r: names.fresh(f"{r.name}{''.join(f'_{c}' for c in r.component)}_acc") for r in chosen}
 
