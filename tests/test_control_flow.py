@@ -736,3 +736,67 @@ def test_ranges_with_steps_outer_and_inner(runtime):
     np.testing.assert_allclose(y.to_numpy(), expected, rtol=1e-14)
     assert np.count_nonzero(expected) == 3
     assert kd.check_grad(stepped, [x], y, args=(9,), order=2) < 1e-6
+
+
+def test_counters_stepped_every_trip_are_set_from_the_trip_number(runtime):
+    """Integer locals that every trip steps by the same amount (induction variables: `j += 3`, a
+    while loop's `k -= d` with d set before the loop) are set in the backward sweep from the
+    trip's number, `j = j0 + 3 * t`, instead of checkpointed or replayed from the loop's entry;
+    a counter stepped under a condition or by a draw is still replayed. Derivatives against
+    finite differences on every path, and, for the pure counters, no checkpoint in the reverse
+    and no replay loop besides the while loop's one count of its trips."""
+    x = ti.field(ti.f64, shape=5, needs_grad=True, needs_dual=True)
+    y = ti.field(ti.f64, shape=5, needs_grad=True, needs_dual=True)
+    x.from_numpy(np.linspace(0.3, 1.1, 5))
+
+    @kd.kernel
+    def stepped_counter():
+        for i in x:
+            j = i
+            acc = 0.0
+            for t in range(40):  # long enough for checkpoints, had j needed them
+                j += 3
+                acc += ti.sin(x[j % 5] * x[i] + 0.01 * t)
+            y[i] = acc
+
+    @kd.kernel
+    def while_counter(d: ti.i32):
+        for i in x:
+            k = 12 + i
+            acc = x[i]
+            while k > 0:
+                acc += ti.sin(x[k % 5] * x[i] + 0.1 * k)
+                k -= d
+            y[i] = acc
+
+    @kd.kernel
+    def conditional_counter():
+        for i in x:
+            j = i
+            acc = 0.0
+            for t in range(40):
+                if x[t % 5] > 0.6:
+                    j += 1
+                acc += ti.sin(x[j % 5] * x[i])
+            y[i] = acc
+
+    @kd.kernel
+    def drawn_counter():
+        for i in x:
+            j = i
+            acc = 0.0
+            for t in range(12):
+                j += ti.cast(ti.random() * 3.0, ti.i32)
+                acc += ti.sin(x[j % 5] * x[i])
+            y[i] = acc
+
+    for k, args in ((stepped_counter, ()), (while_counter, (2,)), (conditional_counter, ())):
+        for prefix, mode in PATHS:
+            check_path(k, prefix, mode, args=args, rtol=1e-6)
+    assert kd.check_grad(drawn_counter, [x], y, order=2) < 1e-6  # (its launches draw alike here)
+    for k in (stepped_counter, while_counter):
+        source = k.reverse.source
+        assert "checkpoints of" not in source and "_re " not in source and "_re_" not in source, source
+    assert "j_1 = i + t * 3" in stepped_counter.reverse.source
+    assert "k_1 = k - d * it" in while_counter.reverse.source
+    assert "checkpoints of" in conditional_counter.reverse.source

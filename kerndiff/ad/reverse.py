@@ -379,7 +379,14 @@ class Reverse:
         from ..ir.walk import used_names
         used = used_names(iteration)
         prologue, fusable = [], False
-        if any(c in used for c in carried):
+        closed = steps_of_inductions(s, info)
+        if any(c in used for c in carried) and all(c in closed for c in carried if c in used):
+            # every carried value the sweep needs counts trips: set from the trip's number
+            offset = B.sub(B.var(var, "i32"), lo)
+            iteration = [N.Assign(c, B.add(init, B.mul(step, B.cast(offset, dt))), src=s.src, tag="recompute")
+                         for c, dt, init in info.carried if c in used for step in [closed[c]]] + iteration
+            used.add(var)
+        elif any(c in used for c in carried):
             if isinstance(trips, N.Const):
                 rows = self.checkpoint_rows(s, info, var, lo, hi, used) if self.worth_checkpoints(trips) else None
                 if rows is not None:
@@ -636,6 +643,45 @@ class Reverse:
             start = B.add(seg_start_v, floor_to(B.sub(v, seg_start_v), sub_v))
             restore.append(N.For((r,), ((start, v),), self.carried_step(s, info, r), src=s.src, tag="recompute"))
         return prologue, restore
+
+
+def steps_of_inductions(s, info):
+    """{carried integer local: its step} for the induction variables of loop `s` (in SSA form):
+    those every trip steps by the same amount, `k_1 = k + d; ...; k = k_1` at the body's top
+    level with d a constant or a local the loop does not assign. On entry to trip t (counted
+    from 0) such a local holds `init + d * t` (exactly: integer arithmetic wraps alike), so the
+    backward sweep sets it so instead of replaying the loop or checkpointing it (a while loop's
+    trip counter, a counter stepped beside a float state)."""
+    written = assigned_names(s.body) | set(getattr(s, "vars", ()))
+    assigns = [t for t in iter_stmts(s.body) if isinstance(t, N.Assign)]
+    count = {}
+    for t in assigns:
+        count[t.name] = count.get(t.name, 0) + 1
+    top = {t.name: t.value for t in s.body if isinstance(t, N.Assign) and count[t.name] == 1}
+    steps = {}
+    for c, dt, _ in info.carried:
+        update = top.get(c)
+        if is_float(dt) or not isinstance(update, N.Var) or not isinstance(top.get(update.name), N.Call):
+            continue
+        value = top[update.name]
+        if value.op not in ("add", "sub") or value.dtype != dt:
+            continue
+        a, b = value.args
+        if isinstance(b, N.Var) and b.name == c and value.op == "add":
+            a, b = b, a
+        if not (isinstance(a, N.Var) and a.name == c) or not _invariant(b, written):
+            continue
+        steps[c] = B.cast(b, dt) if value.op == "add" else B.neg(B.cast(b, dt))
+    return steps
+
+
+def _invariant(e, written):
+    """Is e the same on every trip: built of constants and locals the loop does not assign (its
+    own index included), no field reads, no draws?"""
+    from ..ir.ops import RANDOM
+    from ..ir.walk import iter_expr
+    return all(not isinstance(x, N.Load) and not (isinstance(x, N.Var) and x.name in written)
+               and not (isinstance(x, N.Call) and x.op in RANDOM) for x in iter_expr(e))
 
 
 def independent_runs(stmts):
