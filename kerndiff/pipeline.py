@@ -111,4 +111,15 @@ def kernel_ir(kernel, templates):
         CACHE[key] = (out, ir)  # the input is kept alive: the key holds ids of its fields
         ir = out
     name = "_".join((kernel.__name__,) + kernel.path)
-    return dataclasses.replace(ir, name=name)
+    return without_unused_seed(dataclasses.replace(ir, name=name))
+
+
+def without_unused_seed(ir):
+    """ir without its draw-seed parameter where no draw is left to read it (a reverse kernel
+    whose draws fed only values its adjoints do not need: dead-code elimination dropped them), so
+    that the generated kernel takes no parameter it ignores. The transforms keep the parameter
+    on the IR they pass on; a launch passes a seed where the IR it compiled still has one."""
+    from .ir.walk import used_names
+    if not ir.seed or ir.seed in used_names(ir.body):
+        return ir
+    return dataclasses.replace(ir, params=tuple(p for p in ir.params if p.name != ir.seed), seed="")

@@ -36,12 +36,12 @@ def variant_runs(monkeypatch):
         variant = original(self, entry, templates)
         if variant is None:
             return None
-        compiled, pairs, src = variant
+        compiled, pairs, src, params = variant
 
         def run(*args):
             ran.append(self)
             return compiled(*args)
-        return run, pairs, src
+        return run, pairs, src, params
     monkeypatch.setattr(kernel_module.Kernel, "_equal_directions", spy)
     return ran
 

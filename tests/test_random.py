@@ -81,13 +81,14 @@ def test_noise_and_kicks_under_tape():
     kicks = vv - (np.sin(xv) + drawn * xv)
     assert np.all(kicks != 0.0) and len(set(kicks)) == n  # (each element its own draw)
     assert "keyed_random(" not in draw_noise.reverse.source + kick.reverse.source  # (it needs none)
+    assert "draw_seed" not in draw_noise.reverse.source + kick.reverse.source  # (nor the seed parameter)
     assert "= keyed_random(ti.f64, draw_seed, " in draw_noise.source and "keyed_random(" in kick.source
 
 
-def test_forward_kernels_derive_at_their_own_draws():
+def test_forward_kernels_derive_at_their_own_draws(variant_runs):
     """y = x² r with r = ti.random(): k.forward writes y and its tangent from one draw per
     element (y' = 2 x r x' = 2 y x' / x), k.forward.forward the second derivative (2 r, so
-    2 y / x²) from one draw too."""
+    2 y / x²) from one draw too (its equal-directions variant, which takes the seed too)."""
     n = 16
     x, y = ti.field(ti.f64, n), ti.field(ti.f64, n)
     kd.dual(x), kd.dual(x, 2), kd.dual(kd.dual(x), 2)
@@ -110,6 +111,7 @@ def test_forward_kernels_derive_at_their_own_draws():
     yv, d2y = y.to_numpy(), kd.dual(kd.dual(y), 2).to_numpy()
     np.testing.assert_allclose(d2y, 2 * yv / xv ** 2, rtol=1e-14)
     assert scaled.forward.source.count("= keyed_random(ti.f64, ") == 1
+    assert variant_runs == [scaled.forward.forward] and "draw_seed" in scaled.forward.forward.equal_directions_source
 
 
 def test_draws_are_apart():

@@ -382,9 +382,10 @@ class Kernel:
                     parent = parent._child(step)
                 v = equal_directions_variant(parent.ir(templates), self.level(len(self.path) - 2), self.level())
                 if v is not None:
-                    ir = dataclasses.replace(v.ir, name=entry["ir"].name + "_equal_directions")
+                    from ..pipeline import without_unused_seed
+                    ir = without_unused_seed(dataclasses.replace(v.ir, name=entry["ir"].name + "_equal_directions"))
                     compiled, src = self._generated(ir, t0, fields0)
-                    entry["equal_directions"] = (compiled, v.seed_pairs, src)
+                    entry["equal_directions"] = (compiled, v.seed_pairs, src, ir.params)
         return entry["equal_directions"]
 
     def _store_checks(self, entry, templates):
@@ -534,15 +535,15 @@ class Kernel:
             raise KernDiffError(f"{self!r} returns nothing to seed with a cotangent",
                                 remedy="seed the adjoints of output fields instead")
         run = entry["kernel"]
-        checks = self._store_checks(entry, templates) if self.path else ()
-        if checks:
-            values = {p.name: v for p, v in zip(ir.params, call_args)}
-            for check in checks:
-                check.run(values)
+        values = {p.name: v for p, v in zip(ir.params, call_args)}
+        for check in self._store_checks(entry, templates) if self.path else ():
+            check.run(values)
         if len(self.path) > 1 and EQUAL_DIRECTIONS:
             variant = self._equal_directions(entry, templates)
             if variant is not None and all(fields_equal(a, b) for a, b in variant[1]):
-                run = variant[0]
+                # (by name: the variant may have dropped a draw seed the kernel takes, or kept one)
+                run, call_args = variant[0], [values[p.name] if p.name in values else self._launch_seed(None)
+                                            for p in variant[3]]
         out = run(*call_args)
         return self.returned(tuple(out) if isinstance(out, list) else out)
 
