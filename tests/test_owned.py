@@ -201,10 +201,12 @@ def test_serial_trips_updating_their_own_elements_under_tape(runtime):
     which restores b before the reverse pass, makes it reversible (ad.owned._owned_by_trips):
     kd.check_grad of the program, orders 1 and 2, against central differences, and the gradient
     against the analytic one; so is a trip that reads its element again after overwriting it
-    (the element is a local for the trip: ad.owned._promote_trips). Alone the reverse is refused
-    with that remedy; a trip reading the element an earlier trip wrote (`b[i, t] = b[i, t - 1] *
-    b[i, t]`) and a trip re-touched by an outer serial loop are refused under kd.Tape too
-    (restoring b would give them the values from before the launch, not the ones they read)."""
+    (the element is a local for the trip: ad.owned._promote_trips), and a scan in place, each
+    trip reading the element the trip before wrote (`b[i, t] = b[i, t - 1] * b[i, t]`: the
+    value is handed on in a local, ad.owned._forward_previous_trip). Alone the reverse is refused
+    with that remedy; a trip reading the element two trips back wrote, and a trip re-touched by
+    an outer serial loop are refused under kd.Tape too (restoring b would give them the values
+    from before the launch, not the ones they read)."""
     n, T = 3, 5
     b = ti.field(ti.f64, (n, T), needs_grad=True)
     loss = ti.field(ti.f64, (), needs_grad=True)
@@ -228,6 +230,12 @@ def test_serial_trips_updating_their_own_elements_under_tape(runtime):
         for i in range(n):
             for t in range(1, T):
                 b[i, t] = b[i, t - 1] * b[i, t]
+
+    @kd.kernel
+    def from_two_trips_before():
+        for i in range(n):
+            for t in range(2, T):
+                b[i, t] = b[i, t - 2] * b[i, t]
 
     @kd.kernel
     def read_after_its_store():
@@ -264,7 +272,17 @@ def test_serial_trips_updating_their_own_elements_under_tape(runtime):
     running_product()
     with pytest.raises(kd.KernDiffError, match="launch it inside kd.Tape, which snapshots the fields"):
         running_product.reverse()
-    for kernel in (from_the_trip_before, halved_twice):
+    # the scan in place: b[i, t] = Π_{u <= t} b[i, u] as running_product leaves it
+    b.from_numpy(b0)
+    with kd.Tape(loss):
+        from_the_trip_before()
+        measure()
+    np.testing.assert_allclose(b.to_numpy(), prods, rtol=1e-14)
+    np.testing.assert_allclose(kd.adjoint(b).to_numpy(), expected, rtol=1e-12)
+    b.from_numpy(b0)
+    assert kd.check_grad(lambda: (from_the_trip_before(), measure()), [b], loss, order=2) < 1e-6
+    assert "b_i_0 = b[i, 0]" in from_the_trip_before.reverse_from_inputs.source  # (read once: no trip writes it)
+    for kernel in (from_two_trips_before, halved_twice):
         with pytest.raises(kd.KernDiffError, match="carry the running value in a local"):
             with kd.Tape(loss):
                 kernel()
@@ -272,7 +290,9 @@ def test_serial_trips_updating_their_own_elements_under_tape(runtime):
 
 _TRIP_LINES = ["acc = acc * b[i, t]", "acc = acc + 0.3 * ti.sin(b[i, t])", "b[i, t] = acc",
                "b[i, t] = b[i, t] * 0.5 + acc", "b[i, t] += 0.1 * acc", "c[i, t] = b[i, t] ** 2",
-               "if acc > 1.0:\n    b[i, t] = 0.5 * acc", "acc = acc + 0.2 * b[i, (t + 1) % T]"]
+               "if acc > 1.0:\n    b[i, t] = 0.5 * acc", "acc = acc + 0.2 * b[i, (t + 1) % T]",
+               "b[i, t] = b[i, t - 1] * b[i, t]", "acc = acc + 0.4 * b[i, t - 1]", "b[i, t] += 0.3 * b[i, t - 1] ** 2",
+               "c[i, t] = b[i, t - 1] * acc"]
 _TRIPS = {}
 _TRIP_COUNTS = {"checked": 0, "refused": 0}
 _TRIP_DIR = tempfile.mkdtemp(prefix="kerndiff_trips_")
@@ -289,7 +309,7 @@ def test_drawn_serial_trips_under_tape(picks):
         _TRIPS.update(b=ti.field(ti.f64, (n, T), needs_grad=True), c=ti.field(ti.f64, (n, T), needs_grad=True),
                       loss=ti.field(ti.f64, (), needs_grad=True), T=T, n=n)
     f = _TRIPS
-    body = "acc = 0.7\nfor t in range(T):\n" + "\n".join(
+    body = "acc = 0.7\nfor t in range(1, T):\n" + "\n".join(
         "    " + line for p in picks for line in _TRIP_LINES[p].splitlines())
     fn, src = load_elementwise(body, f, _TRIP_DIR, head="def kernel():\n    for i in range(n):")
     k = kd.kernel(fn)

@@ -100,19 +100,24 @@ def restorable_fields(ir: N.KernelIR):
 def _restorable(ir: N.KernelIR):
     """restorable_fields of a kernel already known to be refused as written."""
     params = {p.name for p in ir.params}
-    where = {}  # id(field) -> (field, {top-level groups}, {index tuples}, {kinds})
+    where = {}  # id(field) -> (field, {top-level groups}, {(kind, index tuple)})
     groups = _top_level_groups(ir.body)
     for pos, group in enumerate(groups):
         for ref, uses in _accesses(group).items():
-            f, tops, indices, kinds = where.setdefault(id(ref.field), (ref.field, set(), set(), set()))
+            f, tops, kinded = where.setdefault(id(ref.field), (ref.field, set(), set()))
             tops.add(pos)
-            indices.update(index for _, index, _ in uses)
-            kinds.update(kind for kind, _, _ in uses)
+            kinded.update((kind, index) for kind, index, _ in uses)
     out = []
-    for f, tops, indices, kinds in where.values():
-        if len(tops) != 1 or len(indices) != 1 or not _read_and_written(kinds):
+    for f, tops, kinded in where.values():
+        indices = {index for _, index in kinded}
+        if len(tops) != 1 or not _read_and_written({kind for kind, _ in kinded}):
             continue
         group, index = groups[next(iter(tops))], next(iter(indices))
+        if len(indices) != 1:  # a scan in place, its first trip reading the element before the range
+            carried_in = isinstance(group[0], N.For) and _carried_in(group[0], indices, kinded)
+            if not carried_in:
+                continue
+            index = carried_in[0]
         if isinstance(group[0], N.For):
             if _promotable_loop(group[0], params) and (_owned(index, group[0].vars, params)
                                                        or _owned_by_trips(group[0], f, index, params)):
@@ -299,11 +304,17 @@ def _promote_trips(stmts, outer_vars, uses_in_iteration, params, names):
             if not jumps_out(body, (N.Break,)):
                 direct = _direct_accesses(body)
                 for ref, uses in _accesses(body).items():
+                    if len(uses) != len(uses_in_iteration.get(ref, ())) or len(direct.get(ref, ())) != len(uses):
+                        continue
                     index = uses[0][1]
-                    if len(uses) == len(uses_in_iteration.get(ref, ())) and len(direct.get(ref, ())) == len(uses) \
-                            and _read_and_written({k for k, _, _ in uses}) and all(u[1] == index for u in uses) \
+                    if _read_and_written({k for k, _, _ in uses}) and all(u[1] == index for u in uses) \
                             and _owned(index, trip_vars, params):
                         body = _promote(body, ref, index, _accesses(body)[ref], names)
+                    else:
+                        forwarded = _forward_previous_trip(s, body, ref, uses, trip_vars, params, names)
+                        if forwarded is not None:
+                            before, body = forwarded
+                            out.extend(before)
             body = _promote_trips(body, trip_vars, uses_in_iteration, params, names)
             s = s if body == s.body else dataclasses.replace(s, body=body)
         elif isinstance(s, N.If):
@@ -313,6 +324,70 @@ def _promote_trips(stmts, outer_vars, uses_in_iteration, params, names):
                 s = dataclasses.replace(s, then=then, orelse=orelse)
         out.append(s)
     return tuple(out)
+
+
+def _forward_previous_trip(loop, body, ref, uses, trip_vars, params, names):
+    """(statements before `loop`, its body) with each trip's read of the element the previous trip
+    stored (`b[i, t] = b[i, t - 1] * b[i, t]`, a scan in place) taken from a local the previous
+    trip left, and the trip's own element promoted (_promote): each trip then reads only its own
+    element as the launch found it, and, in its first trip, the element before the range
+    (`b[i, 0]`), which no trip writes, so kd.Tape can restore the field for the reverse
+    (_restorable: _carried_in). None where the accesses are not of that form: the trip's own
+    element (every loop variable around a whole index dimension) written, and read besides
+    only one step back along this loop's variable; no continue or break (which would skip
+    handing the value on)."""
+    if len(loop.vars) != 1 or jumps_out(body):
+        return None
+    t = loop.vars[0]
+    (lo, _), = loop.bounds
+    writes = {index for kind, index, _ in uses if kind != "read"}
+    if len(writes) != 1 or not all(kind in ("read", "store", "add") for kind, _, _ in uses):
+        return None
+    index, = writes
+    if not _owned(index, trip_vars, params) or any(isinstance(x, N.Load) for x in iter_expr(lo)):
+        return None
+    previous = _index_at(index, t, B.sub(B.var(t, "i32"), B.const(1, "i32")))
+    if previous is None or not any(kind == "read" and at == previous for kind, at, _ in uses) \
+            or not all(at in (index, previous) for _, at, _ in uses):
+        return None
+    carried = B.var(names.fresh(f"{ref.name}{''.join(f'_{c}' for c in ref.component)}_prev"), ref.dtype)
+
+    def as_carried(e):
+        return carried if isinstance(e, N.Load) and e.ref is ref and e.index == previous else e
+
+    body = map_stmts(body, lambda st: map_stmt_exprs(st, lambda e: map_expr(e, as_carried)))
+    body = _promote(body, ref, index, _accesses(body)[ref], names)
+    first = N.If(B.call("eq", B.var(t, "i32"), lo),
+                 (N.Assign(carried.name, B.load(ref, _index_at(index, t, B.sub(lo, B.const(1, "i32")))),
+                           src=loop.src),), (), src=loop.src)
+    handed_on = N.Assign(carried.name, body[-1].value, src=body[-1].src)
+    return [N.Assign(carried.name, B.const(0, ref.dtype), src=loop.src)], (first,) + body + (handed_on,)
+
+
+def _index_at(index, var, value):
+    """index with the dimension that is the bare loop variable `var` replaced by value (None if
+    no dimension is)."""
+    if not any(isinstance(e, N.Var) and e.name == var for e in index):
+        return None
+    return tuple(value if isinstance(e, N.Var) and e.name == var else e for e in index)
+
+
+def _carried_in(loop, indices, uses):
+    """(the index of field's writes, the index each first trip reads before them) where field's
+    accesses in `loop` are those _forward_previous_trip leaves: writes at one index, and reads
+    besides at that index with a serial loop's variable t set to the loop's start minus one
+    (no trip writes that element: t runs from the start). None otherwise."""
+    writes = {index for kind, index in uses if kind != "read"}
+    if len(indices) != 2 or len(writes) != 1:
+        return None
+    index, = writes
+    other, = indices - writes
+    for s, _ in _loops_around(loop.body):
+        if isinstance(s, N.For) and not s.parallel and len(s.vars) == 1:
+            (lo, _), = s.bounds
+            if _index_at(index, s.vars[0], B.sub(lo, B.const(1, "i32"))) == other:
+                return index, other
+    return None
 
 
 def _direct_accesses(stmts):
