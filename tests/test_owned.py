@@ -332,6 +332,69 @@ def test_drawn_serial_trips_under_tape(picks):
         _TRIP_COUNTS["refused"] += 1
 
 
+def test_scans_in_place_of_components_and_of_triangles_under_tape(runtime):
+    """Scans in place in other shapes, under kd.Tape, against central differences (kd.check_grad
+    of the program, orders 1 and 2): a running sum of one component of a vector field, read
+    again after the trip wrote it, beside the other component read only; a scan along t from a
+    start that an outer serial loop sets (`range(u + 1, T)`: the first trip of each u reads
+    m[i, u, u], which no trip writes). A scan whose start is a local the trips reassign is still
+    refused."""
+    n, T = 2, 5
+    v = ti.Vector.field(2, ti.f64, (n, T), needs_grad=True)
+    m = ti.field(ti.f64, (n, 3, T), needs_grad=True)
+    c = ti.field(ti.f64, (n, T), needs_grad=True)
+    loss = ti.field(ti.f64, (), needs_grad=True)
+
+    @kd.kernel
+    def running_sum():
+        for i in range(n):
+            for t in range(1, T):
+                v[i, t][0] += ti.sin(v[i, t - 1][0]) * v[i, t][1]
+                c[i, t] = v[i, t][0] ** 2
+
+    @kd.kernel
+    def triangle():
+        for i in range(n):
+            for u in range(3):
+                for t in range(u + 1, T):
+                    m[i, u, t] = m[i, u, t - 1] * 0.5 + m[i, u, t] ** 2
+
+    @kd.kernel
+    def measure():
+        for i, t in c:
+            loss[None] += c[i, t] + v[i, t][0] * (t + 1) + v[i, t][1]
+        for i, u, t in m:
+            loss[None] += m[i, u, t] * (u + t + 1)
+
+    rng = np.random.default_rng(11)
+    v.from_numpy(rng.uniform(0.2, 0.9, (n, T, 2)))
+    m.from_numpy(rng.uniform(0.1, 0.6, (n, 3, T)))
+    for kernel in (running_sum, triangle):
+        c.fill(0)
+        assert kd.check_grad(lambda: (kernel(), measure()), [v, m], loss, order=2) < 1e-6
+    assert "v_0_prev_3_adj" in running_sum.reverse_from_inputs.source and "m_prev_" in triangle.reverse_from_inputs.source
+    # the values: the component's running sum as numpy adds it
+    v0 = rng.uniform(0.2, 0.9, (n, T, 2))
+    v.from_numpy(v0)
+    running_sum()
+    expected = v0.copy()
+    for t in range(1, T):
+        expected[:, t, 0] += np.sin(expected[:, t - 1, 0]) * expected[:, t, 1]
+    np.testing.assert_allclose(v.to_numpy(), expected, rtol=1e-14)
+
+    @kd.kernel
+    def moving_start():
+        for i in range(n):
+            s = 1
+            for t in range(s, T):
+                c[i, t] = c[i, t - 1] * c[i, t]
+                s = 2
+    c.fill(0.5)
+    with pytest.raises(kd.KernDiffError, match="carry the running value in a local"):
+        with kd.Tape(loss):
+            moving_start()
+
+
 def test_later_trips_overwriting_what_a_trip_read(runtime):
     """A store that a serial loop's later trips run again over the element an earlier trip read
     after it (`b[i, t] = acc; acc += b[i, t + 1]`) is refused, with a plain reverse and inside

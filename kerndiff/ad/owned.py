@@ -114,7 +114,7 @@ def _restorable(ir: N.KernelIR):
             continue
         group, index = groups[next(iter(tops))], next(iter(indices))
         if len(indices) != 1:  # a scan in place, its first trip reading the element before the range
-            carried_in = isinstance(group[0], N.For) and _carried_in(group[0], indices, kinded)
+            carried_in = isinstance(group[0], N.For) and _carried_in(group[0], f, indices, kinded)
             if not carried_in:
                 continue
             index = carried_in[0]
@@ -336,7 +336,7 @@ def _forward_previous_trip(loop, body, ref, uses, trip_vars, params, names):
     element (every loop variable around a whole index dimension) written, and read besides
     only one step back along this loop's variable; no continue or break (which would skip
     handing the value on)."""
-    if len(loop.vars) != 1 or jumps_out(body):
+    if len(loop.vars) != 1 or jumps_out(body) or not _fixed_start(loop):
         return None
     t = loop.vars[0]
     (lo, _), = loop.bounds
@@ -344,10 +344,10 @@ def _forward_previous_trip(loop, body, ref, uses, trip_vars, params, names):
     if len(writes) != 1 or not all(kind in ("read", "store", "add") for kind, _, _ in uses):
         return None
     index, = writes
-    if not _owned(index, trip_vars, params) or any(isinstance(x, N.Load) for x in iter_expr(lo)):
+    if not _owned(index, trip_vars, params):
         return None
-    previous = _index_at(index, t, B.sub(B.var(t, "i32"), B.const(1, "i32")))
-    if previous is None or not any(kind == "read" and at == previous for kind, at, _ in uses) \
+    previous = _index_at(index, t, lambda v: B.sub(v, B.const(1, v.dtype)))
+    if not any(kind == "read" and at == previous for kind, at, _ in uses) \
             or not all(at in (index, previous) for _, at, _ in uses):
         return None
     carried = B.var(names.fresh(f"{ref.name}{''.join(f'_{c}' for c in ref.component)}_prev"), ref.dtype)
@@ -357,36 +357,52 @@ def _forward_previous_trip(loop, body, ref, uses, trip_vars, params, names):
 
     body = map_stmts(body, lambda st: map_stmt_exprs(st, lambda e: map_expr(e, as_carried)))
     body = _promote(body, ref, index, _accesses(body)[ref], names)
-    first = N.If(B.call("eq", B.var(t, "i32"), lo),
-                 (N.Assign(carried.name, B.load(ref, _index_at(index, t, B.sub(lo, B.const(1, "i32")))),
-                           src=loop.src),), (), src=loop.src)
+    first = N.If(B.call("eq", B.var(t, lo.dtype), lo),
+                 (N.Assign(carried.name, B.load(ref, _index_at(index, t, lambda v: _before(lo, v))), src=loop.src),),
+                 (), src=loop.src)
     handed_on = N.Assign(carried.name, body[-1].value, src=body[-1].src)
     return [N.Assign(carried.name, B.const(0, ref.dtype), src=loop.src)], (first,) + body + (handed_on,)
 
 
 def _index_at(index, var, value):
-    """index with the dimension that is the bare loop variable `var` replaced by value (None if
-    no dimension is)."""
+    """index with the dimension that is the bare loop variable `var` replaced by value(that Var)
+    (None if no dimension is)."""
     if not any(isinstance(e, N.Var) and e.name == var for e in index):
         return None
-    return tuple(value if isinstance(e, N.Var) and e.name == var else e for e in index)
+    return tuple(value(e) if isinstance(e, N.Var) and e.name == var else e for e in index)
 
 
-def _carried_in(loop, indices, uses):
-    """(the index of field's writes, the index each first trip reads before them) where field's
-    accesses in `loop` are those _forward_previous_trip leaves: writes at one index, and reads
-    besides at that index with a serial loop's variable t set to the loop's start minus one
-    (no trip writes that element: t runs from the start). None otherwise."""
+def _before(lo, v):
+    """The index one before a loop's start `lo`, in the type of the index `v` it stands for."""
+    return B.sub(B.cast(lo, v.dtype), B.const(1, v.dtype))
+
+
+def _fixed_start(loop):
+    """Whether the loop's start is the same wherever its body reads it again: no field reads,
+    no local the body assigns."""
+    (lo, _), = loop.bounds
+    written = assigned_names(loop.body)
+    return not any(isinstance(x, N.Load) or isinstance(x, N.Var) and x.name in written for x in iter_expr(lo))
+
+
+def _carried_in(loop, field, indices, uses):
+    """(the index of field's writes, the index a first trip reads before them) where field's
+    accesses in `loop` are those _forward_previous_trip leaves: writes at one index, inside a
+    serial loop over t, and reads besides at that index with t set to the loop's start minus one:
+    no trip writes that element (t runs from the start). None otherwise."""
     writes = {index for kind, index in uses if kind != "read"}
     if len(indices) != 2 or len(writes) != 1:
         return None
     index, = writes
     other, = indices - writes
+    starts = None  # the serial loops around every write of field
+    for s, loops in _loops_around(loop.body):
+        if isinstance(s, (N.Store, N.Atomic)) and s.ref.field is field:
+            starts = set(map(id, loops)) if starts is None else starts & set(map(id, loops))
     for s, _ in _loops_around(loop.body):
-        if isinstance(s, N.For) and not s.parallel and len(s.vars) == 1:
-            (lo, _), = s.bounds
-            if _index_at(index, s.vars[0], B.sub(lo, B.const(1, "i32"))) == other:
-                return index, other
+        if id(s) in (starts or ()) and isinstance(s, N.For) and not s.parallel and len(s.vars) == 1 \
+                and _fixed_start(s) and _index_at(index, s.vars[0], lambda v: _before(s.bounds[0][0], v)) == other:
+            return index, other
     return None
 
 
