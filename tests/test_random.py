@@ -16,9 +16,9 @@ import kerndiff as kd
 import test_fuzz as fuzz
 
 
-def numpy_keyed_random(seed, site, indexes):
+def numpy_keyed_random(seed, site, indexes, bits=False):
     """codegen/draws.py's f32 numbers, in numpy (uint32 arithmetic wraps as on the device): the
-    reference for the numbers every arch draws."""
+    reference for the numbers every arch draws; bits=True: the 64 random bits of an i64 draw."""
     def mixed(h):
         h = h ^ (h >> np.uint32(16))
         h = h * np.uint32(0x7FEB352D)
@@ -34,6 +34,9 @@ def numpy_keyed_random(seed, site, indexes):
         h = combined(mixed(np.uint32(seed)), np.uint32(site))
         for index in indexes:
             h = combined(h, index)
+        if bits:
+            low = mixed(h ^ np.uint32(0x68E31DA4))
+            return ((h.astype(np.uint64) << np.uint64(32)) | low.astype(np.uint64)).view(np.int64)
     return (h >> np.uint32(8)).astype(np.float64) / 2 ** 24
 
 
@@ -161,6 +164,18 @@ def test_numbers_are_the_keyed_hash():
         fill.launch_seeded(seed, (), {})
         np.testing.assert_array_equal(u.to_numpy(), numpy_keyed_random(seed, 1, [i, j]).astype(np.float32))
     assert fill.draw_seed == 2 ** 32 - 1
+    words = ti.field(ti.i64, (6, 40))
+
+    @kd.kernel
+    def fill_words():
+        for i, j in words:
+            words[i, j] = ti.random(ti.i64)
+
+    fill_words.launch_seeded(99, (), {})  # 64-bit integers take all their bits, as Taichi's do
+    drawn = words.to_numpy()
+    np.testing.assert_array_equal(drawn, numpy_keyed_random(99, 1, [i, j], bits=True))
+    assert (drawn < 0).any() and (np.abs(drawn) > 2 ** 40).mean() > 0.9
+    fill.launch_seeded(2 ** 32 - 1, (), {})
     fill()
     assert fill.draw_seed != 2 ** 32 - 1 and not np.array_equal(u.to_numpy(), numpy_keyed_random(2 ** 32 - 1, 1, [i, j]))
 

@@ -37,7 +37,7 @@ def combined(h, part):
 @ti.func
 def keyed_random(dtype: ti.template(), seed, site, index):
     """A number of dtype as ti.random(dtype) draws one (floats uniform in [0, 1), integers over
-    32 random bits), fixed by (seed, site, index)."""
+    all their bits: a second word for 64-bit ones), fixed by (seed, site, index)."""
     h = combined(mixed_bits(ti.cast(seed, ti.u32)), site)
     for k in ti.static(range(index.n)):
         h = combined(h, index[k])
@@ -50,6 +50,9 @@ def keyed_random(dtype: ti.template(), seed, site, index):
         out = ti.cast(ti.bit_shr(h, 8), ti.f32) * (1.0 / 16777216.0)
     elif ti.static(dtype == ti.f16):  # (11 bits, which f16 holds exactly: never rounded up to 1)
         out = ti.cast(ti.cast(ti.bit_shr(h, 21), ti.f32) * (1.0 / 2048.0), dtype)
+    elif ti.static(dtype == ti.i64 or dtype == ti.u64):
+        low = mixed_bits(h ^ ti.u32(0x68E31DA4))
+        out = ti.cast((ti.cast(h, ti.u64) << ti.u64(32)) | ti.cast(low, ti.u64), dtype)
     else:
         out = ti.cast(h, dtype)
     return out
