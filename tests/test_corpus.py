@@ -288,12 +288,32 @@ def build_corpus(dt=ti.f64):
             corotated[None] += (F3[i] - R).norm_sqr() + 0.5 * (J - 1.0) ** 2 + S[0, 1] * R[2, 0]
 
     corpus["corotated_3d"] = (corotated_3d, ())
+
+    # --- counters every trip steps alike (induction variables): the reverse sets them from the
+    # trip's number (`k_1 = k - 2 * it`) where it replayed or checkpointed them before
+    counted = ti.field(dt, shape=N)
+
+    @kd.kernel
+    def stepped_counters():
+        for i in x:
+            k = 2 * N + i
+            a = x[i]
+            while k > 0:
+                a += ti.sin(y[k % N] * x[i] + 0.1 * k)
+                k -= 3
+            j = i
+            for t in range(40):
+                j += 5
+                a += 0.1 * ti.cos(x[j % N] * y[i])
+            counted[i] = a
+
+    corpus["stepped_counters"] = (stepped_counters, ())
     return corpus
 
 
 CORPUS_NAMES = ["elementwise", "mass_spring", "nbody", "stencil", "matrix_energy", "branches", "recurrence",
                 "serial_scan", "two_loops", "template_args", "return_value", "grouped", "dense_layer", "taichi_library",
-                "walks_and_their_maximum", "corotated_3d"]
+                "walks_and_their_maximum", "corotated_3d", "stepped_counters"]
 
 
 @pytest.fixture(scope="module")

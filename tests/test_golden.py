@@ -262,3 +262,22 @@ def test_device_functions_name_their_derivatives_by_level_too():
     assert not re.search(r"\bs_dual_1\b|\bs_dual_dual\b", source)
     source = u_xy_source(kd.forward(kd.grad(u, argnum=0), argnum=1))
     assert "s_adj" in source and "_adj2" not in source, source
+
+
+def test_golden_noisy_while_reverse():
+    """A while loop drawing noise each trip: the reverse keys each trip's draws by the trip's
+    number, set from the backward sweep's counter (`trips_2 = it + 1`: no checkpoints of it)."""
+    x = ti.field(ti.f64, shape=4, needs_grad=True)
+    y = ti.field(ti.f64, shape=4, needs_grad=True)
+
+    @kd.kernel
+    def noisy_walk():
+        for i in x:
+            v = x[i]
+            k = 0
+            while k < 3:
+                v = v * 0.9 + 0.1 * ti.randn() * v
+                k += 1
+            y[i] = v
+
+    compare("noisy_walk_reverse", noisy_walk.reverse.source)
