@@ -233,6 +233,38 @@ def test_ndarray_of_components_on_vulkan(vulkan_corpus):
     np.testing.assert_allclose(x.grad.to_numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_scan_in_place_under_tape_on_vulkan(vulkan_corpus):
+    """A running product kept in place on SPIR-V (`b[i, t] = b[i, t - 1] * b[i, t]`: the previous
+    trip's element handed on in a local, ad.owned._forward_previous_trip) under kd.Tape, which
+    restores b for the reverse: the values against numpy's cumulative product and the gradient of
+    Σ (t + 1) b[i, t] against the analytic one."""
+    n, T = 3, 6
+    b = ti.field(ti.f32, (n, T), needs_grad=True)
+    loss = ti.field(ti.f32, (), needs_grad=True)
+
+    @kd.kernel
+    def scan():
+        for i in range(n):
+            for t in range(1, T):
+                b[i, t] = b[i, t - 1] * b[i, t]
+
+    @kd.kernel
+    def measure():
+        for i, t in b:
+            loss[None] += b[i, t] * (t + 1)
+
+    b0 = np.random.default_rng(5).uniform(0.5, 1.5, (n, T))
+    b.from_numpy(b0.astype(np.float32))
+    with kd.Tape(loss):
+        scan()
+        measure()
+    prods = np.cumprod(b0, axis=1)
+    np.testing.assert_allclose(b.to_numpy(), prods, rtol=1e-5)
+    expected = np.array([[sum((t + 1) * prods[i, t] for t in range(s, T)) / b0[i, s] for s in range(T)]
+                         for i in range(n)])
+    np.testing.assert_allclose(kd.adjoint(b).to_numpy(), expected, rtol=1e-5)
+
+
 def test_compaction_by_old_values_on_vulkan(vulkan_corpus):
     """Stream compaction by the old values of an atomic add (a kernel writing integers only) and
     a kernel computing from the entries the list names, on SPIR-V under kd.Tape, and the two in
