@@ -14,6 +14,7 @@ from .api import kernel as kernel
 from .api import reverse as reverse
 from .api import vjp as vjp
 from .errors import KernDiffError as KernDiffError
+from .runtime.draws import seed_draws as seed_draws
 from .tape import FwdMode as FwdMode
 from .tape import Tape as Tape
 from .testing import check_grad as check_grad

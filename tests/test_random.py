@@ -227,6 +227,45 @@ def test_reverse_draws_what_the_primal_drew():
     assert "keyed_random(ti.f64, draw_seed, 1, ti.Vector([i]))" in sample.reverse.source
 
 
+def test_seed_draws_gives_common_random_numbers():
+    """`with kd.seed_draws(seed):` launches draw from a sequence fixed by the seed: kd.backward of
+    a noisy kernel (y = Σ x² (1 + 0.5 n_i)) called in two blocks with one seed differentiates one
+    sample, so at 2x the gradient 2 x (1 + 0.5 n_i) doubles exactly; another seed draws other
+    numbers; the program's own sequence goes on after a block as if it had drawn nothing; a seed
+    that is not a non-negative integer is refused."""
+    import copy
+    from kerndiff.runtime import draws
+
+    x = ti.field(ti.f64, 4)
+    y = ti.field(ti.f64, ())
+
+    @kd.kernel
+    def noisy():
+        for i in x:
+            y[None] += x[i] ** 2 * (1.0 + 0.5 * ti.randn())
+
+    gradient = kd.backward(noisy, inputs=[x], output=y)
+    with kd.seed_draws(7):
+        at_one = gradient(np.ones(4))[0]
+    with kd.seed_draws(7):
+        at_two = gradient(2 * np.ones(4))[0]
+    with kd.seed_draws(8):
+        other = gradient(np.ones(4))[0]
+    np.testing.assert_allclose(at_two, 2 * at_one, rtol=1e-15)
+    assert len(set(at_one)) == 4 and not np.allclose(other, at_one)
+    noisy()
+    after = copy.deepcopy(draws._generator())  # the program's sequence, from here
+    with kd.seed_draws(3):
+        noisy()
+        noisy()
+    noisy()
+    assert noisy.draw_seed == int(after.integers(0, 2 ** 32))
+    for seed in (-1, 1.5, "7", True):
+        with pytest.raises(kd.KernDiffError, match="non-negative integer seed"):
+            with kd.seed_draws(seed):
+                pass
+
+
 def test_tape_keeps_each_launch_seed():
     """A random walk x[t + 1, i] = x[t, i] + sigma ti.randn(), one launch per step, each drawing
     its own numbers: kd.Tape's (and ti.ad.Tape's) d loss / d sigma is Σ_i 2 x[T, i] Σ_t z[t, i]

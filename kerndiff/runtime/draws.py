@@ -41,6 +41,28 @@ def new_seed() -> int:
     return int(_generator().integers(0, 2 ** 32))
 
 
+@contextlib.contextmanager
+def seed_draws(seed):
+    """`with kd.seed_draws(seed):` the launches inside take their seeds from a generator seeded by
+    `seed` instead of the program's (which ti.init seeded): code run in two such blocks with the
+    same seed draws the same numbers (common random numbers: the gradient of one sample at two
+    parameter values, or of one noisy simulation in two settings; JAX's explicit keys do this).
+    Afterwards the program's generator goes on where it was, as if the block had drawn nothing.
+    Inside kd.check_grad, whose seeds are fixed, the block changes nothing."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        from ..errors import KernDiffError
+        raise KernDiffError(f"kd.seed_draws takes a non-negative integer seed, not {seed!r}",
+                            remedy="pass an int, e.g. kd.seed_draws(7)")
+    outer = _generator()
+    runtime = _state["runtime"]
+    _state["rng"] = np.random.default_rng(int(seed))
+    try:
+        yield
+    finally:
+        if _state["runtime"] is runtime:  # (a ti.init inside started a generator of its own)
+            _state["rng"] = outer
+
+
 class _Fixed:
     def __init__(self, base, constant):
         self.base, self.count, self.constant = base, 0, constant
