@@ -744,7 +744,8 @@ def test_counters_stepped_every_trip_are_set_from_the_trip_number(runtime):
     trip's number, `j = j0 + 3 * t`, instead of checkpointed or replayed from the loop's entry;
     a counter stepped under a condition or by a draw is still replayed. Derivatives against
     finite differences on every path, and, for the pure counters, no checkpoint in the reverse
-    and no replay loop besides the while loop's one count of its trips."""
+    and no replay loop besides the while loop's one count of its trips; beside a carried float
+    that the sweep needs, the checkpoints (in locals, or in helper fields) keep the float alone."""
     x = ti.field(ti.f64, shape=5, needs_grad=True, needs_dual=True)
     y = ti.field(ti.f64, shape=5, needs_grad=True, needs_dual=True)
     x.from_numpy(np.linspace(0.3, 1.1, 5))
@@ -790,9 +791,34 @@ def test_counters_stepped_every_trip_are_set_from_the_trip_number(runtime):
                 acc += ti.sin(x[j % 5] * x[i])
             y[i] = acc
 
-    for k, args in ((stepped_counter, ()), (while_counter, (2,)), (conditional_counter, ())):
+    @kd.kernel
+    def long_while_counter():  # beside a float the sweep needs: checkpoints of it alone
+        for i in x:
+            k = 0
+            acc = x[i]
+            while k < 50 + i:
+                acc = acc + 0.02 * ti.sin(acc * x[k % 5])
+                k += 1
+            y[i] = acc
+
+    @kd.kernel
+    def long_for_counter():  # (constant trips: checkpoint rows in helper fields, of acc alone)
+        for i in x:
+            j = i
+            acc = x[i]
+            for t in range(60):
+                j += 2
+                acc = acc + 0.02 * ti.sin(acc * x[j % 5])
+            y[i] = acc
+
+    for k, args in ((stepped_counter, ()), (while_counter, (2,)), (conditional_counter, ()),
+                    (long_while_counter, ()), (long_for_counter, ())):
         for prefix, mode in PATHS:
             check_path(k, prefix, mode, args=args, rtol=1e-6)
+    import re
+    while_source, for_source = long_while_counter.reverse.source, long_for_counter.reverse.source
+    assert re.search(r"\bacc_\d+_ck0\b", while_source) and not re.search(r"\bk_\d+_ck0\b", while_source)
+    assert re.search(r"\bacc_\d+_ck\[", for_source) and not re.search(r"\bj_\d+_ck\[", for_source), for_source
     assert kd.check_grad(drawn_counter, [x], y, order=2) < 1e-6  # (its launches draw alike here)
     for k in (stepped_counter, while_counter):
         source = k.reverse.source

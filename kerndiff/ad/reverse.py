@@ -382,23 +382,23 @@ class Reverse:
         closed = steps_of_inductions(s, info)
         if any(c in used for c in carried) and all(c in closed for c in carried if c in used):
             # every carried value the sweep needs counts trips: set from the trip's number
-            offset = B.sub(B.var(var, "i32"), lo)
-            iteration = [N.Assign(c, B.add(init, B.mul(step, B.cast(offset, dt))), src=s.src, tag="recompute")
-                         for c, dt, init in info.carried if c in used for step in [closed[c]]] + iteration
+            iteration = self.counted(s, info, {c: closed[c] for c in closed if c in used}, B.var(var, "i32"), lo) \
+                + iteration
             used.add(var)
         elif any(c in used for c in carried):
             if isinstance(trips, N.Const):
-                rows = self.checkpoint_rows(s, info, var, lo, hi, used) if self.worth_checkpoints(trips) else None
+                rows = self.checkpoint_rows(s, info, var, lo, hi, used, closed) \
+                    if self.worth_checkpoints(trips) else None
                 if rows is not None:
                     prologue, restore = rows
                     fusable = True
                 elif self.worth_checkpoints(trips):
-                    prologue, restore = self.checkpoints(s, info, var, lo, hi)
+                    prologue, restore = self.checkpoints(s, info, var, lo, hi, closed)
                     fusable = True
                 else:
                     restore = self.restore(s, info, var, lo)
             else:  # decided at run time: a short loop is cheaper to recompute from its entry
-                prologue, long_restore = self.checkpoints(s, info, var, lo, hi)
+                prologue, long_restore = self.checkpoints(s, info, var, lo, hi, closed)
                 is_long = B.call("gt", trips, B.const(2 * CHECKPOINTS, "i32"))
                 tag = dict(src=s.src, tag="checkpoint")
                 prologue = [N.If(is_long, tuple(prologue), (), **tag)]
@@ -421,6 +421,15 @@ class Reverse:
         if fusable:
             self.checkpoint_runs[id(s)] = (prologue, loop)
         return prologue + [loop]
+
+    @staticmethod
+    def counted(s, info, closed, trip, lo):
+        """The carried induction variables in `closed` ({name: step}, steps_of_inductions) set
+        to their values on entry to trip `trip` of loop s (lo: its first): `k = k0 + d * (t - lo)`,
+        which neither checkpoints nor replays need to keep."""
+        offset = B.sub(trip, lo)
+        return [N.Assign(c, B.add(init, B.mul(closed[c], B.cast(offset, dt))), src=s.src, tag="recompute")
+                for c, dt, init in info.carried if c in closed]
 
     def carried_step(self, s, info, j):
         """The loop body recomputed for iteration `j`, reduced to what updates the carried locals."""
@@ -487,7 +496,7 @@ class Reverse:
             rows *= n
         return (row, rows) if rows > 0 else None
 
-    def checkpoint_rows(self, s, info, var, lo, hi, used):
+    def checkpoint_rows(self, s, info, var, lo, hi, used, closed=None):
         """(prologue, restore) for a long loop of constant trips with its carried values kept in
         helper fields with one row per parallel iteration (self.rows; None where there are none or
         they would not fit: the locals of `checkpoints` then hold them). Where every step fits,
@@ -497,7 +506,9 @@ class Reverse:
         sqrt(trips) segments, and the backward sweep, on reaching a segment's last step, runs
         through the segment once storing the values at the start of each of its steps: two
         forward passes, for rows x 2 sqrt(trips) values per carried local. (The locals' two levels
-        of 16 checkpoints, shifted like a stack, cost about 3.5 at a thousand steps.)"""
+        of 16 checkpoints, shifted like a stack, cost about 3.5 at a thousand steps.) Induction
+        variables (`closed`) are kept nowhere: set from the step's number where needed."""
+        closed = closed or {}
         trips = int(hi.value) - int(lo.value)
         where = self.row() if self.rows is not None and trips > 0 else None
         if where is None:
@@ -506,12 +517,12 @@ class Reverse:
         i32 = "i32"
         # every step's values of the carried locals the backward sweep reads, where they fit:
         # nothing to run through again
-        kept = [(c, dt) for c, dt, _ in info.carried if c in used]
+        kept = [(c, dt) for c, dt, _ in info.carried if c in used and c not in closed]
         if self.every_step and self.rows.fits(rows * sum(bits(dt) // 8 for _, dt in kept) * trips):
             seg = 1
         else:  # the segments are run through again: all carried locals are needed
             seg = max(1, math.isqrt(trips - 1) + 1)
-            kept = [(c, dt) for c, dt, _ in info.carried]
+            kept = [(c, dt) for c, dt, _ in info.carried if c not in closed]
         count = -(-trips // seg)
         if not self.rows.fits(rows * sum(bits(dt) // 8 for _, dt in kept) * (count + (seg if seg > 1 else 0))):
             return None
@@ -538,7 +549,8 @@ class Reverse:
         prologue.append(N.For((j,), ((lo, hi),), body, **tag))
         if seg == 1:
             return prologue, [N.Assign(c, B.load(starts, (row, B.sub(B.var(var, i32), lo))), **tag)
-                              for c, (dt, starts, _) in fields.items()]
+                              for c, (dt, starts, _) in fields.items()] + \
+                self.counted(s, info, {c: d for c, d in closed.items() if c in used}, B.var(var, i32), lo)
         # Backward, at var: entering a segment from above -> run through it from its checkpoint,
         # storing the values at each step's start; then read var's.
         v = B.var(var, i32)
@@ -551,15 +563,17 @@ class Reverse:
             tuple(self.own_names(self.carried_step(s, info, u), info))
         rebuild = tuple(N.Assign(c, B.load(starts, (row, B.call("floordiv", B.sub(v, lo), seg_c))), **tag)
                         for c, (dt, starts, _) in fields.items()) + \
+            tuple(self.counted(s, info, closed, start_v, lo)) + \
             (N.For((u,), ((start_v, v),), run, **tag),) + \
             tuple(store(steps, B.sub(v, start_v), c, dt) for c, (dt, _, steps) in fields.items())
         restore = [N.Assign(seg_start, B.add(lo, B.mul(B.call("floordiv", B.sub(v, lo), seg_c), seg_c)), **tag),
                    N.If(last, rebuild, (), **tag)]
         restore += [N.Assign(c, B.load(steps, (row, B.sub(v, start_v))), **tag)
                     for c, (dt, _, steps) in fields.items()]
+        restore += self.counted(s, info, {c: d for c, d in closed.items() if c in used}, v, lo)
         return prologue, restore
 
-    def checkpoints(self, s, info, var, lo, hi):
+    def checkpoints(self, s, info, var, lo, hi, closed=None):
         """(prologue, restore) for a long loop, with two levels of checkpoints held in locals.
 
         The prologue runs the loop once and pushes the carried values at the start of each of
@@ -569,7 +583,10 @@ class Reverse:
         stack; every backward iteration restores from the top of that stack (popping a
         sub-segment when it moves below it) and recomputes at most one sub-segment to reach
         `var`. About 3 + trips/(2·CHECKPOINTS²) body steps per iteration instead of trips/2;
-        no memory beyond 2·CHECKPOINTS locals per carried value."""
+        no memory beyond 2·CHECKPOINTS locals per carried value, none for induction variables
+        (`closed`: set from the step's number where a segment or sub-segment starts)."""
+        closed = closed or {}
+        stacked = [(c, dt, init) for c, dt, init in info.carried if c not in closed]
         i32 = "i32"
         one, zero = B.const(1, i32), B.const(0, i32)
         tag = dict(src=s.src, tag="checkpoint")
@@ -600,18 +617,18 @@ class Reverse:
         seg_v = length(f"{var}_segment", ceil_div(B.sub(hi, lo), slots))
         sub_v = length(f"{var}_subsegment", ceil_div(seg_v, slots))
         outer, inner = {}, {}
-        for c, dt, init in info.carried:
-            prologue.append(N.Assign(c, init, **tag))
+        prologue += [N.Assign(c, init, **tag) for c, _, init in info.carried]
+        for c, dt, init in stacked:
             outer[c] = [self.names.fresh(f"{c}_ck{k}") for k in range(CHECKPOINTS)]
             inner[c] = [self.names.fresh(f"{c}_sub{k}") for k in range(CHECKPOINTS)]
             prologue += [N.Assign(n, B.var(c, dt), **tag) for n in outer[c] + inner[c]]
 
         def push(stack):
-            return shift([(dt, stack[c][k], stack[c][k - 1]) for c, dt, _ in info.carried
-                          for k in range(CHECKPOINTS - 1, 0, -1)] + [(dt, stack[c][0], c) for c, dt, _ in info.carried])
+            return shift([(dt, stack[c][k], stack[c][k - 1]) for c, dt, _ in stacked
+                          for k in range(CHECKPOINTS - 1, 0, -1)] + [(dt, stack[c][0], c) for c, dt, _ in stacked])
 
         def pop(stack):
-            return shift([(dt, stack[c][k], stack[c][k + 1]) for c, dt, _ in info.carried
+            return shift([(dt, stack[c][k], stack[c][k + 1]) for c, dt, _ in stacked
                           for k in range(CHECKPOINTS - 1)])
 
         def run(start, stop, stack, length, counter):
@@ -632,15 +649,16 @@ class Reverse:
         last_of_segment = B.call("or", at_multiple(B.sub(after, lo), seg_v), B.call("eq", after, hi))
         within_loop = B.call("lt", after, hi)
         rebuild = (N.If(within_loop, pop(outer), (), **tag),) + tuple(
-            N.Assign(c, B.var(outer[c][0], dt), **tag) for c, dt, _ in info.carried) + (
-            run(seg_start_v, after, inner, sub_v, f"{var}_sub"),)
+            N.Assign(c, B.var(outer[c][0], dt), **tag) for c, dt, _ in stacked) + \
+            tuple(self.counted(s, info, closed, seg_start_v, lo)) + (run(seg_start_v, after, inner, sub_v, f"{var}_sub"),)
         restore = [N.Assign(seg_start, B.add(lo, floor_to(B.sub(v, lo), seg_v)), **tag),
                    N.If(last_of_segment, rebuild,
                         self.when(at_multiple(B.sub(after, seg_start_v), sub_v), pop(inner), tag), **tag)]
-        restore += [N.Assign(c, B.var(inner[c][0], dt), **tag) for c, dt, _ in info.carried]
+        restore += [N.Assign(c, B.var(inner[c][0], dt), **tag) for c, dt, _ in stacked]
+        start = B.add(seg_start_v, floor_to(B.sub(v, seg_start_v), sub_v))  # the sub-segment's
+        restore += self.counted(s, info, closed, start, lo)
         if not B.is_const(sub_v, 1):  # sub-segments of one step hold every step: nothing to recompute
             r = self.names.fresh(f"{var}_re")
-            start = B.add(seg_start_v, floor_to(B.sub(v, seg_start_v), sub_v))
             restore.append(N.For((r,), ((start, v),), self.carried_step(s, info, r), src=s.src, tag="recompute"))
         return prologue, restore
 
