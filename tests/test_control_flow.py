@@ -1,11 +1,17 @@
 """while / break / continue in every mode (Taichi 1.7.4's AD refuses them), checked against f64
 finite differences on the paths forward, reverse, reverse.forward and forward.reverse."""
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import taichi as ti
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kerndiff as kd
-from harness import PATH_IDS, PATHS, check_path, load_module, make_derivative_fields
+from harness import PATH_IDS, PATHS, check_path, load_elementwise, load_module, make_derivative_fields
+from kerndiff.pipeline import _on_cpu as pipeline_on_cpu
 
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
@@ -826,3 +832,41 @@ def test_counters_stepped_every_trip_are_set_from_the_trip_number(runtime):
     assert "j_1 = i + t * 3" in stepped_counter.reverse.source
     assert "k_1 = k - d * it" in while_counter.reverse.source
     assert "checkpoints of" in conditional_counter.reverse.source
+
+
+_COUNTER_LINES = ["j += 3", "j += d", "if x[j % 5] > 0.6:\n    j += 1", "acc = acc + 0.05 * ti.sin(acc * x[j % 5])",
+                  "acc += 0.1 * ti.cos(x[j % 5] * x[i] + 0.01 * j)", "if acc > 2.5:\n    break",
+                  "if x[(j + 2) % 5] > 0.95:\n    continue", "acc = 0.9 * acc + 0.1 * x[j % 5] * ti.cast(j % 3, ti.f64)"]
+_COUNTER_DIR = tempfile.mkdtemp(prefix="kerndiff_counters_")
+_REAL_ON_CPU = pipeline_on_cpu  # (restored between examples)
+_COUNTER_TALLY = {"long": 0, "short": 0}
+
+
+@settings(max_examples=int(os.environ.get("KERNDIFF_FUZZ_N", 300)) if os.environ.get("KERNDIFF_FUZZ") == "long"
+          else 8, deadline=None, derandomize=os.environ.get("CI") == "true",
+          suppress_health_check=list(HealthCheck))
+@given(picks=st.lists(st.sampled_from(range(len(_COUNTER_LINES))), min_size=1, max_size=4),
+       loop=st.sampled_from(["for", "while"]), trips=st.sampled_from([3, 40]), where=st.sampled_from(["rows", "locals"]))
+def test_drawn_counters_in_loops(runtime, monkeypatch, picks, loop, trips, where):
+    """Loops drawn with integer counters stepped every trip (induction variables, set from the
+    trip's number in the reverse), under a condition (replayed), beside floats the sweep needs
+    (checkpointed: 40 trips; in helper-field rows or in locals), with breaks and continues:
+    kd.check_grad, orders 1 and 2, agrees with central differences."""
+    from kerndiff import pipeline
+    monkeypatch.setattr(pipeline, "_on_cpu", (lambda: False) if where == "locals" else _REAL_ON_CPU)
+    if not _COUNTERS:
+        _COUNTERS.update(x=ti.field(ti.f64, 5), y=ti.field(ti.f64, 5))
+        _COUNTERS["x"].from_numpy(np.array([0.35, 0.8, 0.55, 1.05, 0.2]))
+    lines = [line for p in picks for line in _COUNTER_LINES[p].splitlines()]
+    if loop == "for":
+        head = [f"for t in range({trips}):"]
+    else:  # (the counter steps first: a continue cannot skip it)
+        head, lines = ["k = 0", f"while k < {trips}:"], ["k += 1"] + lines
+    body = "\n".join(["j = i", "acc = x[i]", *head, *("    " + line for line in lines), "y[i] = acc + 0.01 * j"])
+    fn, src = load_elementwise(body, _COUNTERS, _COUNTER_DIR, head="def kernel(d: ti.i32):\n    for i in x:")
+    k = kd.kernel(fn)
+    assert kd.check_grad(k, [_COUNTERS["x"]], _COUNTERS["y"], args=(2,), order=2) < 1e-6, src
+    _COUNTER_TALLY["long" if trips > 32 else "short"] += 1
+
+
+_COUNTERS = {}
