@@ -243,3 +243,44 @@ def test_checkpoint_rows_of_a_loop_over_two_indices(runtime):
     nothing()
     nothing.reverse()
     assert "_ck[" not in nothing.reverse.source
+
+
+def test_kernels_share_checkpoint_fields(runtime):
+    """Checkpoint fields hold values within one launch, so kernels share them (the n-th field of
+    a dtype and shape each kernel asks for): a second kernel of the same shape makes no SNode
+    tree (Taichi allows a program 512) and no memory, and its source names the field after its own
+    local; both kernels' derivatives stay right (the first checked again after the second ran)."""
+    if not ON_CPU:
+        pytest.skip("checkpoint fields are made on the CPU backends only")
+    from taichi.lang import impl
+    x = ti.field(ti.f64, shape=4, needs_grad=True, needs_dual=True)
+    y = ti.field(ti.f64, shape=4, needs_grad=True, needs_dual=True)
+    x.from_numpy(np.array([0.3, 0.8, 0.45, 1.1]))
+
+    @kd.kernel
+    def damped():
+        for i in x:
+            acc = x[i]
+            for t in range(50):
+                acc = acc + 0.02 * ti.sin(acc * x[t % 4])
+            y[i] = acc
+
+    @kd.kernel
+    def coupled():
+        for i in x:
+            v = x[i]
+            w = 0.5 * x[i]
+            for t in range(50):
+                v, w = v + 0.02 * ti.sin(w * x[t % 4]), w - 0.02 * v
+            y[i] = v + w
+
+    for prefix, mode in PATHS:
+        check_path(damped, prefix, mode, rtol=1e-6, atol=1e-8)
+    trees = impl.get_runtime().prog.get_snode_tree_size()
+    for prefix, mode in PATHS:
+        check_path(coupled, prefix, mode, rtol=1e-6, atol=1e-8)
+    assert impl.get_runtime().prog.get_snode_tree_size() == trees
+    assert "acc_1_ck[i, t_ck] = acc_1" in damped.reverse.source
+    assert "w_1_ck[i, t_ck] = w_1" in coupled.reverse.source and "acc_1_ck" not in coupled.reverse.source
+    for prefix, mode in PATHS:
+        check_path(damped, prefix, mode, rtol=1e-6, atol=1e-8)

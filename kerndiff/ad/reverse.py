@@ -767,7 +767,7 @@ def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False, checkpoint
         f = REGISTRY.scratch(("scratch", ir.name, name, dtype, level), dtype)
         return REGISTRY.ref(f, (), name + "_acc")
 
-    rows = CheckpointFields(ir.name, level) if checkpoint_fields else None
+    rows = CheckpointFields() if checkpoint_fields else None
     rev = Reverse(names, adj_of_field, varied, ssa.loops, scratch, rows, level)
     rev.zero_guarded, rev.steep_inputs = guarded_locals(body), steep_inputs(body)
     cot_params = []
@@ -777,16 +777,21 @@ def reverse_kernel(ir: N.KernelIR, level: int, inputs_restored=False, checkpoint
     recomputed, backward = rev.fuse_checkpoint_runs(body, list(rev.recompute(body)), rev.backward(body))
     out = rev.zero_inits(body) + recomputed + backward
     return dataclasses.replace(ir, name=f"{ir.name}_rev", body=tuple(out),
-                               params=tuple(ir.params) + tuple(cot_params), returns=())
+                               params=tuple(ir.params) + tuple(cot_params), returns=(),
+                               field_aliases=ir.field_aliases + (rows.aliases if rows else ()))
 
 
 class CheckpointFields:
     """Helper fields for one kernel's checkpoints (Reverse.checkpoint_rows), within a memory budget
-    of CHECKPOINT_FIELD_BYTES."""
+    of CHECKPOINT_FIELD_BYTES. Their values live within one launch (written by the forward pass,
+    read back by the backward sweep), so kernels share them: the n-th field of a dtype and shape
+    that a kernel asks for is every kernel's n-th (a program's memory and SNode trees grow with
+    the most any one kernel needs, not with the number of kernels: Taichi allows 512 trees)."""
 
-    def __init__(self, kernel_name, level):
-        self.kernel_name, self.level = kernel_name, level
+    def __init__(self):
         self.left = CHECKPOINT_FIELD_BYTES
+        self.made = {}  # (dtype, shape) -> how many this kernel has
+        self.aliases = ()  # (id(field), the name this kernel gives it): KernelIR.field_aliases
 
     def fits(self, nbytes):
         return nbytes <= self.left
@@ -794,7 +799,9 @@ class CheckpointFields:
     def make(self, name, dtype, shape):
         from ..runtime.registry import REGISTRY
         self.left -= math.prod(shape) * bits(dtype) // 8
-        f = REGISTRY.scratch(("checkpoints", self.kernel_name, name, dtype, shape, self.level), dtype, shape)
+        nth = self.made[dtype, shape] = self.made.get((dtype, shape), -1) + 1
+        f = REGISTRY.scratch(("checkpoints", dtype, shape, nth), dtype, shape)
+        self.aliases += ((id(f), name),)
         return REGISTRY.ref(f, (), name)
 
 
