@@ -1643,3 +1643,39 @@ def test_tape_through_steps_that_bin_particles(runtime, counting):
         assert "count_old = ti.atomic_add(count[c_1], 1)" in bin_particles.source  # (c_1: the loop's c)
         assert "slot[i] = count_old" in bin_particles.source
         assert bin_particles.forward.source.replace("_forward(", "(") == bin_particles.source
+
+
+def test_a_component_read_in_an_inner_loop_after_a_whole_vector_add(runtime):
+    """`v[i] += ti.Vector([..., v[i][1]]) * s`, then v[i][1] read inside an inner loop: kerndiff's
+    kernel reads the value after the add, as numpy does (its generated code adds the components one
+    by one). Taichi 1.7.4's own kernel reads the value from before the add there (found by
+    test_fuzz_programs, seed 3617 of a long run in session 54): if the canary's first assertion
+    fails, Taichi was fixed, and test_fuzz_programs' generator may draw such reads again. The
+    derivatives against central differences (kd.check_grad of it as a program, order 2: it updates
+    v in place, which kd.Tape restores for the reverse)."""
+    v = ti.Vector.field(2, ti.f64, shape=4, needs_grad=True)
+    y = ti.field(ti.f64, shape=4, needs_grad=True)
+
+    def body():
+        for i in range(4):
+            t = v[i][0] ** 2 + 0.5
+            v[i] += ti.Vector([t - 0.45, v[i][1]]) * t
+            for j in range(1):
+                y[i] *= 0.6 + v[i][1] * 0.5
+
+    v0 = np.array([[0.3, 0.9], [-0.4, 0.2], [0.7, -0.5], [0.1, 0.6]])
+    y0 = np.array([1.1, -0.7, 0.4, 0.9])
+    t = v0[:, 0] ** 2 + 0.5
+    v1 = v0 + np.stack([t - 0.45, v0[:, 1]], axis=1) * t[:, None]
+    expected = y0 * (0.6 + v1[:, 1] * 0.5)
+    for make in (ti.kernel, kd.kernel):
+        v.from_numpy(v0)
+        y.from_numpy(y0)
+        make(body)()
+        np.testing.assert_allclose(v.to_numpy(), v1, rtol=1e-14)
+        right = np.allclose(y.to_numpy(), expected, rtol=1e-14)
+        assert right if make is kd.kernel else (not right or TEST_ARCH != "cpu"), make  # (the canary: CPU)
+    k = kd.kernel(body)
+    v.from_numpy(v0)
+    y.from_numpy(y0)
+    assert kd.check_grad(lambda: k(), [v], y, order=2) < 1e-6  # (a program: kd.Tape restores v)
