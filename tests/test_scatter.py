@@ -60,9 +60,11 @@ def test_every_copy_is_summed_and_zeroed(springs):
     from kerndiff.runtime.registry import REGISTRY
     pos, E, tk, kk = springs
     once = _grad(pos, E, kk.reverse)
-    key = ((id(pos.grad), ((P,), (0,))),)  # (field, (shape of its copies, their offset))
+    from kerndiff.runtime.registry import element_shape, field_dtype
+    # (dtype, element shape, (shape of its copies, their offset)) of each field added into
+    key = ((field_dtype(pos.grad), element_shape(pos.grad), ((P,), (0,))),)
     (copies, busy), = [v for k, v in REGISTRY.derived.items() if k[0] == "private" and k[1] == key]
-    private = copies[id(pos.grad)]
+    private, = copies
     threads = private.shape[0]
     planted = np.random.default_rng(1).standard_normal((threads, P, 2))
     private.from_numpy(planted)
@@ -573,3 +575,52 @@ def test_a_loop_bounded_by_a_kernel_argument_chooses_at_launch(runtime):
     (condition,) = [line for line in energy.reverse.forward.source.splitlines() if "use_copies =" in line]
     tests = condition.split(" = ", 1)[1].split(" and ")
     assert len(tests) == len(set(tests)) == 3 and "iterations + iterations" not in condition, condition
+
+
+@cpu_only("private copies are made on Taichi's CPU backends only")
+def test_kernels_share_private_copies_by_shape(runtime):
+    """Private copies live within a launch, so loops adding into fields of the same types and
+    shapes share them, in any kernel: a second kernel scattering into other fields makes no SNode
+    tree, names the copies after its own fields, and both gradients agree with Taichi's own AD
+    (the first again after the second ran, and a kernel adding into both at once in between)."""
+    from taichi.lang import impl
+    n, m = 300, 2048
+    idx = ti.field(ti.i32, m)
+    a, b = (ti.field(ti.f64, n, needs_grad=True) for _ in range(2))
+    loss = ti.field(ti.f64, (), needs_grad=True)
+    idx.from_numpy(np.random.default_rng(2).integers(0, n, m).astype(np.int32))
+    a.from_numpy(np.linspace(-1.0, 1.0, n))
+    b.from_numpy(np.linspace(0.5, 1.5, n))
+
+    def on_a():
+        for s in range(m):
+            loss[None] += ti.sin(a[idx[s]]) * (s % 7)
+
+    def on_b():
+        for s in range(m):
+            loss[None] += b[idx[s]] ** 3 * (s % 5)
+
+    def on_both():
+        for s in range(m):
+            loss[None] += a[idx[s]] * b[idx[(s + 1) % m]]
+
+    def grads(fn):
+        out = []
+        for make in (ti.kernel, kd.kernel):
+            k = make(fn)
+            a.grad.fill(0)
+            b.grad.fill(0)
+            loss.grad[None] = 1.0
+            (k.grad if make is ti.kernel else k.reverse)()
+            out.append(np.concatenate([a.grad.to_numpy(), b.grad.to_numpy()]))
+        np.testing.assert_allclose(out[1], out[0], rtol=1e-12, atol=1e-12)
+        return k
+
+    ka = grads(on_a)
+    trees = impl.get_runtime().prog.get_snode_tree_size()
+    kb = grads(on_b)
+    assert impl.get_runtime().prog.get_snode_tree_size() == trees
+    assert "a_adj_private[slot" in ka.reverse.source and "b_adj_private[slot" in kb.reverse.source
+    assert "a_adj_private" not in kb.reverse.source
+    grads(on_both)
+    grads(on_a)

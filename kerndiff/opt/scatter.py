@@ -214,29 +214,43 @@ def _components(field):
     return n * m
 
 
-def privatize_scatters(ir: N.KernelIR, names, threads: int, copies_for, ref_of) -> N.KernelIR:
+def privatize_scatters(ir: N.KernelIR, names, threads: int, copies_for, ref_of, display=None) -> N.KernelIR:
     """Rewrite each outermost parallel loop that qualifies (see the module docstring).
 
     copies_for([(field, shape of its copies, their offset)], threads) -> ({id(field): private field},
     busy flags);
-    ref_of(field, component) -> the interned FieldRef.
+    ref_of(field, component) -> the interned FieldRef;
+    display(field, aliases) -> the name this kernel's source gives a field: the copies, which
+    loops over fields of the same types and shapes share in every kernel, are named after this
+    kernel's fields (`x_adj_private`, `x_adj_busy`) through ir.field_aliases.
     """
+    made = []  # (copy, the field it serves, suffix)
+
+    def named_copies(specs, count):
+        private, busy = copies_for(specs, count)
+        made.extend((private[id(f)], f, "_private") for f, _, _ in specs)
+        made.append((busy, specs[0][0], "_busy"))
+        return private, busy
+
     out = []
     known = {p.name for p in ir.params}  # names whose values the kernel has before the next loop
     for s in ir.body:
         if isinstance(s, N.For) and s.parallel and not s.serialize:
             if trip_count(s) is None:
-                rewritten = _rewrite_at_launch(s, known, names, threads, copies_for, ref_of)
+                rewritten = _rewrite_at_launch(s, known, names, threads, named_copies, ref_of)
             else:
                 fields = [p for p, _ in _candidates(s, threads)] if _chunkable(s) else []
-                rewritten = fields and _rewrite(s, fields, names, threads, copies_for, ref_of)
+                rewritten = fields and _rewrite(s, fields, names, threads, named_copies, ref_of)
             if rewritten:
                 out.extend(rewritten)
                 continue
         out.append(s)
         if isinstance(s, N.Assign):
             known.add(s.name)
-    return dataclasses.replace(ir, body=tuple(out))
+    aliases, own = dict(ir.field_aliases), {}
+    for copy, f, suffix in made if display else ():  # (two loops sharing copies: the first names them)
+        own.setdefault(id(copy), display(f, aliases) + suffix)
+    return dataclasses.replace(ir, body=tuple(out), field_aliases=ir.field_aliases + tuple(own.items()))
 
 
 def _rewrite_at_launch(loop, known, names, threads, copies_for, ref_of):

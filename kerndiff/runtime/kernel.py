@@ -352,7 +352,8 @@ class Kernel:
             def make(helpers):
                 """finalize and codegen, with helper fields from helpers.private_copies and
                 helpers.packed (the registry's, or offline_cache's recorder of them)."""
-                with_copies = None if scatter is None else (scatter[0], helpers.private_copies, scatter[2])
+                with_copies = None if scatter is None else \
+                    (scatter[0], helpers.private_copies, scatter[2], REGISTRY.display_name)
                 packs = (helpers.packed, REGISTRY.ref) if cpu_math else None  # (with cpu_math: its key)
                 return generate_bound(finalize(ir, with_copies, derivative, cpu_math=cpu_math, packs=packs),
                                       fn_name)

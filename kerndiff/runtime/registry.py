@@ -230,11 +230,14 @@ class Registry:
         """T private copies of each (field, shape, offset) in specs (shape (T,) + that shape: the
         field's own, or the slice of it a loop adds into, indexed from 0 for the slot and from
         offset after it; interleaved per shape so one element's copies of related fields share
-        cache lines) and T busy flags, for opt.scatter. Kept zero between launches by the generated
-        code."""
+        cache lines) and T busy flags, for opt.scatter: ({id(field): its copies}, the flags).
+        Kept zero between launches by the generated code, and used within a launch only, so loops
+        adding into fields of the same element types and shapes share them, in any kernel
+        (opt.scatter names them after the fields in each kernel's source): a program's memory and
+        SNode trees for them grow with its distinct shapes, not with its kernels."""
         self.check_runtime()
         specs = [(f, (tuple(shape), tuple(offset))) for f, shape, offset in specs]
-        key = ("private", tuple((id(f), shape) for f, shape in specs), threads)
+        key = ("private", tuple((field_dtype(f), element_shape(f), shape) for f, shape in specs), threads)
         got = self.derived.get(key)
         if got is None:
             check_tree_budget()
@@ -255,9 +258,10 @@ class Registry:
                 self.trees.append(fb.finalize())
             for new in list(copies.values()) + [busy]:
                 self.keep[id(new)] = new
-            got = (copies, busy)
+            got = ([copies[id(f)] for f, _ in specs], busy)
             self.derived[key] = got
-        return got
+        made, busy = got
+        return {id(f): copy for (f, _), copy in zip(specs, made)}, busy
 
     def packed(self, fields, dtype: str, shape, offset):
         """The helper field that opt.packed_gathers copies `fields` into side by side before a
