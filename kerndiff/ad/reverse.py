@@ -25,8 +25,9 @@ import math
 from ..errors import KernDiffError
 from ..ir import build as B
 from ..ir import nodes as N
+from ..ir.ops import RANDOM
 from ..ir.types import bits, is_float
-from ..ir.walk import assigned_names, independent, iter_stmts, map_expr, map_stmt_exprs, map_stmts, \
+from ..ir.walk import assigned_names, independent, iter_expr, iter_stmts, map_expr, map_stmt_exprs, map_stmts, \
     substitute, substitute_block
 from ..opt.dce import live_names, remove_dead
 from .activity import check_function_body, field_activity, varied_vars
@@ -78,7 +79,6 @@ class Reverse:
     def is_varied(self, e):
         if not is_float(e.dtype):
             return False
-        from ..ir.walk import iter_expr
         for x in iter_expr(e):
             if isinstance(x, N.Var) and x.name in self.varied:
                 return True
@@ -696,8 +696,6 @@ def steps_of_inductions(s, info):
 def _invariant(e, written):
     """Is e the same on every trip: built of constants and locals the loop does not assign (its
     own index included), no field reads, no draws?"""
-    from ..ir.ops import RANDOM
-    from ..ir.walk import iter_expr
     return all(not isinstance(x, N.Load) and not (isinstance(x, N.Var) and x.name in written)
                and not (isinstance(x, N.Call) and x.op in RANDOM) for x in iter_expr(e))
 
