@@ -650,7 +650,8 @@ class Reverse:
         within_loop = B.call("lt", after, hi)
         rebuild = (N.If(within_loop, pop(outer), (), **tag),) + tuple(
             N.Assign(c, B.var(outer[c][0], dt), **tag) for c, dt, _ in stacked) + \
-            tuple(self.counted(s, info, closed, seg_start_v, lo)) + (run(seg_start_v, after, inner, sub_v, f"{var}_sub"),)
+            tuple(self.counted(s, info, closed, seg_start_v, lo)) + \
+            (run(seg_start_v, after, inner, sub_v, f"{var}_sub"),)
         restore = [N.Assign(seg_start, B.add(lo, floor_to(B.sub(v, lo), seg_v)), **tag),
                    N.If(last_of_segment, rebuild,
                         self.when(at_multiple(B.sub(after, seg_start_v), sub_v), pop(inner), tag), **tag)]
