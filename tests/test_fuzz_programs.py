@@ -45,10 +45,9 @@ Profiles as in test_fuzz.py: short by default (derandomized under CI=true), KERN
 Each drawn kernel keeps its helper fields (sums, winner counts, private copies) for the life of
 the Taichi runtime, so a long run stops at Taichi's 512 SNode trees (kerndiff refuses at 500):
 run one test per process (`-k`), KERNDIFF_FUZZ_N=300 rather than longer. The 0-d ones share
-trees since session 52, and private copies and checkpoint fields are shared by shape since
-session 54, but every new set of fields packed into records takes a tree of its own, and
-test_random_programs_with_private_copies forces those onto every loop: it reached 500 trees
-within 300 draws in sessions 52 and 54, so run it with KERNDIFF_FUZZ_N=150.
+trees since session 52, private copies and checkpoint fields are shared by shape since
+session 54 and packed records since session 55 (test_random_programs_with_private_copies, which
+forces copies and records onto every loop, had reached 500 trees within 300 draws).
 """
 import os
 import random

@@ -123,3 +123,45 @@ def test_a_group_too_short_to_pack_does_not_hide_the_next(runtime, any_size):
     expected = np.cos(yv[j]) * yd[1, j] * xv[j] ** 2 + np.sin(yv[j]) * 2 * xv[j] * xd[j]
     np.testing.assert_allclose(kd.dual(out).to_numpy(), expected, rtol=1e-13)
     check(two_shapes, "forward")
+
+
+def test_kernels_share_records_by_shape(runtime, any_size):
+    """A record's values live from its copy to the end of the loop that gathers from it, so loops
+    packing records of one dtype and shape share one field, in any kernel: a second kernel
+    gathering other fields makes no SNode tree, names the record after its own fields, and each
+    kernel's tangents agree with the analytic ones, the first's again after the second ran."""
+    from taichi.lang import impl
+    n = 6
+    idx = ti.field(ti.i32, shape=n)
+    a, b, c, d, out = (ti.field(ti.f64, shape=n) for _ in range(5))
+    rng = np.random.default_rng(11)
+    for f in (a, b, c, d):
+        f.from_numpy(rng.uniform(0.5, 1.5, n))
+        kd.dual(f).from_numpy(rng.standard_normal(n))
+    idx.from_numpy(np.array([5, 0, 3, 3, 1, 2], dtype=np.int32))
+
+    @kd.kernel
+    def on_ab():
+        for i in range(n):
+            out[i] = a[idx[i]] * b[idx[i]]
+
+    @kd.kernel
+    def on_cd():
+        for i in range(n):
+            out[i] = c[idx[i]] / d[idx[i]]
+
+    j = idx.to_numpy()
+    v = {f: f.to_numpy()[j] for f in (a, b, c, d)}
+    t = {f: kd.dual(f).to_numpy()[j] for f in (a, b, c, d)}
+    on_ab.forward()
+    first = kd.dual(out).to_numpy()
+    trees = impl.get_runtime().prog.get_snode_tree_size()
+    on_cd.forward()
+    assert impl.get_runtime().prog.get_snode_tree_size() == trees  # the same record field
+    assert "b_packed[idx[i], 3]" in on_ab.forward.source and "b_packed" not in on_cd.forward.source
+    assert "d_packed[idx[i], 3]" in on_cd.forward.source  # four entries: two fields and their tangents
+    expected = t[c] / v[d] - v[c] * t[d] / v[d] ** 2
+    np.testing.assert_allclose(kd.dual(out).to_numpy(), expected, rtol=1e-13)
+    on_ab.forward()
+    np.testing.assert_allclose(kd.dual(out).to_numpy(), first, rtol=0, atol=0)
+    np.testing.assert_allclose(first, t[a] * v[b] + v[a] * t[b], rtol=1e-13)

@@ -237,8 +237,8 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
     private copies (CPU only; see opt.scatter). cpu_math: kerndiff's own f32 sin/cos pairs and
     tanh where derivatives alone read them (derived kernels on the CPU; see opt.cpu_math).
-    packs: None, or (packed_for, ref_of) to read fields a loop gathers together from one record
-    (derived kernels on the CPU; see opt.packed_gathers).
+    packs: None, or (packed_for, ref_of, display) to read fields a loop gathers together from one
+    record (derived kernels on the CPU; see opt.packed_gathers).
     is_derivative: None for primal kernels (their arithmetic is the user's), else a test for
     derivative fields: derivative code then has the ifs of a reversed body fused and CSE run
     across them (opt.fuse_ifs, opt.cse), shares reciprocals (opt.reciprocal), has its like terms
@@ -329,7 +329,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
         ir = dataclasses.replace(ir, body=values_first(ir.body))
     names = allocator()
     written = {id(s.ref.field) for s in iter_stmts(ir.body) if isinstance(s, (N.Store, N.Atomic))}
-    out = []
+    out, records = [], ()  # records: field_aliases of opt.packed_gathers' records
     for s in ir.body:
         if isinstance(s, N.For) and s.parallel:
             s = dataclasses.replace(s, body=_merge_adds(s.body))
@@ -338,10 +338,11 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
             pre, s = _hoist(s, written, names)
             out.extend(pre)
             if packs is not None and is_derivative is not None:
-                pre, s = pack_gathers(s, written, names, *packs)
+                pre, s, named = pack_gathers(s, written, names, *packs, dict(ir.field_aliases))
                 out.extend(pre)
+                records += tuple(entry for entry in named if entry[0] not in dict(records))  # the first names it
         out.append(s)
-    ir = dataclasses.replace(ir, body=tuple(out))
+    ir = dataclasses.replace(ir, body=tuple(out), field_aliases=ir.field_aliases + records)
     if cpu_math and is_derivative is not None:
         from .cpu_math import use_cpu_math
         ir = use_cpu_math(ir, names, is_derivative)

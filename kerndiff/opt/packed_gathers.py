@@ -63,14 +63,17 @@ def _groups(loads, written):
     return [group for group in groups.values() if len(group) >= 2]
 
 
-def pack_gathers(loop: N.For, written: set, names, packed_for, ref_of):
-    """(statements to run before the loop, the loop): see the module docstring. written: ids of
-    the fields the kernel writes; packed_for(fields, dtype, shape, offset) -> the helper field
-    (the registry's `packed`); ref_of(field, component) -> its FieldRef."""
+def pack_gathers(loop: N.For, written: set, names, packed_for, ref_of, display, aliases):
+    """(statements to run before the loop, the loop, the record's field_aliases entries): see the
+    module docstring. written: ids of the fields the kernel writes; packed_for(fields, dtype,
+    shape, offset) -> the helper field (the registry's `packed`, which loops of one record shape
+    share in every kernel); ref_of(field, component) -> its FieldRef; display(field, aliases) ->
+    the name this kernel's source gives a field (aliases: its field_aliases as a dict), which
+    names the record after the first field it holds (`pos_packed`)."""
     loads = _loads(loop)
     trips = trip_count(loop)
     if trips is None:
-        return [], loop
+        return [], loop, ()
     # the first group worth a copy: the loop runs at least as many iterations as its fields have
     # elements, and they are too big to stay in the cache (a small or rarely read group before it,
     # such as a row of a 2-D field read at three of its six elements, does not hide it)
@@ -89,9 +92,10 @@ def pack_gathers(loop: N.For, written: set, names, packed_for, ref_of):
         if trips >= elements and elements * len(slots) * bits(first.dtype) // 8 >= MIN_BYTES:
             break
     else:
-        return [], loop
+        return [], loop, ()
     fields = [c.field for c in chosen]
-    packed = ref_of(packed_for(fields, first.dtype, first.shape + (len(slots),), first.offset + (0,)), ())
+    record = packed_for(fields, first.dtype, first.shape + (len(slots),), first.offset + (0,))
+    packed = ref_of(record, ())
     slot_of = {key: k for k, key in enumerate(slots)}
 
     def read_packed(e):
@@ -107,4 +111,4 @@ def pack_gathers(loop: N.For, written: set, names, packed_for, ref_of):
                  for k, key in enumerate(slots))
     bounds = tuple((B.const(lo, "i32"), B.const(hi, "i32")) for lo, hi in first.bounds())
     pack = N.For(tuple(v.name for v in index), bounds, copy, parallel=True, src=note)
-    return [pack], dataclasses.replace(loop, body=body)
+    return [pack], dataclasses.replace(loop, body=body), ((id(record), display(fields[0], aliases) + "_packed"),)

@@ -265,8 +265,12 @@ class Registry:
 
     def packed(self, fields, dtype: str, shape, offset):
         """The helper field that opt.packed_gathers copies `fields` into side by side before a
-        loop gathers them (shape: theirs and the record's length), named after the first."""
-        got = self.scratch(("packed", tuple(id(f) for f in fields), tuple(shape)), dtype, shape, offset)
+        loop gathers them (shape: theirs and the record's length), named after the first. Its
+        values live from the copy to the end of the loop after it, within one launch, so every
+        loop of every kernel packing records of one dtype, shape and offset shares one (each
+        kernel's source names it after its own fields, KernelIR.field_aliases): a program's
+        memory and SNode trees for records grow with its distinct shapes, not its kernels."""
+        got = self.scratch(("packed", dtype, tuple(shape), tuple(offset)), dtype, shape, offset)
         self.names.setdefault(id(got), f"{self.name_of(fields[0])}_packed")
         self.suffixed.setdefault(id(got), (fields[0], "_packed"))
         return got
