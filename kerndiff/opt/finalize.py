@@ -343,6 +343,12 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
                 records += tuple(entry for entry in named if entry[0] not in dict(records))  # the first names it
         out.append(s)
     ir = dataclasses.replace(ir, body=tuple(out), field_aliases=ir.field_aliases + records)
+    if is_derivative is not None:
+        # loads read once before an inner loop leave copies of their locals where the load was a
+        # whole value (a scan's first trip: `b_prev_2 = b_i_0; b_prev_3 = b_prev_2`)
+        from .copies import forward_copies
+        from .dce import dce
+        ir = dataclasses.replace(ir, body=dce(forward_copies(ir.body)))
     if cpu_math and is_derivative is not None:
         from .cpu_math import use_cpu_math
         ir = use_cpu_math(ir, names, is_derivative)
