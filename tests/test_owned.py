@@ -204,10 +204,11 @@ def test_serial_trips_updating_their_own_elements_under_tape(runtime):
     against the analytic one; so is a trip that reads its element again after overwriting it
     (the element is a local for the trip: ad.owned._promote_trips), and a scan in place, each
     trip reading the element the trip before wrote (`b[i, t] = b[i, t - 1] * b[i, t]`: the
-    value is handed on in a local, ad.owned._forward_previous_trip). Alone the reverse is refused
-    with that remedy; a trip reading the element two trips back wrote, and a trip re-touched by
-    an outer serial loop are refused under kd.Tape too (restoring b would give them the values
-    from before the launch, not the ones they read)."""
+    value is handed on in a local, ad.owned._forward_previous_trip), and one reading the element
+    two trips back wrote (two locals, handed on one place each trip; refused until session 55).
+    Alone the reverse is refused with that remedy; a trip re-touched by an outer serial loop is
+    refused under kd.Tape too (restoring b would give it the values from before the launch, not
+    the ones it read)."""
     n, T = 3, 5
     b = ti.field(ti.f64, (n, T), needs_grad=True)
     loss = ti.field(ti.f64, (), needs_grad=True)
@@ -287,17 +288,34 @@ def test_serial_trips_updating_their_own_elements_under_tape(runtime):
     # the first trip's value is that local, not a copy of it copied again (`b_prev_2 = b_i_0`,
     # `b_prev_3 = b_prev_2`, until session 55)
     assert not re.search(r"^ *(\w+) = \w+\n *\w+ = \1\n", source, re.M), source
-    for kernel in (from_two_trips_before, halved_twice):
-        with pytest.raises(kd.KernDiffError, match="carry the running value in a local"):
-            with kd.Tape(loss):
-                kernel()
+    # two trips back: a product over every other element (b[i, 0] b[i, 2] b[i, 4] ...)
+    b.from_numpy(b0)
+    from_two_trips_before()
+    alternate = b0.copy()
+    alternate[:, 0::2], alternate[:, 1::2] = np.cumprod(b0[:, 0::2], axis=1), np.cumprod(b0[:, 1::2], axis=1)
+    np.testing.assert_allclose(b.to_numpy(), alternate, rtol=1e-14)
+    b.from_numpy(b0)
+    with kd.Tape(loss):
+        from_two_trips_before()
+        measure()
+    # d/db[i, s] of Σ_t (t + 1) Π_{u <= t, u = t mod 2} b[i, u]: the terms of s's parity from s on
+    expected = np.array([[sum((t + 1) * alternate[i, t] for t in range(s, T, 2)) / b0[i, s] for s in range(T)]
+                         for i in range(n)])
+    np.testing.assert_allclose(kd.adjoint(b).to_numpy(), expected, rtol=1e-12)
+    b.from_numpy(b0)
+    assert kd.check_grad(lambda: (from_two_trips_before(), measure()), [b], loss, order=2) < 1e-6
+    assert "b_prev2_3 = b_i_0" in from_two_trips_before.reverse_from_inputs.source  # (two locals, handed on)
+    with pytest.raises(kd.KernDiffError, match="carry the running value in a local"):
+        with kd.Tape(loss):
+            halved_twice()
 
 
 _TRIP_LINES = ["acc = acc * b[i, t]", "acc = acc + 0.3 * ti.sin(b[i, t])", "b[i, t] = acc",
                "b[i, t] = b[i, t] * 0.5 + acc", "b[i, t] += 0.1 * acc", "c[i, t] = b[i, t] ** 2",
                "if acc > 1.0:\n    b[i, t] = 0.5 * acc", "acc = acc + 0.2 * b[i, (t + 1) % T]",
                "b[i, t] = b[i, t - 1] * b[i, t]", "acc = acc + 0.4 * b[i, t - 1]", "b[i, t] += 0.3 * b[i, t - 1] ** 2",
-               "c[i, t] = b[i, t - 1] * acc"]
+               "c[i, t] = b[i, t - 1] * acc", "b[i, t] = b[i, t - 2] * b[i, t]", "acc = acc + 0.2 * b[i, t - 2]",
+               "b[i, t] += 0.2 * ti.cos(b[i, t - 2]) * acc"]
 _TRIPS = {}
 _TRIP_COUNTS = {"checked": 0, "refused": 0}
 _TRIP_DIR = tempfile.mkdtemp(prefix="kerndiff_trips_")
@@ -309,12 +327,13 @@ _TRIP_DIR = tempfile.mkdtemp(prefix="kerndiff_trips_")
 def test_drawn_serial_trips_under_tape(picks):
     """Drawn serial trips reading and writing b's elements in place, in a program under kd.Tape:
     refused, or kd.check_grad's gradient agrees with central differences (never a wrong one)."""
-    n, T = 2, 4
+    n, T = 2, 5
     if not _TRIPS:
         _TRIPS.update(b=ti.field(ti.f64, (n, T), needs_grad=True), c=ti.field(ti.f64, (n, T), needs_grad=True),
                       loss=ti.field(ti.f64, (), needs_grad=True), T=T, n=n)
     f = _TRIPS
-    body = "acc = 0.7\nfor t in range(1, T):\n" + "\n".join(
+    start = 2 if any("t - 2" in _TRIP_LINES[p] for p in picks) else 1
+    body = f"acc = 0.7\nfor t in range({start}, T):\n" + "\n".join(
         "    " + line for p in picks for line in _TRIP_LINES[p].splitlines())
     fn, src = load_elementwise(body, f, _TRIP_DIR, head="def kernel():\n    for i in range(n):")
     k = kd.kernel(fn)

@@ -326,16 +326,20 @@ def _promote_trips(stmts, outer_vars, uses_in_iteration, params, names):
     return tuple(out)
 
 
+MAX_TRIPS_BACK = 8  # scans in place read at most this many trips back (one local each)
+
+
 def _forward_previous_trip(loop, body, ref, uses, trip_vars, params, names):
-    """(statements before `loop`, its body) with each trip's read of the element the previous trip
-    stored (`b[i, t] = b[i, t - 1] * b[i, t]`, a scan in place) taken from a local the previous
-    trip left, and the trip's own element promoted (_promote): each trip then reads only its own
-    element as the launch found it, and, in its first trip, the element before the range
-    (`b[i, 0]`), which no trip writes, so kd.Tape can restore the field for the reverse
-    (_restorable: _carried_in). None where the accesses are not of that form: the trip's own
-    element (every loop variable around a whole index dimension) written, and read besides
-    only one step back along this loop's variable; no continue or break (which would skip
-    handing the value on)."""
+    """(statements before `loop`, its body) with each trip's reads of the elements earlier trips
+    stored (`b[i, t] = b[i, t - 1] * b[i, t]`, a scan in place; `b[i, t] = b[i, t] * b[i, t - 2]`)
+    taken from locals that hold the last trips' values, handed on one place at each trip's end,
+    and the trip's own element promoted (_promote): each trip then reads only its own element as
+    the launch found it, and, in its first trip, the elements before the range (`b[i, 0]`), which
+    no trip writes, so kd.Tape can restore the field for the reverse (_restorable: _carried_in).
+    None where the accesses are not of that form: the trip's own element (every loop variable
+    around a whole index dimension) written, and read besides only up to MAX_TRIPS_BACK steps
+    back along this loop's variable; no continue or break (which would skip handing the values
+    on)."""
     if len(loop.vars) != 1 or jumps_out(body) or not _fixed_start(loop):
         return None
     t = loop.vars[0]
@@ -346,22 +350,38 @@ def _forward_previous_trip(loop, body, ref, uses, trip_vars, params, names):
     index, = writes
     if not _owned(index, trip_vars, params):
         return None
-    previous = _index_at(index, t, lambda v: B.sub(v, B.const(1, v.dtype)))
-    if not any(kind == "read" and at == previous for kind, at, _ in uses) \
-            or not all(at in (index, previous) for _, at, _ in uses):
+    back = {}  # an index read -> how many trips back it is
+    for kind, at, _ in uses:
+        if at != index:
+            back[at] = _trips_back(index, at, t)
+            if back[at] is None:
+                return None
+    if not back:
         return None
-    carried = B.var(names.fresh(f"{ref.name}{''.join(f'_{c}' for c in ref.component)}_prev"), ref.dtype)
+    stem = f"{ref.name}{''.join(f'_{c}' for c in ref.component)}_prev"
+    carried = [B.var(names.fresh(stem + (str(d) if d > 1 else "")), ref.dtype)  # b_prev, b_prev2, ...
+               for d in range(1, max(back.values()) + 1)]
 
     def as_carried(e):
-        return carried if isinstance(e, N.Load) and e.ref is ref and e.index == previous else e
+        return carried[back[e.index] - 1] if isinstance(e, N.Load) and e.ref is ref and e.index in back else e
 
     body = map_stmts(body, lambda st: map_stmt_exprs(st, lambda e: map_expr(e, as_carried)))
     body = _promote(body, ref, index, _accesses(body)[ref], names)
-    first = N.If(B.call("eq", B.var(t, lo.dtype), lo),
-                 (N.Assign(carried.name, B.load(ref, _index_at(index, t, lambda v: _before(lo, v))), src=loop.src),),
-                 (), src=loop.src)
-    handed_on = N.Assign(carried.name, body[-1].value, src=body[-1].src)
-    return [N.Assign(carried.name, B.const(0, ref.dtype), src=loop.src)], (first,) + body + (handed_on,)
+    carry_in = tuple(N.Assign(c.name, B.load(ref, _index_at(index, t, lambda v, d=d: _before(lo, v, d))),
+                              src=loop.src) for d, c in enumerate(carried, 1))
+    first = N.If(B.call("eq", B.var(t, lo.dtype), lo), carry_in, (), src=loop.src)
+    handed_on = tuple(N.Assign(c.name, earlier, src=body[-1].src)
+                      for c, earlier in zip(carried[::-1], carried[-2::-1] + [body[-1].value]))
+    return [N.Assign(c.name, B.const(0, ref.dtype), src=loop.src) for c in carried], (first,) + body + handed_on
+
+
+def _trips_back(index, at, var):
+    """d where `at` is `index` with its dimension `var` replaced by `var - d`, 1 <= d <=
+    MAX_TRIPS_BACK (None otherwise)."""
+    for d in range(1, MAX_TRIPS_BACK + 1):
+        if at == _index_at(index, var, lambda v: B.sub(v, B.const(d, v.dtype))):
+            return d
+    return None
 
 
 def _index_at(index, var, value):
@@ -372,9 +392,9 @@ def _index_at(index, var, value):
     return tuple(value(e) if isinstance(e, N.Var) and e.name == var else e for e in index)
 
 
-def _before(lo, v):
-    """The index one before a loop's start `lo`, in the type of the index `v` it stands for."""
-    return B.sub(B.cast(lo, v.dtype), B.const(1, v.dtype))
+def _before(lo, v, d=1):
+    """The index d before a loop's start `lo`, in the type of the index `v` it stands for."""
+    return B.sub(B.cast(lo, v.dtype), B.const(d, v.dtype))
 
 
 def _fixed_start(loop):
@@ -386,24 +406,31 @@ def _fixed_start(loop):
 
 
 def _carried_in(loop, field, indices, uses):
-    """(the index of field's writes, the index a first trip reads before them) where field's
+    """(the index of field's writes, the indices a first trip reads before them) where field's
     accesses in `loop` are those _forward_previous_trip leaves: writes at one index, inside a
-    serial loop over t, and reads besides at that index with t set to the loop's start minus one:
-    no trip writes that element (t runs from the start). None otherwise."""
+    serial loop over t, and reads besides at that index with t set to the loop's start minus 1,
+    2, ... up to the farthest back a trip reads: no trip writes those elements (t runs from the
+    start). None otherwise."""
     writes = {index for kind, index in uses if kind != "read"}
-    if len(indices) != 2 or len(writes) != 1:
+    if len(writes) != 1 or not 2 <= len(indices) <= MAX_TRIPS_BACK + 1:
         return None
     index, = writes
-    other, = indices - writes
+    others = indices - writes
     starts = None  # the serial loops around every write of field
     for s, loops in _loops_around(loop.body):
         if isinstance(s, (N.Store, N.Atomic)) and s.ref.field is field:
             starts = set(map(id, loops)) if starts is None else starts & set(map(id, loops))
     for s, _ in _loops_around(loop.body):
         if id(s) in (starts or ()) and isinstance(s, N.For) and not s.parallel and len(s.vars) == 1 \
-                and _fixed_start(s) and _index_at(index, s.vars[0], lambda v: _before(s.bounds[0][0], v)) == other:
-            return index, other
+                and _fixed_start(s) and others == _before_range(s, index, len(others)):
+            return index, others
     return None
+
+
+def _before_range(loop, index, count):
+    """index at each of the `count` steps before the serial loop's start, along its variable."""
+    (lo, _), = loop.bounds
+    return {_index_at(index, loop.vars[0], lambda v, d=d: _before(lo, v, d)) for d in range(1, count + 1)}
 
 
 def _direct_accesses(stmts):
