@@ -310,6 +310,37 @@ def test_serial_trips_updating_their_own_elements_under_tape(runtime):
             halved_twice()
 
 
+def test_a_long_scan_two_trips_back_keeps_checkpoints(runtime):
+    """A scan in place reading one and two trips back over 40 trips (more than the reverse
+    replays: its carried locals are checkpointed in helper-field rows), under kd.Tape: the values
+    against numpy's recurrence, and kd.check_grad of the program (orders 1 and 2)."""
+    n, T = 2, 40
+    b = ti.field(ti.f64, (n, T), needs_grad=True)
+    loss = ti.field(ti.f64, (), needs_grad=True)
+
+    @kd.kernel
+    def second_order():
+        for i in range(n):
+            for t in range(2, T):
+                b[i, t] = b[i, t - 1] * b[i, t] * 0.5 + 0.1 * ti.sin(b[i, t - 2])
+
+    @kd.kernel
+    def measure():
+        for i, t in b:
+            loss[None] += b[i, t] * (1.0 + 0.01 * t)
+
+    b0 = np.random.default_rng(5).uniform(0.5, 1.5, (n, T))
+    b.from_numpy(b0)
+    second_order()
+    expected = b0.copy()
+    for t in range(2, T):
+        expected[:, t] = expected[:, t - 1] * expected[:, t] * 0.5 + 0.1 * np.sin(expected[:, t - 2])
+    np.testing.assert_allclose(b.to_numpy(), expected, rtol=1e-14)
+    b.from_numpy(b0)
+    assert kd.check_grad(lambda: (second_order(), measure()), [b], loss, order=2) < 1e-6
+    assert "b_prev2_1_ck[i, t_ck - 2] = b_prev2_1" in second_order.reverse_from_inputs.source
+
+
 _TRIP_LINES = ["acc = acc * b[i, t]", "acc = acc + 0.3 * ti.sin(b[i, t])", "b[i, t] = acc",
                "b[i, t] = b[i, t] * 0.5 + acc", "b[i, t] += 0.1 * acc", "c[i, t] = b[i, t] ** 2",
                "if acc > 1.0:\n    b[i, t] = 0.5 * acc", "acc = acc + 0.2 * b[i, (t + 1) % T]",
