@@ -136,7 +136,7 @@ def vjp(fn):
     return DeviceFunction(kind="vjp", inner=_device(fn, "kd.vjp"))
 
 
-def hvp(fn, inputs, output, *, args=()):
+def hvp(fn, inputs, output=None, *, args=()):
     """Host function computing Hessian-vector products H·v of output w.r.t. inputs via
     forward(reverse(fn))."""
     if not isinstance(fn, Kernel):

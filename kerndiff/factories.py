@@ -61,11 +61,15 @@ class _Fields:
     """What every host function checks and sets: its input fields and its output field, the
     values and tangents passed for the inputs, and the output's cotangent."""
 
-    def __init__(self, inputs, output):
-        if inputs is None or output is None:
-            raise KernDiffError("inputs and output are both needed", remedy="pass inputs=[fields...] and output=field")
+    def __init__(self, inputs, output, returns=False):
+        """returns: the kernel returns one float, which is the output where no field is given
+        (self.output None: `kd.backward(loss_kernel, inputs=[x])` for `def loss_kernel() -> float`)."""
+        if inputs is None or output is None and not returns:
+            raise KernDiffError("inputs and output are both needed",
+                                remedy="pass inputs=[fields...] and output=field (a kernel returning one float "
+                                       "may leave output out: the returned value is the output)")
         inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        for f in inputs + [output]:
+        for f in inputs + ([output] if output is not None else []):
             if not is_field(f):
                 from .api import not_a_field
                 raise not_a_field(f, "inputs and output must be Taichi fields")
@@ -73,7 +77,7 @@ class _Fields:
             if not is_float(from_taichi(f.dtype)):
                 raise KernDiffError(f"input field of dtype {f.dtype} is not a float field; it has no derivative",
                                     remedy="differentiate with respect to float fields only")
-        if not is_float(from_taichi(output.dtype)):
+        if output is not None and not is_float(from_taichi(output.dtype)):
             raise KernDiffError(f"output field of dtype {output.dtype} is not a float field",
                                 remedy="use a float output field")
         self.inputs, self.output = inputs, output
@@ -98,7 +102,7 @@ class _Fields:
         return list(values)
 
     def _cotangent(self, cotangent):
-        shape = field_shape(self.output)
+        shape = field_shape(self.output) if self.output is not None else ()
         if cotangent is None:
             if shape:
                 raise KernDiffError(f"the output has shape {shape}, so a cotangent is needed",
@@ -143,7 +147,7 @@ class _Jacobian:
 
 class _Factory(_Fields):
     def __init__(self, kernel, inputs, output, args):
-        super().__init__(inputs, output)
+        super().__init__(inputs, output, returns=output is None and _returns_one_float(kernel))
         self.kernel, self.args = kernel, tuple(args)
         self._check_args()
         # the levels of the derivative fields this kernel's forward and reverse transforms use
@@ -170,16 +174,18 @@ class _Factory(_Fields):
         return [f for f in written + read_ if is_float(from_taichi(f.dtype))]
 
     def _run_primal(self, values):
+        """Set inputs, clear outputs, run the kernel; returns what it returns."""
         values = self._check_values(values, "values")
         written = self._written()
         for f in written:
             if not any(f is i for i in self.inputs):
                 zero(f)
         self._set_inputs(values)
-        self.kernel(*self.args)
+        return self.kernel(*self.args)
 
     def _run_forward(self, values, tangents):
-        """Set inputs and their duals, clear outputs and their duals, run the forward kernel."""
+        """Set inputs and their duals, clear outputs and their duals, run the forward kernel;
+        returns what it returns ((value, tangent) for a returned float)."""
         duals = [REGISTRY.get_or_make(f, "dual", self.dual_level) for f in self.inputs]
         for f in self._written():
             if not any(f is i for i in self.inputs):
@@ -190,11 +196,14 @@ class _Factory(_Fields):
         self._set_inputs(values)
         for d, t in zip(duals, tangents):
             write(d, t, "tangent")
-        self.kernel.forward(*self.args)
+        return self.kernel.forward(*self.args)
 
-    def _returned_value_constant(self):
-        """The output is a field: a value the kernel also returns is not part of it, so its
-        cotangent is 0 (a reverse kernel launched alone seeds it with 1)."""
+    def _seed_of_returned(self, cotangent):
+        """The cotangent kwarg of the reverse kernels: where the output is a field, a value the
+        kernel also returns is not part of it, so its cotangent is 0 (a reverse kernel launched
+        alone seeds it with 1); where the returned value is the output, the output's cotangent."""
+        if self.output is None:
+            return {"cotangent": cotangent}
         return {"cotangent": 0.0} if self.kernel.returned_values() else {}
 
     @contextlib.contextmanager
@@ -228,7 +237,7 @@ class _Factory(_Fields):
         """Zero the adjoints the reverse kernel accumulates into (and their duals for H·v); returns
         (input adjoints, output adjoint), allocated if missing."""
         adjs = [REGISTRY.get_or_make(f, "adjoint", self.adjoint_level) for f in self.inputs]
-        out_adj = REGISTRY.get_or_make(self.output, "adjoint", self.adjoint_level)
+        out_adj = REGISTRY.get_or_make(self.output, "adjoint", self.adjoint_level) if self.output is not None else None
         for f in self._referenced() + list(self.inputs):
             a = REGISTRY.get(f, "adjoint", self.adjoint_level)
             if a is not None:
@@ -246,8 +255,9 @@ class BackwardFn(_Factory):
         ct = self._cotangent(cotangent)
         self._run_primal(values)
         adjs, out_adj = self._clear_adjoints(with_duals=False)
-        write(out_adj, ct, "cotangent")
-        self.kernel.reverse(*self.args, **self._returned_value_constant())
+        if out_adj is not None:
+            write(out_adj, ct, "cotangent")
+        self.kernel.reverse(*self.args, **self._seed_of_returned(ct))
         return [read(a) for a in adjs]
 
 
@@ -258,6 +268,9 @@ class ForwardFn(_Jacobian, _Factory):
     both; for a 0-d output the array has the input's shape, as kd.backward's gradient)."""
 
     def _pass(self, values, tangents):
+        if self.output is None:  # the returned value's tangent
+            with self._constants_held():
+                return float(self._run_forward(values, tangents)[1])
         out_dual = REGISTRY.get_or_make(self.output, "dual", self.dual_level)
         with self._constants_held():
             self._run_forward(values, tangents)
@@ -278,6 +291,15 @@ class HvpFn(_Factory):
             hv = [REGISTRY.get_or_make(a, "dual", self.dual_level) for a in adjs]
             for h in hv:
                 zero(h)
-            write(out_adj, ct, "cotangent")
-            self.kernel.reverse.forward(*self.args, **self._returned_value_constant())
+            if out_adj is not None:
+                write(out_adj, ct, "cotangent")
+            self.kernel.reverse.forward(*self.args, **self._seed_of_returned(ct))
             return [read(h) for h in hv]
+
+
+def _returns_one_float(kernel):
+    """Whether the kernel returns one float (`-> float`, `-> ti.f32`): the value kd.backward,
+    kd.forward, kd.hvp and kd.check_grad differentiate where no output field is given."""
+    returned = kernel.signature()[1]
+    return kernel.returned_values() == 1 and not isinstance(returned, tuple) and is_float(returned) \
+        and kernel._return_shape is None

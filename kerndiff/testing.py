@@ -35,8 +35,10 @@ TOLERANCES = {  # dtype -> (eps, rtol, atol)
 }
 
 
-def _defaults(inputs, output, eps, rtol, atol):
-    dts = [from_taichi(f.dtype) for f in list(inputs) + [output]]
+def _defaults(inputs, output, eps, rtol, atol, returned=None):
+    """returned: the dtype of the float a kernel returns, where that is the output (output None)."""
+    dts = [from_taichi(f.dtype) for f in list(inputs) + ([output] if output is not None else [])]
+    dts += [returned] if output is None else []
     worst = "f64" if all(d == "f64" for d in dts) else ("f16" if "f16" in dts else "f32")
     e, r, a = TOLERANCES[worst]
     return (e if eps is None else eps), (r if rtol is None else rtol), (a if atol is None else atol)
@@ -51,17 +53,27 @@ def _dot(a, b):
     return float(np.sum(np.asarray(a, dtype=np.float64) * np.asarray(b, dtype=np.float64)))
 
 
-def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(), directions=3, order=1,
+def check_grad(kernel, inputs, output=None, *, eps=None, rtol=None, atol=None, args=(), directions=3, order=1,
                seed=0):
-    """Compare reverse mode, forward mode and central finite differences; return the max error."""
+    """Compare reverse mode, forward mode and central finite differences; return the max error.
+    output None: the float the kernel returns (as for kd.backward)."""
     inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     from .api import _check_field
-    for f in inputs + [output]:
-        _check_field(f, "kd.check_grad")
-    eps, rtol, atol = _defaults(inputs, output, eps, rtol, atol)
-    rng = np.random.default_rng(seed)
+    from .errors import KernDiffError
+    from .factories import _returns_one_float
     from .runtime.draws import fixed_seeds
     from .runtime.kernel import Kernel
+    for f in inputs + ([output] if output is not None else []):
+        _check_field(f, "kd.check_grad")
+    returned = None
+    if output is None:
+        if not (isinstance(kernel, Kernel) and _returns_one_float(kernel)):
+            raise KernDiffError("kd.check_grad needs an output field",
+                                remedy="pass output=field (a @kd.kernel returning one float may leave it out: "
+                                       "the returned value is the output)")
+        returned = kernel.signature()[1]
+    eps, rtol, atol = _defaults(inputs, output, eps, rtol, atol, returned)
+    rng = np.random.default_rng(seed)
     # every run draws the same random numbers (runtime/draws.py): the differences' runs too
     with fixed_seeds(constant=isinstance(kernel, Kernel)):
         if not isinstance(kernel, Kernel):
@@ -72,17 +84,18 @@ def check_grad(kernel, inputs, output, *, eps=None, rtol=None, atol=None, args=(
 def _check_kernel(kernel, inputs, output, eps, rtol, atol, args, directions, order, rng):
     kept = [(f, f.to_numpy()) for f in _touched_fields(kernel, inputs, output, args)]
     x0 = [read(f) for f in inputs]
-    w = _shape_like(output, rng)
+    shape = field_shape(output) if output is not None else ()
+    w = rng.standard_normal(shape) if shape else float(rng.standard_normal())
     bwd = BackwardFn(kernel, inputs, output, args)
     fwd = ForwardFn(kernel, inputs, output, args)
     rows = []
     try:
-        grad = bwd(x0, cotangent=w if field_shape(output) else None)
-        wscale = w if field_shape(output) else 1.0
+        grad = bwd(x0, cotangent=w if shape else None)
+        wscale = w if shape else 1.0
 
         def objective(xs):
-            bwd._run_primal(xs)
-            return _dot(wscale, read(output))
+            returned = bwd._run_primal(xs)
+            return _dot(wscale, read(output) if output is not None else returned)
 
         for d in range(directions):
             v = [_shape_like(f, rng) for f in inputs]
@@ -97,9 +110,9 @@ def _check_kernel(kernel, inputs, output, eps, rtol, atol, args, directions, ord
             for d in range(directions):
                 v = [_shape_like(f, rng) for f in inputs]
                 u = [_shape_like(f, rng) for f in inputs]
-                hv = hvp(x0, v, cotangent=w if field_shape(output) else None)
-                plus = bwd([x + eps * t for x, t in zip(x0, v)], cotangent=w if field_shape(output) else None)
-                minus = bwd([x - eps * t for x, t in zip(x0, v)], cotangent=w if field_shape(output) else None)
+                hv = hvp(x0, v, cotangent=w if shape else None)
+                plus = bwd([x + eps * t for x, t in zip(x0, v)], cotangent=w if shape else None)
+                minus = bwd([x - eps * t for x, t in zip(x0, v)], cotangent=w if shape else None)
                 fd = sum(_dot((p - m) / (2 * eps), uu) for p, m, uu in zip(plus, minus, u))
                 an = sum(_dot(h, uu) for h, uu in zip(hv, u))
                 rows.append((f"H·v direction {d}", fd, an, an))
@@ -175,7 +188,7 @@ def _touched_fields(kernel, inputs, output, args):
     dual_level, adjoint_level = derivative_levels(kernel)
     written, _ = kernel.fields(*args)
     out = {}
-    for f in list(inputs) + [output] + list(written):
+    for f in list(inputs) + ([output] if output is not None else []) + list(written):
         out[id(f)] = f
         adjoint = REGISTRY.get(f, "adjoint", adjoint_level)
         for d in (adjoint, REGISTRY.get(f, "dual", dual_level),

@@ -1100,6 +1100,58 @@ def test_factories_over_a_kernel_that_also_returns_a_value(runtime):
     kd.check_grad(k, [x], loss, order=2)
 
 
+def test_factories_over_the_float_a_kernel_returns(runtime):
+    """A kernel returning one float (a loss computed in a local) needs no output field: kd.backward,
+    kd.forward, kd.hvp and kd.check_grad without `output` differentiate the returned value. Checked
+    against the analytic gradient, Hessian and directional derivatives of f = a Σ exp(-x_i²) x_(i+1);
+    without a returned float the output is still asked for."""
+    n = 5
+    x, a = ti.field(ti.f64, shape=n), ti.field(ti.f64, shape=())
+    loss = ti.field(ti.f64, shape=())
+
+    @kd.kernel
+    def returned() -> ti.f64:
+        s = 0.0
+        for i in range(n):
+            s += ti.exp(-x[i] ** 2) * x[(i + 1) % n] * a[None]
+        return s
+
+    @kd.kernel
+    def into_a_field():
+        for i in range(n):
+            loss[None] += x[i] ** 2
+
+    xv, av = np.linspace(-1.0, 0.8, n), 1.5
+    e, after, before = np.exp(-xv ** 2), np.roll(xv, -1), np.roll(np.exp(-xv ** 2), 1)
+    grad_x = av * (-2.0 * xv * e * after + before)
+    grad_a = np.sum(e * after)
+    gx, ga = kd.backward(returned, inputs=[x, a])([xv, av])
+    np.testing.assert_allclose(gx, grad_x, rtol=1e-12)
+    assert ga == pytest.approx(grad_a, rel=1e-12)
+    doubled = kd.backward(returned, inputs=[x, a])([xv, av], cotangent=2.0)
+    assert doubled[1] == pytest.approx(2.0 * grad_a, rel=1e-12)
+    v, va = np.random.default_rng(3).standard_normal(n), 0.7
+    jvp = kd.forward(returned, inputs=[x, a])
+    assert jvp([xv, av], tangents=[v, va]) == pytest.approx(grad_x @ v + grad_a * va, rel=1e-12)
+    np.testing.assert_allclose(jvp([xv, av])[0], grad_x, rtol=1e-12)  # the Jacobian: one pass per element
+    # H·v: ∂²f/∂x_k² = a (4 x_k² - 2) e_k x_(k+1), ∂²f/∂x_k∂x_(k+1) = -2 a x_k e_k, ∂²f/∂a∂x = grad_x / a
+    H = np.diag(av * (4.0 * xv ** 2 - 2.0) * e * after)
+    for k in range(n):
+        H[k, (k + 1) % n] += -2.0 * av * xv[k] * e[k]
+        H[(k + 1) % n, k] += -2.0 * av * xv[k] * e[k]
+    hx, ha = kd.hvp(returned, inputs=[x, a])([xv, av], tangents=[v, va])
+    np.testing.assert_allclose(hx, H @ v + grad_x / av * va, rtol=1e-10)
+    assert ha == pytest.approx(grad_x @ v / av, rel=1e-10)
+    x.from_numpy(xv)
+    a[None] = av
+    assert kd.check_grad(returned, [x, a], order=2) < 1e-6
+    for make in (kd.backward, kd.forward, kd.hvp):
+        with pytest.raises(kd.KernDiffError, match="the returned value is the output"):
+            make(into_a_field, inputs=[x])
+    with pytest.raises(kd.KernDiffError, match="needs an output field"):
+        kd.check_grad(into_a_field, [x])
+
+
 def test_kernels_that_return_a_vector_or_a_matrix(runtime):
     """`-> ti.math.vec2` / `-> ti.types.matrix(2, 2, ...)`: the primal returns a ti.Vector /
     ti.Matrix as Taichi's kernel does; k.forward() returns (value, tangent); k.reverse takes a
