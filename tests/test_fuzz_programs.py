@@ -274,8 +274,12 @@ class Loop:
             self.in_inner, outer = True, self.in_inner
             body = self.statement(indent + 1, False, vectors=False)
             self.in_inner = outer
-            return [f"{pad}for j in range({rand.randint(1, 3)}):"] + [line.replace("x[idx[i]]", "x[(i + j) % 4]")
-                                                                        for line in body]
+            trips = rand.randint(1, 3)
+            # (two trips read x[j]: the inner loop's own index, whose adjoint adds a pair loop's
+            # reverse may gather in a second loop, opt.transposed_gathers; chosen by the count
+            # already drawn, so every seed draws the program it drew before)
+            at = "x[j]" if trips == 2 else "x[(i + j) % 4]"
+            return [f"{pad}for j in range({trips}):"] + [line.replace("x[idx[i]]", at) for line in body]
         return self.statement(indent, nested, vectors)  # that kind has nothing to do in this loop: another
 
     def carried(self, indent):
@@ -407,11 +411,12 @@ def test_random_programs(fields, seed):
 def test_random_programs_with_private_copies(fields, seed, monkeypatch):
     """The same programs with opt.scatter forced on for their 4-iteration loops: scattered adjoint
     adds go through per-thread private copies; and opt.packed_gathers on for fields of any size."""
-    from kerndiff.opt import packed_gathers, scatter
+    from kerndiff.opt import packed_gathers, scatter, transposed_gathers
     monkeypatch.setattr(scatter, "MIN_TRIPS", 2)
     monkeypatch.setattr(scatter, "MIN_WORK", 2)
     monkeypatch.setattr(scatter, "MIN_ADDS_PER_ELEMENT", 0)
     monkeypatch.setattr(packed_gathers, "MIN_BYTES", 0)
+    monkeypatch.setattr(transposed_gathers, "MIN_TRIPS", 0)
     check_program(fields, seed)
 
 

@@ -233,12 +233,15 @@ def _sums_read_once(body, names) -> bool:
                for s in iter_stmts(body))
 
 
-def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, packs=None) -> N.KernelIR:
+def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, packs=None,
+             gathers=None) -> N.KernelIR:
     """scatter: None, or (threads, copies_for, ref_of) to give scattered atomic adds per-thread
     private copies (CPU only; see opt.scatter). cpu_math: kerndiff's own f32 sin/cos pairs and
     tanh where derivatives alone read them (derived kernels on the CPU; see opt.cpu_math).
     packs: None, or (packed_for, ref_of, display) to read fields a loop gathers together from one
     record (derived kernels on the CPU; see opt.packed_gathers).
+    gathers: None, or a test for fields whose adds at a pair loop's inner index a second loop
+    gathers (derived kernels on the CPU; see opt.transposed_gathers).
     is_derivative: None for primal kernels (their arithmetic is the user's), else a test for
     derivative fields: derivative code then has the ifs of a reversed body fused and CSE run
     across them (opt.fuse_ifs, opt.cse), shares reciprocals (opt.reciprocal), has its like terms
@@ -352,6 +355,12 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
     if cpu_math and is_derivative is not None:
         from .cpu_math import use_cpu_math
         ir = use_cpu_math(ir, names, is_derivative)
+    if gathers is not None and is_derivative is not None:
+        from .transposed_gathers import gather_pair_adds
+        gathered = gather_pair_adds(ir, names, gathers, lambda loop: hoist_invariant_loads(loop, written, names))
+        if gathered is not ir:  # each loop now adds only at its own index: plain adds, no private copies
+            ir = dataclasses.replace(gathered, body=tuple(_demote(s) if isinstance(s, N.For) and s.parallel else s
+                                                          for s in gathered.body))
     if scatter is not None:
         from .scatter import privatize_scatters
         ir = privatize_scatters(ir, names, *scatter)

@@ -99,6 +99,12 @@ class Registry:
             return self.display_name(base[0], aliases) + base[1]
         return self.name_of(field)
 
+    def first_adjoint(self, field):
+        """Whether field is an adjoint of a field of the user's own (not of a derivative field):
+        opt.transposed_gathers gathers only adds into those (a reverse kernel's, not an HVP's)."""
+        parent = self.parents.get(id(field))
+        return parent is not None and parent[1] == "adjoint" and id(parent[0]) not in self.parents
+
     def get(self, field, kind: str, level: int):
         """The existing derivative field, or None."""
         self.check_runtime()
