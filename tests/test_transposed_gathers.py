@@ -179,8 +179,8 @@ def test_a_shared_prologue_and_a_condition_on_both_indices(runtime, any_size):
     wi = np.exp(-W) * 0.7
     phase = X[:, None] - 2.0 * X[None, :]
     terms = pairs * wi[:, None] * W[None, :]  # the factor of each pair's cosine
-    np.testing.assert_allclose(x.grad.to_numpy(), (-np.sin(phase) * terms).sum(1) + (2.0 * np.sin(phase) * terms).sum(0),
-                               rtol=1e-12, atol=1e-12)
+    expected_x = (-np.sin(phase) * terms).sum(1) + (2.0 * np.sin(phase) * terms).sum(0)
+    np.testing.assert_allclose(x.grad.to_numpy(), expected_x, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(w.grad.to_numpy(), -(np.cos(phase) * terms).sum(1)
                                + (pairs * wi[:, None] * np.cos(phase)).sum(0), rtol=1e-12, atol=1e-12)
     assert k.grad[None] == pytest.approx((np.cos(phase) * terms).sum() / 0.7, rel=1e-12)
