@@ -79,7 +79,7 @@ def _split(loop, ir, names, gathered, hoist):
     if any(blocks_of(s) for s in post) or pairs.parallel or len(pairs.vars) != 1 or not _constant(pairs.bounds):
         return None
     i, j = loop.vars[0], pairs.vars[0]
-    if i in assigned_names(loop.body) - {i} or j in assigned_names(pairs.body) - {j}:
+    if i in assigned_names(loop.body) or j in assigned_names(pairs.body):  # (a loop variable reassigned)
         return None
     body_stmts = iter_stmts(pairs.body)
     nested = [s for s in iter_stmts(loop.body) if s is not pairs]
