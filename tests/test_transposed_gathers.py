@@ -223,8 +223,10 @@ def test_drawn_pair_loops(runtime, pre, condition, lines, post):
         _DRAWN["x"].from_numpy(rng.uniform(-1.0, 1.0, n))
         _DRAWN["w"].from_numpy(rng.uniform(0.5, 1.5, n))
         _DRAWN["k"][None] = 0.6
+    # (the last line keeps the loss dependent on x and w whatever was drawn: a check of all zeros
+    # would show nothing)
     body = "\n".join([pre, "acc = 0.0", "for j in range(n):", f"    if {condition}:"]
-                     + ["        " + _LINES[p] for p in lines] + post)
+                     + ["        " + _LINES[p] for p in lines] + post + ["loss[None] += 0.1 * x[i] * w[i]"])
     fn, src = load_elementwise(body, _DRAWN, _DRAWN_DIR, head="def kernel():\n    for i in range(n):")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(transposed_gathers, "MIN_TRIPS", 0)
