@@ -1,5 +1,5 @@
 """A pair loop's adds into the inner index gathered by a second loop (opt.transposed_gathers), on
-the CPU.
+the CPU (and on CUDA with KERNDIFF_TEST_ARCH=cuda; test_vulkan runs a pair energy on SPIR-V).
 
 The pass is made for pair loops of thousands of trips; these tests lower its size threshold so that
 small loops take it, and check the reverse kernels that do against the analytic gradients of a pair
@@ -16,11 +16,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kerndiff as kd
-from harness import cpu_only, load_elementwise, runs_recorder, skip_unless_all_ran_before
+from harness import load_elementwise, runs_recorder, skip_unless_all_ran_before
 from kerndiff.opt import transposed_gathers
 
-pytestmark = [pytest.mark.usefixtures("runtime"),  # one f64 CPU runtime per module (conftest)
-              cpu_only("the second loop is made on Taichi's CPU backends only")]
+pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
 N = 40
 GATHERED = "gathered for each j"

@@ -241,7 +241,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
     packs: None, or (packed_for, ref_of, display) to read fields a loop gathers together from one
     record (derived kernels on the CPU; see opt.packed_gathers).
     gathers: None, or a test for fields whose adds at a pair loop's inner index a second loop
-    gathers (derived kernels on the CPU; see opt.transposed_gathers).
+    gathers (derived kernels; see opt.transposed_gathers).
     is_derivative: None for primal kernels (their arithmetic is the user's), else a test for
     derivative fields: derivative code then has the ifs of a reversed body fused and CSE run
     across them (opt.fuse_ifs, opt.cse), shares reciprocals (opt.reciprocal), has its like terms

@@ -354,11 +354,10 @@ class Kernel:
                 helpers.packed (the registry's, or offline_cache's recorder of them)."""
                 with_copies = None if scatter is None else \
                     (scatter[0], helpers.private_copies, scatter[2], REGISTRY.display_name)
-                # (packs and gathers only with cpu_math, which is part of the cache key)
+                # (packs only with cpu_math, which is part of the cache key)
                 packs = (helpers.packed, REGISTRY.ref, REGISTRY.display_name) if cpu_math else None
-                gathers = REGISTRY.first_adjoint if cpu_math and scatter is not None else None
                 return generate_bound(finalize(ir, with_copies, derivative, cpu_math=cpu_math, packs=packs,
-                                               gathers=gathers), fn_name)
+                                               gathers=REGISTRY.first_adjoint), fn_name)
         src, bound, components = offline_cache.generated(ir, fn_name, options, make, REGISTRY)
         g = bind_globals(src, bound, components)
         arrays = array_params(bound)
