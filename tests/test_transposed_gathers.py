@@ -90,6 +90,39 @@ def test_a_pair_energy_gathers_both_sides(particles, any_size, monkeypatch):
     np.testing.assert_allclose(gradients(particles, plain.reverse)[0], got[0], rtol=1e-12, atol=1e-12)
 
 
+def test_triangles_of_pairs(particles, any_size):
+    """The same energy over the triangle i < j (`range(i + 1, N)`) and over j < i (`range(i)`):
+    the second loop runs j's trips over i < j (`range(j)`) and i > j (`range(j + 1, N)`); both
+    gradients equal the square's (the energy is symmetric), which the test above checks."""
+    pos, mass, E, energy = particles
+
+    def upper():
+        for i in range(N):
+            for j in range(i + 1, N):
+                E[None] += mass[i] * mass[j] / ti.sqrt((pos[i] - pos[j]).norm_sqr() + 0.01)
+
+    def lower():
+        for i in range(N):
+            for j in range(i):
+                E[None] += mass[i] * mass[j] / ti.sqrt((pos[i] - pos[j]).norm_sqr() + 0.01)
+
+    def square():
+        for i in range(N):
+            for j in range(N):
+                if i != j:
+                    E[None] += 0.5 * mass[i] * mass[j] / ti.sqrt((pos[i] - pos[j]).norm_sqr() + 0.01)
+
+    got = {}
+    for fn, trips in ((upper, "for i in range(j):"), (lower, f"for i in range(j + 1, {N}):"), (square, None)):
+        k = kd.kernel(fn)
+        if trips:
+            assert trips in k.reverse.source, k.reverse.source
+        got[fn.__name__] = gradients(particles, k.reverse)
+    for name in ("upper", "lower"):
+        for a, b in zip(got[name], got["square"]):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_second_derivatives_of_a_gathered_pair_loop(particles, any_size):
     """k.reverse.forward (H·v) adds tangents of adjoints too and keeps one loop; k.forward.reverse
     gathers what it can. Both against central differences (kd.check_grad order 2, and the
@@ -196,6 +229,8 @@ _LINES = ["loss[None] += a * ti.cos(x[i] - 2.0 * x[j]) * w[j]",
           "loss[None] += acc * x[j]",
           "z[j] += x[i] * w[j]"]
 _POST = ["loss[None] += acc ** 2", "loss[None] += y[i] * x[i]"]
+_OUTER = ["range(n)", "range(2, n - 1)"]
+_INNER = ["range(n)", "range(i + 1, n)", "range(i)", "range(i, n)", "range(1, i + 1)"]  # boxes and triangles
 _DRAWN = {}
 _DRAWN_COUNTS = {"gathered": 0, "kept": 0}
 _DRAWN_DIR = tempfile.mkdtemp(prefix="kerndiff_pairs_")
@@ -205,14 +240,17 @@ _DRAWN_DIR = tempfile.mkdtemp(prefix="kerndiff_pairs_")
           else 8, deadline=None, derandomize=os.environ.get("CI") == "true")
 @given(pre=st.sampled_from(_PRE), condition=st.sampled_from(_CONDITIONS),
        lines=st.lists(st.sampled_from(range(len(_LINES))), min_size=1, max_size=3),
-       post=st.lists(st.sampled_from(_POST), max_size=2))
-@example(pre=_PRE[0], condition="i != j", lines=[0, 6], post=[])  # gathered
-@example(pre=_PRE[1], condition="True", lines=[3], post=[_POST[0]])  # kept: x_adj[j] reads the carried sum's adjoint
-def test_drawn_pair_loops(runtime, pre, condition, lines, post):
+       post=st.lists(st.sampled_from(_POST), max_size=2), outer=st.sampled_from(_OUTER),
+       inner=st.sampled_from(_INNER))
+@example(pre=_PRE[0], condition="i != j", lines=[0, 6], post=[], outer=_OUTER[0], inner=_INNER[0])  # gathered
+# kept: x_adj[j] reads the carried sum's adjoint
+@example(pre=_PRE[1], condition="True", lines=[3], post=[_POST[0]], outer=_OUTER[0], inner=_INNER[0])
+def test_drawn_pair_loops(runtime, pre, condition, lines, post, outer, inner):
     """Drawn pair loops (a value before the pairs, a condition on both indices, adds into the loss,
-    into y[i] and z[j], a sum carried over j, uses of it after the loop), with the pass on for
-    any size: gathered or not, kd.check_grad of the kernel (orders 1 and 2) agrees with finite
-    differences, or the kernel is refused (a y[i] read after the adds into it)."""
+    into y[i] and z[j], a sum carried over j, uses of it after the loop; over a box or a triangle
+    of pairs, the outer range whole or not), with the pass on for any size: gathered or not,
+    kd.check_grad of the kernel (orders 1 and 2) agrees with finite differences, or the kernel is
+    refused (a y[i] read after the adds into it)."""
     n = 7
     if not _DRAWN:
         rng = np.random.default_rng(0)
@@ -224,9 +262,9 @@ def test_drawn_pair_loops(runtime, pre, condition, lines, post):
         _DRAWN["k"][None] = 0.6
     # (the last line keeps the loss dependent on x and w whatever was drawn: a check of all zeros
     # would show nothing)
-    body = "\n".join([pre, "acc = 0.0", "for j in range(n):", f"    if {condition}:"]
+    body = "\n".join([pre, "acc = 0.0", f"for j in {inner}:", f"    if {condition}:"]
                      + ["        " + _LINES[p] for p in lines] + post + ["loss[None] += 0.1 * x[i] * w[i]"])
-    fn, src = load_elementwise(body, _DRAWN, _DRAWN_DIR, head="def kernel():\n    for i in range(n):")
+    fn, src = load_elementwise(body, _DRAWN, _DRAWN_DIR, head=f"def kernel():\n    for i in {outer}:")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(transposed_gathers, "MIN_TRIPS", 0)
         k = kd.kernel(fn)

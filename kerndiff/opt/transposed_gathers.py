@@ -23,8 +23,9 @@ Both loops gather and neither scatters. W3's reverse (f32, N = 4096): 14.9 ms ag
 the private copies (written by hand, session 55; the pass reproduces that kernel).
 
 When: the loop over i is a parallel loop of constant bounds whose body is loop-free statements
-around one serial loop over j of constant bounds (the pairs are a box, so the second loop can
-run them the other way round), with no jumps or loops inside; every access to the field in the
+around one serial loop over j of constant bounds, or a triangle (`range(i + 1, n)`, `range(0,
+i)`: one bound `i + c`, whose trips over i the second loop bounds by j), with no jumps or loops
+inside; every access to the field in the
 kernel is an add (adds commute: the order of the float additions changes, as with atomics);
 what the adds add depends on no local carried from one trip over j to the next and reads no
 field the loop writes, and the statements before the inner loop that it reads are assignments.
@@ -70,8 +71,49 @@ def gather_pair_adds(ir: N.KernelIR, names, gathered, hoist) -> N.KernelIR:
 
 
 def _constant(bounds):
-    return len(bounds) == 1 and all(isinstance(b, N.Const) for b in bounds[0]) \
-        and bounds[0][1].value - bounds[0][0].value >= MIN_TRIPS
+    return len(bounds) == 1 and all(isinstance(b, N.Const) and isinstance(b.value, int) for b in bounds[0])
+
+
+def _offset(e, var):
+    """c where e is `var + c` (`var`, `var + 1`, `var - 2`, `1 + var`), else None."""
+    if isinstance(e, N.Var) and e.name == var:
+        return 0
+    if isinstance(e, N.Call) and e.op in ("add", "sub") and len(e.args) == 2:
+        a, b = e.args
+        if e.op == "add" and isinstance(a, N.Const):
+            a, b = b, a
+        if isinstance(a, N.Var) and a.name == var and isinstance(b, N.Const) and isinstance(b.value, int):
+            return b.value if e.op == "add" else -b.value
+    return None
+
+
+def _transposed(outer, inner, i, jvar):
+    """((start, end) of the second loop's j, as ints; (start, end) of its trips over i, expressions
+    in j) for the pairs `for i in range(*outer): for j in range(*inner)`, where inner's bounds
+    are constants or one of them is `i + c` (a triangle: `range(i + 1, n)`, `range(0, i)`);
+    None for other bounds or fewer than MIN_TRIPS trips either way."""
+    (lo_i, hi_i), (lo_j, hi_j) = (b.value for b in outer), inner
+    dtype = jvar.dtype
+
+    def const(v):
+        return B.const(v, dtype)
+
+    if isinstance(lo_j, N.Const) and isinstance(hi_j, N.Const):
+        j_range, trips = (lo_j.value, hi_j.value), (const(lo_i), const(hi_i))
+    elif isinstance(hi_j, N.Const) and _offset(lo_j, i) is not None:  # i + c <= j < H: i <= j - c
+        c, top = _offset(lo_j, i), hi_j.value
+        end = B.add(jvar, const(1 - c)) if hi_i >= top - c else B.call("min", const(hi_i), B.add(jvar, const(1 - c)))
+        j_range, trips = (lo_i + c, top), (const(lo_i), end)
+    elif isinstance(lo_j, N.Const) and _offset(hi_j, i) is not None:  # L <= j < i + c: i >= j - c + 1
+        c, bottom = _offset(hi_j, i), lo_j.value
+        start = B.add(jvar, const(1 - c)) if bottom - c + 1 >= lo_i else \
+            B.call("max", const(lo_i), B.add(jvar, const(1 - c)))
+        j_range, trips = (bottom, hi_i - 1 + c), (start, const(hi_i))
+    else:
+        return None
+    if min(hi_i - lo_i, j_range[1] - j_range[0]) < MIN_TRIPS:
+        return None
+    return j_range, trips
 
 
 def _split(loop, ir, names, gathered, hoist):
@@ -82,7 +124,7 @@ def _split(loop, ir, names, gathered, hoist):
         return None
     k = inner[0]
     pre, pairs, post = loop.body[:k], loop.body[k], loop.body[k + 1:]
-    if any(blocks_of(s) for s in post) or pairs.parallel or len(pairs.vars) != 1 or not _constant(pairs.bounds):
+    if any(blocks_of(s) for s in post) or pairs.parallel or len(pairs.vars) != 1:
         return None
     i, j = loop.vars[0], pairs.vars[0]
     if i in assigned_names(loop.body) or j in assigned_names(pairs.body):  # (a loop variable reassigned)
@@ -96,6 +138,9 @@ def _split(loop, ir, names, gathered, hoist):
             and isinstance(s.index[0], N.Var) and s.index[0].name == j]
     if not adds or not all(gathered(s.ref.field) for s in adds):
         return None  # (where some stay, the first loop keeps its private copies, and the second costs more)
+    ranges = _transposed(loop.bounds[0], pairs.bounds[0], i, adds[0].index[0])
+    if ranges is None:
+        return None
     fields = {id(s.ref.field) for s in adds}
     for s in iter_stmts(ir.body):  # every access to those fields an add
         if isinstance(s, N.Store) and id(s.ref.field) in fields or \
@@ -111,7 +156,7 @@ def _split(loop, ir, names, gathered, hoist):
     if any(isinstance(x, N.Load) and id(x.ref.field) in written_here or isinstance(x, N.Call) and x.op in RANDOM
            for x in parts):
         return None  # (a draw's key may count trips: computed again, it would draw other numbers)
-    return list(_without(loop, k, adds)) + [_gathering(loop, k, adds, names, hoist)]
+    return list(_without(loop, k, adds)) + [_gathering(loop, k, adds, ranges, names, hoist)]
 
 
 def _needed(body, pre, adds):
@@ -186,9 +231,9 @@ def _without(loop, k, adds):
     return dce((dataclasses.replace(loop, body=loop.body[:k] + (pairs,) + loop.body[k + 1:]),))
 
 
-def _gathering(loop, k, adds, names, hoist):
+def _gathering(loop, k, adds, ranges, names, hoist):
     """The second loop: parallel over j, the pairs' trips over i serial inside, the adds summed in
-    locals (one per field element the adds name) and added once per j."""
+    locals (one per field element the adds name) and added once per j. ranges: _transposed's."""
     pairs = loop.body[k]
     i, j, jvar = loop.vars[0], pairs.vars[0], adds[0].index[0]
     sums = {}  # (field ref) -> the local its adds go to
@@ -214,14 +259,16 @@ def _gathering(loop, k, adds, names, hoist):
     # (loads the first loop reads once before its pairs loop are read for each pair here: they
     # take the trips' own line)
     head = tuple(dataclasses.replace(s, src=loop.src, tag="") if s.tag == "hoist" else s for s in summed(loop.body[:k]))
-    trips = N.For((i,), loop.bounds, head + summed(pairs.body), src=loop.src)
+    (j_start, j_end), trip_bounds = ranges
+    trips = N.For((i,), (trip_bounds,), head + summed(pairs.body), src=loop.src)
     what = ", ".join(dict.fromkeys(f"{ref.name}[{j}]" for ref in sums))
     where = (pairs.src.file, pairs.src.line) if pairs.src else ("<kerndiff>", 0)
     note = SrcLoc(*where, text=f"the adds into {what} of each pair, gathered for each {j}")
     zeros = tuple(N.Assign(v.name, B.const(0.0, v.dtype), src=note) for v in sums.values())
     added = tuple(N.Atomic("add", ref, (jvar,), v, src=SrcLoc(*where, text=f"add those sums into {what}"))
                   for ref, v in sums.items())
-    gathering = N.For((j,), pairs.bounds, zeros + (trips,) + added, parallel=True, config=loop.config, src=note)
+    bounds = ((B.const(j_start, jvar.dtype), B.const(max(j_start, j_end), jvar.dtype)),)
+    gathering = N.For((j,), bounds, zeros + (trips,) + added, parallel=True, config=loop.config, src=note)
     gathering = dce((gathering,))[0]
     return hoist(_outside_trips(gathering, i))
 
