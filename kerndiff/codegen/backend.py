@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from ..errors import KernDiffError
 from ..ir import nodes as N
-from ..ir.ops import UNARY_FLOAT
+from ..ir.ops import TRANSCENDENTAL
 from ..ir.walk import expr_children_of_stmt, iter_expr, iter_stmts
-
-TRANSCENDENTAL = (UNARY_FLOAT - {"sqrt", "rsqrt"}) | {"pow", "atan2"}
 
 
 def spirv_backend():

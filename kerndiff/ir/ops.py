@@ -29,6 +29,9 @@ GUARDED_PRODUCT = {"mul_or_zero"}
 # loop's: a count of its trips) key it, so that a kernel given the same seed draws it again. Its
 # value depends on no input: no derivative passes through it.
 RANDOM = {"random"}
+# what hardware has no single instruction for (SPIR-V has no f64 version of them; recomputed, they
+# cost more than a scattered add: opt.transposed_gathers)
+TRANSCENDENTAL = (UNARY_FLOAT - {"sqrt", "rsqrt"}) | {"pow", "atan2"}
 OPS = ARITH | UNARY_FLOAT | UNARY_SAME | COMPARE | LOGIC | BITWISE | CLASSIFY | BIT_COUNT | SPECIAL | OPAQUE \
     | GUARDED_PRODUCT | RANDOM
 
