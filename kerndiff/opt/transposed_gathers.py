@@ -286,7 +286,8 @@ def _gathering(loop, k, adds, ranges, names, hoist):
 
 def _outside_trips(loop, i):
     """The second loop with the assignments at the head of its trips over i that depend neither
-    on i nor on what the trips assign (`e_1_adj = E_adj_v * 0.5`) made once, before them."""
+    on i nor on what the trips assign (`e_1_adj = E_adj_v * 0.5`, `E_adj_v = E_adj[None]`: a 0-d
+    field the kernel does not write, finalize._hoist) made once, before them."""
     trips_at = next(k for k, s in enumerate(loop.body) if isinstance(s, N.For))
     trips = loop.body[trips_at]
     inside = assigned_names(trips.body) | {i}
@@ -294,7 +295,7 @@ def _outside_trips(loop, i):
     for n, s in enumerate(trips.body):
         rest = assigned_names(trips.body[n + 1:])
         if not kept and isinstance(s, N.Assign) and not {v.name for v in vars_in(s.value)} & (inside - {s.name}) \
-                and s.name not in rest and not loads_in(s.value):
+                and s.name not in rest and all(not x.index for x in loads_in(s.value)):
             before.append(s)
             continue
         kept.append(s)
