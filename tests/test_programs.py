@@ -1698,13 +1698,14 @@ def test_tape_through_steps_that_bin_particles(runtime, counting):
 
 
 def test_a_component_read_in_an_inner_loop_after_a_whole_vector_add(runtime):
-    """`v[i] += ti.Vector([..., v[i][1]]) * s`, then v[i][1] read inside an inner loop: kerndiff's
-    kernel reads the value after the add, as numpy does (its generated code adds the components one
-    by one). Taichi 1.7.4's own kernel reads the value from before the add there (found by
-    test_fuzz_programs, seed 3617 of a long run in session 54): if the canary's first assertion
-    fails, Taichi was fixed, and test_fuzz_programs' generator may draw such reads again. The
-    derivatives against central differences (kd.check_grad of it as a program, order 2: it updates
-    v in place, which kd.Tape restores for the reverse)."""
+    """`v[i] += ti.Vector([..., v[i][1]]) * s`, then v[i][1] read inside an inner loop, or in the
+    very next statement: kerndiff's kernel reads the value after the add, as numpy does (its
+    generated code adds the components one by one). Taichi 1.7.4's own kernel reads the value from
+    before the add there (found by test_fuzz_programs, seed 3617 of a long run in session 54, and
+    seed 65596 in session 55): if a canary's assertion fails, Taichi was fixed, and
+    test_fuzz_programs' generator may draw such reads again. The derivatives against central
+    differences (kd.check_grad of it as a program, order 2: it updates v in place, which kd.Tape
+    restores for the reverse)."""
     v = ti.Vector.field(2, ti.f64, shape=4, needs_grad=True)
     y = ti.field(ti.f64, shape=4, needs_grad=True)
 
@@ -1731,3 +1732,20 @@ def test_a_component_read_in_an_inner_loop_after_a_whole_vector_add(runtime):
     v.from_numpy(v0)
     y.from_numpy(y0)
     assert kd.check_grad(lambda: k(), [v], y, order=2) < 1e-6  # (a program: kd.Tape restores v)
+
+    def right_after():  # (the statement after the add: seed 65596 of a long run in session 55)
+        for i in range(4):
+            v[i] += ti.Vector([0.3, ti.sin(v[i][1])]) * y[i]
+            y[i] *= v[i][1]
+
+    v2 = v0 + np.stack([np.full(4, 0.3), np.sin(v0[:, 1])], axis=1) * y0[:, None]
+    for make in (ti.kernel, kd.kernel):
+        v.from_numpy(v0)
+        y.from_numpy(y0)
+        make(right_after)()
+        right = np.allclose(y.to_numpy(), y0 * v2[:, 1], rtol=1e-14)
+        assert right if make is kd.kernel else (not right or TEST_ARCH != "cpu"), make  # (the canary: CPU)
+    k = kd.kernel(right_after)
+    v.from_numpy(v0)
+    y.from_numpy(y0)
+    assert kd.check_grad(lambda: k(), [v], y, order=2) < 1e-6
