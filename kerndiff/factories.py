@@ -147,7 +147,7 @@ class _Jacobian:
 
 class _Factory(_Fields):
     def __init__(self, kernel, inputs, output, args):
-        super().__init__(inputs, output, returns=output is None and _returns_one_float(kernel))
+        super().__init__(inputs, output, returns=output is None and kernel.returns_one_float())
         self.kernel, self.args = kernel, tuple(args)
         self._check_args()
         # the levels of the derivative fields this kernel's forward and reverse transforms use
@@ -296,10 +296,3 @@ class HvpFn(_Factory):
             self.kernel.reverse.forward(*self.args, **self._seed_of_returned(ct))
             return [read(h) for h in hv]
 
-
-def _returns_one_float(kernel):
-    """Whether the kernel returns one float (`-> float`, `-> ti.f32`): the value kd.backward,
-    kd.forward, kd.hvp and kd.check_grad differentiate where no output field is given."""
-    returned = kernel.signature()[1]
-    return kernel.returned_values() == 1 and not isinstance(returned, tuple) and is_float(returned) \
-        and kernel._return_shape is None

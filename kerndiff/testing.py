@@ -60,14 +60,13 @@ def check_grad(kernel, inputs, output=None, *, eps=None, rtol=None, atol=None, a
     inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
     from .api import _check_field
     from .errors import KernDiffError
-    from .factories import _returns_one_float
     from .runtime.draws import fixed_seeds
     from .runtime.kernel import Kernel
     for f in inputs + ([output] if output is not None else []):
         _check_field(f, "kd.check_grad")
     returned = None
     if output is None:
-        if not (isinstance(kernel, Kernel) and _returns_one_float(kernel)):
+        if not (isinstance(kernel, Kernel) and kernel.returns_one_float()):
             raise KernDiffError("kd.check_grad needs an output field",
                                 remedy="pass output=field (a @kd.kernel returning one float may leave it out: "
                                        "the returned value is the output)")

@@ -218,6 +218,14 @@ class Kernel:
         rdt = self.signature()[1]
         return 0 if rdt is None else len(rdt) if isinstance(rdt, tuple) else 1
 
+    def returns_one_float(self):
+        """Whether the kernel returns one float (`-> float`, `-> ti.f32`; not a vector): the value
+        kd.backward, kd.forward, kd.hvp and kd.check_grad differentiate where no output field is
+        given."""
+        returned = self.signature()[1]
+        return self.returned_values() == 1 and not isinstance(returned, tuple) and is_float(returned) \
+            and self._return_shape is None
+
     def _takes_self(self):
         """Whether the function's first parameter is `self` (a method); looked up once."""
         if self._method is None:
