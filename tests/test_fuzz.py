@@ -230,12 +230,13 @@ def test_random_kernels_with_private_copies(fields, body, monkeypatch):
     adjoint (x[idx[i]], x[(i + 1) % 3], and y[1, idx[i]] through copies of the row) goes through
     per-thread private copies; and opt.packed_gathers on for fields of any size, so the forward
     kernel reads x[idx[i]] and its tangent from one record."""
-    from kerndiff.opt import packed_gathers, scatter, transposed_gathers
+    from kerndiff.opt import packed_gathers, scatter, split_ranges, transposed_gathers
     monkeypatch.setattr(scatter, "MIN_TRIPS", 2)
     monkeypatch.setattr(scatter, "MIN_WORK", 2)
     monkeypatch.setattr(scatter, "MIN_ADDS_PER_ELEMENT", 0)
     monkeypatch.setattr(packed_gathers, "MIN_BYTES", 0)
     monkeypatch.setattr(transposed_gathers, "MIN_TRIPS", 0)
+    monkeypatch.setattr(split_ranges, "MIN_TRIPS", 0)
     k = check_random_kernel(fields, body)
     COUNT.append(1)
     if "claim_slot(" in k.reverse.source:

@@ -82,12 +82,13 @@ def test_drawn_programs_over_ndarrays_with_private_copies(both, seed, monkeypatc
     """The same with opt.scatter and opt.packed_gathers forced on for these small loops: the
     private copies of an array's adjoint and the packed records of gathered arrays are fields
     beside the arrays."""
-    from kerndiff.opt import packed_gathers, scatter, transposed_gathers
+    from kerndiff.opt import packed_gathers, scatter, split_ranges, transposed_gathers
     monkeypatch.setattr(scatter, "MIN_TRIPS", 2)
     monkeypatch.setattr(scatter, "MIN_WORK", 2)
     monkeypatch.setattr(scatter, "MIN_ADDS_PER_ELEMENT", 0)
     monkeypatch.setattr(packed_gathers, "MIN_BYTES", 0)
     monkeypatch.setattr(transposed_gathers, "MIN_TRIPS", 0)
+    monkeypatch.setattr(split_ranges, "MIN_TRIPS", 0)
     test_drawn_programs_over_ndarrays_match_fields.hypothesis.inner_test(both, seed)
 
 

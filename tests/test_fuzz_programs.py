@@ -412,12 +412,13 @@ def test_random_programs(fields, seed):
 def test_random_programs_with_private_copies(fields, seed, monkeypatch):
     """The same programs with opt.scatter forced on for their 4-iteration loops: scattered adjoint
     adds go through per-thread private copies; and opt.packed_gathers on for fields of any size."""
-    from kerndiff.opt import packed_gathers, scatter, transposed_gathers
+    from kerndiff.opt import packed_gathers, scatter, split_ranges, transposed_gathers
     monkeypatch.setattr(scatter, "MIN_TRIPS", 2)
     monkeypatch.setattr(scatter, "MIN_WORK", 2)
     monkeypatch.setattr(scatter, "MIN_ADDS_PER_ELEMENT", 0)
     monkeypatch.setattr(packed_gathers, "MIN_BYTES", 0)
     monkeypatch.setattr(transposed_gathers, "MIN_TRIPS", 0)
+    monkeypatch.setattr(split_ranges, "MIN_TRIPS", 0)
     check_program(fields, seed)
 
 

@@ -378,10 +378,12 @@ def test_keyed_draws_on_vulkan(vulkan_corpus):
 
 
 def test_pair_loop_gathered_on_vulkan(vulkan_corpus, monkeypatch):
-    """A pair energy's reverse as two gathering loops (opt.transposed_gathers, its size threshold
-    lowered) on SPIR-V: the gradient against the analytic one in f64."""
-    from kerndiff.opt import transposed_gathers
+    """A pair energy's reverse as two gathering loops (opt.transposed_gathers), each over the
+    trips either side of `i == j` (opt.split_ranges; both size thresholds lowered) on SPIR-V: the
+    gradient against the analytic one in f64."""
+    from kerndiff.opt import split_ranges, transposed_gathers
     monkeypatch.setattr(transposed_gathers, "MIN_TRIPS", 0)
+    monkeypatch.setattr(split_ranges, "MIN_TRIPS", 0)
     n = 32
     pos = ti.Vector.field(2, ti.f32, n, needs_grad=True)
     E = ti.field(ti.f32, (), needs_grad=True)
@@ -395,7 +397,7 @@ def test_pair_loop_gathered_on_vulkan(vulkan_corpus, monkeypatch):
                 if i != j:
                     E[None] += 0.5 / ((pos[i] - pos[j]).norm_sqr() + 0.1)
 
-    assert "gathered for each j" in energy.reverse.source
+    assert "gathered for each j" in energy.reverse.source and "for i in range(j + 1, 32):" in energy.reverse.source
     energy()
     E.grad[None] = 1.0
     energy.reverse()
@@ -404,3 +406,48 @@ def test_pair_loop_gathered_on_vulkan(vulkan_corpus, monkeypatch):
     np.fill_diagonal(r2, np.inf)
     np.testing.assert_allclose(pos.grad.to_numpy(), -2.0 * np.sum((d / r2[:, :, None] ** 2), axis=1),
                                rtol=2e-4, atol=1e-4)
+
+
+def test_clamped_ranges_on_vulkan(vulkan_corpus, monkeypatch):
+    """Tests of the index against bounds that may fall outside the loop's range (`j > i - 5`,
+    `j != i + 3`: ti.max / ti.min clamps and empty ranges, opt.split_ranges with its size threshold
+    lowered) on SPIR-V: values and gradient against numpy's."""
+    from kerndiff.opt import split_ranges
+    monkeypatch.setattr(split_ranges, "MIN_TRIPS", 0)
+    n = 12
+    x = ti.field(ti.f32, n, needs_grad=True)
+    y = ti.field(ti.f32, n, needs_grad=True)
+    loss = ti.field(ti.f32, (), needs_grad=True)
+    xv = np.linspace(-1.0, 1.0, n)
+    x.from_numpy(xv.astype(np.float32))
+
+    @kd.kernel
+    def clamped():
+        for i in range(n):
+            s = 0.0
+            for j in range(n):
+                if j > i - 5:
+                    s = s * 0.5 + x[j] * x[i]
+            for j in range(2, n):
+                if j != i + 3:
+                    s += ti.sin(x[j])
+            y[i] = s
+            loss[None] += s * s
+
+    src = clamped.source
+    assert "ti.max(i - 4, 0)" in src and "ti.min(i + 3, 12)" in src, src
+    clamped()
+    kd.adjoint(loss)[None] = 1.0
+    clamped.reverse()
+    ys, grads = np.zeros(n), np.zeros(n)
+    for i in range(n):  # s and its gradient, trip by trip (forward mode in numpy)
+        s, ds = 0.0, np.zeros(n)
+        for j in range(n):
+            if j > i - 5:
+                s, ds = s * 0.5 + xv[j] * xv[i], ds * 0.5 + np.eye(n)[j] * xv[i] + np.eye(n)[i] * xv[j]
+        for j in range(2, n):
+            if j != i + 3:
+                s, ds = s + np.sin(xv[j]), ds + np.eye(n)[j] * np.cos(xv[j])
+        ys[i], grads = s, grads + 2 * s * ds
+    np.testing.assert_allclose(y.to_numpy(), ys, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x.grad.to_numpy(), grads, rtol=1e-4, atol=1e-4)

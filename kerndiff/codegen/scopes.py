@@ -75,7 +75,33 @@ def _declare(name, occs, dtype, out):
         while k < len(lcb) and k < len(p) and lcb[k] == p[k]:
             k += 1
         lcb = lcb[:k]
-    first_path, first_kind = occs[0]
-    if first_kind == "def" and first_path == lcb:
+    if _assigned_first(occs, lcb) or _apart(occs, lcb):
         return
     out.setdefault(lcb, []).append((name, dtype))
+
+
+def _assigned_first(occs, lcb):
+    return occs[0] == (lcb, "def")
+
+
+def _apart(occs, lcb):
+    """Whether the occurrences lie in sibling blocks under lcb (none in lcb itself), each group
+    starting with an assignment in its own innermost block: no value passes from one to another
+    (split_ranges' loops over the trips either side of `i == j` each assign their own `t1`)."""
+    if any(len(p) == len(lcb) for p, _ in occs):
+        return False
+    groups = {}
+    for o in occs:
+        groups.setdefault(o[0][len(lcb)], []).append(o)
+    if len(groups) < 2:
+        return False
+    for group in groups.values():
+        inner = group[0][0]
+        for p, _ in group[1:]:
+            k = 0
+            while k < len(inner) and k < len(p) and inner[k] == p[k]:
+                k += 1
+            inner = inner[:k]
+        if not _assigned_first(group, inner):
+            return False
+    return True

@@ -134,6 +134,27 @@ def assigned_names(stmts):
     return out
 
 
+def carried_names(body):
+    """Locals of the loop body read in a trip before the trip assigns them (an accumulator
+    `s = s + ...`, a value handed to the next trip): what the body assigns, read where no
+    assignment of it in the trip comes first (an assignment inside an `if` counts within it)."""
+    assigned = assigned_names(body)
+    carried = set()
+
+    def walk(stmts, defined):
+        defined = set(defined)
+        for s in stmts:
+            for e in expr_children_of_stmt(s):
+                carried.update(v.name for v in vars_in(e) if v.name in assigned and v.name not in defined)
+            for b in blocks_of(s):
+                walk(b, defined)
+            if isinstance(s, N.Assign):
+                defined.add(s.name)
+
+    walk(body, set())
+    return carried
+
+
 def jumps_out(stmts, kinds=(N.Break, N.Continue)) -> bool:
     """Whether stmts hold a jump of `kinds` (N.Break, N.Continue) that leaves the loop whose body
     they are: in them or in their ifs, not in a loop nested in them."""

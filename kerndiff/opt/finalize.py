@@ -387,4 +387,7 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
     if cpu_math and is_derivative is not None:
         from .element_groups import group_elements
         ir = group_elements(ir, names, is_derivative)
-    return ir
+    # inner loops that test their index against a value they do not change (`if i != j`) run over
+    # the trips the test lets through (last: the passes above look for the loops as written)
+    from .split_ranges import split_ranges
+    return dataclasses.replace(ir, body=split_ranges(ir.body))

@@ -56,7 +56,8 @@ from ..errors import SrcLoc
 from ..ir import build as B
 from ..ir import nodes as N
 from ..ir.ops import RANDOM, TRANSCENDENTAL
-from ..ir.walk import assigned_names, blocks_of, expr_children_of_stmt, iter_expr, iter_stmts, loads_in, vars_in
+from ..ir.walk import assigned_names, blocks_of, carried_names, expr_children_of_stmt, iter_expr, iter_stmts, \
+    loads_in, vars_in
 from .dce import dce
 
 MIN_TRIPS = 256  # both loops: below this the private copies (or atomics) are left to do the adds
@@ -173,7 +174,7 @@ def _whole_power(e):
 def _needed(body, pre, adds):
     """The statements of body and pre that the adds' values (and the conditions around them)
     depend on, or None where one of those reads a local carried from an earlier trip over j."""
-    carried = _carried(body)
+    carried = carried_names(body)
     by_name = {}
     for s in list(pre) + iter_stmts(body):
         if isinstance(s, N.Assign):
@@ -197,27 +198,6 @@ def _needed(body, pre, adds):
 def _holds_any(s, adds):
     nested = {id(t) for b in blocks_of(s) for t in iter_stmts(b)}
     return any(id(a) in nested for a in adds)
-
-
-def _carried(body):
-    """Locals of the loop body read in a trip before the trip assigns them (an accumulator
-    `s = s + ...`, a value handed to the next trip): what the body assigns, read where no
-    assignment of it in the trip comes first (an assignment inside an `if` counts within it)."""
-    assigned = assigned_names(body)
-    carried = set()
-
-    def walk(stmts, defined):
-        defined = set(defined)
-        for s in stmts:
-            for e in expr_children_of_stmt(s):
-                carried.update(v.name for v in vars_in(e) if v.name in assigned and v.name not in defined)
-            for b in blocks_of(s):
-                walk(b, defined)
-            if isinstance(s, N.Assign):
-                defined.add(s.name)
-
-    walk(body, set())
-    return carried
 
 
 def _drop(stmts, keep):
