@@ -5,7 +5,7 @@ The pass is made for pair loops of thousands of trips; these tests lower its siz
 small loops take it, and check the reverse kernels that do against the analytic gradients of a pair
 energy and of a coupling sum, the same kernel without the pass and finite differences; and
 that what the pass must not gather (adds whose values a trip carries to the next, fields the loop
-writes and the adds read, tangents of adjoints) stays as it was."""
+writes and the adds read) stays as it was."""
 import os
 import tempfile
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import kerndiff as kd
 from harness import load_elementwise, runs_recorder, skip_unless_all_ran_before
-from kerndiff.opt import transposed_gathers
+from kerndiff.opt import split_ranges, transposed_gathers
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
 
@@ -123,15 +123,27 @@ def test_triangles_of_pairs(particles, any_size):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_second_derivatives_of_a_gathered_pair_loop(particles, any_size):
-    """k.reverse.forward (H·v) adds tangents of adjoints too and keeps one loop; k.forward.reverse
-    gathers what it can. Both against central differences (kd.check_grad order 2, and the
-    harness's check of the reverse-over-forward kernel)."""
+def test_second_derivatives_of_a_gathered_pair_loop(particles, any_size, monkeypatch):
+    """k.reverse.forward (H·v) gathers the adds into adjoints and their tangents alike;
+    k.forward.reverse gathers what it can. Both against central differences (kd.check_grad
+    order 2, and the harness's check of the reverse-over-forward kernel), and H·v against the
+    same kernel without the pass."""
     pos, mass, E, energy = particles
     k = kd.kernel(energy)
     assert kd.check_grad(k, [pos, mass], E, order=2) < 1e-6
-    assert GATHERED not in k.reverse.forward.source  # (an HVP's body costs more than its scatters)
+    assert GATHERED in k.reverse.forward.source and "pos_adj_dual[j]" in k.reverse.forward.source
     assert kd.check_grad(lambda: k(), [pos, mass], E, order=2) < 1e-6  # H·v through k.forward.reverse
+    rng = np.random.default_rng(5)
+    v = rng.standard_normal((N, 3)), rng.standard_normal(N)
+    hvps = []
+    for min_trips in (0, 10**9):
+        monkeypatch.setattr(transposed_gathers, "MIN_TRIPS", min_trips)
+        hvp = kd.hvp(kd.kernel(energy), [pos, mass], E)
+        hvps.append(hvp([pos.to_numpy(), mass.to_numpy()], tangents=list(v)))
+    assert GATHERED not in kd.kernel(energy).reverse.forward.source
+    for a, b in zip(*hvps):
+        assert np.abs(a).max() > 1e-3
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_a_replayed_product_stays_and_a_stored_value_is_read(runtime, any_size):
@@ -282,6 +294,7 @@ def test_drawn_pair_loops(runtime, pre, condition, lines, post, outer, inner):
     fn, src = load_elementwise(body, _DRAWN, _DRAWN_DIR, head=f"def kernel():\n    for i in {outer}:")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(transposed_gathers, "MIN_TRIPS", 0)
+        patch.setattr(split_ranges, "MIN_TRIPS", 0)  # (`i != j` in a box: both loops split)
         k = kd.kernel(fn)
         for f in ("y", "z"):
             _DRAWN[f].fill(0)

@@ -365,7 +365,7 @@ class Kernel:
                 # (packs only with cpu_math, which is part of the cache key)
                 packs = (helpers.packed, REGISTRY.ref, REGISTRY.display_name) if cpu_math else None
                 return generate_bound(finalize(ir, with_copies, derivative, cpu_math=cpu_math, packs=packs,
-                                               gathers=REGISTRY.first_adjoint), fn_name)
+                                               gathers=REGISTRY.is_derivative_field), fn_name)
         src, bound, components = offline_cache.generated(ir, fn_name, options, make, REGISTRY)
         g = bind_globals(src, bound, components)
         arrays = array_params(bound)

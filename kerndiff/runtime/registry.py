@@ -99,11 +99,11 @@ class Registry:
             return self.display_name(base[0], aliases) + base[1]
         return self.name_of(field)
 
-    def first_adjoint(self, field):
-        """Whether field is an adjoint of a field of the user's own (not of a derivative field):
-        opt.transposed_gathers gathers only adds into those (a reverse kernel's, not an HVP's)."""
-        parent = self.parents.get(id(field))
-        return parent is not None and parent[1] == "adjoint" and id(parent[0]) not in self.parents
+    def is_derivative_field(self, field):
+        """Whether field is a derivative field (an adjoint or a tangent, of any level), not one of
+        the user's own: opt.transposed_gathers gathers adds into those alone (the user's fields
+        that a derivative kernel adds into, its primal outputs, sum as the primal's loop does)."""
+        return id(field) in self.parents
 
     def get(self, field, kind: str, level: int):
         """The existing derivative field, or None."""
