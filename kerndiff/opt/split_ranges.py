@@ -39,6 +39,7 @@ from ..ir import nodes as N
 from ..ir.ops import RANDOM
 from ..ir.walk import assigned_names, blocks_of, carried_names, expr_children_of_stmt, iter_expr, iter_stmts, \
     jumps_out, rebuild_stmt, vars_in
+from .trip_counts import interval
 
 MIN_TRIPS = 64  # below this the test costs little, and the user's loop reads better as written
 
@@ -60,7 +61,7 @@ def _block(stmts, ranges, live_after):
             inner = {v: r for v, r in ranges.items() if v not in assigned_names(s.body)}  # (none should be)
             if len(s.vars) == 1:
                 inner.pop(s.vars[0], None)
-                known = _interval(s.bounds[0][0], ranges), _interval(s.bounds[0][1], ranges)
+                known = interval(s.bounds[0][0], ranges), interval(s.bounds[0][1], ranges)
                 if None not in known:
                     inner[s.vars[0]] = (known[0][0], known[1][1] - 1)
             body = _block(s.body, inner, later | carried_names(s.body))  # (a trip's, read by the next)
@@ -165,7 +166,7 @@ def _spelled(e):
 
 
 def _least(x, y, ranges):
-    a, b = _interval(x, ranges), _interval(y, ranges)
+    a, b = interval(x, ranges), interval(y, ranges)
     if a is not None and b is not None:
         if a[1] <= b[0]:
             return x
@@ -175,33 +176,10 @@ def _least(x, y, ranges):
 
 
 def _most(x, y, ranges):
-    a, b = _interval(x, ranges), _interval(y, ranges)
+    a, b = interval(x, ranges), interval(y, ranges)
     if a is not None and b is not None:
         if a[0] >= b[1]:
             return x
         if b[0] >= a[1]:
             return y
     return B.call("max", x, y)
-
-
-def _interval(e, ranges):
-    """(least, greatest) e can be, from constants and the loops around it, or None."""
-    if isinstance(e, N.Const) and isinstance(e.value, int):
-        return e.value, e.value
-    if isinstance(e, N.Var):
-        return ranges.get(e.name)
-    if isinstance(e, N.Call) and e.op in ("add", "sub", "mul", "min", "max") and len(e.args) == 2:
-        a, b = (_interval(x, ranges) for x in e.args)
-        if a is None or b is None:
-            return None
-        if e.op == "add":
-            return a[0] + b[0], a[1] + b[1]
-        if e.op == "sub":
-            return a[0] - b[1], a[1] - b[0]
-        if e.op == "min":
-            return min(a[0], b[0]), min(a[1], b[1])
-        if e.op == "max":
-            return max(a[0], b[0]), max(a[1], b[1])
-        products = [p * q for p in a for q in b]
-        return min(products), max(products)
-    return None
