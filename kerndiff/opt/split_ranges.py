@@ -44,6 +44,7 @@ from .trip_counts import interval
 MIN_TRIPS = 64  # below this the test costs little, and the user's loop reads better as written
 
 MIRRORED = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "ne": "ne"}
+SIGNED = {"i8", "i16", "i32", "i64"}
 
 
 def split_ranges(body, ranges=None):
@@ -132,8 +133,9 @@ def _compared(cond, j):
         other, op = a, MIRRORED[cond.op]
     else:
         return None
-    if other.dtype != (a if other is b else b).dtype or any(isinstance(x, N.Load) for x in iter_expr(other)):
-        return None
+    if other.dtype != (a if other is b else b).dtype or other.dtype not in SIGNED or \
+            any(isinstance(x, N.Load) for x in iter_expr(other)):
+        return None  # (an unsigned `i - 5` wraps where the bounds' arithmetic would not)
     return op, other
 
 
