@@ -55,9 +55,12 @@ def split_ranges(body, ranges=None):
 
 
 def _block(stmts, ranges, live_after):
+    read_after = [live_after] * (len(stmts) + 1)  # [k]: what the statements after the k-th read
+    for k in range(len(stmts) - 1, 0, -1):
+        read_after[k - 1] = read_after[k] | _read((stmts[k],))
     out = []
     for k, s in enumerate(stmts):
-        later = live_after | _read(stmts[k + 1:])
+        later = read_after[k]
         if isinstance(s, N.For):
             inner = {v: r for v, r in ranges.items() if v not in assigned_names(s.body)}  # (none should be)
             if len(s.vars) == 1:
@@ -68,12 +71,11 @@ def _block(stmts, ranges, live_after):
             body = _block(s.body, inner, later | carried_names(s.body))  # (a trip's, read by the next)
             s = dataclasses.replace(s, body=body)
             out.extend(_split(s, ranges, later) or (s,))
-            continue
-        blocks = blocks_of(s)
-        if blocks:
+        elif blocks_of(s):
             inside = later | (carried_names(s.body) if isinstance(s, N.While) else frozenset())
-            s = rebuild_stmt(s, [_block(b, ranges, inside) for b in blocks])
-        out.append(s)
+            out.append(rebuild_stmt(s, [_block(b, ranges, inside) for b in blocks_of(s)]))
+        else:
+            out.append(s)
     return tuple(out)
 
 
