@@ -195,3 +195,44 @@ def test_loops_kept_as_written(case, monkeypatch):
         x, w = fields["x"].to_numpy(), fields["w"].to_numpy()
         np.testing.assert_allclose(fields["y"].to_numpy(), [expected(x, w, i) for i in range(n)], rtol=1e-13)
     assert kd.check_grad(k, [fields["x"], fields["w"]], fields["loss"]) < 1e-6, src
+
+
+def test_bounds_known_at_launch(particles):
+    """`for j in range(m): if i != j:` with m a kernel argument (its trips unknown until launch:
+    split whatever they are) and a triangle `for j in range(i + 1, m): if j != k:`: values and
+    gradients against numpy's, the tests gone from the source."""
+    pos, E, _ = particles
+
+    @kd.kernel
+    def counted(m: ti.i32, k: ti.i32):
+        for i in range(m):
+            e = 0.0
+            for j in range(m):
+                if i != j:
+                    e += 1.0 / ((pos[i] - pos[j]).norm_sqr() + 0.5)
+            for j in range(i + 1, m):
+                if j != k:
+                    e += 0.1 * pos[j][0] * pos[i][1]
+            E[None] += e
+
+    m, k = 50, 20
+    for source in (counted.source, counted.reverse.source):
+        assert not has_test(source, "i != j") and not has_test(source, "j != k"), source
+        assert "for j in range(ti.min(i, m)):" in source and "for j_1 in range(i + 1, ti.min(k, m)):" in source, source
+    p = pos.to_numpy()[:m]
+    d = p[:, None, :] - p[None, :, :]
+    r2 = (d ** 2).sum(-1) + 0.5
+    off = ~np.eye(m, dtype=bool)
+    upper = np.triu(np.ones((m, m), dtype=bool), 1) & (np.arange(m) != k)[None, :]
+    E[None] = 0.0
+    counted(m, k)
+    expected = np.where(off, 1.0 / r2, 0.0).sum() + 0.1 * (upper * p[None, :, 0] * p[:, None, 1]).sum()
+    assert E[None] == pytest.approx(expected, rel=1e-12)
+    pos.grad.fill(0)
+    E.grad[None] = 1.0
+    counted.reverse(m, k)
+    grad = np.zeros_like(pos.to_numpy())
+    grad[:m] = (np.where(off, -2.0 / r2 ** 2, 0.0)[:, :, None] * d).sum(1) * 2
+    grad[:m, 0] += 0.1 * (upper * p[:, None, 1]).sum(0)
+    grad[:m, 1] += 0.1 * (upper * p[None, :, 0]).sum(1)
+    np.testing.assert_allclose(pos.grad.to_numpy(), grad, rtol=1e-10, atol=1e-10)

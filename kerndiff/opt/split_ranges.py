@@ -23,10 +23,10 @@ rewrite is exact, and taken in primal kernels too. `j < c`, `j <= c`, `j > c` an
 side) cut the range once; `j != c` splits it in two. The bounds are clamped to the loop's range
 (`ti.min(i, n)`) unless what is known of c's range (the loops around it) shows they need not be.
 
-When: a serial loop over one index, at least MIN_TRIPS trips of constant bounds, whose body is
-assignments of locals followed by one `if` without an `else`, the condition such a comparison with
-c an integer expression of locals the loop does not assign (and constants); no `break` out of the
-loop, no `return`, the index not reassigned. The skipped trips did run those assignments, so what
+When: a serial loop over one index (of at least MIN_TRIPS trips where its bounds are constants),
+whose body is assignments of locals followed by one `if` without an `else`, the condition such a
+comparison with c an integer expression of locals the loop does not assign (and constants); no
+`break` out of the loop, no `return`, the index not reassigned. The skipped trips did run those assignments, so what
 they assign must be read neither after the loop nor by a later trip before it assigns them again.
 """
 from __future__ import annotations
@@ -88,8 +88,8 @@ def _split(loop, ranges, live_after):
     if loop.parallel or len(loop.vars) != 1 or not loop.body or not isinstance(loop.body[-1], N.If):
         return None
     (lo, hi), j = loop.bounds[0], loop.vars[0]
-    if not (isinstance(lo, N.Const) and isinstance(hi, N.Const) and hi.value - lo.value >= MIN_TRIPS):
-        return None
+    if isinstance(lo, N.Const) and isinstance(hi, N.Const) and hi.value - lo.value < MIN_TRIPS:
+        return None  # (bounds known at launch alone, `range(m)`, may be large: the split costs once)
     *prefix, test = loop.body
     if test.orelse or not all(isinstance(s, N.Assign) for s in prefix):
         return None
