@@ -91,7 +91,10 @@ def statement(rand):
         index = rand.choice(["j", "i", "(i + j) % 6"])
         return ["j = 0", "while j < 2:", f"    z[{index}] = x[i] * x[j] + {rand.choice(VALUES)}", "    j += 1"]
     index = rand.choice(["j", "i", "(i + j) % 6"])
-    return ["for j in range(m[None]):", f"    z[{index}] = x[i] * x[j] + {rand.choice(VALUES)}"]
+    add = f"z[{index}] = x[i] * x[j] + {rand.choice(VALUES)}"
+    if index == "(i + j) % 6":  # (the pair of i with itself skipped: opt.split_ranges' two loops)
+        return ["for j in range(m[None]):", "    if j != i:", f"        {add}"]
+    return ["for j in range(m[None]):", f"    {add}"]
 
 
 def draw_kernel(seed, statement_of=statement, head="for i in range(6):"):
