@@ -218,7 +218,10 @@ def test_bounds_known_at_launch(particles):
     m, k = 50, 20
     for source in (counted.source, counted.reverse.source):
         assert not has_test(source, "i != j") and not has_test(source, "j != k"), source
-        assert "for j in range(ti.min(i, m)):" in source and "for j_1 in range(i + 1, ti.min(k, m)):" in source, source
+    source = counted.source  # (the reverse's chunks of private copies leave i's range unknown: clamped)
+    assert "for j in range(i):" in source and "for j in range(i + 1, m):" in source, source  # (i < m)
+    assert "for j_1 in range(i + 1, ti.min(k, m)):" in source, source
+    assert "for j_1 in range(ti.max(k + 1, i + 1), m):" in source, source
     p = pos.to_numpy()[:m]
     d = p[:, None, :] - p[None, :, :]
     r2 = (d ** 2).sum(-1) + 0.5

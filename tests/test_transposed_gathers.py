@@ -123,6 +123,54 @@ def test_triangles_of_pairs(particles, any_size):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_a_square_bounded_by_an_argument(particles):
+    """`for i in range(m): for j in range(m)` with m a kernel argument: gathered whatever the
+    trips (not known until launch; the size threshold untouched), the second loop running over
+    the argument's range; `for j in range(lo, m)` (two counts: the second loop could be parallel
+    over a few j) keeps one loop. Gradient and H·v against the same kernel without the pass, and
+    the gradient against numpy's."""
+    pos, mass, E, _ = particles
+
+    def counted(m: ti.i32):
+        for i in range(m):
+            for j in range(m):
+                if i != j:
+                    r2 = (pos[i] - pos[j]).norm_sqr() + 0.01
+                    E[None] += mass[i] * mass[j] / ti.sqrt(r2)
+
+    def box(m: ti.i32, lo: ti.i32):
+        for i in range(m):
+            for j in range(lo, m):
+                E[None] += mass[i] * mass[j] * pos[i][0] * pos[j][1]
+
+    assert GATHERED not in kd.kernel(box).reverse.source
+    m = 33
+    results = []
+    for gather in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            if not gather:
+                patch.setattr(transposed_gathers, "gather_pair_adds", lambda ir, *args: ir)
+            k = kd.kernel(counted)
+            k(m)
+            said = f"the adds into mass_adj[j], pos_adj[j] of each pair, {GATHERED}"
+            assert (said in k.reverse.source and "for j in range(m):" in k.reverse.source) == gather, \
+                k.reverse.source
+            results.append(gradients(particles, lambda: k.reverse(m)))
+            hvp = kd.hvp(lambda: k(m), [pos, mass], E)
+            results[-1] += tuple(hvp([pos.to_numpy(), mass.to_numpy()],
+                                     tangents=[np.ones((N, 3)), np.linspace(-1.0, 1.0, N)]))
+    for a, b in zip(*results):
+        assert np.abs(a).max() > 1e-3
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+    p, w = pos.to_numpy()[:m], mass.to_numpy()[:m]
+    d = p[:, None, :] - p[None, :, :]
+    r2 = (d ** 2).sum(-1) + 0.01
+    weight = np.where(~np.eye(m, dtype=bool), -0.5 * r2 ** -1.5, 0.0) * w[:, None] * w[None, :]
+    expected = np.zeros((N, 3))
+    expected[:m] = 4 * (weight[:, :, None] * d).sum(1)
+    np.testing.assert_allclose(results[0][0], expected, rtol=1e-10, atol=1e-10)
+
+
 def test_second_derivatives_of_a_gathered_pair_loop(particles, any_size, monkeypatch):
     """k.reverse.forward (H·v) gathers the adds into adjoints and their tangents alike;
     k.forward.reverse gathers what it can. Both against central differences (kd.check_grad

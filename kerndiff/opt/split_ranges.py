@@ -39,7 +39,7 @@ from ..ir import nodes as N
 from ..ir.ops import RANDOM
 from ..ir.walk import assigned_names, blocks_of, carried_names, expr_children_of_stmt, iter_expr, iter_stmts, \
     jumps_out, rebuild_stmt, vars_in
-from .trip_counts import interval
+from .trip_counts import apply_op, interval
 
 MIN_TRIPS = 64  # below this the test costs little, and the user's loop reads better as written
 
@@ -47,14 +47,17 @@ MIRRORED = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le", "ne": "ne"}
 SIGNED = {"i8", "i16", "i32", "i64"}
 
 
-def split_ranges(body, ranges=None):
+def split_ranges(body, launch=frozenset()):
     """body with each inner loop that qualifies (module docstring) over the ranges its test lets
-    through. ranges: {loop variable: (least, greatest)} of the loops around body with constant
-    bounds (for dropping clamps that cannot bind)."""
-    return _block(tuple(body), dict(ranges or {}), frozenset())
+    through. launch: names whose values are known before the loops run (the kernel's scalar
+    arguments: `for i in range(m)` runs i up to m - 1, so the clamp of `range(ti.max(i + 1, 0), m)`
+    cannot bind and is dropped)."""
+    return _block(tuple(body), {}, frozenset(), frozenset(launch))
 
 
-def _block(stmts, ranges, live_after):
+def _block(stmts, ranges, live_after, launch):
+    """ranges: {loop variable: (least, greatest)} of the loops around stmts, numbers or
+    expressions of the launch names (opt.trip_counts.interval)."""
     read_after = [live_after] * (len(stmts) + 1)  # [k]: what the statements after the k-th read
     for k in range(len(stmts) - 1, 0, -1):
         read_after[k - 1] = read_after[k] | _read((stmts[k],))
@@ -65,15 +68,15 @@ def _block(stmts, ranges, live_after):
             inner = {v: r for v, r in ranges.items() if v not in assigned_names(s.body)}  # (none should be)
             if len(s.vars) == 1:
                 inner.pop(s.vars[0], None)
-                known = interval(s.bounds[0][0], ranges), interval(s.bounds[0][1], ranges)
+                known = interval(s.bounds[0][0], ranges, launch), interval(s.bounds[0][1], ranges, launch)
                 if None not in known:
-                    inner[s.vars[0]] = (known[0][0], known[1][1] - 1)
-            body = _block(s.body, inner, later | carried_names(s.body))  # (a trip's, read by the next)
+                    inner[s.vars[0]] = (known[0][0], apply_op("sub", known[1][1], 1))
+            body = _block(s.body, inner, later | carried_names(s.body), launch)  # (carried: read by the next trip)
             s = dataclasses.replace(s, body=body)
-            out.extend(_split(s, ranges, later) or (s,))
+            out.extend(_split(s, ranges, later, launch) or (s,))
         elif blocks_of(s):
             inside = later | (carried_names(s.body) if isinstance(s, N.While) else frozenset())
-            out.append(rebuild_stmt(s, [_block(b, ranges, inside) for b in blocks_of(s)]))
+            out.append(rebuild_stmt(s, [_block(b, ranges, inside, launch) for b in blocks_of(s)]))
         else:
             out.append(s)
     return tuple(out)
@@ -83,7 +86,7 @@ def _read(stmts):
     return frozenset(v.name for s in iter_stmts(stmts) for e in expr_children_of_stmt(s) for v in vars_in(e))
 
 
-def _split(loop, ranges, live_after):
+def _split(loop, ranges, live_after, launch):
     """The loops that replace loop, or None where it does not qualify."""
     if loop.parallel or len(loop.vars) != 1 or not loop.body or not isinstance(loop.body[-1], N.If):
         return None
@@ -110,7 +113,7 @@ def _split(loop, ranges, live_after):
     trip_body = tuple(prefix) + test.then
     where = (loop.src.file, loop.src.line) if loop.src else ("<kerndiff>", 0)
     said = " ".join(t for t in (_text(loop), _text(test)) if t)
-    ranges_let_through = _bounds(op, c, lo, hi, ranges)
+    ranges_let_through = _bounds(op, c, lo, hi, ranges, launch)
     bound = _spelled(c)
     out = []
     for (start, end), side in zip(ranges_let_through, ("<", ">")):
@@ -141,15 +144,15 @@ def _compared(cond, j):
     return op, other
 
 
-def _bounds(op, c, lo, hi, ranges):
+def _bounds(op, c, lo, hi, ranges, launch):
     """The (start, end) of each loop over [lo, hi) that the test `j op c` lets through."""
     one = B.const(1, c.dtype)
 
     def below(x):  # [lo, min(x, hi))
-        return lo, _least(x, hi, ranges)
+        return lo, _least(x, hi, ranges, launch)
 
     def above(x):  # [max(x, lo), hi)
-        return _most(x, lo, ranges), hi
+        return _most(x, lo, ranges, launch), hi
 
     if op == "ne":
         return [below(c), above(B.add(c, one))]
@@ -169,21 +172,39 @@ def _spelled(e):
     return None
 
 
-def _least(x, y, ranges):
-    a, b = interval(x, ranges), interval(y, ranges)
+def _least(x, y, ranges, launch):
+    a, b = interval(x, ranges, launch), interval(y, ranges, launch)
     if a is not None and b is not None:
-        if a[1] <= b[0]:
+        if _at_most(a[1], b[0]):
             return x
-        if b[1] <= a[0]:
+        if _at_most(b[1], a[0]):
             return y
     return B.call("min", x, y)
 
 
-def _most(x, y, ranges):
-    a, b = interval(x, ranges), interval(y, ranges)
+def _most(x, y, ranges, launch):
+    a, b = interval(x, ranges, launch), interval(y, ranges, launch)
     if a is not None and b is not None:
-        if a[0] >= b[1]:
+        if _at_most(b[1], a[0]):
             return x
-        if b[0] >= a[1]:
+        if _at_most(a[1], b[0]):
             return y
     return B.call("max", x, y)
+
+
+def _at_most(p, q):
+    """Whether p <= q surely: numbers, or one expression plus or minus constants (`m - 1` and `m`)."""
+    if isinstance(p, (int, float)) and isinstance(q, (int, float)):
+        return p <= q
+    (base_p, k_p), (base_q, k_q) = _offset(p), _offset(q)
+    return base_p is not None and base_p == base_q and k_p <= k_q
+
+
+def _offset(e):
+    """(x, k) with e == x + k for an integer constant k; (None, e) for a number."""
+    if isinstance(e, (int, float)):
+        return None, e
+    if isinstance(e, N.Call) and e.op in ("add", "sub") and isinstance(e.args[1], N.Const) and \
+            isinstance(e.args[1].value, int):
+        return e.args[0], e.args[1].value if e.op == "add" else -e.args[1].value
+    return e, 0

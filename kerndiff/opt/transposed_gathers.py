@@ -25,12 +25,14 @@ the private copies (written by hand, session 55; the pass reproduces that kernel
 When: the loop over i is a parallel loop of constant bounds whose body is loop-free statements
 around one serial loop over j of constant bounds, or a triangle (`range(i + 1, n)`, `range(0,
 i)`: one bound `i + c`, whose trips over i the second loop bounds by j), with no jumps or loops
-inside; every access to the field in the
-kernel is an add (adds commute: the order of the float additions changes, as with atomics);
-what the adds add depends on no local carried from one trip over j to the next and reads no
-field the loop writes, and the statements before the inner loop that it reads are assignments.
-Both loops have at least MIN_TRIPS trips (short loops are cheap either way, and the kernels of
-small programs keep the source as the user's loop reads).
+inside; or a square whose bounds are the kernel's arguments (`for i in range(m): for j in
+range(m)`, session 56; not two counts, whose second loop might run over a few j in parallel);
+every access to the field in the kernel is an add (adds commute: the order of the float additions
+changes, as with atomics); what the adds add depends on no local carried from one trip over j to
+the next and reads no field the loop writes, and the statements before the inner loop that it
+reads are assignments. Both loops of constant bounds have at least MIN_TRIPS trips (short loops
+are cheap either way, and the kernels of small programs keep the source as the user's loop
+reads); a square of arguments is gathered whatever its size, which only the launch knows.
 
 Cost: the second loop computes the pair's body again. Measured on W3, that pays for a reverse
 kernel's adds into adjoints (1.6x) and for an HVP's adds into adjoints and their tangents
@@ -80,6 +82,12 @@ def _constant(bounds):
     return len(bounds) == 1 and all(isinstance(b, N.Const) and isinstance(b.value, int) for b in bounds[0])
 
 
+def _known_at_launch(bounds, params):
+    """Bounds of one variable made of constants and the kernel's scalar arguments (`range(m)`):
+    the second loop can run over them too."""
+    return len(bounds) == 1 and all(not loads_in(b) and {v.name for v in vars_in(b)} <= params for b in bounds[0])
+
+
 def _offset(e, var):
     """c where e is `var + c` (`var`, `var + 1`, `var - 2`, `1 + var`), else None."""
     if isinstance(e, N.Var) and e.name == var:
@@ -122,8 +130,17 @@ def _transposed(outer, inner, i, jvar):
     return j_range, trips
 
 
+def _transposed_box(outer, inner):
+    """_transposed's answer for bounds known at launch alone: the square `for i in range(m): for
+    j in range(m)` only (its trips are not known before the launch; a small square costs little
+    either way), not a box of two counts, whose second loop would run in parallel over what may
+    be a few j (`for j in range(n_species)`) with all of i serial in each."""
+    return (inner[0], outer) if len(inner) == 1 and inner[0] == outer else None
+
+
 def _split(loop, ir, names, gathered, hoist):
-    if not (loop.parallel and not loop.serialize and len(loop.vars) == 1 and _constant(loop.bounds)):
+    params = {p.name for p in ir.params}
+    if not (loop.parallel and not loop.serialize and len(loop.vars) == 1 and _known_at_launch(loop.bounds, params)):
         return None
     inner = [k for k, s in enumerate(loop.body) if blocks_of(s)]
     if len(inner) != 1 or not isinstance(loop.body[inner[0]], N.For):
@@ -144,7 +161,8 @@ def _split(loop, ir, names, gathered, hoist):
             and isinstance(s.index[0], N.Var) and s.index[0].name == j]
     if not adds or not all(gathered(s.ref.field) for s in adds):
         return None  # (where some stay, the first loop keeps its private copies, and the second costs more)
-    ranges = _transposed(loop.bounds[0], pairs.bounds[0], i, adds[0].index[0])
+    ranges = _transposed(loop.bounds[0], pairs.bounds[0], i, adds[0].index[0]) if _constant(loop.bounds) else \
+        _transposed_box(loop.bounds[0], pairs.bounds)
     if ranges is None:
         return None
     fields = {id(s.ref.field) for s in adds}
@@ -259,7 +277,9 @@ def _gathering(loop, k, adds, ranges, names, hoist):
     zeros = tuple(N.Assign(v.name, B.const(0.0, v.dtype), src=note) for v in sums.values())
     added = tuple(N.Atomic("add", ref, (jvar,), v, src=SrcLoc(*where, text=f"add those sums into {what}"))
                   for ref, v in sums.items())
-    bounds = ((B.const(j_start, jvar.dtype), B.const(max(j_start, j_end), jvar.dtype)),)
+    if isinstance(j_start, int):
+        j_start, j_end = B.const(j_start, jvar.dtype), B.const(max(j_start, j_end), jvar.dtype)
+    bounds = ((j_start, j_end),)
     gathering = N.For((j,), bounds, zeros + (trips,) + added, parallel=True, config=loop.config, src=note)
     gathering = dce((gathering,))[0]
     return hoist(_outside_trips(gathering, i))
