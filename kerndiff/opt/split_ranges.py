@@ -149,10 +149,10 @@ def _bounds(op, c, lo, hi, ranges, launch):
     one = B.const(1, c.dtype)
 
     def below(x):  # [lo, min(x, hi))
-        return lo, _least(x, hi, ranges, launch)
+        return lo, _clamp("min", x, hi, ranges, launch)
 
     def above(x):  # [max(x, lo), hi)
-        return _most(x, lo, ranges, launch), hi
+        return _clamp("max", x, lo, ranges, launch), hi
 
     if op == "ne":
         return [below(c), above(B.add(c, one))]
@@ -172,24 +172,14 @@ def _spelled(e):
     return None
 
 
-def _least(x, y, ranges, launch):
+def _clamp(op, x, y, ranges, launch):
+    """ti.min or ti.max (op) of x and y, or the one of them it surely is."""
     a, b = interval(x, ranges, launch), interval(y, ranges, launch)
     if a is not None and b is not None:
-        if _at_most(a[1], b[0]):
-            return x
-        if _at_most(b[1], a[0]):
-            return y
-    return B.call("min", x, y)
-
-
-def _most(x, y, ranges, launch):
-    a, b = interval(x, ranges, launch), interval(y, ranges, launch)
-    if a is not None and b is not None:
-        if _at_most(b[1], a[0]):
-            return x
-        if _at_most(a[1], b[0]):
-            return y
-    return B.call("max", x, y)
+        x_below, y_below = _at_most(a[1], b[0]), _at_most(b[1], a[0])
+        if x_below or y_below:
+            return x if x_below == (op == "min") else y
+    return B.call(op, x, y)
 
 
 def _at_most(p, q):
