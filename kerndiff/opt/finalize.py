@@ -390,4 +390,5 @@ def finalize(ir: N.KernelIR, scatter=None, is_derivative=None, cpu_math=False, p
     # inner loops that test their index against a value they do not change (`if i != j`) run over
     # the trips the test lets through (last: the passes above look for the loops as written)
     from .split_ranges import split_ranges
-    return dataclasses.replace(ir, body=split_ranges(ir.body, {p.name for p in ir.params}))
+    arguments = {p.name for p in ir.params} - assigned_names(ir.body)  # (as they were at launch)
+    return dataclasses.replace(ir, body=split_ranges(ir.body, arguments))

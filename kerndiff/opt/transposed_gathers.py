@@ -139,7 +139,7 @@ def _transposed_box(outer, inner):
 
 
 def _split(loop, ir, names, gathered, hoist):
-    params = {p.name for p in ir.params}
+    params = {p.name for p in ir.params} - assigned_names(ir.body)  # (as they were at launch)
     if not (loop.parallel and not loop.serialize and len(loop.vars) == 1 and _known_at_launch(loop.bounds, params)):
         return None
     inner = [k for k, s in enumerate(loop.body) if blocks_of(s)]
