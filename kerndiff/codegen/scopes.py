@@ -68,16 +68,21 @@ def _per_parallel_loop(body, occs):
 def _declare(name, occs, dtype, out):
     """Declare `name` at the start of the innermost block holding all `occs`, unless its first
     occurrence there is an assignment."""
-    paths = [p for p, _ in occs]
-    lcb = paths[0]
-    for p in paths[1:]:
+    lcb = _innermost_block(occs)
+    if _assigned_first(occs, lcb) or _apart(occs, lcb):
+        return
+    out.setdefault(lcb, []).append((name, dtype))
+
+
+def _innermost_block(occs):
+    """The path of the innermost block holding all occurrences (their paths' common prefix)."""
+    lcb = occs[0][0]
+    for p, _ in occs[1:]:
         k = 0
         while k < len(lcb) and k < len(p) and lcb[k] == p[k]:
             k += 1
         lcb = lcb[:k]
-    if _assigned_first(occs, lcb) or _apart(occs, lcb):
-        return
-    out.setdefault(lcb, []).append((name, dtype))
+    return lcb
 
 
 def _assigned_first(occs, lcb):
@@ -93,15 +98,4 @@ def _apart(occs, lcb):
     groups = {}
     for o in occs:
         groups.setdefault(o[0][len(lcb)], []).append(o)
-    if len(groups) < 2:
-        return False
-    for group in groups.values():
-        inner = group[0][0]
-        for p, _ in group[1:]:
-            k = 0
-            while k < len(inner) and k < len(p) and inner[k] == p[k]:
-                k += 1
-            inner = inner[:k]
-        if not _assigned_first(group, inner):
-            return False
-    return True
+    return len(groups) > 1 and all(_assigned_first(g, _innermost_block(g)) for g in groups.values())
