@@ -52,6 +52,23 @@ def springs(P, S, seed, **options):
     return pos, E, energy
 
 
+def pair_energy(pos, E, n):
+    """W3's pair potential over n points, as a plain function for ti.kernel or kd.kernel:
+    E = ½ Σ_i Σ_{j≠i} r2^-½ + 0.1 r2^-1, r2 = |p_i - p_j|² + 0.01 (tests of the passes made for
+    it: opt.reciprocal, opt.split_ranges)."""
+
+    def energy():
+        for i in range(n):
+            e = 0.0
+            for j in range(n):
+                if i != j:
+                    r2 = (pos[i] - pos[j]).norm_sqr() + 0.01
+                    e += 1.0 / ti.sqrt(r2) + 0.1 / r2
+            E[None] += 0.5 * e
+
+    return energy
+
+
 def cpu_only(reason):
     return pytest.mark.skipif(not ON_CPU, reason=reason)
 

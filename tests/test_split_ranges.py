@@ -16,7 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kerndiff as kd
-from harness import load_elementwise
+from harness import load_elementwise, pair_energy
 from kerndiff.opt import split_ranges
 
 pytestmark = pytest.mark.usefixtures("runtime")  # one f64 CPU runtime per module (conftest)
@@ -40,17 +40,7 @@ def particles(runtime):
     E = ti.field(ti.f64, (), needs_grad=True)
     pos.from_numpy(np.random.default_rng(4).uniform(0.0, 3.0, (N, 3)))
 
-    @kd.kernel
-    def energy():
-        for i in range(N):
-            e = 0.0
-            for j in range(N):
-                if i != j:
-                    r2 = (pos[i] - pos[j]).norm_sqr() + 0.01
-                    e += 1.0 / ti.sqrt(r2) + 0.1 / r2
-            E[None] += 0.5 * e
-
-    return pos, E, energy
+    return pos, E, kd.kernel(pair_energy(pos, E, N))
 
 
 def test_pair_energy_over_the_trips_either_side(particles):
